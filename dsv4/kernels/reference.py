@@ -1,0 +1,287 @@
+"""Pure-torch reference kernels: the numerical oracle every faster backend is checked against.
+
+Each function reproduces the arithmetic of the official DeepSeek-V4 kernels (spec §3.0, §3.2, §4.2) where
+the order of operations matters (power-of-two scales, two-level fp32 accumulation per K block, the attention
+sink in the softmax denominator only, the exact Sinkhorn sequence), and is otherwise written for clarity,
+not speed. All functions run on CPU and the float ones are differentiable, so training uses them directly.
+
+Internal math is fp32; fp64 inputs are kept in fp64 (``_compute_dtype``) so gradcheck can be run on them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.quant import (
+    FP4_AMAX_FLOOR,
+    FP4_BLOCK,
+    FP4_MAX,
+    FP8_BLOCK,
+    FP8_MAX,
+    e2m1_decode,
+    e2m1_encode,
+    e8m0_to_float,
+    is_packed_fp4_dtype,
+    pow2_scale,
+    unpack_fp4,
+)
+
+ACT_AMAX_FLOOR = 1e-4  # activation blocks never get a scale below 2**ceil(log2(1e-4 / 448))
+KV_SIM_BLOCK = 64  # fp8 QAT simulation block of the KV nope dims
+INDEXER_SIM_BLOCK = 32  # fp4 QAT simulation block of indexer queries and keys
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 if any input is fp64 (keeps gradcheck meaningful without changing fp32/bf16 numerics)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _split_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """fp32 view of x [..., K] as [..., ceil(K/block), block], zero-padding a partial last block.
+
+    Zero padding is harmless for the block amax (|0| never raises it) and is cut off again by the caller.
+    """
+    k = x.shape[-1]
+    padded_k = -(-k // block) * block
+    xf = x.float()
+    if padded_k != k:
+        xf = F.pad(xf, (0, padded_k - k))
+    return xf.unflatten(-1, (padded_k // block, block))
+
+
+def _merge_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of ``_split_blocks``: [..., nb, block] -> [..., k]."""
+    return blocks.flatten(-2)[..., :k]
+
+
+# ---------------------------------------------------------------------------------------------- quantisation
+
+
+def _fp8_quantize_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes and fp32 pow-2 scales of fp32 blocks [..., nb, block] with the activation rule."""
+    amax = blocks.abs().amax(dim=-1).clamp(min=ACT_AMAX_FLOOR)  # [..., nb]
+    scale = pow2_scale(amax, FP8_MAX)
+    q = (blocks / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def act_quant(x: torch.Tensor, block_size: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-``block_size`` FP8 quantisation of activations before every FP8/FP4 linear.
+
+    Returns ``(q float8_e4m3fn [..., K], s fp32 [..., ceil(K/block_size)])`` with ``x ~= q * s`` blockwise;
+    s is a power of two so the division is exact and only the e4m3 rounding loses information.
+    """
+    k = x.shape[-1]
+    q, scale = _fp8_quantize_blocks(_split_blocks(x, block_size))
+    return _merge_blocks(q, k), scale
+
+
+def fp8_simulate(x: torch.Tensor, block_size: int = KV_SIM_BLOCK) -> torch.Tensor:
+    """QAT round trip through FP8 (``fp8sim64``): quantise like ``act_quant`` and multiply straight back.
+
+    Used on the KV nope dims so the cache holds exactly the values an e4m3 cache would reproduce.
+    Returns x.dtype; an e4m3 value times a power of two fits bf16 exactly.
+    """
+    q, scale = _fp8_quantize_blocks(_split_blocks(x, block_size))
+    return _merge_blocks(q.float() * scale.unsqueeze(-1), x.shape[-1]).to(x.dtype)
+
+
+def fp4_simulate(x: torch.Tensor, block_size: int = INDEXER_SIM_BLOCK) -> torch.Tensor:
+    """QAT round trip through FP4 (``fp4sim32``) for the indexer's queries and keys.
+
+    Per block: amax floored at 6 * 2**-126, scale 2**ceil(log2(amax/6)), e2m1 round-to-nearest-even with
+    saturation at ±6, multiplied back. Returns x.dtype.
+    """
+    blocks = _split_blocks(x, block_size)  # [..., nb, block]
+    amax = blocks.abs().amax(dim=-1).clamp(min=FP4_AMAX_FLOOR)
+    scale = pow2_scale(amax, FP4_MAX).unsqueeze(-1)
+    values = e2m1_decode(e2m1_encode(blocks / scale)) * scale
+    return _merge_blocks(values, x.shape[-1]).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- GEMMs
+
+
+def _block_scaled_matmul(
+    x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, block: int
+) -> torch.Tensor:
+    """Two-level fp32 accumulation: ``sum_b (x_b @ w_b^T) * x_scale[:, b] * w_scale[:, b]``, b = 0, 1, ...
+
+    x [M, K] and w [N, K] hold unscaled fp32 element values, x_scale [M, nb], w_scale [N, nb] the per-block
+    power-of-two scales. Each block product is an fp32 matmul; applying the scales after it and summing into
+    a separate fp32 accumulator is what the fused kernels do, so the rounding pattern matches theirs.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    acc = x.new_zeros(m, n)
+    for b in range(-(-k // block)):
+        cols = slice(b * block, (b + 1) * block)
+        partial = x[:, cols] @ w[:, cols].T  # [M, N]
+        acc += partial * (x_scale[:, b : b + 1] * w_scale[:, b].unsqueeze(0))
+    return acc
+
+
+def _flatten_tokens(xq: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., K] activations and [..., nb] scales as fp32 [M, K] and [M, nb]."""
+    return xq.reshape(-1, xq.shape[-1]).float(), xs.reshape(-1, xs.shape[-1]).float()
+
+
+def fp8_gemm(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    w: torch.Tensor,
+    ws: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``y = x @ W^T`` for FP8 activations and an FP8 weight with 128x128 tile scales.
+
+    xq e4m3 [..., K], xs fp32 [..., ceil(K/128)], w e4m3 [N, K], ws e8m0 [ceil(N/128), ceil(K/128)].
+    Returns [..., N] in ``out_dtype``.
+    """
+    x, x_scale = _flatten_tokens(xq, xs)
+    n = w.shape[0]
+    w_scale = e8m0_to_float(ws).repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [N, ceil(K/128)]
+    acc = _block_scaled_matmul(x, w.float(), x_scale, w_scale, FP8_BLOCK)
+    return acc.to(out_dtype).reshape(*xq.shape[:-1], n)
+
+
+def fp4_gemm(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    w: torch.Tensor,
+    ws: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``y = x @ W^T`` for FP8 activations and a packed FP4 weight with one scale per 32 inputs.
+
+    xq e4m3 [..., K], xs fp32 [..., ceil(K/128)], w packed e2m1 [N, K/2] (int8 / uint8 / float4_e2m1fn_x2),
+    ws e8m0 [N, K/32]. Accumulation is per 32-wide K sub-block with factor xs[k//128] * ws[n, k//32].
+    Returns [..., N] in ``out_dtype``.
+    """
+    x, x_scale = _flatten_tokens(xq, xs)
+    w_values = e2m1_decode(unpack_fp4(w))  # [N, K]; e2m1 -> fp32 is exact, like the e2m1 -> e4m3 cast
+    if w_values.shape[1] != x.shape[1]:
+        raise ValueError(f"fp4_gemm: activation K={x.shape[1]} but packed weight holds K={w_values.shape[1]}")
+    sub_blocks = x.shape[1] // FP4_BLOCK
+    x_scale = x_scale.repeat_interleave(FP8_BLOCK // FP4_BLOCK, dim=1)[:, :sub_blocks]  # [M, K/32]
+    acc = _block_scaled_matmul(x, w_values, x_scale, e8m0_to_float(ws), FP4_BLOCK)
+    return acc.to(out_dtype).reshape(*xq.shape[:-1], w_values.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T`` dispatched on the weight's storage format.
+
+    * e4m3 weight (+ 128x128 e8m0 ``scale``): FP8 activation quantisation, then ``fp8_gemm``.
+    * packed FP4 weight (int8 / float4_e2m1fn_x2, + per-32 e8m0 ``scale``): activation quantisation,
+      then ``fp4_gemm``.
+    * floating weight: a plain differentiable matmul in the weight's dtype (bf16/fp32 layers, training).
+
+    The output has x's dtype.
+    """
+    if weight.dtype == torch.float8_e4m3fn or is_packed_fp4_dtype(weight.dtype):
+        if scale is None:
+            raise ValueError(f"linear: a {weight.dtype} weight needs its e8m0 scale")
+        xq, xs = act_quant(x)
+        gemm = fp8_gemm if weight.dtype == torch.float8_e4m3fn else fp4_gemm
+        return gemm(xq, xs, weight, scale, x.dtype)
+    if weight.is_floating_point():
+        return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    raise TypeError(f"linear: unsupported weight dtype {weight.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------- Hadamard
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Normalised Walsh-Hadamard transform over the last dim: ``x @ H_n / sqrt(n)``, Sylvester natural order.
+
+    H_2n = [[H_n, H_n], [H_n, -H_n]] factorises into one butterfly per bit of the index, so log2(n) passes
+    of (a + b, a - b) over pairs at distance h = 1, 2, 4, ... give the product in O(n log n). No random
+    signs (the reference calls fast_hadamard_transform without them). Returns x.dtype; differentiable.
+    """
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard needs a power-of-two last dimension, got shape {tuple(x.shape)}")
+    y = x.to(_compute_dtype(x)).reshape(-1, n)
+    h = 1
+    while h < n:
+        pairs = y.view(-1, n // (2 * h), 2, h)  # [rows, groups, (a|b), h]
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2).view(-1, n)
+        h *= 2
+    return (y * (1.0 / math.sqrt(n))).reshape(x.shape).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def sparse_attn(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    idx: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each query over its own list of KV rows, with a per-head attention sink.
+
+    q [B, S, H, D], kv [B, N, D] (keys double as values), idx [B, S, K] int64 rows of kv (-1 = unused slot),
+    sink [H]. The sink is an extra logit that only enlarges the softmax denominator (it has no value), so a
+    query whose slots are all unused returns 0. Probabilities are cast to kv.dtype before the value product
+    (as the reference does), accumulation is fp32. Returns [B, S, H, D] in q.dtype; differentiable in q, kv
+    and sink.
+    """
+    acc = _compute_dtype(q, kv, sink)
+    valid = idx >= 0  # [B, S, K]
+    batch = torch.arange(kv.shape[0], device=kv.device).view(-1, 1, 1)
+    rows = kv[batch, idx.clamp(min=0)].to(acc)  # [B, S, K, D]
+    scores = torch.einsum("bshd,bskd->bshk", q.to(acc), rows) * scale  # [B, S, H, K]
+    scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    sink_logit = sink.to(acc).view(1, 1, -1)  # [1, 1, H]
+    # Any shift gives the same softmax; including the sink keeps it finite when every slot is masked.
+    shift = torch.maximum(scores.amax(dim=-1), sink_logit).detach()  # [B, S, H]
+    weights = torch.exp(scores - shift.unsqueeze(-1))  # masked slots -> exactly 0
+    denom = weights.sum(dim=-1) + torch.exp(sink_logit - shift)  # [B, S, H]
+    probs = (weights / denom.unsqueeze(-1)).to(kv.dtype).to(acc)
+    out = torch.einsum("bshk,bskd->bshd", probs, rows)
+    return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- mHC
+
+
+def hc_split_sinkhorn(
+    mixes: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    hc_mult: int,
+    iters: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the mHC mixes into (pre, post, comb) and project comb towards a doubly stochastic matrix.
+
+    mixes [..., (2+h)*h], scale [3], base [(2+h)*h], h = hc_mult. Returns pre [..., h] = sigmoid + eps,
+    post [..., h] = 2*sigmoid, comb [..., h, h]: row softmax + eps, column normalisation, then (iters - 1)
+    rounds of row then column normalisation, each dividing by (sum + eps). Ending on a column step is what
+    the reference does, so columns sum to ~1 exactly-ish and rows only approximately.
+    """
+    h = hc_mult
+    if mixes.shape[-1] != (2 + h) * h:
+        raise ValueError(
+            f"hc_split_sinkhorn: expected last dim {(2 + h) * h}, got shape {tuple(mixes.shape)}"
+        )
+    if iters < 1:
+        raise ValueError(f"hc_split_sinkhorn: iters must be >= 1, got {iters}")
+    acc = _compute_dtype(mixes, scale, base)
+    m, scale, base = mixes.to(acc), scale.to(acc), base.to(acc)
+    pre = torch.sigmoid(m[..., :h] * scale[0] + base[:h]) + eps
+    post = 2.0 * torch.sigmoid(m[..., h : 2 * h] * scale[1] + base[h : 2 * h])
+    logits = (m[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))  # [..., h, h] row-major
+    comb = torch.softmax(logits, dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return pre, post, comb

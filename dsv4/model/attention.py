@@ -1,0 +1,107 @@
+"""DeepSeek-V4 attention: one block type for sliding-only, CSA and HCA layers.
+
+  * low-rank query: c_q = q_norm(wq_a(x)); q = wq_b(c_q) per head, weightless per-head RMS, RoPE;
+  * one shared key/value head (MQA): kv = kv_norm(wkv(x)) with RoPE; keys are the values;
+  * candidates per query: the `window_size` most recent tokens, plus compressed entries — all
+    causally complete ones for HCA, the indexer's top-k for CSA;
+  * softmax with a learned per-head sink logit in the denominator, then the inverse RoPE on the
+    output (the values carried their keys' rotation), then the grouped low-rank output projection
+    wo_a (per group of heads) and wo_b.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from ..config import CSA_RATIO, ModelArgs
+from .cache import ForwardContext, LayerCache
+from .compressor import Compressor, _gather_rows
+from .indexer import Indexer
+from .layers import Linear, RMSNorm
+from .rope import apply_rope, rope_cos_sin, rope_frequencies
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.head_dim = args.head_dim
+        self.rope_head_dim = args.rope_head_dim
+        self.window = args.window_size
+        self.n_groups = args.o_groups
+        self.o_lora_rank = args.o_lora_rank
+        self.eps = args.norm_eps
+        self.ratio = args.layer_ratio(layer_id)
+        self.wq_a = Linear(args.dim, args.q_lora_rank, dtype=dtype)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, dtype=dtype)
+        self.wkv = Linear(args.dim, self.head_dim, dtype=dtype)
+        self.kv_norm = RMSNorm(self.head_dim, args.norm_eps)
+        # the official convert stores wo_a dequantised (bf16); it is applied per group as an einsum
+        self.wo_a = Linear(self.n_heads * self.head_dim // self.n_groups, self.n_groups * self.o_lora_rank,
+                           dtype=dtype, official_format="bf16")
+        self.wo_b = Linear(self.n_groups * self.o_lora_rank, args.dim, dtype=dtype)
+        self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32))
+        if self.ratio:
+            self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False)
+        if self.ratio == CSA_RATIO:
+            self.indexer = Indexer(args, dtype)
+        self.register_buffer("freqs", rope_frequencies(args, compressed=self.ratio > 0), persistent=False)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache) -> Tensor:
+        """x [B,S,d] (the normed sublayer input) -> [B,S,d]."""
+        bsz, seqlen, _ = x.shape
+        cos, sin = rope_cos_sin(self.freqs, ctx.positions)  # [B,S,R/2]
+
+        c_q = self.q_norm(self.wq_a(x))  # [B,S,q_lora]
+        q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
+        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
+        q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
+
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,S,D]
+        if ctx.exact:  # the official inference rounds the non-rope dims of every cached KV to FP8
+            nope = self.head_dim - self.rope_head_dim
+            kv = torch.cat((kernels.fp8_simulate(kv[..., :nope]), kv[..., nope:]), dim=-1)
+
+        # window candidates: the ring holds positions start-W .. start-1, the chunk start .. start+S-1
+        ext_kv, window_idx = self._window(kv, ctx, cache)
+        kv_set, idx = ext_kv, window_idx
+        if self.ratio:
+            entries = self.compressor(x, ctx, cache.compressor, self.freqs)  # [B,N,D]
+            if self.ratio == CSA_RATIO:
+                chosen = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer)  # [B,S,k]
+            else:
+                n = torch.arange(entries.shape[1], device=x.device)
+                visible = n < torch.div(ctx.positions + 1, self.ratio, rounding_mode="floor").unsqueeze(-1)
+                chosen = torch.where(visible, n, -1)  # [B,S,N]
+            offset = ext_kv.shape[1]
+            kv_set = torch.cat((ext_kv, entries.to(ext_kv.dtype)), dim=1)
+            idx = torch.cat((window_idx, torch.where(chosen >= 0, chosen + offset, -1)), dim=-1)
+
+        o = kernels.sparse_attn(q, kv_set, idx, self.attn_sink, self.head_dim**-0.5)  # [B,S,H,D]
+        o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True)
+
+        # grouped output projection: each group of H/G heads -> o_lora_rank, then wo_b
+        o = o.reshape(bsz, seqlen, self.n_groups, -1)
+        wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
+        z = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))
+        return self.wo_b(z.flatten(2))
+
+    def _window(self, kv: Tensor, ctx: ForwardContext, cache: LayerCache) -> tuple[Tensor, Tensor]:
+        """Ring + chunk as one position-ordered KV run [B, W+S, D], and each query's window
+        indices into it [B, S, W] (oldest -> newest, -1 before the sequence start)."""
+        W, seqlen = self.window, kv.shape[1]
+        start = ctx.start.unsqueeze(1)
+        ring_pos = start - W + torch.arange(W, device=kv.device)  # [B,W]
+        ext_kv = torch.cat((_gather_rows(cache.window, ring_pos % W).to(kv.dtype), kv), dim=1)
+        rel = torch.arange(seqlen, device=kv.device).unsqueeze(1) + 1 + torch.arange(W, device=kv.device)  # [S,W]
+        idx = torch.where(rel.unsqueeze(0) + start.unsqueeze(-1) - W >= 0, rel.unsqueeze(0), -1)  # [B,S,W]
+        if ctx.persist:
+            end = (ctx.start + ctx.lengths).unsqueeze(1)
+            slots = torch.arange(W, device=kv.device)
+            pos = end - W + (slots - (end - W)) % W  # [B,W] position now owning each slot
+            cache.window = _gather_rows(ext_kv, pos - (start - W)).detach()
+        return ext_kv, idx
+

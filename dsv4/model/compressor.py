@@ -1,0 +1,120 @@
+"""The KV compressor: gated pooling of `ratio` consecutive tokens into one entry.
+
+Per token t: K_t = wkv(x_t), Z_t = wgate(x_t) + ape[t % ratio] (fp32). Entry j pools its block
+B_j = [j*r, (j+1)*r) with a softmax over the tokens, independently per channel.
+  * HCA-style (no overlap): width c, candidates = the r tokens of B_j.
+  * CSA-style (ratio 4, overlap): the 2c channels are two halves; the first half of the tokens of
+    the previous block B_{j-1} and the second half of the tokens of B_j form 2r candidates. For
+    j = 0 the previous block does not exist (weight 0).
+The pooled vector goes through `norm`, RoPE at position j*r (the block's first token), and the
+QAT rounding of its consumer (FP8 on the nope dims for the attention KV; Hadamard + FP4 for the
+indexer keys). An entry appears at the block's last token and is visible to that token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from ..config import CSA_RATIO, ModelArgs
+from .cache import CompressorState, ForwardContext
+from .layers import Linear, RMSNorm
+from .rope import apply_rope, rope_cos_sin
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, C], index [B, ...] -> [B, ..., C] (rows of each batch element)."""
+    flat = index.reshape(index.shape[0], -1)
+    out = torch.gather(x, 1, flat.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return out.reshape(*index.shape, x.shape[-1])
+
+
+class Compressor(nn.Module):
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, rotate: bool) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.head_dim = head_dim
+        self.rope_head_dim = args.rope_head_dim
+        self.rotate = rotate  # indexer keys: Hadamard rotation + FP4; attention KV: FP8 on the nope dims
+        self.overlap = ratio == CSA_RATIO
+        coff = 2 if self.overlap else 1
+        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim, dtype=torch.float32))
+        # stored bf16 in the checkpoint, run in fp32 like the reference
+        self.wkv = Linear(args.dim, coff * head_dim, dtype=torch.float32, official_format="bf16")
+        self.wgate = Linear(args.dim, coff * head_dim, dtype=torch.float32, official_format="bf16")
+        self.norm = RMSNorm(head_dim, args.norm_eps)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, state: CompressorState, freqs: Tensor) -> Tensor:
+        """Pool the blocks this chunk completes into `state.entries`; return entries [B, n, c] where
+        n = the largest entry count in the batch after the chunk."""
+        r = self.ratio
+        ring = state.kv.shape[1]  # R = coff * r most recent tokens
+        start, n_valid = ctx.start, ctx.lengths
+        xf = x.to(torch.float32)
+        kv = self.wkv(xf)  # [B,S,coff*c]
+        score = self.wgate(xf) + self.ape[ctx.positions % r]
+
+        # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk
+        ring_pos = start.unsqueeze(1) - ring + torch.arange(ring, device=x.device)  # [B,R]
+        ext_kv = torch.cat((_gather_rows(state.kv, ring_pos % ring), kv), dim=1)  # [B,R+S,coff*c]
+        ext_score = torch.cat((_gather_rows(state.score, ring_pos % ring), score), dim=1)
+
+        first = torch.div(start, r, rounding_mode="floor")
+        n_new = torch.div(start + n_valid, r, rounding_mode="floor") - first  # [B] entries finished now
+        n_max = int(n_new.max())
+        if n_max > 0:
+            self._pool(ext_kv, ext_score, first, n_new, n_max, ring, state, freqs, ctx)
+        if ctx.persist:
+            # ring slot s <- the token at the position q ≡ s (mod R) among the last R consumed
+            end = start + n_valid
+            slots = torch.arange(ring, device=x.device)
+            q = (end - ring).unsqueeze(1) + (slots - (end - ring).unsqueeze(1)) % ring  # [B,R]
+            ext_index = q - (start.unsqueeze(1) - ring)
+            state.kv = _gather_rows(ext_kv, ext_index).detach()
+            state.score = _gather_rows(ext_score, ext_index).detach()
+        total = int(torch.div(start + n_valid, r, rounding_mode="floor").max())
+        return state.entries[:, :total]
+
+    def _pool(self, ext_kv: Tensor, ext_score: Tensor, first: Tensor, n_new: Tensor, n_max: int, ring: int,
+              state: CompressorState, freqs: Tensor, ctx: ForwardContext) -> None:
+        r, c = self.ratio, self.head_dim
+        device = ext_kv.device
+        j = first.unsqueeze(1) + torch.arange(n_max, device=device)  # [B,M] entry ids
+        valid = torch.arange(n_max, device=device).unsqueeze(0) < n_new.unsqueeze(1)  # [B,M]
+        offset = (ctx.start - ring).view(-1, 1, 1)  # position of ext row 0
+        cur_pos = j.unsqueeze(-1) * r + torch.arange(r, device=device)  # [B,M,r]
+        last = ext_kv.shape[1] - 1
+        cur = (cur_pos - offset).clamp(0, last)
+        if self.overlap:
+            prev_pos = cur_pos - r
+            prev = (prev_pos - offset).clamp(0, last)
+            kv = torch.cat((_gather_rows(ext_kv[..., :c], prev), _gather_rows(ext_kv[..., c:], cur)), dim=2)
+            score = torch.cat((_gather_rows(ext_score[..., :c], prev), _gather_rows(ext_score[..., c:], cur)), dim=2)
+            exists = torch.cat((prev_pos >= 0, cur_pos >= 0), dim=2)  # [B,M,2r]
+            score = score.masked_fill(~exists.unsqueeze(-1), float("-inf"))
+            kv = kv.masked_fill(~exists.unsqueeze(-1), 0.0)
+        else:
+            kv = _gather_rows(ext_kv, cur)
+            score = _gather_rows(ext_score, cur)
+        pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B,M,c] fp32
+        entry = self.norm(pooled.to(state.entries.dtype))
+        cos, sin = rope_cos_sin(freqs, j * r)
+        entry = apply_rope(entry, cos, sin)
+        entry = self._qat(entry, ctx.exact)
+        rows, cols = valid.nonzero(as_tuple=True)
+        where, values = (rows, j[rows, cols]), entry[rows, cols]
+        if ctx.persist:
+            state.entries.index_put_(where, values.detach())
+        else:  # out of place keeps the training graph intact
+            state.entries = state.entries.index_put(where, values)
+
+    def _qat(self, entry: Tensor, exact: bool) -> Tensor:
+        """The rounding the official inference applies to cached entries (values stay in entry.dtype)."""
+        if self.rotate:
+            entry = kernels.hadamard(entry)
+            return kernels.fp4_simulate(entry) if exact else entry
+        if not exact:
+            return entry
+        nope = self.head_dim - self.rope_head_dim
+        return torch.cat((kernels.fp8_simulate(entry[..., :nope]), entry[..., nope:]), dim=-1)

@@ -1,0 +1,99 @@
+"""Mixture of experts: every V4 block's FFN.
+
+Gate: scores = sqrt(softplus(x W_g^T)) (fp32). The first `n_hash_layers` layers select experts by a
+fixed token-id table (`tid2eid`); the others by top-k of scores + `bias`, a balancing term that
+only affects *which* experts are chosen. Weights are the unbiased scores of the chosen experts,
+renormalised, times `route_scale`. Experts are SwiGLU with the gate clamped from above and the
+linear branch clamped both ways at `swiglu_limit`; the routing weight multiplies the hidden
+activation before w2. One shared expert (same clamp) sees every token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelArgs
+from .layers import Linear
+
+
+class Gate(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.topk = args.n_activated_experts
+        self.score_func = args.score_func
+        self.route_scale = args.route_scale
+        self.hash = args.is_hash_layer(layer_id)
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=torch.float32))
+        if self.hash:
+            # frozen token -> experts table; not a parameter (nothing trains it)
+            self.register_buffer("tid2eid", torch.zeros(args.vocab_size, self.topk, dtype=torch.long))
+        else:
+            # aux-loss-free balancing bias, adjusted by the trainer from expert load, never by gradient
+            self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """x [T,d], token_ids [T] -> routing weights [T,k] fp32, expert ids [T,k]."""
+        logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
+        if self.score_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        elif self.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = F.softplus(logits).sqrt()
+        if self.hash:
+            ids = self.tid2eid[token_ids]
+        else:
+            ids = (scores + self.bias).topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.score_func != "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, ids
+
+
+class Expert(nn.Module):
+    """Clamped SwiGLU: w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L))."""
+
+    def __init__(self, dim: int, inter_dim: int, limit: float, dtype: torch.dtype | None, official_format: str):
+        super().__init__()
+        self.limit = limit
+        self.w1 = Linear(dim, inter_dim, dtype=dtype, official_format=official_format)
+        self.w2 = Linear(inter_dim, dim, dtype=dtype, official_format=official_format)
+        self.w3 = Linear(dim, inter_dim, dtype=dtype, official_format=official_format)
+
+    def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        gate = self.w1(x).to(torch.float32).clamp(max=self.limit)
+        up = self.w3(x).to(torch.float32).clamp(-self.limit, self.limit)
+        hidden = F.silu(gate) * up
+        if weights is not None:
+            hidden = weights * hidden
+        return self.w2(hidden.to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.n_experts = args.n_routed_experts
+        self.gate = Gate(layer_id, args)
+        expert_format = args.routed_expert_dtype
+        self.experts = nn.ModuleList(
+            Expert(args.dim, args.moe_inter_dim, args.swiglu_limit, dtype, expert_format)
+            for _ in range(self.n_experts)
+        )
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.swiglu_limit, dtype, "fp8")
+
+    def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
+        """x [B,S,d], token_ids [B,S] -> [B,S,d]."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(x, token_ids.reshape(-1))
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows, slot = torch.where(ids == e)
+            y = y.index_add(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(torch.float32))
+        y = y + self.shared_experts(x).to(torch.float32)
+        return y.to(x.dtype).reshape(shape)

@@ -1,0 +1,59 @@
+"""Rotary position embedding as DeepSeek-V4 uses it.
+
+Interleaved pairs (x[2i], x[2i+1]) on the *last* `rope_head_dim` dims of a vector, math in fp32.
+Sliding-only layers rotate with base `rope_theta` and no scaling; compressed layers (CSA/HCA, their
+compressors and indexer) with base `compress_rope_theta` and YaRN frequency interpolation. There is
+no YaRN attention temperature (mscale) anywhere: the softmax scale stays head_dim^-0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..config import ModelArgs
+
+
+def rope_frequencies(args: ModelArgs, compressed: bool) -> Tensor:
+    """Per-pair angular frequencies [rope_head_dim // 2] (fp32) for a layer type."""
+    dim = args.rope_head_dim
+    base = args.compress_rope_theta if compressed else args.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if not compressed or args.original_seq_len == 0:
+        return freqs
+
+    def correction_dim(rotations: float) -> float:
+        # the dim index whose wavelength fits `rotations` times into the original context
+        return dim * math.log(args.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(correction_dim(args.beta_fast)), 0)
+    hi = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    # high-frequency pairs (ramp 0) extrapolate, low-frequency pairs (ramp 1) interpolate by the factor
+    return freqs / args.rope_factor * ramp + freqs * (1 - ramp)
+
+
+def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos/sin of the rotation angles: positions [...] -> two fp32 tensors [..., rope_head_dim // 2]."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * freqs.to(positions.device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Rotate the last 2*cos.shape[-1] dims of x by interleaved pairs.
+
+    cos/sin must broadcast against x[..., :rope_dim // 2]. `inverse` rotates by the negative angle,
+    which the attention uses to take the keys' rotation back out of its output (keys are values).
+    """
+    rope_dim = cos.shape[-1] * 2
+    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
+    pairs = rope.to(torch.float32).unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    if inverse:
+        sin = -sin
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((nope, rotated.to(x.dtype)), dim=-1)

@@ -1,0 +1,174 @@
+"""Block and Transformer: one forward for training (full sequence) and inference (with a cache).
+
+`Transformer.forward(tokens)` runs the whole sequence from position 0 and returns logits for every
+position (differentiable). `Transformer.forward(tokens, cache)` consumes a chunk of any length at
+the cache's current position for every row of the batch (rows may have different positions and,
+via `lengths`, different numbers of valid tokens), updates the cache and returns the chunk's
+logits. Both paths run the same code; the full forward simply uses a throw-away cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelArgs
+from .attention import Attention
+from .cache import Cache, ForwardContext, LayerCache
+from .layers import Embedding, Linear, RMSNorm
+from .mhc import hc_head, hc_post, hc_pre
+from .moe import MoE
+
+NUMERICS = ("plain", "exact")
+
+
+class Block(nn.Module):
+    """mHC(attention) then mHC(MoE); the residual state is [B, S, hc_mult, dim]."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.args = args
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(layer_id, args, dtype)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MoE(layer_id, args, dtype)
+        hc, n_mix = args.hc_mult, (2 + args.hc_mult) * args.hc_mult
+        for site in ("attn", "ffn"):
+            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.empty(n_mix, hc * args.dim, dtype=torch.float32)))
+            self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(n_mix, dtype=torch.float32)))
+            self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3, dtype=torch.float32)))
+
+    def _pre(self, site: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a = self.args
+        return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                      getattr(self, f"hc_{site}_base"), a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache) -> Tensor:
+        u, post, comb = self._pre("attn", x)
+        x = hc_post(self.attn(self.attn_norm(u), ctx, cache), x, post, comb)
+        u, post, comb = self._pre("ffn", x)
+        return hc_post(self.ffn(self.ffn_norm(u), ctx.tokens), x, post, comb)
+
+
+def _add_hc_head(module: nn.Module, args: ModelArgs) -> None:
+    hc = args.hc_mult
+    module.hc_head_fn = nn.Parameter(torch.empty(hc, hc * args.dim, dtype=torch.float32))
+    module.hc_head_base = nn.Parameter(torch.empty(hc, dtype=torch.float32))
+    module.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+
+class MTPBlock(Block):
+    """Multi-token prediction: a block fed with the main model's final streams and the next token's
+    embedding; shares the main model's embedding and head (not stored under `mtp.*`)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None) -> None:
+        super().__init__(layer_id, args, dtype)
+        self.e_proj = Linear(args.dim, args.dim, dtype=dtype)
+        self.h_proj = Linear(args.dim, args.dim, dtype=dtype)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        _add_hc_head(self, args)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V4 with the official parameter names.
+
+    `dtype` is the activation / residual-stream dtype and the storage dtype of the float linear
+    weights (bf16 for the official numerics, fp32 for training or reference checks). `numerics`
+    is "exact" (the official inference's QAT simulation of the KV cache and indexer; FP8/FP4 GEMMs
+    come from the weights' dtypes) or "plain" (the same math without quantisation simulation).
+    """
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, numerics: str = "plain") -> None:
+        super().__init__()
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics={numerics!r}: choose from {NUMERICS}")
+        self.args = args
+        self.dtype = dtype
+        self.numerics = numerics
+        self.embed = Embedding(args.vocab_size, args.dim, dtype=dtype)
+        self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # stored bf16, used in fp32 like the reference
+        self.head = Linear(args.dim, args.vocab_size, dtype=torch.float32, official_format="bf16")
+        _add_hc_head(self, args)
+        self.mtp = nn.ModuleList(MTPBlock(args.n_layers + k, args, dtype) for k in range(args.n_mtp_layers))
+
+    # ------------------------------------------------------------------ public API
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> Cache:
+        device = self.embed.weight.device
+        return Cache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype, device)
+
+    def forward(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
+                start_pos: int | Tensor | None = None) -> Tensor:
+        """tokens [B,S] -> logits [B,S,vocab] (fp32)."""
+        return self.logits(self.forward_streams(tokens, cache, lengths=lengths, start_pos=start_pos))
+
+    def forward_streams(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
+                        start_pos: int | Tensor | None = None) -> Tensor:
+        """The final residual streams [B,S,hc,d] (what the head and the MTP block consume)."""
+        ctx, cache = self._context(tokens, cache, lengths, start_pos, cache_lengths=lambda c: c.lengths)
+        x = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)  # [B,S,hc,d]
+        for layer in self.layers:
+            x = layer(x, ctx, cache.layers[layer.layer_id])
+        if ctx.persist:
+            cache.lengths += ctx.lengths
+        return x
+
+    def logits(self, streams: Tensor) -> Tensor:
+        """Final streams [B,S,hc,d] -> logits [B,S,vocab] fp32."""
+        a = self.args
+        y = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.norm_eps)
+        return self.head(self.norm(y).to(torch.float32))
+
+    def mtp_logits(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
+                   lengths: Tensor | None = None) -> Tensor:
+        """MTP prediction: streams at positions t [B,S,hc,d] and the tokens at t+1 [B,S] -> logits for
+        the tokens at t+2 [B,S,vocab]. With a cache, the MTP block keeps its own position counter."""
+        ctx, cache = self._context(next_tokens, cache, lengths, None, cache_lengths=lambda c: c.mtp_lengths)
+        block = self.mtp[depth]
+        a = self.args
+        e = block.enorm(self.embed(next_tokens))
+        x = block.e_proj(e).unsqueeze(2) + block.h_proj(block.hnorm(streams))
+        x = block(x, ctx, cache.layers[block.layer_id])
+        if ctx.persist:
+            cache.mtp_lengths += ctx.lengths
+        y = hc_head(x, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, a.hc_eps, a.norm_eps)
+        return self.head(block.norm(y).to(torch.float32))
+
+    # ------------------------------------------------------------------ helpers
+    def _context(self, tokens: Tensor, cache: Cache | None, lengths: Tensor | None, start_pos: int | Tensor | None,
+                 cache_lengths) -> tuple[ForwardContext, Cache]:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"tokens must be an integer tensor [batch, seq], got {tuple(tokens.shape)} {tokens.dtype}")
+        bsz, seqlen = tokens.shape
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.args.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}); got min {int(tokens.min())}, "
+                             f"max {int(tokens.max())}")
+        device = tokens.device
+        if lengths is None:
+            lengths = torch.full((bsz,), seqlen, dtype=torch.long, device=device)
+        else:
+            lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
+            if lengths.shape != (bsz,) or bool((lengths < 0).any()) or bool((lengths > seqlen).any()):
+                raise ValueError(f"lengths must be [batch] with values in [0, {seqlen}], got {lengths.tolist()}")
+        if cache is None:
+            if start_pos not in (None, 0):
+                raise ValueError("start_pos without a cache: the full forward always starts at position 0")
+            cache = Cache(self.args, bsz, max(seqlen, 1), self.dtype, device, transient=True)
+        elif cache.batch_size != bsz:
+            raise ValueError(f"cache holds {cache.batch_size} sequences but tokens have batch {bsz}")
+        start = cache_lengths(cache).clone()
+        if start_pos is not None:
+            expected = torch.as_tensor(start_pos, dtype=torch.long, device=device).expand(bsz)
+            if not torch.equal(expected, start):
+                raise ValueError(f"chunk starts at {expected.tolist()} but the cache is at {start.tolist()}; "
+                                 "chunks must follow the cache position")
+        if bool((start + lengths > cache.max_seq_len).any()):
+            raise ValueError(f"chunk would exceed the cache capacity of {cache.max_seq_len} tokens "
+                             f"(at {start.tolist()} + {lengths.tolist()})")
+        ctx = ForwardContext.build(tokens, start, lengths, exact=self.numerics == "exact",
+                                   persist=not cache.transient)
+        return ctx, cache
