@@ -133,32 +133,34 @@ def test_fp8_gemm_applies_each_block_scale():
     # every block contributes about equally, so a misapplied scale anywhere breaks the fp64 match.
     g = _gen(5)
     k, n = 384, 256
-    x = torch.randn(4, 128, generator=g).repeat(1, 3) * _blockwise(torch.pow(256.0, torch.arange(3.0)), 128, k)
+    x = torch.randn(4, 128, generator=g).repeat(1, 3)
+    x = x * _blockwise(torch.pow(256.0, torch.arange(3.0)), 128, k)
     w = torch.randn(n, k, generator=g) * torch.pow(2.0, -5.0 * (torch.arange(n) // 128)).unsqueeze(1)
     w = w * _blockwise(torch.tensor([1.0, 2.0**-8, 2.0**-16]), 128, k)
     xq, xs = act_quant(x)
     wq, ws = quantize_fp8_weight(w)
     assert len(set(xs[0].tolist())) == 3 and len(set(ws.view(torch.uint8).flatten().tolist())) == 6
     y = fp8_gemm(xq, xs, wq, ws, torch.float32)
-    ref = _dequant_act(xq, xs) @ _dequant_fp8_w(wq, ws).T
+    x_ref, w_ref = _dequant_act(xq, xs), _dequant_fp8_w(wq, ws)
+    ref = x_ref @ w_ref.T
     for kb in range(3):  # every block contributes: removing one breaks the match
-        partial = _dequant_act(xq, xs)[:, kb * 128 : (kb + 1) * 128] @ _dequant_fp8_w(wq, ws)[
-            :, kb * 128 : (kb + 1) * 128
-        ].T
+        cols = slice(kb * 128, (kb + 1) * 128)
+        partial = x_ref[:, cols] @ w_ref[:, cols].T
         assert _rel_err(ref - partial, ref) > 1e-3
     assert ((y.double() - ref).abs() <= 1e-5 * ref.abs().amax(dim=0, keepdim=True)).all()
 
 
-def _random_fp4_weight(n: int, k: int, seed: int, exp_range: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_fp4_weight(n: int, k: int, seed: int, exps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed codes [n, k/2] and e8m0 scales [n, k/32] with exponents in [exps[0], exps[1])."""
     g = _gen(seed)
     codes = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8)
-    exps = torch.randint(exp_range[0], exp_range[1], (n, k // 32), generator=g)
+    exps = torch.randint(exps[0], exps[1], (n, k // 32), generator=g)
     return pack_fp4(codes), (exps + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
 def test_fp4_gemm_matches_dequantized_fp64_matmul():
     x = torch.randn(2, 3, 192, generator=_gen(6))  # K=192: the activation's second 128-block is partial
-    packed, ws = _random_fp4_weight(70, 192, seed=7, exp_range=(-10, -2))
+    packed, ws = _random_fp4_weight(70, 192, seed=7, exps=(-10, -2))
     xq, xs = act_quant(x)
     y = fp4_gemm(xq, xs, packed, ws, torch.float32)
     assert y.dtype == torch.float32 and y.shape == (2, 3, 70)
@@ -172,7 +174,7 @@ def test_fp4_gemm_applies_each_sub_block_scale():
     # Weight scales spanning 2**-8 .. 2**8 per 32-group; activations alive in one 32-group at a time, so each
     # sub-block's factor xs[k//128] * ws[n, k//32] is checked on its own.
     x = torch.randn(5, 256, generator=_gen(8)) * _blockwise(torch.tensor([1e-3, 1e2]), 128, 256)
-    packed, ws = _random_fp4_weight(48, 256, seed=9, exp_range=(-8, 9))
+    packed, ws = _random_fp4_weight(48, 256, seed=9, exps=(-8, 9))
     xq, xs = act_quant(x)
     w_ref = _dequant_fp4_w(packed, ws)
     for j in range(256 // 32):
@@ -223,7 +225,7 @@ def test_linear_float_weight_is_plain_and_differentiable():
     assert torch.equal(y16, F.linear(x.detach().bfloat16(), w.detach().bfloat16()).float())
 
 
-# ---------------------------------------------------------------------------------------------- QAT simulation
+# ------------------------------------------------------------------------------------------ QAT simulation
 
 
 def _block_scale(x: torch.Tensor, block: int, elem_max: float, floor: float) -> torch.Tensor:
@@ -260,6 +262,14 @@ def test_fp4_simulate_on_grid_and_idempotent():
     assert bool((scaled.unsqueeze(-1) == grid).any(-1).all())
     assert torch.equal(fp4_simulate(y), y)
     assert torch.equal(fp4_simulate(y.bfloat16()), y.bfloat16())
+
+
+def test_fp4_simulate_amax_floor_flushes_tiny_blocks():
+    # amax is floored at 6 * 2**-126, so the scale never drops below 2**-126 and 2**-128 / 2**-126 = 0.25
+    # rounds (tie to even) to 0; without the floor the scale would be 2**-127 and the value would survive.
+    x = torch.zeros(32)
+    x[0], x[1] = 2.0**-128, 2.0**-125
+    assert fp4_simulate(x)[:2].tolist() == [0.0, 2.0**-125]
 
 
 def test_fp4_simulate_hand_example():
@@ -308,8 +318,11 @@ def test_hadamard_gradcheck():
 # ---------------------------------------------------------------------------------------------- sparse_attn
 
 
-def _naive_sparse_attn(q, kv, idx, sink, scale):
-    """Per-query loop in fp64: softmax over the used slots plus the sink logit, which carries no value."""
+def _naive_sparse_attn(q, kv, idx, sink, scale, prob_dtype=torch.float64):
+    """Per-query loop in fp64: softmax over the used slots plus the sink logit, which carries no value.
+
+    Each probability is rounded to ``prob_dtype`` before it weights its value row.
+    """
     b_, s_, h_, d_ = q.shape
     out = torch.zeros(b_, s_, h_, d_, dtype=torch.float64)
     for b in range(b_):
@@ -321,7 +334,8 @@ def _naive_sparse_attn(q, kv, idx, sink, scale):
                 weights = [math.exp(v - top) for v in logits]
                 denom = sum(weights) + math.exp(float(sink[h]) - top)
                 for w, r in zip(weights, rows, strict=True):
-                    out[b, s, h] += (w / denom) * kv[b, r].double()
+                    p = torch.tensor(w / denom, dtype=torch.float64).to(prob_dtype).double()
+                    out[b, s, h] += p * kv[b, r].double()
     return out
 
 
@@ -346,17 +360,23 @@ def test_sparse_attn_matches_naive():
     assert torch.allclose(out.double(), ref, atol=1e-5)
     assert bool((out[1, 2] == 0).all())
     # The sink matters: a very negative sink removes it, changing the result.
-    no_sink = sparse_attn(q, kv, idx, torch.full_like(sink, -1e4), scale)
-    assert torch.allclose(no_sink.double(), _naive_sparse_attn(q, kv, idx, torch.full_like(sink, -1e4), scale))
+    far_sink = torch.full_like(sink, -1e4)
+    no_sink = sparse_attn(q, kv, idx, far_sink, scale)
+    assert torch.allclose(no_sink.double(), _naive_sparse_attn(q, kv, idx, far_sink, scale), atol=1e-5)
     assert not torch.allclose(no_sink, out, atol=1e-3)
 
 
-def test_sparse_attn_low_precision_dtype():
+def test_sparse_attn_rounds_probabilities_to_kv_dtype():
     q, kv, idx, sink, scale = _attn_inputs(torch.float32, seed=23)
-    out = sparse_attn(q.bfloat16(), kv.bfloat16(), idx, sink, scale)
-    assert out.dtype == torch.bfloat16
-    ref = _naive_sparse_attn(q.bfloat16(), kv.bfloat16(), idx, sink, scale)
-    assert torch.allclose(out.double(), ref, atol=2e-2)
+    kv = kv.bfloat16()
+    out = sparse_attn(q, kv, idx, sink, scale)
+    assert out.dtype == torch.float32  # output follows q
+    assert torch.allclose(out.double(), _naive_sparse_attn(q, kv, idx, sink, scale, torch.bfloat16), atol=1e-5)
+    assert not torch.allclose(out.double(), _naive_sparse_attn(q, kv, idx, sink, scale), atol=1e-4)
+    out16 = sparse_attn(q.bfloat16(), kv, idx, sink, scale)
+    assert out16.dtype == torch.bfloat16
+    ref16 = _naive_sparse_attn(q.bfloat16(), kv, idx, sink, scale, torch.bfloat16)
+    assert torch.allclose(out16.double(), ref16, atol=2e-2)
 
 
 def test_sparse_attn_gradcheck():
@@ -417,8 +437,20 @@ def test_hc_split_sinkhorn_matches_loops():
             assert torch.allclose(pre[b, s].double(), torch.tensor(ref_pre, dtype=torch.float64), atol=1e-6)
             assert torch.allclose(post[b, s].double(), torch.tensor(ref_post, dtype=torch.float64), atol=1e-6)
             assert torch.allclose(comb[b, s].double(), torch.tensor(ref_comb, dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(comb.sum(-2), torch.ones(2, 3, h), atol=1e-5)  # last step normalises columns
-    assert torch.allclose(comb.sum(-1), torch.ones(2, 3, h), atol=1e-2)
+
+
+def test_hc_split_sinkhorn_converges_to_doubly_stochastic():
+    h = 4
+    g = _gen(27)
+    mixes = torch.randn(64, (2 + h) * h, generator=g)
+    scale = torch.rand(3, generator=g) + 0.5
+    base = torch.randn((2 + h) * h, generator=g)
+    _, _, comb = hc_split_sinkhorn(mixes, scale, base, h, 20, 1e-6)
+    assert bool((comb > 0).all())
+    assert torch.allclose(comb.sum(-2), torch.ones(64, h), atol=1e-5)  # the last step normalises columns
+    assert torch.allclose(comb.sum(-1), torch.ones(64, h), atol=1e-3)
+    _, _, one_step = hc_split_sinkhorn(mixes, scale, base, h, 1, 1e-6)
+    assert (one_step.sum(-1) - 1).abs().max() > 1e-2  # one step alone is not doubly stochastic
 
 
 def test_hc_split_sinkhorn_single_iteration_and_gradcheck():

@@ -158,7 +158,7 @@ def test_fp8_weight_error_bounded_by_half_ulp():
     assert deq.dtype == torch.float32
     err = (deq.double() - w.double()).abs()
     assert bool((err <= _e4m3_half_ulp(w.double() / full) * full).all())
-    # The tile maximum lands in (224, 448] after scaling, i.e. the scale is the smallest power of two that fits.
+    # The tile maximum lands in (224, 448] after scaling: the scale is the smallest power of two that fits.
     for i in range(3):
         for j in range(2):
             tile = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
@@ -208,6 +208,14 @@ def test_fp4_weight_random_error_bound():
     bound = torch.where(scaled <= 2, 0.25, torch.where(scaled <= 4, 0.5, 1.0)) * scale
     assert bool((err <= bound).all())
     assert bool((scaled <= 6).all() & (scaled.view(16, 2, 32).amax(-1) > 3).all())
+
+
+def test_fp4_weight_zero_group_uses_amax_floor():
+    w = torch.zeros(2, 64)
+    w[1, 32] = 2.0**-128  # below the floor: flushed to zero under the floored scale 2**-126
+    packed, s = quantize_fp4_weight(w)
+    assert s.view(torch.uint8).tolist() == [[1, 1], [1, 1]]  # byte 1 = 2**-126
+    assert bool((dequantize_fp4_weight(packed, s) == 0).all())
 
 
 def test_fp4_weight_requires_multiple_of_32():

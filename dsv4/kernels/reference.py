@@ -264,14 +264,12 @@ def hc_split_sinkhorn(
 
     mixes [..., (2+h)*h], scale [3], base [(2+h)*h], h = hc_mult. Returns pre [..., h] = sigmoid + eps,
     post [..., h] = 2*sigmoid, comb [..., h, h]: row softmax + eps, column normalisation, then (iters - 1)
-    rounds of row then column normalisation, each dividing by (sum + eps). Ending on a column step is what
-    the reference does, so columns sum to ~1 exactly-ish and rows only approximately.
+    rounds of row then column normalisation, each dividing by (sum + eps). Like the reference it ends on a
+    column step, so columns sum to 1 up to eps while rows are only approximately normalised.
     """
     h = hc_mult
     if mixes.shape[-1] != (2 + h) * h:
-        raise ValueError(
-            f"hc_split_sinkhorn: expected last dim {(2 + h) * h}, got shape {tuple(mixes.shape)}"
-        )
+        raise ValueError(f"hc_split_sinkhorn: need last dim (2+h)*h = {(2 + h) * h}, got {tuple(mixes.shape)}")
     if iters < 1:
         raise ValueError(f"hc_split_sinkhorn: iters must be >= 1, got {iters}")
     acc = _compute_dtype(mixes, scale, base)

@@ -18,7 +18,7 @@ from .. import kernels
 from ..config import CSA_RATIO, ModelArgs
 from .cache import ForwardContext, LayerCache
 from .compressor import Compressor, _gather_rows
-from .indexer import Indexer
+from .indexer import Indexer, indexer_kl_loss
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, rope_cos_sin, rope_frequencies
 
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         if self.ratio:
             entries = self.compressor(x, ctx, cache.compressor, self.freqs)  # [B,N,D]
             if self.ratio == CSA_RATIO:
-                chosen = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer)  # [B,S,k]
+                chosen, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer)  # [B,S,k]
             else:
                 n = torch.arange(entries.shape[1], device=x.device)
                 visible = n < torch.div(ctx.positions + 1, self.ratio, rounding_mode="floor").unsqueeze(-1)
@@ -80,7 +80,14 @@ class Attention(nn.Module):
             kv_set = torch.cat((ext_kv, entries.to(ext_kv.dtype)), dim=1)
             idx = torch.cat((window_idx, torch.where(chosen >= 0, chosen + offset, -1)), dim=-1)
 
-        o = kernels.sparse_attn(q, kv_set, idx, self.attn_sink, self.head_dim**-0.5)  # [B,S,H,D]
+        scale = self.head_dim**-0.5
+        o = kernels.sparse_attn(q, kv_set, idx, self.attn_sink, scale)  # [B,S,H,D]
+        if self.ratio == CSA_RATIO and ctx.indexer_losses is not None:
+            with torch.no_grad():
+                logits = torch.einsum("bshd,bskd->bshk", q, _gather_rows(kv_set, idx.clamp_min(0))) * scale
+                logits = logits.to(torch.float32).masked_fill((idx < 0).unsqueeze(2), float("-inf"))
+            ctx.indexer_losses.append(
+                indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores))
         o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True)
 
         # grouped output projection: each group of H/G heads -> o_lora_rank, then wo_b

@@ -99,8 +99,10 @@ class ForwardContext:
     positions: Tensor  # [B, S] absolute positions start + arange(S)
     exact: bool  # official inference numerics (QAT simulation of the KV / indexer)
     persist: bool  # write the chunk into the cache rings
+    indexer_losses: list[Tensor] | None = None  # CSA layers append their indexer KL loss here when set
 
     @classmethod
-    def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool) -> ForwardContext:
+    def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool,
+              indexer_losses: list[Tensor] | None = None) -> ForwardContext:
         positions = start.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
-        return cls(tokens, start, lengths, positions, exact, persist)
+        return cls(tokens, start, lengths, positions, exact, persist, indexer_losses)

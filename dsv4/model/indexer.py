@@ -31,12 +31,19 @@ class Indexer(nn.Module):
         self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
     def forward(self, x: Tensor, c_q: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor, ctx: ForwardContext,
-                state: CompressorState) -> Tensor:
-        """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (ascending, -1 = none)."""
+                state: CompressorState) -> tuple[Tensor, Tensor]:
+        """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (ascending, -1 = none) and their
+        index scores [B,S,k].
+
+        The inputs are detached: selection is not differentiable, so the indexer learns only from its
+        own KL loss against the attention (`indexer_kl_loss`), and that loss must not train the backbone.
+        """
+        x, c_q = x.detach(), c_q.detach()
         keys = self.compressor(x, ctx, state, freqs)  # [B,N,Di]
         n_entries = keys.shape[1]
         if n_entries == 0:
-            return torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
+            empty = torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
+            return empty, empty.to(torch.float32)
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
         q = kernels.hadamard(apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2)))
         if ctx.exact:
@@ -48,6 +55,30 @@ class Indexer(nn.Module):
                                                                       rounding_mode="floor").unsqueeze(-1)
         index_scores = index_scores.masked_fill(~visible, float("-inf"))
         k = min(self.topk, n_entries)
-        top = index_scores.topk(k, dim=-1).indices
-        top = torch.where(visible.gather(-1, top), top, -1)
-        return top.sort(dim=-1).values
+        # stable sort: exact ties (all heads' ReLUs at 0 is common) go to the earliest entries, so the
+        # choice does not depend on how many (masked) future entries the call happens to hold
+        top = index_scores.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+        top_scores = index_scores.gather(-1, top)
+        return torch.where(visible.gather(-1, top), top, -1), top_scores
+
+
+def indexer_kl_loss(attn_logits: Tensor, attn_sink: Tensor, n_window: int, chosen: Tensor,
+                    index_scores: Tensor) -> Tensor:
+    """KL(p || softmax(I)) over each query's selected entries (DeepSeek-V3.2's sparse-stage recipe).
+
+    attn_logits [B,S,H,W+k] are the main attention's scaled logits over window + selected entries
+    (-inf where unused), p their per-head softmax (with the sink) summed over heads and L1-normalised
+    on the selected entries. Only the indexer's parameters receive gradient (p is detached).
+    """
+    valid = chosen >= 0  # [B,S,k]
+    if not bool(valid.any()):
+        return index_scores.sum() * 0.0
+    with torch.no_grad():
+        sink = attn_sink.view(1, 1, -1, 1).expand(*attn_logits.shape[:3], 1)
+        probs = torch.cat((attn_logits, sink), dim=-1).softmax(dim=-1)[..., n_window:-1]  # [B,S,H,k]
+        p = probs.sum(dim=2)
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+    log_q = index_scores.to(torch.float32).masked_fill(~valid, float("-inf")).log_softmax(dim=-1)
+    rows = valid.any(-1)
+    kl = (p * (torch.log(p.clamp_min(1e-20)) - log_q)).masked_fill(~valid, 0.0).sum(-1)
+    return kl[rows].mean()

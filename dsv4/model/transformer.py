@@ -102,14 +102,20 @@ class Transformer(nn.Module):
         return Cache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype, device)
 
     def forward(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
-                start_pos: int | Tensor | None = None) -> Tensor:
-        """tokens [B,S] -> logits [B,S,vocab] (fp32)."""
-        return self.logits(self.forward_streams(tokens, cache, lengths=lengths, start_pos=start_pos))
+                start_pos: int | Tensor | None = None, indexer_losses: list[Tensor] | None = None) -> Tensor:
+        """tokens [B,S] -> logits [B,S,vocab] (fp32).
+
+        `indexer_losses`: pass a list to collect each CSA layer's indexer KL loss (training)."""
+        streams = self.forward_streams(tokens, cache, lengths=lengths, start_pos=start_pos,
+                                       indexer_losses=indexer_losses)
+        return self.logits(streams)
 
     def forward_streams(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
-                        start_pos: int | Tensor | None = None) -> Tensor:
+                        start_pos: int | Tensor | None = None,
+                        indexer_losses: list[Tensor] | None = None) -> Tensor:
         """The final residual streams [B,S,hc,d] (what the head and the MTP block consume)."""
         ctx, cache = self._context(tokens, cache, lengths, start_pos, cache_lengths=lambda c: c.lengths)
+        ctx.indexer_losses = indexer_losses
         x = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)  # [B,S,hc,d]
         for layer in self.layers:
             x = layer(x, ctx, cache.layers[layer.layer_id])
@@ -137,6 +143,23 @@ class Transformer(nn.Module):
             cache.mtp_lengths += ctx.lengths
         y = hc_head(x, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, a.hc_eps, a.norm_eps)
         return self.head(block.norm(y).to(torch.float32))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Counts as the release reports them: one per weight element (packed FP4 holds two per byte),
+        block scales and the `tid2eid` table excluded. Works on the meta device (no allocation)."""
+        main = mtp = 0
+        for name, t in self.state_dict(keep_vars=True).items():
+            if name.endswith(("tid2eid", ".scale")):
+                continue
+            n = t.numel() * (2 if t.dtype in (torch.int8, torch.uint8, torch.float4_e2m1fn_x2) else 1)
+            if name.startswith("mtp."):
+                mtp += n
+            else:
+                main += n
+        a = self.args
+        inactive_per_block = (a.n_routed_experts - a.n_activated_experts) * 3 * a.dim * a.moe_inter_dim
+        return {"main": main, "mtp": mtp, "total": main + mtp, "active": main - a.n_layers * inactive_per_block,
+                "mtp_active": mtp - a.n_mtp_layers * inactive_per_block}
 
     # ------------------------------------------------------------------ helpers
     def _context(self, tokens: Tensor, cache: Cache | None, lengths: Tensor | None, start_pos: int | Tensor | None,

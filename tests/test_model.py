@@ -1,0 +1,93 @@
+"""The model against independent references: transformers' DeepSeek-V4, released parameter counts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv4.config import preset
+from dsv4.model import Transformer, init_weights
+
+
+def random_model(name="tiny", seed=1, **changes) -> Transformer:
+    """A model whose every mechanism matters: mHC mixing far from identity, non-zero sinks, ape and
+    balancing bias (the training init starts those at near-neutral values)."""
+    model = init_weights(Transformer(preset(name).replace(**changes)), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if name_.endswith(("attn_sink", "ape", "_base")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif name_.endswith("_scale"):
+                p.copy_(torch.randn(p.shape, generator=gen).abs() + 0.5)
+        for name_, b in model.named_buffers():
+            if name_.endswith("gate.bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return model
+
+
+@torch.no_grad()
+def test_logits_match_transformers():
+    from hf_reference import hf_twin
+
+    model = random_model()
+    args = model.args
+    assert {0, 4, 8} <= set(args.compress_ratios) and args.n_layers >= 5 and args.n_hash_layers >= 1
+    tokens = torch.randint(0, args.vocab_size, (2, 5 * args.window_size))  # 5 windows, 10 CSA / 5 HCA entries
+    hf = hf_twin(model)
+    ours, ref = model(tokens), hf(tokens).logits
+    rel = (ours - ref).norm() / ref.norm()
+    assert rel < 1e-4, rel
+    # negative control: the comparison sees the indexer's selection (top-3 of up to 10 entries)
+    model_topk = random_model(index_topk=args.index_topk + 2)
+    assert (model_topk(tokens) - ref).norm() / ref.norm() > 1e-3
+
+
+def test_released_parameter_counts_on_meta_device():
+    expected = {"flash": (284_332_240_471, 290_942_289_362), "pro": (1_572_997_201_763, 1_598_837_347_742)}
+    for name, (main, with_mtp) in expected.items():
+        with torch.device("meta"):
+            model = Transformer(preset(name), dtype=torch.bfloat16)
+        counts = model.parameter_counts()
+        assert (counts["main"], counts["total"]) == (main, with_mtp), name
+    assert abs(counts["active"] / 1e9 - 49.78) < 0.01
+
+
+def test_every_trainable_parameter_gets_a_finite_gradient():
+    model = random_model()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 48))
+    indexer_losses: list[torch.Tensor] = []
+    streams = model.forward_streams(tokens, indexer_losses=indexer_losses)
+    ce = F.cross_entropy(model.logits(streams)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    mtp = F.cross_entropy(model.mtp_logits(streams[:, :-2], tokens[:, 1:-1]).flatten(0, 1), tokens[:, 2:].flatten())
+    assert len(indexer_losses) == model.args.compress_ratios.count(4)
+    (ce + 0.3 * mtp + sum(indexer_losses)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.isfinite().all() and p.grad.abs().sum() > 0, name
+    assert all(not b.requires_grad for b in model.buffers())  # tid2eid, gate bias
+
+
+def test_bad_input_is_rejected():
+    model = random_model()
+    vocab = model.args.vocab_size
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.tensor([[1, vocab]]))
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.zeros(2, 3))
+    cache = model.new_cache(2, 32)
+    with torch.no_grad():
+        model(torch.ones(2, 4, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="must follow the cache position"):
+            model(torch.ones(2, 1, dtype=torch.long), cache, start_pos=7)
+        with pytest.raises(ValueError, match="exceed the cache capacity"):
+            model(torch.ones(2, 29, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="cache holds 2 sequences"):
+            model(torch.ones(3, 1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="lengths"):
+            model(torch.ones(2, 2, dtype=torch.long), cache, lengths=torch.tensor([3, 1]))
+        assert cache.lengths.tolist() == [4, 4]  # failed calls left the cache untouched
+        model(torch.ones(2, 1, dtype=torch.long), cache, start_pos=4)
+    with pytest.raises(ValueError, match="numerics"):
+        Transformer(preset("tiny"), numerics="fast")
