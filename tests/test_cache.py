@@ -32,7 +32,7 @@ def random_schedule(lengths: list[int], gen: torch.Generator, max_chunk: int = 1
     schedule = []
     while any(left):
         step = [min(r, int(torch.randint(0, max_chunk + 1, (1,), generator=gen))) for r in left]
-        left = [r - s for r, s in zip(left, step)]
+        left = [r - s for r, s in zip(left, step, strict=True)]
         schedule.append(step)
     return schedule + [[1] * len(lengths)] * decode_tail
 
@@ -101,7 +101,7 @@ def test_exact_numerics_cache_parity():
         seqs = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in lengths]
         ref = full_logits(model, seqs)
         got = run_chunked(model, seqs, random_schedule(lengths, gen))
-        rel = torch.cat([(g - r).norm(dim=-1) / r.norm(dim=-1) for g, r in zip(got, ref)])
+        rel = torch.cat([(g - r).norm(dim=-1) / r.norm(dim=-1) for g, r in zip(got, ref, strict=True)])
         if dtype == torch.float32:
             assert rel.max() < 1e-5, rel.max()
             continue

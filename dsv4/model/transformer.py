@@ -35,7 +35,8 @@ class Block(nn.Module):
         self.ffn = MoE(layer_id, args, dtype)
         hc, n_mix = args.hc_mult, (2 + args.hc_mult) * args.hc_mult
         for site in ("attn", "ffn"):
-            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.empty(n_mix, hc * args.dim, dtype=torch.float32)))
+            fn = torch.empty(n_mix, hc * args.dim, dtype=torch.float32)
+            self.register_parameter(f"hc_{site}_fn", nn.Parameter(fn))
             self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(n_mix, dtype=torch.float32)))
             self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3, dtype=torch.float32)))
 

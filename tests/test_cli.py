@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+import torch
+
+from dsv4.cli import main
+from dsv4.config import preset
+from dsv4.generate import generate
+from dsv4.model import Transformer, init_weights
+
+
+def test_generate_command_runs_and_reports_speed(capsys):
+    assert main(["generate", "--preset", "tiny", "--prompt-len", "12", "--max-new-tokens", "5", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "decode:" in out and "tok/s" in out
+    rows = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(rows) == 2 and all(len(r.split("] ")[1].split(",")) == 5 for r in rows)
+
+
+def test_generate_command_rejects_bad_input(capsys):
+    assert main(["generate", "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["generate", "--preset", "tiny", "--prompt", "1,2,999999"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "dsv4", "generate", "--max-new-tokens", "0"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "must be >= 1" in proc.stderr
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_full_recompute():
+    model = init_weights(Transformer(preset("tiny")), seed=2)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]
+    result = generate(model, prompts, max_new_tokens=12)
+    for prompt, new in zip(prompts, result.tokens, strict=True):
+        seq = list(prompt)
+        for _ in range(12):  # no cache: recompute the whole sequence every step
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert seq[len(prompt):] == new
