@@ -91,3 +91,20 @@ def test_bad_input_is_rejected():
         model(torch.ones(2, 1, dtype=torch.long), cache, start_pos=4)
     with pytest.raises(ValueError, match="numerics"):
         Transformer(preset("tiny"), numerics="fast")
+
+
+@torch.no_grad()
+def test_two_models_live_in_one_process():
+    """No module-level state: an exact bf16 model and a plain fp32 model interleave without interference."""
+    from dsv4.formats import to_official_formats
+
+    plain = random_model()
+    exact = to_official_formats(init_weights(Transformer(plain.args, torch.bfloat16, "exact"), seed=7))
+    tokens = torch.randint(0, plain.args.vocab_size, (1, 24))
+    first_plain, first_exact = plain(tokens), exact(tokens)
+    cache_p, cache_e = plain.new_cache(1, 32), exact.new_cache(1, 32)
+    for lo, hi in ((0, 10), (10, 24)):
+        exact(tokens[:, lo:hi], cache_e)
+        plain(tokens[:, lo:hi], cache_p)
+    assert torch.equal(plain(tokens), first_plain) and torch.equal(exact(tokens), first_exact)
+    assert not torch.allclose(first_plain, first_exact, atol=1e-2)
