@@ -102,7 +102,6 @@ class ForwardContext:
     indexer_losses: list[Tensor] | None = None  # CSA layers append their indexer KL loss here when set
 
     @classmethod
-    def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool,
-              indexer_losses: list[Tensor] | None = None) -> ForwardContext:
+    def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool) -> ForwardContext:
         positions = start.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
-        return cls(tokens, start, lengths, positions, exact, persist, indexer_losses)
+        return cls(tokens, start, lengths, positions, exact, persist)
