@@ -1,0 +1,206 @@
+"""What an official DeepSeek-V4 checkpoint contains, derived from its config alone (spec §5.1-5.2).
+
+`expected_tensors(args)` enumerates every tensor of the Hugging Face release layout - key, shape,
+safetensors dtype and the component it belongs to - without touching a file. The loader validates
+downloads against it, the random-checkpoint maker writes it, `dsv4 inspect` summarises it, and the
+converter derives the model-parallel layout from it. For the released Flash config it yields the
+69,187 tensors of the real index (BF16 433, F32 417, F8_E4M3 375, F8_E8M0 34,167, I8 33,792, I64 3).
+
+Layouts:
+* ``"hf"``: the download. FP8 linears (e4m3 + 128x128 ue8m0 `.scale`), FP4 routed experts as I8
+  `[out, in/2]` + 1x32 `.scale`, `wo_a` still FP8.
+* ``"converted"``: what the official `convert.py` writes (and dsv4 runs from): the same except
+  `wo_a` dequantised to BF16 without a scale.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ..config import CSA_RATIO, ModelArgs
+
+FP8_TILE = 128
+FP4_GROUP = 32
+
+# safetensors dtype names <-> torch dtypes (packed FP4 travels as I8, as in the release)
+DTYPES: dict[str, torch.dtype] = {
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+DTYPE_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I32": 4,
+               "I64": 8}
+LAYOUTS = ("hf", "converted")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name
+    component: str  # embed, head, attention, compressor, indexer, gate, routed_experts, shared_expert, mhc, norm
+    block: str  # "top", "layers.{i}" or "mtp.{j}"
+    fmt: str = "plain"  # fp8 / fp4 weight or their scale, else plain
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+    @property
+    def parameters(self) -> int:
+        """Weight elements as the release counts them: packed FP4 bytes hold two; scales and tables none."""
+        if self.name.endswith((".scale", "tid2eid")):
+            return 0
+        return self.numel * (2 if self.fmt == "fp4" else 1)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _Builder:
+    def __init__(self, args: ModelArgs, layout: str) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
+        self.args, self.layout = args, layout
+        self.specs: list[TensorSpec] = []
+        self.block = "top"
+
+    def plain(self, name: str, shape: tuple[int, ...], dtype: str, component: str) -> None:
+        self.specs.append(TensorSpec(name, tuple(shape), dtype, component, self.block))
+
+    def linear(self, name: str, out_f: int, in_f: int, fmt: str, component: str) -> None:
+        """A Linear `name` ([out, in] weight + scale when quantised); fmt is fp8 / fp4 / bf16."""
+        if fmt == "fp8":
+            self.specs.append(TensorSpec(f"{name}.weight", (out_f, in_f), "F8_E4M3", component, self.block, "fp8"))
+            self.specs.append(TensorSpec(f"{name}.scale", (_ceil(out_f, FP8_TILE), _ceil(in_f, FP8_TILE)),
+                                         "F8_E8M0", component, self.block, "fp8"))
+        elif fmt == "fp4":
+            if in_f % FP4_GROUP:
+                raise ValueError(f"{name}: FP4 weights need in_features divisible by {FP4_GROUP}, got {in_f}")
+            self.specs.append(TensorSpec(f"{name}.weight", (out_f, in_f // 2), "I8", component, self.block, "fp4"))
+            self.specs.append(TensorSpec(f"{name}.scale", (out_f, in_f // FP4_GROUP), "F8_E8M0", component,
+                                         self.block, "fp4"))
+        elif fmt == "bf16":
+            self.plain(f"{name}.weight", (out_f, in_f), "BF16", component)
+        else:
+            raise ValueError(f"unknown weight format {fmt!r}")
+
+    # ---------------------------------------------------------------- pieces
+    def compressor(self, prefix: str, head_dim: int, ratio: int, component: str) -> None:
+        a = self.args
+        coff = 2 if ratio == CSA_RATIO else 1
+        self.plain(f"{prefix}.ape", (ratio, coff * head_dim), "F32", component)
+        self.linear(f"{prefix}.wkv", coff * head_dim, a.dim, "bf16", component)
+        self.linear(f"{prefix}.wgate", coff * head_dim, a.dim, "bf16", component)
+        self.plain(f"{prefix}.norm.weight", (head_dim,), "BF16", component)
+
+    def attention(self, p: str, ratio: int) -> None:
+        a = self.args
+        dense = a.dtype  # fp8 or bf16 storage of the non-expert linears
+        self.plain(f"{p}.attn_sink", (a.n_heads,), "F32", "attention")
+        self.linear(f"{p}.wq_a", a.q_lora_rank, a.dim, dense, "attention")
+        self.plain(f"{p}.q_norm.weight", (a.q_lora_rank,), "BF16", "attention")
+        self.linear(f"{p}.wq_b", a.n_heads * a.head_dim, a.q_lora_rank, dense, "attention")
+        self.linear(f"{p}.wkv", a.head_dim, a.dim, dense, "attention")
+        self.plain(f"{p}.kv_norm.weight", (a.head_dim,), "BF16", "attention")
+        wo_a_fmt = "bf16" if self.layout == "converted" else dense
+        self.linear(f"{p}.wo_a", a.o_groups * a.o_lora_rank, a.n_heads * a.head_dim // a.o_groups, wo_a_fmt,
+                    "attention")
+        self.linear(f"{p}.wo_b", a.dim, a.o_groups * a.o_lora_rank, dense, "attention")
+        if ratio > 0:
+            self.compressor(f"{p}.compressor", a.head_dim, ratio, "compressor")
+        if ratio == CSA_RATIO:
+            self.linear(f"{p}.indexer.wq_b", a.index_n_heads * a.index_head_dim, a.q_lora_rank, dense, "indexer")
+            self.linear(f"{p}.indexer.weights_proj", a.index_n_heads, a.dim, "bf16", "indexer")
+            self.compressor(f"{p}.indexer.compressor", a.index_head_dim, CSA_RATIO, "indexer")
+
+    def moe(self, p: str, hash_routed: bool) -> None:
+        a = self.args
+        self.linear(f"{p}.gate", a.n_routed_experts, a.dim, "bf16", "gate")
+        if hash_routed:
+            self.plain(f"{p}.gate.tid2eid", (a.vocab_size, a.n_activated_experts), "I64", "gate")
+        else:
+            self.plain(f"{p}.gate.bias", (a.n_routed_experts,), "F32", "gate")
+        expert_fmt = a.routed_expert_dtype
+        for e in range(a.n_routed_experts):
+            self.linear(f"{p}.experts.{e}.w1", a.moe_inter_dim, a.dim, expert_fmt, "routed_experts")
+            self.linear(f"{p}.experts.{e}.w2", a.dim, a.moe_inter_dim, expert_fmt, "routed_experts")
+            self.linear(f"{p}.experts.{e}.w3", a.moe_inter_dim, a.dim, expert_fmt, "routed_experts")
+        for w, (o, i) in (("w1", (a.moe_inter_dim, a.dim)), ("w2", (a.dim, a.moe_inter_dim)),
+                          ("w3", (a.moe_inter_dim, a.dim))):
+            self.linear(f"{p}.shared_experts.{w}", o, i, a.dtype, "shared_expert")
+
+    def mhc(self, p: str, name: str, rows: int) -> None:
+        a = self.args
+        self.plain(f"{p}{name}_fn", (rows, a.hc_mult * a.dim), "F32", "mhc")
+        self.plain(f"{p}{name}_base", (rows,), "F32", "mhc")
+        self.plain(f"{p}{name}_scale", (3 if rows != a.hc_mult else 1,), "F32", "mhc")
+
+    def block_body(self, p: str, layer_id: int) -> None:
+        a = self.args
+        mix = (2 + a.hc_mult) * a.hc_mult
+        self.mhc(f"{p}.", "hc_attn", mix)
+        self.mhc(f"{p}.", "hc_ffn", mix)
+        self.plain(f"{p}.attn_norm.weight", (a.dim,), "BF16", "norm")
+        self.plain(f"{p}.ffn_norm.weight", (a.dim,), "BF16", "norm")
+        self.attention(f"{p}.attn", a.layer_ratio(layer_id))
+        self.moe(f"{p}.ffn", a.is_hash_layer(layer_id))
+
+    def build(self) -> list[TensorSpec]:
+        a = self.args
+        self.plain("embed.weight", (a.vocab_size, a.dim), "BF16", "embed")
+        for i in range(a.n_layers):
+            self.block = f"layers.{i}"
+            self.block_body(f"layers.{i}", i)
+        for j in range(a.n_mtp_layers):
+            p = f"mtp.{j}"
+            self.block = p
+            self.block_body(p, a.n_layers + j)
+            self.linear(f"{p}.e_proj", a.dim, a.dim, a.dtype, "mtp_proj")
+            self.linear(f"{p}.h_proj", a.dim, a.dim, a.dtype, "mtp_proj")
+            for n in ("enorm", "hnorm", "norm"):
+                self.plain(f"{p}.{n}.weight", (a.dim,), "BF16", "norm")
+            self.mhc(f"{p}.", "hc_head", a.hc_mult)
+        self.block = "top"
+        self.plain("norm.weight", (a.dim,), "BF16", "norm")
+        self.plain("head.weight", (a.vocab_size, a.dim), "BF16", "head")
+        self.mhc("", "hc_head", a.hc_mult)
+        return self.specs
+
+
+def expected_tensors(args: ModelArgs, layout: str = "hf") -> dict[str, TensorSpec]:
+    """Every tensor of an official checkpoint for `args`, keyed by name, in a stable order."""
+    return {s.name: s for s in _Builder(args, layout).build()}
+
+
+def dtype_histogram(specs: dict[str, TensorSpec] | list[TensorSpec]) -> Counter:
+    values = specs.values() if isinstance(specs, dict) else specs
+    return Counter(s.dtype for s in values)
+
+
+def active_parameters(spec: TensorSpec, args: ModelArgs) -> float:
+    """Parameters of `spec` used per token: routed experts count k/E of theirs, everything else all."""
+    if spec.component == "routed_experts":
+        return spec.parameters * args.n_activated_experts / args.n_routed_experts
+    return spec.parameters
