@@ -69,7 +69,10 @@ class RankSlice:
     stop: int = 0
 
 
-def split_for_rank(name: str, shape: tuple[int, ...], rank: int, world_size: int, n_experts: int) -> RankSlice:
+def split_for_rank(name: str, shape: tuple[int, ...], rank: int, world_size: int, n_experts: int,
+                   tile: int = 1) -> RankSlice:
+    """Rank `rank`'s part of tensor `name`; `tile` = 128 for a block-quantised FP8 weight, whose parts
+    must be whole tiles so that each rank's slice of `.scale` covers exactly its slice of the weight."""
     if not 0 <= rank < world_size:
         raise ShardingError(f"rank {rank} outside [0, {world_size})")
     expert = expert_id(name)
@@ -81,4 +84,7 @@ def split_for_rank(name: str, shape: tuple[int, ...], rank: int, world_size: int
     if dim >= len(shape) or shape[dim] % world_size:
         raise ShardingError(f"{name}: dim {dim} of shape {list(shape)} is not divisible by {world_size} ranks")
     part = shape[dim] // world_size
+    if part % tile:
+        raise ShardingError(f"{name}: {world_size} parts of {part} along dim {dim} split its {tile}x{tile} "
+                            "scale tiles; choose a world size that keeps whole tiles")
     return RankSlice(keep=True, dim=dim, start=rank * part, stop=(rank + 1) * part)
