@@ -188,6 +188,15 @@ def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = _tile_amax(wf, FP8_BLOCK).clamp(min=torch.finfo(torch.float32).tiny)
     scale = pow2_scale(amax, FP8_MAX)  # [row_tiles, col_tiles] fp32
     q = (wf / expand_tiles(scale, FP8_BLOCK, wf.shape)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    # Canonical form: rounding can leave a tile's largest code at 224 = 448/2 (amax/scale in (224, 232));
+    # the same values are then stored with half the scale and doubled codes (exact in e4m3), so that
+    # quantize(dequantize(q, s)) == (q, s) and plain <-> official conversions round-trip bit for bit.
+    code_max = _tile_amax(q.float(), FP8_BLOCK)
+    shrink = (code_max > 0) & (code_max <= FP8_MAX / 2) & (scale > 2.0 ** E8M0_MIN_EXP)
+    if bool(shrink.any()):
+        factor = torch.where(shrink, 2.0, 1.0)
+        q = (q.float() * expand_tiles(factor, FP8_BLOCK, wf.shape)).to(torch.float8_e4m3fn)
+        scale = scale / factor
     return q, scale_to_e8m0(scale)
 
 
@@ -212,8 +221,16 @@ def quantize_fp4_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = w.float().view(rows, cols // FP4_BLOCK, FP4_BLOCK)
     amax = groups.abs().amax(dim=-1).clamp(min=FP4_AMAX_FLOOR)  # [out, in/32]
     scale = pow2_scale(amax, FP4_MAX)
-    codes = e2m1_encode(groups / scale.unsqueeze(-1)).view(rows, cols)
-    return pack_fp4(codes), scale_to_e8m0(scale)
+    codes = e2m1_encode(groups / scale.unsqueeze(-1))  # [out, in/32, 32]
+    # Canonical form (see quantize_fp8_weight): a group whose largest value rounded down to 3 = 6/2 is
+    # stored with half the scale and doubled values (0.5..3 -> 1..6, all exact in e2m1).
+    code_max = e2m1_decode(codes).abs().amax(dim=-1)
+    shrink = (code_max > 0) & (code_max <= FP4_MAX / 2) & (scale > 2.0 ** E8M0_MIN_EXP)
+    if bool(shrink.any()):
+        factor = torch.where(shrink, 2.0, 1.0)
+        codes = e2m1_encode(e2m1_decode(codes) * factor.unsqueeze(-1))
+        scale = scale / factor
+    return pack_fp4(codes.view(rows, cols)), scale_to_e8m0(scale)
 
 
 def dequantize_fp4_weight(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

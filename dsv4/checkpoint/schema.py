@@ -11,10 +11,13 @@ Layouts:
   `[out, in/2]` + 1x32 `.scale`, `wo_a` still FP8.
 * ``"converted"``: what the official `convert.py` writes (and dsv4 runs from): the same except
   `wo_a` dequantised to BF16 without a scale.
+* ``"plain"``: every linear a float weight without scale (`dsv4 convert --to bf16|fp32`); the
+  BF16 entries become F32 in an fp32 export, F32 entries stay F32 in a bf16 export.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -41,7 +44,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 DTYPE_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I32": 4,
                "I64": 8}
-LAYOUTS = ("hf", "converted")
+LAYOUTS = ("hf", "converted", "plain")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class _Builder:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
         self.args, self.layout = args, layout
+        if layout == "plain":  # every linear stored as a float weight
+            self.args = args.replace(dtype="bf16", expert_dtype="bf16", scale_fmt=None)
         self.specs: list[TensorSpec] = []
         self.block = "top"
 
@@ -189,9 +194,16 @@ class _Builder:
         return self.specs
 
 
-def expected_tensors(args: ModelArgs, layout: str = "hf") -> dict[str, TensorSpec]:
-    """Every tensor of an official checkpoint for `args`, keyed by name, in a stable order."""
-    return {s.name: s for s in _Builder(args, layout).build()}
+def expected_tensors(args: ModelArgs, layout: str = "hf", float_dtype: str = "BF16") -> dict[str, TensorSpec]:
+    """Every tensor of a checkpoint for `args` in `layout`, keyed by name, in a stable order.
+
+    `float_dtype` = "F32" only for an fp32 plain export (BF16 entries stored as F32)."""
+    specs = _Builder(args, layout).build()
+    if float_dtype != "BF16":
+        if layout != "plain" or float_dtype != "F32":
+            raise ValueError(f"float_dtype {float_dtype!r} only exists for the plain layout (F32)")
+        specs = [dataclasses.replace(s, dtype="F32") if s.dtype == "BF16" else s for s in specs]
+    return {s.name: s for s in specs}
 
 
 def dtype_histogram(specs: dict[str, TensorSpec] | list[TensorSpec]) -> Counter:

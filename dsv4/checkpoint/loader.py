@@ -1,0 +1,171 @@
+"""Load a checkpoint into a `Transformer` without ever holding two copies of the weights.
+
+The model is built on the meta device (no allocation), validated against the checkpoint, and each
+parameter is then *assigned* the stored tensor:
+
+* `exact` numerics keep FP8 e4m3 and packed FP4 weights exactly as stored, with their ue8m0 block
+  scales, memory-mapped from the shards (zero-copy: RAM is what the forward touches, bounded by the
+  size on disk); float tensors whose dtype already matches are mapped too, others are cast.
+* `plain` numerics dequantise every weight to the model dtype (for training or float reference runs).
+* `wo_a` arrives as FP8 in the download and is dequantised to bf16 here, as the official convert does.
+* a `plain` export loaded in `exact` mode is re-quantised with the official block rule.
+
+For model parallelism a rank either opens its own per-rank file (`model{r}-mp{N}.safetensors`, as
+`dsv4 convert` writes them) or reads just its slices of a full checkpoint; in both cases the caller
+passes a function that shards the meta model first, so only the rank's part is ever materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model import Transformer
+from ..model.layers import Linear
+from ..model.rope import rope_frequencies
+from ..parallel.rules import split_for_rank
+from ..quant import (
+    dequantize_fp4_weight,
+    dequantize_fp8_weight,
+    is_packed_fp4_dtype,
+    quantize_fp4_weight,
+    quantize_fp8_weight,
+)
+from .reader import Checkpoint, CheckpointError
+from .schema import FP8_TILE
+from .validate import model_parallel_rank, validate
+
+QUANTISED = (torch.float8_e4m3fn, torch.int8, torch.uint8)
+
+
+def _dequantize(weight: torch.Tensor, scale: torch.Tensor | None, name: str) -> torch.Tensor:
+    """fp32 value of a stored weight, whatever its format."""
+    if weight.dtype == torch.float8_e4m3fn:
+        if scale is None:
+            raise CheckpointError(f"{name}: FP8 weight without its .scale")
+        return dequantize_fp8_weight(weight, scale)
+    if weight.dtype in (torch.int8, torch.uint8) or is_packed_fp4_dtype(weight.dtype):
+        if scale is None:
+            raise CheckpointError(f"{name}: packed FP4 weight without its .scale")
+        return dequantize_fp4_weight(weight, scale)
+    return weight.to(torch.float32)
+
+
+class _Source:
+    """Tensors for one rank: whole from a full or per-rank checkpoint, or sliced from a full one."""
+
+    def __init__(self, ckpt: Checkpoint, rank: int, world_size: int) -> None:
+        self.ckpt = ckpt
+        file_rank, file_world = model_parallel_rank(ckpt)
+        if file_world > 1 and (file_rank, file_world) != (rank, world_size):
+            raise CheckpointError(f"{ckpt.files[0]} holds rank {file_rank} of {file_world}, "
+                                  f"but this process is rank {rank} of {world_size}")
+        self.slice_ranks = world_size if file_world == 1 else 1
+        self.rank = rank
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.ckpt:
+            raise CheckpointError(f"{self.ckpt.root}: the model needs {name}, which the checkpoint lacks")
+        if self.slice_ranks == 1:
+            return self.ckpt.tensor(name)
+        stored = self.ckpt.tensors[name]
+        tile = FP8_TILE if stored.dtype == "F8_E4M3" else 1
+        part = split_for_rank(name, stored.shape, self.rank, self.slice_ranks, self.ckpt.args.n_routed_experts, tile)
+        if not part.keep:
+            raise CheckpointError(f"{name} belongs to another rank; the sharded model should not ask for it")
+        if part.dim is None:
+            return self.ckpt.tensor(name)
+        return self.ckpt.tensor_slice(name, part.dim, part.start, part.stop)
+
+
+def _assign(module: nn.Module, attr: str, value: torch.Tensor, device: torch.device, buffer: bool) -> None:
+    value = value.to(device)
+    if buffer:
+        module._buffers[attr] = value
+    else:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point()
+                                                and value.dtype not in QUANTISED)
+
+
+def _load_linear(module: Linear, prefix: str, src: _Source, exact: bool, plain_layout: bool,
+                 device: torch.device) -> None:
+    weight = src.get(f"{prefix}.weight")
+    scale = src.get(f"{prefix}.scale") if f"{prefix}.scale" in src.ckpt else None
+    target = module.weight.dtype  # the model's compute dtype for this weight
+    keep_quantised = exact and module.official_format in ("fp8", "fp4") and weight.dtype in QUANTISED
+    if keep_quantised:
+        _assign(module, "weight", weight, device, buffer=False)
+        _assign(module, "scale", scale, device, buffer=True)
+        return
+    requantise = exact and plain_layout and module.official_format in ("fp8", "fp4") and \
+        src.ckpt.args.dtype == "fp8"
+    if requantise:
+        fmt = module.official_format if module.official_format == "fp8" else src.ckpt.args.routed_expert_dtype
+        if fmt in ("fp8", "fp4"):
+            q, s = (quantize_fp8_weight if fmt == "fp8" else quantize_fp4_weight)(weight.to(torch.float32))
+            _assign(module, "weight", q, device, buffer=False)
+            _assign(module, "scale", s, device, buffer=True)
+            return
+    value = _dequantize(weight, scale, prefix) if weight.dtype in QUANTISED else weight
+    if module.official_format == "bf16":  # stored (or converted to) bf16: keep exactly its bf16 values
+        value = value.to(torch.bfloat16)
+    _assign(module, "weight", value.to(target), device, buffer=False)
+    module.scale = None
+
+
+def load_weights(model: Transformer, ckpt: Checkpoint, *, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu", layout: str | None = None) -> Transformer:
+    """Assign every parameter and buffer of a (meta-device, possibly sharded) `model` from `ckpt`."""
+    layout = layout or validate(ckpt)
+    device = torch.device(device)
+    exact = model.numerics == "exact"
+    src = _Source(ckpt, rank, world_size)
+    for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if isinstance(module, Linear):
+            _load_linear(module, mname, src, exact, layout == "plain", device)
+            continue
+        for pname, param in list(module._parameters.items()):
+            if param is not None:
+                _assign(module, pname, src.get(prefix + pname).to(param.dtype), device, buffer=False)
+        for bname, buf in list(module._buffers.items()):
+            if buf is None or bname in module._non_persistent_buffers_set:
+                continue
+            _assign(module, bname, src.get(prefix + bname).to(buf.dtype), device, buffer=True)
+    _rebuild_rope_tables(model, device)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{ckpt.root}: not loaded: {', '.join(leftover[:10])}")
+    return model
+
+
+def _rebuild_rope_tables(model: Transformer, device: torch.device) -> None:
+    """Derived, non-persistent buffers (RoPE frequencies) are computed, not stored."""
+    for module in model.modules():
+        if "freqs" in module._buffers and module._buffers["freqs"].is_meta:
+            module._buffers["freqs"] = rope_frequencies(model.args, compressed=module.ratio > 0).to(device)
+
+
+def load_model(path: str | Path, *, numerics: str = "exact", dtype: torch.dtype = torch.bfloat16,
+               device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+               shard: Callable[[Transformer], None] | None = None) -> Transformer:
+    """Open, validate and load a checkpoint (HF release, converted, per-rank or plain) into a Transformer.
+
+    `shard(model)` (required when world_size > 1) turns the meta model into rank `rank`'s part
+    before anything is read, e.g. `lambda m: shard_model(m, rank, world_size)`."""
+    if world_size > 1 and shard is None:
+        raise ValueError("world_size > 1 needs a `shard` function for the meta model")
+    path = Path(path)
+    per_rank = path.is_dir() and any(path.glob("model*-mp*.safetensors"))
+    ckpt = Checkpoint(path, rank=rank if per_rank else None)
+    layout = validate(ckpt)
+    with torch.device("meta"):
+        model = Transformer(ckpt.args, dtype=dtype, numerics=numerics)
+    if shard is not None:
+        shard(model)
+    load_weights(model, ckpt, rank=rank, world_size=world_size, device=device, layout=layout)
+    model.checkpoint = ckpt  # keeps the memory maps (and their file handles) alive with the model
+    return model.eval()

@@ -1,0 +1,230 @@
+"""Lazy, validated access to a checkpoint on disk.
+
+`Checkpoint(path)` accepts what users actually have:
+* a Hugging Face release directory: `config.json` (+ `inference/config.json`), and either
+  `model.safetensors.index.json` with its shards or a single `model.safetensors`;
+* a directory written by `dsv4 convert` (per-rank `model{r}-mp{N}.safetensors` or a plain export);
+* a single `.safetensors` file whose directory holds the config.
+
+Opening reads only the config and the safetensors headers (which also catches truncated or corrupt
+shards). Tensors come back zero-copy: safetensors memory-maps each shard, so a tensor costs RAM
+only for the pages a computation actually touches, and a process that needs a few tensors (one
+rank, `dsv4 inspect`) never reads the rest. Every problem is reported with the file and tensor it
+concerns, as a `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import ConfigError, ModelArgs
+from .schema import DTYPES
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+MP_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or does not match its config; the message names what and where."""
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Header entry of one tensor: where it lives, how it is stored."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype name, e.g. F8_E4M3
+    shape: tuple[int, ...]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_args(root: Path) -> tuple[ModelArgs, dict]:
+    """ModelArgs from `config.json` and/or `inference/config.json`; the two must agree when both exist.
+
+    Returns the args and the HF config dict (empty when only the inference config exists)."""
+    hf_path, ref_path = root / "config.json", root / "inference" / "config.json"
+    if not hf_path.exists() and not ref_path.exists():
+        raise CheckpointError(f"{root}: no config.json (or inference/config.json) next to the weights")
+    hf_cfg: dict = {}
+    args = None
+    try:
+        if hf_path.exists():
+            hf_cfg = _read_json(hf_path)
+            args = ModelArgs.from_hf_config(hf_cfg)
+        if ref_path.exists():
+            ref_values = _read_json(ref_path)
+            ref_args = ModelArgs.from_dict(ref_values)
+            if args is None:
+                args = ref_args
+            else:
+                runtime = {"max_batch_size", "max_seq_len"}  # the inference config may set these; HF cannot
+                diff = [f for f, v in args.to_dict().items()
+                        if f not in runtime and f in ref_values and ref_args.to_dict()[f] != v]
+                if diff:
+                    raise CheckpointError(f"{hf_path} and {ref_path} disagree on {', '.join(diff)}")
+                args = args.replace(**{k: ref_values[k] for k in runtime if k in ref_values})
+    except ConfigError as err:
+        raise CheckpointError(f"{root}: invalid config: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{root}: invalid config: {err!r}") from None
+    return args, hf_cfg
+
+
+def _weight_files(path: Path, rank: int | None) -> tuple[Path, list[Path], dict[str, str] | None]:
+    """(root dir, shard files, weight_map from the index or None) for a path the user gave."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: not a .safetensors file or a checkpoint directory")
+        return path.parent, [path], None
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    mp_files = sorted(p for p in path.glob("model*-mp*.safetensors") if MP_FILE.match(p.name))
+    if mp_files:
+        worlds = {int(MP_FILE.match(p.name).group(2)) for p in mp_files}
+        if len(worlds) != 1:
+            raise CheckpointError(f"{path}: per-rank files for several world sizes {sorted(worlds)}")
+        world = worlds.pop()
+        missing = [f"model{r}-mp{world}.safetensors" for r in range(world)
+                   if not (path / f"model{r}-mp{world}.safetensors").exists()]
+        if missing:
+            raise CheckpointError(f"{path}: model-parallel checkpoint lacks {', '.join(missing)}")
+        if rank is None:
+            return path, [path / f"model{r}-mp{world}.safetensors" for r in range(world)], None
+        if not 0 <= rank < world:
+            raise CheckpointError(f"{path}: rank {rank} outside the checkpoint's {world} ranks")
+        return path, [path / f"model{rank}-mp{world}.safetensors"], None
+    index = path / INDEX_FILE
+    if index.exists():
+        data = _read_json(index)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: no valid 'weight_map' (tensor name -> shard file)")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            if Path(name).name != name:
+                raise CheckpointError(f"{index}: shard name {name!r} must be a file in the same directory")
+            if not (path / name).exists():
+                users = [k for k, v in weight_map.items() if v == name]
+                raise CheckpointError(f"{index}: shard {name} (holding {users[0]} and {len(users) - 1} more) "
+                                      "does not exist")
+            files.append(path / name)
+        return path, files, weight_map
+    if (path / SINGLE_FILE).exists():
+        return path, [path / SINGLE_FILE], None
+    raise CheckpointError(f"{path}: no {INDEX_FILE}, {SINGLE_FILE} or model{{rank}}-mp{{N}}.safetensors")
+
+
+class Checkpoint:
+    """An opened checkpoint: its config, its tensor headers, and zero-copy tensor access."""
+
+    def __init__(self, path: str | Path, rank: int | None = None) -> None:
+        self.path = Path(path)
+        self.root, self.files, weight_map = _weight_files(self.path, rank)
+        self.args, self.hf_config = read_args(self.root)
+        self.metadata: dict[Path, dict[str, str]] = {}
+        self.tensors: dict[str, StoredTensor] = {}
+        self._handles: dict[Path, object] = {}
+        for file in self.files:
+            self._scan(file)
+        if weight_map is not None:
+            self._check_index(weight_map)
+
+    # ------------------------------------------------------------------ headers
+    def _open(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{file}: damaged or not a safetensors file ({err})") from None
+            self._handles[file] = handle
+        return handle
+
+    def _scan(self, file: Path) -> None:
+        handle = self._open(file)
+        self.metadata[file] = handle.metadata() or {}
+        for name in handle.keys():
+            part = handle.get_slice(name)
+            dtype = part.get_dtype()
+            if dtype not in DTYPES:
+                raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+            if name in self.tensors:
+                raise CheckpointError(f"{file}: tensor {name} also stored in {self.tensors[name].file}")
+            self.tensors[name] = StoredTensor(name, file, dtype, tuple(part.get_shape()))
+
+    def _check_index(self, weight_map: dict[str, str]) -> None:
+        problems = []
+        for name, shard in weight_map.items():
+            stored = self.tensors.get(name)
+            if stored is None:
+                problems.append(f"{name}: listed in {INDEX_FILE} under {shard}, but not in that shard")
+            elif stored.file.name != shard:
+                problems.append(f"{name}: index says {shard}, stored in {stored.file.name}")
+        for name, stored in self.tensors.items():
+            if name not in weight_map:
+                problems.append(f"{name}: stored in {stored.file.name} but missing from {INDEX_FILE}")
+        if problems:
+            raise CheckpointError(_report(self.root / INDEX_FILE, "does not match its shards", problems))
+
+    # ------------------------------------------------------------------ access
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The stored tensor, memory-mapped (no copy); treat it as read-only."""
+        stored = self.tensors.get(name)
+        if stored is None:
+            raise CheckpointError(f"{self.root}: no tensor {name}")
+        try:
+            return self._open(stored.file).get_tensor(name)
+        except SafetensorError as err:
+            raise CheckpointError(f"{stored.file}: cannot read {name} ({err})") from None
+
+    def tensor_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows/columns [start, stop) of `name` along `dim`, reading only that part."""
+        stored = self.tensors[name]
+        index = [slice(None)] * len(stored.shape)
+        index[dim] = slice(start, stop)
+        try:
+            return self._open(stored.file).get_slice(name)[tuple(index)]
+        except SafetensorError as err:
+            raise CheckpointError(f"{stored.file}: cannot read {name}[{start}:{stop}] ({err})") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _report(where: Path | str, what: str, problems: list[str], limit: int = 25) -> str:
+    shown = problems[:limit]
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{where}: {what} ({len(problems)} problems):\n  " + "\n  ".join(shown) + more
