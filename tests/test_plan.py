@@ -168,7 +168,7 @@ def test_plan_rejects_bad_input(tmp_path, capsys):
     assert "does not exist" in _usage_error(capsys, ["plan", str(tmp_path / "missing")])
     assert "no config.json" in _usage_error(capsys, ["plan", str(tmp_path)])
     (tmp_path / "config.json").write_text("{not json")
-    assert "cannot read" in _usage_error(capsys, ["plan", str(tmp_path)])
+    assert "not readable JSON" in _usage_error(capsys, ["plan", str(tmp_path)])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert "invalid config" in _usage_error(capsys, ["plan", str(tmp_path)])
     err = _usage_error(capsys, ["plan", "tiny", "--context", "0"])

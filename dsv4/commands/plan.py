@@ -8,11 +8,11 @@ and prints the tables.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ..plan import GIB, KV_FORMATS
+from .common import UsageError, human_bytes, resolve_model, table
 
 COMPARE = ("v3.2", "none")
 LAYOUT_NOTES = {  # what the weights bytes of each checkpoint layout stand for
@@ -20,10 +20,6 @@ LAYOUT_NOTES = {  # what the weights bytes of each checkpoint layout stand for
     "converted": "after the official convert.py: wo_a in bf16",
     "plain": "every linear in bf16, no scales",
 }
-
-
-class UsageError(ValueError):
-    """Bad command-line input; `run` prints it and exits with status 2."""
 
 
 def _positive_int(text: str) -> int:
@@ -79,37 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.set_defaults(run=run)
 
 
-def resolve_model(text: str):
-    """(label, ModelArgs) for a preset name or a checkpoint directory; UsageError names what is wrong."""
-    from ..config import PRESETS, ConfigError, ModelArgs, preset
-
-    if text in PRESETS:
-        return f"{text} (preset)", preset(text)
-    path = Path(text)
-    if not path.exists():
-        if "/" in text or "\\" in text or text.startswith("."):
-            raise UsageError(f"checkpoint path {text!r} does not exist")
-        raise UsageError(f"unknown preset {text!r}; choose from {', '.join(PRESETS)} or give a checkpoint directory")
-    config = path / "config.json" if path.is_dir() else path
-    if not config.is_file():
-        raise UsageError(f"{text!r} is not a checkpoint directory: it has no config.json")
-    try:
-        return str(path), ModelArgs.from_hf_config(config)
-    except (ConfigError, TypeError, KeyError) as err:
-        raise UsageError(f"{config}: invalid config: {err}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{config}: cannot read: {err}") from None
-
-
 # ---------------------------------------------------------------------- formatting
-def _gib(n: float) -> str:
-    """Bytes in the largest binary unit that keeps the value >= 1 (GiB for deployments, KiB for `tiny`)."""
-    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n:,.0f} B"
-
-
 def _g(flops: float) -> str:
     """FLOPs (or parameters) in G, or M/K for the research presets."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -128,26 +94,16 @@ def _pct(a: float, b: float) -> str:
     return f"{value:.1f}%" if value >= 0.1 else f"{value:.2g}%"
 
 
-def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    """First column left-aligned, the others right-aligned, each as wide as its widest cell."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for r in [header, *rows]:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
-        lines.append(indent + "  ".join(cells).rstrip())
-    return lines
-
-
 # ---------------------------------------------------------------------- sections
 def _weights_lines(w) -> list[str]:
     lines = [f"Weights ({w.layout} layout: {LAYOUT_NOTES.get(w.layout, w.layout)})"]
-    lines += _table(["", "bytes", "size"], [
-        ["checkpoint (main + MTP)", _num(w.bytes_total), _gib(w.bytes_total)],
-        ["main model", _num(w.bytes_main), _gib(w.bytes_main)],
-        ["MTP block", _num(w.bytes_mtp), _gib(w.bytes_mtp)],
+    lines += table(["", "bytes", "size"], [
+        ["checkpoint (main + MTP)", _num(w.bytes_total), human_bytes(w.bytes_total)],
+        ["main model", _num(w.bytes_main), human_bytes(w.bytes_main)],
+        ["MTP block", _num(w.bytes_mtp), human_bytes(w.bytes_mtp)],
     ])
     lines.append("Parameters")
-    lines += _table(["", "parameters", ""], [
+    lines += table(["", "parameters", ""], [
         ["total (main + MTP)", _num(w.params_total), ""],
         ["main model", _num(w.params_main), ""],
         ["active per token", _num(round(w.params_active)), "main model, routed experts k/E, embedding included"],
@@ -164,14 +120,14 @@ def _kv_lines(args, kv) -> list[str]:
              _num(r.bytes_per_token), _num(r.state_bytes), _num(r.layers * r.state_bytes)] for r in kv.rows]
     rows.append(["all layers", str(kv.main_layers), "", "", _num(kv.bytes_per_token_per_layer),
                  _num(kv.bytes_per_token), "", _num(kv.state_bytes_per_sequence)])
-    lines += _table(["layer type", "layers", "ratio", "entry B", "B/token/layer", "B/token", "state B/layer",
+    lines += table(["layer type", "layers", "ratio", "entry B", "B/token/layer", "B/token", "state B/layer",
                      "state B/seq"], rows)
     lines.append("  B/token: amortised (entry / ratio) summed over the layers; 'all layers' B/token/layer = mean.")
     lines.append("  state: constant per sequence = window ring + fp32 compressor state (CSA indexer: its compressor);")
     lines.append(f"  the MTP block's state ({_num(kv.mtp_state_bytes)} B per sequence) is not in the totals.")
     lines.append(f"  per sequence at {kv.context:,} tokens: {_num(kv.growing_bytes_per_sequence)} B compressed "
-                 f"+ {_num(kv.state_bytes_per_sequence)} B state = {_gib(kv.bytes_per_sequence)}")
-    lines.append(f"  total for batch {kv.batch:,}: {_num(kv.total_bytes)} B = {_gib(kv.total_bytes)}")
+                 f"+ {_num(kv.state_bytes_per_sequence)} B state = {human_bytes(kv.bytes_per_sequence)}")
+    lines.append(f"  total for batch {kv.batch:,}: {_num(kv.total_bytes)} B = {human_bytes(kv.total_bytes)}")
     return lines
 
 
@@ -194,7 +150,7 @@ def _flops_lines(args, fl) -> list[str]:
     rows.append(["indexer", _g(fl.indexer), f"{csa} layers x {args.index_n_heads} heads x {args.index_head_dim} "
                  f"dims x {fl.position // CSA_RATIO:,} entries"])
     rows.append(["total", _g(fl.total), ""])
-    return [f"FLOPs per token at position {fl.position:,} (2 per MAC)"] + _table(["term", "FLOPs", "how"], rows)
+    return [f"FLOPs per token at position {fl.position:,} (2 per MAC)"] + table(["term", "FLOPs", "how"], rows)
 
 
 def _compare_lines(name, kv, fl, v32) -> list[str]:
@@ -203,14 +159,14 @@ def _compare_lines(name, kv, fl, v32) -> list[str]:
     rows = [
         ["KV B/token", _num(kv.bytes_per_token), _num(v32.bytes_per_token), _pct(kv.bytes_per_token,
                                                                                   v32.bytes_per_token)],
-        ["KV total", _gib(kv.total_bytes), _gib(v32.total_bytes), _pct(kv.total_bytes, v32.total_bytes)],
+        ["KV total", human_bytes(kv.total_bytes), human_bytes(v32.total_bytes), _pct(kv.total_bytes, v32.total_bytes)],
         ["FLOPs linear", _g(fl.linear), _g(v32.flops.linear), _pct(fl.linear, v32.flops.linear)],
         ["FLOPs attention", _g(fl.attention_total), _g(v32.flops.attention_total),
          _pct(fl.attention_total, v32.flops.attention_total)],
         ["FLOPs indexer", _g(fl.indexer), _g(v32.flops.indexer), _pct(fl.indexer, v32.flops.indexer)],
         ["FLOPs/token", _g(fl.total), _g(v32.flops.total), _pct(fl.total, v32.flops.total)],
     ]
-    return lines + _table(["", f"V4 {name}", "V3.2", "V4/V3.2"], rows)
+    return lines + table(["", f"V4 {name}", "V3.2", "V4/V3.2"], rows)
 
 
 def _gpu_lines(w, kv, gpu_gib: float, headroom: float) -> list[str]:
@@ -219,8 +175,9 @@ def _gpu_lines(w, kv, gpu_gib: float, headroom: float) -> list[str]:
     need = w.bytes_total + kv.total_bytes
     n = gpus_needed(need, gpu_gib, headroom)
     usable = gpu_gib * GIB * (1 - headroom)
-    return [f"GPUs of {gpu_gib:g} GiB with {headroom:.0%} headroom ({_gib(usable)} usable each): "
-            f"weights {_gib(w.bytes_total)} + KV {_gib(kv.total_bytes)} = {_gib(need)} -> {n} GPU{'s' * (n != 1)}",
+    return [f"GPUs of {gpu_gib:g} GiB with {headroom:.0%} headroom ({human_bytes(usable)} usable each): "
+            f"weights {human_bytes(w.bytes_total)} + KV {human_bytes(kv.total_bytes)} = {human_bytes(need)} "
+            f"-> {n} GPU{'s' * (n != 1)}",
             "  (a lower bound: weights and KV assumed to shard evenly; activations live in the headroom)"]
 
 

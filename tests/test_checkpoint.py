@@ -1,0 +1,270 @@
+"""Official checkpoints: schema, random maker, lazy reader, validation of every kind of damage, loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsv4.checkpoint.loader import load_model
+from dsv4.checkpoint.maker import make_random_checkpoint
+from dsv4.checkpoint.reader import INDEX_FILE, Checkpoint, CheckpointError
+from dsv4.checkpoint.schema import DTYPES, dtype_histogram, expected_tensors
+from dsv4.checkpoint.validate import validate
+from dsv4.config import preset
+from dsv4.formats import to_official_formats
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset("tiny"), seed=3, shards=3)
+
+
+@pytest.fixture
+def damaged(tiny_ckpt, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint that a test may break."""
+    return Path(shutil.copytree(tiny_ckpt, tmp_path / "copy"))
+
+
+def _shard_of(root: Path, name: str) -> Path:
+    return root / json.loads((root / INDEX_FILE).read_text())["weight_map"][name]
+
+
+def _rewrite(root: Path, name: str, new_name: str | None = None, new_tensor: torch.Tensor | None = None,
+             update_index: bool = True) -> None:
+    """Replace (or drop, with new_name=None and no tensor) one tensor of a shard, keeping the index consistent."""
+    shard = _shard_of(root, name)
+    tensors = load_file(str(shard))
+    old = tensors.pop(name)
+    if new_tensor is not None or new_name is not None:
+        tensors[new_name or name] = old if new_tensor is None else new_tensor
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    if update_index:
+        index = json.loads((root / INDEX_FILE).read_text())
+        index["weight_map"].pop(name)
+        if new_tensor is not None or new_name is not None:
+            index["weight_map"][new_name or name] = shard.name
+        (root / INDEX_FILE).write_text(json.dumps(index))
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+# ---------------------------------------------------------------------------------------------- schema, maker
+
+
+def test_schema_reproduces_the_released_flash_index():
+    specs = expected_tensors(preset("flash"))
+    assert len(specs) == 69_187
+    assert dtype_histogram(specs) == {"BF16": 433, "F32": 417, "F8_E4M3": 375, "F8_E8M0": 34_167, "I8": 33_792,
+                                      "I64": 3}
+    assert specs["layers.2.attn.compressor.ape"].shape == (4, 1024)  # CSA: overlapping, 2 x head_dim
+    assert specs["layers.3.attn.compressor.ape"].shape == (128, 512)  # HCA
+    assert specs["layers.0.ffn.experts.0.w1.weight"].shape == (2048, 2048)  # FP4: two per byte
+    assert specs["layers.0.ffn.experts.0.w1.scale"].shape == (2048, 128)  # one per 32 inputs
+    assert specs["layers.0.attn.wo_a.weight"].dtype == "F8_E4M3"  # download; bf16 after convert
+    assert expected_tensors(preset("flash"), "converted")["layers.0.attn.wo_a.weight"].dtype == "BF16"
+    assert len(expected_tensors(preset("pro"))) == 145_116
+    assert sum(s.parameters for s in specs.values()) == 290_942_289_362
+
+
+def test_maker_writes_the_release_layout(tiny_ckpt):
+    names = sorted(p.name for p in tiny_ckpt.iterdir())
+    assert names == sorted(["config.json", INDEX_FILE, "model-00001-of-00003.safetensors",
+                            "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"])
+    with Checkpoint(tiny_ckpt) as ckpt:
+        assert validate(ckpt) == "hf"
+        assert ckpt.args == preset("tiny").replace(max_seq_len=ckpt.args.max_seq_len)
+        specs = expected_tensors(ckpt.args)
+        assert list(ckpt.tensors) != [] and set(ckpt.tensors) == set(specs)
+        for name, spec in specs.items():
+            assert ckpt.tensors[name].dtype == spec.dtype and ckpt.tensors[name].shape == spec.shape
+        # FP4: low nibble is the even element; values decode inside the e2m1 grid; scales are powers of two
+        packed = ckpt.tensor("layers.2.ffn.experts.1.w2.weight")
+        assert packed.dtype == torch.int8
+        index = json.loads((tiny_ckpt / INDEX_FILE).read_text())
+        assert index["metadata"]["total_size"] == sum(s.nbytes for s in specs.values())
+
+
+def test_maker_is_deterministic_and_independent_of_sharding(tmp_path):
+    a = make_random_checkpoint(tmp_path / "a", preset("tiny"), seed=5, shards=1)
+    b = make_random_checkpoint(tmp_path / "b", preset("tiny"), seed=5, shards=4)
+    c = make_random_checkpoint(tmp_path / "c", preset("tiny"), seed=6, shards=1)
+    with Checkpoint(a) as ca, Checkpoint(b) as cb, Checkpoint(c) as cc:
+        assert len(cb.files) == 4 and len(ca.files) == 1
+        for name in ca.tensors:
+            assert torch.equal(_u8(ca.tensor(name)), _u8(cb.tensor(name)))
+        assert not torch.equal(ca.tensor("embed.weight"), cc.tensor("embed.weight"))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_exact_load_keeps_official_formats_memory_mapped(tiny_ckpt):
+    model = load_model(tiny_ckpt, numerics="exact", dtype=torch.bfloat16)
+    ckpt = model.checkpoint
+    wq_a = model.layers[1].attn.wq_a
+    assert wq_a.weight.dtype == torch.float8_e4m3fn and wq_a.scale.dtype == torch.float8_e8m0fnu
+    assert wq_a.weight.data_ptr() == ckpt.tensor("layers.1.attn.wq_a.weight").data_ptr()  # zero-copy
+    expert = model.layers[0].ffn.experts[3].w1
+    assert expert.weight.dtype == torch.int8 and expert.scale.shape == (32, 2)
+    assert model.layers[0].attn.wo_a.weight.dtype == torch.bfloat16  # dequantised at load
+    wo_a = ckpt.tensor("layers.0.attn.wo_a.weight").float() * \
+        ckpt.tensor("layers.0.attn.wo_a.scale").float().repeat_interleave(128, 0)[:32].repeat_interleave(128, 1)[:, :64]
+    assert torch.equal(model.layers[0].attn.wo_a.weight.float(), wo_a)
+    assert torch.equal(model.layers[0].ffn.gate.tid2eid, ckpt.tensor("layers.0.ffn.gate.tid2eid"))
+    tokens = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.shape == (2, 19, 256) and bool(logits.isfinite().all()) and float(logits.std()) > 0.1
+
+
+@torch.no_grad()
+def test_exact_load_equals_plain_load_requantised(tiny_ckpt):
+    """Two independent paths to the official numerics agree bit for bit: keeping the stored FP8/FP4
+    tensors, and dequantising to bf16 then re-quantising with dsv4's formats."""
+    exact = load_model(tiny_ckpt, numerics="exact", dtype=torch.bfloat16)
+    via_plain = to_official_formats(load_model(tiny_ckpt, numerics="plain", dtype=torch.bfloat16))
+    via_plain.numerics = "exact"
+    a, b = exact.state_dict(), via_plain.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(_u8(a[name]), _u8(b[name])), name
+    tokens = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(exact(tokens), via_plain(tokens))
+    plain = load_model(tiny_ckpt, numerics="plain", dtype=torch.float32)
+    assert plain.layers[1].attn.wq_a.weight.dtype == torch.float32 and plain.layers[1].attn.wq_a.scale is None
+    assert not torch.allclose(plain(tokens), exact(tokens).float(), atol=1e-3)  # the numerics do differ
+
+
+def test_single_file_and_file_path(tiny_ckpt, tmp_path):
+    root = tmp_path / "single"
+    root.mkdir()
+    with Checkpoint(tiny_ckpt) as ckpt:
+        save_file({n: ckpt.tensor(n).contiguous() for n in ckpt.tensors}, str(root / "model.safetensors"))
+    shutil.copy(tiny_ckpt / "config.json", root / "config.json")
+    for path in (root, root / "model.safetensors"):
+        with Checkpoint(path) as ckpt:
+            assert validate(ckpt) == "hf" and len(ckpt.tensors) == len(expected_tensors(ckpt.args))
+
+
+def test_inference_config_sets_runtime_limits_and_must_agree(damaged):
+    (damaged / "inference").mkdir()
+    ref = preset("tiny").to_dict() | {"max_seq_len": 1024}
+    (damaged / "inference" / "config.json").write_text(json.dumps(ref))
+    with Checkpoint(damaged) as ckpt:
+        assert ckpt.args.max_seq_len == 1024
+    ref["n_heads"] = 2
+    (damaged / "inference" / "config.json").write_text(json.dumps(ref))
+    with pytest.raises(CheckpointError, match="disagree on n_heads"):
+        Checkpoint(damaged)
+
+
+# ---------------------------------------------------------------------------------------------- damage
+
+
+def test_missing_unexpected_misshaped_mistyped_are_all_listed_at_once(damaged):
+    _rewrite(damaged, "layers.1.attn.wq_a.scale")  # missing
+    _rewrite(damaged, "layers.2.attn.kv_norm.weight", new_name="layers.2.attn.kv_norm.bias")  # renamed
+    _rewrite(damaged, "layers.3.attn.attn_sink", new_tensor=torch.zeros(5))  # shape
+    _rewrite(damaged, "norm.weight", new_tensor=torch.ones(64))  # F32 instead of BF16
+    with Checkpoint(damaged) as ckpt, pytest.raises(CheckpointError) as err:
+        validate(ckpt)
+    text = str(err.value)
+    assert "4 problems" not in text  # the rename is two problems: a missing and an unexpected tensor
+    assert "5 problems" in text
+    assert "missing layers.1.attn.wq_a.scale [1, 1] F8_E8M0" in text
+    assert "missing layers.2.attn.kv_norm.weight" in text
+    assert "unexpected layers.2.attn.kv_norm.bias" in text
+    assert "layers.3.attn.attn_sink" in text and "shape [5], expected [4]" in text
+    assert "norm.weight" in text and "dtype F32, expected BF16" in text
+    with pytest.raises(CheckpointError, match="wq_a.scale"):
+        load_model(damaged)
+
+
+def test_truncated_shard_is_named(damaged):
+    shard = _shard_of(damaged, "embed.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=shard.name) as err:
+        Checkpoint(damaged)
+    assert "damaged" in str(err.value)
+
+
+def test_corrupt_header_is_named(damaged):
+    shard = _shard_of(damaged, "head.weight")
+    data = bytearray(shard.read_bytes())
+    data[8:20] = b"\x00garbage!!!!"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=shard.name):
+        Checkpoint(damaged)
+
+
+def test_bad_index_files(damaged):
+    index = damaged / INDEX_FILE
+    good = index.read_text()
+    index.write_text(good[:100])
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        Checkpoint(damaged)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        Checkpoint(damaged)
+    data = json.loads(good)
+    data["weight_map"]["embed.weight"] = "model-00009-of-00009.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="model-00009-of-00009.safetensors .*does not exist"):
+        Checkpoint(damaged)
+    data = json.loads(good)
+    shard_of_head = data["weight_map"]["head.weight"]
+    data["weight_map"]["head.weight"] = next(v for v in data["weight_map"].values() if v != shard_of_head)
+    data["weight_map"]["ghost.weight"] = shard_of_head
+    del data["weight_map"]["norm.weight"]
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as err:
+        Checkpoint(damaged)
+    text = str(err.value)
+    assert "head.weight: index says" in text and "ghost.weight: listed in" in text
+    assert "norm.weight: stored in" in text and "missing from" in text
+
+
+def test_config_that_does_not_match_the_tensors(damaged):
+    config = json.loads((damaged / "config.json").read_text())
+    config["n_routed_experts"] = 4
+    (damaged / "config.json").write_text(json.dumps(config))
+    with Checkpoint(damaged) as ckpt, pytest.raises(CheckpointError) as err:
+        validate(ckpt)
+    text = str(err.value)
+    assert "unexpected layers.0.ffn.experts.4.w1.weight" in text
+    assert "layers.0.ffn.gate.weight" in text and "shape [8, 64], expected [4, 64]" in text
+
+
+def test_missing_or_invalid_config(damaged):
+    config = damaged / "config.json"
+    config.write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not readable JSON"):
+        Checkpoint(damaged)
+    config.write_text(json.dumps(preset("tiny").to_hf_config() | {"num_hidden_layers": 0}))
+    with pytest.raises(CheckpointError, match="invalid config.*n_layers"):
+        Checkpoint(damaged)
+    config.unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Checkpoint(damaged)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no model.safetensors.index.json"):
+        Checkpoint(tmp_path)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="not a .safetensors file"):
+        Checkpoint(tmp_path / "notes.txt")
+
+
+def test_stored_dtype_names_cover_the_release():
+    assert {"F8_E4M3", "F8_E8M0", "BF16", "F32", "I8", "I64"} <= set(DTYPES)
