@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ("generate", "plan")
+COMMANDS = ("generate", "plan", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
