@@ -4,6 +4,7 @@ Public API (imported lazily so that `import dsv4` stays cheap):
     ModelArgs, preset        - configuration (official inference-config names) and named presets
     Transformer, Cache       - the model and its caller-owned inference cache
     init_weights             - deterministic random initialisation
+    load_model, Checkpoint   - official checkpoints (HF download, converted, per-rank, plain export)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ _EXPORTS = {
     "Transformer": "dsv4.model",
     "Cache": "dsv4.model",
     "init_weights": "dsv4.model",
+    "load_model": "dsv4.checkpoint",
+    "Checkpoint": "dsv4.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)
