@@ -1,4 +1,8 @@
-"""`dsv4 generate`: run a model with the cache and report prefill/decode tokens per second."""
+"""`dsv4 generate`: run a model with the cache and report prefill/decode tokens per second.
+
+Started by `torchrun --nproc-per-node N -m dsv4 generate ...` it runs tensor + expert parallel over
+the N processes (gloo on CPU); every rank builds the same random model, keeps its shard, and only
+rank 0 prints."""
 
 from __future__ import annotations
 
@@ -33,17 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, preset
-    from ..formats import to_official_formats
-    from ..generate import generate
-    from ..model import Transformer, init_weights
+    from ..parallel import ShardingError, check_shardable, close_distributed, init_distributed
 
     try:
         model_args = preset(args.preset)
     except ConfigError as err:
         print(f"dsv4 generate: {err}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.prompt:
         try:
             prompt = [int(t) for t in args.prompt.split(",")]
@@ -60,18 +60,44 @@ def run(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(args.seed)
         prompts = [torch.randint(0, model_args.vocab_size, (args.prompt_len,), generator=g).tolist()
                    for _ in range(args.batch)]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = init_distributed(device="cpu")  # under torchrun (WORLD_SIZE > 1): tensor parallel over the ranks
+    try:
+        check_shardable(model_args, env.world_size)
+        _generate(args, model_args, prompts, env)
+    except ShardingError as err:
+        if env.is_main:
+            print(f"dsv4 generate: {err}", file=sys.stderr)
+        return 2
+    finally:
+        close_distributed(env)
+    return 0
+
+
+def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], env) -> None:
+    from ..formats import to_official_formats
+    from ..generate import generate
+    from ..model import Transformer, init_weights
+    from ..parallel import shard_model
+
     model = init_weights(Transformer(model_args, dtype=getattr(torch, args.dtype), numerics=args.numerics),
                          seed=args.seed)
+    counts = model.parameter_counts()
+    if env.world_size > 1:
+        # shard the float weights, then quantise each shard: the same as quantising first whenever the
+        # split keeps whole FP8 tiles (as official checkpoints need), and possible for any split
+        shard_model(model, env.rank, env.world_size)
     if args.numerics == "exact":
         to_official_formats(model)
     model.eval()
     result = generate(model, prompts, args.max_new_tokens, args.temperature, seed=args.seed)
-    counts = model.parameter_counts()
+    if not env.is_main:
+        return
+    parallel = f", tensor parallel over {env.world_size} processes" if env.world_size > 1 else ""
     print(f"model: preset {args.preset} (random weights), {counts['total'] / 1e6:.1f}M parameters, "
-          f"{args.numerics} numerics, {args.dtype}")
+          f"{args.numerics} numerics, {args.dtype}{parallel}")
     for b, toks in enumerate(result.tokens):
         print(f"[{b}] {','.join(map(str, toks))}")
     print(f"prefill: {result.prefill_tokens} tokens in {result.prefill_seconds:.2f}s = {result.prefill_tps:.1f} tok/s")
     print(f"decode:  {result.decode_tokens} tokens in {result.decode_seconds:.2f}s = {result.decode_tps:.1f} tok/s")
-    return 0
-

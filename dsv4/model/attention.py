@@ -26,6 +26,8 @@ from .rope import apply_rope, rope_cos_sin, rope_frequencies
 class Attention(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None) -> None:
         super().__init__()
+        # heads and output groups this module holds: all of them, or a rank's share under tensor
+        # parallelism (`dsv4.parallel` slices wq_b / attn_sink / wo_a / wo_b and updates these)
         self.n_heads = args.n_heads
         self.head_dim = args.head_dim
         self.rope_head_dim = args.rope_head_dim

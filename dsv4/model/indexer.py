@@ -4,9 +4,14 @@ Scores I[t, j] = sum_h w[t, h] * ReLU(q[t, h] . K[j]) over the indexer's own com
 (ratio 4, width index_head_dim); queries come from the shared low-rank query latent. Queries and
 keys are Hadamard-rotated (which leaves dot products unchanged) so that their FP4 rounding in
 the official numerics spreads error evenly over the dims. Top-k over causally complete entries.
+
+Under tensor parallelism (applied from outside by `dsv4.parallel`) a rank holds `n_heads` of the
+index heads and `all_reduce` sums the per-rank partial scores before the top-k.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +33,9 @@ class Indexer(nn.Module):
         self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, dtype=dtype)
         self.weights_proj = Linear(args.dim, self.n_heads, dtype=dtype, official_format="bf16")
         self.compressor = Compressor(args, CSA_RATIO, self.head_dim, rotate=True)
-        self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5
+        self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5  # over all heads, also when split
+        # sums the partial index scores over the ranks holding the other heads; None in a single process
+        self.all_reduce: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, c_q: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor, ctx: ForwardContext,
                 state: CompressorState) -> tuple[Tensor, Tensor]:
@@ -51,6 +58,8 @@ class Indexer(nn.Module):
         weights = self.weights_proj(x) * self.weight_scale  # [B,S,Hi]
         scores = torch.einsum("bshd,bnd->bshn", q, keys.to(q.dtype)).relu()
         index_scores = (scores * weights.unsqueeze(-1)).sum(dim=2)  # [B,S,N]
+        if self.all_reduce is not None:
+            index_scores = self.all_reduce(index_scores)
         visible = torch.arange(n_entries, device=x.device) < torch.div(ctx.positions + 1, CSA_RATIO,
                                                                       rounding_mode="floor").unsqueeze(-1)
         index_scores = index_scores.masked_fill(~visible, float("-inf"))

@@ -6,9 +6,15 @@ only affects *which* experts are chosen. Weights are the unbiased scores of the 
 renormalised, times `route_scale`. Experts are SwiGLU with the gate clamped from above and the
 linear branch clamped both ways at `swiglu_limit`; the routing weight multiplies the hidden
 activation before w2. One shared expert (same clamp) sees every token.
+
+Expert parallelism is applied from outside (`dsv4.parallel`): a rank keeps only its experts (the
+others are None in `experts`) and sets `all_reduce`, which sums the routed outputs over the ranks
+before the replicated shared expert is added once, as the official code does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +88,8 @@ class MoE(nn.Module):
             for _ in range(self.n_experts)
         )
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.swiglu_limit, dtype, "fp8")
+        # sums the fp32 routed output over expert-parallel ranks; None in a single process
+        self.all_reduce: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
         """x [B,S,d], token_ids [B,S] -> [B,S,d]."""
@@ -91,9 +99,11 @@ class MoE(nn.Module):
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e, count in enumerate(counts):
-            if count == 0:
+            if count == 0 or self.experts[e] is None:  # None: the expert lives on another rank
                 continue
             rows, slot = torch.where(ids == e)
             y = y.index_add(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(torch.float32))
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
         y = y + self.shared_experts(x).to(torch.float32)
         return y.to(x.dtype).reshape(shape)

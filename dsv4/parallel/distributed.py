@@ -1,0 +1,77 @@
+"""Process-group set-up for model-parallel runs started by `torchrun` (or any launcher that sets its
+environment variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: its rank among `world_size`, the device it computes on, and the
+    backend of the default process group (None when running alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    owns_group: bool = False  # init_distributed created the default process group (close_distributed ends it)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes results."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int | None) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise RuntimeError(f"{name} is not set; start model-parallel runs with torchrun")
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def init_distributed(device: str | torch.device | None = None) -> DistEnv:
+    """Join the default process group described by the torchrun environment.
+
+    `device` is where the model will run: "cuda" (the process takes GPU LOCAL_RANK, backend NCCL),
+    "cpu" (backend gloo), or None for CUDA when available. Without WORLD_SIZE > 1 nothing is
+    initialised and a single-process DistEnv comes back, so callers need no special case.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world_size <= 1:
+        return DistEnv(device=device)
+    rank = _env_int("RANK", None)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if not 0 <= rank < world_size:
+        raise RuntimeError(f"RANK={rank} outside [0, WORLD_SIZE={world_size})")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        return DistEnv(rank, world_size, local_rank, device, backend, owns_group=True)
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise RuntimeError(f"a process group is already initialised as rank {dist.get_rank()} of "
+                           f"{dist.get_world_size()}, but the environment says {rank} of {world_size}")
+    return DistEnv(rank, world_size, local_rank, device, dist.get_backend())
+
+
+def close_distributed(env: DistEnv) -> None:
+    """End the default process group if `init_distributed` created it (a group set up by the caller
+    stays)."""
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
