@@ -27,8 +27,6 @@ E8M0_NAN_BYTE = 255
 
 # Magnitudes addressed by bits 0-2 of an e2m1 code.
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# Midpoints between neighbouring grid values; a tie goes to the neighbour with the even index (even mantissa).
-_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 E2M1_SIGN_BIT = 0x8
 
 # The smallest amax the FP4 path admits (reference: 6 * 2**-126), so that the scale stays a normal number.
@@ -101,17 +99,16 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Round values to the nearest e2m1 code (uint8 in [0, 16)), ties to even, saturating at ±6.
 
-    ``bucketize`` counts the midpoints strictly below |x| (= the index of the nearest grid value when there
-    is no tie). On an exact midpoint that count points at the lower neighbour; the tie is moved up when the
-    lower neighbour has an odd index, so ties always land on an even index. The sign comes from the sign
-    bit, so -0.0 and small negatives encode as negative zero (code 8), as a hardware cast would.
+    The grid {0, .5, 1, 1.5, 2, 3, 4, 6} has step 0.5 below 2, 1 below 4 and 2 up to 6, and code index
+    = 2v, v + 2 and v/2 + 4 on those ranges. `torch.round` rounds half to even, and on each range an
+    even rounded value is an even index, so one rounding per range gives round-to-nearest-even codes
+    (a midpoint on a range border, 1.75 or 3.5, rounds up to the border's even index either way). The
+    sign comes from the sign bit, so -0.0 and small negatives encode as negative zero (code 8).
     """
     xf = x.float()
     mag = xf.abs().clamp(max=FP4_MAX)
-    midpoints = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32, device=x.device)
-    index = torch.bucketize(mag, midpoints)  # number of midpoints < mag
-    on_midpoint = mag == midpoints[index.clamp(max=len(_E2M1_MIDPOINTS) - 1)]
-    index = index + (on_midpoint & (index % 2 == 1)).to(index.dtype)
+    index = torch.where(mag < 2, torch.round(mag * 2), torch.where(mag < 4, torch.round(mag) + 2,
+                                                                     torch.round(mag * 0.5) + 4))
     sign = torch.signbit(xf).to(torch.uint8) * E2M1_SIGN_BIT
     return index.to(torch.uint8) | sign
 
