@@ -18,6 +18,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dsv4 import kernels
+from dsv4.checkpoint import CheckpointError, load_model, load_weights
+from dsv4.checkpoint.convert import convert
+from dsv4.checkpoint.saver import save_model
 from dsv4.cli import main
 from dsv4.config import preset
 from dsv4.formats import to_official_formats
@@ -25,9 +28,7 @@ from dsv4.model import Transformer, init_weights
 from dsv4.model.layers import Linear
 from dsv4.parallel import (
     ShardingError,
-    build_rank_model,
     init_distributed,
-    load_rank_state_dict,
     rank_state_dict,
     shard_model,
     split_for_rank,
@@ -94,9 +95,9 @@ def _worker(rank: int, init_file: str, data_path: str, out_dir: str) -> None:
         model = Transformer(ARGS, dtype=torch.float32, numerics="plain")
         model.load_state_dict(state["plain"])
         results["plain"] = _run(shard_model(model, rank, WORLD).eval())
-        # exact: built from the rank's slices of the official-format state dict (meta device, no full model)
-        part = rank_state_dict(state["exact"], rank, WORLD, ARGS.n_routed_experts)
-        results["exact"] = _run(build_rank_model(ARGS_EXACT, rank, WORLD, part, dtype=torch.bfloat16))
+        # exact: the rank loads its own model{rank}-mp2.safetensors into a model sharded on the meta device
+        results["exact"] = _run(load_model(Path(out_dir) / "mp", numerics="exact", dtype=torch.bfloat16, rank=rank,
+                                           world_size=WORLD, shard=lambda m: shard_model(m, rank, WORLD)))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -137,7 +138,10 @@ def results():
     models = {numerics: _model(numerics) for numerics in ("plain", "exact")}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "state.pt"
-        torch.save({k: m.state_dict() for k, m in models.items()}, data)
+        torch.save({"plain": models["plain"].state_dict()}, data)
+        # the exact model as an official checkpoint, then split into per-rank files as the official convert does
+        save_model(models["exact"], Path(tmp) / "official", layout="converted", shards=2)
+        convert(Path(tmp) / "official", Path(tmp) / "mp", "mp", world_size=WORLD)
         _spawn(_worker, (str(Path(tmp) / "init"), str(data), tmp))
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
     single = {k: _run(m) for k, m in models.items()}
@@ -190,6 +194,13 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
+def build_rank_model(args, rank: int, part: dict, dtype=torch.bfloat16, numerics: str = "exact") -> Transformer:
+    """Rank `rank`'s model from its per-rank state dict, never holding the full model."""
+    with torch.device("meta"):
+        model = shard_model(Transformer(args, dtype=dtype, numerics=numerics), rank, WORLD)
+    return load_weights(model, part).eval()
+
+
 @torch.no_grad()
 def test_rank_shards_hold_exactly_their_slices():
     full = _model("exact")
@@ -212,7 +223,7 @@ def test_rank_shards_hold_exactly_their_slices():
         assert (attn.n_heads, attn.n_groups, attn.indexer.n_heads) == (2, 1, 2)
         assert model.layers[0].ffn.experts[(1 - rank) * 4] is None
         # the same shard built on the meta device from the per-rank state dict
-        built = build_rank_model(ARGS_EXACT, rank, WORLD, want, dtype=torch.bfloat16, numerics="exact")
+        built = build_rank_model(ARGS_EXACT, rank, want)
         rebuilt = built.state_dict()
         assert rebuilt.keys() == got.keys()
         assert all(rebuilt[n].dtype == got[n].dtype and torch.equal(_bytes(rebuilt[n]), _bytes(got[n])) for n in got)
@@ -232,17 +243,18 @@ def test_sharding_rejects_bad_world_sizes():
         shard_model(model, 0, 2)
 
 
-def test_load_rank_state_dict_reports_mismatches():
+def test_loading_a_rank_reports_mismatches():
     full = _model("plain").state_dict()
     part = rank_state_dict(full, 0, WORLD, ARGS.n_routed_experts)
     with torch.device("meta"):
         model = shard_model(Transformer(ARGS), 1, WORLD)
-    with pytest.raises(ValueError, match="missing .*experts.4"):  # rank 0's file for rank 1's model
-        load_rank_state_dict(model, part)
+    with pytest.raises(CheckpointError, match="missing .*experts.4") as err:  # rank 0's file, rank 1's model
+        load_weights(model, part)
+    assert "72 problems" in str(err.value)  # 36 of rank 1's expert weights missing, 36 of rank 0's surplus
     with torch.device("meta"):
         model = shard_model(Transformer(ARGS), 0, WORLD)
-    with pytest.raises(ValueError, match=r"wq_b.weight: shape \[512, 128\], model expects \[256, 128\]"):
-        load_rank_state_dict(model, {**part, "layers.0.attn.wq_b.weight": full["layers.0.attn.wq_b.weight"]})
+    with pytest.raises(CheckpointError, match=r"wq_b.weight: shape \[512, 128\], the model expects \[256, 128\]"):
+        load_weights(model, {**part, "layers.0.attn.wq_b.weight": full["layers.0.attn.wq_b.weight"]})
 
 
 def test_collectives_refuse_autograd_and_single_process_needs_no_group(monkeypatch):

@@ -4,9 +4,7 @@ from .distributed import DistEnv, close_distributed, init_distributed
 from .rules import RankSlice, ShardingError, expert_owner, local_experts, split_dim, split_for_rank
 from .tensor_parallel import (
     TensorParallel,
-    build_rank_model,
     check_shardable,
-    load_rank_state_dict,
     rank_state_dict,
     shard_model,
 )
@@ -16,12 +14,10 @@ __all__ = [
     "RankSlice",
     "ShardingError",
     "TensorParallel",
-    "build_rank_model",
     "check_shardable",
     "close_distributed",
     "expert_owner",
     "init_distributed",
-    "load_rank_state_dict",
     "local_experts",
     "rank_state_dict",
     "shard_model",

@@ -25,9 +25,10 @@ and group counts from attributes that the sharding updates, and `MoE` / `Indexer
 `Embedding` subclasses defined here that keep the official parameter names. The collectives are
 for inference (they do not carry gradients).
 
-A rank can also be built without ever holding the full model: `build_rank_model` shards a model on
-the meta device and loads a per-rank state dict into it (`model{rank}-mp{N}.safetensors`, or
-`rank_state_dict` of a full one).
+A rank never needs the full model: shard a model built on the meta device, then load the rank's
+tensors into it (`dsv4.checkpoint.load_model(path, rank=, world_size=, shard=)` reads them from a
+per-rank `model{rank}-mp{N}.safetensors` or slices them out of a full checkpoint; `load_weights`
+takes a state dict such as `rank_state_dict` of a full one).
 """
 
 from __future__ import annotations
@@ -47,12 +48,10 @@ from ..model.attention import Attention
 from ..model.indexer import Indexer
 from ..model.layers import Embedding, Linear
 from ..model.moe import MoE
-from ..model.rope import rope_frequencies
 from ..model.transformer import Transformer
 from .rules import ShardingError, local_experts, split_for_rank
 
 FP8_TILE = 128
-_QUANTIZED = (torch.float8_e4m3fn, torch.int8, torch.uint8, torch.float4_e2m1fn_x2)
 
 
 @dataclass(frozen=True)
@@ -253,120 +252,3 @@ def rank_state_dict(state_dict: Mapping[str, Tensor], rank: int, world_size: int
         if part.keep:
             out[name] = t if part.dim is None else t.narrow(part.dim, part.start, part.stop - part.start)
     return out
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def _listing(names: set[str], limit: int = 8) -> str:
-    items = sorted(names)
-    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-@torch.no_grad()
-def load_rank_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
-                         device: str | torch.device | None = None) -> nn.Module:
-    """Load a (per-rank) state dict into a model built or sharded on the meta device, placing the
-    tensors on `device` (default: where each tensor comes from).
-
-    Float tensors take the model's dtypes (the checkpoint stores bf16 where the model computes in
-    fp32); FP8 / packed-FP4 weights stay quantised and bring their `.scale`. Every state entry of the
-    model must be provided and nothing else; shapes must match the (sharded) model. Non-persistent
-    buffers (the RoPE frequencies) are recomputed on `device`.
-    """
-    device = torch.device(device) if device is not None else None
-    used: set[str] = set()
-    missing: set[str] = set()
-    problems: list[str] = []
-
-    def fetch(key: str, like: Tensor | None) -> Tensor | None:
-        if key not in state_dict:
-            missing.add(key)
-            return None
-        used.add(key)
-        t = state_dict[key]
-        if like is not None and tuple(t.shape) != tuple(like.shape):
-            problems.append(f"{key}: shape {list(t.shape)}, model expects {list(like.shape)}")
-            return None
-        return t.to(device if device is not None else t.device)
-
-    for prefix, module in model.named_modules():
-        pre = f"{prefix}." if prefix else ""
-        for name, current, is_param in list(_state_tensors(module)):
-            key = pre + name
-            if isinstance(module, Linear) and name == "weight" and state_dict.get(key, current).dtype in _QUANTIZED:
-                weight, scale = _quantized_linear(module, key, state_dict, problems)
-                if weight is not None:
-                    used.update((key, pre + "scale"))
-                    dev = device if device is not None else weight.device
-                    module.weight = nn.Parameter(weight.to(dev), requires_grad=False)
-                    module.scale = scale.to(dev)
-                continue
-            t = fetch(key, current)
-            if t is None:
-                continue
-            t = t.to(current.dtype) if current.is_floating_point() == t.is_floating_point() else t
-            if t.dtype != current.dtype:
-                problems.append(f"{key}: dtype {t.dtype} cannot stand for the model's {current.dtype}")
-            elif is_param:
-                setattr(module, name, nn.Parameter(t, requires_grad=current.requires_grad))
-            else:
-                setattr(module, name, t)
-    unexpected = set(state_dict) - used
-    if missing or unexpected or problems:
-        lines = []
-        if missing:
-            lines.append(f"missing {len(missing)}: {_listing(missing)}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
-        lines += problems[:8]
-        raise ValueError("state dict does not fit the model: " + "; ".join(lines))
-    _rebuild_buffers(model, device)
-    return model
-
-
-def _quantized_linear(module: Linear, key: str, state_dict: Mapping[str, Tensor],
-                      problems: list[str]) -> tuple[Tensor | None, Tensor | None]:
-    weight = state_dict[key]
-    scale_key = key[: -len("weight")] + "scale"
-    if module.official_format in ("bf16", "fp32"):
-        problems.append(f"{key}: the model computes this weight in float ({module.official_format}); got "
-                        f"{weight.dtype} (dequantise it when converting, as the official convert does for wo_a)")
-        return None, None
-    if scale_key not in state_dict:
-        problems.append(f"{key}: {weight.dtype} weight without its {scale_key}")
-        return None, None
-    out_f, in_f = module.out_features, module.in_features
-    if weight.dtype == torch.float8_e4m3fn:
-        shape, scale_shape = (out_f, in_f), (-(-out_f // FP8_TILE), -(-in_f // FP8_TILE))
-    else:  # packed FP4: two values per byte, one scale per 32 inputs
-        shape, scale_shape = (out_f, in_f // 2), (out_f, in_f // 32)
-    scale = state_dict[scale_key]
-    if tuple(weight.shape) != shape or tuple(scale.shape) != scale_shape:
-        problems.append(f"{key}: weight {list(weight.shape)} / scale {list(scale.shape)}, model expects "
-                        f"{list(shape)} / {list(scale_shape)}")
-        return None, None
-    return weight, scale
-
-
-def _rebuild_buffers(model: nn.Module, device: torch.device | None) -> None:
-    """Recompute the non-persistent buffers a meta-device construction left empty."""
-    for prefix, module in model.named_modules():
-        if isinstance(module, Attention) and module.freqs.is_meta:
-            freqs = rope_frequencies(model.args, compressed=module.ratio > 0)
-            module.freqs = freqs.to(device if device is not None else "cpu")
-        for name, b in module._buffers.items():
-            if b is not None and b.is_meta:
-                raise ValueError(f"{prefix}.{name}: a meta-device buffer the loader cannot rebuild")
-
-
-def build_rank_model(args: ModelArgs, rank: int, world_size: int, state_dict: Mapping[str, Tensor], *,
-                     dtype: torch.dtype = torch.bfloat16, numerics: str = "exact",
-                     device: str | torch.device = "cpu", group: Any = None) -> Transformer:
-    """Rank `rank`'s model straight from its per-rank state dict, never allocating the full model:
-    build on the meta device, shard, load (see `load_rank_state_dict`)."""
-    with torch.device("meta"):
-        model = Transformer(args, dtype=dtype, numerics=numerics)
-    shard_model(model, rank, world_size, group)
-    load_rank_state_dict(model, state_dict, device)
-    return model.eval()
