@@ -37,3 +37,19 @@ def test_greedy_generation_matches_full_recompute():
         for _ in range(12):  # no cache: recompute the whole sequence every step
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
         assert seq[len(prompt):] == new
+
+
+def test_generate_from_a_checkpoint(tmp_path, capsys):
+    from dsv4.checkpoint import load_model, make_random_checkpoint
+
+    root = make_random_checkpoint(tmp_path / "ck", preset("tiny"), seed=2, shards=2)
+    assert main(["generate", "--checkpoint", str(root), "--prompt", "5,6,7,8", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {root}" in out and "exact numerics" in out
+    printed = [int(t) for t in next(line for line in out.splitlines() if line.startswith("[0]")).split()[1].split(",")]
+    assert printed == generate(load_model(root), [[5, 6, 7, 8]], max_new_tokens=4).tokens[0]
+    assert main(["generate", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    (root / "config.json").write_text("{}")
+    assert main(["generate", "--checkpoint", str(root)]) == 2
+    assert "invalid config" in capsys.readouterr().err

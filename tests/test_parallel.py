@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dsv4 import kernels
-from dsv4.checkpoint import CheckpointError, load_model, load_weights
+from dsv4.checkpoint import CheckpointError, load_model, load_weights, make_random_checkpoint
 from dsv4.checkpoint.convert import convert
 from dsv4.checkpoint.saver import save_model
 from dsv4.cli import main
@@ -271,9 +271,14 @@ def test_collectives_refuse_autograd_and_single_process_needs_no_group(monkeypat
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun not installed next to the interpreter")
-def test_torchrun_generate_matches_single_process(capsys):
-    flags = ["generate", "--preset", "tiny", "--prompt-len", "9", "--max-new-tokens", "3", "--batch", "2",
-             "--numerics", "plain", "--dtype", "float32", "--threads", "1"]
+def test_torchrun_generate_matches_single_process(capsys, tmp_path):
+    """`torchrun ... dsv4 generate --checkpoint` on per-rank files (as `dsv4 convert --to mp` writes them)
+    gives the tokens of one process on the original checkpoint."""
+    make_random_checkpoint(tmp_path / "official", ARGS, seed=1, shards=2)
+    convert(tmp_path / "official", tmp_path / "mp", "mp", world_size=WORLD)
+    common = ["--prompt-len", "9", "--max-new-tokens", "3", "--batch", "2", "--numerics", "plain", "--dtype",
+              "float32", "--threads", "1"]
+    flags = ["generate", "--checkpoint", str(tmp_path / "mp"), *common]
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", str(WORLD), "-m", "dsv4", *flags],
@@ -286,7 +291,7 @@ def test_torchrun_generate_matches_single_process(capsys):
         proc.communicate()
         pytest.fail(f"torchrun did not finish within {TIMEOUT_S}s")
     assert proc.returncode == 0, stderr[-2000:]
-    assert main(flags) == 0
+    assert main(["generate", "--checkpoint", str(tmp_path / "official"), *common]) == 0
     single = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     parallel = [line for line in stdout.splitlines() if line.startswith("[")]
     assert parallel == single and len(single) == 2  # same tokens, printed once (rank 0 only)

@@ -1,13 +1,15 @@
 """`dsv4 generate`: run a model with the cache and report prefill/decode tokens per second.
 
-Started by `torchrun --nproc-per-node N -m dsv4 generate ...` it runs tensor + expert parallel over
-the N processes (gloo on CPU); every rank builds the same random model, keeps its shard, and only
-rank 0 prints."""
+The model is a preset with random weights, or an official checkpoint (`--checkpoint`: the HF
+download, a converted or a per-rank directory, a plain export). Started by `torchrun
+--nproc-per-node N -m dsv4 generate ...` it runs tensor + expert parallel over the N processes
+(gloo on CPU): each rank loads (or builds) only its shard, and only rank 0 prints."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,7 +23,10 @@ def _positive(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate tokens with the cache and report tokens/s")
-    gen.add_argument("--preset", default="small", help="model preset (tiny, small, flash, pro); random weights")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="small", help="model preset (tiny, small, flash, pro); random weights")
+    source.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="official checkpoint directory (HF download, converted, per-rank or plain export)")
     gen.add_argument("--numerics", choices=("plain", "exact"), default="exact",
                      help="exact: official FP8/FP4 storage and QAT simulation; plain: float weights")
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -36,12 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError
+    from ..checkpoint.reader import read_args
     from ..config import ConfigError, preset
     from ..parallel import ShardingError, check_shardable, close_distributed, init_distributed
 
     try:
-        model_args = preset(args.preset)
-    except ConfigError as err:
+        if args.checkpoint:
+            path = Path(args.checkpoint)
+            if not path.exists():
+                raise CheckpointError(f"{path}: no such checkpoint directory")
+            model_args = read_args(path if path.is_dir() else path.parent)[0]
+        else:
+            model_args = preset(args.preset)
+    except (ConfigError, CheckpointError) as err:
         print(f"dsv4 generate: {err}", file=sys.stderr)
         return 2
     if args.prompt:
@@ -66,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_shardable(model_args, env.world_size)
         _generate(args, model_args, prompts, env)
-    except ShardingError as err:
+    except (ShardingError, CheckpointError) as err:
         if env.is_main:
             print(f"dsv4 generate: {err}", file=sys.stderr)
         return 2
@@ -76,26 +89,36 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], env) -> None:
+    from ..checkpoint import load_model
     from ..formats import to_official_formats
     from ..generate import generate
     from ..model import Transformer, init_weights
     from ..parallel import shard_model
 
-    model = init_weights(Transformer(model_args, dtype=getattr(torch, args.dtype), numerics=args.numerics),
-                         seed=args.seed)
-    counts = model.parameter_counts()
-    if env.world_size > 1:
-        # shard the float weights, then quantise each shard: the same as quantising first whenever the
-        # split keeps whole FP8 tiles (as official checkpoints need), and possible for any split
-        shard_model(model, env.rank, env.world_size)
-    if args.numerics == "exact":
-        to_official_formats(model)
+    dtype = getattr(torch, args.dtype)
+    if args.checkpoint:
+        shard = (lambda m: shard_model(m, env.rank, env.world_size)) if env.world_size > 1 else None
+        model = load_model(args.checkpoint, numerics=args.numerics, dtype=dtype, rank=env.rank,
+                           world_size=env.world_size, shard=shard)
+        source = f"checkpoint {args.checkpoint}"
+        with torch.device("meta"):
+            counts = Transformer(model_args).parameter_counts()
+    else:
+        model = init_weights(Transformer(model_args, dtype=dtype, numerics=args.numerics), seed=args.seed)
+        source = f"preset {args.preset} (random weights)"
+        counts = model.parameter_counts()
+        if env.world_size > 1:
+            # shard the float weights, then quantise each shard: the same as quantising first whenever the
+            # split keeps whole FP8 tiles (as official checkpoints need), and possible for any split
+            shard_model(model, env.rank, env.world_size)
+        if args.numerics == "exact":
+            to_official_formats(model)
     model.eval()
     result = generate(model, prompts, args.max_new_tokens, args.temperature, seed=args.seed)
     if not env.is_main:
         return
     parallel = f", tensor parallel over {env.world_size} processes" if env.world_size > 1 else ""
-    print(f"model: preset {args.preset} (random weights), {counts['total'] / 1e6:.1f}M parameters, "
+    print(f"model: {source}, {counts['total'] / 1e6:.1f}M parameters, "
           f"{args.numerics} numerics, {args.dtype}{parallel}")
     for b, toks in enumerate(result.tokens):
         print(f"[{b}] {','.join(map(str, toks))}")
