@@ -321,7 +321,9 @@ def test_hadamard_gradcheck():
 def _naive_sparse_attn(q, kv, idx, sink, scale, prob_dtype=torch.float64):
     """Per-query loop in fp64: softmax over the used slots plus the sink logit, which carries no value.
 
-    Each probability is rounded to ``prob_dtype`` before it weights its value row.
+    As in the official kernel (one block, as here with <= 64 slots), the unnormalised weight exp(logit - max
+    logit) is rounded to ``prob_dtype`` before it weights its value row; the sum is divided by the unrounded
+    denominator (sink included) at the end.
     """
     b_, s_, h_, d_ = q.shape
     out = torch.zeros(b_, s_, h_, d_, dtype=torch.float64)
@@ -330,12 +332,12 @@ def _naive_sparse_attn(q, kv, idx, sink, scale, prob_dtype=torch.float64):
             rows = [int(i) for i in idx[b, s] if i >= 0]
             for h in range(h_):
                 logits = [float(q[b, s, h].double() @ kv[b, r].double()) * scale for r in rows]
-                top = max(logits + [float(sink[h])])
+                top = max(logits) if logits else float(sink[h])
                 weights = [math.exp(v - top) for v in logits]
                 denom = sum(weights) + math.exp(float(sink[h]) - top)
                 for w, r in zip(weights, rows, strict=True):
-                    p = torch.tensor(w / denom, dtype=torch.float64).to(prob_dtype).double()
-                    out[b, s, h] += p * kv[b, r].double()
+                    p = torch.tensor(w, dtype=torch.float64).to(prob_dtype).double()
+                    out[b, s, h] += p * kv[b, r].double() / denom
     return out
 
 

@@ -32,6 +32,7 @@ from dsv4.quant import (
 ACT_AMAX_FLOOR = 1e-4  # activation blocks never get a scale below 2**ceil(log2(1e-4 / 448))
 KV_SIM_BLOCK = 64  # fp8 QAT simulation block of the KV nope dims
 INDEXER_SIM_BLOCK = 32  # fp4 QAT simulation block of indexer queries and keys
+ATTN_BLOCK = 64  # candidate slots per online-softmax step of the official sparse-attention kernel
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -229,24 +230,42 @@ def sparse_attn(
 
     q [B, S, H, D], kv [B, N, D] (keys double as values), idx [B, S, K] int64 rows of kv (-1 = unused slot),
     sink [H]. The sink is an extra logit that only enlarges the softmax denominator (it has no value), so a
-    query whose slots are all unused returns 0. Probabilities are cast to kv.dtype before the value product
-    (as the reference does), accumulation is fp32. Returns [B, S, H, D] in q.dtype; differentiable in q, kv
-    and sink.
+    query whose slots are all unused returns 0. Returns [B, S, H, D] in q.dtype; differentiable in q, kv and sink.
+
+    The arithmetic is the official kernel's: the slots are walked in idx order, ``ATTN_BLOCK`` at a time, with
+    an online softmax in fp32 (running max m over the logits seen so far, p = exp(logit - m), running sum of
+    p), the *unnormalised* p cast to kv.dtype before the value product into an fp32 accumulator (sum and
+    accumulator rescaled by exp(m_old - m_new)), and at the end exp(sink - m) added to the denominator and
+    the accumulator divided by it. Where the bf16 roundings happen matters: normalising before the cast
+    rounds different numbers, and on FP8 activations such last-bit differences grow to whole quantisation
+    steps downstream.
     """
     acc = _compute_dtype(q, kv, sink)
-    valid = idx >= 0  # [B, S, K]
+    b, s, h, d = q.shape
+    qf = q.to(acc)
     batch = torch.arange(kv.shape[0], device=kv.device).view(-1, 1, 1)
-    rows = kv[batch, idx.clamp(min=0)].to(acc)  # [B, S, K, D]
-    scores = torch.einsum("bshd,bskd->bshk", q.to(acc), rows) * scale  # [B, S, H, K]
-    scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    sink_logit = sink.to(acc).view(1, 1, -1)  # [1, 1, H]
-    # Any shift gives the same softmax; including the sink keeps it finite when every slot is masked.
-    shift = torch.maximum(scores.amax(dim=-1), sink_logit).detach()  # [B, S, H]
-    weights = torch.exp(scores - shift.unsqueeze(-1))  # masked slots -> exactly 0
-    denom = weights.sum(dim=-1) + torch.exp(sink_logit - shift)  # [B, S, H]
-    probs = (weights / denom.unsqueeze(-1)).to(kv.dtype).to(acc)
-    out = torch.einsum("bshk,bskd->bshd", probs, rows)
-    return out.to(q.dtype)
+    run_max = torch.full((b, s, h), float("-inf"), dtype=acc, device=q.device)
+    denom = torch.zeros(b, s, h, dtype=acc, device=q.device)
+    out = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
+    for lo in range(0, idx.shape[-1], ATTN_BLOCK):
+        block = idx[..., lo : lo + ATTN_BLOCK]
+        valid = block >= 0  # [B, S, k]
+        rows = kv[batch, block.clamp(min=0)].to(acc)  # [B, S, k, D]
+        logits = torch.einsum("bshd,bskd->bshk", qf, rows) * scale
+        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        # The result does not depend on the shifts (they cancel), so they carry no gradient. A query that
+        # has seen no used slot yet keeps a finite shift: its exp() terms are exactly 0.
+        new_max = torch.maximum(run_max, logits.amax(dim=-1)).detach()
+        shift = torch.where(new_max.isfinite(), new_max, torch.zeros_like(new_max))
+        rescale = torch.exp(run_max - shift)
+        p = torch.exp(logits - shift.unsqueeze(-1))
+        denom = denom * rescale + p.sum(dim=-1)
+        out = out * rescale.unsqueeze(-1) + torch.einsum("bshk,bskd->bshd", p.to(kv.dtype).to(acc), rows)
+        run_max = new_max
+    sink_logit = sink.to(acc).view(1, 1, -1).expand(b, s, h)
+    shift = torch.where(run_max.isfinite(), run_max, sink_logit.detach())
+    denom = denom + torch.exp(sink_logit - shift)
+    return (out / denom.unsqueeze(-1)).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- mHC
@@ -277,7 +296,9 @@ def hc_split_sinkhorn(
     pre = torch.sigmoid(m[..., :h] * scale[0] + base[:h]) + eps
     post = 2.0 * torch.sigmoid(m[..., h : 2 * h] * scale[1] + base[h : 2 * h])
     logits = (m[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))  # [..., h, h] row-major
-    comb = torch.softmax(logits, dim=-1) + eps
+    # the row softmax as the official kernel computes it (exp, row sum, divide); torch.softmax rounds differently
+    comb = torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())
+    comb = comb / comb.sum(dim=-1, keepdim=True) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)

@@ -100,13 +100,19 @@ class Attention(nn.Module):
 
     def _window(self, kv: Tensor, ctx: ForwardContext, cache: LayerCache) -> tuple[Tensor, Tensor]:
         """Ring + chunk as one position-ordered KV run [B, W+S, D], and each query's window
-        indices into it [B, S, W] (oldest -> newest, -1 before the sequence start)."""
+        indices into it [B, S, W] (S < W slots for a prefill shorter than the window): oldest -> newest,
+        then -1 for the slots before the sequence start
+        (the official order, which decides the attention kernel's blocks of candidates)."""
         W, seqlen = self.window, kv.shape[1]
         start = ctx.start.unsqueeze(1)
         ring_pos = start - W + torch.arange(W, device=kv.device)  # [B,W]
         ext_kv = torch.cat((_gather_rows(cache.window, ring_pos % W).to(kv.dtype), kv), dim=1)
-        rel = torch.arange(seqlen, device=kv.device).unsqueeze(1) + 1 + torch.arange(W, device=kv.device)  # [S,W]
-        idx = torch.where(rel.unsqueeze(0) + start.unsqueeze(-1) - W >= 0, rel.unsqueeze(0), -1)  # [B,S,W]
+        slot = torch.arange(W, device=kv.device)
+        missing = (W - 1 - ctx.positions).clamp(min=0).unsqueeze(-1)  # [B,S,1] window slots before position 0
+        rel = torch.arange(seqlen, device=kv.device).view(1, -1, 1) + 1 + slot + missing  # ext row of slot
+        idx = torch.where(slot < W - missing, rel, -1)  # [B,S,W]
+        if seqlen < W and not bool(ctx.start.any()):
+            idx = idx[..., :seqlen]  # a prefill shorter than the window has only seqlen window slots
         if ctx.persist:
             end = (ctx.start + ctx.lengths).unsqueeze(1)
             slots = torch.arange(W, device=kv.device)

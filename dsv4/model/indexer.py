@@ -39,8 +39,8 @@ class Indexer(nn.Module):
 
     def forward(self, x: Tensor, c_q: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor, ctx: ForwardContext,
                 state: CompressorState) -> tuple[Tensor, Tensor]:
-        """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (ascending, -1 = none) and their
-        index scores [B,S,k].
+        """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (by descending index score, -1 =
+        none, last) and their index scores [B,S,k].
 
         The inputs are detached: selection is not differentiable, so the indexer learns only from its
         own KL loss against the attention (`indexer_kl_loss`), and that loss must not train the backbone.
@@ -65,8 +65,10 @@ class Indexer(nn.Module):
         index_scores = index_scores.masked_fill(~visible, float("-inf"))
         k = min(self.topk, n_entries)
         # stable sort: exact ties (all heads' ReLUs at 0 is common) go to the earliest entries, so the
-        # choice does not depend on how many (masked) future entries the call happens to hold
-        top = index_scores.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+        # choice does not depend on how many (masked) future entries the call happens to hold. The
+        # selection stays in descending score order like the official top-k: the attention kernel walks
+        # its candidates in that order, in blocks, so the order is part of the numerics.
+        top = index_scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         top_scores = index_scores.gather(-1, top)
         return torch.where(visible.gather(-1, top), top, -1), top_scores
 

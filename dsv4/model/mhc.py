@@ -35,7 +35,8 @@ def hc_pre(
 
 def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     """New streams X'_k = post_k * out + sum_j comb[j,k] * X_j, in fp32, returned in x.dtype."""
-    mixed = torch.einsum("bsjk,bsjd->bskd", comb, x.to(torch.float32))
+    # the official expression: products rounded to fp32, then summed over j (an einsum fuses them differently)
+    mixed = torch.sum(comb.unsqueeze(-1) * x.to(torch.float32).unsqueeze(-2), dim=2)
     return (post.unsqueeze(-1) * out.to(torch.float32).unsqueeze(2) + mixed).to(x.dtype)
 
 

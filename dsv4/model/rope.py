@@ -38,9 +38,13 @@ def rope_frequencies(args: ModelArgs, compressed: bool) -> Tensor:
 
 
 def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos/sin of the rotation angles: positions [...] -> two fp32 tensors [..., rope_head_dim // 2]."""
+    """cos/sin of the rotation angles: positions [...] -> two fp32 tensors [..., rope_head_dim // 2].
+
+    Taken from torch.polar like the reference's table: its cos/sin round differently from
+    torch.cos/torch.sin in the last bit, which can flip a bf16 rounding of the rotated vector."""
     angles = positions.to(torch.float32).unsqueeze(-1) * freqs.to(positions.device)
-    return angles.cos(), angles.sin()
+    rotation = torch.polar(torch.ones_like(angles), angles)
+    return rotation.real, rotation.imag
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
@@ -48,12 +52,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Te
 
     cos/sin must broadcast against x[..., :rope_dim // 2]. `inverse` rotates by the negative angle,
     which the attention uses to take the keys' rotation back out of its output (keys are values).
+    The rotation is a complex fp32 product, as in the reference (torch's complex multiply rounds
+    differently from the written-out a*cos - b*sin).
     """
     rope_dim = cos.shape[-1] * 2
     nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
-    pairs = rope.to(torch.float32).unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    if inverse:
-        sin = -sin
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    pairs = torch.view_as_complex(rope.to(torch.float32).unflatten(-1, (-1, 2)).contiguous())
+    rotation = torch.complex(cos, -sin if inverse else sin)
+    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
     return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
