@@ -65,13 +65,14 @@ def _model() -> Transformer:
     return to_official_formats(model)
 
 
-def _oracle_run(model: Transformer, tokens: torch.Tensor, prompt: int,
+def _oracle_run(model: Transformer | dict, tokens: torch.Tensor, prompt: int,
                 **switches) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Prefill + decode with the oracle: logits [1 + DECODE, B, V] and the token stream [B, prompt + DECODE].
 
     Given only a prompt it decodes greedily (generate.py at temperature 0); given the whole stream it is
     teacher-forced."""
-    ref = OfficialReference(Config.from_object(ARGS, max_batch_size=BATCH), model.state_dict(), **switches)
+    state = model if isinstance(model, dict) else model.state_dict()
+    ref = OfficialReference(Config.from_object(ARGS, max_batch_size=BATCH), state, **switches)
     logits = [ref(tokens[:, :prompt], 0)]
     for pos in range(prompt, prompt + DECODE):
         if tokens.shape[1] == pos:
@@ -159,3 +160,28 @@ def test_negative_controls_exceed_the_tolerance(model, monkeypatch):
     for name, got in (("no KV FP8 rounding", no_kv_fp8), ("normalised bf16 probabilities", old_attention)):
         err = _step_errors(got, ref)
         assert err.min() > 10 * TOLERANCE, (name, [f"{e:.2e}" for e in err.tolist()])
+
+
+def test_checkpoint_loaded_model_matches_official(model, tmp_path):
+    """End to end from files: the model written as an HF-layout download (wo_a FP8); dsv4 loads the download
+    itself, the oracle loads `model0-mp1.safetensors` as written by the official convert (dsv4 convert
+    --to mp --world-size 1: wo_a dequantised to bf16), exactly what the official generate.py reads."""
+    from safetensors.torch import load_file
+
+    from dsv4.checkpoint import load_model, save_model
+    from dsv4.checkpoint.convert import convert
+
+    save_model(model, tmp_path / "download", layout="hf", shards=3)
+    convert(tmp_path / "download", tmp_path / "mp1", "mp", world_size=1)
+    loaded = load_model(tmp_path / "download", numerics="exact", dtype=torch.bfloat16)
+    assert loaded.layers[1].attn.wq_b.weight.dtype == torch.float8_e4m3fn  # FP8 kept packed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prompt = torch.randint(0, ARGS.vocab_size, (BATCH, PROMPTS[0]), generator=torch.Generator().manual_seed(SEED))
+        ref, tokens, _ = _oracle_run(load_file(str(tmp_path / "mp1" / "model0-mp1.safetensors")), prompt, PROMPTS[0])
+        got = _dsv4_run(loaded, tokens, PROMPTS[0])
+    finally:
+        torch.set_num_threads(threads)
+    err = _step_errors(got, ref)
+    assert (err <= TOLERANCE).all(), f"prefill + decode max|diff|/max|logit|: {[f'{e:.2e}' for e in err.tolist()]}"
