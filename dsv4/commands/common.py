@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..config import PRESETS, ModelArgs, preset
@@ -10,6 +11,17 @@ from ..plan import GIB
 
 class UsageError(ValueError):
     """Bad command-line input; the command prints it and exits with status 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def resolve_model(text: str) -> tuple[str, ModelArgs]:

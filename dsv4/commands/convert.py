@@ -9,17 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import human_bytes
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from .common import human_bytes, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,10 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("src", help="checkpoint directory (HF release, converted, plain or per-rank files)")
     conv.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
     conv.add_argument("--to", required=True, choices=TARGETS, help="what to write")
-    conv.add_argument("--world-size", type=_positive, default=None, help="model-parallel ranks (--to mp)")
+    conv.add_argument("--world-size", type=positive_int, default=None, help="model-parallel ranks (--to mp)")
     conv.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default=None,
                       help="re-encode the FP4 routed experts losslessly as FP8 (--to mp / official)")
-    conv.add_argument("--shards", type=_positive, default=None,
+    conv.add_argument("--shards", type=positive_int, default=None,
                       help="number of files of a single-checkpoint output (default: files of at most 4 GiB)")
     conv.add_argument("--layout", choices=("hf", "converted"), default=None,
                       help="official layout for --to official (default: the source's; hf from a plain export)")

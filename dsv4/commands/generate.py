@@ -13,12 +13,7 @@ from pathlib import Path
 
 import torch
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from .common import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="exact: official FP8/FP4 storage and QAT simulation; plain: float weights")
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     gen.add_argument("--prompt", default=None, help="comma-separated prompt token ids (default: random)")
-    gen.add_argument("--prompt-len", type=_positive, default=32, help="length of the random prompt")
-    gen.add_argument("--batch", type=_positive, default=1, help="number of prompts decoded together")
-    gen.add_argument("--max-new-tokens", type=_positive, default=32)
+    gen.add_argument("--prompt-len", type=positive_int, default=32, help="length of the random prompt")
+    gen.add_argument("--batch", type=positive_int, default=1, help="number of prompts decoded together")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="<= 0 means greedy")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

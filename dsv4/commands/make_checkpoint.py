@@ -13,17 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .common import UsageError, human_bytes
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from .common import UsageError, human_bytes, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--preset", choices=tuple(PRESETS), help="model preset")
     which.add_argument("--config", help="config.json (HF or inference dialect) or a directory holding one")
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--shards", type=_positive, default=None, help="number of shards (default: at most 4 GiB each)")
+    make.add_argument("--shards", type=positive_int, default=None,
+                      help="number of shards (default: at most 4 GiB each)")
     make.add_argument("--layout", choices=("hf", "converted"), default="hf",
                       help="hf: the download (wo_a FP8); converted: wo_a bf16 as after the official convert")
     make.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")

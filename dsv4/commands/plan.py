@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..plan import GIB, KV_FORMATS
-from .common import UsageError, human_bytes, resolve_model, table
+from .common import UsageError, human_bytes, positive_int, resolve_model, table
 
 COMPARE = ("v3.2", "none")
 LAYOUT_NOTES = {  # what the weights bytes of each checkpoint layout stand for
@@ -20,16 +20,6 @@ LAYOUT_NOTES = {  # what the weights bytes of each checkpoint layout stand for
     "converted": "after the official convert.py: wo_a in bf16",
     "plain": "every linear in bf16, no scales",
 }
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -60,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "KV cache for context x batch, FLOPs per token, comparison with V3.2.")
     plan.add_argument("model", metavar="MODEL", help="preset (tiny, small, flash, pro) or a checkpoint directory "
                                                      "with config.json (only the config is read)")
-    plan.add_argument("--context", type=_positive_int, default=1048576, help="tokens per sequence (default 1048576)")
-    plan.add_argument("--batch", type=_positive_int, default=1, help="concurrent sequences (default 1)")
+    plan.add_argument("--context", type=positive_int, default=1048576, help="tokens per sequence (default 1048576)")
+    plan.add_argument("--batch", type=positive_int, default=1, help="concurrent sequences (default 1)")
     plan.add_argument("--kv-format", choices=KV_FORMATS, default="fp8",
                       help="fp8: production layout (584 B entry, 68 B FP4 index key); bf16: all-bf16 accounting")
     plan.add_argument("--layout", choices=LAYOUTS, default="hf",
