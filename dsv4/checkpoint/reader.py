@@ -45,7 +45,7 @@ class StoredTensor:
     shape: tuple[int, ...]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -66,10 +66,10 @@ def read_args(root: Path) -> tuple[ModelArgs, dict]:
     args = None
     try:
         if hf_path.exists():
-            hf_cfg = _read_json(hf_path)
+            hf_cfg = read_json(hf_path)
             args = ModelArgs.from_hf_config(hf_cfg)
         if ref_path.exists():
-            ref_values = _read_json(ref_path)
+            ref_values = read_json(ref_path)
             ref_args = ModelArgs.from_dict(ref_values)
             if args is None:
                 args = ref_args
@@ -114,7 +114,7 @@ def _weight_files(path: Path, rank: int | None) -> tuple[Path, list[Path], dict[
         return path, [path / f"model{rank}-mp{world}.safetensors"], None
     index = path / INDEX_FILE
     if index.exists():
-        data = _read_json(index)
+        data = read_json(index)
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

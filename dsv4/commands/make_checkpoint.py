@@ -8,7 +8,6 @@ into shards with `config.json` and the index - a stand-in for a download in test
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config_args(text: str):
-    from ..checkpoint.reader import read_args
+    from ..checkpoint.reader import read_args, read_json
     from ..config import ModelArgs
 
     path = Path(text)
@@ -44,12 +43,7 @@ def _config_args(text: str):
         return read_args(path)[0]
     if not path.is_file():
         raise UsageError(f"--config {text}: no such file or directory")
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"--config {text}: not readable JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"--config {text}: expected a JSON object")
+    values = read_json(path)
     hf = "model_type" in values or "hidden_size" in values
     return ModelArgs.from_hf_config(values) if hf else ModelArgs.from_dict(values)
 
