@@ -22,6 +22,9 @@ def test_generate_command_rejects_bad_input(capsys):
     assert "unknown preset" in capsys.readouterr().err
     assert main(["generate", "--preset", "tiny", "--prompt", "1,2,999999"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "--preset", "tiny", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "-m", "dsv4", "generate", "--max-new-tokens", "0"], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "must be >= 1" in proc.stderr

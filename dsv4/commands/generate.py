@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="<= 0 means greedy")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    gen.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where to run; under torchrun, cuda means GPU LOCAL_RANK per process and NCCL collectives")
     gen.set_defaults(run=run)
 
 
@@ -70,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
                    for _ in range(args.batch)]
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = init_distributed(device="cpu")  # under torchrun (WORLD_SIZE > 1): tensor parallel over the ranks
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("dsv4 generate: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    env = init_distributed(device=args.device)  # under torchrun (WORLD_SIZE > 1): tensor parallel over the ranks
     try:
         check_shardable(model_args, env.world_size)
         _generate(args, model_args, prompts, env)
@@ -93,7 +98,7 @@ def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], en
     dtype = getattr(torch, args.dtype)
     if args.checkpoint:
         shard = (lambda m: shard_model(m, env.rank, env.world_size)) if env.world_size > 1 else None
-        model = load_model(args.checkpoint, numerics=args.numerics, dtype=dtype, rank=env.rank,
+        model = load_model(args.checkpoint, numerics=args.numerics, dtype=dtype, device=env.device, rank=env.rank,
                            world_size=env.world_size, shard=shard)
         source = f"checkpoint {args.checkpoint}"
         with torch.device("meta"):
@@ -108,6 +113,7 @@ def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], en
             shard_model(model, env.rank, env.world_size)
         if args.numerics == "exact":
             to_official_formats(model)
+        model.to(env.device)
     model.eval()
     result = generate(model, prompts, args.max_new_tokens, args.temperature, seed=args.seed)
     if not env.is_main:
