@@ -175,7 +175,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     """The reference's `linear`: FP8 / FP4 weights quantise the activation first; else F.linear."""
     if weight.dtype == torch.float8_e4m3fn:
         return fp8_gemm(*act_quant(x), weight, scale)
-    if weight.dtype == torch.int8:  # packed e2m1 pairs (float4_e2m1fn_x2 in the reference)
+    if weight.dtype in (torch.int8, torch.float4_e2m1fn_x2):  # packed e2m1 pairs (I8 download, F4 converted)
         return fp4_gemm(*act_quant(x), weight, scale)
     return F.linear(x, weight)
 

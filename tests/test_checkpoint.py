@@ -73,6 +73,90 @@ def test_schema_reproduces_the_released_flash_index():
     assert sum(s.parameters for s in specs.values()) == 290_942_289_362
 
 
+def test_converted_schema_stores_fp4_experts_as_f4():
+    """After the official convert: experts float4_e2m1fn_x2 ("F4", logical [out, in] in the header) - the
+    same bytes and parameters as the download's I8 [out, in/2]; only wo_a (bf16, no scale) differs."""
+    hf, conv = expected_tensors(preset("flash")), expected_tensors(preset("flash"), "converted")
+    w1 = conv["layers.0.ffn.experts.0.w1.weight"]
+    assert (w1.dtype, w1.shape, w1.torch_shape) == ("F4", (2048, 4096), (2048, 2048))
+    assert w1.nbytes == hf[w1.name].nbytes == 2048 * 2048 and w1.parameters == hf[w1.name].parameters == 2048 * 4096
+    assert conv["layers.0.ffn.experts.0.w1.scale"] == hf["layers.0.ffn.experts.0.w1.scale"]
+    histogram = dtype_histogram(conv)
+    assert histogram["F4"] == 33_792 and "I8" not in histogram
+    assert sum(s.parameters for s in conv.values()) == sum(s.parameters for s in hf.values()) == 290_942_289_362
+    wo_a = [n for n in hf if ".wo_a." in n]
+    assert sum(s.nbytes for s in conv.values()) - sum(conv[n].nbytes for n in wo_a if n in conv) == \
+        sum(s.nbytes for s in hf.values()) - sum(hf[n].nbytes for n in wo_a)
+    fp8_experts = preset("flash").replace(expert_dtype="fp8")  # --expert-dtype fp8: no F4 at all
+    assert "F4" not in dtype_histogram(expected_tensors(fp8_experts, "converted"))
+
+
+def test_converted_random_checkpoint_holds_the_download_bytes(tiny_ckpt, tmp_path):
+    conv = make_random_checkpoint(tmp_path / "conv", preset("tiny"), seed=3, shards=2, layout="converted")
+    name = "layers.2.ffn.experts.1.w2.weight"
+    with Checkpoint(conv) as c, Checkpoint(tiny_ckpt) as h:
+        assert validate(c) == "converted"
+        dim, inter = c.args.dim, c.args.moe_inter_dim
+        assert c.tensors[name].dtype == "F4" and c.tensors[name].shape == (dim, inter)  # w2: [out, in], logical
+        packed = c.tensor(name)
+        assert packed.dtype == torch.float4_e2m1fn_x2 and packed.shape == (dim, inter // 2)
+        for n in c.tensors:
+            if ".wo_a." not in n:
+                assert torch.equal(_u8(c.tensor(n)), _u8(h.tensor(n))), n
+        # slices along either dim (in the header's logical shape) read the same bytes
+        assert torch.equal(_u8(c.tensor_slice(name, 0, 4, 12)), _u8(h.tensor(name)[4:12]))
+        assert torch.equal(_u8(c.tensor_slice(name, 1, 8, 24).contiguous()), _u8(h.tensor(name)[:, 4:12]))
+        with pytest.raises(CheckpointError, match="even bounds"):
+            c.tensor_slice(name, 1, 1, 9)
+        index = json.loads((conv / INDEX_FILE).read_text())
+        assert index["metadata"]["total_size"] == sum(s.nbytes for s in expected_tensors(c.args, "converted").values())
+
+
+def test_converted_layout_loads_f4_as_the_download_and_saves_it_back(tiny_ckpt, tmp_path):
+    from dsv4.checkpoint.saver import save_model
+
+    model = load_model(tiny_ckpt, numerics="exact", dtype=torch.bfloat16)
+    out = save_model(model, tmp_path / "conv", layout="converted", shards=2)
+    with Checkpoint(out) as c, Checkpoint(tiny_ckpt) as h:
+        assert validate(c) == "converted" and c.tensors["layers.0.ffn.experts.3.w1.weight"].dtype == "F4"
+        for n in c.tensors:
+            if ".wo_a." not in n:
+                assert torch.equal(_u8(c.tensor(n)), _u8(h.tensor(n))), n
+    again = load_model(out, numerics="exact", dtype=torch.bfloat16)
+    expert = again.layers[0].ffn.experts[3].w1
+    assert expert.weight.dtype == torch.int8 and expert.weight.shape == (again.args.moe_inter_dim, again.args.dim // 2)
+    assert expert.weight.data_ptr() == again.checkpoint.tensor("layers.0.ffn.experts.3.w1.weight").data_ptr()
+    a, b = model.state_dict(), again.state_dict()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(_u8(a[name]), _u8(b[name])), name
+    resaved = save_model(again, tmp_path / "again", layout="converted", shards=2)
+    back = save_model(again, tmp_path / "hf", layout="hf", shards=3)
+    for x, y in ((out, resaved), (tiny_ckpt, back)):
+        with Checkpoint(x) as cx, Checkpoint(y) as cy:
+            assert {n: (t.dtype, t.shape) for n, t in cx.tensors.items()} == \
+                {n: (t.dtype, t.shape) for n, t in cy.tensors.items()}
+            for n in cx.tensors:
+                assert torch.equal(_u8(cx.tensor(n)), _u8(cy.tensor(n))), n
+
+
+def test_converted_layout_accepts_i8_experts(tiny_ckpt, tmp_path):
+    """A converted checkpoint whose experts are still the release's I8 bytes (dsv4 wrote them so before F4)."""
+    root = tmp_path / "legacy"
+    root.mkdir()
+    state = {}
+    with Checkpoint(tiny_ckpt) as h:
+        model = load_model(tiny_ckpt, numerics="exact", dtype=torch.bfloat16)
+        for name in expected_tensors(h.args, "converted"):
+            state[name] = h.tensor(name) if ".wo_a." not in name else model.state_dict()[name].to(torch.bfloat16)
+    save_file(state, str(root / "model0-mp1.safetensors"), metadata={"format": "pt", "dsv4_layout": "converted"})
+    shutil.copy(tiny_ckpt / "config.json", root / "config.json")
+    with Checkpoint(root) as ckpt:
+        assert ckpt.tensors["layers.0.ffn.experts.0.w1.weight"].dtype == "I8" and validate(ckpt) == "converted"
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(load_model(root)(tokens), model(tokens))
+
+
 def test_maker_writes_the_release_layout(tiny_ckpt):
     names = sorted(p.name for p in tiny_ckpt.iterdir())
     assert names == sorted(["config.json", INDEX_FILE, "model-00001-of-00003.safetensors",
@@ -268,6 +352,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_stored_dtype_names_cover_the_release():
     assert {"F8_E4M3", "F8_E8M0", "BF16", "F32", "I8", "I64"} <= set(DTYPES)
+    assert DTYPES["F4"] == torch.float4_e2m1fn_x2  # what the official convert.py writes the experts as
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from dsv4.checkpoint.convert import convert
+from dsv4.checkpoint.inspect import summarize_checkpoint
 from dsv4.checkpoint.loader import load_model
 from dsv4.checkpoint.maker import make_random_checkpoint
 from dsv4.checkpoint.reader import INDEX_FILE, Checkpoint, CheckpointError
@@ -164,6 +168,139 @@ def test_mp_files_hold_the_official_split(mp2, mp_converted):
                 assert held == set(part.tensors)
                 experts = {int(n.split(".")[4]) for n in part.tensors if ".ffn.experts." in n}
                 assert experts == set(range(4 * rank, 4 * rank + 4))  # 8 experts, whole, on their owner
+
+
+def _header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape) as the file's header has them."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {n: (handle.get_slice(n).get_dtype(), handle.get_slice(n).get_shape()) for n in handle.keys()}
+
+
+def test_mp_files_store_fp4_experts_as_f4_with_logical_shapes(mp2, mp_converted, mp_hf):
+    """As the official convert.py: the expert I8 [out, in/2] re-viewed as float4_e2m1fn_x2, which safetensors
+    stores as "F4" with the logical [out, in]; the scales stay F8_E8M0 [out, in/32]; the bytes are the download's."""
+    args = mp_args()
+    hf = expected_tensors(args, "hf")
+    with Checkpoint(mp_hf) as download:
+        for path in [mp2 / "model0-mp2.safetensors", mp2 / "model1-mp2.safetensors",
+                     *sorted(mp_converted.glob("*.safetensors"))]:
+            header = _header(path)
+            experts = [n for n in header if ".ffn.experts." in n and n.endswith(".weight")]
+            assert experts
+            for name in experts:
+                out_f, half = hf[name].shape
+                assert header[name] == ("F4", [out_f, 2 * half]), name
+                scale = name.removesuffix(".weight") + ".scale"
+                assert header[scale] == ("F8_E8M0", [out_f, 2 * half // 32]), scale
+            assert not any(dtype == "I8" for dtype, _ in header.values())
+            part = load_file(str(path))
+            for name in experts:
+                assert part[name].dtype == torch.float4_e2m1fn_x2 and part[name].shape == hf[name].shape
+                assert torch.equal(part[name].view(torch.uint8), download.tensor(name).view(torch.uint8)), name
+    with Checkpoint(mp2, rank=1) as rank1:
+        name = "layers.1.ffn.experts.6.w2.weight"
+        assert rank1.tensors[name].dtype == "F4" and rank1.tensors[name].shape == (args.dim, args.moe_inter_dim)
+        assert rank1.tensor(name).dtype == torch.float4_e2m1fn_x2
+
+
+def _official_convert(download: Path, dst: Path, world: int) -> None:
+    """What the official inference/convert.py writes (spec §5.3), written here by hand with safetensors'
+    own `save_file`: each rank's split, wo_a dequantised to bf16 without its scale, the expert I8 tensors
+    viewed as float4_e2m1fn_x2; no dsv4 metadata, config.json next to them."""
+    dst.mkdir(parents=True)
+    with Checkpoint(download) as ckpt:
+        args = ckpt.args
+        for rank in range(world):
+            state = {}
+            for name, stored in ckpt.tensors.items():
+                if ".attn.wo_a." in name:
+                    if name.endswith(".scale"):
+                        continue
+                    value = dequantize_fp8_weight(ckpt.tensor(name), ckpt.tensor(name.replace(".weight", ".scale")))
+                    value = value.to(torch.bfloat16)
+                elif ".ffn.experts." in name and stored.dtype == "I8":
+                    value = ckpt.tensor(name).view(torch.float4_e2m1fn_x2)
+                else:
+                    value = ckpt.tensor(name)
+                tile = FP8_TILE if stored.dtype == "F8_E4M3" else 1
+                part = split_for_rank(name, tuple(value.shape), rank, world, args.n_routed_experts, tile)
+                if not part.keep:
+                    continue
+                if part.dim is not None:
+                    value = value.narrow(part.dim, part.start, part.stop - part.start)
+                state[name] = value.contiguous()
+            save_file(state, str(dst / f"model{rank}-mp{world}.safetensors"))
+    shutil.copy(download / "config.json", dst / "config.json")
+
+
+def test_official_convert_output_is_what_dsv4_writes(mp_hf, mp2, tmp_path):
+    """Per-rank files written the official way hold exactly the tensors of dsv4's (dtype and shape in the
+    header, bytes), validate as the converted layout without dsv4's metadata, and merge back to the download."""
+    official = tmp_path / "official_mp2"
+    _official_convert(mp_hf, official, 2)
+    for rank in range(2):
+        ours, theirs = mp2 / f"model{rank}-mp2.safetensors", official / f"model{rank}-mp2.safetensors"
+        assert _header(ours) == _header(theirs)
+        a, b = load_file(str(ours)), load_file(str(theirs))
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(_u8(a[name]), _u8(b[name])), name
+        with Checkpoint(official, rank=rank) as part:
+            assert not (part.metadata[part.files[0]].keys() - {"format"})
+            assert validate(part) == "converted"
+    convert(official, tmp_path / "hf", "official", layout="hf")
+    assert_same_tensors(tmp_path / "hf", mp_hf)
+
+
+@torch.no_grad()
+def test_model_from_official_convert_gives_identical_logits(tiny_hf, tmp_path):
+    """`model0-mp1.safetensors` + config.json as the official convert writes them loads into the same model
+    as the download: experts F4 -> the download's int8 bytes (zero-copy), wo_a the bf16 dsv4 dequantises to."""
+    official = tmp_path / "official_mp1"
+    _official_convert(tiny_hf, official, 1)
+    assert _header(official / "model0-mp1.safetensors")["layers.0.ffn.experts.1.w3.weight"][0] == "F4"
+    original = load_model(tiny_hf, numerics="exact")
+    converted = load_model(official, numerics="exact")
+    with Checkpoint(official) as ckpt:
+        assert validate(ckpt) == "converted"
+    expert = converted.layers[2].ffn.experts[1].w1
+    assert expert.weight.dtype == torch.int8 and expert.weight.shape == (preset("tiny").moe_inter_dim,
+                                                                         preset("tiny").dim // 2)
+    assert expert.weight.data_ptr() == converted.checkpoint.tensor("layers.2.ffn.experts.1.w1.weight").data_ptr()
+    a, b = original.state_dict(), converted.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(_u8(a[name]), _u8(b[name])), name
+    tokens = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(original(tokens), converted(tokens))
+    plain_a = load_model(tiny_hf, numerics="plain", dtype=torch.float32)
+    plain_b = load_model(official, numerics="plain", dtype=torch.float32)
+    assert torch.equal(plain_a.layers[2].ffn.experts[1].w1.weight, plain_b.layers[2].ffn.experts[1].w1.weight)
+    assert torch.equal(plain_a(tokens), plain_b(tokens))
+
+
+def test_inspect_per_rank_files_count_the_download(mp_hf, mp2, capsys):
+    """F4 experts (logical shape, half a byte each) count the parameters and bytes of the I8 download."""
+    def experts(summary) -> tuple[int, int]:
+        tallies = [part["routed_experts"] for part in (summary.main, summary.mtp) if "routed_experts" in part]
+        return sum(t.parameters for t in tallies), sum(t.bytes for t in tallies)
+
+    with Checkpoint(mp_hf) as ckpt:
+        download = summarize_checkpoint(ckpt)
+    ranks = []
+    for rank in range(2):
+        with Checkpoint(mp2, rank=rank) as ckpt:
+            ranks.append(summarize_checkpoint(ckpt))
+    assert all(r.layout == "converted" and r.dtypes["F4"] > 0 and "I8" not in r.dtypes for r in ranks)
+    assert sum(r.dtypes["F4"] for r in ranks) == download.dtypes["I8"]
+    assert sum(r.dtype_bytes["F4"] for r in ranks) == download.dtype_bytes["I8"]
+    assert sum(experts(r)[0] for r in ranks) == experts(download)[0]  # parameters
+    assert sum(experts(r)[1] for r in ranks) == experts(download)[1]  # bytes (weights and scales)
+    args = mp_args()
+    per_expert = 3 * args.dim * args.moe_inter_dim
+    assert experts(download)[0] == (args.n_layers + args.n_mtp_layers) * args.n_routed_experts * per_expert
+    assert main(["inspect", str(mp2), "--validate"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 1 of 2" in out and "F4 " in out and "validated" in out
 
 
 def test_mp_merge_is_the_inverse(mp2, mp_converted, tmp_path):

@@ -5,9 +5,11 @@ or `plain` directory, or a directory of per-rank `model{r}-mp{N}.safetensors`) a
 
 * ``"mp"``: N per-rank files exactly as the official `inference/convert.py` does (spec §5.3): tensors
   split with `dsv4.parallel.rules.split_for_rank` (FP8 weights only at whole 128x128 tiles), routed
-  experts whole on their owner rank, `wo_a` dequantised to BF16 without its scale, i.e. each rank's
-  file is the ``"converted"`` layout of its part. With ``expert_dtype="fp8"`` the FP4 experts are
-  re-encoded losslessly as FP8 (`fp4_to_fp8_weight`) and `expert_dtype` leaves the config (§5.1).
+  experts whole on their owner rank, `wo_a` dequantised to BF16 without its scale, FP4 expert weights
+  re-viewed as `float4_e2m1fn_x2` (safetensors "F4", logical `[out, in]` in the header, the download's
+  bytes unchanged), i.e. each rank's file is the ``"converted"`` layout of its part. With
+  ``expert_dtype="fp8"`` the FP4 experts are re-encoded losslessly as FP8 (`fp4_to_fp8_weight`) and
+  `expert_dtype` leaves the config (§5.1).
 * ``"bf16"`` / ``"fp32"``: a ``"plain"`` export, every FP8/FP4 weight dequantised (exact: an e4m3 or
   e2m1 value times a power-of-two scale is a bf16 number; this is checked, tensor by tensor), F32
   tensors staying F32 in a bf16 export. `config.json` keeps the quantisation info, so the loader and
@@ -53,13 +55,13 @@ from ..quant import (
     quantize_fp8_weight,
 )
 from .reader import INDEX_FILE, MP_FILE, SINGLE_FILE, Checkpoint, CheckpointError, _report
-from .schema import DTYPE_BYTES, DTYPE_NAMES, DTYPES, FP8_TILE, TensorSpec, expected_tensors
+from .schema import DTYPE_BITS, DTYPE_NAMES, DTYPES, FP8_TILE, PACKED_FP4, TensorSpec, expected_tensors
 from .validate import FLOAT_KEY, LAYOUT_KEY, model_parallel_rank, rank_specs, validate
 
 TARGETS = ("mp", "bf16", "fp32", "official")
 EXPERT_DTYPES = ("fp8",)
 WORLD_KEY, RANK_KEY = "dsv4_world_size", "dsv4_rank"
-_QUANTISED = ("F8_E4M3", "I8", "U8")
+_QUANTISED = ("F8_E4M3", "F4", *PACKED_FP4)
 _SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -93,7 +95,11 @@ class _Source:
         self.specs = expected_tensors(self.args, self.layout, self.float_dtype)  # the full (unsplit) tensors
 
     def dtype(self, name: str) -> str:
-        return self.ranks[0].tensors[name].dtype if self.world == 1 else self.specs[name].dtype
+        """The dtype `name` is stored with (F4 or I8 for an FP4 weight; whichever rank holds it)."""
+        for ckpt in self.ranks:
+            if name in ckpt.tensors:
+                return ckpt.tensors[name].dtype
+        return self.specs[name].dtype
 
     def has(self, name: str) -> bool:
         return name in self.specs
@@ -124,7 +130,7 @@ class _Source:
 
 
 def _fmt_of(dtype: str) -> str:
-    return "fp8" if dtype == "F8_E4M3" else "fp4" if dtype in ("I8", "U8") else "float"
+    return "fp8" if dtype == "F8_E4M3" else "fp4" if dtype == "F4" or dtype in PACKED_FP4 else "float"
 
 
 def _tile(spec: TensorSpec) -> int:
@@ -168,13 +174,17 @@ class _Producer:
 
     def _linear(self, prefix: str, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, scale) of linear `prefix` in target format fmt (fp8 / fp4)."""
+        weight, scale = self._linear_values(prefix, fmt)
+        if fmt == "fp4":  # the same packed bytes, as the target stores them: I8 (hf) or F4 (converted)
+            weight = weight.view(DTYPES[self.specs[f"{prefix}.weight"].dtype])
+        return weight, scale
+
+    def _linear_values(self, prefix: str, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
         name = f"{prefix}.weight"
         stored = self.src.dtype(name)
         have = _fmt_of(stored)
         weight = self.src.get(name)
         if have == fmt:
-            if stored == "U8":
-                weight = weight.view(torch.int8)
             return weight, self.src.get(f"{prefix}.scale")
         if have == "fp4" and fmt == "fp8":  # --expert-dtype fp8
             return self._fp4_to_fp8(name, weight, self.src.get(f"{prefix}.scale"))
@@ -223,11 +233,13 @@ class _SafetensorsWriter:
         if spec.name != name:
             raise AssertionError(f"{self.path}: expected {spec.name}, got {name}")
         dtype = DTYPE_NAMES.get(tensor.dtype)
-        if dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        if dtype != spec.dtype or tuple(tensor.shape) != spec.torch_shape:  # F4: the header's shape is logical
             raise CheckpointError(f"{self.path.name}: {name} came out {dtype} {list(tensor.shape)}, the schema says "
-                                  f"{spec.dtype} {list(spec.shape)}")
+                                  f"{spec.dtype} {list(spec.torch_shape)}")
         if tensor.numel():
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            if data.numel() != spec.nbytes:
+                raise AssertionError(f"{self.path}: {name} has {data.numel()} bytes, its header {spec.nbytes}")
             self.file.write(memoryview(data.numpy()))
 
     def close(self) -> None:
@@ -239,9 +251,18 @@ class _SafetensorsWriter:
         self.file.close()
 
 
+def _narrow(value: torch.Tensor, spec: TensorSpec, dim: int, start: int, stop: int) -> torch.Tensor:
+    """`value`[start:stop] along `dim` of `spec.shape` (F4: two logical columns per stored element)."""
+    if spec.dtype == "F4" and dim == len(spec.shape) - 1:
+        if start % 2 or stop % 2:
+            raise ShardingError(f"{spec.name}: F4 columns {start}:{stop} split a byte")
+        start, stop = start // 2, stop // 2
+    return value.narrow(dim, start, stop - start)
+
+
 def _aligned(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
     """Largest elements first (stable), so every tensor starts aligned to its element size."""
-    return sorted(specs, key=lambda s: -DTYPE_BYTES[s.dtype])
+    return sorted(specs, key=lambda s: -DTYPE_BITS[s.dtype])
 
 
 def _shard_plan(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
@@ -409,8 +430,8 @@ def convert(src: str | Path, dst: str | Path, to: str, *, world_size: int | None
         else:
             out_layout = layout or ("hf" if source.layout == "plain" else source.layout)
             float_dtype = "BF16"
-        if out_layout == "converted" and args.dtype != "fp8":
-            out_layout = "hf"  # without FP8 there is no wo_a to dequantise: both layouts are the same
+        if out_layout == "converted" and args.dtype != "fp8" and args.routed_expert_dtype != "fp4":
+            out_layout = "hf"  # no FP8 wo_a to dequantise, no FP4 expert to view as F4: the layouts are the same
         full = expected_tensors(args, out_layout, float_dtype)
         dst = Path(dst)
         world = world_size if to == "mp" else 1
@@ -475,7 +496,7 @@ def _write(source: _Source, full: dict[str, TensorSpec], args: ModelArgs, dst: P
                 value = producer.get(spec.name)
                 for r in ranks:
                     part = split_for_rank(spec.name, spec.shape, r, world, args.n_routed_experts, _tile(spec))
-                    piece = value if part.dim is None else value.narrow(part.dim, part.start, part.stop - part.start)
+                    piece = value if part.dim is None else _narrow(value, spec, part.dim, part.start, part.stop)
                     writers[r].write(spec.name, piece)
                     done += piece.numel() * piece.element_size()
                 if progress:

@@ -1,10 +1,11 @@
 """Allocation-free summaries of a checkpoint (from its headers) or of a config (from the schema).
 
-Counts per component - tensors, bytes, parameters (a packed FP4 byte holds two; block scales and
-the `tid2eid` table hold none) and parameters used per token (routed experts contribute k/E of
-theirs) - separately for the main model and the MTP block, plus the dtype histogram. For a preset
-this is the release's own arithmetic (Flash: 69,187 tensors, 290,942,289,362 parameters); for a
-directory it is what is actually on disk, whatever the layout.
+Counts per component - tensors, bytes, parameters (a packed FP4 byte holds two, whether stored as the
+release's I8 or as convert.py's F4 with its logical shape; block scales and the `tid2eid` table hold
+none) and parameters used per token (routed experts contribute k/E of theirs) - separately for the
+main model and the MTP block, plus the dtype histogram. For a preset this is the release's own
+arithmetic (Flash: 69,187 tensors, 290,942,289,362 parameters); for a directory it is what is
+actually on disk, whatever the layout.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def summarize_checkpoint(ckpt: Checkpoint) -> Summary:
         block = name.split(".")[0] + "." + name.split(".")[1] if name.startswith(("layers.", "mtp.")) else "top"
         if ref is None:
             ref = TensorSpec(name, stored.shape, stored.dtype, "other", block)
-        fmt = "fp4" if stored.dtype in ("I8", "U8") and ref.fmt == "fp4" else ref.fmt
-        specs.append(dataclasses.replace(ref, shape=stored.shape, dtype=stored.dtype, fmt=fmt))
+        # the stored header's shape and dtype: an I8 FP4 weight counts two parameters per byte, an F4 one
+        # (logical shape) one per element and half a byte each
+        specs.append(dataclasses.replace(ref, shape=stored.shape, dtype=stored.dtype))
     return summarize_specs(ckpt.args, specs, layout, len(ckpt.files))
 

@@ -8,6 +8,8 @@ parameter is then *assigned* the stored tensor:
   size on disk); float tensors whose dtype already matches are mapped too, others are cast.
 * `plain` numerics dequantise every weight to the model dtype (for training or float reference runs).
 * `wo_a` arrives as FP8 in the download and is dequantised to bf16 here, as the official convert does.
+* FP4 experts stored as F4 (`float4_e2m1fn_x2`, as the official convert writes them) are viewed as the
+  int8 `[out, in/2]` bytes of a download, so the model holds the same tensor whichever file it came from.
 * a `plain` export loaded in `exact` mode is re-quantised with the official block rule.
 
 For model parallelism a rank either opens its own per-rank file (`model{r}-mp{N}.safetensors`, as
@@ -111,14 +113,22 @@ def _assign(module: nn.Module, attr: str, value: torch.Tensor, device: torch.dev
 
 
 def _stored_shape(module: Linear, weight: torch.Tensor) -> tuple[int, int]:
-    """The [out, in] shape a weight of `module` has in `weight`'s storage format (FP4 packs two per byte)."""
+    """The torch shape a weight of `module` has in `weight`'s storage format: packed FP4 (int8, uint8 or
+    float4_e2m1fn_x2, whose header shape is the logical one) holds two inputs per element."""
     packed = weight.dtype in (torch.int8, torch.uint8) or is_packed_fp4_dtype(weight.dtype)
     return (module.out_features, module.in_features // 2 if packed else module.in_features)
 
 
+def _packed_as_int8(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """An F4 (float4_e2m1fn_x2) weight as the int8 bytes a download holds: a view, no copy."""
+    if weight is not None and weight.dtype == torch.float4_e2m1fn_x2:
+        return weight.view(torch.int8)
+    return weight
+
+
 def _load_linear(module: Linear, prefix: str, src: _Source, exact: bool, requantise_plain: bool,
                  routed_dtype: str, device: torch.device) -> None:
-    weight = src.get(f"{prefix}.weight")
+    weight = _packed_as_int8(src.get(f"{prefix}.weight"))
     scale = src.get(f"{prefix}.scale") if f"{prefix}.scale" in src else None
     if weight is None or not src.check_shape(f"{prefix}.weight", weight, _stored_shape(module, weight)):
         return

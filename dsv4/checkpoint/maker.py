@@ -3,7 +3,8 @@
 Every tensor of `expected_tensors(args, layout)` is generated on its own (seeded by the checkpoint
 seed and the tensor's name, so the result does not depend on sharding) with values of a trained
 model's order of magnitude, quantised with the official formats (FP8 e4m3 + 128x128 ue8m0 scales,
-FP4 e2m1 packed two per byte + 1x32 ue8m0 scales), and streamed into shards of bounded size, so
+FP4 e2m1 packed two per byte + 1x32 ue8m0 scales; I8 in the download layout, float4_e2m1fn_x2 - "F4" -
+in the converted one, as the official convert.py writes it), and streamed into shards of bounded size, so
 even a Flash-sized config needs only one shard's worth of memory. The directory gets `config.json`
 (HF dialect), `model.safetensors.index.json` and `model-0000k-of-0000n.safetensors`, like the release.
 """
@@ -92,15 +93,16 @@ def random_tensors(args: ModelArgs, layout: str = "hf", seed: int = 0,
             yield name.removesuffix(".weight") + ".scale", scale
         elif spec.fmt == "fp4":
             q, scale = quantize_fp4_weight(values)
-            yield name, q
+            yield name, q.view(DTYPES[spec.dtype])  # int8 (hf) or float4_e2m1fn_x2 (converted): the same bytes
             yield name.removesuffix(".weight") + ".scale", scale
         else:
             yield name, values.to(DTYPES[spec.dtype])
 
 
 def _unpacked(spec: TensorSpec) -> TensorSpec:
-    """The logical [out, in] spec of a packed FP4 weight (stored [out, in/2])."""
-    if spec.fmt != "fp4":
+    """The logical [out, in] spec of a quantised weight (packed FP4 is stored I8 [out, in/2]; F4 and FP8
+    headers already hold [out, in])."""
+    if spec.fmt != "fp4" or spec.dtype == "F4":
         return spec
     out_f, half = spec.shape
     return TensorSpec(spec.name, (out_f, 2 * half), "F32", spec.component, spec.block)
@@ -160,6 +162,7 @@ def write_checkpoint(path: str | Path, args: ModelArgs, tensors: Iterator[tuple[
 
 def make_random_checkpoint(path: str | Path, args: ModelArgs, *, seed: int = 0, shards: int | None = 3,
                            max_shard_bytes: int = 4 << 30, layout: str = "hf") -> Path:
-    """A random checkpoint for `args` in the official layout (`hf` = the download, `converted` = wo_a bf16)."""
+    """A random checkpoint for `args` in the official layout (`hf` = the download, `converted` = wo_a bf16 and
+    FP4 experts as F4, as the official convert.py writes them)."""
     return write_checkpoint(path, args, random_tensors(args, layout, seed), layout=layout, shards=shards,
                             max_shard_bytes=max_shard_bytes)

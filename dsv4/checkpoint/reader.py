@@ -6,6 +6,10 @@
 * a directory written by `dsv4 convert` (per-rank `model{r}-mp{N}.safetensors` or a plain export);
 * a single `.safetensors` file whose directory holds the config.
 
+FP4 expert weights come as the release's I8 `[out, in/2]` or, in files the official `convert.py`
+wrote, as "F4" (`torch.float4_e2m1fn_x2`, logical `[out, in]` in the header); `tensor` returns them as
+stored, so callers that want the packed bytes view them as int8 (same bytes, no copy).
+
 Opening reads only the config and the safetensors headers (which also catches truncated or corrupt
 shards). Tensors come back zero-copy: safetensors memory-maps each shard, so a tensor costs RAM
 only for the pages a computation actually touches, and a process that needs a few tensors (one
@@ -42,7 +46,7 @@ class StoredTensor:
     name: str
     file: Path
     dtype: str  # safetensors dtype name, e.g. F8_E4M3
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as the header has it: for F4 the logical shape (the torch tensor's last dim is half)
 
 
 def read_json(path: Path) -> dict:
@@ -201,14 +205,28 @@ class Checkpoint:
             raise CheckpointError(f"{stored.file}: cannot read {name} ({err})") from None
 
     def tensor_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows/columns [start, stop) of `name` along `dim`, reading only that part."""
+        """Rows/columns [start, stop) of `name` along `dim` (in the header's shape), reading only that part."""
         stored = self.tensors[name]
+        if stored.dtype == "F4":
+            return self._f4_slice(stored, dim, start, stop)
         index = [slice(None)] * len(stored.shape)
         index[dim] = slice(start, stop)
         try:
             return self._open(stored.file).get_slice(name)[tuple(index)]
         except SafetensorError as err:
             raise CheckpointError(f"{stored.file}: cannot read {name}[{start}:{stop}] ({err})") from None
+
+    def _f4_slice(self, stored: StoredTensor, dim: int, start: int, stop: int) -> torch.Tensor:
+        """An F4 slice as a view of the memory-mapped tensor. safetensors' own slicing cannot do F4 (it
+        shapes the bytes with the header's logical shape, twice the float4_e2m1fn_x2 elements); the
+        logical columns along the last dim are two per stored element, so they must come in pairs."""
+        dim = dim % len(stored.shape)
+        if dim == len(stored.shape) - 1:
+            if start % 2 or stop % 2:
+                raise CheckpointError(f"{stored.file}: cannot read {stored.name}[{start}:{stop}] along its last "
+                                      "dim: F4 packs two elements per byte, so a slice needs even bounds")
+            start, stop = start // 2, stop // 2
+        return self.tensor(stored.name).narrow(dim, start, stop - start)
 
     @property
     def nbytes(self) -> int:

@@ -3,9 +3,11 @@
 Whatever the model holds - float weights after training, or the official FP8/FP4 formats after a
 load - each tensor is written in the storage format the layout prescribes: float weights are
 quantised with the canonical block rule, stored FP8/FP4 weights are written as they are, `wo_a`
-(bf16 in the model) is re-quantised to FP8 for the `hf` layout and kept for `converted`, and the
-bf16-stored tensors the model computes in fp32 (norms, gate, compressor projections, head) are
-written as bf16. A model loaded from a checkpoint and saved again reproduces it bit for bit.
+(bf16 in the model) is re-quantised to FP8 for the `hf` layout and kept for `converted`, packed FP4
+experts (int8 in the model) are written as I8 for `hf` and as F4 (the same bytes viewed as
+float4_e2m1fn_x2, as the official convert.py writes them) for `converted`, and the bf16-stored tensors
+the model computes in fp32 (norms, gate, compressor projections, head) are written as bf16. A model
+loaded from a checkpoint and saved again reproduces it bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..model import Transformer
 from ..quant import (
     dequantize_fp4_weight,
     dequantize_fp8_weight,
+    is_packed_fp4_dtype,
     quantize_fp4_weight,
     quantize_fp8_weight,
 )
@@ -29,7 +32,7 @@ from .schema import DTYPES, expected_tensors
 def _float_weight(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     if weight.dtype == torch.float8_e4m3fn:
         return dequantize_fp8_weight(weight, scale)
-    if weight.dtype in (torch.int8, torch.uint8):
+    if weight.dtype in (torch.int8, torch.uint8) or is_packed_fp4_dtype(weight.dtype):
         return dequantize_fp4_weight(weight, scale)
     return weight.detach().float()
 
@@ -46,12 +49,17 @@ def model_tensors(model: Transformer, layout: str = "hf") -> Iterator[tuple[str,
         tensor = state[name]
         if spec.fmt in ("fp8", "fp4"):
             scale_name = name.removesuffix(".weight") + ".scale"
-            stored_dtype = torch.float8_e4m3fn if spec.fmt == "fp8" else torch.int8
-            if tensor.dtype == stored_dtype:
+            if spec.fmt == "fp8":
+                stored = tensor.dtype == torch.float8_e4m3fn
+            else:  # packed FP4 (int8 in a loaded model; uint8 or float4_e2m1fn_x2 in a state dict)
+                stored = tensor.dtype == torch.uint8 or is_packed_fp4_dtype(tensor.dtype)
+            if stored:
                 q, s = tensor, state[scale_name]
             else:
                 quantize = quantize_fp8_weight if spec.fmt == "fp8" else quantize_fp4_weight
                 q, s = quantize(_float_weight(tensor, state.get(scale_name)))
+            if spec.fmt == "fp4":  # the packed bytes as the layout stores them: I8 (hf) or F4 (converted)
+                q = q.view(DTYPES[spec.dtype])
             yield name, q
             yield scale_name, s
         else:

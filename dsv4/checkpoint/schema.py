@@ -8,11 +8,19 @@ converter derives the model-parallel layout from it. For the released Flash conf
 
 Layouts:
 * ``"hf"``: the download. FP8 linears (e4m3 + 128x128 ue8m0 `.scale`), FP4 routed experts as I8
-  `[out, in/2]` + 1x32 `.scale`, `wo_a` still FP8.
-* ``"converted"``: what the official `convert.py` writes (and dsv4 runs from): the same except
-  `wo_a` dequantised to BF16 without a scale.
+  `[out, in/2]` (two e2m1 codes per byte) + 1x32 `.scale`, `wo_a` still FP8.
+* ``"converted"``: what the official `convert.py` writes (spec §5.3; dsv4 runs from it and writes it
+  per rank): `wo_a` dequantised to BF16 without a scale, and the FP4 expert weights re-viewed as
+  `torch.float4_e2m1fn_x2`, which safetensors stores as dtype "F4" with the *logical* shape `[out, in]`
+  in the header - the same bytes as the download's I8 `[out, in/2]` (their scales are unchanged).
+  With FP8 experts (``--expert-dtype fp8``) there is no F4 tensor.
 * ``"plain"``: every linear a float weight without scale (`dsv4 convert --to bf16|fp32`); the
   BF16 entries become F32 in an fp32 export, F32 entries stay F32 in a bf16 export.
+
+A spec's `shape` is the one the safetensors header holds. For F4 that is the logical shape, while the
+torch tensor (`float4_e2m1fn_x2`, one byte per element pair) has `torch_shape`, the last dim halved;
+`nbytes` and `parameters` account for it (an F4 element is half a byte and one parameter, an I8 byte of
+packed FP4 is two parameters).
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from ..config import CSA_RATIO, ModelArgs
 FP8_TILE = 128
 FP4_GROUP = 32
 
-# safetensors dtype names <-> torch dtypes (packed FP4 travels as I8, as in the release)
+# safetensors dtype names <-> torch dtypes (packed FP4 travels as I8 in the release, as F4 after convert.py)
 DTYPES: dict[str, torch.dtype] = {
+    "F4": torch.float4_e2m1fn_x2,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E8M0": torch.float8_e8m0fnu,
     "BF16": torch.bfloat16,
@@ -42,8 +51,11 @@ DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-DTYPE_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I32": 4,
-               "I64": 8}
+# bits per element as the header counts elements (F4: half a byte per logical element)
+DTYPE_BITS = {"F4": 4, "F8_E4M3": 8, "F8_E8M0": 8, "BF16": 16, "F16": 16, "F32": 32, "F64": 64, "I8": 8, "U8": 8,
+              "I32": 32, "I64": 64}
+DTYPE_BYTES = {k: v // 8 for k, v in DTYPE_BITS.items() if v >= 8}  # whole-byte dtypes only (not F4)
+PACKED_FP4 = ("I8", "U8")  # how the release stores FP4 weights: two e2m1 codes per byte, shape [out, in/2]
 LAYOUTS = ("hf", "converted", "plain")
 
 
@@ -66,15 +78,23 @@ class TensorSpec:
         return n
 
     @property
+    def torch_shape(self) -> tuple[int, ...]:
+        """Shape of the torch tensor holding it: for F4 (float4_e2m1fn_x2, two per byte) the last dim halved."""
+        if self.dtype == "F4":
+            return (*self.shape[:-1], self.shape[-1] // 2)
+        return self.shape
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
+        return self.numel * DTYPE_BITS[self.dtype] // 8
 
     @property
     def parameters(self) -> int:
-        """Weight elements as the release counts them: packed FP4 bytes hold two; scales and tables none."""
+        """Weight elements as the release counts them: packed FP4 bytes (I8) hold two, an F4 element (whose
+        shape is already the logical one) one; scales and tables none."""
         if self.name.endswith((".scale", "tid2eid")):
             return 0
-        return self.numel * (2 if self.fmt == "fp4" else 1)
+        return self.numel * (2 if self.fmt == "fp4" and self.dtype in PACKED_FP4 else 1)
 
 
 def _ceil(a: int, b: int) -> int:
@@ -103,7 +123,11 @@ class _Builder:
         elif fmt == "fp4":
             if in_f % FP4_GROUP:
                 raise ValueError(f"{name}: FP4 weights need in_features divisible by {FP4_GROUP}, got {in_f}")
-            self.specs.append(TensorSpec(f"{name}.weight", (out_f, in_f // 2), "I8", component, self.block, "fp4"))
+            if self.layout == "converted":  # convert.py: the I8 bytes viewed as float4_e2m1fn_x2 ("F4")
+                weight = TensorSpec(f"{name}.weight", (out_f, in_f), "F4", component, self.block, "fp4")
+            else:
+                weight = TensorSpec(f"{name}.weight", (out_f, in_f // 2), "I8", component, self.block, "fp4")
+            self.specs.append(weight)
             self.specs.append(TensorSpec(f"{name}.scale", (out_f, in_f // FP4_GROUP), "F8_E8M0", component,
                                          self.block, "fp4"))
         elif fmt == "bf16":

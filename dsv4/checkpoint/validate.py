@@ -2,23 +2,28 @@
 
 All problems are collected and reported together - missing, unexpected, mis-shaped and mis-typed
 tensors - so a damaged download is diagnosed in one run instead of one failure at a time, and a
-load never proceeds on a partial or inconsistent set of tensors.
+load never proceeds on a partial or inconsistent set of tensors. Shapes are compared as the header has
+them (for an F4 tensor the logical `[out, in]`); where the converted layout has an F4 expert weight,
+the release's I8 `[out, in/2]` of the same bytes is accepted too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from ..parallel.rules import ShardingError, split_for_rank
-from .reader import MP_FILE, Checkpoint, CheckpointError, _report
-from .schema import FP8_TILE, LAYOUTS, TensorSpec, expected_tensors
+from ..parallel.rules import ShardingError, expert_id, split_for_rank
+from .reader import MP_FILE, Checkpoint, CheckpointError, StoredTensor, _report
+from .schema import FP8_TILE, LAYOUTS, PACKED_FP4, TensorSpec, expected_tensors
 
 LAYOUT_KEY = "dsv4_layout"  # safetensors metadata written by dsv4 (the release has none)
 FLOAT_KEY = "dsv4_float_dtype"
 
 
 def detect_layout(ckpt: Checkpoint) -> tuple[str, str]:
-    """(layout, float dtype) of a checkpoint: from dsv4's metadata, else from how `wo_a` is stored."""
+    """(layout, float dtype) of a checkpoint: from dsv4's metadata, else from how it is stored.
+
+    A download (hf) has FP8 `wo_a` and I8 FP4 experts; the official convert.py output (converted) has
+    BF16 `wo_a` (when the model is FP8 at all) and F4 experts."""
     layouts = {m.get(LAYOUT_KEY) for m in ckpt.metadata.values()} - {None}
     if len(layouts) > 1:
         raise CheckpointError(f"{ckpt.root}: shards disagree on their layout: {sorted(layouts)}")
@@ -31,7 +36,15 @@ def detect_layout(ckpt: Checkpoint) -> tuple[str, str]:
     first_wo_a = next((n for n in ckpt.tensors if n.endswith(".attn.wo_a.weight")), None)
     if first_wo_a is not None and ckpt.tensors[first_wo_a].dtype == "BF16" and ckpt.args.dtype == "fp8":
         return "converted", "BF16"
+    if any(t.dtype == "F4" and expert_id(n) is not None for n, t in ckpt.tensors.items()):
+        return "converted", "BF16"
     return "hf", "BF16"
+
+
+def _same_packed_fp4(stored: StoredTensor, spec: TensorSpec) -> bool:
+    """A converted-layout F4 expert weight stored the release's way, as I8 `[out, in/2]` (the same bytes;
+    per-rank files dsv4 wrote before it used F4 look like this)."""
+    return spec.dtype == "F4" and stored.dtype in PACKED_FP4 and stored.shape == spec.torch_shape
 
 
 def model_parallel_rank(ckpt: Checkpoint) -> tuple[int, int]:
@@ -79,6 +92,8 @@ def validate(ckpt: Checkpoint) -> str:
         stored = ckpt.tensors.get(name)
         if stored is None:
             problems.append(f"missing {name} {list(spec.shape)} {spec.dtype}")
+            continue
+        if _same_packed_fp4(stored, spec):
             continue
         if stored.shape != spec.shape:
             problems.append(f"{name} in {stored.file.name}: shape {list(stored.shape)}, expected {list(spec.shape)}")

@@ -17,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     conv = sub.add_parser(
         "convert", help="convert a checkpoint: per-rank MP files, plain bf16/fp32, back to official",
-        description="mp: model{r}-mp{N}.safetensors exactly as the official convert.py (wo_a bf16, experts "
-                    "whole on their rank). bf16/fp32: every weight dequantised (exactly). official: "
-                    "re-quantise a plain export (bit-exact round trip) or merge per-rank files.")
+        description="mp: model{r}-mp{N}.safetensors exactly as the official convert.py (wo_a bf16, FP4 "
+                    "experts as F4, experts whole on their rank). bf16/fp32: every weight dequantised "
+                    "(exactly). official: re-quantise a plain export (bit-exact round trip) or merge per-rank files.")
     conv.add_argument("src", help="checkpoint directory (HF release, converted, plain or per-rank files)")
     conv.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
     conv.add_argument("--to", required=True, choices=TARGETS, help="what to write")

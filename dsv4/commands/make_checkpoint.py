@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     make.add_argument("--shards", type=positive_int, default=None,
                       help="number of shards (default: at most 4 GiB each)")
     make.add_argument("--layout", choices=("hf", "converted"), default="hf",
-                      help="hf: the download (wo_a FP8); converted: wo_a bf16 as after the official convert")
+                      help="hf: the download (wo_a FP8, FP4 experts I8); converted: wo_a bf16 and FP4 experts F4, "
+                           "as after the official convert")
     make.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     make.set_defaults(run=run)
 

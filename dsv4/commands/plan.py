@@ -17,7 +17,7 @@ from .common import UsageError, human_bytes, positive_int, resolve_model, table
 COMPARE = ("v3.2", "none")
 LAYOUT_NOTES = {  # what the weights bytes of each checkpoint layout stand for
     "hf": "the download, official storage formats",
-    "converted": "after the official convert.py: wo_a in bf16",
+    "converted": "after the official convert.py: wo_a in bf16, FP4 experts as F4",
     "plain": "every linear in bf16, no scales",
 }
 
