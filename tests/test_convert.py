@@ -141,6 +141,8 @@ def test_model_from_plain_export_gives_identical_logits(tiny_hf, tmp_path):
 
 
 def test_mp_files_hold_the_official_split(mp2, mp_converted):
+    with pytest.raises(CheckpointError, match="model-parallel checkpoint of 2 ranks; open one rank"):
+        Checkpoint(mp2)
     assert sorted(p.name for p in mp2.glob("*.safetensors")) == ["model0-mp2.safetensors", "model1-mp2.safetensors"]
     assert not (mp2 / INDEX_FILE).exists() and (mp2 / "tokenizer.json").exists()
     args = mp_args()

@@ -112,7 +112,10 @@ def _weight_files(path: Path, rank: int | None) -> tuple[Path, list[Path], dict[
         if missing:
             raise CheckpointError(f"{path}: model-parallel checkpoint lacks {', '.join(missing)}")
         if rank is None:
-            return path, [path / f"model{r}-mp{world}.safetensors" for r in range(world)], None
+            if world > 1:  # each file holds one rank's slices under the same names: they do not add up
+                raise CheckpointError(f"{path}: a model-parallel checkpoint of {world} ranks; open one rank "
+                                      f"(rank 0..{world - 1}) or merge them with `dsv4 convert --to official`")
+            rank = 0
         if not 0 <= rank < world:
             raise CheckpointError(f"{path}: rank {rank} outside the checkpoint's {world} ranks")
         return path, [path / f"model{rank}-mp{world}.safetensors"], None
