@@ -296,3 +296,21 @@ def test_torchrun_generate_matches_single_process(capsys, tmp_path):
     parallel = [line for line in stdout.splitlines() if line.startswith("[")]
     assert parallel == single and len(single) == 2  # same tokens, printed once (rank 0 only)
     assert "tensor parallel over 2 processes" in stdout
+
+
+def test_a_rank_reads_its_slices_of_a_full_checkpoint(tmp_path):
+    """Without per-rank files a rank slices its part out of the full download (reading only that part);
+    the result equals loading its per-rank file."""
+    make_random_checkpoint(tmp_path / "official", ARGS, seed=2, shards=2)
+    convert(tmp_path / "official", tmp_path / "mp", "mp", world_size=WORLD)
+    for rank in range(WORLD):
+        kwargs = {"numerics": "exact", "dtype": torch.bfloat16, "rank": rank, "world_size": WORLD,
+                  "shard": lambda m, r=rank: shard_model(m, r, WORLD)}
+        sliced = load_model(tmp_path / "official", **kwargs).state_dict()
+        from_file = load_model(tmp_path / "mp", **kwargs).state_dict()
+        assert sliced.keys() == from_file.keys()
+        for name, t in sliced.items():
+            assert t.dtype == from_file[name].dtype and torch.equal(_bytes(t), _bytes(from_file[name])), name
+    with pytest.raises(CheckpointError, match="holds rank 0 of 2"):
+        load_model(tmp_path / "mp" / "model0-mp2.safetensors", rank=1, world_size=WORLD,
+                   shard=lambda m: shard_model(m, 1, WORLD))
