@@ -132,3 +132,22 @@ def test_streamed_chunks_recover_the_same_messages():
                 i += step
             events += parser.finish(None)
             _assert_same(aggregate_events(events), message, True)
+
+
+def test_token_by_token_stream_through_the_detokenizer():
+    """What the server does: generated ids -> incremental detokenizer -> stream parser, one token at a time."""
+    from dsv4.chat.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.bundled()
+    rng = random.Random(7)
+    for _ in range(15):
+        messages = _conversation(rng)
+        prompt = encode_messages(messages, drop_thinking=False)
+        assistants = [m for m in messages if m["role"] == "assistant"]
+        for text, message in zip(_completions(prompt, True), assistants, strict=True):
+            detok, parser, events = tokenizer.detokenizer(), StreamParser(thinking=True), []
+            for token in tokenizer.encode(text):
+                events += parser.feed(detok.add([token]))
+            events += parser.feed(detok.flush())
+            events += parser.finish(None)
+            _assert_same(aggregate_events(events), message, True)
