@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine.sampling import Sampler, SamplingParams, SequenceState
 from .model import Transformer
-from .sampling import sample
 
 
 @dataclass
@@ -38,7 +38,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     longest = max(len(p) for p in prompts)
     cache = model.new_cache(len(prompts), longest + max_new_tokens)
     device = model.embed.weight.device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    sampler = Sampler(eos_id=eos_id, seed=seed)
+    params = [SamplingParams(temperature=max(temperature, 0.0), max_tokens=max_new_tokens)] * len(prompts)
+    states = [SequenceState(p) for p in prompts]
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p)
@@ -52,11 +54,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     done = [False] * len(prompts)
     steps = 0
     while True:
-        nxt = sample(last, temperature, gen)
-        for b, t in enumerate(nxt.tolist()):
+        step = sampler.sample(last, params, states)
+        nxt = step.tokens
+        for b, (t, reason) in enumerate(zip(step.token_ids, step.finish_reasons, strict=True)):
             if not done[b]:
                 out[b].append(t)
-                done[b] = (eos_id is not None and t == eos_id) or len(out[b]) >= max_new_tokens
+                done[b] = reason is not None
         if all(done):
             break
         last = model(nxt.unsqueeze(1), cache)[:, -1]

@@ -1,0 +1,332 @@
+"""Batched token sampling, in token ids (knows nothing about chat text).
+
+The draw is the official DeepSeek `generate.py` rule: ``probs = softmax(logits / max(T, 1e-5))``, divided by
+i.i.d. Exp(1) noise, argmax. For any non-negative weights ``w``, ``argmax_i w_i / E_i`` with ``E_i ~ Exp(1)`` is
+index ``i`` with probability ``w_i / sum(w)``: an exact categorical sample, with no cumulative sum and no
+renormalisation (filtered tokens get weight 0 and can never win). ``T == 0`` is greedy: argmax, ties to the
+lowest id, no noise drawn, the seed unused.
+
+Per row the logits go through, in the order vLLM (v1) uses:
+
+1. penalties (skipped when neutral):
+   * repetition ``r`` (HF / vLLM): for every token in the prompt or the generated tokens, a positive logit is
+     divided by ``r``, a negative one multiplied by ``r``;
+   * frequency ``f`` and presence ``p`` (OpenAI): ``logit -= f * count + p * (count > 0)``, ``count`` being how
+     many times the token was generated so far by this request (the prompt does not count);
+2. temperature: ``logits / max(T, 1e-5)`` then softmax (fp32);
+3. min-p: keep tokens with ``prob >= min_p * max prob``;
+4. top-k: keep tokens with ``prob >=`` the k-th largest prob (tokens tied with the k-th are all kept);
+5. top-p, on the distribution renormalised over what steps 3-4 kept: sort descending, take the shortest prefix
+   whose mass reaches ``top_p`` (fp32 cumulative sum ``>= top_p``; the same set as vLLM's and HF's rule) and
+   keep every token whose prob is ``>=`` the last one of that prefix: **ties at the boundary are all kept**, so
+   the kept set never depends on token ids. Always at least one token survives.
+6. the Exp(1)-noise draw above, over the kept tokens.
+
+Steps 3-5 each keep the tokens at or above a probability threshold, so the filters together amount to one
+threshold on the step-2 probabilities.
+
+Logprobs convention: ``log_softmax`` of the logits **after penalties and temperature, before min-p / top-k /
+top-p** (vLLM's ``processed_logprobs`` minus the filtering; vLLM's default is the raw model logprobs). For a
+greedy request (T = 0) the temperature step is skipped (T taken as 1), so its logprobs are the penalised model
+logprobs.
+
+Randomness: a request with a ``seed`` owns a ``torch.Generator`` seeded once, on the logits' device, at its
+first sampled step; each non-greedy step draws exactly one ``[V]`` row of noise from it, so its tokens do not
+depend on which batch, or which row, it is sampled in. Unseeded requests share the sampler-wide generator (one
+``[n, V]`` draw per step for the n unseeded sampling rows; their tokens do depend on the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+MAX_LOGPROBS = 20
+_MIN_TEMPERATURE = 1e-5
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. The defaults are the model's recommended sampling (T = 1, top_p = 1), no
+    filters, no penalties.
+
+    ``top_k = 0`` and ``top_p = 1`` and ``min_p = 0`` switch their filter off. ``logprobs = None``: no logprobs;
+    ``n`` in [0, 20]: the chosen token's logprob plus the ``n`` most likely (id, logprob). ``stop_token_ids``
+    end the request like EOS (which the sampler knows; ``ignore_eos`` makes it an ordinary token).
+    ``max_tokens`` bounds the generated tokens (default 16, OpenAI's legacy completions default)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, want: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name} must be {want}, got {getattr(self, name)!r}")
+
+        if not _is_number(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
+            raise bad("temperature", "a finite number >= 0")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "an int >= 0 (0 = off)")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2 <= v <= 2:
+                raise bad(name, "in [-2, 2]")
+        if (not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0
+                or self.repetition_penalty == float("inf")):
+            raise bad("repetition_penalty", "a finite number > 0")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "an int or None")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise bad("max_tokens", "an int >= 1")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
+            raise bad("stop_token_ids", "a sequence of token ids")
+        ids = tuple(self.stop_token_ids)
+        if not all(_is_int(t) and t >= 0 for t in ids):
+            raise bad("stop_token_ids", "a sequence of ints >= 0")
+        object.__setattr__(self, "stop_token_ids", ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "a bool")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def filtered(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+
+@dataclass
+class SequenceState:
+    """What the sampler remembers about one request between steps: its prompt, the tokens sampled so far
+    (`Sampler.sample` appends to ``output_ids``), and, created on first need, its seeded generator and the
+    penalty tensors (generated-token counts and the prompt's token set, ``[V]`` each on the logits' device)."""
+
+    prompt_ids: Sequence[int] = ()
+    output_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = field(default=None, repr=False)
+    seed: int | None = None
+    output_counts: Tensor | None = field(default=None, repr=False)
+    prompt_mask: Tensor | None = field(default=None, repr=False)
+
+    def _generator(self, seed: int, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+            self.seed = seed
+        elif self.seed != seed:
+            raise ValueError(f"request seeded with {self.seed} was sampled with seed {seed}")
+        return self.generator
+
+    def _penalty_tensors(self, vocab: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.output_counts is None:
+            counts = torch.zeros(vocab, dtype=torch.int32, device=device)
+            if self.output_ids:
+                counts.index_add_(0, torch.tensor(self.output_ids, device=device),
+                                  torch.ones(len(self.output_ids), dtype=torch.int32, device=device))
+            mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            if len(self.prompt_ids):
+                mask[torch.tensor(list(self.prompt_ids), device=device)] = True
+            self.output_counts, self.prompt_mask = counts, mask
+        assert self.prompt_mask is not None
+        return self.output_counts, self.prompt_mask
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's logprob and the ``top`` n most likely (id, logprob), most likely first (ties: lower
+    id first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class SampleOutput:
+    tokens: Tensor  # [B] int64 on the logits' device (feed the model without a host round trip)
+    token_ids: list[int]
+    finish_reasons: list[str | None]  # "stop" (stop id / EOS), "length" (max_tokens reached) or None
+    logprobs: list[TokenLogprobs | None]
+
+    @property
+    def stopped(self) -> list[bool]:
+        """Whether each chosen token is a stop id or EOS."""
+        return [r == "stop" for r in self.finish_reasons]
+
+
+def apply_penalties(logits: Tensor, output_counts: Tensor, prompt_mask: Tensor, presence: Tensor,
+                    frequency: Tensor, repetition: Tensor) -> Tensor:
+    """logits [n, V] fp32; output_counts [n, V] (generated-token counts); prompt_mask [n, V] bool;
+    presence / frequency / repetition [n]. Returns new logits (see the module docstring for the formulas)."""
+    counts = output_counts.to(logits.dtype)
+    seen = prompt_mask | (output_counts > 0)
+    r = repetition.unsqueeze(1)
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (output_counts > 0).to(logits.dtype)
+
+
+def filter_mask(probs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """probs [n, V] (each row a distribution); top_k [n] int (0 = off), top_p [n], min_p [n]. Returns the
+    bool mask [n, V] of the tokens kept by min-p, then top-k, then top-p (module docstring, steps 3-5)."""
+    n, vocab = probs.shape
+    sorted_p = torch.sort(probs, dim=-1, descending=True).values
+    thr = min_p.unsqueeze(1) * sorted_p[:, :1]  # min-p
+    k = top_k.clamp(min=0, max=vocab).to(torch.long)
+    kth = sorted_p.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+    thr = torch.where((k > 0).unsqueeze(1), torch.maximum(thr, kth), thr)  # top-k
+    kept_sorted = sorted_p * (sorted_p >= thr)
+    csum = kept_sorted.cumsum(dim=-1)
+    total = csum[:, -1:]
+    # index of the last token of the shortest prefix whose (renormalised) mass reaches top_p
+    j = (csum < top_p.unsqueeze(1) * total).sum(dim=-1, keepdim=True)
+    n_kept = (sorted_p >= thr).sum(dim=-1, keepdim=True)
+    j = torch.minimum(j, n_kept - 1)
+    thr = torch.where((top_p < 1).unsqueeze(1), torch.maximum(thr, sorted_p.gather(1, j)), thr)  # top-p
+    return probs >= thr
+
+
+class Sampler:
+    """Samples one token per row for a batch of requests. ``eos_id``: the token that ends every request (unless
+    its params say ``ignore_eos``); ``seed``: the sampler-wide generator's seed (None: a random one)."""
+
+    def __init__(self, eos_id: int | None = None, seed: int | None = None):
+        self.eos_id = eos_id
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        g = self._generators.get(device)
+        if g is None:
+            g = torch.Generator(device=device)
+            if self.seed is None:
+                g.seed()
+            else:
+                g.manual_seed(self.seed)
+            self._generators[device] = g
+        return g
+
+    @torch.no_grad()
+    def sample(self, logits: Tensor, params: Sequence[SamplingParams],
+               states: Sequence[SequenceState]) -> SampleOutput:
+        """logits [B, V] (the next-token logits of each request, any float dtype; computed in fp32), the
+        params and states of the B requests. Appends each chosen token to its state's ``output_ids``."""
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+        n_rows, vocab = logits.shape
+        if len(params) != n_rows or len(states) != n_rows:
+            raise ValueError(f"{n_rows} logits rows but {len(params)} params and {len(states)} states")
+        device = logits.device
+        logits = logits.to(torch.float32)
+
+        def col(values: list[float] | list[int], rows: list[int], dtype=torch.float32) -> Tensor:
+            return torch.tensor([values[i] for i in rows], dtype=dtype, device=device)
+
+        # 1. penalties
+        pen = [i for i, p in enumerate(params) if p.penalised]
+        if pen:
+            tensors = [states[i]._penalty_tensors(vocab, device) for i in pen]
+            idx = torch.tensor(pen, device=device)
+            logits = logits.clone()
+            logits[idx] = apply_penalties(
+                logits[idx], torch.stack([c for c, _ in tensors]), torch.stack([m for _, m in tensors]),
+                col([p.presence_penalty for p in params], pen), col([p.frequency_penalty for p in params], pen),
+                col([p.repetition_penalty for p in params], pen))
+
+        # 2. temperature (greedy rows keep T = 1: their logprobs are the penalised model logprobs)
+        temps = torch.tensor([max(p.temperature, _MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params],
+                             dtype=torch.float32, device=device)
+        scaled = logits / temps.unsqueeze(1)
+
+        tokens = logits.argmax(dim=-1)  # greedy rows (first maximum = lowest id)
+        rand = [i for i, p in enumerate(params) if not p.greedy]
+        if rand:
+            ridx = torch.tensor(rand, device=device)
+            probs = torch.softmax(scaled[ridx], dim=-1)
+            # 3-5. min-p, top-k, top-p
+            filt = [j for j, i in enumerate(rand) if params[i].filtered]
+            if filt:
+                fidx = torch.tensor(filt, device=device)
+                rows = [rand[j] for j in filt]
+                keep = filter_mask(probs[fidx], col([p.top_k for p in params], rows, torch.long),
+                                   col([p.top_p for p in params], rows), col([p.min_p for p in params], rows))
+                probs[fidx] = probs[fidx] * keep
+            # 6. the official draw: probs / Exp(1) noise, argmax
+            noise = torch.empty_like(probs)
+            shared = [j for j, i in enumerate(rand) if params[i].seed is None]
+            if len(shared) == len(rand):
+                noise.exponential_(1, generator=self._shared_generator(device))
+            else:
+                if shared:
+                    sidx = torch.tensor(shared, device=device)
+                    noise[sidx] = torch.empty(len(shared), vocab, device=device).exponential_(
+                        1, generator=self._shared_generator(device))
+                for j, i in enumerate(rand):
+                    seed = params[i].seed
+                    if seed is not None:
+                        noise[j].exponential_(1, generator=states[i]._generator(seed, device))
+            tokens[ridx] = (probs / noise).argmax(dim=-1)
+
+        token_ids = tokens.tolist()
+
+        # logprobs (after penalties and temperature, before filtering)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        lp_out: list[TokenLogprobs | None] = [None] * n_rows
+        if want:
+            widx = torch.tensor(want, device=device)
+            lps = torch.log_softmax(scaled[widx], dim=-1)
+            chosen = lps.gather(1, tokens[widx].unsqueeze(1)).squeeze(1).tolist()
+            n_top = max(params[i].logprobs or 0 for i in want)
+            top_v: list[list[float]] = [[] for _ in want]
+            top_i: list[list[int]] = [[] for _ in want]
+            if n_top:
+                # descending logprob; the stable sort keeps lower ids first among ties
+                vals, ids = torch.sort(lps, dim=-1, descending=True, stable=True)
+                top_v, top_i = vals[:, :n_top].tolist(), ids[:, :n_top].tolist()
+            for j, i in enumerate(want):
+                n = params[i].logprobs or 0
+                lp_out[i] = TokenLogprobs(token_ids[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True)))
+
+        reasons: list[str | None] = []
+        for t, p, st in zip(token_ids, params, states, strict=True):
+            st.output_ids.append(t)
+            if st.output_counts is not None:
+                st.output_counts[t] += 1
+            if t in p.stop_token_ids or (not p.ignore_eos and self.eos_id is not None and t == self.eos_id):
+                reasons.append("stop")
+            elif len(st.output_ids) >= p.max_tokens:
+                reasons.append("length")
+            else:
+                reasons.append(None)
+        return SampleOutput(tokens, token_ids, reasons, lp_out)
+
