@@ -76,15 +76,17 @@ def run(args: argparse.Namespace) -> int:
         print("dsv4 generate: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     env = init_distributed(device=args.device)  # under torchrun (WORLD_SIZE > 1): tensor parallel over the ranks
+    done = False
     try:
         check_shardable(model_args, env.world_size)
         _generate(args, model_args, prompts, env)
+        done = True
     except (ShardingError, CheckpointError) as err:
         if env.is_main:
             print(f"dsv4 generate: {err}", file=sys.stderr)
         return 2
     finally:
-        close_distributed(env)
+        close_distributed(env, wait_for_peers=done)
     return 0
 
 

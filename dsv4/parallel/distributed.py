@@ -70,8 +70,14 @@ def init_distributed(device: str | torch.device | None = None) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device, dist.get_backend())
 
 
-def close_distributed(env: DistEnv) -> None:
+def close_distributed(env: DistEnv, wait_for_peers: bool = True) -> None:
     """End the default process group if `init_distributed` created it (a group set up by the caller
-    stays)."""
+    stays).
+
+    `wait_for_peers`: meet every rank at a barrier first, so that no rank tears its connections down
+    while a peer is still inside a collective (gloo can then abort its worker threads). Pass False on
+    an error path, where a peer may never arrive."""
     if env.owns_group and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
