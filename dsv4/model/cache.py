@@ -14,7 +14,7 @@ single-token decode). `lengths` counts the tokens each sequence has consumed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -76,6 +76,67 @@ class Cache:
                                                           dtype, device)
             self.layers.append(layer)
 
+    def ring_limit(self) -> int:
+        """The most tokens a step may append and still be rolled back exactly: the smallest ring (the window
+        or a compressor's raw tail). Beyond it a rejected token overwrites a slot an accepted one wrote."""
+        rings = [self.args.window_size]
+        for layer in self.layers:
+            for state in (layer.compressor, layer.indexer):
+                if state is not None:
+                    rings.append(state.kv.shape[1])
+        return min(rings)
+
+    def snapshot(self, max_tokens: int) -> CacheSnapshot:
+        """Remember what appending at most `max_tokens` tokens per row (to the main model and, separately, to
+        the MTP blocks) can overwrite, so that `rollback` can undo any suffix of such a step exactly.
+
+        Cost: a gather of `max_tokens` window slots and compressor-ring slots (and up to
+        `max_tokens // ratio + 1` compressed entries / indexer keys) per layer and row — O(layers * k * width),
+        independent of the sequence length; nothing is cloned wholesale."""
+        if not 1 <= max_tokens <= self.ring_limit():
+            raise ValueError(f"max_tokens must be in [1, {self.ring_limit()}] (the smallest cache ring), "
+                             f"got {max_tokens}")
+        snap = CacheSnapshot(self.lengths.clone(), self.mtp_lengths.clone(), max_tokens)
+        offsets = torch.arange(max_tokens, device=self.lengths.device)
+        for layer_id, layer in enumerate(self.layers):
+            start = snap.mtp_lengths if layer_id >= self.args.n_layers else snap.lengths
+            pos = start.unsqueeze(1) + offsets  # [B,n] positions the step may write
+            snap.add(layer, "window", pos, pos % layer.window.shape[1])
+            for state in (layer.compressor, layer.indexer):
+                if state is None:
+                    continue
+                snap.add(state, "kv", pos, pos % state.kv.shape[1])
+                snap.add(state, "score", pos, pos % state.score.shape[1])
+                ratio = self.args.layer_ratio(layer_id)
+                # entry j is finished by position (j + 1) * ratio - 1; key each by that position
+                first = torch.div(start, ratio, rounding_mode="floor").unsqueeze(1)
+                j = (first + torch.arange(max_tokens // ratio + 1, device=pos.device)).clamp(
+                    max=state.entries.shape[1] - 1)
+                snap.add(state, "entries", (j + 1) * ratio - 1, j)
+        return snap
+
+    def rollback(self, snap: CacheSnapshot, lengths: Tensor | None = None, mtp_lengths: Tensor | None = None) -> None:
+        """Undo appended tokens: afterwards the cache is exactly as if each row had consumed only its first
+        `lengths` tokens (main) and `mtp_lengths` (MTP blocks), for lengths between the snapshot's and the
+        snapshot's plus `max_tokens` (default: the snapshot's own, i.e. undo everything since `snapshot`)."""
+        keep = snap.lengths if lengths is None else torch.as_tensor(lengths, device=snap.lengths.device)
+        keep_mtp = snap.mtp_lengths if mtp_lengths is None else torch.as_tensor(mtp_lengths,
+                                                                                device=snap.lengths.device)
+        for keep_, start, now in ((keep, snap.lengths, self.lengths), (keep_mtp, snap.mtp_lengths, self.mtp_lengths)):
+            if bool((keep_ < start).any()) or bool((keep_ > now).any()):
+                raise ValueError(f"rollback to {keep_.tolist()}: must lie between the snapshot's {start.tolist()} "
+                                 f"and the current {now.tolist()}")
+        mtp_owners = {id(o) for layer in self.layers[self.args.n_layers:]
+                      for o in (layer, layer.compressor, layer.indexer) if o is not None}
+        rows = torch.arange(self.batch_size, device=self.lengths.device).unsqueeze(1)
+        for owner, attr, pos, slots, saved in snap.parts:
+            target = getattr(owner, attr)
+            k = (keep_mtp if id(owner) in mtp_owners else keep).unsqueeze(1)
+            undo = (pos >= k).view(*pos.shape, *([1] * (saved.dim() - 2)))
+            target[rows, slots] = torch.where(undo, saved, target[rows, slots])
+        self.lengths.copy_(keep)
+        self.mtp_lengths.copy_(keep_mtp)
+
     def reset(self, rows: Tensor | list[int] | None = None) -> None:
         """Forget sequences (all, or the given batch rows) so their slots can start new ones.
 
@@ -87,6 +148,22 @@ class Cache:
         else:
             self.lengths[rows] = 0
             self.mtp_lengths[rows] = 0
+
+
+@dataclass
+class CacheSnapshot:
+    """What `Cache.snapshot` saved: per mutable tensor, the positions a step may write [B,n], the slots they
+    map to [B,n] and the slots' values then [B,n,...]. Holds the owning object and attribute name (the
+    forward replaces ring tensors rather than writing them in place)."""
+
+    lengths: Tensor
+    mtp_lengths: Tensor
+    max_tokens: int
+    parts: list[tuple[object, str, Tensor, Tensor, Tensor]] = field(default_factory=list)
+
+    def add(self, owner: object, attr: str, pos: Tensor, slots: Tensor) -> None:
+        rows = torch.arange(pos.shape[0], device=pos.device).unsqueeze(1)
+        self.parts.append((owner, attr, pos, slots, getattr(owner, attr)[rows, slots].clone()))
 
 
 @dataclass

@@ -134,14 +134,23 @@ class Transformer(nn.Module):
                    lengths: Tensor | None = None) -> Tensor:
         """MTP prediction: streams at positions t [B,S,hc,d] and the tokens at t+1 [B,S] -> logits for
         the tokens at t+2 [B,S,vocab]. With a cache, the MTP block keeps its own position counter."""
+        return self.mtp_head(self.mtp_streams(streams, next_tokens, cache, depth, lengths=lengths), depth)
+
+    def mtp_streams(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
+                    lengths: Tensor | None = None) -> Tensor:
+        """The MTP block's output streams [B,S,hc,d] (before its head); see `mtp_logits`."""
         ctx, cache = self._context(next_tokens, cache, lengths, None, cache_lengths=lambda c: c.mtp_lengths)
         block = self.mtp[depth]
-        a = self.args
         e = block.enorm(self.embed(next_tokens))
         x = block.e_proj(e).unsqueeze(2) + block.h_proj(block.hnorm(streams))
         x = block(x, ctx, cache.layers[block.layer_id])
         if ctx.persist:
             cache.mtp_lengths += ctx.lengths
+        return x
+
+    def mtp_head(self, x: Tensor, depth: int = 0) -> Tensor:
+        """MTP block output streams [B,S,hc,d] -> logits [B,S,vocab] fp32 (its hc head and norm, the shared head)."""
+        block, a = self.mtp[depth], self.args
         y = hc_head(x, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, a.hc_eps, a.norm_eps)
         return self.head(block.norm(y).to(torch.float32))
 
