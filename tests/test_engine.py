@@ -1,0 +1,216 @@
+"""The engine: continuous batching with chunked prefill gives each request exactly the tokens it gets alone."""
+
+import asyncio
+
+import pytest
+import torch
+
+from dsv4.config import preset
+from dsv4.engine import AsyncEngine, Engine, SamplingParams
+from dsv4.generate import generate
+from dsv4.model import Transformer, init_weights
+
+
+@pytest.fixture(scope="module")
+def model():
+    # tiny: window 8, ratios 4 / 8, so these prompts wrap the window and cross compression boundaries
+    return init_weights(Transformer(preset("tiny")), seed=1)
+
+
+def prompts(model, sizes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, model.args.vocab_size, (n,), generator=gen).tolist() for n in sizes]
+
+
+def greedy(n):
+    return SamplingParams(temperature=0.0, max_tokens=n)
+
+
+def alone(model, prompt, n):
+    return generate(model, [prompt], n).tokens[0]
+
+
+def run(engine, arrivals, max_steps=500):
+    """arrivals: {step: [(prompt, params), ...]} added before that step. Returns {rid: tokens}, {rid: reason}."""
+    tokens, reasons, step = {}, {}, 0
+    while step < max_steps and (engine.has_unfinished() or any(s >= step for s in arrivals)):
+        for prompt, params in arrivals.get(step, []):
+            tokens[engine.add_request(prompt, params)] = []
+        for u in engine.step():
+            tokens[u.request_id] += u.new_token_ids
+            assert u.generated_tokens == len(tokens[u.request_id])
+            if u.finished:
+                reasons[u.request_id] = u.finish_reason
+        step += 1
+    assert not engine.has_unfinished()
+    assert engine.num_free_slots == engine.max_batch
+    return tokens, reasons
+
+
+def test_batched_chunked_greedy_equals_alone(model):
+    ps = prompts(model, [3, 17, 9, 30, 1, 12])
+    ns = [6, 4, 9, 5, 7, 3]
+    # 4 slots for 6 requests: the late ones wait for a slot; chunk 5 splits every long prompt
+    engine = Engine(model, max_batch=4, max_seq_len=48, prefill_chunk=5)
+    arrivals = {0: [(ps[0], greedy(ns[0])), (ps[1], greedy(ns[1]))], 2: [(ps[2], greedy(ns[2]))],
+                3: [(ps[3], greedy(ns[3])), (ps[4], greedy(ns[4]))], 7: [(ps[5], greedy(ns[5]))]}
+    tokens, reasons = run(engine, arrivals)
+    for rid, (p, n) in enumerate(zip(ps, ns, strict=True)):
+        assert tokens[rid] == alone(model, p, n), rid
+        assert reasons[rid] == "length"
+
+
+def test_stop_ids_and_eos_finish_and_free_the_slot(model):
+    (p,) = prompts(model, [10], seed=5)
+    ref = alone(model, p, 8)
+    engine = Engine(model, max_batch=2, max_seq_len=32, prefill_chunk=4, eos_id=ref[5])
+    stop = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(ref[2],))
+    tokens, reasons = run(engine, {0: [(p, stop), (p, greedy(8)),
+                                       (p, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))]})
+    assert tokens == {0: ref[:min(ref.index(ref[2]), ref.index(ref[5])) + 1], 1: ref[:ref.index(ref[5]) + 1], 2: ref}
+    assert reasons == {0: "stop", 1: "stop", 2: "length"}
+
+
+def test_seeded_sampling_alone_equals_batched(model):
+    ps = prompts(model, [7, 13, 4], seed=2)
+    params = [SamplingParams(temperature=0.9, top_k=20, seed=11 + i, max_tokens=6, logprobs=2) for i in range(3)]
+    solo = [run(Engine(model, max_batch=1, max_seq_len=32, prefill_chunk=64), {0: [(p, sp)]})[0][0]
+            for p, sp in zip(ps, params, strict=True)]
+    engine = Engine(model, max_batch=4, max_seq_len=32, prefill_chunk=5, seed=0)
+    noise = SamplingParams(temperature=1.0, max_tokens=5)  # unseeded neighbour
+    tokens, _ = run(engine, {0: [(ps[0], params[0]), (ps[2], noise)], 1: [(ps[1], params[1])],
+                             4: [(ps[2], params[2])]})
+    assert [tokens[0], tokens[2], tokens[3]] == solo
+
+
+def test_logprobs_and_counts_in_updates(model):
+    (p,) = prompts(model, [6], seed=3)
+    engine = Engine(model, max_batch=2, max_seq_len=32, prefill_chunk=4)
+    engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=3, logprobs=2))
+    ups = [u for _ in range(6) for u in engine.step()]
+    assert [u.generated_tokens for u in ups] == [1, 2, 3]
+    assert all(u.prompt_tokens == 6 and len(u.logprobs[0].top) == 2 for u in ups)
+    assert [u.logprobs[0].token_id for u in ups] == [t for u in ups for t in u.new_token_ids]
+    assert ups[-1].finished and not ups[0].finished
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode", "waiting"])
+def test_abort_frees_the_slot_for_a_correct_new_request(model, when):
+    long, short, other = prompts(model, [30, 5, 11], seed=4)
+    engine = Engine(model, max_batch=2, max_seq_len=48, prefill_chunk=5)
+    keep = engine.add_request(short, greedy(12))  # keeps running throughout
+    victim = engine.add_request(long, greedy(8))
+    if when == "waiting":
+        engine.add_request(other, greedy(1))  # never admitted: no free slot
+        victim = engine.add_request(long, greedy(8))
+    kept = []
+    for _ in range(3 if when == "prefill" else 11):
+        kept += [t for u in engine.step() if u.request_id == keep for t in u.new_token_ids]
+    slot = engine.slot_of(victim)
+    if when == "prefill":
+        assert slot is not None and engine.cache.lengths[slot] < len(long)
+    elif when == "decode":
+        assert slot is not None and engine.cache.lengths[slot] > len(long)
+    final = engine.abort(victim)
+    assert final.finished and final.finish_reason == "abort" and final.prompt_tokens == 30
+    assert engine.abort(victim) is None
+    if slot is not None:
+        assert engine.slot_of(victim) is None and int(engine.cache.lengths[slot]) == 0
+    new = engine.add_request(other, greedy(6))
+    got = {keep: kept, new: []}
+    while engine.has_unfinished():
+        for u in engine.step():
+            got.setdefault(u.request_id, []).extend(u.new_token_ids)
+        if slot is not None and got[new] == []:
+            assert engine.slot_of(new) == slot  # the new request reuses the freed row
+    assert got[new] == alone(model, other, 6)
+    assert got[keep] == alone(model, short, 12)
+
+
+def test_long_prompt_does_not_stall_decoding(model):
+    short, long = prompts(model, [4, 41], seed=6)
+    engine = Engine(model, max_batch=2, max_seq_len=64, prefill_chunk=5)
+    a = engine.add_request(short, greedy(16))
+    ups = engine.step()
+    assert [u.request_id for u in ups] == [a]  # prompt of 4 fits one chunk
+    b = engine.add_request(long, greedy(3))
+    got = {a: list(ups[0].new_token_ids), b: []}
+    steps_to_first_b = 0
+    while not got[b]:
+        ups = engine.step()
+        steps_to_first_b += 1
+        assert a in [u.request_id for u in ups]  # a decodes every step while b prefills
+        assert int(engine.cache.lengths[engine.slot_of(b)]) <= 4 * steps_to_first_b  # chunks of 5 - 1 decode
+        for u in ups:
+            got[u.request_id] += u.new_token_ids
+    assert steps_to_first_b == -(-41 // 4)
+    while engine.has_unfinished():
+        for u in engine.step():
+            got[u.request_id] += u.new_token_ids
+    assert got[a] == alone(model, short, 16) and got[b] == alone(model, long, 3)
+
+
+def test_bad_input(model):
+    engine = Engine(model, max_batch=1, max_seq_len=16)
+    vocab = model.args.vocab_size
+    for prompt, params, match in [([], greedy(1), "at least one"), ([1, vocab], greedy(1), "vocab|ids"),
+                                  ([-1], greedy(1), "ids"), ([1, 2.0], greedy(1), "ids"),
+                                  ([1] * 10, greedy(7), "max_seq_len"), ([1], {"max_tokens": 1}, "SamplingParams")]:
+        with pytest.raises(ValueError, match=match):
+            engine.add_request(prompt, params)
+    assert not engine.has_unfinished()
+    assert engine.add_request([1] * 10, greedy(6)) == 0
+    with pytest.raises(ValueError):
+        Engine(model, max_batch=0)
+    assert engine.abort(123) is None
+
+
+def test_async_streams_the_same_tokens_and_cancellation_aborts(model):
+    ps = prompts(model, [9, 23, 5], seed=7)
+    ns = [5, 4, 7]
+
+    async def main():
+        engine = Engine(model, max_batch=2, max_seq_len=48, prefill_chunk=5)
+        aengine = AsyncEngine(engine)
+
+        async def consume(p, n):
+            return [t async for u in aengine.generate(p, greedy(n)) for t in u.new_token_ids]
+
+        streamed = await asyncio.gather(*(consume(p, n) for p, n in zip(ps, ns, strict=True)))
+
+        seen = []
+
+        async def stop_early():
+            async for u in aengine.generate(ps[1], greedy(30 - 23 + 10)):
+                seen.extend(u.new_token_ids)
+                if len(seen) == 2:
+                    await asyncio.sleep(3600)  # cancelled here
+
+        task = asyncio.create_task(stop_early())
+        while len(seen) < 2:
+            await asyncio.sleep(0)
+        assert engine.has_unfinished()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not engine.has_unfinished() and engine.num_free_slots == 2
+
+        async with aengine.generate(ps[0], greedy(20)) as stream:  # leaving early aborts too
+            async for _ in stream:
+                break
+        assert not engine.has_unfinished()
+
+        stream = aengine.generate(ps[2], greedy(20))  # an outside abort ends the stream
+        first = await stream.__anext__()
+        aengine.abort(stream.request_id)
+        rest = [u async for u in stream]
+        assert not first.finished and [u.finish_reason for u in rest][-1:] == ["abort"]
+        assert not engine.has_unfinished()
+
+        with pytest.raises(ValueError):
+            aengine.generate([], greedy(1))
+        await aengine.close()
+        return streamed
+
+    streamed = asyncio.run(main())
+    assert streamed == [alone(model, p, n) for p, n in zip(ps, ns, strict=True)]
