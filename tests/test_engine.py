@@ -116,6 +116,9 @@ def test_abort_frees_the_slot_for_a_correct_new_request(model, when):
     assert engine.abort(victim) is None
     if slot is not None:
         assert engine.slot_of(victim) is None and int(engine.cache.lengths[slot]) == 0
+    # all of the victim's pages are back: only the running requests hold pages, as many as their lengths need
+    held = [engine.kv.pages_for(int(engine.cache.lengths[s])) for s in range(2) if engine._slots[s] is not None]
+    assert engine.stats().pages_used == sum(held) and engine.stats().running == len(held)
     new = engine.add_request(other, greedy(6))
     got = {keep: kept, new: []}
     while engine.has_unfinished():
@@ -214,3 +217,84 @@ def test_async_streams_the_same_tokens_and_cancellation_aborts(model):
 
     streamed = asyncio.run(main())
     assert streamed == [alone(model, p, n) for p, n in zip(ps, ns, strict=True)]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_any_chunk_size_equals_one_shot(model, chunk):
+    ps = prompts(model, [29, 6], seed=8)
+    engine = Engine(model, max_batch=2, max_seq_len=48, prefill_chunk=chunk, page_tokens=8)
+    tokens, _ = run(engine, {0: [(ps[0], greedy(5)), (ps[1], greedy(5))]})
+    assert tokens == {0: alone(model, ps[0], 5), 1: alone(model, ps[1], 5)}
+
+
+def test_preemption_by_recompute_loses_nothing(model):
+    """A pool too small for everyone: the newest running requests are preempted and recompute later, and every
+    request still gets exactly its tokens alone (greedy and seeded sampling)."""
+    ps = prompts(model, [20, 14, 25, 9], seed=9)
+    params = [greedy(20), SamplingParams(temperature=0.8, seed=3, max_tokens=18), greedy(12),
+              SamplingParams(temperature=1.0, top_p=0.9, seed=4, max_tokens=16)]
+    solo = [run(Engine(model, max_batch=1, max_seq_len=48, prefill_chunk=64), {0: [(p, sp)]})[0][0]
+            for p, sp in zip(ps, params, strict=True)]
+    engine = Engine(model, max_batch=4, max_seq_len=48, prefill_chunk=16, page_tokens=8, num_pages=9)
+    tokens, reasons = run(engine, {0: [(p, sp) for p, sp in zip(ps, params, strict=True)]})
+    assert engine.stats().preemptions > 0
+    assert [tokens[i] for i in range(4)] == solo
+    assert engine.stats().pages_used == 0
+
+
+def test_admission_waits_for_memory_first_come_first_served(model):
+    ps = prompts(model, [30, 30, 4], seed=10)
+    engine = Engine(model, max_batch=3, max_seq_len=48, prefill_chunk=64, page_tokens=8, num_pages=5)
+    ids = [engine.add_request(p, greedy(2)) for p in ps]
+    engine.step()
+    assert engine.slot_of(ids[0]) is not None
+    assert engine.slot_of(ids[1]) is None and engine.slot_of(ids[2]) is None  # the short one does not overtake
+    with pytest.raises(ValueError, match="pages"):
+        engine.add_request(ps[0], greedy(17))  # 47 tokens need 6 pages, the pool has 5
+
+
+def test_prefix_cache_resumes_exactly_and_reports_cached_tokens(model):
+    system, question, follow = prompts(model, [21, 6, 5], seed=11)
+    engine = Engine(model, max_batch=2, max_seq_len=96, prefill_chunk=7, page_tokens=8,
+                    prefix_cache_bytes=1 << 22, prefix_interval=8)
+    first = system + question
+    out, _ = run(engine, {0: [(first, greedy(6))]})
+    # the same prompt again: every prompt token from the cache, sampled from the saved logits
+    # a longer prompt on the same system prompt: resumes from the interval save at 16 tokens
+    # the next turn (prompt + answer + more): resumes from the end-of-output save
+    second = first + out[0] + follow
+    cases = [(first, 6, len(first)), (system + follow, 4, 16), (second, 5, len(first) + 5)]
+    for prompt, n, cached in cases:
+        engine_out = []
+        rid = engine.add_request(prompt, greedy(n))
+        while engine.has_unfinished():
+            for u in engine.step():
+                assert u.request_id == rid and u.cached_tokens == cached
+                engine_out += u.new_token_ids
+        assert engine_out == alone(model, prompt, n)
+    stats = engine.stats()
+    assert stats.prefix_hits == 3 and stats.prefix_hit_tokens == sum(c for _, _, c in cases)
+    assert 0 < stats.prefix_bytes <= 1 << 22
+
+
+def test_prefix_cache_stays_in_budget_and_gives_pages_back(model):
+    ps = prompts(model, [40, 40, 40], seed=12)
+    engine = Engine(model, max_batch=1, max_seq_len=48, prefill_chunk=64, page_tokens=8, num_pages=6,
+                    prefix_cache_bytes=1 << 22)
+    for p in ps:  # each request needs 5 of the 6 pages: the previous prefixes must be evicted to admit it
+        tokens, _ = run(engine, {0: [(p, greedy(3))]})
+        assert tokens[max(tokens)] == alone(model, p, 3)
+    stats = engine.stats()
+    assert stats.prefix_entries >= 1 and stats.pages_used <= 6
+    engine.prefix.clear()
+    assert engine.stats().pages_used == 0
+
+
+def test_fp8_kv_format_gives_the_same_tokens_as_bf16_rows():
+    exact = init_weights(Transformer(preset("tiny"), dtype=torch.bfloat16, numerics="exact"), seed=2)
+    ps = prompts(exact, [26, 11], seed=13)
+    outs = []
+    for kv_format in ("model", "fp8"):
+        engine = Engine(exact, max_batch=2, max_seq_len=48, prefill_chunk=8, kv_format=kv_format)
+        outs.append(run(engine, {0: [(ps[0], greedy(8)), (ps[1], greedy(8))]})[0])
+    assert outs[0] == outs[1]

@@ -144,13 +144,13 @@ def test_exact_model_cache_rows_are_lossless():
     for layer in cache.layers[: args.n_layers]:
         rows = [layer.window[0]]
         if layer.compressor is not None:
-            rows.append(layer.compressor.entries[0])
+            rows.append(layer.compressor.entries.data[0])
         for r in rows:
             assert r.dtype == torch.bfloat16 and r.abs().amax() > 0
             assert torch.equal(bits(unpack_kv(pack_kv(r, 8), 72, 8)), bits(r))
             checked += 1
         if layer.indexer is not None:
-            keys = layer.indexer.entries[0]
+            keys = layer.indexer.entries.data[0]
             assert keys.abs().amax() > 0
             assert torch.equal(bits(unpack_index_key(pack_index_key(keys), 64)), bits(keys))
             checked += 1

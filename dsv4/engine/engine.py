@@ -1,21 +1,28 @@
-"""The engine core: continuous batching with chunked prefill over one caller-owned `Cache`, in token ids.
+"""The engine core: continuous batching with chunked prefill, a paged hybrid KV cache with a byte budget,
+preemption by recompute and a prefix cache, in token ids.
 
-`Engine` owns a `Cache` of `max_batch` rows ("slots"); each running request holds one slot. Per `step()`:
+`Engine` owns a `KVCacheManager` (`max_batch` sequence slots of fixed state plus a pool of pages for the
+compressed entries; see `dsv4.engine.kv_cache`). Every request is a token list (prompt, then its sampled
+tokens) of which the cache holds the first `computed`; it needs a forward for the rest. Per `step()`:
 
-1. admission: waiting requests take free slots first-come-first-served (the slot's cache row is reset);
-2. every request whose prompt is fully prefilled decodes one token (running decodes always proceed);
-3. the rest of the per-step token budget (`prefill_chunk` minus the decode tokens) goes to chunked prefill of
-   the slotted requests whose prompts are not finished, in arrival order; so a long prompt delays running
-   decodes by at most one chunk's worth of compute per step and never stops them;
-4. one batched model call over all slots: each row gets its decode token or its prefill chunk, right-padded,
-   with `lengths` per row (rows without work get length 0 and are left untouched);
-5. the sampler runs on the rows whose prompt is complete (decodes, and prefills that just finished), and
-   requests that stopped (stop id / EOS: "stop", `max_tokens`: "length") free their slot.
+1. admission, first come first served: the oldest waiting request takes a free slot if the pool has the pages
+   its tokens need (after evicting least-recently-used prefix-cache entries); with the prefix cache it first
+   resumes from the longest saved prefix of its tokens;
+2. scheduling under a per-step token budget (`prefill_chunk`): every request with one token left (a decode)
+   gets it, and the rest of the budget goes to chunked prefill in arrival order, so a long prompt delays
+   running decodes by at most one chunk's compute per step and never stops them;
+3. memory: each scheduled request gets the pages its chunk needs, oldest first; when the pool is empty the
+   prefix cache gives pages back, and then the most recently arrived running request is preempted (its slot
+   and pages freed; it waits at its arrival position and later recomputes its prompt and output, which gives
+   the same cache, so its continuation is unchanged);
+4. one batched model call over all slots (rows without work get length 0 and are untouched); the head runs
+   only at each row's last position;
+5. the sampler runs on the requests whose tokens are all in the cache; stop id / EOS ("stop") or `max_tokens`
+   ("length") end a request and free its slot and pages at once, as does `abort` at any time.
 
-No preemption in this version: a request keeps its slot until it finishes or is aborted, and admission only
-waits for a free slot (prompt + max_tokens <= max_seq_len is checked at `add_request`, so an admitted request
-always fits its cache row). When the decode tokens alone reach `prefill_chunk`, prefill waits for decodes to
-finish (bounded by their `max_tokens`).
+With the prefix cache on, the state is saved at the end of each prompt, at the end of each output and every
+`prefix_interval` prompt tokens (chunks are cut there), and each request reports how many prompt tokens it
+took from the cache. A prompt whose whole token list is saved samples from the saved logits without a forward.
 
 `AsyncEngine` wraps an `Engine` for asyncio: `generate(prompt_ids, params)` is an async iterator of the
 request's updates, the step loop runs as a background task, and a consumer that stops (cancellation,
@@ -25,13 +32,17 @@ request's updates, the step loop runs as a background task, and a consumer that 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ..model import Transformer
+from .kv_cache import CacheFullError, KVCacheManager
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, SequenceState, TokenLogprobs
 
 
@@ -48,53 +59,91 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     generated_tokens: int  # total generated so far, this step's tokens included
+    cached_tokens: int = 0  # prompt tokens resumed from the prefix cache
 
 
 @dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    pages_used: int
+    pages_total: int
+    kv_bytes: int  # everything the KV cache allocated (slot states and pages)
+    kv_bytes_used: int  # slot states of running requests and pages in use
+    preemptions: int
+    prefix_entries: int
+    prefix_bytes: int
+    prefix_lookups: int
+    prefix_hits: int
+    prefix_hit_tokens: int
+
+
+@dataclass(eq=False)
 class _Request:
     id: int
     prompt: list[int]
     params: SamplingParams
     state: SequenceState
     slot: int | None = None
-    prefilled: int = 0  # prompt tokens already in the cache
-    pending: list[int] = field(default_factory=list)  # sampled tokens not yet fed to the model
+    computed: int = 0  # leading tokens (prompt, then output) the cache holds
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied at first admission
+    admitted: bool = False
+    ready: Tensor | None = None  # saved logits to sample from without a forward (a whole-token prefix hit)
 
     @property
-    def prompt_done(self) -> bool:
-        return self.prefilled == len(self.prompt)
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.state.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        return self.num_tokens - self.computed
+
+    def token_slice(self, lo: int, hi: int) -> list[int]:
+        n = len(self.prompt)
+        return self.prompt[lo:hi] if hi <= n else (self.prompt + self.state.output_ids)[lo:hi]
 
 
 class Engine:
-    """Continuous batching over `max_batch` cache slots; see the module docstring for the schedule.
+    """Continuous batching over `max_batch` slots of a paged KV cache; see the module docstring.
 
     `prefill_chunk` is the per-step token budget (decode tokens count against it; prefill gets the rest).
     `max_seq_len` bounds prompt + max_tokens per request (default: the model's). `eos_id` ends every request
     (unless its params say `ignore_eos`); `seed` seeds the sampler-wide generator that requests without their
-    own `seed` share."""
+    own `seed` share. KV cache: `kv_format` ("model", "bf16" or "fp8"), its size as `kv_budget_bytes` or
+    `num_pages` (default: room for every slot at `max_seq_len`), `page_tokens` per page. Prefix cache:
+    `prefix_cache_bytes` > 0 turns it on, `prefix_interval` saves long prompts every that many tokens."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_seq_len: int | None = None,
-                 prefill_chunk: int = 64, eos_id: int | None = None, seed: int | None = None) -> None:
+                 prefill_chunk: int = 64, eos_id: int | None = None, seed: int | None = None, *,
+                 kv_format: str = "model", kv_budget_bytes: int | None = None, num_pages: int | None = None,
+                 page_tokens: int | None = None, prefix_cache_bytes: int = 0,
+                 prefix_interval: int | None = None) -> None:
         max_seq_len = max_seq_len or model.args.max_seq_len
         if max_batch < 1 or max_seq_len < 2 or prefill_chunk < 1:
             raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2 and prefill_chunk >= 1, got "
                              f"{max_batch}, {max_seq_len}, {prefill_chunk}")
+        if prefix_cache_bytes < 0 or (prefix_interval is not None and prefix_interval < 1):
+            raise ValueError("prefix_cache_bytes must be >= 0 and prefix_interval >= 1")
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
         self.device = model.embed.weight.device
-        self.cache = model.new_cache(max_batch, max_seq_len)
+        self.kv = KVCacheManager(model, max_batch, max_seq_len, kv_format, kv_budget_bytes, num_pages, page_tokens)
+        self.cache = self.kv.cache
+        self.prefix = PrefixCache(self.kv, prefix_cache_bytes) if prefix_cache_bytes else None
+        self.prefix_interval = prefix_interval
         self.sampler = Sampler(eos_id=eos_id, seed=seed)
+        self.preemptions = 0
         self._ids = itertools.count()
-        self._waiting: list[_Request] = []  # arrival order, no slot yet
-        self._running: list[_Request] = []  # arrival order, holding a slot
+        self._waiting: list[_Request] = []  # by id (= arrival), no slot
+        self._running: list[_Request] = []  # by id, holding a slot
         self._slots: list[_Request | None] = [None] * max_batch
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id. Raises ValueError for an empty prompt, ids outside the vocabulary
-        or prompt + max_tokens beyond `max_seq_len`."""
+        """Queue a request; returns its id. Raises ValueError for an empty prompt, ids outside the vocabulary,
+        prompt + max_tokens beyond `max_seq_len` or more pages than the whole pool."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -104,22 +153,26 @@ class Engine:
         vocab = self.model.args.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
-        if len(prompt) + params.max_tokens > self.max_seq_len:
+        total = len(prompt) + params.max_tokens
+        if total > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"engine's max_seq_len {self.max_seq_len}")
+        if self.kv.pages_for(total) > self.kv.num_pages:
+            raise ValueError(f"prompt + max_tokens ({total} tokens) needs {self.kv.pages_for(total)} KV pages; "
+                             f"the pool has {self.kv.num_pages}")
         req = _Request(next(self._ids), prompt, params, SequenceState(prompt))
         self._waiting.append(req)
         return req.id
 
     def abort(self, request_id: int) -> RequestOutput | None:
-        """Drop a request (waiting, mid-prefill or decoding); its slot is free at once. Returns its final
-        "abort" update, or None if the id is unknown or already finished."""
+        """Drop a request (waiting, mid-prefill or decoding); its slot and pages are free at once. Returns its
+        final "abort" update, or None if the id is unknown or already finished."""
         for queue in (self._waiting, self._running):
             for req in queue:
                 if req.id == request_id:
                     queue.remove(req)
                     self._free(req)
-                    return RequestOutput(req.id, [], [], True, "abort", len(req.prompt), len(req.state.output_ids))
+                    return self._output(req, [], [], "abort")
         return None
 
     def has_unfinished(self) -> bool:
@@ -135,64 +188,156 @@ class Engine:
                 return req.slot
         return None
 
+    def stats(self) -> EngineStats:
+        kv, lay = self.kv, self.kv.layout
+        used_pages = kv.num_pages - kv.pool.free
+        p = self.prefix
+        prefix = (p.num_entries, p.nbytes, p.lookups, p.hits, p.hit_tokens) if p is not None else (0,) * 5
+        return EngineStats(
+            running=len(self._running), waiting=len(self._waiting), pages_used=used_pages,
+            pages_total=kv.num_pages, kv_bytes=kv.total_bytes,
+            kv_bytes_used=(len(self._running) * (lay.state_bytes + lay.mtp_state_bytes)
+                           + used_pages * (lay.page_bytes + lay.mtp_page_bytes)),
+            preemptions=self.preemptions, prefix_entries=prefix[0], prefix_bytes=prefix[1],
+            prefix_lookups=prefix[2], prefix_hits=prefix[3], prefix_hit_tokens=prefix[4])
+
+    def _output(self, req: _Request, tokens: list[int], logprobs: list, reason: str | None) -> RequestOutput:
+        return RequestOutput(req.id, tokens, logprobs, reason is not None, reason, len(req.prompt),
+                             len(req.state.output_ids), req.cached_tokens)
+
     def _free(self, req: _Request) -> None:
         if req.slot is not None:
             self._slots[req.slot] = None
-            self.cache.reset([req.slot])
+            self.kv.release(req.slot)
             req.slot = None
+        req.computed, req.ready = 0, None
+
+    def _preempt(self, req: _Request) -> None:
+        """Free a running request's memory; it waits at its arrival position and recomputes later."""
+        self._running.remove(req)
+        self._free(req)
+        bisect.insort(self._waiting, req, key=lambda r: r.id)
+        self.preemptions += 1
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self) -> None:
+        while self._waiting and None in self._slots:
+            req = self._waiting[0]
+            tokens = req.token_slice(0, req.num_tokens)
+            hit = self.prefix.lookup(tokens) if self.prefix is not None else None
+            shared = len(hit.state.pages) if hit else 0
+            need = self.kv.pages_for(req.num_tokens) - shared
+            while need > self.kv.pool.free and self.prefix is not None and self.prefix.num_entries > (hit is not None):
+                self.prefix.evict_one()  # the hit is most recently used, so it goes last
+            if need > self.kv.pool.free:
+                if self._running:
+                    return  # wait for memory (first come first served: nobody overtakes)
+                if self.prefix is not None:  # alone and still short: only the prefix cache holds pages
+                    self.prefix.clear()
+                hit, need = None, self.kv.pages_for(req.num_tokens)
+            self._waiting.pop(0)
+            req.slot = self._slots.index(None)
+            self._slots[req.slot] = req
+            bisect.insort(self._running, req, key=lambda r: r.id)
+            if hit is not None:
+                self.kv.load(req.slot, hit.state)
+                req.computed = len(hit.tokens)
+                if req.computed == req.num_tokens:
+                    req.ready = hit.logits
+            if not req.admitted:
+                req.admitted = True
+                req.cached_tokens = min(req.computed, len(req.prompt))
 
     # ------------------------------------------------------------------ the step
+    def _schedule(self) -> dict[_Request, int]:
+        plan: dict[_Request, int] = {}
+        waiting_for_forward = [r for r in self._running if r.ready is None]
+        for req in waiting_for_forward:
+            if req.remaining == 1:
+                plan[req] = 1
+        budget = self.prefill_chunk - len(plan)
+        for req in waiting_for_forward:
+            if budget <= 0:
+                break
+            if req.remaining > 1:
+                n = min(budget, req.remaining)
+                if self.prefix is not None and self.prefix_interval:  # end chunks where a long prompt is saved
+                    boundary = (req.computed // self.prefix_interval + 1) * self.prefix_interval
+                    if req.computed + n > boundary and boundary < len(req.prompt):
+                        n = boundary - req.computed
+                plan[req] = n
+                budget -= n
+        return plan
+
+    def _reserve(self, plan: dict[_Request, int]) -> None:
+        """Pages for every scheduled chunk, oldest request first; evict prefix entries, then preempt."""
+        for req in sorted(plan, key=lambda r: r.id):
+            if req not in plan:
+                continue  # preempted for an older request
+            while True:
+                try:
+                    self.kv.ensure(req.slot, req.computed + plan[req])
+                    break
+                except CacheFullError:
+                    if self.prefix is not None and self.prefix.evict_one():
+                        continue
+                    victim = self._running[-1]  # the most recent arrival (possibly req itself)
+                    plan.pop(victim, None)
+                    self._preempt(victim)
+                    if victim is req:
+                        break
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Admit, schedule, run one batched model call, sample; returns one update per request that generated
         a token this step (requests still prefilling produce none)."""
-        while self._waiting and None in self._slots:  # first-come-first-served admission
-            req = self._waiting.pop(0)
-            req.slot = self._slots.index(None)
-            self._slots[req.slot] = req
-            self.cache.reset([req.slot])
-            self._running.append(req)
-
-        work: dict[int, list[int]] = {}  # slot -> tokens fed this step
-        decoding = [r for r in self._running if r.prompt_done]
-        for req in decoding:
-            work[req.slot] = req.pending[-1:]
-        budget = self.prefill_chunk - len(decoding)
-        for req in self._running:
-            if budget <= 0:
-                break
-            if not req.prompt_done:
-                n = min(budget, len(req.prompt) - req.prefilled)
-                work[req.slot] = req.prompt[req.prefilled:req.prefilled + n]
-                req.prefilled += n
-                budget -= n
-        if not work:
+        self._admit()
+        plan = self._schedule()
+        self._reserve(plan)
+        to_sample: list[tuple[_Request, Tensor]] = [(r, r.ready) for r in self._running if r.ready is not None]
+        if plan:
+            width = max(plan.values())
+            tokens = torch.zeros(self.max_batch, width, dtype=torch.long)
+            lengths = torch.zeros(self.max_batch, dtype=torch.long)
+            for req, n in plan.items():
+                tokens[req.slot, :n] = torch.tensor(req.token_slice(req.computed, req.computed + n))
+                lengths[req.slot] = n
+            tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+            streams = self.model.forward_streams(tokens, self.cache, lengths=lengths)  # [max_batch, width, hc, d]
+            order = list(plan)
+            slots = torch.tensor([r.slot for r in order], device=self.device)
+            last = self.model.logits(streams[slots, lengths[slots] - 1].unsqueeze(1))[:, 0]  # [n, vocab]
+            for req, logits in zip(order, last, strict=True):
+                req.computed += plan[req]
+                self._save_prefix(req, logits)
+                if req.remaining == 0:
+                    to_sample.append((req, logits))
+        if not to_sample:
             return []
-
-        width = max(len(t) for t in work.values())
-        tokens = torch.zeros(self.max_batch, width, dtype=torch.long)
-        lengths = torch.zeros(self.max_batch, dtype=torch.long)
-        for slot, toks in work.items():
-            tokens[slot, :len(toks)] = torch.tensor(toks)
-            lengths[slot] = len(toks)
-        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-        logits = self.model(tokens, self.cache, lengths=lengths)  # [max_batch, width, V]
-
-        ready = [r for r in self._running if r.prompt_done and r.slot in work]  # sample these
-        if not ready:
-            return []
-        slots = torch.tensor([r.slot for r in ready], device=self.device)
-        last = logits[slots, lengths[slots] - 1]
-        out = self.sampler.sample(last, [r.params for r in ready], [r.state for r in ready])
+        to_sample.sort(key=lambda item: item[0].id)
+        reqs = [r for r, _ in to_sample]
+        logits = torch.stack([row.to(self.device) for _, row in to_sample])
+        out = self.sampler.sample(logits, [r.params for r in reqs], [r.state for r in reqs])
         updates = []
-        for req, tok, reason, lp in zip(ready, out.token_ids, out.finish_reasons, out.logprobs, strict=True):
-            req.pending = [tok]
-            updates.append(RequestOutput(req.id, [tok], [lp], reason is not None, reason, len(req.prompt),
-                                         len(req.state.output_ids)))
+        for (req, row), tok, reason, lp in zip(to_sample, out.token_ids, out.finish_reasons, out.logprobs,
+                                               strict=True):
+            req.ready = None
+            updates.append(self._output(req, [tok], [lp], reason))
             if reason is not None:
+                if self.prefix is not None:  # end of output: the cache holds prompt + output minus the last token
+                    self.prefix.store(req.token_slice(0, req.computed), req.slot, row)
                 self._running.remove(req)
                 self._free(req)
         return updates
+
+    def _save_prefix(self, req: _Request, logits: Tensor) -> None:
+        if self.prefix is None:
+            return
+        at_end = req.computed == len(req.prompt)
+        at_interval = (self.prefix_interval is not None and req.computed < len(req.prompt)
+                       and req.computed % self.prefix_interval == 0)
+        if (at_end or at_interval) and not self.prefix.contains(req.prompt[:req.computed]):
+            self.prefix.store(req.prompt[:req.computed], req.slot, logits)
 
 
 class AsyncEngine:

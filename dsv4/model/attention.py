@@ -106,7 +106,7 @@ class Attention(nn.Module):
         W, seqlen = self.window, kv.shape[1]
         start = ctx.start.unsqueeze(1)
         ring_pos = start - W + torch.arange(W, device=kv.device)  # [B,W]
-        ext_kv = torch.cat((_gather_rows(cache.window, ring_pos % W).to(kv.dtype), kv), dim=1)
+        ext_kv = torch.cat((_gather_rows(cache.read_window(), ring_pos % W).to(kv.dtype), kv), dim=1)
         slot = torch.arange(W, device=kv.device)
         missing = (W - 1 - ctx.positions).clamp(min=0).unsqueeze(-1)  # [B,S,1] window slots before position 0
         rel = torch.arange(seqlen, device=kv.device).view(1, -1, 1) + 1 + slot + missing  # ext row of slot
@@ -117,6 +117,6 @@ class Attention(nn.Module):
             end = (ctx.start + ctx.lengths).unsqueeze(1)
             slots = torch.arange(W, device=kv.device)
             pos = end - W + (slots - (end - W)) % W  # [B,W] position now owning each slot
-            cache.window = _gather_rows(ext_kv, pos - (start - W)).detach()
+            cache.write_window(_gather_rows(ext_kv, pos - (start - W)).detach())
         return ext_kv, idx
 

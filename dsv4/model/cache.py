@@ -10,11 +10,16 @@ Per block it holds:
 Because the raw tail is kept per token, a chunk may start at any position and have any length, and
 the result equals the full-sequence forward (the official code supports only prefill-from-0 plus
 single-token decode). `lengths` counts the tokens each sequence has consumed.
+
+Where rows live is the `CacheStorage`'s choice: by default everything is dense in the model dtype; the
+engine supplies a storage that keeps the compressed entries in pages of a shared pool and the rows in the
+production byte formats. The model only calls `EntryStore.read/write` and `LayerCache.read/write_window`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -22,58 +27,132 @@ from torch import Tensor
 from ..config import CSA_RATIO, ModelArgs
 
 
+class EntryStore(Protocol):
+    """Where one compressor keeps its finished entries (entry j of a sequence pools its tokens [j*r, (j+1)*r)).
+
+    Entries at or beyond a row's finished count may hold anything: every read is masked by position, and a
+    rolled-back or reset row rewrites them before they become visible."""
+
+    dtype: torch.dtype  # the dtype entries are computed and returned in
+
+    def read(self, count: int) -> Tensor:
+        """Entries 0..count-1 of every row: [B, count, c] in `dtype`."""
+
+    def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
+        """Store values [n, c] as entry index[i] of batch row rows[i]."""
+
+
+class DenseEntries:
+    """The default `EntryStore`: one [B, capacity, c] tensor. A `differentiable` store (the full forward's
+    throw-away cache) writes out of place so that a training graph through the entries stays intact."""
+
+    def __init__(self, data: Tensor, differentiable: bool = False) -> None:
+        self.data = data
+        self.dtype = data.dtype
+        self.differentiable = differentiable
+
+    def read(self, count: int) -> Tensor:
+        return self.data[:, :count]
+
+    def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
+        if self.differentiable:
+            self.data = self.data.index_put((rows, index), values)
+        else:
+            self.data.index_put_((rows, index), values.detach())
+
+
+class RowCodec(Protocol):
+    """A storage format for KV rows (e.g. the production FP8 layout): stored tensors are what the cache
+    holds, decoded rows are what attention computes with."""
+
+    def encode(self, rows: Tensor) -> Tensor:
+        """[..., D] rows -> their stored form [..., bytes]."""
+
+    def decode(self, stored: Tensor) -> Tensor:
+        """The stored form -> rows [..., D] in the compute dtype."""
+
+
+class CacheStorage:
+    """How a `Cache` allocates its growing parts; this default keeps them dense in the model dtype."""
+
+    def window(self, layer_id: int, shape: tuple[int, int, int], dtype: torch.dtype,
+               device: torch.device | str | None) -> tuple[Tensor, RowCodec | None]:
+        """The window ring of one layer: (stored tensor, codec or None for raw rows) for rows of `shape`."""
+        return torch.zeros(shape, dtype=dtype, device=device), None
+
+    def entries(self, layer_id: int, kind: str, batch: int, capacity: int, width: int, dtype: torch.dtype,
+                device: torch.device | str | None, differentiable: bool) -> EntryStore:
+        """The entry store of one compressor; `kind` is "kv" (attention entries) or "index" (indexer keys)."""
+        return DenseEntries(torch.zeros(batch, capacity, width, dtype=dtype, device=device), differentiable)
+
+
 @dataclass
 class CompressorState:
     kv: Tensor  # [B, R, coff*c] fp32, raw wkv projections of the last R = coff*ratio tokens
     score: Tensor  # [B, R, coff*c] fp32, wgate projections + ape of the same tokens
-    entries: Tensor  # [B, capacity // ratio, c], finished compressed entries
+    entries: EntryStore  # finished compressed entries, [B, capacity // ratio, c] logically
 
     @classmethod
-    def empty(cls, batch: int, ratio: int, width: int, capacity: int, dtype: torch.dtype,
+    def empty(cls, batch: int, ratio: int, width: int, entries: EntryStore,
               device: torch.device | str | None) -> CompressorState:
         coff = 2 if ratio == CSA_RATIO else 1
         ring = (batch, coff * ratio, coff * width)
-        return cls(
-            kv=torch.zeros(ring, dtype=torch.float32, device=device),
-            score=torch.zeros(ring, dtype=torch.float32, device=device),
-            entries=torch.zeros(batch, capacity // ratio, width, dtype=dtype, device=device),
-        )
+        return cls(kv=torch.zeros(ring, dtype=torch.float32, device=device),
+                   score=torch.zeros(ring, dtype=torch.float32, device=device), entries=entries)
 
 
 @dataclass
 class LayerCache:
-    window: Tensor  # [B, W, head_dim]
+    window: Tensor  # [B, W, head_dim] rows, or their stored form under `codec`
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
+    codec: RowCodec | None = None
+
+    def read_window(self) -> Tensor:
+        """The window ring as rows [B, W, head_dim]."""
+        return self.window if self.codec is None else self.codec.decode(self.window)
+
+    def write_window(self, rows: Tensor) -> None:
+        self.window = rows if self.codec is None else self.codec.encode(rows)
 
 
 class Cache:
     """Decoding state for `batch_size` sequences of up to `max_seq_len` tokens each.
 
     `transient=True` marks the throw-away cache the full-sequence forward uses: nothing is written
-    back to the rings, which saves work and keeps training graphs small.
+    back to the rings, which saves work and keeps training graphs small. `storage` decides where rows live
+    (default: dense, model dtype); `mtp=False` leaves out the MTP blocks' layers (no speculation).
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str | None = None, transient: bool = False) -> None:
+                 device: torch.device | str | None = None, transient: bool = False,
+                 storage: CacheStorage | None = None, mtp: bool = True) -> None:
         if batch_size <= 0 or max_seq_len <= 0:
             raise ValueError(f"Cache needs batch_size > 0 and max_seq_len > 0, got {batch_size}, {max_seq_len}")
         self.args = args
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.transient = transient
+        self.dtype = dtype
+        self.has_mtp = mtp and args.n_mtp_layers > 0
+        storage = storage or CacheStorage()
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.mtp_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.layers: list[LayerCache] = []
-        for layer_id in range(args.n_layers + args.n_mtp_layers):
+        for layer_id in range(args.n_layers + (args.n_mtp_layers if self.has_mtp else 0)):
             ratio = args.layer_ratio(layer_id)
-            layer = LayerCache(window=torch.zeros(batch_size, args.window_size, args.head_dim, dtype=dtype,
-                                                  device=device))
-            if ratio:
-                layer.compressor = CompressorState.empty(batch_size, ratio, args.head_dim, max_seq_len, dtype, device)
-                if ratio == CSA_RATIO:
-                    layer.indexer = CompressorState.empty(batch_size, ratio, args.index_head_dim, max_seq_len,
-                                                          dtype, device)
+            window, codec = storage.window(layer_id, (batch_size, args.window_size, args.head_dim), dtype, device)
+            layer = LayerCache(window=window, codec=codec)
+            for kind, width in (("kv", args.head_dim), ("index", args.index_head_dim)):
+                if not ratio or (kind == "index" and ratio != CSA_RATIO):
+                    continue
+                store = storage.entries(layer_id, kind, batch_size, max_seq_len // ratio, width, dtype, device,
+                                        differentiable=transient)
+                state = CompressorState.empty(batch_size, ratio, width, store, device)
+                if kind == "kv":
+                    layer.compressor = state
+                else:
+                    layer.indexer = state
             self.layers.append(layer)
 
     def ring_limit(self) -> int:
@@ -90,9 +169,10 @@ class Cache:
         """Remember what appending at most `max_tokens` tokens per row (to the main model and, separately, to
         the MTP blocks) can overwrite, so that `rollback` can undo any suffix of such a step exactly.
 
-        Cost: a gather of `max_tokens` window slots and compressor-ring slots (and up to
-        `max_tokens // ratio + 1` compressed entries / indexer keys) per layer and row — O(layers * k * width),
-        independent of the sequence length; nothing is cloned wholesale."""
+        Cost: a gather of `max_tokens` window slots and compressor-ring slots per layer and row —
+        O(layers * k * width), independent of the sequence length; nothing is cloned wholesale. Compressed
+        entries need no saving: a rolled-back entry is past the kept length, so it is masked until the
+        compressor writes it again."""
         if not 1 <= max_tokens <= self.ring_limit():
             raise ValueError(f"max_tokens must be in [1, {self.ring_limit()}] (the smallest cache ring), "
                              f"got {max_tokens}")
@@ -107,12 +187,6 @@ class Cache:
                     continue
                 snap.add(state, "kv", pos, pos % state.kv.shape[1])
                 snap.add(state, "score", pos, pos % state.score.shape[1])
-                ratio = self.args.layer_ratio(layer_id)
-                # entry j is finished by position (j + 1) * ratio - 1; key each by that position
-                first = torch.div(start, ratio, rounding_mode="floor").unsqueeze(1)
-                j = (first + torch.arange(max_tokens // ratio + 1, device=pos.device)).clamp(
-                    max=state.entries.shape[1] - 1)
-                snap.add(state, "entries", (j + 1) * ratio - 1, j)
         return snap
 
     def rollback(self, snap: CacheSnapshot, lengths: Tensor | None = None, mtp_lengths: Tensor | None = None) -> None:

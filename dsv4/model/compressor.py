@@ -47,7 +47,8 @@ class Compressor(nn.Module):
 
     def forward(self, x: Tensor, ctx: ForwardContext, state: CompressorState, freqs: Tensor) -> Tensor:
         """Pool the blocks this chunk completes into `state.entries`; return entries [B, n, c] where
-        n = the largest entry count in the batch after the chunk."""
+        n = the largest entry count in the batch after the chunk (a row's entries beyond its own count are
+        stale and masked by every reader)."""
         r = self.ratio
         ring = state.kv.shape[1]  # R = coff * r most recent tokens
         start, n_valid = ctx.start, ctx.lengths
@@ -74,7 +75,7 @@ class Compressor(nn.Module):
             state.kv = _gather_rows(ext_kv, ext_index).detach()
             state.score = _gather_rows(ext_score, ext_index).detach()
         total = int(torch.div(start + n_valid, r, rounding_mode="floor").max())
-        return state.entries[:, :total]
+        return state.entries.read(total)
 
     def _pool(self, ext_kv: Tensor, ext_score: Tensor, first: Tensor, n_new: Tensor, n_max: int, ring: int,
               state: CompressorState, freqs: Tensor, ctx: ForwardContext) -> None:
@@ -103,11 +104,7 @@ class Compressor(nn.Module):
         entry = apply_rope(entry, cos, sin)
         entry = self._qat(entry, ctx.exact)
         rows, cols = valid.nonzero(as_tuple=True)
-        where, values = (rows, j[rows, cols]), entry[rows, cols]
-        if ctx.persist:
-            state.entries.index_put_(where, values.detach())
-        else:  # out of place keeps the training graph intact
-            state.entries = state.entries.index_put(where, values)
+        state.entries.write(rows, j[rows, cols], entry[rows, cols])
 
     def _qat(self, entry: Tensor, exact: bool) -> Tensor:
         """The rounding the official inference applies to cached entries (values stay in entry.dtype)."""

@@ -98,9 +98,10 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(args.n_layers + k, args, dtype) for k in range(args.n_mtp_layers))
 
     # ------------------------------------------------------------------ public API
-    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> Cache:
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None, **options) -> Cache:
+        """A cache for this model's dtype and device; `options` go to `Cache` (storage, mtp)."""
         device = self.embed.weight.device
-        return Cache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype, device)
+        return Cache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype, device, **options)
 
     def forward(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
                 start_pos: int | Tensor | None = None, indexer_losses: list[Tensor] | None = None) -> Tensor:
@@ -139,6 +140,8 @@ class Transformer(nn.Module):
     def mtp_streams(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
                     lengths: Tensor | None = None) -> Tensor:
         """The MTP block's output streams [B,S,hc,d] (before its head); see `mtp_logits`."""
+        if cache is not None and not cache.has_mtp:
+            raise ValueError("this cache was built without the MTP layers (mtp=False)")
         ctx, cache = self._context(next_tokens, cache, lengths, None, cache_lengths=lambda c: c.mtp_lengths)
         block = self.mtp[depth]
         e = block.enorm(self.embed(next_tokens))
