@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv4.engine import Sampler, SamplingParams, SequenceState
-from dsv4.engine.sampling import apply_penalties, filter_mask
+from dsv4.engine.sampling import apply_penalties, filter_mask, process_logits
 
 # chi-square critical values at p = 0.001 by degrees of freedom
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46}
@@ -89,6 +89,58 @@ def test_filters_not_applied_to_zero_probability():
     logits = torch.randn(16, 30)
     out = run(Sampler(seed=0), logits, [SamplingParams(top_k=1)] * 8 + [SamplingParams(min_p=1.0)] * 8)
     assert out.tokens.tolist() == logits.argmax(-1).tolist()
+
+
+# -- the processed distribution (what the draw samples from; speculative verification compares against it) ------
+
+MIXED = [SamplingParams(temperature=0), SamplingParams(temperature=0, presence_penalty=1.0),
+         SamplingParams(temperature=0.7, top_k=1, seed=3), SamplingParams(temperature=0.8, top_p=0.6),
+         SamplingParams(temperature=1.3, top_k=5, min_p=0.05, frequency_penalty=0.5, repetition_penalty=1.3),
+         SamplingParams()]
+
+
+def mixed_states():
+    return [SequenceState(prompt_ids=[1, 2, 3], output_ids=[3, 4, 4, 9]) for _ in MIXED]
+
+
+def test_processed_probs_are_distributions_over_the_kept_tokens():
+    logits = torch.randn(len(MIXED), 30) * 2
+    states = mixed_states()
+    probs = process_logits(logits, MIXED, states).probs()
+    assert probs.shape == (len(MIXED), 30)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(MIXED)), atol=1e-6)
+    # greedy rows and top_k = 1: one-hot at the (penalised) argmax; top-p row: zero exactly off the mask
+    penalised = logits[1].clone()
+    penalised[[3, 4, 9]] -= 1.0
+    for row, want in ((0, logits[0].argmax()), (1, penalised.argmax()), (2, logits[2].argmax())):
+        assert probs[row].tolist() == torch.nn.functional.one_hot(want, 30).float().tolist()
+    soft = torch.softmax(logits[3] / 0.8, dim=-1)
+    keep = filter_mask(soft[None], torch.tensor([0]), torch.tensor([0.6]), torch.tensor([0.0]))[0]
+    assert torch.equal(probs[3] > 0, keep) and 1 <= int(keep.sum()) < 30
+    assert torch.allclose(probs[3], soft * keep / (soft * keep).sum())
+    assert torch.allclose(probs[5], torch.softmax(logits[5], dim=-1))
+    # nothing drawn or recorded: tokens and generators untouched
+    assert all(st.output_ids == [3, 4, 4, 9] and st.generator is None for st in states)
+
+
+def test_sample_draws_from_the_processed_probs():
+    """The token Sampler.sample returns is the processed distribution's argmax for greedy / top_k = 1 rows, is
+    never a zero-probability token, and over many draws follows the processed probs (chi-square)."""
+    logits = torch.randn(len(MIXED), 30) * 2
+    probs = process_logits(logits, MIXED, mixed_states()).probs()
+    for seed in range(5):
+        tokens = run(Sampler(seed=seed), logits, MIXED, mixed_states()).tokens
+        assert (probs.gather(1, tokens[:, None]) > 0).all()
+        assert tokens[:3].tolist() == probs[:3].argmax(-1).tolist()
+    row, n = 4, 30_000  # temperature, min-p, top-k and all three penalties
+    tokens = run(Sampler(seed=9), logits[row].expand(n, 30).clone(), [MIXED[row]] * n,
+                 [SequenceState(prompt_ids=[1, 2, 3], output_ids=[3, 4, 4, 9]) for _ in range(n)]).tokens
+    stat, df = chi_square(tokens, probs[row])
+    assert df == 4 and stat < CHI2_999[df], stat
+    # power: the same draws against the unpenalised distribution fail
+    unpenalised = process_logits(logits[row:row + 1], [MIXED[row]], [SequenceState()]).probs()[0]
+    with pytest.raises(AssertionError):
+        assert chi_square(tokens, unpenalised)[0] < CHI2_999[4]
 
 
 # -- the masks, hand-computed (dyadic probabilities, so fp32 sums are exact) ------------------------------------

@@ -30,6 +30,10 @@ top-p** (vLLM's ``processed_logprobs`` minus the filtering; vLLM's default is th
 greedy request (T = 0) the temperature step is skipped (T taken as 1), so its logprobs are the penalised model
 logprobs.
 
+`process_logits` applies steps 1-5 and nothing else (no draw, no recording); `Sampler.sample` is that, then
+`Sampler.draw` (step 6), then `Sampler.record` per row, so what speculative verification compares drafts against
+(`dsv4.engine.speculative.verify_drafts`) is by construction what the sampler would have drawn from.
+
 Randomness: a request with a ``seed`` owns a ``torch.Generator`` seeded once, on the logits' device, at its
 first sampled step; each non-greedy step draws exactly one ``[V]`` row of noise from it, so its tokens do not
 depend on which batch, or which row, it is sampled in. Unseeded requests share the sampler-wide generator (one
@@ -139,6 +143,17 @@ class SequenceState:
     output_counts: Tensor | None = field(default=None, repr=False)
     prompt_mask: Tensor | None = field(default=None, repr=False)
 
+    def counting(self, tokens: Sequence[int]) -> SequenceState:
+        """A throwaway copy that counts ``tokens`` as generated after this state's own, to score speculative drafts
+        as if they had been accepted without touching this state. It copies the penalty counts (if built) and
+        shares the read-only prompt mask, but not the generator: draw with the original state, never the copy."""
+        counts = None if self.output_counts is None else self.output_counts.clone()
+        if counts is not None and tokens:
+            counts.index_add_(0, torch.tensor(list(tokens), device=counts.device),
+                              torch.ones(len(tokens), dtype=counts.dtype, device=counts.device))
+        return SequenceState(self.prompt_ids, [*self.output_ids, *tokens], output_counts=counts,
+                             prompt_mask=self.prompt_mask)
+
     def _generator(self, seed: int, device: torch.device) -> torch.Generator:
         if self.generator is None:
             self.generator = torch.Generator(device=device)
@@ -216,6 +231,90 @@ def filter_mask(probs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> T
     return probs >= thr
 
 
+@dataclass
+class ProcessedLogits:
+    """A batch of logits after steps 1-5 (penalties, temperature, min-p / top-k / top-p), before any draw: what
+    `Sampler.sample` draws from, and what speculative verification compares drafts against. Built only by
+    `process_logits`, so the two can never disagree."""
+
+    logits: Tensor  # [B, V] fp32 after penalties: a greedy row's token is its argmax (lowest id among ties)
+    scaled: Tensor  # [B, V] fp32 after penalties and temperature (greedy rows: T = 1); logprobs are its log_softmax
+    rand: list[int]  # the rows that sample (T > 0), in order; the others are greedy
+    # [len(rand), V] fp32: softmax of those rows of `scaled`, filtered tokens zeroed and *not* renormalised (the
+    # Exp-noise draw needs no renormalisation, and skipping it keeps `Sampler.sample`'s bits as they always were)
+    weights: Tensor
+
+    def probs(self) -> Tensor:
+        """[B, V] fp32: the distribution each row's token is drawn from; a greedy row is one-hot at its argmax."""
+        out = torch.nn.functional.one_hot(self.logits.argmax(dim=-1), self.logits.shape[-1]).to(torch.float32)
+        if self.rand:
+            out[torch.tensor(self.rand, device=out.device)] = self.weights / self.weights.sum(dim=-1, keepdim=True)
+        return out
+
+
+@torch.no_grad()
+def process_logits(logits: Tensor, params: Sequence[SamplingParams],
+                   states: Sequence[SequenceState]) -> ProcessedLogits:
+    """logits [B, V] (any float dtype; computed in fp32), the params and states of the B requests. Applies steps
+    1-5 of the module docstring. Draws nothing and leaves the states' tokens and generators alone; the only thing
+    it may do to a state is create its cached penalty tensors (derived from its tokens, as `Sampler.sample` would
+    on its first penalised step)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    n_rows, vocab = logits.shape
+    if len(params) != n_rows or len(states) != n_rows:
+        raise ValueError(f"{n_rows} logits rows but {len(params)} params and {len(states)} states")
+    device = logits.device
+    logits = logits.to(torch.float32)
+
+    def col(values: list[float] | list[int], rows: list[int], dtype=torch.float32) -> Tensor:
+        return torch.tensor([values[i] for i in rows], dtype=dtype, device=device)
+
+    # 1. penalties
+    pen = [i for i, p in enumerate(params) if p.penalised]
+    if pen:
+        tensors = [states[i]._penalty_tensors(vocab, device) for i in pen]
+        idx = torch.tensor(pen, device=device)
+        logits = logits.clone()
+        logits[idx] = apply_penalties(
+            logits[idx], torch.stack([c for c, _ in tensors]), torch.stack([m for _, m in tensors]),
+            col([p.presence_penalty for p in params], pen), col([p.frequency_penalty for p in params], pen),
+            col([p.repetition_penalty for p in params], pen))
+
+    # 2. temperature (greedy rows keep T = 1: their logprobs are the penalised model logprobs)
+    temps = torch.tensor([max(p.temperature, _MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params],
+                         dtype=torch.float32, device=device)
+    scaled = logits / temps.unsqueeze(1)
+
+    rand = [i for i, p in enumerate(params) if not p.greedy]
+    probs = torch.softmax(scaled[torch.tensor(rand, dtype=torch.long, device=device)], dim=-1)  # [len(rand), V]
+    # 3-5. min-p, top-k, top-p
+    filt = [j for j, i in enumerate(rand) if params[i].filtered]
+    if filt:
+        fidx = torch.tensor(filt, device=device)
+        rows = [rand[j] for j in filt]
+        keep = filter_mask(probs[fidx], col([p.top_k for p in params], rows, torch.long),
+                           col([p.top_p for p in params], rows), col([p.min_p for p in params], rows))
+        probs[fidx] = probs[fidx] * keep
+    return ProcessedLogits(logits, scaled, rand, probs)
+
+
+def token_logprobs(scaled: Tensor, tokens: Tensor, top_n: Sequence[int]) -> list[TokenLogprobs]:
+    """scaled [n, V] (`ProcessedLogits.scaled` rows), tokens [n] (the token chosen after each row), top_n [n]
+    (each row's ``SamplingParams.logprobs``): the logprobs as the module docstring defines them."""
+    lps = torch.log_softmax(scaled, dim=-1)
+    chosen = lps.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    n_top = max(top_n, default=0)
+    top_v: list[list[float]] = [[] for _ in top_n]
+    top_i: list[list[int]] = [[] for _ in top_n]
+    if n_top:
+        # descending logprob; the stable sort keeps lower ids first among ties
+        vals, ids = torch.sort(lps, dim=-1, descending=True, stable=True)
+        top_v, top_i = vals[:, :n_top].tolist(), ids[:, :n_top].tolist()
+    return [TokenLogprobs(t, c, list(zip(ti[:n], tv[:n], strict=True)))
+            for t, c, ti, tv, n in zip(tokens.tolist(), chosen, top_i, top_v, top_n, strict=True)]
+
+
 class Sampler:
     """Samples one token per row for a batch of requests. ``eos_id``: the token that ends every request (unless
     its params say ``ignore_eos``); ``seed``: the sampler-wide generator's seed (None: a random one)."""
@@ -236,97 +335,68 @@ class Sampler:
             self._generators[device] = g
         return g
 
+    def generator(self, params: SamplingParams, state: SequenceState, device: torch.device) -> torch.Generator:
+        """The generator a request's random draws come from: its own (seeded once, on first use) when its params
+        carry a seed, else the sampler-wide one of that device."""
+        if params.seed is None:
+            return self._shared_generator(device)
+        return state._generator(params.seed, device)
+
+    def draw(self, processed: ProcessedLogits, params: Sequence[SamplingParams],
+             states: Sequence[SequenceState]) -> Tensor:
+        """Step 6: one token per row of `processed` ([B] int64 on its device): greedy rows their argmax, the others
+        the official probs / Exp(1)-noise argmax. Each seeded row draws one [V] noise row from its own generator,
+        the unseeded rows one [n, V] draw from the shared one. Records nothing."""
+        tokens = processed.logits.argmax(dim=-1)  # greedy rows (first maximum = lowest id)
+        rand, probs = processed.rand, processed.weights
+        if not rand:
+            return tokens
+        device, vocab = probs.device, probs.shape[-1]
+        noise = torch.empty_like(probs)
+        shared = [j for j, i in enumerate(rand) if params[i].seed is None]
+        if len(shared) == len(rand):
+            noise.exponential_(1, generator=self._shared_generator(device))
+        else:
+            if shared:
+                sidx = torch.tensor(shared, device=device)
+                noise[sidx] = torch.empty(len(shared), vocab, device=device).exponential_(
+                    1, generator=self._shared_generator(device))
+            for j, i in enumerate(rand):
+                if params[i].seed is not None:
+                    noise[j].exponential_(1, generator=self.generator(params[i], states[i], device))
+        tokens[torch.tensor(rand, device=device)] = (probs / noise).argmax(dim=-1)
+        return tokens
+
+    def record(self, token: int, params: SamplingParams, state: SequenceState) -> str | None:
+        """Appends a chosen token to the request's state (tokens and penalty counts) and says whether it ends the
+        request: "stop" (a stop id, or EOS unless ``ignore_eos``), "length" (``max_tokens`` reached) or None."""
+        state.output_ids.append(token)
+        if state.output_counts is not None:
+            state.output_counts[token] += 1
+        if token in params.stop_token_ids or (not params.ignore_eos and self.eos_id is not None
+                                              and token == self.eos_id):
+            return "stop"
+        if len(state.output_ids) >= params.max_tokens:
+            return "length"
+        return None
+
     @torch.no_grad()
     def sample(self, logits: Tensor, params: Sequence[SamplingParams],
                states: Sequence[SequenceState]) -> SampleOutput:
         """logits [B, V] (the next-token logits of each request, any float dtype; computed in fp32), the
         params and states of the B requests. Appends each chosen token to its state's ``output_ids``."""
-        if logits.dim() != 2:
-            raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
-        n_rows, vocab = logits.shape
-        if len(params) != n_rows or len(states) != n_rows:
-            raise ValueError(f"{n_rows} logits rows but {len(params)} params and {len(states)} states")
-        device = logits.device
-        logits = logits.to(torch.float32)
-
-        def col(values: list[float] | list[int], rows: list[int], dtype=torch.float32) -> Tensor:
-            return torch.tensor([values[i] for i in rows], dtype=dtype, device=device)
-
-        # 1. penalties
-        pen = [i for i, p in enumerate(params) if p.penalised]
-        if pen:
-            tensors = [states[i]._penalty_tensors(vocab, device) for i in pen]
-            idx = torch.tensor(pen, device=device)
-            logits = logits.clone()
-            logits[idx] = apply_penalties(
-                logits[idx], torch.stack([c for c, _ in tensors]), torch.stack([m for _, m in tensors]),
-                col([p.presence_penalty for p in params], pen), col([p.frequency_penalty for p in params], pen),
-                col([p.repetition_penalty for p in params], pen))
-
-        # 2. temperature (greedy rows keep T = 1: their logprobs are the penalised model logprobs)
-        temps = torch.tensor([max(p.temperature, _MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params],
-                             dtype=torch.float32, device=device)
-        scaled = logits / temps.unsqueeze(1)
-
-        tokens = logits.argmax(dim=-1)  # greedy rows (first maximum = lowest id)
-        rand = [i for i, p in enumerate(params) if not p.greedy]
-        if rand:
-            ridx = torch.tensor(rand, device=device)
-            probs = torch.softmax(scaled[ridx], dim=-1)
-            # 3-5. min-p, top-k, top-p
-            filt = [j for j, i in enumerate(rand) if params[i].filtered]
-            if filt:
-                fidx = torch.tensor(filt, device=device)
-                rows = [rand[j] for j in filt]
-                keep = filter_mask(probs[fidx], col([p.top_k for p in params], rows, torch.long),
-                                   col([p.top_p for p in params], rows), col([p.min_p for p in params], rows))
-                probs[fidx] = probs[fidx] * keep
-            # 6. the official draw: probs / Exp(1) noise, argmax
-            noise = torch.empty_like(probs)
-            shared = [j for j, i in enumerate(rand) if params[i].seed is None]
-            if len(shared) == len(rand):
-                noise.exponential_(1, generator=self._shared_generator(device))
-            else:
-                if shared:
-                    sidx = torch.tensor(shared, device=device)
-                    noise[sidx] = torch.empty(len(shared), vocab, device=device).exponential_(
-                        1, generator=self._shared_generator(device))
-                for j, i in enumerate(rand):
-                    seed = params[i].seed
-                    if seed is not None:
-                        noise[j].exponential_(1, generator=states[i]._generator(seed, device))
-            tokens[ridx] = (probs / noise).argmax(dim=-1)
-
+        processed = process_logits(logits, params, states)
+        tokens = self.draw(processed, params, states)
         token_ids = tokens.tolist()
 
         # logprobs (after penalties and temperature, before filtering)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        lp_out: list[TokenLogprobs | None] = [None] * n_rows
+        lp_out: list[TokenLogprobs | None] = [None] * len(params)
         if want:
-            widx = torch.tensor(want, device=device)
-            lps = torch.log_softmax(scaled[widx], dim=-1)
-            chosen = lps.gather(1, tokens[widx].unsqueeze(1)).squeeze(1).tolist()
-            n_top = max(params[i].logprobs or 0 for i in want)
-            top_v: list[list[float]] = [[] for _ in want]
-            top_i: list[list[int]] = [[] for _ in want]
-            if n_top:
-                # descending logprob; the stable sort keeps lower ids first among ties
-                vals, ids = torch.sort(lps, dim=-1, descending=True, stable=True)
-                top_v, top_i = vals[:, :n_top].tolist(), ids[:, :n_top].tolist()
-            for j, i in enumerate(want):
-                n = params[i].logprobs or 0
-                lp_out[i] = TokenLogprobs(token_ids[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True)))
+            widx = torch.tensor(want, device=tokens.device)
+            for i, lp in zip(want, token_logprobs(processed.scaled[widx], tokens[widx],
+                                                  [params[i].logprobs or 0 for i in want]), strict=True):
+                lp_out[i] = lp
 
-        reasons: list[str | None] = []
-        for t, p, st in zip(token_ids, params, states, strict=True):
-            st.output_ids.append(t)
-            if st.output_counts is not None:
-                st.output_counts[t] += 1
-            if t in p.stop_token_ids or (not p.ignore_eos and self.eos_id is not None and t == self.eos_id):
-                reasons.append("stop")
-            elif len(st.output_ids) >= p.max_tokens:
-                reasons.append("length")
-            else:
-                reasons.append(None)
+        reasons = [self.record(t, p, st) for t, p, st in zip(token_ids, params, states, strict=True)]
         return SampleOutput(tokens, token_ids, reasons, lp_out)
-

@@ -17,10 +17,21 @@ last logits give the first draft d_1 (for t_{L+1}). One step:
 Since the main cache only ever keeps tokens the main model itself chose greedily, the output equals
 `dsv4.generate.generate(model, [prompt], n)` (up to last-bit differences between a (k+1)-token verify chunk and
 single-token decode, which the cache tests bound at 1e-5 in fp32).
+
+Sampled requests (the engine's per-request primitive; `speculative_generate` itself stays greedy): `draft_tokens`
+turns MTP logits into drafts d_j drawn from q_j (the MTP logits processed by the request's own `SamplingParams`,
+with the earlier drafts counted as output), and `verify_drafts` is standard speculative sampling (Leviathan et al.
+2023, Chen et al. 2023): with p_j the target distribution the `Sampler` would draw from after d_1..d_{j-1},
+accept d_j with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection draw from
+normalise(max(0, p_j - q_j)); if all k are accepted draw a bonus token from p_{k+1}. Every emitted token is then
+distributed exactly as the plain sampler would draw it, whatever q is; q only sets the acceptance rate
+(sum_x min(p_j(x), q_j(x)) per draft). A greedy request reduces to the rule above: accept while d_j is the argmax,
+then emit the argmax, drawing no randomness.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +39,7 @@ from torch import Tensor
 
 from ..model import Transformer
 from ..model.cache import Cache
+from .sampling import Sampler, SamplingParams, SequenceState, TokenLogprobs, process_logits, token_logprobs
 
 
 @dataclass
@@ -114,3 +126,91 @@ def speculative_generate(model: Transformer, prompt_ids: list[int], max_new_toke
         pending = new[-1]
         hidden = model.mtp_streams(streams[:, : a + 1], torch.tensor([new], device=device), cache)[:, -1:]
         stats.mtp_forwards += 1
+
+
+@dataclass
+class VerifyOutput:
+    """What one speculative step emits for one request (`verify_drafts`)."""
+
+    token_ids: list[int]  # the accepted drafts then one more token, cut after the first finishing token
+    # drafts the verification accepted (0..k), counted before any cut: len(token_ids) == accepted + 1 unless
+    # finish_reason is set (the request is over then, so nothing is fed back)
+    accepted: int
+    finish_reason: str | None  # of the last emitted token: "stop", "length" or None (as `Sampler.record`)
+    logprobs: list[TokenLogprobs] | None  # one per emitted token when the params ask for logprobs
+
+
+@torch.no_grad()
+def draft_tokens(sampler: Sampler, logits: Tensor, params: Sequence[SamplingParams],
+                 states: Sequence[SequenceState],
+                 drafted: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, Tensor]:
+    """One draft per request from MTP logits [B, V]: returns the tokens [B] int64 (on the logits' device, to feed
+    the next MTP call without a host round trip) and q [B, V] fp32, the distributions they were drawn from (pass
+    a request's rows to `verify_drafts` as its ``draft_probs``). q is the logits processed exactly as the
+    `Sampler` processes target logits, with ``drafted[b]`` (request b's earlier drafts this step) counted as
+    output; greedy rows are the argmax with a one-hot q. Sampled rows draw from the request's generator (or the
+    shared one) with the `Sampler`'s Exp-noise rule, so a seeded request's drafts do not depend on the batch,
+    but its stream does differ from non-speculative decoding. Appends nothing to the states."""
+    scoring = states if drafted is None else [st.counting(d) for st, d in zip(states, drafted, strict=True)]
+    processed = process_logits(logits, params, scoring)
+    return sampler.draw(processed, params, states), processed.probs()
+
+
+@torch.no_grad()
+def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int], draft_probs: Tensor,
+                  params: SamplingParams, state: SequenceState) -> VerifyOutput:
+    """Standard speculative sampling for one request (module docstring). ``target_logits`` [k+1, V]: the main
+    model's logits for the fed tokens [pending, d_1..d_k] (row i scores the token after the i-th fed token);
+    ``drafts``: d_1..d_k; ``draft_probs`` [k, V]: q_1..q_k, each a distribution (sum 1) that d_j was drawn from
+    (`draft_tokens`; unused when the request is greedy). Row i of the target is processed with d_1..d_i counted
+    as output, so penalties see the drafts that precede it.
+
+    The emitted tokens are recorded in ``state`` exactly as `Sampler.sample` records its tokens (stop ids, EOS,
+    ``max_tokens``), stopping at the first finishing token. A sampled request draws k uniforms then one [V]
+    Exp(1) noise row from its generator (its own when seeded, else the sampler's shared one), whatever the
+    outcome; with k = 0 this is exactly `Sampler.sample` for that request."""
+    k = len(drafts)
+    if target_logits.dim() != 2 or target_logits.shape[0] != k + 1:
+        raise ValueError(f"{k} drafts need target logits [{k + 1}, V], got shape {tuple(target_logits.shape)}")
+    device, vocab = target_logits.device, target_logits.shape[1]
+    if tuple(draft_probs.shape) != (k, vocab):
+        raise ValueError(f"{k} drafts need draft probs [{k}, {vocab}], got shape {tuple(draft_probs.shape)}")
+    if params.penalised:
+        state._penalty_tensors(vocab, device)  # build the counts once on the request; the copies clone them
+        rows = [state.counting(drafts[:i]) for i in range(k + 1)]
+    else:
+        rows = [state] * (k + 1)  # processing without penalties never reads the state
+    processed = process_logits(target_logits, [params] * (k + 1), rows)
+    d = torch.tensor(list(drafts), dtype=torch.long, device=device)  # [k]
+    if params.greedy:
+        target = processed.logits.argmax(dim=-1)  # [k+1], Sampler's greedy token of each row
+        accept = d == target[:k]  # [k]
+    else:
+        p = processed.probs()  # [k+1, V]
+        q = draft_probs.to(device=device, dtype=torch.float32)
+        g = sampler.generator(params, state, device)
+        ar = torch.arange(k, device=device)
+        u = torch.rand(k, generator=g, device=device) if k else torch.empty(0, device=device)
+        accept = u * q[ar, d] < p[ar, d]  # [k]: u < p / q without the division (q = 0 < p accepts)
+        noise = torch.empty(vocab, device=device).exponential_(1, generator=g)  # [V]
+    accepted = int(accept.to(torch.long).cumprod(dim=0).sum()) if k else 0
+    if params.greedy:
+        last = target[accepted]
+    elif accepted < k:
+        residual = (p[accepted] - q[accepted]).clamp(min=0)  # [V]
+        # p == q up to rounding leaves no mass (a rejection there has probability ~0): fall back to p itself
+        last = (torch.where(residual.sum() > 0, residual, p[accepted]) / noise).argmax()
+    else:
+        last = (processed.weights[k] / noise).argmax()  # the bonus token: Sampler.sample's own draw from p_{k+1}
+    emitted: list[int] = []
+    reason = None
+    for t in [*drafts[:accepted], int(last)]:
+        emitted.append(t)
+        reason = sampler.record(t, params, state)
+        if reason is not None:
+            break
+    logprobs = None
+    if params.logprobs is not None:
+        n = len(emitted)
+        logprobs = token_logprobs(processed.scaled[:n], torch.tensor(emitted, device=device), [params.logprobs] * n)
+    return VerifyOutput(emitted, accepted, reason, logprobs)
