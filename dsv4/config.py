@@ -302,11 +302,26 @@ def _small() -> ModelArgs:
     )
 
 
-PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "small": _small}
+def _nano() -> ModelArgs:
+    """The smallest V4 with every mechanism at the released context length (1,048,576 tokens): a
+    sliding-only, a CSA (ratio 4, indexer) and an HCA (ratio 128) layer, hash and learned MoE, mHC,
+    an MTP block; YaRN stretches the 65,536-token original context 16x like flash. A 1M prefill is
+    dominated by the indexer, which scores every visible CSA entry: L^2/8 scores in all (1.4e11 at
+    1M), so the index width is the minimum the rope dims allow (1 head x 16)."""
+    return ModelArgs(
+        vocab_size=256, dim=64, moe_inter_dim=32, n_layers=3, n_hash_layers=1, n_mtp_layers=1, n_heads=4,
+        n_routed_experts=4, n_activated_experts=2, route_scale=1.5, q_lora_rank=32, head_dim=32,
+        rope_head_dim=8, o_groups=2, o_lora_rank=16, window_size=128, compress_ratios=(0, 4, 128, 0),
+        index_n_heads=1, index_head_dim=16, index_topk=16, original_seq_len=65536, rope_factor=16.0,
+        max_seq_len=1048576,
+    )
+
+
+PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "small": _small, "nano": _nano}
 
 
 def preset(name: str) -> ModelArgs:
-    """Named configuration: the released `flash` / `pro`, or the research sizes `tiny` / `small`."""
+    """Named configuration: the released `flash` / `pro`, or the research sizes `nano` / `tiny` / `small`."""
     try:
         return PRESETS[name]()
     except KeyError:

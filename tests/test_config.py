@@ -15,7 +15,7 @@ def test_released_flash_configs_agree(shared_dir):
 
 
 def test_hf_dialect_round_trip():
-    for name in ("flash", "pro", "tiny", "small"):
+    for name in ("flash", "pro", "tiny", "small", "nano"):
         args = preset(name)
         assert ModelArgs.from_hf_config(args.to_hf_config()).replace(
             max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size) == args

@@ -89,7 +89,7 @@ def test_parameter_counts_match_spec_2_3():
 
 
 # ---------------------------------------------------------------------- properties
-@pytest.mark.parametrize("name", ["tiny", "small", "flash"])
+@pytest.mark.parametrize("name", ["nano", "tiny", "small", "flash"])
 def test_kv_total_is_linear_in_batch_and_grows_with_context(name):
     args = preset(name)
     one = kv_plan(args, 5000, 1)
@@ -99,7 +99,7 @@ def test_kv_total_is_linear_in_batch_and_grows_with_context(name):
     assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "flash"])
+@pytest.mark.parametrize("name", ["nano", "tiny", "small", "flash"])
 def test_flops_grow_with_position(name):
     args = preset(name)
     totals = [flops_per_token(args, p).total for p in range(1, 3000, 13)]

@@ -23,6 +23,10 @@ from .compressor import Compressor
 from .layers import Linear
 from .rope import apply_rope
 
+# bound on one block of queries' score slab [B, s, Hi, N] (the indexer scores every visible entry); under
+# glibc's 32 MiB mmap ceiling, so the blocks reuse heap memory instead of faulting in fresh pages each time
+SCORE_BLOCK_BYTES = 16 << 20
+
 
 class Indexer(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None) -> None:
@@ -56,21 +60,86 @@ class Indexer(nn.Module):
         if ctx.exact:
             q = kernels.fp4_simulate(q)
         weights = self.weights_proj(x) * self.weight_scale  # [B,S,Hi]
-        scores = torch.einsum("bshd,bnd->bshn", q, keys.to(q.dtype)).relu()
-        index_scores = (scores * weights.unsqueeze(-1)).sum(dim=2)  # [B,S,N]
-        if self.all_reduce is not None:
-            index_scores = self.all_reduce(index_scores)
-        visible = torch.arange(n_entries, device=x.device) < torch.div(ctx.positions + 1, CSA_RATIO,
-                                                                      rounding_mode="floor").unsqueeze(-1)
-        index_scores = index_scores.masked_fill(~visible, float("-inf"))
+        keys = keys.to(q.dtype)
+        n_visible = torch.div(ctx.positions + 1, CSA_RATIO, rounding_mode="floor")  # [B,S] entries each query sees
         k = min(self.topk, n_entries)
-        # stable sort: exact ties (all heads' ReLUs at 0 is common) go to the earliest entries, so the
-        # choice does not depend on how many (masked) future entries the call happens to hold. The
-        # selection stays in descending score order like the official top-k: the attention kernel walks
-        # its candidates in that order, in blocks, so the order is part of the numerics.
-        top = index_scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-        top_scores = index_scores.gather(-1, top)
-        return torch.where(visible.gather(-1, top), top, -1), top_scores
+        # the scores of all queries against all entries would be [B,S,Hi,N]: O(L^2) for a long prefill,
+        # so the queries go through in blocks whose score slab stays under SCORE_BLOCK_BYTES
+        bsz, seqlen = x.shape[:2]
+        block = max(1, SCORE_BLOCK_BYTES // (bsz * self.n_heads * n_entries * q.element_size()))
+        chosen, chosen_scores = [], []
+        for lo in range(0, seqlen, block):
+            rows = slice(lo, lo + block)
+            scores = torch.einsum("bshd,bnd->bshn", q[:, rows], keys).relu_()  # [B,s,Hi,N]
+            weighted = scores * weights[:, rows].unsqueeze(-1)
+            # over one head the sum is a copy (and torch's reduction over a size-1 dim is slow)
+            index_scores = weighted[:, :, 0] if self.n_heads == 1 else weighted.sum(dim=2)  # [B,s,N]
+            if self.all_reduce is not None:
+                index_scores = self.all_reduce(index_scores)
+            seen = n_visible[:, rows].unsqueeze(-1)  # [B,s,1]
+            first_hidden = int(seen.min())  # entries before it are visible to every query of the block
+            hidden = torch.arange(first_hidden, n_entries, device=x.device) >= seen  # [B,s,N-first_hidden]
+            index_scores[..., first_hidden:].masked_fill_(hidden, float("-inf"))
+            top = stable_topk(index_scores.detach(), k)  # [B,s,k]
+            chosen.append(torch.where(top < seen, top, -1))
+            chosen_scores.append(index_scores.gather(-1, top))
+        return torch.cat(chosen, dim=1), torch.cat(chosen_scores, dim=1)
+
+
+def stable_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices [..., min(k, N)] equal to `scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]`,
+    in O(N) per row instead of a sort.
+
+    Exact ties are common (every head's ReLU at 0, masked -inf entries), and the rule must not depend on
+    how many entries a call happens to hold, so ties go to the earliest entries, and the picks come in
+    descending score order (ties by index) like the official top-k: the attention kernel walks its
+    candidates in that order, in blocks, so the order is part of the numerics. `topk` finds a k-set in
+    O(N) but keeps an unspecified subset of the entries tied at the k-th value; asking it for k + 1
+    values shows whether such a tie is cut, and only those rows swap their tied picks for the earliest
+    tied entries (`_take_earliest_ties`).
+    """
+    n = scores.shape[-1]
+    k = min(k, n)
+    if k in (0, n):  # nothing or everything is picked: only the order is left to do
+        top = torch.arange(k, device=scores.device).expand(*scores.shape[:-1], k)
+    else:
+        values, top = scores.topk(k + 1, dim=-1)  # [..., k+1] descending
+        cut = values[..., k] == values[..., k - 1]  # [...] the (k+1)-th value ties the k-th: a tie is cut
+        values, top = values[..., :k], top[..., :k]
+        if bool(cut.any()):
+            top = top.clone()
+            _take_earliest_ties(scores.reshape(-1, n), values.reshape(-1, k), top.view(-1, k),
+                                cut.reshape(-1).nonzero().squeeze(1))
+    top = top.sort(dim=-1).values  # the chosen set in index order ...
+    order = scores.gather(-1, top).sort(dim=-1, descending=True, stable=True).indices  # ... then by score
+    return top.gather(-1, order)
+
+
+def _take_earliest_ties(scores: Tensor, values: Tensor, top: Tensor, rows: Tensor) -> None:
+    """In the given rows of a top-k (scores [M,N], its values / indices [M,k]), replace the picks tied at
+    the k-th value by the earliest entries holding that value (in place in `top`).
+
+    Every entry above the k-th value is already picked, so a row needs only its first `need` tied
+    positions. Ties at 0 (all ReLUs off) are many and start early, so the search scans a prefix that
+    widens 4x at a time for the rows not yet served (a query that sees fewer than k entries finds its
+    -inf ties only past them): under 4/3 N compares per row at worst.
+    """
+    k, n = values.shape[1], scores.shape[1]
+    width = 4 * k
+    while rows.numel():
+        width = min(width, n)
+        kth = values[rows, k - 1 :]  # [R,1]
+        above = values[rows] > kth  # [R,k] picks that stay
+        need = k - above.sum(-1, keepdim=True)  # [R,1] tied picks to take, >= 1
+        tied = scores[rows, :width] == kth  # [R,w]
+        rank = tied.cumsum(-1)  # [R,w]
+        done = rank[:, -1:] >= need  # [R,1] the prefix holds enough ties
+        take = tied & (rank <= need) & done  # [R,w] exactly `need` per finished row
+        fixed = top[rows]
+        fixed[~above & done] = take.nonzero()[:, 1]  # row-major on both sides: each row gets its own
+        top[rows] = fixed
+        rows = rows[~done.squeeze(1)]
+        width *= 4
 
 
 def indexer_kl_loss(attn_logits: Tensor, attn_sink: Tensor, n_window: int, chosen: Tensor,
