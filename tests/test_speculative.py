@@ -27,12 +27,16 @@ def prompts(model, sizes, seed=0):
 
 
 def cache_tensors(cache):
+    """Everything a later forward can read: rings, tails and the entries finished within each row's length
+    (entries past it are dead storage, rewritten before they become visible)."""
     out = [cache.lengths, cache.mtp_lengths]
-    for layer in cache.layers:
+    for layer_id, layer in enumerate(cache.layers):
         out.append(layer.window)
+        length = cache.mtp_lengths if layer_id >= cache.args.n_layers else cache.lengths
         for state in (layer.compressor, layer.indexer):
             if state is not None:
-                out += [state.kv, state.score, state.entries]
+                finished = int(length[0]) // cache.args.layer_ratio(layer_id)
+                out += [state.kv, state.score, state.entries.read(finished)]
     return out
 
 

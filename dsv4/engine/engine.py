@@ -24,6 +24,14 @@ With the prefix cache on, the state is saved at the end of each prompt, at the e
 `prefix_interval` prompt tokens (chunks are cut there), and each request reports how many prompt tokens it
 took from the cache. A prompt whose whole token list is saved samples from the saved logits without a forward.
 
+With `num_speculative = k` > 0 every decode step is an MTP speculative step (architecture §3.9): the MTP block
+drafts k tokens per decoding request (`_draft`), the main model scores the pending token and the drafts in the
+same batched call as the prefill chunks, `verify_drafts` accepts the longest agreeing prefix (greedy) or runs
+standard speculative sampling, and `Cache.rollback` restores the rejected drafts' ring slots and compressor
+tails exactly. The MTP cache runs one token behind the main cache (the last token's final streams wait in
+`hidden` for their successor), so its contents, like the main cache's, depend only on the token prefix; hence
+prefix saves and preemption work unchanged. Greedy output is token for token the plain greedy sequence.
+
 `AsyncEngine` wraps an `Engine` for asyncio: `generate(prompt_ids, params)` is an async iterator of the
 request's updates, the step loop runs as a background task, and a consumer that stops (cancellation,
 `aclose`, leaving the loop early) aborts its request.
@@ -44,6 +52,7 @@ from ..model import Transformer
 from .kv_cache import CacheFullError, KVCacheManager
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, SequenceState, TokenLogprobs
+from .speculative import draft_tokens, verify_drafts
 
 
 @dataclass
@@ -76,6 +85,12 @@ class EngineStats:
     prefix_lookups: int
     prefix_hits: int
     prefix_hit_tokens: int
+    drafted: int  # MTP draft tokens proposed
+    accepted: int  # ... and accepted by the main model
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 @dataclass(eq=False)
@@ -89,6 +104,7 @@ class _Request:
     cached_tokens: int = 0  # prompt tokens the prefix cache supplied at first admission
     admitted: bool = False
     ready: Tensor | None = None  # saved logits to sample from without a forward (a whole-token prefix hit)
+    hidden: Tensor | None = None  # [hc, dim] final streams of the last cached token, the MTP block's next input
 
     @property
     def num_tokens(self) -> int:
@@ -117,20 +133,29 @@ class Engine:
                  prefill_chunk: int = 64, eos_id: int | None = None, seed: int | None = None, *,
                  kv_format: str = "model", kv_budget_bytes: int | None = None, num_pages: int | None = None,
                  page_tokens: int | None = None, prefix_cache_bytes: int = 0,
-                 prefix_interval: int | None = None) -> None:
+                 prefix_interval: int | None = None, num_speculative: int = 0) -> None:
         max_seq_len = max_seq_len or model.args.max_seq_len
         if max_batch < 1 or max_seq_len < 2 or prefill_chunk < 1:
             raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2 and prefill_chunk >= 1, got "
                              f"{max_batch}, {max_seq_len}, {prefill_chunk}")
         if prefix_cache_bytes < 0 or (prefix_interval is not None and prefix_interval < 1):
             raise ValueError("prefix_cache_bytes must be >= 0 and prefix_interval >= 1")
+        if num_speculative < 0 or (num_speculative and not model.args.n_mtp_layers):
+            raise ValueError(f"num_speculative={num_speculative}: needs >= 0, and a model with an MTP block to draft")
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
         self.device = model.embed.weight.device
-        self.kv = KVCacheManager(model, max_batch, max_seq_len, kv_format, kv_budget_bytes, num_pages, page_tokens)
+        self.k = num_speculative
+        # a verify step appends k + 1 tokens, which may run k past a request's last kept token
+        self.kv = KVCacheManager(model, max_batch, max_seq_len + self.k, kv_format, kv_budget_bytes, num_pages,
+                                 page_tokens, mtp=self.k > 0)
         self.cache = self.kv.cache
+        if self.k and self.k + 1 > self.cache.ring_limit():
+            raise ValueError(f"num_speculative={self.k}: a verify step of k + 1 tokens must fit the smallest cache "
+                             f"ring ({self.cache.ring_limit()})")
+        self.drafted = self.accepted = 0
         self.prefix = PrefixCache(self.kv, prefix_cache_bytes) if prefix_cache_bytes else None
         self.prefix_interval = prefix_interval
         self.sampler = Sampler(eos_id=eos_id, seed=seed)
@@ -199,7 +224,8 @@ class Engine:
             kv_bytes_used=(len(self._running) * (lay.state_bytes + lay.mtp_state_bytes)
                            + used_pages * (lay.page_bytes + lay.mtp_page_bytes)),
             preemptions=self.preemptions, prefix_entries=prefix[0], prefix_bytes=prefix[1],
-            prefix_lookups=prefix[2], prefix_hits=prefix[3], prefix_hit_tokens=prefix[4])
+            prefix_lookups=prefix[2], prefix_hits=prefix[3], prefix_hit_tokens=prefix[4],
+            drafted=self.drafted, accepted=self.accepted)
 
     def _output(self, req: _Request, tokens: list[int], logprobs: list, reason: str | None) -> RequestOutput:
         return RequestOutput(req.id, tokens, logprobs, reason is not None, reason, len(req.prompt),
@@ -210,7 +236,7 @@ class Engine:
             self._slots[req.slot] = None
             self.kv.release(req.slot)
             req.slot = None
-        req.computed, req.ready = 0, None
+        req.computed, req.ready, req.hidden = 0, None, None
 
     def _preempt(self, req: _Request) -> None:
         """Free a running request's memory; it waits at its arrival position and recomputes later."""
@@ -242,6 +268,7 @@ class Engine:
             if hit is not None:
                 self.kv.load(req.slot, hit.state)
                 req.computed = len(hit.tokens)
+                req.hidden = hit.hidden
                 if req.computed == req.num_tokens:
                     req.ready = hit.logits
             if not req.admitted:
@@ -254,8 +281,8 @@ class Engine:
         waiting_for_forward = [r for r in self._running if r.ready is None]
         for req in waiting_for_forward:
             if req.remaining == 1:
-                plan[req] = 1
-        budget = self.prefill_chunk - len(plan)
+                plan[req] = 1 + self.k  # the pending token, then k drafts to verify
+        budget = self.prefill_chunk - sum(plan.values())
         for req in waiting_for_forward:
             if budget <= 0:
                 break
@@ -290,45 +317,142 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Admit, schedule, run one batched model call, sample; returns one update per request that generated
-        a token this step (requests still prefilling produce none)."""
+        tokens this step (requests still prefilling produce none)."""
         self._admit()
         plan = self._schedule()
         self._reserve(plan)
+        # (request, new tokens, their logprobs, finish reason, the logits after its last cached token)
+        sampled: list[tuple[_Request, list[int], list, str | None, Tensor]] = []
         to_sample: list[tuple[_Request, Tensor]] = [(r, r.ready) for r in self._running if r.ready is not None]
         if plan:
-            width = max(plan.values())
-            tokens = torch.zeros(self.max_batch, width, dtype=torch.long)
-            lengths = torch.zeros(self.max_batch, dtype=torch.long)
-            for req, n in plan.items():
-                tokens[req.slot, :n] = torch.tensor(req.token_slice(req.computed, req.computed + n))
-                lengths[req.slot] = n
-            tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-            streams = self.model.forward_streams(tokens, self.cache, lengths=lengths)  # [max_batch, width, hc, d]
-            order = list(plan)
-            slots = torch.tensor([r.slot for r in order], device=self.device)
-            last = self.model.logits(streams[slots, lengths[slots] - 1].unsqueeze(1))[:, 0]  # [n, vocab]
-            for req, logits in zip(order, last, strict=True):
-                req.computed += plan[req]
-                self._save_prefix(req, logits)
-                if req.remaining == 0:
-                    to_sample.append((req, logits))
-        if not to_sample:
-            return []
-        to_sample.sort(key=lambda item: item[0].id)
-        reqs = [r for r, _ in to_sample]
-        logits = torch.stack([row.to(self.device) for _, row in to_sample])
-        out = self.sampler.sample(logits, [r.params for r in reqs], [r.state for r in reqs])
+            sampled += self._forward(plan, to_sample)
+        if to_sample:
+            to_sample.sort(key=lambda item: item[0].id)
+            reqs = [r for r, _ in to_sample]
+            logits = torch.stack([row.to(self.device) for _, row in to_sample])
+            out = self.sampler.sample(logits, [r.params for r in reqs], [r.state for r in reqs])
+            for (req, row), tok, reason, lp in zip(to_sample, out.token_ids, out.finish_reasons, out.logprobs,
+                                                   strict=True):
+                req.ready = None
+                sampled.append((req, [tok], [lp], reason, row))
         updates = []
-        for (req, row), tok, reason, lp in zip(to_sample, out.token_ids, out.finish_reasons, out.logprobs,
-                                               strict=True):
-            req.ready = None
-            updates.append(self._output(req, [tok], [lp], reason))
+        for req, toks, lps, reason, row in sorted(sampled, key=lambda item: item[0].id):
+            updates.append(self._output(req, toks, lps, reason))
             if reason is not None:
                 if self.prefix is not None:  # end of output: the cache holds prompt + output minus the last token
-                    self.prefix.store(req.token_slice(0, req.computed), req.slot, row)
+                    self.prefix.store(req.token_slice(0, req.computed), req.slot, row, req.hidden)
                 self._running.remove(req)
                 self._free(req)
         return updates
+
+    def _forward(self, plan: dict[_Request, int], to_sample: list[tuple[_Request, Tensor]]) -> list:
+        """Run the scheduled chunks (drafting and verifying for decodes when speculating); update each request's
+        cache position, MTP input and prefix saves; append the requests whose tokens are all cached to
+        `to_sample` with their last logits, and return the speculative decodes' emissions."""
+        verifying = [r for r in plan if self.k and r.remaining == 1]
+        drafts: dict[_Request, tuple[list[int], Tensor]] = {}
+        if verifying:
+            snap = self.cache.snapshot(self.k + 1)
+            drafts = self._draft(verifying)
+        start = {r: r.computed for r in plan}
+        fed = {r: r.token_slice(r.computed, r.computed + n) for r, n in plan.items()}
+        for r, (d, _) in drafts.items():
+            fed[r] = fed[r] + d
+        width = max(len(t) for t in fed.values())
+        tokens = torch.zeros(self.max_batch, width, dtype=torch.long)
+        lengths = torch.zeros(self.max_batch, dtype=torch.long)
+        for req, toks in fed.items():
+            tokens[req.slot, :len(toks)] = torch.tensor(toks)
+            lengths[req.slot] = len(toks)
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        streams = self.model.forward_streams(tokens, self.cache, lengths=lengths)  # [max_batch, width, hc, d]
+
+        emitted = []
+        kept = {r: len(t) for r, t in fed.items()}
+        if verifying:
+            keep, keep_mtp = self.cache.lengths.clone(), self.cache.mtp_lengths.clone()
+            for req in verifying:
+                target = self.model.logits(streams[req.slot, :self.k + 1].unsqueeze(0))[0]  # [k+1, vocab]
+                d, q = drafts[req]
+                out = verify_drafts(self.sampler, target, d, q, req.params, req.state)
+                self.drafted += self.k
+                self.accepted += out.accepted
+                kept[req] = len(out.token_ids)
+                keep[req.slot] = start[req] + kept[req]
+                keep_mtp[req.slot] = start[req]  # the true pair (hidden, pending) drafting consumed stays
+                lps = out.logprobs or [None] * len(out.token_ids)
+                emitted.append((req, out.token_ids, lps, out.finish_reason, target[kept[req] - 1]))
+            self.cache.rollback(snap, keep, keep_mtp)
+        if self.k:
+            finished = {req for req, _, _, reason, _ in emitted if reason is not None}
+            self._mtp_catch_up(plan, fed, kept, start, streams, verifying, finished)
+
+        last_rows = [r for r in plan if r not in drafts]
+        if last_rows:
+            slots = torch.tensor([r.slot for r in last_rows], device=self.device)
+            last = self.model.logits(streams[slots, lengths[slots] - 1].unsqueeze(1))[:, 0]  # [n, vocab]
+        for req in plan:
+            req.computed += kept[req]
+        for i, req in enumerate(last_rows):
+            self._save_prefix(req, last[i])
+            if req.remaining == 0:
+                to_sample.append((req, last[i]))
+        return emitted
+
+    def _draft(self, reqs: list[_Request]) -> dict[_Request, tuple[list[int], Tensor]]:
+        """k draft tokens per decoding request from the MTP block: its first call consumes the true pair
+        (final streams of the last cached token, the pending token) and drafts d_1; each further call feeds the
+        block its own output streams and the previous draft (DeepSeek's reuse of one MTP layer for deeper
+        drafts). Returns each request's drafts and the distributions q [k, vocab] they were drawn from."""
+        a = self.model.args
+        hidden = torch.zeros(self.max_batch, 1, a.hc_mult, a.dim, dtype=self.model.dtype, device=self.device)
+        tok = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        for req in reqs:
+            hidden[req.slot, 0] = req.hidden
+            tok[req.slot, 0] = req.token_slice(req.computed, req.computed + 1)[0]
+            lengths[req.slot] = 1
+        drafted: list[list[int]] = [[] for _ in reqs]
+        qs: list[list[Tensor]] = [[] for _ in reqs]
+        for _ in range(self.k):
+            hidden = self.model.mtp_streams(hidden, tok, self.cache, lengths=lengths)
+            logits = self.model.mtp_head(hidden[slots])[:, 0]  # [n, vocab]
+            toks, q = draft_tokens(self.sampler, logits, [r.params for r in reqs], [r.state for r in reqs], drafted)
+            for i in range(len(reqs)):
+                drafted[i].append(int(toks[i]))
+                qs[i].append(q[i])
+            tok[slots, 0] = toks
+        return {r: (d, torch.stack(q)) for r, d, q in zip(reqs, drafted, qs, strict=True)}
+
+    def _mtp_catch_up(self, plan: dict[_Request, int], fed: dict[_Request, list[int]], kept: dict[_Request, int],
+                      start: dict[_Request, int], streams: Tensor, verifying: list[_Request],
+                      finished: set[_Request]) -> None:
+        """Feed the MTP block the pairs (final streams at position i, token i + 1) the step made known, up to the
+        last kept token, whose streams wait in `hidden` for the next token: the MTP cache stays one token behind
+        the main cache, so what it holds is a function of the token prefix alone (prefix-cache safe)."""
+        rows: dict[_Request, tuple[Tensor, list[int]]] = {}
+        for req in plan:
+            if req in finished:
+                continue
+            m, own = kept[req], streams[req.slot, :kept[req] - 1]
+            if req in verifying or start[req] == 0:  # no pair before the first token / the drafter took it
+                rows[req] = (own, fed[req][1:m])
+            else:
+                rows[req] = (torch.cat((req.hidden.unsqueeze(0), own)), fed[req][:m])
+            req.hidden = streams[req.slot, m - 1].clone()
+        width = max((len(t) for _, t in rows.values()), default=0)
+        if not width:
+            return
+        a = self.model.args
+        hidden = torch.zeros(self.max_batch, width, a.hc_mult, a.dim, dtype=self.model.dtype, device=self.device)
+        tokens = torch.zeros(self.max_batch, width, dtype=torch.long)
+        lengths = torch.zeros(self.max_batch, dtype=torch.long)
+        for req, (h, t) in rows.items():
+            hidden[req.slot, :len(t)] = h
+            tokens[req.slot, :len(t)] = torch.tensor(t, dtype=torch.long)
+            lengths[req.slot] = len(t)
+        self.model.mtp_streams(hidden, tokens.to(self.device), self.cache, lengths=lengths.to(self.device))
 
     def _save_prefix(self, req: _Request, logits: Tensor) -> None:
         if self.prefix is None:
@@ -337,7 +461,7 @@ class Engine:
         at_interval = (self.prefix_interval is not None and req.computed < len(req.prompt)
                        and req.computed % self.prefix_interval == 0)
         if (at_end or at_interval) and not self.prefix.contains(req.prompt[:req.computed]):
-            self.prefix.store(req.prompt[:req.computed], req.slot, logits)
+            self.prefix.store(req.prompt[:req.computed], req.slot, logits, req.hidden)
 
 
 class AsyncEngine:

@@ -35,10 +35,11 @@ class PrefixEntry:
     tokens: tuple[int, ...]
     state: SlotState
     logits: Tensor  # [vocab] the logits after the last token (a prompt equal to the prefix samples from them)
+    hidden: Tensor | None = None  # [hc, dim] the last token's final streams (the MTP block's next input)
 
     @property
     def nbytes(self) -> int:
-        return self.state.nbytes + self.logits.nbytes
+        return self.state.nbytes + self.logits.nbytes + (self.hidden.nbytes if self.hidden is not None else 0)
 
 
 class PrefixCache:
@@ -84,13 +85,15 @@ class PrefixCache:
     def contains(self, tokens: Sequence[int]) -> bool:
         return prefix_key(tokens) in self._entries
 
-    def store(self, tokens: Sequence[int], slot: int, logits: Tensor) -> bool:
-        """Save the state of `slot`, which has consumed exactly `tokens`; returns whether it was kept."""
+    def store(self, tokens: Sequence[int], slot: int, logits: Tensor, hidden: Tensor | None = None) -> bool:
+        """Save the state of `slot`, which has consumed exactly `tokens` (and, with MTP, the final streams of the
+        last one, which its MTP block has not consumed yet); returns whether it was kept."""
         key = prefix_key(tokens)
         if key in self._entries:
             self._entries.move_to_end(key)
             return True
-        entry = PrefixEntry(tuple(tokens), self.manager.save(slot), logits.detach().clone())
+        entry = PrefixEntry(tuple(tokens), self.manager.save(slot), logits.detach().clone(),
+                            None if hidden is None else hidden.detach().clone())
         self._entries[key] = entry
         self._lengths[len(tokens)] = self._lengths.get(len(tokens), 0) + 1
         for page in entry.state.pages:
