@@ -182,8 +182,9 @@ class Engine:
         if total > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"engine's max_seq_len {self.max_seq_len}")
-        if self.kv.pages_for(total) > self.kv.num_pages:
-            raise ValueError(f"prompt + max_tokens ({total} tokens) needs {self.kv.pages_for(total)} KV pages; "
+        pages = self.kv.pages_for(total + self.k)  # a verify step may hold k tokens past the last kept one
+        if pages > self.kv.num_pages:
+            raise ValueError(f"prompt + max_tokens ({total} tokens) needs {pages} KV pages; "
                              f"the pool has {self.kv.num_pages}")
         req = _Request(next(self._ids), prompt, params, SequenceState(prompt))
         self._waiting.append(req)
