@@ -287,14 +287,16 @@ class ServeContext:
         retry-after). Use as `async with ctx.admit():` or with `Admission.wait` ticks (see `Admission`)."""
         return Admission(self.limiter, self.config.retry_after_s)
 
-    def start(self, request: ChatRequest) -> Generation:
+    def start(self, request: ChatRequest, events: AsyncIterator[ChoiceEvent | Usage] | None = None) -> Generation:
         """Validate and encode `request` (the backend raises RequestError: bad messages or tools, prompt past
         the context, max_tokens out of range...), then take a limiter place (QueueFullError). Nothing runs
         on the engine until the returned `Generation` is iterated and its slot is granted.
 
         Backends validate inside `generate(request)` itself, before returning the async iterator (ChatService
-        and the test stubs do), so every client mistake is a 4xx before a stream's 200 is sent."""
-        events = self.backend.generate(request)  # an unstarted async generator: dropping it on 429 runs nothing
+        and the test stubs do), so every client mistake is a 4xx before a stream's 200 is sent. `events`: an
+        already validated stream to run instead of `backend.generate(request)` (legacy completions use it)."""
+        if events is None:
+            events = self.backend.generate(request)  # an unstarted async generator: dropping it on 429 runs nothing
         return Generation(self, request, events, self.admit())
 
 

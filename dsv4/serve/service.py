@@ -1,0 +1,416 @@
+"""`ChatService`: the real `ChatBackend`, chat requests over an `AsyncEngine` and the V4 tokenizer.
+
+Per request: validate and encode (`encode`), check the token limits, map the settings to `SamplingParams`,
+start `n` engine requests, and turn each one's tokens into parser events (incremental detokenizer -> stop
+strings -> `StreamParser`), merged into one stream of `ChoiceEvent`s, then one `Usage` with its cost.
+
+Decisions (serving.md 1.2, 1.4, 6):
+* modes: "non-think" renders the chat prompt (`</think>`), "think-high" the thinking prompt, "think-max"
+  the thinking prompt with the max-effort preamble. Thinking modes ignore temperature, top_p, top_k, min_p
+  and the penalties (DeepSeek ignores them without error in thinking mode) and sample at T = 1, top_p = 1,
+  the model's recommended setting; `seed` is honoured in every mode.
+* tool_choice "none": tools are not rendered (nor parsed); "auto": rendered; "required" / named: in thinking
+  modes a 400 as DeepSeek answers; in non-think mode the completion is prefilled with the DSML opener (and the
+  named invoke), so the model can only write a call; the prefill is parsed as part of the answer.
+* reasoning retention is the encoder's rule (reasoning before the last user turn dropped unless tools are
+  defined); with `strict_reasoning` a thinking-mode assistant turn with tool calls but no reasoning_content
+  is a 400 with DeepSeek's message.
+* limits: prompt + max_tokens <= max_context and max_tokens <= max_output_tokens, else 400 naming the numbers;
+  without max_tokens the default is the smaller of max_output_tokens and what the context leaves.
+* stop strings are matched in the completion text as written (reasoning, content and markup), the text before
+  the first one is kept, finish_reason "stop", and that choice's engine request is aborted.
+* usage: prompt tokens once per request, completion tokens summed over the choices, reasoning tokens those
+  before `</think>`, cached tokens from the engine's prefix cache report of the first choice.
+
+`generate` validates before it returns (its async iterator has not started), so every client mistake is
+a RequestError before any output; closing the iterator aborts every engine request of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..chat.encoding import EncodingError, encode_messages
+from ..chat.format import INVOKE_START, THINK_END, TOOL_CALLS_SEPARATOR, TOOL_CALLS_START
+from ..chat.parser import ContentDelta, Event, Finish
+from ..chat.streaming import StreamParser
+from ..chat.tokenizer import Tokenizer
+from ..engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from .prices import PriceTable
+from .request import REASONING_MODES, ChatRequest, ChoiceEvent, RequestError, Usage
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_TOOLS = 128
+MAX_STOPS = 16
+MAX_N = 16
+REASONING_PASSBACK = "The `reasoning_content` in the thinking mode must be passed back to the API."
+
+
+@dataclass
+class CompletionRequest:
+    """A legacy `/v1/completions` request: raw prompt text (or token ids), no chat template, no parsing."""
+
+    model: str
+    prompt: str | list[int]
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None
+    echo: bool = False
+
+
+@dataclass
+class _Plan:
+    """A validated request ready for the engine."""
+
+    model: str
+    prompt_ids: list[int]
+    params: list[SamplingParams]  # one per choice
+    make_parser: Callable[[], Any]
+    prefill: str  # completion text already written (tool_choice prefill), fed to each parser first
+    stops: list[str]
+    thinking: bool
+
+
+class _RawParser:
+    """The parser of legacy completions: the text is the content."""
+
+    def feed(self, text: str) -> list[Event]:
+        return [ContentDelta(text)] if text else []
+
+    def finish(self, reason: str | None = None) -> list[Event]:
+        return [Finish(reason or "stop")]
+
+
+class ChatService:
+    """A `ChatBackend` over `engine` (an `AsyncEngine`, or anything with its `generate(prompt_ids, params)`)
+    and `tokenizer`. `max_context` defaults to the engine's `max_seq_len`."""
+
+    def __init__(self, engine: Any, tokenizer: Tokenizer, model_names: Sequence[str], *,
+                 prices: PriceTable | None = None, max_context: int | None = None, max_output_tokens: int = 1024,
+                 strict_reasoning: bool = False) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_names = list(model_names)
+        self.prices = prices or PriceTable()
+        core = getattr(engine, "engine", None)
+        limit = getattr(core, "max_seq_len", None)
+        self.max_context = min(x for x in (max_context, limit) if x is not None) if (max_context or limit) else 4096
+        self.max_output_tokens = max_output_tokens
+        self.strict_reasoning = strict_reasoning
+
+    def engine_stats(self) -> Any:
+        """The engine's `EngineStats` (None for an engine without them, e.g. a test double)."""
+        core = getattr(self.engine, "engine", None)
+        return core.stats() if core is not None and hasattr(core, "stats") else None
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """(text, UTF-8 bytes) of one token, for logprobs."""
+        raw = self.tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", "replace"), list(raw)
+
+    # ---------------------------------------------------------------- validation and encoding
+    def encode(self, request: ChatRequest) -> tuple[str, str]:
+        """(prompt text, prefill) for the request; RequestError(400) for bad input."""
+        if request.mode not in REASONING_MODES:
+            raise RequestError(400, f"unknown reasoning mode {request.mode!r}")
+        thinking = request.mode != "non-think"
+        tools = self._check_tools(request.tools)
+        choice = request.tool_choice
+        named = None
+        if isinstance(choice, dict):
+            fn = choice.get("function") if choice.get("type") == "function" else None
+            named = fn.get("name") if isinstance(fn, dict) else None
+            if not isinstance(named, str):
+                raise RequestError(400, 'tool_choice must be "none", "auto", "required" or '
+                                   '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+        elif choice not in ("none", "auto", "required"):
+            raise RequestError(400, f'tool_choice must be "none", "auto", "required" or a named function, '
+                               f"got {choice!r}", param="tool_choice")
+        forced = named is not None or choice == "required"
+        if forced and not tools:
+            raise RequestError(400, "tool_choice requires tools", param="tool_choice")
+        if named is not None and named not in {t["function"]["name"] for t in tools}:
+            raise RequestError(400, f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
+        if forced and thinking:
+            raise RequestError(400, "tool_choice 'required' or a named function is not supported in thinking "
+                               "mode; use 'auto' or disable thinking", param="tool_choice")
+        if self.strict_reasoning and thinking:
+            for i, m in enumerate(request.messages):
+                if (isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+                        and not m.get("reasoning_content")):
+                    raise RequestError(400, REASONING_PASSBACK, param=f"messages[{i}].reasoning_content")
+        last = request.messages[-1] if request.messages else None
+        if isinstance(last, dict) and last.get("role") == "assistant" and not last.get("prefix"):
+            raise RequestError(400, "the last message is a complete assistant message: nothing to answer (end with "
+                               "a user or tool message, or mark the assistant message prefix: true)",
+                               param="messages")
+        response_format = self._response_format(request.response_format)
+        try:
+            prompt = encode_messages(
+                request.messages, thinking_mode="thinking" if thinking else "chat",
+                reasoning_effort="max" if request.mode == "think-max" else None,
+                tools=tools if tools and choice != "none" else None, response_format=response_format)
+        except EncodingError as err:
+            raise RequestError(400, f"invalid messages: {err}", param="messages") from None
+        prefill = ""
+        if forced:
+            prefill = TOOL_CALLS_START + "\n" + (f'{INVOKE_START}{named}">\n' if named else "")
+            if not prompt.endswith(THINK_END):  # a prefix-completion prompt: content may precede the block
+                prefill = TOOL_CALLS_SEPARATOR + prefill
+        return prompt, prefill
+
+    @staticmethod
+    def _check_tools(tools: Any) -> list[dict[str, Any]]:
+        if tools is None:
+            return []
+        if not isinstance(tools, list):
+            raise RequestError(400, "tools must be a list", param="tools")
+        if len(tools) > MAX_TOOLS:
+            raise RequestError(400, f"at most {MAX_TOOLS} tools, got {len(tools)}", param="tools")
+        for i, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
+                raise RequestError(400, f'tools[{i}] must be {{"type": "function", "function": {{...}}}}',
+                                   param=f"tools[{i}]")
+            name = fn.get("name")
+            if not isinstance(name, str) or not TOOL_NAME.match(name):
+                raise RequestError(400, f"tools[{i}].function.name must match [A-Za-z0-9_-]{{1,64}}, got {name!r}",
+                                   param=f"tools[{i}].function.name")
+            params = fn.get("parameters")
+            if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+                raise RequestError(400, f"tools[{i}].function.parameters must be a JSON schema object with type "
+                                   '"object"', param=f"tools[{i}].function.parameters")
+            if fn.get("description") is not None and not isinstance(fn.get("description"), str):
+                raise RequestError(400, f"tools[{i}].function.description must be a string",
+                                   param=f"tools[{i}].function.description")
+        return tools
+
+    @staticmethod
+    def _response_format(fmt: Any) -> Any:
+        """What the encoder renders as "## Response Format": the JSON schema, or {"type": "json_object"}."""
+        if fmt is None:
+            return None
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise RequestError(400, "response_format.json_schema.schema must be a JSON schema object",
+                                   param="response_format")
+            return schema
+        raise RequestError(400, "response_format.type must be text, json_object or json_schema",
+                           param="response_format")
+
+    def count_tokens(self, request: ChatRequest) -> int:
+        prompt, prefill = self.encode(request)
+        return len(self.tokenizer.encode(prompt + prefill))
+
+    def _limits(self, prompt_len: int, max_tokens: int | None) -> int:
+        ctx = self.max_context
+        if prompt_len >= ctx:
+            raise RequestError(400, f"This model's maximum context length is {ctx} tokens. However, your messages "
+                               f"resulted in {prompt_len} tokens.", param="messages")
+        if max_tokens is None:
+            return min(self.max_output_tokens, ctx - prompt_len)
+        if max_tokens < 1:
+            raise RequestError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        if max_tokens > self.max_output_tokens:
+            raise RequestError(400, f"max_tokens is {max_tokens}; this server allows at most "
+                               f"{self.max_output_tokens}", param="max_tokens")
+        if prompt_len + max_tokens > ctx:
+            raise RequestError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                               f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in "
+                               "the completion).", param="max_tokens")
+        return max_tokens
+
+    @staticmethod
+    def _check_common(n: int, stop: list[str], top_logprobs: int | None) -> None:
+        if not 1 <= n <= MAX_N:
+            raise RequestError(400, f"n must be in [1, {MAX_N}], got {n}", param="n")
+        if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+            raise RequestError(400, f"stop must be at most {MAX_STOPS} non-empty strings", param="stop")
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
+            raise RequestError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs")
+
+    def _sampling(self, n: int, seed: int | None, **kw: Any) -> list[SamplingParams]:
+        try:
+            return [SamplingParams(seed=None if seed is None else seed + i, **kw) for i in range(n)]
+        except ValueError as err:
+            raise RequestError(400, str(err).replace("SamplingParams.", "")) from None
+
+    def plan(self, request: ChatRequest) -> _Plan:
+        """Validate and encode a chat request (RequestError for every client mistake)."""
+        self._check_common(request.n, request.stop, request.top_logprobs if request.logprobs else None)
+        prompt, prefill = self.encode(request)
+        ids = self.tokenizer.encode(prompt + prefill)
+        max_tokens = self._limits(len(ids), request.max_tokens)
+        thinking = request.mode != "non-think"
+        kw: dict[str, Any] = {}
+        if not thinking:
+            kw = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                      min_p=request.min_p, presence_penalty=request.presence_penalty,
+                      frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty)
+        params = self._sampling(request.n, request.seed, max_tokens=max_tokens,
+                                logprobs=request.top_logprobs if request.logprobs else None, **kw)
+        tools = request.tools if request.tool_choice != "none" else None
+        return _Plan(request.model, ids, params, lambda: StreamParser(thinking=thinking, tools=tools), prefill,
+                     list(request.stop), thinking)
+
+    def plan_completion(self, request: CompletionRequest) -> _Plan:
+        """Validate a legacy completions request."""
+        self._check_common(request.n, request.stop, request.logprobs)
+        if isinstance(request.prompt, str):
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            ids = list(request.prompt)
+            vocab = self.tokenizer.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise RequestError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if not ids:
+            raise RequestError(400, "prompt is empty", param="prompt")
+        max_tokens = self._limits(len(ids), request.max_tokens)
+        params = self._sampling(request.n, request.seed, max_tokens=max_tokens, temperature=request.temperature,
+                                top_p=request.top_p, presence_penalty=request.presence_penalty,
+                                frequency_penalty=request.frequency_penalty, logprobs=request.logprobs)
+        return _Plan(request.model, ids, params, _RawParser, "", list(request.stop), False)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, request: ChatRequest) -> AsyncIterator[ChoiceEvent | Usage]:
+        """Validate now (RequestError), stream when iterated (see the module docstring)."""
+        return self._run(self.plan(request))
+
+    def complete(self, request: CompletionRequest) -> AsyncIterator[ChoiceEvent | Usage]:
+        """The legacy-completions counterpart of `generate`: ContentDelta events and a Finish per choice."""
+        return self._run(self.plan_completion(request))
+
+    async def _run(self, plan: _Plan) -> AsyncIterator[ChoiceEvent | Usage]:
+        out: asyncio.Queue = asyncio.Queue()
+        streams: list[Any] = []
+        try:
+            for p in plan.params:
+                streams.append(self.engine.generate(plan.prompt_ids, p))
+        except ValueError as err:  # the engine's own limits (e.g. KV pages): still the client's request
+            for s in streams:
+                s.close()
+            raise RequestError(400, str(err)) from None
+        choices = [_Choice(self, i, plan, s, out) for i, s in enumerate(streams)]
+        tasks = [asyncio.ensure_future(c.pump()) for c in choices]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await out.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+            prompt = len(plan.prompt_ids)
+            cached = choices[0].cached
+            completion = sum(c.tokens for c in choices)
+            yield Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+                        reasoning_tokens=sum(c.reasoning for c in choices),
+                        cost=self.prices.cost(plan.model, prompt, cached, completion))
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                s.close()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+
+
+class _Choice:
+    """One choice: engine updates -> detokenizer -> stop strings -> parser -> ChoiceEvents on `out`."""
+
+    def __init__(self, service: ChatService, index: int, plan: _Plan, stream: Any, out: asyncio.Queue) -> None:
+        self.index, self.plan, self.stream, self.out = index, plan, stream, out
+        self.detok = service.tokenizer.detokenizer()
+        self.think_end_id = service.tokenizer.think_end_id
+        self.parser = plan.make_parser()
+        self.hold = max((len(s) for s in plan.stops), default=1) - 1
+        self.text = ""  # completion text not yet fed to the parser (held for stop matching)
+        self.logprobs: list[TokenLogprobs] = []
+        self.tokens = self.reasoning = self.cached = 0
+        self.in_reasoning = plan.thinking
+
+    def emit(self, events: list[Event]) -> None:
+        for ev in events:
+            lps, self.logprobs = tuple(self.logprobs), []
+            self.out.put_nowait(ChoiceEvent(self.index, ev, lps))
+
+    async def pump(self) -> None:
+        try:
+            if self.plan.prefill:
+                self.emit(self.parser.feed(self.plan.prefill))
+            reason, cut = None, False
+            async for update in self.stream:
+                self.cached = update.cached_tokens
+                for tok, lp in zip(update.new_token_ids, update.logprobs, strict=False):
+                    self.tokens += 1
+                    if self.in_reasoning:
+                        self.reasoning += 1
+                        self.in_reasoning = tok != self.think_end_id
+                    if lp is not None:
+                        self.logprobs.append(lp)
+                self.text += self.detok.add(update.new_token_ids)
+                if self.stop_found():
+                    reason, cut = "stop", True
+                    self.stream.close()  # abort: the rest of this choice is not wanted
+                    break
+                self.feed(final=False)
+                if update.finished:
+                    reason = update.finish_reason
+            if not cut:
+                self.text += self.detok.flush()
+                if self.stop_found():
+                    reason = "stop"
+                else:
+                    self.feed(final=True)
+            events = self.parser.finish(reason)
+            if self.logprobs and events:  # logprobs not yet attached ride on the last event
+                *head, last = events
+                self.emit(head)
+                lps, self.logprobs = tuple(self.logprobs), []
+                self.out.put_nowait(ChoiceEvent(self.index, last, lps))
+            else:
+                self.emit(events)
+            self.out.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:
+            self.out.put_nowait(err)
+
+    def stop_found(self) -> bool:
+        """Cut `text` at the first stop string and feed the rest of it; True when one was found."""
+        stops = self.plan.stops
+        if not stops:
+            return False
+        hits = [i for i in (self.text.find(s) for s in stops) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[:min(hits)]
+        self.feed(final=True)
+        return True
+
+    def feed(self, final: bool) -> None:
+        cut = len(self.text) if final or not self.plan.stops else max(0, len(self.text) - self.hold)
+        chunk, self.text = self.text[:cut], self.text[cut:]
+        if chunk:
+            self.emit(self.parser.feed(chunk))
