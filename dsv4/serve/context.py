@@ -118,7 +118,7 @@ class Admission:
     def __init__(self, limiter: Limiter, retry_after: float = 1.0) -> None:
         self._limiter = limiter
         self._future: asyncio.Future | None = None
-        self._released = False
+        self._released = True  # until a place is taken (so __del__ of a refused admission gives nothing back)
         if limiter.running < limiter.max_running and not limiter.waiting:
             limiter.running += 1
             self.holding = True
@@ -129,6 +129,7 @@ class Admission:
             self._future = asyncio.get_running_loop().create_future()
             limiter._waiters.append(self._future)
             self.holding = False
+        self._released = False
 
     async def wait(self, interval: float | None = None) -> AsyncIterator[None]:
         """Yield a tick every `interval` seconds (None: never) until the slot is held."""

@@ -80,6 +80,7 @@ class _Plan:
     prefill: str  # completion text already written (tool_choice prefill), fed to each parser first
     stops: list[str]
     thinking: bool
+    raw: bool = False  # legacy completions: special tokens (EOS) are not text
 
 
 class _RawParser:
@@ -287,7 +288,7 @@ class ChatService:
         params = self._sampling(request.n, request.seed, max_tokens=max_tokens, temperature=request.temperature,
                                 top_p=request.top_p, presence_penalty=request.presence_penalty,
                                 frequency_penalty=request.frequency_penalty, logprobs=request.logprobs)
-        return _Plan(request.model, ids, params, _RawParser, "", list(request.stop), False)
+        return _Plan(request.model, ids, params, _RawParser, "", list(request.stop), False, raw=True)
 
     # ---------------------------------------------------------------- generation
     def generate(self, request: ChatRequest) -> AsyncIterator[ChoiceEvent | Usage]:
@@ -341,7 +342,7 @@ class _Choice:
 
     def __init__(self, service: ChatService, index: int, plan: _Plan, stream: Any, out: asyncio.Queue) -> None:
         self.index, self.plan, self.stream, self.out = index, plan, stream, out
-        self.detok = service.tokenizer.detokenizer()
+        self.detok = service.tokenizer.detokenizer(skip_special=plan.raw)
         self.think_end_id = service.tokenizer.think_end_id
         self.parser = plan.make_parser()
         self.hold = max((len(s) for s in plan.stops), default=1) - 1
