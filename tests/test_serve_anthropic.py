@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import anthropic
 import httpx
 import pytest
-from fastapi import FastAPI
 from serve_stubs import ScriptedEngine, live_server, smart_reply, think, tool_calls
 
 from dsv4.chat.parser import (
@@ -29,6 +28,7 @@ from dsv4.chat.parser import (
 )
 from dsv4.chat.tokenizer import Tokenizer
 from dsv4.serve import anthropic as A
+from dsv4.serve.app import create_app
 from dsv4.serve.context import KEEPALIVE, KeepAlive, ServeConfig, ServeContext
 from dsv4.serve.request import ChoiceEvent, RequestError, Usage
 from dsv4.serve.service import ChatService
@@ -365,12 +365,6 @@ def tokenizer():
     return Tokenizer.bundled()
 
 
-def make_app(ctx: ServeContext) -> FastAPI:
-    app = FastAPI()
-    A.install(app, ctx)
-    return app
-
-
 @pytest.fixture
 def server(tokenizer):
     """A live server factory: `server(replies=..., **config)` -> (base URL, engine)."""
@@ -382,7 +376,7 @@ def server(tokenizer):
                           max_output_tokens=2048, **config)
         service = ChatService(engine, tokenizer, cfg.served_model_names, max_context=cfg.max_context,
                               max_output_tokens=cfg.max_output_tokens)
-        cm = live_server(make_app(ServeContext(service, cfg)))
+        cm = live_server(create_app(ServeContext(service, cfg)))
         url = cm.__enter__()
         stack.append(cm)
         return url, engine

@@ -821,6 +821,8 @@ def _error_response(err: RequestError) -> JSONResponse:
 def install(app: FastAPI, ctx: ServeContext) -> None:
     """Add the Anthropic routes to `app` (a FastAPI app) over `ctx` (a `ServeContext`):
     POST /v1/messages and /v1/messages/count_tokens, and both again under /anthropic (DeepSeek's base URL)."""
+    from .app import collect  # not at module level: app.py imports this module inside create_app
+
     key = _signature_key(ctx)
 
     async def messages(request: Request):
@@ -830,8 +832,7 @@ def install(app: FastAPI, ctx: ServeContext) -> None:
             chat = to_chat_request(req, resolve_model(ctx, req.model), key)
             show = not (req.thinking is not None and req.thinking.display == "omitted")
             if not req.stream:
-                gen = ctx.start(chat)
-                items = await gen.collect()
+                items = await collect(ctx.start(chat), request)  # aborts if the client goes away
                 renderer = MessageRenderer(req.model, show_thinking=show, signature_key=key)
                 return JSONResponse(render_message(renderer, items))
             input_tokens = await asyncio.to_thread(ctx.backend.count_tokens, chat)
