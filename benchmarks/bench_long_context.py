@@ -4,7 +4,9 @@ For each context length L: a fresh cache, an L-token random prompt prefilled in 
 tokens (`model(chunk, cache)`, the cache follows the position), then --decode greedy single-token
 steps at context L. Prints wall time, tokens/s, peak RSS, the cache's tensor bytes and the decode
 time per token. Only the public API is used (`new_cache`, `model(tokens, cache)`), so the script
-does not depend on the cache's layout.
+does not depend on the cache's layout. With --engine the same prompt goes through `dsv4.engine.Engine`
+(the paged hybrid cache, chunked prefill by the scheduler, greedy sampling), and the cache column is the
+engine's whole KV allocation (slot state + pages).
 
 Memory should stay flat in L apart from the cache itself (no O(L^2) tensor anywhere); prefill time
 grows near-linearly apart from the CSA indexer, which scores every visible entry (L^2/8 scores).
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dsv4.config import preset
+from dsv4.engine import Engine, SamplingParams
 from dsv4.model import Transformer, init_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -93,6 +96,23 @@ def run_length(model: Transformer, length: int, chunk: int, n_decode: int, seed:
             "cache": tensor_bytes(cache), "decode_ms": decode * 1e3}
 
 
+@torch.inference_mode()
+def run_engine_length(model: Transformer, length: int, chunk: int, n_decode: int, seed: int) -> dict[str, float]:
+    per_length = reset_peak_rss()
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.args.vocab_size, (length,), generator=gen).tolist()
+    engine = Engine(model, max_batch=1, max_seq_len=length + n_decode + 1, prefill_chunk=chunk)
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=n_decode + 1, ignore_eos=True))
+    t0 = time.perf_counter()
+    first = None
+    while engine.has_unfinished():
+        if engine.step() and first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"prefill_s": first - t0, "tok_s": length / (first - t0), "rss": peak_rss_bytes(per_length),
+            "cache": engine.kv.total_bytes, "decode_ms": (end - first) / max(n_decode, 1) * 1e3}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="65536,262144,1048576", help="comma-separated prompt lengths")
@@ -103,6 +123,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 avoids OpenMP spin-waits on a busy machine")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", action="store_true", help="run through the engine and its paged cache")
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -110,10 +131,11 @@ def main() -> None:
     args = preset("nano")
     model = init_weights(Transformer(args, dtype=DTYPES[opts.dtype]), seed=opts.seed)
     print(f"nano preset ({model.parameter_counts()['total']:,} params, {opts.dtype}), chunk {opts.chunk}, "
+          f"{'engine, paged cache' if opts.engine else 'model + dense cache'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'L':>9} {'prefill s':>10} {'tok/s':>8} {'peak RSS':>10} {'cache':>10} {'decode ms/tok':>14}")
     for length in lengths:
-        r = run_length(model, length, opts.chunk, opts.decode, opts.seed)
+        r = (run_engine_length if opts.engine else run_length)(model, length, opts.chunk, opts.decode, opts.seed)
         print(f"{length:>9} {r['prefill_s']:>10.1f} {r['tok_s']:>8.0f} {r['rss'] / 2**30:>8.2f} GiB "
               f"{r['cache'] / 2**20:>6.1f} MiB {r['decode_ms']:>14.1f}", flush=True)
 
