@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ("generate", "plan", "inspect", "convert", "make_checkpoint")
+COMMANDS = ("generate", "plan", "inspect", "convert", "make_checkpoint", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -351,3 +351,25 @@ def test_scripted_think_and_content_with_calls(client, engine):
     m = r.choices[0].message
     assert (m.reasoning_content, m.content) == ("Need data.", "Checking.")
     assert json.loads(m.tool_calls[0].function.arguments) == {"city": "Rome"}
+
+
+def test_serve_command_context(monkeypatch, tmp_path):
+    """`dsv4 serve`'s own wiring: the default random preset, DSV4_API_KEY, a price file, the real engine."""
+    from dsv4.cli import build_parser
+    from dsv4.commands.serve import build_context
+
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"mine": {"input": 1, "cache_hit": 0.5, "output": 2}}))
+    monkeypatch.setenv("DSV4_API_KEY", "env-key")
+    args = build_parser().parse_args(["serve", "--served-model-name", "mine", "other", "--api-key", "flag-key",
+                                      "--max-concurrent", "2", "--prefix-cache-mb", "0", "--price-file", str(prices)])
+    ctx = build_context(args)
+    assert ctx.config.api_keys == ["flag-key", "env-key"] and ctx.config.served_model_names == ["mine", "other"]
+    with live_server(create_app(ctx)) as url:
+        for key in ("flag-key", "env-key"):
+            c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+            r = c.chat.completions.create(model="mine", messages=USER, max_tokens=4,
+                                          extra_body={"thinking": {"type": "disabled"}})
+            assert r.choices[0].finish_reason in ("length", "stop")
+            u = r.usage
+            assert u.cost == pytest.approx((u.prompt_tokens * 1 + u.completion_tokens * 2) / 1e6)

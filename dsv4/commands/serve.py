@@ -1,0 +1,125 @@
+"""`dsv4 serve`: the OpenAI- and Anthropic-compatible HTTP server (FastAPI + uvicorn) over the engine.
+
+`--model` is a preset (random weights, vocabulary resized to the official tokenizer's so any text encodes) or
+a checkpoint directory. The default will be the embedded default model once one is trained; until then it is
+the `tiny` preset with random weights: it answers in noise, but the whole server works."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from .common import UsageError, positive_int
+
+DEFAULT_MODEL = "tiny"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI and Anthropic APIs over HTTP",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH|PRESET",
+                   help=f"checkpoint directory or preset (default: {DEFAULT_MODEL!r} with random weights and the "
+                        "official vocabulary, a stand-in until the embedded default model exists)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients use in `model` (default: dsv4-PRESET or the checkpoint directory's name)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="accepted key (repeatable; also DSV4_API_KEY, comma-separated); none: no authentication")
+    p.add_argument("--max-concurrent", type=positive_int, default=8, help="requests generating at once")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those (then 429)")
+    p.add_argument("--max-context", type=positive_int, default=None,
+                   help="prompt + output tokens per request (default: the model's max_seq_len)")
+    p.add_argument("--max-output-tokens", type=positive_int, default=4096, help="default and cap of max_tokens")
+    p.add_argument("--prefill-chunk", type=positive_int, default=256, help="engine token budget per step")
+    p.add_argument("--prefix-cache-mb", type=int, default=64, help="prefix cache size (0: off)")
+    p.add_argument("--num-speculative", type=int, default=0, help="MTP draft tokens per step (0: off)")
+    p.add_argument("--price-file", default=None, help="JSON price table overriding the launch prices")
+    p.add_argument("--strict-reasoning", action="store_true",
+                   help="400 when a thinking-mode tool-call turn comes back without its reasoning_content")
+    p.add_argument("--numerics", choices=("plain", "exact"), default="exact")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="random weights' seed (presets)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(run=run)
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.api_key or [])
+    env = os.environ.get("DSV4_API_KEY", "")
+    keys += [k.strip() for k in env.split(",") if k.strip()]
+    return keys
+
+
+def build_context(args: argparse.Namespace):
+    """The ServeContext `dsv4 serve` runs (model, engine, tokenizer, service, limits, prices)."""
+    import torch
+
+    from ..chat.tokenizer import Tokenizer
+    from ..config import PRESETS, preset
+    from ..engine import AsyncEngine, Engine
+    from ..serve.context import ServeConfig, ServeContext
+    from ..serve.prices import PriceTable
+    from ..serve.service import ChatService
+
+    dtype = getattr(torch, args.dtype)
+    if args.model in PRESETS:
+        from ..model import Transformer, init_weights
+
+        tokenizer = Tokenizer.bundled()
+        margs = dataclasses.replace(preset(args.model), vocab_size=tokenizer.vocab_size)
+        with torch.device(args.device):
+            model = init_weights(Transformer(margs), seed=args.seed).to(dtype)
+        default_name = f"dsv4-{args.model}"
+    else:
+        from ..checkpoint.loader import load_model
+
+        path = Path(args.model)
+        if not path.exists():
+            raise UsageError(f"--model {args.model!r}: not a preset ({', '.join(PRESETS)}) nor a directory")
+        model = load_model(path, numerics=args.numerics, dtype=dtype, device=args.device)
+        root = path if path.is_dir() else path.parent
+        tokenizer = Tokenizer.load(root) if (root / "tokenizer.json").exists() else Tokenizer.bundled()
+        default_name = root.name
+    model.eval()
+    names = args.served_model_name or [default_name]
+    max_context = min(args.max_context or model.args.max_seq_len, model.args.max_seq_len)
+    engine = Engine(model, max_batch=args.max_concurrent, max_seq_len=max_context, prefill_chunk=args.prefill_chunk,
+                    eos_id=tokenizer.eos_id, prefix_cache_bytes=args.prefix_cache_mb * 2**20,
+                    num_speculative=args.num_speculative)
+    prices = PriceTable.load(args.price_file) if args.price_file else PriceTable()
+    max_output = min(args.max_output_tokens, max_context - 1)
+    service = ChatService(AsyncEngine(engine), tokenizer, names, prices=prices, max_context=max_context,
+                          max_output_tokens=max_output, strict_reasoning=args.strict_reasoning)
+    config = ServeConfig(served_model_names=names, api_keys=api_keys(args), max_concurrent=args.max_concurrent,
+                         max_queue=args.max_queue, max_context=max_context, max_output_tokens=max_output,
+                         prices=prices)
+    return ServeContext(service, config)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from ..serve.app import create_app
+
+    if args.max_queue < 0:
+        print("dsv4 serve: --max-queue must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        ctx = build_context(args)
+    except (UsageError, ValueError) as err:
+        print(f"dsv4 serve: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = ", ".join(ctx.config.served_model_names)
+    auth = f"{len(ctx.config.api_keys)} API key(s)" if ctx.config.api_keys else "no authentication"
+    print(f"dsv4 serve: {names} on http://{args.host}:{args.port} ({auth}, context {ctx.config.max_context})",
+          file=sys.stderr)
+    uvicorn.run(create_app(ctx), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
