@@ -391,9 +391,14 @@ def _client(url: str, **kw) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=url, max_retries=0, **kw)
 
 
-def test_sdk_non_streaming_with_thinking(server, tokenizer):
+def test_sdk_non_streaming_with_thinking_and_x_api_key(server, tokenizer, monkeypatch):
+    """Thinking on by default; the key sent as `x-api-key` (what anthropic-python 0.x sends; 2.x sends Bearer
+    even for `api_key=`); usage splits the prompt into uncached input and cache reads."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
     url, engine = server(cache_hit=lambda prompt: 4)
-    msg = _client(url).messages.create(model=MODEL, max_tokens=256, system="You are terse.",
+    client = _client(url, api_key=None, default_headers={"x-api-key": KEY})
+    msg = client.messages.create(model=MODEL, max_tokens=256, system="You are terse.",
                                        messages=[{"role": "user", "content": "Hello"}])
     assert [b.type for b in msg.content] == ["thinking", "text"]
     assert msg.content[0].thinking == "The user wants something. I will answer."
