@@ -284,6 +284,14 @@ def test_renderer_omitted_thinking_keeps_the_signature():
     assert msg["stop_reason"] == "end_turn"
 
 
+def test_each_thinking_block_is_signed_for_its_own_text():
+    msg = A.render_message(A.MessageRenderer("m"), _events(
+        ReasoningDelta("one"), ContentDelta("x"), ReasoningDelta("two"), ContentDelta("y"), Finish("stop")))
+    assert [(b["type"], b.get("thinking"), b.get("signature")) for b in msg["content"]] == [
+        ("thinking", "one", A.sign_thinking("one")), ("text", None, None),
+        ("thinking", "two", A.sign_thinking("two")), ("text", None, None)]
+
+
 @pytest.mark.parametrize("reason, seq, expected", [
     ("stop", None, "end_turn"), ("length", None, "max_tokens"), ("tool_calls", None, "tool_use"),
     ("content_filter", None, "refusal"), ("abort", None, "end_turn"), ("insufficient_system_resource", None,

@@ -651,6 +651,8 @@ class MessageRenderer:
             block["text"] = []  # fragments until closed
         elif kind == "tool_use":
             shown["input"] = {}
+        elif kind == "thinking":
+            self._thinking = []  # each thinking block is signed for its own text
         events.append(("content_block_start", {"type": "content_block_start", "index": len(self.content) - 1,
                                                "content_block": shown}))
         return events
