@@ -125,7 +125,10 @@ class ScriptedStream:
 
 class ScriptedEngine:
     """An `AsyncEngine` double (see the module docstring). `delay`: seconds per token; `cache_hit`: the
-    prompt tokens reported as read from the prefix cache (a function of the prompt ids, default 0)."""
+    prompt tokens reported as read from the prefix cache (a function of the prompt ids, default 0).
+    `stream_class` makes the streams (a subclass can inject failures)."""
+
+    stream_class = ScriptedStream
 
     def __init__(self, tokenizer: Tokenizer, replies: Callable[[str], str] | Sequence[str] = smart_reply,
                  delay: float = 0.0, cache_hit: Callable[[list[int]], int] | None = None) -> None:
@@ -138,7 +141,15 @@ class ScriptedEngine:
         self.active: set[int] = set()
         self.aborted: list[int] = []
         self._ids = itertools.count()
-        self._turn = 0
+
+    @property
+    def replies(self) -> Callable[[str], str] | Sequence[str]:
+        return self._replies
+
+    @replies.setter
+    def replies(self, value: Callable[[str], str] | Sequence[str]) -> None:
+        """Setting a new script starts it from its first reply."""
+        self._replies, self._turn = value, 0
 
     def reply_for(self, prompt_text: str) -> str:
         if callable(self.replies):
@@ -157,7 +168,7 @@ class ScriptedEngine:
         rid = next(self._ids)
         self.requests.append((prompt, params))
         self.active.add(rid)
-        return ScriptedStream(self, rid, prompt, params, tokens)
+        return self.stream_class(self, rid, prompt, params, tokens)
 
 
 # ---------------------------------------------------------------- a live server

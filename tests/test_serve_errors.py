@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from serve_stubs import ScriptedEngine, live_server
+from serve_stubs import ScriptedEngine, ScriptedStream, live_server
 
 from dsv4.chat.tokenizer import Tokenizer
 from dsv4.config import preset
@@ -217,3 +217,28 @@ def test_real_engine_completes_a_request(real):
     assert r.json()["choices"][0]["finish_reason"] == "length"
     assert r.json()["usage"]["completion_tokens"] == 5
     wait_idle(engine)
+
+
+def test_failure_mid_stream_ends_with_error_event(tokenizer):
+    import openai
+
+    class FailingStream(ScriptedStream):
+        async def __anext__(self):
+            if self._i >= 3:
+                raise RuntimeError("device lost")
+            return await super().__anext__()
+
+    class Broken(ScriptedEngine):
+        stream_class = FailingStream
+
+    engine = Broken(tokenizer)
+    service = ChatService(engine, tokenizer, [M], max_context=1024)
+    with live_server(create_app(ServeContext(service, ServeConfig(served_model_names=[M])))) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIError, match="device lost"):
+            for _ in client.chat.completions.create(model=M, messages=U, stream=True):
+                pass
+        assert httpx.get(base + "/health").status_code == 200
+        r = httpx.post(base + "/v1/chat/completions", json=chat())  # non-streaming: a 500 in OpenAI's shape
+        assert r.status_code == 500 and "error" in r.json()
+        assert engine.active == set()
