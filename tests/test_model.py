@@ -108,3 +108,24 @@ def test_two_models_live_in_one_process():
         plain(tokens[:, lo:hi], cache_p)
     assert torch.equal(plain(tokens), first_plain) and torch.equal(exact(tokens), first_exact)
     assert not torch.allclose(first_plain, first_exact, atol=1e-2)
+
+
+def test_routing_records_expose_each_moe_layers_choice():
+    """`routing=` collects one record per MoE layer (main blocks, then the MTP block when it runs), whose ids
+    are the experts the forward used and whose scores carry gradient to the gate."""
+    args = preset("tiny")
+    model = init_weights(Transformer(args), seed=0)
+    tokens = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    routing = []
+    streams = model.forward_streams(tokens, routing=routing)
+    model.mtp_logits(streams[:, :-1], tokens[:, 1:], routing=routing)
+    assert [r.layer_id for r in routing] == list(range(args.n_layers + args.n_mtp_layers))
+    assert [r.hashed for r in routing[:args.n_layers]] == [args.is_hash_layer(i) for i in range(args.n_layers)]
+    first = routing[0]
+    assert first.scores.shape == (18, args.n_routed_experts) and first.ids.shape == (18, args.n_activated_experts)
+    assert torch.equal(first.ids, model.layers[0].ffn.gate.tid2eid[tokens.flatten()])
+    learned = next(r for r in routing if not r.hashed)
+    gate = model.layers[learned.layer_id].ffn.gate
+    assert torch.equal(learned.ids, (learned.scores + gate.bias).topk(args.n_activated_experts).indices)
+    learned.scores.sum().backward()
+    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0

@@ -251,6 +251,7 @@ class ForwardContext:
     exact: bool  # official inference numerics (QAT simulation of the KV / indexer)
     persist: bool  # write the chunk into the cache rings
     indexer_losses: list[Tensor] | None = None  # CSA layers append their indexer KL loss here when set
+    routing: list | None = None  # MoE layers append their `RouterRecord` here when set
 
     @classmethod
     def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool) -> ForwardContext:

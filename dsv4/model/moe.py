@@ -15,6 +15,7 @@ before the replicated shared expert is added once, as the official code does.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,18 @@ from torch import Tensor, nn
 
 from ..config import ModelArgs
 from .layers import Linear
+
+
+@dataclass
+class RouterRecord:
+    """One MoE layer's routing of a forward, for the trainer's balancing (sequence-wise balance loss on the
+    differentiable `scores`, expert-load counts from `ids` for the bias update)."""
+
+    layer_id: int
+    scores: Tensor  # [T, E] fp32 gate scores (before the bias), differentiable
+    ids: Tensor  # [T, k] chosen experts
+    hashed: bool  # chosen by the token-id table (no bias to update)
+    batch: int  # T = batch * seq (rows are sequences, for the sequence-wise loss)
 
 
 class Gate(nn.Module):
@@ -39,8 +52,8 @@ class Gate(nn.Module):
             # aux-loss-free balancing bias, adjusted by the trainer from expert load, never by gradient
             self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """x [T,d], token_ids [T] -> routing weights [T,k] fp32, expert ids [T,k]."""
+    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [T,d], token_ids [T] -> routing weights [T,k] fp32, expert ids [T,k], scores [T,E] fp32."""
         logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1)
@@ -55,7 +68,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, ids)
         if self.score_func != "softmax":
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.route_scale, ids
+        return weights * self.route_scale, ids, scores
 
 
 class Expert(nn.Module):
@@ -80,6 +93,7 @@ class Expert(nn.Module):
 class MoE(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None) -> None:
         super().__init__()
+        self.layer_id = layer_id
         self.n_experts = args.n_routed_experts
         self.gate = Gate(layer_id, args)
         expert_format = args.routed_expert_dtype
@@ -91,11 +105,13 @@ class MoE(nn.Module):
         # sums the fp32 routed output over expert-parallel ranks; None in a single process
         self.all_reduce: Callable[[Tensor], Tensor] | None = None
 
-    def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
-        """x [B,S,d], token_ids [B,S] -> [B,S,d]."""
+    def forward(self, x: Tensor, token_ids: Tensor, routing: list[RouterRecord] | None = None) -> Tensor:
+        """x [B,S,d], token_ids [B,S] -> [B,S,d]; appends this layer's `RouterRecord` to `routing` if given."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, ids = self.gate(x, token_ids.reshape(-1))
+        weights, ids, scores = self.gate(x, token_ids.reshape(-1))
+        if routing is not None:
+            routing.append(RouterRecord(self.layer_id, scores, ids, self.gate.hash, shape[0]))
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e, count in enumerate(counts):

@@ -49,7 +49,7 @@ class Block(nn.Module):
         u, post, comb = self._pre("attn", x)
         x = hc_post(self.attn(self.attn_norm(u), ctx, cache), x, post, comb)
         u, post, comb = self._pre("ffn", x)
-        return hc_post(self.ffn(self.ffn_norm(u), ctx.tokens), x, post, comb)
+        return hc_post(self.ffn(self.ffn_norm(u), ctx.tokens, ctx.routing), x, post, comb)
 
 
 def _add_hc_head(module: nn.Module, args: ModelArgs) -> None:
@@ -104,20 +104,22 @@ class Transformer(nn.Module):
         return Cache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype, device, **options)
 
     def forward(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
-                start_pos: int | Tensor | None = None, indexer_losses: list[Tensor] | None = None) -> Tensor:
+                start_pos: int | Tensor | None = None, indexer_losses: list[Tensor] | None = None,
+                routing: list | None = None) -> Tensor:
         """tokens [B,S] -> logits [B,S,vocab] (fp32).
 
-        `indexer_losses`: pass a list to collect each CSA layer's indexer KL loss (training)."""
+        Training hooks: pass a list as `indexer_losses` to collect each CSA layer's indexer KL loss, and as
+        `routing` to collect each MoE layer's `RouterRecord` (scores and chosen experts)."""
         streams = self.forward_streams(tokens, cache, lengths=lengths, start_pos=start_pos,
-                                       indexer_losses=indexer_losses)
+                                       indexer_losses=indexer_losses, routing=routing)
         return self.logits(streams)
 
     def forward_streams(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
                         start_pos: int | Tensor | None = None,
-                        indexer_losses: list[Tensor] | None = None) -> Tensor:
+                        indexer_losses: list[Tensor] | None = None, routing: list | None = None) -> Tensor:
         """The final residual streams [B,S,hc,d] (what the head and the MTP block consume)."""
         ctx, cache = self._context(tokens, cache, lengths, start_pos, cache_lengths=lambda c: c.lengths)
-        ctx.indexer_losses = indexer_losses
+        ctx.indexer_losses, ctx.routing = indexer_losses, routing
         x = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)  # [B,S,hc,d]
         for layer in self.layers:
             x = layer(x, ctx, cache.layers[layer.layer_id])
@@ -132,17 +134,19 @@ class Transformer(nn.Module):
         return self.head(self.norm(y).to(torch.float32))
 
     def mtp_logits(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
-                   lengths: Tensor | None = None) -> Tensor:
+                   lengths: Tensor | None = None, routing: list | None = None) -> Tensor:
         """MTP prediction: streams at positions t [B,S,hc,d] and the tokens at t+1 [B,S] -> logits for
         the tokens at t+2 [B,S,vocab]. With a cache, the MTP block keeps its own position counter."""
-        return self.mtp_head(self.mtp_streams(streams, next_tokens, cache, depth, lengths=lengths), depth)
+        return self.mtp_head(self.mtp_streams(streams, next_tokens, cache, depth, lengths=lengths, routing=routing),
+                             depth)
 
     def mtp_streams(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
-                    lengths: Tensor | None = None) -> Tensor:
+                    lengths: Tensor | None = None, routing: list | None = None) -> Tensor:
         """The MTP block's output streams [B,S,hc,d] (before its head); see `mtp_logits`."""
         if cache is not None and not cache.has_mtp:
             raise ValueError("this cache was built without the MTP layers (mtp=False)")
         ctx, cache = self._context(next_tokens, cache, lengths, None, cache_lengths=lambda c: c.mtp_lengths)
+        ctx.routing = routing
         block = self.mtp[depth]
         e = block.enorm(self.embed(next_tokens))
         x = block.e_proj(e).unsqueeze(2) + block.h_proj(block.hnorm(streams))
