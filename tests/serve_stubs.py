@@ -158,6 +158,9 @@ class ScriptedEngine:
         self._turn += 1
         return reply
 
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> None:
+        """The stub accepts every request (the real engine's limits are tested with the real engine)."""
+
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> ScriptedStream:
         params = params or SamplingParams()
         prompt = list(prompt_ids)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 
 import anthropic
 import httpx
@@ -302,18 +301,11 @@ def test_stop_reason_mapping(reason, seq, expected):
     assert A.stop_reason(reason, seq) == expected
 
 
-@dataclass(frozen=True, slots=True)
-class _StopFinish(Finish):
-    """A Finish naming the matched stop string (what the renderer reads from `Finish.stop_sequence`)."""
-
-    stop_sequence: str | None = None
-
-
 def test_stop_sequence_reported_by_the_backend_is_rendered():
     """A Finish("stop") naming the matched stop string gets Anthropic's stop_reason "stop_sequence" and the
     string, streamed and not."""
     r = A.MessageRenderer("m")
-    msg = A.render_message(r, _events(ContentDelta("1, 2"), _StopFinish("stop", ", 3")))
+    msg = A.render_message(r, _events(ContentDelta("1, 2"), Finish("stop", stop_sequence=", 3")))
     assert (msg["stop_reason"], msg["stop_sequence"]) == ("stop_sequence", ", 3")
     assert r.finish()[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": ", 3"}
 
@@ -555,18 +547,13 @@ def test_model_names(server):
 
 
 def test_sdk_stop_sequences(server):
-    """The text before the stop string is kept. The stop_reason is "stop_sequence" with the string when the
-    parser's Finish can name the matched string (`Finish.stop_sequence`), else end_turn (the backend cannot
-    tell a stop string from EOS then)."""
+    """The text before the earliest stop string is kept; stop_reason "stop_sequence" names that string."""
     url, _ = server(replies=["Count: 1, 2, 3, 4, 5."])
     msg = _client(url).messages.create(model=MODEL, max_tokens=64, thinking={"type": "disabled"},
                                        stop_sequences=["4", ", 3"],
                                        messages=[{"role": "user", "content": "count"}])
     assert msg.content[0].text == "Count: 1, 2"
-    if "stop_sequence" in getattr(Finish, "__dataclass_fields__", {}):
-        assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", ", 3")
-    else:
-        assert (msg.stop_reason, msg.stop_sequence) == ("end_turn", None)
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", ", 3")
 
 
 def test_pings_while_queued_and_disconnect_aborts(server):

@@ -219,6 +219,23 @@ def test_real_engine_completes_a_request(real):
     wait_idle(engine)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_engine_limits_are_a_400_before_the_stream_starts(tokenizer, stream):
+    """A request the engine's KV pool could never hold is refused with a 400 (not a 200 and an error event)."""
+    args = dataclasses.replace(preset("tiny"), vocab_size=tokenizer.vocab_size)
+    engine = Engine(init_weights(Transformer(args), seed=0), max_batch=1, max_seq_len=256, num_pages=2,
+                    page_tokens=8)
+    service = ChatService(AsyncEngine(engine), tokenizer, [M], max_output_tokens=200)
+    with live_server(create_app(ServeContext(service, ServeConfig(served_model_names=[M])))) as base:
+        body = chat(max_tokens=150, stream=stream, thinking={"type": "disabled"})
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        assert "KV pages" in r.json()["error"]["message"]
+        r = httpx.post(base + "/v1/chat/completions", json=chat(max_tokens=2, thinking={"type": "disabled"}),
+                       timeout=60)
+        assert r.status_code == 200, r.text
+
+
 def test_failure_mid_stream_ends_with_error_event(tokenizer):
     import openai
 

@@ -153,6 +153,7 @@ class ToolCallEnd:
 @dataclass(frozen=True, slots=True)
 class Finish:
     reason: str
+    stop_sequence: str | None = None  # the caller's stop string that ended the text (set by the server)
 
 
 Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArgumentsDelta | ToolCallEnd | Finish

@@ -166,9 +166,11 @@ class Engine:
         self._slots: list[_Request | None] = [None] * max_batch
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id. Raises ValueError for an empty prompt, ids outside the vocabulary,
-        prompt + max_tokens beyond `max_seq_len` or more pages than the whole pool."""
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+                      ) -> tuple[list[int], SamplingParams]:
+        """Validate a request without queuing it (a server calls this before it answers 200): ValueError for an
+        empty prompt, ids outside the vocabulary, prompt + max_tokens beyond `max_seq_len` or more pages than
+        the whole pool. Returns the prompt as a list and the params (defaults filled in)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -186,6 +188,11 @@ class Engine:
         if pages > self.kv.num_pages:
             raise ValueError(f"prompt + max_tokens ({total} tokens) needs {pages} KV pages; "
                              f"the pool has {self.kv.num_pages}")
+        return prompt, params
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. Raises ValueError as `check_request` does."""
+        prompt, params = self.check_request(prompt_ids, params)
         req = _Request(next(self._ids), prompt, params, SequenceState(prompt))
         self._waiting.append(req)
         return req.id
@@ -476,6 +483,10 @@ class AsyncEngine:
         self._queues: dict[int, asyncio.Queue] = {}
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> None:
+        """Raise ValueError for a request the engine would refuse (see `Engine.check_request`)."""
+        self.engine.check_request(prompt_ids, params)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestStream:
         """Queue a request (invalid input raises ValueError here) and return the async iterator of its updates,

@@ -569,10 +569,8 @@ def stop_reason(reason: str | None, stop_sequence: str | None = None) -> str:
 
 
 def _matched_stop(finish: Finish) -> str | None:
-    """The stop string a Finish reports as matched (its `stop_sequence` field, when the parser's Finish has
-    one and the backend fills it); None when the generation stopped otherwise or the backend does not say."""
-    seq = getattr(finish, "stop_sequence", None)
-    return seq if isinstance(seq, str) else None
+    """The stop string the backend reports as matched; None when the generation stopped otherwise."""
+    return finish.stop_sequence
 
 
 def new_message_id() -> str:

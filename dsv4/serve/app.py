@@ -8,7 +8,7 @@ they are for probes and scrapers):
     GET  /v1/models, /models, /v1/models/{id}
     GET  /health                                     200 {"status": "ok"}
     GET  /metrics                                    Prometheus text
-    the Anthropic routes, from `dsv4.serve.anthropic.install(app, ctx)` when that module exists
+    the Anthropic routes, from `dsv4.serve.anthropic.install(app, ctx)`
 
 Errors are rendered by path: `/v1/messages*` and `/anthropic/*` in Anthropic's shape, the rest OpenAI's.
 Non-streaming requests poll for a disconnect and abort their generation when the client is gone; streaming
@@ -18,7 +18,6 @@ ones are cancelled by Starlette when the client disconnects, which closes the `G
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import time
@@ -30,16 +29,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import anthropic
 from . import openai as oai
 from .context import KeepAlive, ServeContext, retry_after_header
 from .request import ChoiceEvent, RequestError, Usage
 
 log = logging.getLogger("dsv4.serve.access")
-
-ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                         500: "api_error", 529: "overloaded_error"}
-
 
 def protocol_of(path: str) -> str:
     if path.startswith("/v1/messages") or path.startswith("/anthropic/"):
@@ -51,8 +46,7 @@ def error_response(path: str, status: int, message: str, param: str | None = Non
                    headers: dict[str, str] | None = None) -> JSONResponse:
     """The protocol's error body for a request to `path`."""
     if protocol_of(path) == "anthropic":
-        body: dict[str, Any] = {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(
-            status, "invalid_request_error" if status < 500 else "api_error"), "message": message}}
+        body: dict[str, Any] = anthropic.error_body(status, message)
     else:
         body = oai.error_body(status, message, param)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -262,11 +256,7 @@ def create_app(ctx: ServeContext) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     # ---------------------------------------------------------------- Anthropic
-    if importlib.util.find_spec("dsv4.serve.anthropic") is not None:
-        from . import anthropic
-
-        if hasattr(anthropic, "install"):
-            anthropic.install(app, ctx)
+    anthropic.install(app, ctx)
 
     app.add_middleware(AccessLog, ctx=ctx)
     return app

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -254,6 +255,15 @@ class ChatService:
         except ValueError as err:
             raise RequestError(400, str(err).replace("SamplingParams.", "")) from None
 
+    def _check_engine(self, ids: list[int], params: list[SamplingParams]) -> None:
+        """The engine's own limits (e.g. its KV pool) checked now, so the client gets a 400, not a 200 and then
+        an error event."""
+        for p in params:
+            try:
+                self.engine.check_request(ids, p)
+            except ValueError as err:
+                raise RequestError(400, str(err), param="max_tokens") from None
+
     def plan(self, request: ChatRequest) -> _Plan:
         """Validate and encode a chat request (RequestError for every client mistake)."""
         self._check_common(request.n, request.stop, request.top_logprobs if request.logprobs else None)
@@ -268,6 +278,7 @@ class ChatService:
                       frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty)
         params = self._sampling(request.n, request.seed, max_tokens=max_tokens,
                                 logprobs=request.top_logprobs if request.logprobs else None, **kw)
+        self._check_engine(ids, params)
         tools = request.tools if request.tool_choice != "none" else None
         return _Plan(request.model, ids, params, lambda: StreamParser(thinking=thinking, tools=tools), prefill,
                      list(request.stop), thinking)
@@ -288,6 +299,7 @@ class ChatService:
         params = self._sampling(request.n, request.seed, max_tokens=max_tokens, temperature=request.temperature,
                                 top_p=request.top_p, presence_penalty=request.presence_penalty,
                                 frequency_penalty=request.frequency_penalty, logprobs=request.logprobs)
+        self._check_engine(ids, params)
         return _Plan(request.model, ids, params, _RawParser, "", list(request.stop), False, raw=True)
 
     # ---------------------------------------------------------------- generation
@@ -347,6 +359,7 @@ class _Choice:
         self.parser = plan.make_parser()
         self.hold = max((len(s) for s in plan.stops), default=1) - 1
         self.text = ""  # completion text not yet fed to the parser (held for stop matching)
+        self.matched_stop: str | None = None
         self.logprobs: list[TokenLogprobs] = []
         self.tokens = self.reasoning = self.cached = 0
         self.in_reasoning = plan.thinking
@@ -384,7 +397,8 @@ class _Choice:
                     reason = "stop"
                 else:
                     self.feed(final=True)
-            events = self.parser.finish(reason)
+            events = [dataclasses.replace(ev, stop_sequence=self.matched_stop) if isinstance(ev, Finish) else ev
+                      for ev in self.parser.finish(reason)]
             if self.logprobs and events:  # logprobs not yet attached ride on the last event
                 *head, last = events
                 self.emit(head)
@@ -403,10 +417,11 @@ class _Choice:
         stops = self.plan.stops
         if not stops:
             return False
-        hits = [i for i in (self.text.find(s) for s in stops) if i >= 0]
+        hits = [(i, n, s) for n, s in enumerate(stops) if (i := self.text.find(s)) >= 0]
         if not hits:
             return False
-        self.text = self.text[:min(hits)]
+        at, _, self.matched_stop = min(hits)  # the earliest match; a tie goes to the first listed
+        self.text = self.text[:at]
         self.feed(final=True)
         return True
 
