@@ -2,7 +2,11 @@
 
 `--model` is a preset (random weights, vocabulary resized to the official tokenizer's so any text encodes) or
 a checkpoint directory. The default will be the embedded default model once one is trained; until then it is
-the `tiny` preset with random weights: it answers in noise, but the whole server works."""
+the `tiny` preset with random weights: it answers in noise, but the whole server works.
+
+Under `torchrun --nproc-per-node N -m dsv4 serve ...` the model is split over the ranks (tensor + expert
+parallel, gloo on CPU, NCCL on GPUs): rank 0 serves HTTP and drives a `LockstepEngine`, the other ranks replay
+its steps on their shards."""
 
 from __future__ import annotations
 
@@ -55,25 +59,33 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
-def build_context(args: argparse.Namespace):
-    """The ServeContext `dsv4 serve` runs (model, engine, tokenizer, service, limits, prices)."""
+def build_context(args: argparse.Namespace, env=None):
+    """The ServeContext `dsv4 serve` runs (model, engine, tokenizer, service, limits, prices); `env` (a
+    `dsv4.parallel.DistEnv` of several ranks) shards the model and makes the engine a `LockstepEngine`."""
     import torch
 
     from ..chat.tokenizer import Tokenizer
     from ..config import PRESETS, preset
     from ..engine import AsyncEngine, Engine
+    from ..engine.lockstep import LockstepEngine
+    from ..parallel import check_shardable, shard_model
     from ..serve.context import ServeConfig, ServeContext
     from ..serve.prices import PriceTable
     from ..serve.service import ChatService
 
     dtype = getattr(torch, args.dtype)
+    parallel = env is not None and env.world_size > 1
     if args.model in PRESETS:
         from ..model import Transformer, init_weights
 
         tokenizer = Tokenizer.bundled()
         margs = dataclasses.replace(preset(args.model), vocab_size=tokenizer.vocab_size)
+        if parallel:
+            check_shardable(margs, env.world_size)
         with torch.device(args.device):
-            model = init_weights(Transformer(margs), seed=args.seed).to(dtype)
+            model = init_weights(Transformer(margs), seed=args.seed).to(dtype)  # the same weights on every rank
+        if parallel:
+            model = shard_model(model, env.rank, env.world_size)
         default_name = f"dsv4-{args.model}"
     else:
         from ..checkpoint.loader import load_model
@@ -81,16 +93,21 @@ def build_context(args: argparse.Namespace):
         path = Path(args.model)
         if not path.exists():
             raise UsageError(f"--model {args.model!r}: not a preset ({', '.join(PRESETS)}) nor a directory")
-        model = load_model(path, numerics=args.numerics, dtype=dtype, device=args.device)
+        if parallel:
+            model = load_model(path, numerics=args.numerics, dtype=dtype, device=args.device, rank=env.rank,
+                               world_size=env.world_size, shard=lambda m: shard_model(m, env.rank, env.world_size))
+        else:
+            model = load_model(path, numerics=args.numerics, dtype=dtype, device=args.device)
         root = path if path.is_dir() else path.parent
         tokenizer = Tokenizer.load(root) if (root / "tokenizer.json").exists() else Tokenizer.bundled()
         default_name = root.name
     model.eval()
     names = args.served_model_name or [default_name]
     max_context = min(args.max_context or model.args.max_seq_len, model.args.max_seq_len)
-    engine = Engine(model, max_batch=args.max_concurrent, max_seq_len=max_context, prefill_chunk=args.prefill_chunk,
-                    eos_id=tokenizer.eos_id, prefix_cache_bytes=args.prefix_cache_mb * 2**20,
-                    num_speculative=args.num_speculative)
+    engine = (LockstepEngine if parallel else Engine)(
+        model, max_batch=args.max_concurrent, max_seq_len=max_context, prefill_chunk=args.prefill_chunk,
+        eos_id=tokenizer.eos_id, seed=args.seed, prefix_cache_bytes=args.prefix_cache_mb * 2**20,
+        num_speculative=args.num_speculative)
     prices = PriceTable.load(args.price_file) if args.price_file else PriceTable()
     max_output = min(args.max_output_tokens, max_context - 1)
     service = ChatService(AsyncEngine(engine), tokenizer, names, prices=prices, max_context=max_context,
@@ -111,15 +128,31 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         print("dsv4 serve: --max-queue must be >= 0", file=sys.stderr)
         return 2
+    from datetime import timedelta
+
+    from ..parallel import ShardingError, close_distributed, init_distributed
+
+    env = init_distributed(device=args.device, timeout=timedelta(days=7))  # idle ranks wait between requests
     try:
-        ctx = build_context(args)
-    except (UsageError, ValueError) as err:
+        ctx = build_context(args, env)
+    except (UsageError, ValueError, ShardingError) as err:
         print(f"dsv4 serve: {err}", file=sys.stderr)
+        close_distributed(env, wait_for_peers=False)
         return 2
+    engine = ctx.backend.engine.engine
+    if not env.is_main:  # the other ranks replay rank 0's engine steps on their shards
+        engine.follow()
+        close_distributed(env)
+        return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = ", ".join(ctx.config.served_model_names)
     auth = f"{len(ctx.config.api_keys)} API key(s)" if ctx.config.api_keys else "no authentication"
     print(f"dsv4 serve: {names} on http://{args.host}:{args.port} ({auth}, context {ctx.config.max_context})",
           file=sys.stderr)
-    uvicorn.run(create_app(ctx), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    try:
+        uvicorn.run(create_app(ctx), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    finally:
+        if env.world_size > 1:
+            engine.shutdown()
+        close_distributed(env)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,12 +41,13 @@ def _env_int(name: str, default: int | None) -> int:
         raise RuntimeError(f"environment variable {name}={text!r} is not an integer") from None
 
 
-def init_distributed(device: str | torch.device | None = None) -> DistEnv:
+def init_distributed(device: str | torch.device | None = None, timeout: timedelta | None = None) -> DistEnv:
     """Join the default process group described by the torchrun environment.
 
     `device` is where the model will run: "cuda" (the process takes GPU LOCAL_RANK, backend NCCL),
     "cpu" (backend gloo), or None for CUDA when available. Without WORLD_SIZE > 1 nothing is
-    initialised and a single-process DistEnv comes back, so callers need no special case.
+    initialised and a single-process DistEnv comes back, so callers need no special case. `timeout` bounds
+    how long a collective waits for its peers (a server's idle ranks wait between requests: give it room).
     """
     world_size = _env_int("WORLD_SIZE", 1)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -62,7 +64,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistEnv:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         return DistEnv(rank, world_size, local_rank, device, backend, owns_group=True)
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
         raise RuntimeError(f"a process group is already initialised as rank {dist.get_rank()} of "
