@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 from dsv4.config import preset
 from dsv4.model import Transformer, init_weights
+from dsv4.model.cache import ForwardTrace
+from dsv4.model.mhc import composite_gain
 
 
 def random_model(name="tiny", seed=1, **changes) -> Transformer:
@@ -55,8 +57,9 @@ def test_released_parameter_counts_on_meta_device():
 def test_every_trainable_parameter_gets_a_finite_gradient():
     model = random_model()
     tokens = torch.randint(0, model.args.vocab_size, (2, 48))
-    indexer_losses: list[torch.Tensor] = []
-    streams = model.forward_streams(tokens, indexer_losses=indexer_losses)
+    trace = ForwardTrace()
+    indexer_losses = trace.indexer_losses
+    streams = model.forward_streams(tokens, trace=trace)
     ce = F.cross_entropy(model.logits(streams)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
     mtp = F.cross_entropy(model.mtp_logits(streams[:, :-2], tokens[:, 1:-1]).flatten(0, 1), tokens[:, 2:].flatten())
     assert len(indexer_losses) == model.args.compress_ratios.count(4)
@@ -111,14 +114,15 @@ def test_two_models_live_in_one_process():
 
 
 def test_routing_records_expose_each_moe_layers_choice():
-    """`routing=` collects one record per MoE layer (main blocks, then the MTP block when it runs), whose ids
+    """`trace.routing` collects one record per MoE layer (main blocks, then the MTP block when it runs), whose ids
     are the experts the forward used and whose scores carry gradient to the gate."""
     args = preset("tiny")
     model = init_weights(Transformer(args), seed=0)
     tokens = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    routing = []
-    streams = model.forward_streams(tokens, routing=routing)
-    model.mtp_logits(streams[:, :-1], tokens[:, 1:], routing=routing)
+    trace = ForwardTrace()
+    routing = trace.routing
+    streams = model.forward_streams(tokens, trace=trace)
+    model.mtp_logits(streams[:, :-1], tokens[:, 1:], trace=trace)
     assert [r.layer_id for r in routing] == list(range(args.n_layers + args.n_mtp_layers))
     assert [r.hashed for r in routing[:args.n_layers]] == [args.is_hash_layer(i) for i in range(args.n_layers)]
     first = routing[0]
@@ -129,3 +133,51 @@ def test_routing_records_expose_each_moe_layers_choice():
     assert torch.equal(learned.ids, (learned.scores + gate.bias).topk(args.n_activated_experts).indices)
     learned.scores.sum().backward()
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
+
+
+def test_composite_gain_of_known_maps():
+    eye = torch.eye(4).expand(1, 3, 4, 4)
+    assert [float(g) for g in composite_gain([eye, eye])] == [1.0, 1.0]
+    doubled = [2 * eye] * 3
+    assert [float(g) for g in composite_gain(doubled)] == [8.0, 8.0]
+    skew = torch.tensor([[1.0, 2.0], [0.0, 1.0]]).expand(1, 1, 2, 2)  # stream 0 feeds 1 twice
+    # H = skew^T: rows [1, 0], [2, 1] -> forward gain 3; columns [1, 2], [0, 1] -> backward gain 3
+    assert [float(g) for g in composite_gain([skew])] == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("hc_mode", ["mhc", "hc", "residual"])
+def test_hc_modes_train_and_record_their_maps(hc_mode):
+    args = preset("tiny")
+    model = init_weights(Transformer(args, hc_mode=hc_mode), seed=0)
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    trace = ForwardTrace()
+    logits = model(tokens, trace=trace)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    assert len(trace.hc_maps) == 2 * args.n_layers
+    if hc_mode == "residual":
+        assert all(m is None for m in trace.hc_maps)
+        assert model.layers[0].hc_attn_fn.grad is None  # the mixing parameters are out of the graph
+        plain = model.layers[0].attn.wq_a.weight.grad
+        assert plain is not None and plain.abs().sum() > 0
+        return
+    forward, backward = composite_gain(trace.hc_maps)
+    if hc_mode == "mhc":  # Sinkhorn keeps every map (nearly) doubly stochastic
+        assert abs(float(forward) - 1) < 0.05 and abs(float(backward) - 1) < 0.05
+    else:  # unconstrained maps start at the identity plus the dynamic term, nothing holds their sums at 1
+        assert float(forward) != pytest.approx(1.0, abs=1e-3)
+    assert model.layers[0].hc_attn_fn.grad.abs().sum() > 0
+
+
+def test_dense_indexer_attends_to_every_entry_and_trains_the_indexer():
+    args = preset("tiny").replace(index_topk=1)
+    model = init_weights(Transformer(args), seed=0)
+    tokens = torch.randint(0, args.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    sparse, dense = ForwardTrace(), ForwardTrace(dense_indexer=True)
+    a, b = model(tokens, trace=sparse), model(tokens, trace=dense)
+    assert not torch.allclose(a, b)  # top-1 of up to 10 entries vs all of them
+    sum(dense.indexer_losses).backward()
+    indexer = next(layer.attn.indexer for layer in model.layers if hasattr(layer.attn, "indexer"))
+    assert indexer.wq_b.weight.grad.abs().sum() > 0
+    assert model.layers[0].attn.wq_a.weight.grad is None  # the KL loss never reaches the backbone
+    with pytest.raises(ValueError, match="hc_mode"):
+        Transformer(args, hc_mode="none")

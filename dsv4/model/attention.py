@@ -73,7 +73,9 @@ class Attention(nn.Module):
         if self.ratio:
             entries = self.compressor(x, ctx, cache.compressor, self.freqs)  # [B,N,D]
             if self.ratio == CSA_RATIO:
-                chosen, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer)  # [B,S,k]
+                dense = ctx.trace is not None and ctx.trace.dense_indexer
+                chosen, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer,
+                                                    dense=dense)  # [B,S,k], or [B,S,N] when dense
             else:
                 n = torch.arange(entries.shape[1], device=x.device)
                 visible = n < torch.div(ctx.positions + 1, self.ratio, rounding_mode="floor").unsqueeze(-1)
@@ -84,11 +86,11 @@ class Attention(nn.Module):
 
         scale = self.head_dim**-0.5
         o = kernels.sparse_attn(q, kv_set, idx, self.attn_sink, scale)  # [B,S,H,D]
-        if self.ratio == CSA_RATIO and ctx.indexer_losses is not None:
+        if self.ratio == CSA_RATIO and ctx.trace is not None:
             with torch.no_grad():
                 logits = torch.einsum("bshd,bskd->bshk", q, _gather_rows(kv_set, idx.clamp_min(0))) * scale
                 logits = logits.to(torch.float32).masked_fill((idx < 0).unsqueeze(2), float("-inf"))
-            ctx.indexer_losses.append(
+            ctx.trace.indexer_losses.append(
                 indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores))
         o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True)
 

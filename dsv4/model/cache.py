@@ -241,6 +241,24 @@ class CacheSnapshot:
 
 
 @dataclass
+class ForwardTrace:
+    """What a training forward records, and the indexer warm-up switch. Pass one to `Transformer.forward`.
+
+    * `indexer_losses`: each CSA layer's indexer KL loss (`indexer_kl_loss`);
+    * `routing`: each MoE layer's `RouterRecord` (gate scores, chosen experts) for balancing;
+    * `hc_maps`: each sublayer's residual mixing matrix `comb` [B,S,h,h] (stream j -> k), in order, for the
+      composite-gain metric of the mHC paper (None entries in "residual" mode);
+    * `dense_indexer`: the dense warm-up stage (DeepSeek-V3.2's DSA recipe): CSA attends to every causally
+      complete entry and the indexer's KL loss spans all of them, instead of the top-k.
+    """
+
+    indexer_losses: list[Tensor] = field(default_factory=list)
+    routing: list = field(default_factory=list)
+    hc_maps: list[Tensor | None] = field(default_factory=list)
+    dense_indexer: bool = False
+
+
+@dataclass
 class ForwardContext:
     """What every layer needs to know about the current chunk."""
 
@@ -250,8 +268,7 @@ class ForwardContext:
     positions: Tensor  # [B, S] absolute positions start + arange(S)
     exact: bool  # official inference numerics (QAT simulation of the KV / indexer)
     persist: bool  # write the chunk into the cache rings
-    indexer_losses: list[Tensor] | None = None  # CSA layers append their indexer KL loss here when set
-    routing: list | None = None  # MoE layers append their `RouterRecord` here when set
+    trace: ForwardTrace | None = None  # what training wants recorded (and how CSA selects)
 
     @classmethod
     def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool) -> ForwardContext:

@@ -42,9 +42,10 @@ class Indexer(nn.Module):
         self.all_reduce: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, c_q: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor, ctx: ForwardContext,
-                state: CompressorState) -> tuple[Tensor, Tensor]:
+                state: CompressorState, dense: bool = False) -> tuple[Tensor, Tensor]:
         """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (by descending index score, -1 =
-        none, last) and their index scores [B,S,k].
+        none, last) and their index scores [B,S,k]. `dense` (the warm-up stage of training) selects every
+        visible entry instead, in index order: ids and scores [B,S,N].
 
         The inputs are detached: selection is not differentiable, so the indexer learns only from its
         own KL loss against the attention (`indexer_kl_loss`), and that loss must not train the backbone.
@@ -62,7 +63,7 @@ class Indexer(nn.Module):
         weights = self.weights_proj(x) * self.weight_scale  # [B,S,Hi]
         keys = keys.to(q.dtype)
         n_visible = torch.div(ctx.positions + 1, CSA_RATIO, rounding_mode="floor")  # [B,S] entries each query sees
-        k = min(self.topk, n_entries)
+        k = n_entries if dense else min(self.topk, n_entries)
         # the scores of all queries against all entries would be [B,S,Hi,N]: O(L^2) for a long prefill,
         # so the queries go through in blocks whose score slab stays under SCORE_BLOCK_BYTES
         bsz, seqlen = x.shape[:2]
@@ -80,7 +81,10 @@ class Indexer(nn.Module):
             first_hidden = int(seen.min())  # entries before it are visible to every query of the block
             hidden = torch.arange(first_hidden, n_entries, device=x.device) >= seen  # [B,s,N-first_hidden]
             index_scores[..., first_hidden:].masked_fill_(hidden, float("-inf"))
-            top = stable_topk(index_scores.detach(), k)  # [B,s,k]
+            if dense:
+                top = torch.arange(n_entries, device=x.device).expand_as(index_scores)
+            else:
+                top = stable_topk(index_scores.detach(), k)  # [B,s,k]
             chosen.append(torch.where(top < seen, top, -1))
             chosen_scores.append(index_scores.gather(-1, top))
         return torch.cat(chosen, dim=1), torch.cat(chosen_scores, dim=1)

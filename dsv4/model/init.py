@@ -48,7 +48,8 @@ def init_weights(model: Transformer, seed: int = 0) -> Transformer:
                 getattr(module, f"hc_{site}_scale").fill_(0.01)
                 base = torch.zeros((2 + hc) * hc)
                 base[(2 * module.layer_id + site_index) % hc] = 2.0  # soft one-hot read-out
-                base[2 * hc:] = (4.0 * torch.eye(hc)).flatten()  # comb starts near the identity
+                # comb starts near the identity: logits 4*I through Sinkhorn (mhc), or I itself when unconstrained
+                base[2 * hc:] = ((1.0 if model.hc_mode == "hc" else 4.0) * torch.eye(hc)).flatten()
                 getattr(module, f"hc_{site}_base").copy_(base)
     for holder in [model, *model.mtp]:
         normal_(holder.hc_head_fn, 0.02)

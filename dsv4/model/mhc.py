@@ -4,6 +4,10 @@ Before each sublayer, `hc_pre` reads the streams into one input (weights `pre`) 
 mixing for the way back; after it, `hc_post` writes the output into every stream (weights `post`)
 on top of a doubly-stochastic mix of the old streams (`comb`, Sinkhorn-projected). All coefficients
 are data-dependent per token and computed in fp32; the streams themselves stay in the model dtype.
+
+Ablations (`Transformer(hc_mode=...)`, for training studies): "hc" keeps the same dynamic coefficients but
+leaves `comb` unconstrained (ByteDance's hyper-connections: no Sinkhorn, so the composite gain over depth is
+free to grow); "residual" is a plain pre-norm residual network (the streams stay identical copies).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from torch import Tensor
 
 from .. import kernels
 
+HC_MODES = ("mhc", "hc", "residual")
+
 
 def _mixes(x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
     """x [B,S,h,d] -> fp32 [B,S,m]: a weightless RMS norm over all h*d values folded into a linear map."""
@@ -21,26 +27,67 @@ def _mixes(x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
     return (flat @ fn.to(torch.float32).t()) * rms
 
 
+def hc_split_unconstrained(mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, eps: float
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """The "hc" ablation: pre and post as in mHC, comb the raw dynamic matrix (no softmax, no Sinkhorn)."""
+    h = hc_mult
+    pre = torch.sigmoid(mixes[..., :h] * scale[0] + base[:h]) + eps
+    post = 2.0 * torch.sigmoid(mixes[..., h:2 * h] * scale[1] + base[h:2 * h])
+    comb = (mixes[..., 2 * h:] * scale[2] + base[2 * h:]).unflatten(-1, (h, h))
+    return pre, post, comb
+
+
 def hc_pre(
-    x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int, eps: float, norm_eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int, eps: float, norm_eps: float,
+    mode: str = "mhc",
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Collapse the streams for a sublayer.
 
     x [B,S,h,d] -> u [B,S,d] (x.dtype), post [B,S,h] fp32, comb [B,S,h,h] fp32 (comb[j,k]: stream j -> k).
+    In "residual" mode u is the (single, replicated) stream and post, comb are None.
     """
-    pre, post, comb = kernels.hc_split_sinkhorn(_mixes(x, fn, norm_eps), scale, base, hc_mult, iters, eps)
+    if mode == "residual":
+        return x[:, :, 0], None, None
+    mixes = _mixes(x, fn, norm_eps)
+    if mode == "hc":
+        pre, post, comb = hc_split_unconstrained(mixes, scale.to(torch.float32), base.to(torch.float32), hc_mult, eps)
+    else:
+        pre, post, comb = kernels.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
     u = (pre.unsqueeze(-1) * x.to(torch.float32)).sum(dim=2)
     return u.to(x.dtype), post, comb
 
 
-def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-    """New streams X'_k = post_k * out + sum_j comb[j,k] * X_j, in fp32, returned in x.dtype."""
+def hc_post(out: Tensor, x: Tensor, post: Tensor | None, comb: Tensor | None) -> Tensor:
+    """New streams X'_k = post_k * out + sum_j comb[j,k] * X_j, in fp32, returned in x.dtype (a plain residual
+    X + out when post and comb are None)."""
+    if comb is None:
+        return (x.to(torch.float32) + out.to(torch.float32).unsqueeze(2)).to(x.dtype)
     # the official expression: products rounded to fp32, then summed over j (an einsum fuses them differently)
     mixed = torch.sum(comb.unsqueeze(-1) * x.to(torch.float32).unsqueeze(-2), dim=2)
     return (post.unsqueeze(-1) * out.to(torch.float32).unsqueeze(2) + mixed).to(x.dtype)
 
 
-def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float) -> Tensor:
+def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float,
+            mode: str = "mhc") -> Tensor:
     """Final collapse of the streams before the output norm: [B,S,h,d] -> [B,S,d]."""
+    if mode == "residual":
+        return x[:, :, 0]
     pre = torch.sigmoid(_mixes(x, fn, norm_eps) * scale.to(torch.float32) + base.to(torch.float32)) + eps
     return (pre.unsqueeze(-1) * x.to(torch.float32)).sum(dim=2).to(x.dtype)
+
+
+@torch.no_grad()
+def composite_gain(maps: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The mHC paper's Amax gain magnitude of the residual mixing over depth (training.md 2.5).
+
+    maps: each sublayer's comb [B,S,h,h] (comb[j,k]: stream j -> k), in order. The composite map taking the
+    first sublayer's input streams to the last one's output is H = (C_1 C_2 ... C_L)^T per token; its largest
+    absolute row sum is the forward gain, its largest absolute column sum the backward gain, each averaged
+    over the tokens. Returns (forward, backward) as fp32 scalars; both are 1 for doubly stochastic maps."""
+    product = maps[0].to(torch.float32)
+    for comb in maps[1:]:
+        product = product @ comb.to(torch.float32)
+    composite = product.transpose(-1, -2)  # [B,S,h,h]: row i = output stream i
+    forward = composite.abs().sum(dim=-1).amax(dim=-1).mean()
+    backward = composite.abs().sum(dim=-2).amax(dim=-1).mean()
+    return forward, backward

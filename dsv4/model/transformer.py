@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from ..config import ModelArgs
 from .attention import Attention
-from .cache import Cache, ForwardContext, LayerCache
+from .cache import Cache, ForwardContext, ForwardTrace, LayerCache
 from .layers import Embedding, Linear, RMSNorm
-from .mhc import hc_head, hc_post, hc_pre
+from .mhc import HC_MODES, hc_head, hc_post, hc_pre
 from .moe import MoE
 
 NUMERICS = ("plain", "exact")
@@ -25,10 +25,11 @@ NUMERICS = ("plain", "exact")
 class Block(nn.Module):
     """mHC(attention) then mHC(MoE); the residual state is [B, S, hc_mult, dim]."""
 
-    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None) -> None:
+    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None, hc_mode: str = "mhc") -> None:
         super().__init__()
         self.layer_id = layer_id
         self.args = args
+        self.hc_mode = hc_mode
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(layer_id, args, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -40,16 +41,21 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(n_mix, dtype=torch.float32)))
             self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3, dtype=torch.float32)))
 
-    def _pre(self, site: str, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _pre(self, site: str, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor | None, Tensor | None]:
         a = self.args
-        return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                      getattr(self, f"hc_{site}_base"), a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps)
+        u, post, comb = hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                               getattr(self, f"hc_{site}_base"), a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps,
+                               a.norm_eps, self.hc_mode)
+        if ctx.trace is not None:
+            ctx.trace.hc_maps.append(comb)
+        return u, post, comb
 
     def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache) -> Tensor:
-        u, post, comb = self._pre("attn", x)
+        u, post, comb = self._pre("attn", x, ctx)
         x = hc_post(self.attn(self.attn_norm(u), ctx, cache), x, post, comb)
-        u, post, comb = self._pre("ffn", x)
-        return hc_post(self.ffn(self.ffn_norm(u), ctx.tokens, ctx.routing), x, post, comb)
+        u, post, comb = self._pre("ffn", x, ctx)
+        routing = ctx.trace.routing if ctx.trace is not None else None
+        return hc_post(self.ffn(self.ffn_norm(u), ctx.tokens, routing), x, post, comb)
 
 
 def _add_hc_head(module: nn.Module, args: ModelArgs) -> None:
@@ -63,8 +69,8 @@ class MTPBlock(Block):
     """Multi-token prediction: a block fed with the main model's final streams and the next token's
     embedding; shares the main model's embedding and head (not stored under `mtp.*`)."""
 
-    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None) -> None:
-        super().__init__(layer_id, args, dtype)
+    def __init__(self, layer_id: int, args: ModelArgs, dtype: torch.dtype | None, hc_mode: str = "mhc") -> None:
+        super().__init__(layer_id, args, dtype, hc_mode)
         self.e_proj = Linear(args.dim, args.dim, dtype=dtype)
         self.h_proj = Linear(args.dim, args.dim, dtype=dtype)
         self.enorm = RMSNorm(args.dim, args.norm_eps)
@@ -79,23 +85,29 @@ class Transformer(nn.Module):
     `dtype` is the activation / residual-stream dtype and the storage dtype of the float linear
     weights (bf16 for the official numerics, fp32 for training or reference checks). `numerics`
     is "exact" (the official inference's QAT simulation of the KV cache and indexer; FP8/FP4 GEMMs
-    come from the weights' dtypes) or "plain" (the same math without quantisation simulation).
+    come from the weights' dtypes) or "plain" (the same math without quantisation simulation). `hc_mode`
+    is "mhc" (the architecture) or a training ablation: "hc" (unconstrained hyper-connections) or "residual".
     """
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, numerics: str = "plain") -> None:
+    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.float32, numerics: str = "plain",
+                 hc_mode: str = "mhc") -> None:
         super().__init__()
         if numerics not in NUMERICS:
             raise ValueError(f"numerics={numerics!r}: choose from {NUMERICS}")
+        if hc_mode not in HC_MODES:
+            raise ValueError(f"hc_mode={hc_mode!r}: choose from {HC_MODES}")
         self.args = args
         self.dtype = dtype
         self.numerics = numerics
+        self.hc_mode = hc_mode
         self.embed = Embedding(args.vocab_size, args.dim, dtype=dtype)
-        self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(i, args, dtype, hc_mode) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # stored bf16, used in fp32 like the reference
         self.head = Linear(args.dim, args.vocab_size, dtype=torch.float32, official_format="bf16")
         _add_hc_head(self, args)
-        self.mtp = nn.ModuleList(MTPBlock(args.n_layers + k, args, dtype) for k in range(args.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTPBlock(args.n_layers + k, args, dtype, hc_mode)
+                                 for k in range(args.n_mtp_layers))
 
     # ------------------------------------------------------------------ public API
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, **options) -> Cache:
@@ -104,22 +116,18 @@ class Transformer(nn.Module):
         return Cache(self.args, batch_size, max_seq_len or self.args.max_seq_len, self.dtype, device, **options)
 
     def forward(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
-                start_pos: int | Tensor | None = None, indexer_losses: list[Tensor] | None = None,
-                routing: list | None = None) -> Tensor:
-        """tokens [B,S] -> logits [B,S,vocab] (fp32).
-
-        Training hooks: pass a list as `indexer_losses` to collect each CSA layer's indexer KL loss, and as
-        `routing` to collect each MoE layer's `RouterRecord` (scores and chosen experts)."""
-        streams = self.forward_streams(tokens, cache, lengths=lengths, start_pos=start_pos,
-                                       indexer_losses=indexer_losses, routing=routing)
+                start_pos: int | Tensor | None = None, trace: ForwardTrace | None = None) -> Tensor:
+        """tokens [B,S] -> logits [B,S,vocab] (fp32). `trace` (training) records indexer losses, routing and
+        the mHC maps, and switches the indexer's dense warm-up (see `ForwardTrace`)."""
+        streams = self.forward_streams(tokens, cache, lengths=lengths, start_pos=start_pos, trace=trace)
         return self.logits(streams)
 
     def forward_streams(self, tokens: Tensor, cache: Cache | None = None, *, lengths: Tensor | None = None,
                         start_pos: int | Tensor | None = None,
-                        indexer_losses: list[Tensor] | None = None, routing: list | None = None) -> Tensor:
+                        trace: ForwardTrace | None = None) -> Tensor:
         """The final residual streams [B,S,hc,d] (what the head and the MTP block consume)."""
         ctx, cache = self._context(tokens, cache, lengths, start_pos, cache_lengths=lambda c: c.lengths)
-        ctx.indexer_losses, ctx.routing = indexer_losses, routing
+        ctx.trace = trace
         x = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)  # [B,S,hc,d]
         for layer in self.layers:
             x = layer(x, ctx, cache.layers[layer.layer_id])
@@ -130,23 +138,24 @@ class Transformer(nn.Module):
     def logits(self, streams: Tensor) -> Tensor:
         """Final streams [B,S,hc,d] -> logits [B,S,vocab] fp32."""
         a = self.args
-        y = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.norm_eps)
+        y = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.norm_eps,
+                    self.hc_mode)
         return self.head(self.norm(y).to(torch.float32))
 
     def mtp_logits(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
-                   lengths: Tensor | None = None, routing: list | None = None) -> Tensor:
+                   lengths: Tensor | None = None, trace: ForwardTrace | None = None) -> Tensor:
         """MTP prediction: streams at positions t [B,S,hc,d] and the tokens at t+1 [B,S] -> logits for
         the tokens at t+2 [B,S,vocab]. With a cache, the MTP block keeps its own position counter."""
-        return self.mtp_head(self.mtp_streams(streams, next_tokens, cache, depth, lengths=lengths, routing=routing),
+        return self.mtp_head(self.mtp_streams(streams, next_tokens, cache, depth, lengths=lengths, trace=trace),
                              depth)
 
     def mtp_streams(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
-                    lengths: Tensor | None = None, routing: list | None = None) -> Tensor:
+                    lengths: Tensor | None = None, trace: ForwardTrace | None = None) -> Tensor:
         """The MTP block's output streams [B,S,hc,d] (before its head); see `mtp_logits`."""
         if cache is not None and not cache.has_mtp:
             raise ValueError("this cache was built without the MTP layers (mtp=False)")
         ctx, cache = self._context(next_tokens, cache, lengths, None, cache_lengths=lambda c: c.mtp_lengths)
-        ctx.routing = routing
+        ctx.trace = trace
         block = self.mtp[depth]
         e = block.enorm(self.embed(next_tokens))
         x = block.e_proj(e).unsqueeze(2) + block.h_proj(block.hnorm(streams))
@@ -158,7 +167,8 @@ class Transformer(nn.Module):
     def mtp_head(self, x: Tensor, depth: int = 0) -> Tensor:
         """MTP block output streams [B,S,hc,d] -> logits [B,S,vocab] fp32 (its hc head and norm, the shared head)."""
         block, a = self.mtp[depth], self.args
-        y = hc_head(x, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, a.hc_eps, a.norm_eps)
+        y = hc_head(x, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, a.hc_eps, a.norm_eps,
+                    self.hc_mode)
         return self.head(block.norm(y).to(torch.float32))
 
     def parameter_counts(self) -> dict[str, int]:
