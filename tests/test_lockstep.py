@@ -112,6 +112,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc: subprocess.Popen, port: int) -> None:
+    """End torchrun and its workers: SIGTERM lets torchrun stop them (they run in sessions of their own, so
+    killing torchrun's process group would orphan them); anything still serving `port` afterwards is killed."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    marker = f"--port\0{port}\0".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 def test_serve_under_torchrun_answers_like_one_process():
     """`torchrun --nproc-per-node 2 -m dsv4 serve`: rank 0 serves, rank 1 follows; a greedy answer equals the
     single-process server's."""
@@ -141,8 +159,7 @@ def test_serve_under_torchrun_answers_like_one_process():
         streamed = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**body, "stream": True},
                               timeout=60).text
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _stop(proc, port)
     args = build_parser().parse_args(flags)
     with live_server(create_app(build_context(args))) as base:
         single = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
