@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ("generate", "plan", "inspect", "convert", "make_checkpoint", "serve", "prepare_data", "chat")
+COMMANDS = ("generate", "plan", "inspect", "convert", "make_checkpoint", "serve", "prepare_data", "chat", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
