@@ -653,17 +653,22 @@ class Trainer:
     def export(self, path: str | Path) -> Path:
         """Write the model as an official checkpoint directory (converted layout) that `dsv4 generate
         --checkpoint` and `dsv4 serve --model` load, with the data's tokenizer.json (when it is not the
-        official tokenizer) and the training config beside it. A model trained under an fp8 / fp8+fp4 recipe
-        is exported losslessly (`export_quantized` checks it); other float weights are rounded to the
-        checkpoint's storage formats. The hc/residual ablations are not V4 checkpoints and are refused."""
+        official tokenizer) and the training config beside it. A model trained under fp8+fp4 is exported
+        losslessly (`export_quantized` checks it bit for bit); otherwise the float weights are quantised to the
+        layout's storage formats as any conversion does (under fp8 the FP8 Linears come out exact, being fixed
+        points of the codec, while the routed experts get their first FP4 rounding: V4's FP4 expert QAT is a
+        late stage, the fp8+fp4 recipe). The hc/residual ablations are not V4 checkpoints and are refused."""
         if self.config.hc_mode != "mhc":
             raise TrainError(f"export: hc_mode {self.config.hc_mode!r} is a training ablation; the official format "
                              "describes mHC models only")
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise TrainError(f"export: {path} exists and is not empty")
-        if self.config.precision in ("fp8", "fp8+fp4"):
-            export_quantized(self.model, path, layout="converted")
+        if self.config.precision == "fp8+fp4":
+            try:
+                export_quantized(self.model, path, layout="converted")
+            except ValueError as err:
+                raise TrainError(f"export: {err}") from None
         else:
             from ..checkpoint.saver import save_model
 
