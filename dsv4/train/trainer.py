@@ -30,11 +30,12 @@ biases are buffers in its state_dict), both optimizers, the balancer's pending l
 position, every RNG state, the step and the config. `resume` restores all of it; training N steps
 straight and N/2 + resume + N/2 give bit-identical weights on CPU.
 
-Data parallel is pluggable: pass `dp_group` and each rank reads its own stream (seed + rank), the
+Data parallel is pluggable: pass `dp_group` and every rank walks the same seeded batch stream, keeping every
+world-th batch (so a step of W ranks sees exactly the batches of one process with W x grad_accum); the
 normalising counts and expert loads are summed over the group, and gradients are summed by the trainer
 (`grad_sync="trainer"`) or by a wrapper that averages them (FSDP2/DDP: `grad_sync="wrapper"`, losses are
-then scaled by the world size so the average is the global-batch gradient). Sharded checkpoints are not
-written yet (one process holds the whole model here).
+then scaled by the world size so the average is the global-batch gradient). Rank 0 writes checkpoints of
+the replicated model; sharded (DCP) checkpoints for an FSDP2 model are not written yet.
 """
 
 from __future__ import annotations
@@ -319,7 +320,7 @@ class Trainer:
         self.schedule = c.schedule()
         self.balancer = BiasBalancer(self.model, c.bias_speed, dp_group, c.bias_update_every)
         try:
-            self.loader = PackedLoader(train_split, c.seq_len, c.batch_size, seed=c.seed + 7919 * self.rank)
+            self.loader = PackedLoader(train_split, c.seq_len, c.batch_size, seed=c.seed)
         except ValueError as err:
             raise TrainError(f"data {data}: {err}") from None
         self.val_split = open_split(data, "val") if "val" in self.manifest.get("splits", {}) else None
@@ -368,8 +369,10 @@ class Trainer:
         stage = c.stage(step)
         t0 = time.perf_counter()
         model.train()
-        groups = [g for _ in range(c.grad_accum) for g in self._groups(split_documents(self.loader.next_batch(),
-                                                                                          self.pad_id))]
+        # every rank walks the same seeded stream and keeps every world-th batch: the global step sees exactly
+        # the batches one process with grad_accum x world would (so DP == accumulation, testably)
+        batches = [self.loader.next_batch() for _ in range(c.grad_accum * self.world)][self.rank::self.world]
+        groups = [g for b in batches for g in self._groups(split_documents(b, self.pad_id))]
         n_tok = sum(int(g.loss_mask.sum()) for g in groups)
         n_mtp = sum(int(g.loss_mask[:, 1:].sum()) for g in groups)
         n_seq = sum(len(g.lengths) for g in groups)
@@ -571,6 +574,8 @@ class Trainer:
         Only rank 0 writes (the model is whole in each process here). `_write` is a test hook that runs
         inside the temporary directory before the rename (to simulate a crash mid-write)."""
         if self.rank != 0:
+            if self.dp_group is not None:
+                dist.barrier(group=self.dp_group)  # the others continue once rank 0's checkpoint is in place
             return None
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
@@ -603,6 +608,8 @@ class Trainer:
             done = sorted(p for p in root.glob("step_*") if p.is_dir())
             for old in done[:-self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+        if self.dp_group is not None:
+            dist.barrier(group=self.dp_group)
         return final
 
     def resume(self, path: str | Path) -> Path:
