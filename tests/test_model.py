@@ -181,3 +181,16 @@ def test_dense_indexer_attends_to_every_entry_and_trains_the_indexer():
     assert model.layers[0].attn.wq_a.weight.grad is None  # the KL loss never reaches the backbone
     with pytest.raises(ValueError, match="hc_mode"):
         Transformer(args, hc_mode="none")
+
+
+def test_indexer_loss_ignores_right_padding():
+    """A padded row's indexer KL equals the unpadded row's: padding queries are left out of the mean."""
+    args = preset("tiny")
+    model = init_weights(Transformer(args), seed=0)
+    tokens = torch.randint(0, args.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    alone, padded = ForwardTrace(), ForwardTrace()
+    model(tokens, trace=alone)
+    junk = torch.randint(0, args.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
+    model(torch.cat((tokens, junk), dim=1), lengths=torch.tensor([30]), trace=padded)
+    for a, b in zip(alone.indexer_losses, padded.indexer_losses, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

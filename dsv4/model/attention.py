@@ -91,7 +91,8 @@ class Attention(nn.Module):
                 logits = torch.einsum("bshd,bskd->bshk", q, _gather_rows(kv_set, idx.clamp_min(0))) * scale
                 logits = logits.to(torch.float32).masked_fill((idx < 0).unsqueeze(2), float("-inf"))
             ctx.trace.indexer_losses.append(
-                indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores))
+                indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores,
+                                queries=torch.arange(seqlen, device=x.device) < ctx.lengths.unsqueeze(1)))
         o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True)
 
         # grouped output projection: each group of H/G heads -> o_lora_rank, then wo_b

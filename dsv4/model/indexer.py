@@ -147,14 +147,17 @@ def _take_earliest_ties(scores: Tensor, values: Tensor, top: Tensor, rows: Tenso
 
 
 def indexer_kl_loss(attn_logits: Tensor, attn_sink: Tensor, n_window: int, chosen: Tensor,
-                    index_scores: Tensor) -> Tensor:
+                    index_scores: Tensor, queries: Tensor | None = None) -> Tensor:
     """KL(p || softmax(I)) over each query's selected entries (DeepSeek-V3.2's sparse-stage recipe).
 
     attn_logits [B,S,H,W+k] are the main attention's scaled logits over window + selected entries
     (-inf where unused), p their per-head softmax (with the sink) summed over heads and L1-normalised
-    on the selected entries. Only the indexer's parameters receive gradient (p is detached).
+    on the selected entries. Only the indexer's parameters receive gradient (p is detached). `queries` [B,S]
+    marks the real tokens (right padding is left out of the mean).
     """
     valid = chosen >= 0  # [B,S,k]
+    if queries is not None:
+        valid = valid & queries.unsqueeze(-1)
     if not bool(valid.any()):
         return index_scores.sum() * 0.0
     with torch.no_grad():
