@@ -1,0 +1,238 @@
+"""Distributed training (dsv4.train.distributed): 2 gloo processes on CPU, each with half of every global batch,
+train like one process on the whole batch — with FSDP2, and with expert parallelism (+ FSDP2) — for 50 steps of
+V4's losses (CE + MTP + balance + indexer KL) under Muon + AdamW, clipping and the aux-loss-free bias update.
+
+Tolerance (reduction order): one process on the whole batch and two processes on its halves compute every
+row alike but sum the halves' contributions to each gradient (and the loss, and the expert outputs' GEMM blocks)
+in another order, so they differ by fp32 rounding that training then carries along. The yardstick is that same
+reordering inside one process: the whole batch as two accumulated micro-batches (`halves`). Two processes must
+stay at least as close to the whole-batch run as `halves` does (factor 2, plus an fp32 floor), and they must
+equal `halves` itself almost exactly (they sum the same two partial gradients; the remaining differences are the
+fp64 vs fp32 gradient norm of the clip and GEMM blocking on other row counts). A dropped or doubled expert, a
+missing gradient average or a wrong load reduction moves the loss by orders of magnitude more.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dsv4.config import preset
+from dsv4.model import Transformer, init_weights
+from dsv4.model.cache import ForwardTrace
+from dsv4.train.distributed import (
+    DistributedMoE,
+    clip_grad_norm_,
+    dp_group,
+    full_state_dict,
+    global_grad_norm,
+    load_full_state_dict,
+    parallelize,
+)
+from dsv4.train.losses import BiasBalancer, balance_loss_sum, cross_entropy_sum
+from dsv4.train.optim import build_optimizers
+
+WORLD = 2
+TIMEOUT_S = 240
+# tiny V4: a hash-routed sliding layer, a learned-routing CSA layer (indexer), an MTP block; 4 experts (2 per rank)
+ARGS = preset("tiny").replace(vocab_size=64, n_layers=2, n_hash_layers=1, compress_ratios=(0, 4, 0),
+                              n_routed_experts=4, n_activated_experts=2, max_seq_len=64)
+BATCH, SEQ = 4, 16  # global batch; each rank takes BATCH // WORLD rows
+STEPS = 50
+LR = 3e-3
+MTP_W, ALPHA, BIAS_SPEED = 0.3, 1e-4, 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return init_weights(Transformer(ARGS, dtype=torch.float32), seed=1)
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed stream: a random sparse Markov chain over the vocabulary (learnable), fresh rows each step."""
+    g = torch.Generator().manual_seed(1000)
+    nxt = torch.randint(0, ARGS.vocab_size, (ARGS.vocab_size, 3), generator=g)
+    g = torch.Generator().manual_seed(step)
+    tok = torch.empty(BATCH, SEQ + 1, dtype=torch.long)
+    tok[:, 0] = torch.randint(0, ARGS.vocab_size, (BATCH,), generator=g)
+    for t in range(SEQ):
+        tok[:, t + 1] = nxt[tok[:, t], torch.randint(0, 3, (BATCH,), generator=g)]
+    return tok[:, :-1], tok[:, 1:]
+
+
+def _train(model, parts: list[slice], world: int, group, steps: int = STEPS) -> list[float]:
+    """`steps` optimizer steps; this process runs the rows `parts` (one forward each) of every global batch.
+    Losses are normalised by the global counts; with `world` > 1 the FSDP2 average needs the loss x world."""
+    opt = build_optimizers(model, LR)
+    balancer = BiasBalancer(model, BIAS_SPEED, group)
+    n_tok, n_mtp, n_seq, n_fwd = BATCH * SEQ, BATCH * (SEQ - 1), BATCH, len(parts) * world
+    curve = []
+    for step in range(steps):
+        tokens, targets = _batch(step)
+        total = torch.zeros((), dtype=torch.float64)
+        for rows in parts:
+            tok, tgt = tokens[rows], targets[rows]
+            valid = torch.ones_like(tok, dtype=torch.bool)
+            trace = ForwardTrace()
+            streams = model.forward_streams(tok, trace=trace)
+            ce, _ = cross_entropy_sum(model.logits(streams), tgt)
+            mtp_trace = ForwardTrace()
+            mtp, _ = cross_entropy_sum(model.mtp_logits(streams[:, :-1], tok[:, 1:], trace=mtp_trace), tgt[:, 1:])
+            bal = (balance_loss_sum(trace.routing, valid, ARGS.n_routed_experts, ARGS.n_activated_experts)
+                   + balance_loss_sum(mtp_trace.routing, valid[:, 1:], ARGS.n_routed_experts,
+                                      ARGS.n_activated_experts))
+            balancer.add(trace.routing, valid)
+            balancer.add(mtp_trace.routing, valid[:, 1:])
+            kl = sum(trace.indexer_losses) + sum(mtp_trace.indexer_losses)
+            loss = ce / n_tok + MTP_W * mtp / n_mtp + ALPHA * bal / n_seq + kl / n_fwd
+            (loss * world).backward()
+            total += loss.detach().double()
+        if group is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        else:
+            clip_grad_norm_(model.parameters(), 1.0, group)
+            dist.all_reduce(total, group=group)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        balancer.step()
+        curve.append(float(total))
+    return curve
+
+
+def _worker(rank: int, init_file: str, out_dir: str, expert_parallel: bool, steps: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",) if expert_parallel else ("dp",))
+        model = parallelize(_model(), mesh, fsdp=True, expert_parallel=expert_parallel)
+        group = dp_group(model)
+        held = {n for n, _ in model.named_parameters() if ".experts." in n}
+        half = BATCH // WORLD
+        t0 = time.perf_counter()
+        curve = _train(model, [slice(rank * half, (rank + 1) * half)], WORLD, group, steps)
+        seconds = time.perf_counter() - t0
+        norm = float(global_grad_norm(model.parameters(), group))  # no gradients left: 0
+        state = full_state_dict(model)
+        result = {"curve": curve, "held": sorted(held), "seconds": seconds, "norm_after_zero_grad": norm,
+                  "moe": [type(m).__name__ for m in model.modules() if isinstance(m, DistributedMoE)]}
+        # the gathered plain state loads back into a parallel model (every rank reads rank 0's dict)
+        objs = [state]
+        dist.broadcast_object_list(objs, src=0)
+        fresh = parallelize(Transformer(ARGS, dtype=torch.float32), mesh, expert_parallel=expert_parallel)
+        load_full_state_dict(fresh, objs[0])
+        again = full_state_dict(fresh)
+        if rank == 0:
+            result["state"] = state
+            result["reloaded_equal"] = all(torch.equal(again[k], v) for k, v in state.items()) and \
+                list(again) == list(state)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, args: tuple) -> None:
+    """Start WORLD processes of fn(rank, *args); fail (never hang) after TIMEOUT_S."""
+    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def single():
+    """One process: the whole batch in one forward, and (the reduction-order yardstick) as two micro-batches."""
+    torch.set_num_threads(1)
+    out = {}
+    for name, parts in (("whole", [slice(0, BATCH)]), ("halves", [slice(0, BATCH // 2), slice(BATCH // 2, BATCH)])):
+        model = _model()
+        curve = _train(model, parts, 1, None)
+        out[name] = {"curve": curve, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return out
+
+
+def _run(tmp_path: Path, expert_parallel: bool) -> list[dict]:
+    _spawn(_worker, (str(tmp_path / "init"), str(tmp_path), expert_parallel, STEPS))
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _max_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def _state_diff(a: dict, b: dict) -> tuple[float, float]:
+    """(max |a - b|, ||a - b|| / ||b||) over every float tensor of two state dicts with the same keys in order."""
+    assert list(a) == list(b)
+    keys = [k for k in b if b[k].is_floating_point()]
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in keys)
+    num = sum(float((a[k].double() - b[k].double()).square().sum()) for k in keys)
+    den = sum(float(b[k].double().square().sum()) for k in keys)
+    return worst, (num / den) ** 0.5
+
+
+def _check(ranks: list[dict], single: dict, what: str) -> None:
+    """Loss curves: within 2x the reorder yardstick (measured ~1e-6 over 50 steps) and 1e-5 absolute. Weights:
+    a few parameters get gradients that are nearly pure rounding noise — the first layer's attention mHC maps
+    act on hc identical streams (the embedding repeated), so most directions of their gradient are degenerate —
+    and Muon (unit singular values) and AdamW (eps 1e-20, a sign-like step) turn noise into lr-sized steps;
+    they do not move the loss. So the weights are compared with the same yardstick: the relative distance
+    (Frobenius, all tensors) within 2x, the largest single difference within 3x, of halves-vs-whole."""
+    whole, halves = single["whole"], single["halves"]
+    curve = ranks[0]["curve"]
+    assert ranks[1]["curve"] == curve  # the all-reduced loss: the same number on every rank
+    assert curve[-1] < 0.6 * curve[0]  # it trains
+    noise = _max_diff(halves["curve"], whole["curve"])
+    d_whole, d_halves = _max_diff(curve, whole["curve"]), _max_diff(curve, halves["curve"])
+    state = ranks[0]["state"]
+    (w_noise, r_noise), (w_whole, r_whole) = _state_diff(halves["state"], whole["state"]), \
+        _state_diff(state, whole["state"])
+    print(f"{what}: {STEPS} steps in {ranks[0]['seconds']:.1f}s; loss {curve[0]:.4f} -> {curve[-1]:.4f}; "
+          f"max |loss diff| vs whole {d_whole:.2e}, vs halves {d_halves:.2e}, halves vs whole {noise:.2e}; "
+          f"weights vs whole: max {w_whole:.2e} rel {r_whole:.2e}, halves vs whole: max {w_noise:.2e} "
+          f"rel {r_noise:.2e}")
+    assert d_whole <= 2 * noise + 1e-6 and d_whole <= 1e-5 and d_halves <= 1e-5
+    assert r_whole <= 2 * r_noise + 1e-6 and w_whole <= 3 * w_noise + 1e-6
+    # the gathered state dict is the plain model's (keys, order, shapes), loads into one, and loaded back into a
+    # parallel model it gathers to the same tensors
+    plain = Transformer(ARGS, dtype=torch.float32)
+    assert list(state) == list(plain.state_dict())
+    plain.load_state_dict(state)
+    assert ranks[0]["reloaded_equal"]
+    assert ranks[0]["norm_after_zero_grad"] == 0.0
+
+
+def test_fsdp2_two_processes_match_one(tmp_path, single):
+    ranks = _run(tmp_path, expert_parallel=False)
+    _check(ranks, single, "FSDP2")
+    # FSDP only: every rank holds (a shard of) every expert
+    assert ranks[0]["held"] == ranks[1]["held"] and len(ranks[0]["held"]) == 3 * 4 * (ARGS.n_layers + 1)
+
+
+def test_expert_parallel_two_processes_match_one(tmp_path, single):
+    ranks = _run(tmp_path, expert_parallel=True)
+    _check(ranks, single, "EP + FSDP2")
+    # each rank holds only its 2 of the 4 experts of every MoE layer (incl. the MTP block's)
+    for rank, result in enumerate(ranks):
+        ids = {int(n.split(".experts.")[1].split(".")[0]) for n in result["held"]}
+        assert ids == {2 * rank, 2 * rank + 1}, (rank, ids)
+        assert len(result["held"]) == 3 * 2 * (ARGS.n_layers + 1)
