@@ -112,14 +112,26 @@ def _train(model, parts: list[slice], world: int, group, steps: int = STEPS) -> 
     return curve
 
 
-def _worker(rank: int, init_file: str, out_dir: str, expert_parallel: bool, steps: int) -> None:
+# name -> (mesh shape, mesh dim names, fsdp, expert_parallel)
+LAYOUTS = {
+    "fsdp": ((WORLD,), ("dp",), True, False),
+    "ep": ((WORLD,), ("ep",), True, True),
+    "replicated": ((WORLD,), ("dp",), False, False),  # FSDP2 over a W x 1 mesh: DDP
+    "ep_replicated": ((WORLD,), ("ep",), False, True),
+    "ep_2d": ((1, WORLD), ("dp", "ep"), True, True),  # experts split over "ep", dense HSDP
+    "dp_2d": ((WORLD, 1), ("dp", "ep"), True, True),  # every rank every expert (FSDP over "dp"), dense replicated
+}
+
+
+def _worker(rank: int, init_file: str, out_dir: str, layout: str, steps: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",) if expert_parallel else ("dp",))
-        model = parallelize(_model(), mesh, fsdp=True, expert_parallel=expert_parallel)
+        shape, names, fsdp, expert_parallel = LAYOUTS[layout]
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        model = parallelize(_model(), mesh, fsdp=fsdp, expert_parallel=expert_parallel)
         group = dp_group(model)
         held = {n for n, _ in model.named_parameters() if ".experts." in n}
         half = BATCH // WORLD
@@ -133,7 +145,7 @@ def _worker(rank: int, init_file: str, out_dir: str, expert_parallel: bool, step
         # the gathered plain state loads back into a parallel model (every rank reads rank 0's dict)
         objs = [state]
         dist.broadcast_object_list(objs, src=0)
-        fresh = parallelize(Transformer(ARGS, dtype=torch.float32), mesh, expert_parallel=expert_parallel)
+        fresh = parallelize(Transformer(ARGS, dtype=torch.float32), mesh, fsdp=fsdp, expert_parallel=expert_parallel)
         load_full_state_dict(fresh, objs[0])
         again = full_state_dict(fresh)
         if rank == 0:
@@ -171,8 +183,8 @@ def single():
     return out
 
 
-def _run(tmp_path: Path, expert_parallel: bool) -> list[dict]:
-    _spawn(_worker, (str(tmp_path / "init"), str(tmp_path), expert_parallel, STEPS))
+def _run(tmp_path: Path, layout: str, steps: int = STEPS) -> list[dict]:
+    _spawn(_worker, (str(tmp_path / "init"), str(tmp_path), layout, steps))
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -222,17 +234,101 @@ def _check(ranks: list[dict], single: dict, what: str) -> None:
 
 
 def test_fsdp2_two_processes_match_one(tmp_path, single):
-    ranks = _run(tmp_path, expert_parallel=False)
+    ranks = _run(tmp_path, "fsdp")
     _check(ranks, single, "FSDP2")
     # FSDP only: every rank holds (a shard of) every expert
     assert ranks[0]["held"] == ranks[1]["held"] and len(ranks[0]["held"]) == 3 * 4 * (ARGS.n_layers + 1)
 
 
 def test_expert_parallel_two_processes_match_one(tmp_path, single):
-    ranks = _run(tmp_path, expert_parallel=True)
+    ranks = _run(tmp_path, "ep")
     _check(ranks, single, "EP + FSDP2")
     # each rank holds only its 2 of the 4 experts of every MoE layer (incl. the MTP block's)
     for rank, result in enumerate(ranks):
         ids = {int(n.split(".experts.")[1].split(".")[0]) for n in result["held"]}
         assert ids == {2 * rank, 2 * rank + 1}, (rank, ids)
         assert len(result["held"]) == 3 * 2 * (ARGS.n_layers + 1)
+
+
+@pytest.mark.parametrize("layout", ["replicated", "ep_replicated", "ep_2d", "dp_2d"])
+def test_other_layouts_follow_the_same_curve(tmp_path, single, layout):
+    """fsdp=False (dense replicated) with and without EP, and the 2-D ("dp", "ep") mesh both ways round: the first
+    steps of the same curve, a plain state dict that reloads."""
+    steps = 4
+    ranks = _run(tmp_path, layout, steps)
+    assert ranks[1]["curve"] == ranks[0]["curve"]
+    assert _max_diff(ranks[0]["curve"], single["whole"]["curve"][:steps]) <= 1e-5
+    assert list(ranks[0]["state"]) == list(Transformer(ARGS, dtype=torch.float32).state_dict())
+    assert ranks[0]["reloaded_equal"]
+    split = LAYOUTS[layout][3] and WORLD in LAYOUTS[layout][0][-1:]
+    assert len(ranks[0]["held"]) == 3 * (2 if split else 4) * (ARGS.n_layers + 1)
+
+
+# ------------------------------------------------------------------------------------------------ with the Trainer
+
+TRAIN_MODEL = {"n_layers": 2, "n_hash_layers": 1, "compress_ratios": [0, 4, 0], "n_routed_experts": 4}
+TRAIN_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    import json
+
+    from dsv4.train.data import prepare
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    root = tmp_path_factory.mktemp("shakespeare")
+    text = shared.read_text(encoding="utf-8")[:20000]
+    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
+        for part in text.split("\n\n")[:150]:
+            f.write(json.dumps({"text": part}) + "\n")
+    prepare([root / "docs.jsonl"], root / "data", tokenizer="bytes", val_fraction=0.1, seed=0)
+    return root / "data"
+
+
+def _trainer_config(data: Path, out: Path, **changes):
+    from dsv4.train.trainer import TrainConfig
+
+    base = dict(data=str(data), out=str(out), preset="tiny", model=dict(TRAIN_MODEL), steps=TRAIN_STEPS,
+                batch_size=2, seq_len=32, warmup_steps=1, eval_every=0, log_every=1, progress=False, seed=0)
+    return TrainConfig(**{**base, **changes})
+
+
+def _trainer_worker(rank: int, init_file: str, data: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dsv4.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        config = _trainer_config(Path(data), Path(out) / "run")
+        # the model the Trainer would build, parallelized from outside and handed in
+        plain = Trainer(config).model
+        model = parallelize(plain, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",)))
+        trainer = Trainer(config, model=model, dp_group=dp_group(model), grad_sync="wrapper")
+        records = [trainer.train_step() for _ in range(TRAIN_STEPS)]
+        state = full_state_dict(trainer.model)
+        if rank == 0:
+            torch.save({"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+                        "state": state}, Path(out) / "trainer.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_trainer_with_fsdp2_model_equals_one_process_accumulating(data, tmp_path):
+    """The Trainer's data-parallel seam takes a parallelized model as is (FSDP2: grad_sync="wrapper", its clip on
+    DTensors): 2 ranks == one process with grad_accum 2, the Trainer's own losses (documents, MTP, balance, KL)."""
+    from dsv4.train.trainer import Trainer
+
+    _spawn(_trainer_worker, (str(tmp_path / "init"), str(data), str(tmp_path)))
+    got = torch.load(tmp_path / "trainer.pt", weights_only=True)
+    single = Trainer(_trainer_config(data, tmp_path / "single", grad_accum=WORLD))
+    records = [single.train_step() for _ in range(TRAIN_STEPS)]
+    for name in ("loss", "grad_norm"):
+        for a, b in zip(got[name], [r[name] for r in records], strict=True):
+            assert abs(a - b) <= 1e-5 * abs(b), (name, got[name], [r[name] for r in records])
+    expected = single.model.state_dict()
+    assert list(got["state"]) == list(expected)
+    _, rel = _state_diff(got["state"], expected)
+    assert rel <= 1e-3, rel

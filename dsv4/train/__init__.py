@@ -1,6 +1,16 @@
 """Training: data shards and packing, the Muon optimizer, losses and the training loop."""
 
 from .data import DataError, DocumentRows, PackedBatch, PackedLoader, Shard, ShardWriter, open_split, split_documents
+from .distributed import (
+    DataParallel,
+    clip_grad_norm_,
+    dp_group,
+    full_state_dict,
+    global_grad_norm,
+    load_full_state_dict,
+    parallelize,
+    reduce_expert_load,
+)
 from .losses import BiasBalancer, balance_loss_sum, cross_entropy_sum, expert_load, load_stats, mtp_inputs
 from .muon import V4_NS_SCHEDULE, Muon, hybrid_newton_schulz
 from .optim import Optimizers, Route, RoutingError, build_optimizers, param_groups, route_parameters
@@ -17,4 +27,6 @@ __all__ = [
     "split_documents", "byte_tokenizer", "load_tokenizer",
     "BiasBalancer", "balance_loss_sum", "cross_entropy_sum", "expert_load", "load_stats", "mtp_inputs",
     "TrainConfig", "Trainer", "TrainError", "latest_checkpoint",
+    "DataParallel", "clip_grad_norm_", "dp_group", "full_state_dict", "global_grad_norm", "load_full_state_dict",
+    "parallelize", "reduce_expert_load",
 ]

@@ -42,6 +42,12 @@ Helpers for a trainer: `dp_group` (all data ranks: loss counts, expert loads for
 `reduce_expert_load`, `global_grad_norm` / `clip_grad_norm_` (correct for sharded, replicated and expert-local
 gradients), `full_state_dict` (the plain model's state dict, gathered on rank 0, on the CPU) and
 `load_full_state_dict` (a plain state dict back into the parallel model).
+
+With the Trainer: `Trainer(config, model=parallelize(model, mesh), dp_group=dp_group(model), grad_sync="wrapper")`
+trains as is under FSDP2 (torch's clip handles one mesh of DTensors). Expert parallelism mixes meshes, so its
+clip must be `clip_grad_norm_(params, clip, dp_group)`; checkpoints and export of a parallel model must go through
+`full_state_dict` (a collective: every rank calls it, rank 0 writes) and `load_full_state_dict`; the optimizer
+state stays sharded (a DCP checkpoint, not written yet).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -91,6 +97,12 @@ class DataParallel:
 
 
 # ---------------------------------------------------------------------------------------------- MoE
+
+
+def _all_to_all(t: Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> Tensor:
+    """Rows of `t` split by `in_splits` to the ranks of `group`, theirs received by `out_splits`; differentiable
+    (the backward is the reverse all-to-all)."""
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(t.contiguous(), out_splits, in_splits, group))
 
 
 class DistributedMoE(MoE):
@@ -132,7 +144,7 @@ class DistributedMoE(MoE):
         mine = slice(self.ep_rank * n_local, (self.ep_rank + 1) * n_local)
         # every EP peer's counts [P, E]: what each sends to whom
         table = counts.new_empty(self.ep_size * self.n_experts)
-        dist.all_gather_into_tensor(table, counts, group=self.ep_group)
+        dist.all_gather_single(table, counts, group=self.ep_group)
         table = table.view(self.ep_size, self.n_experts)
         received = table[:, mine]  # [P, n_local] rows from each peer for each local expert
         active = received.sum(0)
@@ -145,8 +157,7 @@ class DistributedMoE(MoE):
         send = torch.cat([x[token].to(torch.float32), weights.flatten()[order].unsqueeze(-1)], dim=-1)
         send_splits = counts.view(self.ep_size, n_local).sum(1).tolist()
         recv_splits = received.sum(1).tolist()
-        recv = dist_fn.all_to_all_single(send.new_empty(sum(recv_splits), send.shape[1]), send,
-                                         recv_splits, send_splits, group=self.ep_group)
+        recv = _all_to_all(send, recv_splits, send_splits, self.ep_group)
         rows_x, rows_w = recv[:, :-1].to(x.dtype), recv[:, -1:]
         # received rows: peer by peer, expert by expert; run each local expert once on all its rows
         expert_of_row = torch.repeat_interleave(torch.arange(n_local, device=x.device).repeat(self.ep_size),
@@ -160,8 +171,7 @@ class DistributedMoE(MoE):
             out = torch.cat(outs)[torch.argsort(torch.cat(where))]  # back to the received order
         else:
             out = rows_x.new_zeros(0, x.shape[1])
-        back = dist_fn.all_to_all_single(out.new_empty(len(order), x.shape[1]), out, send_splits, recv_splits,
-                                         group=self.ep_group)
+        back = _all_to_all(out, send_splits, recv_splits, self.ep_group)
         # combine in increasing expert id, tokens in order: MoE.forward's additions, in its order
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         start = 0
