@@ -455,7 +455,7 @@ def full_state_dict(model: Transformer, rank0_only: bool = True) -> dict[str, Te
     for name, t in model.state_dict().items():
         full = t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank, same order
         name = _clean(name)
-        if keep or ".experts." in name:
+        if keep or (plan.ep_size > 1 and ".experts." in name):
             gathered[name] = full.detach().cpu().clone()
     if plan.ep_size == 1:
         return gathered if keep else {}
