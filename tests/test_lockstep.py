@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess import spawn
 from serve_stubs import live_server
 
 from dsv4.cli import build_parser
@@ -82,17 +82,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_lockstep_engine_matches_one_process():
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(str(Path(tmp) / "init"), tmp), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"lockstep workers did not finish within {TIMEOUT_S}s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+        spawn(_worker, (str(Path(tmp) / "init"), tmp), nprocs=WORLD, timeout_s=TIMEOUT_S)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
     assert ranks[0] == ranks[1]  # the follower's replica produced exactly the driver's updates
     single = _drive(Engine(_model(), max_batch=3, max_seq_len=64, prefill_chunk=8, page_tokens=8, num_pages=14,

@@ -4,13 +4,12 @@ the warm-up / stable / decay lr schedule. References are written inline from tra
 
 import io
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess import spawn
 from torch import nn
 
 from dsv4.config import preset
@@ -356,21 +355,8 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn, args: tuple) -> None:
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"FSDP workers did not finish within {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
 def test_fsdp2_sharded_update_equals_unsharded(tmp_path):
-    _spawn(_fsdp_worker, (str(tmp_path / "init"), str(tmp_path)))
+    spawn(_fsdp_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, timeout_s=TIMEOUT_S)
     torch.manual_seed(0)
     model = _TwoMatrices()
     _fsdp_steps(model, Muon(model.parameters(), lr=0.05))

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess import spawn
 from torch import nn
 
 from dsv4 import kernels
@@ -103,20 +102,6 @@ def _worker(rank: int, init_file: str, data_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn, args: tuple) -> None:
-    """Start WORLD processes of fn(rank, *args); fail (never hang) after TIMEOUT_S."""
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"parallel workers did not finish within {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
 class _OfficialSplitWoB(nn.Module):
     """wo_b as the official 2-way RowParallelLinear rounds it, in one process: each half of the input
     features gives a partial output in the activation dtype, the halves are added in fp32."""
@@ -142,7 +127,7 @@ def results():
         # the exact model as an official checkpoint, then split into per-rank files as the official convert does
         save_model(models["exact"], Path(tmp) / "official", layout="converted", shards=2)
         convert(Path(tmp) / "official", Path(tmp) / "mp", "mp", world_size=WORLD)
-        _spawn(_worker, (str(Path(tmp) / "init"), str(data), tmp))
+        spawn(_worker, (str(Path(tmp) / "init"), str(data), tmp), nprocs=WORLD, timeout_s=TIMEOUT_S)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
     single = {k: _run(m) for k, m in models.items()}
     for layer in models["exact"].layers:
