@@ -372,6 +372,8 @@ def test_cli_trains_resumes_and_exports(data, tmp_path, capsys):
     (["train", "--config", "{tmp}/missing.json"], "config"),
     (["train", "--resume", "{tmp}"], "no checkpoint"),
     (["train", "--data", "{data}", "--seq-len", "100000"], "fewer than one batch"),
+    (["train", "--data", "{data}", "--fsdp"], "torchrun --nproc-per-node"),
+    (["train", "--data", "{data}", "--expert-parallel", "--ep-size", "2"], "several processes"),
 ])
 def test_cli_bad_input_is_a_clear_error(data, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, data=data) for a in argv]

@@ -14,6 +14,12 @@ missing gradient average or a wrong load reduction moves the loss by orders of m
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -272,8 +278,6 @@ TRAIN_STEPS = 3
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    import json
-
     from dsv4.train.data import prepare
 
     shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -332,3 +336,87 @@ def test_trainer_with_fsdp2_model_equals_one_process_accumulating(data, tmp_path
     assert list(got["state"]) == list(expected)
     _, rel = _state_diff(got["state"], expected)
     assert rel <= 1e-3, rel
+
+
+# ---------------------------------------------------------------------------------------- dsv4 train under torchrun
+
+TORCHRUN_TIMEOUT_S = 300
+CLI_STEPS = 6
+
+
+def _cli_flags(data: Path) -> list[str]:
+    model = [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in TRAIN_MODEL.items()]
+    return ["train", "--data", str(data), "--preset", "tiny", *(x for m in model for x in ("--model-arg", m)),
+            "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1", "--eval-every", "0", "--log-every", "1",
+            "--no-progress", "--threads", "1"]
+
+
+def _torchrun(flags: list[str]) -> str:
+    """`torchrun --standalone --nproc-per-node 2 -m dsv4 <flags>`; its stderr. Never left running: on a timeout
+    torchrun is told to stop its workers (they run in sessions of their own), then killed."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun is installed with torch next to the interpreter"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", str(WORLD), "-m", "dsv4", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        pytest.fail(f"torchrun did not finish within {TORCHRUN_TIMEOUT_S}s")
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def _close(a: dict[int, float], b: dict[int, float]) -> None:
+    assert a.keys() == b.keys(), (a, b)
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), (step, a, b)
+
+
+@pytest.fixture(scope="module")
+def one_process_accumulating(data, tmp_path_factory):
+    from dsv4.cli import main
+
+    run = tmp_path_factory.mktemp("one") / "run"
+    assert main([*_cli_flags(data), "--out", str(run), "--steps", str(CLI_STEPS), "--grad-accum", str(WORLD)]) == 0
+    return _losses(run)
+
+
+@pytest.mark.parametrize("layout", ["--fsdp", "--expert-parallel"])
+def test_torchrun_train_equals_one_process_accumulating(data, tmp_path, capsys, one_process_accumulating, layout):
+    """`torchrun --nproc-per-node 2 -m dsv4 train --fsdp | --expert-parallel`: the losses of one process with
+    --grad-accum 2; the export loads with `dsv4 generate`; its step-4 checkpoint resumed (same layout) continues
+    the run; a single process refuses the sharded checkpoint by name."""
+    from dsv4.cli import main
+
+    run, exported = tmp_path / "run", tmp_path / "export"
+    err = _torchrun([*_cli_flags(data), "--out", str(run), "--steps", str(CLI_STEPS), "--checkpoint-every", "4",
+                     "--export", str(exported), layout])
+    assert err.count("dsv4 train: exported") == 1  # rank 0 alone prints
+    straight = _losses(run)
+    _close(straight, one_process_accumulating)
+    assert (run / "checkpoints" / "step_00000004" / "optimizer" / ".metadata").is_file()
+    assert main(["generate", "--checkpoint", str(exported), "--prompt", "72,101,108", "--max-new-tokens", "3",
+                 "--numerics", "plain", "--dtype", "float32"]) == 0
+    assert "decode:" in capsys.readouterr().out
+
+    resumed = tmp_path / "resumed"
+    err = _torchrun(["train", "--resume", str(run / "checkpoints" / "step_00000004"), "--out", str(resumed),
+                     "--steps", str(CLI_STEPS), layout])
+    assert "resumed" in err and "at step 4" in err
+    _close(_losses(resumed), {s: v for s, v in straight.items() if s > 4})
+
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert "written by a parallel run" in capsys.readouterr().err

@@ -6,6 +6,13 @@ PATH (default: `--out`) with the checkpoint's own config; only the fields that d
 logging, evaluation, checkpoint cadence, paths) may be changed by flags then. `--export DIR` writes the final
 model as an official checkpoint directory that `dsv4 generate --checkpoint DIR` and `dsv4 serve --model DIR`
 load. Bad input is a one-line error and exit status 2.
+
+Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) every process builds the same model and trains its share of
+each global batch (N processes with --grad-accum A see the batches of one process with A x N), on the CPU over
+gloo: `--fsdp` shards the parameters (FSDP2), `--expert-parallel` partitions the routed experts (over `--ep-size`
+ranks, default all; N / ep-size replicas of each expert set), neither: the parameters are replicated (DDP-like).
+Rank 0 prints, writes metrics.jsonl, checkpoints and the export; a parallel run resumes from its own checkpoints
+(the optimizer states are sharded), under any of these layouts.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 
@@ -71,6 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from PATH (a run directory or a checkpoint; default: --out)")
     p.add_argument("--export", metavar="DIR", help="after training, write the model as an official checkpoint here")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the parameters over the processes (FSDP2)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: partition the routed experts over the processes")
+    p.add_argument("--ep-size", type=int, default=None, metavar="P",
+                   help="with --expert-parallel: experts split over P ranks, WORLD_SIZE / P replicas (default: all)")
     choices = {"hc_mode": HC_MODES, "precision": RECIPES, "optimizer": OPTIMIZERS}
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
@@ -101,36 +115,94 @@ def _given(args: argparse.Namespace) -> dict[str, object]:
     return values
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..train.trainer import TrainConfig, Trainer, TrainError
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
+
+def _parallel_model(config, args: argparse.Namespace, world: int):
+    """The Trainer's model (same seed on every rank), parallelized over a CPU mesh of the `world` processes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..train.distributed import parallelize
+    from ..train.trainer import build_model
+
+    ep = args.ep_size or world
+    if args.expert_parallel and ep != world:
+        mesh = init_device_mesh("cpu", (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    else:
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",) if args.expert_parallel else ("dp",))
+    try:
+        return parallelize(build_model(config), mesh, fsdp=args.fsdp, expert_parallel=args.expert_parallel)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..parallel.distributed import close_distributed, init_distributed
+    from ..train.distributed import dp_group
+    from ..train.trainer import TrainConfig, Trainer, TrainError, checkpoint_config
+
+    world = _world_size()
+    if world <= 1 and (args.fsdp or args.expert_parallel or args.ep_size is not None):
+        print("dsv4 train: --fsdp / --expert-parallel / --ep-size need several processes: start with "
+              "torchrun --nproc-per-node N -m dsv4 train ...", file=sys.stderr)
+        return 2
+    if args.ep_size is not None and (not args.expert_parallel or args.ep_size < 1 or world % args.ep_size):
+        print(f"dsv4 train: --ep-size {args.ep_size} needs --expert-parallel and must divide the {world} processes",
+              file=sys.stderr)
+        return 2
+    env = init_distributed("cpu") if world > 1 else None
+    main = env is None or env.is_main
+    ok = False
     try:
         given = _given(args)
         if args.resume is not None:
             if args.config:
                 raise UsageError("--resume continues with the checkpoint's own config; drop --config")
             path = given.get("out", TrainConfig.out) if args.resume is True else args.resume
-            trainer = Trainer.from_checkpoint(path, **given)
-            print(f"dsv4 train: resumed {path} at step {trainer.step}", file=sys.stderr)
+            if env is None:
+                trainer = Trainer.from_checkpoint(path, **given)
+            else:
+                config = checkpoint_config(path, **given)
+                model = _parallel_model(config, args, world)
+                trainer = Trainer(config, model=model, dp_group=dp_group(model), grad_sync="wrapper")
+                trainer.resume(path)
+            if main:
+                print(f"dsv4 train: resumed {path} at step {trainer.step}", file=sys.stderr)
         else:
             config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
             if "model" in given:
                 given["model"] = {**config.model, **given["model"]}
             config = dataclasses.replace(config, **given)
-            trainer = Trainer(config)
+            if env is None:
+                trainer = Trainer(config)
+            else:
+                model = _parallel_model(config, args, world)
+                trainer = Trainer(config, model=model, dp_group=dp_group(model), grad_sync="wrapper")
         final = trainer.train()
         c = trainer.config
         summary = f"dsv4 train: {trainer.step} steps, {trainer.tokens_seen:,} tokens; checkpoint in {c.out}"
+        if env is not None:
+            summary += f"; {world} processes"
         if final is not None:
             summary += f"; val loss {final['val_loss']:.4f}"
-        print(summary, file=sys.stderr)
+        if main:
+            print(summary, file=sys.stderr)
         if args.export:
             trainer.export(args.export)
-            print(f"dsv4 train: exported to {args.export}", file=sys.stderr)
+            if main:
+                print(f"dsv4 train: exported to {args.export}", file=sys.stderr)
+        ok = True
     except (UsageError, TrainError) as err:
         print(f"dsv4 train: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"dsv4 train: {err}", file=sys.stderr)
         return 1
+    finally:
+        if env is not None:
+            close_distributed(env, wait_for_peers=ok)
     return 0

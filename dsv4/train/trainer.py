@@ -34,8 +34,13 @@ Data parallel is pluggable: pass `dp_group` and every rank walks the same seeded
 world-th batch (so a step of W ranks sees exactly the batches of one process with W x grad_accum); the
 normalising counts and expert loads are summed over the group, and gradients are summed by the trainer
 (`grad_sync="trainer"`) or by a wrapper that averages them (FSDP2/DDP: `grad_sync="wrapper"`, losses are
-then scaled by the world size so the average is the global-batch gradient). Rank 0 writes checkpoints of
-the replicated model; sharded (DCP) checkpoints for an FSDP2 model are not written yet.
+then scaled by the world size so the average is the global-batch gradient). A model parallelized by
+`dsv4.train.distributed.parallelize` (FSDP2, expert parallelism) is clipped by the global norm over all its meshes;
+its checkpoints hold the gathered plain model (`full_state_dict`, every rank calls it, rank 0 writes state.pt) and
+the sharded optimizer states as a torch.distributed.checkpoint directory `optimizer/` (every rank writes its
+shards into the same temporary directory before rank 0 renames it into place); `export` gathers it too. Such a
+checkpoint resumes only into a parallelized model (any layout: DCP reshards); a single-process one only into a
+plain model.
 """
 
 from __future__ import annotations
@@ -58,10 +63,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, preset
+from ..config import ConfigError, ModelArgs, preset
 from ..model import Transformer, init_weights
 from ..model.cache import ForwardTrace
 from ..model.mhc import HC_MODES, composite_gain
+from . import distributed
 from .data import DocumentRows, PackedLoader, open_split, read_manifest, split_documents
 from .losses import (
     BiasBalancer,
@@ -70,17 +76,19 @@ from .losses import (
     mtp_inputs,
     valid_positions,
 )
-from .optim import build_optimizers, param_groups
+from .optim import Optimizers, build_optimizers, param_groups
 from .precision import RECIPES, apply_precision, export_quantized
 from .schedule import LRSchedule
 
-__all__ = ["CHECKPOINT_FORMAT", "STAGES", "TrainConfig", "Trainer", "TrainError", "latest_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "STAGES", "TrainConfig", "Trainer", "TrainError", "build_model", "checkpoint_config",
+           "latest_checkpoint"]
 
 CHECKPOINT_FORMAT = "dsv4-train-checkpoint"
 CHECKPOINT_VERSION = 1
 STAGES = ("dense", "indexer_warmup", "sparse")
 OPTIMIZERS = ("muon", "adamw")
 METRICS_FILE = "metrics.jsonl"
+OPTIMIZER_DIR = "optimizer"  # a parallel run's sharded optimizer states (torch.distributed.checkpoint)
 
 
 class TrainError(ValueError):
@@ -281,6 +289,50 @@ def latest_checkpoint(path: str | Path) -> Path:
     return target
 
 
+def checkpoint_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """The config of the checkpoint `path` names (see `latest_checkpoint`), with `overrides` of RESUMABLE fields."""
+    ckpt = latest_checkpoint(path)
+    try:
+        saved = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TrainError(f"{ckpt}: cannot read config.json ({err})") from None
+    bad = sorted(set(overrides) - set(TrainConfig.RESUMABLE))
+    if bad:
+        raise TrainError(f"cannot change {', '.join(bad)} when resuming (they define the run); "
+                         f"changeable: {', '.join(TrainConfig.RESUMABLE)}")
+    return TrainConfig.from_dict({**saved, **overrides})
+
+
+def _model_args(c: TrainConfig, vocab_size: int) -> ModelArgs:
+    try:
+        args = preset(c.preset)
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in c.model.items()}
+        args = args.replace(**{"vocab_size": vocab_size, **overrides})
+    except (ConfigError, TypeError, ValueError) as err:
+        raise TrainError(f"model: {err}") from None
+    if args.vocab_size < vocab_size:
+        raise TrainError(f"model vocab_size {args.vocab_size} is smaller than the data's tokenizer ({vocab_size})")
+    if args.max_seq_len < c.seq_len:
+        args = args.replace(max_seq_len=c.seq_len)
+    return args
+
+
+def _init_model(c: TrainConfig, args: ModelArgs) -> Transformer:
+    return init_weights(Transformer(args, dtype=torch.float32, hc_mode=c.hc_mode), seed=c.seed)
+
+
+def build_model(config: TrainConfig) -> Transformer:
+    """The model `Trainer(config)` builds (the same weights: with one seed every data rank starts equal), to
+    parallelize before handing it to `Trainer(config, model=...)`."""
+    c = config.validate()
+    try:
+        vocab_size = int(read_manifest(Path(c.data))["tokenizer"]["vocab_size"])
+    except (OSError, ValueError) as err:
+        raise TrainError(f"data {c.data}: {err}") from None
+    torch.manual_seed(c.seed)
+    return _init_model(c, _model_args(c, vocab_size))
+
+
 class Trainer:
     """Builds the model, optimizers, balancer and loaders of a `TrainConfig` and runs it (see the module
     docstring). `model` may be given (e.g. already sharded); `log` receives each metrics record too."""
@@ -306,11 +358,15 @@ class Trainer:
             raise TrainError(f"data {data}: {err}") from None
         tok = self.manifest["tokenizer"]
         self.pad_id = int(tok.get("pad_id") or 0)
-        self.args = self._model_args(int(tok["vocab_size"]))
+        self.args = _model_args(c, int(tok["vocab_size"]))
         torch.manual_seed(c.seed)
         if model is None:
-            model = init_weights(Transformer(self.args, dtype=torch.float32, hc_mode=c.hc_mode), seed=c.seed)
+            model = _init_model(c, self.args)
         self.model = model
+        # a model parallelized by dsv4.train.distributed (FSDP2 / expert parallel): its own clip and checkpoints
+        self.parallel = getattr(model, "data_parallel", None)
+        if self.parallel is not None and c.precision != "fp32":
+            raise TrainError(f"precision {c.precision!r} with a parallelized model is not supported yet; use fp32")
         if c.precision != "fp32":
             apply_precision(self.model, c.precision)
         if c.optimizer == "muon":
@@ -336,20 +392,6 @@ class Trainer:
                 raise TrainError("tensorboard=True needs the tensorboard package (pip install tensorboard); "
                                  "metrics.jsonl is written either way") from None
             self._tb_class = SummaryWriter
-
-    def _model_args(self, vocab_size: int):
-        c = self.config
-        try:
-            args = preset(c.preset)
-            overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in c.model.items()}
-            args = args.replace(**{"vocab_size": vocab_size, **overrides})
-        except (ConfigError, TypeError, ValueError) as err:
-            raise TrainError(f"model: {err}") from None
-        if args.vocab_size < vocab_size:
-            raise TrainError(f"model vocab_size {args.vocab_size} is smaller than the data's tokenizer ({vocab_size})")
-        if args.max_seq_len < c.seq_len:
-            args = args.replace(max_seq_len=c.seq_len)
-        return args
 
     # ------------------------------------------------------------------------------------------ the step
 
@@ -393,7 +435,12 @@ class Trainer:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=self.dp_group)
         params = [p for p in model.parameters() if p.grad is not None]
-        if c.clip > 0:
+        if self.parallel is not None:  # sharded and expert-local gradients on several meshes
+            if c.clip > 0:
+                grad_norm = float(distributed.clip_grad_norm_(params, c.clip, self.dp_group))
+            else:
+                grad_norm = float(distributed.global_grad_norm(params, self.dp_group))
+        elif c.clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
@@ -564,28 +611,77 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's state.pt of a single-process (or replicated) run; see `save_checkpoint` for a
+        parallelized model."""
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
                 "tokens_seen": self.tokens_seen, "config": self.config.to_dict(),
                 "model": self.model.state_dict(), "optimizer": self.optimizers.state_dict(),
                 "balancer": self.balancer.state_dict(), "loader": self.loader.state_dict(), "rng": _rng_state()}
 
+    def _balancer_state(self) -> dict[str, Any]:
+        """The balancer's pending loads summed over the data ranks (a collective with `dp_group`); on resume
+        rank 0 takes them and the others start from zero, so the next reduction sums the same global counts."""
+        state = self.balancer.state_dict()
+        if self.dp_group is not None and state["counts"]:
+            ids = sorted(state["counts"])
+            stacked = torch.stack([state["counts"][i] for i in ids])
+            dist.all_reduce(stacked, group=self.dp_group)
+            state["counts"] = dict(zip(ids, stacked.unbind(0), strict=True))
+        return state
+
+    def _named_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opt = self.optimizers
+        return {"muon": opt.muon, "adamw": opt.adamw} if isinstance(opt, Optimizers) else {"adamw": opt.adamw}
+
+    def _sharded_optimizer_state(self) -> dict[str, Any]:
+        """Each optimizer's state of this rank's parameters (shards, local experts), keyed by parameter name
+        (flattened, so ranks holding different experts never disagree on a param-group list): what DCP saves and
+        loads into. A collective. On a fresh optimizer torch first initialises the states by a zero-lr step."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        return {name: get_optimizer_state_dict(self.model, opt, options=options)
+                for name, opt in self._named_optimizers().items()}
+
     def save_checkpoint(self, _write: Callable[[Path], None] | None = None) -> Path | None:
         """Write `out/checkpoints/step_XXXXXXXX` atomically and point `latest` at it (module docstring).
-        Only rank 0 writes (the model is whole in each process here). `_write` is a test hook that runs
-        inside the temporary directory before the rename (to simulate a crash mid-write)."""
+        Rank 0 writes state.pt (a parallelized model: gathered by every rank first; its optimizers' shards: every
+        rank writes them into the temporary directory, then rank 0 renames it once all are done). `_write` is a
+        test hook that runs inside the temporary directory before the rename (to simulate a crash mid-write)."""
+        parallel = self.parallel is not None
+        model_state = distributed.full_state_dict(self.model) if parallel else None  # collectives: every rank
+        balancer = self._balancer_state()
+        root = self.out / "checkpoints"
+        name = f"step_{self.step:08d}"
+        tmp = root / f".{name}.tmp-{os.getpid()}"
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        if parallel:
+            import torch.distributed.checkpoint as dcp
+
+            where = [str(tmp)]
+            dist.broadcast_object_list(where, group=self.dp_group, group_src=0)  # rank 0's temporary directory
+            tmp = Path(where[0])
+            try:
+                dcp.save(self._sharded_optimizer_state(), checkpoint_id=tmp / OPTIMIZER_DIR,
+                         process_group=self.dp_group)
+            except BaseException:
+                if self.rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
         if self.rank != 0:
             if self.dp_group is not None:
                 dist.barrier(group=self.dp_group)  # the others continue once rank 0's checkpoint is in place
             return None
-        root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        name = f"step_{self.step:08d}"
-        tmp = root / f".{name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         try:
-            torch.save(self.state_dict(), tmp / "state.pt")
+            if parallel:
+                state = {**self._parallel_state_dict(model_state), "balancer": balancer}
+            else:
+                state = {**self.state_dict(), "balancer": balancer}
+            torch.save(state, tmp / "state.pt")
             (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
             if _write is not None:
                 _write(tmp)
@@ -612,9 +708,17 @@ class Trainer:
             dist.barrier(group=self.dp_group)
         return final
 
+    def _parallel_state_dict(self, model_state: dict[str, Any]) -> dict[str, Any]:
+        """state.pt of a parallelized model: the gathered plain `model_state`; the optimizer states live in the
+        checkpoint's DCP directory (named here)."""
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
+                "tokens_seen": self.tokens_seen, "config": self.config.to_dict(), "model": model_state,
+                "optimizer": {"dcp": OPTIMIZER_DIR}, "loader": self.loader.state_dict(), "rng": _rng_state()}
+
     def resume(self, path: str | Path) -> Path:
         """Restore a checkpoint (a checkpoint directory, or a run directory's latest) into this trainer,
-        whose config must describe the same run (only `TrainConfig.RESUMABLE` fields may differ)."""
+        whose config must describe the same run (only `TrainConfig.RESUMABLE` fields may differ). A parallelized
+        model: every rank calls it."""
         ckpt = latest_checkpoint(path)
         try:
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
@@ -627,32 +731,65 @@ class Trainer:
         if differ:
             raise TrainError(f"{ckpt}: the checkpoint was trained with other settings: "
                              + "; ".join(f"{k} {saved.get(k)!r} (now {mine[k]!r})" for k in differ))
+        sharded = isinstance(state["optimizer"], dict) and "dcp" in state["optimizer"]
+        if sharded and self.parallel is None:
+            raise TrainError(f"{ckpt}: written by a parallel run (sharded optimizer states in "
+                             f"{state['optimizer']['dcp']}/); resume it under torchrun with --fsdp / --expert-parallel")
+        if self.parallel is not None and not sharded:
+            raise TrainError(f"{ckpt}: written by a single process (its optimizer states are not sharded); "
+                             "a parallel run resumes only a parallel run's checkpoint")
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizers.load_state_dict(state["optimizer"])
+            if self.parallel is not None:
+                distributed.load_full_state_dict(self.model, state["model"])
+                self._load_sharded_optimizer(ckpt / state["optimizer"]["dcp"])
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizers.load_state_dict(state["optimizer"])
             self.loader.load_state_dict(state["loader"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise TrainError(f"{ckpt}: does not fit this run ({err})") from None
-        self.balancer.load_state_dict(state["balancer"])
+        balancer = state["balancer"]
+        if self.rank != 0:  # rank 0 holds the global pending loads (`_balancer_state`)
+            balancer = {**balancer, "counts": {k: torch.zeros_like(v) for k, v in balancer["counts"].items()}}
+        self.balancer.load_state_dict(balancer)
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         return ckpt
 
+    def _load_sharded_optimizer(self, where: Path) -> None:
+        """The optimizers' states from a DCP directory (a collective). A parameter without a saved state (an
+        expert no token had reached) gets none, as in the run that saved it (torch's template has one for all)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        try:
+            saved = set(dcp.FileSystemReader(where).read_metadata().state_dict_metadata)
+        except Exception as err:
+            raise TrainError(f"{where}: cannot read the sharded optimizer states ({err})") from None
+        optim = self._sharded_optimizer_state()
+        absent = {}
+        for name, flat in optim.items():
+            absent[name] = [k for k in flat if k.startswith("state.") and f"{name}.{k}" not in saved]
+            for k in absent[name]:
+                del flat[k]
+        try:
+            dcp.load(optim, checkpoint_id=where, process_group=self.dp_group)
+        except dcp.api.CheckpointException as err:  # a BaseException: name what did not fit
+            raise TrainError(f"{where}: the sharded optimizer states do not fit this run ({err})") from None
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        params = dict(self.model.named_parameters())
+        for name, opt in self._named_optimizers().items():
+            set_optimizer_state_dict(self.model, opt, optim[name], options=options)
+            stateless = {k[len("state."):].rsplit(".", 1)[0] for k in absent[name]}
+            for fqn in stateless & set(params):
+                opt.state.pop(params[fqn], None)
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, **overrides: Any) -> Trainer:
         """A trainer with the checkpoint's own config (plus `overrides` of RESUMABLE fields), resumed."""
-        ckpt = latest_checkpoint(path)
-        try:
-            saved = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise TrainError(f"{ckpt}: cannot read config.json ({err})") from None
-        bad = sorted(set(overrides) - set(TrainConfig.RESUMABLE))
-        if bad:
-            raise TrainError(f"cannot change {', '.join(bad)} when resuming (they define the run); "
-                             f"changeable: {', '.join(TrainConfig.RESUMABLE)}")
-        trainer = cls(TrainConfig.from_dict({**saved, **overrides}))
-        trainer.resume(ckpt)
+        trainer = cls(checkpoint_config(path, **overrides))
+        trainer.resume(path)
         return trainer
 
     # ------------------------------------------------------------------------------------------ export
@@ -671,18 +808,27 @@ class Trainer:
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise TrainError(f"export: {path} exists and is not empty")
-        if self.config.precision == "fp8+fp4":
-            try:
-                export_quantized(self.model, path, layout="converted")
-            except ValueError as err:
-                raise TrainError(f"export: {err}") from None
-        else:
-            from ..checkpoint.saver import save_model
+        model = self.model
+        if self.parallel is not None:  # gathered (a collective), written by rank 0 from a plain model
+            state = distributed.full_state_dict(self.model)
+            if self.rank == 0:
+                model = Transformer(self.args, dtype=torch.float32, hc_mode=self.config.hc_mode)
+                model.load_state_dict(state)
+        if self.rank == 0:
+            if self.config.precision == "fp8+fp4":
+                try:
+                    export_quantized(model, path, layout="converted")
+                except ValueError as err:
+                    raise TrainError(f"export: {err}") from None
+            else:
+                from ..checkpoint.saver import save_model
 
-            save_model(self.model, path, layout="converted")
-        tok = Path(self.config.data) / "tokenizer.json"
-        if self.manifest["tokenizer"].get("file") and tok.is_file():
-            shutil.copyfile(tok, path / "tokenizer.json")
-        (path / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n",
-                                                encoding="utf-8")
+                save_model(model, path, layout="converted")
+            tok = Path(self.config.data) / "tokenizer.json"
+            if self.manifest["tokenizer"].get("file") and tok.is_file():
+                shutil.copyfile(tok, path / "tokenizer.json")
+            (path / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n",
+                                                    encoding="utf-8")
+        if self.dp_group is not None:
+            dist.barrier(group=self.dp_group)  # every rank returns once the export is in place
         return path
