@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from multiprocess import spawn
 
 from dsv4.cli import main
 from dsv4.config import preset
@@ -408,20 +409,7 @@ def test_data_parallel_equals_gradient_accumulation(data, tmp_path):
     """2 gloo ranks with one micro-batch each == one process accumulating 2: counts, gradients and expert loads
     are summed over the group, every rank keeps every other batch of the same stream. The replicas stay
     bit-identical to each other (and to the one-process run up to the summation order)."""
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_dp_worker, args=(str(tmp_path / "init"), str(data), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, "data-parallel workers did not finish"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn(_dp_worker, (str(tmp_path / "init"), str(data), str(tmp_path)), nprocs=2, timeout_s=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert_identical(ranks[0], ranks[1])
     single = Trainer(config(data, tmp_path / "single", steps=3, grad_accum=2))

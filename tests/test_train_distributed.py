@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess import spawn
 
 from dsv4.config import preset
 from dsv4.model import Transformer, init_weights
@@ -163,20 +163,6 @@ def _worker(rank: int, init_file: str, out_dir: str, layout: str, steps: int) ->
         dist.destroy_process_group()
 
 
-def _spawn(fn, args: tuple) -> None:
-    """Start WORLD processes of fn(rank, *args); fail (never hang) after TIMEOUT_S."""
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
 @pytest.fixture(scope="module")
 def single():
     """One process: the whole batch in one forward, and (the reduction-order yardstick) as two micro-batches."""
@@ -190,7 +176,7 @@ def single():
 
 
 def _run(tmp_path: Path, layout: str, steps: int = STEPS) -> list[dict]:
-    _spawn(_worker, (str(tmp_path / "init"), str(tmp_path), layout, steps))
+    spawn(_worker, (str(tmp_path / "init"), str(tmp_path), layout, steps), nprocs=WORLD, timeout_s=TIMEOUT_S)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -325,7 +311,7 @@ def test_trainer_with_fsdp2_model_equals_one_process_accumulating(data, tmp_path
     DTensors): 2 ranks == one process with grad_accum 2, the Trainer's own losses (documents, MTP, balance, KL)."""
     from dsv4.train.trainer import Trainer
 
-    _spawn(_trainer_worker, (str(tmp_path / "init"), str(data), str(tmp_path)))
+    spawn(_trainer_worker, (str(tmp_path / "init"), str(data), str(tmp_path)), nprocs=WORLD, timeout_s=TIMEOUT_S)
     got = torch.load(tmp_path / "trainer.pt", weights_only=True)
     single = Trainer(_trainer_config(data, tmp_path / "single", grad_accum=WORLD))
     records = [single.train_step() for _ in range(TRAIN_STEPS)]
