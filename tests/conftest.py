@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,20 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         raise FileNotFoundError(f"the shared test data is expected at {SHARED}")
     return SHARED
+
+
+def prepare_shakespeare_docs(root: Path, chars: int, parts: int) -> Path:
+    """A small byte-level training set from the start of TinyShakespeare: its first `parts` paragraphs (within
+    `chars` characters) as separate JSONL documents, so packed windows hold document boundaries. Returns the
+    prepared data directory."""
+    from dsv4.train.data import prepare
+
+    text = (SHARED / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:chars]
+    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
+        for part in text.split("\n\n")[:parts]:
+            f.write(json.dumps({"text": part}) + "\n")
+    prepare([root / "docs.jsonl"], root / "data", tokenizer="bytes", val_fraction=0.1, seed=0)
+    return root / "data"
 
 
 @pytest.fixture(autouse=True)

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prepare_shakespeare_docs
 from multiprocess import spawn
 
 from dsv4.cli import main
 from dsv4.config import preset
 from dsv4.model import Transformer, init_weights
 from dsv4.model.moe import MoE, RouterRecord
-from dsv4.train.data import IGNORE_INDEX, PackedLoader, open_split, prepare, split_documents
+from dsv4.train.data import IGNORE_INDEX, PackedLoader, open_split, split_documents
 from dsv4.train.losses import BiasBalancer, balance_loss_sum, expert_load, load_stats, mtp_inputs
 from dsv4.train.trainer import TrainConfig, Trainer, TrainError, latest_checkpoint
 
@@ -40,15 +41,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    root = tmp_path_factory.mktemp("shakespeare")
-    text = shared.read_text(encoding="utf-8")[:30000]
     # several documents (so packed windows hold document boundaries and rows of different lengths)
-    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
-        for part in text.split("\n\n")[:200]:
-            f.write(json.dumps({"text": part}) + "\n")
-    prepare([root / "docs.jsonl"], root / "data", tokenizer="bytes", val_fraction=0.1, seed=0)
-    return root / "data"
+    return prepare_shakespeare_docs(tmp_path_factory.mktemp("shakespeare"), chars=30000, parts=200)
 
 
 def config(data, tmp_path, **changes) -> TrainConfig:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import prepare_shakespeare_docs
 from multiprocess import spawn
 
 from dsv4.config import preset
@@ -264,16 +265,7 @@ TRAIN_STEPS = 3
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from dsv4.train.data import prepare
-
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    root = tmp_path_factory.mktemp("shakespeare")
-    text = shared.read_text(encoding="utf-8")[:20000]
-    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
-        for part in text.split("\n\n")[:150]:
-            f.write(json.dumps({"text": part}) + "\n")
-    prepare([root / "docs.jsonl"], root / "data", tokenizer="bytes", val_fraction=0.1, seed=0)
-    return root / "data"
+    return prepare_shakespeare_docs(tmp_path_factory.mktemp("shakespeare"), chars=20000, parts=150)
 
 
 def _trainer_config(data: Path, out: Path, **changes):
