@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chat rendering (auto: thinking when an assistant message has reasoning_content)")
     p.add_argument("--keep-thinking", dest="drop_thinking", action="store_false",
                    help="keep the reasoning of earlier assistant turns (the encoder drops it by default)")
+    p.add_argument("--chat-loss", choices=("assistant", "all"), default="assistant",
+                   help="chat targets: what the assistant produces (fine-tuning), or every token (pre-training)")
     p.set_defaults(run=run)
 
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = prepare(args.inputs, args.out, tokenizer=args.tokenizer, fmt=args.format,
                            val_fraction=args.val_fraction, split=args.split, seed=args.seed, bos=args.bos,
                            eos=args.eos, thinking_mode=args.thinking_mode, drop_thinking=args.drop_thinking,
-                           progress=bar.update if bar is not None else None)
+                           chat_loss=args.chat_loss, progress=bar.update if bar is not None else None)
     except (UsageError, DataError) as err:
         if bar is not None:
             bar.close()

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import typing
+from pathlib import Path
 
 from .common import UsageError
 
@@ -79,6 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from PATH (a run directory or a checkpoint; default: --out)")
     p.add_argument("--export", metavar="DIR", help="after training, write the model as an official checkpoint here")
+    p.add_argument("--recipe", choices=("demo", "demo-smoke"), default=None,
+                   help="build the demo model end to end in --out (corpus, tokenizer, shards, pre-training, "
+                        "fine-tuning, export; dsv4.demo.recipe) instead of training one --data; --seed applies")
+    p.add_argument("--shakespeare", metavar="PATH", default=None,
+                   help="with --recipe: TinyShakespeare's input.txt (the free text of the demo corpus)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the parameters over the processes (FSDP2)")
     p.add_argument("--expert-parallel", action="store_true",
@@ -140,12 +146,45 @@ def _parallel_model(config, args: argparse.Namespace, world: int):
         raise UsageError(str(err)) from None
 
 
+def _run_recipe(args: argparse.Namespace, world: int) -> int:
+    """`--recipe`: the demo build (its own stage configs; only --out, --export and --seed are taken)."""
+    import dataclasses as dc
+
+    from ..demo.recipe import RECIPES, build_demo
+    from ..train.data import DataError
+    from ..train.trainer import TrainError
+
+    if world > 1:
+        print("dsv4 train: --recipe runs in one process (not under torchrun)", file=sys.stderr)
+        return 2
+    other = sorted(k for k in _given(args) if k not in ("out", "seed"))
+    if other:
+        print(f"dsv4 train: --recipe sets its own training config; drop {', '.join(other)}", file=sys.stderr)
+        return 2
+    recipe = RECIPES[args.recipe]
+    if args.seed is not None:
+        recipe = dc.replace(recipe, seed=args.seed)
+    shakespeare = Path(args.shakespeare or "")
+    if not args.shakespeare or not shakespeare.is_file():
+        print(f"dsv4 train: {shakespeare}: no such file (the TinyShakespeare input.txt; --shakespeare PATH)",
+              file=sys.stderr)
+        return 2
+    try:
+        build_demo(recipe, args.out or f"runs/{args.recipe}", args.export, shakespeare)
+    except (TrainError, DataError) as err:
+        print(f"dsv4 train: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..parallel.distributed import close_distributed, init_distributed
     from ..train.distributed import dp_group
     from ..train.trainer import TrainConfig, Trainer, TrainError, checkpoint_config
 
     world = _world_size()
+    if args.recipe is not None:
+        return _run_recipe(args, world)
     if world <= 1 and (args.fsdp or args.expert_parallel or args.ep_size is not None):
         print("dsv4 train: --fsdp / --expert-parallel / --ep-size need several processes: start with "
               "torchrun --nproc-per-node N -m dsv4 train ...", file=sys.stderr)

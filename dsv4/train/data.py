@@ -65,6 +65,7 @@ FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: no target at this position
 DATA_FORMATS = ("auto", "text", "jsonl", "chat")
 SPLIT_MODES = ("auto", "documents", "tokens", "position")
+CHAT_LOSSES = ("assistant", "all")
 _CHUNK = 1 << 20  # tokens per write when back-filling a mask
 
 
@@ -327,7 +328,7 @@ def _documents(path: Path, fmt: str, progress: Callable[[int], None] | None) -> 
 
 def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str = "official", fmt: str = "auto",
             val_fraction: float = 0.0, split: str = "auto", seed: int = 0, bos: bool = True, eos: bool = True,
-            thinking_mode: str = "auto", drop_thinking: bool = True,
+            thinking_mode: str = "auto", drop_thinking: bool = True, chat_loss: str = "assistant",
             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Tokenize `inputs` into a shard directory `out` (created; must be empty) and return its manifest.
 
@@ -341,6 +342,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str = "
       position   each text/jsonl document is cut: its first (1-F) of characters train, the rest val (the
                  TinyShakespeare split: `data[:int(n*0.9)]` / the rest, as nanoGPT does);
       auto       position for a single text file, documents otherwise.
+    chat_loss: "assistant" (the loss mask of `render_chat`: what the assistant produces) or "all" (no mask: every
+    token of a conversation is a target, as in pre-training on chat transcripts).
     progress(n) is called with the number of input bytes consumed (for a progress bar)."""
     from .tokenizers import load_tokenizer
 
@@ -350,6 +353,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str = "
         raise DataError(f"split must be one of {', '.join(SPLIT_MODES)}, got {split!r}")
     if thinking_mode not in ("auto", *enc.THINKING_MODES):
         raise DataError(f"thinking_mode must be auto, thinking or chat, got {thinking_mode!r}")
+    if chat_loss not in CHAT_LOSSES:
+        raise DataError(f"chat_loss must be one of {', '.join(CHAT_LOSSES)}, got {chat_loss!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"the validation fraction must be in [0, 1), got {val_fraction}")
     paths = [Path(p) for p in inputs]
@@ -376,7 +381,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str = "
     try:
         return _prepare(paths, formats, out, tok, tok_name, val_fraction=val_fraction, split=split, seed=seed,
                         bos=bos, eos=eos, thinking_mode=thinking_mode, drop_thinking=drop_thinking,
-                        progress=progress)
+                        chat_loss=chat_loss, progress=progress)
     except BaseException:  # leave no half-written directory behind: a rerun must not need cleaning up
         for f in out.iterdir():
             f.unlink()
@@ -386,7 +391,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, tokenizer: str = "
 
 
 def _prepare(paths, formats, out, tok, tok_name, *, val_fraction, split, seed, bos, eos, thinking_mode,
-             drop_thinking, progress) -> dict[str, Any]:
+             drop_thinking, chat_loss, progress) -> dict[str, Any]:
     from .tokenizers import tokenizer_fingerprint
 
     writers = {"train": ShardWriter(out, "train", tok.vocab_size)}
@@ -428,6 +433,8 @@ def _prepare(paths, formats, out, tok, tok_name, *, val_fraction, split, seed, b
                     chat_stats["conversations"] += 1
                     chat_stats["non_canonical"] += not canonical
                     chat_stats["without_assistant"] += not mask.any()
+                    if chat_loss == "all":
+                        mask = None
                 to_val = False
                 if in_val is not None:
                     to_val = bool(in_val[count])
@@ -448,7 +455,7 @@ def _prepare(paths, formats, out, tok, tok_name, *, val_fraction, split, seed, b
                       "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
         "sources": sources,
         "options": {"val_fraction": val_fraction, "split": split, "seed": seed, "bos": bos, "eos": eos,
-                    "thinking_mode": thinking_mode, "drop_thinking": drop_thinking},
+                    "thinking_mode": thinking_mode, "drop_thinking": drop_thinking, "chat_loss": chat_loss},
         "splits": splits,
     }
     if chat_stats["conversations"]:

@@ -133,6 +133,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # most recent checkpoints kept (0: all)
     bucket_tokens: int = 0  # > 0: group a batch's document rows into forwards of at most this many positions
     seed: int = 0
+    init_from: str = ""  # a run or checkpoint directory whose model weights start this run (fine-tuning)
     tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
     progress: bool = True  # tqdm bar on stderr when it is a terminal
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
@@ -318,7 +319,17 @@ def _model_args(c: TrainConfig, vocab_size: int) -> ModelArgs:
 
 
 def _init_model(c: TrainConfig, args: ModelArgs) -> Transformer:
-    return init_weights(Transformer(args, dtype=torch.float32, hc_mode=c.hc_mode), seed=c.seed)
+    """Fresh weights from the seed, or with `init_from` the model weights of another run's checkpoint (its
+    optimizer states, loader position and step are not taken: a fine-tune is a new run on new data)."""
+    model = init_weights(Transformer(args, dtype=torch.float32, hc_mode=c.hc_mode), seed=c.seed)
+    if c.init_from:
+        ckpt = latest_checkpoint(c.init_from)
+        try:
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+        except Exception as err:
+            raise TrainError(f"init_from {ckpt}: cannot start from its weights ({err})") from None
+    return model
 
 
 def build_model(config: TrainConfig) -> Transformer:
@@ -403,6 +414,9 @@ class Trainer:
         return t.tolist()
 
     def _groups(self, rows: DocumentRows) -> list[DocumentRows]:
+        """The forwards of one batch's rows; none when no row has a target (a window inside a chat prompt)."""
+        if not len(rows.lengths):
+            return []
         return rows.buckets(self.config.bucket_tokens) if self.config.bucket_tokens else [rows]
 
     def train_step(self) -> dict[str, Any]:
