@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ("generate", "plan", "inspect", "convert", "make_checkpoint", "serve", "prepare_data", "chat", "train")
+COMMANDS = ("generate", "plan", "inspect", "convert", "make_checkpoint", "serve", "prepare_data", "chat", "train",
+            "eval_demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
