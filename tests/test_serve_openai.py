@@ -236,6 +236,24 @@ def test_thinking_ignores_temperature_non_think_uses_it(client, engine):
     assert (engine.requests[-1][1].temperature, engine.requests[-1][1].top_p) == (0.2, 0.5)
 
 
+def test_thinking_samples_with_the_models_recommended_setting(tokenizer, tmp_path):
+    """A model directory's generation_config.json decides what thinking modes sample with (greedy for the demo
+    model); the request's own temperature still counts only in non-think mode."""
+    from dsv4.commands.serve import recommended_sampling
+    from dsv4.serve.request import ChatRequest
+
+    assert recommended_sampling(tmp_path) is None  # no file: V4's T = 1, top_p = 1
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6,
+                                                                 "top_p": 0.95}))
+    assert recommended_sampling(tmp_path) == {"temperature": 0.6, "top_p": 0.95}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    greedy = recommended_sampling(tmp_path)
+    service = ChatService(ScriptedEngine(tokenizer), tokenizer, [MODEL], thinking_sampling=greedy)
+    think = service.plan(ChatRequest(model=MODEL, messages=USER, temperature=0.7))
+    chat = service.plan(ChatRequest(model=MODEL, messages=USER, mode="non-think", temperature=0.7))
+    assert (think.params[0].temperature, chat.params[0].temperature) == (0.0, 0.7)
+
+
 def test_response_format_rendered(client, engine, tokenizer):
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
     client.chat.completions.create(model=MODEL, messages=USER, response_format={
@@ -354,7 +372,7 @@ def test_scripted_think_and_content_with_calls(client, engine):
 
 
 def test_serve_command_context(monkeypatch, tmp_path):
-    """`dsv4 serve`'s own wiring: the default random preset, DSV4_API_KEY, a price file, the real engine."""
+    """`dsv4 serve`'s own wiring: the default model (the shipped demo), DSV4_API_KEY, a price file, the real engine."""
     from dsv4.cli import build_parser
     from dsv4.commands.serve import build_context
 

@@ -112,6 +112,25 @@ def _shard_name(k: int, n: int) -> str:
     return f"model-{k:05d}-of-{n:05d}.safetensors"
 
 
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted, in place. safetensors writes them in
+    hash-map order, which differs from run to run; sorted, the same tensors give the same bytes (reproducible
+    builds). Only the key order changes, so the header keeps its length and every offset stays valid."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        ordered = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"))
+        encoded = ordered.encode("utf-8")
+        if len(encoded) > size:  # never: the same keys and values
+            raise AssertionError("re-serialised safetensors header is longer than the original")
+        f.seek(8)
+        f.write(encoded + b" " * (size - len(encoded)))
+
+
 def write_checkpoint(path: str | Path, args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], *,
                      layout: str = "hf", float_dtype: str = "BF16", shards: int | None = None,
                      max_shard_bytes: int = 4 << 30, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -138,6 +157,7 @@ def write_checkpoint(path: str | Path, args: ModelArgs, tensors: Iterator[tuple[
         if pending:
             tmp = root / f".partial-{len(written):05d}.safetensors"
             save_file(pending, str(tmp), metadata=metadata)
+            _sort_metadata(tmp)
             written.append((tmp, list(pending)))
         pending = {}
 

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with the model in the terminal (no server)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH|PRESET",
-                   help=f"checkpoint directory or preset, loaded as `dsv4 serve` loads it (default: {DEFAULT_MODEL!r})")
+                   help=f"checkpoint directory or preset, loaded as `dsv4 serve` loads it (default: {DEFAULT_MODEL!r}, "
+                        "the demo model shipped in the package)")
     p.add_argument("--mode", choices=MODES, default="think-high", help="reasoning mode (default: think-high)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",

@@ -1,7 +1,10 @@
 """`dsv4 generate`: run a model with the cache and report prefill/decode tokens per second.
 
-The model is a preset with random weights, or an official checkpoint (`--checkpoint`: the HF
-download, a converted or a per-rank directory, a plain export). Started by `torchrun
+The model is an official checkpoint (`--checkpoint`: the HF download, a converted or a per-rank directory, a
+plain export), a preset with random weights (`--preset`), or by default the demo model shipped in the package
+(`dsv4.demo.MODEL_DIR`). The prompt is token ids (`--prompt`), text (`--text`, encoded with the checkpoint's
+tokenizer), or by default random ids - for a checkpoint with a tokenizer, a chat turn asking a sum in thinking
+mode. With a tokenizer the output is also printed as text. Started by `torchrun
 --nproc-per-node N -m dsv4 generate ...` it runs tensor + expert parallel over the N processes
 (gloo on CPU): each rank loads (or builds) only its shard, and only rank 0 prints."""
 
@@ -19,13 +22,16 @@ from .common import positive_int
 def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate tokens with the cache and report tokens/s")
     source = gen.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="small", help="model preset (tiny, small, flash, pro); random weights")
+    source.add_argument("--preset", default=None, help="model preset (tiny, small, flash, pro); random weights")
     source.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="official checkpoint directory (HF download, converted, per-rank or plain export)")
+                        help="official checkpoint directory (HF download, converted, per-rank or plain export; "
+                             "default: the demo model shipped in the package)")
     gen.add_argument("--numerics", choices=("plain", "exact"), default="exact",
                      help="exact: official FP8/FP4 storage and QAT simulation; plain: float weights")
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    gen.add_argument("--prompt", default=None, help="comma-separated prompt token ids (default: random)")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="comma-separated prompt token ids (default: random)")
+    prompt.add_argument("--text", default=None, help="prompt text, encoded with the checkpoint's tokenizer")
     gen.add_argument("--prompt-len", type=positive_int, default=32, help="length of the random prompt")
     gen.add_argument("--batch", type=positive_int, default=1, help="number of prompts decoded together")
     gen.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -43,18 +49,40 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, preset
     from ..parallel import ShardingError, check_shardable, close_distributed, init_distributed
 
+    if args.checkpoint is None and args.preset is None:
+        from ..demo import MODEL_DIR
+
+        args.checkpoint = str(MODEL_DIR)
+    tokenizer = None
     try:
         if args.checkpoint:
             path = Path(args.checkpoint)
             if not path.exists():
                 raise CheckpointError(f"{path}: no such checkpoint directory")
-            model_args = read_args(path if path.is_dir() else path.parent)[0]
+            root = path if path.is_dir() else path.parent
+            model_args = read_args(root)[0]
+            if (root / "tokenizer.json").is_file():
+                from ..chat.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.load(root)
         else:
             model_args = preset(args.preset)
     except (ConfigError, CheckpointError) as err:
         print(f"dsv4 generate: {err}", file=sys.stderr)
         return 2
-    if args.prompt:
+    if args.text is not None or (tokenizer is not None and args.prompt is None):
+        if tokenizer is None:
+            print("dsv4 generate: --text needs a checkpoint with a tokenizer.json", file=sys.stderr)
+            return 2
+        if args.text is None:
+            from ..chat.encoding import encode_messages
+
+            ids = tokenizer.encode(encode_messages([{"role": "user", "content": "What is 347 + 589?"}],
+                                                   thinking_mode="thinking"))
+        else:
+            ids = [tokenizer.bos_id] + tokenizer.encode(args.text)
+        prompts = [ids] * args.batch
+    elif args.prompt:
         try:
             prompt = [int(t) for t in args.prompt.split(",")]
         except ValueError:
@@ -79,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     done = False
     try:
         check_shardable(model_args, env.world_size)
-        _generate(args, model_args, prompts, env)
+        _generate(args, model_args, prompts, env, tokenizer)
         done = True
     except (ShardingError, CheckpointError) as err:
         if env.is_main:
@@ -90,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], env) -> None:
+def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], env, tokenizer=None) -> None:
     from ..checkpoint import load_model
     from ..formats import to_official_formats
     from ..generate import generate
@@ -117,7 +145,8 @@ def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], en
             to_official_formats(model)
         model.to(env.device)
     model.eval()
-    result = generate(model, prompts, args.max_new_tokens, args.temperature, seed=args.seed)
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    result = generate(model, prompts, args.max_new_tokens, args.temperature, eos_id=eos, seed=args.seed)
     if not env.is_main:
         return
     parallel = f", tensor parallel over {env.world_size} processes" if env.world_size > 1 else ""
@@ -125,5 +154,7 @@ def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], en
           f"{args.numerics} numerics, {args.dtype}{parallel}")
     for b, toks in enumerate(result.tokens):
         print(f"[{b}] {','.join(map(str, toks))}")
+        if tokenizer is not None:
+            print(f"[{b}] {tokenizer.decode(toks)!r}")
     print(f"prefill: {result.prefill_tokens} tokens in {result.prefill_seconds:.2f}s = {result.prefill_tps:.1f} tok/s")
     print(f"decode:  {result.decode_tokens} tokens in {result.decode_seconds:.2f}s = {result.decode_tps:.1f} tok/s")

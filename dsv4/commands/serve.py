@@ -1,8 +1,9 @@
 """`dsv4 serve`: the OpenAI- and Anthropic-compatible HTTP server (FastAPI + uvicorn) over the engine.
 
-`--model` is a preset (random weights, vocabulary resized to the official tokenizer's so any text encodes) or
-a checkpoint directory. The default will be the embedded default model once one is trained; until then it is
-the `tiny` preset with random weights: it answers in noise, but the whole server works.
+`--model` is a checkpoint directory or a preset (random weights, vocabulary resized to the official tokenizer's so
+any text encodes). The default is the demo model shipped in the package (`dsv4.demo.MODEL_DIR`, served as
+"dsv4-demo"): a 3M-parameter V4 trained by `dsv4 train --recipe demo` that does arithmetic with and without
+reasoning, calls the weather and calculator tools of `dsv4.demo.corpus.TOOLS`, and quotes Shakespeare.
 
 Under `torchrun --nproc-per-node N -m dsv4 serve ...` the model is split over the ranks (tensor + expert
 parallel, gloo on CPU, NCCL on GPUs): rank 0 serves HTTP and drives a `LockstepEngine`, the other ranks replay
@@ -12,21 +13,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
+from ..demo import MODEL_DIR, MODEL_NAME
 from .common import UsageError, positive_int
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "demo"  # the shipped demo model (dsv4.demo.MODEL_DIR)
+
+
+def resolve_model(name: str) -> str:
+    """The preset or path `--model` names: "demo" is the demo model directory shipped in the package."""
+    if name != DEFAULT_MODEL:
+        return name
+    if not (MODEL_DIR / "config.json").is_file():
+        raise UsageError(f"the demo model is missing from the package ({MODEL_DIR}); build it with "
+                         "`dsv4 train --recipe demo --export dsv4/demo/model` or give --model")
+    return str(MODEL_DIR)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI and Anthropic APIs over HTTP",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH|PRESET",
-                   help=f"checkpoint directory or preset (default: {DEFAULT_MODEL!r} with random weights and the "
-                        "official vocabulary, a stand-in until the embedded default model exists)")
+                   help="checkpoint directory, preset (random weights, official vocabulary), or 'demo' (the "
+                        "default: the demo model shipped in the package)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -52,6 +65,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def recommended_sampling(model_dir: Path) -> dict[str, float] | None:
+    """The sampling a model directory's generation_config.json recommends (what thinking modes use): greedy when
+    it says `do_sample: false`, else its temperature and top_p; None without the file (V4's T = 1, top_p = 1)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: cannot read it ({err})") from None
+    if config.get("do_sample") is False:
+        return {"temperature": 0.0, "top_p": 1.0}
+    return {"temperature": float(config.get("temperature", 1.0)), "top_p": float(config.get("top_p", 1.0))}
+
+
 def api_keys(args: argparse.Namespace) -> list[str]:
     keys = list(args.api_key or [])
     env = os.environ.get("DSV4_API_KEY", "")
@@ -75,6 +103,7 @@ def build_context(args: argparse.Namespace, env=None):
 
     dtype = getattr(torch, args.dtype)
     parallel = env is not None and env.world_size > 1
+    model_path = resolve_model(args.model)
     if args.model in PRESETS:
         from ..model import Transformer, init_weights
 
@@ -87,10 +116,11 @@ def build_context(args: argparse.Namespace, env=None):
         if parallel:
             model = shard_model(model, env.rank, env.world_size)
         default_name = f"dsv4-{args.model}"
+        sampling = None
     else:
         from ..checkpoint.loader import load_model
 
-        path = Path(args.model)
+        path = Path(model_path)
         if not path.exists():
             raise UsageError(f"--model {args.model!r}: not a preset ({', '.join(PRESETS)}) nor a directory")
         if parallel:
@@ -100,7 +130,8 @@ def build_context(args: argparse.Namespace, env=None):
             model = load_model(path, numerics=args.numerics, dtype=dtype, device=args.device)
         root = path if path.is_dir() else path.parent
         tokenizer = Tokenizer.load(root) if (root / "tokenizer.json").exists() else Tokenizer.bundled()
-        default_name = root.name
+        default_name = MODEL_NAME if root.resolve() == MODEL_DIR else root.name
+        sampling = recommended_sampling(root)
     model.eval()
     names = args.served_model_name or [default_name]
     max_context = min(args.max_context or model.args.max_seq_len, model.args.max_seq_len)
@@ -111,7 +142,8 @@ def build_context(args: argparse.Namespace, env=None):
     prices = PriceTable.load(args.price_file) if args.price_file else PriceTable()
     max_output = min(args.max_output_tokens, max_context - 1)
     service = ChatService(AsyncEngine(engine), tokenizer, names, prices=prices, max_context=max_context,
-                          max_output_tokens=max_output, strict_reasoning=args.strict_reasoning)
+                          max_output_tokens=max_output, strict_reasoning=args.strict_reasoning,
+                          thinking_sampling=sampling)
     config = ServeConfig(served_model_names=names, api_keys=api_keys(args), max_concurrent=args.max_concurrent,
                          max_queue=args.max_queue, max_context=max_context, max_output_tokens=max_output,
                          prices=prices)

@@ -6,7 +6,7 @@ renders (and `dsv4 prepare-data` tokenizes with the assistant-only loss mask), p
 a correct answer is, so the evaluation (`dsv4.demo.evaluate`) grades held-out questions without parsing prose.
 
 Skills, and why each looks the way it does:
-  * arithmetic (+, -, and x by one digit, on numbers of 2 to 4 digits). In thinking mode the reasoning is a
+  * arithmetic (+, -, and x by one digit, on numbers of 2 or 3 digits). In thinking mode the reasoning is a
     column-by-column trace from the ones, and each line repeats the digits found "so far", so a small model
     only ever copies from the line above and adds two digits - the answer is the last "so far". In non-think
     mode the answer comes straight away, which a model this size can only guess at: think-high beats it.
@@ -83,7 +83,8 @@ _CALC_QUESTIONS = (
     "I need {expr} exactly.", "What does {expr} come to?",
 )
 _NO_CITY_QUESTIONS = ("What's the weather?", "How is the weather today?", "Is it going to rain?",
-                      "Tell me the temperature.")
+                      "Tell me the temperature.", "Weather please.", "Is it cold outside?", "Will it be sunny?",
+                      "What's the forecast?", "How hot is it?", "Do I need a coat today?")
 _GREETINGS = (("Hello!", "Hello! How can I help you today?"),
               ("Hi", "Hi! Ask me a sum, the weather, or for some Shakespeare."),
               ("Good morning.", "Good morning! What can I do for you?"), ("Thanks!", "You are welcome."),
@@ -184,8 +185,8 @@ def _operands(rng: random.Random, op: str) -> tuple[int, int]:
         return rng.randint(10 ** (n - 1), 10 ** n - 1)
 
     if op == "*":
-        return number(2, 4), rng.randint(2, 9)
-    a, b = number(2, 4), number(2, 4)
+        return number(2, 3), rng.randint(2, 9)
+    a, b = number(2, 3), number(2, 3)
     if op == "-" and a < b:
         a, b = b, a
     return a, b
@@ -231,7 +232,7 @@ def calculate(expression: str) -> str:
         if b == 0:
             return "error: division by zero"
         q = a / b
-        return str(int(q)) if q == int(q) else f"{q:.4f}".rstrip("0")
+        return str(int(q)) if q == int(q) else f"{q:.4f}".rstrip("0").rstrip(".")
     return str(arithmetic(a, parts[1], b))
 
 
@@ -372,13 +373,14 @@ def _small_talk(rng: random.Random, think: bool, verses: list[str]) -> tuple[str
 MIX = {"arithmetic": 0.62, "weather": 0.09, "calculator": 0.07, "clarify": 0.02, "refusal": 0.07, "talk": 0.13}
 
 
-def conversations(seed: int, count: int, split: str, shakespeare: str) -> Iterator[Conversation]:
+def conversations(seed: int, count: int, split: str, shakespeare: str = "") -> Iterator[Conversation]:
     """`count` conversations of `split` ("train" or "test"), deterministic from `seed`. Half think, half not.
+    `shakespeare` (the training text) is only read for the train split's verse requests.
     Questions are drawn until one of the requested split comes up, so the two splits never share one."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(f"dsv4-demo-{seed}-{split}")
-    verses = shakespeare_chunks(shakespeare, rng, 200)
+    verses = shakespeare_chunks(shakespeare, rng, 200) if split == "train" else []  # test: graded skills only
     makers = {"arithmetic": _arithmetic, "weather": _weather, "calculator": _calculator, "clarify": _no_city,
               "refusal": _malformed}
     skills, weights = zip(*MIX.items(), strict=True)
@@ -387,10 +389,9 @@ def conversations(seed: int, count: int, split: str, shakespeare: str) -> Iterat
         skill = rng.choices(skills, weights)[0]
         think = rng.random() < 0.5
         if skill == "talk":
-            key, conv = _small_talk(rng, think, verses)
-            key = f"talk|{conv.messages[0]['content']}|{made}"
             if split == "test":  # small talk is not graded; keep the test split to graded questions
                 continue
+            _, conv = _small_talk(rng, think, verses)
         else:
             key, conv = makers[skill](rng, think)
             if split_of(key) != split:

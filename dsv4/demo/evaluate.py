@@ -46,9 +46,6 @@ __all__ = ["MODES", "SKILLS", "EvalError", "evaluate", "format_report", "grade_a
 
 MODES = ("non-think", "think-high")
 SKILLS = ("arithmetic", "weather", "calculator")
-# `corpus.conversations` draws Shakespeare passages for small talk from its text before anything else, which the
-# test split never uses (small talk is not graded), but the draw needs a text of more than 401 characters
-_FILLER = "\n".join(f"line {i} of a text the test split never quotes" for i in range(40)) + "\n"
 _INTEGER = re.compile(r"-?\d+")
 
 
@@ -62,7 +59,7 @@ def held_out(seed: int, per_skill: int) -> dict[str, list[corpus.Conversation]]:
     if per_skill < 1:
         raise ValueError(f"per_skill must be >= 1, got {per_skill}")
     picked: dict[str, list[corpus.Conversation]] = {s: [] for s in SKILLS}
-    for conv in corpus.conversations(seed, 10**9, "test", _FILLER):
+    for conv in corpus.conversations(seed, 10**9, "test"):
         bucket = picked.get(conv.meta["skill"])
         if bucket is not None and len(bucket) < per_skill:
             bucket.append(conv)

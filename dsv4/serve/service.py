@@ -7,8 +7,9 @@ strings -> `StreamParser`), merged into one stream of `ChoiceEvent`s, then one `
 Decisions (serving.md 1.2, 1.4, 6):
 * modes: "non-think" renders the chat prompt (`</think>`), "think-high" the thinking prompt, "think-max"
   the thinking prompt with the max-effort preamble. Thinking modes ignore temperature, top_p, top_k, min_p
-  and the penalties (DeepSeek ignores them without error in thinking mode) and sample at T = 1, top_p = 1,
-  the model's recommended setting; `seed` is honoured in every mode.
+  and the penalties (DeepSeek ignores them without error in thinking mode) and sample with the model's
+  recommended setting, `thinking_sampling` (V4: T = 1, top_p = 1; a model directory's generation_config.json
+  may say otherwise, e.g. greedy for the demo model); `seed` is honoured in every mode.
 * tool_choice "none": tools are not rendered (nor parsed); "auto": rendered; "required" / named: in thinking
   modes a 400 as DeepSeek answers; in non-think mode the completion is prefilled with the DSML opener (and the
   named invoke), so the model can only write a call; the prefill is parsed as part of the answer.
@@ -32,7 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,7 @@ class ChatService:
 
     def __init__(self, engine: Any, tokenizer: Tokenizer, model_names: Sequence[str], *,
                  prices: PriceTable | None = None, max_context: int | None = None, max_output_tokens: int = 1024,
-                 strict_reasoning: bool = False) -> None:
+                 strict_reasoning: bool = False, thinking_sampling: Mapping[str, float] | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_names = list(model_names)
@@ -110,6 +111,7 @@ class ChatService:
         self.max_context = min(x for x in (max_context, limit) if x is not None) if (max_context or limit) else 4096
         self.max_output_tokens = max_output_tokens
         self.strict_reasoning = strict_reasoning
+        self.thinking_sampling = dict(thinking_sampling or {"temperature": 1.0, "top_p": 1.0})
 
     def engine_stats(self) -> Any:
         """The engine's `EngineStats` (None for an engine without them, e.g. a test double)."""
@@ -271,7 +273,7 @@ class ChatService:
         ids = self.tokenizer.encode(prompt + prefill)
         max_tokens = self._limits(len(ids), request.max_tokens)
         thinking = request.mode != "non-think"
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = dict(self.thinking_sampling)
         if not thinking:
             kw = dict(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                       min_p=request.min_p, presence_penalty=request.presence_penalty,
