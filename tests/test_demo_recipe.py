@@ -252,7 +252,7 @@ def test_rerun_resumes_from_the_finished_stages(built, tmp_path, capsys):
 def test_stages_use_the_intended_data(built):
     """Pre-training: Shakespeare + the train conversations, every token a target; fine-tuning: the same
     conversations with the assistant mask, the held-out test conversations as its val split, from pretrain's
-    weights under the FP4 expert recipe."""
+    weights under the FP4 expert recipe; the second fine-tuning round from the first's weights."""
     recipe = RECIPES["demo-smoke"]
     pre, sft = read_manifest(built / "data" / "pretrain"), read_manifest(built / "data" / "sft")
     assert pre["options"]["chat_loss"] == "all" and set(pre["splits"]) == {"train"}
@@ -265,8 +265,11 @@ def test_stages_use_the_intended_data(built):
     tok = Tokenizer.load(built / "tokenizer" / "tokenizer.json")
     first_test = json.loads((built / "corpus" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert first_test["messages"][0]["content"] in tok.decode(test_ids.tolist())
-    trained = json.loads((built / "model" / "train_config.json").read_text(encoding="utf-8"))
-    assert trained["init_from"] == str(built / "pretrain") and trained["precision"] == "fp8+fp4"
+    trained = json.loads((built / "model" / "train_config.json").read_text(encoding="utf-8"))  # the last stage
+    assert trained["init_from"] == str(built / "sft") and trained["precision"] == "fp8+fp4"
+    first = json.loads((latest_checkpoint(built / "sft") / "config.json").read_text(encoding="utf-8"))
+    assert first["init_from"] == str(built / "pretrain") and first["precision"] == "fp8+fp4"
+    assert first["data"] == trained["data"] == str(built / "data" / "sft")
     shakespeare = (built / "corpus" / "shakespeare.txt").read_text(encoding="utf-8")
     full = SHAKESPEARE.read_text(encoding="utf-8")
     assert full.startswith(shakespeare) and len(shakespeare) == int(len(full) * 0.9)
