@@ -19,21 +19,16 @@ reasoning and `</think>`; build it with `think(...)`, `tool_calls(...)`. `replie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import uvicorn
 
 from dsv4.chat.encoding import render_tool_calls
 from dsv4.chat.format import THINK_END, THINK_START, TOOL_CALLS_SEPARATOR
 from dsv4.chat.tokenizer import Tokenizer
 from dsv4.engine.engine import RequestOutput
 from dsv4.engine.sampling import SamplingParams, TokenLogprobs
+from dsv4.serve.background import serve_in_thread
 
 
 # ---------------------------------------------------------------- completion texts
@@ -175,29 +170,4 @@ class ScriptedEngine:
 
 
 # ---------------------------------------------------------------- a live server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live_server(app: Any, timeout: float = 20.0) -> Iterator[str]:
-    """Run `app` with uvicorn on 127.0.0.1:<free port> in a background thread; yields the base URL
-    ("http://127.0.0.1:PORT") once it accepts connections, and shuts it down (and joins) on exit."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="dsv4-test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
+live_server = serve_in_thread  # the app on a free loopback port in a background thread; yields its base URL

@@ -27,9 +27,7 @@ import argparse
 import contextlib
 import json
 import re
-import socket
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -101,42 +99,25 @@ def grade_final(message: Mapping[str, Any] | None, final: Sequence[str]) -> bool
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve_model(model_dir: str | Path, max_concurrent: int = 8, timeout: float = 60.0) -> Iterator[str]:
     """`dsv4 serve --model model_dir` in this process (uvicorn in a background thread on a free loopback port);
     yields the base URL once it accepts connections and shuts the server down on exit."""
-    import uvicorn
-
     from ..commands import serve
     from ..serve.app import create_app
+    from ..serve.background import serve_in_thread
 
     parser = argparse.ArgumentParser(prog="dsv4")
     serve.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--model", str(model_dir), "--max-concurrent", str(max_concurrent),
                               "--log-level", "warning"])
-    ctx = serve.build_context(args)
-    config = uvicorn.Config(create_app(ctx), host="127.0.0.1", port=_free_port(), log_level="warning",
-                            lifespan="on", access_log=False, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="dsv4-eval-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise EvalError("the evaluation server did not start")
-        time.sleep(0.02)
+    stack = contextlib.ExitStack()
     try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
+        url = stack.enter_context(serve_in_thread(create_app(serve.build_context(args)), timeout=timeout))
+    except RuntimeError as err:  # only the start: errors of the caller's block pass through unchanged
+        raise EvalError(f"the evaluation server: {err}") from None
+    with stack:
+        yield url
 
 
 def _http(url: str, body: Any = None, api_key: str | None = None, timeout: float = 600.0) -> Any:
