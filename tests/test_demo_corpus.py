@@ -72,7 +72,7 @@ def test_same_seed_same_records_other_seed_other_records(shakespeare, train):
         next(corpus.conversations(0, 1, "val", shakespeare))
 
 
-_ARITH_REPLY = re.compile(r"^(\d+) ([-+*]) (\d+) = (-?\d+)\.$")
+_ARITH_REPLY = re.compile(r"^(\d+) ([-+]) (\d+) = (-?\d+)\.$")
 
 
 def question_key(record: dict) -> tuple:
@@ -131,24 +131,21 @@ def test_mix_shares_roughly_match_the_recipe(train):
 
 # ------------------------------------------------------------------------------------------------ arithmetic
 
-_COLUMN = {
-    "+": re.compile(r"^(\d) \+ (\d) \+ (\d) = (\d+): write (\d), carry (\d+)\. So far: (\d+)$"),
-    "*": re.compile(r"^(\d) \* (\d) \+ (\d+) = (\d+): write (\d), carry (\d+)\. So far: (\d+)$"),
-}
+_ADD = re.compile(r"^(\d) \+ (\d) \+ (\d) = (\d+): write (\d), carry (\d+)\. So far: (\d+)$")
 _SUB_OK = re.compile(r"^(\d) - (\d) - (\d) = (\d+): write (\d), borrow 0\. So far: (\d+)$")
 _SUB_NEG = re.compile(r"^(\d) - (\d) - (\d) is negative, 1(\d) - (\d) - (\d) = (\d+): write (\d), borrow 1\. "
                       r"So far: (\d+)$")
 _CARRY = re.compile(r"^Carry (\d+) remains\. So far: (\d+)$")
 _DROP = re.compile(r"^Drop the leading zeros: (\d+)$")
-_WORD = {"+": "sum", "-": "difference", "*": "product"}
+_WORD = {"+": "sum", "-": "difference"}
 
 
 def check_trace(a: int, op: str, b: int, trace: str) -> None:
     """Every line of the trace is arithmetically right, uses the right digits and carry, extends the previous
     "So far" by the digit it writes; the last "So far" (without leading zeros) and the last line are the answer."""
-    expected = {"+": a + b, "-": a - b, "*": a * b}[op]
+    expected = {"+": a + b, "-": a - b}[op]
     lines = trace.split("\n")
-    head = {"+": f"Add {a} and {b} ", "-": f"Subtract {b} from {a} ", "*": f"Multiply {a} by {b} "}[op]
+    head = {"+": f"Add {a} and {b} ", "-": f"Subtract {b} from {a} "}[op]
     assert lines[0].startswith(head), lines[0]
     assert lines[-1] == f"The {_WORD[op]} is {expected}.", lines[-1]
     xs = [int(c) for c in reversed(str(a))]
@@ -174,12 +171,11 @@ def check_trace(a: int, op: str, b: int, trace: str) -> None:
                 assert x - y - carry < 0 and int(v) == 10 + x - y - carry and int(w) == int(v), line
                 carry = 1
         else:
-            m = _COLUMN[op].match(line)
+            m = _ADD.match(line)
             assert m, line
             lx, ly, lc, v, w, c_out, digits = m.groups()
-            operand = y if op == "+" else b
-            assert (int(lx), int(ly), int(lc)) == (x, operand, carry), line
-            value = x + operand + carry if op == "+" else x * operand + carry
+            assert (int(lx), int(ly), int(lc)) == (x, y, carry), line
+            value = x + y + carry
             assert int(v) == value and int(w) == value % 10 and int(c_out) == value // 10, line
             carry = value // 10
         assert digits == w + so_far, line
@@ -204,12 +200,11 @@ def test_arithmetic_traces_are_right_line_by_line():
     cases = [
         (999, "+", 1), (9999, "+", 9999), (5, "+", 9995), (10, "+", 90), (0, "+", 0),  # carry chains
         (1000, "-", 999), (1000, "-", 1000), (5000, "-", 4999), (100, "-", 1), (10, "-", 10), (9001, "-", 9),
-        (9999, "*", 9), (25, "*", 4), (125, "*", 8), (7, "*", 1), (1000, "*", 9),  # leading zeros / carries
     ]
     for _ in range(400):
-        op = rng.choice("+-*")
+        op = rng.choice("+-")
         a = rng.randint(0, 10 ** rng.randint(1, 5) - 1)
-        b = rng.randint(1, 9) if op == "*" else rng.randint(0, 10 ** rng.randint(1, 5) - 1)
+        b = rng.randint(0, 10 ** rng.randint(1, 5) - 1)
         if op == "-" and a < b:
             a, b = b, a
         cases.append((a, op, b))
@@ -219,6 +214,38 @@ def test_arithmetic_traces_are_right_line_by_line():
     assert sum("remains" in corpus.arithmetic_trace(a, o, b) for a, o, b in cases) > 10
     with pytest.raises(ValueError):
         corpus.arithmetic_trace(12, "-", 13)
+    with pytest.raises(ValueError, match="not '\\*'"):  # products go to the calculator
+        corpus.arithmetic_trace(12, "*", 3)
+
+
+def test_fact_drills_are_the_trace_steps():
+    """The drills are every single-digit step the traces take, each right, written exactly as in a trace."""
+    facts = corpus.facts()
+    assert len(facts) == len(set(facts)) == 400
+    for fact in facts:
+        if m := re.fullmatch(r"(\d) \+ (\d) \+ ([01]) = (\d+)", fact):
+            x, y, c, v = map(int, m.groups())
+            assert v == x + y + c
+        elif m := re.fullmatch(r"(\d) - (\d) - ([01]) = (\d)", fact):
+            x, y, c, v = map(int, m.groups())
+            assert v == x - y - c
+        else:
+            m = re.fullmatch(r"(\d) - (\d) - ([01]) is negative, 1\1 - \2 - \3 = (\d)", fact)
+            assert m, fact
+            x, y, c, v = map(int, m.groups())
+            assert x - y - c < 0 and v == 10 + x - y - c
+    rng = random.Random(3)
+    used = set()
+    for _ in range(2000):
+        a, b = sorted((rng.randint(0, 9999), rng.randint(0, 9999)), reverse=True)
+        for op in "+-":
+            used.update(line.split(":")[0] for line in corpus.arithmetic_trace(a, op, b).split("\n")[1:])
+    assert set(facts) <= used  # every fact is a step some trace takes...
+    assert {u for u in used if " = " in u and not u.startswith(("Carry", "Drop"))} <= set(facts)  # ...and no other
+    drills = corpus.fact_drills(0, 50)
+    assert drills == corpus.fact_drills(0, 50) and drills != corpus.fact_drills(1, 50)
+    lines = [line for d in drills for line in d.split("\n")]
+    assert len(lines) == 50 * 40 and set(lines) <= set(facts) and len(set(lines)) > 390
 
 
 def test_arithmetic_conversations_answer_right(train, held_out):
@@ -229,12 +256,11 @@ def test_arithmetic_conversations_answer_right(train, held_out):
         a, op, b, answer = _ARITH_REPLY.match(reply["content"]).groups()
         a, b, answer = int(a), int(b), int(answer)
         ops[op] += 1
-        assert answer == {"+": a + b, "-": a - b, "*": a * b}[op] == r["meta"]["answer"]
-        assert 10 <= a <= 9999 and (2 <= b <= 9 if op == "*" else 10 <= b <= 9999)
+        assert answer == {"+": a + b, "-": a - b}[op] == r["meta"]["answer"]
+        assert 10 <= a <= 999 and 10 <= b <= 999
         numbers = [int(n) for n in re.findall(r"\d+", user["content"])]
         assert numbers == [a, b], user["content"]
-        shown = {"+": ("+",), "-": ("-",), "*": ("*", "×")}[op]
-        assert any(s in user["content"] for s in shown) or corpus._OPS[op] in user["content"]
+        assert op in user["content"] or corpus._OPS[op] in user["content"]
         if r["meta"]["think"]:
             assert reply["reasoning_content"] == corpus.arithmetic_trace(a, op, b)
             check_trace(a, op, b, reply["reasoning_content"])
@@ -426,8 +452,8 @@ def test_digits_are_single_tokens(tok, texts):
     for text in texts[:50]:  # the arithmetic conversations hold thousands of digits
         for i in tok.encode(text):
             piece = tok.decode([i])
-            if any(c.isdigit() for c in piece):
-                assert len(piece) == 1, piece
+            if any(c.isdigit() for c in piece):  # one digit, with the space before it if any
+                assert len(piece.removeprefix(" ")) == 1, piece
 
 
 def test_decode_inverts_encode(tok, texts):

@@ -250,15 +250,19 @@ def test_rerun_resumes_from_the_finished_stages(built, tmp_path, capsys):
 
 
 def test_stages_use_the_intended_data(built):
-    """Pre-training: Shakespeare + the train conversations, every token a target; fine-tuning: the same
-    conversations with the assistant mask, the held-out test conversations as its val split, from pretrain's
-    weights under the FP4 expert recipe; the second fine-tuning round from the first's weights."""
+    """Pre-training: Shakespeare, the fact drills and the train conversations, every token a target;
+    fine-tuning: a few drills and the same conversations with the assistant mask, the held-out test
+    conversations as its val split, from pretrain's weights in fp32; QAT from the fine-tuned weights under the
+    FP8 + FP4 expert recipe; the last round, also QAT, on every tool conversation and a quarter of the rest."""
     recipe = RECIPES["demo-smoke"]
     pre, sft = read_manifest(built / "data" / "pretrain"), read_manifest(built / "data" / "sft")
     assert pre["options"]["chat_loss"] == "all" and set(pre["splits"]) == {"train"}
-    assert pre["splits"]["train"]["documents"] == recipe.train_conversations + 1 and not pre["splits"]["train"]["mask"]
+    documents = recipe.train_conversations + 1 + recipe.pretrain_drills
+    assert pre["splits"]["train"]["documents"] == documents and not pre["splits"]["train"]["mask"]
+    assert [Path(s["path"]).name for s in pre["sources"]] == ["shakespeare.txt", "drills.jsonl", "train.jsonl"]
     assert sft["options"]["chat_loss"] == "assistant"
-    assert sft["splits"]["train"]["documents"] == recipe.train_conversations and sft["splits"]["train"]["mask"]
+    documents = recipe.train_conversations + recipe.sft_drills
+    assert sft["splits"]["train"]["documents"] == documents and sft["splits"]["train"]["mask"]
     assert sft["splits"]["val"]["documents"] == recipe.test_conversations and sft["splits"]["val"]["mask"]
     assert sft["tokenizer"]["sha256"] == pre["tokenizer"]["sha256"]
     test_ids = open_split(built / "data" / "sft", "val").document(0)
@@ -266,10 +270,20 @@ def test_stages_use_the_intended_data(built):
     first_test = json.loads((built / "corpus" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert first_test["messages"][0]["content"] in tok.decode(test_ids.tolist())
     trained = json.loads((built / "model" / "train_config.json").read_text(encoding="utf-8"))  # the last stage
-    assert trained["init_from"] == str(built / "sft") and trained["precision"] == "fp8+fp4"
-    first = json.loads((latest_checkpoint(built / "sft") / "config.json").read_text(encoding="utf-8"))
-    assert first["init_from"] == str(built / "pretrain") and first["precision"] == "fp8+fp4"
-    assert first["data"] == trained["data"] == str(built / "data" / "sft")
+    assert trained["init_from"] == str(built / "qat") and trained["precision"] == "fp8+fp4"
+    assert trained["data"] == str(built / "data" / "tools")
+    configs = {stage: json.loads((latest_checkpoint(built / stage) / "config.json").read_text(encoding="utf-8"))
+               for stage in ("sft", "qat")}
+    assert configs["sft"]["init_from"] == str(built / "pretrain") and configs["sft"]["precision"] == "fp32"
+    assert configs["qat"]["init_from"] == str(built / "sft") and configs["qat"]["precision"] == "fp8+fp4"
+    assert configs["sft"]["data"] == configs["qat"]["data"] == str(built / "data" / "sft")
+    train = [json.loads(line) for line in (built / "corpus" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    mix = [json.loads(line) for line in (built / "corpus" / "tools.jsonl").read_text(encoding="utf-8").splitlines()]
+    tool_convs = [r for r in train if r["meta"]["skill"] in ("weather", "calculator", "clarify")]
+    assert [r for r in mix if r["meta"]["skill"] in ("weather", "calculator", "clarify")] == tool_convs
+    assert len(mix) == len(tool_convs) + (len(train) - len(tool_convs)) // recipe.tools_other_every
+    tools = read_manifest(built / "data" / "tools")
+    assert tools["splits"]["train"]["documents"] == len(mix) and tools["splits"]["val"]["mask"]
     shakespeare = (built / "corpus" / "shakespeare.txt").read_text(encoding="utf-8")
     full = SHAKESPEARE.read_text(encoding="utf-8")
     assert full.startswith(shakespeare) and len(shakespeare) == int(len(full) * 0.9)

@@ -6,10 +6,15 @@ renders (and `dsv4 prepare-data` tokenizes with the assistant-only loss mask), p
 a correct answer is, so the evaluation (`dsv4.demo.evaluate`) grades held-out questions without parsing prose.
 
 Skills, and why each looks the way it does:
-  * arithmetic (+, -, and x by one digit, on numbers of 2 or 3 digits). In thinking mode the reasoning is a
-    column-by-column trace from the ones, and each line repeats the digits found "so far", so a small model
-    only ever copies from the line above and adds two digits - the answer is the last "so far". In non-think
-    mode the answer comes straight away, which a model this size can only guess at: think-high beats it.
+  * arithmetic (+ and - on numbers of 2 or 3 digits). In thinking mode the reasoning is a column-by-column
+    trace from the ones, and each line repeats the digits found "so far", so a small model only ever copies
+    from the line above and adds two digits - the answer is the last "so far". In non-think mode the answer
+    comes straight away, which a model this size can only guess at: think-high beats it. Products go to the
+    calculator: by hand they need 440 more single-digit facts than a few-million-parameter model learns
+    in an hour on a CPU.
+  * fact drills (`fact_drills`, pre-training text): every single-digit step a trace can take ("7 + 4 + 1 =
+    12"), in random order. Inside the traces each fact is seen a few dozen times, and a model this size
+    then still gets half the steps wrong; drilled on their own, the facts come much sooner.
   * tool use over `TOOLS`: `get_weather` (a fixed table, `WEATHER`) and `calculator` (for products too big to
     do by hand). The assistant calls the tool, a tool turn returns JSON, and the final answer copies from it.
     An unknown city gets the tool's error back and an apology; a weather question without a city gets a
@@ -35,8 +40,8 @@ from typing import Any
 
 __all__ = [
     "CALCULATOR_TOOL", "IDENTITY", "SPLITS", "TEST_PERCENT", "TOOLS", "WEATHER", "WEATHER_TOOL",
-    "Conversation", "arithmetic", "arithmetic_trace", "calculate", "conversations", "shakespeare_chunks",
-    "split_of", "weather_report",
+    "Conversation", "arithmetic", "arithmetic_trace", "calculate", "conversations", "fact_drills", "facts",
+    "shakespeare_chunks", "split_of", "weather_report",
 ]
 
 SPLITS = ("train", "test")
@@ -68,7 +73,7 @@ WEATHER = {
 }
 UNKNOWN_CITIES = ("Atlantis", "Gotham", "Narnia", "Springfield", "El Dorado", "Mordor", "Lilliput", "Xanadu")
 
-_OPS = {"+": "plus", "-": "minus", "*": "times"}
+_OPS = {"+": "plus", "-": "minus"}
 _ARITH_QUESTIONS = (
     "What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "What is {a} {word} {b}?",
     "Calculate {a} {op} {b}", "How much is {a} {op} {b}?", "Please work out {a} {op} {b}.", "{a} {op} {b}",
@@ -123,6 +128,30 @@ def arithmetic(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
+def _add_step(x: int, y: int, carry: int) -> str:
+    return f"{x} + {y} + {carry} = {x + y + carry}"
+
+
+def _subtract_step(x: int, y: int, borrow: int) -> str:
+    v = x - y - borrow
+    if v >= 0:
+        return f"{x} - {y} - {borrow} = {v}"
+    return f"{x} - {y} - {borrow} is negative, 1{x} - {y} - {borrow} = {v + 10}"
+
+
+def facts() -> list[str]:
+    """Every single-digit step of an addition or subtraction trace, as the trace writes it (400 lines)."""
+    return [step(x, y, c) for step in (_add_step, _subtract_step) for x in range(10) for y in range(10)
+            for c in (0, 1)]
+
+
+def fact_drills(seed: int | str, documents: int, lines: int = 40) -> list[str]:
+    """`documents` texts of `lines` facts each, drawn in random order (pre-training text)."""
+    rng = random.Random(f"dsv4-demo-drills-{seed}")
+    table = facts()
+    return ["\n".join(rng.sample(table, lines)) for _ in range(documents)]
+
+
 def arithmetic_trace(a: int, op: str, b: int) -> str:
     """The think-mode reasoning for `a op b`: one line per column from the ones, each ending with every
     digit written so far, so the last line holds the answer (see the module docstring)."""
@@ -130,18 +159,7 @@ def arithmetic_trace(a: int, op: str, b: int) -> str:
     ys = [int(c) for c in reversed(str(b))]
     lines = []
     digits = ""
-    if op == "*":
-        lines.append(f"Multiply {a} by {b} digit by digit, starting from the ones.")
-        carry = 0
-        for x in xs:
-            v = x * b + carry
-            digits = str(v % 10) + digits
-            lines.append(f"{x} * {b} + {carry} = {v}: write {v % 10}, carry {v // 10}. So far: {digits}")
-            carry = v // 10
-        if carry:
-            digits = str(carry) + digits
-            lines.append(f"Carry {carry} remains. So far: {digits}")
-    elif op == "+":
+    if op == "+":
         lines.append(f"Add {a} and {b} column by column, starting from the ones.")
         carry = 0
         for i in range(max(len(xs), len(ys))):
@@ -149,12 +167,12 @@ def arithmetic_trace(a: int, op: str, b: int) -> str:
             y = ys[i] if i < len(ys) else 0
             v = x + y + carry
             digits = str(v % 10) + digits
-            lines.append(f"{x} + {y} + {carry} = {v}: write {v % 10}, carry {v // 10}. So far: {digits}")
+            lines.append(f"{_add_step(x, y, carry)}: write {v % 10}, carry {v // 10}. So far: {digits}")
             carry = v // 10
         if carry:
             digits = str(carry) + digits
             lines.append(f"Carry {carry} remains. So far: {digits}")
-    else:
+    elif op == "-":
         if a < b:
             raise ValueError("the trace covers a - b with a >= b")
         lines.append(f"Subtract {b} from {a} column by column, starting from the ones.")
@@ -162,19 +180,15 @@ def arithmetic_trace(a: int, op: str, b: int) -> str:
         for i, x in enumerate(xs):
             y = ys[i] if i < len(ys) else 0
             v = x - y - borrow
-            if v >= 0:
-                digits = str(v) + digits
-                lines.append(f"{x} - {y} - {borrow} = {v}: write {v}, borrow 0. So far: {digits}")
-                borrow = 0
-            else:
-                digits = str(v + 10) + digits
-                lines.append(f"{x} - {y} - {borrow} is negative, 1{x} - {y} - {borrow} = {v + 10}: write {v + 10}, "
-                             f"borrow 1. So far: {digits}")
-                borrow = 1
+            digits = str(v % 10) + digits
+            lines.append(f"{_subtract_step(x, y, borrow)}: write {v % 10}, borrow {int(v < 0)}. So far: {digits}")
+            borrow = int(v < 0)
         stripped = digits.lstrip("0") or "0"
         if stripped != digits:
             lines.append(f"Drop the leading zeros: {stripped}")
-    word = {"+": "sum", "-": "difference", "*": "product"}[op]
+    else:
+        raise ValueError(f"the trace covers + and -, not {op!r}")
+    word = {"+": "sum", "-": "difference"}[op]
     lines.append(f"The {word} is {arithmetic(a, op, b)}.")
     return "\n".join(lines)
 
@@ -184,8 +198,6 @@ def _operands(rng: random.Random, op: str) -> tuple[int, int]:
         n = rng.randint(lo, hi)
         return rng.randint(10 ** (n - 1), 10 ** n - 1)
 
-    if op == "*":
-        return number(2, 3), rng.randint(2, 9)
     a, b = number(2, 3), number(2, 3)
     if op == "-" and a < b:
         a, b = b, a
@@ -193,11 +205,10 @@ def _operands(rng: random.Random, op: str) -> tuple[int, int]:
 
 
 def _arithmetic(rng: random.Random, think: bool) -> tuple[str, Conversation]:
-    op = rng.choice("+-*")
+    op = rng.choice("+-")
     a, b = _operands(rng, op)
     q = rng.randrange(len(_ARITH_QUESTIONS))
-    shown = "×" if op == "*" and rng.random() < 0.3 else op
-    question = _ARITH_QUESTIONS[q].format(a=a, op=shown, b=b, word=_OPS[op])
+    question = _ARITH_QUESTIONS[q].format(a=a, op=op, b=b, word=_OPS[op])
     answer = arithmetic(a, op, b)
     reply: dict[str, Any] = {"role": "assistant", "content": f"{a} {op} {b} = {answer}."}
     if think:

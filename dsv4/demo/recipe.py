@@ -1,21 +1,25 @@
 """The demo model's recipe: corpus -> tokenizer -> token shards -> pre-train -> fine-tune -> official checkpoint.
 
-    dsv4 train --recipe demo --out runs/demo --export DIR     (about 50 minutes on 2 CPU cores)
+    dsv4 train --recipe demo --out runs/demo --export DIR     (under an hour on 2 CPU cores)
 
 Stages (all in `out`, each skipped when its result is already there, so an interrupted build resumes):
-  corpus/      train.jsonl and test.jsonl (`dsv4.demo.corpus`, held-out by question) and shakespeare.txt (the
-               first 90% of TinyShakespeare)
+  corpus/      train.jsonl and test.jsonl (`dsv4.demo.corpus`, held-out by question), shakespeare.txt (the
+               first 90% of TinyShakespeare) and drills.jsonl (`corpus.fact_drills`: the single-digit steps
+               of the arithmetic traces, as text)
   tokenizer/   tokenizer.json: a BPE trained on the rendered train conversations and the Shakespeare text
   data/pretrain, data/sft
-               `dsv4.train.data.prepare` shards. Pre-training: Shakespeare + the conversations with every token a
-               target; fine-tuning: the conversations with the loss on the assistant's turns only, and the test
-               conversations as the held-out split (its loss is the run's val loss)
-  pretrain/    a `Trainer` run: Muon, dense CSA for the first steps then sparse, in fp32 (the FP8 fake
-               quantisation of every activation costs ~30% of a CPU step)
-  sft/         a `Trainer` run starting from pretrain's weights (`init_from`) under the fp8+fp4 recipe: FP8
-               weights and activations and the FP4 expert QAT that V4 adds late in training (training.md §3.4),
-               so the export is exactly the weights the model was trained with
-  sft2/        a second fine-tuning round from sft's weights, with its own warm-up and decay
+               `dsv4.train.data.prepare` shards. Pre-training: Shakespeare, the drills and the conversations with
+               every token a target; fine-tuning: the conversations with the loss on the assistant's turns only
+               (plus a few drills), and the test conversations as the held-out split (its loss is the val loss)
+  pretrain/    a `Trainer` run: Muon, dense CSA for the first steps then sparse, in fp32
+  sft/         a `Trainer` run starting from pretrain's weights (`init_from`), in fp32 too: the FP8 fake
+               quantisation of every activation costs ~30% of a CPU step
+  qat/         a short last round from sft's weights under the fp8+fp4 recipe: FP8 weights and activations and
+               the FP4 expert QAT that V4 adds late in training (training.md §3.4), so the export is exactly the
+               weights the model was trained with
+  tools/       a last QAT round from qat's weights on a tool-heavy mix (data/tools: every weather, calculator and
+               clarifying conversation of the train split and a quarter of the rest): after `qat` the model
+               wrote its calculator expressions right but called get_weather for "Tokyo" whatever the city
   export       `Trainer.export` (FP8 weights, FP4 experts, config.json, tokenizer.json) + generation_config.json
 
 Everything is seeded: the same seed, thread count and torch build give the same weights, bit for bit.
@@ -36,7 +40,8 @@ from . import corpus
 
 __all__ = ["RECIPES", "STAGES", "DemoRecipe", "build_demo", "demo_model_args"]
 
-STAGES = ("pretrain", "sft", "sft2")
+STAGES = ("pretrain", "sft", "qat", "tools")
+TOOL_SKILLS = ("weather", "calculator", "clarify")
 
 # greedy by default: the demo's arithmetic traces leave one right next token, and sampling at T = 1 (V4's
 # recommendation for the real models) would make a 3M-parameter model slip a digit
@@ -65,21 +70,27 @@ class DemoRecipe:
     model: dict[str, Any] = field(default_factory=demo_model_args)
     seq_len: int = 512
     batch_size: int = 8
-    bucket_tokens: int = 2048  # a packed batch holds ~30 conversations: grouped by length, padding ~20% not ~75%
+    # a packed batch holds ~30 conversations: grouped by length (padding ~20%, not ~75%) into forwards of at most
+    # this many positions (4096 runs ~10% more tokens a second than 2048 on 2 cores)
+    bucket_tokens: int = 4096
+    pretrain_drills: int = 3000  # documents of 40 facts: about a quarter of the pre-training tokens
+    sft_drills: int = 1000
     pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
     dense_steps: int = 60
-    sft_steps: int = 350
+    sft_steps: int = 300
     sft_lr: float = 3e-3
-    # a second fine-tuning round (its own warm-up and decay, from sft's weights): after the first, the model
-    # copies operands and city names right but still misses single-digit sums and products (0/10 held-out sums)
-    sft2_steps: int = 250
+    qat_steps: int = 60
+    qat_lr: float = 1e-3
+    tools_steps: int = 80
+    tools_lr: float = 2e-3
+    tools_other_every: int = 4  # the tool stage keeps every 4th conversation of the other skills
     warmup_steps: int = 30
     eval_every: int = 100
     threads: int = 2
 
     def train_config(self, stage: str, out: Path) -> dict[str, Any]:
-        """The TrainConfig fields of a stage ("pretrain", "sft" or "sft2")."""
+        """The TrainConfig fields of a stage (one of `STAGES`)."""
         common = {"preset": "tiny", "model": self.model, "seq_len": self.seq_len, "batch_size": self.batch_size,
                   "seed": self.seed, "warmup_steps": self.warmup_steps, "threads": self.threads, "progress": True,
                   "log_every": 10, "keep_checkpoints": 1, "bucket_tokens": self.bucket_tokens}
@@ -87,17 +98,25 @@ class DemoRecipe:
             return {**common, "data": str(out / "data" / "pretrain"), "out": str(out / "pretrain"),
                     "steps": self.pretrain_steps, "lr": self.pretrain_lr, "precision": "fp32",
                     "dense_steps": self.dense_steps, "eval_every": 0}
-        steps, start = (self.sft_steps, "pretrain") if stage == "sft" else (self.sft2_steps, "sft")
-        return {**common, "data": str(out / "data" / "sft"), "out": str(out / stage), "steps": steps,
-                "lr": self.sft_lr, "precision": "fp8+fp4", "init_from": str(out / start),
-                "eval_every": self.eval_every, "eval_batches": 4}
+        tuning = {"data": str(out / "data" / "sft"), "out": str(out / stage), "eval_every": self.eval_every,
+                  "eval_batches": 4}
+        if stage == "sft":
+            return {**common, **tuning, "steps": self.sft_steps, "lr": self.sft_lr, "precision": "fp32",
+                    "init_from": str(out / "pretrain")}
+        if stage == "qat":
+            return {**common, **tuning, "steps": self.qat_steps, "lr": self.qat_lr, "precision": "fp8+fp4",
+                    "init_from": str(out / "sft"), "warmup_steps": min(self.warmup_steps, self.qat_steps // 4)}
+        return {**common, **tuning, "data": str(out / "data" / "tools"), "steps": self.tools_steps,
+                "lr": self.tools_lr, "precision": "fp8+fp4", "init_from": str(out / "qat"),
+                "warmup_steps": min(self.warmup_steps, self.tools_steps // 4)}
 
 
 RECIPES = {
     "demo": DemoRecipe(),
     # the same pipeline in seconds (tests: determinism, the format of what comes out)
     "demo-smoke": DemoRecipe(train_conversations=300, test_conversations=20, vocab_size=600, seq_len=128,
-                             batch_size=2, pretrain_steps=3, dense_steps=1, sft_steps=3, sft2_steps=2,
+                             batch_size=2, bucket_tokens=2048, pretrain_drills=20, sft_drills=5,
+                             pretrain_steps=3, dense_steps=1, sft_steps=3, qat_steps=2, tools_steps=2,
                              warmup_steps=1,
                              eval_every=0, model={**demo_model_args(), "dim": 32, "moe_inter_dim": 32,
                                                   "q_lora_rank": 16, "o_lora_rank": 16}),
@@ -124,6 +143,9 @@ def _write_corpus(recipe: DemoRecipe, root: Path, shakespeare_path: Path) -> Non
     for split, count in (("train", recipe.train_conversations), ("test", recipe.test_conversations)):
         records = (c.record() for c in corpus.conversations(recipe.seed, count, split, text))
         corpus.write_jsonl(tmp / f"{split}.jsonl", records)
+    for name, count in (("drills", recipe.pretrain_drills), ("sft-drills", recipe.sft_drills)):
+        drills = corpus.fact_drills(f"{recipe.seed}-{name}", count)
+        corpus.write_jsonl(tmp / f"{name}.jsonl", ({"text": d} for d in drills))
     tmp.rename(root)
 
 
@@ -156,15 +178,22 @@ def build_demo(recipe: DemoRecipe, out: str | Path, export: str | Path | None, s
     data = out / "data"
     if not (data / "pretrain" / "manifest.json").is_file():
         shutil.rmtree(data / "pretrain", ignore_errors=True)
-        prepare([corpus_dir / "shakespeare.txt", corpus_dir / "train.jsonl"], data / "pretrain",
-                tokenizer=str(tok_file), chat_loss="all")
+        prepare([corpus_dir / "shakespeare.txt", corpus_dir / "drills.jsonl", corpus_dir / "train.jsonl"],
+                data / "pretrain", tokenizer=str(tok_file), chat_loss="all")
     if not (data / "sft" / "manifest.json").is_file():
         shutil.rmtree(data / "sft", ignore_errors=True)
         # train.jsonl then test.jsonl, with exactly the test conversations as "val" (a documents split by index
         # would draw them at random): prepare each, then move the test shard's train split in as val
-        prepare([corpus_dir / "train.jsonl"], data / "sft", tokenizer=str(tok_file))
+        prepare([corpus_dir / "sft-drills.jsonl", corpus_dir / "train.jsonl"], data / "sft", tokenizer=str(tok_file))
         prepare([corpus_dir / "test.jsonl"], data / "sft-test", tokenizer=str(tok_file))
         _adopt_as_val(data / "sft", data / "sft-test")
+    if not (data / "tools" / "manifest.json").is_file():
+        shutil.rmtree(data / "tools", ignore_errors=True)
+        shutil.rmtree(data / "tools-test", ignore_errors=True)
+        _write_tool_mix(recipe, corpus_dir)
+        prepare([corpus_dir / "tools.jsonl"], data / "tools", tokenizer=str(tok_file))
+        prepare([corpus_dir / "test.jsonl"], data / "tools-test", tokenizer=str(tok_file))
+        _adopt_as_val(data / "tools", data / "tools-test")
     for stage in STAGES:
         config = TrainConfig.from_dict(recipe.train_config(stage, out))
         done = out / stage / "checkpoints" / "latest"
@@ -190,6 +219,21 @@ def build_demo(recipe: DemoRecipe, out: str | Path, export: str | Path | None, s
     (model_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     _log(f"exported to {model_dir}")
     return model_dir
+
+
+def _write_tool_mix(recipe: DemoRecipe, corpus_dir: Path) -> None:
+    """corpus/tools.jsonl: the train conversations of the tool skills, and every `tools_other_every`-th other."""
+    lines = (corpus_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    others = 0
+    keep = []
+    for line in lines:
+        if json.loads(line)["meta"]["skill"] in TOOL_SKILLS:
+            keep.append(line)
+        else:
+            others += 1
+            if others % recipe.tools_other_every == 0:
+                keep.append(line)
+    (corpus_dir / "tools.jsonl").write_text("\n".join(keep) + "\n", encoding="utf-8")
 
 
 def _adopt_as_val(target: Path, source: Path) -> None:
