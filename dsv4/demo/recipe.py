@@ -181,19 +181,11 @@ def build_demo(recipe: DemoRecipe, out: str | Path, export: str | Path | None, s
         prepare([corpus_dir / "shakespeare.txt", corpus_dir / "drills.jsonl", corpus_dir / "train.jsonl"],
                 data / "pretrain", tokenizer=str(tok_file), chat_loss="all")
     if not (data / "sft" / "manifest.json").is_file():
-        shutil.rmtree(data / "sft", ignore_errors=True)
-        # train.jsonl then test.jsonl, with exactly the test conversations as "val" (a documents split by index
-        # would draw them at random): prepare each, then move the test shard's train split in as val
-        prepare([corpus_dir / "sft-drills.jsonl", corpus_dir / "train.jsonl"], data / "sft", tokenizer=str(tok_file))
-        prepare([corpus_dir / "test.jsonl"], data / "sft-test", tokenizer=str(tok_file))
-        _adopt_as_val(data / "sft", data / "sft-test")
+        _fine_tuning_shards([corpus_dir / "sft-drills.jsonl", corpus_dir / "train.jsonl"], data / "sft", corpus_dir,
+                            tok_file)
     if not (data / "tools" / "manifest.json").is_file():
-        shutil.rmtree(data / "tools", ignore_errors=True)
-        shutil.rmtree(data / "tools-test", ignore_errors=True)
         _write_tool_mix(recipe, corpus_dir)
-        prepare([corpus_dir / "tools.jsonl"], data / "tools", tokenizer=str(tok_file))
-        prepare([corpus_dir / "test.jsonl"], data / "tools-test", tokenizer=str(tok_file))
-        _adopt_as_val(data / "tools", data / "tools-test")
+        _fine_tuning_shards([corpus_dir / "tools.jsonl"], data / "tools", corpus_dir, tok_file)
     for stage in STAGES:
         config = TrainConfig.from_dict(recipe.train_config(stage, out))
         done = out / stage / "checkpoints" / "latest"
@@ -219,6 +211,20 @@ def build_demo(recipe: DemoRecipe, out: str | Path, export: str | Path | None, s
     (model_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     _log(f"exported to {model_dir}")
     return model_dir
+
+
+def _fine_tuning_shards(inputs: list[Path], target: Path, corpus_dir: Path, tok_file: Path) -> None:
+    """`inputs` as the train split of `target` (assistant-token loss) and exactly the test conversations as its
+    "val" split (a documents split by index would draw them at random): prepare each, then move the test
+    shard's train split in as val."""
+    from ..train.data import prepare
+
+    test = target.with_name(target.name + "-test")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(test, ignore_errors=True)
+    prepare(inputs, target, tokenizer=str(tok_file))
+    prepare([corpus_dir / "test.jsonl"], test, tokenizer=str(tok_file))
+    _adopt_as_val(target, test)
 
 
 def _write_tool_mix(recipe: DemoRecipe, corpus_dir: Path) -> None:
