@@ -293,7 +293,7 @@ def test_weather_tool_results_come_from_the_table(train, held_out):
         else:
             assert city in corpus.UNKNOWN_CITIES and "error" in report
             assert "no weather data" in answer["content"] and not re.search(r"\d", answer["content"])
-    assert 0.7 < known / len(records) < 1.0  # both kinds occur
+    assert 0.6 < known / len(records) < 0.9  # both kinds occur, about as often per city
 
 
 def _python_value(expr: str) -> int | float:
@@ -328,9 +328,9 @@ def test_calculator_agrees_with_python(train, held_out):
     rng = random.Random(3)
     for _ in range(500):  # the corpus's operand ranges, every operator, both kinds of quotient
         op = rng.choice("+-*/")
-        a, b = rng.randint(100, 99999), rng.randint(100, 9999)
+        a, b = rng.randint(100, 9999), rng.randint(10, 999)
         if op == "/" and rng.random() < 0.5:
-            a *= b
+            a = rng.randint(10, 999) * b
         check_calculator(f"{a} {op} {b}", corpus.calculate(f"{a} {op} {b}"))
     for expr in ("12 * -3", "-7 + 2", "0 - 5", "1 / 3", "2 / 3", "-9 / 4", "10 / 4"):
         check_calculator(expr, corpus.calculate(expr))
@@ -454,6 +454,27 @@ def test_digits_are_single_tokens(tok, texts):
             piece = tok.decode([i])
             if any(c.isdigit() for c in piece):  # one digit, with the space before it if any
                 assert len(piece.removeprefix(" ")) == 1, piece
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def test_a_city_is_the_same_tokens_in_the_question_and_in_the_call(tok):
+    """Filling in get_weather's `city` copies the user's tokens: a capitalised word keeps no space before it,
+    so " Oslo" in a sentence and "Oslo" after `">` in the DSML call (or a quote in JSON) are the same ids."""
+    tools = [corpus.WEATHER_TOOL]
+    for city in [*corpus.WEATHER, "Atlantis", "El Dorado"]:
+        name = tok.encode(city)
+        question = [{"role": "user", "content": f"What's the weather in {city}?"}]
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]}
+        prompt = encode_messages(question, tools=tools, thinking_mode="chat")
+        full = encode_messages([*question, call], tools=tools, thinking_mode="chat")
+        assert _contains(tok.encode(prompt), name), city
+        assert _contains(tok.encode(full[len(prompt):]), name), city
+        assert _contains(tok.encode(json.dumps({"city": city})), name), city
+    assert tok.decode(tok.encode("in New York.")) == "in New York."
 
 
 def test_decode_inverts_encode(tok, texts):

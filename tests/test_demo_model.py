@@ -20,7 +20,7 @@ from dsv4.demo.corpus import WEATHER, WEATHER_TOOL, arithmetic, split_of
 from dsv4.serve.app import create_app
 
 # a held-out sum (its key is in the corpus's test split, checked below) that the shipped weights get right; they get
-# many held-out sums wrong (see the README's evaluation), so this pins the weights and the whole path, not skill
+# a few held-out sums in a hundred wrong (see the README's evaluation), so this pins the weights and the whole path
 QUESTION = (336, "+", 92)
 CITY = "Oslo"
 

@@ -29,7 +29,7 @@ from dsv4.checkpoint.loader import load_model
 from dsv4.checkpoint.schema import expected_tensors
 from dsv4.cli import main
 from dsv4.demo import corpus
-from dsv4.demo.recipe import RECIPES, build_demo
+from dsv4.demo.recipe import RECIPES, STAGES, build_demo
 from dsv4.train.data import (
     DataError,
     PackedLoader,
@@ -253,7 +253,7 @@ def test_stages_use_the_intended_data(built):
     """Pre-training: Shakespeare, the fact drills and the train conversations, every token a target;
     fine-tuning: a few drills and the same conversations with the assistant mask, the held-out test
     conversations as its val split, from pretrain's weights in fp32; QAT from the fine-tuned weights under the
-    FP8 + FP4 expert recipe; the last round, also QAT, on every tool conversation and a quarter of the rest."""
+    FP8 + FP4 expert recipe, and that last round is what is exported."""
     recipe = RECIPES["demo-smoke"]
     pre, sft = read_manifest(built / "data" / "pretrain"), read_manifest(built / "data" / "sft")
     assert pre["options"]["chat_loss"] == "all" and set(pre["splits"]) == {"train"}
@@ -269,21 +269,15 @@ def test_stages_use_the_intended_data(built):
     tok = Tokenizer.load(built / "tokenizer" / "tokenizer.json")
     first_test = json.loads((built / "corpus" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert first_test["messages"][0]["content"] in tok.decode(test_ids.tolist())
-    trained = json.loads((built / "model" / "train_config.json").read_text(encoding="utf-8"))  # the last stage
-    assert trained["init_from"] == str(built / "qat") and trained["precision"] == "fp8+fp4"
-    assert trained["data"] == str(built / "data" / "tools")
+    exported = json.loads((built / "model" / "train_config.json").read_text(encoding="utf-8"))
     configs = {stage: json.loads((latest_checkpoint(built / stage) / "config.json").read_text(encoding="utf-8"))
                for stage in ("sft", "qat")}
     assert configs["sft"]["init_from"] == str(built / "pretrain") and configs["sft"]["precision"] == "fp32"
     assert configs["qat"]["init_from"] == str(built / "sft") and configs["qat"]["precision"] == "fp8+fp4"
     assert configs["sft"]["data"] == configs["qat"]["data"] == str(built / "data" / "sft")
-    train = [json.loads(line) for line in (built / "corpus" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    mix = [json.loads(line) for line in (built / "corpus" / "tools.jsonl").read_text(encoding="utf-8").splitlines()]
-    tool_convs = [r for r in train if r["meta"]["skill"] in ("weather", "calculator", "clarify")]
-    assert [r for r in mix if r["meta"]["skill"] in ("weather", "calculator", "clarify")] == tool_convs
-    assert len(mix) == len(tool_convs) + (len(train) - len(tool_convs)) // recipe.tools_other_every
-    tools = read_manifest(built / "data" / "tools")
-    assert tools["splits"]["train"]["documents"] == len(mix) and tools["splits"]["val"]["mask"]
+    assert STAGES[-1] == "qat"
+    assert {k: exported[k] for k in ("init_from", "precision", "data", "steps")} == {
+        k: configs["qat"][k] for k in ("init_from", "precision", "data", "steps")}
     shakespeare = (built / "corpus" / "shakespeare.txt").read_text(encoding="utf-8")
     full = SHAKESPEARE.read_text(encoding="utf-8")
     assert full.startswith(shakespeare) and len(shakespeare) == int(len(full) * 0.9)

@@ -260,7 +260,7 @@ def _call(name: str, arguments: dict[str, Any], index: int) -> dict[str, Any]:
 
 
 def _weather(rng: random.Random, think: bool) -> tuple[str, Conversation]:
-    known = rng.random() < 0.88
+    known = rng.random() < 0.75  # 24 known cities, 8 unknown: about as many conversations of each city
     city = rng.choice(list(WEATHER)) if known else rng.choice(UNKNOWN_CITIES)
     q = rng.randrange(len(_WEATHER_QUESTIONS))
     question = _WEATHER_QUESTIONS[q].format(city=city)
@@ -286,10 +286,10 @@ def _weather(rng: random.Random, think: bool) -> tuple[str, Conversation]:
 
 def _calculator(rng: random.Random, think: bool) -> tuple[str, Conversation]:
     op = rng.choice("*+-/") if rng.random() < 0.5 else "*"
-    a = rng.randint(100, 99999)
-    b = rng.randint(100, 9999)
-    if op == "/":
-        a = a * b if rng.random() < 0.7 else a
+    a = rng.randint(100, 9999)
+    b = rng.randint(10, 999)
+    if op == "/" and rng.random() < 0.7:
+        a = rng.randint(10, 999) * b  # a whole quotient
     expr = f"{a} {op} {b}"
     q = rng.randrange(len(_CALC_QUESTIONS))
     question = _CALC_QUESTIONS[q].format(expr=expr)
@@ -298,7 +298,8 @@ def _calculator(rng: random.Random, think: bool) -> tuple[str, Conversation]:
                             "tool_calls": [_call("calculator", {"expression": expr}, 0)]}
     answer: dict[str, Any] = {"role": "assistant", "content": f"{expr} = {value}."}
     if think:
-        call["reasoning_content"] = f"{expr} is too long to do by hand reliably. I will use the calculator."
+        # not restating the expression: every copy of a long number is one more chance to slip a digit
+        call["reasoning_content"] = "This is too long to work out by hand reliably. I will use the calculator."
         answer["reasoning_content"] = f"The calculator returned {value}."
     messages = [{"role": "user", "content": question}, call,
                 {"role": "tool", "tool_call_id": "call_0", "content": value}, answer]
@@ -381,7 +382,7 @@ def _small_talk(rng: random.Random, think: bool, verses: list[str]) -> tuple[str
 # ================================================================================================ the mix
 
 # skill -> share of the conversations
-MIX = {"arithmetic": 0.62, "weather": 0.09, "calculator": 0.07, "clarify": 0.02, "refusal": 0.07, "talk": 0.13}
+MIX = {"arithmetic": 0.60, "weather": 0.13, "calculator": 0.08, "clarify": 0.02, "refusal": 0.06, "talk": 0.11}
 
 
 def conversations(seed: int, count: int, split: str, shakespeare: str = "") -> Iterator[Conversation]:

@@ -17,9 +17,6 @@ Stages (all in `out`, each skipped when its result is already there, so an inter
   qat/         a short last round from sft's weights under the fp8+fp4 recipe: FP8 weights and activations and
                the FP4 expert QAT that V4 adds late in training (training.md §3.4), so the export is exactly the
                weights the model was trained with
-  tools/       a last QAT round from qat's weights on a tool-heavy mix (data/tools: every weather, calculator and
-               clarifying conversation of the train split and a quarter of the rest): after `qat` the model
-               wrote its calculator expressions right but called get_weather for "Tokyo" whatever the city
   export       `Trainer.export` (FP8 weights, FP4 experts, config.json, tokenizer.json) + generation_config.json
 
 Everything is seeded: the same seed, thread count and torch build give the same weights, bit for bit.
@@ -40,8 +37,7 @@ from . import corpus
 
 __all__ = ["RECIPES", "STAGES", "DemoRecipe", "build_demo", "demo_model_args"]
 
-STAGES = ("pretrain", "sft", "qat", "tools")
-TOOL_SKILLS = ("weather", "calculator", "clarify")
+STAGES = ("pretrain", "sft", "qat")
 
 # greedy by default: the demo's arithmetic traces leave one right next token, and sampling at T = 1 (V4's
 # recommendation for the real models) would make a 3M-parameter model slip a digit
@@ -73,18 +69,15 @@ class DemoRecipe:
     # a packed batch holds ~30 conversations: grouped by length (padding ~20%, not ~75%) into forwards of at most
     # this many positions (4096 runs ~10% more tokens a second than 2048 on 2 cores)
     bucket_tokens: int = 4096
-    pretrain_drills: int = 3000  # documents of 40 facts: about a quarter of the pre-training tokens
-    sft_drills: int = 1000
-    pretrain_steps: int = 300
+    pretrain_drills: int = 4500  # documents of 40 facts: about 30% of the pre-training tokens
+    sft_drills: int = 1500
+    pretrain_steps: int = 380
     pretrain_lr: float = 3e-3
     dense_steps: int = 60
-    sft_steps: int = 300
+    sft_steps: int = 380
     sft_lr: float = 3e-3
     qat_steps: int = 60
     qat_lr: float = 1e-3
-    tools_steps: int = 80
-    tools_lr: float = 2e-3
-    tools_other_every: int = 4  # the tool stage keeps every 4th conversation of the other skills
     warmup_steps: int = 30
     eval_every: int = 100
     threads: int = 2
@@ -106,9 +99,7 @@ class DemoRecipe:
         if stage == "qat":
             return {**common, **tuning, "steps": self.qat_steps, "lr": self.qat_lr, "precision": "fp8+fp4",
                     "init_from": str(out / "sft"), "warmup_steps": min(self.warmup_steps, self.qat_steps // 4)}
-        return {**common, **tuning, "data": str(out / "data" / "tools"), "steps": self.tools_steps,
-                "lr": self.tools_lr, "precision": "fp8+fp4", "init_from": str(out / "qat"),
-                "warmup_steps": min(self.warmup_steps, self.tools_steps // 4)}
+        raise ValueError(f"unknown stage {stage!r}; the stages are {STAGES}")
 
 
 RECIPES = {
@@ -116,7 +107,7 @@ RECIPES = {
     # the same pipeline in seconds (tests: determinism, the format of what comes out)
     "demo-smoke": DemoRecipe(train_conversations=300, test_conversations=20, vocab_size=600, seq_len=128,
                              batch_size=2, bucket_tokens=2048, pretrain_drills=20, sft_drills=5,
-                             pretrain_steps=3, dense_steps=1, sft_steps=3, qat_steps=2, tools_steps=2,
+                             pretrain_steps=3, dense_steps=1, sft_steps=3, qat_steps=2,
                              warmup_steps=1,
                              eval_every=0, model={**demo_model_args(), "dim": 32, "moe_inter_dim": 32,
                                                   "q_lora_rank": 16, "o_lora_rank": 16}),
@@ -183,9 +174,6 @@ def build_demo(recipe: DemoRecipe, out: str | Path, export: str | Path | None, s
     if not (data / "sft" / "manifest.json").is_file():
         _fine_tuning_shards([corpus_dir / "sft-drills.jsonl", corpus_dir / "train.jsonl"], data / "sft", corpus_dir,
                             tok_file)
-    if not (data / "tools" / "manifest.json").is_file():
-        _write_tool_mix(recipe, corpus_dir)
-        _fine_tuning_shards([corpus_dir / "tools.jsonl"], data / "tools", corpus_dir, tok_file)
     for stage in STAGES:
         config = TrainConfig.from_dict(recipe.train_config(stage, out))
         done = out / stage / "checkpoints" / "latest"
@@ -225,21 +213,6 @@ def _fine_tuning_shards(inputs: list[Path], target: Path, corpus_dir: Path, tok_
     prepare(inputs, target, tokenizer=str(tok_file))
     prepare([corpus_dir / "test.jsonl"], test, tokenizer=str(tok_file))
     _adopt_as_val(target, test)
-
-
-def _write_tool_mix(recipe: DemoRecipe, corpus_dir: Path) -> None:
-    """corpus/tools.jsonl: the train conversations of the tool skills, and every `tools_other_every`-th other."""
-    lines = (corpus_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    others = 0
-    keep = []
-    for line in lines:
-        if json.loads(line)["meta"]["skill"] in TOOL_SKILLS:
-            keep.append(line)
-        else:
-            others += 1
-            if others % recipe.tools_other_every == 0:
-                keep.append(line)
-    (corpus_dir / "tools.jsonl").write_text("\n".join(keep) + "\n", encoding="utf-8")
 
 
 def _adopt_as_val(target: Path, source: Path) -> None:

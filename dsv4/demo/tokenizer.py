@@ -1,10 +1,15 @@
 """The demo model's tokenizer: a small byte-level BPE trained on the demo corpus, with every V4 special token.
 
 Same scheme as the official tokenizer (byte-level BPE read by `tokenizers`, so `dsv4.chat.tokenizer.Tokenizer`
-treats both alike), with two differences that suit a few-million-parameter model:
+treats both alike), with three differences that suit a few-million-parameter model:
   * a token holds at most one digit, with the space before it if there is one (" 7" is one token, "12" two),
     so a column of an addition is one token per digit and "7 + 4 + 1 = 12" costs 8 tokens, not 13 with a
     space token before each digit; the official tokenizer groups up to three digits;
+  * a capitalised word never carries the space before it (" Oslo" is " " + "Oslo"), so a name is the same
+    tokens in a sentence and in a tool call's argument, where it follows `">` or a quote: filling in
+    `city` is then a plain copy of the user's tokens. With " Oslo" and "Oslo" as two ids, the model would
+    have to learn the pairing city by city, and the previous demo model called get_weather for "Tokyo"
+    whatever the city;
   * the vocabulary is a few thousand entries, learnt from the corpus, instead of 129,280.
 
 The V4 special tokens are the official tokenizer's added tokens (read from the bundled `tokenizer.json`,
@@ -53,7 +58,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     first, rest = specials[:3], specials[3:]  # BOS, EOS, pad: ids 0..2 as in the official file
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(r" ?[0-9]"), behavior="isolated"),
+        pre_tokenizers.Split(tokenizers.Regex(r" ?[0-9]| (?=[A-Z])"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     hf.decoder = decoders.ByteLevel()
