@@ -1,0 +1,196 @@
+"""Regression pins: what the model and the engine compute today, so that refactors provably keep behaviour.
+
+Pinned (in `pins/regression.pt`, written by `python tests/test_regression_pins.py --write`, which is only
+run when a change is *meant* to alter results, and then said so in the commit):
+
+* the logits of a seeded `tiny` model (sliding, CSA and HCA layers, hash and learned MoE, mHC, the MTP
+  block) in both numerics: plain fp32, and exact bf16 with FP8 / FP4 weights; the full forward, the same
+  sequence fed through a cache in uneven chunks, and the MTP head;
+* the greedy tokens of the shipped demo model on held-out questions (arithmetic in both modes, both tools),
+  decoded together by the engine as `dsv4 serve` runs it (exact numerics, fp32);
+* the greedy tokens of the exact bf16 `tiny` model through the engine with the FP8 KV layout, the prefix
+  cache and MTP speculation, several requests batched.
+
+Tokens must match exactly. Logits must match bit for bit on the machine kind the pins were written on (the
+same torch build and CPU capability, which decide the kernels' summation order); on another kind they must
+agree to within rounding, which is checked and reported, not skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+PINS = Path(__file__).parent / "pins" / "regression.pt"
+DEMO_MAX_TOKENS = 140
+
+
+def _tiny_models():
+    from dsv4.config import preset
+    from dsv4.formats import to_official_formats
+    from dsv4.model import Transformer, init_weights
+
+    args = preset("tiny")
+    plain = init_weights(Transformer(args), seed=3)
+    exact = to_official_formats(init_weights(Transformer(args, torch.bfloat16, "exact"), seed=3))
+    return {"plain": plain.eval(), "exact": exact.eval()}
+
+
+@torch.no_grad()
+def model_logits() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    out = {}
+    for numerics, model in _tiny_models().items():
+        tokens = torch.randint(0, model.args.vocab_size, (2, 37), generator=gen)
+        out[f"{numerics}/full"] = model(tokens)
+        cache = model.new_cache(2, 64)
+        out[f"{numerics}/chunked"] = torch.cat([model(tokens[:, a:b], cache) for a, b in ((0, 5), (5, 16), (16, 37))],
+                                               dim=1)
+        streams = model.forward_streams(tokens[:, :-1])
+        out[f"{numerics}/mtp"] = model.mtp_logits(streams, tokens[:, 1:])
+    return out
+
+
+def _drain(engine, prompts, params) -> list[list[int]]:
+    ids = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+    tokens = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for update in engine.step():
+            tokens[update.request_id] += update.new_token_ids
+    return [tokens[i] for i in ids]
+
+
+def demo_questions() -> list[tuple[str, list[dict], list | None]]:
+    """(mode, messages, tools) of the held-out questions: two sums in each mode, one call of each tool."""
+    from dsv4.demo.evaluate import held_out
+
+    picked = held_out(0, 2)
+    questions = [(mode, conv.messages[:1], None) for mode in ("think-high", "non-think")
+                 for conv in picked["arithmetic"]]
+    questions += [("think-high", picked[skill][0].messages[:1], picked[skill][0].tools)
+                  for skill in ("weather", "calculator")]
+    return questions
+
+
+@torch.no_grad()
+def demo_greedy() -> list[list[int]]:
+    from dsv4.chat.encoding import encode_messages
+    from dsv4.chat.tokenizer import Tokenizer
+    from dsv4.checkpoint.loader import load_model
+    from dsv4.demo import MODEL_DIR
+    from dsv4.engine import Engine, SamplingParams
+
+    model = load_model(MODEL_DIR, numerics="exact", dtype=torch.float32)
+    tokenizer = Tokenizer.load(MODEL_DIR)
+    prompts = []
+    for mode, messages, tools in demo_questions():
+        text = encode_messages(messages, thinking_mode="chat" if mode == "non-think" else "thinking", tools=tools)
+        prompts.append(tokenizer.encode(text))
+    engine = Engine(model, max_batch=8, max_seq_len=model.args.max_seq_len, prefill_chunk=256,
+                    eos_id=tokenizer.eos_id)
+    params = [SamplingParams(temperature=0.0, max_tokens=DEMO_MAX_TOKENS)] * len(prompts)
+    return _drain(engine, prompts, params)
+
+
+@torch.no_grad()
+def tiny_engine_greedy() -> list[list[int]]:
+    from dsv4.engine import Engine, SamplingParams
+
+    model = _tiny_models()["exact"]
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen).tolist() for n in (3, 29, 12, 40)]
+    prompts.append(prompts[1][:21] + prompts[3][:6])  # shares a saved prefix with the second request
+    engine = Engine(model, max_batch=3, max_seq_len=96, prefill_chunk=16, kv_format="fp8",
+                    prefix_cache_bytes=1 << 20, prefix_interval=8, num_speculative=1)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (20, 9, 17, 12, 14)]
+    return _drain(engine, prompts, params)
+
+
+def machine() -> dict[str, str]:
+    return {"torch": str(torch.__version__), "cpu": torch.backends.cpu.get_cpu_capability()}
+
+
+def digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (with its dtype and shape): equal digests are equal bits."""
+    t = t.detach().contiguous().cpu()
+    head = f"{t.dtype}{tuple(t.shape)}".encode()
+    return hashlib.sha256(head + t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def summarize(logits: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """What the pins keep of each logits tensor: its digest, and every 8th vocabulary entry for the
+    cross-machine comparison (a few dozen KB instead of the whole tensors)."""
+    return {name: {"sha256": digest(t), "sample": t[..., ::8].clone()} for name, t in logits.items()}
+
+
+def compute() -> dict:
+    return {"machine": machine(), "logits": summarize(model_logits()), "demo_greedy": demo_greedy(),
+            "tiny_engine_greedy": tiny_engine_greedy()}
+
+
+# ---------------------------------------------------------------------------------------------- the tests
+
+
+def _pins() -> dict:
+    if not PINS.is_file():
+        raise FileNotFoundError(f"{PINS} is missing; write it with `python {Path(__file__).name} --write`")
+    return torch.load(PINS, weights_only=True)
+
+
+def _same_machine_kind(pins: dict) -> bool:
+    return pins["machine"] == machine()
+
+
+def test_model_logits_are_unchanged():
+    pins = _pins()
+    now = model_logits()
+    assert sorted(now) == sorted(pins["logits"])
+    exact_bits = _same_machine_kind(pins)
+    for name, pinned in pins["logits"].items():
+        sample = now[name][..., ::8]
+        if exact_bits:
+            changed = (sample != pinned["sample"]).sum().item()
+            assert changed == 0 and digest(now[name]) == pinned["sha256"], (
+                f"{name}: the logits differ from the pinned ones ({changed} of {sample.numel()} sampled entries)")
+        else:  # another CPU capability or torch build: other summation orders, the same function
+            tolerance = 1e-4 if name.startswith("plain") else 5e-2
+            torch.testing.assert_close(sample, pinned["sample"], rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_demo_model_greedy_tokens_are_unchanged():
+    assert demo_greedy() == _pins()["demo_greedy"]
+
+
+def test_engine_greedy_tokens_with_fp8_pages_prefix_cache_and_speculation_are_unchanged():
+    assert tiny_engine_greedy() == _pins()["tiny_engine_greedy"]
+
+
+def test_the_pinned_outputs_are_not_degenerate():
+    """The pins mean something: the demo answers its sums, the requests differ, the numerics differ."""
+    pins = _pins()
+    from dsv4.chat.tokenizer import Tokenizer
+    from dsv4.demo import MODEL_DIR
+
+    tokenizer = Tokenizer.load(MODEL_DIR)
+    texts = [tokenizer.decode(t) for t in pins["demo_greedy"]]
+    assert len(set(texts)) == len(texts) and all(len(t) > 0 for t in pins["demo_greedy"])
+    assert "DSML" in texts[-1] and "DSML" in texts[-2], texts[-2:]  # the two tool questions end in calls
+    from dsv4.demo.evaluate import held_out
+
+    for conv, text in zip(held_out(0, 2)["arithmetic"], texts[:2], strict=True):  # think-high gets its sums
+        assert f"</think>{text.split('</think>')[-1]}".endswith(f"= {conv.meta['answer']}.<｜end▁of▁sentence｜>"), text
+    assert len({tuple(t) for t in pins["tiny_engine_greedy"]}) == len(pins["tiny_engine_greedy"])
+    logits = {name: pinned["sample"] for name, pinned in pins["logits"].items()}
+    assert not torch.allclose(logits["plain/full"], logits["exact/full"], atol=1e-2)
+    torch.testing.assert_close(logits["plain/chunked"], logits["plain/full"], rtol=1e-4, atol=1e-4)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit(f"usage: python {sys.argv[0]} --write   (rewrites {PINS} from the current code)")
+    PINS.parent.mkdir(exist_ok=True)
+    torch.save(compute(), PINS)
+    print(f"wrote {PINS} ({PINS.stat().st_size:,} bytes)")
