@@ -19,11 +19,13 @@ KV cache, per sequence and per main layer (the MTP block is reported apart and l
 * not counted: paging granularity/padding, not-yet-pooled tail tokens beyond the compressor state
   (they are in it), activations and workspace (use the GPU headroom for those).
 
-KV formats (spec §4.2): ``fp8`` is the production layout - main entry = nope dims e4m3 + rope dims
-bf16 + one ue8m0 scale per 64 nope dims padded to 8 bytes (584 B at 512/64), indexer key = FP4 e2m1
-packed + one ue8m0 scale per 32 dims (68 B at 128). ``bf16`` is the all-bf16 accounting (head_dim·2,
-index_head_dim·2). For configs other than the released 512/64/128 sizes the same rules are applied
-by extension; only the released sizes are verified kernel layouts.
+KV formats (spec §4.2) come from the registry `dsv4.kv_formats`, whose row layouts the engine's paged cache
+allocates, so the planner and the engine share one byte formula: ``fp8`` is the production layout - main
+entry = nope dims e4m3 + rope dims bf16 + one ue8m0 scale per 64 nope dims padded to 8 bytes (584 B at
+512/64), indexer key = FP4 e2m1 packed + one ue8m0 scale per 32 dims (68 B at 128); ``bf16`` is the
+all-bf16 accounting (head_dim·2, index_head_dim·2); ``model`` is the model's dtype, taken as V4's bf16. For
+configs other than the released 512/64/128 sizes the same rules are applied by extension; only the released
+sizes are verified kernel layouts.
 
 FLOPs per token at a position (2 FLOPs per MAC), with `position` = tokens in the context including
 the current one, so the query sees min(window, position) window keys and ⌊position/r⌋ entries:
@@ -50,27 +52,15 @@ from functools import lru_cache
 
 from .checkpoint.schema import LAYOUTS, active_parameters, expected_tensors
 from .config import CSA_RATIO, ModelArgs
+from .kv_formats import get_format
 
-KV_FORMATS = ("fp8", "bf16")
 GIB = 2**30
 STATE_DTYPE_BYTES = 4  # the reference keeps compressor states in fp32
-NOPE_SCALE_GROUP = 64  # FlashMLA MODEL1: one ue8m0 scale per 64 nope dims
-NOPE_SCALE_ALIGN = 8  # ... padded to 8 bytes per token (7 scales + 1 pad at 448 nope dims)
-FP4_SCALE_GROUP = 32  # DeepGEMM indexer keys: one ue8m0 scale per 32 FP4 values
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_format(kv_format: str) -> None:
-    if kv_format not in KV_FORMATS:
-        raise ValueError(f"unknown KV format {kv_format!r}; choose from {', '.join(KV_FORMATS)}")
 
 
 # ---------------------------------------------------------------------- weights
@@ -116,15 +106,9 @@ def weights_plan(args: ModelArgs, layout: str = "hf") -> WeightsPlan:
 
 # ---------------------------------------------------------------------- KV cache
 def kv_entry_bytes(args: ModelArgs, kv_format: str) -> tuple[int, int]:
-    """(main KV entry, indexer key) bytes per cached row in `kv_format` (spec §4.2)."""
-    _check_format(kv_format)
-    if kv_format == "bf16":
-        return 2 * args.head_dim, 2 * args.index_head_dim
-    nope = args.head_dim - args.rope_head_dim
-    scales = _ceil(_ceil(nope, NOPE_SCALE_GROUP), NOPE_SCALE_ALIGN) * NOPE_SCALE_ALIGN
-    main = nope + 2 * args.rope_head_dim + scales
-    index = _ceil(args.index_head_dim, 2) + _ceil(args.index_head_dim, FP4_SCALE_GROUP)
-    return main, index
+    """(main KV entry, indexer key) bytes per cached row in `kv_format` (spec §4.2), from the registry."""
+    fmt = get_format(kv_format)
+    return fmt.entry_bytes(args, "kv"), fmt.entry_bytes(args, "index")
 
 
 def compressor_state_bytes(ratio: int, width: int) -> int:
@@ -288,9 +272,10 @@ class V32:
     fp8_scale_bytes: int = 4
 
     def kv_entry_bytes(self, kv_format: str) -> tuple[int, int]:
-        """(MLA latent, indexer key) bytes per token per layer: 656 + 132 in fp8, (576 + 128)·2 in bf16."""
-        _check_format(kv_format)
-        if kv_format == "bf16":
+        """(MLA latent, indexer key) bytes per token per layer: 656 + 132 in fp8, (576 + 128)·2 in bf16 (and in
+        "model", V3.2's bf16)."""
+        get_format(kv_format)  # a known format
+        if kv_format != "fp8":
             return 2 * (self.kv_lora_rank + self.rope_head_dim), 2 * self.index_head_dim
         latent = self.kv_lora_rank + self.kv_lora_rank // self.fp8_scale_group * self.fp8_scale_bytes
         return latent + 2 * self.rope_head_dim, self.index_head_dim + self.fp8_scale_bytes

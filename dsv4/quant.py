@@ -31,6 +31,9 @@ E2M1_SIGN_BIT = 0x8
 
 # The smallest amax the FP4 path admits (reference: 6 * 2**-126), so that the scale stays a normal number.
 FP4_AMAX_FLOOR = FP4_MAX * 2.0**-126
+ACT_AMAX_FLOOR = 1e-4  # activation blocks never get a scale below 2**ceil(log2(1e-4 / 448))
+KV_SIM_BLOCK = 64  # FP8 block of the KV nope dims (the fp8sim64 QAT simulation and the cached e4m3 rows)
+INDEXER_SIM_BLOCK = 32  # FP4 block of indexer queries and keys (fp4sim32 and the cached e2m1 keys)
 
 _FLOAT4_X2 = getattr(torch, "float4_e2m1fn_x2", None)
 
@@ -91,6 +94,28 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     exponent = e8m0_exponent(scale)
     value = torch.ldexp(torch.ones(exponent.shape, dtype=torch.float32, device=exponent.device), exponent)
     return torch.where(exponent == E8M0_NAN_BYTE - E8M0_BIAS, torch.full_like(value, float("nan")), value)
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+
+def split_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """fp32 view of x [..., K] as [..., ceil(K/block), block], zero-padding a partial last block.
+
+    Zero padding is harmless for a block's amax (|0| never raises it) and is cut off again by `merge_blocks`.
+    Every per-block quantiser (activations, KV rows, indexer keys) shapes its input this way.
+    """
+    k = x.shape[-1]
+    padded_k = -(-k // block) * block
+    xf = x.float()
+    if padded_k != k:
+        xf = torch.nn.functional.pad(xf, (0, padded_k - k))
+    return xf.unflatten(-1, (padded_k // block, block))
+
+
+def merge_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `split_blocks`: [..., nb, block] -> [..., k]."""
+    return blocks.flatten(-2)[..., :k]
 
 
 # ---------------------------------------------------------------------------------------------- e2m1

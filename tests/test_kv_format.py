@@ -5,19 +5,19 @@ import torch
 
 from dsv4 import kernels
 from dsv4.config import preset
-from dsv4.engine.kv_format import (
-    index_key_bytes,
-    index_key_layout,
-    kv_entry_bytes,
-    kv_layout,
-    pack_index_key,
-    pack_kv,
-    unpack_index_key,
-    unpack_kv,
-)
 from dsv4.formats import to_official_formats
+from dsv4.kv_formats import get_format
+from dsv4.kv_formats.fp8 import index_key_layout, kv_layout, pack_index_key, pack_kv, unpack_index_key, unpack_kv
 from dsv4.model import Transformer, init_weights
 from dsv4.plan import kv_entry_bytes as plan_entry_bytes
+
+
+def kv_entry_bytes(args) -> int:
+    return get_format("fp8").entry_bytes(args, "kv")
+
+
+def index_key_bytes(args) -> int:
+    return get_format("fp8").entry_bytes(args, "index")
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 from dsv4.checkpoint.loader import load_model
 from dsv4.checkpoint.schema import expected_tensors
 from dsv4.config import preset
-from dsv4.kernels.reference import ACT_AMAX_FLOOR, act_quant
+from dsv4.kernels import act_quant
 from dsv4.model import Transformer, init_weights
 from dsv4.model.layers import Linear
 from dsv4.quant import (
+    ACT_AMAX_FLOOR,
     FP4_AMAX_FLOOR,
     dequantize_fp4_weight,
     dequantize_fp8_weight,

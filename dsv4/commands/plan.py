@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..plan import GIB, KV_FORMATS
+from ..kv_formats import format_names
+from ..plan import GIB
 from .common import UsageError, human_bytes, positive_int, resolve_model, table
 
 COMPARE = ("v3.2", "none")
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                      "with config.json (only the config is read)")
     plan.add_argument("--context", type=positive_int, default=1048576, help="tokens per sequence (default 1048576)")
     plan.add_argument("--batch", type=positive_int, default=1, help="concurrent sequences (default 1)")
-    plan.add_argument("--kv-format", choices=KV_FORMATS, default="fp8",
+    plan.add_argument("--kv-format", choices=format_names(), default="fp8",
                       help="fp8: production layout (584 B entry, 68 B FP4 index key); bf16: all-bf16 accounting")
     plan.add_argument("--layout", choices=LAYOUTS, default="hf",
                       help="checkpoint layout whose bytes are counted: hf (the download, default), converted "

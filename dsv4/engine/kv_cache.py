@@ -13,13 +13,13 @@ V4's cache has two kinds of memory (spec §4.1, §4.2 and the tech report's "sta
 Pages are reference counted, so the prefix cache can share a sequence's finished pages (entries in a full
 page never change again) instead of copying them.
 
-Rows are stored in one of three formats: "model" (the model's dtype, the reference), "bf16" (the spec's
-all-bf16 accounting) or "fp8", the production layouts of spec §4.2 (584-byte main entries with FP8 nope
-dims, 68-byte FP4 indexer keys). "fp8" is lossless only for rows the exact numerics already rounded, so it
-requires a bf16 model in exact numerics. Compressor tails stay fp32, as in the reference.
+Rows are stored in a format of the registry `dsv4.kv_formats` ("model", "bf16" or "fp8", the production
+layouts of spec §4.2); the pools and rings are allocated from its row layout and written and read through its
+codec. Compressor tails stay fp32, as in the reference. Attention reads the entries in place
+(`PagedEntries.rows` hands it the pool and the block table, `dsv4.kernels.PagedRows`).
 
-Byte accounting is measured from the tensors this module allocates (element size times row width), and for
-the "bf16" and "fp8" formats equals `dsv4.plan.kv_plan` for the same model and length.
+Byte accounting is measured from the tensors this module allocates (element size times row width), and equals
+`dsv4.plan.kv_plan` for the same model, format and length: both take their row bytes from the registry.
 """
 
 from __future__ import annotations
@@ -31,68 +31,14 @@ import torch
 from torch import Tensor
 
 from ..config import CSA_RATIO, ModelArgs
+from ..kernels import KVRows, PagedRows, RowCodec
+from ..kv_formats import get_format
 from ..model import Cache
-from ..model.cache import CacheStorage, RowCodec
-from .kv_format import index_key_layout, kv_layout, pack_index_key, pack_kv, unpack_index_key, unpack_kv
-
-KV_FORMATS = ("model", "bf16", "fp8")
+from ..model.cache import CacheStorage
 
 
 class CacheFullError(RuntimeError):
     """The page pool has no free page left (the scheduler preempts or waits)."""
-
-
-# ---------------------------------------------------------------------------------------------- row codecs
-
-
-class CastCodec:
-    """Rows stored in a narrower float dtype (bf16 storage under an fp32 model)."""
-
-    def __init__(self, stored: torch.dtype, compute: torch.dtype) -> None:
-        self.stored, self.compute = stored, compute
-
-    def encode(self, rows: Tensor) -> Tensor:
-        return rows.to(self.stored)
-
-    def decode(self, stored: Tensor) -> Tensor:
-        return stored.to(self.compute)
-
-
-class PackedCodec:
-    """Rows [..., D] stored as uint8 rows of a production layout (`pack_kv` / `pack_index_key`)."""
-
-    def __init__(self, kind: str, dim: int, rope_dim: int, compute: torch.dtype) -> None:
-        self.kind, self.dim, self.rope_dim, self.compute = kind, dim, rope_dim, compute
-
-    def encode(self, rows: Tensor) -> Tensor:
-        flat = rows.reshape(-1, self.dim)
-        packed = pack_kv(flat, self.rope_dim) if self.kind == "kv" else pack_index_key(flat)
-        return packed.view(*rows.shape[:-1], packed.shape[-1])
-
-    def decode(self, stored: Tensor) -> Tensor:
-        flat = stored.reshape(-1, stored.shape[-1])
-        rows = (unpack_kv(flat, self.dim, self.rope_dim) if self.kind == "kv"
-                else unpack_index_key(flat, self.dim))
-        return rows.to(self.compute).view(*stored.shape[:-1], self.dim)
-
-
-def stored_row(kv_format: str, kind: str, dim: int, rope_dim: int, compute: torch.dtype) -> tuple[int, torch.dtype]:
-    """(width, dtype) of one stored row in a format: what the pools and rings allocate per row."""
-    if kv_format == "model":
-        return dim, compute
-    if kv_format == "bf16":
-        return dim, torch.bfloat16
-    if kind == "kv":
-        return kv_layout(dim, rope_dim)[3], torch.uint8
-    return index_key_layout(dim)[2], torch.uint8
-
-
-def row_codec(kv_format: str, kind: str, dim: int, rope_dim: int, compute: torch.dtype) -> RowCodec | None:
-    if kv_format == "model":
-        return None
-    if kv_format == "bf16":
-        return None if compute == torch.bfloat16 else CastCodec(torch.bfloat16, compute)
-    return PackedCodec(kind, dim, rope_dim, compute)
 
 
 # ---------------------------------------------------------------------------------------------- pages
@@ -139,15 +85,21 @@ class PagedEntries:
         self.codec = codec
         self.dtype = dtype
 
+    def rows(self, count: int) -> KVRows:
+        return PagedRows(self.pool, self.table, count, self.codec, self.dtype)
+
     def read(self, count: int) -> Tensor:
-        pages = -(-count // self.per_page)
-        rows = self.pool[self.table[:, :pages]].flatten(1, 2)[:, :count]  # [B, count, width]
-        return rows if self.codec is None else self.codec.decode(rows)
+        return self.rows(count).dense()  # [B, count, width] decoded
 
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         values = values.detach()
         stored = values if self.codec is None else self.codec.encode(values)
         self.pool[self.table[rows, index // self.per_page], index % self.per_page] = stored.to(self.pool.dtype)
+
+    def select(self, rows: Tensor) -> PagedEntries:
+        """The same pool under the block-table rows of batch rows `rows` (pages are allocated before a step, so
+        the copied table rows stay valid for it)."""
+        return PagedEntries(self.pool, self.table[rows], self.per_page, self.codec, self.dtype)
 
     @property
     def page_bytes(self) -> int:
@@ -165,6 +117,7 @@ class PagedStorage(CacheStorage):
                  max_batch: int, device: torch.device | str | None) -> None:
         self.args = args
         self.kv_format = kv_format
+        self.format = get_format(kv_format)
         self.num_pages = num_pages
         self.page_tokens = page_tokens
         self.table = torch.zeros(max_batch, max_pages, dtype=torch.long, device=device)
@@ -172,18 +125,17 @@ class PagedStorage(CacheStorage):
         self.window_bytes: dict[int, int] = {}  # per layer: stored bytes of one slot's ring
 
     def window(self, layer_id, shape, dtype, device):
-        width, stored = stored_row(self.kv_format, "kv", shape[2], self.args.rope_head_dim, dtype)
-        ring = torch.zeros(*shape[:2], width, dtype=stored, device=device)
-        self.window_bytes[layer_id] = shape[1] * width * ring.element_size()
-        return ring, row_codec(self.kv_format, "kv", shape[2], self.args.rope_head_dim, dtype)
+        row = self.format.layout(self.args, "kv", dtype)
+        ring = torch.zeros(*shape[:2], row.width, dtype=row.dtype, device=device)
+        self.window_bytes[layer_id] = shape[1] * row.nbytes
+        return ring, self.format.codec(self.args, "kv", dtype)
 
     def entries(self, layer_id, kind, batch, capacity, width, dtype, device, differentiable):
         ratio = self.args.layer_ratio(layer_id)
         per_page = self.page_tokens // ratio
-        row, stored = stored_row(self.kv_format, kind, width, self.args.rope_head_dim, dtype)
-        pool = torch.zeros(self.num_pages, per_page, row, dtype=stored, device=device)
-        store = PagedEntries(pool, self.table, per_page,
-                             row_codec(self.kv_format, kind, width, self.args.rope_head_dim, dtype), dtype)
+        row = self.format.layout(self.args, kind, dtype)
+        pool = torch.zeros(self.num_pages, per_page, row.width, dtype=row.dtype, device=device)
+        store = PagedEntries(pool, self.table, per_page, self.format.codec(self.args, kind, dtype), dtype)
         self.stores[layer_id, kind] = store
         return store
 
@@ -251,11 +203,7 @@ class KVCacheManager:
                  budget_bytes: int | None = None, num_pages: int | None = None, page_tokens: int | None = None,
                  mtp: bool = False) -> None:
         args = model.args
-        if kv_format not in KV_FORMATS:
-            raise ValueError(f"unknown KV format {kv_format!r}; choose from {', '.join(KV_FORMATS)}")
-        if kv_format == "fp8" and (model.numerics != "exact" or model.dtype != torch.bfloat16):
-            raise ValueError("the fp8 KV format is lossless only for a bf16 model in exact numerics "
-                             f"(this model: {model.dtype}, {model.numerics})")
+        get_format(kv_format).check_model(model.dtype, model.numerics)
         ratios = [r for r in args.compress_ratios if r]
         page_tokens = page_tokens or default_page_tokens(args)
         if page_tokens < 1 or any(page_tokens % r for r in ratios):

@@ -1,29 +1,205 @@
-"""Kernel entry points used by the model: one signature per op.
+"""The kernel seam: every numerical op that the model, the QAT simulation and the KV codecs use, dispatched to a
+backend chosen by name.
 
-The names are re-exported from the pure-torch oracle in ``reference.py``; a faster backend can later
-rebind them here without the model code changing.
+Callers use the functions of this module (`kernels.linear(x, w, s)`, `kernels.sparse_attn(...)`); each runs the
+op on the *active* backend:
+
+* by default the backend named by the environment variable `DSV4_KERNEL_BACKEND`, else "reference";
+* inside `with kernels.use_backend(name):` that one. The choice is a context variable, so it holds per thread
+  and per asyncio task, and two engines in one process may run different backends.
+
+A backend is an object with one method per op in `OPS`, with the signatures of `ReferenceBackend`
+(`reference.py`, the pure-torch oracle that is always present and that every faster backend is tested
+against). Adding one takes one module, a class deriving from `ReferenceBackend` that overrides the ops it
+accelerates (the rest fall back to the oracle, and an op the oracle builds from others, e.g. `linear` from
+`act_quant` and `fp8_gemm`, picks the override up), plus one line in `_BUILTIN`, e.g.
+`"triton": "dsv4.kernels.triton:TritonBackend"`. The module is imported only when its backend is chosen, so its
+optional dependencies cost nothing to anyone else. `register_backend` adds one at run time (tests, plugins).
 """
 
-from dsv4.kernels.reference import (
-    act_quant,
-    fp4_gemm,
-    fp4_simulate,
-    fp8_gemm,
-    fp8_simulate,
-    hadamard,
-    hc_split_sinkhorn,
-    linear,
-    sparse_attn,
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
+from .paged import KVRows, PagedRows, RowCodec
+
+ENV_VAR = "DSV4_KERNEL_BACKEND"
+DEFAULT_BACKEND = "reference"
+
+OPS = (
+    "act_quant",
+    "fp8_simulate",
+    "fp4_quant",
+    "fp4_simulate",
+    "fp8_weight_simulate",
+    "fp4_weight_simulate",
+    "fp8_gemm",
+    "fp4_gemm",
+    "linear",
+    "hadamard",
+    "sparse_attn",
+    "hc_split_sinkhorn",
 )
 
+# name -> "module:attribute" of a backend class (imported when first chosen) or a zero-argument factory
+_BUILTIN: dict[str, str] = {
+    "reference": "dsv4.kernels.reference:ReferenceBackend",
+}
+_factories: dict[str, str | Callable[[], Any]] = dict(_BUILTIN)
+_instances: dict[str, Any] = {}
+_active: contextvars.ContextVar[Any] = contextvars.ContextVar("dsv4_kernel_backend", default=None)
+
+
+class UnknownBackendError(ValueError):
+    """A kernel backend name that is not registered."""
+
+
+def backend_names() -> list[str]:
+    """The registered backend names (built in and added with `register_backend`)."""
+    return sorted(_factories)
+
+
+def register_backend(name: str, factory: str | Callable[[], Any]) -> None:
+    """Make `name` selectable: `factory` is a backend class (or any zero-argument callable returning a backend)
+    or a "module:attribute" path to one. Re-registering a name replaces it."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"a kernel backend needs a non-empty name, got {name!r}")
+    _factories[name] = factory
+    _instances.pop(name, None)
+
+
+def get_backend(name: str) -> Any:
+    """The backend registered as `name` (built once, then shared); UnknownBackendError names the choices."""
+    if name not in _instances:
+        factory = _factories.get(name)
+        if factory is None:
+            raise UnknownBackendError(f"unknown kernel backend {name!r}; available: {', '.join(backend_names())}")
+        if isinstance(factory, str):
+            module, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+        backend = factory()
+        missing = [op for op in OPS if not callable(getattr(backend, op, None))]
+        if missing:
+            raise TypeError(f"kernel backend {name!r} lacks the ops {', '.join(missing)}")
+        _instances[name] = backend
+    return _instances[name]
+
+
+def default_backend_name() -> str:
+    """The backend used outside `use_backend`: $DSV4_KERNEL_BACKEND, else "reference"."""
+    return os.environ.get(ENV_VAR) or DEFAULT_BACKEND
+
+
+def active_backend() -> Any:
+    """The backend the op functions of this module run on now."""
+    backend = _active.get()
+    return backend if backend is not None else get_backend(default_backend_name())
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | Any | None) -> Iterator[Any]:
+    """Run the ops inside the block on `backend` (a registered name or a backend object; None: leave the
+    choice as it is). Yields the backend."""
+    if backend is None:
+        yield active_backend()
+        return
+    chosen = get_backend(backend) if isinstance(backend, str) else backend
+    token = _active.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _active.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+# One function per op; the signatures and documentation are `ReferenceBackend`'s.
+
+
+def act_quant(x: torch.Tensor, block_size: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 codes and fp32 power-of-two scales of x per block of `block_size` along the last dim."""
+    return active_backend().act_quant(x, block_size)
+
+
+def fp8_simulate(x: torch.Tensor, block_size: int = KV_SIM_BLOCK) -> torch.Tensor:
+    """x rounded through FP8 blocks and back (the cached KV nope dims; QAT activations with 128)."""
+    return active_backend().fp8_simulate(x, block_size)
+
+
+def fp4_quant(x: torch.Tensor, block_size: int = INDEXER_SIM_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """e2m1 codes and fp32 power-of-two scales of x per block of `block_size` (indexer queries and keys)."""
+    return active_backend().fp4_quant(x, block_size)
+
+
+def fp4_simulate(x: torch.Tensor, block_size: int = INDEXER_SIM_BLOCK) -> torch.Tensor:
+    """x rounded through FP4 blocks and back."""
+    return active_backend().fp4_simulate(x, block_size)
+
+
+def fp8_weight_simulate(w: torch.Tensor) -> torch.Tensor:
+    """A weight rounded through the checkpoint's FP8 128x128-tile format and back (QAT)."""
+    return active_backend().fp8_weight_simulate(w)
+
+
+def fp4_weight_simulate(w: torch.Tensor, fp8_step: bool = True) -> torch.Tensor:
+    """An expert weight rounded through MXFP4 (and the FP4 -> FP8 re-encoding) and back (QAT)."""
+    return active_backend().fp4_weight_simulate(w, fp8_step)
+
+
+def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x @ W^T for FP8 activations and an FP8 weight with 128x128 tile scales."""
+    return active_backend().fp8_gemm(xq, xs, w, ws, out_dtype)
+
+
+def fp4_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x @ W^T for FP8 activations and a packed FP4 weight with 1x32 scales."""
+    return active_backend().fp4_gemm(xq, xs, w, ws, out_dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T, dispatched on the weight's storage format (FP8, packed FP4, or float)."""
+    return active_backend().linear(x, weight, scale)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Normalised Walsh-Hadamard transform over the last dim."""
+    return active_backend().hadamard(x)
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor, sink: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Each query's attention over its own KV rows (dense or paged in place), with the per-head sink."""
+    return active_backend().sparse_attn(q, kv, idx, sink, scale)
+
+
+def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int, iters: int,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC pre / post weights and the Sinkhorn-projected residual mixing matrix."""
+    return active_backend().hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+
+
 __all__ = [
-    "act_quant",
-    "fp4_gemm",
-    "fp4_simulate",
-    "fp8_gemm",
-    "fp8_simulate",
-    "hadamard",
-    "hc_split_sinkhorn",
-    "linear",
-    "sparse_attn",
+    "DEFAULT_BACKEND",
+    "ENV_VAR",
+    "OPS",
+    "KVRows",
+    "PagedRows",
+    "RowCodec",
+    "UnknownBackendError",
+    "active_backend",
+    "backend_names",
+    "default_backend_name",
+    "get_backend",
+    "register_backend",
+    "use_backend",
+    *OPS,
 ]

@@ -1,9 +1,14 @@
-"""Pure-torch reference kernels: the numerical oracle every faster backend is checked against.
+"""The reference kernel backend: pure torch, the numerical oracle every faster backend is checked against.
 
-Each function reproduces the arithmetic of the official DeepSeek-V4 kernels (spec §3.0, §3.2, §4.2) where
-the order of operations matters (power-of-two scales, two-level fp32 accumulation per K block, the attention
-sink in the softmax denominator only, the exact Sinkhorn sequence), and is otherwise written for clarity,
-not speed. All functions run on CPU and the float ones are differentiable, so training uses them directly.
+Each op reproduces the arithmetic of the official DeepSeek-V4 kernels (spec §3.0, §3.2, §4.2) where the order
+of operations matters (power-of-two scales, two-level fp32 accumulation per K block, the attention sink in the
+softmax denominator only, the exact Sinkhorn sequence), and is otherwise written for clarity, not speed. All
+ops run on CPU and the float ones are differentiable, so training uses them directly.
+
+`ReferenceBackend` is the backend registered as "reference" in `dsv4.kernels`; callers reach it through the
+dispatcher there (`dsv4.kernels.linear(...)`), never by importing this module. Ops that build on others call
+them through `self` (`linear` -> `self.act_quant`, `self.fp8_gemm`), so a backend that derives from this class
+and overrides one op changes every op that uses it.
 
 Internal math is fp32; fp64 inputs are kept in fp64 (``_compute_dtype``) so gradcheck can be run on them.
 """
@@ -11,27 +16,37 @@ Internal math is fp32; fp64 inputs are kept in fp64 (``_compute_dtype``) so grad
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dsv4.quant import (
+    ACT_AMAX_FLOOR,
     FP4_AMAX_FLOOR,
     FP4_BLOCK,
     FP4_MAX,
     FP8_BLOCK,
     FP8_MAX,
+    INDEXER_SIM_BLOCK,
+    KV_SIM_BLOCK,
+    dequantize_fp4_weight,
+    dequantize_fp8_weight,
     e2m1_decode,
     e2m1_encode,
     e8m0_to_float,
+    fp4_to_fp8_weight,
     is_packed_fp4_dtype,
+    merge_blocks,
     pow2_scale,
+    quantize_fp4_weight,
+    quantize_fp8_weight,
+    split_blocks,
     unpack_fp4,
 )
 
-ACT_AMAX_FLOOR = 1e-4  # activation blocks never get a scale below 2**ceil(log2(1e-4 / 448))
-KV_SIM_BLOCK = 64  # fp8 QAT simulation block of the KV nope dims
-INDEXER_SIM_BLOCK = 32  # fp4 QAT simulation block of indexer queries and keys
+from .paged import KVRows, concat_rows
+
 ATTN_BLOCK = 64  # candidate slots per online-softmax step of the official sparse-attention kernel
 
 
@@ -40,70 +55,12 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _split_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """fp32 view of x [..., K] as [..., ceil(K/block), block], zero-padding a partial last block.
-
-    Zero padding is harmless for the block amax (|0| never raises it) and is cut off again by the caller.
-    """
-    k = x.shape[-1]
-    padded_k = -(-k // block) * block
-    xf = x.float()
-    if padded_k != k:
-        xf = F.pad(xf, (0, padded_k - k))
-    return xf.unflatten(-1, (padded_k // block, block))
-
-
-def _merge_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of ``_split_blocks``: [..., nb, block] -> [..., k]."""
-    return blocks.flatten(-2)[..., :k]
-
-
-# ---------------------------------------------------------------------------------------------- quantisation
-
-
 def _fp8_quantize_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 codes and fp32 pow-2 scales of fp32 blocks [..., nb, block] with the activation rule."""
     amax = blocks.abs().amax(dim=-1).clamp(min=ACT_AMAX_FLOOR)  # [..., nb]
     scale = pow2_scale(amax, FP8_MAX)
     q = (blocks / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
-
-
-def act_quant(x: torch.Tensor, block_size: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token, per-``block_size`` FP8 quantisation of activations before every FP8/FP4 linear.
-
-    Returns ``(q float8_e4m3fn [..., K], s fp32 [..., ceil(K/block_size)])`` with ``x ~= q * s`` blockwise;
-    s is a power of two so the division is exact and only the e4m3 rounding loses information.
-    """
-    k = x.shape[-1]
-    q, scale = _fp8_quantize_blocks(_split_blocks(x, block_size))
-    return _merge_blocks(q, k), scale
-
-
-def fp8_simulate(x: torch.Tensor, block_size: int = KV_SIM_BLOCK) -> torch.Tensor:
-    """QAT round trip through FP8 (``fp8sim64``): quantise like ``act_quant`` and multiply straight back.
-
-    Used on the KV nope dims so the cache holds exactly the values an e4m3 cache would reproduce.
-    Returns x.dtype; an e4m3 value times a power of two fits bf16 exactly.
-    """
-    q, scale = _fp8_quantize_blocks(_split_blocks(x, block_size))
-    return _merge_blocks(q.float() * scale.unsqueeze(-1), x.shape[-1]).to(x.dtype)
-
-
-def fp4_simulate(x: torch.Tensor, block_size: int = INDEXER_SIM_BLOCK) -> torch.Tensor:
-    """QAT round trip through FP4 (``fp4sim32``) for the indexer's queries and keys.
-
-    Per block: amax floored at 6 * 2**-126, scale 2**ceil(log2(amax/6)), e2m1 round-to-nearest-even with
-    saturation at ±6, multiplied back. Returns x.dtype.
-    """
-    blocks = _split_blocks(x, block_size)  # [..., nb, block]
-    amax = blocks.abs().amax(dim=-1).clamp(min=FP4_AMAX_FLOOR)
-    scale = pow2_scale(amax, FP4_MAX).unsqueeze(-1)
-    values = e2m1_decode(e2m1_encode(blocks / scale)) * scale
-    return _merge_blocks(values, x.shape[-1]).to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------- GEMMs
 
 
 def _block_scaled_matmul(
@@ -130,179 +87,215 @@ def _flatten_tokens(xq: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, t
     return xq.reshape(-1, xq.shape[-1]).float(), xs.reshape(-1, xs.shape[-1]).float()
 
 
-def fp8_gemm(
-    xq: torch.Tensor,
-    xs: torch.Tensor,
-    w: torch.Tensor,
-    ws: torch.Tensor,
-    out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """``y = x @ W^T`` for FP8 activations and an FP8 weight with 128x128 tile scales.
+class ReferenceBackend:
+    """The pure-torch oracle; one method per op of `dsv4.kernels.OPS`."""
 
-    xq e4m3 [..., K], xs fp32 [..., ceil(K/128)], w e4m3 [N, K], ws e8m0 [ceil(N/128), ceil(K/128)].
-    Returns [..., N] in ``out_dtype``.
-    """
-    x, x_scale = _flatten_tokens(xq, xs)
-    n = w.shape[0]
-    w_scale = e8m0_to_float(ws).repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [N, ceil(K/128)]
-    acc = _block_scaled_matmul(x, w.float(), x_scale, w_scale, FP8_BLOCK)
-    return acc.to(out_dtype).reshape(*xq.shape[:-1], n)
+    name = "reference"
 
+    # ------------------------------------------------------------------------------------------ quantisation
 
-def fp4_gemm(
-    xq: torch.Tensor,
-    xs: torch.Tensor,
-    w: torch.Tensor,
-    ws: torch.Tensor,
-    out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """``y = x @ W^T`` for FP8 activations and a packed FP4 weight with one scale per 32 inputs.
+    def act_quant(self, x: torch.Tensor, block_size: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token, per-``block_size`` FP8 quantisation of activations before every FP8/FP4 linear.
 
-    xq e4m3 [..., K], xs fp32 [..., ceil(K/128)], w packed e2m1 [N, K/2] (int8 / uint8 / float4_e2m1fn_x2),
-    ws e8m0 [N, K/32]. Accumulation is per 32-wide K sub-block with factor xs[k//128] * ws[n, k//32].
-    Returns [..., N] in ``out_dtype``.
-    """
-    x, x_scale = _flatten_tokens(xq, xs)
-    w_values = e2m1_decode(unpack_fp4(w))  # [N, K]; e2m1 -> fp32 is exact, like the e2m1 -> e4m3 cast
-    if w_values.shape[1] != x.shape[1]:
-        raise ValueError(f"fp4_gemm: activation K={x.shape[1]} but packed weight holds K={w_values.shape[1]}")
-    sub_blocks = x.shape[1] // FP4_BLOCK
-    x_scale = x_scale.repeat_interleave(FP8_BLOCK // FP4_BLOCK, dim=1)[:, :sub_blocks]  # [M, K/32]
-    acc = _block_scaled_matmul(x, w_values, x_scale, e8m0_to_float(ws), FP4_BLOCK)
-    return acc.to(out_dtype).reshape(*xq.shape[:-1], w_values.shape[0])
+        Returns ``(q float8_e4m3fn [..., K], s fp32 [..., ceil(K/block_size)])`` with ``x ~= q * s`` blockwise;
+        s is a power of two so the division is exact and only the e4m3 rounding loses information. The same
+        rule quantises the nope dims of cached KV rows (64-blocks, `dsv4.kv_formats`).
+        """
+        k = x.shape[-1]
+        q, scale = _fp8_quantize_blocks(split_blocks(x, block_size))
+        return merge_blocks(q, k), scale
 
+    def fp8_simulate(self, x: torch.Tensor, block_size: int = KV_SIM_BLOCK) -> torch.Tensor:
+        """QAT round trip through FP8 (``fp8sim64``): quantise like ``act_quant`` and multiply straight back.
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T`` dispatched on the weight's storage format.
+        Used on the KV nope dims so the cache holds exactly the values an e4m3 cache would reproduce, and with
+        128-blocks for FP8 activations in QAT. Returns x.dtype; an e4m3 value times a power of two fits bf16
+        exactly.
+        """
+        q, scale = self.act_quant(x, block_size)
+        return merge_blocks(split_blocks(q, block_size) * scale.unsqueeze(-1), x.shape[-1]).to(x.dtype)
 
-    * e4m3 weight (+ 128x128 e8m0 ``scale``): FP8 activation quantisation, then ``fp8_gemm``.
-    * packed FP4 weight (int8 / float4_e2m1fn_x2, + per-32 e8m0 ``scale``): activation quantisation,
-      then ``fp4_gemm``.
-    * floating weight: a plain differentiable matmul in the weight's dtype (bf16/fp32 layers, training).
+    def fp4_quant(self, x: torch.Tensor, block_size: int = INDEXER_SIM_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-``block_size`` FP4 quantisation (``fp4sim32``'s rule) of indexer queries and keys.
 
-    The output has x's dtype.
-    """
-    if weight.dtype == torch.float8_e4m3fn or is_packed_fp4_dtype(weight.dtype):
-        if scale is None:
-            raise ValueError(f"linear: a {weight.dtype} weight needs its e8m0 scale")
-        xq, xs = act_quant(x)
-        gemm = fp8_gemm if weight.dtype == torch.float8_e4m3fn else fp4_gemm
-        return gemm(xq, xs, weight, scale, x.dtype)
-    if weight.is_floating_point():
-        return F.linear(x.to(weight.dtype), weight).to(x.dtype)
-    raise TypeError(f"linear: unsupported weight dtype {weight.dtype}")
+        Per block: amax floored at 6 * 2**-126, scale 2**ceil(log2(amax/6)), e2m1 round-to-nearest-even with
+        saturation at ±6. Returns ``(codes uint8 e2m1 [..., K], s fp32 [..., ceil(K/block_size)])``.
+        """
+        blocks = split_blocks(x, block_size)  # [..., nb, block]
+        amax = blocks.abs().amax(dim=-1).clamp(min=FP4_AMAX_FLOOR)
+        scale = pow2_scale(amax, FP4_MAX)
+        return merge_blocks(e2m1_encode(blocks / scale.unsqueeze(-1)), x.shape[-1]), scale
 
+    def fp4_simulate(self, x: torch.Tensor, block_size: int = INDEXER_SIM_BLOCK) -> torch.Tensor:
+        """QAT round trip through FP4 (``fp4sim32``): ``fp4_quant`` multiplied straight back. Returns x.dtype."""
+        codes, scale = self.fp4_quant(x, block_size)
+        values = split_blocks(e2m1_decode(codes), block_size) * scale.unsqueeze(-1)
+        return merge_blocks(values, x.shape[-1]).to(x.dtype)
 
-# ---------------------------------------------------------------------------------------------- Hadamard
+    def fp8_weight_simulate(self, w: torch.Tensor) -> torch.Tensor:
+        """A [out, in] weight through the checkpoint's FP8 format (e4m3, 128x128 ue8m0 tiles, canonical) and
+        back, in w.dtype: the weight QAT's FP8 recipe computes with."""
+        return dequantize_fp8_weight(*quantize_fp8_weight(w.float())).to(w.dtype)
 
+    def fp4_weight_simulate(self, w: torch.Tensor, fp8_step: bool = True) -> torch.Tensor:
+        """A routed-expert [out, in] weight through MXFP4 (1x32 along the input dim, e2m1 + ue8m0, canonical)
+        and, with ``fp8_step``, on through the FP4 -> FP8 128x128 re-encoding the V4 training framework
+        multiplies with; back in w.dtype (`dsv4.train.precision` explains when that step rounds)."""
+        packed, scale = quantize_fp4_weight(w.float())
+        if fp8_step:
+            return dequantize_fp8_weight(*fp4_to_fp8_weight(packed, scale)).to(w.dtype)
+        return dequantize_fp4_weight(packed, scale).to(w.dtype)
 
-def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Normalised Walsh-Hadamard transform over the last dim: ``x @ H_n / sqrt(n)``, Sylvester natural order.
+    # ------------------------------------------------------------------------------------------ GEMMs
 
-    H_2n = [[H_n, H_n], [H_n, -H_n]] factorises into one butterfly per bit of the index, so log2(n) passes
-    of (a + b, a - b) over pairs at distance h = 1, 2, 4, ... give the product in O(n log n). No random
-    signs (the reference calls fast_hadamard_transform without them). Returns x.dtype; differentiable.
-    """
-    n = x.shape[-1]
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"hadamard needs a power-of-two last dimension, got shape {tuple(x.shape)}")
-    y = x.to(_compute_dtype(x)).reshape(-1, n)
-    h = 1
-    while h < n:
-        pairs = y.view(-1, n // (2 * h), 2, h)  # [rows, groups, (a|b), h]
-        a, b = pairs[:, :, 0], pairs[:, :, 1]
-        y = torch.stack((a + b, a - b), dim=2).view(-1, n)
-        h *= 2
-    return (y * (1.0 / math.sqrt(n))).reshape(x.shape).to(x.dtype)
+    def fp8_gemm(self, xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """``y = x @ W^T`` for FP8 activations and an FP8 weight with 128x128 tile scales.
 
+        xq e4m3 [..., K], xs fp32 [..., ceil(K/128)], w e4m3 [N, K], ws e8m0 [ceil(N/128), ceil(K/128)].
+        Returns [..., N] in ``out_dtype``.
+        """
+        x, x_scale = _flatten_tokens(xq, xs)
+        n = w.shape[0]
+        w_scale = e8m0_to_float(ws).repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [N, ceil(K/128)]
+        acc = _block_scaled_matmul(x, w.float(), x_scale, w_scale, FP8_BLOCK)
+        return acc.to(out_dtype).reshape(*xq.shape[:-1], n)
 
-# ---------------------------------------------------------------------------------------------- attention
+    def fp4_gemm(self, xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """``y = x @ W^T`` for FP8 activations and a packed FP4 weight with one scale per 32 inputs.
 
+        xq e4m3 [..., K], xs fp32 [..., ceil(K/128)], w packed e2m1 [N, K/2] (int8 / uint8 / float4_e2m1fn_x2),
+        ws e8m0 [N, K/32]. Accumulation is per 32-wide K sub-block with factor xs[k//128] * ws[n, k//32].
+        Returns [..., N] in ``out_dtype``.
+        """
+        x, x_scale = _flatten_tokens(xq, xs)
+        w_values = e2m1_decode(unpack_fp4(w))  # [N, K]; e2m1 -> fp32 is exact, like the e2m1 -> e4m3 cast
+        if w_values.shape[1] != x.shape[1]:
+            raise ValueError(f"fp4_gemm: activation K={x.shape[1]} but packed weight holds K={w_values.shape[1]}")
+        sub_blocks = x.shape[1] // FP4_BLOCK
+        x_scale = x_scale.repeat_interleave(FP8_BLOCK // FP4_BLOCK, dim=1)[:, :sub_blocks]  # [M, K/32]
+        acc = _block_scaled_matmul(x, w_values, x_scale, e8m0_to_float(ws), FP4_BLOCK)
+        return acc.to(out_dtype).reshape(*xq.shape[:-1], w_values.shape[0])
 
-def sparse_attn(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    idx: torch.Tensor,
-    sink: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Attention of each query over its own list of KV rows, with a per-head attention sink.
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight^T`` dispatched on the weight's storage format.
 
-    q [B, S, H, D], kv [B, N, D] (keys double as values), idx [B, S, K] int64 rows of kv (-1 = unused slot),
-    sink [H]. The sink is an extra logit that only enlarges the softmax denominator (it has no value), so a
-    query whose slots are all unused returns 0. Returns [B, S, H, D] in q.dtype; differentiable in q, kv and sink.
+        * e4m3 weight (+ 128x128 e8m0 ``scale``): FP8 activation quantisation, then ``fp8_gemm``.
+        * packed FP4 weight (int8 / float4_e2m1fn_x2, + per-32 e8m0 ``scale``): activation quantisation,
+          then ``fp4_gemm``.
+        * floating weight: a plain differentiable matmul in the weight's dtype (bf16/fp32 layers, training).
 
-    The arithmetic is the official kernel's: the slots are walked in idx order, ``ATTN_BLOCK`` at a time, with
-    an online softmax in fp32 (running max m over the logits seen so far, p = exp(logit - m), running sum of
-    p), the *unnormalised* p cast to kv.dtype before the value product into an fp32 accumulator (sum and
-    accumulator rescaled by exp(m_old - m_new)), and at the end exp(sink - m) added to the denominator and
-    the accumulator divided by it. Where the bf16 roundings happen matters: normalising before the cast
-    rounds different numbers, and on FP8 activations such last-bit differences grow to whole quantisation
-    steps downstream.
-    """
-    acc = _compute_dtype(q, kv, sink)
-    b, s, h, d = q.shape
-    qf = q.to(acc)
-    # rows of kv as one flat table: index_select gathers whole rows, about twice as fast as kv[batch, idx]
-    flat_kv = kv.reshape(-1, kv.shape[-1])  # [B*N, D]
-    row_base = (torch.arange(kv.shape[0], device=kv.device) * kv.shape[1]).view(-1, 1, 1)
-    run_max = torch.full((b, s, h), float("-inf"), dtype=acc, device=q.device)
-    denom = torch.zeros(b, s, h, dtype=acc, device=q.device)
-    out = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
-    for lo in range(0, idx.shape[-1], ATTN_BLOCK):
-        block = idx[..., lo : lo + ATTN_BLOCK]
-        valid = block >= 0  # [B, S, k]
-        rows = flat_kv.index_select(0, (block.clamp(min=0) + row_base).flatten()).view(*block.shape, d).to(acc)
-        logits = torch.einsum("bshd,bskd->bshk", qf, rows) * scale
-        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-        # The result does not depend on the shifts (they cancel), so they carry no gradient. A query that
-        # has seen no used slot yet keeps a finite shift: its exp() terms are exactly 0.
-        new_max = torch.maximum(run_max, logits.amax(dim=-1)).detach()
-        shift = torch.where(new_max.isfinite(), new_max, torch.zeros_like(new_max))
-        rescale = torch.exp(run_max - shift)
-        p = torch.exp(logits - shift.unsqueeze(-1))
-        denom = denom * rescale + p.sum(dim=-1)
-        out = out * rescale.unsqueeze(-1) + torch.einsum("bshk,bskd->bshd", p.to(kv.dtype).to(acc), rows)
-        run_max = new_max
-    sink_logit = sink.to(acc).view(1, 1, -1).expand(b, s, h)
-    shift = torch.where(run_max.isfinite(), run_max, sink_logit.detach())
-    denom = denom + torch.exp(sink_logit - shift)
-    return (out / denom.unsqueeze(-1)).to(q.dtype)
+        The output has x's dtype.
+        """
+        if weight.dtype == torch.float8_e4m3fn or is_packed_fp4_dtype(weight.dtype):
+            if scale is None:
+                raise ValueError(f"linear: a {weight.dtype} weight needs its e8m0 scale")
+            xq, xs = self.act_quant(x)
+            gemm = self.fp8_gemm if weight.dtype == torch.float8_e4m3fn else self.fp4_gemm
+            return gemm(xq, xs, weight, scale, x.dtype)
+        if weight.is_floating_point():
+            return F.linear(x.to(weight.dtype), weight).to(x.dtype)
+        raise TypeError(f"linear: unsupported weight dtype {weight.dtype}")
 
+    # ------------------------------------------------------------------------------------------ Hadamard
 
-# ---------------------------------------------------------------------------------------------- mHC
+    def hadamard(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised Walsh-Hadamard transform over the last dim: ``x @ H_n / sqrt(n)``, Sylvester natural order.
 
+        H_2n = [[H_n, H_n], [H_n, -H_n]] factorises into one butterfly per bit of the index, so log2(n) passes
+        of (a + b, a - b) over pairs at distance h = 1, 2, 4, ... give the product in O(n log n). No random
+        signs (the reference calls fast_hadamard_transform without them). Returns x.dtype; differentiable.
+        """
+        n = x.shape[-1]
+        if n < 1 or n & (n - 1):
+            raise ValueError(f"hadamard needs a power-of-two last dimension, got shape {tuple(x.shape)}")
+        y = x.to(_compute_dtype(x)).reshape(-1, n)
+        h = 1
+        while h < n:
+            pairs = y.view(-1, n // (2 * h), 2, h)  # [rows, groups, (a|b), h]
+            a, b = pairs[:, :, 0], pairs[:, :, 1]
+            y = torch.stack((a + b, a - b), dim=2).view(-1, n)
+            h *= 2
+        return (y * (1.0 / math.sqrt(n))).reshape(x.shape).to(x.dtype)
 
-def hc_split_sinkhorn(
-    mixes: torch.Tensor,
-    scale: torch.Tensor,
-    base: torch.Tensor,
-    hc_mult: int,
-    iters: int,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the mHC mixes into (pre, post, comb) and project comb towards a doubly stochastic matrix.
+    # ------------------------------------------------------------------------------------------ attention
 
-    mixes [..., (2+h)*h], scale [3], base [(2+h)*h], h = hc_mult. Returns pre [..., h] = sigmoid + eps,
-    post [..., h] = 2*sigmoid, comb [..., h, h]: row softmax + eps, column normalisation, then (iters - 1)
-    rounds of row then column normalisation, each dividing by (sum + eps). Like the reference it ends on a
-    column step, so columns sum to 1 up to eps while rows are only approximately normalised.
-    """
-    h = hc_mult
-    if mixes.shape[-1] != (2 + h) * h:
-        raise ValueError(f"hc_split_sinkhorn: need last dim (2+h)*h = {(2 + h) * h}, got {tuple(mixes.shape)}")
-    if iters < 1:
-        raise ValueError(f"hc_split_sinkhorn: iters must be >= 1, got {iters}")
-    acc = _compute_dtype(mixes, scale, base)
-    m, scale, base = mixes.to(acc), scale.to(acc), base.to(acc)
-    pre = torch.sigmoid(m[..., :h] * scale[0] + base[:h]) + eps
-    post = 2.0 * torch.sigmoid(m[..., h : 2 * h] * scale[1] + base[h : 2 * h])
-    logits = (m[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))  # [..., h, h] row-major
-    # the row softmax as the official kernel computes it (exp, row sum, divide); torch.softmax rounds differently
-    comb = torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())
-    comb = comb / comb.sum(dim=-1, keepdim=True) + eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+    def sparse_attn(self, q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor,
+                    sink: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of each query over its own list of KV rows, with a per-head attention sink.
+
+        q [B, S, H, D]; kv the rows (keys double as values): a [B, N, D] tensor, or runs of rows concatenated
+        in order (dense [B, n, D] tensors and `PagedRows` left in their pages, see `dsv4.kernels.paged`);
+        idx [B, S, K] int64 rows of that concatenation (-1 = unused slot); sink [H]. The sink is an extra logit
+        that only enlarges the softmax denominator (it has no value), so a query whose slots are all unused
+        returns 0. Returns [B, S, H, D] in q.dtype; differentiable in q, dense kv and sink. This reference
+        decodes every paged row (`concat_rows`); a fast backend reads only the rows idx names.
+
+        The arithmetic is the official kernel's: the slots are walked in idx order, ``ATTN_BLOCK`` at a time,
+        with an online softmax in fp32 (running max m over the logits seen so far, p = exp(logit - m), running
+        sum of p), the *unnormalised* p cast to kv.dtype before the value product into an fp32 accumulator
+        (sum and accumulator rescaled by exp(m_old - m_new)), and at the end exp(sink - m) added to the
+        denominator and the accumulator divided by it. Where the bf16 roundings happen matters: normalising
+        before the cast rounds different numbers, and on FP8 activations such last-bit differences grow to
+        whole quantisation steps downstream.
+        """
+        kv = concat_rows(kv)
+        acc = _compute_dtype(q, kv, sink)
+        b, s, h, d = q.shape
+        qf = q.to(acc)
+        # rows of kv as one flat table: index_select gathers whole rows, about twice as fast as kv[batch, idx]
+        flat_kv = kv.reshape(-1, kv.shape[-1])  # [B*N, D]
+        row_base = (torch.arange(kv.shape[0], device=kv.device) * kv.shape[1]).view(-1, 1, 1)
+        run_max = torch.full((b, s, h), float("-inf"), dtype=acc, device=q.device)
+        denom = torch.zeros(b, s, h, dtype=acc, device=q.device)
+        out = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
+        for lo in range(0, idx.shape[-1], ATTN_BLOCK):
+            block = idx[..., lo : lo + ATTN_BLOCK]
+            valid = block >= 0  # [B, S, k]
+            rows = flat_kv.index_select(0, (block.clamp(min=0) + row_base).flatten()).view(*block.shape, d).to(acc)
+            logits = torch.einsum("bshd,bskd->bshk", qf, rows) * scale
+            logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+            # The result does not depend on the shifts (they cancel), so they carry no gradient. A query that
+            # has seen no used slot yet keeps a finite shift: its exp() terms are exactly 0.
+            new_max = torch.maximum(run_max, logits.amax(dim=-1)).detach()
+            shift = torch.where(new_max.isfinite(), new_max, torch.zeros_like(new_max))
+            rescale = torch.exp(run_max - shift)
+            p = torch.exp(logits - shift.unsqueeze(-1))
+            denom = denom * rescale + p.sum(dim=-1)
+            out = out * rescale.unsqueeze(-1) + torch.einsum("bshk,bskd->bshd", p.to(kv.dtype).to(acc), rows)
+            run_max = new_max
+        sink_logit = sink.to(acc).view(1, 1, -1).expand(b, s, h)
+        shift = torch.where(run_max.isfinite(), run_max, sink_logit.detach())
+        denom = denom + torch.exp(sink_logit - shift)
+        return (out / denom.unsqueeze(-1)).to(q.dtype)
+
+    # ------------------------------------------------------------------------------------------ mHC
+
+    def hc_split_sinkhorn(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
+                          iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split the mHC mixes into (pre, post, comb) and project comb towards a doubly stochastic matrix.
+
+        mixes [..., (2+h)*h], scale [3], base [(2+h)*h], h = hc_mult. Returns pre [..., h] = sigmoid + eps,
+        post [..., h] = 2*sigmoid, comb [..., h, h]: row softmax + eps, column normalisation, then (iters - 1)
+        rounds of row then column normalisation, each dividing by (sum + eps). Like the reference it ends on
+        a column step, so columns sum to 1 up to eps while rows are only approximately normalised.
+        """
+        h = hc_mult
+        if mixes.shape[-1] != (2 + h) * h:
+            raise ValueError(f"hc_split_sinkhorn: need last dim (2+h)*h = {(2 + h) * h}, got {tuple(mixes.shape)}")
+        if iters < 1:
+            raise ValueError(f"hc_split_sinkhorn: iters must be >= 1, got {iters}")
+        acc = _compute_dtype(mixes, scale, base)
+        m, scale, base = mixes.to(acc), scale.to(acc), base.to(acc)
+        pre = torch.sigmoid(m[..., :h] * scale[0] + base[:h]) + eps
+        post = 2.0 * torch.sigmoid(m[..., h : 2 * h] * scale[1] + base[h : 2 * h])
+        logits = (m[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))  # [..., h, h] row-major
+        # the row softmax as the official kernel computes it (exp, row sum, divide); torch.softmax rounds differently
+        comb = torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())
+        comb = comb / comb.sum(dim=-1, keepdim=True) + eps
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    return pre, post, comb
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        return pre, post, comb

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..config import CSA_RATIO, ModelArgs
+from ..kernels.paged import concat_rows, gather_rows
 from .cache import ForwardContext, LayerCache
-from .compressor import Compressor, _gather_rows
+from .compressor import Compressor
 from .indexer import Indexer, indexer_kl_loss
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, rope_cos_sin, rope_frequencies
@@ -69,26 +70,27 @@ class Attention(nn.Module):
 
         # window candidates: the ring holds positions start-W .. start-1, the chunk start .. start+S-1
         ext_kv, window_idx = self._window(kv, ctx, cache)
-        kv_set, idx = ext_kv, window_idx
+        kv_rows, idx = [ext_kv], window_idx  # runs of KV rows and each query's indices into their concatenation
         if self.ratio:
-            entries = self.compressor(x, ctx, cache.compressor, self.freqs)  # [B,N,D]
+            n_entries = self.compressor(x, ctx, cache.compressor, self.freqs)
             if self.ratio == CSA_RATIO:
                 dense = ctx.trace is not None and ctx.trace.dense_indexer
                 chosen, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer,
                                                     dense=dense)  # [B,S,k], or [B,S,N] when dense
             else:
-                n = torch.arange(entries.shape[1], device=x.device)
+                n = torch.arange(n_entries, device=x.device)
                 visible = n < torch.div(ctx.positions + 1, self.ratio, rounding_mode="floor").unsqueeze(-1)
                 chosen = torch.where(visible, n, -1)  # [B,S,N]
             offset = ext_kv.shape[1]
-            kv_set = torch.cat((ext_kv, entries.to(ext_kv.dtype)), dim=1)
+            kv_rows.append(cache.compressor.entries.rows(n_entries))  # [B,N,D], paged entries stay in their pages
             idx = torch.cat((window_idx, torch.where(chosen >= 0, chosen + offset, -1)), dim=-1)
 
         scale = self.head_dim**-0.5
-        o = kernels.sparse_attn(q, kv_set, idx, self.attn_sink, scale)  # [B,S,H,D]
+        o = kernels.sparse_attn(q, kv_rows, idx, self.attn_sink, scale)  # [B,S,H,D]
         if self.ratio == CSA_RATIO and ctx.trace is not None:
             with torch.no_grad():
-                logits = torch.einsum("bshd,bskd->bshk", q, _gather_rows(kv_set, idx.clamp_min(0))) * scale
+                kv_set = concat_rows(kv_rows)
+                logits = torch.einsum("bshd,bskd->bshk", q, gather_rows(kv_set, idx.clamp_min(0))) * scale
                 logits = logits.to(torch.float32).masked_fill((idx < 0).unsqueeze(2), float("-inf"))
             ctx.trace.indexer_losses.append(
                 indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores,
@@ -109,7 +111,7 @@ class Attention(nn.Module):
         W, seqlen = self.window, kv.shape[1]
         start = ctx.start.unsqueeze(1)
         ring_pos = start - W + torch.arange(W, device=kv.device)  # [B,W]
-        ext_kv = torch.cat((_gather_rows(cache.read_window(), ring_pos % W).to(kv.dtype), kv), dim=1)
+        ext_kv = torch.cat((gather_rows(cache.read_window(), ring_pos % W).to(kv.dtype), kv), dim=1)
         slot = torch.arange(W, device=kv.device)
         missing = (W - 1 - ctx.positions).clamp(min=0).unsqueeze(-1)  # [B,S,1] window slots before position 0
         rel = torch.arange(seqlen, device=kv.device).view(1, -1, 1) + 1 + slot + missing  # ext row of slot
@@ -120,6 +122,6 @@ class Attention(nn.Module):
             end = (ctx.start + ctx.lengths).unsqueeze(1)
             slots = torch.arange(W, device=kv.device)
             pos = end - W + (slots - (end - W)) % W  # [B,W] position now owning each slot
-            cache.write_window(_gather_rows(ext_kv, pos - (start - W)).detach())
+            cache.write_window(gather_rows(ext_kv, pos - (start - W)).detach())
         return ext_kv, idx
 

@@ -13,7 +13,11 @@ single-token decode). `lengths` counts the tokens each sequence has consumed.
 
 Where rows live is the `CacheStorage`'s choice: by default everything is dense in the model dtype; the
 engine supplies a storage that keeps the compressed entries in pages of a shared pool and the rows in the
-production byte formats. The model only calls `EntryStore.read/write` and `LayerCache.read/write_window`.
+production byte formats. The model only calls `EntryStore.read/rows/write` and `LayerCache.read/write_window`;
+attention receives the entries as `EntryStore.rows` gives them (pages left in place, `dsv4.kernels.PagedRows`).
+
+`Cache.select(rows)` is the same cache seen through some of its batch rows (what an engine step runs on: only
+the sequences that have work), writing through to the whole cache.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..config import CSA_RATIO, ModelArgs
+from ..kernels import KVRows, RowCodec
 
 
 class EntryStore(Protocol):
@@ -36,10 +41,17 @@ class EntryStore(Protocol):
     dtype: torch.dtype  # the dtype entries are computed and returned in
 
     def read(self, count: int) -> Tensor:
-        """Entries 0..count-1 of every row: [B, count, c] in `dtype`."""
+        """Entries 0..count-1 of every row, decoded: [B, count, c] in `dtype`."""
+
+    def rows(self, count: int) -> KVRows:
+        """Entries 0..count-1 of every row as they are stored (a dense tensor, or `PagedRows` in their pages):
+        what the attention op reads in place."""
 
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         """Store values [n, c] as entry index[i] of batch row rows[i]."""
+
+    def select(self, rows: Tensor) -> EntryStore:
+        """This store seen through batch rows `rows` (row i of the view is row rows[i] here)."""
 
 
 class DenseEntries:
@@ -54,22 +66,36 @@ class DenseEntries:
     def read(self, count: int) -> Tensor:
         return self.data[:, :count]
 
+    def rows(self, count: int) -> KVRows:
+        return self.read(count)
+
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         if self.differentiable:
             self.data = self.data.index_put((rows, index), values)
         else:
             self.data.index_put_((rows, index), values.detach())
 
+    def select(self, rows: Tensor) -> EntryStore:
+        return DenseEntryRows(self, rows)
 
-class RowCodec(Protocol):
-    """A storage format for KV rows (e.g. the production FP8 layout): stored tensors are what the cache
-    holds, decoded rows are what attention computes with."""
 
-    def encode(self, rows: Tensor) -> Tensor:
-        """[..., D] rows -> their stored form [..., bytes]."""
+class DenseEntryRows:
+    """Some batch rows of a `DenseEntries` (see `Cache.select`)."""
 
-    def decode(self, stored: Tensor) -> Tensor:
-        """The stored form -> rows [..., D] in the compute dtype."""
+    def __init__(self, parent: DenseEntries, rows: Tensor) -> None:
+        self.parent, self.batch_rows, self.dtype = parent, rows, parent.dtype
+
+    def read(self, count: int) -> Tensor:
+        return self.parent.data[self.batch_rows, :count]
+
+    def rows(self, count: int) -> KVRows:
+        return self.read(count)
+
+    def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
+        self.parent.write(self.batch_rows[rows], index, values)
+
+    def select(self, rows: Tensor) -> EntryStore:
+        return DenseEntryRows(self.parent, self.batch_rows[rows])
 
 
 class CacheStorage:
@@ -222,6 +248,88 @@ class Cache:
         else:
             self.lengths[rows] = 0
             self.mtp_lengths[rows] = 0
+
+    def select(self, rows: Tensor) -> CacheRows:
+        """This cache seen through batch rows `rows` [n] (distinct): a cache of n sequences whose every read and
+        write goes to those rows here. An engine step runs the model on the rows that have work, not on every
+        slot; the rows left out are untouched."""
+        if self.transient:
+            raise ValueError("a transient cache is not viewed by rows")
+        return CacheRows(self, rows)
+
+
+class CacheRows:
+    """Batch rows of a `Cache` as a cache of their own (`Cache.select`): the model runs on it as on a `Cache`,
+    and its lengths, rings, compressor tails and entries are the parent's, read and written in place."""
+
+    transient = False
+
+    def __init__(self, parent: Cache, rows: Tensor) -> None:
+        self.parent = parent
+        self.rows = rows
+        self.args, self.max_seq_len, self.dtype, self.has_mtp = parent.args, parent.max_seq_len, parent.dtype, \
+            parent.has_mtp
+        self.batch_size = rows.numel()
+        self.layers = [LayerCacheRows(layer, rows) for layer in parent.layers]
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.parent.lengths[self.rows]
+
+    @lengths.setter
+    def lengths(self, value: Tensor) -> None:
+        self.parent.lengths[self.rows] = value
+
+    @property
+    def mtp_lengths(self) -> Tensor:
+        return self.parent.mtp_lengths[self.rows]
+
+    @mtp_lengths.setter
+    def mtp_lengths(self, value: Tensor) -> None:
+        self.parent.mtp_lengths[self.rows] = value
+
+
+class LayerCacheRows:
+    """Batch rows of a `LayerCache` (see `CacheRows`)."""
+
+    def __init__(self, parent: LayerCache, rows: Tensor) -> None:
+        self.parent = parent
+        self.rows = rows
+        self.compressor = None if parent.compressor is None else CompressorStateRows(parent.compressor, rows)
+        self.indexer = None if parent.indexer is None else CompressorStateRows(parent.indexer, rows)
+
+    def read_window(self) -> Tensor:
+        stored = self.parent.window[self.rows]
+        return stored if self.parent.codec is None else self.parent.codec.decode(stored)
+
+    def write_window(self, rows: Tensor) -> None:
+        codec = self.parent.codec
+        self.parent.window[self.rows] = rows if codec is None else codec.encode(rows)
+
+
+class CompressorStateRows:
+    """Batch rows of a `CompressorState` (see `CacheRows`)."""
+
+    def __init__(self, parent: CompressorState, rows: Tensor) -> None:
+        self.parent = parent
+        self.rows = rows
+        self.entries = parent.entries.select(rows)
+
+    @property
+    def kv(self) -> Tensor:
+        return self.parent.kv[self.rows]
+
+    @kv.setter
+    def kv(self, value: Tensor) -> None:
+        self.parent.kv[self.rows] = value
+
+    @property
+    def score(self) -> Tensor:
+        return self.parent.score[self.rows]
+
+    @score.setter
+    def score(self, value: Tensor) -> None:
+        self.parent.score[self.rows] = value
 
 
 @dataclass

@@ -18,16 +18,10 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..config import CSA_RATIO, ModelArgs
+from ..kernels.paged import gather_rows
 from .cache import CompressorState, ForwardContext
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, rope_cos_sin
-
-
-def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, N, C], index [B, ...] -> [B, ..., C] (rows of each batch element)."""
-    flat = index.reshape(index.shape[0], -1)
-    out = torch.gather(x, 1, flat.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    return out.reshape(*index.shape, x.shape[-1])
 
 
 class Compressor(nn.Module):
@@ -45,10 +39,10 @@ class Compressor(nn.Module):
         self.wgate = Linear(args.dim, coff * head_dim, dtype=torch.float32, official_format="bf16")
         self.norm = RMSNorm(head_dim, args.norm_eps)
 
-    def forward(self, x: Tensor, ctx: ForwardContext, state: CompressorState, freqs: Tensor) -> Tensor:
-        """Pool the blocks this chunk completes into `state.entries`; return entries [B, n, c] where
-        n = the largest entry count in the batch after the chunk (a row's entries beyond its own count are
-        stale and masked by every reader)."""
+    def forward(self, x: Tensor, ctx: ForwardContext, state: CompressorState, freqs: Tensor) -> int:
+        """Pool the blocks this chunk completes into `state.entries`; return n, the largest entry count in the
+        batch after the chunk: readers take entries 0..n-1 from `state.entries` (a row's entries beyond its own
+        count are stale and masked by every reader)."""
         r = self.ratio
         ring = state.kv.shape[1]  # R = coff * r most recent tokens
         start, n_valid = ctx.start, ctx.lengths
@@ -58,8 +52,8 @@ class Compressor(nn.Module):
 
         # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk
         ring_pos = start.unsqueeze(1) - ring + torch.arange(ring, device=x.device)  # [B,R]
-        ext_kv = torch.cat((_gather_rows(state.kv, ring_pos % ring), kv), dim=1)  # [B,R+S,coff*c]
-        ext_score = torch.cat((_gather_rows(state.score, ring_pos % ring), score), dim=1)
+        ext_kv = torch.cat((gather_rows(state.kv, ring_pos % ring), kv), dim=1)  # [B,R+S,coff*c]
+        ext_score = torch.cat((gather_rows(state.score, ring_pos % ring), score), dim=1)
 
         first = torch.div(start, r, rounding_mode="floor")
         n_new = torch.div(start + n_valid, r, rounding_mode="floor") - first  # [B] entries finished now
@@ -72,10 +66,9 @@ class Compressor(nn.Module):
             slots = torch.arange(ring, device=x.device)
             q = (end - ring).unsqueeze(1) + (slots - (end - ring).unsqueeze(1)) % ring  # [B,R]
             ext_index = q - (start.unsqueeze(1) - ring)
-            state.kv = _gather_rows(ext_kv, ext_index).detach()
-            state.score = _gather_rows(ext_score, ext_index).detach()
-        total = int(torch.div(start + n_valid, r, rounding_mode="floor").max())
-        return state.entries.read(total)
+            state.kv = gather_rows(ext_kv, ext_index).detach()
+            state.score = gather_rows(ext_score, ext_index).detach()
+        return int(torch.div(start + n_valid, r, rounding_mode="floor").max())
 
     def _pool(self, ext_kv: Tensor, ext_score: Tensor, first: Tensor, n_new: Tensor, n_max: int, ring: int,
               state: CompressorState, freqs: Tensor, ctx: ForwardContext) -> None:
@@ -90,14 +83,14 @@ class Compressor(nn.Module):
         if self.overlap:
             prev_pos = cur_pos - r
             prev = (prev_pos - offset).clamp(0, last)
-            kv = torch.cat((_gather_rows(ext_kv[..., :c], prev), _gather_rows(ext_kv[..., c:], cur)), dim=2)
-            score = torch.cat((_gather_rows(ext_score[..., :c], prev), _gather_rows(ext_score[..., c:], cur)), dim=2)
+            kv = torch.cat((gather_rows(ext_kv[..., :c], prev), gather_rows(ext_kv[..., c:], cur)), dim=2)
+            score = torch.cat((gather_rows(ext_score[..., :c], prev), gather_rows(ext_score[..., c:], cur)), dim=2)
             exists = torch.cat((prev_pos >= 0, cur_pos >= 0), dim=2)  # [B,M,2r]
             score = score.masked_fill(~exists.unsqueeze(-1), float("-inf"))
             kv = kv.masked_fill(~exists.unsqueeze(-1), 0.0)
         else:
-            kv = _gather_rows(ext_kv, cur)
-            score = _gather_rows(ext_score, cur)
+            kv = gather_rows(ext_kv, cur)
+            score = gather_rows(ext_score, cur)
         pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B,M,c] fp32
         entry = self.norm(pooled.to(state.entries.dtype))
         cos, sin = rope_cos_sin(freqs, j * r)

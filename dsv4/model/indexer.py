@@ -51,8 +51,8 @@ class Indexer(nn.Module):
         own KL loss against the attention (`indexer_kl_loss`), and that loss must not train the backbone.
         """
         x, c_q = x.detach(), c_q.detach()
-        keys = self.compressor(x, ctx, state, freqs)  # [B,N,Di]
-        n_entries = keys.shape[1]
+        n_entries = self.compressor(x, ctx, state, freqs)
+        keys = state.entries.read(n_entries)  # [B,N,Di]: every visible key is scored
         if n_entries == 0:
             empty = torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
             return empty, empty.to(torch.float32)

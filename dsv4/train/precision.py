@@ -9,8 +9,9 @@ master weights - "gradients are taken w.r.t. the same FP8 weights and passed str
 master" (§3.2). No clipping convention applies: every scale is derived from the block's own amax, so no
 element is ever outside the clamp range and the clipped-STE mask would be all ones.
 
-The quantisers *are* the checkpoint codecs (`dsv4.quant`, `dsv4.kernels.reference.act_quant`); nothing
-here rounds on its own:
+The quantisers *are* the checkpoint codecs, run as ops of the kernel seam (`dsv4.kernels`: `fp8_simulate`,
+`fp8_weight_simulate`, `fp4_weight_simulate`, and `linear` for the matmul), so a fast backend accelerates QAT
+too; nothing here rounds on its own:
 
 * ``fp8_act_fake_quant``: ``act_quant`` (1x128 per token, amax floored at 1e-4, scale
   ``2**ceil(log2(amax/448))``, e4m3 round-to-nearest-even) multiplied straight back.
@@ -50,21 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ..checkpoint.saver import save_model
 from ..checkpoint.schema import expected_tensors
-from ..kernels.reference import fp8_simulate
 from ..model.layers import Linear
-from ..quant import (
-    FP8_BLOCK,
-    dequantize_fp4_weight,
-    dequantize_fp8_weight,
-    fp4_to_fp8_weight,
-    quantize_fp4_weight,
-    quantize_fp8_weight,
-)
+from ..quant import FP8_BLOCK, dequantize_fp4_weight, dequantize_fp8_weight, quantize_fp4_weight, quantize_fp8_weight
 
 RECIPES = ("fp32", "bf16", "fp8", "fp8+fp4", "fp8-torchao")
 
@@ -100,18 +93,7 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def _fp8_act(x: Tensor) -> Tensor:
-    return fp8_simulate(x, FP8_BLOCK)  # act_quant's 1x128 rule multiplied back, in x.dtype
-
-
-def _fp8_weight(w: Tensor) -> Tensor:
-    return dequantize_fp8_weight(*quantize_fp8_weight(w.float())).to(w.dtype)
-
-
-def _fp4_weight(w: Tensor, fp8_step: bool = True) -> Tensor:
-    packed, scale = quantize_fp4_weight(w.float())
-    if fp8_step:
-        return dequantize_fp8_weight(*fp4_to_fp8_weight(packed, scale)).to(w.dtype)
-    return dequantize_fp4_weight(packed, scale).to(w.dtype)
+    return kernels.fp8_simulate(x, FP8_BLOCK)  # act_quant's 1x128 rule multiplied back, in x.dtype
 
 
 def _bf16(x: Tensor) -> Tensor:
@@ -127,14 +109,14 @@ def fp8_act_fake_quant(x: Tensor) -> Tensor:
 def fp8_weight_fake_quant(w: Tensor) -> Tensor:
     """A [out, in] weight through the checkpoint's FP8 format (e4m3, 128x128 ue8m0 tiles, canonical) and
     back, in w.dtype; gradient straight through."""
-    return _StraightThrough.apply(w, _fp8_weight)
+    return _StraightThrough.apply(w, kernels.fp8_weight_simulate)
 
 
 def fp4_weight_fake_quant(w: Tensor, fp8_step: bool = True) -> Tensor:
     """A routed-expert [out, in] weight through MXFP4 (1x32 along the input dim, e2m1 + ue8m0, canonical)
     and, with ``fp8_step``, on through the lossless-by-design FP4 -> FP8 128x128 re-encoding the V4
     training framework multiplies with (see the module docstring); in w.dtype, gradient straight through."""
-    return _StraightThrough.apply(w, lambda t: _fp4_weight(t, fp8_step))
+    return _StraightThrough.apply(w, lambda t: kernels.fp4_weight_simulate(t, fp8_step))
 
 
 def bf16_fake_quant(x: Tensor) -> Tensor:
@@ -160,7 +142,7 @@ def _fake_quant_forward(self: Linear, x: Tensor) -> Tensor:
     p: _Precision = self._dsv4_precision
     xq = p.act(x) if p.act is not None else x
     wq = p.weight(self.weight) if p.weight is not None else self.weight
-    return F.linear(xq.float(), wq.float()).to(x.dtype)
+    return kernels.linear(xq.float(), wq.float()).to(x.dtype)
 
 
 def _torchao_forward(self: Linear, x: Tensor) -> Tensor:

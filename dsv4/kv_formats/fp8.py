@@ -1,4 +1,4 @@
-"""Byte codecs for the production KV-cache formats of the official DeepSeek kernels (spec §4.2).
+"""The "fp8" KV format: the production byte layouts of the official DeepSeek kernels (spec §4.2).
 
 Two per-entry layouts, each a row of ``uint8`` bytes:
 
@@ -10,13 +10,14 @@ dims followed by ``R`` rope dims (the model applies RoPE to the last R dims, spe
     bytes [N + 2R, N + 2R + S)   ceil(N/64) x ue8m0 block scales (scale k covers nope dims 64k..64k+63),
                                  then zero pad bytes up to S = ceil(ceil(N/64) / 8) * 8
 
-For V4 (D = 512, R = 64): 448 + 128 + 7 + 1 pad = **584 bytes**. The generalisation to other head dims
-(scale bytes padded to a multiple of 8, a partial last 64-block getting its own scale) is the one
-``dsv4.plan.kv_entry_bytes`` uses. The official paged-block layout stores all tokens' ``N + 2R`` data
+For V4 (D = 512, R = 64): 448 + 128 + 7 + 1 pad = **584 bytes**. Other head dims generalise it the same way
+(scale bytes padded to a multiple of 8, a partial last 64-block getting its own scale); `dsv4.plan` reads these
+sizes through the registry (`dsv4.kv_formats`). The official paged-block layout stores all tokens' ``N + 2R`` data
 bytes first and then the ``S`` scale bytes per token; this module packs one entry per row in the order
 above, from which that block layout is a plain gather.
 
-Scales follow ``fp8sim64`` exactly (``dsv4.kernels.fp8_simulate``): per 64-block amax floored at 1e-4,
+Scales follow ``fp8sim64`` exactly (the seam's ``act_quant`` with 64-blocks, as ``dsv4.kernels.fp8_simulate``
+rounds): per 64-block amax floored at 1e-4,
 scale ``2**ceil(log2(amax/448))``, e4m3 round-to-nearest-even with clamp at ±448. Hence
 ``unpack_kv(pack_kv(x)) == fp8_simulate(nope) ++ rope`` bit for bit, and rows the exact model already
 cached (nope dims FP8-rounded) round-trip losslessly.
@@ -27,7 +28,8 @@ cached (nope dims FP8-rounded) round-trip losslessly.
     bytes [I/2, I/2 + I/32)      ceil(I/32) x ue8m0 block scales, scale k in byte k; for I = 128 the four
                                  bytes read as one little-endian int32 (scale k in bits 8k..8k+7)
 
-For I = 128: 64 + 4 = **68 bytes**. Scales follow ``fp4sim32`` (``dsv4.kernels.fp4_simulate``): amax floored
+For I = 128: 64 + 4 = **68 bytes**. Scales follow ``fp4sim32`` (the seam's ``fp4_quant``, as
+``dsv4.kernels.fp4_simulate`` rounds): amax floored
 at ``6 * 2**-126``, scale ``2**ceil(log2(amax/6))``, e2m1 round-to-nearest-even saturating at ±6.
 """
 
@@ -35,23 +37,16 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.config import ModelArgs
-from dsv4.kernels.reference import (
+from .. import kernels
+from ..quant import (
     INDEXER_SIM_BLOCK,
     KV_SIM_BLOCK,
-    _fp8_quantize_blocks,
-    _merge_blocks,
-    _split_blocks,
-)
-from dsv4.quant import (
-    FP4_AMAX_FLOOR,
-    FP4_MAX,
     e2m1_decode,
-    e2m1_encode,
     e8m0_to_float,
+    merge_blocks,
     pack_fp4,
-    pow2_scale,
     scale_to_e8m0,
+    split_blocks,
     unpack_fp4,
 )
 
@@ -79,11 +74,6 @@ def kv_layout(head_dim: int, rope_dim: int) -> tuple[int, int, int, int]:
     return nope, 2 * rope_dim, scales, nope + 2 * rope_dim + scales
 
 
-def kv_entry_bytes(args: ModelArgs) -> int:
-    """Bytes of one main KV entry (584 for V4's head_dim 512 / rope 64)."""
-    return kv_layout(args.head_dim, args.rope_head_dim)[3]
-
-
 def index_key_layout(index_dim: int) -> tuple[int, int, int]:
     """(packed e2m1 bytes, scale bytes, total bytes) of one indexer key entry."""
     if index_dim <= 0 or index_dim % 2:
@@ -91,11 +81,6 @@ def index_key_layout(index_dim: int) -> tuple[int, int, int]:
     data = index_dim // 2
     scales = _ceil(index_dim, INDEXER_SIM_BLOCK)
     return data, scales, data + scales
-
-
-def index_key_bytes(args: ModelArgs) -> int:
-    """Bytes of one indexer key entry (68 for V4's index_head_dim 128)."""
-    return index_key_layout(args.index_head_dim)[2]
 
 
 # ---------------------------------------------------------------------------------------------- main KV
@@ -116,8 +101,8 @@ def pack_kv(rows: torch.Tensor, rope_dim: int = 64) -> torch.Tensor:
     n, d = rows.shape
     nope, rope_bytes, scale_bytes, total = kv_layout(d, rope_dim)
     out = torch.zeros(n, total, dtype=torch.uint8, device=rows.device)
-    q, scale = _fp8_quantize_blocks(_split_blocks(rows[:, :nope], KV_SIM_BLOCK))  # [N, nb, 64], [N, nb]
-    out[:, :nope] = _merge_blocks(q, nope).view(torch.uint8)
+    q, scale = kernels.act_quant(rows[:, :nope], KV_SIM_BLOCK)  # [N, nope] e4m3, [N, nb] fp32
+    out[:, :nope] = q.view(torch.uint8)
     rope = rows[:, nope:].to(torch.bfloat16).contiguous()
     out[:, nope:nope + rope_bytes] = rope.view(torch.uint8).reshape(n, rope_bytes)
     out[:, nope + rope_bytes:nope + rope_bytes + scale.shape[1]] = scale_to_e8m0(scale).view(torch.uint8)
@@ -134,8 +119,8 @@ def unpack_kv(packed: torch.Tensor, head_dim: int = 512, rope_dim: int = 64) -> 
     nb = kv_scale_count(nope)
     q = packed[:, :nope].contiguous().view(torch.float8_e4m3fn)
     scale = e8m0_to_float(packed[:, nope + rope_bytes:nope + rope_bytes + nb].contiguous())  # [N, nb]
-    blocks = _split_blocks(q.float(), KV_SIM_BLOCK)
-    nope_vals = _merge_blocks(blocks * scale.unsqueeze(-1), nope).to(torch.bfloat16)
+    blocks = split_blocks(q, KV_SIM_BLOCK)
+    nope_vals = merge_blocks(blocks * scale.unsqueeze(-1), nope).to(torch.bfloat16)
     rope = packed[:, nope:nope + rope_bytes].contiguous().view(torch.bfloat16).reshape(n, rope_dim)
     return torch.cat((nope_vals, rope), dim=-1)
 
@@ -148,10 +133,7 @@ def pack_index_key(rows: torch.Tensor) -> torch.Tensor:
     _check_rows(rows, "pack_index_key")
     n, dim = rows.shape
     data, scale_bytes, total = index_key_layout(dim)
-    blocks = _split_blocks(rows, INDEXER_SIM_BLOCK)  # [N, nb, 32]
-    amax = blocks.abs().amax(dim=-1).clamp(min=FP4_AMAX_FLOOR)
-    scale = pow2_scale(amax, FP4_MAX)  # [N, nb]
-    codes = _merge_blocks(e2m1_encode(blocks / scale.unsqueeze(-1)), dim)
+    codes, scale = kernels.fp4_quant(rows, INDEXER_SIM_BLOCK)  # [N, I] e2m1 codes, [N, nb] fp32
     out = torch.empty(n, total, dtype=torch.uint8, device=rows.device)
     out[:, :data] = pack_fp4(codes).view(torch.uint8)
     out[:, data:] = scale_to_e8m0(scale).view(torch.uint8)
@@ -166,5 +148,29 @@ def unpack_index_key(packed: torch.Tensor, index_dim: int = 128) -> torch.Tensor
         raise ValueError(f"unpack_index_key expects uint8 [N, {total}], got {packed.dtype} {tuple(packed.shape)}")
     codes = unpack_fp4(packed[:, :data])  # [N, I]
     scale = e8m0_to_float(packed[:, data:].contiguous())  # [N, nb]
-    blocks = _split_blocks(e2m1_decode(codes), INDEXER_SIM_BLOCK)
-    return _merge_blocks(blocks * scale.unsqueeze(-1), index_dim).to(torch.bfloat16)
+    blocks = split_blocks(e2m1_decode(codes), INDEXER_SIM_BLOCK)
+    return merge_blocks(blocks * scale.unsqueeze(-1), index_dim).to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------- codec
+
+
+class PackedCodec:
+    """A `dsv4.kernels.RowCodec` for the "fp8" format: rows [..., D] stored as uint8 rows of the layouts above
+    (`kind` "kv": `pack_kv`; "index": `pack_index_key`), decoded to `compute`."""
+
+    format = "fp8"
+
+    def __init__(self, kind: str, dim: int, rope_dim: int, compute: torch.dtype) -> None:
+        self.kind, self.dim, self.rope_dim, self.compute = kind, dim, rope_dim, compute
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.reshape(-1, self.dim)
+        packed = pack_kv(flat, self.rope_dim) if self.kind == "kv" else pack_index_key(flat)
+        return packed.view(*rows.shape[:-1], packed.shape[-1])
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        flat = stored.reshape(-1, stored.shape[-1])
+        rows = (unpack_kv(flat, self.dim, self.rope_dim) if self.kind == "kv"
+                else unpack_index_key(flat, self.dim))
+        return rows.to(self.compute).view(*stored.shape[:-1], self.dim)
