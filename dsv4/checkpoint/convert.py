@@ -54,7 +54,7 @@ from ..quant import (
     quantize_fp4_weight,
     quantize_fp8_weight,
 )
-from .reader import INDEX_FILE, MP_FILE, SINGLE_FILE, Checkpoint, CheckpointError, _report
+from .reader import INDEX_FILE, MP_FILE, SINGLE_FILE, Checkpoint, CheckpointError, format_problems
 from .schema import DTYPE_BITS, DTYPE_NAMES, DTYPES, FP8_TILE, PACKED_FP4, TensorSpec, expected_tensors
 from .validate import FLOAT_KEY, LAYOUT_KEY, model_parallel_rank, rank_specs, validate
 
@@ -375,7 +375,7 @@ def _check_split(specs: dict[str, TensorSpec], world: int, n_experts: int, where
             key = re.sub(r"(layers|mtp|experts)\.\d+", r"\1.*", str(err))
             problems.setdefault(key, str(err))
     if problems:
-        raise ShardingError(_report(where, f"cannot be split across {world} model-parallel ranks",
+        raise ShardingError(format_problems(where, f"cannot be split across {world} model-parallel ranks",
                                     list(problems.values())))
 
 

@@ -191,7 +191,7 @@ class Checkpoint:
             if name not in weight_map:
                 problems.append(f"{name}: stored in {stored.file.name} but missing from {INDEX_FILE}")
         if problems:
-            raise CheckpointError(_report(self.root / INDEX_FILE, "does not match its shards", problems))
+            raise CheckpointError(format_problems(self.root / INDEX_FILE, "does not match its shards", problems))
 
     # ------------------------------------------------------------------ access
     def __contains__(self, name: str) -> bool:
@@ -245,7 +245,10 @@ class Checkpoint:
         self.close()
 
 
-def _report(where: Path | str, what: str, problems: list[str], limit: int = 25) -> str:
+def format_problems(where: Path | str, what: str, problems: list[str], limit: int = 25) -> str:
+    """The message of an error with many problems: `where: what (N problems):` then one line each, at most
+    `limit` shown. A damaged checkpoint rarely has one problem, and the reader, validator, loader and
+    converter all report every one they find at once, so a user fixes them in one round, not one per run."""
     shown = problems[:limit]
     more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
     return f"{where}: {what} ({len(problems)} problems):\n  " + "\n  ".join(shown) + more
