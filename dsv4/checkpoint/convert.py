@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ModelArgs
+from ..config import INFERENCE_ONLY_FIELDS, ConfigError, ModelArgs
 from ..parallel.rules import ShardingError, expert_id, split_for_rank
 from ..quant import (
     dequantize_fp4_weight,
@@ -307,8 +307,8 @@ def _target_config(src: _Source, args: ModelArgs) -> dict:
         if args.expert_dtype is not None:
             config["expert_dtype"] = args.expert_dtype
     try:
-        same = ModelArgs.from_hf_config(config).replace(max_batch_size=args.max_batch_size,
-                                                        max_seq_len=args.max_seq_len) == args
+        same = ModelArgs.from_hf_config(config).replace(
+            **{f: getattr(args, f) for f in INFERENCE_ONLY_FIELDS}) == args
     except (ConfigError, KeyError, TypeError, ValueError):
         same = False
     if not same:  # the source config said something the edit could not carry: write it from the args
