@@ -22,6 +22,7 @@ import json
 import random
 import time
 
+from dsv4.chat.events import aggregate_events
 from dsv4.chat.format import (
     EOS,
     INVOKE_END,
@@ -33,7 +34,7 @@ from dsv4.chat.format import (
     TOOL_CALLS_SEPARATOR,
     TOOL_CALLS_START,
 )
-from dsv4.chat.parser import aggregate_events, parse_completion
+from dsv4.chat.parser import parse_completion
 from dsv4.chat.streaming import StreamParser
 
 WORDS = ("the weather in Beijing is sunny with a high of 22°C and a low of 12°C so a light jacket is enough "

@@ -4,13 +4,15 @@ The official release ships two dialects of the same configuration: the Hugging F
 `config.json` (`hidden_size`, `num_hidden_layers`, ...) and the reference code's
 `inference/config.json` (`dim`, `n_layers`, ...). `ModelArgs` uses the reference names, because
 those are the names the checkpoint tensors and the reference math are written in; both dialects
-load into it and must give identical args.
+load into it and must give identical args. Users keep either file as a checkpoint's `config.json`,
+so `ModelArgs.from_config` tells the dialects apart by their keys (`config_dialect`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +73,14 @@ class ModelArgs:
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
     dtype: str = "fp8"  # storage of the non-expert linears in the official checkpoint: fp8 | bf16
+    # rounding of the FP8 activation scales (linear inputs and the KV cache's FP8 simulation) in the official
+    # act_quant: "ue8m0" = powers of two (what dsv4 implements), None = exact amax/448 unless scale_dtype is "fp8"
     scale_fmt: str | None = "ue8m0"
     expert_dtype: str | None = "fp4"  # routed experts: fp4 | fp8 | None (= same as `dtype`)
+    # storage of those activation scales in the official kernels: "fp8" (e8m0, which forces scale_fmt "ue8m0") or
+    # "fp32". A power of two is exact in either, so with power-of-two scales it does not change a single value;
+    # "fp32" with scale_fmt None asks for the unrounded scales dsv4 does not implement, and is rejected
+    scale_dtype: str = "fp8"
     max_batch_size: int = 4
     max_seq_len: int = 4096
 
@@ -122,6 +130,10 @@ class ModelArgs:
         need(self.dtype in ("fp8", "bf16"), "dtype", "must be 'fp8' or 'bf16'")
         need(self.expert_dtype in ("fp4", "fp8", "bf16", None), "expert_dtype", "must be fp4, fp8, bf16 or None")
         need(self.scale_fmt in ("ue8m0", None), "scale_fmt", "must be 'ue8m0' or None")
+        need(self.scale_dtype in ("fp32", "fp8"), "scale_dtype", "must be 'fp32' or 'fp8'")
+        need(self.scale_dtype == "fp8" or self.scale_fmt == "ue8m0", "scale_dtype",
+             "'fp32' with scale_fmt=None means activation scales that are not powers of two, which dsv4 does not "
+             "implement; use scale_dtype 'fp8' or scale_fmt 'ue8m0'")
 
     # ------------------------------------------------------------------ layer schedule
     def layer_ratio(self, layer_id: int) -> int:
@@ -143,6 +155,15 @@ class ModelArgs:
 
     def replace(self, **changes: Any) -> ModelArgs:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | Path) -> ModelArgs:
+        """From a config in either dialect (dict or path), told apart by its keys (`config_dialect`)."""
+        if not isinstance(config, Mapping):
+            config = json.loads(Path(config).read_text())
+        if config_dialect(config) == "hf":
+            return cls.from_hf_config(dict(config))
+        return cls.from_dict(dict(config))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelArgs:
@@ -264,6 +285,38 @@ _HF_TO_REF = {
     "hc_sinkhorn_iters": "hc_sinkhorn_iters",
     "hc_eps": "hc_eps",
 }
+
+
+# fields the HF dialect has no key for: only an inference config (or the default) sets them
+INFERENCE_ONLY_FIELDS = ("max_batch_size", "max_seq_len", "scale_dtype")
+
+# keys that only one dialect has. The keys both share (vocab_size, n_routed_experts, head_dim, compress_ratios, ...)
+# say nothing, and neither does `dtype`: transformers >= 4.56 writes it into HF configs in place of torch_dtype.
+_HF_KEYS = frozenset({hf for hf, ref in _HF_TO_REF.items() if hf != ref}) | {
+    "model_type", "architectures", "rope_scaling", "quantization_config", "num_key_value_heads",
+    "max_position_embeddings",
+}
+_INFERENCE_KEYS = frozenset(f.name for f in dataclasses.fields(ModelArgs)) - set(_HF_TO_REF) - {"expert_dtype", "dtype"}
+
+
+def config_dialect(config: Mapping[str, Any]) -> str:
+    """The dialect of a config, by the keys only one dialect has: "hf" (a Hugging Face `config.json`) or
+    "inference" (the reference code's `inference/config.json`). A config in neither dialect, or mixing both, is
+    a `ConfigError` naming the keys each one expects: reading it as either would fill the rest with defaults and
+    fail far from the cause (an inference config read as HF: "compress_ratios needs 44 entries")."""
+    hf = sorted(_HF_KEYS.intersection(config))
+    ref = sorted(_INFERENCE_KEYS.intersection(config))
+    if hf and not ref:
+        return "hf"
+    if ref and not hf:
+        return "inference"
+    expected = ("a Hugging Face config.json has keys such as hidden_size, num_hidden_layers, num_attention_heads, "
+                "model_type; an inference config.json keys such as dim, n_layers, n_heads, moe_inter_dim")
+    if hf:
+        raise ConfigError(f"config mixes Hugging Face keys ({', '.join(hf)}) with inference keys ({', '.join(ref)}); "
+                          f"{expected}")
+    got = ", ".join(sorted(config)[:8]) + (", ..." if len(config) > 8 else "") if config else "none"
+    raise ConfigError(f"config is in neither dialect (keys: {got}); {expected}")
 
 
 # ---------------------------------------------------------------------- presets

@@ -14,8 +14,9 @@ import random
 import pytest
 
 from dsv4.chat.encoding import encode_messages
+from dsv4.chat.events import aggregate_events
 from dsv4.chat.format import ASSISTANT, EOS, THINK_END, THINK_START, USER
-from dsv4.chat.parser import aggregate_events, parse_completion
+from dsv4.chat.parser import parse_completion
 from dsv4.chat.streaming import StreamParser
 
 # characters that stress the format: quotes, backslashes, newlines, markup look-alikes, CJK, emoji

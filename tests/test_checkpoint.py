@@ -249,6 +249,43 @@ def test_inference_config_sets_runtime_limits_and_must_agree(damaged):
         Checkpoint(damaged)
 
 
+@torch.no_grad()
+def test_inference_dialect_config_at_the_root(damaged, shared_dir):
+    """A checkpoint directory whose `config.json` is the inference code's dialect (the released Flash
+    inference config's keys, with the tiny preset's values): the same args, the same logits."""
+    hf_args = Checkpoint(damaged).args
+    tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(4))
+    hf_logits = load_model(damaged, numerics="exact", dtype=torch.bfloat16)(tokens)
+    released = json.loads((shared_dir / "golden" / "config_flash_inference.json").read_text())
+    tiny = preset("tiny").to_dict()
+    (damaged / "config.json").write_text(json.dumps({key: tiny[key] for key in released}, indent=4))
+    with Checkpoint(damaged) as ckpt:
+        assert ckpt.args == hf_args and ckpt.hf_config == {}
+        assert validate(ckpt) == "hf"
+    assert torch.equal(load_model(damaged, numerics="exact", dtype=torch.bfloat16)(tokens), hf_logits)
+
+
+def test_inference_dialect_config_at_the_root_with_an_inference_config(damaged):
+    """Both files in the inference dialect: they must agree, and the inference/ one sets the runtime fields."""
+    root_config = {k: v for k, v in preset("tiny").to_dict().items() if k not in ("max_seq_len", "scale_dtype")}
+    (damaged / "config.json").write_text(json.dumps(root_config))
+    (damaged / "inference").mkdir()
+    (damaged / "inference" / "config.json").write_text(json.dumps(root_config | {"max_seq_len": 512,
+                                                                                 "scale_dtype": "fp32"}))
+    with Checkpoint(damaged) as ckpt:
+        assert ckpt.args == preset("tiny").replace(max_seq_len=512, scale_dtype="fp32")
+    (damaged / "inference" / "config.json").write_text(json.dumps(root_config | {"dim": 128}))
+    with pytest.raises(CheckpointError, match="disagree on dim"):
+        Checkpoint(damaged)
+
+
+def test_config_in_neither_dialect(damaged):
+    (damaged / "config.json").write_text(json.dumps({"d_model": 64, "num_layers": 5, "vocab_size": 256}))
+    with pytest.raises(CheckpointError, match="invalid config: config is in neither dialect") as err:
+        Checkpoint(damaged)
+    assert "hidden_size" in str(err.value) and "n_layers" in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------- damage
 
 

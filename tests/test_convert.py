@@ -406,6 +406,10 @@ def test_cli_convert_and_make_checkpoint(tmp_path, capsys):
     assert _cli(["make-checkpoint", str(tmp_path / "big"), "--config", str(tmp_path / "cfg.json"),
                  "--layout", "converted"]) == 0
     assert validate(Checkpoint(tmp_path / "big")) == "converted"
+    (tmp_path / "inference.json").write_text(json.dumps(preset("tiny").to_dict()))  # the inference dialect
+    assert _cli(["make-checkpoint", str(tmp_path / "inf"), "--config", str(tmp_path / "inference.json"),
+                 "--seed", "4"]) == 0
+    assert_same_tensors(src, tmp_path / "inf")
 
     assert _cli(["convert", str(src), str(tmp_path / "plain"), "--to", "bf16", "--shards", "3"]) == 0
     assert "3 shards" in capsys.readouterr().out

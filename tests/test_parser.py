@@ -5,6 +5,19 @@ import random
 
 import pytest
 
+from dsv4.chat.arguments import ToolSchemas as _Schemas
+from dsv4.chat.events import (
+    ContentDelta,
+    Finish,
+    ParsedMessage,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallArgumentsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    aggregate_events,
+    new_tool_call_id,
+)
 from dsv4.chat.format import (
     ASSISTANT,
     BOS,
@@ -21,21 +34,7 @@ from dsv4.chat.format import (
     TOOL_CALLS_SEPARATOR,
     TOOL_CALLS_START,
 )
-from dsv4.chat.parser import (
-    ContentDelta,
-    Finish,
-    ParsedMessage,
-    ReasoningDelta,
-    ToolCall,
-    ToolCallArgumentsDelta,
-    ToolCallEnd,
-    ToolCallStart,
-    _parse_direct,
-    aggregate_events,
-    new_tool_call_id,
-    parse_completion,
-)
-from dsv4.chat.parser import ToolSchemas as _Schemas
+from dsv4.chat.parser import _parse_direct, parse_completion
 from dsv4.chat.streaming import StreamParser, scrub
 
 RESERVED = (EOS, BOS, THINK_START, THINK_END, DSML)

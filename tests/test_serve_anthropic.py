@@ -17,7 +17,7 @@ import httpx
 import pytest
 from serve_stubs import ScriptedEngine, live_server, smart_reply, think, tool_calls
 
-from dsv4.chat.parser import (
+from dsv4.chat.events import (
     ContentDelta,
     Finish,
     ReasoningDelta,

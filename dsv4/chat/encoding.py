@@ -79,6 +79,7 @@ __all__ = [
     "THINKING_MODES",
     "REASONING_EFFORTS",
     "encode_messages",
+    "encode_segments",
     "render_tool_calls",
     "render_tools",
     "tool_call_from_openai",
@@ -403,6 +404,16 @@ def _drop_thinking(msgs: list[_Msg]) -> list[_Msg]:
     return kept
 
 
+def _prepare(messages: Sequence[Any], tools: Any, response_format: Any, thinking: bool,
+             drop_thinking: bool) -> tuple[list[_Msg], bool, int]:
+    """(the messages as rendered, whether earlier reasoning is dropped, the index of the last user turn)."""
+    msgs = _merge_user_turns(_attach_request_fields(_normalize(messages), tools, response_format))
+    drop = drop_thinking and not any(m.tools for m in msgs)
+    if thinking and drop:
+        msgs = _drop_thinking(msgs)
+    return msgs, drop, _last_user_index(msgs)
+
+
 # ------------------------------------------------------------------------------------------------
 # Rendering
 
@@ -475,14 +486,43 @@ def encode_messages(
     if not messages:
         raise EncodingError("messages is empty")
     thinking = thinking_mode == "thinking"
-
-    msgs = _merge_user_turns(_attach_request_fields(_normalize(messages), tools, response_format))
-    drop = drop_thinking and not any(m.tools for m in msgs)
-    if thinking and drop:
-        msgs = _drop_thinking(msgs)
-    last_user = _last_user_index(msgs)
-
+    msgs, drop, last_user = _prepare(messages, tools, response_format, thinking, drop_thinking)
     prompt = BOS if add_default_bos_token else ""
     if thinking and reasoning_effort == "max":
         prompt += REASONING_EFFORT_MAX
     return prompt + "".join(_render(k, msgs, thinking, drop, last_user) for k in range(len(msgs)))
+
+
+def encode_segments(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    thinking_mode: str = "chat",
+    drop_thinking: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[tuple[str, bool]]:
+    """`encode_messages(messages, thinking_mode=..., drop_thinking=..., tools=...)` cut into
+    (text, produced_by_assistant) pieces that join to exactly that text: what a fine-tuning loss mask needs.
+
+    Why not render prefixes of the conversation and diff them: with drop_thinking, a later user turn changes
+    how *earlier* turns render (their reasoning is dropped and their turn opens with `</think>`), so a prefix
+    render is not a prefix of the full text. Instead each message is rendered as `encode_messages` renders it
+    and each assistant message's own part is split off; the join is checked against `encode_messages`."""
+    text = encode_messages(messages, thinking_mode=thinking_mode, drop_thinking=drop_thinking, tools=tools)
+    thinking = thinking_mode == "thinking"
+    msgs, drop, last_user = _prepare(messages, tools, None, thinking, drop_thinking)
+    segments: list[tuple[str, bool]] = [(BOS, False)]
+    for k, m in enumerate(msgs):
+        piece = _render(k, msgs, thinking, drop, last_user)
+        if m.role == "assistant":
+            # the message's own text: rendered as if it were last and carried no task (a task token after it
+            # is a prompt for the next turn, not something this turn produced)
+            own = _render(k, [*msgs[:k], replace(m, task=None)], thinking, drop, last_user)
+            if not piece.startswith(own):
+                raise AssertionError("encode_segments: an assistant turn no longer renders first")
+            segments += [(own, True), (piece[len(own):], False)]
+        else:
+            segments.append((piece, False))
+    segments = [(s, a) for s, a in segments if s]
+    if "".join(s for s, _ in segments) != text:
+        raise AssertionError("encode_segments: the per-message rendering no longer joins to encode_messages")
+    return segments

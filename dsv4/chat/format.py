@@ -16,6 +16,10 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 DSML = "｜DSML｜"
 
+# the strings the parsers delete wherever they would reach reasoning, content or arguments: a client
+# must never see one, or it would be read back as markup when the conversation is sent again
+RESERVED = (EOS, BOS, THINK_START, THINK_END, DSML)
+
 # quick-instruction task tokens (a message's `task` field)
 TASK_TOKENS = {
     "action": "<｜action｜>",

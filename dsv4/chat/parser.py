@@ -21,24 +21,8 @@ It is the aggregation of the events of `dsv4.chat.streaming.StreamParser` fed th
 chunking: a text in exactly the official layout takes a direct path here, anything else is handed to
 the streaming state machine, whose module doc states the rules for the rest.
 
-Arguments. A call's `arguments` is the JSON object text `{"K": V, ...}` (separators ", " and ": ",
-parameters in order, non-ASCII kept), as the official `decode_dsml_to_arguments` builds it:
-
-* string="true": V is the raw value as a JSON string (`json.dumps(value, ensure_ascii=False)`).
-* string="false": V is the raw value text verbatim when it is valid JSON (strict: NaN/Infinity are
-  not JSON). Otherwise V is the raw text as a JSON string, so `arguments` is always valid JSON;
-  a warning is attached unless the schema allows a string.
-* A parameter without a string attribute is read as string="false".
-
-With `tools` (the request's OpenAI tool list; bare function objects are accepted too), the types of a
-parameter's JSON schema (`type`, or the types of `anyOf`/`oneOf`/`enum`/`const`) refine this:
-
-* string="true" and the schema allows no string but one of number/integer/boolean/array/object/null:
-  the value is parsed as JSON and, when that succeeds and gives one of the allowed types, V is its
-  JSON (`json.dumps`); otherwise it stays a JSON string.
-* string="false" and the schema type is exactly string: a value that is not a JSON string (invalid
-  JSON, or a number, array, ...) becomes the raw text as a JSON string.
-* A call whose name is not in `tools` is kept, with the warning "unknown tool 'NAME'".
+Arguments: a call's `arguments` is the JSON object text the official `decode_dsml_to_arguments`
+builds, refined by the request's tool schemas; `dsv4.chat.arguments` states the rules.
 
 Robustness rules (in short; `dsv4.chat.streaming` states them exactly): reasoning ends at
 `</think>`, at a tool-calls opener (a missing `</think>`) or at EOS; a block may start anywhere in
@@ -52,254 +36,24 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from dsv4.chat.arguments import ToolSchemas, json_param_json, string_param_json, unknown_tool_warning
+from dsv4.chat.events import IdFactory, ParsedMessage, ToolCall, aggregate_events, final_reason, new_tool_call_id
 from dsv4.chat.format import (
-    BOS,
-    DSML,
     EOS,
     INVOKE_END,
     INVOKE_START,
     PARAMETER_END,
     PARAMETER_START,
+    RESERVED,
     THINK_END,
-    THINK_START,
     TOOL_CALLS_END,
     TOOL_CALLS_SEPARATOR,
     TOOL_CALLS_START,
 )
-
-# strings removed wherever they would reach reasoning, content or arguments
-RESERVED = (EOS, BOS, THINK_START, THINK_END, DSML)
-
-IdFactory = Callable[[int], str]
-
-_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def new_tool_call_id(index: int) -> str:
-    """A fresh unique id shaped like DeepSeek's: `call_00_` + 22 random base-62 characters."""
-    n = uuid.uuid4().int
-    tail = []
-    for _ in range(22):
-        n, r = divmod(n, 62)
-        tail.append(_B62[r])
-    return f"call_{index:02d}_{''.join(tail)}"
-
-
-# ------------------------------------------------------------------------------------------------
-# results and events
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # a JSON object, as text
-    warnings: tuple[str, ...] = ()
-
-    def to_openai(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedMessage:
-    reasoning_content: str
-    content: str
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "tool_calls" | "length" (or the engine's own reason)
-
-    def to_openai(self) -> dict[str, Any]:
-        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
-        if self.reasoning_content:
-            msg["reasoning_content"] = self.reasoning_content
-        if self.tool_calls:
-            msg["tool_calls"] = [c.to_openai() for c in self.tool_calls]
-        return msg
-
-
-@dataclass(frozen=True, slots=True)
-class ReasoningDelta:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class ContentDelta:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallStart:
-    index: int
-    id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallArgumentsDelta:
-    index: int
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallEnd:
-    index: int
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    reason: str
-    stop_sequence: str | None = None  # the caller's stop string that ended the text (set by the server)
-
-
-Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArgumentsDelta | ToolCallEnd | Finish
-
-
-def aggregate_events(events: Iterable[Event]) -> ParsedMessage:
-    """The message a stream of events describes (what a client rebuilds from the deltas)."""
-    reasoning: list[str] = []
-    content: list[str] = []
-    calls: dict[int, list[Any]] = {}  # index -> [id, name, [argument parts], warnings]
-    finish = None
-    for ev in events:
-        t = type(ev)
-        if t is ContentDelta:
-            content.append(ev.text)
-        elif t is ReasoningDelta:
-            reasoning.append(ev.text)
-        elif t is ToolCallArgumentsDelta:
-            calls[ev.index][2].append(ev.text)
-        elif t is ToolCallStart:
-            calls[ev.index] = [ev.id, ev.name, [], ()]
-        elif t is ToolCallEnd:
-            calls[ev.index][3] = ev.warnings
-        elif t is Finish:
-            finish = ev.reason
-    tool_calls = [ToolCall(c[0], c[1], "".join(c[2]), c[3]) for _, c in sorted(calls.items())]
-    return ParsedMessage("".join(reasoning), "".join(content), tool_calls, finish)
-
-
-def final_reason(reason: str | None, eos_seen: bool, n_calls: int) -> str:
-    """finish_reason of a message: the engine's `reason` (None: "stop" when EOS was written, else
-    "length"), with "stop" turned into "tool_calls" when the message has calls."""
-    if reason is None:
-        reason = "stop" if eos_seen else "length"
-    if reason == "stop" and n_calls:
-        return "tool_calls"
-    return reason
-
-
-# ------------------------------------------------------------------------------------------------
-# tool schemas and typed values
-
-_COERCIBLE = frozenset({"number", "integer", "boolean", "array", "object", "null"})
-_STRING_ONLY = frozenset({"string"})
-_JSON_TYPE = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null",
-              list: "array", dict: "object"}
-
-
-def _schema_types(schema: Any) -> frozenset[str] | None:
-    """The JSON types a parameter schema allows; None when it does not say."""
-    if not isinstance(schema, Mapping):
-        return None
-    t = schema.get("type")
-    if isinstance(t, str):
-        return frozenset((t,))
-    if isinstance(t, list) and t and all(isinstance(x, str) for x in t):
-        return frozenset(t)
-    for key in ("anyOf", "oneOf"):
-        subs = schema.get(key)
-        if isinstance(subs, list) and subs:
-            out: set[str] = set()
-            for sub in subs:
-                st = _schema_types(sub)
-                if st is None:
-                    return None
-                out |= st
-            return frozenset(out)
-    values = schema.get("enum")
-    if values is None and "const" in schema:
-        values = [schema["const"]]
-    if isinstance(values, list) and values and all(type(v) in _JSON_TYPE for v in values):
-        return frozenset(_JSON_TYPE[type(v)] for v in values)
-    return None
-
-
-class ToolSchemas:
-    """Tool names and parameter types of a request's `tools` (None: nothing known, no warnings)."""
-
-    def __init__(self, tools: Iterable[Mapping[str, Any]] | None):
-        self.enabled = tools is not None
-        self._props: dict[str, Mapping[str, Any]] = {}
-        for tool in tools or ():
-            if not isinstance(tool, Mapping):
-                continue
-            fn = tool.get("function", tool)
-            if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-                continue
-            params = fn.get("parameters")
-            props = params.get("properties") if isinstance(params, Mapping) else None
-            self._props[fn["name"]] = props if isinstance(props, Mapping) else {}
-
-    def unknown(self, name: str) -> bool:
-        return self.enabled and name not in self._props
-
-    def types(self, name: str, key: str) -> frozenset[str] | None:
-        props = self._props.get(name)
-        return _schema_types(props.get(key)) if props else None
-
-
-def unknown_tool_warning(name: str) -> str:
-    return f"unknown tool {name!r}"
-
-
-def coerces_string(types: frozenset[str] | None) -> bool:
-    """Whether a string="true" value of a parameter with these schema types is parsed as JSON."""
-    return types is not None and "string" not in types and not types.isdisjoint(_COERCIBLE)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def strict_json(text: str) -> tuple[bool, Any]:
-    try:
-        return True, json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return False, None
-
-
-def _has_type(value: Any, types: frozenset[str]) -> bool:
-    t = _JSON_TYPE.get(type(value))
-    return t in types or (t == "integer" and "number" in types)
-
-
-def string_param_json(raw: str, types: frozenset[str] | None) -> str:
-    """V of a string="true" parameter (`coerces_string(types)` decides whether parsing is tried)."""
-    if coerces_string(types):
-        ok, value = strict_json(raw)
-        if ok and _has_type(value, types):
-            return json.dumps(value, ensure_ascii=False)
-    return json.dumps(raw, ensure_ascii=False)
-
-
-def json_param_json(key: str, raw: str, types: frozenset[str] | None) -> tuple[str, str | None]:
-    """(V, warning) of a string="false" (or attribute-less) parameter."""
-    ok, value = strict_json(raw)
-    if ok and not (types == _STRING_ONLY and not isinstance(value, str)):
-        return raw, None
-    warning = None
-    if not ok and not (types and "string" in types):
-        warning = f'parameter {key!r}: string="false" value is not valid JSON; kept as a string'
-    return json.dumps(raw, ensure_ascii=False), warning
-
-
-# ------------------------------------------------------------------------------------------------
-# the full-text parser
+from dsv4.chat.streaming import StreamParser
 
 _NAME_BAD = re.compile(r'["<>\n]')
 _HEADER_STRICT = re.compile(r'([^"<>\n]*)" string="(true|false)"')
@@ -419,8 +173,6 @@ def parse_completion(
     schemas = tools if isinstance(tools, ToolSchemas) else ToolSchemas(tools)
     direct = _parse_direct(text, thinking, schemas)
     if direct is None:
-        from dsv4.chat.streaming import StreamParser
-
         sp = StreamParser(thinking=thinking, tools=schemas, id_factory=id_factory)
         events = sp.feed(text)
         events += sp.finish(finish_reason)

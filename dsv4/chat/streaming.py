@@ -5,7 +5,7 @@
         for event in sp.feed(piece): ...
     for event in sp.finish(engine_reason): ...      # "stop", "length", ... or None to infer
 
-Events (`dsv4.chat.parser`): ReasoningDelta(text), ContentDelta(text), ToolCallStart(index, id, name),
+Events (`dsv4.chat.events`): ReasoningDelta(text), ContentDelta(text), ToolCallStart(index, id, name),
 ToolCallArgumentsDelta(index, text), ToolCallEnd(index, warnings), Finish(reason). A call's argument
 deltas concatenate to exactly its final arguments JSON: "{", then per parameter `"K": ` and its value
 (a string="true" value streams as JSON-escaped text between quotes as it arrives; a value that must be
@@ -57,19 +57,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dsv4.chat.format import (
-    EOS,
-    INVOKE_END,
-    INVOKE_START,
-    PARAMETER_END,
-    PARAMETER_START,
-    THINK_END,
-    TOOL_CALLS_END,
-    TOOL_CALLS_SEPARATOR,
-    TOOL_CALLS_START,
-)
-from dsv4.chat.parser import (
-    RESERVED,
+from dsv4.chat.arguments import ToolSchemas, coerces_string, json_param_json, string_param_json, unknown_tool_warning
+from dsv4.chat.events import (
     ContentDelta,
     Event,
     Finish,
@@ -78,13 +67,20 @@ from dsv4.chat.parser import (
     ToolCallArgumentsDelta,
     ToolCallEnd,
     ToolCallStart,
-    ToolSchemas,
-    coerces_string,
     final_reason,
-    json_param_json,
     new_tool_call_id,
-    string_param_json,
-    unknown_tool_warning,
+)
+from dsv4.chat.format import (
+    EOS,
+    INVOKE_END,
+    INVOKE_START,
+    PARAMETER_END,
+    PARAMETER_START,
+    RESERVED,
+    THINK_END,
+    TOOL_CALLS_END,
+    TOOL_CALLS_SEPARATOR,
+    TOOL_CALLS_START,
 )
 
 # ------------------------------------------------------------------------------------------------

@@ -36,8 +36,13 @@ CONFIG_FILE = "tokenizer_config.json"
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode: the printable stand-in character -> the byte it encodes."""
+def byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: the printable stand-in character -> the byte it encodes.
+
+    Byte-level BPE (GPT-2's scheme, which the official tokenizer uses) writes every byte as a printable
+    stand-in character, so a token's text is a string of stand-ins. `Tokenizer.token_bytes` reads a token's
+    bytes through this table, and `dsv4.train.tokenizers.byte_tokenizer` builds its vocabulary from it (one
+    id per byte). The table is cached and shared: do not modify it."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -189,7 +194,7 @@ class Tokenizer:
             if token is None:
                 piece = b""
             else:
-                table = _byte_decoder()
+                table = byte_decoder()
                 try:
                     piece = bytes([table[c] for c in token])
                 except KeyError:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ModelArgs
+from ..config import INFERENCE_ONLY_FIELDS, ConfigError, ModelArgs
 from ..parallel.rules import ShardingError, expert_id, split_for_rank
 from ..quant import (
     dequantize_fp4_weight,
@@ -54,7 +54,7 @@ from ..quant import (
     quantize_fp4_weight,
     quantize_fp8_weight,
 )
-from .reader import INDEX_FILE, MP_FILE, SINGLE_FILE, Checkpoint, CheckpointError, _report
+from .reader import INDEX_FILE, MP_FILE, SINGLE_FILE, Checkpoint, CheckpointError, format_problems
 from .schema import DTYPE_BITS, DTYPE_NAMES, DTYPES, FP8_TILE, PACKED_FP4, TensorSpec, expected_tensors
 from .validate import FLOAT_KEY, LAYOUT_KEY, model_parallel_rank, rank_specs, validate
 
@@ -307,8 +307,8 @@ def _target_config(src: _Source, args: ModelArgs) -> dict:
         if args.expert_dtype is not None:
             config["expert_dtype"] = args.expert_dtype
     try:
-        same = ModelArgs.from_hf_config(config).replace(max_batch_size=args.max_batch_size,
-                                                        max_seq_len=args.max_seq_len) == args
+        same = ModelArgs.from_hf_config(config).replace(
+            **{f: getattr(args, f) for f in INFERENCE_ONLY_FIELDS}) == args
     except (ConfigError, KeyError, TypeError, ValueError):
         same = False
     if not same:  # the source config said something the edit could not carry: write it from the args
@@ -375,7 +375,7 @@ def _check_split(specs: dict[str, TensorSpec], world: int, n_experts: int, where
             key = re.sub(r"(layers|mtp|experts)\.\d+", r"\1.*", str(err))
             problems.setdefault(key, str(err))
     if problems:
-        raise ShardingError(_report(where, f"cannot be split across {world} model-parallel ranks",
+        raise ShardingError(format_problems(where, f"cannot be split across {world} model-parallel ranks",
                                     list(problems.values())))
 
 

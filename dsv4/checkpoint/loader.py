@@ -36,7 +36,7 @@ from ..quant import (
     quantize_fp4_weight,
     quantize_fp8_weight,
 )
-from .reader import Checkpoint, CheckpointError, _report
+from .reader import Checkpoint, CheckpointError, format_problems
 from .schema import FP8_TILE
 from .validate import model_parallel_rank, validate
 
@@ -100,7 +100,7 @@ class _Source:
         unexpected = sorted(set(self.names) - self.used) if self.mapping is not None else []
         lines = [f"missing {n}" for n in self.missing] + [f"unexpected {n}" for n in unexpected] + self.problems
         if lines:
-            raise CheckpointError(_report(self.where, "does not fit the model", lines))
+            raise CheckpointError(format_problems(self.where, "does not fit the model", lines))
 
 
 def _assign(module: nn.Module, attr: str, value: torch.Tensor, device: torch.device, buffer: bool) -> None:

@@ -2,7 +2,8 @@
 
 `Checkpoint(path)` accepts what users actually have:
 * a Hugging Face release directory: `config.json` (+ `inference/config.json`), and either
-  `model.safetensors.index.json` with its shards or a single `model.safetensors`;
+  `model.safetensors.index.json` with its shards or a single `model.safetensors`; the root
+  `config.json` may be in either dialect (HF or the inference code's);
 * a directory written by `dsv4 convert` (per-rank `model{r}-mp{N}.safetensors` or a plain export);
 * a single `.safetensors` file whose directory holds the config.
 
@@ -19,6 +20,7 @@ concerns, as a `CheckpointError`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import ConfigError, ModelArgs
+from ..config import INFERENCE_ONLY_FIELDS, ConfigError, ModelArgs, config_dialect
 from .schema import DTYPES
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,30 +62,34 @@ def read_json(path: Path) -> dict:
 
 
 def read_args(root: Path) -> tuple[ModelArgs, dict]:
-    """ModelArgs from `config.json` and/or `inference/config.json`; the two must agree when both exist.
+    """ModelArgs from `config.json` and/or `inference/config.json`, each in either dialect (told apart by its
+    keys, `config_dialect`): users keep the inference config at the root too. The two must agree when both
+    exist, and the second may set what the HF dialect cannot (`INFERENCE_ONLY_FIELDS`: max_seq_len, ...).
 
-    Returns the args and the HF config dict (empty when only the inference config exists)."""
-    hf_path, ref_path = root / "config.json", root / "inference" / "config.json"
-    if not hf_path.exists() and not ref_path.exists():
+    Returns the args and the HF-dialect `config.json` dict (empty when the root has none in that dialect)."""
+    paths = [p for p in (root / "config.json", root / "inference" / "config.json") if p.exists()]
+    if not paths:
         raise CheckpointError(f"{root}: no config.json (or inference/config.json) next to the weights")
+    fields = [f.name for f in dataclasses.fields(ModelArgs)]
     hf_cfg: dict = {}
     args = None
     try:
-        if hf_path.exists():
-            hf_cfg = read_json(hf_path)
-            args = ModelArgs.from_hf_config(hf_cfg)
-        if ref_path.exists():
-            ref_values = read_json(ref_path)
-            ref_args = ModelArgs.from_dict(ref_values)
+        for path in paths:
+            values = read_json(path)
+            dialect = config_dialect(values)
+            these = ModelArgs.from_config(values)
             if args is None:
-                args = ref_args
-            else:
-                runtime = {"max_batch_size", "max_seq_len"}  # the inference config may set these; HF cannot
-                diff = [f for f, v in args.to_dict().items()
-                        if f not in runtime and f in ref_values and ref_args.to_dict()[f] != v]
-                if diff:
-                    raise CheckpointError(f"{hf_path} and {ref_path} disagree on {', '.join(diff)}")
-                args = args.replace(**{k: ref_values[k] for k in runtime if k in ref_values})
+                args, first = these, path
+                if dialect == "hf" and path == root / "config.json":
+                    hf_cfg = values
+                continue
+            # what the second config states: an inference config its keys (the rest are defaults), an HF one all
+            stated = set(values) if dialect == "inference" else set(fields) - set(INFERENCE_ONLY_FIELDS)
+            diff = [f for f in fields if f in stated and f not in INFERENCE_ONLY_FIELDS
+                    and getattr(these, f) != getattr(args, f)]
+            if diff:
+                raise CheckpointError(f"{first} and {path} disagree on {', '.join(diff)}")
+            args = args.replace(**{f: getattr(these, f) for f in INFERENCE_ONLY_FIELDS if f in stated})
     except ConfigError as err:
         raise CheckpointError(f"{root}: invalid config: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
@@ -191,7 +197,7 @@ class Checkpoint:
             if name not in weight_map:
                 problems.append(f"{name}: stored in {stored.file.name} but missing from {INDEX_FILE}")
         if problems:
-            raise CheckpointError(_report(self.root / INDEX_FILE, "does not match its shards", problems))
+            raise CheckpointError(format_problems(self.root / INDEX_FILE, "does not match its shards", problems))
 
     # ------------------------------------------------------------------ access
     def __contains__(self, name: str) -> bool:
@@ -245,7 +251,10 @@ class Checkpoint:
         self.close()
 
 
-def _report(where: Path | str, what: str, problems: list[str], limit: int = 25) -> str:
+def format_problems(where: Path | str, what: str, problems: list[str], limit: int = 25) -> str:
+    """The message of an error with many problems: `where: what (N problems):` then one line each, at most
+    `limit` shown. A damaged checkpoint rarely has one problem, and the reader, validator, loader and
+    converter all report every one they find at once, so a user fixes them in one round, not one per run."""
     shown = problems[:limit]
     more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
     return f"{where}: {what} ({len(problems)} problems):\n  " + "\n  ".join(shown) + more

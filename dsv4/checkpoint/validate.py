@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..parallel.rules import ShardingError, expert_id, split_for_rank
-from .reader import MP_FILE, Checkpoint, CheckpointError, StoredTensor, _report
+from .reader import MP_FILE, Checkpoint, CheckpointError, StoredTensor, format_problems
 from .schema import FP8_TILE, LAYOUTS, PACKED_FP4, TensorSpec, expected_tensors
 
 LAYOUT_KEY = "dsv4_layout"  # safetensors metadata written by dsv4 (the release has none)
@@ -103,5 +103,5 @@ def validate(ckpt: Checkpoint) -> str:
         if name not in specs:
             problems.append(f"unexpected {name} {list(stored.shape)} {stored.dtype} in {stored.file.name}")
     if problems:
-        raise CheckpointError(_report(ckpt.root, f"does not match its config ({layout} layout)", problems))
+        raise CheckpointError(format_problems(ckpt.root, f"does not match its config ({layout} layout)", problems))
     return layout

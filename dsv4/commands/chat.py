@@ -173,7 +173,7 @@ class Reply:
 async def stream_reply(stream: AsyncIterator[Any], reply: Reply, view: View) -> None:
     """Consume a `ChatService.generate` stream into `reply`, writing it with `view`. Cancelling this (Ctrl-C)
     closes the stream, which aborts the engine request."""
-    from ..chat.parser import (
+    from ..chat.events import (
         ContentDelta,
         Finish,
         ReasoningDelta,

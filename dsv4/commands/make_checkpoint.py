@@ -44,9 +44,7 @@ def _config_args(text: str):
         return read_args(path)[0]
     if not path.is_file():
         raise UsageError(f"--config {text}: no such file or directory")
-    values = read_json(path)
-    hf = "model_type" in values or "hidden_size" in values
-    return ModelArgs.from_hf_config(values) if hf else ModelArgs.from_dict(values)
+    return ModelArgs.from_config(read_json(path))
 
 
 def run(args: argparse.Namespace) -> int:

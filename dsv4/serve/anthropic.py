@@ -69,7 +69,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..chat.parser import (
+from ..chat.events import (
     ContentDelta,
     Finish,
     ReasoningDelta,

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..chat.parser import (
+from ..chat.events import (
     ContentDelta,
     Finish,
     ReasoningDelta,

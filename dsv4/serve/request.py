@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..chat.parser import Event
+from ..chat.events import Event
 from ..engine.sampling import TokenLogprobs
 
 REASONING_MODES = ("non-think", "think-high", "think-max")

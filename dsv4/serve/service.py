@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat.encoding import EncodingError, encode_messages
+from ..chat.events import ContentDelta, Event, Finish
 from ..chat.format import INVOKE_START, THINK_END, TOOL_CALLS_SEPARATOR, TOOL_CALLS_START
-from ..chat.parser import ContentDelta, Event, Finish
 from ..chat.streaming import StreamParser
 from ..chat.tokenizer import Tokenizer
 from ..engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs

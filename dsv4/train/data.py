@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +50,12 @@ import numpy as np
 import torch
 
 from ..chat import encoding as enc
-from ..chat.format import BOS
 from ..chat.tokenizer import Tokenizer
 
 __all__ = [
     "DATA_FORMATS", "IGNORE_INDEX", "MANIFEST", "SPLIT_MODES",
     "DataError", "DocumentRows", "PackedBatch", "PackedLoader", "Shard", "ShardWriter",
-    "chat_segments", "detect_format", "open_split", "prepare", "read_manifest", "render_chat", "split_documents",
+    "detect_format", "open_split", "prepare", "read_manifest", "render_chat", "split_documents",
 ]
 
 MANIFEST = "manifest.json"
@@ -76,40 +75,6 @@ class DataError(ValueError):
 # ================================================================================================ chat
 
 
-def chat_segments(messages: Sequence[Any], *, tools: Sequence[Any] | None = None, thinking_mode: str = "chat",
-                  drop_thinking: bool = True) -> list[tuple[str, bool]]:
-    """The V4 rendering of a conversation as (text, produced_by_assistant) pieces; they join to exactly
-    `encode_messages(messages, thinking_mode=..., drop_thinking=..., tools=...)` (checked).
-
-    Why not render prefixes of the conversation and diff them: with drop_thinking, a later user turn changes
-    how *earlier* turns render (their reasoning is dropped and their turn opens with `</think>`), so a prefix
-    render is not a prefix of the full text. Instead we run the encoder's own per-message steps (its private
-    helpers) and keep each assistant message's part; the equality check catches any drift of the encoder."""
-    text = enc.encode_messages(messages, thinking_mode=thinking_mode, drop_thinking=drop_thinking, tools=tools)
-    thinking = thinking_mode == "thinking"
-    msgs = enc._merge_user_turns(enc._attach_request_fields(enc._normalize(messages), tools, None))
-    drop = drop_thinking and not any(m.tools for m in msgs)
-    if thinking and drop:
-        msgs = enc._drop_thinking(msgs)
-    last_user = enc._last_user_index(msgs)
-    segments: list[tuple[str, bool]] = [(BOS, False)]
-    for k, m in enumerate(msgs):
-        piece = enc._render(k, msgs, thinking, drop, last_user)
-        if m.role == "assistant":
-            # the message's own text: rendered as if it were last and carried no task (a task token after it
-            # is a prompt for the next turn, not something this turn produced)
-            own = enc._render(k, [*msgs[:k], replace(m, task=None)], thinking, drop, last_user)
-            if not piece.startswith(own):
-                raise AssertionError("dsv4.chat.encoding changed: an assistant turn no longer renders first")
-            segments += [(own, True), (piece[len(own):], False)]
-        else:
-            segments.append((piece, False))
-    segments = [(s, a) for s, a in segments if s]
-    if "".join(s for s, _ in segments) != text:
-        raise AssertionError("dsv4.chat.encoding changed: per-message rendering no longer joins to encode_messages")
-    return segments
-
-
 def render_chat(messages: Sequence[Any], tokenizer: Tokenizer, *, tools: Sequence[Any] | None = None,
                 thinking_mode: str = "auto", drop_thinking: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
     """(ids uint32, loss mask uint8, canonical) of one conversation (see the module docstring for the mask).
@@ -123,7 +88,8 @@ def render_chat(messages: Sequence[Any], tokenizer: Tokenizer, *, tools: Sequenc
         reasoning = any(isinstance(m, dict) and m.get("role") == "assistant"
                         and (m.get("reasoning_content") or m.get("reasoning")) for m in messages)
         thinking_mode = "thinking" if reasoning else "chat"
-    segments = chat_segments(messages, tools=tools, thinking_mode=thinking_mode, drop_thinking=drop_thinking)
+    segments = enc.encode_segments(messages, tools=tools, thinking_mode=thinking_mode,
+                                   drop_thinking=drop_thinking)
     ids: list[int] = []
     mask: list[int] = []
     for text, assistant in segments:

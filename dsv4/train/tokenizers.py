@@ -31,7 +31,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from ..chat import format as fmt
-from ..chat.tokenizer import Tokenizer, _byte_decoder
+from ..chat.tokenizer import Tokenizer, byte_decoder
 
 __all__ = ["BYTE_SPECIALS", "BYTE_VOCAB_SIZE", "byte_tokenizer", "load_tokenizer", "tokenizer_fingerprint"]
 
@@ -46,7 +46,7 @@ def byte_tokenizer() -> Tokenizer:
 
     Built as a `tokenizers` BPE without merges over GPT-2's byte alphabet (the same byte-level scheme as the
     official tokenizer), so `tokenizer.json` round-trips and the fast Rust encoder does the work."""
-    vocab = {char: byte for char, byte in _byte_decoder().items()}  # stand-in character -> its byte = the id
+    vocab = {char: byte for char, byte in byte_decoder().items()}  # stand-in character -> its byte = the id
     hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # regex: speed only
     hf.decoder = decoders.ByteLevel()
