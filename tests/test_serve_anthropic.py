@@ -1,4 +1,4 @@
-"""The Anthropic Messages protocol (`dsv4.serve.anthropic`).
+"""The Anthropic Messages protocol (`dsv4.serve.protocols.anthropic`).
 
 First the pieces alone: request conversion to `ChatRequest`, the mode / tool_choice / stop_reason mappings,
 thinking signatures, and the renderer's SSE event sequence and message JSON from hand-written backend
@@ -26,9 +26,9 @@ from dsv4.chat.events import (
     ToolCallStart,
 )
 from dsv4.chat.tokenizer import Tokenizer
-from dsv4.serve import anthropic as A
 from dsv4.serve.app import create_app
 from dsv4.serve.context import KEEPALIVE, KeepAlive, ServeConfig, ServeContext
+from dsv4.serve.protocols import anthropic as A
 from dsv4.serve.request import ChoiceEvent, RequestError, Usage
 from dsv4.serve.service import ChatService
 

@@ -16,9 +16,9 @@ import pytest
 from serve_stubs import ScriptedEngine, ScriptedStream, live_server
 
 from dsv4.chat.tokenizer import Tokenizer
-from dsv4.serve.anthropic import sign_thinking
 from dsv4.serve.app import create_app
 from dsv4.serve.context import ServeConfig, ServeContext
+from dsv4.serve.protocols.anthropic import sign_thinking
 from dsv4.serve.service import ChatService
 
 MODEL = "deepseek-v4-flash"

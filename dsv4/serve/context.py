@@ -1,9 +1,8 @@
 """What every HTTP route needs, in one object: `ServeContext` (backend, config, metrics, limiter).
 
-Both protocol modules (`openai.py` routes in `app.py`, and `anthropic.py`) handle a generation request the
-same way:
+Every protocol module (`dsv4.serve.protocols`) handles a generation request the same way; the app has already
+checked the API key (`ctx.check_auth`, a RequestError(401) without a valid key when keys are set):
 
-    ctx.check_auth(http_request)                   # RequestError(401) without a valid key (when keys are set)
     model = ctx.resolve_model(body.model)          # RequestError(404) for a name the server does not serve
     chat = ChatRequest(model=model, ...)           # the protocol's conversion
     gen = ctx.start(chat)                          # validates now (RequestError 4xx: bad input, too long),
@@ -11,7 +10,7 @@ same way:
     # streaming: return the SSE response; inside its body generator
     async for item in gen:                         # KEEPALIVE while queued (every config.keepalive_s),
         ...                                        # then ChoiceEvent ..., then exactly one Usage
-    # non-streaming: items = await gen.collect()   # no KEEPALIVE, just ChoiceEvents and the Usage
+    # non-streaming: items = await plumbing.collect(gen, request)   # no KEEPALIVE, just ChoiceEvents and the Usage
 
 `Generation` releases its running slot / queue place and aborts the backend's engine requests when it ends,
 when the consumer stops early (`aclose()`, cancellation when the client disconnects) or when it is garbage
@@ -19,9 +18,9 @@ collected unstarted. It also records time to first token, inter-token gaps and u
 so protocol modules record nothing themselves (HTTP status counts come from the app's middleware).
 
 Errors: everything a route raises as `RequestError` before its response starts is rendered by the app's
-exception handler in the protocol's error shape (by path: `/v1/messages*` and `/anthropic/*` are Anthropic,
-the rest OpenAI); `QueueFullError` (a `RequestError` with status 429) adds a `retry-after` header. Once a
-stream has started, a failure must be sent as the protocol's error event by the route itself.
+exception handler in the error shape of the protocol that owns the route; `QueueFullError` (a `RequestError`
+with status 429) adds a `retry-after` header. Once a stream has started, a failure must be sent as the
+protocol's error event by the protocol's stream renderer.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 
 from .metrics import Metrics
 from .prices import PriceTable
-from .request import ChatBackend, ChatRequest, ChoiceEvent, RequestError, Usage
+from .request import ChatBackend, ChatRequest, ChoiceEvent, CompletionRequest, RequestError, Usage
 
 
 @dataclass
@@ -185,8 +184,8 @@ class Generation:
     `KEEPALIVE` (while queued), then the backend's `ChoiceEvent`s, then one `Usage`. Iterate it once.
     `aclose()` (or cancellation, or garbage collection) aborts the engine requests and frees the slot."""
 
-    def __init__(self, ctx: ServeContext, request: ChatRequest, events: AsyncIterator[ChoiceEvent | Usage],
-                 admission: Admission) -> None:
+    def __init__(self, ctx: ServeContext, request: ChatRequest | CompletionRequest,
+                 events: AsyncIterator[ChoiceEvent | Usage], admission: Admission) -> None:
         self.ctx = ctx
         self.request = request
         self.usage: Usage | None = None  # set when the Usage item has passed
@@ -288,14 +287,16 @@ class ServeContext:
         retry-after). Use as `async with ctx.admit():` or with `Admission.wait` ticks (see `Admission`)."""
         return Admission(self.limiter, self.config.retry_after_s)
 
-    def start(self, request: ChatRequest, events: AsyncIterator[ChoiceEvent | Usage] | None = None) -> Generation:
+    def start(self, request: ChatRequest | CompletionRequest,
+              events: AsyncIterator[ChoiceEvent | Usage] | None = None) -> Generation:
         """Validate and encode `request` (the backend raises RequestError: bad messages or tools, prompt past
         the context, max_tokens out of range...), then take a limiter place (QueueFullError). Nothing runs
         on the engine until the returned `Generation` is iterated and its slot is granted.
 
         Backends validate inside `generate(request)` itself, before returning the async iterator (ChatService
         and the test stubs do), so every client mistake is a 4xx before a stream's 200 is sent. `events`: an
-        already validated stream to run instead of `backend.generate(request)` (legacy completions use it)."""
+        already validated stream to run instead of `backend.generate(request)` (legacy completions pass
+        `backend.complete(request)`)."""
         if events is None:
             events = self.backend.generate(request)  # an unstarted async generator: dropping it on 429 runs nothing
         return Generation(self, request, events, self.admit())

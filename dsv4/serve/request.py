@@ -1,11 +1,12 @@
-"""The one request type both wire protocols convert into, and what the chat backend streams back.
+"""The internal requests the wire protocols convert into, and what the backend streams back.
 
-OpenAI Chat Completions and Anthropic Messages requests are validated by their own schemas
-(`dsv4.serve.openai`, `dsv4.serve.anthropic`) and reduced to a `ChatRequest`: OpenAI-shaped messages (what
-`dsv4.chat.encode_messages` takes), one of three reasoning modes, tools, sampling settings. A `ChatBackend`
-(the real one is `dsv4.serve.service.ChatService` over the engine; tests use scripted ones) turns it into a
-stream of `ChoiceEvent`s (the chat parser's events, per choice) followed by one `Usage`. The protocol modules
-render that stream in their own wire format; nothing protocol-specific crosses this boundary.
+OpenAI Chat Completions and Anthropic Messages requests are validated by their own schemas (the modules of
+`dsv4.serve.protocols`) and reduced to a `ChatRequest`: OpenAI-shaped messages (what `dsv4.chat.encode_messages`
+takes), one of three reasoning modes, tools, sampling settings. OpenAI legacy completions reduce to a
+`CompletionRequest` (raw prompt, no chat template). A `ChatBackend` (the real one is
+`dsv4.serve.service.ChatService` over the engine) turns either into a stream of `ChoiceEvent`s (the chat
+parser's events, per choice) followed by one `Usage`. The protocol modules render that stream in their own wire
+format; nothing protocol-specific crosses this boundary.
 """
 
 from __future__ import annotations
@@ -55,6 +56,24 @@ class ChatRequest:
     user: str | None = None
 
 
+@dataclass
+class CompletionRequest:
+    """A legacy `/v1/completions` request: raw prompt text (or token ids), no chat template, no parsing."""
+
+    model: str
+    prompt: str | list[int]
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # top alternatives per token (legacy shape); None: no logprobs
+    echo: bool = False
+
+
 @dataclass(frozen=True)
 class ChoiceEvent:
     """One parser event of choice `index`; `logprobs` are the tokens that produced its text (when asked)."""
@@ -80,9 +99,13 @@ class Usage:
 
 
 class ChatBackend(Protocol):
-    """What the HTTP layer needs from a model: names it answers to, token counting, and generation."""
+    """What the HTTP layer needs from a model: names it answers to, token counting, chat generation, legacy text
+    completion, and token texts for logprobs."""
 
     model_names: list[str]
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """(text, UTF-8 bytes) of one token, for logprobs."""
 
     def count_tokens(self, request: ChatRequest) -> int:
         """Prompt tokens of the request as it would be encoded; raises RequestError for bad input."""
@@ -90,3 +113,7 @@ class ChatBackend(Protocol):
     def generate(self, request: ChatRequest) -> AsyncIterator[ChoiceEvent | Usage]:
         """Validate (raising RequestError before the first item), queue and stream the request. Closing the
         iterator early (client gone) aborts the engine requests and frees their memory."""
+
+    def complete(self, request: CompletionRequest) -> AsyncIterator[ChoiceEvent | Usage]:
+        """`generate` for a legacy completion: the prompt as given, no chat template; the text comes back as
+        `ContentDelta`s and a `Finish` per choice. Validates before returning, like `generate`."""

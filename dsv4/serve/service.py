@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..chat.encoding import EncodingError, encode_messages
@@ -44,31 +44,13 @@ from ..chat.streaming import StreamParser
 from ..chat.tokenizer import Tokenizer
 from ..engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 from .prices import PriceTable
-from .request import REASONING_MODES, ChatRequest, ChoiceEvent, RequestError, Usage
+from .request import REASONING_MODES, ChatRequest, ChoiceEvent, CompletionRequest, RequestError, Usage
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128
 MAX_STOPS = 16
 MAX_N = 16
 REASONING_PASSBACK = "The `reasoning_content` in the thinking mode must be passed back to the API."
-
-
-@dataclass
-class CompletionRequest:
-    """A legacy `/v1/completions` request: raw prompt text (or token ids), no chat template, no parsing."""
-
-    model: str
-    prompt: str | list[int]
-    max_tokens: int | None = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    n: int = 1
-    logprobs: int | None = None
-    echo: bool = False
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""The OpenAI protocol: request schemas (pydantic, unknown keys allowed), conversion to `ChatRequest` /
-`CompletionRequest`, and rendering of the `ChoiceEvent` / `Usage` stream as a `chat.completion` object, SSE
-`chat.completion.chunk`s, or legacy `text_completion`s; and the error body.
+"""OpenAI Chat Completions (`POST /v1/chat/completions`, `/chat/completions`) and the model list (`GET /v1/models`,
+`/v1/models/{id}`, both also without `/v1`): request schema (pydantic, unknown keys allowed), conversion to
+`ChatRequest`, and rendering of the `ChoiceEvent` / `Usage` stream as a `chat.completion` object or SSE
+`chat.completion.chunk`s (DeepSeek's field set: `reasoning_content`, cache hit/miss usage, cost).
 
 Reasoning modes (serving.md 6.3), from `thinking: {type}`, `reasoning_effort` and `chat_template_kwargs`
 (`thinking` / `enable_thinking` / `reasoning_effort`, vLLM and SGLang style):
@@ -11,21 +12,18 @@ Reasoning modes (serving.md 6.3), from `thinking: {type}`, `reasoning_effort` an
   not the later table that mapped it to high: a client asking above "high" wants more reasoning, not less.
 * `thinking.type: "adaptive"` is thinking on.
 
-Status codes: every malformed body, wrong type, out-of-range value or bad message is 400
-`invalid_request_error` (what OpenAI answers and what the SDK's BadRequestError expects; DeepSeek's 422 is not
-used), 401 a missing/wrong key, 404 an unknown model, 429 a full queue.
+Status codes, error body and SSE framing are OpenAI's (`openai_common`).
 """
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from fastapi import APIRouter, Request
+from pydantic import Field, field_validator
 
-from ..chat.events import (
+from ...chat.events import (
     ContentDelta,
     Finish,
     ReasoningDelta,
@@ -33,8 +31,24 @@ from ..chat.events import (
     ToolCallEnd,
     ToolCallStart,
 )
-from .request import ChatRequest, ChoiceEvent, RequestError, Usage
-from .service import CompletionRequest
+from ...engine.sampling import TokenLogprobs
+from ..context import ServeContext
+from ..plumbing import collect, read_json, sse_response
+from ..request import ChatBackend, ChatRequest, ChoiceEvent, RequestError, Usage
+from . import WireProtocol
+from .openai_common import (
+    LenientModel,
+    StreamOptions,
+    check_stream_options,
+    error_body,
+    event_stream,
+    include_usage,
+    new_id,
+    parse,
+    sse,
+    stop_list,
+    usage_json,
+)
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "latest_reminder")
 EFFORTS = {"none": None, "minimal": "think-high", "low": "think-high", "medium": "think-high",
@@ -42,11 +56,7 @@ EFFORTS = {"none": None, "minimal": "think-high", "low": "think-high", "medium":
 
 
 # ------------------------------------------------------------------------------------------------ schemas
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class Message(_Lenient):
+class Message(LenientModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
 
@@ -58,15 +68,11 @@ class Message(_Lenient):
         return v
 
 
-class StreamOptions(_Lenient):
-    include_usage: bool = False
-
-
-class Thinking(_Lenient):
+class Thinking(LenientModel):
     type: Literal["enabled", "disabled", "adaptive"] = "enabled"
 
 
-class ChatCompletionBody(_Lenient):
+class ChatCompletionBody(LenientModel):
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -95,38 +101,6 @@ class ChatCompletionBody(_Lenient):
     user: str | None = None
 
 
-class CompletionBody(_Lenient):
-    model: str
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-
-
-def parse(model: type[BaseModel], data: Any) -> Any:
-    """Validate a decoded JSON body; RequestError(400) naming the first bad field."""
-    if not isinstance(data, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise RequestError(400, f"{where}: {msg}" if where else msg,
-                           param=where or None) from None
-
-
 # ------------------------------------------------------------------------------------------------ conversion
 def reasoning_mode(body: ChatCompletionBody) -> str:
     """The reasoning mode the request asks for (see the module docstring)."""
@@ -153,77 +127,32 @@ def reasoning_mode(body: ChatCompletionBody) -> str:
     return mode if enabled else "non-think"
 
 
-def _stops(stop: str | list[str] | None) -> list[str]:
-    return [stop] if isinstance(stop, str) else list(stop or [])
-
-
 def to_chat_request(body: ChatCompletionBody, model: str) -> ChatRequest:
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if body.stream_options is not None and not body.stream:
-        raise RequestError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    check_stream_options(body.stream, body.stream_options)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     opt = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                          "frequency_penalty", "repetition_penalty") if getattr(body, k) is not None}
     return ChatRequest(
         model=model, messages=[m.model_dump(exclude_none=False) for m in body.messages], mode=reasoning_mode(body),
         tools=body.tools, tool_choice=body.tool_choice if body.tool_choice is not None else "auto",
-        response_format=body.response_format, max_tokens=max_tokens, stop=_stops(body.stop), seed=body.seed,
+        response_format=body.response_format, max_tokens=max_tokens, stop=stop_list(body.stop), seed=body.seed,
         n=body.n, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, user=body.user, **opt)
 
 
-def to_completion_request(body: CompletionBody, model: str) -> CompletionRequest:
-    if body.suffix:
-        raise RequestError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
-    if body.stream_options is not None and not body.stream:
-        raise RequestError(400, "stream_options is only allowed with stream: true", param="stream_options")
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise RequestError(400, "one prompt per request", param="prompt")
-        prompt = prompt[0]
-    return CompletionRequest(model=model, prompt=prompt, max_tokens=body.max_tokens, temperature=body.temperature,
-                             top_p=body.top_p, presence_penalty=body.presence_penalty,
-                             frequency_penalty=body.frequency_penalty, stop=_stops(body.stop), seed=body.seed,
-                             n=body.n, logprobs=body.logprobs, echo=body.echo)
-
-
 # ------------------------------------------------------------------------------------------------ rendering
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    kind, code = {401: ("authentication_error", "invalid_api_key"), 404: ("invalid_request_error", "model_not_found"),
-                  429: ("rate_limit_error", "rate_limit_exceeded")}.get(status, (None, None))
-    if kind is None:
-        kind = code = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def usage_json(u: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "prompt_cache_hit_tokens": u.cached_tokens,
-            "prompt_cache_miss_tokens": u.prompt_tokens - u.cached_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}, "cost": u.cost}
-
-
-def sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-SSE_KEEPALIVE = ": keep-alive\n\n"
-
-
 class LogprobRenderer:
-    """OpenAI `logprobs.content` entries from engine TokenLogprobs (needs the backend's `token_text`)."""
+    """OpenAI `logprobs.content` entries from engine TokenLogprobs, token texts from the backend."""
 
-    def __init__(self, backend: Any) -> None:
-        self._text = getattr(backend, "token_text", None)
+    def __init__(self, backend: ChatBackend) -> None:
+        self.backend = backend
 
-    def entry(self, lp: Any) -> dict[str, Any]:
-        text, raw = self._text(lp.token_id) if self._text else (str(lp.token_id), [])
+    def entry(self, lp: TokenLogprobs) -> dict[str, Any]:
+        text, raw = self.backend.token_text(lp.token_id)
         top = []
         for tid, value in lp.top:
-            t, b = self._text(tid) if self._text else (str(tid), [])
+            t, b = self.backend.token_text(tid)
             top.append({"token": t, "logprob": value, "bytes": b})
         return {"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top}
 
@@ -265,10 +194,6 @@ class ChatAccumulator:
         return out
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 def chat_response(rid: str, model: str, choices: list[dict[str, Any]], usage: Usage | None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": "dsv4", "choices": choices, "usage": usage_json(usage) if usage else None}
@@ -289,6 +214,10 @@ class ChunkRenderer:
         if self.include_usage:
             body["usage"] = usage_json(usage) if usage is not None else None
         return sse(body)
+
+    def render(self, item: ChoiceEvent | Usage) -> str:
+        """The SSE text of one stream item ("" for a usage nobody asked for)."""
+        return self.usage(item) if isinstance(item, Usage) else self.event(item)
 
     def event(self, ce: ChoiceEvent) -> str:
         out = ""
@@ -323,45 +252,48 @@ class ChunkRenderer:
         return self._chunk([], usage) if self.include_usage else ""
 
 
-# ------------------------------------------------------------------------------------------------ legacy
-class CompletionAccumulator:
-    """Legacy `text_completion` choices; logprobs in the legacy shape (tokens, token_logprobs, top_logprobs,
-    text_offset)."""
-
-    def __init__(self, n: int, backend: Any, logprobs: bool, echo: str = "") -> None:
-        self.backend, self.want_lp, self.echo = backend, logprobs, echo
-        self.texts = [[echo] for _ in range(n)]
-        self.finish: list[str | None] = [None] * n
-        self.lps: list[list[Any]] = [[] for _ in range(n)]
-
-    def add(self, ce: ChoiceEvent) -> None:
-        if isinstance(ce.event, ContentDelta):
-            self.texts[ce.index].append(ce.event.text)
-        elif isinstance(ce.event, Finish):
-            self.finish[ce.index] = ce.event.reason
-        self.lps[ce.index].extend(ce.logprobs)
-
-    def legacy_logprobs(self, lps: list[Any], offset: int) -> dict[str, Any]:
-        tokens, values, tops, offsets = [], [], [], []
-        for lp in lps:
-            text = self.backend.token_text(lp.token_id)[0]
-            tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({self.backend.token_text(t)[0]: v for t, v in lp.top})
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-    def render(self) -> list[dict[str, Any]]:
-        return [{"index": i, "text": "".join(t), "finish_reason": self.finish[i] or "stop",
-                 "logprobs": self.legacy_logprobs(self.lps[i], len(self.echo)) if self.want_lp else None}
-                for i, t in enumerate(self.texts)]
+def model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "dsv4"}
 
 
-def completion_response(rid: str, model: str, choices: list[dict[str, Any]], usage: Usage | None,
-                        created: int | None = None, streaming_usage: bool = False) -> dict[str, Any]:
-    body = {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "system_fingerprint": "dsv4", "choices": choices}
-    if usage is not None or streaming_usage:
-        body["usage"] = usage_json(usage) if usage is not None else None
-    return body
+# ------------------------------------------------------------------------------------------------ routes
+def router(ctx: ServeContext) -> APIRouter:
+    """The Chat Completions and model routes over `ctx` (endpoint names and signatures make the OpenAPI schema)."""
+    api = APIRouter()
+
+    @api.get("/v1/models")
+    @api.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(n) for n in ctx.config.served_model_names]}
+
+    @api.get("/v1/models/{name:path}")
+    @api.get("/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        return model_card(ctx.resolve_model(name))
+
+    @api.post("/v1/chat/completions")
+    @api.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = parse(ChatCompletionBody, await read_json(request))
+        chat = to_chat_request(body, ctx.resolve_model(body.model))
+        gen = ctx.start(chat)
+        lp = LogprobRenderer(ctx.backend) if chat.logprobs else None
+        rid = new_id("chatcmpl")
+        if not body.stream:
+            acc, usage = ChatAccumulator(chat.n, lp), None
+            for item in await collect(gen, request):
+                if isinstance(item, Usage):
+                    usage = item
+                else:
+                    acc.add(item)
+            return chat_response(rid, body.model, acc.render(), usage)
+        renderer = ChunkRenderer(rid, body.model, include_usage(body.stream_options), lp)
+        return sse_response(event_stream(gen, renderer.render))
+
+    return api
+
+
+# "/v1" is OpenAI's base URL: an unknown path under it is answered in OpenAI's shape (the longer prefixes of the
+# other protocols, such as Anthropic's "/v1/messages", still win)
+PROTOCOL = WireProtocol(name="openai-chat", family="openai", prefixes=("/v1", "/chat", "/models"),
+                        error_body=error_body, router=router)

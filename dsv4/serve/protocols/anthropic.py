@@ -27,7 +27,8 @@ and Claude Code. This module has three layers, each testable alone:
    closes when another kind (or the end) arrives. stop_reason: engine "stop" -> end_turn (stop_sequence
    when the backend reports the matched stop string), "tool_calls" -> tool_use, "length" -> max_tokens,
    "content_filter" -> refusal, anything else -> end_turn.
-3. `install(app, ctx)`: the routes, over the `ServeContext` (auth, model names, limiter, metrics).
+3. `router(ctx)`: the routes, over the `ServeContext` (model names, limiter, metrics), registered with the app
+   as `PROTOCOL` (the app checks the API key and renders errors raised before a response starts).
 
 Usage follows Anthropic's accounting: `input_tokens` is the prompt tokens *not* read from the prefix cache,
 `cache_read_input_tokens` the ones that were (their sum is the prompt), `cache_creation_input_tokens` is 0
@@ -65,11 +66,11 @@ import secrets
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..chat.events import (
+from ...chat.events import (
     ContentDelta,
     Finish,
     ReasoningDelta,
@@ -77,21 +78,24 @@ from ..chat.events import (
     ToolCallEnd,
     ToolCallStart,
 )
-from .context import KeepAlive, ServeContext, retry_after_header
-from .request import ChatRequest, ChoiceEvent, RequestError, Usage
+from ..context import KeepAlive, ServeContext
+from ..plumbing import collect, read_json, sse_response
+from ..request import ChatRequest, ChoiceEvent, RequestError, Usage
+from . import WireProtocol
 
 __all__ = [
+    "PROTOCOL",
     "CountTokensRequest",
     "MessageRenderer",
     "MessagesRequest",
     "error_body",
     "error_type",
-    "install",
     "parse_request",
     "reasoning_mode",
     "render_message",
     "render_stream",
     "resolve_model",
+    "router",
     "sign_thinking",
     "sse",
     "stop_reason",
@@ -127,9 +131,10 @@ def error_type(status: int) -> str:
     return "invalid_request_error" if 400 <= status < 500 else "api_error"
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """Anthropic's error body for a response of `status`: `{"type": "error", "error": {"type", "message"}}`.
-    The app's exception handlers call this for every error on `/v1/messages*` and `/anthropic/*`."""
+    The app's exception handlers call this for every error on this protocol's routes and prefixes; `param` is
+    not part of Anthropic's shape (the message names the field)."""
     return {"type": "error", "error": {"type": error_type(status), "message": message}}
 
 
@@ -810,56 +815,37 @@ def _signature_key(ctx: ServeContext) -> bytes:
     return DEFAULT_SIGNATURE_KEY
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
-
-
-def _error_response(err: RequestError) -> JSONResponse:
-    status = 400 if err.status == 422 else err.status
-    return JSONResponse(error_body(status, err.message), status_code=status, headers=retry_after_header(err))
-
-
-def install(app: FastAPI, ctx: ServeContext) -> None:
-    """Add the Anthropic routes to `app` (a FastAPI app) over `ctx` (a `ServeContext`):
-    POST /v1/messages and /v1/messages/count_tokens, and both again under /anthropic (DeepSeek's base URL)."""
-    from .app import collect  # not at module level: app.py imports this module inside create_app
-
+def router(ctx: ServeContext) -> APIRouter:
+    """The Messages routes over `ctx`: POST /v1/messages and /v1/messages/count_tokens, and both again under
+    /anthropic (DeepSeek's base URL, left out of the OpenAPI schema). Endpoint names make the schema."""
+    api = APIRouter()
     key = _signature_key(ctx)
 
-    async def messages(request: Request):
-        try:
-            ctx.check_auth(request)
-            req = parse_request(await _json_body(request), MessagesRequest)
-            chat = to_chat_request(req, resolve_model(ctx, req.model), key)
-            show = not (req.thinking is not None and req.thinking.display == "omitted")
-            if not req.stream:
-                items = await collect(ctx.start(chat), request)  # aborts if the client goes away
-                renderer = MessageRenderer(req.model, show_thinking=show, signature_key=key)
-                return JSONResponse(render_message(renderer, items))
-            input_tokens = await asyncio.to_thread(ctx.backend.count_tokens, chat)
-            gen = ctx.start(chat)
-        except RequestError as e:
-            return _error_response(e)
+    async def messages(request: Request) -> Response:
+        req = parse_request(await read_json(request), MessagesRequest)
+        chat = to_chat_request(req, resolve_model(ctx, req.model), key)
+        show = not (req.thinking is not None and req.thinking.display == "omitted")
+        if not req.stream:
+            items = await collect(ctx.start(chat), request)  # aborts if the client goes away
+            renderer = MessageRenderer(req.model, show_thinking=show, signature_key=key)
+            return JSONResponse(render_message(renderer, items))
+        input_tokens = await asyncio.to_thread(ctx.backend.count_tokens, chat)
+        gen = ctx.start(chat)
         renderer = MessageRenderer(req.model, input_tokens, show_thinking=show, signature_key=key)
-        body = render_stream(renderer, gen, is_keepalive=lambda item: isinstance(item, KeepAlive))
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return sse_response(render_stream(renderer, gen, is_keepalive=lambda item: isinstance(item, KeepAlive)))
 
-    async def count_tokens(request: Request):
-        try:
-            ctx.check_auth(request)
-            req = parse_request(await _json_body(request), CountTokensRequest)
-            chat = to_chat_request(req, resolve_model(ctx, req.model), key)
-            n = await asyncio.to_thread(ctx.backend.count_tokens, chat)
-        except RequestError as e:
-            return _error_response(e)
+    async def count_tokens(request: Request) -> Response:
+        req = parse_request(await read_json(request), CountTokensRequest)
+        chat = to_chat_request(req, resolve_model(ctx, req.model), key)
+        n = await asyncio.to_thread(ctx.backend.count_tokens, chat)
         return JSONResponse({"input_tokens": n})
 
     for prefix in ("", "/anthropic"):
-        app.add_api_route(prefix + "/v1/messages", messages, methods=["POST"], include_in_schema=prefix == "")
-        app.add_api_route(prefix + "/v1/messages/count_tokens", count_tokens, methods=["POST"],
+        api.add_api_route(prefix + "/v1/messages", messages, methods=["POST"], include_in_schema=prefix == "")
+        api.add_api_route(prefix + "/v1/messages/count_tokens", count_tokens, methods=["POST"],
                           include_in_schema=prefix == "")
+    return api
+
+
+PROTOCOL = WireProtocol(name="anthropic", family="anthropic", prefixes=("/v1/messages", "/anthropic/"),
+                        error_body=error_body, router=router)
