@@ -15,8 +15,8 @@ tokens) of which the cache holds the first `computed`; it needs a forward for th
    prefix cache gives pages back, and then the most recently arrived running request is preempted (its slot
    and pages freed; it waits at its arrival position and later recomputes its prompt and output, which gives
    the same cache, so its continuation is unchanged);
-4. one batched model call over all slots (rows without work get length 0 and are untouched); the head runs
-   only at each row's last position;
+4. one batched model call over the scheduled requests only (one batch row each, through `Cache.select` of
+   their slots; idle slots cost nothing); the head runs only at each row's last position;
 5. the sampler runs on the requests whose tokens are all in the cache; stop id / EOS ("stop") or `max_tokens`
    ("length") end a request and free its slot and pages at once, as does `abort` at any time.
 
@@ -42,13 +42,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..model import Transformer
+from ..model.cache import CacheRows
 from .kv_cache import CacheFullError, KVCacheManager
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, SequenceState, TokenLogprobs
@@ -366,21 +367,17 @@ class Engine:
         fed = {r: r.token_slice(r.computed, r.computed + n) for r, n in plan.items()}
         for r, (d, _) in drafts.items():
             fed[r] = fed[r] + d
-        width = max(len(t) for t in fed.values())
-        tokens = torch.zeros(self.max_batch, width, dtype=torch.long)
-        lengths = torch.zeros(self.max_batch, dtype=torch.long)
-        for req, toks in fed.items():
-            tokens[req.slot, :len(toks)] = torch.tensor(toks)
-            lengths[req.slot] = len(toks)
-        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-        streams = self.model.forward_streams(tokens, self.cache, lengths=lengths)  # [max_batch, width, hc, d]
+        # one batch row per scheduled request (not per slot): slots without work are not computed
+        row = {req: i for i, req in enumerate(fed)}
+        tokens, lengths = self._batch(list(fed.values()))
+        streams = self.model.forward_streams(tokens, self._rows(fed), lengths=lengths)  # [n, width, hc, d]
 
         emitted = []
         kept = {r: len(t) for r, t in fed.items()}
         if verifying:
             keep, keep_mtp = self.cache.lengths.clone(), self.cache.mtp_lengths.clone()
             for req in verifying:
-                target = self.model.logits(streams[req.slot, :self.k + 1].unsqueeze(0))[0]  # [k+1, vocab]
+                target = self.model.logits(streams[row[req], :self.k + 1].unsqueeze(0))[0]  # [k+1, vocab]
                 d, q = drafts[req]
                 out = verify_drafts(self.sampler, target, d, q, req.params, req.state)
                 self.drafted += self.k
@@ -393,12 +390,12 @@ class Engine:
             self.cache.rollback(snap, keep, keep_mtp)
         if self.k:
             finished = {req for req, _, _, reason, _ in emitted if reason is not None}
-            self._mtp_catch_up(plan, fed, kept, start, streams, verifying, finished)
+            self._mtp_catch_up(plan, fed, kept, start, streams, row, verifying, finished)
 
         last_rows = [r for r in plan if r not in drafts]
         if last_rows:
-            slots = torch.tensor([r.slot for r in last_rows], device=self.device)
-            last = self.model.logits(streams[slots, lengths[slots] - 1].unsqueeze(1))[:, 0]  # [n, vocab]
+            rows = torch.tensor([row[r] for r in last_rows], device=self.device)
+            last = self.model.logits(streams[rows, lengths[rows] - 1].unsqueeze(1))[:, 0]  # [n, vocab]
         for req in plan:
             req.computed += kept[req]
         for i, req in enumerate(last_rows):
@@ -412,55 +409,60 @@ class Engine:
         (final streams of the last cached token, the pending token) and drafts d_1; each further call feeds the
         block its own output streams and the previous draft (DeepSeek's reuse of one MTP layer for deeper
         drafts). Returns each request's drafts and the distributions q [k, vocab] they were drawn from."""
-        a = self.model.args
-        hidden = torch.zeros(self.max_batch, 1, a.hc_mult, a.dim, dtype=self.model.dtype, device=self.device)
-        tok = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
-        lengths = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        for req in reqs:
-            hidden[req.slot, 0] = req.hidden
-            tok[req.slot, 0] = req.token_slice(req.computed, req.computed + 1)[0]
-            lengths[req.slot] = 1
+        hidden = torch.stack([r.hidden for r in reqs]).unsqueeze(1)  # [n, 1, hc, d]
+        tok, lengths = self._batch([r.token_slice(r.computed, r.computed + 1) for r in reqs])
+        cache = self._rows(reqs)
         drafted: list[list[int]] = [[] for _ in reqs]
         qs: list[list[Tensor]] = [[] for _ in reqs]
         for _ in range(self.k):
-            hidden = self.model.mtp_streams(hidden, tok, self.cache, lengths=lengths)
-            logits = self.model.mtp_head(hidden[slots])[:, 0]  # [n, vocab]
+            hidden = self.model.mtp_streams(hidden, tok, cache, lengths=lengths)
+            logits = self.model.mtp_head(hidden)[:, 0]  # [n, vocab]
             toks, q = draft_tokens(self.sampler, logits, [r.params for r in reqs], [r.state for r in reqs], drafted)
             for i in range(len(reqs)):
                 drafted[i].append(int(toks[i]))
                 qs[i].append(q[i])
-            tok[slots, 0] = toks
+            tok = toks.view(-1, 1).to(device=self.device, dtype=torch.long)
         return {r: (d, torch.stack(q)) for r, d, q in zip(reqs, drafted, qs, strict=True)}
 
     def _mtp_catch_up(self, plan: dict[_Request, int], fed: dict[_Request, list[int]], kept: dict[_Request, int],
-                      start: dict[_Request, int], streams: Tensor, verifying: list[_Request],
-                      finished: set[_Request]) -> None:
+                      start: dict[_Request, int], streams: Tensor, row: dict[_Request, int],
+                      verifying: list[_Request], finished: set[_Request]) -> None:
         """Feed the MTP block the pairs (final streams at position i, token i + 1) the step made known, up to the
         last kept token, whose streams wait in `hidden` for the next token: the MTP cache stays one token behind
         the main cache, so what it holds is a function of the token prefix alone (prefix-cache safe)."""
-        rows: dict[_Request, tuple[Tensor, list[int]]] = {}
+        pairs: dict[_Request, tuple[Tensor, list[int]]] = {}
         for req in plan:
             if req in finished:
                 continue
-            m, own = kept[req], streams[req.slot, :kept[req] - 1]
+            m, own = kept[req], streams[row[req], :kept[req] - 1]
             if req in verifying or start[req] == 0:  # no pair before the first token / the drafter took it
-                rows[req] = (own, fed[req][1:m])
+                pairs[req] = (own, fed[req][1:m])
             else:
-                rows[req] = (torch.cat((req.hidden.unsqueeze(0), own)), fed[req][:m])
-            req.hidden = streams[req.slot, m - 1].clone()
-        width = max((len(t) for _, t in rows.values()), default=0)
-        if not width:
+                pairs[req] = (torch.cat((req.hidden.unsqueeze(0), own)), fed[req][:m])
+            req.hidden = streams[row[req], m - 1].clone()
+        pairs = {req: p for req, p in pairs.items() if p[1]}  # rows with nothing to feed are left out
+        if not pairs:
             return
+        tokens, lengths = self._batch([t for _, t in pairs.values()])
         a = self.model.args
-        hidden = torch.zeros(self.max_batch, width, a.hc_mult, a.dim, dtype=self.model.dtype, device=self.device)
-        tokens = torch.zeros(self.max_batch, width, dtype=torch.long)
-        lengths = torch.zeros(self.max_batch, dtype=torch.long)
-        for req, (h, t) in rows.items():
-            hidden[req.slot, :len(t)] = h
-            tokens[req.slot, :len(t)] = torch.tensor(t, dtype=torch.long)
-            lengths[req.slot] = len(t)
-        self.model.mtp_streams(hidden, tokens.to(self.device), self.cache, lengths=lengths.to(self.device))
+        hidden = torch.zeros(len(pairs), tokens.shape[1], a.hc_mult, a.dim, dtype=self.model.dtype,
+                             device=self.device)
+        for i, (h, t) in enumerate(pairs.values()):
+            hidden[i, :len(t)] = h
+        self.model.mtp_streams(hidden, tokens, self._rows(pairs), lengths=lengths)
+
+    def _batch(self, token_lists: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Token lists as one right-padded batch: tokens [n, width] and lengths [n], on the model's device."""
+        width = max(len(t) for t in token_lists)
+        tokens = torch.zeros(len(token_lists), width, dtype=torch.long)
+        for i, toks in enumerate(token_lists):
+            tokens[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+        return tokens.to(self.device), lengths.to(self.device)
+
+    def _rows(self, reqs: Iterable[_Request]) -> CacheRows:
+        """The cache seen through the slots of `reqs`, in their order (batch row i is reqs[i]'s slot)."""
+        return self.cache.select(torch.tensor([r.slot for r in reqs], dtype=torch.long, device=self.device))
 
     def _save_prefix(self, req: _Request, logits: Tensor) -> None:
         if self.prefix is None:
