@@ -1,4 +1,4 @@
-"""Distributed training (dsv4.train.distributed): 2 gloo processes on CPU, each with half of every global batch,
+"""Distributed training (dsv4.parallel.parallelize): 2 gloo processes on CPU, each with half of every global batch,
 train like one process on the whole batch — with FSDP2, and with expert parallelism (+ FSDP2) — for 50 steps of
 V4's losses (CE + MTP + balance + indexer KL) under Muon + AdamW, clipping and the aux-loss-free bias update.
 
@@ -32,8 +32,8 @@ from multiprocess import spawn
 from dsv4.config import preset
 from dsv4.model import Transformer, init_weights
 from dsv4.model.cache import ForwardTrace
-from dsv4.train.distributed import (
-    DistributedMoE,
+from dsv4.model.moe import MoE
+from dsv4.parallel import (
     clip_grad_norm_,
     dp_group,
     full_state_dict,
@@ -148,7 +148,8 @@ def _worker(rank: int, init_file: str, out_dir: str, layout: str, steps: int) ->
         norm = float(global_grad_norm(model.parameters(), group))  # no gradients left: 0
         state = full_state_dict(model)
         result = {"curve": curve, "held": sorted(held), "seconds": seconds, "norm_after_zero_grad": norm,
-                  "moe": [type(m).__name__ for m in model.modules() if isinstance(m, DistributedMoE)]}
+                  "moe": sorted({(type(m).__name__, type(m.expert_parallel).__name__)
+                                 for m in model.modules() if isinstance(m, MoE)})}
         # the gathered plain state loads back into a parallel model (every rank reads rank 0's dict)
         objs = [state]
         dist.broadcast_object_list(objs, src=0)
@@ -231,6 +232,8 @@ def test_fsdp2_two_processes_match_one(tmp_path, single):
     _check(ranks, single, "FSDP2")
     # FSDP only: every rank holds (a shard of) every expert
     assert ranks[0]["held"] == ranks[1]["held"] and len(ranks[0]["held"]) == 3 * 4 * (ARGS.n_layers + 1)
+    # the model's own MoE class, the training strategy installed from outside
+    assert ranks[0]["moe"] == [("MoE", "ReplicatedExperts")]
 
 
 def test_expert_parallel_two_processes_match_one(tmp_path, single):
@@ -241,6 +244,7 @@ def test_expert_parallel_two_processes_match_one(tmp_path, single):
         ids = {int(n.split(".experts.")[1].split(".")[0]) for n in result["held"]}
         assert ids == {2 * rank, 2 * rank + 1}, (rank, ids)
         assert len(result["held"]) == 3 * 2 * (ARGS.n_layers + 1)
+        assert result["moe"] == [("MoE", "AllToAllExperts")]
 
 
 @pytest.mark.parametrize("layout", ["replicated", "ep_replicated", "ep_2d", "dp_2d"])
@@ -255,6 +259,7 @@ def test_other_layouts_follow_the_same_curve(tmp_path, single, layout):
     assert ranks[0]["reloaded_equal"]
     split = LAYOUTS[layout][3] and WORLD in LAYOUTS[layout][0][-1:]
     assert len(ranks[0]["held"]) == 3 * (2 if split else 4) * (ARGS.n_layers + 1)
+    assert ranks[0]["moe"] == [("MoE", "AllToAllExperts" if split else "ReplicatedExperts")]
 
 
 # ------------------------------------------------------------------------------------------------ with the Trainer

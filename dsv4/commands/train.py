@@ -132,7 +132,7 @@ def _parallel_model(config, args: argparse.Namespace, world: int):
     """The Trainer's model (same seed on every rank), parallelized over a CPU mesh of the `world` processes."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ..train.distributed import parallelize
+    from ..parallel.fsdp import parallelize
     from ..train.trainer import build_model
 
     ep = args.ep_size or world
@@ -179,7 +179,7 @@ def _run_recipe(args: argparse.Namespace, world: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..parallel.distributed import close_distributed, init_distributed
-    from ..train.distributed import dp_group
+    from ..parallel.fsdp import dp_group
     from ..train.trainer import TrainConfig, Trainer, TrainError, checkpoint_config
 
     world = _world_size()

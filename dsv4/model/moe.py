@@ -7,14 +7,17 @@ renormalised, times `route_scale`. Experts are SwiGLU with the gate clamped from
 linear branch clamped both ways at `swiglu_limit`; the routing weight multiplies the hidden
 activation before w2. One shared expert (same clamp) sees every token.
 
-Expert parallelism is applied from outside (`dsv4.parallel`): a rank keeps only its experts (the
-others are None in `experts`) and sets `all_reduce`, which sums the routed outputs over the ranks
-before the replicated shared expert is added once, as the official code does.
+Expert parallelism is applied from outside (`dsv4.parallel.experts`): a rank keeps only its experts
+(the others are None in `experts`) and sets `expert_parallel`, a strategy that computes the routed
+sum across the ranks (inference: each rank runs its experts and the fp32 sums are all-reduced, as
+the official code does; training: the routed rows travel to their expert's owner and back). The
+gate, the routing record and the shared expert (replicated, added once) stay here, whoever runs the
+routed experts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +105,9 @@ class MoE(nn.Module):
             for _ in range(self.n_experts)
         )
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.swiglu_limit, dtype, "fp8")
-        # sums the fp32 routed output over expert-parallel ranks; None in a single process
-        self.all_reduce: Callable[[Tensor], Tensor] | None = None
+        # runs the routed experts across processes: (moe, x [T,d], weights [T,k], ids [T,k], counts [E]) -> the
+        # routed sum [T,d] fp32, the experts held elsewhere being None here; None: all experts here, in this process
+        self.expert_parallel: Callable[[MoE, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, token_ids: Tensor, routing: list[RouterRecord] | None = None) -> Tensor:
         """x [B,S,d], token_ids [B,S] -> [B,S,d]; appends this layer's `RouterRecord` to `routing` if given."""
@@ -112,14 +116,23 @@ class MoE(nn.Module):
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
         if routing is not None:
             routing.append(RouterRecord(self.layer_id, scores, ids, self.gate.hash, shape[0]))
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
-        for e, count in enumerate(counts):
-            if count == 0 or self.experts[e] is None:  # None: the expert lives on another rank
-                continue
-            rows, slot = torch.where(ids == e)
-            y = y.index_add(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(torch.float32))
-        if self.all_reduce is not None:
-            y = self.all_reduce(y)
+        counts = torch.bincount(ids.flatten(), minlength=self.n_experts)  # [E] assignments per expert
+        if self.expert_parallel is None:
+            y = self.run_experts(x, weights, ids, torch.nonzero(counts).flatten().tolist())
+        else:
+            y = self.expert_parallel(self, x, weights, ids, counts)
         y = y + self.shared_experts(x).to(torch.float32)
         return y.to(x.dtype).reshape(shape)
+
+    def run_experts(self, x: Tensor, weights: Tensor, ids: Tensor, which: Iterable[int]) -> Tensor:
+        """The routed sum [T,d] fp32 of experts `which` (increasing ids, all held here) over the tokens routed to
+        them: each expert runs once on its rows (weighted before w2), added expert by expert. An expert in `which`
+        that no token chose runs on no rows (it still joins the autograd graph: see `dsv4.parallel.experts`)."""
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in which:
+            rows, slot = torch.where(ids == e)
+            y = y.index_add(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(torch.float32))
+        return y
+
+    def extra_repr(self) -> str:
+        return "" if self.expert_parallel is None else f"expert_parallel={self.expert_parallel}"

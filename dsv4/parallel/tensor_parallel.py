@@ -13,17 +13,18 @@ the official split (`rules.py`, spec §3.10):
   scores are all-reduced (in their own dtype, as the official code does) before the top-k;
 * routed experts live whole on one rank each; a rank runs only its experts on the tokens routed
   to them, the fp32 routed sums are all-reduced, and only then is the (replicated) shared expert
-  added, once;
+  added, once (`experts.AllReduceExperts`, of the strategy family that training's expert
+  parallelism belongs to);
 * the head is vocab-parallel: each rank computes its slice of the logits and the slices are
   all-gathered, so every rank ends with the same full logits (and samples the same token);
 * everything else (wq_a, wkv, norms, compressors, gates, shared expert, mHC) is replicated, and
   the cache needs nothing per rank (the KV is shared by all heads).
 
 The model package itself knows nothing of this: `Attention` and `Indexer` read their (local) head
-and group counts from attributes that the sharding updates, and `MoE` / `Indexer` call an optional
-`all_reduce` that the sharding installs; the vocab-parallel and row-parallel layers are `Linear` /
-`Embedding` subclasses defined here that keep the official parameter names. The collectives are
-for inference (they do not carry gradients).
+and group counts from attributes that the sharding updates, `Indexer` calls an optional `all_reduce`
+and `MoE` an optional expert-parallel strategy, both installed by the sharding; the vocab-parallel
+and row-parallel layers are `Linear` / `Embedding` subclasses defined here that keep the official
+parameter names. The collectives are for inference (they do not carry gradients).
 
 A rank never needs the full model: shard a model built on the meta device, then load the rank's
 tensors into it (`dsv4.checkpoint.load_model(path, rank=, world_size=, shard=)` reads them from a
@@ -47,9 +48,9 @@ from ..config import ModelArgs
 from ..model.attention import Attention
 from ..model.indexer import Indexer
 from ..model.layers import Embedding, Linear
-from ..model.moe import MoE
 from ..model.transformer import Transformer
-from .rules import ShardingError, local_experts, split_for_rank
+from .experts import AllReduceExperts, install_expert_parallel
+from .rules import ShardingError, split_for_rank
 
 FP8_TILE = 128
 
@@ -194,14 +195,8 @@ def shard_model(model: Transformer, rank: int, world_size: int, group: Any = Non
     if world_size == 1:
         model.tensor_parallel = TensorParallel(0, 1, group)
         return model
-    mine = set(local_experts(rank, args.n_routed_experts, world_size))
     reduce = AllReduce(group)
-    for module in model.modules():
-        if isinstance(module, MoE):
-            for e in range(len(module.experts)):
-                if e not in mine:
-                    module.experts[e] = None
-            module.all_reduce = reduce
+    install_expert_parallel(model, AllReduceExperts(rank, world_size, args.n_routed_experts, reduce))
 
     # slice every split tensor exactly as the converter does (one rule set: rules.split_for_rank)
     for prefix, module in model.named_modules():

@@ -1,17 +1,16 @@
-"""Training: data shards and packing, the Muon optimizer, losses and the training loop."""
+"""Training: data shards and packing, the Muon optimizer, losses and the training loop (parallel runs: a model
+parallelized by `dsv4.parallel.parallelize`)."""
 
 from .data import DataError, DocumentRows, PackedBatch, PackedLoader, Shard, ShardWriter, open_split, split_documents
-from .distributed import (
-    DataParallel,
-    clip_grad_norm_,
-    dp_group,
-    full_state_dict,
-    global_grad_norm,
-    load_full_state_dict,
-    parallelize,
+from .losses import (
+    BiasBalancer,
+    balance_loss_sum,
+    cross_entropy_sum,
+    expert_load,
+    load_stats,
+    mtp_inputs,
     reduce_expert_load,
 )
-from .losses import BiasBalancer, balance_loss_sum, cross_entropy_sum, expert_load, load_stats, mtp_inputs
 from .muon import V4_NS_SCHEDULE, Muon, hybrid_newton_schulz
 from .optim import Optimizers, Route, RoutingError, build_optimizers, param_groups, route_parameters
 from .precision import RECIPES, apply_precision, export_quantized, remove_precision
@@ -26,7 +25,5 @@ __all__ = [
     "DataError", "DocumentRows", "PackedBatch", "PackedLoader", "Shard", "ShardWriter", "open_split",
     "split_documents", "byte_tokenizer", "load_tokenizer",
     "BiasBalancer", "balance_loss_sum", "cross_entropy_sum", "expert_load", "load_stats", "mtp_inputs",
-    "TrainConfig", "Trainer", "TrainError", "latest_checkpoint",
-    "DataParallel", "clip_grad_norm_", "dp_group", "full_state_dict", "global_grad_norm", "load_full_state_dict",
-    "parallelize", "reduce_expert_load",
+    "reduce_expert_load", "TrainConfig", "Trainer", "TrainError", "latest_checkpoint",
 ]

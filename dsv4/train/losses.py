@@ -26,7 +26,7 @@ Balancing (training.md §4.1–4.2):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -102,6 +102,18 @@ def expert_load(records: Sequence[RouterRecord], valid: Tensor, n_experts: int) 
             for rec in _learned(records)}
 
 
+def reduce_expert_load(loads: Mapping[int, Tensor], group: dist.ProcessGroup | None) -> dict[int, Tensor]:
+    """{layer_id: [E] counts} summed over `group` (all data ranks; None: this process's counts as they are): the
+    global batch's loads for the aux-loss-free bias update. Exact (float64 counts)."""
+    layer_ids = sorted(loads)
+    if not layer_ids:
+        return {}
+    stacked = torch.stack([loads[i].to(torch.float64) for i in layer_ids])  # [layers, E]
+    if group is not None:
+        dist.all_reduce(stacked, group=group)
+    return dict(zip(layer_ids, stacked.unbind(0), strict=True))
+
+
 def load_stats(loads: dict[int, Tensor]) -> dict[str, float]:
     """Balance of expert loads for logging: max/mean per layer, then the mean and the worst over layers
     (1.0 is perfect balance; an expert nobody uses does not move max/mean, an overloaded one does)."""
@@ -150,11 +162,7 @@ class BiasBalancer:
         self.pending += 1
         if self.pending < self.every or not self.counts:
             return self.last if self.pending < self.every else {}
-        layer_ids = sorted(self.counts)
-        stacked = torch.stack([self.counts[i] for i in layer_ids])  # [layers, E] float64: exact counts
-        if self.group is not None:  # the global batch: every data-parallel rank's tokens
-            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=self.group)
-        loads = dict(zip(layer_ids, stacked.unbind(0), strict=True))
+        loads = reduce_expert_load(self.counts, self.group)  # the global batch: every data-parallel rank's tokens
         for layer_id, load in loads.items():
             bias = self.gates[layer_id].bias
             delta = torch.sign(load.mean() - load).to(bias.dtype)

@@ -35,7 +35,7 @@ world-th batch (so a step of W ranks sees exactly the batches of one process wit
 normalising counts and expert loads are summed over the group, and gradients are summed by the trainer
 (`grad_sync="trainer"`) or by a wrapper that averages them (FSDP2/DDP: `grad_sync="wrapper"`, losses are
 then scaled by the world size so the average is the global-batch gradient). A model parallelized by
-`dsv4.train.distributed.parallelize` (FSDP2, expert parallelism) is clipped by the global norm over all its meshes;
+`dsv4.parallel.parallelize` (FSDP2, expert parallelism) is clipped by the global norm over all its meshes;
 its checkpoints hold the gathered plain model (`full_state_dict`, every rank calls it, rank 0 writes state.pt) and
 the sharded optimizer states as a torch.distributed.checkpoint directory `optimizer/` (every rank writes its
 shards into the same temporary directory before rank 0 renames it into place); `export` gathers it too. Such a
@@ -67,7 +67,8 @@ from ..config import ConfigError, ModelArgs, preset
 from ..model import Transformer, init_weights
 from ..model.cache import ForwardTrace
 from ..model.mhc import HC_MODES, composite_gain
-from . import distributed
+from ..parallel.gradients import clip_grad_norm_, global_grad_norm
+from ..parallel.state_dict import full_state_dict, load_full_state_dict
 from .data import DocumentRows, PackedLoader, open_split, read_manifest, split_documents
 from .losses import (
     BiasBalancer,
@@ -374,7 +375,7 @@ class Trainer:
         if model is None:
             model = _init_model(c, self.args)
         self.model = model
-        # a model parallelized by dsv4.train.distributed (FSDP2 / expert parallel): its own clip and checkpoints
+        # a model parallelized by dsv4.parallel.parallelize (FSDP2 / expert parallel): its own clip and checkpoints
         self.parallel = getattr(model, "data_parallel", None)
         if self.parallel is not None and c.precision != "fp32":
             raise TrainError(f"precision {c.precision!r} with a parallelized model is not supported yet; use fp32")
@@ -451,9 +452,9 @@ class Trainer:
         params = [p for p in model.parameters() if p.grad is not None]
         if self.parallel is not None:  # sharded and expert-local gradients on several meshes
             if c.clip > 0:
-                grad_norm = float(distributed.clip_grad_norm_(params, c.clip, self.dp_group))
+                grad_norm = float(clip_grad_norm_(params, c.clip, self.dp_group))
             else:
-                grad_norm = float(distributed.global_grad_norm(params, self.dp_group))
+                grad_norm = float(global_grad_norm(params, self.dp_group))
         elif c.clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
         else:
@@ -663,7 +664,7 @@ class Trainer:
         rank writes them into the temporary directory, then rank 0 renames it once all are done). `_write` is a
         test hook that runs inside the temporary directory before the rename (to simulate a crash mid-write)."""
         parallel = self.parallel is not None
-        model_state = distributed.full_state_dict(self.model) if parallel else None  # collectives: every rank
+        model_state = full_state_dict(self.model) if parallel else None  # collectives: every rank
         balancer = self._balancer_state()
         root = self.out / "checkpoints"
         name = f"step_{self.step:08d}"
@@ -754,7 +755,7 @@ class Trainer:
                              "a parallel run resumes only a parallel run's checkpoint")
         try:
             if self.parallel is not None:
-                distributed.load_full_state_dict(self.model, state["model"])
+                load_full_state_dict(self.model, state["model"])
                 self._load_sharded_optimizer(ckpt / state["optimizer"]["dcp"])
             else:
                 self.model.load_state_dict(state["model"])
@@ -824,7 +825,7 @@ class Trainer:
             raise TrainError(f"export: {path} exists and is not empty")
         model = self.model
         if self.parallel is not None:  # gathered (a collective), written by rank 0 from a plain model
-            state = distributed.full_state_dict(self.model)
+            state = full_state_dict(self.model)
             if self.rank == 0:
                 model = Transformer(self.args, dtype=torch.float32, hc_mode=self.config.hc_mode)
                 model.load_state_dict(state)
