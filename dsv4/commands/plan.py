@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from ..plan import GIB, KV_FORMATS
-from .common import UsageError, human_bytes, positive_int, resolve_model, table
+from ..text_table import table
+from .common import UsageError, human_bytes, positive_int, resolve_model
 
 COMPARE = ("v3.2", "none")
 LAYOUT_NOTES = {  # what the weights bytes of each checkpoint layout stand for
