@@ -22,10 +22,10 @@ import torch
 
 from dsv4.chat.encoding import encode_messages
 from dsv4.chat.tokenizer import Tokenizer
-from dsv4.checkpoint.loader import load_model
 from dsv4.demo import MODEL_DIR
 from dsv4.demo.evaluate import SKILLS, held_out
-from dsv4.engine import Engine, SamplingParams
+from dsv4.engine import SamplingParams
+from dsv4.runtime import EngineConfig, LoadedModel, ModelSource, build_engine, load
 
 
 def prompts_for(tokenizer: Tokenizer, count: int, seed: int, thinking: bool) -> list[list[int]]:
@@ -36,12 +36,13 @@ def prompts_for(tokenizer: Tokenizer, count: int, seed: int, thinking: bool) -> 
                                              thinking_mode="thinking" if thinking else "chat")) for c in convs]
 
 
-def run_engine(model, prompts, new, batch, eos_id, k=0):
+def run_engine(loaded: LoadedModel, prompts, new, batch, k=0):
     """(tokens per prompt, decode tokens, decode seconds, drafted, accepted, main steps): prompts `batch` at a
     time; decode time runs from each group's last first token to its end."""
     max_seq_len = max(len(p) for p in prompts) + new + 8
-    engine = Engine(model, max_batch=batch, max_seq_len=max_seq_len, prefill_chunk=batch * max_seq_len,
-                    eos_id=eos_id, num_speculative=k)
+    engine = build_engine(loaded, EngineConfig(max_batch=batch, max_seq_len=max_seq_len,
+                                               prefill_chunk=batch * max_seq_len, prefix_cache_bytes=0,
+                                               num_speculative=k))
     params = SamplingParams(temperature=0.0, max_tokens=new)
     outputs, decode_tokens, decode_s, steps = [], 0, 0.0, 0
     for start in range(0, len(prompts), batch):
@@ -76,23 +77,22 @@ def main() -> None:
     path = Path(opts.model)
     if not (path / "config.json").is_file():
         raise SystemExit(f"bench_mtp: no model directory at {path} (pass --model DIR)")
-    model = load_model(path, numerics="exact", dtype=torch.float32).eval()
+    loaded = load(ModelSource(model=str(path), numerics="exact", dtype="float32"))
+    model, tokenizer = loaded.model, loaded.tokenizer
     if not model.args.n_mtp_layers:
         raise SystemExit(f"bench_mtp: {path} has no MTP block to draft with")
-    tokenizer = Tokenizer.load(path)
     prompts = prompts_for(tokenizer, opts.prompts, opts.seed, thinking=not opts.chat)
     print(f"{path}: {model.parameter_counts()['total'] / 1e6:.2f}M params, {len(prompts)} held-out prompts "
           f"({'non-think' if opts.chat else 'thinking'}, {min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
           f"up to {opts.new} new tokens, batch {opts.batch}, fp32 exact, {torch.get_num_threads()} threads")
-    run_engine(model, prompts[:1], 4, 1, tokenizer.eos_id)  # warm-up
+    run_engine(loaded, prompts[:1], 4, 1)  # warm-up
 
-    base, n, base_s, _, _, base_steps = run_engine(model, prompts, opts.new, opts.batch, tokenizer.eos_id)
+    base, n, base_s, _, _, base_steps = run_engine(loaded, prompts, opts.new, opts.batch)
     print(f"{'k':>3}{'decode tok/s':>14}{'accepted':>18}{'tok/step':>10}{'speed-up':>10}")
     print(f"{0:>3}{n / base_s:14.1f}{'-':>18}{n / max(base_steps, 1):10.2f}{1:9.2f}x")
     for k in opts.draft:
         try:
-            toks, n_k, secs, drafted, accepted, steps = run_engine(model, prompts, opts.new, opts.batch,
-                                                                  tokenizer.eos_id, k=k)
+            toks, n_k, secs, drafted, accepted, steps = run_engine(loaded, prompts, opts.new, opts.batch, k=k)
         except ValueError as err:
             print(f"{k:>3}  skipped: {err}")
             continue

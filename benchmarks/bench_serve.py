@@ -31,13 +31,11 @@ def percentile(values: list[float], q: float) -> float:
 def start_server(args: argparse.Namespace) -> tuple[str, object]:
     import uvicorn
 
-    from dsv4.cli import build_parser
-    from dsv4.commands.serve import build_context
+    from dsv4.runtime import EngineConfig, ModelSource, build_serve_context
     from dsv4.serve.app import create_app
 
-    sargs = build_parser().parse_args(["serve", "--model", args.model, "--max-concurrent", str(args.clients),
-                                       "--served-model-name", "bench", "--prefill-chunk", "256"])
-    ctx = build_context(sargs)
+    ctx = build_serve_context(ModelSource(model=args.model, served_names=("bench",)),
+                              EngineConfig(max_batch=args.clients, prefill_chunk=256))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -13,10 +13,9 @@ import openai
 import pytest
 from serve_stubs import live_server
 
-from dsv4.cli import build_parser
-from dsv4.commands.serve import build_context
 from dsv4.demo import MODEL_DIR, MODEL_NAME
 from dsv4.demo.corpus import WEATHER, WEATHER_TOOL, arithmetic, split_of
+from dsv4.runtime import EngineConfig, ModelSource, build_serve_context
 from dsv4.serve.app import create_app
 
 # a held-out sum (its key is in the corpus's test split, checked below) that the shipped weights get right; they get
@@ -27,8 +26,7 @@ CITY = "Oslo"
 
 @pytest.fixture(scope="module")
 def url():
-    args = build_parser().parse_args(["serve", "--max-concurrent", "2"])  # no --model: the shipped demo model
-    ctx = build_context(args)
+    ctx = build_serve_context(ModelSource(), EngineConfig(max_batch=2))  # the default model: the shipped demo
     assert ctx.config.served_model_names == [MODEL_NAME]
     with live_server(create_app(ctx)) as base:
         yield base

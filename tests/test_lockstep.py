@@ -19,12 +19,13 @@ from multiprocess import spawn
 from serve_stubs import live_server
 
 from dsv4.cli import build_parser
-from dsv4.commands.serve import build_context
+from dsv4.commands.serve import configs
 from dsv4.config import preset
 from dsv4.engine import Engine, SamplingParams
 from dsv4.engine.lockstep import LockstepEngine
 from dsv4.model import Transformer, init_weights
 from dsv4.parallel import shard_model
+from dsv4.runtime import build_serve_context
 from dsv4.serve.app import create_app
 
 WORLD = 2
@@ -151,7 +152,7 @@ def test_serve_under_torchrun_answers_like_one_process():
     finally:
         _stop(proc, port)
     args = build_parser().parse_args(flags)
-    with live_server(create_app(build_context(args))) as base:
+    with live_server(create_app(build_serve_context(*configs(args)))) as base:
         single = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
     assert parallel["usage"]["completion_tokens"] == 6
     assert parallel["choices"][0]["message"]["content"] == single["choices"][0]["message"]["content"]

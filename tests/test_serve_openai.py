@@ -239,7 +239,7 @@ def test_thinking_ignores_temperature_non_think_uses_it(client, engine):
 def test_thinking_samples_with_the_models_recommended_setting(tokenizer, tmp_path):
     """A model directory's generation_config.json decides what thinking modes sample with (greedy for the demo
     model); the request's own temperature still counts only in non-think mode."""
-    from dsv4.commands.serve import recommended_sampling
+    from dsv4.runtime import recommended_sampling
     from dsv4.serve.request import ChatRequest
 
     assert recommended_sampling(tmp_path) is None  # no file: V4's T = 1, top_p = 1
@@ -374,14 +374,15 @@ def test_scripted_think_and_content_with_calls(client, engine):
 def test_serve_command_context(monkeypatch, tmp_path):
     """`dsv4 serve`'s own wiring: the default model (the shipped demo), DSV4_API_KEY, a price file, the real engine."""
     from dsv4.cli import build_parser
-    from dsv4.commands.serve import build_context
+    from dsv4.commands.serve import configs
+    from dsv4.runtime import build_serve_context
 
     prices = tmp_path / "prices.json"
     prices.write_text(json.dumps({"mine": {"input": 1, "cache_hit": 0.5, "output": 2}}))
     monkeypatch.setenv("DSV4_API_KEY", "env-key")
     args = build_parser().parse_args(["serve", "--served-model-name", "mine", "other", "--api-key", "flag-key",
                                       "--max-concurrent", "2", "--prefix-cache-mb", "0", "--price-file", str(prices)])
-    ctx = build_context(args)
+    ctx = build_serve_context(*configs(args))
     assert ctx.config.api_keys == ["flag-key", "env-key"] and ctx.config.served_model_names == ["mine", "other"]
     with live_server(create_app(ctx)) as url:
         for key in ("flag-key", "env-key"):

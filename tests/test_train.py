@@ -314,7 +314,7 @@ def test_ablation_modes_log_their_composite_gain(data, tmp_path):
 
 def test_export_loads_with_generate_and_serve(data, tmp_path, capsys):
     """The exported directory is an official checkpoint with the byte tokenizer beside it: `dsv4 generate
-    --checkpoint` runs it and `dsv4 serve --model` builds its context (model + tokenizer) from it; the loaded
+    --checkpoint` runs it and the runtime builds `dsv4 serve --model`'s context (model + tokenizer) from it; the loaded
     weights are the trained ones (fp8+fp4 recipe: exported losslessly)."""
     trainer = Trainer(config(data, tmp_path, steps=2, precision="fp8+fp4"))
     trainer.train()
@@ -325,8 +325,7 @@ def test_export_loads_with_generate_and_serve(data, tmp_path, capsys):
     assert "decode:" in capsys.readouterr().out
 
     from dsv4.checkpoint import load_model
-    from dsv4.cli import build_parser
-    from dsv4.commands.serve import build_context
+    from dsv4.runtime import ModelSource, build_serve_context
 
     loaded = load_model(out, numerics="plain", dtype=torch.float32)
     trained = trainer.model.state_dict()
@@ -335,8 +334,7 @@ def test_export_loads_with_generate_and_serve(data, tmp_path, capsys):
         assert torch.equal(loaded.state_dict()[w], module._dsv4_precision.weight(trained[w]).float()), w
     gate = f"layers.{MODEL['n_hash_layers']}.ffn.gate.bias"
     assert torch.equal(loaded.state_dict()[gate], trained[gate])
-    ctx = build_context(build_parser().parse_args(["serve", "--model", str(out), "--numerics", "plain",
-                                                   "--dtype", "float32"]))
+    ctx = build_serve_context(ModelSource(model=str(out), numerics="plain", dtype="float32"))
     assert ctx.backend.tokenizer.vocab_size == 270
     with pytest.raises(TrainError, match="not empty"):
         trainer.export(out)

@@ -1,7 +1,8 @@
 """`dsv4 chat`: an interactive terminal chat over the engine, in process (no server).
 
-The model, tokenizer, engine and `ChatService` are built exactly as `dsv4 serve` builds them (`--model` is a
-preset with random weights or a checkpoint directory), so the chat is the server's own request path: the V4
+The model, tokenizer, engine and `ChatService` are built by the runtime exactly as `dsv4 serve` builds them, with
+the same model and engine flags (`--model` is a preset with random weights or a checkpoint directory; `--kv-format`,
+`--kv-budget`, ...), one conversation at a time, so the chat is the server's own request path: the V4
 chat template, the reasoning modes, the streaming parser. Each turn streams the reply as it is generated, the
 reasoning apart from the answer (dimmed on a terminal, labelled otherwise), tool calls as name + JSON
 arguments, then one line of token counts and speed. The history is kept across turns: each assistant turn
@@ -28,9 +29,10 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import runtime
 from ..serve.request import REASONING_MODES as MODES
-from .common import UsageError, positive_int
-from .serve import DEFAULT_MODEL
+from .common import positive_int
+from .runtime_flags import add_engine_flags, add_model_flags, engine_config, error_line, model_source
 
 HELP = ("commands: /mode non-think|think-high|think-max  switch the reasoning mode\n"
         "          /reset  forget the conversation    /exit  quit (or EOF; Ctrl-C at the prompt)\n"
@@ -40,9 +42,8 @@ HELP = ("commands: /mode non-think|think-high|think-max  switch the reasoning mo
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with the model in the terminal (no server)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH|PRESET",
-                   help=f"checkpoint directory or preset, loaded as `dsv4 serve` loads it (default: {DEFAULT_MODEL!r}, "
-                        "the demo model shipped in the package)")
+    add_model_flags(p, f"checkpoint directory or preset, loaded as `dsv4 serve` loads it (default: "
+                       f"{runtime.DEMO!r}, the demo model shipped in the package)")
     p.add_argument("--mode", choices=MODES, default="think-high", help="reasoning mode (default: think-high)")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
@@ -56,23 +57,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print only the answer (the model still reasons in thinking modes)")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="a user turn to run without reading stdin (repeat for several turns), then exit")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
-    p.add_argument("--device", default="cpu")
+    add_engine_flags(p)
     p.set_defaults(run=run)
 
 
 # ---------------------------------------------------------------- building the service
 def build_service(args: argparse.Namespace) -> Any:
-    """The `ChatService` `dsv4 serve` would run for `args.model` (one request at a time). Tests replace this
+    """The `ChatService` `dsv4 serve` would run for these flags, one request at a time. Tests replace this
     function to chat with a scripted engine."""
-    from . import serve
-
-    parser = argparse.ArgumentParser()
-    serve.register(parser.add_subparsers())
-    argv = ["serve", "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--max-concurrent", "1"]
-    if args.max_tokens is not None:
-        argv += ["--max-output-tokens", str(args.max_tokens)]
-    return serve.build_context(parser.parse_args(argv)).backend
+    server = runtime.ServerConfig(max_output_tokens=args.max_tokens or runtime.ServerConfig.max_output_tokens)
+    return runtime.build_service(model_source(args), engine_config(args, max_batch=1), server)
 
 
 # ---------------------------------------------------------------- rendering a reply
@@ -336,8 +330,8 @@ class Chat:
 def run(args: argparse.Namespace) -> int:
     try:
         service = build_service(args)
-    except (UsageError, ValueError) as err:
-        print(f"dsv4 chat: {err}", file=sys.stderr)
+    except ValueError as err:  # OptionError, CheckpointError, the engine's checks
+        print(error_line("chat", err), file=sys.stderr)
         return 2
     chat = Chat(service, args)
     try:

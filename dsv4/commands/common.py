@@ -1,8 +1,9 @@
-"""Helpers shared by the subcommands: resolving MODEL arguments, usage errors, aligned tables."""
+"""Helpers shared by the subcommands: argparse types, resolving MODEL arguments, usage errors, byte sizes."""
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ..config import PRESETS, ModelArgs, preset
@@ -21,6 +22,34 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+_BYTE_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
+_BYTE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """argparse type: a size in bytes, plain ("8388608") or with a binary unit ("512M", "2G", "1.5GiB", "64KB":
+    K, M, G and T are 1024-based with or without "iB" / "B"); at least one byte."""
+    match = _BYTE_SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected bytes or a size like 512M, 2G or 1.5GiB, got {text!r}")
+    number, unit = match.groups()
+    value = int(float(number) * _BYTE_UNITS[unit.lower()]) if unit else int(float(number))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return value
 
 
@@ -48,13 +77,3 @@ def human_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{n:,.0f} B"
-
-
-def table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    """First column left-aligned, the others right-aligned, each as wide as its widest cell."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for r in [header, *rows]:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
-        lines.append(indent + "  ".join(cells).rstrip())
-    return lines

@@ -119,32 +119,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], env, tokenizer=None) -> None:
-    from ..checkpoint import load_model
-    from ..formats import to_official_formats
     from ..generate import generate
-    from ..model import Transformer, init_weights
-    from ..parallel import shard_model
+    from ..model import Transformer
+    from ..runtime import checkpoint_model, preset_model
 
     dtype = getattr(torch, args.dtype)
+    with torch.device("meta"):
+        counts = Transformer(model_args).parameter_counts()  # the whole model's (each rank holds a shard)
     if args.checkpoint:
-        shard = (lambda m: shard_model(m, env.rank, env.world_size)) if env.world_size > 1 else None
-        model = load_model(args.checkpoint, numerics=args.numerics, dtype=dtype, device=env.device, rank=env.rank,
-                           world_size=env.world_size, shard=shard)
+        model = checkpoint_model(args.checkpoint, numerics=args.numerics, dtype=dtype, device=env.device, env=env)
         source = f"checkpoint {args.checkpoint}"
-        with torch.device("meta"):
-            counts = Transformer(model_args).parameter_counts()
     else:
-        model = init_weights(Transformer(model_args, dtype=dtype, numerics=args.numerics), seed=args.seed)
+        model = preset_model(args.preset, numerics=args.numerics, dtype=dtype, device=env.device, seed=args.seed,
+                             env=env)
         source = f"preset {args.preset} (random weights)"
-        counts = model.parameter_counts()
-        if env.world_size > 1:
-            # shard the float weights, then quantise each shard: the same as quantising first whenever the
-            # split keeps whole FP8 tiles (as official checkpoints need), and possible for any split
-            shard_model(model, env.rank, env.world_size)
-        if args.numerics == "exact":
-            to_official_formats(model)
-        model.to(env.device)
-    model.eval()
     eos = tokenizer.eos_id if tokenizer is not None else None
     result = generate(model, prompts, args.max_new_tokens, args.temperature, eos_id=eos, seed=args.seed)
     if not env.is_main:

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import UsageError, human_bytes, resolve_model, table
+from ..text_table import table
+from .common import UsageError, human_bytes, resolve_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..kv_formats import format_names
 from ..plan import GIB
-from .common import UsageError, human_bytes, positive_int, resolve_model, table
+from ..text_table import table
+from .common import UsageError, human_bytes, positive_int, resolve_model
 
 COMPARE = ("v3.2", "none")
 LAYOUT_NOTES = {  # what the weights bytes of each checkpoint layout stand for

@@ -23,7 +23,6 @@ Metrics, per reasoning mode ("non-think": `thinking: {"type": "disabled"}`; "thi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import re
@@ -101,19 +100,17 @@ def grade_final(message: Mapping[str, Any] | None, final: Sequence[str]) -> bool
 # ------------------------------------------------------------------------------------------------ HTTP
 @contextlib.contextmanager
 def serve_model(model_dir: str | Path, max_concurrent: int = 8, timeout: float = 60.0) -> Iterator[str]:
-    """`dsv4 serve --model model_dir` in this process (uvicorn in a background thread on a free loopback port);
-    yields the base URL once it accepts connections and shuts the server down on exit."""
-    from ..commands import serve
+    """`dsv4 serve --model model_dir` in this process (the runtime's serve context with `dsv4 serve`'s defaults,
+    uvicorn in a background thread on a free loopback port); yields the base URL once it accepts connections and
+    shuts the server down on exit."""
+    from ..runtime import EngineConfig, ModelSource, build_serve_context
     from ..serve.app import create_app
     from ..serve.background import serve_in_thread
 
-    parser = argparse.ArgumentParser(prog="dsv4")
-    serve.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--model", str(model_dir), "--max-concurrent", str(max_concurrent),
-                              "--log-level", "warning"])
+    ctx = build_serve_context(ModelSource(model=str(model_dir)), EngineConfig(max_batch=max_concurrent))
     stack = contextlib.ExitStack()
     try:
-        url = stack.enter_context(serve_in_thread(create_app(serve.build_context(args)), timeout=timeout))
+        url = stack.enter_context(serve_in_thread(create_app(ctx), timeout=timeout))
     except RuntimeError as err:  # only the start: errors of the caller's block pass through unchanged
         raise EvalError(f"the evaluation server: {err}") from None
     with stack:
@@ -269,7 +266,7 @@ def evaluate(model_dir: str | Path | None = None, *, url: str | None = None, per
 
 def format_report(report: Mapping[str, Any]) -> list[str]:
     """The report as a table: one row per metric, one column per mode, cells "k/n (rate%)"."""
-    from ..commands.common import table
+    from ..text_table import table
 
     modes = report["modes"]
     metrics = report["metrics"]
