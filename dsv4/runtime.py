@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .chat.tokenizer import Tokenizer
 from .checkpoint.loader import load_model
 from .config import PRESETS, preset
@@ -117,7 +118,9 @@ class EngineConfig:
     "model", "bf16" or "fp8" (see `dsv4.engine.kv_cache`); `kv_budget_bytes`: the KV cache's size (None: room for
     every sequence at `max_seq_len`); `page_tokens`: tokens per KV page (None: the engine's default, 128 for
     V4); `prefix_cache_bytes` (0: off) and `prefix_interval`: the prefix cache; `num_speculative`: MTP draft
-    tokens per step (0: off); `seed`: the sampler's shared generator (every rank's must be equal)."""
+    tokens per step (0: off); `seed`: the sampler's shared generator (every rank's must be equal);
+    `kernel_backend`: the `dsv4.kernels` backend the engine runs the model on (None: $DSV4_KERNEL_BACKEND, else
+    "reference")."""
 
     max_batch: int = 8
     max_seq_len: int | None = None
@@ -129,9 +132,12 @@ class EngineConfig:
     prefix_interval: int | None = None
     num_speculative: int = 0
     seed: int | None = 0
+    kernel_backend: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("kv_format", self.kv_format, format_names())
+        if self.kernel_backend is not None:
+            _check_choice("kernel_backend", self.kernel_backend, kernels.backend_names())
         for option, low in (("max_batch", 1), ("max_seq_len", 2), ("prefill_chunk", 1), ("kv_budget_bytes", 1),
                             ("page_tokens", 1), ("prefix_cache_bytes", 0), ("prefix_interval", 1),
                             ("num_speculative", 0)):
@@ -276,7 +282,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig = EngineConfig(), env
         eos_id=loaded.tokenizer.eos_id, seed=config.seed, kv_format=config.kv_format,
         kv_budget_bytes=config.kv_budget_bytes, page_tokens=config.page_tokens,
         prefix_cache_bytes=config.prefix_cache_bytes, prefix_interval=config.prefix_interval,
-        num_speculative=config.num_speculative)
+        num_speculative=config.num_speculative, kernel_backend=config.kernel_backend)
 
 
 def build_service(source: ModelSource = ModelSource(), engine: EngineConfig = EngineConfig(),

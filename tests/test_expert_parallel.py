@@ -1,18 +1,14 @@
 """The expert-parallel seam (dsv4.parallel.experts), in one process: the model's own MoE with a strategy installed
-from outside (no class swap), the ranks' routed sums partitioning the single-process one; and the import rules of
-the model and parallel packages. The multi-process runs are in test_parallel.py (inference) and
-test_train_distributed.py (training)."""
+from outside (no class swap), the ranks' routed sums partitioning the single-process one. The multi-process runs are
+in test_parallel.py (inference) and test_train_distributed.py (training); the import rules in test_structure.py."""
 
 from __future__ import annotations
 
-import ast
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-import dsv4
 from dsv4.config import preset
 from dsv4.model import Transformer, init_weights
 from dsv4.model.moe import MoE
@@ -21,7 +17,6 @@ from dsv4.parallel import AllReduceExperts, install_expert_parallel, shard_model
 WORLD = 2
 ARGS = preset("tiny").replace(vocab_size=64, n_layers=2, n_hash_layers=1, compress_ratios=(0, 4, 0),
                               n_routed_experts=4, n_activated_experts=2)
-PACKAGE = Path(dsv4.__file__).parent
 
 
 @torch.no_grad()
@@ -61,40 +56,3 @@ def test_shard_model_installs_one_strategy_on_every_moe():
     assert {type(m) for m in moes} == {MoE}
     assert len({id(m.expert_parallel) for m in moes}) == 1
     assert "experts 2..3 of 4 here" in repr(model.layers[0].ffn)
-
-
-def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """(absolute module, imported names) of every import in `path`, relative ones resolved."""
-    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out.extend((alias.name, []) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            module = ".".join(p for p in (base, node.module) if p)
-            out.append((module, [alias.name for alias in node.names]))
-    return out
-
-
-@pytest.mark.parametrize("package, allowed", [
-    ("model", ("dsv4.model", "dsv4.config", "dsv4.kernels", "dsv4.quant")),
-    ("parallel", ("dsv4.parallel", "dsv4.model", "dsv4.config", "dsv4.kernels")),
-])
-def test_package_imports_only_what_it_stands_on(package, allowed):
-    """No upward imports: the model knows nothing of parallelism or training, parallelism nothing of training,
-    engine or server. Neither swaps classes."""
-    for path in sorted((PACKAGE / package).glob("*.py")):
-        for module, names in _imports(path):
-            if module == "dsv4":
-                assert set(names) <= {"kernels", "quant"}, (path.name, names)
-            elif module.startswith("dsv4."):
-                assert module.startswith(allowed), (path.name, module)
-        assert "__class__ =" not in path.read_text(), path.name
-
-
-def test_parallel_takes_no_private_names_from_other_modules():
-    for path in sorted((PACKAGE / "parallel").glob("*.py")):
-        for module, names in _imports(path):
-            if module.startswith("dsv4"):
-                assert not [n for n in names if n.startswith("_")], (path.name, module, names)

@@ -130,13 +130,16 @@ def test_decode_steps_match_official(runs):
     assert (err <= TOLERANCE).all(), f"decode steps max|diff|/max|logit|: {[f'{e:.2e}' for e in err.tolist()]}"
 
 
-def test_negative_controls_exceed_the_tolerance(model, monkeypatch):
+def test_negative_controls_exceed_the_tolerance(model):
     """The comparison sees misplaced roundings: (a) the oracle with the first release's KV 'FP8' simulation
     (kernel before 553034d: rounded to bf16 only, i.e. none); (b) dsv4 with its former sparse attention,
     which cast the normalised probabilities to bf16 instead of the kernel's unnormalised exp(logit - max)."""
-    import dsv4.kernels
+    from dsv4 import kernels
+    from dsv4.kernels.paged import concat_rows
+    from dsv4.kernels.reference import ReferenceBackend
 
-    def normalised_cast(q, kv, idx, sink, scale):
+    def normalised_cast(self, q, kv, idx, sink, scale):
+        kv = concat_rows(kv)
         batch = torch.arange(kv.shape[0]).view(-1, 1, 1)
         rows = kv[batch, idx.clamp(min=0)].float()
         logits = torch.einsum("bshd,bskd->bshk", q.float(), rows) * scale
@@ -153,8 +156,10 @@ def test_negative_controls_exceed_the_tolerance(model, monkeypatch):
         prompt = torch.randint(0, ARGS.vocab_size, (BATCH, prompt_len), generator=torch.Generator().manual_seed(SEED))
         ref, tokens, _ = _oracle_run(model, prompt, prompt_len)
         no_kv_fp8, _, _ = _oracle_run(model, tokens, prompt_len, kv_fp8=False)
-        monkeypatch.setattr(dsv4.kernels, "sparse_attn", normalised_cast)
-        old_attention = _dsv4_run(model, tokens, prompt_len)
+        kernels.register_backend("normalised-cast", type("NormalisedCast", (ReferenceBackend,),
+                                                         {"sparse_attn": normalised_cast}))
+        with kernels.use_backend("normalised-cast"):
+            old_attention = _dsv4_run(model, tokens, prompt_len)
     finally:
         torch.set_num_threads(threads)
     for name, got in (("no KV FP8 rounding", no_kv_fp8), ("normalised bf16 probabilities", old_attention)):

@@ -4,9 +4,8 @@ bad settings are exit-2 errors naming the flag, and the layering keeps `dsv4.com
 
 from __future__ import annotations
 
-import ast
 import asyncio
-from pathlib import Path
+import re
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from dsv4.commands import chat as chat_command
 from dsv4.commands.common import byte_size
 from dsv4.commands.serve import configs
 from dsv4.demo import MODEL_NAME
+from dsv4.kv_formats import get_format
 from dsv4.runtime import (
     EngineConfig,
     ModelSource,
@@ -112,6 +112,23 @@ def test_serve_kv_format_fp8_serves_over_http():
         metrics = httpx.get(url + "/metrics", timeout=10).text
     assert reply["choices"][0]["finish_reason"] in ("stop", "length") and reply["usage"]["completion_tokens"] >= 1
     assert "dsv4_kv_cache_used_bytes" in metrics and "dsv4_completion_tokens_total" in metrics
+    # /metrics shows the FP8 page bytes, which are the registry's bytes per row times the rows of a page
+    kv, fp8 = engine.kv, get_format("fp8")
+    page = sum(kv.page_tokens // engine.model.args.layer_ratio(layer) * fp8.entry_bytes(engine.model.args, kind)
+               for layer, kind in kv.storage.stores)
+    shown = re.search(r'^dsv4_kv_page_bytes\{format="fp8"\} (\S+)$', metrics, re.M)
+    assert shown and float(shown.group(1)) == page == engine.stats().page_bytes > 0
+    assert re.search(r'^dsv4_kv_cache_bytes\{format="fp8"\} ', metrics, re.M)
+
+
+def test_the_kernel_backend_is_an_engine_option(monkeypatch):
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--kernel-backend", "reference"])
+    assert build_serve_context(*configs(args)).backend.engine.engine.stats().kernel_backend == "reference"
+    with pytest.raises(OptionError, match="kernel_backend: 'nope' is not one of"):
+        EngineConfig(kernel_backend="nope")
+    monkeypatch.setenv("DSV4_KERNEL_BACKEND", "nope")  # the default comes from the environment
+    with pytest.raises(ValueError, match="unknown kernel backend 'nope'; available: .*reference"):
+        build_serve_context(*configs(build_parser().parse_args(["serve", "--model", "tiny"])))
 
 
 def test_serve_kv_budget_sizes_the_page_pool():
@@ -141,6 +158,7 @@ def test_bad_settings_exit_2_naming_the_flag(capsys, argv, flags):
     (["serve", "--kv-budget", "0"], "--kv-budget"),
     (["serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
     (["chat", "--kv-format", "fp16"], "--kv-format"),
+    (["serve", "--kernel-backend", "nope"], "--kernel-backend"),
 ])
 def test_unparsable_values_are_argparse_errors(capsys, argv, flag):
     with pytest.raises(SystemExit) as exc:
@@ -157,42 +175,3 @@ def test_chat_kv_format_fp8_runs_a_turn(capsys, monkeypatch):
     assert out.startswith("> Hi\n") and "[answer]" in out and "tokens (" in out and "tok/s" in out
     kv = built[0].engine.engine.kv
     assert kv.kv_format == "fp8" and kv.max_batch == 1
-
-
-# ------------------------------------------------------------------------------------------------ layering
-PACKAGE = Path(__file__).resolve().parents[1] / "dsv4"
-
-
-def _imports(path: Path) -> set[str]:
-    """The absolute names of the dsv4 modules a file imports (relative imports resolved)."""
-    module = ".".join(("dsv4", *path.relative_to(PACKAGE).with_suffix("").parts))
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            name = ".".join(p for p in (base, node.module) if p)
-            found |= {name} | {f"{name}.{a.name}" for a in node.names}
-    return {n for n in found if n == "dsv4" or n.startswith("dsv4.")}
-
-
-def _within(name: str, top: str) -> bool:
-    return name == top or name.startswith(top + ".")
-
-
-def test_layering_commands_on_top_then_the_runtime():
-    """Nothing but the CLI imports `dsv4.commands`; only commands and demo (and the CLI) import `dsv4.runtime`,
-    which builds on everything below it."""
-    on_top = {"dsv4.cli", "dsv4.__main__"}
-    upward = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = ".".join(("dsv4", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
-        if module in on_top or _within(module, "dsv4.commands"):
-            continue
-        names = _imports(path)
-        upward += [f"{module} imports {n}" for n in names if _within(n, "dsv4.commands")]
-        if not _within(module, "dsv4.demo") and module != "dsv4.runtime":
-            upward += [f"{module} imports {n}" for n in names if _within(n, "dsv4.runtime")]
-    assert not upward, upward

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import kernels
 from .common import positive_int
 
 
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="<= 0 means greedy")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    gen.add_argument("--kernel-backend", choices=kernels.backend_names(), default=None,
+                     help=f"kernel backend (default: ${kernels.ENV_VAR}, else {kernels.DEFAULT_BACKEND})")
     gen.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                      help="where to run; under torchrun, cuda means GPU LOCAL_RANK per process and NCCL collectives")
     gen.set_defaults(run=run)
@@ -134,7 +137,8 @@ def _generate(args: argparse.Namespace, model_args, prompts: list[list[int]], en
                              env=env)
         source = f"preset {args.preset} (random weights)"
     eos = tokenizer.eos_id if tokenizer is not None else None
-    result = generate(model, prompts, args.max_new_tokens, args.temperature, eos_id=eos, seed=args.seed)
+    with kernels.use_backend(args.kernel_backend):
+        result = generate(model, prompts, args.max_new_tokens, args.temperature, eos_id=eos, seed=args.seed)
     if not env.is_main:
         return
     parallel = f", tensor parallel over {env.world_size} processes" if env.world_size > 1 else ""

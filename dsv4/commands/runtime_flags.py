@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import kernels
 from ..kv_formats import format_names
 from ..runtime import DEMO, DTYPES, NUMERICS, EngineConfig, ModelSource, OptionError
 from .common import byte_size, non_negative_int, positive_int
@@ -46,6 +47,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="also save long prompts in the prefix cache every N tokens")
     p.add_argument("--num-speculative", type=non_negative_int, default=EngineConfig.num_speculative,
                    help="MTP draft tokens per step (0: off)")
+    p.add_argument("--kernel-backend", choices=kernels.backend_names(), default=None,
+                   help=f"the kernel backend the model runs on (default: ${kernels.ENV_VAR}, else "
+                        f"{kernels.DEFAULT_BACKEND})")
 
 
 def model_source(args: argparse.Namespace, seed: int = 0, served_names: tuple[str, ...] = ()) -> ModelSource:
@@ -57,7 +61,7 @@ def engine_config(args: argparse.Namespace, max_batch: int, seed: int = 0) -> En
     return EngineConfig(max_batch=max_batch, max_seq_len=args.max_context, prefill_chunk=args.prefill_chunk,
                         kv_format=args.kv_format, kv_budget_bytes=args.kv_budget, page_tokens=args.page_tokens,
                         prefix_cache_bytes=args.prefix_cache_mb * MIB, prefix_interval=args.prefix_interval,
-                        num_speculative=args.num_speculative, seed=seed)
+                        num_speculative=args.num_speculative, seed=seed, kernel_backend=args.kernel_backend)
 
 
 def error_line(command: str, err: Exception) -> str:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..model import Transformer
 from ..model.cache import CacheRows
 from .kv_cache import CacheFullError, KVCacheManager
@@ -88,6 +89,10 @@ class EngineStats:
     prefix_hit_tokens: int
     drafted: int  # MTP draft tokens proposed
     accepted: int  # ... and accepted by the main model
+    kv_format: str = "model"  # the KV rows' storage format (`dsv4.kv_formats`)
+    page_bytes: int = 0  # bytes of one KV page over every layer (MTP layers included)
+    slot_bytes: int = 0  # bytes of one sequence slot's fixed state (window rings, compressor tails)
+    kernel_backend: str = "reference"  # the kernel backend the model runs on
 
     @property
     def acceptance_rate(self) -> float:
@@ -128,13 +133,16 @@ class Engine:
     (unless its params say `ignore_eos`); `seed` seeds the sampler-wide generator that requests without their
     own `seed` share. KV cache: `kv_format` ("model", "bf16" or "fp8"), its size as `kv_budget_bytes` or
     `num_pages` (default: room for every slot at `max_seq_len`), `page_tokens` per page. Prefix cache:
-    `prefix_cache_bytes` > 0 turns it on, `prefix_interval` saves long prompts every that many tokens."""
+    `prefix_cache_bytes` > 0 turns it on, `prefix_interval` saves long prompts every that many tokens.
+    `kernel_backend`: the `dsv4.kernels` backend every model call of a step runs on (None: the process default,
+    $DSV4_KERNEL_BACKEND or "reference")."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_seq_len: int | None = None,
                  prefill_chunk: int = 64, eos_id: int | None = None, seed: int | None = None, *,
                  kv_format: str = "model", kv_budget_bytes: int | None = None, num_pages: int | None = None,
                  page_tokens: int | None = None, prefix_cache_bytes: int = 0,
-                 prefix_interval: int | None = None, num_speculative: int = 0) -> None:
+                 prefix_interval: int | None = None, num_speculative: int = 0,
+                 kernel_backend: str | None = None) -> None:
         max_seq_len = max_seq_len or model.args.max_seq_len
         if max_batch < 1 or max_seq_len < 2 or prefill_chunk < 1:
             raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2 and prefill_chunk >= 1, got "
@@ -143,6 +151,8 @@ class Engine:
             raise ValueError("prefix_cache_bytes must be >= 0 and prefix_interval >= 1")
         if num_speculative < 0 or (num_speculative and not model.args.n_mtp_layers):
             raise ValueError(f"num_speculative={num_speculative}: needs >= 0, and a model with an MTP block to draft")
+        self.kernel_backend = kernel_backend or kernels.default_backend_name()
+        self.kernels = kernels.get_backend(self.kernel_backend)  # an unknown name: ValueError naming the choices
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
@@ -234,7 +244,9 @@ class Engine:
                            + used_pages * (lay.page_bytes + lay.mtp_page_bytes)),
             preemptions=self.preemptions, prefix_entries=prefix[0], prefix_bytes=prefix[1],
             prefix_lookups=prefix[2], prefix_hits=prefix[3], prefix_hit_tokens=prefix[4],
-            drafted=self.drafted, accepted=self.accepted)
+            drafted=self.drafted, accepted=self.accepted, kv_format=kv.kv_format,
+            page_bytes=lay.page_bytes + lay.mtp_page_bytes, slot_bytes=lay.state_bytes + lay.mtp_state_bytes,
+            kernel_backend=self.kernel_backend)
 
     def _output(self, req: _Request, tokens: list[int], logprobs: list, reason: str | None) -> RequestOutput:
         return RequestOutput(req.id, tokens, logprobs, reason is not None, reason, len(req.prompt),
@@ -327,6 +339,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit, schedule, run one batched model call, sample; returns one update per request that generated
         tokens this step (requests still prefilling produce none)."""
+        with kernels.use_backend(self.kernels):
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         self._admit()
         plan = self._schedule()
         self._reserve(plan)

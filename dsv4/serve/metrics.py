@@ -47,6 +47,11 @@ class Metrics:
         self.kv_bytes = Gauge("dsv4_kv_cache_used_bytes", "KV cache bytes in use", registry=r)
         self.prefix_hit_rate = Gauge("dsv4_prefix_cache_hit_rate", "prefix-cache hits / lookups so far",
                                      registry=r)
+        self.kv_total = Gauge("dsv4_kv_cache_bytes", "KV cache bytes allocated (slot states and pages), by the "
+                              "rows' storage format", ["format"], registry=r)
+        self.kv_page = Gauge("dsv4_kv_page_bytes", "bytes of one KV page over every layer, by format", ["format"],
+                             registry=r)
+        self.kv_pages = Gauge("dsv4_kv_pages", "KV pages in the pool, by state", ["state"], registry=r)
         self._engine_stats: Callable[[], Any] | None = None
 
     def set_sources(self, queue_depth: Callable[[], int], running: Callable[[], int],
@@ -87,6 +92,10 @@ class Metrics:
             self.kv_bytes.set(stats.kv_bytes_used)
             self.kv_used.set(stats.kv_bytes_used / stats.kv_bytes if stats.kv_bytes else 0.0)
             self.prefix_hit_rate.set(stats.prefix_hits / stats.prefix_lookups if stats.prefix_lookups else 0.0)
+            self.kv_total.labels(stats.kv_format).set(stats.kv_bytes)
+            self.kv_page.labels(stats.kv_format).set(stats.page_bytes)
+            self.kv_pages.labels("used").set(stats.pages_used)
+            self.kv_pages.labels("free").set(stats.pages_total - stats.pages_used)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -1,0 +1,167 @@
+"""The kernel seam: every op the model, the QAT simulation and the KV codecs use goes through `dsv4.kernels`, on
+the backend chosen by name (engine / CLI option, environment variable), and attention reads paged KV in place."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from counting_backend import CountingBackend
+
+from dsv4 import kernels
+from dsv4.config import preset
+from dsv4.engine import Engine, SamplingParams
+from dsv4.formats import to_official_formats
+from dsv4.kernels.paged import PagedRows
+from dsv4.kernels.reference import ReferenceBackend
+from dsv4.model import Transformer, init_weights
+from dsv4.model.layers import Linear
+from dsv4.quant import quantize_fp8_weight
+from dsv4.train.precision import apply_precision
+
+
+@pytest.fixture(scope="module", autouse=True)
+def counting():
+    kernels.register_backend("counting", "counting_backend:CountingBackend")  # the one registration line
+    yield kernels.get_backend("counting")
+
+
+def tiny(dtype=torch.float32, numerics="plain", seed=0):
+    model = init_weights(Transformer(preset("tiny"), dtype, numerics), seed=seed)
+    return to_official_formats(model).eval() if numerics == "exact" else model.eval()
+
+
+def tokens(n=2, s=21, seed=0):
+    return torch.randint(0, 256, (n, s), generator=torch.Generator().manual_seed(seed))
+
+
+def count_linear_forwards(model: torch.nn.Module) -> list[int]:
+    """A counter of every Linear module call (of whatever forward is installed on it)."""
+    seen = [0]
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.register_forward_hook(lambda *_: seen.__setitem__(0, seen[0] + 1))
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def test_backends_are_chosen_by_name_and_unknown_names_are_refused(counting):
+    assert {"reference", "counting"} <= set(kernels.backend_names())
+    assert isinstance(kernels.get_backend("counting"), CountingBackend)
+    assert kernels.get_backend("counting") is counting  # built once
+    with pytest.raises(kernels.UnknownBackendError, match="unknown kernel backend 'nope'; available: .*reference"):
+        kernels.get_backend("nope")
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        Engine(tiny(), max_batch=1, max_seq_len=32, kernel_backend="nope")
+
+    class Partial:
+        def linear(self, *args):
+            return None
+
+    kernels.register_backend("partial", Partial)
+    with pytest.raises(TypeError, match="lacks the ops act_quant"):
+        kernels.get_backend("partial")
+
+
+def test_the_environment_variable_picks_the_default_and_use_backend_scopes_it(monkeypatch, counting):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert type(kernels.active_backend()) is ReferenceBackend
+    monkeypatch.setenv(kernels.ENV_VAR, "counting")
+    assert kernels.active_backend() is counting
+    with kernels.use_backend("reference") as chosen:
+        assert type(chosen) is ReferenceBackend and kernels.active_backend() is chosen
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(kernels.active_backend()))
+        worker.start()
+        worker.join()
+        assert seen == [counting]  # the choice is per thread (a context variable), not a global
+    assert kernels.active_backend() is counting
+    monkeypatch.setenv(kernels.ENV_VAR, "nope")
+    with pytest.raises(kernels.UnknownBackendError):
+        kernels.linear(torch.ones(1, 4), torch.ones(2, 4))
+
+
+# ---------------------------------------------------------------------------------------------- every op, through it
+
+
+def test_every_linear_of_a_forward_goes_through_the_seam(counting):
+    for numerics, dtype in (("plain", torch.float32), ("exact", torch.bfloat16)):
+        model = tiny(dtype, numerics)
+        linears = count_linear_forwards(model)
+        counting.reset()
+        with kernels.use_backend("counting"), torch.no_grad():
+            out = model(tokens())
+        assert linears[0] > 0 and counting.calls["linear"] == linears[0], (numerics, counting.calls)
+        with torch.no_grad():
+            assert torch.equal(out, model(tokens()))  # the counting oracle computes what the reference does
+        if numerics == "exact":  # FP8 / FP4 weights: quantised activations and block-scaled GEMMs
+            assert counting.calls["act_quant"] >= counting.calls["fp8_gemm"] + counting.calls["fp4_gemm"] > 0
+            assert counting.calls["fp8_simulate"] > 0 and counting.calls["fp4_simulate"] > 0
+        assert counting.calls["sparse_attn"] == model.args.n_layers
+        assert counting.calls["hc_split_sinkhorn"] == 2 * model.args.n_layers  # attention and ffn of each block
+        assert counting.calls["hadamard"] > 0
+
+
+def test_qat_runs_through_the_seam(counting):
+    model = tiny()
+    apply_precision(model, "fp8+fp4")
+    linears = count_linear_forwards(model)
+    counting.reset()
+    with kernels.use_backend("counting"):
+        model(tokens()).float().logsumexp(-1).mean().backward()
+    assert counting.calls["linear"] == linears[0] > 0
+    assert counting.calls["fp8_simulate"] > 0  # FP8 activations (and the KV nope dims: not here, plain numerics)
+    assert counting.calls["fp8_weight_simulate"] > 0 and counting.calls["fp4_weight_simulate"] > 0
+
+
+def test_the_engine_runs_its_backend_and_attention_reads_fp8_pages_in_place(counting):
+    model = tiny(torch.bfloat16, "exact", seed=2)
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (5, 19, 11)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def run(backend):
+        engine = Engine(model, max_batch=3, max_seq_len=64, prefill_chunk=8, kv_format="fp8", kernel_backend=backend)
+        ids = [engine.add_request(p, params) for p in prompts]
+        out = {i: [] for i in ids}
+        while engine.has_unfinished():
+            for u in engine.step():
+                out[u.request_id] += u.new_token_ids
+        return [out[i] for i in ids], engine
+
+    reference, _ = run("reference")
+    counting.reset()
+    counted, engine = run("counting")
+    assert counted == reference and engine.stats().kernel_backend == "counting"
+    assert kernels.active_backend() is not counting  # the engine's choice stays inside its steps
+    # the KV codecs quantise through the seam: the FP8 rows' nope dims as [rows, nope] with act_quant's 64-blocks,
+    # the FP4 indexer keys as [rows, index_head_dim] with fp4_quant
+    nope = model.args.head_dim - model.args.rope_head_dim
+    assert any(a[0].shape[1:] == (nope,) and a[1:] == (64,) for a in counting.arguments["act_quant"])
+    assert any(a[0].shape[1:] == (model.args.index_head_dim,) for a in counting.arguments["fp4_quant"])
+    # compressed layers get their entries as pages left in place, in the production byte layout
+    paged = [run_ for args in counting.arguments["sparse_attn"] for run_ in args[1] if isinstance(run_, PagedRows)]
+    assert paged and all(p.pool.dtype == torch.uint8 and p.codec.format == "fp8" for p in paged)
+    assert {p.codec.kind for p in paged} == {"kv"}
+    # a step computes the requests that have work, not every slot
+    assert max(args[0].shape[0] for args in counting.arguments["sparse_attn"]) <= len(prompts)
+
+
+def test_overriding_one_op_changes_every_op_built_on_it():
+    """A backend overriding `fp8_gemm` alone is used by the `linear` it inherits (the seam is real: rebinding
+    an op changes what the model computes)."""
+
+    class ZeroGemm(ReferenceBackend):
+        def fp8_gemm(self, xq, xs, w, ws, out_dtype=torch.bfloat16):
+            return torch.zeros(*xq.shape[:-1], w.shape[0], dtype=out_dtype)
+
+    kernels.register_backend("zero-gemm", ZeroGemm)
+    layer = Linear(256, 128)
+    q, s = quantize_fp8_weight(torch.randn(128, 256))
+    layer.weight, layer.scale = torch.nn.Parameter(q, requires_grad=False), s
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    assert layer(x).abs().sum() > 0
+    with kernels.use_backend("zero-gemm"):
+        assert layer(x).abs().sum() == 0
