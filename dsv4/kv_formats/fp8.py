@@ -17,8 +17,8 @@ bytes first and then the ``S`` scale bytes per token; this module packs one entr
 above, from which that block layout is a plain gather.
 
 Scales follow ``fp8sim64`` exactly (the seam's ``act_quant`` with 64-blocks, as ``dsv4.kernels.fp8_simulate``
-rounds): per 64-block amax floored at 1e-4,
-scale ``2**ceil(log2(amax/448))``, e4m3 round-to-nearest-even with clamp at ±448. Hence
+rounds): per 64-block amax floored at 1e-4, scale ``2**ceil(log2(amax/448))``, e4m3 round-to-nearest-even with
+clamp at ±448. Hence
 ``unpack_kv(pack_kv(x)) == fp8_simulate(nope) ++ rope`` bit for bit, and rows the exact model already
 cached (nope dims FP8-rounded) round-trip losslessly.
 
@@ -29,8 +29,8 @@ cached (nope dims FP8-rounded) round-trip losslessly.
                                  bytes read as one little-endian int32 (scale k in bits 8k..8k+7)
 
 For I = 128: 64 + 4 = **68 bytes**. Scales follow ``fp4sim32`` (the seam's ``fp4_quant``, as
-``dsv4.kernels.fp4_simulate`` rounds): amax floored
-at ``6 * 2**-126``, scale ``2**ceil(log2(amax/6))``, e2m1 round-to-nearest-even saturating at ±6.
+``dsv4.kernels.fp4_simulate`` rounds): amax floored at ``6 * 2**-126``, scale ``2**ceil(log2(amax/6))``, e2m1
+round-to-nearest-even saturating at ±6.
 """
 
 from __future__ import annotations
