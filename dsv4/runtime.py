@@ -115,7 +115,7 @@ class EngineConfig:
     """How the engine runs: the `Engine` keyword options, with `dsv4 serve`'s defaults. `max_batch`: sequences
     decoded together (the server's concurrent requests); `max_seq_len`: prompt + output tokens of a request
     (None or more than the model's: the model's `max_seq_len`); `prefill_chunk`: tokens per step; `kv_format`:
-    "model", "bf16" or "fp8" (see `dsv4.engine.kv_cache`); `kv_budget_bytes`: the KV cache's size (None: room for
+    "model", "bf16" or "fp8" (the registry `dsv4.kv_formats`); `kv_budget_bytes`: the KV cache's size (None: room for
     every sequence at `max_seq_len`); `page_tokens`: tokens per KV page (None: the engine's default, 128 for
     V4); `prefix_cache_bytes` (0: off) and `prefix_interval`: the prefix cache; `num_speculative`: MTP draft
     tokens per step (0: off); `seed`: the sampler's shared generator (every rank's must be equal);
