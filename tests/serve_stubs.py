@@ -169,5 +169,12 @@ class ScriptedEngine:
         return self.stream_class(self, rid, prompt, params, tokens)
 
 
+def grammar_accepts(params: SamplingParams, tokenizer: Tokenizer, text: str) -> bool:
+    """Whether the request's grammar (the service's constraint; the scripted engine does not apply it) allows
+    `text` as the whole completion, EOS included."""
+    state = params.grammar.start()
+    return all(state.consume(t) for t in tokenizer.encode(text) + [tokenizer.eos_id])
+
+
 # ---------------------------------------------------------------- a live server
 live_server = serve_in_thread  # the app on a free loopback port in a background thread; yields its base URL

@@ -129,8 +129,6 @@ CORPUS = [
      "invalid_request_error", "other"),
     ("tool_choice any without tools", body(tool_choice={"type": "any"}), 400, "invalid_request_error",
      "tool_choice"),
-    ("tool_choice any in thinking mode", body(tools=[TOOL], tool_choice={"type": "any"}), 400,
-     "invalid_request_error", "thinking"),
     ("tool_choice unknown type", body(tool_choice={"type": "sometimes"}), 400, "invalid_request_error",
      "sometimes"),
     ("temperature out of range", body(temperature=5), 400, "invalid_request_error", "temperature"),

@@ -10,7 +10,7 @@ import json
 import httpx
 import openai
 import pytest
-from serve_stubs import ScriptedEngine, live_server, smart_reply, think, tool_calls
+from serve_stubs import ScriptedEngine, grammar_accepts, live_server, smart_reply, think, tool_calls
 
 from dsv4.chat.tokenizer import Tokenizer
 from dsv4.serve.app import create_app
@@ -164,21 +164,34 @@ def test_stream_helper_reassembles_tool_calls(client, engine):
 
 
 def test_tool_choice(client, engine, tokenizer):
-    # none: tools are not rendered into the prompt
+    """none: tools are not rendered and no call can be written; named and required, in either mode: the
+    service's grammar makes a call (of that tool) with schema-valid arguments the only completion. The scripted
+    engine writes its script whatever the grammar says, so the test checks the grammar it was given."""
+    call = ('\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n<｜DSML｜parameter name="city" '
+            'string="true">Oslo</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
     client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="none")
-    assert "get_weather" not in tokenizer.decode(engine.requests[-1][0])
-    # named, non-think: the completion is prefilled with the invoke; the model writes the rest
-    engine.replies = ['<｜DSML｜parameter name="city" string="true">Oslo</｜DSML｜parameter>\n'
-                      '</｜DSML｜invoke>\n</｜DSML｜tool_calls>']
+    prompt, params = engine.requests[-1]
+    assert "get_weather" not in tokenizer.decode(prompt)
+    assert not grammar_accepts(params, tokenizer, "Let me check.</think>" + call)
+    assert grammar_accepts(params, tokenizer, "Let me check.</think>It is sunny.")
+    # named, non-think
+    engine.replies = [call]
     r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS,
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                        extra_body={"thinking": {"type": "disabled"}})
     calls = r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "tool_calls"
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
-    # required / named in thinking mode: 400, as DeepSeek answers
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required")
+    params = engine.requests[-1][1]
+    assert grammar_accepts(params, tokenizer, call) and not grammar_accepts(params, tokenizer, "It is sunny.")
+    assert not grammar_accepts(params, tokenizer, call.replace('"city" string="true">Oslo', '"town" string="true">O'))
+    # required in thinking mode (the default): the model reasons, then must call
+    engine.replies = ["I need the weather.</think>" + call]
+    r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required")
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.reasoning_content
+    params = engine.requests[-1][1]
+    assert grammar_accepts(params, tokenizer, "I need the weather.</think>" + call)
+    assert not grammar_accepts(params, tokenizer, "I need the weather.</think>It is sunny.")
 
 
 def test_logprobs(client, engine):

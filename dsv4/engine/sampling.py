@@ -8,6 +8,8 @@ lowest id, no noise drawn, the seed unused.
 
 Per row the logits go through, in the order vLLM (v1) uses:
 
+0. the grammar mask of a constrained request (``SamplingParams.grammar``, `dsv4.engine.constraint`): tokens the
+   grammar does not allow next get -inf;
 1. penalties (skipped when neutral):
    * repetition ``r`` (HF / vLLM): for every token in the prompt or the generated tokens, a positive logit is
      divided by ``r``, a negative one multiplied by ``r``;
@@ -48,6 +50,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .constraint import Grammar, GrammarState
+
 MAX_LOGPROBS = 20
 _MIN_TEMPERATURE = 1e-5
 
@@ -68,7 +72,8 @@ class SamplingParams:
     ``top_k = 0`` and ``top_p = 1`` and ``min_p = 0`` switch their filter off. ``logprobs = None``: no logprobs;
     ``n`` in [0, 20]: the chosen token's logprob plus the ``n`` most likely (id, logprob). ``stop_token_ids``
     end the request like EOS (which the sampler knows; ``ignore_eos`` makes it an ordinary token).
-    ``max_tokens`` bounds the generated tokens (default 16, OpenAI's legacy completions default)."""
+    ``max_tokens`` bounds the generated tokens (default 16, OpenAI's legacy completions default). ``grammar``
+    constrains what may be sampled (None: anything)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -82,6 +87,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ValueError:
@@ -116,6 +122,8 @@ class SamplingParams:
             raise bad("ignore_eos", "a bool")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]")
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise bad("grammar", "a dsv4.engine.constraint.Grammar or None")
 
     @property
     def greedy(self) -> bool:
@@ -133,8 +141,9 @@ class SamplingParams:
 @dataclass
 class SequenceState:
     """What the sampler remembers about one request between steps: its prompt, the tokens sampled so far
-    (`Sampler.sample` appends to ``output_ids``), and, created on first need, its seeded generator and the
-    penalty tensors (generated-token counts and the prompt's token set, ``[V]`` each on the logits' device)."""
+    (`Sampler.sample` appends to ``output_ids``), and, created on first need, its seeded generator, the
+    penalty tensors (generated-token counts and the prompt's token set, ``[V]`` each on the logits' device) and
+    its position in its grammar."""
 
     prompt_ids: Sequence[int] = ()
     output_ids: list[int] = field(default_factory=list)
@@ -142,17 +151,44 @@ class SequenceState:
     seed: int | None = None
     output_counts: Tensor | None = field(default=None, repr=False)
     prompt_mask: Tensor | None = field(default=None, repr=False)
+    grammar_state: GrammarState | None = field(default=None, repr=False)
+    ahead: tuple[int, ...] = ()  # a `counting` copy's tokens past the grammar state's committed ones
 
     def counting(self, tokens: Sequence[int]) -> SequenceState:
         """A throwaway copy that counts ``tokens`` as generated after this state's own, to score speculative drafts
-        as if they had been accepted without touching this state. It copies the penalty counts (if built) and
-        shares the read-only prompt mask, but not the generator: draw with the original state, never the copy."""
+        as if they had been accepted without touching this state. It copies the penalty counts (if built), shares
+        the read-only prompt mask and the grammar state (its masks are taken ``tokens`` further on, the state left
+        as it is), but not the generator: draw with the original state, never the copy."""
         counts = None if self.output_counts is None else self.output_counts.clone()
         if counts is not None and tokens:
             counts.index_add_(0, torch.tensor(list(tokens), device=counts.device),
                               torch.ones(len(tokens), dtype=counts.dtype, device=counts.device))
         return SequenceState(self.prompt_ids, [*self.output_ids, *tokens], output_counts=counts,
-                             prompt_mask=self.prompt_mask)
+                             prompt_mask=self.prompt_mask, grammar_state=self.grammar_state,
+                             ahead=(*self.ahead, *tokens))
+
+    def grammar_mask(self, params: SamplingParams, vocab: int, device: torch.device) -> Tensor:
+        """bool [vocab]: the tokens the request's grammar allows next; in the grammar's closing window, only the
+        one its closer picks (when it picks one)."""
+        grammar = params.grammar
+        assert grammar is not None
+        committed = len(self.output_ids) - len(self.ahead)
+        allowed = self._grammar(grammar, committed).mask(vocab, device, self.ahead)
+        remaining = params.max_tokens - len(self.output_ids)
+        if grammar.closer is not None and remaining <= grammar.closer.window(params.max_tokens):
+            forced = grammar.closer(self.output_ids, allowed)
+            if forced is not None and bool(allowed[forced]):
+                allowed = torch.zeros_like(allowed)
+                allowed[forced] = True
+        return allowed
+
+    def _grammar(self, grammar: Grammar, committed: int) -> GrammarState:
+        """The grammar state, started on first need and brought up to the first `committed` output tokens."""
+        if self.grammar_state is None:
+            self.grammar_state = grammar.start()
+            for token in self.output_ids[:committed]:
+                self.grammar_state.consume(token)
+        return self.grammar_state
 
     def _generator(self, seed: int, device: torch.device) -> torch.Generator:
         if self.generator is None:
@@ -267,6 +303,13 @@ def process_logits(logits: Tensor, params: Sequence[SamplingParams],
     device = logits.device
     logits = logits.to(torch.float32)
 
+    # 0. grammar masks
+    constrained = [i for i, p in enumerate(params) if p.grammar is not None]
+    if constrained:
+        logits = logits.clone()
+        for i in constrained:
+            logits[i].masked_fill_(~states[i].grammar_mask(params[i], vocab, device), float("-inf"))
+
     def col(values: list[float] | list[int], rows: list[int], dtype=torch.float32) -> Tensor:
         return torch.tensor([values[i] for i in rows], dtype=dtype, device=device)
 
@@ -373,6 +416,8 @@ class Sampler:
         state.output_ids.append(token)
         if state.output_counts is not None:
             state.output_counts[token] += 1
+        if params.grammar is not None:
+            state._grammar(params.grammar, len(state.output_ids) - 1).consume(token)
         if token in params.stop_token_ids or (not params.ignore_eos and self.eos_id is not None
                                               and token == self.eos_id):
             return "stop"

@@ -177,9 +177,10 @@ def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int]
         raise ValueError(f"{k} drafts need draft probs [{k}, {vocab}], got shape {tuple(draft_probs.shape)}")
     if params.penalised:
         state._penalty_tensors(vocab, device)  # build the counts once on the request; the copies clone them
+    if params.penalised or params.grammar is not None:  # row i sees d_1..d_i as output (counts, grammar)
         rows = [state.counting(drafts[:i]) for i in range(k + 1)]
     else:
-        rows = [state] * (k + 1)  # processing without penalties never reads the state
+        rows = [state] * (k + 1)  # processing without penalties or grammar never reads the state
     processed = process_logits(target_logits, [params] * (k + 1), rows)
     d = torch.tensor(list(drafts), dtype=torch.long, device=device)  # [k]
     if params.greedy:

@@ -39,6 +39,7 @@ class ChatRequest:
     mode: str = "think-high"  # one of REASONING_MODES
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools: {"type": "function", "function": {...}}
     tool_choice: str | dict[str, Any] = "auto"  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool = True  # False: a required call is exactly one call
     response_format: dict[str, Any] | None = None  # {"type": "json_object"} or {"type": "json_schema", ...}
     max_tokens: int | None = None  # None: the server's limit
     temperature: float = 1.0

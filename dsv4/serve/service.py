@@ -10,9 +10,13 @@ Decisions (serving.md 1.2, 1.4, 6):
   and the penalties (DeepSeek ignores them without error in thinking mode) and sample with the model's
   recommended setting, `thinking_sampling` (V4: T = 1, top_p = 1; a model directory's generation_config.json
   may say otherwise, e.g. greedy for the demo model); `seed` is honoured in every mode.
-* tool_choice "none": tools are not rendered (nor parsed); "auto": rendered; "required" / named: in thinking
-  modes a 400 as DeepSeek answers; in non-think mode the completion is prefilled with the DSML opener (and the
-  named invoke), so the model can only write a call; the prefill is parsed as part of the answer.
+* the completion is constrained by a grammar (`dsv4.chat.grammars`, compiled by `dsv4.engine.constraint`), in
+  every mode, after the reasoning (which stays free): `response_format` `json_object` / `json_schema` -> JSON
+  valid for it; `tool_choice` "required" / a named function -> a DSML call (of that function) with arguments
+  valid for the tool's schema; "auto" with tools -> text that may end in calls of the declared tools only;
+  "none" or no tools -> the tools are not rendered and no tool-call markup can be written. DeepSeek refuses
+  required / named tool_choice in thinking mode; here the model reasons, then must call, as vLLM and SGLang do.
+  A prefix continuation (a final assistant message with `prefix: true`) is not constrained: it starts mid-turn.
 * reasoning retention is the encoder's rule (reasoning before the last user turn dropped unless tools are
   defined); with `strict_reasoning` a thinking-mode assistant turn with tool calls but no reasoning_content
   is a 400 with DeepSeek's message.
@@ -33,15 +37,18 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..chat.closing import JsonCloser, ReasoningCloser
 from ..chat.encoding import EncodingError, encode_messages
 from ..chat.events import ContentDelta, Event, Finish
-from ..chat.format import INVOKE_START, THINK_END, TOOL_CALLS_SEPARATOR, TOOL_CALLS_START
+from ..chat.grammars import ToolGrammarError, completion_grammar
 from ..chat.streaming import StreamParser
 from ..chat.tokenizer import Tokenizer
+from ..engine.constraint import Grammar, GrammarError, GrammarTokenizer
 from ..engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 from .prices import PriceTable
 from .request import REASONING_MODES, ChatRequest, ChoiceEvent, CompletionRequest, RequestError, Usage
@@ -50,7 +57,21 @@ TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128
 MAX_STOPS = 16
 MAX_N = 16
+GRAMMAR_CACHE = 64  # compiled grammars kept (a JSON schema compiles in milliseconds; clients repeat theirs)
 REASONING_PASSBACK = "The `reasoning_content` in the thinking mode must be passed back to the API."
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A chat request rendered: its prompt and what its completion may be."""
+
+    prompt: str
+    thinking: bool
+    tools: list[dict[str, Any]] | None  # the tools the model may call (None: none may be called)
+    tool_choice: str | dict[str, Any]
+    response_format: dict[str, Any] | None  # a JSON schema, or {"type": "json_object"}
+    parallel_tool_calls: bool
+    continuation: bool  # the prompt ends inside an assistant turn (prefix: true)
 
 
 @dataclass
@@ -61,7 +82,6 @@ class _Plan:
     prompt_ids: list[int]
     params: list[SamplingParams]  # one per choice
     make_parser: Callable[[], Any]
-    prefill: str  # completion text already written (tool_choice prefill), fed to each parser first
     stops: list[str]
     thinking: bool
     raw: bool = False  # legacy completions: special tokens (EOS) are not text
@@ -94,6 +114,9 @@ class ChatService:
         self.max_output_tokens = max_output_tokens
         self.strict_reasoning = strict_reasoning
         self.thinking_sampling = dict(thinking_sampling or {"temperature": 1.0, "top_p": 1.0})
+        self._grammar_tok: GrammarTokenizer | None = None  # built on first need (~0.6 s for V4's vocabulary)
+        self._grammars: dict[str, Grammar] = {}  # lark text -> compiled, least recently used first
+        self._grammar_lock = threading.Lock()  # plans may be made on worker threads
 
     def engine_stats(self) -> Any:
         """The engine's `EngineStats` (None for an engine without them, e.g. a test double)."""
@@ -106,8 +129,8 @@ class ChatService:
         return raw.decode("utf-8", "replace"), list(raw)
 
     # ---------------------------------------------------------------- validation and encoding
-    def encode(self, request: ChatRequest) -> tuple[str, str]:
-        """(prompt text, prefill) for the request; RequestError(400) for bad input."""
+    def encode(self, request: ChatRequest) -> _Encoded:
+        """The request's prompt and what constrains its completion; RequestError(400) for bad input."""
         if request.mode not in REASONING_MODES:
             raise RequestError(400, f"unknown reasoning mode {request.mode!r}")
         thinking = request.mode != "non-think"
@@ -128,33 +151,28 @@ class ChatService:
             raise RequestError(400, "tool_choice requires tools", param="tool_choice")
         if named is not None and named not in {t["function"]["name"] for t in tools}:
             raise RequestError(400, f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
-        if forced and thinking:
-            raise RequestError(400, "tool_choice 'required' or a named function is not supported in thinking "
-                               "mode; use 'auto' or disable thinking", param="tool_choice")
         if self.strict_reasoning and thinking:
             for i, m in enumerate(request.messages):
                 if (isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
                         and not m.get("reasoning_content")):
                     raise RequestError(400, REASONING_PASSBACK, param=f"messages[{i}].reasoning_content")
         last = request.messages[-1] if request.messages else None
-        if isinstance(last, dict) and last.get("role") == "assistant" and not last.get("prefix"):
+        continuation = isinstance(last, dict) and last.get("role") == "assistant"
+        if continuation and not last.get("prefix"):
             raise RequestError(400, "the last message is a complete assistant message: nothing to answer (end with "
                                "a user or tool message, or mark the assistant message prefix: true)",
                                param="messages")
         response_format = self._response_format(request.response_format)
+        callable_tools = tools if tools and choice != "none" else None
         try:
             prompt = encode_messages(
                 request.messages, thinking_mode="thinking" if thinking else "chat",
                 reasoning_effort="max" if request.mode == "think-max" else None,
-                tools=tools if tools and choice != "none" else None, response_format=response_format)
+                tools=callable_tools, response_format=response_format)
         except EncodingError as err:
             raise RequestError(400, f"invalid messages: {err}", param="messages") from None
-        prefill = ""
-        if forced:
-            prefill = TOOL_CALLS_START + "\n" + (f'{INVOKE_START}{named}">\n' if named else "")
-            if not prompt.endswith(THINK_END):  # a prefix-completion prompt: content may precede the block
-                prefill = TOOL_CALLS_SEPARATOR + prefill
-        return prompt, prefill
+        return _Encoded(prompt, thinking, callable_tools, choice, response_format, request.parallel_tool_calls,
+                        continuation)
 
     @staticmethod
     def _check_tools(tools: Any) -> list[dict[str, Any]]:
@@ -203,8 +221,7 @@ class ChatService:
                            param="response_format")
 
     def count_tokens(self, request: ChatRequest) -> int:
-        prompt, prefill = self.encode(request)
-        return len(self.tokenizer.encode(prompt + prefill))
+        return len(self.tokenizer.encode(self.encode(request).prompt))
 
     def _limits(self, prompt_len: int, max_tokens: int | None) -> int:
         ctx = self.max_context
@@ -251,8 +268,9 @@ class ChatService:
     def plan(self, request: ChatRequest) -> _Plan:
         """Validate and encode a chat request (RequestError for every client mistake)."""
         self._check_common(request.n, request.stop, request.top_logprobs if request.logprobs else None)
-        prompt, prefill = self.encode(request)
-        ids = self.tokenizer.encode(prompt + prefill)
+        encoded = self.encode(request)
+        grammar = self.grammar(encoded)
+        ids = self.tokenizer.encode(encoded.prompt)
         max_tokens = self._limits(len(ids), request.max_tokens)
         thinking = request.mode != "non-think"
         kw: dict[str, Any] = dict(self.thinking_sampling)
@@ -261,11 +279,51 @@ class ChatService:
                       min_p=request.min_p, presence_penalty=request.presence_penalty,
                       frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty)
         params = self._sampling(request.n, request.seed, max_tokens=max_tokens,
-                                logprobs=request.top_logprobs if request.logprobs else None, **kw)
+                                logprobs=request.top_logprobs if request.logprobs else None, grammar=grammar, **kw)
         self._check_engine(ids, params)
-        tools = request.tools if request.tool_choice != "none" else None
-        return _Plan(request.model, ids, params, lambda: StreamParser(thinking=thinking, tools=tools), prefill,
+        tools = encoded.tools
+        return _Plan(request.model, ids, params, lambda: StreamParser(thinking=thinking, tools=tools),
                      list(request.stop), thinking)
+
+    def grammar(self, encoded: _Encoded) -> Grammar | None:
+        """The grammar of the completion (`dsv4.chat.grammars`): JSON for `response_format`, a call of the
+        declared tools when one is required, calls of declared tools only under "auto", none at all when no tool
+        may be called. None for a prefix continuation (the completion starts mid-turn, where no grammar of a
+        whole turn applies). Compiled grammars are cached by their text."""
+        if encoded.continuation:
+            return None
+        try:
+            lark = completion_grammar(thinking=encoded.thinking, think_end_id=self.tokenizer.think_end_id,
+                                      response_format=encoded.response_format, tools=encoded.tools,
+                                      tool_choice=encoded.tool_choice,
+                                      parallel_tool_calls=encoded.parallel_tool_calls)
+        except ToolGrammarError as err:
+            raise RequestError(400, str(err), param="tools") from None
+        forced = encoded.tools is not None and encoded.tool_choice not in ("auto", "none")
+        closer = None
+        if forced and encoded.thinking:
+            closer = ReasoningCloser(self.tokenizer)
+        elif encoded.response_format is not None and not forced:
+            closer = JsonCloser(self.tokenizer, encoded.thinking, encoded.response_format)
+        with self._grammar_lock:
+            grammar = self._grammars.pop(lark, None)
+            if grammar is None:
+                try:
+                    grammar = Grammar(self._grammar_tokenizer(), lark, closer)
+                except GrammarError as err:
+                    where = "response_format" if encoded.response_format is not None else "tools"
+                    raise RequestError(400, f"{where}: the schema cannot be enforced: {err}", param=where) from None
+            self._grammars[lark] = grammar  # most recently used last
+            while len(self._grammars) > GRAMMAR_CACHE:
+                self._grammars.pop(next(iter(self._grammars)))
+        return grammar
+
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        if self._grammar_tok is None:
+            model = getattr(getattr(self.engine, "engine", None), "model", None)
+            vocab = model.args.vocab_size if model is not None else self.tokenizer.vocab_size
+            self._grammar_tok = GrammarTokenizer(self.tokenizer.hf.to_str(), vocab, [self.tokenizer.eos_id])
+        return self._grammar_tok
 
     def plan_completion(self, request: CompletionRequest) -> _Plan:
         """Validate a legacy completions request."""
@@ -284,7 +342,7 @@ class ChatService:
                                 top_p=request.top_p, presence_penalty=request.presence_penalty,
                                 frequency_penalty=request.frequency_penalty, logprobs=request.logprobs)
         self._check_engine(ids, params)
-        return _Plan(request.model, ids, params, _RawParser, "", list(request.stop), False, raw=True)
+        return _Plan(request.model, ids, params, _RawParser, list(request.stop), False, raw=True)
 
     # ---------------------------------------------------------------- generation
     def generate(self, request: ChatRequest) -> AsyncIterator[ChoiceEvent | Usage]:
@@ -355,8 +413,6 @@ class _Choice:
 
     async def pump(self) -> None:
         try:
-            if self.plan.prefill:
-                self.emit(self.parser.feed(self.plan.prefill))
             reason, cut = None, False
             async for update in self.stream:
                 self.cached = update.cached_tokens

@@ -17,10 +17,11 @@ and Claude Code. This module has three layers, each testable alone:
      "adaptive", "between_tools") think-high, or think-max when `output_config.effort` is "max" or "xhigh"
      (DeepSeek's launch mapping: low/medium/high -> high, xhigh/max -> max). `budget_tokens` is accepted
      and ignored, as at DeepSeek;
-   * `tool_choice` auto/any/tool/none -> "auto"/"required"/named function/"none";
+   * `tool_choice` auto/any/tool/none -> "auto"/"required"/named function/"none" (enforced by the service's
+     grammar, in thinking modes too); `disable_parallel_tool_use` -> one call at most;
    * `stop_sequences` -> stop, `metadata.user_id` -> user, `output_config.format` (json_schema) ->
-     response_format; `top_k`, `service_tier`, `container`, `cache_control`, `is_error`,
-     `disable_parallel_tool_use` are accepted and ignored.
+     response_format; `top_k`, `service_tier`, `container`, `cache_control`, `is_error` are accepted and
+     ignored.
 2. `MessageRenderer`, which turns the backend's `ChoiceEvent`s and `Usage` into both the SSE event sequence
    and the final message JSON, so streaming and non-streaming can never disagree. Blocks come in the order
    the model writes them (thinking, text, tool_use); a block opens when its kind of event first arrives and
@@ -538,6 +539,8 @@ def to_chat_request(req: CountTokensRequest, model: str,
         mode=reasoning_mode(req.thinking, req.output_config),
         tools=convert_tools(req.tools),
         tool_choice=convert_tool_choice(req.tool_choice, req.tools),
+        parallel_tool_calls=not (req.tool_choice is not None
+                                 and getattr(req.tool_choice, "disable_parallel_tool_use", None)),
         response_format=_response_format(req.output_config),
     )
     if isinstance(req, MessagesRequest):

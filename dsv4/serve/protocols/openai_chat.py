@@ -137,7 +137,8 @@ def to_chat_request(body: ChatCompletionBody, model: str) -> ChatRequest:
     return ChatRequest(
         model=model, messages=[m.model_dump(exclude_none=False) for m in body.messages], mode=reasoning_mode(body),
         tools=body.tools, tool_choice=body.tool_choice if body.tool_choice is not None else "auto",
-        response_format=body.response_format, max_tokens=max_tokens, stop=stop_list(body.stop), seed=body.seed,
+        parallel_tool_calls=body.parallel_tool_calls is not False, response_format=body.response_format,
+        max_tokens=max_tokens, stop=stop_list(body.stop), seed=body.seed,
         n=body.n, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, user=body.user, **opt)
 
 
