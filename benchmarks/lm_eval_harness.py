@@ -13,7 +13,7 @@ there; the datasets are the shipped JSONL files (`dataset_path: json`, read from
 
     pip install "lm-eval[api]"                        # not a dsv4 dependency
     python benchmarks/lm_eval_harness.py              # the demo model
-    python benchmarks/lm_eval_harness.py --model tiny # a preset (random weights: chance accuracy)
+    python benchmarks/lm_eval_harness.py --model tiny --max-gen-toks 128  # a preset: random weights, 256-token context
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per /v1/completions request")
     parser.add_argument("--concurrency", type=int, default=5, help="chat requests in flight at once")
     parser.add_argument("--max-batch", type=int, default=8, help="the engine's batch (requests decoded together)")
+    parser.add_argument("--max-gen-toks", type=int, help="max_tokens of the generation task (default: the task's, "
+                                                          "400; a request past the server's context is a 400)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before lm-eval imports transformers and datasets
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         middle = time.perf_counter()
         generation = lm_eval.simple_evaluate(
             model="local-chat-completions", tasks=["dsv4_demo_sums"], task_manager=tasks, apply_chat_template=True,
+            gen_kwargs=None if args.max_gen_toks is None else {"max_gen_toks": args.max_gen_toks},
             model_args={"model": name, "base_url": f"{url}/v1/chat/completions", "num_concurrent": args.concurrency})
         end = time.perf_counter()
     print(f"\nlocal-completions ({name}, loglikelihood, {middle - start:.1f} s)")

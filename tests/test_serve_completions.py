@@ -152,3 +152,15 @@ def test_openai_sdk(server, model_name):
         assert all(len(top) == 1 for top in c.logprobs.top_logprobs[1:])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=model_name, prompt="a", max_tokens=0)
+
+
+@pytest.mark.parametrize("body,param,message", [
+    ({"prompt": [[1, 2], []]}, "prompt", "prompt[1] is empty"),
+    ({"prompt": [[1], [10**6]]}, "prompt", "prompt[1]: token ids"),
+    ({"prompt": ["a"] * 129}, "prompt", "at most 128 choices"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "only with echo"),
+])
+def test_bad_prompts_name_the_field(server, model_name, body, param, message):
+    r = httpx.post(server[0] + "/v1/completions", json={"model": model_name, **body}, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param and message in error["message"], r.text
