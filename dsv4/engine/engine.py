@@ -16,13 +16,20 @@ tokens) of which the cache holds the first `computed`; it needs a forward for th
    and pages freed; it waits at its arrival position and later recomputes its prompt and output, which gives
    the same cache, so its continuation is unchanged);
 4. one batched model call over the scheduled requests only (one batch row each, through `Cache.select` of
-   their slots; idle slots cost nothing); the head runs only at each row's last position;
+   their slots; idle slots cost nothing); the head runs only at each row's last position (and at every prompt
+   position of a request asking for prompt logprobs);
 5. the sampler runs on the requests whose tokens are all in the cache; stop id / EOS ("stop") or `max_tokens`
    ("length") end a request and free its slot and pages at once, as does `abort` at any time.
 
 With the prefix cache on, the state is saved at the end of each prompt, at the end of each output and every
 `prefix_interval` prompt tokens (chunks are cut there), and each request reports how many prompt tokens it
 took from the cache. A prompt whose whole token list is saved samples from the saved logits without a forward.
+
+A request with `prompt_logprobs` (vLLM's prompt logprobs) runs the head on every prompt position of its prefill
+chunks, not only the last, and scores each prompt token against the logits before it (`_score_prompt`); its first
+update carries them. It never resumes from the prefix cache, whose states keep only the last position's logits
+(vLLM skips the lookup for such requests too), but saves its states for others as usual. With `max_tokens = 0` it
+finishes right after its prefill ("length"): the request evaluation harnesses send to score a text.
 
 With `num_speculative = k` > 0 every decode step is an MTP speculative step (architecture §3.9): the MTP block
 drafts k tokens per decoding request (`_draft`), the main model scores the pending token and the drafts in the
@@ -53,15 +60,16 @@ from ..model import Transformer
 from ..model.cache import CacheRows
 from .kv_cache import CacheFullError, KVCacheManager
 from .prefix_cache import PrefixCache
-from .sampling import Sampler, SamplingParams, SequenceState, TokenLogprobs
+from .sampling import Sampler, SamplingParams, SequenceState, TokenLogprobs, token_logprobs
 from .speculative import draft_tokens, verify_drafts
 
 
 @dataclass
 class RequestOutput:
     """One step's news about one request: the tokens it generated this step (one, or none for a final
-    "abort" update), their logprobs (None entries unless the request asked for logprobs), and whether it
-    finished ("stop", "length" or "abort")."""
+    "abort" update or a prompt-only request's only update), their logprobs (None entries unless the request
+    asked for logprobs), and whether it finished ("stop", "length" or "abort"). A request that asked for prompt
+    logprobs gets them in its first update, one per prompt token (the first one's logprob is None)."""
 
     request_id: int
     new_token_ids: list[int]
@@ -71,6 +79,7 @@ class RequestOutput:
     prompt_tokens: int
     generated_tokens: int  # total generated so far, this step's tokens included
     cached_tokens: int = 0  # prompt tokens resumed from the prefix cache
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -111,6 +120,8 @@ class _Request:
     admitted: bool = False
     ready: Tensor | None = None  # saved logits to sample from without a forward (a whole-token prefix hit)
     hidden: Tensor | None = None  # [hc, dim] final streams of the last cached token, the MTP block's next input
+    # asked for and not delivered yet: the prompt tokens scored so far (kept across a preemption)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -205,6 +216,8 @@ class Engine:
         """Queue a request; returns its id. Raises ValueError as `check_request` does."""
         prompt, params = self.check_request(prompt_ids, params)
         req = _Request(next(self._ids), prompt, params, SequenceState(prompt))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [TokenLogprobs(prompt[0], None, [])]
         self._waiting.append(req)
         return req.id
 
@@ -271,7 +284,8 @@ class Engine:
         while self._waiting and None in self._slots:
             req = self._waiting[0]
             tokens = req.token_slice(0, req.num_tokens)
-            hit = self.prefix.lookup(tokens) if self.prefix is not None else None
+            # a request still scoring its prompt needs the logits of every prompt position: no saved state has them
+            hit = self.prefix.lookup(tokens) if self.prefix is not None and req.prompt_logprobs is None else None
             shared = len(hit.state.pages) if hit else 0
             need = self.kv.pages_for(req.num_tokens) - shared
             while need > self.kv.pool.free and self.prefix is not None and self.prefix.num_entries > (hit is not None):
@@ -363,6 +377,7 @@ class Engine:
         updates = []
         for req, toks, lps, reason, row in sorted(sampled, key=lambda item: item[0].id):
             updates.append(self._output(req, toks, lps, reason))
+            updates[-1].prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # complete by now
             if reason is not None:
                 if self.prefix is not None:  # end of output: the cache holds prompt + output minus the last token
                     self.prefix.store(req.token_slice(0, req.computed), req.slot, row, req.hidden)
@@ -372,9 +387,10 @@ class Engine:
 
     def _forward(self, plan: dict[_Request, int], to_sample: list[tuple[_Request, Tensor]]) -> list:
         """Run the scheduled chunks (drafting and verifying for decodes when speculating); update each request's
-        cache position, MTP input and prefix saves; append the requests whose tokens are all cached to
-        `to_sample` with their last logits, and return the speculative decodes' emissions."""
-        verifying = [r for r in plan if self.k and r.remaining == 1]
+        cache position, MTP input, prompt logprobs and prefix saves; append the requests whose tokens are all cached
+        to `to_sample` with their last logits, and return what needs no sampler: the speculative decodes' emissions
+        and the prompt-only requests (max_tokens 0) whose prefill is done."""
+        verifying = [r for r in plan if self.k and r.remaining == 1 and r.params.max_tokens]
         drafts: dict[_Request, tuple[list[int], Tensor]] = {}
         if verifying:
             snap = self.cache.snapshot(self.k + 1)
@@ -390,6 +406,9 @@ class Engine:
 
         emitted = []
         kept = {r: len(t) for r, t in fed.items()}
+        for req in plan:
+            if req.prompt_logprobs is not None:
+                self._score_prompt(req, streams[row[req]], start[req], kept[req])
         if verifying:
             keep, keep_mtp = self.cache.lengths.clone(), self.cache.mtp_lengths.clone()
             for req in verifying:
@@ -416,9 +435,23 @@ class Engine:
             req.computed += kept[req]
         for i, req in enumerate(last_rows):
             self._save_prefix(req, last[i])
-            if req.remaining == 0:
+            if req.remaining == 0 and req.params.max_tokens == 0:
+                emitted.append((req, [], [], "length", last[i]))
+            elif req.remaining == 0:
                 to_sample.append((req, last[i]))
         return emitted
+
+    def _score_prompt(self, req: _Request, streams: Tensor, start: int, n: int) -> None:
+        """Extend `req.prompt_logprobs` by the prompt tokens this step's chunk predicts: streams [width, hc, d] of
+        its row hold positions start..start + n - 1, and the logits at position p score prompt token p + 1 (the
+        last prompt position predicts the first output token instead). Tokens scored before a preemption are not
+        scored again."""
+        lo, hi = max(start, len(req.prompt_logprobs) - 1), min(start + n, len(req.prompt) - 1)
+        if lo >= hi:
+            return
+        logits = self.model.logits(streams[lo - start:hi - start].unsqueeze(0))[0]  # [hi - lo, vocab] fp32
+        targets = torch.tensor(req.prompt[lo + 1:hi + 1], device=logits.device)
+        req.prompt_logprobs += token_logprobs(logits, targets, [req.params.prompt_logprobs] * (hi - lo))
 
     def _draft(self, reqs: list[_Request]) -> dict[_Request, tuple[list[int], Tensor]]:
         """k draft tokens per decoding request from the MTP block: its first call consumes the true pair

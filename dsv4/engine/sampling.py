@@ -73,7 +73,12 @@ class SamplingParams:
     ``n`` in [0, 20]: the chosen token's logprob plus the ``n`` most likely (id, logprob). ``stop_token_ids``
     end the request like EOS (which the sampler knows; ``ignore_eos`` makes it an ordinary token).
     ``max_tokens`` bounds the generated tokens (default 16, OpenAI's legacy completions default). ``grammar``
-    constrains what may be sampled (None: anything)."""
+    constrains what may be sampled (None: anything).
+
+    ``prompt_logprobs`` (vLLM's): None, none; ``n`` in [0, 20]: the logprob of every prompt token given the tokens
+    before it (the model's own: ``log_softmax`` of its logits, no penalties or temperature) plus the ``n`` most
+    likely alternatives; the first prompt token has none. ``max_tokens = 0`` is allowed only with them: a request
+    that scores its prompt and generates nothing (how evaluation harnesses compute loglikelihoods)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -88,6 +93,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     grammar: Grammar | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ValueError:
@@ -110,8 +116,11 @@ class SamplingParams:
             raise bad("repetition_penalty", "a finite number > 0")
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "an int or None")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", "an int >= 1")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"None or an int in [0, {MAX_LOGPROBS}]")
+        if not _is_int(self.max_tokens) or self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise bad("max_tokens", "an int >= 1 (0 only with prompt_logprobs: a request that only scores its prompt)")
         if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
             raise bad("stop_token_ids", "a sequence of token ids")
         ids = tuple(self.stop_token_ids)
@@ -216,10 +225,10 @@ class SequenceState:
 @dataclass(frozen=True)
 class TokenLogprobs:
     """The chosen token's logprob and the ``top`` n most likely (id, logprob), most likely first (ties: lower
-    id first)."""
+    id first). Among prompt logprobs the first token's ``logprob`` is None (nothing precedes it), ``top`` empty."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top: list[tuple[int, float]]
 
 

@@ -59,10 +59,11 @@ class ChatRequest:
 
 @dataclass
 class CompletionRequest:
-    """A legacy `/v1/completions` request: raw prompt text (or token ids), no chat template, no parsing."""
+    """A legacy `/v1/completions` request: raw prompt text (or token ids), no chat template, no parsing. `prompt`
+    takes OpenAI's four forms: a text, texts, token ids, lists of token ids (one choice per prompt x n)."""
 
     model: str
-    prompt: str | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -72,7 +73,7 @@ class CompletionRequest:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None  # top alternatives per token (legacy shape); None: no logprobs
-    echo: bool = False
+    echo: bool = False  # each choice starts with its prompt (and, with logprobs, the prompt tokens' logprobs)
 
 
 @dataclass(frozen=True)
@@ -116,5 +117,6 @@ class ChatBackend(Protocol):
         iterator early (client gone) aborts the engine requests and frees their memory."""
 
     def complete(self, request: CompletionRequest) -> AsyncIterator[ChoiceEvent | Usage]:
-        """`generate` for a legacy completion: the prompt as given, no chat template; the text comes back as
-        `ContentDelta`s and a `Finish` per choice. Validates before returning, like `generate`."""
+        """`generate` for a legacy completion: the prompts as given, no chat template; per choice (prompt index *
+        n + i) the text comes back as `ContentDelta`s (with echo, the prompt's first) and a `Finish`. Validates
+        before returning, like `generate`."""

@@ -26,6 +26,11 @@ Decisions (serving.md 1.2, 1.4, 6):
   the first one is kept, finish_reason "stop", and that choice's engine request is aborted.
 * usage: prompt tokens once per request, completion tokens summed over the choices, reasoning tokens those
   before `</think>`, cached tokens from the engine's prefix cache report of the first choice.
+* legacy completions (OpenAI's and vLLM's rules): `prompt` is a string, strings, token ids or lists of token ids,
+  one `_Plan` per prompt, `n` choices each, numbered prompt index * n + i, usage summed over the prompts;
+  `echo` starts each choice with its prompt's text (token ids decoded) and, with `logprobs`, the prompt tokens'
+  logprobs (the engine's prompt logprobs; the first token has none); `max_tokens` 0 (with echo only) returns
+  the echo alone, from an engine request that scores the prompt and generates nothing.
 
 `generate` validates before it returns (its async iterator has not started), so every client mistake is
 a RequestError before any output; closing the iterator aborts every engine request of the request.
@@ -58,6 +63,7 @@ MAX_TOOLS = 128
 MAX_STOPS = 16
 MAX_N = 16
 GRAMMAR_CACHE = 64  # compiled grammars kept (a JSON schema compiles in milliseconds; clients repeat theirs)
+MAX_COMPLETION_CHOICES = 128  # prompts x n of one legacy completions request (each choice is an engine request)
 REASONING_PASSBACK = "The `reasoning_content` in the thinking mode must be passed back to the API."
 
 
@@ -85,6 +91,21 @@ class _Plan:
     stops: list[str]
     thinking: bool
     raw: bool = False  # legacy completions: special tokens (EOS) are not text
+    echo: str | None = None  # legacy completions with echo: the prompt text each choice starts with
+
+
+def _is_token(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _prompt_list(prompt: Any) -> list[Any]:
+    """A legacy `prompt` in any of OpenAI's four forms as a list of prompts (each a string or token ids)."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt)):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise RequestError(400, "prompt must be a non-empty string, list of strings, list of token ids or list of "
+                           "lists of token ids", param="prompt")
+    return prompt
 
 
 class _RawParser:
@@ -325,45 +346,74 @@ class ChatService:
             self._grammar_tok = GrammarTokenizer(self.tokenizer.hf.to_str(), vocab, [self.tokenizer.eos_id])
         return self._grammar_tok
 
-    def plan_completion(self, request: CompletionRequest) -> _Plan:
-        """Validate a legacy completions request."""
+    def plan_completion(self, request: CompletionRequest) -> list[_Plan]:
+        """Validate a legacy completions request: one plan per prompt (see the module docstring)."""
         self._check_common(request.n, request.stop, request.logprobs)
-        if isinstance(request.prompt, str):
-            ids = self.tokenizer.encode(request.prompt)
+        prompts = _prompt_list(request.prompt)
+        if len(prompts) * request.n > MAX_COMPLETION_CHOICES:
+            raise RequestError(400, f"at most {MAX_COMPLETION_CHOICES} choices per request (prompts x n), got "
+                               f"{len(prompts)} x {request.n}", param="prompt")
+        if request.max_tokens == 0 and not request.echo:
+            raise RequestError(400, "max_tokens may be 0 only with echo: true (the prompt alone comes back)",
+                               param="max_tokens")
+        # echo with logprobs: the prompt tokens' logprobs come first; max_tokens 0: the engine only scores the prompt
+        scoring = request.logprobs if request.echo else None
+        if request.max_tokens == 0 and scoring is None:
+            scoring = 0
+        plans = []
+        for i, prompt in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            text, ids = self._encode_prompt(prompt, where)
+            if request.max_tokens == 0:
+                self._limits(len(ids), None)  # the prompt alone must fit the context
+                max_tokens = 0
+            else:
+                max_tokens = self._limits(len(ids), request.max_tokens)
+            params = self._sampling(request.n, request.seed, max_tokens=max_tokens, temperature=request.temperature,
+                                    top_p=request.top_p, presence_penalty=request.presence_penalty,
+                                    frequency_penalty=request.frequency_penalty, logprobs=request.logprobs,
+                                    prompt_logprobs=scoring)
+            self._check_engine(ids, params)
+            plans.append(_Plan(request.model, ids, params, _RawParser, list(request.stop), False, raw=True,
+                               echo=text if request.echo else None))
+        return plans
+
+    def _encode_prompt(self, prompt: str | list[int], where: str) -> tuple[str, list[int]]:
+        """(text, token ids) of one legacy prompt; the text of token ids is their decoding, specials included (what
+        echo returns, so token ids and the text they encode echo alike)."""
+        if isinstance(prompt, str):
+            ids, text = self.tokenizer.encode(prompt), prompt
         else:
-            ids = list(request.prompt)
             vocab = self.tokenizer.vocab_size
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise RequestError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            if not isinstance(prompt, list) or not all(_is_token(t) and t < vocab for t in prompt):
+                raise RequestError(400, f"{where}: token ids must be ints in [0, {vocab})", param="prompt")
+            ids, text = list(prompt), self.tokenizer.decode(prompt)
         if not ids:
-            raise RequestError(400, "prompt is empty", param="prompt")
-        max_tokens = self._limits(len(ids), request.max_tokens)
-        params = self._sampling(request.n, request.seed, max_tokens=max_tokens, temperature=request.temperature,
-                                top_p=request.top_p, presence_penalty=request.presence_penalty,
-                                frequency_penalty=request.frequency_penalty, logprobs=request.logprobs)
-        self._check_engine(ids, params)
-        return _Plan(request.model, ids, params, _RawParser, list(request.stop), False, raw=True)
+            raise RequestError(400, f"{where} is empty", param="prompt")
+        return text, ids
 
     # ---------------------------------------------------------------- generation
     def generate(self, request: ChatRequest) -> AsyncIterator[ChoiceEvent | Usage]:
         """Validate now (RequestError), stream when iterated (see the module docstring)."""
-        return self._run(self.plan(request))
+        return self._run([self.plan(request)])
 
     def complete(self, request: CompletionRequest) -> AsyncIterator[ChoiceEvent | Usage]:
-        """The legacy-completions counterpart of `generate`: ContentDelta events and a Finish per choice."""
+        """The legacy-completions counterpart of `generate`: per choice (prompt index * n + i) the echoed prompt
+        (with echo), ContentDelta events and a Finish."""
         return self._run(self.plan_completion(request))
 
-    async def _run(self, plan: _Plan) -> AsyncIterator[ChoiceEvent | Usage]:
+    async def _run(self, plans: Sequence[_Plan]) -> AsyncIterator[ChoiceEvent | Usage]:
         out: asyncio.Queue = asyncio.Queue()
-        streams: list[Any] = []
+        streams: list[tuple[_Plan, Any]] = []  # (plan, engine stream) per choice, in choice order
         try:
-            for p in plan.params:
-                streams.append(self.engine.generate(plan.prompt_ids, p))
+            for plan in plans:
+                for p in plan.params:
+                    streams.append((plan, self.engine.generate(plan.prompt_ids, p)))
         except ValueError as err:  # the engine's own limits (e.g. KV pages): still the client's request
-            for s in streams:
+            for _, s in streams:
                 s.close()
             raise RequestError(400, str(err)) from None
-        choices = [_Choice(self, i, plan, s, out) for i, s in enumerate(streams)]
+        choices = [_Choice(self, i, plan, s, out) for i, (plan, s) in enumerate(streams)]
         tasks = [asyncio.ensure_future(c.pump()) for c in choices]
         try:
             remaining = len(tasks)
@@ -375,16 +425,16 @@ class ChatService:
                     raise item
                 else:
                     yield item
-            prompt = len(plan.prompt_ids)
-            cached = choices[0].cached
+            prompt = sum(len(plan.prompt_ids) for plan in plans)
+            cached = sum(next(c for c in choices if c.plan is plan).cached for plan in plans)
             completion = sum(c.tokens for c in choices)
             yield Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
                         reasoning_tokens=sum(c.reasoning for c in choices),
-                        cost=self.prices.cost(plan.model, prompt, cached, completion))
+                        cost=self.prices.cost(plans[0].model, prompt, cached, completion))
         finally:
             for t in tasks:
                 t.cancel()
-            for s in streams:
+            for _, s in streams:
                 s.close()
             for t in tasks:
                 with contextlib.suppress(BaseException):
@@ -405,6 +455,7 @@ class _Choice:
         self.logprobs: list[TokenLogprobs] = []
         self.tokens = self.reasoning = self.cached = 0
         self.in_reasoning = plan.thinking
+        self.echo = plan.echo
 
     def emit(self, events: list[Event]) -> None:
         for ev in events:
@@ -415,6 +466,10 @@ class _Choice:
         try:
             reason, cut = None, False
             async for update in self.stream:
+                if self.echo is not None:  # the prompt (and its logprobs, when asked) before any completion text
+                    self.out.put_nowait(ChoiceEvent(self.index, ContentDelta(self.echo),
+                                                    tuple(update.prompt_logprobs or ())))
+                    self.echo = None
                 self.cached = update.cached_tokens
                 for tok, lp in zip(update.new_token_ids, update.logprobs, strict=False):
                     self.tokens += 1

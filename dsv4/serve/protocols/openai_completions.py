@@ -1,8 +1,11 @@
 """OpenAI legacy text completions (`POST /v1/completions`, `/completions`): the prompt goes to the model as it
 is (text or token ids, no chat template, nothing parsed out of the answer). Request schema, conversion to
 `CompletionRequest`, and rendering as `text_completion` objects, whole or as SSE chunks; logprobs in the legacy
-shape (tokens, token_logprobs, top_logprobs, text_offset). One prompt per request; `suffix` (fill-in-the-middle)
-is refused.
+shape (tokens, token_logprobs, top_logprobs, text_offset), as vLLM returns them: `top_logprobs` holds the chosen
+token and the `logprobs` most likely ones, and with `echo` the prompt tokens come first, the first of them with
+`null` for its logprob and alternatives. `prompt` takes OpenAI's four forms (one choice per prompt x n, numbered
+prompt index * n + i); `max_tokens: 0` with `echo` returns the prompt alone (what harnesses score loglikelihoods
+with). `suffix` (fill-in-the-middle) is refused.
 
 Status codes, error body and SSE framing are OpenAI's (`openai_common`).
 """
@@ -10,6 +13,7 @@ Status codes, error body and SSE framing are OpenAI's (`openai_common`).
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,8 +43,8 @@ from .openai_common import (
 # ------------------------------------------------------------------------------------------------ schema
 class CompletionBody(LenientModel):
     model: str
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -60,12 +64,7 @@ def to_completion_request(body: CompletionBody, model: str) -> CompletionRequest
     if body.suffix:
         raise RequestError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     check_stream_options(body.stream, body.stream_options)
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise RequestError(400, "one prompt per request", param="prompt")
-        prompt = prompt[0]
-    return CompletionRequest(model=model, prompt=prompt, max_tokens=body.max_tokens, temperature=body.temperature,
+    return CompletionRequest(model=model, prompt=body.prompt, max_tokens=body.max_tokens, temperature=body.temperature,
                              top_p=body.top_p, presence_penalty=body.presence_penalty,
                              frequency_penalty=body.frequency_penalty, stop=stop_list(body.stop), seed=body.seed,
                              n=body.n, logprobs=body.logprobs, echo=body.echo)
@@ -74,13 +73,15 @@ def to_completion_request(body: CompletionBody, model: str) -> CompletionRequest
 # ------------------------------------------------------------------------------------------------ rendering
 def legacy_logprobs(backend: ChatBackend, lps: list[TokenLogprobs], offset: int) -> dict[str, Any]:
     """The legacy logprobs object of some tokens whose text starts at character `offset` of the choice's text;
-    token texts come from the backend's `token_text`."""
+    token texts come from the backend's `token_text`. Each `top_logprobs` entry holds the chosen token, then the
+    most likely ones (OpenAI's "up to logprobs + 1"); a token without a logprob (a prompt's first) has null."""
     tokens, values, tops, offsets = [], [], [], []
     for lp in lps:
         text = backend.token_text(lp.token_id)[0]
         tokens.append(text)
         values.append(lp.logprob)
-        tops.append({backend.token_text(t)[0]: v for t, v in lp.top})
+        tops.append(None if lp.logprob is None else
+                    {text: lp.logprob} | {backend.token_text(t)[0]: v for t, v in lp.top})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
@@ -98,14 +99,14 @@ def completion_response(rid: str, model: str, choices: list[dict[str, Any]], usa
 
 
 class CompletionAccumulator:
-    """Legacy `text_completion` choices of a whole generation (non-streaming); `echo` is the prompt text each
-    choice starts with (echo: true)."""
+    """Legacy `text_completion` choices of a whole generation (non-streaming), in index order (every choice ends
+    with a Finish event, so each one shows up)."""
 
-    def __init__(self, n: int, backend: ChatBackend, logprobs: bool, echo: str = "") -> None:
-        self.backend, self.want_lp, self.echo = backend, logprobs, echo
-        self.texts = [[echo] for _ in range(n)]
-        self.finish: list[str | None] = [None] * n
-        self.lps: list[list[TokenLogprobs]] = [[] for _ in range(n)]
+    def __init__(self, backend: ChatBackend, logprobs: bool) -> None:
+        self.backend, self.want_lp = backend, logprobs
+        self.texts: dict[int, list[str]] = defaultdict(list)
+        self.finish: dict[int, str] = {}
+        self.lps: dict[int, list[TokenLogprobs]] = defaultdict(list)
 
     def add(self, ce: ChoiceEvent) -> None:
         if isinstance(ce.event, ContentDelta):
@@ -115,31 +116,31 @@ class CompletionAccumulator:
         self.lps[ce.index].extend(ce.logprobs)
 
     def render(self) -> list[dict[str, Any]]:
-        return [{"index": i, "text": "".join(t), "finish_reason": self.finish[i] or "stop",
-                 "logprobs": legacy_logprobs(self.backend, self.lps[i], len(self.echo)) if self.want_lp else None}
-                for i, t in enumerate(self.texts)]
+        return [{"index": i, "text": "".join(self.texts[i]), "finish_reason": self.finish.get(i) or "stop",
+                 "logprobs": legacy_logprobs(self.backend, self.lps[i], 0) if self.want_lp else None}
+                for i in sorted(self.texts.keys() | self.finish.keys())]
 
 
 class CompletionChunkRenderer:
-    """SSE `text_completion` chunks: one per event (the echoed prompt before a choice's first text), and the usage
-    chunk when asked."""
+    """SSE `text_completion` chunks: one per event (a choice's echoed prompt is its first), and the usage chunk
+    when asked. `text_offset` counts on from the choice's earlier chunks."""
 
-    def __init__(self, rid: str, model: str, backend: ChatBackend, logprobs: bool, echo: str,
-                 include_usage: bool) -> None:
+    def __init__(self, rid: str, model: str, backend: ChatBackend, logprobs: bool, include_usage: bool) -> None:
         self.rid, self.model, self.backend, self.want_lp = rid, model, backend, logprobs
-        self.echo, self.include_usage = echo, include_usage
+        self.include_usage = include_usage
         self.created = int(time.time())
-        self.echoed: set[int] = set()
+        self.offsets: dict[int, int] = {}  # choice index -> characters of the tokens rendered so far
 
     def render(self, item: ChoiceEvent | Usage) -> str:
         if isinstance(item, Usage):
             return sse(completion_response(self.rid, self.model, [], item, self.created)) if self.include_usage else ""
         ev = item.event
         text = ev.text if hasattr(ev, "text") else ""
-        if self.echo and item.index not in self.echoed:
-            self.echoed.add(item.index)
-            text = self.echo + text
-        lps = legacy_logprobs(self.backend, list(item.logprobs), 0) if self.want_lp else None
+        lps = None
+        if self.want_lp:
+            lps = legacy_logprobs(self.backend, list(item.logprobs), self.offsets.get(item.index, 0))
+            if lps["tokens"]:
+                self.offsets[item.index] = lps["text_offset"][-1] + len(lps["tokens"][-1])
         choice = {"index": item.index, "text": text, "logprobs": lps, "finish_reason": getattr(ev, "reason", None)}
         return sse(completion_response(self.rid, self.model, [choice], None, self.created, self.include_usage))
 
@@ -155,19 +156,17 @@ def router(ctx: ServeContext) -> APIRouter:
         body = parse(CompletionBody, await read_json(request))
         creq = to_completion_request(body, ctx.resolve_model(body.model))
         gen = ctx.start(creq, events=ctx.backend.complete(creq))
-        echo = body.prompt if body.echo and isinstance(body.prompt, str) else ""
         want_lp = creq.logprobs is not None
         rid = new_id("cmpl")
         if not body.stream:
-            acc, usage = CompletionAccumulator(creq.n, ctx.backend, want_lp, echo), None
+            acc, usage = CompletionAccumulator(ctx.backend, want_lp), None
             for item in await collect(gen, request):
                 if isinstance(item, Usage):
                     usage = item
                 else:
                     acc.add(item)
             return completion_response(rid, body.model, acc.render(), usage)
-        renderer = CompletionChunkRenderer(rid, body.model, ctx.backend, want_lp, echo,
-                                           include_usage(body.stream_options))
+        renderer = CompletionChunkRenderer(rid, body.model, ctx.backend, want_lp, include_usage(body.stream_options))
         return sse_response(event_stream(gen, renderer.render))
 
     return api
