@@ -336,6 +336,16 @@ def test_speculative_engine_greedy_equals_alone(model, k, monkeypatch):
     assert stats.prefix_hits >= 1 and stats.preemptions >= 1
 
 
+def test_speculation_with_a_one_token_prompt(model):
+    """A one-token prompt has no final streams to draft from at its first step: it decodes plainly once, then
+    speculates (this used to crash the step, and with it every running request)."""
+    ps = [[7], prompts(model, [12], seed=3)[0]]
+    engine = Engine(model, max_batch=2, max_seq_len=48, num_speculative=1)
+    tokens, _ = run(engine, {0: [(p, greedy(8)) for p in ps]})
+    assert [tokens[0], tokens[1]] == [alone(model, p, 8) for p in ps]
+    assert engine.stats().drafted > 0
+
+
 def test_speculative_sampling_is_seeded_and_counts_acceptance(model):
     ps = prompts(model, [11, 7], seed=15)
     params = [SamplingParams(temperature=0.8, top_k=30, seed=5 + i, max_tokens=12, logprobs=1) for i in range(2)]

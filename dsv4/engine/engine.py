@@ -390,7 +390,8 @@ class Engine:
         cache position, MTP input, prompt logprobs and prefix saves; append the requests whose tokens are all cached
         to `to_sample` with their last logits, and return what needs no sampler: the speculative decodes' emissions
         and the prompt-only requests (max_tokens 0) whose prefill is done."""
-        verifying = [r for r in plan if self.k and r.remaining == 1 and r.params.max_tokens]
+        # a decode drafts from the final streams of the last cached token: none yet for a one-token prompt's first step
+        verifying = [r for r in plan if self.k and r.remaining == 1 and r.params.max_tokens and r.hidden is not None]
         drafts: dict[_Request, tuple[list[int], Tensor]] = {}
         if verifying:
             snap = self.cache.snapshot(self.k + 1)
