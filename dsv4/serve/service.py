@@ -43,6 +43,7 @@ from ..chat.format import INVOKE_START, THINK_END, TOOL_CALLS_SEPARATOR, TOOL_CA
 from ..chat.streaming import StreamParser
 from ..chat.tokenizer import Tokenizer
 from ..engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from .body import lone_surrogate
 from .prices import PriceTable
 from .request import REASONING_MODES, ChatRequest, ChoiceEvent, CompletionRequest, RequestError, Usage
 
@@ -204,7 +205,22 @@ class ChatService:
 
     def count_tokens(self, request: ChatRequest) -> int:
         prompt, prefill = self.encode(request)
-        return len(self.tokenizer.encode(prompt + prefill))
+        return len(self._tokenize(prompt + prefill, "messages"))
+
+    def _tokenize(self, text: str, param: str) -> list[int]:
+        """The token ids of a prompt, after two checks that keep hostile input cheap: a lone surrogate (e.g. from a
+        tool call's JSON arguments, decoded after the body's own Unicode check) is a 400, not the tokenizer's
+        TypeError; a text too long for the context whatever its tokens (`Tokenizer.min_tokens`) is refused
+        without tokenising it. Through `encode_batch`, which releases the GIL where `encode` holds it
+        (tokenizers 0.23), so the event loop runs on while the server's worker thread tokenises a long prompt."""
+        if lone_surrogate(text) is not None:
+            raise RequestError(400, f"invalid Unicode in {param}: a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                               "escape, e.g. in a tool call's JSON arguments)", param=param)
+        least = self.tokenizer.min_tokens(text)
+        if least >= self.max_context:
+            raise RequestError(400, f"This model's maximum context length is {self.max_context} tokens. However, "
+                               f"your {param} resulted in at least {least} tokens.", param=param)
+        return self.tokenizer.encode_batch([text])[0]
 
     def _limits(self, prompt_len: int, max_tokens: int | None) -> int:
         ctx = self.max_context
@@ -252,7 +268,7 @@ class ChatService:
         """Validate and encode a chat request (RequestError for every client mistake)."""
         self._check_common(request.n, request.stop, request.top_logprobs if request.logprobs else None)
         prompt, prefill = self.encode(request)
-        ids = self.tokenizer.encode(prompt + prefill)
+        ids = self._tokenize(prompt + prefill, "messages")
         max_tokens = self._limits(len(ids), request.max_tokens)
         thinking = request.mode != "non-think"
         kw: dict[str, Any] = dict(self.thinking_sampling)
@@ -271,7 +287,7 @@ class ChatService:
         """Validate a legacy completions request."""
         self._check_common(request.n, request.stop, request.logprobs)
         if isinstance(request.prompt, str):
-            ids = self.tokenizer.encode(request.prompt)
+            ids = self._tokenize(request.prompt, "prompt")
         else:
             ids = list(request.prompt)
             vocab = self.tokenizer.vocab_size

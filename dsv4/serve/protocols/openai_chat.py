@@ -276,7 +276,7 @@ def router(ctx: ServeContext) -> APIRouter:
     async def chat_completions(request: Request) -> Any:
         body = parse(ChatCompletionBody, await read_json(request))
         chat = to_chat_request(body, ctx.resolve_model(body.model))
-        gen = ctx.start(chat)
+        gen = await ctx.start(chat)
         lp = LogprobRenderer(ctx.backend) if chat.logprobs else None
         rid = new_id("chatcmpl")
         if not body.stream:
