@@ -11,9 +11,9 @@ Structure, checked on the raw bytes before parsing, with C-speed byte operations
   one pass over the brackets keeps the running depth.
 * counts: `json.loads` holds the GIL for its whole run, so even in a worker thread it stalls the event loop: 28 MB
   of `[[],[],...]` parses for 6 s (every list feeds the cyclic GC), 32 MB of `[0,0,...]` for 1.2 s. Capping
-  arrays + objects, strings and array items / object members keeps any body under ~0.1 s of parsing, far above
-  what real requests hold (a 1M-token prompt sent as token ids is 1M items; a long agent session tens of
-  thousands of blocks).
+  arrays + objects, strings and array items / object members keeps any body to ~0.2 s of parsing, above what
+  real requests hold (a 1M-token prompt sent as token ids is 1M items; a session filling a 1M-token context with
+  50-token blocks ~20,000 blocks, ~200,000 strings with the keys).
 Blanking strings: escaped backslashes and quotes are replaced first (left to right, as JSON reads them), so every
 `"` left delimits a string and splitting on it puts the text outside strings at even positions. The cheap counts
 come first (`bytes.count`, which may over-count what sits inside strings); the split runs only when they exceed a
@@ -39,8 +39,8 @@ from .request import RequestError
 # serde_json's default recursion limit, which servers built on it keep (DeepSeek's 400s carry serde's messages):
 # deeper than any real request (a tool schema 40 objects deep is ~90 levels), far below where Python's recursion stops
 MAX_DEPTH = 128
-MAX_CONTAINERS = 2**17  # arrays and objects (json.loads of 131,072 empty lists: ~15 ms)
-MAX_STRINGS = 2**18  # strings, keys included
+MAX_CONTAINERS = 2**18  # arrays and objects: 262,144 lists of 7 ints parse in ~0.15 s
+MAX_STRINGS = 2**20  # strings, keys included: 1M parse in ~20 ms (and split out of the bytes in ~0.2 s)
 MAX_ITEMS = 2**21  # array items and object members past each container's first (commas): 2M ints parse in ~90 ms
 
 _OPENING = frozenset(b"[{")

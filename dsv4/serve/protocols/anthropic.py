@@ -827,9 +827,13 @@ def router(ctx: ServeContext) -> APIRouter:
     api = APIRouter()
     key = ctx.config.signature_key
 
+    def prepare(data: Any, cls: type[CountTokensRequest]) -> tuple[Any, ChatRequest]:
+        """The decoded body validated as `cls` and converted (in the body reader's worker thread for a big body)."""
+        req = parse_request(data, cls)
+        return req, to_chat_request(req, resolve_model(ctx, req.model), key)
+
     async def messages(request: Request) -> Response:
-        req = parse_request(await read_json(request), MessagesRequest)
-        chat = to_chat_request(req, resolve_model(ctx, req.model), key)
+        req, chat = await read_json(request, lambda data: prepare(data, MessagesRequest))
         show = not (req.thinking is not None and req.thinking.display == "omitted")
         if not req.stream:
             items = await collect(await ctx.start(chat), request)  # aborts if the client goes away
@@ -841,8 +845,7 @@ def router(ctx: ServeContext) -> APIRouter:
         return sse_response(render_stream(renderer, gen, is_keepalive=lambda item: isinstance(item, KeepAlive)))
 
     async def count_tokens(request: Request) -> Response:
-        req = parse_request(await read_json(request), CountTokensRequest)
-        chat = to_chat_request(req, resolve_model(ctx, req.model), key)
+        _, chat = await read_json(request, lambda data: prepare(data, CountTokensRequest))
         n = await asyncio.to_thread(ctx.backend.count_tokens, chat)
         return JSONResponse({"input_tokens": n})
 
