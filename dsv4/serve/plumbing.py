@@ -23,8 +23,8 @@ from .request import ChoiceEvent, RequestError, Usage
 # no-cache: nothing may replay a stream; x-accel-buffering: nginx must pass the events through as they come
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
-# bodies up to this size are decoded on the event loop (well under a millisecond); bigger ones in a worker thread,
-# where the event loop runs between the decoder's steps (each C step holds the GIL, `body.decode` bounds them)
+# bodies up to this size are decoded and validated on the event loop (well under a millisecond); bigger ones in a
+# worker thread, where the event loop runs between their steps (each C step holds the GIL; `body.decode` bounds them)
 INLINE_BODY_BYTES = 2**16
 
 T = TypeVar("T")
