@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -149,17 +149,29 @@ class ServerConfig:
     """What the chat service and the HTTP app add over the engine. `max_output_tokens`: the default and cap of a
     request's max_tokens (at most the context less one); `strict_reasoning`: refuse a thinking-mode tool-call turn
     sent back without its reasoning_content; `price_file`: a JSON price table over the launch prices;
-    `api_keys`: accepted keys (none: no authentication); `max_queue`: requests waiting beyond the running ones."""
+    `api_keys`: accepted keys (none: no authentication); `max_queue`: requests waiting beyond the running ones;
+    `max_body_bytes`: the largest request body (a bigger one is a 413); `signature_key`: the secret of Anthropic
+    thinking-block signatures (None: a random key per process, so blocks signed before a restart no longer
+    verify; servers behind one load balancer need the same key).
+
+    32 MiB of body: Anthropic's own limit for Messages requests, and room for a full 1M-token V4 context (4-5 MB of
+    English; ~9 MB of CJK text with every character \\u-escaped) three times over, while bounding what one request
+    makes the server buffer and parse."""
 
     max_output_tokens: int = 4096
     strict_reasoning: bool = False
     price_file: str | None = None
     api_keys: tuple[str, ...] = ()
     max_queue: int = 64
+    max_body_bytes: int = ServeConfig.max_body_bytes
+    signature_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check_at_least("max_output_tokens", self.max_output_tokens, 1)
         _check_at_least("max_queue", self.max_queue, 0)
+        _check_at_least("max_body_bytes", self.max_body_bytes, 1)
+        if self.signature_key is not None and not self.signature_key:
+            raise OptionError("signature_key", "must not be empty")
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
 
 
@@ -301,10 +313,12 @@ def build_service(source: ModelSource = ModelSource(), engine: EngineConfig = En
 def build_serve_context(source: ModelSource = ModelSource(), engine: EngineConfig = EngineConfig(),
                         server: ServerConfig = ServerConfig(), env: DistEnv | None = None) -> ServeContext:
     """What `create_app` serves: `build_service`'s service and the app's `ServeConfig` (served names, keys,
-    `engine.max_batch` requests running at once, the context and output cap the service settled)."""
+    `engine.max_batch` requests running at once, the context and output cap the service settled, the body limit,
+    the signature key or ServeConfig's random one)."""
     service = build_service(source, engine, server, env)
+    signing = {} if server.signature_key is None else {"signature_key": server.signature_key.encode("utf-8")}
     config = ServeConfig(served_model_names=list(service.model_names), api_keys=list(server.api_keys),
                          max_concurrent=engine.max_batch, max_queue=server.max_queue,
                          max_context=service.max_context, max_output_tokens=service.max_output_tokens,
-                         prices=service.prices)
+                         prices=service.prices, max_body_bytes=server.max_body_bytes, **signing)
     return ServeContext(service, config)

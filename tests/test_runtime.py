@@ -28,6 +28,7 @@ from dsv4.runtime import (
     load,
 )
 from dsv4.serve.app import create_app
+from dsv4.serve.context import ServeConfig
 from dsv4.serve.request import ChatRequest, Usage
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -139,6 +140,24 @@ def test_serve_kv_budget_sizes_the_page_pool():
     assert kv.num_pages == (8 * 2**20 - 2 * slot) // page and kv.total_bytes <= 8 * 2**20 < kv.total_bytes + page
 
 
+def test_serve_body_limit_and_signature_key(monkeypatch):
+    """`--max-body-mb` and `--signature-key` (or $DSV4_SIGNATURE_KEY) reach the app's ServeConfig; without a key each
+    ServeConfig draws a random one (per process in `dsv4 serve`)."""
+    monkeypatch.delenv("DSV4_SIGNATURE_KEY", raising=False)
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--max-body-mb", "2", "--signature-key", "s3cret"])
+    config = build_serve_context(*configs(args)).config
+    assert (config.max_body_bytes, config.signature_key) == (2 * 2**20, b"s3cret")
+    monkeypatch.setenv("DSV4_SIGNATURE_KEY", "from-env")
+    server = configs(build_parser().parse_args(["serve"]))[2]
+    assert (server.signature_key, server.max_body_bytes) == ("from-env", 32 * 2**20)
+    assert "from-env" not in repr(server)
+    monkeypatch.delenv("DSV4_SIGNATURE_KEY")
+    assert configs(build_parser().parse_args(["serve"]))[2].signature_key is None
+    assert ServeConfig().signature_key != ServeConfig().signature_key and len(ServeConfig().signature_key) == 32
+    with pytest.raises(OptionError, match="max_body_bytes: must be >= 1"):
+        ServerConfig(max_body_bytes=0)
+
+
 @pytest.mark.parametrize("argv, flags", [
     (["serve", "--dtype", "float32", "--kv-format", "fp8"], ["--dtype and --kv-format", "float32 with fp8"]),
     (["serve", "--numerics", "plain", "--kv-format", "fp8"], ["--numerics and --kv-format"]),
@@ -159,6 +178,7 @@ def test_bad_settings_exit_2_naming_the_flag(capsys, argv, flags):
     (["serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
     (["chat", "--kv-format", "fp16"], "--kv-format"),
     (["serve", "--kernel-backend", "nope"], "--kernel-backend"),
+    (["serve", "--max-body-mb", "0"], "--max-body-mb"),
 ])
 def test_unparsable_values_are_argparse_errors(capsys, argv, flag):
     with pytest.raises(SystemExit) as exc:

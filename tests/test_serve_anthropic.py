@@ -35,16 +35,22 @@ from dsv4.serve.service import ChatService
 # ------------------------------------------------------------------------------------------------
 # request conversion
 
+SIGN_KEY = b"test signature key"
+
+
+def _sign(text: str) -> str:
+    return A.sign_thinking(text, SIGN_KEY)
+
 
 def _chat(body: dict, model: str = "dsv4"):
     req = A.parse_request({"model": model, "max_tokens": 64, **body}, A.MessagesRequest)
-    return A.to_chat_request(req, model)
+    return A.to_chat_request(req, model, SIGN_KEY)
 
 
 def _err(body: dict, cls=A.MessagesRequest) -> RequestError:
     with pytest.raises(RequestError) as info:
         req = A.parse_request(body, cls)
-        A.to_chat_request(req, "dsv4")
+        A.to_chat_request(req, "dsv4", SIGN_KEY)
     return info.value
 
 
@@ -52,7 +58,7 @@ def test_conversion_of_a_tool_conversation():
     """Every block kind lands where the V4 encoder expects it: system blocks -> one system message, thinking
     -> reasoning_content, tool_use -> tool_calls with JSON-string arguments, tool_result -> tool messages
     before the user's text of the same message."""
-    sig = A.sign_thinking("I should call the tool.")
+    sig = _sign("I should call the tool.")
     chat = _chat({
         "system": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use tools.", "cache_control": {}}],
         "messages": [
@@ -131,35 +137,55 @@ def test_tool_choice_mapping(choice, expected):
     assert chat.tool_choice == expected
 
 
-def test_thinking_blocks_come_back_with_or_without_signature():
-    """A replayed thinking block is accepted with our signature, none, an empty one or another provider's;
-    one that claims ours but whose text changed is a 400; an omitted (empty) text is not checked."""
+def _replay(*blocks) -> list[dict]:
+    """A conversation whose assistant turn is `blocks` followed by a text block."""
+    return [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": [*blocks, {"type": "text", "text": "a"}]},
+            {"role": "user", "content": "more"}]
+
+
+def test_thinking_blocks_come_back_only_with_our_signature():
+    """A replayed thinking block is accepted with the signature this server issued for its text; a missing, empty,
+    foreign or forged one, or ours over another text, is Anthropic's 400 naming the block."""
     text = "Reasoning about the call."
-    for sig in (A.sign_thinking(text), None, "", "EqQBCkgIARABGAIiQL...anthropic-signature"):
+    chat = _chat({"messages": _replay({"type": "thinking", "thinking": text, "signature": _sign(text)})})
+    assert chat.messages[1]["reasoning_content"] == text
+    bad = [None, "", "EqQBCkgIARABGAIiQL...anthropic-signature", "AAAAbogus", "dsv4." + "A" * 43,
+           _sign(text)[:-1] + ("B" if _sign(text)[-1] != "B" else "C"), A.sign_thinking(text, b"another server")]
+    for sig in bad:
         block = {"type": "thinking", "thinking": text}
         if sig is not None:
             block["signature"] = sig
-        chat = _chat({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [
-            block, {"type": "text", "text": "a"}]}, {"role": "user", "content": "more"}]})
-        assert chat.messages[1]["reasoning_content"] == text
-    empty = {"type": "thinking", "thinking": "", "signature": A.sign_thinking(text)}
-    chat = _chat({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [
-        empty, {"type": "text", "text": "a"}]}, {"role": "user", "content": "more"}]})
+        err = _err({"model": "m", "max_tokens": 5, "messages": _replay(block)})
+        assert (err.status, err.message) == (400, "messages.1.content.0: Invalid `signature` in `thinking` block"), sig
+    edited = {"type": "thinking", "thinking": text + " (edited)", "signature": _sign(text)}
+    assert "Invalid `signature`" in _err({"model": "m", "max_tokens": 5, "messages": _replay(edited)}).message
+
+
+def test_omitted_thinking_verifies_what_the_client_cannot_forge():
+    """A block shown with display "omitted" comes back with an empty text: its signature still has to be one this
+    server issued (the tag over the text's digest), though it gives the model no reasoning."""
+    omitted = {"type": "thinking", "thinking": "", "signature": _sign("the hidden reasoning")}
+    chat = _chat({"messages": _replay(omitted)})
     assert "reasoning_content" not in chat.messages[1]
-    err = _err({"model": "m", "max_tokens": 5, "messages": [
-        {"role": "user", "content": "q"},
-        {"role": "assistant", "content": [{"type": "thinking", "thinking": text + " (edited)",
-                                           "signature": A.sign_thinking(text)}]},
-        {"role": "user", "content": "more"}]})
-    assert err.status == 400 and "signature" in err.message
+    for forged in ("AAAAbogus", "dsv4." + "A" * 43, A.sign_thinking("x", b"another server")):
+        err = _err({"model": "m", "max_tokens": 5, "messages": _replay({**omitted, "signature": forged})})
+        assert "Invalid `signature` in `thinking` block" in err.message
+
+
+def test_redacted_thinking_is_refused():
+    """This server writes no redacted_thinking blocks, so one sent back cannot be genuine (Anthropic's message)."""
+    err = _err({"model": "m", "max_tokens": 5, "messages": _replay({"type": "redacted_thinking", "data": "EmwKAhgB"})})
+    assert (err.status, err.message) == (400, "messages.1.content.0: Invalid `data` in `redacted_thinking` block")
 
 
 def test_signature_is_deterministic_keyed_and_verifiable():
-    s = A.sign_thinking("abc")
-    assert s == A.sign_thinking("abc") and s.startswith("dsv4.") and len(s) == 5 + 43
-    assert A.verify_signature("abc", s) and not A.verify_signature("abd", s)
-    assert A.sign_thinking("abc", b"other key") != s
-    assert A.verify_signature("abc", A.sign_thinking("abc", b"k"), b"k")
+    s = _sign("abc")
+    assert s == _sign("abc") and s.startswith("dsv4.") and len(s) == 5 + 43
+    assert A.verify_signature("abc", s, SIGN_KEY) and not A.verify_signature("abd", s, SIGN_KEY)
+    assert A.verify_signature("", s, SIGN_KEY) and not A.verify_signature("", s, b"other key")
+    assert A.sign_thinking("abc", b"other key") != s and not A.verify_signature("abc", s, b"other key")
+    assert not A.verify_signature("abc", s + "=", SIGN_KEY) and not A.verify_signature("abc", None, SIGN_KEY)
 
 
 @pytest.mark.parametrize("messages, needle", [
@@ -203,7 +229,7 @@ def test_validation_messages_name_the_field():
     # count_tokens needs no max_tokens, and unknown keys are fine everywhere
     req = A.parse_request({"model": "m", "messages": [{"role": "user", "content": "x", "extra": 1}],
                            "betas": ["x"]}, A.CountTokensRequest)
-    assert A.to_chat_request(req, "m").max_tokens is None
+    assert A.to_chat_request(req, "m", SIGN_KEY).max_tokens is None
 
 
 def test_error_body_and_types():
@@ -240,7 +266,7 @@ def _script():
 def test_renderer_event_sequence():
     """The documented order, with the signature delta right before the thinking block stops, and indices
     equal to the blocks' positions."""
-    r = A.MessageRenderer("deepseek-v4-flash", input_tokens=100, message_id="msg_1")
+    r = A.MessageRenderer("deepseek-v4-flash", input_tokens=100, message_id="msg_1", signature_key=SIGN_KEY)
     events = r.start()
     for item in _script():
         events += r.feed(item)
@@ -259,14 +285,14 @@ def test_renderer_event_sequence():
     ]
     assert events[0][1]["message"]["usage"]["input_tokens"] == 100
     assert events[1][1]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
-    assert events[4][1]["delta"]["signature"] == A.sign_thinking("Let me think.")
+    assert events[4][1]["delta"]["signature"] == _sign("Let me think.")
     assert events[9][1]["content_block"] == {"type": "tool_use", "id": "call_00_a", "name": "f", "input": {}}
     assert events[-2][1] == {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
                              "usage": {"input_tokens": 36, "output_tokens": 20, "cache_creation_input_tokens": 0,
                                        "cache_read_input_tokens": 64, "output_tokens_details": {"thinking_tokens": 7}}}
     msg = r.message()
     assert msg["content"] == [
-        {"type": "thinking", "thinking": "Let me think.", "signature": A.sign_thinking("Let me think.")},
+        {"type": "thinking", "thinking": "Let me think.", "signature": _sign("Let me think.")},
         {"type": "text", "text": "Sure."},
         {"type": "tool_use", "id": "call_00_a", "name": "f", "input": {"x": 1}},
         {"type": "tool_use", "id": "call_01_b", "name": "g", "input": {}},
@@ -277,18 +303,18 @@ def test_renderer_event_sequence():
 
 
 def test_renderer_omitted_thinking_keeps_the_signature():
-    r = A.MessageRenderer("m", show_thinking=False)
+    r = A.MessageRenderer("m", show_thinking=False, signature_key=SIGN_KEY)
     msg = A.render_message(r, _events(ReasoningDelta("secret"), ContentDelta("hi"), Finish("stop")))
-    assert msg["content"][0] == {"type": "thinking", "thinking": "", "signature": A.sign_thinking("secret")}
+    assert msg["content"][0] == {"type": "thinking", "thinking": "", "signature": _sign("secret")}
     assert msg["stop_reason"] == "end_turn"
 
 
 def test_each_thinking_block_is_signed_for_its_own_text():
-    msg = A.render_message(A.MessageRenderer("m"), _events(
+    msg = A.render_message(A.MessageRenderer("m", signature_key=SIGN_KEY), _events(
         ReasoningDelta("one"), ContentDelta("x"), ReasoningDelta("two"), ContentDelta("y"), Finish("stop")))
     assert [(b["type"], b.get("thinking"), b.get("signature")) for b in msg["content"]] == [
-        ("thinking", "one", A.sign_thinking("one")), ("text", None, None),
-        ("thinking", "two", A.sign_thinking("two")), ("text", None, None)]
+        ("thinking", "one", _sign("one")), ("text", None, None),
+        ("thinking", "two", _sign("two")), ("text", None, None)]
 
 
 @pytest.mark.parametrize("reason, seq, expected", [
@@ -304,7 +330,7 @@ def test_stop_reason_mapping(reason, seq, expected):
 def test_stop_sequence_reported_by_the_backend_is_rendered():
     """A Finish("stop") naming the matched stop string gets Anthropic's stop_reason "stop_sequence" and the
     string, streamed and not."""
-    r = A.MessageRenderer("m")
+    r = A.MessageRenderer("m", signature_key=SIGN_KEY)
     msg = A.render_message(r, _events(ContentDelta("1, 2"), Finish("stop", stop_sequence=", 3")))
     assert (msg["stop_reason"], msg["stop_sequence"]) == ("stop_sequence", ", 3")
     assert r.finish()[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": ", 3"}
@@ -339,13 +365,13 @@ def test_render_stream_pings_and_mid_stream_errors():
             closed.append(True)
 
     is_ka = lambda x: isinstance(x, KeepAlive)  # noqa: E731
-    text = asyncio.run(_collect(A.render_stream(A.MessageRenderer("m"), items(RequestError(529, "busy")),
-                                                is_keepalive=is_ka)))
+    renderer = A.MessageRenderer("m", signature_key=SIGN_KEY)
+    text = asyncio.run(_collect(A.render_stream(renderer, items(RequestError(529, "busy")), is_keepalive=is_ka)))
     names = [n for n, _ in _sse_events(text)]
     assert names == ["message_start", "ping", "ping", "content_block_start", "content_block_delta", "error"]
     assert _sse_events(text)[-1][1] == {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
-    text = asyncio.run(_collect(A.render_stream(A.MessageRenderer("m"), items(RuntimeError("boom")),
-                                                is_keepalive=is_ka)))
+    renderer = A.MessageRenderer("m", signature_key=SIGN_KEY)
+    text = asyncio.run(_collect(A.render_stream(renderer, items(RuntimeError("boom")), is_keepalive=is_ka)))
     assert _sse_events(text)[-1][1]["error"]["type"] == "api_error"
     assert closed == [True, True]
 
@@ -373,7 +399,7 @@ def server(tokenizer):
     def start(replies=smart_reply, delay=0.0, cache_hit=None, **config):
         engine = ScriptedEngine(tokenizer, replies=replies, delay=delay, cache_hit=cache_hit)
         cfg = ServeConfig(served_model_names=[MODEL, "deepseek-v4-pro"], api_keys=[KEY], max_context=8192,
-                          max_output_tokens=2048, **config)
+                          max_output_tokens=2048, **{"signature_key": SIGN_KEY, **config})
         service = ChatService(engine, tokenizer, cfg.served_model_names, max_context=cfg.max_context,
                               max_output_tokens=cfg.max_output_tokens)
         cm = live_server(create_app(ServeContext(service, cfg)))
@@ -402,7 +428,7 @@ def test_sdk_non_streaming_with_thinking_and_x_api_key(server, tokenizer, monkey
                                        messages=[{"role": "user", "content": "Hello"}])
     assert [b.type for b in msg.content] == ["thinking", "text"]
     assert msg.content[0].thinking == "The user wants something. I will answer."
-    assert msg.content[0].signature == A.sign_thinking(msg.content[0].thinking)
+    assert msg.content[0].signature == _sign(msg.content[0].thinking)
     assert msg.content[1].text == "Hello! How can I help you today?"
     assert msg.stop_reason == "end_turn" and msg.stop_sequence is None and msg.model == MODEL
     prompt_len = len(engine.requests[0][0])

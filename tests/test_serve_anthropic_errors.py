@@ -1,7 +1,8 @@
-"""Bad input to the Anthropic routes: every malformed request gets a 4xx (never a 5xx) with Anthropic's error
-body `{"type": "error", "error": {"type", "message"}}` and the status that names its class, on both base
-paths, streaming or not; unknown keys and headers are never an error; a failure after a stream started is an
-`event: error` ending the stream.
+"""Bad input to the Anthropic routes: every malformed or hostile request gets a 4xx (never a 5xx, also not in
+/metrics) with Anthropic's error body `{"type": "error", "error": {"type", "message"}}` and the status that
+names its class, on both base paths, streaming or not; unknown keys and headers are never an error; thinking
+blocks come back only with the signature this server issued (the official SDK sees Anthropic's 400 otherwise); a
+failure after a stream started is an `event: error` ending the stream.
 
 One live server (the real app and `ChatService` over the scripted engine) serves the whole corpus; requests
 are sent with httpx so the bodies can be anything, not just what an SDK would build.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import anthropic
 import httpx
 import pytest
 from serve_stubs import ScriptedEngine, ScriptedStream, live_server
@@ -23,8 +25,10 @@ from dsv4.serve.service import ChatService
 
 MODEL = "deepseek-v4-flash"
 KEY = "sk-errors"
+SIGN_KEY = b"errors signature key"
 HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
 USER = [{"role": "user", "content": "hi"}]
+MAX_BODY = 2**20  # the corpus server's body limit
 TOOL = {"name": "lookup", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
 
 
@@ -51,7 +55,8 @@ def tokenizer():
 
 
 def _serve(tokenizer, engine_cls=ScriptedEngine):
-    cfg = ServeConfig(served_model_names=[MODEL], api_keys=[KEY], max_context=2048, max_output_tokens=512)
+    cfg = ServeConfig(served_model_names=[MODEL], api_keys=[KEY], max_context=2048, max_output_tokens=512,
+                      signature_key=SIGN_KEY, max_body_bytes=MAX_BODY)
     service = ChatService(engine_cls(tokenizer), tokenizer, cfg.served_model_names, max_context=cfg.max_context,
                           max_output_tokens=cfg.max_output_tokens)
     return live_server(create_app(ServeContext(service, cfg)))
@@ -70,6 +75,19 @@ def body(**kw):
 
 
 DROP = object()
+
+
+def replayed(*blocks) -> list[dict]:
+    """A conversation whose assistant turn is `blocks` then a text block, and a user turn after it."""
+    return [*USER, {"role": "assistant", "content": [*blocks, {"type": "text", "text": "a"}]},
+            {"role": "user", "content": "q"}]
+
+
+def raw(text: bytes, where: bytes = b'"messages": [{"role": "user", "content": "%s"}]') -> bytes:
+    """A Messages body with raw JSON string bytes `text` at `where`."""
+    return b'{"model": "deepseek-v4-flash", "max_tokens": 32, ' + where.replace(b"%s", text) + b"}"
+
+
 ASSISTANT_CALL = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "lookup",
                                                     "input": {"q": "x"}}]}
 
@@ -112,7 +130,7 @@ CORPUS = [
     ("thinking block in a user message", body(messages=[{"role": "user", "content": [
         {"type": "thinking", "thinking": "t", "signature": ""}]}]), 400, "invalid_request_error", "assistant"),
     ("tampered thinking signature", body(messages=[*USER, {"role": "assistant", "content": [
-        {"type": "thinking", "thinking": "changed", "signature": sign_thinking("original")},
+        {"type": "thinking", "thinking": "changed", "signature": sign_thinking("original", SIGN_KEY)},
         {"type": "text", "text": "a"}]}, {"role": "user", "content": "q"}]), 400, "invalid_request_error",
      "signature"),
     ("system a number", body(system=5), 400, "invalid_request_error", "system"),
@@ -146,6 +164,35 @@ CORPUS = [
     ("prompt too long", body(messages=[{"role": "user", "content": "word " * 4000}]), 400,
      "invalid_request_error", "context length"),
     ("unknown model", body(model="gpt-4o"), 404, "not_found_error", "gpt-4o"),
+    # hostile input (issue 17)
+    ("lone surrogate in text", raw(b"a\\ud800b"), 400, "invalid_request_error", "surrogate"),
+    ("lone surrogate in system", raw(b"\\udc00", b'"system": "%s", "messages": [{"role": "user", "content": "x"}]'),
+     400, "invalid_request_error", "surrogate"),
+    ("lone surrogate in tool_use input", raw(b"\\ud800", b'"messages": [{"role": "user", "content": "q"}, '
+                                             b'{"role": "assistant", "content": [{"type": "tool_use", "id": "t", '
+                                             b'"name": "f", "input": {"q": "%s"}}]}]'),
+     400, "invalid_request_error", "messages.1.content.0.input.q"),
+    ("surrogate encoded as UTF-8 bytes", raw(b"\xed\xb0\x80"), 400, "invalid_request_error", "JSON"),
+    ("nested 100,000 deep", raw(b"x", b'"metadata": ' + b"[" * 100_000 + b"]" * 100_000), 400,
+     "invalid_request_error", "128 levels"),
+    ("5,000 nested metadata objects", raw(b"x", b'"metadata": ' + b'{"metadata": ' * 5_000 + b"{}" + b"}" * 5_000),
+     400, "invalid_request_error", "128 levels"),
+    ("body over the size limit", raw(b"9 " * (MAX_BODY // 2)), 413, "request_too_large", "bytes"),
+    ("1 MB prompt, refused untokenised", body(messages=[{"role": "user", "content": "9 " * 500_000}]), 400,
+     "invalid_request_error", "at least"),
+    ("forged thinking signature", body(messages=replayed({"type": "thinking", "thinking": "t",
+                                                          "signature": "AAAAbogus"})), 400,
+     "invalid_request_error", "Invalid `signature` in `thinking` block"),
+    ("thinking without a signature", body(messages=replayed({"type": "thinking", "thinking": "t"})), 400,
+     "invalid_request_error", "messages.1.content.0: Invalid `signature`"),
+    ("omitted thinking with a forged signature", body(messages=replayed(
+        {"type": "thinking", "thinking": "", "signature": "dsv4." + "A" * 43})), 400, "invalid_request_error",
+     "Invalid `signature`"),
+    ("another server's signature", body(messages=replayed(
+        {"type": "thinking", "thinking": "t", "signature": sign_thinking("t", b"another key")})), 400,
+     "invalid_request_error", "Invalid `signature`"),
+    ("redacted_thinking sent back", body(messages=replayed({"type": "redacted_thinking", "data": "EmwKAhgBEgy3"})),
+     400, "invalid_request_error", "Invalid `data` in `redacted_thinking` block"),
 ]
 
 
@@ -185,11 +232,56 @@ def test_bad_streaming_request_on_the_anthropic_base(url, name, payload, status,
     ({"messages": USER}, "model"),
     ({"model": MODEL, "messages": [{"role": "user", "content": 1}]}, "content"),
     ({"model": "unknown-model", "messages": USER}, "unknown-model"),
+    (b'{"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "9 " * 500_000}]}, "at least"),
+    ({"model": MODEL, "messages": replayed({"type": "thinking", "thinking": "t", "signature": "AAAAbogus"})},
+     "Invalid `signature`"),
 ])
 def test_bad_count_tokens(url, payload, word):
     r = _post(url, "/v1/messages/count_tokens", payload)
     status = 404 if word == "unknown-model" else 400
     _check(r, status, "not_found_error" if status == 404 else "invalid_request_error", word)
+
+
+def test_count_tokens_body_over_the_limit(url):
+    _check(_post(url, "/v1/messages/count_tokens", raw(b"9 " * MAX_BODY)), 413, "request_too_large", "bytes")
+
+
+def test_metrics_count_no_5xx_over_the_corpus(url):
+    """The whole corpus once more, streaming or not: /metrics holds no 5xx (nor anything for this server's earlier
+    tests)."""
+    for _, payload, status, _, _ in CORPUS:
+        assert _post(url, "/v1/messages", payload).status_code == status
+        if isinstance(payload, dict) and "stream" not in payload:
+            assert _post(url, "/anthropic/v1/messages", {**payload, "stream": True}).status_code == status
+    lines = [line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith("dsv4_requests_total")]
+    assert lines and not [line for line in lines if 'status="5' in line], lines
+
+
+def test_sdk_thinking_signatures(url):
+    """The official SDK: a thinking block this server signed goes back as it came, also shown with display
+    "omitted" (empty text, the signature alone); a forged signature or a redacted_thinking block is the
+    BadRequestError Anthropic raises, with its message."""
+    client = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0)
+    question = {"role": "user", "content": "hi"}
+    for thinking in ({"type": "enabled", "budget_tokens": 1024}, {"type": "adaptive", "display": "omitted"}):
+        first = client.messages.create(model=MODEL, max_tokens=64, thinking=thinking, messages=[question])
+        assert first.content[0].type == "thinking" and first.content[0].signature.startswith("dsv4.")
+        assert bool(first.content[0].thinking) == ("display" not in thinking)
+        history = [question, {"role": "assistant", "content": first.content}, {"role": "user", "content": "again"}]
+        again = client.messages.create(model=MODEL, max_tokens=64, thinking=thinking, messages=history)
+        assert again.stop_reason == "end_turn"
+        block = first.content[0].model_dump()
+        other = {**block, "signature": sign_thinking(block["thinking"], b"another key")}
+        for forged in ({**block, "signature": "AAAAbogus"}, other, {**block, "thinking": block["thinking"] + "!"}):
+            history[1] = {"role": "assistant", "content": [forged, *first.content[1:]]}
+            with pytest.raises(anthropic.BadRequestError, match=r"messages\.1\.content\.0: Invalid `signature` in "
+                                                                 r"`thinking` block"):
+                client.messages.create(model=MODEL, max_tokens=64, thinking=thinking, messages=history)
+    history[1] = {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "EmwKAhgBEgy3"},
+                                                   *first.content[1:]]}
+    with pytest.raises(anthropic.BadRequestError, match="Invalid `data` in `redacted_thinking` block"):
+        client.messages.create(model=MODEL, max_tokens=64, messages=history)
 
 
 @pytest.mark.parametrize("headers", [{}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"},

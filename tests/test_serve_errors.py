@@ -1,10 +1,15 @@
-"""Bad input never becomes a 5xx: a corpus of malformed OpenAI-side requests sent with httpx, each answered with
-the right 4xx and OpenAI's error body; and a client that disconnects mid-stream frees the real engine's
-request (slot and KV pages)."""
+"""Bad input never becomes a 5xx: a corpus of malformed and hostile OpenAI-side requests sent with httpx, each
+answered with the right 4xx and OpenAI's error body, and none counted as a 5xx in /metrics; a client that
+disconnects mid-stream frees the real engine's request (slot and KV pages), and clients that hang up on
+non-streaming requests are logged as disconnects (499), without tracebacks; a big prompt tokenises off the event
+loop, so another client's stream keeps its pace."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import threading
 import time
 
 import httpx
@@ -27,6 +32,22 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 def chat(**kw):
     return {"model": M, "messages": U, **kw}
+
+
+def raw_chat(content: bytes, path: str = "/v1/chat/completions") -> bytes:
+    """A chat (or, for /v1/completions, completion) body whose user text is `content` as raw JSON string bytes."""
+    if path == "/v1/completions":
+        return b'{"model": "dsv4-test", "prompt": "' + content + b'"}'
+    return b'{"model": "dsv4-test", "messages": [{"role": "user", "content": "' + content + b'"}]}'
+
+
+MAX_BODY = 5 * 2**20  # the corpus server's body limit (room for the 4 MiB body of 2,097,153 items)
+DEEP = b'{"model": "dsv4-test", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+METADATA = b'{"model": "dsv4-test", "messages": [], "metadata": ' + b'{"metadata": ' * 5_000 + b"{}" + b"}" * 5_001
+SURROGATE_ARGUMENTS = {"model": M, "messages": U + [
+    {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                          "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}]},
+    {"role": "tool", "tool_call_id": "c", "content": "1"}]}
 
 
 # (name, path, body (dict, or raw bytes), expected status)
@@ -108,6 +129,27 @@ CORPUS = [
     ("completions unknown model", "/v1/completions", {"model": "x", "prompt": "a"}, 404),
     ("completions logprobs too large", "/v1/completions", {"model": M, "prompt": "a", "logprobs": 99}, 400),
     ("unknown route", "/v1/nothing", {}, 404),
+    ("unknown route outside /v1", "/nothing", {}, 404),
+    # hostile input (issue 17): invalid Unicode, nesting, sizes
+    ("lone surrogate in content", "/v1/chat/completions", raw_chat(b"a\\ud800b"), 400),
+    ("lone low surrogate in content", "/v1/chat/completions", raw_chat(b"\\udfff"), 400),
+    ("lone surrogate in a key", "/v1/chat/completions",
+     b'{"model": "dsv4-test", "messages": [{"role": "user", "content": "hi"}], "x\\ud800": 1}', 400),
+    ("lone surrogate in tool arguments", "/v1/chat/completions", SURROGATE_ARGUMENTS, 400),
+    ("surrogate encoded as UTF-8 bytes", "/v1/chat/completions", raw_chat(b"a\xed\xa0\x80b"), 400),
+    ("invalid UTF-8", "/v1/chat/completions", raw_chat(b"a\xffb"), 400),
+    ("UTF-16 body", "/v1/chat/completions", json.dumps(chat()).encode("utf-16"), 400),
+    ("completions lone surrogate", "/v1/completions", raw_chat(b"a\\ud800b", "/v1/completions"), 400),
+    ("nested 100,000 deep", "/v1/chat/completions", DEEP, 400),
+    ("5,000 nested metadata objects", "/v1/chat/completions", METADATA, 400),
+    ("262,145 arrays", "/v1/chat/completions", b'{"model": "dsv4-test", "x": [' + b"[]," * 2**18 + b"[]]}", 400),
+    ("1,048,577 strings", "/v1/chat/completions", b'{"model": "dsv4-test", "x": [' + b'"",' * 2**20 + b'""]}', 400),
+    ("2,097,153 items", "/v1/chat/completions", b'{"model": "dsv4-test", "x": [' + b"0," * 2**21 + b"0]}", 400),
+    ("body over the size limit", "/v1/chat/completions", raw_chat(b"9 " * (MAX_BODY // 2)), 413),
+    ("completions body over the size limit", "/v1/completions", raw_chat(b"9 " * MAX_BODY, "/v1/completions"), 413),
+    ("1 MB prompt, refused untokenised", "/v1/chat/completions", chat(messages=[{"role": "user",
+                                                                               "content": "9 " * 500_000}]), 400),
+    ("1 MB completions prompt", "/v1/completions", {"model": M, "prompt": "9 " * 500_000}, 400),
 ]
 
 
@@ -119,7 +161,8 @@ def tokenizer() -> Tokenizer:
 @pytest.fixture(scope="module")
 def url(tokenizer):
     service = ChatService(ScriptedEngine(tokenizer), tokenizer, [M], max_context=1024, max_output_tokens=512)
-    config = ServeConfig(served_model_names=[M], api_keys=[KEY], max_context=1024, max_output_tokens=512)
+    config = ServeConfig(served_model_names=[M], api_keys=[KEY], max_context=1024, max_output_tokens=512,
+                         max_body_bytes=MAX_BODY)
     with live_server(create_app(ServeContext(service, config))) as base:
         yield base
 
@@ -148,6 +191,76 @@ def test_bad_input_is_a_4xx_with_openai_body(url, name, path, body, status):
 
 def test_corpus_is_large():
     assert len(CORPUS) >= 25
+
+
+def status_counts(base: str) -> dict[str, float]:
+    """`dsv4_requests_total` by status, summed over protocols."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("dsv4_requests_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = counts.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_metrics_count_no_5xx_over_the_corpus(url):
+    """The whole corpus once more (on top of what the tests before sent this server): /metrics holds its 4xx, and
+    not one 5xx."""
+    before = status_counts(url)
+    for _, path, body, status in CORPUS:
+        assert send(url, path, body).status_code == status
+    after = status_counts(url)
+    assert sum(after.values()) - sum(before.values()) == len(CORPUS) + 1  # + the first scrape of /metrics
+    assert not [s for s in after if s.startswith("5")], after
+
+
+def test_hostile_input_messages_name_the_problem(url):
+    def message(path, body):
+        return send(url, path, body).json()["error"]
+
+    err = message("/v1/chat/completions", raw_chat(b"a\\ud800b"))
+    assert err["param"] == "messages.0.content" and "lone UTF-16 surrogate" in err["message"]
+    assert "lone UTF-16 surrogate" in message("/v1/chat/completions", SURROGATE_ARGUMENTS)["message"]
+    assert "more than 128 levels" in message("/v1/chat/completions", DEEP)["message"]
+    assert "more than 128 levels" in message("/v1/chat/completions", METADATA)["message"]
+    err = message("/v1/chat/completions", raw_chat(b"9 " * (MAX_BODY // 2)))
+    assert (err["code"], err["type"]) == ("request_too_large", "invalid_request_error")
+    # refused on its length alone: "at least" (UTF-8 bytes / the longest token's 128 bytes), not the exact count
+    assert "resulted in at least 781" in message("/v1/chat/completions", CORPUS[-2][2])["message"]
+    assert "resulted in at least 781" in message("/v1/completions", CORPUS[-1][2])["message"]
+    assert message("/v1/nothing", {})["code"] == "not_found"
+    assert message("/v1/chat/completions", chat(model="gpt-5"))["code"] == "model_not_found"
+
+
+def test_chunked_body_over_the_limit_is_a_413(url):
+    """Without a content-length the limit holds too: the body is counted as it arrives."""
+    def chunks():
+        for _ in range(MAX_BODY // 2**16 + 2):
+            yield b" " * 2**16
+
+    r = httpx.post(url + "/v1/chat/completions", content=chunks(),
+                   headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert_openai_error(r, 413)
+
+
+def test_sdk_sees_hostile_input_as_client_errors(url):
+    """The official SDK: a 413 for a body past the limit, BadRequestError for a lone surrogate in tool-call
+    arguments (the SDK cannot send one elsewhere: it encodes the body as UTF-8 itself), NotFoundError with
+    `not_found` for an unknown path and `model_not_found` for an unknown model."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=M, messages=[{"role": "user", "content": "9 " * MAX_BODY}])
+    assert info.value.status_code == 413 and info.value.code == "request_too_large"
+    with pytest.raises(openai.BadRequestError, match="lone UTF-16 surrogate"):
+        client.chat.completions.create(model=M, messages=SURROGATE_ARGUMENTS["messages"])
+    with pytest.raises(openai.NotFoundError) as info:
+        client.get("/nothing", cast_to=object)
+    assert info.value.code == "not_found"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-5", messages=U)
+    assert info.value.code == "model_not_found"
 
 
 @pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer nope"}, {"x-api-key": "nope"},
@@ -269,3 +382,83 @@ def test_failure_mid_stream_ends_with_error_event(tokenizer):
         r = httpx.post(base + "/v1/chat/completions", json=chat())  # non-streaming: a 500 in OpenAI's shape
         assert r.status_code == 500 and "error" in r.json()
         assert engine.active == set()
+
+
+# ------------------------------------------------------------------------------------------------ clients that hang up
+def test_clients_hanging_up_are_disconnects_not_errors(tokenizer, caplog):
+    """20 non-streaming clients per protocol give up after 0.3 s (httpx timeout): every engine request is aborted,
+    each is logged once as `client disconnected` and counted as 499, and nothing is logged as an error (no
+    traceback from the app, uvicorn or asyncio) nor counted as a 5xx."""
+    engine = ScriptedEngine(tokenizer, delay=0.05)  # ~40 tokens: ~2 s per answer
+    service = ChatService(engine, tokenizer, [M], max_context=1024, max_output_tokens=512)
+    config = ServeConfig(served_model_names=[M], max_concurrent=64, max_context=1024, max_output_tokens=512)
+    caplog.set_level(logging.INFO)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # it does not propagate to the root logger caplog watches
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with live_server(create_app(ServeContext(service, config))) as base:
+            def hang_up(path: str, body: dict) -> None:
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(base + path, json=body, timeout=0.3)
+
+            clients = [threading.Thread(target=hang_up, args=("/v1/chat/completions", chat()))
+                       for _ in range(20)]
+            clients += [threading.Thread(target=hang_up, args=("/v1/messages", {"model": M, "max_tokens": 100,
+                                                                                "messages": U})) for _ in range(20)]
+            for c in clients:
+                c.start()
+            for c in clients:
+                c.join()
+            deadline = time.monotonic() + 10
+            while (engine.active or len(engine.aborted) < 40) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.active == set() and len(engine.aborted) == 40
+            counts = status_counts(base)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert counts == {"499": 40}, counts
+    left = [r for r in caplog.records if r.name == "dsv4.serve.access" and "client disconnected" in r.getMessage()]
+    assert len(left) == 40 and all('" 499 ' in r.getMessage() for r in left)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+def test_a_big_prompt_tokenises_off_the_event_loop(tokenizer):
+    """A 600 KB prompt short enough to need tokenising (the context is 16,384 tokens: its bytes alone do not rule
+    it out) takes the tokenizer about a second, in a worker thread without the GIL: a stream running meanwhile
+    keeps its pace (10 ms a token), and /health answers at once. (Before, the event loop tokenised it: the stream
+    stalled for the whole second.)"""
+    engine = ScriptedEngine(tokenizer, delay=0.01, replies=lambda prompt: "word " * 300)
+    service = ChatService(engine, tokenizer, [M], max_context=16384, max_output_tokens=512)
+    config = ServeConfig(served_model_names=[M], max_context=16384, max_output_tokens=512)
+    with live_server(create_app(ServeContext(service, config))) as base:
+        arrivals: list[float] = []
+        big: list[httpx.Response] = []
+
+        def stream() -> None:
+            body = chat(stream=True, thinking={"type": "disabled"})
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
+                arrivals.extend(time.monotonic() for line in r.iter_lines() if line.startswith("data: {"))
+
+        def send_big() -> None:
+            body = chat(messages=[{"role": "user", "content": "9 " * 300_000}])
+            big.append(httpx.post(base + "/v1/chat/completions", json=body, timeout=60))
+
+        streamer, sender = threading.Thread(target=stream), threading.Thread(target=send_big)
+        streamer.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        sender.start()
+        health = []
+        while sender.is_alive():
+            t = time.monotonic()
+            assert httpx.get(base + "/health", timeout=10).status_code == 200
+            health.append(time.monotonic() - t)
+            time.sleep(0.05)
+        end = time.monotonic()
+        streamer.join()
+    assert big[0].status_code == 400 and "resulted in 600" in big[0].json()["error"]["message"]  # exact: tokenised
+    assert end - start > 0.5, "the big prompt should keep the tokenizer busy a while"
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if start <= b <= end]
+    assert len(gaps) > 20 and max(gaps) < 0.25, (max(gaps), end - start)
+    assert max(health) < 0.25, health

@@ -16,7 +16,8 @@ MIB = 2**20
 
 # config fields whose flag is not the field in kebab case
 FLAGS = {"max_batch": "--max-concurrent", "max_seq_len": "--max-context", "kv_budget_bytes": "--kv-budget",
-         "prefix_cache_bytes": "--prefix-cache-mb", "served_names": "--served-model-name", "api_keys": "--api-key"}
+         "prefix_cache_bytes": "--prefix-cache-mb", "served_names": "--served-model-name", "api_keys": "--api-key",
+         "max_body_bytes": "--max-body-mb"}
 
 
 def add_model_flags(p: argparse.ArgumentParser, model_help: str) -> None:

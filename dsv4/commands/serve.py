@@ -17,7 +17,9 @@ import sys
 
 from ..runtime import EngineConfig, ModelSource, ServerConfig
 from .common import non_negative_int, positive_int
-from .runtime_flags import add_engine_flags, add_model_flags, engine_config, error_line, model_source
+from .runtime_flags import MIB, add_engine_flags, add_model_flags, engine_config, error_line, model_source
+
+SIGNATURE_KEY_ENV = "DSV4_SIGNATURE_KEY"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--price-file", default=None, help="JSON price table overriding the launch prices")
     p.add_argument("--strict-reasoning", action="store_true",
                    help="400 when a thinking-mode tool-call turn comes back without its reasoning_content")
+    p.add_argument("--max-body-mb", type=positive_int, default=ServerConfig.max_body_bytes // MIB,
+                   help="largest request body in MiB, then 413 (default: Anthropic's limit, room for a full 1M-token "
+                        "context)")
+    p.add_argument("--signature-key", default=None, metavar="KEY",
+                   help=f"secret of Anthropic thinking-block signatures (also ${SIGNATURE_KEY_ENV}, which keeps it "
+                        "out of the process list; default: random per process, so blocks signed before a restart "
+                        "are refused)")
     add_engine_flags(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=run)
@@ -54,11 +63,13 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 
 def configs(args: argparse.Namespace) -> tuple[ModelSource, EngineConfig, ServerConfig]:
-    """The runtime configs `dsv4 serve`'s flags (and DSV4_API_KEY) describe, for
+    """The runtime configs `dsv4 serve`'s flags (and DSV4_API_KEY, DSV4_SIGNATURE_KEY) describe, for
     `dsv4.runtime.build_serve_context`."""
     source = model_source(args, seed=args.seed, served_names=tuple(args.served_model_name or ()))
     server = ServerConfig(max_output_tokens=args.max_output_tokens, strict_reasoning=args.strict_reasoning,
-                          price_file=args.price_file, api_keys=tuple(api_keys(args)), max_queue=args.max_queue)
+                          price_file=args.price_file, api_keys=tuple(api_keys(args)), max_queue=args.max_queue,
+                          max_body_bytes=args.max_body_mb * MIB,
+                          signature_key=args.signature_key or os.environ.get(SIGNATURE_KEY_ENV) or None)
     return source, engine_config(args, max_batch=args.max_concurrent, seed=args.seed), server
 
 
@@ -74,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     env = init_distributed(device=args.device, timeout=timedelta(days=7))  # idle ranks wait between requests
     try:
-        ctx = build_serve_context(*configs(args), env=env)
+        source, engine_settings, server = configs(args)
+        ctx = build_serve_context(source, engine_settings, server, env=env)
     except ValueError as err:  # OptionError, ShardingError, CheckpointError, a bad price file, the engine's checks
         print(error_line("serve", err), file=sys.stderr)
         close_distributed(env, wait_for_peers=False)
@@ -89,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     auth = f"{len(ctx.config.api_keys)} API key(s)" if ctx.config.api_keys else "no authentication"
     print(f"dsv4 serve: {names} on http://{args.host}:{args.port} ({auth}, context {ctx.config.max_context})",
           file=sys.stderr)
+    if server.signature_key is None:
+        print(f"dsv4 serve: thinking signatures use a random key for this process (Anthropic thinking blocks from "
+              f"before a restart will be refused; set --signature-key or ${SIGNATURE_KEY_ENV} to keep them)",
+              file=sys.stderr)
     try:
         uvicorn.run(create_app(ctx), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     finally:

@@ -10,16 +10,19 @@ The routes of each protocol come from its module in `dsv4.serve.protocols`, regi
 The app adds what is the same for every protocol:
 * the API key: every protocol route accepts `Authorization: Bearer` or `x-api-key` (checked before the route
   runs, so no protocol can forget it); `/health` and `/metrics` need no key, they are for probes and scrapers;
-* errors: a `RequestError`, a FastAPI validation or HTTP error (404, 405) or an unexpected exception raised
-  before a response starts is rendered by the exception handlers here, with the error body of the protocol that
-  owns the request (`Registry.owner`: the protocol whose route matched, else the one claiming the longest prefix
-  of the path, else the first registered one); a failure after a stream started is the protocol's own SSE
-  error event;
+* errors: a `RequestError` (the body reader's 400s and 413s among them), a FastAPI validation or HTTP error
+  (404, 405) or an unexpected exception raised before a response starts is rendered by the exception handlers
+  here, with the error body of the protocol that owns the request (`Registry.owner`: the protocol whose route
+  matched, else the one claiming the longest prefix of the path, else the first registered one); a failure after
+  a stream started is the protocol's own SSE error event;
 * the access log and the request counter by protocol family and status (`AccessLog`), `GET /health` (200
   `{"status": "ok"}`) and `GET /metrics` (Prometheus text).
 
-Non-streaming requests poll for a disconnect and abort their generation when the client is gone; streaming
-ones are cancelled by Starlette when the client disconnects, which closes the `Generation` (engine abort).
+Client disconnects are not errors. Non-streaming requests poll for a disconnect and abort their generation when the
+client is gone (raising Starlette's `ClientDisconnect`, as its body reader does when a client leaves mid-upload);
+streaming ones are cancelled by Starlette, which closes the `Generation` (engine abort). Either way the request is
+logged as `client disconnected` and counted with status 499 (nginx's "client closed request": not a 5xx, and
+distinct from the 4xx of a client mistake), with no traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends as Dependency
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 
 from .context import ServeContext, retry_after_header
@@ -41,6 +45,8 @@ from .protocols import WireProtocol, anthropic, openai_chat, openai_completions
 from .request import RequestError
 
 log = logging.getLogger("dsv4.serve.access")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left before its response ended
 
 PROTOCOLS: tuple[WireProtocol, ...] = (
     openai_chat.PROTOCOL,  # first: its error shape is the server's default (unknown paths, /health, /metrics)
@@ -97,7 +103,8 @@ class AccessLog:
     """Pure ASGI middleware (a BaseHTTPMiddleware would buffer streams and hide disconnects): one log line per
     HTTP request when its response ends (a stream: when the stream ends) and the request counter by protocol
     family and status. It reads the owner after the request ran, once the router has put the matched route in the
-    scope."""
+    scope. A request whose client left before the response ended (the app received `http.disconnect` first) is
+    recorded as 499 and logged as `client disconnected`, whatever status was sent or attempted."""
 
     def __init__(self, app: Any, ctx: ServeContext, registry: Registry) -> None:
         self.app, self.ctx, self.registry = app, ctx, registry
@@ -106,20 +113,29 @@ class AccessLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.monotonic(), [500]
+        ended, left = [False], [False]
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended[0] = True
             await send(message)
 
+        async def receive_disconnect() -> dict:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not ended[0]:
+                left[0] = True
+            return message
+
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_disconnect, send_status)
         finally:
-            path = scope.get("path", "")
-            self.ctx.metrics.observe_request(self.registry.family(scope), status[0])
+            code = CLIENT_CLOSED_REQUEST if left[0] else status[0]
+            self.ctx.metrics.observe_request(self.registry.family(scope), code)
             client = scope.get("client") or ("-", 0)
-            log.info('%s "%s %s" %d %.1fms', client[0], scope.get("method", "-"), path, status[0],
-                     (time.monotonic() - start) * 1000)
+            log.info('%s "%s %s" %d %.1fms%s', client[0], scope.get("method", "-"), scope.get("path", ""), code,
+                     (time.monotonic() - start) * 1000, " client disconnected" if left[0] else "")
 
 
 def create_app(ctx: ServeContext, *, protocols: Sequence[WireProtocol] = PROTOCOLS) -> FastAPI:
@@ -142,7 +158,12 @@ def create_app(ctx: ServeContext, *, protocols: Sequence[WireProtocol] = PROTOCO
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return registry.error_response(request, err.status_code, str(err.detail), headers=err.headers)
+        message = f"Invalid URL ({request.method} {request.url.path})" if err.status_code == 404 else str(err.detail)
+        return registry.error_response(request, err.status_code, message, headers=err.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, err: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; the access log records the 499
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, err: Exception) -> JSONResponse:

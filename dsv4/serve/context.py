@@ -5,8 +5,9 @@ checked the API key (`ctx.check_auth`, a RequestError(401) without a valid key w
 
     model = ctx.resolve_model(body.model)          # RequestError(404) for a name the server does not serve
     chat = ChatRequest(model=model, ...)           # the protocol's conversion
-    gen = ctx.start(chat)                          # validates now (RequestError 4xx: bad input, too long),
-                                                   # then takes a queue place (RequestError 429, retry_after)
+    gen = await ctx.start(chat)                    # validates and tokenises in a worker thread (RequestError 4xx:
+                                                   # bad input, too long), then takes a queue place (RequestError
+                                                   # 429, retry_after)
     # streaming: return the SSE response; inside its body generator
     async for item in gen:                         # KEEPALIVE while queued (every config.keepalive_s),
         ...                                        # then ChoiceEvent ..., then exactly one Usage
@@ -29,8 +30,9 @@ import asyncio
 import contextlib
 import hmac
 import math
+import secrets
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .metrics import Metrics
@@ -47,7 +49,9 @@ class ServeConfig:
     max_queue: requests waiting for a slot beyond those (a request past it gets 429); max_context: prompt +
     output tokens of one request; max_output_tokens: the default and the cap of `max_tokens`.
     keepalive_s: the interval of keep-alive ticks (`: keep-alive` SSE comments, Anthropic `ping`s) while queued.
-    retry_after_s: what a 429 tells the client to wait."""
+    retry_after_s: what a 429 tells the client to wait. max_body_bytes: the largest request body read (a bigger
+    one is a 413). signature_key: the HMAC key of Anthropic thinking-block signatures (default: random, so a
+    signature verifies only in the process that made it)."""
 
     served_model_names: list[str] = field(default_factory=lambda: ["dsv4"])
     api_keys: list[str] = field(default_factory=list)
@@ -58,6 +62,8 @@ class ServeConfig:
     prices: PriceTable = field(default_factory=PriceTable)
     keepalive_s: float = 5.0
     retry_after_s: float = 1.0
+    max_body_bytes: int = 32 * 2**20
+    signature_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
 
 class QueueFullError(RequestError):
@@ -287,19 +293,20 @@ class ServeContext:
         retry-after). Use as `async with ctx.admit():` or with `Admission.wait` ticks (see `Admission`)."""
         return Admission(self.limiter, self.config.retry_after_s)
 
-    def start(self, request: ChatRequest | CompletionRequest,
-              events: AsyncIterator[ChoiceEvent | Usage] | None = None) -> Generation:
-        """Validate and encode `request` (the backend raises RequestError: bad messages or tools, prompt past
-        the context, max_tokens out of range...), then take a limiter place (QueueFullError). Nothing runs
-        on the engine until the returned `Generation` is iterated and its slot is granted.
+    async def start(self, request: ChatRequest | CompletionRequest,
+                    generate: Callable[[ChatRequest | CompletionRequest], AsyncIterator[ChoiceEvent | Usage]]
+                    | None = None) -> Generation:
+        """Validate and encode `request` in a worker thread, then take a limiter place (QueueFullError). Nothing
+        runs on the engine until the returned `Generation` is iterated and its slot is granted.
 
-        Backends validate inside `generate(request)` itself, before returning the async iterator (ChatService
-        and the test stubs do), so every client mistake is a 4xx before a stream's 200 is sent. `events`: an
-        already validated stream to run instead of `backend.generate(request)` (legacy completions pass
-        `backend.complete(request)`)."""
-        if events is None:
-            events = self.backend.generate(request)  # an unstarted async generator: dropping it on 429 runs nothing
-        return Generation(self, request, events, self.admit())
+        `generate(request)` (default `backend.generate`; legacy completions pass `backend.complete`) validates
+        before it returns its async iterator (ChatService and the test stubs do): it raises RequestError for bad
+        messages or tools, a prompt past the context, max_tokens out of range..., so every client mistake is a 4xx
+        before a stream's 200. It runs in a worker thread because that is where a request's CPU work is
+        (rendering and tokenising a prompt of megabytes takes seconds), which must not stop the event loop
+        from serving everyone else; it must not need the event loop (the iterator runs on it later)."""
+        events = await asyncio.to_thread(generate or self.backend.generate, request)
+        return Generation(self, request, events, self.admit())  # an unstarted iterator: dropped on 429, ran nothing
 
 
 def retry_after_header(err: RequestError) -> dict[str, str]:

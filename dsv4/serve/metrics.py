@@ -1,7 +1,8 @@
 """Prometheus metrics of the server (`/metrics`), on a registry of its own so two apps can share a process.
 
 Who records what:
-* the access-log middleware of `app.py`: `observe_request(protocol, status)` once per HTTP request;
+* the access-log middleware of `app.py`: `observe_request(protocol, status)` once per HTTP request (499 for one
+  whose client left before its response ended);
 * `ServeContext.start` (the generation wrapper both protocols use): `observe_first_token`, `observe_token_gap`
   and `add_usage` as the stream runs;
 * scrape time: queue depth and running requests from the limiter, KV-cache use and prefix-cache hit rate from

@@ -1,5 +1,6 @@
 """The HTTP plumbing every protocol's routes share, so no protocol module carries its own copy: the one JSON body
-reader, the non-streaming wait that aborts the generation when the client leaves, and the SSE response.
+reader (size limit, then `body.decode`), the non-streaming wait that aborts the generation when the client leaves,
+and the SSE response.
 
 It lives apart from `app.py` because the protocol modules use it and `app.py` imports the protocol modules (to
 register them); the app applies the rest of the shared plumbing (API keys, error bodies, metrics) itself.
@@ -8,33 +9,66 @@ register them); the app applies the rest of the shared plumbing (API keys, error
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
+from . import body
 from .context import Generation
 from .request import ChoiceEvent, RequestError, Usage
 
 # no-cache: nothing may replay a stream; x-accel-buffering: nginx must pass the events through as they come
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
+# bodies up to this size are decoded and validated on the event loop (well under a millisecond); bigger ones in a
+# worker thread, where the event loop runs between their steps (each C step holds the GIL; `body.decode` bounds them)
+INLINE_BODY_BYTES = 2**16
 
-async def read_json(request: Request) -> Any:
-    """The request body as JSON, or RequestError(400) for a body that is not JSON (also for bad UTF-8 or a number
-    past Python's digit limit, which `json` reports as ValueErrors too)."""
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except ValueError as err:
-        raise RequestError(400, f"the request body is not valid JSON: {err}") from None
+T = TypeVar("T")
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+async def read_json(request: Request, then: Callable[[Any], T] = _same) -> T:
+    """The request body as JSON, passed through `then` (a protocol's schema validation and conversion, which for a
+    body of 100,000 messages takes most of a second: in the same worker thread as the decoding, the event loop
+    runs meanwhile). RequestError(413) past the server's `max_body_bytes` (refused from its content-length before
+    reading, or as soon as a chunked body passes it), RequestError(400) for what `body.decode` refuses (not JSON,
+    nested too deep, too many values, invalid Unicode); `then` raises RequestError for its own refusals. The limit
+    comes from the app's `ServeContext`, so every protocol's routes get it without passing it."""
+    limit = request.app.state.ctx.config.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if len(raw) <= INLINE_BODY_BYTES:
+        return then(body.decode(raw))
+    return await asyncio.to_thread(lambda: then(body.decode(raw)))
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(413, f"the request body is larger than {limit:,} bytes, the most this server accepts")
 
 
 async def collect(gen: Generation, request: Request) -> list[ChoiceEvent | Usage]:
-    """A non-streaming generation's items; aborts it (and raises CancelledError) if the client goes away, which
-    Starlette does not notice by itself before the response starts."""
+    """A non-streaming generation's items. Starlette does not notice a client leaving before the response starts,
+    so this polls for it; when the client is gone it stops the generation (aborting its engine requests) and
+    raises `ClientDisconnect`, which the app records as 499 without a traceback.
+
+    The generation runs in a task of its own; stopping it means cancelling that task and waiting for it to end,
+    since the generation's own cleanup runs in it (closing the generation from here while the task still iterated
+    it was the "aclose(): asynchronous generator is already running" error)."""
     task = asyncio.ensure_future(gen.collect())
     try:
         while True:
@@ -42,12 +76,13 @@ async def collect(gen: Generation, request: Request) -> list[ChoiceEvent | Usage
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientDisconnect()
     finally:
         if not task.done():
             task.cancel()
-        await gen.aclose()
+            await asyncio.wait({task})  # its cleanup aborts the engine requests; its CancelledError stays there
+        elif not task.cancelled():
+            task.exception()  # a failure that came as the client left is retrieved (not logged as never retrieved)
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:

@@ -55,6 +55,7 @@ from ..chat.streaming import StreamParser
 from ..chat.tokenizer import Tokenizer
 from ..engine.constraint import Grammar, GrammarError, GrammarTokenizer
 from ..engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from .body import lone_surrogate
 from .prices import PriceTable
 from .request import REASONING_MODES, ChatRequest, ChoiceEvent, CompletionRequest, RequestError, Usage
 
@@ -242,7 +243,22 @@ class ChatService:
                            param="response_format")
 
     def count_tokens(self, request: ChatRequest) -> int:
-        return len(self.tokenizer.encode(self.encode(request).prompt))
+        return len(self._tokenize(self.encode(request).prompt, "messages"))
+
+    def _tokenize(self, text: str, param: str) -> list[int]:
+        """The token ids of a prompt, after two checks that keep hostile input cheap: a lone surrogate (e.g. from a
+        tool call's JSON arguments, decoded after the body's own Unicode check) is a 400, not the tokenizer's
+        TypeError; a text too long for the context whatever its tokens (`Tokenizer.min_tokens`) is refused
+        without tokenising it. Through `encode_batch`, which releases the GIL where `encode` holds it
+        (tokenizers 0.23), so the event loop runs on while the server's worker thread tokenises a long prompt."""
+        if lone_surrogate(text) is not None:
+            raise RequestError(400, f"invalid Unicode in {param}: a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                               "escape, e.g. in a tool call's JSON arguments)", param=param)
+        least = self.tokenizer.min_tokens(text)
+        if least >= self.max_context:
+            raise RequestError(400, f"This model's maximum context length is {self.max_context} tokens. However, "
+                               f"your {param} resulted in at least {least} tokens.", param=param)
+        return self.tokenizer.encode_batch([text])[0]
 
     def _limits(self, prompt_len: int, max_tokens: int | None) -> int:
         ctx = self.max_context
@@ -291,7 +307,7 @@ class ChatService:
         self._check_common(request.n, request.stop, request.top_logprobs if request.logprobs else None)
         encoded = self.encode(request)
         grammar = self.grammar(encoded)
-        ids = self.tokenizer.encode(encoded.prompt)
+        ids = self._tokenize(encoded.prompt, "messages")
         max_tokens = self._limits(len(ids), request.max_tokens)
         thinking = request.mode != "non-think"
         kw: dict[str, Any] = dict(self.thinking_sampling)
@@ -382,7 +398,7 @@ class ChatService:
         """(text, token ids) of one legacy prompt; the text of token ids is their decoding, specials included (what
         echo returns, so token ids and the text they encode echo alike)."""
         if isinstance(prompt, str):
-            ids, text = self.tokenizer.encode(prompt), prompt
+            ids, text = self._tokenize(prompt, where), prompt
         else:
             vocab = self.tokenizer.vocab_size
             if not isinstance(prompt, list) or not all(_is_token(t) and t < vocab for t in prompt):

@@ -8,9 +8,10 @@ and Claude Code. This module has three layers, each testable alone:
    * `system` (string or text blocks, joined by a blank line) -> a leading system message;
    * user `text` blocks -> a user message; `tool_result` blocks -> role "tool" messages (tool_call_id =
      tool_use_id), put before the user text of the same message (Anthropic requires results first);
-   * assistant `text` -> content, `thinking` -> reasoning_content, `tool_use` -> tool_calls with JSON-string
-     arguments; `redacted_thinking` is dropped (it is opaque); consecutive messages of one role are merged
-     (Anthropic's documented behaviour); a final assistant message is a prefill (`prefix: true`);
+   * assistant `text` -> content, `thinking` (signature verified, see below) -> reasoning_content, `tool_use`
+     -> tool_calls with JSON-string arguments; a `redacted_thinking` block is a 400 (this server writes none, so
+     none sent back can be genuine); consecutive messages of one role are merged (Anthropic's documented
+     behaviour); a final assistant message is a prefill (`prefix: true`);
    * every `tool_use` must be answered by a `tool_result` in the next message, and a `tool_result` must
      answer a `tool_use` of the message before it (Anthropic's rules; 400 otherwise);
    * mode: `thinking.type` "disabled" -> non-think; otherwise (absent: DeepSeek thinks by default; "enabled",
@@ -39,14 +40,18 @@ whole prompt as `input_tokens` (the cache split is known only at the end; the fi
 carries the split, which SDKs apply since their usage fields overwrite).
 
 Thinking signatures. Anthropic clients keep a thinking block's `signature` and send the block back on
-later turns (Claude Code drops blocks without one, serving.md 1.10). Ours is
-`"dsv4." + base64url(HMAC-SHA256(key, thinking text))` with a key set by `signature_key` (the server's
-`ServeConfig.signature_key` when it has one, else a fixed built-in key). It is deterministic (the same
-text always gets the same signature) and verifiable (`verify_signature`), so it detects an edited or
-truncated thinking text; it proves nothing about who wrote the text unless the key is a secret. Thinking
-blocks sent back are accepted with a missing, empty or foreign signature (DeepSeek accepts them, and a
-session may come from another provider); a signature that claims to be ours (`dsv4.` prefix) but does not
-match its text is a 400, since the block was altered after we produced it.
+later turns (Claude Code drops blocks without one, serving.md 1.10); the signature proves the block is one this
+server wrote, unchanged. It is `"dsv4." + base64url(digest + tag)`, both truncated HMAC-SHA256s under the
+server's key (`ServeConfig.signature_key`: `--signature-key` / `DSV4_SIGNATURE_KEY`, else random per process):
+`digest` of the block's full thinking text, `tag` of the digest. A block sent back must carry a signature whose
+tag verifies (so it was issued here) and, when it has text, whose digest is that text's (so the text is the one
+signed). A block shown with display "omitted" comes back with an empty text: its tag still proves the server
+issued the signature, though there is no text to compare (nor any reasoning to give the model). Anything else (a
+missing, empty, foreign, forged or altered signature) is Anthropic's 400 "messages.N.content.K: Invalid
+`signature` in `thinking` block", and a `redacted_thinking` block (whose data only its writer can check; this
+server writes none) its "Invalid `data` in `redacted_thinking` block". Signatures are deterministic and do not
+expire; a session moves between servers that share a key, and between providers not at all (as at DeepSeek and
+Anthropic).
 
 Errors use Anthropic's body `{"type": "error", "error": {"type", "message"}}` (`error_body`), the status
 naming the class (400 invalid_request_error ... 529 overloaded_error); a failure after a stream started is
@@ -321,18 +326,31 @@ def parse_request(body: Any, cls: type[CountTokensRequest]) -> Any:
 # thinking signatures
 
 SIGNATURE_PREFIX = "dsv4."
-DEFAULT_SIGNATURE_KEY = b"dsv4 thinking signature v1"
+_SIGNATURE = re.compile(r"dsv4\.([A-Za-z0-9_-]{43})")  # 32 bytes, unpadded base64url
+_HALF = 16  # bytes of the digest and of the tag (128-bit MACs)
 
 
-def sign_thinking(text: str, key: bytes = DEFAULT_SIGNATURE_KEY) -> str:
-    """The signature of a thinking block: `dsv4.` + unpadded base64url of HMAC-SHA256(key, UTF-8 text)."""
-    mac = hmac.new(key, text.encode("utf-8"), hashlib.sha256).digest()
-    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+def _mac(key: bytes, label: bytes, data: bytes) -> bytes:
+    return hmac.new(key, label + b"\0" + data, hashlib.sha256).digest()[:_HALF]
 
 
-def verify_signature(text: str, signature: str, key: bytes = DEFAULT_SIGNATURE_KEY) -> bool:
-    """Whether `signature` is ours for exactly this thinking text."""
-    return hmac.compare_digest(sign_thinking(text, key), signature)
+def sign_thinking(text: str, key: bytes) -> str:
+    """The signature of a thinking block of full text `text` under the server's `key` (module docstring)."""
+    digest = _mac(key, b"thinking text", text.encode("utf-8"))
+    tag = _mac(key, b"thinking signature", digest)
+    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(digest + tag).rstrip(b"=").decode("ascii")
+
+
+def verify_signature(text: str, signature: str | None, key: bytes) -> bool:
+    """Whether `signature` was issued under `key` and, unless `text` is empty (a block shown with display "omitted",
+    whose text the client never had), for exactly this thinking text."""
+    match = _SIGNATURE.fullmatch(signature or "")
+    if match is None:
+        return False
+    raw = base64.urlsafe_b64decode(match.group(1) + "=")
+    digest, tag = raw[:_HALF], raw[_HALF:]
+    issued = hmac.compare_digest(tag, _mac(key, b"thinking signature", digest))
+    return issued and (not text or hmac.compare_digest(digest, _mac(key, b"thinking text", text.encode("utf-8"))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,8 +413,9 @@ def _unsupported(block: Any, where: str) -> RequestError:
 
 
 def convert_messages(system: str | list[TextBlock] | None, messages: list[Message],
-                     signature_key: bytes = DEFAULT_SIGNATURE_KEY) -> list[dict[str, Any]]:
-    """Anthropic `system` + `messages` -> OpenAI-shaped messages (rules in the module docstring)."""
+                     signature_key: bytes) -> list[dict[str, Any]]:
+    """Anthropic `system` + `messages` -> OpenAI-shaped messages (rules in the module docstring); thinking
+    signatures are checked under `signature_key`."""
     out: list[dict[str, Any]] = []
     sys_text = _system_text(system)
     if sys_text:
@@ -444,15 +463,11 @@ def convert_messages(system: str | list[TextBlock] | None, messages: list[Messag
                 if isinstance(b, TextBlock):
                     texts.append(b.text)
                 elif isinstance(b, ThinkingBlock):
-                    sig = b.signature or ""
-                    # an empty text is a block shown with display "omitted": nothing to check
-                    if (b.thinking and sig.startswith(SIGNATURE_PREFIX)
-                            and not verify_signature(b.thinking, sig, signature_key)):
-                        raise RequestError(400, f"{bw}: the thinking block's signature does not match its text "
-                                           "(the block was changed after this server produced it)")
+                    if not verify_signature(b.thinking, b.signature, signature_key):
+                        raise RequestError(400, f"{bw}: Invalid `signature` in `thinking` block")
                     reasoning.append(b.thinking)
                 elif isinstance(b, RedactedThinkingBlock):
-                    continue  # opaque: nothing to give the model
+                    raise RequestError(400, f"{bw}: Invalid `data` in `redacted_thinking` block")
                 elif isinstance(b, ToolUseBlock):
                     if any(c["id"] == b.id for c in calls):
                         raise RequestError(400, f"{bw}: duplicate tool_use id {b.id!r}")
@@ -530,9 +545,9 @@ def _response_format(output_config: OutputConfig | None) -> dict[str, Any] | Non
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
 
 
-def to_chat_request(req: CountTokensRequest, model: str,
-                    signature_key: bytes = DEFAULT_SIGNATURE_KEY) -> ChatRequest:
-    """The shared ChatRequest of a validated Messages (or count_tokens) request; `model` is the served name."""
+def to_chat_request(req: CountTokensRequest, model: str, signature_key: bytes) -> ChatRequest:
+    """The shared ChatRequest of a validated Messages (or count_tokens) request; `model` is the served name,
+    `signature_key` the server's key of thinking signatures."""
     chat = ChatRequest(
         model=model,
         messages=convert_messages(req.system, req.messages, signature_key),
@@ -598,8 +613,8 @@ class MessageRenderer:
     events one item causes, `finish()` the closing events; `message()` is the final message JSON (the
     non-streaming response). Only choice 0 exists (Anthropic has no `n`); other indices are ignored."""
 
-    def __init__(self, model: str, input_tokens: int = 0, *, message_id: str | None = None,
-                 show_thinking: bool = True, signature_key: bytes = DEFAULT_SIGNATURE_KEY) -> None:
+    def __init__(self, model: str, input_tokens: int = 0, *, signature_key: bytes, message_id: str | None = None,
+                 show_thinking: bool = True) -> None:
         self.id = message_id or new_message_id()
         self.model = model
         self.input_tokens = input_tokens
@@ -809,37 +824,31 @@ def resolve_model(ctx: ServeContext, name: str) -> str:
     return ctx.resolve_model(name)
 
 
-def _signature_key(ctx: ServeContext) -> bytes:
-    key = getattr(ctx.config, "signature_key", None)
-    if isinstance(key, str) and key:
-        return key.encode("utf-8")
-    if isinstance(key, bytes) and key:
-        return key
-    return DEFAULT_SIGNATURE_KEY
-
-
 def router(ctx: ServeContext) -> APIRouter:
     """The Messages routes over `ctx`: POST /v1/messages and /v1/messages/count_tokens, and both again under
     /anthropic (DeepSeek's base URL, left out of the OpenAPI schema). Endpoint names make the schema."""
     api = APIRouter()
-    key = _signature_key(ctx)
+    key = ctx.config.signature_key
+
+    def prepare(data: Any, cls: type[CountTokensRequest]) -> tuple[Any, ChatRequest]:
+        """The decoded body validated as `cls` and converted (in the body reader's worker thread for a big body)."""
+        req = parse_request(data, cls)
+        return req, to_chat_request(req, resolve_model(ctx, req.model), key)
 
     async def messages(request: Request) -> Response:
-        req = parse_request(await read_json(request), MessagesRequest)
-        chat = to_chat_request(req, resolve_model(ctx, req.model), key)
+        req, chat = await read_json(request, lambda data: prepare(data, MessagesRequest))
         show = not (req.thinking is not None and req.thinking.display == "omitted")
         if not req.stream:
-            items = await collect(ctx.start(chat), request)  # aborts if the client goes away
+            items = await collect(await ctx.start(chat), request)  # aborts if the client goes away
             renderer = MessageRenderer(req.model, show_thinking=show, signature_key=key)
             return JSONResponse(render_message(renderer, items))
         input_tokens = await asyncio.to_thread(ctx.backend.count_tokens, chat)
-        gen = ctx.start(chat)
+        gen = await ctx.start(chat)
         renderer = MessageRenderer(req.model, input_tokens, show_thinking=show, signature_key=key)
         return sse_response(render_stream(renderer, gen, is_keepalive=lambda item: isinstance(item, KeepAlive)))
 
     async def count_tokens(request: Request) -> Response:
-        req = parse_request(await read_json(request), CountTokensRequest)
-        chat = to_chat_request(req, resolve_model(ctx, req.model), key)
+        _, chat = await read_json(request, lambda data: prepare(data, CountTokensRequest))
         n = await asyncio.to_thread(ctx.backend.count_tokens, chat)
         return JSONResponse({"input_tokens": n})
 

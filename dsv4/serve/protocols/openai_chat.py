@@ -272,12 +272,16 @@ def router(ctx: ServeContext) -> APIRouter:
     async def get_model(name: str) -> dict[str, Any]:
         return model_card(ctx.resolve_model(name))
 
+    def prepare(data: Any) -> tuple[ChatCompletionBody, ChatRequest]:
+        """The decoded body validated and converted (in the body reader's worker thread for a big body)."""
+        body = parse(ChatCompletionBody, data)
+        return body, to_chat_request(body, ctx.resolve_model(body.model))
+
     @api.post("/v1/chat/completions")
     @api.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = parse(ChatCompletionBody, await read_json(request))
-        chat = to_chat_request(body, ctx.resolve_model(body.model))
-        gen = ctx.start(chat)
+        body, chat = await read_json(request, prepare)
+        gen = await ctx.start(chat)
         lp = LogprobRenderer(ctx.backend) if chat.logprobs else None
         rid = new_id("chatcmpl")
         if not body.stream:

@@ -3,7 +3,8 @@ schemas and their validation, the error body, the usage object, and the SSE fram
 
 Status codes: every malformed body, wrong type, out-of-range value or bad message is 400
 `invalid_request_error` (what OpenAI answers and what the SDK's BadRequestError expects; DeepSeek's 422 is not
-used), 401 a missing/wrong key, 404 an unknown model, 429 a full queue.
+used), 401 a missing/wrong key, 404 an unknown model or path, 413 a body past the server's limit, 429 a full
+queue.
 
 Streams are `data: {json}` events ending with `data: [DONE]`; keep-alives while queued are `: keep-alive`
 comments; a failure after the 200 is one `data:` event carrying the error body, then `[DONE]`.
@@ -74,8 +75,11 @@ def new_id(prefix: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ responses
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
-    kind, code = {401: ("authentication_error", "invalid_api_key"), 404: ("invalid_request_error", "model_not_found"),
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`. A 404 about the `model` parameter is
+    `model_not_found`, any other 404 (a path no route serves) `not_found`."""
+    kind, code = {401: ("authentication_error", "invalid_api_key"),
+                  404: ("invalid_request_error", "model_not_found" if param == "model" else "not_found"),
+                  413: ("invalid_request_error", "request_too_large"),
                   429: ("rate_limit_error", "rate_limit_exceeded")}.get(status, (None, None))
     if kind is None:
         kind = code = "invalid_request_error" if status < 500 else "server_error"

@@ -155,7 +155,7 @@ def router(ctx: ServeContext) -> APIRouter:
     async def completions(request: Request) -> Any:
         body = parse(CompletionBody, await read_json(request))
         creq = to_completion_request(body, ctx.resolve_model(body.model))
-        gen = ctx.start(creq, events=ctx.backend.complete(creq))
+        gen = await ctx.start(creq, ctx.backend.complete)
         want_lp = creq.logprobs is not None
         rid = new_id("cmpl")
         if not body.stream:
