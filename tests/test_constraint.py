@@ -147,6 +147,29 @@ def test_the_closer_finishes_json_within_the_budget(model, tok, gtok):
     assert any(out[-1] != tok.eos_id for out in outs)
 
 
+def test_the_closer_finishes_a_required_tool_call_within_the_budget(model, tok, gtok):
+    """A random model writing a forced call never ends a raw string or a number on its own; the closer ends the
+    reasoning, the values, the parameters and the block, and the parsed arguments validate."""
+    from dsv4.chat.closing import ToolCallCloser
+    from dsv4.chat.parser import parse_completion
+
+    tool = {"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "nights": {"type": "integer", "minimum": 1}, "note": {"type": "string"},
+        "rooms": {"type": "array", "items": {"type": "integer"}, "minItems": 1}}, "required": ["city", "nights",
+                                                                                           "rooms"]}}}
+    lark = completion_grammar(thinking=True, think_end_id=tok.think_end_id, tools=[tool], tool_choice="required")
+    grammar = Grammar(gtok, lark, ToolCallCloser(tok, thinking=True, forced=True, tools=[tool]))
+    engine = Engine(model, max_batch=3, max_seq_len=300, eos_id=tok.eos_id)
+    outs = drain(engine, [(p, SamplingParams(temperature=1.0, seed=i, max_tokens=200, grammar=grammar))
+                          for i, p in enumerate(prompts(3, seed=5))])
+    for out in outs:
+        assert out[-1] == tok.eos_id and len(out) <= 200
+        message = parse_completion(tok.decode(out[:-1]), thinking=True, tools=[tool])
+        assert len(message.tool_calls) >= 1
+        for call in message.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), tool["function"]["parameters"])
+
+
 def test_scan_json_tracks_where_a_prefix_stands():
     assert scan_json("") == ("value", None)
     assert scan_json('{"a') == ("key_string", "{")

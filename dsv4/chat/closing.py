@@ -5,8 +5,9 @@ a JSON string (the small demo model never saw JSON) reaches `max_tokens` with ha
 can parse. So in the last tokens of the budget (each closer's `window`) the sampler asks a closer
 (`dsv4.engine.constraint.Closer`) which token finishes soonest, among those the grammar allows:
 
-* still reasoning: `</think>`, so the answer gets the rest of the budget (`ReasoningCloser`, for answers that
-  must be a tool call; free-text answers have no closer: they may end anywhere);
+* still reasoning: `</think>`, so the answer gets the rest of the budget (for JSON answers and answers that must
+  be a tool call; free-text answers may end anywhere);
+* in a tool-call block (`ToolCallCloser`): the open value, parameter, invoke and block closed in turn;
 * in a JSON answer (`JsonCloser`): EOS as soon as the value is complete; otherwise, from where the text so far
   stands: close the open string (`"`), end a number
   or a value and close its container (`}` / `]`, else `,` when the schema needs more), start the shortest value
@@ -26,7 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .format import THINK_END
+from .format import DSML, PARAMETER_END, PARAMETER_START, THINK_END, TOOL_CALLS_START
 from .tokenizer import Tokenizer
 
 _VALUE_STARTS = '"0fn[{-123456789t'
@@ -145,7 +146,10 @@ class JsonCloser:
             return self.think_end if bool(allowed[self.think_end]) else None
         text = self.tokenizer.decode(list(tokens))
         answer = text.split(THINK_END)[-1] if self.thinking else text
-        state, container = scan_json(answer)
+        return self.close(*scan_json(answer), allowed)
+
+    def close(self, state: str, container: str | None, allowed: Tensor) -> int | None:
+        """The closing token for a JSON prefix that `scan_json` places at (`state`, `container`)."""
         if state in ("string", "key_string"):
             return self._first_allowed('"', allowed)
         if state in ("scalar", "after"):
@@ -158,18 +162,54 @@ class JsonCloser:
         return self._first_allowed(_VALUE_STARTS, allowed)
 
 
-class ReasoningCloser:
-    """The closer of an answer that must be a tool call: ends the reasoning; the call itself stays the model's
-    (within its grammar; the demo model writes its calls as it was trained)."""
+def min_call_tokens(tool: Mapping[str, Any]) -> int:
+    """About how many tokens the shortest call of an OpenAI function tool takes in DSML: the block and invoke
+    markers (~30), and per required parameter its markers and name (~16) and its shortest value."""
+    params = tool.get("function", {}).get("parameters") or {}
+    props = params.get("properties") or {}
+    return 30 + sum(16 + min_json_tokens(props.get(k)) for k in params.get("required") or ())
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+
+class ToolCallCloser:
+    """The closer of an answer that is, or may end in, a DSML tool-call block: when the call is `forced`, end the
+    reasoning; inside the block, close what is open: a raw string value with its `</｜DSML｜parameter>`, a JSON
+    value as `JsonCloser` would, then the markers (`</`, a newline) that end the parameter, the invoke and the block
+    (the grammar writes a required parameter's marker and name when one is missing). Free text before a block,
+    under tool_choice "auto", is left alone: it may end anywhere."""
+
+    def __init__(self, tokenizer: Tokenizer, thinking: bool, forced: bool,
+                 tools: Sequence[Mapping[str, Any]] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.thinking = thinking
+        self.forced = forced
+        self.reserve = 8 + 2 * max((min_call_tokens(t) for t in tools), default=40)
         self.think_end = tokenizer.think_end_id
+        self.eos = tokenizer.eos_id
+        self.json = JsonCloser(tokenizer, thinking=False)
+        # the marker token right after "<" or "</" (which the raw text of a value may also contain: the marker is
+        # what ends it), then the starts of an ending marker, a new line, a new marker
+        self.marks = [ids[0] for mark in (DSML, "</", "\n", "<") if len(ids := tokenizer.encode(mark)) == 1]
 
     def window(self, max_tokens: int) -> int:
-        """A quarter of the budget, at least 32 tokens: room for the call after the reasoning."""
-        return max(32, max_tokens // 4)
+        """Twice the largest tool's shortest call (and at least a sixteenth of the budget, 16 tokens)."""
+        return max(16, self.reserve, max_tokens // 16)
 
     def __call__(self, tokens: Sequence[int], allowed: Tensor) -> int | None:
-        if self.think_end not in tokens and bool(allowed[self.think_end]):
-            return self.think_end
-        return None
+        ended = not self.thinking or self.think_end in tokens
+        if not ended:
+            return self.think_end if self.forced and bool(allowed[self.think_end]) else None
+        text = self.tokenizer.decode(list(tokens))
+        answer = text.split(THINK_END)[-1] if self.thinking else text
+        if not self.forced and TOOL_CALLS_START not in answer:
+            return None  # free text, which may end anywhere
+        if bool(allowed[self.eos]):
+            return self.eos
+        opened, closed = answer.rfind(PARAMETER_START), answer.rfind(PARAMETER_END)
+        head_end = answer.find('">', opened) if opened > closed else -1
+        if head_end >= 0 and answer[opened:head_end].endswith('string="false'):  # inside a JSON value
+            state, container = scan_json(answer[head_end + 2:])
+            if container is not None or state not in ("scalar", "after"):  # not yet a complete value
+                pick = self.json.close(state, container, allowed)
+                if pick is not None:
+                    return pick
+        return next((t for t in self.marks if bool(allowed[t])), None)

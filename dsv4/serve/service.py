@@ -47,7 +47,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..chat.closing import JsonCloser, ReasoningCloser
+from ..chat.closing import JsonCloser, ToolCallCloser
 from ..chat.encoding import EncodingError, encode_messages
 from ..chat.events import ContentDelta, Event, Finish
 from ..chat.grammars import ToolGrammarError, completion_grammar
@@ -338,9 +338,9 @@ class ChatService:
             raise RequestError(400, str(err), param="tools") from None
         forced = encoded.tools is not None and encoded.tool_choice not in ("auto", "none")
         closer = None
-        if forced and encoded.thinking:
-            closer = ReasoningCloser(self.tokenizer)
-        elif encoded.response_format is not None and not forced:
+        if encoded.tools is not None and (forced or encoded.response_format is None):
+            closer = ToolCallCloser(self.tokenizer, encoded.thinking, forced, encoded.tools)
+        elif encoded.response_format is not None:
             closer = JsonCloser(self.tokenizer, encoded.thinking, encoded.response_format)
         with self._grammar_lock:
             grammar = self._grammars.pop(lark, None)
