@@ -304,10 +304,13 @@ def build_service(source: ModelSource = ModelSource(), engine: EngineConfig = En
     prices = PriceTable.load(server.price_file) if server.price_file else PriceTable()
     loaded = load(source.for_engine(engine), env)
     core = build_engine(loaded, engine, env)
-    return ChatService(AsyncEngine(core), loaded.tokenizer, loaded.served_names, prices=prices,
-                       max_context=core.max_seq_len, max_output_tokens=min(server.max_output_tokens,
-                                                                           core.max_seq_len - 1),
-                       strict_reasoning=server.strict_reasoning, thinking_sampling=loaded.thinking_sampling)
+    service = ChatService(AsyncEngine(core), loaded.tokenizer, loaded.served_names, prices=prices,
+                          max_context=core.max_seq_len, max_output_tokens=min(server.max_output_tokens,
+                                                                              core.max_seq_len - 1),
+                          strict_reasoning=server.strict_reasoning, thinking_sampling=loaded.thinking_sampling)
+    if isinstance(core, LockstepEngine):  # follower ranks rebuild each request's grammar from its spec
+        core.grammar_factory = service.grammar_for
+    return service
 
 
 def build_serve_context(source: ModelSource = ModelSource(), engine: EngineConfig = EngineConfig(),

@@ -61,12 +61,16 @@ class Closer(Protocol):
 
 
 class Grammar:
-    """A compiled grammar over `tokenizer` (Lark syntax as llguidance reads it), with an optional `Closer`."""
+    """A compiled grammar over `tokenizer` (Lark syntax as llguidance reads it), with an optional `Closer`. It holds
+    llguidance objects, which do not pickle: `spec` is what travels instead (`dsv4.engine.lockstep`)."""
 
-    def __init__(self, tokenizer: GrammarTokenizer, lark: str, closer: Closer | None = None) -> None:
+    def __init__(self, tokenizer: GrammarTokenizer, lark: str, closer: Closer | None = None,
+                 spec: object = None) -> None:
         self.tokenizer = tokenizer
         self.lark = lark
         self.closer = closer
+        # plain data its maker rebuilds it from in another process (a model-parallel follower rank)
+        self.spec = spec
         self._compiled = llguidance.LLMatcher.grammar_from_lark(lark)
         problem = llguidance.LLMatcher.validate_grammar(self._compiled, tokenizer.ll)
         if problem and not problem.startswith("WARNING"):

@@ -9,14 +9,20 @@ seeded the same (pass `seed`) — so the replicas stay identical without further
 
 Rank 0 serves (HTTP, `AsyncEngine`) and calls `step()` as usual; the other ranks call `follow()`, which
 returns when rank 0 calls `shutdown()`.
+
+A request's grammar (`SamplingParams.grammar`) holds llguidance state that does not pickle; rank 0 sends its
+`spec` and each follower rebuilds it with `grammar_factory` (the chat service's, set by `dsv4.runtime`), so every
+rank masks the same tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch.distributed as dist
 
+from .constraint import Grammar
 from .engine import Engine, RequestOutput
 from .sampling import SamplingParams
 
@@ -33,10 +39,15 @@ class LockstepEngine(Engine):
         self.group = group
         self.rank = dist.get_rank(group)
         self._commands: list[tuple] = []  # rank 0: what the followers have not seen yet
+        self.grammar_factory: Callable[[object], Grammar] | None = None  # followers: a grammar from its spec
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
+        grammar = params.grammar if params is not None else None
+        if grammar is not None and grammar.spec is None:
+            raise ValueError("a grammar without a spec cannot be replicated on the other ranks")
         rid = super().add_request(prompt_ids, params)  # validation errors raise here, on rank 0 only
-        self._commands.append(("add", list(prompt_ids), params))
+        sent = params if grammar is None else dataclasses.replace(params, grammar=None)
+        self._commands.append(("add", list(prompt_ids), sent, grammar.spec if grammar is not None else None))
         return rid
 
     def abort(self, request_id: int) -> RequestOutput | None:
@@ -65,7 +76,12 @@ class LockstepEngine(Engine):
             for command in self._broadcast(None):
                 kind = command[0]
                 if kind == "add":
-                    super().add_request(command[1], command[2])
+                    params, spec = command[2], command[3]
+                    if spec is not None:
+                        if self.grammar_factory is None:
+                            raise RuntimeError("a constrained request arrived but this rank has no grammar_factory")
+                        params = dataclasses.replace(params, grammar=self.grammar_factory(spec))
+                    super().add_request(command[1], params)
                 elif kind == "abort":
                     super().abort(command[1])
                 elif kind == "step":

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -79,6 +80,17 @@ class _Encoded:
     response_format: dict[str, Any] | None  # a JSON schema, or {"type": "json_object"}
     parallel_tool_calls: bool
     continuation: bool  # the prompt ends inside an assistant turn (prefix: true)
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a completion's grammar is made from (plain data: it is sent to model-parallel follower ranks)."""
+
+    thinking: bool
+    response_format: dict[str, Any] | None
+    tools: list[dict[str, Any]] | None
+    tool_choice: str | dict[str, Any]
+    parallel_tool_calls: bool
 
 
 @dataclass
@@ -326,34 +338,43 @@ class ChatService:
         """The grammar of the completion (`dsv4.chat.grammars`): JSON for `response_format`, a call of the
         declared tools when one is required, calls of declared tools only under "auto", none at all when no tool
         may be called. None for a prefix continuation (the completion starts mid-turn, where no grammar of a
-        whole turn applies). Compiled grammars are cached by their text."""
+        whole turn applies)."""
         if encoded.continuation:
             return None
-        try:
-            lark = completion_grammar(thinking=encoded.thinking, think_end_id=self.tokenizer.think_end_id,
-                                      response_format=encoded.response_format, tools=encoded.tools,
-                                      tool_choice=encoded.tool_choice,
-                                      parallel_tool_calls=encoded.parallel_tool_calls)
-        except ToolGrammarError as err:
-            raise RequestError(400, str(err), param="tools") from None
-        forced = encoded.tools is not None and encoded.tool_choice not in ("auto", "none")
-        closer = None
-        if encoded.tools is not None and (forced or encoded.response_format is None):
-            closer = ToolCallCloser(self.tokenizer, encoded.thinking, forced, encoded.tools)
-        elif encoded.response_format is not None:
-            closer = JsonCloser(self.tokenizer, encoded.thinking, encoded.response_format)
+        return self.grammar_for(GrammarSpec(encoded.thinking, encoded.response_format, encoded.tools,
+                                            encoded.tool_choice, encoded.parallel_tool_calls))
+
+    def grammar_for(self, spec: GrammarSpec) -> Grammar:
+        """The compiled grammar (with its closer) of `spec`, cached by the spec: what `grammar` builds, and what a
+        model-parallel follower rank rebuilds from the spec rank 0 sends it (`dsv4.engine.lockstep`)."""
+        key = json.dumps(dataclasses.asdict(spec), sort_keys=True)
         with self._grammar_lock:
-            grammar = self._grammars.pop(lark, None)
+            grammar = self._grammars.pop(key, None)
             if grammar is None:
-                try:
-                    grammar = Grammar(self._grammar_tokenizer(), lark, closer)
-                except GrammarError as err:
-                    where = "response_format" if encoded.response_format is not None else "tools"
-                    raise RequestError(400, f"{where}: the schema cannot be enforced: {err}", param=where) from None
-            self._grammars[lark] = grammar  # most recently used last
+                grammar = self._compile(spec)
+            self._grammars[key] = grammar  # most recently used last
             while len(self._grammars) > GRAMMAR_CACHE:
                 self._grammars.pop(next(iter(self._grammars)))
         return grammar
+
+    def _compile(self, spec: GrammarSpec) -> Grammar:
+        try:
+            lark = completion_grammar(thinking=spec.thinking, think_end_id=self.tokenizer.think_end_id,
+                                      response_format=spec.response_format, tools=spec.tools,
+                                      tool_choice=spec.tool_choice, parallel_tool_calls=spec.parallel_tool_calls)
+        except ToolGrammarError as err:
+            raise RequestError(400, str(err), param="tools") from None
+        forced = spec.tools is not None and spec.tool_choice not in ("auto", "none")
+        closer = None
+        if spec.tools is not None and (forced or spec.response_format is None):
+            closer = ToolCallCloser(self.tokenizer, spec.thinking, forced, spec.tools)
+        elif spec.response_format is not None:
+            closer = JsonCloser(self.tokenizer, spec.thinking, spec.response_format)
+        try:
+            return Grammar(self._grammar_tokenizer(), lark, closer, spec=spec)
+        except GrammarError as err:
+            where = "response_format" if spec.response_format is not None else "tools"
+            raise RequestError(400, f"{where}: the schema cannot be enforced: {err}", param=where) from None
 
     def _grammar_tokenizer(self) -> GrammarTokenizer:
         if self._grammar_tok is None:
