@@ -309,7 +309,7 @@ def build_service(source: ModelSource = ModelSource(), engine: EngineConfig = En
                                                                               core.max_seq_len - 1),
                           strict_reasoning=server.strict_reasoning, thinking_sampling=loaded.thinking_sampling)
     if isinstance(core, LockstepEngine):  # follower ranks rebuild each request's grammar from its spec
-        core.grammar_factory = service.grammar_for
+        core.grammar_factory = service.grammars
     return service
 
 

@@ -11,8 +11,8 @@ Rank 0 serves (HTTP, `AsyncEngine`) and calls `step()` as usual; the other ranks
 returns when rank 0 calls `shutdown()`.
 
 A request's grammar (`SamplingParams.grammar`) holds llguidance state that does not pickle; rank 0 sends its
-`spec` and each follower rebuilds it with `grammar_factory` (the chat service's, set by `dsv4.runtime`), so every
-rank masks the same tokens.
+`spec` and each follower rebuilds it with `grammar_factory` (the chat service's `GrammarCompiler`, set by
+`dsv4.runtime`), so every rank masks the same tokens.
 """
 
 from __future__ import annotations

@@ -41,22 +41,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import re
-import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..chat.closing import JsonCloser, ToolCallCloser
 from ..chat.encoding import EncodingError, encode_messages
 from ..chat.events import ContentDelta, Event, Finish
-from ..chat.grammars import ToolGrammarError, completion_grammar
 from ..chat.streaming import StreamParser
 from ..chat.tokenizer import Tokenizer
-from ..engine.constraint import Grammar, GrammarError, GrammarTokenizer
+from ..engine.constraint import Grammar
 from ..engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 from .body import lone_surrogate
+from .grammars import GrammarCompiler, GrammarSpec
 from .prices import PriceTable
 from .request import REASONING_MODES, ChatRequest, ChoiceEvent, CompletionRequest, RequestError, Usage
 
@@ -64,7 +61,6 @@ TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128
 MAX_STOPS = 16
 MAX_N = 16
-GRAMMAR_CACHE = 64  # compiled grammars kept (a JSON schema compiles in milliseconds; clients repeat theirs)
 MAX_COMPLETION_CHOICES = 128  # prompts x n of one legacy completions request (each choice is an engine request)
 REASONING_PASSBACK = "The `reasoning_content` in the thinking mode must be passed back to the API."
 
@@ -80,17 +76,6 @@ class _Encoded:
     response_format: dict[str, Any] | None  # a JSON schema, or {"type": "json_object"}
     parallel_tool_calls: bool
     continuation: bool  # the prompt ends inside an assistant turn (prefix: true)
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    """What a completion's grammar is made from (plain data: it is sent to model-parallel follower ranks)."""
-
-    thinking: bool
-    response_format: dict[str, Any] | None
-    tools: list[dict[str, Any]] | None
-    tool_choice: str | dict[str, Any]
-    parallel_tool_calls: bool
 
 
 @dataclass
@@ -148,9 +133,8 @@ class ChatService:
         self.max_output_tokens = max_output_tokens
         self.strict_reasoning = strict_reasoning
         self.thinking_sampling = dict(thinking_sampling or {"temperature": 1.0, "top_p": 1.0})
-        self._grammar_tok: GrammarTokenizer | None = None  # built on first need (~0.6 s for V4's vocabulary)
-        self._grammars: dict[str, Grammar] = {}  # lark text -> compiled, least recently used first
-        self._grammar_lock = threading.Lock()  # plans may be made on worker threads
+        model = getattr(getattr(engine, "engine", None), "model", None)
+        self.grammars = GrammarCompiler(tokenizer, model.args.vocab_size if model is not None else None)
 
     def engine_stats(self) -> Any:
         """The engine's `EngineStats` (None for an engine without them, e.g. a test double)."""
@@ -341,47 +325,8 @@ class ChatService:
         whole turn applies)."""
         if encoded.continuation:
             return None
-        return self.grammar_for(GrammarSpec(encoded.thinking, encoded.response_format, encoded.tools,
-                                            encoded.tool_choice, encoded.parallel_tool_calls))
-
-    def grammar_for(self, spec: GrammarSpec) -> Grammar:
-        """The compiled grammar (with its closer) of `spec`, cached by the spec: what `grammar` builds, and what a
-        model-parallel follower rank rebuilds from the spec rank 0 sends it (`dsv4.engine.lockstep`)."""
-        key = json.dumps(dataclasses.asdict(spec), sort_keys=True)
-        with self._grammar_lock:
-            grammar = self._grammars.pop(key, None)
-            if grammar is None:
-                grammar = self._compile(spec)
-            self._grammars[key] = grammar  # most recently used last
-            while len(self._grammars) > GRAMMAR_CACHE:
-                self._grammars.pop(next(iter(self._grammars)))
-        return grammar
-
-    def _compile(self, spec: GrammarSpec) -> Grammar:
-        try:
-            lark = completion_grammar(thinking=spec.thinking, think_end_id=self.tokenizer.think_end_id,
-                                      response_format=spec.response_format, tools=spec.tools,
-                                      tool_choice=spec.tool_choice, parallel_tool_calls=spec.parallel_tool_calls)
-        except ToolGrammarError as err:
-            raise RequestError(400, str(err), param="tools") from None
-        forced = spec.tools is not None and spec.tool_choice not in ("auto", "none")
-        closer = None
-        if spec.tools is not None and (forced or spec.response_format is None):
-            closer = ToolCallCloser(self.tokenizer, spec.thinking, forced, spec.tools)
-        elif spec.response_format is not None:
-            closer = JsonCloser(self.tokenizer, spec.thinking, spec.response_format)
-        try:
-            return Grammar(self._grammar_tokenizer(), lark, closer, spec=spec)
-        except GrammarError as err:
-            where = "response_format" if spec.response_format is not None else "tools"
-            raise RequestError(400, f"{where}: the schema cannot be enforced: {err}", param=where) from None
-
-    def _grammar_tokenizer(self) -> GrammarTokenizer:
-        if self._grammar_tok is None:
-            model = getattr(getattr(self.engine, "engine", None), "model", None)
-            vocab = model.args.vocab_size if model is not None else self.tokenizer.vocab_size
-            self._grammar_tok = GrammarTokenizer(self.tokenizer.hf.to_str(), vocab, [self.tokenizer.eos_id])
-        return self._grammar_tok
+        return self.grammars(GrammarSpec(encoded.thinking, encoded.response_format, encoded.tools,
+                                         encoded.tool_choice, encoded.parallel_tool_calls))
 
     def plan_completion(self, request: CompletionRequest) -> list[_Plan]:
         """Validate a legacy completions request: one plan per prompt (see the module docstring)."""
