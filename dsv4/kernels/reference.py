@@ -63,6 +63,13 @@ def _fp8_quantize_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
+def _fp4_quantize_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e2m1 codes and fp32 pow-2 scales of fp32 blocks [..., nb, block] (``fp4sim32``'s rule)."""
+    amax = blocks.abs().amax(dim=-1).clamp(min=FP4_AMAX_FLOOR)  # [..., nb]
+    scale = pow2_scale(amax, FP4_MAX)
+    return e2m1_encode(blocks / scale.unsqueeze(-1)), scale
+
+
 def _block_scaled_matmul(
     x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, block: int
 ) -> torch.Tensor:
@@ -112,8 +119,8 @@ class ReferenceBackend:
         128-blocks for FP8 activations in QAT. Returns x.dtype; an e4m3 value times a power of two fits bf16
         exactly.
         """
-        q, scale = self.act_quant(x, block_size)
-        return merge_blocks(split_blocks(q, block_size) * scale.unsqueeze(-1), x.shape[-1]).to(x.dtype)
+        q, scale = _fp8_quantize_blocks(split_blocks(x, block_size))  # the rule act_quant applies, kept in blocks
+        return merge_blocks(q.float() * scale.unsqueeze(-1), x.shape[-1]).to(x.dtype)
 
     def fp4_quant(self, x: torch.Tensor, block_size: int = INDEXER_SIM_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-``block_size`` FP4 quantisation (``fp4sim32``'s rule) of indexer queries and keys.
@@ -121,16 +128,13 @@ class ReferenceBackend:
         Per block: amax floored at 6 * 2**-126, scale 2**ceil(log2(amax/6)), e2m1 round-to-nearest-even with
         saturation at ±6. Returns ``(codes uint8 e2m1 [..., K], s fp32 [..., ceil(K/block_size)])``.
         """
-        blocks = split_blocks(x, block_size)  # [..., nb, block]
-        amax = blocks.abs().amax(dim=-1).clamp(min=FP4_AMAX_FLOOR)
-        scale = pow2_scale(amax, FP4_MAX)
-        return merge_blocks(e2m1_encode(blocks / scale.unsqueeze(-1)), x.shape[-1]), scale
+        codes, scale = _fp4_quantize_blocks(split_blocks(x, block_size))
+        return merge_blocks(codes, x.shape[-1]), scale
 
     def fp4_simulate(self, x: torch.Tensor, block_size: int = INDEXER_SIM_BLOCK) -> torch.Tensor:
-        """QAT round trip through FP4 (``fp4sim32``): ``fp4_quant`` multiplied straight back. Returns x.dtype."""
-        codes, scale = self.fp4_quant(x, block_size)
-        values = split_blocks(e2m1_decode(codes), block_size) * scale.unsqueeze(-1)
-        return merge_blocks(values, x.shape[-1]).to(x.dtype)
+        """QAT round trip through FP4 (``fp4sim32``): ``fp4_quant``'s rule multiplied straight back. Returns x.dtype."""
+        codes, scale = _fp4_quantize_blocks(split_blocks(x, block_size))
+        return merge_blocks(e2m1_decode(codes) * scale.unsqueeze(-1), x.shape[-1]).to(x.dtype)
 
     def fp8_weight_simulate(self, w: torch.Tensor) -> torch.Tensor:
         """A [out, in] weight through the checkpoint's FP8 format (e4m3, 128x128 ue8m0 tiles, canonical) and
