@@ -162,7 +162,8 @@ class Engine:
             raise ValueError("prefix_cache_bytes must be >= 0 and prefix_interval >= 1")
         if num_speculative < 0 or (num_speculative and not model.args.n_mtp_layers):
             raise ValueError(f"num_speculative={num_speculative}: needs >= 0, and a model with an MTP block to draft")
-        self.kernel_backend = kernel_backend or kernels.default_backend_name()
+        self.kernel_backend = kernels.resolve_backend_name(kernel_backend or kernels.default_backend_name(),
+                                                           model.embed.weight.device)
         self.kernels = kernels.get_backend(self.kernel_backend)  # an unknown name: ValueError naming the choices
         self.model = model
         self.max_batch = max_batch

@@ -4,7 +4,8 @@ backend chosen by name.
 Callers use the functions of this module (`kernels.linear(x, w, s)`, `kernels.sparse_attn(...)`); each runs the
 op on the *active* backend:
 
-* by default the backend named by the environment variable `DSV4_KERNEL_BACKEND`, else "reference";
+* by default the backend named by the environment variable `DSV4_KERNEL_BACKEND`, else "auto": the fastest
+  backend for the device of each op's first tensor ("cpu" on the CPU, the "reference" elsewhere);
 * inside `with kernels.use_backend(name):` that one. The choice is a context variable, so it holds per thread
   and per asyncio task, and two engines in one process may run different backends.
 
@@ -29,10 +30,13 @@ from typing import Any
 import torch
 
 from ..quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
+from .experts import ExpertWeights
 from .paged import KVRows, PagedRows, RowCodec
 
 ENV_VAR = "DSV4_KERNEL_BACKEND"
-DEFAULT_BACKEND = "reference"
+DEFAULT_BACKEND = "auto"
+# the backend "auto" runs an op on, by the device type of the op's first tensor; other devices: "reference"
+BY_DEVICE = {"cpu": "cpu"}
 
 OPS = (
     "act_quant",
@@ -47,11 +51,15 @@ OPS = (
     "hadamard",
     "sparse_attn",
     "hc_split_sinkhorn",
+    "routed_experts",
+    "swiglu",
 )
 
 # name -> "module:attribute" of a backend class (imported when first chosen) or a zero-argument factory
 _BUILTIN: dict[str, str] = {
     "reference": "dsv4.kernels.reference:ReferenceBackend",
+    "cpu": "dsv4.kernels.cpu:CpuBackend",
+    "auto": "dsv4.kernels:AutoBackend",
 }
 _factories: dict[str, str | Callable[[], Any]] = dict(_BUILTIN)
 _instances: dict[str, Any] = {}
@@ -94,8 +102,45 @@ def get_backend(name: str) -> Any:
 
 
 def default_backend_name() -> str:
-    """The backend used outside `use_backend`: $DSV4_KERNEL_BACKEND, else "reference"."""
+    """The backend used outside `use_backend`: $DSV4_KERNEL_BACKEND, else "auto"."""
     return os.environ.get(ENV_VAR) or DEFAULT_BACKEND
+
+
+def resolve_backend_name(name: str, device: torch.device | str) -> str:
+    """The backend `name` stands for on `device`: "auto" becomes the device's own choice (`BY_DEVICE`), any
+    other name stays as it is."""
+    if name != "auto":
+        return name
+    return BY_DEVICE.get(torch.device(device).type, "reference")
+
+
+class AutoBackend:
+    """The backend registered as "auto": each op runs on the backend `BY_DEVICE` names for the device of the
+    op's first tensor, so one process may compute on the CPU and an accelerator without choosing by hand."""
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, Any] = {}
+
+    def backend_for(self, device: torch.device) -> Any:
+        backend = self._by_type.get(device.type)
+        if backend is None:
+            backend = self._by_type[device.type] = get_backend(resolve_backend_name("auto", device))
+        return backend
+
+
+def _auto_op(op: str) -> Callable[..., Any]:
+    def run(self: AutoBackend, first: Any, *args: Any) -> Any:
+        tensor = first if isinstance(first, torch.Tensor) else args[0]
+        return getattr(self.backend_for(tensor.device), op)(first, *args)
+
+    run.__name__ = op
+    return run
+
+
+for _op in OPS:
+    setattr(AutoBackend, _op, _auto_op(_op))
 
 
 def active_backend() -> Any:
@@ -181,6 +226,17 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch
     return active_backend().sparse_attn(q, kv, idx, sink, scale)
 
 
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                   experts: Sequence[ExpertWeights | None], which: Sequence[int], limit: float) -> torch.Tensor:
+    """The routed experts' weighted sum [T, d] fp32 for tokens x [T, d] routed to `ids` [T, k] with `weights`."""
+    return active_backend().routed_experts(x, weights, ids, experts, which, limit)
+
+
+def swiglu(x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One clamped-SwiGLU expert on rows x [n, d] (the shared expert, or a routed one with its `weights` [n, 1])."""
+    return active_backend().swiglu(x, expert, limit, weights)
+
+
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int, iters: int,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC pre / post weights and the Sinkhorn-projected residual mixing matrix."""
@@ -188,8 +244,11 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
 
 
 __all__ = [
+    "BY_DEVICE",
     "DEFAULT_BACKEND",
     "ENV_VAR",
+    "AutoBackend",
+    "ExpertWeights",
     "OPS",
     "KVRows",
     "PagedRows",
@@ -200,6 +259,7 @@ __all__ = [
     "default_backend_name",
     "get_backend",
     "register_backend",
+    "resolve_backend_name",
     "use_backend",
     *OPS,
 ]

@@ -10,7 +10,7 @@ dispatcher there (`dsv4.kernels.linear(...)`), never by importing this module. O
 them through `self` (`linear` -> `self.act_quant`, `self.fp8_gemm`), so a backend that derives from this class
 and overrides one op changes every op that uses it.
 
-Internal math is fp32; fp64 inputs are kept in fp64 (``_compute_dtype``) so gradcheck can be run on them.
+Internal math is fp32; fp64 inputs are kept in fp64 (``compute_dtype``) so gradcheck can be run on them.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
+from .experts import ExpertWeights
 from .paged import KVRows, concat_rows
 
 ATTN_BLOCK = 64  # candidate slots per online-softmax step of the official sparse-attention kernel
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32, or fp64 if any input is fp64 (keeps gradcheck meaningful without changing fp32/bf16 numerics)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -89,7 +90,7 @@ def _block_scaled_matmul(
     return acc
 
 
-def _flatten_tokens(xq: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_tokens(xq: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., K] activations and [..., nb] scales as fp32 [M, K] and [M, nb]."""
     return xq.reshape(-1, xq.shape[-1]).float(), xs.reshape(-1, xs.shape[-1]).float()
 
@@ -159,7 +160,7 @@ class ReferenceBackend:
         xq e4m3 [..., K], xs fp32 [..., ceil(K/128)], w e4m3 [N, K], ws e8m0 [ceil(N/128), ceil(K/128)].
         Returns [..., N] in ``out_dtype``.
         """
-        x, x_scale = _flatten_tokens(xq, xs)
+        x, x_scale = flatten_tokens(xq, xs)
         n = w.shape[0]
         w_scale = e8m0_to_float(ws).repeat_interleave(FP8_BLOCK, dim=0)[:n]  # [N, ceil(K/128)]
         acc = _block_scaled_matmul(x, w.float(), x_scale, w_scale, FP8_BLOCK)
@@ -173,7 +174,7 @@ class ReferenceBackend:
         ws e8m0 [N, K/32]. Accumulation is per 32-wide K sub-block with factor xs[k//128] * ws[n, k//32].
         Returns [..., N] in ``out_dtype``.
         """
-        x, x_scale = _flatten_tokens(xq, xs)
+        x, x_scale = flatten_tokens(xq, xs)
         w_values = e2m1_decode(unpack_fp4(w))  # [N, K]; e2m1 -> fp32 is exact, like the e2m1 -> e4m3 cast
         if w_values.shape[1] != x.shape[1]:
             raise ValueError(f"fp4_gemm: activation K={x.shape[1]} but packed weight holds K={w_values.shape[1]}")
@@ -202,6 +203,34 @@ class ReferenceBackend:
             return F.linear(x.to(weight.dtype), weight).to(x.dtype)
         raise TypeError(f"linear: unsupported weight dtype {weight.dtype}")
 
+    # ------------------------------------------------------------------------------------------ experts
+
+    def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                       experts: Sequence[ExpertWeights | None], which: Sequence[int], limit: float) -> torch.Tensor:
+        """The routed experts' weighted sum [T, d] fp32 over x [T, d], for routing weights [T, k] fp32 and expert
+        ids [T, k]: each expert in `which` (increasing ids; `experts[e]` holds its weights, None for experts held
+        by other ranks) runs once on the tokens routed to it, in token order, its hidden activation multiplied
+        by the routing weight before w2, and the outputs are added into each token expert by expert. An expert
+        in `which` that no token chose runs on no rows (it still joins the autograd graph, which expert-parallel
+        training relies on)."""
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in which:
+            rows, slot = torch.where(ids == e)
+            out = self.swiglu(x[rows], experts[e], limit, weights[rows, slot, None])
+            y = y.index_add(0, rows, out.to(torch.float32))
+        return y
+
+    def swiglu(self, x: torch.Tensor, expert: ExpertWeights, limit: float,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+        """One expert (or the shared expert, without routing weights) on rows x [n, d] -> [n, d] in x.dtype:
+        w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)), the hidden activation in fp32 times `weights` [n, 1]."""
+        gate = self.linear(x, expert.w1, expert.s1).to(torch.float32).clamp(max=limit)
+        up = self.linear(x, expert.w3, expert.s3).to(torch.float32).clamp(-limit, limit)
+        hidden = F.silu(gate) * up
+        if weights is not None:
+            hidden = weights * hidden
+        return self.linear(hidden.to(x.dtype), expert.w2, expert.s2)
+
     # ------------------------------------------------------------------------------------------ Hadamard
 
     def hadamard(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +243,7 @@ class ReferenceBackend:
         n = x.shape[-1]
         if n < 1 or n & (n - 1):
             raise ValueError(f"hadamard needs a power-of-two last dimension, got shape {tuple(x.shape)}")
-        y = x.to(_compute_dtype(x)).reshape(-1, n)
+        y = x.to(compute_dtype(x)).reshape(-1, n)
         h = 1
         while h < n:
             pairs = y.view(-1, n // (2 * h), 2, h)  # [rows, groups, (a|b), h]
@@ -245,7 +274,7 @@ class ReferenceBackend:
         whole quantisation steps downstream.
         """
         kv = concat_rows(kv)
-        acc = _compute_dtype(q, kv, sink)
+        acc = compute_dtype(q, kv, sink)
         b, s, h, d = q.shape
         qf = q.to(acc)
         # rows of kv as one flat table: index_select gathers whole rows, about twice as fast as kv[batch, idx]
@@ -290,7 +319,7 @@ class ReferenceBackend:
             raise ValueError(f"hc_split_sinkhorn: need last dim (2+h)*h = {(2 + h) * h}, got {tuple(mixes.shape)}")
         if iters < 1:
             raise ValueError(f"hc_split_sinkhorn: iters must be >= 1, got {iters}")
-        acc = _compute_dtype(mixes, scale, base)
+        acc = compute_dtype(mixes, scale, base)
         m, scale, base = mixes.to(acc), scale.to(acc), base.to(acc)
         pre = torch.sigmoid(m[..., :h] * scale[0] + base[:h]) + eps
         post = 2.0 * torch.sigmoid(m[..., h : 2 * h] * scale[1] + base[h : 2 * h])

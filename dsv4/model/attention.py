@@ -56,7 +56,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache) -> Tensor:
         """x [B,S,d] (the normed sublayer input) -> [B,S,d]."""
         bsz, seqlen, _ = x.shape
-        cos, sin = rope_cos_sin(self.freqs, ctx.positions)  # [B,S,R/2]
+        # [B,S,R/2], the same for every layer of this kind (one frequency table per kind)
+        cos, sin = ctx.shared(("rope", self.ratio > 0), lambda: rope_cos_sin(self.freqs, ctx.positions))
 
         c_q = self.q_norm(self.wq_a(x))  # [B,S,q_lora]
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
@@ -108,20 +109,31 @@ class Attention(nn.Module):
         indices into it [B, S, W] (S < W slots for a prefill shorter than the window): oldest -> newest,
         then -1 for the slots before the sequence start
         (the official order, which decides the attention kernel's blocks of candidates)."""
-        W, seqlen = self.window, kv.shape[1]
-        start = ctx.start.unsqueeze(1)
-        ring_pos = start - W + torch.arange(W, device=kv.device)  # [B,W]
-        ext_kv = torch.cat((gather_rows(cache.read_window(), ring_pos % W).to(kv.dtype), kv), dim=1)
-        slot = torch.arange(W, device=kv.device)
-        missing = (W - 1 - ctx.positions).clamp(min=0).unsqueeze(-1)  # [B,S,1] window slots before position 0
-        rel = torch.arange(seqlen, device=kv.device).view(1, -1, 1) + 1 + slot + missing  # ext row of slot
-        idx = torch.where(slot < W - missing, rel, -1)  # [B,S,W]
-        if seqlen < W and not bool(ctx.start.any()):
-            idx = idx[..., :seqlen]  # a prefill shorter than the window has only seqlen window slots
-        if ctx.persist:
-            end = (ctx.start + ctx.lengths).unsqueeze(1)
-            slots = torch.arange(W, device=kv.device)
-            pos = end - W + (slots - (end - W)) % W  # [B,W] position now owning each slot
-            cache.write_window(gather_rows(ext_kv, pos - (start - W)).detach())
+        ring_slots, idx, keep = ctx.shared(("window", self.window),
+                                           lambda: _window_indices(self.window, kv.shape[1], ctx))
+        ext_kv = torch.cat((gather_rows(cache.read_window(), ring_slots).to(kv.dtype), kv), dim=1)
+        if keep is not None:
+            cache.write_window(gather_rows(ext_kv, keep).detach())
         return ext_kv, idx
+
+
+def _window_indices(W: int, seqlen: int, ctx: ForwardContext) -> tuple[Tensor, Tensor, Tensor | None]:
+    """What `Attention._window` indexes with, the same for every layer of a forward: the ring slots holding
+    positions start-W .. start-1 [B,W], each query's window rows of ring + chunk [B,S,W'], and (when the chunk
+    is kept) the ring + chunk rows the ring keeps afterwards [B,W]."""
+    device = ctx.positions.device
+    start = ctx.start.unsqueeze(1)
+    ring_pos = start - W + torch.arange(W, device=device)  # [B,W]
+    slot = torch.arange(W, device=device)
+    missing = (W - 1 - ctx.positions).clamp(min=0).unsqueeze(-1)  # [B,S,1] window slots before position 0
+    rel = torch.arange(seqlen, device=device).view(1, -1, 1) + 1 + slot + missing  # ext row of slot
+    idx = torch.where(slot < W - missing, rel, -1)  # [B,S,W]
+    if seqlen < W and not bool(ctx.start.any()):
+        idx = idx[..., :seqlen]  # a prefill shorter than the window has only seqlen window slots
+    keep = None
+    if ctx.persist:
+        end = (ctx.start + ctx.lengths).unsqueeze(1)
+        pos = end - W + (slot - (end - W)) % W  # [B,W] position now owning each slot
+        keep = pos - (start - W)
+    return ring_pos % W, idx, keep
 

@@ -22,8 +22,9 @@ the sequences that have work), writing through to the whole cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -377,6 +378,15 @@ class ForwardContext:
     exact: bool  # official inference numerics (QAT simulation of the KV / indexer)
     persist: bool  # write the chunk into the cache rings
     trace: ForwardTrace | None = None  # what training wants recorded (and how CSA selects)
+    # values every layer of this forward would otherwise recompute (RoPE rows, window indices), by key
+    memo: dict = field(default_factory=dict)
+
+    def shared(self, key: object, build: Callable[[], Any]) -> Any:
+        """`build()` once per forward for `key`, the same object for every layer that asks again."""
+        value = self.memo.get(key)
+        if value is None:
+            value = self.memo[key] = build()
+        return value
 
     @classmethod
     def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool) -> ForwardContext:

@@ -17,14 +17,16 @@ routed experts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ..config import ModelArgs
+from ..kernels import ExpertWeights
 from .layers import Linear
 
 
@@ -85,12 +87,38 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter_dim, dtype=dtype, official_format=official_format)
 
     def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
-        gate = self.w1(x).to(torch.float32).clamp(max=self.limit)
-        up = self.w3(x).to(torch.float32).clamp(-self.limit, self.limit)
-        hidden = F.silu(gate) * up
-        if weights is not None:
-            hidden = weights * hidden
-        return self.w2(hidden.to(x.dtype))
+        if self.replaced_forward():  # a training recipe's fake-quant linears run as modules
+            gate = self.w1(x).to(torch.float32).clamp(max=self.limit)
+            up = self.w3(x).to(torch.float32).clamp(-self.limit, self.limit)
+            hidden = F.silu(gate) * up
+            if weights is not None:
+                hidden = weights * hidden
+            return self.w2(hidden.to(x.dtype))
+        return kernels.swiglu(x, self.weights(), self.limit, weights)
+
+    def replaced_forward(self) -> bool:
+        """Whether a linear carries a forward of its own (`dsv4.train.precision` installs fake-quant ones), so
+        the expert must call its modules instead of handing their weights to the kernel op."""
+        return any("forward" in linear.__dict__ for linear in (self.w1, self.w3, self.w2))
+
+    def weights(self) -> ExpertWeights:
+        """The weights as they are stored now (a quantizer or loader may have replaced them)."""
+        return ExpertWeights(self.w1.weight, self.w1.scale, self.w3.weight, self.w3.scale, self.w2.weight,
+                             self.w2.scale)
+
+
+class ExpertTable(Sequence):
+    """The routed experts' weights by expert id, read from the modules when asked (None: held by another rank)."""
+
+    def __init__(self, experts: nn.ModuleList) -> None:
+        self.experts = experts
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, e: int) -> ExpertWeights | None:
+        expert = self.experts[e]
+        return None if expert is None else expert.weights()
 
 
 class MoE(nn.Module):
@@ -105,6 +133,8 @@ class MoE(nn.Module):
             for _ in range(self.n_experts)
         )
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.swiglu_limit, dtype, "fp8")
+        self.limit = args.swiglu_limit
+        self.expert_table = ExpertTable(self.experts)
         # runs the routed experts across processes: (moe, x [T,d], weights [T,k], ids [T,k], counts [E]) -> the
         # routed sum [T,d] fp32, the experts held elsewhere being None here; None: all experts here, in this process
         self.expert_parallel: Callable[[MoE, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
@@ -128,11 +158,14 @@ class MoE(nn.Module):
         """The routed sum [T,d] fp32 of experts `which` (increasing ids, all held here) over the tokens routed to
         them: each expert runs once on its rows (weighted before w2), added expert by expert. An expert in `which`
         that no token chose runs on no rows (it still joins the autograd graph: see `dsv4.parallel.experts`)."""
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in which:
-            rows, slot = torch.where(ids == e)
-            y = y.index_add(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(torch.float32))
-        return y
+        which = list(which)
+        if any(self.experts[e].replaced_forward() for e in which):
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for e in which:
+                rows, slot = torch.where(ids == e)
+                y = y.index_add(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(torch.float32))
+            return y
+        return kernels.routed_experts(x, weights, ids, self.expert_table, which, self.limit)
 
     def extra_repr(self) -> str:
         return "" if self.expert_parallel is None else f"expert_parallel={self.expert_parallel}"
