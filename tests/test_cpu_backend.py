@@ -88,16 +88,16 @@ def test_fp8_and_fp4_gemms_equal_the_reference_bit_for_bit(fast, m, n, k):
 def test_decoded_weights_are_kept_refreshed_and_bounded():
     w, s = quantize_fp8_weight(_rand(256, 256, scale=0.1))
     cache = DecodedWeights(limit_bytes=1 << 20)
-    values, _ = cache.get(w, s, fp4=False)
-    assert cache.get(w, s, fp4=False)[0] is values and cache.used_bytes > 0  # decoded once
+    values, _ = cache.get(w, s, "fp8")
+    assert cache.get(w, s, "fp8")[0] is values and cache.used_bytes > 0  # decoded once
     w.view(torch.uint8)[0, 0] ^= 0x10  # an in-place change moves the version: decoded again
-    again, _ = cache.get(w, s, fp4=False)
+    again, _ = cache.get(w, s, "fp8")
     assert again is not values and again[0, 0] == w[0, 0].float()
     del w, values, again
     assert cache.used_bytes == 0  # freed with the weight
     small = DecodedWeights(limit_bytes=1000)  # too small to keep anything: decoded per call, same values
     w, s = quantize_fp8_weight(_rand(64, 64))
-    assert torch.equal(small.get(w, s, fp4=False)[0], w.float()) and small.used_bytes == 0
+    assert torch.equal(small.get(w, s, "fp8")[0], w.float()) and small.used_bytes == 0
 
 
 # ---------------------------------------------------------------------------------------------- experts
@@ -187,7 +187,7 @@ def test_sparse_attention_equals_the_reference(fast, dtype, slots):
 
 
 def test_sinkhorn_equals_the_reference_bit_for_bit(fast):
-    for shape in ((1, 1), (3, 7), (2, 300)):
+    for shape in ((1, 1), (3, 7), (2, 300), (1, 16), (1, 15)):  # both layouts, on both sides of the switch
         mixes = _rand(*shape, 24, seed=shape[1])
         scale, base = _rand(3, seed=1), _rand(24, seed=2)
         with torch.no_grad():
@@ -238,3 +238,18 @@ def test_the_small_preset_gives_the_reference_logits_and_greedy_tokens(numerics)
     else:  # bf16 pages and MTP speculation on the way
         opts = {"kv_format": "fp8", "num_speculative": 1}
         assert _greedy(model, prompts, "cpu", **opts) == _greedy(model, prompts, "reference", **opts)
+
+
+def test_a_vocabulary_projection_multiplies_a_kept_transposed_copy(fast):
+    from dsv4.kernels.cpu import VOCAB_ROWS
+
+    w = _rand(VOCAB_ROWS + 5, 64, seed=1)
+    x = _rand(3, 64, seed=2)
+    with torch.no_grad():
+        got = fast.linear(x, w)
+    want = REF.linear(x, w)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert fast.decoded.used_bytes == w.numel() * 4  # the copy is kept
+    w.requires_grad_(True)
+    fast.linear(x, w).sum().backward()  # training multiplies the parameter itself
+    assert w.grad is not None

@@ -16,8 +16,9 @@ the order decides the bits (see each op), so its results are the reference's:
   order.
 * **routed experts**: tokens sorted by expert once; experts with quantised weights run on their contiguous rows
   with one activation quantisation shared by w1 and w3 (the same row groups as the reference, so the same
-  GEMM shapes and bits); float experts (plain numerics, training) run as one batched GEMM per projection over
-  the experts' stacked weights when the step is small (decode), else on their contiguous rows.
+  GEMM shapes and bits); float experts (plain numerics) run as one batched GEMM per projection over all
+  experts' stacked weights (kept while the weights are unchanged), each expert's rows padded to the largest
+  group, when most experts run (a batch, a prefill) and the routing is not so skewed that padding dominates.
 * **sparse attention**: only the rows the indices name are read (paged entries are decoded row by row from the
   pool, never page by page), every 64-slot block's logits and value products in one batched op each, and the
   official online-softmax combination across blocks in block order.
@@ -54,13 +55,19 @@ from dsv4.quant import (
 )
 
 from .experts import ExpertWeights
-from .paged import KVRows, PagedRows
+from .paged import KVRows, PagedRows, concat_rows
 from .reference import ATTN_BLOCK, ReferenceBackend, compute_dtype, flatten_tokens
 
 CACHE_ENV_VAR = "DSV4_DECODED_WEIGHTS_MB"
 DEFAULT_CACHE_MB = 2048
-# float experts run as one batched GEMM over per-row gathered weights up to this many routed rows
-GATHER_ROWS = 64
+# float experts run as one batched GEMM over every expert, rows padded to the largest group, when at least half
+# the experts run and the padded rows number at most this many times the routed ones; else expert by expert
+# (reading every expert's weights to use two of them costs more than the ops it saves)
+PAD_WASTE = 4
+# Sinkhorn over at least this many tokens runs on token-minor matrices (bit-equal from 3 tokens up on this build)
+SINKHORN_TOKEN_MINOR = 16
+# float projections with at least this many outputs (vocabularies) use a transposed copy of their weight
+VOCAB_ROWS = 32768
 
 _MANTISSA = 0x007FFFFF
 _EXPONENT = 0x7F800000
@@ -91,38 +98,42 @@ def _e2m1_round(v: Tensor) -> Tensor:
 
 
 class DecodedWeights:
-    """Element values (fp32) and per-block scales (fp32) of FP8 / packed FP4 weights, decoded once per weight.
+    """Forms of weights worth computing once: the element values (fp32) and per-block scales (fp32) of FP8 /
+    packed FP4 weights, and the transposed copy of a vocabulary projection.
 
     Kept per weight tensor (by identity, checked with a weak reference) and dropped when the weight is freed or
-    modified in place (its version counter moves). Bounded by `limit_bytes`: a weight that does not fit is
-    decoded for its call only, so memory never grows past the bound and the results are the same either way."""
+    modified in place (its version counter moves). Bounded by `limit_bytes`: a form that does not fit is built
+    for its call only, so memory never grows past the bound and the results are the same either way."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.used_bytes = 0
-        self._entries: dict[int, tuple] = {}
+        self._entries: dict[tuple[int, str], tuple] = {}
 
-    def get(self, weight: Tensor, scale: Tensor, fp4: bool) -> tuple[Tensor, Tensor]:
-        """(values [N, K] fp32 unscaled, scales [N, K/block] fp32), block 128 (FP8) or 32 (FP4)."""
-        key = id(weight)
+    def get(self, weight: Tensor, scale: Tensor | None, kind: str) -> tuple[Tensor, ...]:
+        """The form `kind` of `weight` (with its `scale`): "fp8" / "fp4" -> (values [N, K] fp32 unscaled,
+        scales [N, K/block] fp32), block 128 or 32; "transposed" -> (weight^T contiguous [K, N],)."""
+        key = (id(weight), kind)
         entry = self._entries.get(key)
-        version = _version(weight), _version(scale)
-        if entry is not None and entry[0]() is weight and entry[1]() is scale and entry[2] == version:
-            return entry[3], entry[4]
-        values, scales = _decode(weight, scale, fp4)
-        size = values.numel() * 4 + scales.numel() * 4
+        version = _version(weight), None if scale is None else _version(scale)
+        if (entry is not None and entry[0]() is weight and entry[1] == version
+                and (scale is None or entry[2]() is scale)):
+            return entry[3]
+        form = _BUILD[kind](weight, scale)
+        size = sum(t.numel() * t.element_size() for t in form)
         if entry is not None:
             self._drop(key)
         if self.used_bytes + size <= self.limit_bytes:
-            self._entries[key] = (weakref.ref(weight, lambda _, k=key: self._drop(k)), weakref.ref(scale), version,
-                                  values, scales, size)
+            scale_ref = None if scale is None else weakref.ref(scale)
+            self._entries[key] = (weakref.ref(weight, lambda _, k=key: self._drop(k)), version, scale_ref, form,
+                                  size)
             self.used_bytes += size
-        return values, scales
+        return form
 
-    def _drop(self, key: int) -> None:
+    def _drop(self, key: tuple[int, str]) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self.used_bytes -= entry[5]
+            self.used_bytes -= entry[4]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -136,11 +147,11 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def _decode(weight: Tensor, scale: Tensor, fp4: bool) -> tuple[Tensor, Tensor]:
-    if fp4:
-        return e2m1_decode(unpack_fp4(weight)), e8m0_to_float(scale)
-    n = weight.shape[0]
-    return weight.float(), e8m0_to_float(scale).repeat_interleave(FP8_BLOCK, dim=0)[:n]
+_BUILD = {
+    "fp8": lambda w, s: (w.float(), e8m0_to_float(s).repeat_interleave(FP8_BLOCK, dim=0)[: w.shape[0]]),
+    "fp4": lambda w, s: (e2m1_decode(unpack_fp4(w)), e8m0_to_float(s)),
+    "transposed": lambda w, s: (w.detach().T.contiguous(),),
+}
 
 
 def _block_gemm(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, block: int) -> Tensor:
@@ -175,7 +186,7 @@ class CpuBackend(ReferenceBackend):
         if cache_mb is None:
             cache_mb = int(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_MB)
         self.decoded = DecodedWeights(cache_mb << 20)
-        self._stacks: dict[tuple[int, str], tuple] = {}
+        self._stacks: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------------------------------ quantisation
 
@@ -201,19 +212,29 @@ class CpuBackend(ReferenceBackend):
     def fp8_gemm(self, xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor,
                  out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
         x, x_scale = flatten_tokens(xq, xs)
-        values, w_scale = self.decoded.get(w, ws, fp4=False)
+        values, w_scale = self.decoded.get(w, ws, "fp8")
         acc = _block_gemm(x, x_scale, values, w_scale, FP8_BLOCK)
         return acc.to(out_dtype).reshape(*xq.shape[:-1], w.shape[0])
 
     def fp4_gemm(self, xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor,
                  out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
         x, x_scale = flatten_tokens(xq, xs)
-        values, w_scale = self.decoded.get(w, ws, fp4=True)
+        values, w_scale = self.decoded.get(w, ws, "fp4")
         if values.shape[1] != x.shape[1]:
             raise ValueError(f"fp4_gemm: activation K={x.shape[1]} but packed weight holds K={values.shape[1]}")
         x_scale = x_scale.repeat_interleave(FP8_BLOCK // FP4_BLOCK, dim=1)[:, : x.shape[1] // FP4_BLOCK]
         acc = _block_gemm(x, x_scale, values, w_scale, FP4_BLOCK)
         return acc.to(out_dtype).reshape(*xq.shape[:-1], values.shape[0])
+
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+        """As the reference; a float vocabulary projection (at least `VOCAB_ROWS` outputs: the head, which no
+        quantisation follows) multiplies a kept transposed copy, about twice as fast for a few rows on this
+        CPU's BLAS, unless gradients are wanted."""
+        if (weight.shape[0] >= VOCAB_ROWS and weight.is_floating_point()
+                and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
+            (transposed,) = self.decoded.get(weight, None, "transposed")
+            return torch.matmul(x.to(weight.dtype), transposed).to(x.dtype)
+        return super().linear(x, weight, scale)
 
     # ------------------------------------------------------------------------------------------ experts
 
@@ -241,8 +262,9 @@ class CpuBackend(ReferenceBackend):
         rows_x = x.index_select(0, tokens)  # [R, d]
         rows_w = weights.flatten().index_select(0, keep).unsqueeze(-1)  # [R, 1] fp32
         sizes = [counts[e] for e in which]
-        if experts[which[0]].w1.is_floating_point() and keep.numel() <= GATHER_ROWS:
-            out = self._gathered_swiglu(rows_x, rows_w, experts, which, sizes, limit)
+        if (experts[which[0]].w1.is_floating_point() and 2 * len(which) >= len(experts)
+                and max(sizes) * len(experts) <= PAD_WASTE * keep.numel()):
+            out = self._padded_swiglu(rows_x, rows_w, experts, which, sizes, limit)
         else:
             outs, lo = [], 0
             for e, n in zip(which, sizes, strict=True):
@@ -277,67 +299,77 @@ class CpuBackend(ReferenceBackend):
             hidden = weights * hidden
         return self.linear(hidden.to(x.dtype), expert.w2, expert.s2)
 
-    def _gathered_swiglu(self, x: Tensor, w: Tensor, experts: Sequence[ExpertWeights | None], which: list[int],
-                         sizes: list[int], limit: float) -> Tensor:
-        """Float experts over a few routed rows: each row's expert weights gathered from the experts' stacked
-        weights, and one batched GEMM per projection."""
-        expert_of_row = torch.repeat_interleave(torch.tensor(which, device=x.device),
-                                                torch.tensor(sizes, device=x.device))
-        w1, w3, w2 = (self._stack(experts, which, name).index_select(0, expert_of_row) for name in ("w1", "w3", "w2"))
-        xr = x.to(w1.dtype).unsqueeze(1)  # [R, 1, d]
-        gate = torch.bmm(xr, w1.transpose(1, 2)).squeeze(1).to(torch.float32).clamp_(max=limit)
-        up = torch.bmm(xr, w3.transpose(1, 2)).squeeze(1).to(torch.float32).clamp_(-limit, limit)
-        hidden = (w * (F.silu(gate) * up)).to(x.dtype)
-        return torch.bmm(hidden.to(w2.dtype).unsqueeze(1), w2.transpose(1, 2)).squeeze(1).to(x.dtype)
+    def _padded_swiglu(self, x: Tensor, w: Tensor, experts: Sequence[ExpertWeights | None], which: list[int],
+                       sizes: list[int], limit: float) -> Tensor:
+        """Float experts as one batched GEMM per projection over all experts' stacked weights: each expert's
+        rows padded to the largest group (zeros, computed and dropped). x [R, d] grouped by expert, w [R, 1]."""
+        width = max(sizes)
+        device = x.device
+        group = torch.repeat_interleave(torch.tensor(which, device=device), torch.tensor(sizes, device=device))
+        first = torch.repeat_interleave(torch.tensor([0] + sizes[:-1], device=device).cumsum(0),
+                                        torch.tensor(sizes, device=device))
+        dest = group * width + torch.arange(x.shape[0], device=device) - first  # [R] row in the padded layout
+        w1, w3, w2 = self._stack(experts, which)  # [E, N, K] each
+        padded = x.new_zeros(len(experts) * width, x.shape[1]).index_copy_(0, dest, x).to(w1.dtype)
+        padded = padded.view(len(experts), width, -1)  # [E, width, d]
+        gate = torch.bmm(padded, w1.transpose(1, 2)).to(torch.float32).clamp_(max=limit)
+        up = torch.bmm(padded, w3.transpose(1, 2)).to(torch.float32).clamp_(-limit, limit)
+        hidden = F.silu(gate).mul_(up).view(-1, gate.shape[-1]).index_select(0, dest).mul_(w)  # [R, inter]
+        hidden = hidden.to(x.dtype).to(w2.dtype)
+        out = x.new_zeros(len(experts) * width, hidden.shape[1], dtype=w2.dtype).index_copy_(0, dest, hidden)
+        out = torch.bmm(out.view(len(experts), width, -1), w2.transpose(1, 2))  # [E, width, d]
+        return out.view(-1, out.shape[-1]).index_select(0, dest).to(x.dtype)
 
-    def _stack(self, experts: Sequence[ExpertWeights | None], which: list[int], name: str) -> Tensor:
-        """The float weights `name` of every expert as one [E, N, K] tensor (zeros for experts held elsewhere),
-        kept per expert table; the experts about to run are checked (identity and version of their weight) and
-        re-copied if they changed."""
-        key = (id(experts), name)
+    def _stack(self, experts: Sequence[ExpertWeights | None], which: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """The float w1, w3, w2 of every expert, each as one [E, N, K] tensor (zeros for experts held elsewhere),
+        kept per expert table (a second copy of the float expert weights); the experts about to run are checked
+        (identity and version of their weights) and copied again if they changed."""
+        key = id(experts)
         entry = self._stacks.get(key)
         if entry is None or entry[0]() is not experts:
-            tensors = [getattr(e, name) if e is not None else None for e in experts]
-            first = next(t for t in tensors if t is not None)
-            stacked = torch.stack([t if t is not None else torch.zeros_like(first) for t in tensors])
-            stamps = [(id(t), _version(t)) if t is not None else None for t in tensors]
+            weights = [(e.w1, e.w3, e.w2) if e is not None else None for e in experts]
+            first = next(w for w in weights if w is not None)
+            stacked = tuple(torch.stack([w[i] if w is not None else torch.zeros_like(first[i]) for w in weights])
+                            for i in range(3))
+            stamps = [tuple((id(t), _version(t)) for t in w) if w is not None else None for w in weights]
             try:
-                owner = weakref.ref(experts)
+                owner = weakref.ref(experts, lambda _, k=key: self._stacks.pop(k, None))
             except TypeError:  # a plain list: stacked for this call only
                 return stacked
             entry = self._stacks[key] = (owner, stacked, stamps)
         _, stacked, stamps = entry
         for e in which:
-            t = getattr(experts[e], name)
-            if stamps[e] != (id(t), _version(t)):
-                stacked[e].copy_(t)
-                stamps[e] = (id(t), _version(t))
+            expert = experts[e]
+            now = tuple((id(t), _version(t)) for t in (expert.w1, expert.w3, expert.w2))
+            if stamps[e] != now:
+                for i, t in enumerate((expert.w1, expert.w3, expert.w2)):
+                    stacked[i][e].copy_(t)
+                stamps[e] = now
         return stacked
 
     # ------------------------------------------------------------------------------------------ attention
 
     def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
                     scale: float) -> Tensor:
-        """As the reference: the rows idx names are gathered once (dense runs by index, paged runs row by row
-        from the pool, decoded after the gather), then per 64-slot block the same fp32 logits, shifts and
-        unnormalised bf16-rounded probabilities, each block's value product in one batched einsum, and the
-        blocks folded into the running sum and accumulator in block order."""
-        rows = _gather_kv(kv, idx)  # [B, S, K, D] in the first run's dtype
-        kv_dtype = rows.dtype
-        acc = compute_dtype(q, rows, sink)
+        """As the reference: the rows idx names are gathered once (`_gather_kv`), then per 64-slot block the same
+        fp32 logits, shifts and unnormalised kv-dtype-rounded probabilities, the blocks' value products in one
+        batched einsum, and the blocks folded into the running sum and accumulator in block order."""
         b, s, h, d = q.shape
         n_slots = idx.shape[-1]
         if n_slots == 0:
             return torch.zeros_like(q)
-        blocks = -(-n_slots // ATTN_BLOCK)
-        pad = blocks * ATTN_BLOCK - n_slots
-        valid = idx >= 0
-        rows = rows.to(acc)
-        if pad:
-            rows = F.pad(rows, (0, 0, 0, pad))
-            valid = F.pad(valid, (0, pad))
-        logits = torch.einsum("bshd,bskd->bshk", q.to(acc), rows).mul_(scale)  # [B, S, H, nb*64]
-        logits.masked_fill_(~valid.unsqueeze(2), float("-inf"))
+        runs = [kv] if isinstance(kv, Tensor) else list(kv)
+        kv_dtype = runs[0].dtype
+        if kv_dtype == compute_dtype(q, runs[0], sink) and not torch.is_grad_enabled():
+            return _one_softmax(q, runs, idx, sink, scale)
+        acc = compute_dtype(q, runs[0], sink)
+        rows = _gather_kv(runs, idx, acc)  # [B, S, K, D], the first run's values in the compute dtype
+        full, tail = divmod(n_slots, ATTN_BLOCK)
+        blocks = full + (tail > 0)
+        logits = torch.einsum("bshd,bskd->bshk", q.to(acc), rows).mul_(scale)  # [B, S, H, K]
+        logits.masked_fill_((idx < 0).unsqueeze(2), float("-inf"))
+        if tail:  # the last block's missing slots weigh nothing (-inf logits, so p = 0)
+            logits = F.pad(logits, (0, ATTN_BLOCK - tail), value=float("-inf"))
         logits = logits.view(b, s, h, blocks, ATTN_BLOCK)
         run_max = logits.amax(dim=-1).cummax(dim=-1).values.detach()  # [B, S, H, nb] running max after block i
         shift = torch.where(run_max.isfinite(), run_max, torch.zeros_like(run_max))
@@ -345,13 +377,20 @@ class CpuBackend(ReferenceBackend):
         block_sum = p.sum(dim=-1)  # [B, S, H, nb]
         if kv_dtype != acc:
             p = p.to(kv_dtype).to(acc)
-        block_out = torch.einsum("bshnk,bsnkd->bshnd", p, rows.view(b, s, blocks, ATTN_BLOCK, d))
-        # fold: denom = denom * exp(m_prev - m) + sum_i, out likewise; m_prev starts at -inf
-        denom, out = block_sum[..., 0], block_out[..., 0, :]
+        outs = []
+        if full:  # [B*S*n, H, 64] @ [B*S*n, 64, D]: each block's product as the reference's einsum does it
+            probs = p[..., :full, :].permute(0, 1, 3, 2, 4).reshape(b * s * full, h, ATTN_BLOCK)
+            whole = rows[:, :, : full * ATTN_BLOCK].reshape(b * s * full, ATTN_BLOCK, d)
+            block_out = torch.bmm(probs, whole).view(b, s, full, h, d)
+            outs = [block_out[:, :, i] for i in range(full)]
+        if tail:
+            outs.append(torch.einsum("bshk,bskd->bshd", p[..., full, :tail], rows[:, :, full * ATTN_BLOCK :]))
+        # fold: denom = denom * exp(m_prev - m) + sum_i, out likewise (the first block starts from 0)
+        denom, out = block_sum[..., 0], outs[0]
         for i in range(1, blocks):
             rescale = torch.exp(run_max[..., i - 1] - shift[..., i])
             denom = denom * rescale + block_sum[..., i]
-            out = out * rescale.unsqueeze(-1) + block_out[..., i, :]
+            out = out * rescale.unsqueeze(-1) + outs[i]
         final = run_max[..., -1]
         sink_logit = sink.to(acc).view(1, 1, -1).expand(b, s, h)
         last_shift = torch.where(final.isfinite(), final, sink_logit.detach())
@@ -371,43 +410,92 @@ class CpuBackend(ReferenceBackend):
         pre = torch.sigmoid(m[..., :h] * scale[0] + base[:h]).add_(eps)
         post = torch.sigmoid(m[..., h : 2 * h] * scale[1] + base[h : 2 * h]).mul_(2.0)
         comb = (m[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))
-        comb = torch.exp(comb - comb.amax(dim=-1, keepdim=True))
-        sums = comb.sum(dim=-1, keepdim=True)
-        comb.div_(sums).add_(eps)
-        col = torch.sum(comb, dim=-2, keepdim=True)
-        comb.div_(col.add_(eps))
+        comb = torch.exp(comb - comb.amax(dim=-1, keepdim=True))  # [..., h, h]
+        tokens = comb.numel() // (h * h)
+        # many tokens (a prefill): the matrices token-minor [h, h, T], so each sum adds h rows of T contiguous
+        # values in order instead of reducing T tiny rows (the same additions, vectorised over the tokens)
+        minor = tokens >= SINKHORN_TOKEN_MINOR
+        work = comb.reshape(tokens, h, h).permute(1, 2, 0).contiguous() if minor else comb
+        row_dim, col_dim = (1, 0) if minor else (-1, -2)
+        sums = work.sum(dim=row_dim, keepdim=True)
+        work.div_(sums).add_(eps)
+        col = torch.sum(work, dim=col_dim, keepdim=True)
+        work.div_(col.add_(eps))
         for _ in range(iters - 1):
-            torch.sum(comb, dim=-1, keepdim=True, out=sums)
-            comb.div_(sums.add_(eps))
-            torch.sum(comb, dim=-2, keepdim=True, out=col)
-            comb.div_(col.add_(eps))
+            torch.sum(work, dim=row_dim, keepdim=True, out=sums)
+            work.div_(sums.add_(eps))
+            torch.sum(work, dim=col_dim, keepdim=True, out=col)
+            work.div_(col.add_(eps))
+        if minor:
+            comb = work.permute(2, 0, 1).reshape(comb.shape)
         return pre, post, comb
 
 
-def _gather_kv(kv: Tensor | Sequence[KVRows], idx: Tensor) -> Tensor:
+def _one_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """Attention over rows already in the compute dtype (fp32 models), where rounding the probabilities to the
+    rows' dtype changes nothing and the 64-slot blocks only order the fp32 sums: one softmax over all of a
+    query's slots. A prefill chunk (slots outnumbering the rows) scores every row with one GEMM and picks the
+    slots' logits, then multiplies the probabilities scattered back onto the rows; otherwise only the named
+    rows are read."""
+    b, s, h, d = q.shape
+    k = idx.shape[-1]
+    valid = (idx >= 0).unsqueeze(2)  # [B, S, 1, K]
+    slots = idx.clamp(min=0).unsqueeze(2).expand(b, s, h, k)  # [B, S, H, K]
+    n_rows = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in runs)
+    dense = s * k >= n_rows
+    if dense:
+        rows = concat_rows(runs)  # [B, N, D]
+        every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, -1)  # [B, S, H, N]
+        logits = every.gather(3, slots)
+    else:
+        rows = _gather_kv(runs, idx)  # [B, S, K, D]
+        logits = torch.bmm(q.reshape(b * s, h, d), rows.view(b * s, k, d).transpose(1, 2)).view(b, s, h, k)
+    logits = logits.mul_(scale).masked_fill_(~valid, float("-inf"))
+    top = logits.amax(dim=-1)  # [B, S, H]
+    sink_logit = sink.to(q.dtype).view(1, 1, -1).expand(b, s, h)
+    shift = torch.where(top.isfinite(), top, sink_logit)
+    p = torch.exp(logits - shift.unsqueeze(-1))
+    denom = p.sum(dim=-1) + torch.exp(sink_logit - shift)
+    if dense:
+        weights = torch.zeros_like(every).scatter_add_(3, slots, p)
+        out = torch.bmm(weights.view(b, s * h, -1), rows).view(b, s, h, d)
+    else:
+        out = torch.bmm(p.view(b * s, h, k), rows.view(b * s, k, d)).view(b, s, h, d)
+    return out / denom.unsqueeze(-1)
+
+
+def _gather_kv(kv: Tensor | Sequence[KVRows], idx: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """The rows [B, S, K, D] that idx [B, S, K] names in the concatenation of the runs (-1: any row, masked
-    later), in the first run's dtype; paged runs are read row by row from their pool and decoded after."""
+    later), with the first run's values (the reference casts the other runs to its dtype), in `dtype` (default:
+    the first run's). When the slots outnumber the rows (a prefill chunk: its queries share
+    their window) every row is decoded once and indexed; otherwise (decoding) only the named rows are read,
+    paged ones row by row from their pool and decoded after the read."""
     runs = [kv] if isinstance(kv, Tensor) else list(kv)
     b = idx.shape[0]
-    flat = idx.reshape(b, -1)  # [B, S*K]
-    out = None
-    lo = 0
-    dtype = runs[0].dtype
-    for run in runs:
-        n = run.shape[1] if isinstance(run, Tensor) else run.count
+    flat = idx.reshape(b, -1)  # [B, M]
+    sizes = [run.shape[1] if isinstance(run, Tensor) else run.count for run in runs]
+    if flat.shape[1] >= sum(sizes) or all(isinstance(run, Tensor) for run in runs):
+        dense = concat_rows(runs).to(dtype or runs[0].dtype)  # [B, N, D], cast before the gather multiplies it
+        n = dense.shape[1]
+        base = (torch.arange(b, device=idx.device) * n).unsqueeze(1)
+        rows = dense.reshape(b * n, -1).index_select(0, (flat.clamp(min=0) + base).flatten())
+        return rows.view(*idx.shape, -1)
+    out, lo = None, 0
+    for run, n in zip(runs, sizes, strict=True):
         if n == 0:
             continue
         inside = (flat >= lo) & (flat < lo + n)
         local = torch.where(inside, flat - lo, 0)
         if isinstance(run, Tensor):
-            got = torch.gather(run, 1, local.unsqueeze(-1).expand(-1, -1, run.shape[-1]))
+            base = (torch.arange(b, device=idx.device) * n).unsqueeze(1)
+            got = run.reshape(b * n, -1).index_select(0, (local + base).flatten()).view(b, flat.shape[1], -1)
         else:
             got = _paged_rows(run, local)
-        got = got.to(dtype)
+        got = got.to(runs[0].dtype).to(dtype or runs[0].dtype)
         out = got if out is None else torch.where(inside.unsqueeze(-1), got, out)
         lo += n
     if out is None:  # no rows at all: every index is -1
-        return torch.zeros(*idx.shape, runs[0].shape[-1], dtype=dtype, device=idx.device)
+        return torch.zeros(*idx.shape, runs[0].shape[-1], dtype=dtype or runs[0].dtype, device=idx.device)
     return out.view(*idx.shape, -1)
 
 
