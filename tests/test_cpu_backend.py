@@ -253,3 +253,20 @@ def test_a_vocabulary_projection_multiplies_a_kept_transposed_copy(fast):
     w.requires_grad_(True)
     fast.linear(x, w).sum().backward()  # training multiplies the parameter itself
     assert w.grad is not None
+
+
+@pytest.mark.parametrize("s", [1, 40])  # rows read by index (decode), every row scored by one GEMM (prefill)
+def test_sparse_attention_gradients_match_the_reference(fast, s):
+    b, h, d, n, k = 2, 4, 32, 60, 48
+    grads = {}
+    for name, backend in (("reference", REF), ("cpu", fast)):
+        q = _rand(b, s, h, d, seed=1).requires_grad_(True)
+        kv = _rand(b, n, d, seed=2).requires_grad_(True)
+        sink = _rand(h, seed=3).requires_grad_(True)
+        idx = torch.randint(0, n, (b, s, k), generator=torch.Generator().manual_seed(4))
+        idx[:, :, ::5] = -1
+        out = backend.sparse_attn(q, kv, idx, sink, d**-0.5)
+        (out * _rand(*out.shape, seed=5)).sum().backward()
+        grads[name] = (out.detach(), q.grad, kv.grad, sink.grad)
+    for want, got in zip(grads["reference"], grads["cpu"], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())

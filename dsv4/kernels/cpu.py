@@ -64,6 +64,8 @@ DEFAULT_CACHE_MB = 2048
 # the experts run and the padded rows number at most this many times the routed ones; else expert by expert
 # (reading every expert's weights to use two of them costs more than the ops it saves)
 PAD_WASTE = 4
+# fp32 attention scores every row with one GEMM while that score slab stays under this size
+DENSE_SCORES_BYTES = 256 << 20
 # Sinkhorn over at least this many tokens runs on token-minor matrices (bit-equal from 3 tokens up on this build)
 SINKHORN_TOKEN_MINOR = 16
 # float projections with at least this many outputs (vocabularies) use a transposed copy of their weight
@@ -360,7 +362,7 @@ class CpuBackend(ReferenceBackend):
             return torch.zeros_like(q)
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         kv_dtype = runs[0].dtype
-        if kv_dtype == compute_dtype(q, runs[0], sink) and not torch.is_grad_enabled():
+        if kv_dtype == compute_dtype(q, runs[0], sink):
             return _one_softmax(q, runs, idx, sink, scale)
         acc = compute_dtype(q, runs[0], sink)
         rows = _gather_kv(runs, idx, acc)  # [B, S, K, D], the first run's values in the compute dtype
@@ -436,13 +438,14 @@ def _one_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale
     rows' dtype changes nothing and the 64-slot blocks only order the fp32 sums: one softmax over all of a
     query's slots. A prefill chunk (slots outnumbering the rows) scores every row with one GEMM and picks the
     slots' logits, then multiplies the probabilities scattered back onto the rows; otherwise only the named
-    rows are read."""
+    rows are read. Differentiable (training)."""
     b, s, h, d = q.shape
     k = idx.shape[-1]
     valid = (idx >= 0).unsqueeze(2)  # [B, S, 1, K]
     slots = idx.clamp(min=0).unsqueeze(2).expand(b, s, h, k)  # [B, S, H, K]
     n_rows = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in runs)
-    dense = s * k >= n_rows
+    # (in training too: the backward's GEMMs over every row beat thousands of tiny per-query ones)
+    dense = s * k >= n_rows and b * s * h * n_rows * q.element_size() <= DENSE_SCORES_BYTES
     if dense:
         rows = concat_rows(runs)  # [B, N, D]
         every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, -1)  # [B, S, H, N]
@@ -451,9 +454,9 @@ def _one_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale
         rows = _gather_kv(runs, idx)  # [B, S, K, D]
         logits = torch.bmm(q.reshape(b * s, h, d), rows.view(b * s, k, d).transpose(1, 2)).view(b, s, h, k)
     logits = logits.mul_(scale).masked_fill_(~valid, float("-inf"))
-    top = logits.amax(dim=-1)  # [B, S, H]
+    top = logits.amax(dim=-1).detach()  # [B, S, H]; the shift cancels, so it carries no gradient
     sink_logit = sink.to(q.dtype).view(1, 1, -1).expand(b, s, h)
-    shift = torch.where(top.isfinite(), top, sink_logit)
+    shift = torch.where(top.isfinite(), top, sink_logit.detach())
     p = torch.exp(logits - shift.unsqueeze(-1))
     denom = p.sum(dim=-1) + torch.exp(sink_logit - shift)
     if dense:

@@ -18,6 +18,8 @@ from torch import Tensor
 from .. import kernels
 
 HC_MODES = ("mhc", "hc", "residual")
+# hc_post sums the streams term by term from this many tokens on (fewer ops below it, less memory above)
+TERMWISE_TOKENS = 64
 
 
 def _mixes(x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
@@ -62,8 +64,15 @@ def hc_post(out: Tensor, x: Tensor, post: Tensor | None, comb: Tensor | None) ->
     X + out when post and comb are None)."""
     if comb is None:
         return (x.to(torch.float32) + out.to(torch.float32).unsqueeze(2)).to(x.dtype)
-    # the official expression: products rounded to fp32, then summed over j (an einsum fuses them differently)
-    mixed = torch.sum(comb.unsqueeze(-1) * x.to(torch.float32).unsqueeze(-2), dim=2)
+    # the official expression: products rounded to fp32, then summed over j in order (an einsum fuses them
+    # differently); for many tokens term by term, the same additions without the [B,S,h,h,d] product tensor
+    xf = x.to(torch.float32)
+    if comb.shape[0] * comb.shape[1] < TERMWISE_TOKENS:
+        mixed = torch.sum(comb.unsqueeze(-1) * xf.unsqueeze(-2), dim=2)
+    else:
+        mixed = comb[:, :, 0].unsqueeze(-1) * xf[:, :, 0].unsqueeze(-2)  # [B,S,k,d]: stream 0's share of each k
+        for j in range(1, comb.shape[2]):
+            mixed = mixed + comb[:, :, j].unsqueeze(-1) * xf[:, :, j].unsqueeze(-2)
     return (post.unsqueeze(-1) * out.to(torch.float32).unsqueeze(2) + mixed).to(x.dtype)
 
 
