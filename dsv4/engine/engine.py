@@ -35,9 +35,11 @@ With `num_speculative = k` > 0 every decode step is an MTP speculative step (arc
 drafts k tokens per decoding request (`_draft`), the main model scores the pending token and the drafts in the
 same batched call as the prefill chunks, `verify_drafts` accepts the longest agreeing prefix (greedy) or runs
 standard speculative sampling, and `Cache.rollback` restores the rejected drafts' ring slots and compressor
-tails exactly. The MTP cache runs one token behind the main cache (the last token's final streams wait in
-`hidden` for their successor), so its contents, like the main cache's, depend only on the token prefix; hence
-prefix saves and preemption work unchanged. Greedy output is token for token the plain greedy sequence.
+tails exactly; the MTP call that feeds the accepted tokens also takes the emitted one and drafts the next step's
+first token. The MTP cache runs one token behind the main cache (the last token's final streams wait in
+`hidden` for their successor) whenever a state is saved, so its contents, like the main cache's, depend only on
+the token prefix; hence prefix saves and preemption work unchanged. Greedy output is token for token the plain
+greedy sequence.
 
 `AsyncEngine` wraps an `Engine` for asyncio: `generate(prompt_ids, params)` is an async iterator of the
 request's updates, the step loop runs as a background task, and a consumer that stops (cancellation,
@@ -120,6 +122,9 @@ class _Request:
     admitted: bool = False
     ready: Tensor | None = None  # saved logits to sample from without a forward (a whole-token prefix hit)
     hidden: Tensor | None = None  # [hc, dim] final streams of the last cached token, the MTP block's next input
+    # after a speculative step the MTP block has already consumed (hidden, pending token): its output streams
+    # [hc, dim] and logits [vocab] for the next step's first draft
+    drafted: tuple[Tensor, Tensor] | None = None
     # asked for and not delivered yet: the prompt tokens scored so far (kept across a preemption)
     prompt_logprobs: list[TokenLogprobs] | None = None
 
@@ -271,7 +276,7 @@ class Engine:
             self._slots[req.slot] = None
             self.kv.release(req.slot)
             req.slot = None
-        req.computed, req.ready, req.hidden = 0, None, None
+        req.computed, req.ready, req.hidden, req.drafted = 0, None, None, None
 
     def _preempt(self, req: _Request) -> None:
         """Free a running request's memory; it waits at its arrival position and recomputes later."""
@@ -457,17 +462,29 @@ class Engine:
 
     def _draft(self, reqs: list[_Request]) -> dict[_Request, tuple[list[int], Tensor]]:
         """k draft tokens per decoding request from the MTP block: its first call consumes the true pair
-        (final streams of the last cached token, the pending token) and drafts d_1; each further call feeds the
-        block its own output streams and the previous draft (DeepSeek's reuse of one MTP layer for deeper
-        drafts). Returns each request's drafts and the distributions q [k, vocab] they were drawn from."""
-        hidden = torch.stack([r.hidden for r in reqs]).unsqueeze(1)  # [n, 1, hc, d]
+        (final streams of the last cached token, the pending token) and drafts d_1 (after a speculative step
+        that call already ran, in the step's catch-up: `_Request.drafted`); each further call feeds the block
+        its own output streams and the previous draft (DeepSeek's reuse of one MTP layer for deeper drafts).
+        Returns each request's drafts and the distributions q [k, vocab] they were drawn from."""
         tok, lengths = self._batch([r.token_slice(r.computed, r.computed + 1) for r in reqs])
         cache = self._rows(reqs)
         drafted: list[list[int]] = [[] for _ in reqs]
         qs: list[list[Tensor]] = [[] for _ in reqs]
-        for _ in range(self.k):
-            hidden = self.model.mtp_streams(hidden, tok, cache, lengths=lengths)
-            logits = self.model.mtp_head(hidden)[:, 0]  # [n, vocab]
+        fresh = [r for r in reqs if r.drafted is None]  # the others' first MTP call ran with the last step's
+        if fresh:
+            rows = [i for i, r in enumerate(reqs) if r.drafted is None]
+            out = self.model.mtp_streams(torch.stack([r.hidden for r in fresh]).unsqueeze(1), tok[rows],
+                                         self._rows(fresh), lengths=lengths[rows])
+            for r, streams, logits in zip(fresh, out[:, 0], self.model.mtp_head(out)[:, 0], strict=True):
+                r.drafted = (streams, logits)
+        hidden = torch.stack([r.drafted[0] for r in reqs]).unsqueeze(1)  # [n, 1, hc, d] the MTP block's output
+        logits = torch.stack([r.drafted[1] for r in reqs])  # [n, vocab]
+        for r in reqs:
+            r.drafted = None
+        for depth in range(self.k):
+            if depth:
+                hidden = self.model.mtp_streams(hidden, tok, cache, lengths=lengths)
+                logits = self.model.mtp_head(hidden)[:, 0]  # [n, vocab]
             toks, q = draft_tokens(self.sampler, logits, [r.params for r in reqs], [r.state for r in reqs], drafted)
             for i in range(len(reqs)):
                 drafted[i].append(int(toks[i]))
@@ -480,16 +497,24 @@ class Engine:
                       verifying: list[_Request], finished: set[_Request]) -> None:
         """Feed the MTP block the pairs (final streams at position i, token i + 1) the step made known, up to the
         last kept token, whose streams wait in `hidden` for the next token: the MTP cache stays one token behind
-        the main cache, so what it holds is a function of the token prefix alone (prefix-cache safe)."""
+        the main cache, so what it holds is a function of the token prefix alone (prefix-cache safe). A request
+        that verified drafts has also emitted the token after its last kept one: its pair joins this call, and
+        its output is the next step's first draft (one MTP call per speculative step instead of two). Such a
+        request's MTP cache is level with its tokens, not behind; it is saved to the prefix cache only when it
+        finishes, and a finished request gets no such pair."""
         pairs: dict[_Request, tuple[Tensor, list[int]]] = {}
         for req in plan:
             if req in finished:
                 continue
-            m, own = kept[req], streams[row[req], :kept[req] - 1]
-            if req in verifying or start[req] == 0:  # no pair before the first token / the drafter took it
-                pairs[req] = (own, fed[req][1:m])
+            m = kept[req]
+            if req in verifying:
+                # the step emitted its next token too (the last one; the main model has not consumed it): feed
+                # that true pair now as well, and the next step drafts from its output without an MTP call
+                pairs[req] = (streams[row[req], :m], fed[req][1:m] + [req.state.output_ids[-1]])
+            elif start[req] == 0:  # no pair before the first token
+                pairs[req] = (streams[row[req], :m - 1], fed[req][1:m])
             else:
-                pairs[req] = (torch.cat((req.hidden.unsqueeze(0), own)), fed[req][:m])
+                pairs[req] = (torch.cat((req.hidden.unsqueeze(0), streams[row[req], :m - 1])), fed[req][:m])
             req.hidden = streams[row[req], m - 1].clone()
         pairs = {req: p for req, p in pairs.items() if p[1]}  # rows with nothing to feed are left out
         if not pairs:
@@ -500,7 +525,14 @@ class Engine:
                              device=self.device)
         for i, (h, t) in enumerate(pairs.values()):
             hidden[i, :len(t)] = h
-        self.model.mtp_streams(hidden, tokens, self._rows(pairs), lengths=lengths)
+        out = self.model.mtp_streams(hidden, tokens, self._rows(pairs), lengths=lengths)
+        ahead = [(i, req) for i, req in enumerate(pairs) if req in verifying]
+        if ahead:
+            at = torch.tensor([i for i, _ in ahead], device=self.device)
+            last = out[at, lengths[at] - 1]  # [n, hc, d] the MTP block's output after the emitted token
+            for (_, req), streams_row, logits_row in zip(ahead, last, self.model.mtp_head(last.unsqueeze(1))[:, 0],
+                                                         strict=True):
+                req.drafted = (streams_row, logits_row)
 
     def _batch(self, token_lists: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Token lists as one right-padded batch: tokens [n, width] and lengths [n], on the model's device."""
