@@ -44,8 +44,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens per KV page, a multiple of every compression ratio (default: 128 for V4)")
     p.add_argument("--prefix-cache-mb", type=non_negative_int, default=EngineConfig.prefix_cache_bytes // MIB,
                    help="prefix cache size (0: off)")
-    p.add_argument("--prefix-interval", type=positive_int, default=None, metavar="N",
-                   help="also save long prompts in the prefix cache every N tokens")
+    p.add_argument("--prefix-interval", type=non_negative_int, default=EngineConfig.prefix_interval, metavar="N",
+                   help="also save long prompts in the prefix cache every N tokens, so prompts sharing a system "
+                        "prompt or tools resume from it (default: %(default)s; 0: only whole prompts and outputs)")
     p.add_argument("--num-speculative", type=non_negative_int, default=EngineConfig.num_speculative,
                    help="MTP draft tokens per step (0: off)")
     p.add_argument("--kernel-backend", choices=kernels.backend_names(), default=None,
@@ -61,7 +62,7 @@ def model_source(args: argparse.Namespace, seed: int = 0, served_names: tuple[st
 def engine_config(args: argparse.Namespace, max_batch: int, seed: int = 0) -> EngineConfig:
     return EngineConfig(max_batch=max_batch, max_seq_len=args.max_context, prefill_chunk=args.prefill_chunk,
                         kv_format=args.kv_format, kv_budget_bytes=args.kv_budget, page_tokens=args.page_tokens,
-                        prefix_cache_bytes=args.prefix_cache_mb * MIB, prefix_interval=args.prefix_interval,
+                        prefix_cache_bytes=args.prefix_cache_mb * MIB, prefix_interval=args.prefix_interval or None,
                         num_speculative=args.num_speculative, seed=seed, kernel_backend=args.kernel_backend)
 
 
