@@ -19,10 +19,15 @@ the order decides the bits (see each op), so its results are the reference's:
   GEMM shapes and bits); float experts (plain numerics) run as one batched GEMM per projection over all
   experts' stacked weights (kept while the weights are unchanged), each expert's rows padded to the largest
   group, when most experts run (a batch, a prefill) and the routing is not so skewed that padding dominates.
-* **sparse attention**: only the rows the indices name are read (paged entries are decoded row by row from the
-  pool, never page by page), every 64-slot block's logits and value products in one batched op each, and the
-  official online-softmax combination across blocks in block order.
-* **Sinkhorn**: the same sequence of row and column normalisations, in place on one buffer.
+* **sparse attention**: over rows in a narrower dtype than the compute (bf16 models), the reference's 64-slot
+  blocks: the rows the indices name gathered once, every block's logits and value products in one batched op
+  each, and the official online-softmax combination across blocks in block order (bit-equal). Over fp32 rows,
+  where rounding the probabilities changes nothing and the blocks only order fp32 sums, one softmax: a prefill
+  chunk scores every row with one GEMM, a decode reads only the rows it names (paged entries row by row from the
+  pool, never page by page). Differentiable, so training uses it.
+* **Sinkhorn**: the same sequence of row and column normalisations, in place on one buffer (token-minor for
+  many tokens, so each sum runs over contiguous rows).
+* **the head**: a vocabulary-sized float projection multiplies a kept transposed copy of its weight.
 
 Ops this backend does not override are the reference's. Everything here runs on any device torch runs on, but
 the dispatcher picks it for CPU tensors (`dsv4.kernels`, "auto").
@@ -136,10 +141,6 @@ class DecodedWeights:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.used_bytes -= entry[4]
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.used_bytes = 0
 
 
 def _version(t: Tensor) -> int:
