@@ -71,6 +71,9 @@ DEFAULT_CACHE_MB = 2048
 PAD_WASTE = 4
 # fp32 attention scores every row with one GEMM while that score slab stays under this size
 DENSE_SCORES_BYTES = 256 << 20
+DENSE_ROWS_PER_SLOT = 8
+# attention over a long prefill chunk runs in blocks of queries whose gathered rows and scores stay under this
+GATHER_BYTES = 64 << 20
 # Sinkhorn over at least this many tokens runs on token-minor matrices (bit-equal from 3 tokens up on this build)
 SINKHORN_TOKEN_MINOR = 16
 # float projections with at least this many outputs (vocabularies) use a transposed copy of their weight
@@ -361,6 +364,11 @@ class CpuBackend(ReferenceBackend):
         n_slots = idx.shape[-1]
         if n_slots == 0:
             return torch.zeros_like(q)
+        per_query = b * n_slots * (d + h) * 4  # bytes of gathered fp32 rows and scores per query position
+        if s > 1 and s * per_query > GATHER_BYTES:  # a long prefill chunk: queries in blocks, memory bounded
+            step = max(1, GATHER_BYTES // per_query)
+            return torch.cat([self.sparse_attn(q[:, lo : lo + step], kv, idx[:, lo : lo + step], sink, scale)
+                              for lo in range(0, s, step)], dim=1)
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         kv_dtype = runs[0].dtype
         if kv_dtype == compute_dtype(q, runs[0], sink):
@@ -445,8 +453,11 @@ def _one_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale
     valid = (idx >= 0).unsqueeze(2)  # [B, S, 1, K]
     slots = idx.clamp(min=0).unsqueeze(2).expand(b, s, h, k)  # [B, S, H, K]
     n_rows = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in runs)
-    # (in training too: the backward's GEMMs over every row beat thousands of tiny per-query ones)
-    dense = s * k >= n_rows and b * s * h * n_rows * q.element_size() <= DENSE_SCORES_BYTES
+    # scoring every row costs H*N GEMM work per query against gathering K rows and tiny per-query GEMMs: measured
+    # here, it pays while the rows are at most DENSE_ROWS_PER_SLOT times the slots (a short context), in training
+    # too, and not over a long context's compressed entries
+    dense = (s * k >= n_rows and n_rows <= DENSE_ROWS_PER_SLOT * k
+             and b * s * h * n_rows * q.element_size() <= DENSE_SCORES_BYTES)
     if dense:
         rows = concat_rows(runs)  # [B, N, D]
         every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, -1)  # [B, S, H, N]
