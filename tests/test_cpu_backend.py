@@ -1,9 +1,12 @@
 """The fast "cpu" kernel backend against the reference oracle, op by op and end to end.
 
-Where the cpu backend keeps the reference's rounding order (quantisation, the block-scaled GEMMs, the quantised
-experts, Sinkhorn, attention over bf16 rows) the results must be equal bit for bit; where it sums fp32 products
-in another order (float experts as one batched GEMM) they must agree within 1e-5 of the largest value. The
-model-level pins (`test_regression_pins.py`) run on both backends too."""
+Where the cpu backend keeps the reference's rounding order the results must be equal bit for bit: quantisation
+(elementwise, on every machine), and the block-scaled GEMMs, the quantised experts, Sinkhorn and attention over
+bf16 rows, whose bits also depend on which BLAS and reduction kernels the machine's torch build picks, so they
+are compared bit for bit on the machine kind the regression pins were written on (`test_regression_pins.py`,
+where this was established) and within fp32 rounding on any other (checked, not skipped). Where the backend
+sums fp32 products in another order (float experts as one batched GEMM, fp32 attention as one softmax) they
+must agree within 1e-5 of the largest value. The model-level pins run on both backends too."""
 
 from __future__ import annotations
 
@@ -20,6 +23,23 @@ from dsv4.model import Transformer, init_weights
 from dsv4.quant import quantize_fp4_weight, quantize_fp8_weight
 
 REF = ReferenceBackend()
+
+
+def _same_machine_kind() -> bool:
+    from test_regression_pins import PINS, machine
+
+    return torch.load(PINS, weights_only=True)["machine"] == machine()
+
+
+SAME_KIND = _same_machine_kind()
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Bit for bit on the pins' machine kind; elsewhere within `rtol` of the largest value."""
+    if SAME_KIND:
+        assert torch.equal(got, want), (got - want).abs().max()
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=rtol * want.float().abs().max().item())
 
 
 @pytest.fixture
@@ -78,11 +98,11 @@ def test_fp8_and_fp4_gemms_equal_the_reference_bit_for_bit(fast, m, n, k):
     x = _rand(m, k, seed=m + k)
     xq, xs = REF.act_quant(x)
     w8, s8 = quantize_fp8_weight(_rand(n, k, seed=n, scale=0.05))
-    assert torch.equal(fast.fp8_gemm(xq, xs, w8, s8, torch.float32), REF.fp8_gemm(xq, xs, w8, s8, torch.float32))
+    assert_same(fast.fp8_gemm(xq, xs, w8, s8, torch.float32), REF.fp8_gemm(xq, xs, w8, s8, torch.float32))
     if k % 32 == 0:
         w4, s4 = quantize_fp4_weight(_rand(n, k, seed=n + 1, scale=0.05))
         got = fast.fp4_gemm(xq, xs, w4, s4, torch.bfloat16)
-        assert torch.equal(got, REF.fp4_gemm(xq, xs, w4, s4, torch.bfloat16))
+        assert_same(got, REF.fp4_gemm(xq, xs, w4, s4, torch.bfloat16), rtol=2**-8)
 
 
 def test_decoded_weights_are_kept_refreshed_and_bounded():
@@ -131,7 +151,7 @@ def test_routed_experts_equal_the_reference(fast, quantised, tokens, k):
         got = fast.routed_experts(x, weights, ids, experts, which, 10.0)
         want = REF.routed_experts(x, weights, ids, experts, which, 10.0)
         if quantised:
-            assert torch.equal(got, want)
+            assert_same(got, want, rtol=2**-8)
         else:
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
         # experts held by another rank (None) are skipped, the rows routed to them add nothing
@@ -180,7 +200,7 @@ def test_sparse_attention_equals_the_reference(fast, dtype, slots):
     want = REF.sparse_attn(q, [window, paged], idx, sink, d**-0.5)
     got = fast.sparse_attn(q, [window, paged], idx, sink, d**-0.5)
     if dtype == torch.bfloat16:
-        assert torch.equal(got, want)
+        assert_same(got, want, rtol=2**-8)
     else:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert not got[0, 0].any()
@@ -193,7 +213,7 @@ def test_sinkhorn_equals_the_reference_bit_for_bit(fast):
         with torch.no_grad():
             for got, want in zip(fast.hc_split_sinkhorn(mixes, scale, base, 4, 20, 1e-6),
                                  REF.hc_split_sinkhorn(mixes, scale, base, 4, 20, 1e-6), strict=True):
-                assert torch.equal(got, want)
+                assert_same(got, want)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -227,8 +247,8 @@ def test_the_small_preset_gives_the_reference_logits_and_greedy_tokens(numerics)
                 cache = model.new_cache(2, 160)
                 logits[backend] = torch.cat([model(tokens[:, :100], cache), model(tokens[:, 100:101], cache),
                                              model(tokens[:, 101:], cache)], dim=1)
-    if numerics == "exact":
-        assert torch.equal(logits["cpu"], logits["reference"])
+    if numerics == "exact":  # elsewhere: the official-parity tolerance, one bf16 step of the largest logit
+        assert_same(logits["cpu"], logits["reference"], rtol=2**-8)
     else:
         err = (logits["cpu"] - logits["reference"]).abs().max() / logits["reference"].abs().max()
         assert err <= 1e-5, err
