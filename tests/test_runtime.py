@@ -50,7 +50,8 @@ def test_a_preset_builds_a_working_service():
     engine = service.engine.engine
     assert service.model_names == ["dsv4-tiny"] and service.max_output_tokens == 8
     assert (engine.model.dtype, engine.model.numerics, engine.kv.kv_format) == (torch.float32, "plain", "model")
-    assert engine.prefix is not None and engine.prefix_interval == 128  # `dsv4 serve`'s 64 MB prefix cache
+    # `dsv4 serve`'s prefix cache: 512 MB, long prompts saved every 128 tokens
+    assert engine.prefix is not None and engine.prefix.budget_bytes == 512 << 20 and engine.prefix_interval == 128
     assert service.thinking_sampling == {"temperature": 1.0, "top_p": 1.0}  # V4's T = 1 without a generation_config
     assert 1 <= ask(service, 3).completion_tokens <= 3
 
