@@ -120,7 +120,7 @@ class EngineConfig:
     V4); `prefix_cache_bytes` (0: off; the saved states' own bytes, pages being shared with the KV pool) and
     `prefix_interval`: the prefix cache, saving long prompts every 128 tokens by default, so requests that share
     a system prompt or tool definitions but differ after them resume from the shared part (the demo's
-    evaluation, 1,000 requests: 352 s with 64 MB, whose LRU evicts the shared prefixes, 201 s with 512 MB);
+    evaluation against its own server, 1,000 requests: 201 s with 512 MB; 64 MB evicts the shared prefixes);
     `num_speculative`: MTP draft tokens per step (0: off); `seed`: the sampler's shared generator (every rank's
     must be equal); `kernel_backend`: the `dsv4.kernels` backend the engine runs the model on (None:
     $DSV4_KERNEL_BACKEND, else "auto", the device's)."""
