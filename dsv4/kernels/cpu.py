@@ -35,6 +35,7 @@ the dispatcher picks it for CPU tensors (`dsv4.kernels`, "auto").
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 from collections.abc import Sequence
@@ -256,9 +257,7 @@ class CpuBackend(ReferenceBackend):
         flat = ids.flatten()
         order = torch.sort(flat, stable=True).indices  # routed rows grouped by expert, token order inside
         counts = torch.bincount(flat, minlength=len(experts)).tolist()
-        starts = [0] * len(counts)
-        for e in range(1, len(counts)):
-            starts[e] = starts[e - 1] + counts[e - 1]
+        starts = [0, *itertools.accumulate(counts[:-1])]  # each expert's first row in `order`
         which = [e for e in which if counts[e]]
         if len(which) < len(counts) - counts.count(0):  # some routed rows belong to experts run elsewhere
             keep = torch.cat([order[starts[e] : starts[e] + counts[e]] for e in which])
