@@ -5,7 +5,8 @@ Callers use the functions of this module (`kernels.linear(x, w, s)`, `kernels.sp
 op on the *active* backend:
 
 * by default the backend named by the environment variable `DSV4_KERNEL_BACKEND`, else "auto": the fastest
-  backend for the device of each op's first tensor ("cpu" on the CPU, the "reference" elsewhere);
+  backend for the device of each op's first tensor ("cpu" on the CPU, "triton" on CUDA when the `triton`
+  package is installed, the "reference" elsewhere);
 * inside `with kernels.use_backend(name):` that one. The choice is a context variable, so it holds per thread
   and per asyncio task, and two engines in one process may run different backends.
 
@@ -15,7 +16,8 @@ against). Adding one takes one module, a class deriving from `ReferenceBackend` 
 accelerates (the rest fall back to the oracle, and an op the oracle builds from others, e.g. `linear` from
 `act_quant` and `fp8_gemm`, picks the override up), plus one line in `_BUILTIN`, e.g.
 `"triton": "dsv4.kernels.triton:TritonBackend"`. The module is imported only when its backend is chosen, so its
-optional dependencies cost nothing to anyone else. `register_backend` adds one at run time (tests, plugins).
+optional dependencies cost nothing to anyone else (`_REQUIRES` names them, so "auto" skips a backend whose
+package is missing). `register_backend` adds one at run time (tests, plugins).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -35,8 +38,9 @@ from .paged import KVRows, PagedRows, RowCodec
 
 ENV_VAR = "DSV4_KERNEL_BACKEND"
 DEFAULT_BACKEND = "auto"
-# the backend "auto" runs an op on, by the device type of the op's first tensor; other devices: "reference"
-BY_DEVICE = {"cpu": "cpu"}
+# the backend "auto" runs an op on, by the device type of the op's first tensor; other devices, or a backend whose
+# package is missing: "reference"
+BY_DEVICE = {"cpu": "cpu", "cuda": "triton"}
 
 OPS = (
     "act_quant",
@@ -60,7 +64,10 @@ _BUILTIN: dict[str, str] = {
     "reference": "dsv4.kernels.reference:ReferenceBackend",
     "cpu": "dsv4.kernels.cpu:CpuBackend",
     "auto": "dsv4.kernels:AutoBackend",
+    "triton": "dsv4.kernels.triton:TritonBackend",
 }
+# the optional package a built-in backend imports ("auto" passes over the backend when it is not installed)
+_REQUIRES = {"triton": "triton"}
 _factories: dict[str, str | Callable[[], Any]] = dict(_BUILTIN)
 _instances: dict[str, Any] = {}
 _active: contextvars.ContextVar[Any] = contextvars.ContextVar("dsv4_kernel_backend", default=None)
@@ -107,11 +114,15 @@ def default_backend_name() -> str:
 
 
 def resolve_backend_name(name: str, device: torch.device | str) -> str:
-    """The backend `name` stands for on `device`: "auto" becomes the device's own choice (`BY_DEVICE`), any
-    other name stays as it is."""
+    """The backend `name` stands for on `device`: "auto" becomes the device's own choice (`BY_DEVICE`, or the
+    reference when that backend's package is not installed), any other name stays as it is."""
     if name != "auto":
         return name
-    return BY_DEVICE.get(torch.device(device).type, "reference")
+    chosen = BY_DEVICE.get(torch.device(device).type, "reference")
+    package = _REQUIRES.get(chosen)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return "reference"
+    return chosen
 
 
 class AutoBackend:

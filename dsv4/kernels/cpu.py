@@ -35,7 +35,6 @@ the dispatcher picks it for CPU tensors (`dsv4.kernels`, "auto").
 
 from __future__ import annotations
 
-import itertools
 import os
 import weakref
 from collections.abc import Sequence
@@ -60,7 +59,7 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
-from .experts import ExpertWeights
+from .experts import ExpertWeights, add_routed_rows, group_routed_rows
 from .paged import KVRows, PagedRows, concat_rows
 from .reference import ATTN_BLOCK, ReferenceBackend, compute_dtype, flatten_tokens
 
@@ -253,22 +252,14 @@ class CpuBackend(ReferenceBackend):
         reference, whose zero-row experts keep expert-parallel gradients whole."""
         if not which or torch.is_grad_enabled() and (x.requires_grad or experts[which[0]].w1.requires_grad):
             return super().routed_experts(x, weights, ids, experts, which, limit)
-        t, k = ids.shape
-        flat = ids.flatten()
-        order = torch.sort(flat, stable=True).indices  # routed rows grouped by expert, token order inside
-        counts = torch.bincount(flat, minlength=len(experts)).tolist()
-        starts = [0, *itertools.accumulate(counts[:-1])]  # each expert's first row in `order`
-        which = [e for e in which if counts[e]]
-        if len(which) < len(counts) - counts.count(0):  # some routed rows belong to experts run elsewhere
-            keep = torch.cat([order[starts[e] : starts[e] + counts[e]] for e in which])
-        else:
-            keep = order
-        tokens = torch.div(keep, k, rounding_mode="floor")
-        rows_x = x.index_select(0, tokens)  # [R, d]
-        rows_w = weights.flatten().index_select(0, keep).unsqueeze(-1)  # [R, 1] fp32
-        sizes = [counts[e] for e in which]
+        rows = group_routed_rows(ids, len(experts), list(which))
+        if not rows.which:  # no token chose an expert held here
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        rows_x = x.index_select(0, rows.tokens)  # [R, d]
+        rows_w = weights.flatten().index_select(0, rows.keep).unsqueeze(-1)  # [R, 1] fp32
+        which, sizes = rows.which, rows.sizes
         if (experts[which[0]].w1.is_floating_point() and 2 * len(which) >= len(experts)
-                and max(sizes) * len(experts) <= PAD_WASTE * keep.numel()):
+                and max(sizes) * len(experts) <= PAD_WASTE * rows.keep.numel()):
             out = self._padded_swiglu(rows_x, rows_w, experts, which, sizes, limit)
         else:
             outs, lo = [], 0
@@ -276,19 +267,7 @@ class CpuBackend(ReferenceBackend):
                 outs.append(self.swiglu(rows_x[lo : lo + n], experts[e], limit, rows_w[lo : lo + n]))
                 lo += n
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        # back to the (token, slot) places, zero where another rank's expert was chosen
-        per_slot = torch.zeros(t * k, x.shape[-1], dtype=torch.float32, device=x.device)
-        per_slot[keep] = out.to(torch.float32)
-        if k == 1:
-            return per_slot
-        per_slot = per_slot.view(t, k, -1)
-        if k > 2:  # a sum of two is the same either way round; longer ones go in increasing expert id
-            by_id = ids.argsort(dim=1, stable=True)
-            per_slot = per_slot.gather(1, by_id.unsqueeze(-1).expand_as(per_slot))
-        y = per_slot[:, 0] + per_slot[:, 1]
-        for slot in range(2, k):
-            y.add_(per_slot[:, slot])
-        return y
+        return add_routed_rows(out, rows, ids)
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
         """As the reference, with one activation quantisation for w1 and w3 (they read the same x)."""
@@ -471,7 +450,7 @@ def _one_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale
     p = torch.exp(logits - shift.unsqueeze(-1))
     denom = p.sum(dim=-1) + torch.exp(sink_logit - shift)
     if dense:
-        weights = torch.zeros_like(every).scatter_add_(3, slots, p)
+        weights = torch.zeros_like(every, dtype=p.dtype).scatter_add_(3, slots, p)  # (bf16 scores under autocast)
         out = torch.bmm(weights.view(b, s * h, -1), rows).view(b, s, h, d)
     else:
         out = torch.bmm(p.view(b * s, h, k), rows.view(b * s, k, d)).view(b, s, h, d)

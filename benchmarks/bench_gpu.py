@@ -1,0 +1,351 @@
+"""The Triton backend on one GPU: equality with the reference, and the GPU issue's tables, in one bounded run.
+
+Run on the GPU machine from the checkout's root (under 8 minutes on one H200):
+
+    python benchmarks/bench_gpu.py [SECTION ...]
+
+Sections (all by default, in this order; each prints its result and writes $OUT/bench_gpu.json as it ends, so a
+time-out still returns what ran):
+
+* `env`: versions, the GPU, the backend "auto" resolves to on CUDA;
+* `ops`: each Triton op against the reference op on CUDA tensors (max abs error, relative to the reference);
+* `demo`: the demo model's greedy answer (exact numerics) with the triton and the reference backends, on CUDA;
+* `small_logits`: small preset in exact bf16 with the official FP8/FP4 weights: logits of the triton backend
+  against the reference backend, the largest difference in bf16 steps of each position's logits;
+* `small_engine`: small preset fp32, the engine (auto backend) against transformers' `generate`, batch 1 and 32:
+  prefill and decode tokens/s and their ratios;
+* `flash_layer`: one V4-Flash CSA layer (dim 4096, 256 experts, top 6) with its official FP8 / FP4 weights and
+  exact numerics, streams only (no head): decode ms per step at batch 1 and 64, prefill of 4,096 tokens, each
+  against the memory-bound time (the weights a step reads at 4.8 TB/s) and the compute-bound time (989 bf16
+  TFLOP/s), as ratios; the same layer on the reference backend for the before side;
+* `train_mfu`: a dim-2048 config trained with bf16 autocast: tokens/s and MFU against 989 TFLOP/s.
+
+DEV=cpu runs every section on the CPU with tiny sizes and Triton's interpreter (set TRITON_INTERPRET=1), which is
+how this script is tested before a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+DEV = os.environ.get("DEV", "cuda")
+SMALL = DEV != "cuda"  # the CPU smoke run: tiny shapes
+OUT = Path(os.environ.get("OUT", "."))
+HBM_BYTES_PER_S = 4.8e12  # H200
+BF16_FLOPS = 989e12  # H200 dense bf16 tensor cores
+results: dict = {}
+SECTIONS = []
+
+
+def section(fn):
+    SECTIONS.append(fn)
+    return fn
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat: int) -> float:
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeat
+
+
+@section
+def env():
+    from dsv4 import kernels
+    out = dict(torch=torch.__version__, device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
+               auto_backend=kernels.resolve_backend_name("auto", DEV))
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+@section
+def ops():
+    """Each kernel against the reference op on the same device tensors: the largest error relative to the
+    largest reference value (0.0 is bit-equal)."""
+    from dsv4.kernels.reference import ReferenceBackend
+    from dsv4.kernels.triton import TritonBackend
+    from dsv4.quant import quantize_fp4_weight, quantize_fp8_weight
+
+    ref, tri = ReferenceBackend(), TritonBackend()
+    g = torch.Generator(device=DEV).manual_seed(0)
+    m, n, k = (64, 512, 1024) if not SMALL else (8, 128, 256)
+
+    def rel(a, b):
+        a, b = (t.float() if not isinstance(t, tuple) else t[0].float() for t in (a, b))
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16)
+    out = {"act_quant": rel(tri.act_quant(x), ref.act_quant(x)),
+           "fp8_simulate": rel(tri.fp8_simulate(x), ref.fp8_simulate(x)),
+           "fp4_simulate": rel(tri.fp4_simulate(x), ref.fp4_simulate(x))}
+    w = torch.randn(n, k, device=DEV, generator=g) * 0.02
+    xq, xs = ref.act_quant(x)
+    wq, ws = quantize_fp8_weight(w)
+    out["fp8_gemm"] = rel(tri.fp8_gemm(xq, xs, wq, ws), ref.fp8_gemm(xq, xs, wq, ws))
+    wq4, ws4 = quantize_fp4_weight(w)
+    out["fp4_gemm"] = rel(tri.fp4_gemm(xq, xs, wq4, ws4), ref.fp4_gemm(xq, xs, wq4, ws4))
+    mixes = torch.randn(m, 24, device=DEV, generator=g)
+    scale, base = torch.rand(3, device=DEV, generator=g), torch.randn(24, device=DEV, generator=g)
+    out["hc_split_sinkhorn"] = max(rel(a, b) for a, b in zip(tri.hc_split_sinkhorn(mixes, scale, base, 4, 20, 1e-6),
+                                                             ref.hc_split_sinkhorn(mixes, scale, base, 4, 20, 1e-6),
+                                                             strict=True))
+    h, d, rows, slots = (64, 512, 640, 640) if not SMALL else (4, 64, 96, 80)
+    q = torch.randn(2, 3, h, d, device=DEV, generator=g, dtype=torch.bfloat16)
+    kv = torch.randn(2, rows, d, device=DEV, generator=g, dtype=torch.bfloat16)
+    idx = torch.randint(-1, rows, (2, 3, slots), device=DEV, generator=g)
+    sink = torch.randn(h, device=DEV, generator=g)
+    out["sparse_attn"] = rel(tri.sparse_attn(q, kv, idx, sink, d**-0.5), ref.sparse_attn(q, kv, idx, sink, d**-0.5))
+    return {name: f"{err:.2e}" for name, err in out.items()}
+
+
+def _demo_answer(backend: str) -> tuple[list[int], str, float]:
+    from dsv4 import load_model
+    from dsv4.chat.encoding import encode_messages
+    from dsv4.chat.tokenizer import Tokenizer
+    from dsv4.demo import MODEL_DIR
+    from dsv4.engine import Engine, SamplingParams
+
+    tok = Tokenizer.load(MODEL_DIR)
+    text = encode_messages([{"role": "user", "content": "Calculate 336 + 92"}], thinking_mode="thinking",
+                           reasoning_effort="high")
+    model = load_model(MODEL_DIR, numerics="exact", device=DEV)
+    engine = Engine(model, max_batch=4, max_seq_len=512, prefill_chunk=512, kernel_backend=backend)
+    engine.add_request(tok.encode(text), SamplingParams(temperature=0.0, max_tokens=96 if not SMALL else 12))
+    out = []
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        for update in engine.step():
+            out += update.new_token_ids
+    return out, tok.decode(out), len(out) / (time.perf_counter() - t0)
+
+
+@section
+def demo():
+    fast, text, fast_tps = _demo_answer("triton")
+    slow, _, slow_tps = _demo_answer("reference")
+    same = sum(a == b for a, b in zip(fast, slow, strict=False))
+    return dict(identical=f"{same}/{max(len(fast), len(slow))}", triton_tok_s=round(fast_tps, 1),
+                reference_tok_s=round(slow_tps, 1), answer_tail=text[-60:])
+
+
+def _small_exact():
+    from dsv4.config import preset
+    from dsv4.formats import to_official_formats
+    from dsv4.model import Transformer, init_weights
+
+    args = preset("small" if not SMALL else "tiny").replace(max_seq_len=1024)
+    model = init_weights(Transformer(args, dtype=torch.bfloat16, numerics="exact"), seed=0).eval()
+    to_official_formats(model)
+    return model.to(DEV)
+
+
+@section
+def small_logits():
+    from dsv4 import kernels
+
+    model = _small_exact()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 256 if not SMALL else 24), generator=g).to(DEV)
+    with torch.inference_mode():
+        with kernels.use_backend("triton"):
+            fast = model(tokens)
+        with kernels.use_backend("reference"):
+            slow = model(tokens)
+    # one bf16 step of each position's logits: the spacing of bf16 numbers at that position's largest logit
+    step = torch.exp2(torch.floor(torch.log2(slow.abs().amax(-1, keepdim=True))) - 7)
+    worst = float(((fast - slow).abs() / step).max())
+    return dict(max_diff_bf16_steps=round(worst, 2), argmax_equal=bool(torch.equal(fast.argmax(-1),
+                                                                                     slow.argmax(-1))))
+
+
+@section
+def small_engine():
+    from bench_engine import run_engine
+    from hf_reference import hf_twin
+
+    from dsv4.config import preset
+    from dsv4.model import Transformer, init_weights
+
+    args = preset("small" if not SMALL else "tiny").replace(max_seq_len=4096)
+    model = init_weights(Transformer(args, dtype=torch.float32), seed=0).eval()
+    hf = hf_twin(model).to(DEV).eval()
+    model = model.to(DEV)
+    plen, new = (512, 64) if not SMALL else (32, 6)
+    run_engine(model, [[1] * 8], 2, plen + new + 8)
+    with torch.inference_mode():
+        hf.generate(torch.ones(1, 8, dtype=torch.long, device=DEV), max_new_tokens=2, do_sample=False)
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 32 if not SMALL else 2):
+        prompt = torch.randint(0, args.vocab_size, (batch, plen), generator=g)
+        ours, ttft, rest, _ = run_engine(model, prompt.tolist(), new, plen + new + 8)
+        p = prompt.to(DEV)
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            hf.generate(p, max_new_tokens=1, do_sample=False)
+            sync()
+            hf_first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            seq = hf.generate(p, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+            sync()
+            hf_rest = time.perf_counter() - t0 - hf_first
+        same = sum(a == b for x, y in zip(ours, seq[:, plen:].tolist(), strict=True)
+                   for a, b in zip(x, y, strict=False))
+        out[f"b{batch}"] = dict(prefill_tok_s=round(batch * plen / ttft),
+                                hf_prefill_tok_s=round(batch * plen / hf_first),
+                                decode_tok_s=round(batch * (new - 1) / rest, 1),
+                                hf_decode_tok_s=round(batch * (new - 1) / hf_rest, 1),
+                                prefill_ratio=round(hf_first / ttft, 2), decode_ratio=round(hf_rest / rest, 2),
+                                greedy_identical=f"{same}/{batch * new}")
+    return out
+
+
+def _flash_layer():
+    from dsv4.config import preset
+    from dsv4.formats import to_official_formats
+    from dsv4.model import Transformer
+
+    a = preset("flash").replace(n_layers=1, n_hash_layers=0, n_mtp_layers=0, compress_ratios=(4,),
+                                max_seq_len=8192, max_batch_size=64)
+    if SMALL:
+        a = preset("tiny").replace(n_layers=1, n_hash_layers=0, n_mtp_layers=0, compress_ratios=(4,),
+                                   max_seq_len=512, max_batch_size=4)
+    with torch.device(DEV):
+        model = Transformer(a, dtype=torch.bfloat16, numerics="exact").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dtype.is_floating_point:
+                p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    to_official_formats(model)
+    return model
+
+
+def _weight_bytes(model) -> tuple[float, float]:
+    """(bytes a batch-1 decode step reads: the layer's weights with the routed experts at their active share;
+    every routed expert's bytes) for the stored formats."""
+    a = model.args
+    layer = experts = 0
+    for name, t in model.state_dict().items():
+        if not name.startswith("layers."):
+            continue
+        nbytes = t.numel() * t.element_size()
+        if ".experts." in name:
+            experts += nbytes
+        else:
+            layer += nbytes
+    return layer + experts * a.n_activated_experts / a.n_routed_experts, experts
+
+
+@section
+def flash_layer():
+    model = _flash_layer()
+    a = model.args
+    active_bytes, expert_bytes = _weight_bytes(model)
+    active_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.")
+                        and ".experts." not in n) + 3 * a.dim * a.moe_inter_dim * a.n_activated_experts
+    big_b, plen = (64, 4096) if not SMALL else (4, 64)
+    out = {"active_weight_MB": round(active_bytes / 1e6, 1)}
+    g = torch.Generator().manual_seed(0)
+    for backend in ("triton", "reference"):
+        from dsv4 import kernels
+        row = {}
+        with torch.inference_mode(), kernels.use_backend(backend):
+            toks = torch.randint(0, a.vocab_size, (1, plen), generator=g).to(DEV)
+
+            def prefill(toks=toks):
+                model.forward_streams(toks, model.new_cache(batch_size=1, max_seq_len=plen + 64))
+
+            row["prefill_ms"] = timed(prefill, 2) * 1e3
+            for batch in (1, big_b):
+                cache = model.new_cache(batch_size=batch, max_seq_len=plen + 400)
+                model.forward_streams(toks[:, :256].expand(batch, -1).contiguous(), cache)
+                nxt = toks[:, -1:].expand(batch, 1).contiguous()
+                row[f"decode_b{batch}_ms"] = timed(lambda n=nxt, c=cache: model.forward_streams(n, c), 10) * 1e3
+        memory_ms = active_bytes / HBM_BYTES_PER_S * 1e3
+        compute_ms = 2 * active_params * plen / BF16_FLOPS * 1e3
+        row["decode_b1_vs_memory_bound"] = round(row["decode_b1_ms"] / memory_ms, 1)
+        row["prefill_vs_compute_bound"] = round(row["prefill_ms"] / compute_ms, 1)
+        out[backend] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+        out["memory_bound_b1_ms"] = round(memory_ms, 4)
+        out["compute_bound_prefill_ms"] = round(compute_ms, 3)
+        if SMALL:
+            break
+    return out
+
+
+@section
+def train_mfu():
+    from dsv4.config import preset
+    from dsv4.model import Transformer, init_weights
+
+    base = preset("small")
+    args = base.replace(dim=2048, n_layers=4, max_seq_len=2048) if not SMALL else preset("tiny")
+    model = init_weights(Transformer(args, dtype=torch.float32), seed=0).to(DEV).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch, seq = (8, 1024) if not SMALL else (2, 32)
+    x = torch.randint(0, args.vocab_size, (batch, seq + 1), device=DEV)
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = timed(step, 3)
+    active = model.parameter_counts()["active"]
+    tok_s = batch * seq / seconds
+    return dict(dim=args.dim, params_M=round(active / 1e6, 1), tok_s=round(tok_s),
+                mfu_pct=round(6 * active * tok_s / BF16_FLOPS * 100, 2))
+
+
+def main() -> None:
+    only = set(sys.argv[1:])
+    unknown = only - {fn.__name__ for fn in SECTIONS}
+    if unknown:
+        sys.exit(f"unknown sections {sorted(unknown)}; choose from {[fn.__name__ for fn in SECTIONS]}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    for fn in SECTIONS:
+        if only and fn.__name__ not in only:
+            continue
+        t0 = time.time()
+        try:
+            results[fn.__name__] = fn()
+            print(f"[{fn.__name__}] {time.time() - t0:.1f}s {json.dumps(results[fn.__name__], default=str)}",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
+            results[fn.__name__] = f"ERROR {type(e).__name__}: {e}"
+            print(f"[{fn.__name__}] ERROR after {time.time() - t0:.1f}s", flush=True)
+            traceback.print_exc()
+        (OUT / "bench_gpu.json").write_text(json.dumps(results, indent=1, default=str))
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The Triton kernel backend: the reference's arithmetic as GPU kernels ("triton" in `dsv4.kernels`, the "auto"
+choice for CUDA tensors when the `triton` package is installed).
+
+Ops with a kernel:
+
+* **quantisation** (`act_quant`, `fp8_simulate`, `fp4_quant`, `fp4_simulate`, `quant.py`): one program per block
+  of rows, the power-of-two scale read off the fp32 bit pattern; bit-exact to the reference.
+* **block-scaled GEMMs** (`fp8_gemm`, `fp4_gemm`, `gemm.py`): FP8 tensor-core dots per K block with the
+  official two-level fp32 accumulation; `linear` and the experts reach them through the reference's
+  `act_quant` + GEMM composition.
+* **routed experts** (`experts.py`): the routed rows sorted by expert once and run as two grouped GEMM launches
+  (gate + up with the SwiGLU fused, then down) over tiles that find their expert's weights through a pointer
+  table.
+* **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (paged
+  ones from their pool, the production FP8 row layout decoded in the kernel), the official 64-slot online
+  softmax with the sink.
+* **mHC Sinkhorn** (`sinkhorn.py`): every token's matrix in registers for all iterations.
+
+Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
+kernel's `covers`), is the reference's, so training and odd shapes stay correct. Kernels run on CUDA tensors, or
+on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests check them on machines without
+a GPU); on CPU tensors without the interpreter every op is the reference's.
+
+The kernels agree with the reference to fp32 rounding (the order of additions inside a tensor-core dot is the
+hardware's), not bit for bit; `tests/test_triton_*.py` state each op's tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
+
+from ..experts import ExpertWeights
+from ..paged import KVRows
+from ..reference import ReferenceBackend
+from . import attention, experts, gemm, quant, sinkhorn
+from .numerics import interpreting
+
+
+def _runs_here(tensor: Tensor) -> bool:
+    """Triton can run a kernel on this tensor: a CUDA tensor, or any tensor under the interpreter."""
+    return tensor.is_cuda or (interpreting() and tensor.device.type == "cpu")
+
+
+class TritonBackend(ReferenceBackend):
+    """Triton kernels where they apply, the reference elsewhere; see the module docstring."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self.expert_pointers = experts.ExpertPointers()
+
+    # ------------------------------------------------------------------------------------------ quantisation
+
+    def act_quant(self, x: Tensor, block_size: int = FP8_BLOCK) -> tuple[Tensor, Tensor]:
+        if _runs_here(x) and quant.covers(x, block_size):
+            return quant.act_quant(x, block_size)
+        return super().act_quant(x, block_size)
+
+    def fp8_simulate(self, x: Tensor, block_size: int = KV_SIM_BLOCK) -> Tensor:
+        if _runs_here(x) and quant.covers(x, block_size):
+            return quant.fp8_simulate(x, block_size)
+        return super().fp8_simulate(x, block_size)
+
+    def fp4_quant(self, x: Tensor, block_size: int = INDEXER_SIM_BLOCK) -> tuple[Tensor, Tensor]:
+        if _runs_here(x) and quant.covers(x, block_size):
+            return quant.fp4_quant(x, block_size)
+        return super().fp4_quant(x, block_size)
+
+    def fp4_simulate(self, x: Tensor, block_size: int = INDEXER_SIM_BLOCK) -> Tensor:
+        if _runs_here(x) and quant.covers(x, block_size):
+            return quant.fp4_simulate(x, block_size)
+        return super().fp4_simulate(x, block_size)
+
+    # ------------------------------------------------------------------------------------------ GEMMs
+
+    def fp8_gemm(self, xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor,
+                 out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        if _runs_here(xq) and w.dtype == torch.float8_e4m3fn and gemm.covers(xq, xs, w, ws, out_dtype):
+            return gemm.fp8_gemm(xq, xs, w, ws, out_dtype)
+        return super().fp8_gemm(xq, xs, w, ws, out_dtype)
+
+    def fp4_gemm(self, xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor,
+                 out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        if _runs_here(xq) and w.dtype != torch.float8_e4m3fn and gemm.covers(xq, xs, w, ws, out_dtype):
+            return gemm.fp4_gemm(xq, xs, w, ws, out_dtype)
+        return super().fp4_gemm(xq, xs, w, ws, out_dtype)
+
+    # ------------------------------------------------------------------------------------------ experts
+
+    def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, table: Sequence[ExpertWeights | None],
+                       which: Sequence[int], limit: float) -> Tensor:
+        if _runs_here(x) and experts.covers(x, table, which):
+            return experts.routed_experts(x, weights, ids, table, which, limit, self.expert_pointers)
+        return super().routed_experts(x, weights, ids, table, which, limit)
+
+    # ------------------------------------------------------------------------------------------ attention
+
+    def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
+                    scale: float) -> Tensor:
+        runs = [kv] if isinstance(kv, Tensor) else list(kv)
+        if _runs_here(q) and attention.covers(q, runs, idx, sink):
+            return attention.sparse_attn(q, runs, idx, sink, scale)
+        return super().sparse_attn(q, kv, idx, sink, scale)
+
+    # ------------------------------------------------------------------------------------------ mHC
+
+    def hc_split_sinkhorn(self, mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
+                          eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        if _runs_here(mixes) and sinkhorn.covers(mixes, hc_mult, iters):
+            return sinkhorn.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+        return super().hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)

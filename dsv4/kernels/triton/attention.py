@@ -1,0 +1,325 @@
+"""Sparse attention with an attention sink as one Triton kernel (the seam's `sparse_attn`).
+
+One program per (batch row, query position, block of heads) walks the query's slots `ATTN_BLOCK` (64) at a time,
+exactly as `ReferenceBackend.sparse_attn` does: each slot's row is gathered in the kernel from the run its index
+falls in (a dense run by its batch stride; a paged run through its block table, page ``table[b, j // rows_per_page]``
+row ``j % rows_per_page``, so no page is ever copied), decoded in registers where the run is stored in another
+format, the block's logits come from one ``tl.dot`` (heads x D) @ (D x 64) with fp32 accumulation, then the fp32
+online softmax (running max, p = exp(logit - m), running sum), the *unnormalised* p cast to the rows' dtype
+before ``tl.dot(p, rows)`` into an fp32 accumulator, and at the end exp(sink - m) added to the denominator.
+
+Supported runs (`covers`): a first dense run [B, n, D], optionally followed by one second run, either dense or a
+`PagedRows` whose pool holds compute rows (codec None), rows of another float dtype (`kv_formats.CastCodec`)
+or the production "fp8" main-KV entries (`kv_formats.fp8.PackedCodec`, kind "kv": e4m3 nope bytes, raw bf16
+rope bytes, one ue8m0 scale per 64 nope dims), decoded in the kernel. Rows of the second run are cast to the
+first run's dtype through the same intermediate dtypes as the reference's decode and `concat_rows`.
+
+Numerics against the reference: the same operations in the same order per slot block; what differs is the
+summation order inside the dot products and the row sums (and the GPU's `exp`), so fp32 results agree to a few
+ulps and bf16 ones to about one bf16 step where an unnormalised p lands on the other side of a rounding.
+An index past the last row of the runs counts as an unused slot here (the reference raises).
+
+Details for Triton's CPU interpreter (``TRITON_INTERPRET=1``, how the tests run it) that cost the GPU nothing:
+casts to bf16 round to nearest even from the fp32 bits (`numerics.round_to`; the interpreter truncates), exp is
+libdevice's on the GPU and numpy's under the interpreter (`numerics.exp`), and under
+the interpreter 16-bit dots are computed as fp32 ones (`WIDEN_DOTS`; it multiplies bf16 bit patterns as
+integers), which is exact, as every product of two 16-bit floats is an fp32 value. On the GPU the 16-bit dots
+run on the tensor cores with fp32 accumulation and fp32 ones with ``input_precision="ieee"`` (no TF32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..paged import KVRows, PagedRows
+from .numerics import exp, interpreting, libdevice_exp, round_to
+
+ATTN_BLOCK = 64  # slots per online-softmax step (the reference's ATTN_BLOCK; the rounding of p depends on it)
+MAX_HEAD_DIM = 512  # larger rows would not fit a program's registers and shared memory (V4: 512)
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# what the second run is (constexpr RUN1 of the kernel)
+_NO_RUN, _DENSE, _PAGED, _PAGED_FP8 = 0, 1, 2, 3
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """a @ b with fp32 accumulation: fp32 operands as ieee fp32 (no TF32), 16-bit ones on the tensor cores, or
+    widened to fp32 first where F32 says so (exact: products of 16-bit floats are exact in fp32)."""
+    if F32 or a.dtype == tl.float32 or b.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _fp8_kv_rows(pool8_ptr, pool16_ptr, entry, valid, cols, D: tl.constexpr, NOPE: tl.constexpr,
+                 ROPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Decode fp8 main-KV entries to bf16 [BLOCK_K, BLOCK_D]: `entry` [BLOCK_K] byte offsets of the entries in the
+    pool (even), `valid` [BLOCK_K] which to read, `cols` [BLOCK_D]. The pool is read as bytes (pool8) and, for the
+    rope dims' bf16 values, as int16 (pool16, the same memory)."""
+    is_nope = cols < NOPE
+    nope_mask = valid[:, None] & is_nope[None, :]
+    code = tl.load(pool8_ptr + entry[:, None] + cols[None, :], mask=nope_mask, other=0)
+    # one ue8m0 scale per 64 nope dims (KV_SIM_BLOCK), read once per block and spread over its columns
+    NBLK: tl.constexpr = BLOCK_D // 64 if BLOCK_D >= 64 else 1
+    SUB: tl.constexpr = BLOCK_D // NBLK
+    blk = tl.arange(0, NBLK)
+    sbyte = tl.load(pool8_ptr + entry[:, None] + (NOPE + 2 * ROPE) + blk[None, :],
+                    mask=valid[:, None] & (blk[None, :] * 64 < NOPE), other=127).to(tl.int32)
+    # 2**(byte - 127) from its fp32 bits: byte 0 is the fp32 subnormal 2**-127, byte 255 NaN
+    sbits = tl.where(sbyte == 0, 0x400000, tl.where(sbyte == 255, 0x7FC00000, sbyte << 23))
+    scale = sbits.to(tl.float32, bitcast=True)  # [BLOCK_K, NBLK]
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_K, NBLK, SUB)), (BLOCK_K, BLOCK_D))
+    # e4m3 x a power of two has 4 significant bits: the fp32 product is exact and so is its bf16 cast
+    nope = (code.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(tl.bfloat16)
+    rope_mask = valid[:, None] & (~is_nope & (cols < D))[None, :]
+    # (cols - NOPE stays contiguous so the loads vectorise; the nope columns' addresses are masked off)
+    half = tl.load(pool16_ptr + ((entry + NOPE) // 2)[:, None] + (cols - NOPE)[None, :], mask=rope_mask, other=0)
+    rope = half.to(tl.bfloat16, bitcast=True)
+    return tl.where(is_nope[None, :], nope, rope)
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    q_ptr, sq_b, sq_s, sq_h, sq_d,
+    idx_ptr, si_b, si_s, si_k,
+    sink_ptr,
+    out_ptr, so_b, so_s, so_h, so_d,
+    r0_ptr, s0_b, s0_n, s0_d, n0,
+    r1_ptr, s1_0, s1_1, s1_2, n1,  # dense: [B, n1, D] strides; paged: pool [pages, rows_per_page, width] strides
+    r1_16_ptr,  # fp8 entries: the pool as int16 (the rope dims' bf16 values)
+    tab_ptr, st_b, st_p,
+    S, H, K, scale,
+    D: tl.constexpr,
+    RUN1: tl.constexpr,  # 0 no second run, 1 dense, 2 paged rows, 3 paged fp8 main-KV entries
+    ROWS_PER_PAGE: tl.constexpr,
+    ENTRY_ALIGN: tl.constexpr,  # a power of two dividing every entry's offset in a paged pool (elements)
+    MID: tl.constexpr,  # the dtype a decoded row of the second run passes through before the first run's dtype
+    NOPE: tl.constexpr,
+    ROPE: tl.constexpr,
+    SAME: tl.constexpr,  # the second run's stored rows are the first run's dtype, read as they are
+    QK_F32: tl.constexpr,  # the logits' dot in fp32 (ieee): q and the rows differ in dtype, or are fp32
+    WIDEN_DOTS: tl.constexpr,  # 16-bit dots as fp32 ones (Triton's interpreter multiplies bf16 as integers)
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LIBDEVICE: tl.constexpr,  # libdevice's expf (torch's on CUDA), where it exists
+):
+    pid = tl.program_id(0)
+    b = (pid // S).to(tl.int64)
+    s = (pid % S).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_D)
+    head_ok = heads < H
+    col_ok = cols < D
+    row_dtype = r0_ptr.dtype.element_ty
+
+    q_ptrs = q_ptr + b * sq_b + s * sq_s + heads[:, None].to(tl.int64) * sq_h + cols[None, :] * sq_d
+    q = tl.load(q_ptrs, mask=head_ok[:, None] & col_ok[None, :], other=0.0)
+    if QK_F32:
+        q = q.to(tl.float32)
+
+    run_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    denom = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    idx_base = idx_ptr + b * si_b + s * si_s
+    for lo in range(0, K, BLOCK_K):
+        slots = lo + tl.arange(0, BLOCK_K)
+        j = tl.load(idx_base + slots.to(tl.int64) * si_k, mask=slots < K, other=-1).to(tl.int64)
+        valid = (j >= 0) & (j < n0 + n1)
+        in0 = valid & (j < n0)
+        ptrs0 = r0_ptr + b * s0_b + j[:, None] * s0_n + cols[None, :] * s0_d
+        mask0 = in0[:, None] & col_ok[None, :]
+        if RUN1 == 0:
+            rows = tl.load(ptrs0, mask=mask0, other=0.0)
+        else:
+            in1 = valid & (j >= n0)
+            j1 = tl.maximum(j - n0, 0)
+            mask1 = in1[:, None] & col_ok[None, :]
+            if RUN1 == 1:
+                ptrs1 = r1_ptr + b * s1_0 + j1[:, None] * s1_1 + cols[None, :] * s1_2
+            else:
+                page = tl.load(tab_ptr + b * st_b + (j1 // ROWS_PER_PAGE) * st_p, mask=in1, other=0).to(tl.int64)
+                # (a hint of the entries' alignment, for vector loads: fp8 entries are 8-byte multiples, not 16)
+                entry = tl.multiple_of(page * s1_0 + (j1 % ROWS_PER_PAGE) * s1_1, ENTRY_ALIGN)
+                ptrs1 = r1_ptr + entry[:, None] + cols[None, :] * s1_2
+            if SAME:  # the second run holds rows of the first's dtype: one load from either run
+                rows = tl.load(tl.where(in0[:, None], ptrs0, ptrs1), mask=mask0 | mask1, other=0.0)
+            else:
+                if RUN1 == 3:  # the fp8 codec decodes to bf16 rows, then to its compute dtype
+                    other = _fp8_kv_rows(r1_ptr, r1_16_ptr, entry, in1, cols, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
+                else:
+                    other = tl.load(ptrs1, mask=mask1, other=0.0)
+                # rows of the first run where they are, the second's (cast as `concat_rows` does) elsewhere
+                rows = tl.load(ptrs0, mask=mask0, other=round_to(round_to(other, MID), row_dtype))
+
+        logits = _dot(q, tl.trans(rows), WIDEN_DOTS) * scale
+        logits = tl.where(valid[None, :], logits, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+        # a head that has seen no used slot yet keeps a finite shift, so its exp() terms are exactly 0
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = exp(run_max - shift, LIBDEVICE)
+        p = exp(logits - shift[:, None], LIBDEVICE)
+        denom = denom * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + _dot(round_to(p, row_dtype), rows, WIDEN_DOTS)
+        run_max = new_max
+
+    sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
+    shift = tl.where(run_max == float("-inf"), sink, run_max)
+    denom = denom + exp(sink - shift, LIBDEVICE)
+    out = tl.math.div_rn(acc, tl.broadcast_to(denom[:, None], (BLOCK_H, BLOCK_D)))
+    o_ptrs = out_ptr + b * so_b + s * so_s + heads[:, None].to(tl.int64) * so_h + cols[None, :] * so_d
+    tl.store(o_ptrs, round_to(out, out_ptr.dtype.element_ty), mask=head_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- host side
+
+
+def _runs(runs: Tensor | Sequence[KVRows]) -> list[KVRows]:
+    return [runs] if isinstance(runs, Tensor) else list(runs)
+
+
+def _second_run_kind(run: KVRows, d: int) -> int | None:
+    """What the kernel's RUN1 is for this second run, or None when the kernel does not read it."""
+    if isinstance(run, Tensor):
+        return _DENSE if run.dtype in _FLOATS else None
+    if not isinstance(run, PagedRows):
+        return None
+    pool, table = run.pool, run.table
+    if pool.dim() != 3 or table.dim() != 2 or table.dtype not in (torch.int32, torch.int64):
+        return None
+    if run.count > table.shape[1] * pool.shape[1]:
+        return None
+    codec = run.codec
+    if codec is None:
+        return _PAGED if pool.dtype in _FLOATS and pool.shape[-1] == d else None
+    from ...kv_formats import CastCodec
+    from ...kv_formats.fp8 import PackedCodec, kv_layout
+
+    if type(codec) is CastCodec:
+        ok = codec.stored == pool.dtype and pool.dtype in _FLOATS and codec.compute in _FLOATS
+        return _PAGED if ok and pool.shape[-1] == d else None
+    if type(codec) is PackedCodec and codec.format == "fp8" and codec.kind == "kv":
+        # the rope dims are read as int16: an even nope width and even byte strides keep them 2-byte aligned
+        ok = (codec.dim == d and 0 <= codec.rope_dim <= d and (d - codec.rope_dim) % 2 == 0
+              and codec.compute in _FLOATS and pool.dtype == torch.uint8
+              and pool.shape[-1] == kv_layout(d, codec.rope_dim)[3] and pool.stride(2) == 1
+              and pool.stride(0) % 2 == 0 and pool.stride(1) % 2 == 0 and pool.storage_offset() % 2 == 0)
+        return _PAGED_FP8 if ok else None
+    return None
+
+
+def _tensors(run: KVRows) -> list[Tensor]:
+    return [run] if isinstance(run, Tensor) else [run.pool, run.table]
+
+
+def covers(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor) -> bool:
+    """True when the kernel handles these inputs directly (else the backend falls back to the reference): a first
+    dense run and at most one more run (dense, or paged with codec None, a `CastCodec` or the fp8 "kv"
+    `PackedCodec`), float32/bfloat16/float16 tensors (no fp64), head_dim <= MAX_HEAD_DIM, no gradient wanted,
+    all on one device. Whether Triton runs on that device (CUDA, or the CPU under TRITON_INTERPRET=1) is the
+    backend's check, not this one."""
+    runs = _runs(runs)
+    if not 1 <= len(runs) <= 2 or not isinstance(runs[0], Tensor):
+        return False
+    if q.dim() != 4 or idx.dim() != 3 or sink.dim() != 1:
+        return False
+    b, s, h, d = q.shape
+    if not 0 < d <= MAX_HEAD_DIM:
+        return False
+    if q.dtype not in _FLOATS or sink.dtype not in _FLOATS or runs[0].dtype not in _FLOATS:
+        return False
+    if idx.dtype not in (torch.int32, torch.int64) or tuple(idx.shape[:2]) != (b, s) or sink.shape[0] != h:
+        return False
+    if runs[0].dim() != 3 or runs[0].shape[0] != b or runs[0].shape[2] != d:
+        return False
+    if len(runs) == 2:
+        second = runs[1]
+        if _second_run_kind(second, d) is None:
+            return False
+        if isinstance(second, Tensor):
+            if second.dim() != 3 or second.shape[0] != b or second.shape[2] != d:
+                return False
+        elif second.table.shape[0] != b:
+            return False
+    tensors = [q, idx, sink] + [t for run in runs for t in _tensors(run)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.device == q.device for t in tensors)
+
+
+def _launch_config(h: int, d: int, f32: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_D, num_warps, num_stages). tl.dot wants every dim >= 16. With 16-bit rows (tensor-core
+    dots) the heads per program are capped so the fp32 accumulator [BLOCK_H, BLOCK_D] stays within 16K elements:
+    32 heads for V4's D = 512, which ptxas fits in registers without spills at 8 warps and 2 stages for a dense
+    window plus dense, paged or fp8 entries. fp32 dots run on the FMA units and take far more registers and
+    shared memory: 16 heads, one stage, and more warps as D grows (no spills up to D = 512)."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if f32:
+        return 16, block_d, 4 if block_d <= 32 else 8 if block_d <= 128 else 16, 1
+    block_h = min(max(16, triton.next_power_of_2(h)), max(16, 16384 // block_d))
+    return block_h, block_d, 4 if block_h * block_d <= 4096 else 8, 2
+
+
+def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """[B,S,H,D] like ReferenceBackend.sparse_attn: attention of each query over the rows idx [B, S, K] names in
+    the concatenation of `runs` (-1 = unused slot), with the per-head sink logit in the denominator only.
+    Inputs must satisfy `covers` (ValueError otherwise)."""
+    if not covers(q, runs, idx, sink):
+        raise ValueError("triton sparse_attn does not cover these inputs (check `covers` first)")
+    runs = _runs(runs)
+    b, s, h, d = q.shape
+    k = idx.shape[2]
+    out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if k == 0:  # no slot: the sink alone, so every output is 0
+        return out.zero_()
+    first, n0 = runs[0], runs[0].shape[1]
+    if n0 == 0:  # an empty tensor may have no storage; the kernel never reads this stand-in
+        first = torch.zeros(b, 1, d, dtype=first.dtype, device=first.device)
+
+    kind, n1, mid, rope, rows_per_page, align = _NO_RUN, 0, first.dtype, 0, 1, 1
+    second, table = first, idx  # stand-ins for the pointers of a missing second run (never read)
+    if len(runs) == 2 and (runs[1].shape[1] if isinstance(runs[1], Tensor) else runs[1].count) > 0:
+        run = runs[1]
+        kind = _second_run_kind(run, d)
+        if isinstance(run, Tensor):
+            n1, second, mid = run.shape[1], run, run.dtype
+        else:
+            n1, second, table, rows_per_page = run.count, run.pool, run.table, run.pool.shape[1]
+            mid = run.pool.dtype if run.codec is None else run.codec.compute
+            rope = run.codec.rope_dim if kind == _PAGED_FP8 else 0
+            align = math.gcd(16, *second.stride()[:2])
+    second16 = second.view(torch.int16) if kind == _PAGED_FP8 else second
+    t_b, t_p = (table.stride(0), table.stride(1)) if kind in (_PAGED, _PAGED_FP8) else (0, 0)
+    same = kind in (_DENSE, _PAGED) and second.dtype == first.dtype and mid == first.dtype
+    qk_f32 = q.dtype != first.dtype or first.dtype == torch.float32
+    block_h, block_d, num_warps, num_stages = _launch_config(h, d, qk_f32)
+    grid = (b * s, triton.cdiv(h, block_h))
+    _sparse_attn_kernel[grid](
+        q, *q.stride(),
+        idx, *idx.stride(),
+        sink.to(torch.float32).contiguous(),
+        out, *out.stride(),
+        first, *first.stride(), n0,
+        second, *second.stride(), n1,
+        second16,
+        table, t_b, t_p,
+        s, h, k, float(scale),
+        D=d, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=_TL_DTYPE[mid], NOPE=d - rope,
+        ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h, BLOCK_D=block_d,
+        BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+__all__ = ["ATTN_BLOCK", "covers", "sparse_attn"]

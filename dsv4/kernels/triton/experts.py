@@ -1,0 +1,199 @@
+"""Routed experts as two grouped GEMM launches over rows sorted by expert (FP8 or packed-FP4 expert weights).
+
+The reference runs expert by expert (a mask, a gather and three GEMMs each, 256 experts in a V4 layer). Here
+the routed rows are sorted by expert once (`group_routed_rows`: the reference's row groups, token order inside
+each), quantised once, and cut into tiles of rows that never straddle two experts; each program of a launch
+takes one tile and one block of output columns and finds its expert's weights through a table of pointers (no
+stacked copy of the weights):
+
+1. gate and up together: ``h = w * silu(min(w1 x, L)) * clamp(w3 x, -L, L)``, each projection rounded to the
+   activation dtype first as the reference's linear returns it, the routing weight applied before w2;
+2. down: ``w2 act_quant(h)``.
+
+Each projection is the block-scaled GEMM of `gemm.py` (`fp8_tile` / `fp4_tile`), so the rounding is the
+reference's up to the order of additions inside a tensor-core dot. The outputs are added back into their tokens
+in increasing expert id (`add_routed_rows`), the reference's order.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
+
+from ..experts import ExpertWeights, add_routed_rows, group_routed_rows
+from . import quant
+from .gemm import block_m_for, fp4_tile, fp8_tile
+from .numerics import round_to
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _tile_rows(tiles_ptr, tile, BLOCK_M: tl.constexpr):
+    """The expert, rows and row mask of one tile: tiles_ptr holds (expert, first row, end row) per tile."""
+    expert = tl.load(tiles_ptr + 3 * tile)
+    lo = tl.load(tiles_ptr + 3 * tile + 1)
+    hi = tl.load(tiles_ptr + 3 * tile + 2)
+    rows = lo + tl.arange(0, BLOCK_M)
+    return expert, rows.to(tl.int64), rows < hi
+
+
+@triton.jit
+def _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
+             stride_xm, stride_xsm, stride_wn, stride_wsn,
+             FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of one expert's projection, fp32 [BLOCK_M, BLOCK_N]."""
+    if FP4:
+        w = tl.load(w_ptrs + expert).to(tl.pointer_type(tl.uint8))
+        s = tl.load(s_ptrs + expert).to(tl.pointer_type(tl.uint8))
+        acc = fp4_tile(x_ptr, xs_ptr, w, s, rows64, row_ok, cols64, col_ok, K,
+                       stride_xm, stride_xsm, stride_wn, stride_wsn, BLOCK_M, BLOCK_N, 32, 4)
+    else:
+        w = tl.load(w_ptrs + expert).to(tl.pointer_type(tl.float8e4nv))
+        s = tl.load(s_ptrs + expert).to(tl.pointer_type(tl.uint8))
+        acc = fp8_tile(x_ptr, xs_ptr, w, s, rows64, row_ok, cols64, col_ok, pid_n * BLOCK_N // 128, K,
+                       stride_xm, stride_xsm, stride_wn, stride_wsn, BLOCK_M, BLOCK_N, 128)
+    return acc
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs, s3_ptrs, h_ptr, N, K, limit,
+                    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_hm,
+                    FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, rows64, row_ok = _tile_rows(tiles_ptr, tile, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    cols64 = cols.to(tl.int64)
+    out_ty = h_ptr.dtype.element_ty
+    gate = _project(x_ptr, xs_ptr, w1_ptrs, s1_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
+                    stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
+    up = _project(x_ptr, xs_ptr, w3_ptrs, s3_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
+                  stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
+    gate = tl.minimum(round_to(gate, out_ty).to(tl.float32), limit)  # the linear's output dtype, then the clamp
+    up = tl.minimum(tl.maximum(round_to(up, out_ty).to(tl.float32), -limit), limit)
+    hidden = gate / (1.0 + tl.exp(-gate)) * up
+    weight = tl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
+    hidden = weight[:, None] * hidden
+    tl.store(h_ptr + rows64[:, None] * stride_hm + cols64[None, :], round_to(hidden, out_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(x_ptr, xs_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K,
+                 stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym,
+                 FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, rows64, row_ok = _tile_rows(tiles_ptr, tile, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    cols64 = cols.to(tl.int64)
+    acc = _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
+                   stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
+    tl.store(y_ptr + rows64[:, None] * stride_ym + cols64[None, :], round_to(acc, y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+class ExpertPointers:
+    """Per expert table, the device arrays of every expert's weight and scale addresses (w1, s1, w3, s3, w2,
+    s2), kept while the experts' tensors stay the same objects at the same addresses (checked for the experts
+    about to run) and dropped with the table."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, tuple] = {}
+
+    def get(self, experts: Sequence[ExpertWeights | None], which: list[int], device: torch.device) -> list[Tensor]:
+        key = id(experts)
+        entry = self._tables.get(key)
+        if entry is not None and entry[0]() is experts and all(entry[2][e] == _stamp(experts[e]) for e in which):
+            return entry[1]
+        stamps = [_stamp(w) if w is not None else None for w in experts]
+        columns = [[0] * len(experts) for _ in range(6)]
+        for e, w in enumerate(experts):
+            if w is not None:
+                for i, t in enumerate((w.w1, w.s1, w.w3, w.s3, w.w2, w.s2)):
+                    columns[i][e] = t.data_ptr()
+        arrays = [torch.tensor(c, dtype=torch.int64, device=device) for c in columns]
+        try:
+            owner = weakref.ref(experts, lambda _, k=key: self._tables.pop(k, None))
+        except TypeError:  # a plain list: built for this call only
+            return arrays
+        self._tables[key] = (owner, arrays, stamps)
+        return arrays
+
+
+def _stamp(w: ExpertWeights) -> tuple:
+    return tuple((id(t), t.data_ptr()) for t in (w.w1, w.s1, w.w3, w.s3, w.w2, w.s2))
+
+
+def covers(x: Tensor, experts: Sequence[ExpertWeights | None], which: Sequence[int]) -> bool:
+    """The kernels take float activations and experts whose three weights are all FP8 (128 x 128 tile scales) or
+    all packed FP4 (per-32 scales), contiguous, with the same shapes; no gradients."""
+    if x.dtype not in _FLOATS or not which or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    first = experts[which[0]]
+    if first is None or first.s1 is None:
+        return False
+    fp4 = is_packed_fp4_dtype(first.w1.dtype)
+    if not fp4 and first.w1.dtype != torch.float8_e4m3fn:
+        return False
+    d, inter = x.shape[-1], first.w1.shape[0]
+    if fp4 and (d % FP4_BLOCK or inter % FP4_BLOCK):
+        return False
+    for e in which:
+        w = experts[e]
+        if w is None or w.s1 is None or w.s3 is None or w.s2 is None:
+            return False
+        for t, s, out_features in ((w.w1, w.s1, inter), (w.w3, w.s3, inter), (w.w2, w.s2, d)):
+            if (t.dtype != first.w1.dtype or t.shape[0] != out_features or not t.is_contiguous()
+                    or not s.is_contiguous() or t.device != x.device or s.dtype not in (torch.float8_e8m0fnu,
+                                                                                         torch.uint8)):
+                return False
+    return first.w1.shape[1] * (2 if fp4 else 1) == d and first.w2.shape[1] * (2 if fp4 else 1) == inter
+
+
+def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
+                   which: Sequence[int], limit: float, pointers: ExpertPointers) -> Tensor:
+    """The routed experts' weighted sum [T, d] fp32 (see `ReferenceBackend.routed_experts`)."""
+    rows = group_routed_rows(ids, len(experts), list(which))
+    if not rows.which:
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    first = experts[rows.which[0]]
+    fp4 = is_packed_fp4_dtype(first.w1.dtype)
+    d, inter = x.shape[-1], first.w1.shape[0]
+    rows_x = x.index_select(0, rows.tokens)  # [R, d]
+    rows_w = weights.flatten().index_select(0, rows.keep).to(torch.float32).contiguous()  # [R]
+    block_m = block_m_for(max(rows.sizes))
+    tiles, lo = [], 0
+    for e, n in zip(rows.which, rows.sizes, strict=True):
+        for start in range(lo, lo + n, block_m):
+            tiles += (e, start, lo + n)
+        lo += n
+    tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device)
+    n_tiles = tiles.numel() // 3
+    w1, s1, w3, s3, w2, s2 = pointers.get(experts, rows.which, x.device)
+    block_n = 64 if fp4 else 128
+
+    xq, xs = quant.act_quant(rows_x, FP8_BLOCK)
+    hidden = torch.empty(rows_x.shape[0], inter, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
+        xq, xs, rows_w, tiles, w1, s1, w3, s3, hidden, inter, d, float(limit),
+        xq.stride(0), xs.stride(0), first.w1.stride(0), first.s1.stride(0), hidden.stride(0),
+        FP4=fp4, BLOCK_M=block_m, BLOCK_N=block_n)
+
+    hq, hs = quant.act_quant(hidden, FP8_BLOCK)
+    out = torch.empty(rows_x.shape[0], d, dtype=x.dtype, device=x.device)
+    _down_kernel[(n_tiles, triton.cdiv(d, block_n))](
+        hq, hs, tiles, w2, s2, out, d, inter,
+        hq.stride(0), hs.stride(0), first.w2.stride(0), first.s2.stride(0), out.stride(0),
+        FP4=fp4, BLOCK_M=block_m, BLOCK_N=block_n)
+    return add_routed_rows(out, rows, ids)

@@ -1,0 +1,51 @@
+"""What the kernels compute the same way as torch, on a GPU and in Triton's CPU interpreter alike.
+
+* **Rounding to bf16.** On a GPU ``x.to(tl.bfloat16)`` rounds to nearest even; Triton's interpreter (which the
+  tests run on machines without a GPU) truncates, so a kernel checked there would differ from the reference in
+  half of its bf16 outputs by one step, and on FP8 activations such steps grow downstream. `round_to` rounds
+  bf16 itself, with integer ops that give the same bits on both (round half to even on the 16 dropped bits; NaN
+  stays NaN).
+* **exp.** ``tl.exp`` lowers to the hardware's approximate ``ex2``; torch's CUDA ops call libdevice's ``expf``.
+  `exp` calls libdevice's on a GPU, so a kernel's exponentials are torch's there. The interpreter has no
+  libdevice, so it takes ``tl.exp`` (numpy's exp), which the CPU tests hold to the reference's tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def libdevice_exp() -> bool:
+    """The `exp` flag kernels are launched with: libdevice's expf wherever it exists (not in the interpreter)."""
+    return not interpreting()
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """x in `dtype`, bf16 rounded to nearest even from fp32 exactly as torch's ``.to(torch.bfloat16)``."""
+    if dtype == tl.bfloat16:
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # a NaN's payload must not round into the infinity pattern
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def exp(x, LIBDEVICE: tl.constexpr):
+    """fp32 exp: libdevice's expf (torch's on CUDA) when LIBDEVICE, else ``tl.exp``."""
+    if LIBDEVICE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)

@@ -1,0 +1,141 @@
+"""Triton mHC split + Sinkhorn (`ReferenceBackend.hc_split_sinkhorn`): one program per block of tokens, each token's
+h x h comb matrix held in registers for all the iterations.
+
+The arithmetic is the reference's, op for op and in its order: ``pre = sigmoid(m*s0 + b) + eps`` and
+``post = 2*sigmoid(m*s1 + b)`` with sigmoid as ``1 / (1 + exp(-z))``; ``comb = exp(logit - rowmax)``, divided by
+its row sum, ``+ eps``, divided by (column sum + eps), then ``iters - 1`` rounds of row then column division by
+(sum + eps). The products and sums are not fused (launched with ``enable_fp_fusion=False``: ``m*s + b`` rounds the
+product as torch does), the divisions are IEEE round-to-nearest (``div_rn``), and every row / column sum adds the
+h terms one after another, 0 to h-1: each term is picked out of the tile by a masked sum whose other terms are
+exact zeros, so no cross-lane reduction tree decides the order. That is the order torch's CPU sums over a dim of
+h <= 4 use (checked for h = 2, 3, 4; at h = 8 torch pairs the column terms differently, an fp32 rounding apart).
+
+What may not be bit-exact is ``exp`` (`numerics.exp`): libdevice's ``expf`` on a GPU (the function torch's CUDA
+ops call, not the hardware's approximate ``ex2``), numpy's under the interpreter, while the reference on the CPU
+uses torch's vectorised one; they differ in the last bit on some inputs, and those differences pass through the
+normalisations as relative errors of a few 1e-7 (the tests allow 1e-6).
+
+h (``hc_mult``) up to 16 is padded to a power of two with masks; the model's h = 4 needs none.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .numerics import exp, libdevice_exp
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_MAX_H = 16
+_TILE = 2048  # comb elements per program (tokens x h x h)
+
+
+@triton.jit
+def _sigmoid(z, LIBDEVICE: tl.constexpr):
+    return tl.math.div_rn(tl.full(z.shape, 1.0, tl.float32), 1.0 + exp(-z, LIBDEVICE))
+
+
+@triton.jit
+def _ordered_sum(x, idx, AXIS: tl.constexpr, H: tl.constexpr):
+    """Sum of x [BLOCK_T, HP, HP] over AXIS (whose index, broadcast to x, is idx) as ((x_0 + x_1) + x_2) + ...
+    over the first H entries: each x_j is a masked sum of one non-zero term (exact), then added in order."""
+    acc = tl.sum(tl.where(idx == 0, x, 0.0), axis=AXIS)
+    for j in tl.static_range(1, H):
+        acc = acc + tl.sum(tl.where(idx == j, x, 0.0), axis=AXIS)
+    return acc
+
+
+@triton.jit
+def _sinkhorn_kernel(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, stride_t, iters, eps,
+                     H: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """mixes [T, (2+H)*H] (unit last stride) -> pre [T, H], post [T, H], comb [T, H, H] (contiguous, fp32)."""
+    pid = tl.program_id(0)
+    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < T
+    tok64 = tok.to(tl.int64)
+    k = tl.arange(0, HP)
+    k_ok = k < H
+    s0 = tl.load(scale_ptr).to(tl.float32)
+    s1 = tl.load(scale_ptr + 1).to(tl.float32)
+    s2 = tl.load(scale_ptr + 2).to(tl.float32)
+
+    # pre and post: [BLOCK_T, HP]
+    rows2 = m_ptr + tok64[:, None] * stride_t + k[None, :]
+    mask2 = tok_ok[:, None] & k_ok[None, :]
+    out2 = tok64[:, None] * H + k[None, :]
+    m = tl.load(rows2, mask=mask2, other=0.0).to(tl.float32)
+    b = tl.load(base_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    pre = _sigmoid(m * s0 + b[None, :], LIBDEVICE) + eps
+    tl.store(pre_ptr + out2, pre, mask=mask2)
+    m = tl.load(rows2 + H, mask=mask2, other=0.0).to(tl.float32)
+    b = tl.load(base_ptr + H + k, mask=k_ok, other=0.0).to(tl.float32)
+    post = 2.0 * _sigmoid(m * s1 + b[None, :], LIBDEVICE)
+    tl.store(post_ptr + out2, post, mask=mask2)
+
+    # comb: [BLOCK_T, HP (row i), HP (column j)]
+    r3 = k[None, :, None]
+    c3 = k[None, None, :]
+    entry_ok = (r3 < H) & (c3 < H)  # [1, HP, HP]
+    mask3 = tok_ok[:, None, None] & entry_ok
+    entry = r3 * H + c3
+    m = tl.load(m_ptr + tok64[:, None, None] * stride_t + 2 * H + entry, mask=mask3, other=0.0).to(tl.float32)
+    b = tl.load(base_ptr + 2 * H + entry, mask=entry_ok, other=0.0).to(tl.float32)
+    # padded columns (h not a power of two) get exp(-inf) = 0; padded rows are finite junk that no sum picks up
+    logits = tl.where(c3 < H, m * s2 + b, float("-inf"))
+    rowmax = tl.max(logits, axis=2)
+    comb = exp(logits - rowmax[:, :, None], LIBDEVICE)
+    comb = tl.math.div_rn(comb, _ordered_sum(comb, c3, 2, H)[:, :, None]) + eps
+    comb = tl.math.div_rn(comb, (_ordered_sum(comb, r3, 1, H) + eps)[:, None, :])
+    for _ in range(iters - 1):
+        comb = tl.math.div_rn(comb, (_ordered_sum(comb, c3, 2, H) + eps)[:, :, None])
+        comb = tl.math.div_rn(comb, (_ordered_sum(comb, r3, 1, H) + eps)[:, None, :])
+    tl.store(comb_ptr + tok64[:, None, None] * (H * H) + entry, comb, mask=mask3)
+
+
+def covers(mixes: Tensor, hc_mult: int, iters: int, scale: Tensor | None = None, base: Tensor | None = None) -> bool:
+    """Whether the kernel takes these inputs: mixes fp32 / bf16 [..., (2+h)*h] with 1 <= h <= 16, iters >= 1, and
+    no gradient wanted (the reference is differentiable, the kernel is not). `scale` and `base`, when given, must
+    not want a gradient either and must not be fp64 (the reference would then compute in fp64); the kernel reads
+    them as fp32."""
+    if not (isinstance(mixes, Tensor) and mixes.dtype in _DTYPES and mixes.dim() >= 1):
+        return False
+    if not (isinstance(hc_mult, int) and 1 <= hc_mult <= _MAX_H and mixes.shape[-1] == (2 + hc_mult) * hc_mult):
+        return False
+    if not (isinstance(iters, int) and iters >= 1):
+        return False
+    params = [t for t in (scale, base) if t is not None]
+    if any(t.dtype == torch.float64 for t in params):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (mixes, *params)))
+
+
+def hc_split_sinkhorn(mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``ReferenceBackend.hc_split_sinkhorn``: mixes [..., (2+h)*h], scale [3], base [(2+h)*h] ->
+    (pre [..., h], post [..., h], comb [..., h, h]), all fp32."""
+    h = hc_mult
+    if not covers(mixes, hc_mult, iters):
+        raise ValueError(f"Triton Sinkhorn does not take mixes {mixes.dtype} {tuple(mixes.shape)} with h={hc_mult}, "
+                         f"iters={iters}")
+    width = (2 + h) * h
+    lead = mixes.shape[:-1]
+    m2 = mixes.reshape(-1, width)
+    if m2.stride(-1) != 1:
+        m2 = m2.contiguous()
+    t = m2.shape[0]
+    dev = mixes.device
+    scale = scale.to(device=dev, dtype=torch.float32).contiguous()
+    base = base.to(device=dev, dtype=torch.float32).contiguous()
+    pre = torch.empty((t, h), dtype=torch.float32, device=dev)
+    post = torch.empty((t, h), dtype=torch.float32, device=dev)
+    comb = torch.empty((t, h, h), dtype=torch.float32, device=dev)
+    if t:
+        hp = triton.next_power_of_2(h)
+        block_t = min(triton.next_power_of_2(t), max(1, _TILE // (hp * hp)))
+        num_warps = 4 if block_t * hp * hp >= 2048 else 2 if block_t * hp * hp >= 512 else 1
+        _sinkhorn_kernel[(triton.cdiv(t, block_t),)](
+            m2, scale, base, pre, post, comb, t, m2.stride(0), iters, float(eps),
+            H=h, HP=hp, BLOCK_T=block_t, LIBDEVICE=libdevice_exp(), num_warps=num_warps, enable_fp_fusion=False)
+    return pre.view(*lead, h), post.view(*lead, h), comb.view(*lead, h, h)

@@ -1,0 +1,206 @@
+"""The Triton sparse attention (`dsv4.kernels.triton.attention`) against the reference backend's `sparse_attn`.
+
+Without a GPU the kernel runs on CPU tensors through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported), so the shapes are small and the programs few.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dsv4.kernels.paged import PagedRows  # noqa: E402
+from dsv4.kernels.reference import ReferenceBackend  # noqa: E402
+from dsv4.kernels.triton import attention  # noqa: E402
+from dsv4.kv_formats import CastCodec  # noqa: E402
+from dsv4.kv_formats.fp8 import PackedCodec  # noqa: E402
+
+REF = ReferenceBackend()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype).to(DEVICE)
+
+
+def _slots(b, s, k, n, unused=0.25):
+    """idx [B, S, K]: random rows of n (each batch row its own), about `unused` of the slots -1, and query 1 of
+    batch row 0 with no used slot at all."""
+    idx = torch.randint(0, n, (b, s, k))
+    idx[torch.rand(b, s, k) < unused] = -1
+    idx[0, 1] = -1
+    return idx.to(DEVICE)
+
+
+def _paged(entries, per_page, codec, garbage):
+    """`entries` [B, n, D] left in a pool of pages of `per_page` rows, stored by `codec` (None: as they are), in
+    shuffled pages with spare ones between them; every stored element that is not one of the entries (spare pages,
+    the last page's tail) is `garbage`, so a read of a wrong row shows up as NaN."""
+    b, n, d = entries.shape
+    pages = -(-n // per_page)
+    padded = torch.nn.functional.pad(entries, (0, 0, 0, pages * per_page - n)).view(b * pages, per_page, d)
+    stored = padded if codec is None else codec.encode(padded)
+    pool = torch.full((b * pages + 3, per_page, stored.shape[-1]), garbage, dtype=stored.dtype, device=DEVICE)
+    order = torch.randperm(b * pages + 3)[: b * pages].to(DEVICE)
+    pool[order] = stored
+    table = order.view(b, pages)
+    if n % per_page:  # the rows past n in each batch row's last page
+        pool[table[:, -1], n % per_page :] = garbage
+    dtype = stored.dtype if codec is None else codec.compute
+    return PagedRows(pool, table, n, codec, dtype)
+
+
+def _check_fp32(got, want):
+    # fp32: the same operations in the same order per 64-slot block, only the dots' summation order differs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def _check_bf16(got, want):
+    # bf16 rows: the kernel rounds the same unnormalised p (and a bf16 result) as the reference does, but another
+    # summation order or exp() can move a value across a bf16 rounding boundary. One such flip costs at most one
+    # bf16 step of the result's magnitude (2**-7 of the largest value) and touches one (query, head) row, so
+    # besides that bound at most 1/8 of the rows may differ beyond fp32 noise: a systematic change (p rounded
+    # after normalising, not rounded at all, other slot blocks than 64, truncation) moves 40-90% of them.
+    # Under the interpreter the results are in fact equal to the reference (bar a rare tiny element).
+    got, want = got.float(), want.float()
+    top = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=2**-7 * top)
+    off = ((got - want).abs() > 1e-5 * top).any(dim=-1).float().mean().item()
+    assert off <= 1 / 8, f"{off:.0%} of the rows differ"
+
+
+@pytest.mark.parametrize("k, n_runs", [(5, 2), (64, 1), (150, 2)])
+def test_fp32_dense_runs_equal_the_reference(k, n_runs):
+    """One or two dense runs, one slot block (whole or partial) or several, 20 heads (two head blocks), D = 40
+    (padded to 64), a strided q, per batch row indices with scattered -1, a query with no used slot."""
+    torch.manual_seed(k)
+    b, s, h, d, n0, n1 = 2, 3, 20, 40, 30, 50
+    q = _rand(b, h, s, d).transpose(1, 2)  # [B, S, H, D], not contiguous
+    runs = [_rand(b, n0, d), _rand(b, n1, d)][:n_runs]
+    idx, sink = _slots(b, s, k, n0 + n1 if n_runs == 2 else n0), _rand(h)
+    assert attention.covers(q, runs, idx, sink)
+    got = attention.sparse_attn(q, runs, idx, sink, d**-0.5)
+    want = REF.sparse_attn(q, runs, idx, sink, d**-0.5)
+    assert got.dtype == torch.float32 and got.shape == (b, s, h, d)
+    _check_fp32(got, want)
+    assert torch.equal(got[0, 1], torch.zeros_like(got[0, 1]))  # all slots unused: exactly 0
+    # the second query's slots differ per batch row, so the batch rows' results must too
+    assert not torch.allclose(got[0, 0], got[1, 0])
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_rows_equal_the_reference_within_a_bf16_step(q_dtype):
+    """bf16 rows (the second run given in fp32 and cast to the first run's bf16, as `concat_rows` does), q bf16
+    (tensor-core dots) or fp32 (fp32 logits, bf16 value product); the output in q's dtype."""
+    torch.manual_seed(1)
+    b, s, h, d, n0, n1, k = 2, 4, 16, 32, 40, 60, 150
+    q = _rand(b, s, h, d, dtype=q_dtype, scale=2.0)
+    window, entries = _rand(b, n0, d, dtype=torch.bfloat16), _rand(b, n1, d)
+    idx, sink = _slots(b, s, k, n0 + n1), _rand(h)
+    got = attention.sparse_attn(q, [window, entries], idx, sink, d**-0.5)
+    want = REF.sparse_attn(q, [window, entries], idx, sink, d**-0.5)
+    assert got.dtype == q_dtype
+    _check_bf16(got, want)
+    assert not got[0, 1].any()
+
+
+@pytest.mark.parametrize("store", ["none-fp32", "none-bf16", "cast", "cast-down", "fp8"])
+def test_paged_entries_equal_the_reference(store):
+    """A dense window run, then compressed entries left in shuffled pages of a pool: compute rows (codec None),
+    bf16 rows of an fp32 model (`CastCodec`), or the production fp8 entries (`PackedCodec`, decoded in the kernel;
+    D = 96 with 16 rope dims: 80 nope dims, one whole and one partial scale block). "cast-down" decodes fp32
+    rows to bf16 before the fp32 window's dtype, a rounding the kernel must make as `concat_rows` does."""
+    torch.manual_seed(2)
+    b, s, h, n0, n1, per_page, k = 2, 3, 8, 20, 70, 16, 100
+    d = 96 if store == "fp8" else 48
+    model = torch.bfloat16 if store in ("none-bf16", "fp8") else torch.float32
+    codec, garbage = None, float("nan")
+    if store == "cast":
+        codec = CastCodec("bf16", "kv", torch.bfloat16, torch.float32)
+    elif store == "cast-down":
+        codec = CastCodec("odd", "kv", torch.float32, torch.bfloat16)
+    elif store == "fp8":
+        codec, garbage = PackedCodec("kv", d, 16, torch.bfloat16), 0xFF  # 0xFF: an e4m3 NaN and a NaN scale
+    # entries of very different sizes per 64 dims, so the fp8 scales differ within and across rows
+    entries = _rand(b, n1, d) * torch.logspace(-2, 1, d, device=DEVICE) * _rand(b, n1, 1).abs()
+    paged = _paged(entries.to(model), per_page, codec, garbage)
+    q, window = _rand(b, s, h, d, dtype=model), _rand(b, n0, d, dtype=model)
+    idx, sink = _slots(b, s, k, n0 + n1, unused=0.1), _rand(h)
+    runs = [window, paged]
+    assert attention.covers(q, runs, idx, sink)
+    got = attention.sparse_attn(q, runs, idx, sink, d**-0.5)
+    want = REF.sparse_attn(q, runs, idx, sink, d**-0.5)
+    assert not want.isnan().any()
+    (_check_fp32 if model == torch.float32 else _check_bf16)(got, want)
+    assert not got[0, 1].any()
+    # the slots reach the entries: zero entries would give another result
+    zeros = torch.zeros(b, n1, d, dtype=model, device=DEVICE)
+    assert not torch.allclose(got, REF.sparse_attn(q, [window, zeros], idx, sink, d**-0.5), atol=1e-2)
+
+
+def test_an_index_past_the_rows_counts_as_unused():
+    """(The reference raises there.) The rows past the entries' count in their last page hold NaN: not read."""
+    torch.manual_seed(3)
+    b, s, h, d, n0, n1, per_page, k = 1, 2, 4, 32, 10, 20, 16, 40
+    q, window, sink = _rand(b, s, h, d), _rand(b, n0, d), _rand(h)
+    paged = _paged(_rand(b, n1, d), per_page, None, float("nan"))
+    idx = _slots(b, s, k, n0 + n1, unused=0.0)
+    past = idx.clone()
+    past[:, :, ::3] = n0 + n1 + torch.arange(0, k, 3, device=DEVICE) % (2 * per_page - n1)  # within the last page
+    got = attention.sparse_attn(q, [window, paged], past, sink, 0.2)
+    want = REF.sparse_attn(q, [window, paged], torch.where(past >= n0 + n1, -1, past), sink, 0.2)
+    _check_fp32(got, want)
+
+
+def test_no_slot_gives_zeros():
+    q, window, sink = _rand(2, 3, 4, 32), _rand(2, 10, 32), _rand(4)
+    idx = torch.zeros(2, 3, 0, dtype=torch.long, device=DEVICE)
+    assert attention.covers(q, [window], idx, sink)
+    got = attention.sparse_attn(q, [window], idx, sink, 0.2)
+    assert got.shape == q.shape and got.dtype == q.dtype and not got.any()
+    assert torch.equal(got, REF.sparse_attn(q, [window], idx, sink, 0.2))
+
+
+def test_covers_what_the_kernel_reads_and_nothing_else():
+    b, s, h, d = 1, 2, 4, 32
+    q, window, entries, sink = _rand(b, s, h, d), _rand(b, 8, d), _rand(b, 20, d), _rand(h)
+    idx = _slots(b, s, 8, 28)
+    paged = _paged(entries, 8, None, 0.0)
+    fp8 = PackedCodec("kv", d, 8, torch.bfloat16)
+    fp8_paged = _paged(entries.bfloat16(), 8, fp8, 0)
+    cast = _paged(entries, 8, CastCodec("bf16", "kv", torch.bfloat16, torch.float32), 0.0)
+    for runs in ([window], window, [window, entries], [window, paged], [window, cast], [window.bfloat16(), fp8_paged]):
+        assert attention.covers(q, runs, idx, sink)
+
+    class Halves:  # a codec the kernel does not know
+        format, kind = "halves", "kv"
+
+        def decode(self, stored):
+            return stored * 0.5
+
+    index_codec = PackedCodec("index", d, 8, torch.bfloat16)  # FP4 indexer keys: not attention rows
+    not_covered = [
+        (q.double(), [window], idx, sink),
+        (q, [window.double()], idx, sink),
+        (q, [window, entries.double()], idx, sink),
+        (q, [window], idx, sink.double()),
+        (q, [window, entries, entries], idx, sink),  # three runs
+        (q, [paged, window], idx, sink),  # the first run paged
+        (q, [window, PagedRows(paged.pool, paged.table, paged.count, Halves(), torch.float32)], idx, sink),
+        (q, [window, PagedRows(index_codec.encode(paged.pool.bfloat16()), paged.table, paged.count, index_codec,
+                               torch.bfloat16)], idx, sink),
+        (q, [window, PagedRows(paged.pool, paged.table, 10**6, None, torch.float32)], idx, sink),  # past the table
+        (q, [window, PagedRows(paged.pool[..., :16], paged.table, paged.count, None, torch.float32)], idx, sink),
+        (q, [window[..., :16]], idx, sink),  # rows narrower than q
+        (q, [window], idx[0], sink),
+        (_rand(b, s, h, 1024), [_rand(b, 8, 1024)], idx, sink),  # head_dim past MAX_HEAD_DIM
+    ]
+    for args in not_covered:
+        assert not attention.covers(*args)
+    with pytest.raises(ValueError, match="covers"):
+        attention.sparse_attn(*not_covered[0], 0.1)
+    # gradients are the reference's business, unless none is wanted
+    q_grad = q.clone().requires_grad_(True)
+    assert not attention.covers(q_grad, [window], idx, sink)
+    with torch.no_grad():
+        assert attention.covers(q_grad, [window], idx, sink)

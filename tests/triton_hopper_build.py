@@ -1,0 +1,127 @@
+"""Build every Triton kernel launch of a few backend calls for a Hopper GPU (sm_90), on a machine without one.
+
+The interpreter tests check what the kernels compute; they cannot see code that only the GPU compiler rejects
+(an unsupported dot shape or dtype, a constexpr misuse, a pointer cast). This script runs with TRITON_INTERPRET=0:
+each kernel launch is recorded instead of run (the host code around it runs on CPU tensors, so the outputs are
+left uninitialised), then each recorded launch's signature is compiled to a cubin with Triton's bundled ptxas.
+Prints one line per distinct build and exits non-zero if any fails. Used by `tests/test_triton_compile.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+launches: dict[tuple, tuple] = {}
+
+
+def record(self: JITFunction, *args, grid, warmup, **kwargs):
+    """Stands in for JITFunction.run: the launch's signature and constexprs, keyed so each build happens once."""
+    names = [p.name for p in self.params]
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    bound = self.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in names})
+    bound.apply_defaults()
+    signature, constexprs = {}, {}
+    for param in self.params:
+        value = bound.arguments[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        else:
+            signature[param.name] = mangle_type(value)
+    key = (self.fn.__qualname__, tuple(signature.items()), tuple(sorted(constexprs.items())),
+           tuple(sorted(options.items())))
+    launches.setdefault(key, (self, signature, constexprs, options))
+
+
+def run_calls() -> None:
+    from dsv4.kernels import ExpertWeights
+    from dsv4.kernels.paged import PagedRows
+    from dsv4.kernels.reference import ReferenceBackend
+    from dsv4.kernels.triton import TritonBackend, attention
+    from dsv4.kv_formats import get_format
+    from dsv4.quant import quantize_fp4_weight, quantize_fp8_weight
+
+    ref, tri = ReferenceBackend(), TritonBackend()
+    # the backend only launches on CUDA tensors or under the interpreter: let it launch on these CPU tensors
+    import dsv4.kernels.triton as package
+
+    package._runs_here = lambda tensor: True
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 256).to(dtype)
+        tri.act_quant(x)
+        tri.fp8_simulate(x)
+        tri.fp4_quant(x)
+        tri.fp4_simulate(x)
+        xq, xs = ref.act_quant(x)
+        w8, s8 = quantize_fp8_weight(torch.randn(192, 256))
+        w4, s4 = quantize_fp4_weight(torch.randn(192, 256))
+        tri.fp8_gemm(xq, xs, w8, s8, dtype)
+        tri.fp4_gemm(xq, xs, w4, s4, dtype)
+        for quantize in (quantize_fp8_weight, quantize_fp4_weight):
+            table = []
+            for _ in range(4):
+                w1, s1 = quantize(torch.randn(128, 256))
+                w3, s3 = quantize(torch.randn(128, 256))
+                w2, s2 = quantize(torch.randn(256, 128))
+                table.append(ExpertWeights(w1, s1, w3, s3, w2, s2))
+            ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
+            tri.routed_experts(x[:3], torch.rand(3, 2), ids, table, [0, 1, 2, 3], 7.0)
+        tri.hc_split_sinkhorn(torch.randn(7, 24), torch.rand(3), torch.randn(24), 4, 20, 1e-6)
+        # attention: a dense run, then a dense or a paged second run (model rows, or the production FP8 layout)
+        q = torch.randn(2, 3, 8, 64).to(dtype)
+        window = torch.randn(2, 10, 64).to(dtype)
+        idx = torch.randint(-1, 30, (2, 3, 70))
+        sink = torch.randn(8)
+        tri.sparse_attn(q, [window, torch.randn(2, 20, 64).to(dtype)], idx, sink, 0.125)
+        for fmt in ("model", "fp8"):
+            try:
+                codec = get_format(fmt).codec(_Args(), "kv", dtype)
+            except ValueError:
+                continue
+            rows = torch.randn(20, 64).to(dtype)
+            stored = rows if codec is None else codec.encode(rows)
+            pool = stored.reshape(5, 4, -1)
+            paged = PagedRows(pool, torch.tensor([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]), 20, codec, dtype)
+            if attention.covers(q, [window, paged], idx, sink):
+                tri.sparse_attn(q, [window, paged], idx, sink, 0.125)
+
+
+class _Args:
+    """The model arguments a KV codec reads (head dim 64 with 16 rope dims)."""
+
+    head_dim = 64
+    rope_head_dim = 16
+    index_head_dim = 64
+
+
+def main() -> int:
+    JITFunction.run = record
+    run_calls()
+    failures = 0
+    for (name, *_), (fn, signature, constexprs, options) in launches.items():
+        try:
+            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=HOPPER,
+                           options={k: v for k, v in options.items() if k in ("num_warps", "num_stages",
+                                                                              "enable_fp_fusion")})
+            print(f"ok   {name} {constexprs}", flush=True)
+        except Exception:  # noqa: BLE001 - report every failing build, not only the first
+            failures += 1
+            print(f"FAIL {name} {constexprs}", flush=True)
+            traceback.print_exc()
+    print(f"{len(launches)} builds, {failures} failed")
+    return 1 if failures or not launches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
