@@ -9,8 +9,9 @@ online softmax (running max, p = exp(logit - m), running sum), the *unnormalised
 before ``tl.dot(p, rows)`` into an fp32 accumulator, and at the end exp(sink - m) added to the denominator.
 
 Supported runs (`covers`): a first dense run [B, n, D], optionally followed by one second run, either dense or a
-`PagedRows` whose pool holds compute rows (codec None), rows of another float dtype (`kv_formats.CastCodec`)
-or the production "fp8" main-KV entries (`kv_formats.fp8.PackedCodec`, kind "kv": e4m3 nope bytes, raw bf16
+`PagedRows` whose pool holds compute rows (codec None), rows of another float dtype (a cast codec such as
+`kv_formats.CastCodec`: `stored` and `compute` dtypes) or the production "fp8" main-KV entries (format "fp8",
+kind "kv", as `kv_formats.fp8.PackedCodec` writes them: e4m3 nope bytes, raw bf16
 rope bytes, one ue8m0 scale per 64 nope dims), decoded in the kernel. Rows of the second run are cast to the
 first run's dtype through the same intermediate dtypes as the reference's decode and `concat_rows`.
 
@@ -201,20 +202,30 @@ def _second_run_kind(run: KVRows, d: int) -> int | None:
     codec = run.codec
     if codec is None:
         return _PAGED if pool.dtype in _FLOATS and pool.shape[-1] == d else None
-    from ...kv_formats import CastCodec
-    from ...kv_formats.fp8 import PackedCodec, kv_layout
-
-    if type(codec) is CastCodec:
-        ok = codec.stored == pool.dtype and pool.dtype in _FLOATS and codec.compute in _FLOATS
+    # codecs are recognised by the format they name (`dsv4.kernels.RowCodec`), not by class: the kernels sit
+    # below the KV formats and never import them
+    fmt, kind, compute = getattr(codec, "format", None), getattr(codec, "kind", None), getattr(codec, "compute", None)
+    stored = getattr(codec, "stored", None)
+    if stored is not None and kind == "kv":  # a cast codec: rows stored in one float dtype, computed in another
+        ok = stored == pool.dtype and pool.dtype in _FLOATS and compute in _FLOATS
         return _PAGED if ok and pool.shape[-1] == d else None
-    if type(codec) is PackedCodec and codec.format == "fp8" and codec.kind == "kv":
+    if fmt == "fp8" and kind == "kv":
         # the rope dims are read as int16: an even nope width and even byte strides keep them 2-byte aligned
-        ok = (codec.dim == d and 0 <= codec.rope_dim <= d and (d - codec.rope_dim) % 2 == 0
-              and codec.compute in _FLOATS and pool.dtype == torch.uint8
-              and pool.shape[-1] == kv_layout(d, codec.rope_dim)[3] and pool.stride(2) == 1
+        rope = getattr(codec, "rope_dim", -1)
+        ok = (getattr(codec, "dim", None) == d and 0 <= rope <= d and (d - rope) % 2 == 0
+              and compute in _FLOATS and pool.dtype == torch.uint8
+              and pool.shape[-1] == fp8_entry_bytes(d, rope) and pool.stride(2) == 1
               and pool.stride(0) % 2 == 0 and pool.stride(1) % 2 == 0 and pool.storage_offset() % 2 == 0)
         return _PAGED_FP8 if ok else None
     return None
+
+
+def fp8_entry_bytes(d: int, rope: int) -> int:
+    """Bytes of one "fp8" main-KV entry (`dsv4.kv_formats.fp8`, spec 4.2): the nope dims' e4m3 codes, the rope dims'
+    bf16 bytes, one ue8m0 scale per 64 nope dims padded to a multiple of 8 bytes (584 for V4's D 512, R 64)."""
+    nope = d - rope
+    scales = triton.cdiv(nope, 64)
+    return nope + 2 * rope + triton.cdiv(scales, 8) * 8
 
 
 def _tensors(run: KVRows) -> list[Tensor]:
