@@ -195,6 +195,44 @@ def test_loss_decreases_and_metrics_have_every_key(data, tmp_path):
     assert evals[-1]["val_loss"] < before - 1.0, (before, evals[-1]["val_loss"])
 
 
+def test_bf16_autocast_trains_and_the_metrics_carry_model_flops_and_mfu(data, tmp_path):
+    """autocast bf16 (the GPU recipe, on the CPU here): the forward's matmuls run in bf16 while the master weights
+    and losses stay fp32, the loss falls as in fp32, and each record carries the model TFLOP/s and, with a peak
+    given, the MFU they make of it (3x the forward FLOPs of `dsv4.plan` per token)."""
+    from dsv4.train.trainer import train_flops_per_token
+
+    records = []
+    trainer = Trainer(config(data, tmp_path, steps=30, autocast="bf16", peak_tflops=2.0), log=records.append)
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, w, *rest):
+        out = linear(x, w, *rest)
+        seen.append(out.dtype)
+        return out
+
+    torch.nn.functional.linear = spy
+    try:
+        trainer.train()
+    finally:
+        torch.nn.functional.linear = linear
+    assert torch.bfloat16 in seen  # autocast really ran the matmuls in bf16
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    train = [r for r in records if r["kind"] == "train"]
+    first = sum(r["ce"] for r in train[:5]) / 5
+    last = sum(r["ce"] for r in train[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    per_token = train_flops_per_token(trainer.args, 32, mtp=True)
+    assert per_token > 6 * trainer.model.parameter_counts()["active"] * 0.5  # at least the matmuls' 6 N
+    for r in train:
+        assert r["model_tflops"] == pytest.approx(per_token * r["tokens"] / r["step_s"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["model_tflops"] / 2.0)
+    with pytest.raises(TrainError, match="autocast 'fp16'"):
+        config(data, tmp_path, autocast="fp16").validate()
+    with pytest.raises(TrainError, match="device 'tpu'"):
+        config(data, tmp_path, device="tpu").validate()
+
+
 def test_mtp_weight_follows_the_lr_schedule(data, tmp_path):
     """λ_MTP is 0.3 while the lr is stable and 0.1 once it decays, and the logged loss is CE + λ·MTP + α·bal +
     KL with that λ (so the weight really enters the loss)."""

@@ -40,6 +40,9 @@ _HELP = {
     "bucket_tokens": "group a batch's document rows into forwards of at most N positions (0: one forward)",
     "checkpoint_every": "steps between checkpoints (0: only at the end)",
     "eval_every": "steps between evaluations on the val split (0: only at the end)",
+    "device": "where the model trains: cpu, cuda or cuda:N",
+    "autocast": "bf16: the forward under torch.autocast in bf16 (fp32 master weights, fp32 losses)",
+    "peak_tflops": "the device's peak TFLOP/s for the metrics' mfu (0: known GPUs' dense bf16 peak, else none)",
 }
 
 
@@ -70,7 +73,7 @@ def _model_arg(text: str) -> tuple[str, object]:
 def register(sub: argparse._SubParsersAction) -> None:
     from ..model.mhc import HC_MODES
     from ..train.precision import RECIPES
-    from ..train.trainer import OPTIMIZERS
+    from ..train.trainer import AUTOCAST, OPTIMIZERS
 
     config_class = _config_class()
     defaults = config_class()
@@ -91,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="under torchrun: partition the routed experts over the processes")
     p.add_argument("--ep-size", type=int, default=None, metavar="P",
                    help="with --expert-parallel: experts split over P ranks, WORLD_SIZE / P replicas (default: all)")
-    choices = {"hc_mode": HC_MODES, "precision": RECIPES, "optimizer": OPTIMIZERS}
+    choices = {"hc_mode": HC_MODES, "precision": RECIPES, "optimizer": OPTIMIZERS, "autocast": AUTOCAST}
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)

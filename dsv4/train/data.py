@@ -586,6 +586,13 @@ class DocumentRows:
     lengths: torch.Tensor
     origin: torch.Tensor
 
+    def to(self, device: torch.device) -> DocumentRows:
+        """The same rows on `device` (itself when they are there already)."""
+        if self.tokens.device == device:
+            return self
+        return DocumentRows(*(t.to(device) for t in (self.tokens, self.targets, self.loss_mask, self.lengths,
+                                                      self.origin)))
+
     @property
     def padding_fraction(self) -> float:
         """Share of the [N,T] positions that are padding (the price of one row per document)."""

@@ -69,6 +69,7 @@ from ..model.cache import ForwardTrace
 from ..model.mhc import HC_MODES, composite_gain
 from ..parallel.gradients import clip_grad_norm_, global_grad_norm
 from ..parallel.state_dict import full_state_dict, load_full_state_dict
+from ..plan import flops_per_token
 from .data import DocumentRows, PackedLoader, open_split, read_manifest, split_documents
 from .losses import (
     BiasBalancer,
@@ -94,6 +95,33 @@ OPTIMIZER_DIR = "optimizer"  # a parallel run's sharded optimizer states (torch.
 
 class TrainError(ValueError):
     """A bad training configuration, data directory or checkpoint; the message says which and why."""
+
+
+AUTOCAST = ("off", "bf16")
+# dense bf16 tensor-core peaks (TFLOP/s) by device name, for the metrics' mfu when peak_tflops is not given
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
+
+
+def peak_tflops(device: torch.device, configured: float) -> float | None:
+    """The peak the mfu is measured against: the configured one, else a known GPU's dense bf16 peak, else None."""
+    if configured:
+        return float(configured)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def train_flops_per_token(args: ModelArgs, seq_len: int, mtp: bool) -> float:
+    """Model FLOPs of training on one token: forward + backward (3x the forward), the forward's matmuls over the
+    active parameters plus attention and indexer scoring at the window's mean position, and the MTP blocks'
+    share when they train. (What MFU counts: recomputation and the quantisation simulation are not model FLOPs.)"""
+    forward = flops_per_token(args, max(1, seq_len // 2)).total
+    if mtp and args.n_mtp_layers:
+        forward *= 1 + args.n_mtp_layers / args.n_layers
+    return 3 * forward
 
 
 @dataclass
@@ -138,10 +166,13 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
     progress: bool = True  # tqdm bar on stderr when it is a terminal
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    device: str = "cpu"  # where the model trains: cpu, cuda, cuda:N
+    autocast: str = "off"  # off | bf16: the forward under torch.autocast in bf16 (fp32 master weights and losses)
+    peak_tflops: float = 0.0  # the device's peak for the metrics' mfu (0: known GPUs' dense bf16 peak, else no mfu)
 
     # fields that only change how a run is observed or where it is stored: a resume may change them
     RESUMABLE = ("data", "out", "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-                 "keep_checkpoints", "tensorboard", "progress", "threads")
+                 "keep_checkpoints", "tensorboard", "progress", "threads", "device", "peak_tflops")
 
     def validate(self) -> TrainConfig:
         problems = []
@@ -170,6 +201,17 @@ class TrainConfig:
         need(self.warmup_steps + max(self.decay_steps, 0) <= self.steps,
              f"warmup_steps {self.warmup_steps} + decay_steps {self.decay_steps} exceed steps {self.steps}")
         need(isinstance(self.model, dict), f"model must be a dict of ModelArgs overrides, got {self.model!r}")
+        need(self.autocast in AUTOCAST, f"autocast {self.autocast!r}: choose from {', '.join(AUTOCAST)}")
+        need(isinstance(self.peak_tflops, int | float) and self.peak_tflops >= 0,
+             f"peak_tflops must be >= 0, got {self.peak_tflops!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            device = None
+        need(device is not None and device.type in ("cpu", "cuda"),
+             f"device {self.device!r}: cpu, cuda or cuda:N")
+        if device is not None and device.type == "cuda":
+            need(torch.cuda.is_available(), f"device {self.device!r}: torch sees no CUDA device here")
         if problems:
             raise TrainError("bad training config:\n  " + "\n  ".join(problems))
         return self
@@ -381,6 +423,10 @@ class Trainer:
             raise TrainError(f"precision {c.precision!r} with a parallelized model is not supported yet; use fp32")
         if c.precision != "fp32":
             apply_precision(self.model, c.precision)
+        self.device = torch.device(c.device)
+        self.model.to(self.device)
+        self.flops_per_token = train_flops_per_token(self.args, c.seq_len, c.mtp_weight > 0)
+        self.peak_tflops = peak_tflops(self.device, c.peak_tflops)
         if c.optimizer == "muon":
             self.optimizers = build_optimizers(self.model, c.lr, weight_decay=c.weight_decay, eps=c.adam_eps)
         else:
@@ -418,7 +464,12 @@ class Trainer:
         """The forwards of one batch's rows; none when no row has a target (a window inside a chat prompt)."""
         if not len(rows.lengths):
             return []
-        return rows.buckets(self.config.bucket_tokens) if self.config.bucket_tokens else [rows]
+        groups = rows.buckets(self.config.bucket_tokens) if self.config.bucket_tokens else [rows]
+        return [g.to(self.device) for g in groups]
+
+    def _autocast(self):
+        """The forward's autocast context (a no-op context when autocast is off)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.autocast == "bf16")
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (module docstring); returns its metrics record."""
@@ -474,6 +525,10 @@ class Trainer:
                   "ce": ce, "mtp": mtp, "balance": bal, "indexer_kl": kl, "lr": lr, "mtp_weight": mtp_w,
                   "grad_norm": grad_norm, "tokens": inputs, "tokens_per_s": inputs / max(elapsed, 1e-9),
                   "step_s": elapsed, **balance}
+        model_tflops = self.flops_per_token * inputs / max(elapsed, 1e-9) / 1e12
+        record["model_tflops"] = model_tflops
+        if self.peak_tflops:
+            record["mfu"] = model_tflops / self.peak_tflops
         if stage == "indexer_warmup":
             record["loss"] = c.indexer_loss_weight * kl
         record.update(self._hc_gain(last_maps))
@@ -486,7 +541,8 @@ class Trainer:
         width = rows.tokens.shape[1]
         valid = valid_positions(rows.lengths, width)
         trace = ForwardTrace(dense_indexer=stage != "sparse")
-        streams = model.forward_streams(rows.tokens, lengths=rows.lengths, trace=trace)
+        with self._autocast():
+            streams = model.forward_streams(rows.tokens, lengths=rows.lengths, trace=trace)
         kl = sum(trace.indexer_losses) if trace.indexer_losses else None
         parts = {"ce": 0.0, "mtp": 0.0, "balance": 0.0, "indexer_kl": 0.0}
         maps = (trace.hc_maps, valid)
@@ -496,7 +552,9 @@ class Trainer:
                 (loss * scale).backward()
                 parts["indexer_kl"] = kl.item() / n_fwd
             return parts, maps
-        ce_sum, _ = cross_entropy_sum(model.logits(streams), rows.targets)
+        with self._autocast():
+            logits = model.logits(streams)
+        ce_sum, _ = cross_entropy_sum(logits.float(), rows.targets)
         loss = ce_sum / n_tok
         parts["ce"] = ce_sum.item() / n_tok
         bal = balance_loss_sum(trace.routing, valid, self.args.n_routed_experts, self.args.n_activated_experts)
@@ -504,8 +562,9 @@ class Trainer:
         if mtp_w > 0 and width > 1:
             next_tokens, targets, lengths = mtp_inputs(rows.tokens, rows.targets, rows.lengths)
             mtp_trace = ForwardTrace(dense_indexer=trace.dense_indexer)
-            logits = model.mtp_logits(streams[:, :-1], next_tokens, lengths=lengths, trace=mtp_trace)
-            mtp_sum, _ = cross_entropy_sum(logits, targets)
+            with self._autocast():
+                logits = model.mtp_logits(streams[:, :-1], next_tokens, lengths=lengths, trace=mtp_trace)
+            mtp_sum, _ = cross_entropy_sum(logits.float(), targets)
             loss = loss + mtp_w * mtp_sum / n_mtp
             parts["mtp"] = mtp_sum.item() / n_mtp
             mtp_valid = valid_positions(lengths, width - 1)
@@ -554,12 +613,17 @@ class Trainer:
         n_tok = n_mtp = 0
         for _ in range(min(c.eval_batches, loader.batches_per_epoch)):
             for g in self._groups(split_documents(loader.next_batch(), self.pad_id)):
-                streams = model.forward_streams(g.tokens, lengths=g.lengths, trace=ForwardTrace(dense_indexer=dense))
-                s, n = cross_entropy_sum(model.logits(streams), g.targets)
+                with self._autocast():
+                    streams = model.forward_streams(g.tokens, lengths=g.lengths,
+                                                    trace=ForwardTrace(dense_indexer=dense))
+                    logits = model.logits(streams)
+                s, n = cross_entropy_sum(logits.float(), g.targets)
                 ce, n_tok = ce + float(s), n_tok + n
                 if self.args.n_mtp_layers and g.tokens.shape[1] > 1:
                     nt, tg, ln = mtp_inputs(g.tokens, g.targets, g.lengths)
-                    s, n = cross_entropy_sum(model.mtp_logits(streams[:, :-1], nt, lengths=ln), tg)
+                    with self._autocast():
+                        logits = model.mtp_logits(streams[:, :-1], nt, lengths=ln)
+                    s, n = cross_entropy_sum(logits.float(), tg)
                     mtp, n_mtp = mtp + float(s), n_mtp + n
         model.train()
         ce, n_tok, mtp, n_mtp = self._all_reduce([ce, n_tok, mtp, n_mtp])
