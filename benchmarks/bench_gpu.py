@@ -18,7 +18,8 @@ time-out still returns what ran):
   exact numerics, streams only (no head): decode ms per step at batch 1 and 64, prefill of 4,096 tokens, each
   against the memory-bound time (the weights a step reads at 4.8 TB/s) and the compute-bound time (989 bf16
   TFLOP/s), as ratios; the same layer on the reference backend for the before side;
-* `train_mfu`: a dim-2048 config trained with bf16 autocast: tokens/s and MFU against 989 TFLOP/s.
+* `train_mfu`: a dim-2048 config trained with bf16 autocast: tokens/s and MFU against 989 TFLOP/s (the model
+  FLOPs `dsv4 train` counts).
 
 DEV=cpu runs every section on the CPU with tiny sizes and Triton's interpreter (set TRITON_INTERPRET=1), which is
 how this script is tested before a GPU is lent.
@@ -317,11 +318,13 @@ def train_mfu():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    from dsv4.train.trainer import train_flops_per_token
+
     seconds = timed(step, 3)
-    active = model.parameter_counts()["active"]
     tok_s = batch * seq / seconds
-    return dict(dim=args.dim, params_M=round(active / 1e6, 1), tok_s=round(tok_s),
-                mfu_pct=round(6 * active * tok_s / BF16_FLOPS * 100, 2))
+    flops = train_flops_per_token(args, seq, mtp=False)  # what `dsv4 train` reports as model TFLOP/s and mfu
+    return dict(dim=args.dim, params_M=round(model.parameter_counts()["active"] / 1e6, 1), tok_s=round(tok_s),
+                mfu_pct=round(flops * tok_s / BF16_FLOPS * 100, 2))
 
 
 def main() -> None:
