@@ -13,6 +13,7 @@ from dsv4.cli import main
 from dsv4.demo import corpus
 from dsv4.demo.evaluate import (
     MODES,
+    EvalError,
     evaluate,
     format_report,
     grade_arithmetic,
@@ -139,3 +140,10 @@ def test_cli_missing_model(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     assert main(["eval-demo", "--model", str(tmp_path), "--url", "http://127.0.0.1:1"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_a_server_that_cannot_start_is_an_eval_error_naming_why(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(EvalError, match="exited with status"):
+        with serve_model(tmp_path):
+            pass
