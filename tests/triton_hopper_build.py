@@ -78,6 +78,10 @@ def run_calls() -> None:
             ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
             tri.routed_experts(x[:3], torch.rand(3, 2), ids, table, [0, 1, 2, 3], 7.0)
         tri.hc_split_sinkhorn(torch.randn(7, 24), torch.rand(3), torch.randn(24), 4, 20, 1e-6)
+        # indexer scores: V4's 64 heads of 128 dims, a decode step (one query) and a prefill block
+        for s in (1, 100):
+            tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),
+                             torch.randn(2, s, 64).to(dtype))
         # attention: a dense run, then a dense or a paged second run (model rows, or the production FP8 layout)
         q = torch.randn(2, 3, 8, 64).to(dtype)
         window = torch.randn(2, 10, 64).to(dtype)

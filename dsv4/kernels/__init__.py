@@ -54,6 +54,7 @@ OPS = (
     "linear",
     "hadamard",
     "sparse_attn",
+    "index_scores",
     "hc_split_sinkhorn",
     "routed_experts",
     "swiglu",
@@ -235,6 +236,11 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch
                 scale: float) -> torch.Tensor:
     """Each query's attention over its own KV rows (dense or paged in place), with the per-head sink."""
     return active_backend().sparse_attn(q, kv, idx, sink, scale)
+
+
+def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The lightning indexer's scores [B, S, N]: sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n])."""
+    return active_backend().index_scores(q, keys, weights)
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

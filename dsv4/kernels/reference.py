@@ -303,6 +303,23 @@ class ReferenceBackend:
         denom = denom + torch.exp(sink_logit - shift)
         return (out / denom.unsqueeze(-1)).to(q.dtype)
 
+    # ------------------------------------------------------------------------------------------ indexer
+
+    def index_scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The lightning indexer's scores of queries q [B, S, Hi, D] against entries keys [B, N, D] (q's dtype)
+        with the per-head weights [B, S, Hi]:
+
+            ``I[b, s, n] = sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n])``
+
+        computed as torch computes it: one einsum for every head's dots (in q's dtype), ReLU, times the weights
+        (the result type of the two), summed over the heads (torch's reduction; over one head a copy). Returns
+        [B, S, N] in that result type (fp32 for fp32 inputs); differentiable.
+        """
+        scores = torch.einsum("bshd,bnd->bshn", q, keys).relu_()  # [B,S,Hi,N]
+        weighted = scores * weights.unsqueeze(-1)
+        # over one head the sum is a copy (and torch's reduction over a size-1 dim is slow)
+        return weighted[:, :, 0] if q.shape[2] == 1 else weighted.sum(dim=2)
+
     # ------------------------------------------------------------------------------------------ mHC
 
     def hc_split_sinkhorn(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,

@@ -71,10 +71,7 @@ class Indexer(nn.Module):
         chosen, chosen_scores = [], []
         for lo in range(0, seqlen, block):
             rows = slice(lo, lo + block)
-            scores = torch.einsum("bshd,bnd->bshn", q[:, rows], keys).relu_()  # [B,s,Hi,N]
-            weighted = scores * weights[:, rows].unsqueeze(-1)
-            # over one head the sum is a copy (and torch's reduction over a size-1 dim is slow)
-            index_scores = weighted[:, :, 0] if self.n_heads == 1 else weighted.sum(dim=2)  # [B,s,N]
+            index_scores = kernels.index_scores(q[:, rows], keys, weights[:, rows])  # [B,s,N]
             if self.all_reduce is not None:
                 index_scores = self.all_reduce(index_scores)
             seen = n_visible[:, rows].unsqueeze(-1)  # [B,s,1]

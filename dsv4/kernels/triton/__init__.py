@@ -14,6 +14,8 @@ Ops with a kernel:
 * **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (paged
   ones from their pool, the production FP8 row layout decoded in the kernel), the official 64-slot online
   softmax with the sink.
+* **lightning indexer scores** (`indexer.py`): one program per (entries, queries, batch row) tile, the heads'
+  dots against one keys tile added up in head order.
 * **mHC Sinkhorn** (`sinkhorn.py`): every token's matrix in registers for all iterations.
 
 Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
@@ -37,7 +39,7 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 from ..experts import ExpertWeights
 from ..paged import KVRows
 from ..reference import ReferenceBackend
-from . import attention, experts, gemm, quant, sinkhorn
+from . import attention, experts, gemm, indexer, quant, sinkhorn
 from .numerics import interpreting
 
 
@@ -106,6 +108,13 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(q) and attention.covers(q, runs, idx, sink):
             return attention.sparse_attn(q, runs, idx, sink, scale)
         return super().sparse_attn(q, kv, idx, sink, scale)
+
+    # ------------------------------------------------------------------------------------------ indexer
+
+    def index_scores(self, q: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
+        if _runs_here(q) and indexer.covers(q, keys, weights):
+            return indexer.index_scores(q, keys, weights)
+        return super().index_scores(q, keys, weights)
 
     # ------------------------------------------------------------------------------------------ mHC
 

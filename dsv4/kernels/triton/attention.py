@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..paged import KVRows, PagedRows
-from .numerics import exp, interpreting, libdevice_exp, round_to
+from .numerics import dot, exp, interpreting, libdevice_exp, round_to
 
 ATTN_BLOCK = 64  # slots per online-softmax step (the reference's ATTN_BLOCK; the rounding of p depends on it)
 MAX_HEAD_DIM = 512  # larger rows would not fit a program's registers and shared memory (V4: 512)
@@ -49,15 +49,6 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 # what the second run is (constexpr RUN1 of the kernel)
 _NO_RUN, _DENSE, _PAGED, _PAGED_FP8 = 0, 1, 2, 3
-
-
-@triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    """a @ b with fp32 accumulation: fp32 operands as ieee fp32 (no TF32), 16-bit ones on the tensor cores, or
-    widened to fp32 first where F32 says so (exact: products of 16-bit floats are exact in fp32)."""
-    if F32 or a.dtype == tl.float32 or b.dtype == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -162,7 +153,7 @@ def _sparse_attn_kernel(
                 # rows of the first run where they are, the second's (cast as `concat_rows` does) elsewhere
                 rows = tl.load(ptrs0, mask=mask0, other=round_to(round_to(other, MID), row_dtype))
 
-        logits = _dot(q, tl.trans(rows), WIDEN_DOTS) * scale
+        logits = dot(q, tl.trans(rows), WIDEN_DOTS) * scale
         logits = tl.where(valid[None, :], logits, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         # a head that has seen no used slot yet keeps a finite shift, so its exp() terms are exactly 0
@@ -170,7 +161,7 @@ def _sparse_attn_kernel(
         rescale = exp(run_max - shift, LIBDEVICE)
         p = exp(logits - shift[:, None], LIBDEVICE)
         denom = denom * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + _dot(round_to(p, row_dtype), rows, WIDEN_DOTS)
+        acc = acc * rescale[:, None] + dot(round_to(p, row_dtype), rows, WIDEN_DOTS)
         run_max = new_max
 
     sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)

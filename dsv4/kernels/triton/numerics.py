@@ -5,6 +5,9 @@
   half of its bf16 outputs by one step, and on FP8 activations such steps grow downstream. `round_to` rounds
   bf16 itself, with integer ops that give the same bits on both (round half to even on the 16 dropped bits; NaN
   stays NaN).
+* **16-bit dots.** The interpreter multiplies bf16 bit patterns as integers in ``tl.dot``; `dot` widens 16-bit
+  operands to fp32 there (exact: a product of two 16-bit floats is an fp32 value), and keeps them on the tensor
+  cores on a GPU.
 * **exp.** ``tl.exp`` lowers to the hardware's approximate ``ex2``; torch's CUDA ops call libdevice's ``expf``.
   `exp` calls libdevice's on a GPU, so a kernel's exponentials are torch's there. The interpreter has no
   libdevice, so it takes ``tl.exp`` (numpy's exp), which the CPU tests hold to the reference's tolerance.
@@ -49,3 +52,12 @@ def exp(x, LIBDEVICE: tl.constexpr):
         return libdevice.exp(x)
     else:
         return tl.exp(x)
+
+
+@triton.jit
+def dot(a, b, F32: tl.constexpr):
+    """a @ b with fp32 accumulation: fp32 operands as ieee fp32 (no TF32), 16-bit ones on the tensor cores, or
+    widened to fp32 first where F32 says so (the interpreter: `interpreting()`)."""
+    if F32 or a.dtype == tl.float32 or b.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
