@@ -1,6 +1,6 @@
 """`dsv4 eval-demo`: the demo model's held-out accuracy through the real HTTP server.
 
-Starts `dsv4 serve` over --model in this process (or uses the server at --url), asks the first N test-split
+Starts `dsv4 serve` over --model in a child process (or uses the server at --url), asks the first N test-split
 arithmetic, weather and calculator questions of the demo corpus in non-think and think-high mode, greedy,
 8 at a time, and prints: arithmetic exact-answer accuracy, the share of think-high replies with reasoning,
 the tool-call rate (the right tool with the right JSON arguments) and the final-answer accuracy after the tool
