@@ -119,6 +119,11 @@ def ops():
     idx = torch.randint(-1, rows, (2, 3, slots), device=DEV, generator=g)
     sink = torch.randn(h, device=DEV, generator=g)
     out["sparse_attn"] = rel(tri.sparse_attn(q, kv, idx, sink, d**-0.5), ref.sparse_attn(q, kv, idx, sink, d**-0.5))
+    hi, di, n_entries = (64, 128, 1024) if not SMALL else (4, 32, 80)
+    qi = torch.randn(2, 3, hi, di, device=DEV, generator=g, dtype=torch.bfloat16)
+    keys = torch.randn(2, n_entries, di, device=DEV, generator=g, dtype=torch.bfloat16)
+    wi = torch.randn(2, 3, hi, device=DEV, generator=g)
+    out["index_scores"] = rel(tri.index_scores(qi, keys, wi), ref.index_scores(qi, keys, wi))
     return {name: f"{err:.2e}" for name, err in out.items()}
 
 
