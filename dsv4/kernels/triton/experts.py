@@ -29,7 +29,7 @@ from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
 
 from ..experts import ExpertWeights, add_routed_rows, group_routed_rows
 from . import quant
-from .gemm import block_m_for, fp4_tile, fp8_tile
+from .gemm import block_m_for, block_n_for, fp4_tile, fp8_tile
 from .numerics import round_to
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -181,7 +181,7 @@ def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[Ex
     tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device)
     n_tiles = tiles.numel() // 3
     w1, s1, w3, s3, w2, s2 = pointers.get(experts, rows.which, x.device)
-    block_n = 64 if fp4 else 128
+    block_n = block_n_for(n_tiles, max(d, inter), 64 if fp4 else 128, x.device)
 
     xq, xs = quant.act_quant(rows_x, FP8_BLOCK)
     hidden = torch.empty(rows_x.shape[0], inter, dtype=x.dtype, device=x.device)

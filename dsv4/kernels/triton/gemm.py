@@ -132,6 +132,24 @@ def block_m_for(m: int) -> int:
     return max(16, min(64, triton.next_power_of_2(m)))
 
 
+def _processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def block_n_for(row_blocks: int, n: int, widest: int, device: torch.device) -> int:
+    """Output columns per program: the widest tile (fewest weight re-reads) that still gives every processor a
+    program, else 32. A decode (one row block) reads each weight once and is bound by memory bandwidth, which
+    takes every processor streaming: 4,096 columns in 128-wide tiles are 32 programs on a 132-SM H200."""
+    processors = _processors(device)
+    block_n = widest
+    while block_n > 32 and row_blocks * triton.cdiv(n, block_n) < processors:
+        block_n //= 2
+    return block_n
+
+
 def _flat(xq: Tensor, xs: Tensor) -> tuple[Tensor, Tensor]:
     x = xq.reshape(-1, xq.shape[-1])
     s = xs.reshape(-1, xs.shape[-1]).to(torch.float32)
@@ -167,7 +185,8 @@ def fp8_gemm(xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor, out_dtype: torch.dty
     scales = ws.view(torch.uint8).contiguous()
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m:
-        block_m, block_n = block_m_for(m), 128
+        block_m = block_m_for(m)
+        block_n = block_n_for(triton.cdiv(m, block_m), n, 128, x.device)  # divides 128: one weight-scale row
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _fp8_gemm_kernel[grid](x, s, w, scales, y, m, n, k,
                                x.stride(0), s.stride(0), w.stride(0), scales.stride(0), y.stride(0),
@@ -186,7 +205,8 @@ def fp4_gemm(xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor, out_dtype: torch.dty
     scales = ws.view(torch.uint8).contiguous()
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m:
-        block_m, block_n = block_m_for(m), 64
+        block_m = block_m_for(m)
+        block_n = block_n_for(triton.cdiv(m, block_m), n, 64, x.device)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _fp4_gemm_kernel[grid](x, s, packed, scales, y, m, n, k,
                                x.stride(0), s.stride(0), packed.stride(0), scales.stride(0), y.stride(0),
