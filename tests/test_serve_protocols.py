@@ -126,3 +126,15 @@ def test_metrics_count_requests_by_protocol_family(toy_client):
     for line in ('{protocol="toy",status="200"}', '{protocol="openai",status="200"}',
                  '{protocol="anthropic",status="400"}', '{protocol="other",status="404"}'):
         assert "dsv4_requests_total" + line in text, line
+
+
+def test_no_page_of_the_server_loads_from_outside(toy_client):
+    """FastAPI's /docs and /redoc fetch their scripts from a CDN, which an offline machine cannot reach: they are
+    off (404 in the OpenAI error shape), the schema stays served, and nothing the server sends names a CDN."""
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        r = toy_client.get(path)
+        assert r.status_code == 404 and "error" in r.json(), path
+    schema = toy_client.get("/openapi.json")
+    assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+    for r in (schema, toy_client.get("/")):
+        assert "cdn." not in r.text and "jsdelivr" not in r.text and "unpkg" not in r.text

@@ -26,7 +26,7 @@ LAYERS = {
     "dsv4.kernels": 1, "dsv4.chat": 1,
     "dsv4.model": 2, "dsv4.kv_formats": 2,
     "dsv4.formats": 3, "dsv4.checkpoint": 3, "dsv4.parallel": 3,
-    "dsv4.engine": 4, "dsv4.generate": 4, "dsv4.train": 4, "dsv4.plan": 4,
+    "dsv4.engine": 4, "dsv4.generate": 4, "dsv4.train": 4, "dsv4.plan": 4, "dsv4.plots": 4,
     "dsv4.serve": 5,
     "dsv4.runtime": 6,
     "dsv4.demo.": 7,

@@ -193,6 +193,9 @@ def test_loss_decreases_and_metrics_have_every_key(data, tmp_path):
     last = sum(r["ce"] for r in train[-5:]) / 5
     assert last < first - 1.0, (first, last)
     assert evals[-1]["val_loss"] < before - 1.0, (before, evals[-1]["val_loss"])
+    # and the curves are drawn beside the metrics at the end of the run
+    pixels = pytest.importorskip("matplotlib.image").imread(tmp_path / "run" / "loss.png")
+    assert pixels.shape[0] > 300 and float(pixels[..., :3].std()) > 0.05
 
 
 def test_bf16_autocast_trains_and_the_metrics_carry_model_flops_and_mfu(data, tmp_path):

@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--headroom", type=_fraction, default=0.1,
                       help="fraction of each GPU kept free for activations, workspace and fragmentation (default 0.1)")
     plan.add_argument("--compare", choices=COMPARE, default="v3.2", help="reference model to compare with")
+    plan.add_argument("--plot", metavar="FILE.png", default=None,
+                      help="also draw KV GiB per sequence and FLOPs per token against context length (V4-Pro, "
+                           "V4-Flash, V3.2 and MODEL, in --kv-format, up to --context or 1M) as a PNG (needs "
+                           "matplotlib: pip install 'dsv4[plot]')")
     plan.set_defaults(run=run)
 
 
@@ -193,4 +197,29 @@ def run(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None:
         lines += [""] + _gpu_lines(weights, kv, args.gpu_memory, args.headroom)
     print("\n".join(lines))
+    if args.plot is not None:
+        return _plot(args, label, model_args)
+    return 0
+
+
+def _plot(args: argparse.Namespace, label: str, model_args) -> int:
+    from ..plots import MILLION, PlotUnavailable, plan_figure, save
+
+    path = Path(args.plot)
+    if path.suffix.lower() != ".png":
+        print(f"dsv4 plan: --plot {args.plot!r}: the file must end in .png", file=sys.stderr)
+        return 2
+    if not path.parent.is_dir():
+        print(f"dsv4 plan: --plot {args.plot!r}: no directory {str(path.parent)!r}", file=sys.stderr)
+        return 2
+    try:
+        fig = plan_figure(args.kv_format, max(args.context, MILLION), extra=(label, model_args))
+        save(fig, path)
+    except PlotUnavailable as err:
+        print(f"dsv4 plan: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"dsv4 plan: --plot {args.plot!r}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    print(f"plot: {path}")
     return 0

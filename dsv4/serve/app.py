@@ -140,7 +140,10 @@ class AccessLog:
 
 def create_app(ctx: ServeContext, *, protocols: Sequence[WireProtocol] = PROTOCOLS) -> FastAPI:
     """The server over `ctx`, speaking `protocols` (the registered ones unless a test brings its own)."""
-    app = FastAPI(title="dsv4", description="DeepSeek-V4 server: OpenAI and Anthropic protocols")
+    # no /docs or /redoc: FastAPI's pages load their scripts and styles from a CDN, which an offline machine cannot
+    # reach (and a served page must not fetch from outside); the schema itself stays at /openapi.json
+    app = FastAPI(title="dsv4", description="DeepSeek-V4 server: OpenAI and Anthropic protocols", docs_url=None,
+                  redoc_url=None)
     registry = Registry(protocols)
     app.state.ctx, app.state.protocols = ctx, registry
 

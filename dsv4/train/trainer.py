@@ -89,6 +89,7 @@ CHECKPOINT_FORMAT = "dsv4-train-checkpoint"
 CHECKPOINT_VERSION = 1
 STAGES = ("dense", "indexer_warmup", "sparse")
 OPTIMIZERS = ("muon", "adamw")
+LOSS_PLOT = "loss.png"  # the loss curves, drawn beside the metrics at the end of a run
 METRICS_FILE = "metrics.jsonl"
 OPTIMIZER_DIR = "optimizer"  # a parallel run's sharded optimizer states (torch.distributed.checkpoint)
 
@@ -685,7 +686,22 @@ class Trainer:
         self.save_checkpoint()
         if self._tb is not None:
             self._tb.flush()
+        self.plot_losses()
         return last_eval
+
+    def plot_losses(self) -> Path | None:
+        """Draw the run's loss curves (train CE per stage, val CE) from metrics.jsonl into loss.png beside it;
+        without matplotlib, say so on stderr and go on (the metrics are the record, the picture a convenience)."""
+        metrics = self.out / METRICS_FILE
+        if self.rank != 0 or not metrics.is_file():
+            return None
+        from ..plots import PlotUnavailable, loss_figure, read_metrics, save
+
+        try:
+            return save(loss_figure(read_metrics(metrics), title=f"{self.out.name}: loss"), self.out / LOSS_PLOT)
+        except PlotUnavailable as err:
+            print(f"dsv4 train: {LOSS_PLOT} not written: {err}", file=sys.stderr)
+            return None
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
