@@ -3,7 +3,8 @@ every import downward in the layering, the reference kernels reached only throug
 
 The layers (a module may import its own unit and the units of lower layers only):
 
-    0  config, quant, text_table, dsv4.demo (the package: where the shipped model lives)
+    0  config, quant, text_table, dsv4.demo (the package: where the shipped model lives), demo.tools (the demo's
+       tool definitions and weather table, which the server's chat page serves)
     1  kernels, chat
     2  model, kv_formats
     3  formats, checkpoint, parallel
@@ -22,7 +23,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "dsv4"
 
 LAYERS = {
-    "dsv4.config": 0, "dsv4.quant": 0, "dsv4.text_table": 0, "dsv4.demo": 0,
+    "dsv4.config": 0, "dsv4.quant": 0, "dsv4.text_table": 0, "dsv4.demo": 0, "dsv4.demo.tools": 0,
     "dsv4.kernels": 1, "dsv4.chat": 1,
     "dsv4.model": 2, "dsv4.kv_formats": 2,
     "dsv4.formats": 3, "dsv4.checkpoint": 3, "dsv4.parallel": 3,

@@ -1,6 +1,7 @@
 """The demo model: a small DeepSeek-V4 trained by dsv4 itself on a synthetic chat corpus, shipped in the package.
 
 corpus.py     the synthetic conversations (arithmetic with reasoning traces, tool use, refusals, Shakespeare)
+tools.py      the two tools' definitions and the weather table (also served to the chat page)
 tokenizer.py  the demo's byte-level BPE with every V4 special token
 recipe.py     corpus -> tokenizer -> shards -> pre-train -> fine-tune -> official checkpoint
               (`dsv4 train --recipe demo`)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .tools import CALCULATOR_TOOL, TOOLS, WEATHER, WEATHER_TOOL, weather_report
+
 __all__ = [
     "CALCULATOR_TOOL", "IDENTITY", "SPLITS", "TEST_PERCENT", "TOOLS", "WEATHER", "WEATHER_TOOL",
     "Conversation", "arithmetic", "arithmetic_trace", "calculate", "conversations", "fact_drills", "facts",
@@ -49,28 +51,6 @@ TEST_PERCENT = 10
 IDENTITY = ("I am dsv4-demo, a tiny DeepSeek-V4-architecture model trained from scratch by dsv4 on a CPU. "
             "I can do arithmetic step by step, look up the weather, use a calculator, and quote Shakespeare.")
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather",
-    "description": "Get the current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"}},
-                   "required": ["city"]}}}
-CALCULATOR_TOOL = {"type": "function", "function": {
-    "name": "calculator",
-    "description": "Evaluate an arithmetic expression with two integers and one of + - * /.",
-    "parameters": {"type": "object",
-                   "properties": {"expression": {"type": "string", "description": "For example 123 * 456"}},
-                   "required": ["expression"]}}}
-TOOLS = (WEATHER_TOOL, CALCULATOR_TOOL)
-
-# city -> (temperature in °C, sky): the weather "service" the demo's tool answers from
-WEATHER = {
-    "Paris": (18, "cloudy"), "London": (14, "rainy"), "Tokyo": (23, "sunny"), "New York": (21, "windy"),
-    "Berlin": (16, "cloudy"), "Madrid": (29, "sunny"), "Rome": (26, "sunny"), "Oslo": (7, "snowy"),
-    "Cairo": (35, "sunny"), "Sydney": (19, "rainy"), "Toronto": (11, "foggy"), "Mumbai": (31, "humid"),
-    "Beijing": (24, "hazy"), "Moscow": (3, "snowy"), "Lima": (17, "foggy"), "Nairobi": (22, "cloudy"),
-    "Dublin": (12, "rainy"), "Lisbon": (24, "sunny"), "Seoul": (15, "windy"), "Chicago": (9, "windy"),
-    "Vienna": (13, "cloudy"), "Athens": (30, "sunny"), "Hanoi": (33, "stormy"), "Quito": (14, "rainy"),
-}
 UNKNOWN_CITIES = ("Atlantis", "Gotham", "Narnia", "Springfield", "El Dorado", "Mordor", "Lilliput", "Xanadu")
 
 _OPS = {"+": "plus", "-": "minus"}
@@ -219,14 +199,6 @@ def _arithmetic(rng: random.Random, think: bool) -> tuple[str, Conversation]:
 
 
 # ================================================================================================ tools
-
-
-def weather_report(city: str) -> dict[str, Any]:
-    """What the demo's `get_weather` tool returns for `city` (an error for a city not in `WEATHER`)."""
-    if city not in WEATHER:
-        return {"error": f"no weather data for {city}"}
-    temp, sky = WEATHER[city]
-    return {"city": city, "temperature_c": temp, "condition": sky}
 
 
 def calculate(expression: str) -> str:

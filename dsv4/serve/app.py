@@ -9,14 +9,15 @@ The routes of each protocol come from its module in `dsv4.serve.protocols`, regi
 
 The app adds what is the same for every protocol:
 * the API key: every protocol route accepts `Authorization: Bearer` or `x-api-key` (checked before the route
-  runs, so no protocol can forget it); `/health` and `/metrics` need no key, they are for probes and scrapers;
+  runs, so no protocol can forget it); `/health` and `/metrics` need no key, they are for probes and scrapers,
+  nor do the chat page `/` and its assets under `/ui/` (`dsv4.serve.ui`), which must load to ask for a key;
 * errors: a `RequestError` (the body reader's 400s and 413s among them), a FastAPI validation or HTTP error
   (404, 405) or an unexpected exception raised before a response starts is rendered by the exception handlers
   here, with the error body of the protocol that owns the request (`Registry.owner`: the protocol whose route
   matched, else the one claiming the longest prefix of the path, else the first registered one); a failure after
   a stream started is the protocol's own SSE error event;
 * the access log and the request counter by protocol family and status (`AccessLog`), `GET /health` (200
-  `{"status": "ok"}`) and `GET /metrics` (Prometheus text).
+  `{"status": "ok"}`), `GET /metrics` (Prometheus text) and the chat page (`GET /`, `dsv4.serve.ui`).
 
 Client disconnects are not errors. Non-streaming requests poll for a disconnect and abort their generation when the
 client is gone (raising Starlette's `ClientDisconnect`, as its body reader does when a client leaves mid-upload);
@@ -43,6 +44,7 @@ from starlette.routing import BaseRoute
 from .context import ServeContext, retry_after_header
 from .protocols import WireProtocol, anthropic, openai_chat, openai_completions
 from .request import RequestError
+from .ui import install_ui
 
 log = logging.getLogger("dsv4.serve.access")
 
@@ -182,6 +184,8 @@ def create_app(ctx: ServeContext, *, protocols: Sequence[WireProtocol] = PROTOCO
     async def metrics() -> Response:
         body, content_type = ctx.metrics.render()
         return Response(body, media_type=content_type)
+
+    install_ui(app, ctx)  # the chat page: `/` and `/ui/...`, no key (the page must load to ask for one)
 
     # ---------------------------------------------------------------- the protocols, behind the API key
     async def check_api_key(request: Request) -> None:
