@@ -222,6 +222,17 @@ def test_stop_ends_the_request_on_the_server(driver, server, tmp_path, monkeypat
     reply = find(driver, ".reply")
     assert reply.get_attribute("data-state") == "stopped"
     wait(driver, lambda _: running_requests(url) == 0, timeout=10, message="the server kept generating")
+    # the question and the partial reply (its reasoning so far), without tool calls
+    assert driver.execute_script("return conversation.map(m => m.role).join()") == "user,assistant"
+    assert driver.execute_script("return conversation[1].tool_calls === undefined")
+
+    # New chat mid-reply: the same abort, and the reply winding down joins no conversation
+    ask(driver, "Calculate 4821 + 3967")
+    wait(driver, lambda d: text_of(find_all(d, ".reply .reasoning-text")[-1]).strip(), message="nothing streamed")
+    find(driver, "#new-chat").click()
+    wait_idle(driver, timeout=10)
+    wait(driver, lambda _: running_requests(url) == 0, timeout=10, message="the server kept generating")
+    assert not find_all(driver, ".turn") and driver.execute_script("return conversation.length") == 0
 
 
 def test_api_key_is_asked_for_and_used(driver, tmp_path):

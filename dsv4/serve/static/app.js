@@ -15,8 +15,9 @@ const ui = {
 };
 
 let config = null;      // /ui/demo-tools.json: tools, weather table, model names, whether a key is needed
-let history = [];       // the conversation as API messages (without the system prompt)
+let conversation = [];  // the conversation as API messages (without the system prompt)
 let controller = null;  // the AbortController of the request in flight
+let epoch = 0;          // bumped by New chat: a reply still winding down then belongs to no conversation
 
 class AuthError extends Error {}
 
@@ -121,7 +122,7 @@ function requestBody() {
   const messages = [];
   const system = ui.system.value.trim();
   if (system) messages.push({ role: "system", content: system });
-  messages.push(...history);
+  messages.push(...conversation);
   const body = {
     model: config.models[0], messages, stream: true, stream_options: { include_usage: true },
     max_tokens: Math.max(1, parseInt(ui.maxTokens.value, 10) || 1024),
@@ -301,22 +302,24 @@ async function streamTurn(turn) {
 
 // ------------------------------------------------------------------ a user message, to the final answer
 async function sendMessage(text) {
-  const start = history.length;
+  const mine = epoch;
+  const start = conversation.length;
   const turn = el("li", "turn");
   const user = el("div", "user");
   user.append(el("div", "who", "You"), el("div", "content", text));
   turn.append(user);
   ui.log.append(turn);
   scrollDown();
-  history.push({ role: "user", content: text });
+  conversation.push({ role: "user", content: text });
   setBusy(true);
   showNotice("");
   try {
     for (let round = 0; round < MAX_TOOL_ROUNDS; round++) {
       const reply = await streamTurn(turn);
+      if (mine !== epoch) return; // New chat was pressed meanwhile
       if (!reply.message) break; // an error, shown in the reply
       if (reply.message.content || reply.message.reasoning_content || reply.message.tool_calls) {
-        history.push(reply.message);
+        conversation.push(reply.message);
       }
       if (reply.stopped || !reply.calls.length) break;
       for (const call of reply.calls) {
@@ -324,12 +327,13 @@ async function sendMessage(text) {
         call.view.result.hidden = false;
         call.view.result.textContent = result;
         call.view.card.dataset.state = "done";
-        history.push({ role: "tool", tool_call_id: call.id, content: result });
+        conversation.push({ role: "tool", tool_call_id: call.id, content: result });
       }
     }
   } catch (err) {
     if (!(err instanceof AuthError)) throw err;
-    history.length = start; // as if never sent: the text goes back to the box, to send again with a key
+    if (mine !== epoch) return;
+    conversation.length = start; // as if never sent: the text goes back to the box, to send again with a key
     turn.remove();
     ui.prompt.value = text;
     ui.keyField.hidden = false;
@@ -369,8 +373,9 @@ ui.stop.addEventListener("click", () => {
 });
 
 ui.newChat.addEventListener("click", () => {
+  epoch += 1;
   if (controller) controller.abort();
-  history = [];
+  conversation = [];
   ui.log.replaceChildren();
   showNotice("");
   ui.prompt.focus();
