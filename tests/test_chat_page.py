@@ -284,3 +284,26 @@ def test_narrow_screen(driver, server, tmp_path):
             assert find(driver, css).is_displayed() and rect["x"] >= 0 and rect["x"] + rect["width"] <= width, css
     finally:
         driver.set_window_size(1200, 900)
+
+
+def test_keyboard_and_labels(driver, server):
+    """Shift+Enter is a new line and sends nothing; every control is a real button or a labelled field."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    url, _ = server
+    open_page(driver, url)
+    prompt = find(driver, "#prompt")
+    assert driver.switch_to.active_element == prompt  # focused on load: type straight away
+    prompt.send_keys("first line")
+    ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    prompt.send_keys("second line")
+    assert prompt.get_attribute("value") == "first line\nsecond line"
+    assert not find_all(driver, ".turn") and driver.execute_script("return document.body.dataset.state") == "idle"
+    for css in ("#send", "#stop", "#new-chat"):
+        button = find(driver, css)
+        assert button.tag_name == "button" and button.text.strip(), css
+    for field in find_all(driver, "input, select, textarea"):
+        label = driver.execute_script("return arguments[0].labels.length ? arguments[0].labels[0].textContent : ''",
+                                      field)
+        assert label.strip(), field.get_attribute("id")
