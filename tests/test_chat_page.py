@@ -260,6 +260,12 @@ def test_api_key_is_asked_for_and_used(driver, tmp_path):
         assert find(driver, "#prompt").get_attribute("value") == question  # back in the box, to send again
         shoot(driver, tmp_path, "key-needed")
 
+        find(driver, "#api-key").send_keys("not-the-key")
+        ask(driver, question)
+        wait_idle(driver)
+        assert "refused" in find(driver, "#notice").text and not find_all(driver, ".turn")
+
+        find(driver, "#api-key").clear()
         find(driver, "#api-key").send_keys(API_KEY)
         assert driver.execute_script("return sessionStorage.getItem('dsv4-api-key')") == API_KEY
         ask(driver, question)

@@ -337,7 +337,8 @@ async function sendMessage(text) {
     turn.remove();
     ui.prompt.value = text;
     ui.keyField.hidden = false;
-    showNotice(`This server needs an API key (${err.message}). Enter it in the API key field, then send again.`);
+    const why = ui.key.value.trim() ? "The API key was refused" : "This server needs an API key";
+    showNotice(`${why}: enter it in the API key field, then send again. (The server said: ${err.message})`);
     ui.key.focus();
   } finally {
     setBusy(false);
