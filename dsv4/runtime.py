@@ -326,5 +326,17 @@ def build_serve_context(source: ModelSource = ModelSource(), engine: EngineConfi
     config = ServeConfig(served_model_names=list(service.model_names), api_keys=list(server.api_keys),
                          max_concurrent=engine.max_batch, max_queue=server.max_queue,
                          max_context=service.max_context, max_output_tokens=service.max_output_tokens,
-                         prices=service.prices, max_body_bytes=server.max_body_bytes, **signing)
+                         prices=service.prices, max_body_bytes=server.max_body_bytes,
+                         reasoning_modes=trained_modes(source), **signing)
     return ServeContext(service, config)
+
+
+def trained_modes(source: ModelSource) -> tuple[str, ...]:
+    """The reasoning modes a model was trained for: the demo never saw the think-max preamble (its README), the
+    releases and everything else are taken to know all three."""
+    from .demo import MODEL_DIR
+
+    model = source.model
+    if model == DEMO or (Path(model).is_dir() and Path(model).resolve() == MODEL_DIR.resolve()):
+        return ("non-think", "think-high")
+    return ("non-think", "think-high", "think-max")

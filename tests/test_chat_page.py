@@ -313,3 +313,22 @@ def test_keyboard_and_labels(driver, server):
         label = driver.execute_script("return arguments[0].labels.length ? arguments[0].labels[0].textContent : ''",
                                       field)
         assert label.strip(), field.get_attribute("id")
+
+
+def test_the_mode_switch_offers_what_the_model_was_trained_for(driver, server):
+    """The demo never saw the think-max preamble, so its page offers non-think and think-high; a model trained for
+    all three (a release, any other checkpoint or preset) gets think-max too, sent as reasoning_effort "max"."""
+    from selenium.webdriver.support.select import Select
+
+    from dsv4.demo import MODEL_DIR
+    from dsv4.runtime import trained_modes
+    from dsv4.serve.ui import page_config
+
+    url, ctx = server
+    open_page(driver, url)
+    assert [o.get_attribute("value") for o in Select(find(driver, "#mode")).options] == ["non-think", "think-high"]
+    assert page_config(ctx)["modes"] == ["non-think", "think-high"]
+    assert trained_modes(ModelSource(model=str(MODEL_DIR))) == ("non-think", "think-high")
+    assert trained_modes(ModelSource(model="tiny")) == ("non-think", "think-high", "think-max")
+    app_js = (Path(__file__).parents[1] / "dsv4" / "serve" / "static" / "app.js").read_text()
+    assert 'ui.mode.value === "think-max" ? "max" : "high"' in app_js

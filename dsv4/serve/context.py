@@ -51,7 +51,7 @@ class ServeConfig:
     keepalive_s: the interval of keep-alive ticks (`: keep-alive` SSE comments, Anthropic `ping`s) while queued.
     retry_after_s: what a 429 tells the client to wait. max_body_bytes: the largest request body read (a bigger
     one is a 413). signature_key: the HMAC key of Anthropic thinking-block signatures (default: random, so a
-    signature verifies only in the process that made it)."""
+    signature verifies only in the process that made it). reasoning_modes: the modes the chat page offers."""
 
     served_model_names: list[str] = field(default_factory=lambda: ["dsv4"])
     api_keys: list[str] = field(default_factory=list)
@@ -64,6 +64,8 @@ class ServeConfig:
     retry_after_s: float = 1.0
     max_body_bytes: int = 32 * 2**20
     signature_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    # the reasoning modes the served model was trained for, which the chat page offers (the APIs accept all three)
+    reasoning_modes: tuple[str, ...] = ("non-think", "think-high", "think-max")
 
 
 class QueueFullError(RequestError):

@@ -36,7 +36,7 @@ def page_config(ctx: ServeContext) -> dict[str, Any]:
     """The body of `/ui/demo-tools.json`."""
     return {"tools": list(TOOLS), "weather": {city: weather_report(city) for city in WEATHER},
             "models": list(ctx.config.served_model_names), "auth": bool(ctx.config.api_keys),
-            "modes": ["non-think", "think-high"], "max_output_tokens": ctx.config.max_output_tokens}
+            "modes": list(ctx.config.reasoning_modes), "max_output_tokens": ctx.config.max_output_tokens}
 
 
 def install_ui(app: FastAPI, ctx: ServeContext) -> None:

@@ -132,7 +132,7 @@ function requestBody() {
     const t = parseFloat(ui.temperature.value);
     if (!Number.isNaN(t)) body.temperature = t;
   } else {
-    body.reasoning_effort = "high";
+    body.reasoning_effort = ui.mode.value === "think-max" ? "max" : "high";
   }
   if (ui.useTools.checked) body.tools = config.tools;
   return body;
@@ -410,6 +410,9 @@ async function init() {
     return;
   }
   ui.model.textContent = config.models[0];
+  for (const mode of config.modes || []) {  // the modes this model was trained for (think-max: not the demo)
+    if (![...ui.mode.options].some((o) => o.value === mode)) ui.mode.add(new Option(mode, mode));
+  }
   ui.maxTokens.max = config.max_output_tokens;
   if (parseInt(ui.maxTokens.value, 10) > config.max_output_tokens) ui.maxTokens.value = config.max_output_tokens;
   if (config.auth) ui.keyField.hidden = false;
