@@ -29,8 +29,8 @@ from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
 
 from ..experts import ExpertWeights, add_routed_rows, group_routed_rows
 from . import quant
-from .gemm import block_m_for, block_n_for, fp4_tile, fp8_tile
-from .numerics import round_to
+from .gemm import block_m_for, block_n_for, fp4_tile, fp8_tile, span, store_tile
+from .numerics import exp, libdevice_exp, round_to
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,13 +66,10 @@ def _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_
 @triton.jit
 def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs, s3_ptrs, h_ptr, N, K, limit,
                     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_hm,
-                    FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile = tl.program_id(0)
+                    FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr):
     pid_n = tl.program_id(1)
-    expert, rows64, row_ok = _tile_rows(tiles_ptr, tile, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    cols64 = cols.to(tl.int64)
+    expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
+    cols64, col_ok = span(pid_n, N, BLOCK_N)
     out_ty = h_ptr.dtype.element_ty
     gate = _project(x_ptr, xs_ptr, w1_ptrs, s1_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
                     stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
@@ -80,27 +77,21 @@ def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs,
                   stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
     gate = tl.minimum(round_to(gate, out_ty).to(tl.float32), limit)  # the linear's output dtype, then the clamp
     up = tl.minimum(tl.maximum(round_to(up, out_ty).to(tl.float32), -limit), limit)
-    hidden = gate / (1.0 + tl.exp(-gate)) * up
+    hidden = gate / (1.0 + exp(-gate, LIBDEVICE)) * up  # silu(gate) * up
     weight = tl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
-    hidden = weight[:, None] * hidden
-    tl.store(h_ptr + rows64[:, None] * stride_hm + cols64[None, :], round_to(hidden, out_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    store_tile(h_ptr, stride_hm, rows64, row_ok, cols64, col_ok, weight[:, None] * hidden)
 
 
 @triton.jit
 def _down_kernel(x_ptr, xs_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K,
                  stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym,
                  FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert, rows64, row_ok = _tile_rows(tiles_ptr, tile, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    cols64 = cols.to(tl.int64)
+    expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
+    cols64, col_ok = span(pid_n, N, BLOCK_N)
     acc = _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
                    stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
-    tl.store(y_ptr + rows64[:, None] * stride_ym + cols64[None, :], round_to(acc, y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    store_tile(y_ptr, stride_ym, rows64, row_ok, cols64, col_ok, acc)
 
 
 class ExpertPointers:
@@ -188,7 +179,7 @@ def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[Ex
     _gate_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
         xq, xs, rows_w, tiles, w1, s1, w3, s3, hidden, inter, d, float(limit),
         xq.stride(0), xs.stride(0), first.w1.stride(0), first.s1.stride(0), hidden.stride(0),
-        FP4=fp4, BLOCK_M=block_m, BLOCK_N=block_n)
+        FP4=fp4, BLOCK_M=block_m, BLOCK_N=block_n, LIBDEVICE=libdevice_exp())
 
     hq, hs = quant.act_quant(hidden, FP8_BLOCK)
     out = torch.empty(rows_x.shape[0], d, dtype=x.dtype, device=x.device)

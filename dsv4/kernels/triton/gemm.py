@@ -92,39 +92,40 @@ def fp4_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, rows64, row_ok, cols64, col_ok, K,
 
 
 @triton.jit
+def span(pid, n, BLOCK: tl.constexpr):
+    """A program's BLOCK indices pid*BLOCK .. pid*BLOCK + BLOCK - 1 (int64, for address arithmetic) and which of
+    them lie below n."""
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    return idx.to(tl.int64), idx < n
+
+
+@triton.jit
+def store_tile(y_ptr, stride_ym, rows64, row_ok, cols64, col_ok, values):
+    """Store an fp32 [rows, cols] tile into y (row stride stride_ym), rounded to y's dtype as torch rounds."""
+    tl.store(y_ptr + rows64[:, None] * stride_ym + cols64[None, :], round_to(values, y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
                      stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    acc = fp8_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, rows64, row_ok, cols64, col_ok, pid_n * BLOCK_N // 128, K,
-                   stride_xm, stride_xsm, stride_wn, stride_wsn, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(y_ptr + rows64[:, None] * stride_ym + cols64[None, :], round_to(acc, y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    rows64, row_ok = span(tl.program_id(0), M, BLOCK_M)
+    cols64, col_ok = span(tl.program_id(1), N, BLOCK_N)
+    acc = fp8_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, rows64, row_ok, cols64, col_ok, tl.program_id(1) * BLOCK_N // 128,
+                   K, stride_xm, stride_xsm, stride_wn, stride_wsn, BLOCK_M, BLOCK_N, BLOCK_K)
+    store_tile(y_ptr, stride_ym, rows64, row_ok, cols64, col_ok, acc)
 
 
 @triton.jit
 def _fp4_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
                      stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, SUBS_PER_SCALE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    rows64, row_ok = span(tl.program_id(0), M, BLOCK_M)
+    cols64, col_ok = span(tl.program_id(1), N, BLOCK_N)
     acc = fp4_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, rows64, row_ok, cols64, col_ok, K,
                    stride_xm, stride_xsm, stride_wn, stride_wsn, BLOCK_M, BLOCK_N, SUB, SUBS_PER_SCALE)
-    tl.store(y_ptr + rows64[:, None] * stride_ym + cols64[None, :], round_to(acc, y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    store_tile(y_ptr, stride_ym, rows64, row_ok, cols64, col_ok, acc)
 
 
 def block_m_for(m: int) -> int:
