@@ -105,6 +105,107 @@ def test_consecutive_roles_merge_and_final_assistant_is_a_prefill():
                              {"role": "assistant", "content": "The answer is", "prefix": True}]
 
 
+def test_system_messages_inside_messages():
+    """A `role: "system"` message (Claude Code's environment, as messages[1]) is accepted anywhere, never merged
+    into a user message: placed at the turn boundary before the user turn it follows (joined to a system message
+    there), so the encoder still opens the assistant's turn right after the user's."""
+    from dsv4.chat.encoding import encode_messages
+    chat = _chat({"system": "S", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "system", "content": "# Environment\ncwd: /x"}]})
+    assert chat.messages == [{"role": "system", "content": "S\n\n# Environment\ncwd: /x"},
+                             {"role": "user", "content": "hi"}]
+    prompt = encode_messages(chat.messages)
+    assert prompt.endswith("<｜User｜>hi<｜Assistant｜><think>")
+    # without `system`, after an assistant turn, before tool results, as text blocks
+    chat = _chat({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r"}]},
+        {"role": "system", "content": [{"type": "text", "text": "note"}, {"type": "text", "text": "two"}]},
+        {"role": "user", "content": "b"}]})
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "system", "tool", "user"]
+    assert chat.messages[2]["content"] == "note\n\ntwo"
+    prompt = encode_messages(chat.messages)
+    assert "<｜end▁of▁sentence｜>note\n\ntwo<｜User｜><tool_result>r</tool_result>\n\nb<｜Assistant｜>" in prompt
+    # a system message between an assistant's tool_use and the results does not break the pairing rule
+    chat = _chat({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r"}]}]})
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "system", "tool"]
+    err = _err({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "a"}, {"role": "system", "content": [{"type": "image"}]}]})
+    assert err.status == 400 and err.message.startswith("messages.1.content.0: image blocks may not appear")
+
+
+def _thinking_turns(n: int) -> list[dict]:
+    msgs: list[dict] = [{"role": "user", "content": "q0"}]
+    for k in range(n):
+        text = f"thought {k}"
+        msgs += [{"role": "assistant", "content": [{"type": "thinking", "thinking": text, "signature": _sign(text)},
+                                                   {"type": "text", "text": f"a{k}"}]},
+                 {"role": "user", "content": f"q{k + 1}"}]
+    return msgs
+
+
+@pytest.mark.parametrize("keep, kept", [
+    ("all", [0, 1, 2]), ({"type": "thinking_turns", "value": 1}, [2]), ({"type": "thinking_turns", "value": 2}, [1, 2]),
+    ({"type": "thinking_turns", "value": 0}, []), ({"type": "thinking_turns", "value": 9}, [0, 1, 2]), (None, [2]),
+])
+def test_context_management_clear_thinking(keep, kept):
+    """`clear_thinking_*` keeps the thinking of the last N thinking turns ("all": every one; no `keep`: 1); the
+    cleared blocks are dropped before rendering, unchecked, and counted in `applied_edits`."""
+    edit = {"type": "clear_thinking_20251015"} if keep is None else {"type": "clear_thinking_20251015", "keep": keep}
+    msgs = _thinking_turns(3)
+    msgs[1]["content"][0]["signature"] = "not ours"  # never checked when cleared
+    body = {"model": "m", "max_tokens": 5, "messages": msgs, "context_management": {"edits": [edit]}}
+    if 0 in kept:
+        assert "Invalid `signature`" in _err(body).message
+        msgs[1]["content"][0]["signature"] = _sign("thought 0")
+    req = A.parse_request(body, A.MessagesRequest)
+    chat = A.to_chat_request(req, "dsv4", SIGN_KEY)
+    reasoning = [m.get("reasoning_content") for m in chat.messages if m["role"] == "assistant"]
+    assert reasoning == [f"thought {k}" if k in kept else None for k in range(3)]
+    applied = A.applied_edits(req)
+    cleared = 3 - len(kept)
+    assert applied == ([{"type": "clear_thinking_20251015", "cleared_thinking_turns": cleared,
+                         "cleared_input_tokens": 0}] if cleared else [])
+    full = A.to_chat_request(req, "dsv4", SIGN_KEY, apply_edits=False)
+    assert [m.get("reasoning_content") for m in full.messages if m["role"] == "assistant"] == [
+        "thought 0", "thought 1", "thought 2"]
+
+
+def test_context_management_edit_types():
+    """clear_tool_uses_* is accepted and not applied; an unknown edit type or a bad `keep` is a 400 naming it;
+    no `context_management`: nothing cleared, nothing reported."""
+    msgs = _thinking_turns(2)
+    ok = A.parse_request({"model": "m", "max_tokens": 5, "messages": msgs, "context_management": {"edits": [
+        {"type": "clear_tool_uses_20250919", "trigger": {"type": "input_tokens", "value": 10}}]}}, A.MessagesRequest)
+    assert A.applied_edits(ok) == []
+    assert sum("reasoning_content" in m for m in A.to_chat_request(ok, "d", SIGN_KEY).messages) == 2
+    plain = A.parse_request({"model": "m", "max_tokens": 5, "messages": msgs}, A.MessagesRequest)
+    assert A.applied_edits(plain) is None
+    for edits, needle in [
+        ([{"type": "compact_20990101"}], "context_management.edits.0.type: unknown context management edit type "
+                                         "'compact_20990101'"),
+        ([{"type": "clear_thinking_20251015", "keep": "all"}, {"kind": 1}], "context_management.edits.1.type"),
+        ([{"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": "2"}}],
+         "context_management.edits.0.keep"),
+        ([{"type": "clear_thinking_20251015", "keep": "some"}], "context_management.edits.0.keep"),
+    ]:
+        err = _err({"model": "m", "max_tokens": 5, "messages": msgs, "context_management": {"edits": edits}})
+        assert err.status == 400 and needle in err.message, err.message
+
+
+def test_unknown_top_level_fields_are_ignored():
+    """Any top-level field beyond the honoured ones is accepted and ignored."""
+    chat = _chat({"messages": [{"role": "user", "content": "hi"}], "speed": "fast", "inference_geo": "us",
+                  "mcp_servers": [{"type": "url"}], "future": {"x": [1]}, "container": "c", "service_tier": "auto"})
+    assert chat.messages == [{"role": "user", "content": "hi"}]
+
+
 @pytest.mark.parametrize("thinking, effort, mode", [
     (None, None, "think-high"),  # DeepSeek thinks by default
     ({"type": "enabled", "budget_tokens": 2048}, None, "think-high"),  # budget accepted, ignored
@@ -605,3 +706,33 @@ def test_pings_while_queued_and_disconnect_aborts(server):
                 rest = [line[7:] for line in lines2 if line.startswith("event: ")]
         assert rest[-1] == "message_stop" and "content_block_delta" in rest
     assert engine.aborted == [0]
+
+
+def test_context_management_is_reported_streaming_and_not(server, tokenizer):
+    """A clear_thinking edit that cleared turns is reported as `context_management.applied_edits` on the message
+    and in the final message_delta, with the prompt tokens it saved; the prompt holds only the kept thinking."""
+    url, engine = server()
+    msgs = _thinking_turns(2)
+    cm = {"edits": [{"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 1}}]}
+    payload = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": msgs, "context_management": cm,
+               "tools": [WEATHER]}  # with tools the encoder keeps earlier reasoning, so the edit is what drops it
+    headers = {"x-api-key": KEY}
+    r = httpx.post(url + "/v1/messages", json=payload, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    applied = r.json()["context_management"]["applied_edits"]
+    assert len(applied) == 1 and applied[0]["type"] == "clear_thinking_20251015"
+    assert applied[0]["cleared_thinking_turns"] == 1 and applied[0]["cleared_input_tokens"] > 0
+    prompt = tokenizer.decode(engine.requests[-1][0])
+    assert "thought 1" in prompt and "thought 0" not in prompt
+    r = httpx.post(url + "/v1/messages", json={**payload, "stream": True}, headers=headers, timeout=30)
+    events = _sse_events(r.text)
+    delta = [d for name, d in events if name == "message_delta"]
+    assert delta[-1]["context_management"] == {"applied_edits": applied}
+    keep_all = {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}
+    r = httpx.post(url + "/v1/messages", json={**payload, "context_management": keep_all}, headers=headers, timeout=30)
+    assert r.json()["context_management"] == {"applied_edits": []}
+    assert "thought 0" in tokenizer.decode(engine.requests[-1][0])
+    r = httpx.post(url + "/v1/messages", json={**payload, "context_management": {"edits": [{"type": "bogus_1"}]}},
+                   headers=headers, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "bogus_1" in r.json()["error"]["message"]

@@ -12,6 +12,20 @@ and Claude Code. This module has three layers, each testable alone:
      -> tool_calls with JSON-string arguments; a `redacted_thinking` block is a 400 (this server writes none, so
      none sent back can be genuine); consecutive messages of one role are merged (Anthropic's documented
      behaviour); a final assistant message is a prefill (`prefix: true`);
+   * a message with `role: "system"` (Claude Code sends its environment so, as `messages[1]`) may stand
+     anywhere in `messages`, its content text only; it is never merged into a user or assistant message.
+     The V4 encoding writes a system message as its bare text at a turn boundary and opens the assistant's
+     turn only right after a user turn, so it is placed after the last assistant turn before it, ahead of the
+     user turn (tool results and text) it follows, and joined by a blank line to a system message already
+     there (the `system` field, or another): `[user, system]` renders as `system` text + `<｜User｜>` turn;
+   * `context_management.edits`: `clear_thinking_*` (e.g. `clear_thinking_20251015`) with `keep` "all" or
+     `{"type": "thinking_turns", "value": N}` (absent: N=1, Anthropic's default) drops the thinking blocks of
+     all but the last N assistant turns that have any (a turn is a run of assistant messages, merged) before
+     rendering, unchecked; the response reports `context_management: {"applied_edits": [{"type",
+     "cleared_thinking_turns", "cleared_input_tokens"}]}` (in the final `message_delta` when streaming; an
+     empty list when nothing was cleared; absent without `context_management`). `clear_tool_uses_*` edits are
+     accepted and not applied (never reported); any other edit type is a 400 naming it. Without
+     `context_management` nothing is cleared (the V4 encoding's own rule for earlier reasoning applies);
    * every `tool_use` must be answered by a `tool_result` in the next message, and a `tool_result` must
      answer a `tool_use` of the message before it (Anthropic's rules; 400 otherwise);
    * mode: `thinking.type` "disabled" -> non-think; otherwise (absent: DeepSeek thinks by default; "enabled",
@@ -22,7 +36,10 @@ and Claude Code. This module has three layers, each testable alone:
      grammar, in thinking modes too); `disable_parallel_tool_use` -> one call at most;
    * `stop_sequences` -> stop, `metadata.user_id` -> user, `output_config.format` (json_schema) ->
      response_format; `top_k`, `service_tier`, `container`, `cache_control`, `is_error` are accepted and
-     ignored.
+     ignored;
+   * top-level fields: the ones above are honoured; every other key (`mcp_servers`, `speed`,
+     `inference_geo`, ..., and fields the API adds later) is accepted and ignored, never an error. Its value
+     is not looked at, so an unsupported feature silently does nothing rather than failing the request.
 2. `MessageRenderer`, which turns the backend's `ChoiceEvent`s and `Usage` into both the SSE event sequence
    and the final message JSON, so streaming and non-streaming can never disagree. Blocks come in the order
    the model writes them (thinking, text, tool_use); a block opens when its kind of event first arrives and
@@ -92,6 +109,9 @@ from . import WireProtocol
 __all__ = [
     "PROTOCOL",
     "CountTokensRequest",
+    "applied_edits",
+    "keep_thinking_turns",
+    "thinking_turns_to_clear",
     "MessageRenderer",
     "MessagesRequest",
     "error_body",
@@ -236,7 +256,7 @@ Block = Annotated[
 
 
 class Message(_Schema):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
 
 
@@ -288,6 +308,10 @@ class Metadata(_Schema):
     user_id: str | None = Field(default=None, max_length=512)
 
 
+class ContextManagement(_Schema):
+    edits: list[dict[str, Any]] | None = None
+
+
 class CountTokensRequest(_Schema):
     """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`."""
 
@@ -298,6 +322,7 @@ class CountTokensRequest(_Schema):
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
     output_config: OutputConfig | None = None
+    context_management: ContextManagement | None = None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -412,20 +437,62 @@ def _unsupported(block: Any, where: str) -> RequestError:
                         "tool_use and tool_result are)")
 
 
+def _place_system(out: list[dict[str, Any]], text: str) -> None:
+    """Put a system message from `messages` into the converted list `out` where the V4 encoding renders it at
+    a turn boundary: after the last assistant turn (or the leading system text), before the user turn it
+    follows, if any. The encoder writes a system message as its raw text with no turn token, and opens the
+    assistant's turn only right after a user turn; a system message left between a user turn and the
+    assistant's would swallow that opening. Next to another system message it is joined by a blank line."""
+    k = len(out)
+    while k > 0 and out[k - 1]["role"] in ("user", "tool"):
+        k -= 1
+    if k > 0 and out[k - 1]["role"] == "system":
+        out[k - 1]["content"] += "\n\n" + text
+    else:
+        out.insert(k, {"role": "system", "content": text})
+
+
+def thinking_turns_to_clear(messages: list[Message], keep: int | None) -> set[int]:
+    """The merged assistant turns (by their first message index) whose thinking a `clear_thinking` edit that
+    keeps the last `keep` thinking turns clears (None: keep all). A thinking turn is an assistant turn (after
+    merging consecutive assistant messages) with at least one thinking block."""
+    if keep is None:
+        return set()
+    turns = [idx[0] for role, blocks, idx in _merged(messages)
+             if role == "assistant" and any(isinstance(b, (ThinkingBlock, RedactedThinkingBlock)) for b in blocks)]
+    return set(turns[:max(len(turns) - keep, 0)])
+
+
 def convert_messages(system: str | list[TextBlock] | None, messages: list[Message],
-                     signature_key: bytes) -> list[dict[str, Any]]:
+                     signature_key: bytes, keep_thinking_turns: int | None = None, *,
+                     keep_cleared: bool = False) -> list[dict[str, Any]]:
     """Anthropic `system` + `messages` -> OpenAI-shaped messages (rules in the module docstring); thinking
-    signatures are checked under `signature_key`."""
+    signatures are checked under `signature_key`. `keep_thinking_turns` (a `clear_thinking` edit; None keeps
+    all): the thinking blocks of earlier assistant turns are dropped unchecked, or with `keep_cleared` kept
+    unchecked (only to count the tokens the edit cleared; never a prompt to run)."""
     out: list[dict[str, Any]] = []
     sys_text = _system_text(system)
     if sys_text:
         out.append({"role": "system", "content": sys_text})
+    cleared = thinking_turns_to_clear(messages, keep_thinking_turns)
     turns = _merged(messages)
+    if all(role == "system" for role, _, _ in turns):
+        raise RequestError(400, "messages: at least one user or assistant message is required (system messages "
+                           "alone leave nothing to answer)")
     pending: set[str] = set()  # tool_use ids of the previous assistant turn still to be answered
     pending_at = -1
     for t, (role, blocks, idx) in enumerate(turns):
         last = t == len(turns) - 1
         where = f"messages.{idx[0]}"
+        if role == "system":
+            texts = []
+            for k, b in enumerate(blocks):
+                if not isinstance(b, TextBlock):
+                    raise RequestError(400, f"{where}.content.{k}: {b.type} blocks may not appear in system "
+                                       "messages (text only)")
+                texts.append(b.text)
+            _place_system(out, "\n\n".join(texts))
+            continue
         if role == "user":
             results: list[dict[str, Any]] = []
             texts: list[str] = []
@@ -462,6 +529,10 @@ def convert_messages(system: str | list[TextBlock] | None, messages: list[Messag
                 bw = f"{where}.content.{k}"
                 if isinstance(b, TextBlock):
                     texts.append(b.text)
+                elif isinstance(b, (ThinkingBlock, RedactedThinkingBlock)) and idx[0] in cleared:
+                    if keep_cleared and isinstance(b, ThinkingBlock):
+                        reasoning.append(b.thinking)
+                    continue  # cleared by a clear_thinking edit: never rendered, so not checked
                 elif isinstance(b, ThinkingBlock):
                     if not verify_signature(b.thinking, b.signature, signature_key):
                         raise RequestError(400, f"{bw}: Invalid `signature` in `thinking` block")
@@ -545,12 +616,60 @@ def _response_format(output_config: OutputConfig | None) -> dict[str, Any] | Non
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
 
 
-def to_chat_request(req: CountTokensRequest, model: str, signature_key: bytes) -> ChatRequest:
+CLEAR_THINKING = re.compile(r"clear_thinking_\d{8}")
+CLEAR_TOOL_USES = re.compile(r"clear_tool_uses_\d{8}")
+
+
+def keep_thinking_turns(req: CountTokensRequest) -> int | None:
+    """How many of the last thinking turns keep their thinking under `context_management` (None: all), after
+    checking every edit: `clear_thinking_*` with `keep` "all" (None) or `{"type": "thinking_turns", "value":
+    N}` (absent: 1, Anthropic's default); `clear_tool_uses_*` accepted and not applied; any other type a
+    400 naming it."""
+    cm = req.context_management
+    keep: int | None = None
+    for i, edit in enumerate((cm.edits or []) if cm is not None else []):
+        where = f"context_management.edits.{i}"
+        etype = edit.get("type") if isinstance(edit, dict) else None
+        if isinstance(etype, str) and CLEAR_THINKING.fullmatch(etype):
+            value = edit.get("keep", {"type": "thinking_turns", "value": 1})
+            if value == "all":
+                continue
+            if (not isinstance(value, dict) or value.get("type") != "thinking_turns"
+                    or type(value.get("value")) is not int or value["value"] < 0):
+                raise RequestError(400, f"{where}.keep: must be \"all\" or {{\"type\": \"thinking_turns\", "
+                                   "\"value\": N}} with an integer N >= 0")
+            keep = value["value"] if keep is None else min(keep, value["value"])
+        elif isinstance(etype, str) and CLEAR_TOOL_USES.fullmatch(etype):
+            continue
+        else:
+            raise RequestError(400, f"{where}.type: unknown context management edit type {etype!r} (this server "
+                               "supports clear_thinking_* and accepts clear_tool_uses_* without applying it)")
+    return keep
+
+
+def applied_edits(req: CountTokensRequest) -> list[dict[str, Any]] | None:
+    """The `context_management.applied_edits` of a response (None when the request had no
+    `context_management`): one `clear_thinking` entry when it cleared any turn (`cleared_input_tokens` is
+    filled in by the route, which can count tokens)."""
+    if req.context_management is None:
+        return None
+    keep = keep_thinking_turns(req)
+    n = len(thinking_turns_to_clear(req.messages, keep))
+    if not n:
+        return []
+    etype = next(e["type"] for e in req.context_management.edits or [] if CLEAR_THINKING.fullmatch(e["type"]))
+    return [{"type": etype, "cleared_thinking_turns": n, "cleared_input_tokens": 0}]
+
+
+def to_chat_request(req: CountTokensRequest, model: str, signature_key: bytes, *,
+                    apply_edits: bool = True) -> ChatRequest:
     """The shared ChatRequest of a validated Messages (or count_tokens) request; `model` is the served name,
-    `signature_key` the server's key of thinking signatures."""
+    `signature_key` the server's key of thinking signatures; `apply_edits=False` keeps the thinking a
+    `context_management` edit clears, unchecked (only to count the tokens it cleared, never to run)."""
+    keep = keep_thinking_turns(req)
     chat = ChatRequest(
         model=model,
-        messages=convert_messages(req.system, req.messages, signature_key),
+        messages=convert_messages(req.system, req.messages, signature_key, keep, keep_cleared=not apply_edits),
         mode=reasoning_mode(req.thinking, req.output_config),
         tools=convert_tools(req.tools),
         tool_choice=convert_tool_choice(req.tool_choice, req.tools),
@@ -614,8 +733,9 @@ class MessageRenderer:
     non-streaming response). Only choice 0 exists (Anthropic has no `n`); other indices are ignored."""
 
     def __init__(self, model: str, input_tokens: int = 0, *, signature_key: bytes, message_id: str | None = None,
-                 show_thinking: bool = True) -> None:
+                 show_thinking: bool = True, context_management: dict[str, Any] | None = None) -> None:
         self.id = message_id or new_message_id()
+        self.context_management = context_management  # {"applied_edits": [...]} when the request had edits
         self.model = model
         self.input_tokens = input_tokens
         self.show_thinking = show_thinking
@@ -738,16 +858,21 @@ class MessageRenderer:
         events.append(("message_delta", {"type": "message_delta", "delta": {
             "stop_reason": reason, "stop_sequence": self.stop_sequence if reason == "stop_sequence" else None},
             "usage": self._usage(True)}))
+        if self.context_management is not None:
+            events[-1][1]["context_management"] = self.context_management
         events.append(("message_stop", {"type": "message_stop"}))
         return events
 
     def message(self) -> dict[str, Any]:
         """The complete message (after `finish()`)."""
         reason = stop_reason(self.finish_reason, self.stop_sequence)
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
-                "content": self.content, "stop_reason": reason,
-                "stop_sequence": self.stop_sequence if reason == "stop_sequence" else None,
-                "usage": self._usage(True)}
+        out = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+               "content": self.content, "stop_reason": reason,
+               "stop_sequence": self.stop_sequence if reason == "stop_sequence" else None,
+               "usage": self._usage(True)}
+        if self.context_management is not None:
+            out["context_management"] = self.context_management
+        return out
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
@@ -835,16 +960,29 @@ def router(ctx: ServeContext) -> APIRouter:
         req = parse_request(data, cls)
         return req, to_chat_request(req, resolve_model(ctx, req.model), key)
 
+    def edits(req: Any, chat: ChatRequest) -> dict[str, Any] | None:
+        """The response's `context_management` (applied edits, with the tokens they cleared from the prompt)."""
+        applied = applied_edits(req)
+        if applied is None:
+            return None
+        if applied:
+            whole = to_chat_request(req, chat.model, key, apply_edits=False)
+            cleared = ctx.backend.count_tokens(whole) - ctx.backend.count_tokens(chat)
+            applied[0]["cleared_input_tokens"] = max(cleared, 0)
+        return {"applied_edits": applied}
+
     async def messages(request: Request) -> Response:
         req, chat = await read_json(request, lambda data: prepare(data, MessagesRequest))
         show = not (req.thinking is not None and req.thinking.display == "omitted")
+        managed = await asyncio.to_thread(edits, req, chat) if req.context_management is not None else None
         if not req.stream:
             items = await collect(await ctx.start(chat), request)  # aborts if the client goes away
-            renderer = MessageRenderer(req.model, show_thinking=show, signature_key=key)
+            renderer = MessageRenderer(req.model, show_thinking=show, signature_key=key, context_management=managed)
             return JSONResponse(render_message(renderer, items))
         input_tokens = await asyncio.to_thread(ctx.backend.count_tokens, chat)
         gen = await ctx.start(chat)
-        renderer = MessageRenderer(req.model, input_tokens, show_thinking=show, signature_key=key)
+        renderer = MessageRenderer(req.model, input_tokens, show_thinking=show, signature_key=key,
+                                   context_management=managed)
         return sse_response(render_stream(renderer, gen, is_keepalive=lambda item: isinstance(item, KeepAlive)))
 
     async def count_tokens(request: Request) -> Response:
