@@ -130,9 +130,13 @@ def closed_schema(schema: Any) -> Any:
     return out
 
 
-def _json(schema: Mapping[str, Any]) -> str:
-    """The `%json {...}` nonterminal of a schema, closed and in the grammar's JSON style."""
-    return f"%json {json.dumps({**closed_schema(schema), 'x-guidance': JSON_STYLE}, ensure_ascii=False)}"
+def _json(schema: Mapping[str, Any], lenient: bool = False) -> str:
+    """The `%json {...}` nonterminal of a schema, closed and in the grammar's JSON style. `lenient`: keywords
+    llguidance does not implement (e.g. `propertyNames`, which Claude Code's tools use) are left unenforced
+    instead of failing the compile; tool parameters are compiled so (a client's tool list must not make every
+    request a 400), a `response_format` schema strictly (its 400 names the keyword)."""
+    style = {**JSON_STYLE, "lenient": True} if lenient else JSON_STYLE
+    return f"%json {json.dumps({**closed_schema(schema), 'x-guidance': style}, ensure_ascii=False)}"
 
 
 def _parameter(rules: _Rules, key: str, schema: Mapping[str, Any]) -> str:
@@ -144,7 +148,7 @@ def _parameter(rules: _Rules, key: str, schema: Mapping[str, Any]) -> str:
     if enum is not None:
         choice = " | ".join(_lit(v) for v in enum)
         return f'{_lit(head + chr(34) + "true" + chr(34) + ">")} ({choice}) {end}'
-    return f'{_lit(head + chr(34) + "false" + chr(34) + ">")} {_json(schema)} {end}'
+    return f'{_lit(head + chr(34) + "false" + chr(34) + ">")} {_json(schema, lenient=True)} {end}'
 
 
 def _parameters(rules: _Rules, schema: Mapping[str, Any], tool: str) -> str:
