@@ -138,3 +138,9 @@ def test_no_page_of_the_server_loads_from_outside(toy_client):
     assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
     for r in (schema, toy_client.get("/")):
         assert "cdn." not in r.text and "jsdelivr" not in r.text and "unpkg" not in r.text
+
+
+def test_head_on_the_root_is_answered(toy_client):
+    """Claude Code probes its base URL with `HEAD /` before the first request: 200 with no body, not a 405."""
+    r = toy_client.head("/")
+    assert r.status_code == 200 and r.content == b""

@@ -43,7 +43,7 @@ def install_ui(app: FastAPI, ctx: ServeContext) -> None:
     """Add the page's routes to `app` (no API key on any of them)."""
     headers = {"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: Claude Code's reachability probe
     async def index() -> Response:
         return Response(_asset("index.html"), media_type="text/html; charset=utf-8", headers=headers)
 
