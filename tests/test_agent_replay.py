@@ -215,3 +215,19 @@ def test_count_tokens(serve, tokenizer):
     r = post(url, rec)
     start = sse_events(r.text)[0][1]
     assert start["message"]["usage"]["input_tokens"] == n == len(engine.requests[0][0])
+
+
+def test_tool_schemas_compile_leniently_response_format_strictly(tokenizer):
+    """A tool parameter using a keyword llguidance lacks (`propertyNames`, in Claude Code's TaskCreate) compiles,
+    unenforced; the same schema as a response_format is still a 400 naming the keyword."""
+    from dsv4.serve.grammars import GrammarCompiler, GrammarSpec
+    from dsv4.serve.request import RequestError
+    schema = {"type": "object", "properties": {"metadata": {"type": "object", "propertyNames": {"type": "string"}}}}
+    tool = {"type": "function", "function": {"name": "TaskCreate", "parameters": schema}}
+    compiler = GrammarCompiler(tokenizer)
+    assert compiler(GrammarSpec(thinking=True, response_format=None, tools=[tool], tool_choice="auto",
+                                parallel_tool_calls=True)) is not None
+    with pytest.raises(RequestError) as info:
+        compiler(GrammarSpec(thinking=False, response_format=schema, tools=None, tool_choice="none",
+                             parallel_tool_calls=True))
+    assert info.value.status == 400 and "propertyNames" in info.value.message
