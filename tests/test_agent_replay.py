@@ -109,6 +109,11 @@ def check_sequence(events: list[tuple[str, dict]]) -> dict:
     return events[-2][1]
 
 
+def delta_text(events: list, kind: str, field: str) -> str:
+    """The concatenated `field` of a stream's content_block_delta events of delta type `kind`."""
+    return "".join(d["delta"][field] for n, d in events if n == "content_block_delta" and d["delta"]["type"] == kind)
+
+
 def post(url: str, rec: dict, **changes) -> httpx.Response:
     headers = {**rec["headers"], **HEADERS}
     return httpx.post(url + rec["path"], json={**rec["body"], **changes}, headers=headers, timeout=60)
@@ -131,8 +136,7 @@ def test_first_turn_streams_a_tool_call(serve, tokenizer):
     sig = next(d["delta"]["signature"] for n, d in events if n == "content_block_delta"
                and d["delta"]["type"] == "signature_delta")
     assert A.verify_signature("I should look at the directory.", sig, SIGN_KEY)
-    args = "".join(d["delta"]["partial_json"] for n, d in events if n == "content_block_delta"
-                   and d["delta"]["type"] == "input_json_delta")
+    args = delta_text(events, "input_json_delta", "partial_json")
     assert json.loads(args) == {"command": "ls", "description": "List files"}
     prompt = tokenizer.decode(engine.requests[0][0])
     env = rec["body"]["messages"][1]["content"]
@@ -150,8 +154,7 @@ def test_tool_result_round_trip(serve):
     events = sse_events(r.text)
     final = check_sequence(events)
     assert final["delta"]["stop_reason"] == "end_turn"
-    text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta" and d["delta"]["type"] ==
-                   "text_delta")
+    text = delta_text(events, "text_delta", "text")
     assert text == "There is one entry: home."
     r = post(url, rec, stream=False)
     assert r.status_code == 200, r.text

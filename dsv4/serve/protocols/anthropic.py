@@ -960,26 +960,30 @@ def router(ctx: ServeContext) -> APIRouter:
         req = parse_request(data, cls)
         return req, to_chat_request(req, resolve_model(ctx, req.model), key)
 
-    def edits(req: Any, chat: ChatRequest) -> dict[str, Any] | None:
-        """The response's `context_management` (applied edits, with the tokens they cleared from the prompt)."""
+    def edits(req: Any, chat: ChatRequest, prompt_tokens: int | None = None) -> dict[str, Any] | None:
+        """The response's `context_management` (applied edits, with the tokens they cleared from the prompt);
+        `prompt_tokens`: the edited prompt's count when the caller has it (it is tokenised once)."""
         applied = applied_edits(req)
         if applied is None:
             return None
         if applied:
             whole = to_chat_request(req, chat.model, key, apply_edits=False)
-            cleared = ctx.backend.count_tokens(whole) - ctx.backend.count_tokens(chat)
-            applied[0]["cleared_input_tokens"] = max(cleared, 0)
+            if prompt_tokens is None:
+                prompt_tokens = ctx.backend.count_tokens(chat)
+            applied[0]["cleared_input_tokens"] = max(ctx.backend.count_tokens(whole) - prompt_tokens, 0)
         return {"applied_edits": applied}
 
     async def messages(request: Request) -> Response:
         req, chat = await read_json(request, lambda data: prepare(data, MessagesRequest))
         show = not (req.thinking is not None and req.thinking.display == "omitted")
-        managed = await asyncio.to_thread(edits, req, chat) if req.context_management is not None else None
         if not req.stream:
+            managed = await asyncio.to_thread(edits, req, chat) if req.context_management is not None else None
             items = await collect(await ctx.start(chat), request)  # aborts if the client goes away
             renderer = MessageRenderer(req.model, show_thinking=show, signature_key=key, context_management=managed)
             return JSONResponse(render_message(renderer, items))
         input_tokens = await asyncio.to_thread(ctx.backend.count_tokens, chat)
+        managed = (await asyncio.to_thread(edits, req, chat, input_tokens) if req.context_management is not None
+                   else None)
         gen = await ctx.start(chat)
         renderer = MessageRenderer(req.model, input_tokens, show_thinking=show, signature_key=key,
                                    context_management=managed)
