@@ -68,8 +68,8 @@ def test_backends_are_chosen_by_name_and_unknown_names_are_refused(counting):
 
 def test_the_environment_variable_picks_the_default_and_use_backend_scopes_it(monkeypatch, counting):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert type(kernels.active_backend()) is kernels.AutoBackend  # the device's choice: "cpu" on the CPU
-    assert kernels.active_backend().backend_for(torch.device("cpu")) is kernels.get_backend("cpu")
+    assert type(kernels.active_backend()) is kernels.AutoBackend  # the device's choice: "native" on the CPU
+    assert kernels.active_backend().backend_for(torch.device("cpu")) is kernels.get_backend("native")
     assert kernels.resolve_backend_name("auto", "meta") == "reference"
     assert kernels.resolve_backend_name("cpu", "meta") == "cpu"
     monkeypatch.setenv(kernels.ENV_VAR, "counting")

@@ -107,7 +107,7 @@ def test_cpu_tensors_without_the_interpreter_get_the_reference(monkeypatch):
 
 def test_auto_picks_triton_on_cuda_when_the_package_is_installed(monkeypatch):
     assert kernels.resolve_backend_name("auto", "cuda") == "triton"
-    assert kernels.resolve_backend_name("auto", "cpu") == "cpu"
+    assert kernels.resolve_backend_name("auto", "cpu") == "native"
     assert type(kernels.get_backend("triton")) is TritonBackend
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))

@@ -5,8 +5,9 @@ Callers use the functions of this module (`kernels.linear(x, w, s)`, `kernels.sp
 op on the *active* backend:
 
 * by default the backend named by the environment variable `DSV4_KERNEL_BACKEND`, else "auto": the fastest
-  backend for the device of each op's first tensor ("cpu" on the CPU, "triton" on CUDA when the `triton`
-  package is installed, the "reference" elsewhere);
+  backend for the device of each op's first tensor ("native" on the CPU, its C kernels built at first use, or
+  "cpu" when no C compiler can build them; "triton" on CUDA when the `triton` package is installed; the
+  "reference" elsewhere);
 * inside `with kernels.use_backend(name):` that one. The choice is a context variable, so it holds per thread
   and per asyncio task, and two engines in one process may run different backends.
 
@@ -38,9 +39,10 @@ from .paged import KVRows, PagedRows, RowCodec
 
 ENV_VAR = "DSV4_KERNEL_BACKEND"
 DEFAULT_BACKEND = "auto"
-# the backend "auto" runs an op on, by the device type of the op's first tensor; other devices, or a backend whose
-# package is missing: "reference"
-BY_DEVICE = {"cpu": "cpu", "cuda": "triton"}
+# the backend "auto" runs an op on, by the device type of the op's first tensor (other devices: "reference"), and
+# the one it falls back to when that backend cannot run here (a package missing, C kernels that cannot be built)
+BY_DEVICE = {"cpu": "native", "cuda": "triton"}
+FALLBACK = {"native": "cpu", "triton": "reference"}
 
 OPS = (
     "act_quant",
@@ -66,9 +68,13 @@ _BUILTIN: dict[str, str] = {
     "cpu": "dsv4.kernels.cpu:CpuBackend",
     "auto": "dsv4.kernels:AutoBackend",
     "triton": "dsv4.kernels.triton:TritonBackend",
+    "native": "dsv4.kernels.native:NativeBackend",
 }
 # the optional package a built-in backend imports ("auto" passes over the backend when it is not installed)
 _REQUIRES = {"triton": "triton"}
+# a built-in backend's test of whether it can run here ("module:function" returning a bool; "auto" passes over it
+# when false)
+_PROBES = {"native": "dsv4.kernels.native.build:available"}
 _factories: dict[str, str | Callable[[], Any]] = dict(_BUILTIN)
 _instances: dict[str, Any] = {}
 _active: contextvars.ContextVar[Any] = contextvars.ContextVar("dsv4_kernel_backend", default=None)
@@ -115,15 +121,27 @@ def default_backend_name() -> str:
 
 
 def resolve_backend_name(name: str, device: torch.device | str) -> str:
-    """The backend `name` stands for on `device`: "auto" becomes the device's own choice (`BY_DEVICE`, or the
-    reference when that backend's package is not installed), any other name stays as it is."""
+    """The backend `name` stands for on `device`: "auto" becomes the device's own choice (`BY_DEVICE`, or its
+    `FALLBACK` while that one cannot run here), any other name stays as it is."""
     if name != "auto":
         return name
     chosen = BY_DEVICE.get(torch.device(device).type, "reference")
-    package = _REQUIRES.get(chosen)
-    if package is not None and importlib.util.find_spec(package) is None:
-        return "reference"
+    while chosen in FALLBACK and not backend_available(chosen):
+        chosen = FALLBACK[chosen]
     return chosen
+
+
+def backend_available(name: str) -> bool:
+    """Whether the built-in backend `name` can run here: its optional package is installed and its probe (the
+    native kernels' build) succeeds. Other backends are taken to be available."""
+    package = _REQUIRES.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return False
+    probe = _PROBES.get(name)
+    if probe is None:
+        return True
+    module, _, attr = probe.partition(":")
+    return bool(getattr(importlib.import_module(module), attr)())
 
 
 class AutoBackend:
@@ -263,6 +281,7 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
 __all__ = [
     "BY_DEVICE",
     "DEFAULT_BACKEND",
+    "FALLBACK",
     "ENV_VAR",
     "AutoBackend",
     "ExpertWeights",
@@ -272,6 +291,7 @@ __all__ = [
     "RowCodec",
     "UnknownBackendError",
     "active_backend",
+    "backend_available",
     "backend_names",
     "default_backend_name",
     "get_backend",

@@ -119,6 +119,8 @@ class DecodedWeights:
         self.limit_bytes = limit_bytes
         self.used_bytes = 0
         self._entries: dict[tuple[int, str], tuple] = {}
+        # kind -> (weight, scale) -> the form's tensors; a backend deriving from this one may add its own kinds
+        self.builders = dict(_BUILD)
 
     def get(self, weight: Tensor, scale: Tensor | None, kind: str) -> tuple[Tensor, ...]:
         """The form `kind` of `weight` (with its `scale`): "fp8" / "fp4" -> (values [N, K] fp32 unscaled,
@@ -129,7 +131,7 @@ class DecodedWeights:
         if (entry is not None and entry[0]() is weight and entry[1] == version
                 and (scale is None or entry[2]() is scale)):
             return entry[3]
-        form = _BUILD[kind](weight, scale)
+        form = self.builders[kind](weight, scale)
         size = sum(t.numel() * t.element_size() for t in form)
         if entry is not None:
             self._drop(key)
@@ -147,10 +149,9 @@ class DecodedWeights:
 
 
 def _version(t: Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor keeps no version counter and cannot change outside inference mode
-        return -1
+    # an inference tensor keeps no version counter (reading it raises, slowly) and cannot change outside
+    # inference mode
+    return -1 if t.is_inference() else t._version
 
 
 _BUILD = {

@@ -1,0 +1,219 @@
+"""The "native" kernel backend: the "cpu" backend with its small, overhead-bound exact-numerics ops in C.
+
+A decode step of a small model in exact numerics is thousands of torch ops, each costing a microsecond or two
+before it touches a number: a routed expert is an activation quantisation, three block-scaled GEMMs and a SwiGLU,
+tens of ops for a few thousand multiply-adds; the mHC Sinkhorn is 20 iterations of tiny divisions. Here each is
+one call into `kernels.c` (built at first use, `build.py`):
+
+* `linear` with an FP8 / FP4 weight: act_quant and the two-level block GEMM, row by row;
+* `swiglu` and `routed_experts` with quantised weights: a token's whole expert chain, its experts added into its
+  row in increasing id (the reference's order);
+* `hc_split_sinkhorn`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops.
+
+The C kernels compute the reference's arithmetic: the same power-of-two scales, e4m3 / e2m1 round-half-even,
+per-block fp32 partial products scaled and summed in block order, the same Sinkhorn divisions. A block's dot
+product is summed sequentially over k (BLAS sums it in its own order) and exp is libm's, so results may differ
+from the reference in the last bits of fp32; a step that rounds to FP8 next can turn such a difference into one
+quantisation step. Within a GEMM of one row they are deterministic and independent of the batch. The tests hold
+this backend to the official-parity tolerance in exact numerics, 1e-5 in plain fp32, and identical greedy tokens.
+
+GEMM-shaped work (the linears and experts) goes to C only while it is small (`NATIVE_MACS` multiply-adds per
+call, a decode step's rows): the kernels are single-threaded loops, and a prefill's GEMMs belong to BLAS, where
+the "cpu" backend's batched block products take them. Anything with gradients wanted, other dtypes, or other
+devices also goes to the "cpu" backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dsv4.quant import FP4_BLOCK, FP8_BLOCK, e2m1_decode, e8m0_to_float, is_packed_fp4_dtype, unpack_fp4
+
+from ..cpu import CpuBackend
+from ..experts import ExpertWeights
+from .build import NativeUnavailable, available, load
+
+__all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
+
+# the most multiply-adds a linear or expert call may have to run in C (about 0.3-0.5 ms of one core); past it the
+# work is a GEMM worth BLAS's threads
+NATIVE_MACS = 1 << 22
+_BF16 = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _native_form(weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """An FP8 (128x128 tiles) or packed FP4 (1x32) weight [N, K] as the C GEMM reads it: element values
+    transposed [K, N] fp32, and one scale per weight block and output, [blocks, N] fp32."""
+    if weight.dtype == torch.float8_e4m3fn:
+        values = weight.float()
+        scales = e8m0_to_float(scale).repeat_interleave(FP8_BLOCK, dim=0)[: weight.shape[0]]  # [N, ceil(K/128)]
+    else:
+        values, scales = e2m1_decode(unpack_fp4(weight)), e8m0_to_float(scale)  # [N, K], [N, K/32]
+    return values.T.contiguous(), scales.T.contiguous()
+
+
+def _quantised(weight: Tensor) -> bool:
+    return weight.dtype == torch.float8_e4m3fn or is_packed_fp4_dtype(weight.dtype)
+
+
+def _block(weight: Tensor) -> int:
+    return FP8_BLOCK if weight.dtype == torch.float8_e4m3fn else FP4_BLOCK
+
+
+def _inference(*tensors: Tensor) -> bool:
+    """CPU tensors of which no gradient is wanted (the C kernels have no backward)."""
+    return (all(t.device.type == "cpu" for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _check(code: int, op: str) -> None:
+    if code != 0:
+        raise MemoryError(f"native {op}: the kernel could not allocate its scratch")
+
+
+class NativeBackend(CpuBackend):
+    """The "cpu" backend with the ops above in C; see the module docstring."""
+
+    name = "native"
+
+    def __init__(self, cache_mb: int | None = None) -> None:
+        super().__init__(cache_mb)
+        self.lib = load()  # NativeUnavailable (with the reason) when it cannot be built here
+        self.decoded.builders["native"] = _native_form
+
+    def _form(self, weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        return self.decoded.get(weight, scale, "native")
+
+    # ------------------------------------------------------------------------------------------ quantisation
+
+    def fp8_simulate(self, x: Tensor, block_size: int = 64) -> Tensor:
+        if x.dtype not in _BF16 or not _inference(x):
+            return super().fp8_simulate(x, block_size)
+        return self._simulate(x, block_size, fp4=0)
+
+    def fp4_simulate(self, x: Tensor, block_size: int = 32) -> Tensor:
+        if x.dtype not in _BF16 or not _inference(x):
+            return super().fp4_simulate(x, block_size)
+        return self._simulate(x, block_size, fp4=1)
+
+    def _simulate(self, x: Tensor, block: int, fp4: int) -> Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        k = x.shape[-1]
+        self.lib.dsv4_block_simulate(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // max(k, 1), k,
+                                     block, fp4)
+        return out
+
+    def hadamard(self, x: Tensor) -> Tensor:
+        n = x.shape[-1]
+        if x.dtype not in _BF16 or not _inference(x) or n < 1 or n & (n - 1):
+            return super().hadamard(x)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        _check(self.lib.dsv4_hadamard(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // n, n,
+                                      1.0 / math.sqrt(n)), "hadamard")
+        return out
+
+    # ------------------------------------------------------------------------------------------ GEMMs
+
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+        """A quantised weight's linear over few rows in one C call; everything else as the "cpu" backend."""
+        k = x.shape[-1]
+        if (scale is None or not _quantised(weight) or x.dtype not in _BF16 or not _inference(x)
+                or x.numel() * weight.shape[0] > NATIVE_MACS):
+            return super().linear(x, weight, scale)
+        values_t, scales_t = self._form(weight, scale)
+        if values_t.shape[0] != k:
+            return super().linear(x, weight, scale)  # the reference names the mismatch
+        n = values_t.shape[1]
+        x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+        _check(self.lib.dsv4_quantised_linear(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // k,
+                                              values_t.data_ptr(), scales_t.data_ptr(), n, k, _block(weight)),
+               "linear")
+        return out
+
+    # ------------------------------------------------------------------------------------------ experts
+
+    def _expert_table(self, expert: ExpertWeights, keep: list) -> list[int]:
+        """The six pointers (values, scales of w1, w3, w2) of an expert's native forms; the forms go on `keep`."""
+        pointers = []
+        for w, s in ((expert.w1, expert.s1), (expert.w3, expert.s3), (expert.w2, expert.s2)):
+            form = self._form(w, s)
+            keep.append(form)
+            pointers += [form[0].data_ptr(), form[1].data_ptr()]
+        return pointers
+
+    @staticmethod
+    def _runs_native(x: Tensor, expert: ExpertWeights, rows: int) -> bool:
+        """Whether an expert's chain over `rows` token rows goes to C."""
+        inter, d = expert.w1.shape[0], x.shape[-1]
+        return (x.dtype in _BF16 and rows * 3 * inter * d <= NATIVE_MACS
+                and all(_quantised(w) for w in (expert.w1, expert.w3, expert.w2))
+                and all(s is not None for s in (expert.s1, expert.s3, expert.s2)) and _inference(x, expert.w1))
+
+    @staticmethod
+    def _dims(expert: ExpertWeights, d: int) -> ctypes.Array:
+        return (ctypes.c_int64 * 5)(expert.w1.shape[0], d, _block(expert.w1), _block(expert.w3), _block(expert.w2))
+
+    def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not self._runs_native(x, expert, rows):
+            return super().swiglu(x, expert, limit, weights)
+        keep: list = []
+        table = (ctypes.c_int64 * 6)(*self._expert_table(expert, keep))
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        route = None
+        if weights is not None:
+            route = weights.to(torch.float32).contiguous()
+        _check(self.lib.dsv4_swiglu(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], rows, table,
+                                    self._dims(expert, x.shape[-1]), None if route is None else route.data_ptr(),
+                                    limit), "swiglu")
+        return out
+
+    def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
+                       which: Sequence[int], limit: float) -> Tensor:
+        """Each token's experts, one C call for the batch: a token runs each routed expert held here (`which`) on
+        its row and adds the outputs in increasing expert id."""
+        first = experts[which[0]] if which else None
+        if first is None or not self._runs_native(x, first, ids.numel()):
+            return super().routed_experts(x, weights, ids, experts, which, limit)
+        held = set(which)
+        keep: list = []
+        table = (ctypes.c_int64 * (6 * len(experts)))()
+        for e in {e for row in ids.tolist() for e in row} & held:
+            table[6 * e : 6 * e + 6] = self._expert_table(first if e == which[0] else experts[e], keep)
+        x = x.contiguous()
+        ids = ids.to(torch.int64).contiguous()
+        weights = weights.to(torch.float32).contiguous()
+        out = torch.empty(x.shape, dtype=torch.float32)
+        _check(self.lib.dsv4_routed_experts(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], ids.shape[0],
+                                            ids.shape[1], ids.data_ptr(), weights.data_ptr(), len(experts), table,
+                                            self._dims(first, x.shape[-1]), limit), "routed_experts")
+        return out
+
+    # ------------------------------------------------------------------------------------------ mHC
+
+    def hc_split_sinkhorn(self, mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
+                          eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        h = hc_mult
+        if (mixes.dtype != torch.float32 or mixes.shape[-1] != (2 + h) * h or iters < 1 or h > 16
+                or not _inference(mixes, scale, base)):
+            return super().hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+        mixes = mixes.contiguous()
+        scale = scale.to(torch.float32).contiguous()
+        base = base.to(torch.float32).contiguous()
+        lead = mixes.shape[:-1]
+        pre = torch.empty(*lead, h)
+        post = torch.empty(*lead, h)
+        comb = torch.empty(*lead, h, h)
+        _check(self.lib.dsv4_sinkhorn(mixes.data_ptr(), pre.data_ptr(), post.data_ptr(), comb.data_ptr(),
+                                      mixes.numel() // mixes.shape[-1], h, scale.data_ptr(), base.data_ptr(), iters,
+                                      eps), "hc_split_sinkhorn")
+        return pre, post, comb

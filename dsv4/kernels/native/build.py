@@ -1,0 +1,155 @@
+"""Build and load the native kernels (`kernels.c`): compiled once per machine with the system C compiler, in well
+under a second, into a cache directory, and loaded with ctypes.
+
+Why not `torch.utils.cpp_extension`: the kernels need nothing of torch's (they take raw pointers to contiguous
+rows), and building against torch's headers costs about a minute of compilation per machine plus ninja, paid by
+the first chat. A C99 file and `cc` cost half a second, and the library is found again by the hash of its source,
+flags and compiler, so an edit or a new compiler builds afresh and nothing stale is ever loaded.
+
+`load()` returns the library or raises `NativeUnavailable` saying why (no compiler, a failed build); the "auto"
+kernel backend then stays on the pure-torch "cpu" backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels.c")
+CACHE_ENV_VAR = "DSV4_NATIVE_CACHE"
+# -ffp-contract=off: no fused multiply-adds, so the rounding is the source's on every CPU; -fno-math-errno lets
+# rintf / fabsf compile to single instructions (and the loops vectorise)
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c99", "-shared", "-fPIC")
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+_INT = ctypes.c_int
+SIGNATURES = {
+    "dsv4_block_simulate": (None, [_P, _P, _INT, _I, _I, _I, _INT]),
+    "dsv4_quantised_linear": (_INT, [_P, _P, _INT, _I, _P, _P, _I, _I, _I]),
+    "dsv4_swiglu": (_INT, [_P, _P, _INT, _I, _P, _P, _P, _F]),
+    "dsv4_routed_experts": (_INT, [_P, _P, _INT, _I, _I, _P, _P, _I, _P, _P, _F]),
+    "dsv4_sinkhorn": (_INT, [_P, _P, _P, _P, _I, _I, _P, _P, _I, _F]),
+    "dsv4_hadamard": (_INT, [_P, _P, _INT, _I, _I, _F]),
+}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be built or loaded here (the message says why)."""
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $DSV4_NATIVE_CACHE, else $XDG_CACHE_HOME/dsv4/native (~/.cache/...)."""
+    chosen = os.environ.get(CACHE_ENV_VAR)
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4" / "native"
+
+
+def compiler() -> str:
+    """The C compiler: $CC, else the first of cc, gcc, clang on the PATH (NativeUnavailable if none)."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise NativeUnavailable("no C compiler found (set CC, or install gcc) to build dsv4's native CPU kernels")
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"the C compiler {cc!r} does not run: {exc}") from exc
+
+
+def library_path(cc: str) -> Path:
+    """The cache path of the library built from this source with these flags by this compiler on this machine."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_version(cc).encode(),
+                 platform.machine().encode(), _cpu_model().encode()):
+        key.update(part)
+    return cache_dir() / f"dsv4_kernels_{key.hexdigest()[:16]}.so"
+
+
+def _cpu_model() -> str:
+    """The CPU's model line: -march=native code built on one CPU may not run on another (a shared home)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(cc: str | None = None) -> Path:
+    """The built library's path, compiling it first if the cache lacks it (atomically: concurrent builders each
+    write their own file and rename it into place)."""
+    cc = cc or compiler()
+    target = library_path(cc)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            raise NativeUnavailable(f"building dsv4's native kernels with {cc} failed:\n{result.stderr.strip()}")
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"building dsv4's native kernels with {cc} failed: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_loaded: ctypes.CDLL | NativeUnavailable | None = None
+_warned = False
+
+
+def load() -> ctypes.CDLL:
+    """The native kernels, built if needed. Tried once per process: a failure is remembered and raised again
+    (NativeUnavailable), so a machine without a compiler pays for one attempt."""
+    global _loaded
+    if _loaded is None:
+        try:
+            _loaded = _open(build())
+        except NativeUnavailable as exc:
+            _loaded = exc
+    if isinstance(_loaded, NativeUnavailable):
+        raise _loaded
+    return _loaded
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise NativeUnavailable(f"loading {path} failed: {exc}") from exc
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def available() -> bool:
+    """Whether `load()` succeeds (the "auto" backend's test; the first failure is logged with its reason)."""
+    global _warned
+    try:
+        load()
+    except NativeUnavailable as exc:
+        if not _warned:
+            _warned = True
+            logging.getLogger(__name__).warning("%s\nthe kernels stay on the pure-torch 'cpu' backend", exc)
+        return False
+    return True

@@ -1,0 +1,366 @@
+/* The native CPU kernels of dsv4: the exact-numerics ops that cost a small model's step its time in torch
+ * overhead, each one call instead of tens of torch ops. Plain C99, no dependency but libm; built at first use by
+ * `dsv4/kernels/native/build.py` with the system compiler and loaded with ctypes.
+ *
+ * The arithmetic is the reference backend's (dsv4/kernels/reference.py), element by element: power-of-two block
+ * scales, e4m3 / e2m1 round-half-even, the two-level fp32 accumulation per weight block, the Sinkhorn sequence.
+ * What differs is only the order of fp32 additions inside one block's dot product (a sequential sum over k here,
+ * BLAS's order there) and libm's expf against torch's vectorised exp: last-bit differences, within the
+ * tolerances the tests state. Built with -ffp-contract=off, so the rounding follows this source on every CPU.
+ *
+ * Tensors arrive as raw pointers to contiguous rows; a `bf16` flag says a tensor holds bfloat16 bit patterns
+ * (uint16) instead of fp32. Every kernel is independent per row, so its result for a row does not depend on the
+ * batch it came in.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FP8_MAX 448.0f
+#define FP4_MAX 6.0f
+#define ACT_AMAX_FLOOR 1e-4f
+#define FP4_AMAX_FLOOR (6.0f * 0x1p-126f)
+#define X_BLOCK 128 /* activation quantisation block of every FP8 / FP4 GEMM */
+
+static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline float load(const void *p, int bf16, int64_t i) {
+    return bf16 ? float_of((uint32_t)((const uint16_t *)p)[i] << 16) : ((const float *)p)[i];
+}
+
+/* fp32 -> bf16 round-half-even, NaN kept quiet (torch's cast) */
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u = bits_of(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store(void *p, int bf16, int64_t i, float v) {
+    if (bf16) ((uint16_t *)p)[i] = bf16_bits(v);
+    else ((float *)p)[i] = v;
+}
+
+/* v rounded to the dtype `bf16` names (a no-op for fp32) */
+static inline float round_to(int bf16, float v) { return bf16 ? float_of((uint32_t)bf16_bits(v) << 16) : v; }
+
+/* 2**ceil(log2(ratio)) for a positive normal ratio, clamped to the e8m0 range (dsv4.quant.pow2_scale) */
+static inline float pow2_ceil(float ratio) {
+    float s = float_of((bits_of(ratio) + 0x007fffffu) & 0x7f800000u);
+    if (s < 0x1p-127f) s = 0x1p-127f;
+    if (s > 0x1p127f) s = 0x1p127f;
+    return s;
+}
+
+/* |v| <= 448 rounded to e4m3: a step of 2**(e-3) for |v| >= 2**-6, the subnormal step 2**-9 below */
+static inline float e4m3_round(float v) {
+    float a = fabsf(v);
+    float step = float_of(bits_of(a) & 0x7f800000u) * 0.125f;
+    if (step < 0x1p-9f) step = 0x1p-9f;
+    return copysignf(rintf(a / step) * step, v);
+}
+
+/* v (already divided by its scale) rounded to e2m1, saturating at 6: a step of 0.5 below 2, then 2**(e-1) */
+static inline float e2m1_round(float v) {
+    float a = fabsf(v);
+    if (a > FP4_MAX) a = FP4_MAX;
+    float step = float_of(bits_of(a) & 0x7f800000u) * 0.5f;
+    if (step < 0.5f) step = 0.5f;
+    return copysignf(rintf(a / step) * step, v);
+}
+
+/* One block's power-of-two scale: amax floored, times fp32(1/elem_max), rounded up to a power of two */
+static inline float block_scale(const float *x, int64_t n, float floor_, float inv_max) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
+    if (amax < floor_) amax = floor_;
+    return pow2_ceil(amax * inv_max);
+}
+
+/* ------------------------------------------------------------------------------------------ block simulation */
+
+/* x [rows, k] through FP8 (fp4 = 0) or FP4 (fp4 = 1) blocks of `block` along k and back, into out (x's dtype) */
+void dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64_t k, int64_t block, int fp4) {
+    float *buf = malloc(sizeof(float) * (size_t)block);
+    const float floor_ = fp4 ? FP4_AMAX_FLOOR : ACT_AMAX_FLOOR;
+    const float inv_max = fp4 ? 1.0f / FP4_MAX : 1.0f / FP8_MAX;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t lo = 0; lo < k; lo += block) {
+            int64_t n = k - lo < block ? k - lo : block;
+            for (int64_t i = 0; i < n; i++) buf[i] = load(x, bf16, r * k + lo + i);
+            float scale = block_scale(buf, n, floor_, inv_max);
+            for (int64_t i = 0; i < n; i++) {
+                float v = buf[i] / scale;
+                if (fp4) {
+                    v = e2m1_round(v);
+                } else {
+                    v = v > FP8_MAX ? FP8_MAX : (v < -FP8_MAX ? -FP8_MAX : v);
+                    v = e4m3_round(v);
+                }
+                store(out, bf16, r * k + lo + i, v * scale);
+            }
+        }
+    }
+    free(buf);
+}
+
+/* ------------------------------------------------------------------------------------------ quantised linear */
+
+/* A quantised weight [N, K] as the kernels read it: element values transposed [K, N] fp32 (unscaled e4m3 / e2m1
+ * values) and scales [ceil(K / block), N] fp32, one per `block` inputs of each output (128 for FP8 tiles, whose
+ * rows repeat the tile's scale, 32 for MXFP4). */
+typedef struct {
+    const float *values_t;
+    const float *scales_t;
+    int64_t n, k, block;
+} QWeight;
+
+/* The activation row x [K] quantised as act_quant does: codes [K] (e4m3 values, unscaled) and scales [K/128] */
+static void quantise_row(const float *x, int64_t k, float *codes, float *scales) {
+    for (int64_t lo = 0, b = 0; lo < k; lo += X_BLOCK, b++) {
+        int64_t n = k - lo < X_BLOCK ? k - lo : X_BLOCK;
+        float scale = block_scale(x + lo, n, ACT_AMAX_FLOOR, 1.0f / FP8_MAX);
+        for (int64_t i = 0; i < n; i++) {
+            float v = x[lo + i] / scale;
+            v = v > FP8_MAX ? FP8_MAX : (v < -FP8_MAX ? -FP8_MAX : v);
+            codes[lo + i] = e4m3_round(v);
+        }
+        scales[b] = scale;
+    }
+}
+
+/* acc [N] = sum over weight blocks b, in order, of (sum_{k in b} codes[k] * W[k, n]) * (xs[b'] * ws[b, n]): the
+ * official two-level accumulation. partial is scratch [N]. */
+static void quantised_gemv(const float *codes, const float *xs, const QWeight *w, float *acc, float *partial) {
+    const int64_t n_out = w->n, k_in = w->k;
+    for (int64_t lo = 0, b = 0; lo < k_in; lo += w->block, b++) {
+        int64_t hi = lo + w->block < k_in ? lo + w->block : k_in;
+        for (int64_t j = 0; j < n_out; j++) partial[j] = 0.0f;
+        for (int64_t i = lo; i < hi; i++) {
+            const float c = codes[i];
+            const float *row = w->values_t + i * n_out;
+            for (int64_t j = 0; j < n_out; j++) partial[j] += c * row[j];
+        }
+        const float x_scale = xs[lo / X_BLOCK];
+        const float *ws = w->scales_t + b * n_out;
+        if (b == 0)
+            for (int64_t j = 0; j < n_out; j++) acc[j] = partial[j] * (x_scale * ws[j]);
+        else
+            for (int64_t j = 0; j < n_out; j++) acc[j] += partial[j] * (x_scale * ws[j]);
+    }
+}
+
+/* Scratch for one row through a linear of at most `k` inputs and `n` outputs */
+typedef struct {
+    float *row, *codes, *scales, *acc, *partial;
+} Scratch;
+
+static int scratch_init(Scratch *s, int64_t k, int64_t n) {
+    s->row = malloc(sizeof(float) * (size_t)k);
+    s->codes = malloc(sizeof(float) * (size_t)k);
+    s->scales = malloc(sizeof(float) * (size_t)(k / X_BLOCK + 1));
+    s->acc = malloc(sizeof(float) * (size_t)n);
+    s->partial = malloc(sizeof(float) * (size_t)n);
+    return s->row && s->codes && s->scales && s->acc && s->partial;
+}
+
+static void scratch_free(Scratch *s) {
+    free(s->row); free(s->codes); free(s->scales); free(s->acc); free(s->partial);
+}
+
+/* out [M, N] = linear(x [M, K], w): act_quant per 128 inputs, the two-level GEMM, cast to x's dtype. */
+int dsv4_quantised_linear(const void *x, void *out, int bf16, int64_t m, const float *values_t, const float *scales_t,
+                          int64_t n, int64_t k, int64_t block) {
+    QWeight w = {values_t, scales_t, n, k, block};
+    Scratch s;
+    if (!scratch_init(&s, k, n)) { scratch_free(&s); return -1; }
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t i = 0; i < k; i++) s.row[i] = load(x, bf16, r * k + i);
+        quantise_row(s.row, k, s.codes, s.scales);
+        quantised_gemv(s.codes, s.scales, &w, s.acc, s.partial);
+        for (int64_t j = 0; j < n; j++) store(out, bf16, r * n + j, s.acc[j]);
+    }
+    scratch_free(&s);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ experts */
+
+/* One expert's three weights, gate w1 [I, D], up w3 [I, D], down w2 [D, I] */
+typedef struct {
+    QWeight w1, w3, w2;
+} Expert;
+
+/* out [D] fp32 (rounded to the model dtype) = w2((silu(min(w1 x, L)) * clamp(w3 x, -L, L)) * weight) for one
+ * row x [D] already in fp32 (holding model-dtype values); route_weight NULL: none (the shared expert). */
+static void swiglu_row(const float *x, const Expert *e, int bf16, float limit, const float *route_weight,
+                       Scratch *s, float *hidden, float *gate, float *out) {
+    const int64_t d = e->w1.k, inter = e->w1.n;
+    quantise_row(x, d, s->codes, s->scales);
+    quantised_gemv(s->codes, s->scales, &e->w1, gate, s->partial);
+    quantised_gemv(s->codes, s->scales, &e->w3, hidden, s->partial);
+    for (int64_t j = 0; j < inter; j++) {
+        float g = round_to(bf16, gate[j]);
+        float u = round_to(bf16, hidden[j]);
+        g = g > limit ? limit : g;
+        u = u > limit ? limit : (u < -limit ? -limit : u);
+        float h = g / (1.0f + expf(-g)) * u; /* F.silu(g) * up */
+        if (route_weight) h = *route_weight * h;
+        hidden[j] = round_to(bf16, h);
+    }
+    quantise_row(hidden, inter, s->codes, s->scales);
+    quantised_gemv(s->codes, s->scales, &e->w2, out, s->partial);
+    for (int64_t j = 0; j < d; j++) out[j] = round_to(bf16, out[j]);
+}
+
+static int expert_scratch(Scratch *s, float **bufs, int64_t d, int64_t inter) {
+    int64_t wide = d > inter ? d : inter;
+    int ok = scratch_init(s, wide, wide);
+    for (int i = 0; i < 3; i++) {
+        bufs[i] = malloc(sizeof(float) * (size_t)wide);
+        ok = ok && bufs[i];
+    }
+    return ok;
+}
+
+static void expert_scratch_free(Scratch *s, float **bufs) {
+    scratch_free(s);
+    for (int i = 0; i < 3; i++) free(bufs[i]);
+}
+
+/* The shared expert (route weights NULL) or one routed expert over rows x [M, D] -> out [M, D] in x's dtype.
+ * `tables` holds the expert's 3 x (values_t, scales_t) pointers; dims [I, D, block1, block3, block2]. */
+int dsv4_swiglu(const void *x, void *out, int bf16, int64_t m, const int64_t *tables, const int64_t *dims,
+                const float *route_weights, float limit) {
+    const int64_t inter = dims[0], d = dims[1];
+    Expert e = {
+        {(const float *)tables[0], (const float *)tables[1], inter, d, dims[2]},
+        {(const float *)tables[2], (const float *)tables[3], inter, d, dims[3]},
+        {(const float *)tables[4], (const float *)tables[5], d, inter, dims[4]},
+    };
+    Scratch s;
+    float *bufs[3];
+    if (!expert_scratch(&s, bufs, d, inter)) { expert_scratch_free(&s, bufs); return -1; }
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t i = 0; i < d; i++) bufs[2][i] = load(x, bf16, r * d + i);
+        swiglu_row(bufs[2], &e, bf16, limit, route_weights ? route_weights + r : NULL, &s, bufs[0], bufs[1], s.acc);
+        for (int64_t j = 0; j < d; j++) store(out, bf16, r * d + j, s.acc[j]);
+    }
+    expert_scratch_free(&s, bufs);
+    return 0;
+}
+
+/* The routed experts' fp32 sum out [T, D] for tokens x [T, D]: token t's experts ids [T, topk] (with weights
+ * [T, topk] fp32) that `tables` holds (6 pointers per expert, 0 for an expert not run here) are added into its
+ * row in increasing expert id, from 0: the reference's order of additions. dims as `dsv4_swiglu`. */
+int dsv4_routed_experts(const void *x, float *out, int bf16, int64_t t, int64_t topk, const int64_t *ids,
+                        const float *weights, int64_t n_experts, const int64_t *tables, const int64_t *dims,
+                        float limit) {
+    const int64_t inter = dims[0], d = dims[1];
+    Scratch s;
+    float *bufs[3];
+    if (!expert_scratch(&s, bufs, d, inter)) { expert_scratch_free(&s, bufs); return -1; }
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)(topk > 0 ? topk : 1));
+    if (!order) { expert_scratch_free(&s, bufs); return -1; }
+    for (int64_t r = 0; r < t; r++) {
+        float *y = out + r * d;
+        for (int64_t j = 0; j < d; j++) y[j] = 0.0f;
+        for (int64_t i = 0; i < d; i++) bufs[2][i] = load(x, bf16, r * d + i);
+        /* this token's slots by increasing expert id (insertion sort of topk entries) */
+        for (int64_t a = 0; a < topk; a++) {
+            int64_t b = a;
+            while (b > 0 && ids[r * topk + order[b - 1]] > ids[r * topk + a]) { order[b] = order[b - 1]; b--; }
+            order[b] = a;
+        }
+        for (int64_t a = 0; a < topk; a++) {
+            const int64_t slot = order[a], id = ids[r * topk + slot];
+            if (id < 0 || id >= n_experts || tables[id * 6] == 0) continue;
+            const int64_t *tb = tables + id * 6;
+            Expert e = {
+                {(const float *)tb[0], (const float *)tb[1], inter, d, dims[2]},
+                {(const float *)tb[2], (const float *)tb[3], inter, d, dims[3]},
+                {(const float *)tb[4], (const float *)tb[5], d, inter, dims[4]},
+            };
+            swiglu_row(bufs[2], &e, bf16, limit, weights + r * topk + slot, &s, bufs[0], bufs[1], s.acc);
+            for (int64_t j = 0; j < d; j++) y[j] += s.acc[j];
+        }
+    }
+    free(order);
+    expert_scratch_free(&s, bufs);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ mHC Sinkhorn */
+
+/* mixes [T, (2+h)h] fp32 -> pre [T, h], post [T, h], comb [T, h, h]; the reference's sequence exactly: sigmoid
+ * splits, a row softmax (exp of the shifted logits, divided by the row sum) + eps, a column normalisation, then
+ * iters - 1 rounds of row and column normalisation, each dividing by (sum + eps). */
+int dsv4_sinkhorn(const float *mixes, float *pre, float *post, float *comb, int64_t t, int64_t h, const float *scale,
+                  const float *base, int64_t iters, float eps) {
+    if (h > 16) return -1;
+    const int64_t width = (2 + h) * h;
+    float sums[16];
+    for (int64_t r = 0; r < t; r++) {
+        const float *m = mixes + r * width;
+        float *c = comb + r * h * h;
+        for (int64_t i = 0; i < h; i++) {
+            pre[r * h + i] = 1.0f / (1.0f + expf(-(m[i] * scale[0] + base[i]))) + eps;
+            post[r * h + i] = 2.0f * (1.0f / (1.0f + expf(-(m[h + i] * scale[1] + base[h + i]))));
+        }
+        for (int64_t i = 0; i < h; i++) {
+            float top = -INFINITY;
+            for (int64_t j = 0; j < h; j++) {
+                float v = m[2 * h + i * h + j] * scale[2] + base[2 * h + i * h + j];
+                c[i * h + j] = v;
+                top = v > top ? v : top;
+            }
+            float sum = 0.0f;
+            for (int64_t j = 0; j < h; j++) { c[i * h + j] = expf(c[i * h + j] - top); sum += c[i * h + j]; }
+            for (int64_t j = 0; j < h; j++) c[i * h + j] = c[i * h + j] / sum + eps;
+        }
+        for (int64_t it = 0; it < iters; it++) {
+            if (it > 0) { /* row step */
+                for (int64_t i = 0; i < h; i++) {
+                    float sum = 0.0f;
+                    for (int64_t j = 0; j < h; j++) sum += c[i * h + j];
+                    sum += eps;
+                    for (int64_t j = 0; j < h; j++) c[i * h + j] /= sum;
+                }
+            }
+            for (int64_t j = 0; j < h; j++) sums[j] = 0.0f; /* column step */
+            for (int64_t i = 0; i < h; i++)
+                for (int64_t j = 0; j < h; j++) sums[j] += c[i * h + j];
+            for (int64_t j = 0; j < h; j++) sums[j] += eps;
+            for (int64_t i = 0; i < h; i++)
+                for (int64_t j = 0; j < h; j++) c[i * h + j] /= sums[j];
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ Hadamard */
+
+/* The normalised Walsh-Hadamard transform of rows x [rows, n] (n a power of two) into out, x's dtype: the
+ * reference's butterflies (a + b, a - b at distance 1, 2, 4, ...) in fp32, then times fp32(1/sqrt(n)). */
+int dsv4_hadamard(const void *x, void *out, int bf16, int64_t rows, int64_t n, float norm) {
+    float *y = malloc(sizeof(float) * (size_t)n);
+    if (!y) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < n; i++) y[i] = load(x, bf16, r * n + i);
+        for (int64_t half = 1; half < n; half *= 2)
+            for (int64_t lo = 0; lo < n; lo += 2 * half)
+                for (int64_t i = lo; i < lo + half; i++) {
+                    float a = y[i], b = y[i + half];
+                    y[i] = a + b;
+                    y[i + half] = a - b;
+                }
+        for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, y[i] * norm);
+    }
+    free(y);
+    return 0;
+}

@@ -1,0 +1,244 @@
+"""The "native" kernel backend (C kernels built at first use) against the reference oracle.
+
+Elementwise ops (the FP8 / FP4 block simulations) and the Hadamard butterflies keep the reference's every rounding,
+so they must be equal bit for bit. The GEMM-shaped ops (quantised linears, experts) compute the same quantisation
+and two-level block accumulation, but sum a block's products sequentially where BLAS picks its own order, so they
+must agree within fp32 rounding (1e-5 of the largest value) in fp32, and within one bf16 step where the output is
+bf16; Sinkhorn (libm's exp) within 1e-6. At model level: plain fp32 logits within 1e-5, exact-numerics logits
+within the official-parity tolerance, and identical greedy tokens through the engine (`test_regression_pins.py`
+runs its pins on this backend too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from dsv4 import kernels
+from dsv4.config import preset
+from dsv4.engine import Engine, SamplingParams
+from dsv4.formats import to_official_formats
+from dsv4.kernels import native
+from dsv4.kernels.cpu import CpuBackend
+from dsv4.kernels.experts import ExpertWeights
+from dsv4.kernels.native import build
+from dsv4.kernels.reference import ReferenceBackend
+from dsv4.model import Transformer, init_weights
+from dsv4.quant import quantize_fp4_weight, quantize_fp8_weight
+
+REF = ReferenceBackend()
+FAST = native.NativeBackend()
+
+
+def _rand(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _awkward(shape, seed=0):
+    """Values that probe the rounding rules: wide magnitudes, exact powers of two, zeros, -0.0, FP4 ties, blocks
+    under the amax floors."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = _rand(*shape, seed=seed) * torch.exp2(torch.randint(-20, 20, shape, generator=gen).float())
+    flat = x.view(-1)
+    flat[::7] = 0.0
+    flat[1::11] = 2.0 ** torch.randint(-10, 10, flat[1::11].shape, generator=gen).float()
+    flat[2::13] = 0.25
+    flat[3::17] = -0.0
+    x[..., :32] *= 1e-9
+    return x
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= rel * want.float().abs().max().item(), (err, want.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------- elementwise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [128, 200, 64, 40])
+def test_block_simulations_equal_the_reference_bit_for_bit(dtype, k):
+    x = _awkward((5, 3, k)).to(dtype)
+    for block in (128, 64):
+        got, want = FAST.fp8_simulate(x, block), REF.fp8_simulate(x, block)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    for block in (32, 16):
+        got, want = FAST.fp4_simulate(x, block), REF.fp4_simulate(x, block)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+
+
+def test_the_fp4_and_fp8_roundings_hit_every_grid_point_and_tie():
+    grid = torch.arange(-6 * 16, 6 * 16 + 1, dtype=torch.float32) / 16  # every e2m1 code and midpoint
+    x = torch.cat((grid, torch.full((31,), 6.0))).view(-1, 32)
+    assert torch.equal(FAST.fp4_simulate(x), REF.fp4_simulate(x))
+    # e4m3: every code's neighbourhood at a scale of 1 (amax 448), subnormals and ties included
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[codes.isfinite()]
+    mids = torch.cat((codes, codes * (1 + 2.0**-4), codes * (1 - 2.0**-5), codes.nextafter(codes + 1)))
+    x = torch.cat((mids.clamp(-448, 448), torch.tensor([448.0]))).view(1, -1)
+    assert torch.equal(FAST.fp8_simulate(x, x.shape[1]), REF.fp8_simulate(x, x.shape[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hadamard_equals_the_reference_bit_for_bit(dtype):
+    for n in (1, 2, 64, 128):
+        x = _rand(3, 2, n, seed=n).to(dtype)
+        assert torch.equal(FAST.hadamard(x), REF.hadamard(x))
+
+
+def test_sinkhorn_agrees_with_the_reference():
+    h = 4
+    mixes = _rand(3, 5, (2 + h) * h, seed=1)
+    scale, base = _rand(3, seed=2).abs(), _rand((2 + h) * h, seed=3)
+    for got, want in zip(FAST.hc_split_sinkhorn(mixes, scale, base, h, 20, 1e-6),
+                         REF.hc_split_sinkhorn(mixes, scale, base, h, 20, 1e-6), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    comb = FAST.hc_split_sinkhorn(mixes, scale, base, h, 20, 1e-6)[2]
+    torch.testing.assert_close(comb.sum(dim=-2), torch.ones(3, 5, h), rtol=0, atol=1e-5)  # columns normalised
+
+
+# ---------------------------------------------------------------------------------------------- GEMMs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n, k", [(256, 128), (200, 320), (96, 64), (64, 1024)])
+def test_quantised_linears_agree_with_the_reference(dtype, m, n, k):
+    x = _awkward((m, k), seed=m + k).to(dtype) if m == 3 else _rand(m, k, seed=m + k).to(dtype)
+    rel = 1e-5 if dtype == torch.float32 else 2**-8
+    w8, s8 = quantize_fp8_weight(_rand(n, k, seed=n, scale=0.05))
+    _close(FAST.linear(x, w8, s8), REF.linear(x, w8, s8), rel)
+    if k % 32 == 0:
+        w4, s4 = quantize_fp4_weight(_rand(n, k, seed=n + 1, scale=0.05))
+        _close(FAST.linear(x, w4, s4), REF.linear(x, w4, s4), rel)
+
+
+def test_a_rows_result_does_not_depend_on_its_batch():
+    w, s = quantize_fp8_weight(_rand(192, 256, seed=1, scale=0.05))
+    x = _rand(6, 256, seed=2)
+    whole = FAST.linear(x, w, s)
+    assert all(torch.equal(FAST.linear(x[i : i + 1], w, s), whole[i : i + 1]) for i in range(6))
+
+
+def test_large_gemms_and_gradients_stay_on_the_cpu_backend():
+    """Past NATIVE_MACS the work is BLAS's (the "cpu" backend's bits exactly), and a wanted gradient is kept."""
+    w, s = quantize_fp8_weight(_rand(1024, 1024, seed=1, scale=0.05))
+    x = _rand(8, 1024, seed=2)
+    assert x.numel() * w.shape[0] > native.NATIVE_MACS
+    assert torch.equal(FAST.linear(x, w, s), CpuBackend().linear(x, w, s))
+    mixes = _rand(2, 24, seed=3).requires_grad_()
+    pre, _, _ = FAST.hc_split_sinkhorn(mixes, torch.ones(3), torch.zeros(24), 4, 3, 1e-6)
+    assert pre.requires_grad
+
+
+def _experts(n, d, inter, fmt, seed=0):
+    out = []
+    for e in range(n):
+        quant = quantize_fp4_weight if fmt == "fp4" else quantize_fp8_weight
+        w1 = quant(_rand(inter, d, seed=seed + 3 * e, scale=0.1))
+        w3 = quant(_rand(inter, d, seed=seed + 3 * e + 1, scale=0.1))
+        w2 = quant(_rand(d, inter, seed=seed + 3 * e + 2, scale=0.1))
+        out.append(ExpertWeights(w1[0], w1[1], w3[0], w3[1], w2[0], w2[1]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("tokens, k", [(1, 2), (5, 2), (8, 3)])
+def test_routed_and_shared_experts_agree_with_the_reference(dtype, fmt, tokens, k):
+    experts = _experts(8, 128, 96, fmt)
+    gen = torch.Generator().manual_seed(tokens)
+    x = (_rand(tokens, 128, seed=tokens) * 4).to(dtype)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    rel = 1e-5 if dtype == torch.float32 else 2**-7
+    which = sorted(set(ids.flatten().tolist()))
+    got = FAST.routed_experts(x, weights, ids, experts, which, 7.0)
+    _close(got, REF.routed_experts(x, weights, ids, experts, which, 7.0), rel)
+    held = which[: len(which) // 2]  # expert parallelism: only the experts held here are added
+    _close(FAST.routed_experts(x, weights, ids, [e if i in held else None for i, e in enumerate(experts)], held,
+                               7.0), REF.routed_experts(x, weights, ids, experts, held, 7.0), rel)
+    _close(FAST.swiglu(x, experts[0], 7.0), REF.swiglu(x, experts[0], 7.0), rel)
+    _close(FAST.swiglu(x, experts[1], 7.0, weights[:, :1]), REF.swiglu(x, experts[1], 7.0, weights[:, :1]), rel)
+
+
+# ---------------------------------------------------------------------------------------------- build and choice
+
+
+def test_the_library_is_built_once_and_found_again(tmp_path, monkeypatch):
+    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path))
+    path = build.build()
+    assert path.parent == tmp_path and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert build.build() == path and path.stat().st_mtime_ns == stamp  # found by its key, not rebuilt
+    lib = ctypes.CDLL(str(path))
+    assert all(hasattr(lib, name) for name in build.SIGNATURES)
+
+
+def test_without_a_compiler_auto_stays_on_the_cpu_backend(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(build.NativeUnavailable, match="no C compiler"):
+        build.compiler()
+    monkeypatch.setattr(build, "_loaded", None)
+    monkeypatch.setattr(build, "_warned", False)
+    assert not build.available()
+    assert kernels.resolve_backend_name("auto", "cpu") == "cpu"
+
+
+def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
+    bad = tmp_path / "kernels.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(build, "SOURCE", bad)
+    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    with pytest.raises(build.NativeUnavailable, match="failed"):
+        build.build()
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to be loaded
+
+
+def test_auto_picks_native_on_the_cpu():
+    assert kernels.resolve_backend_name("auto", "cpu") == "native"
+    assert kernels.get_backend("auto").backend_for(torch.device("cpu")) is kernels.get_backend("native")
+
+
+# ---------------------------------------------------------------------------------------------- model level
+
+
+def _greedy(model, prompts, backend, **engine_opts):
+    engine = Engine(model, max_batch=len(prompts), max_seq_len=128, prefill_chunk=64, kernel_backend=backend,
+                    **engine_opts)
+    assert engine.stats().kernel_backend == backend
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    out = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for u in engine.step():
+            out[u.request_id] += u.new_token_ids
+    return [out[i] for i in ids]
+
+
+@pytest.mark.parametrize("numerics", ["plain", "exact"])
+def test_the_small_preset_gives_the_reference_logits_and_greedy_tokens(numerics):
+    args = preset("small").replace(vocab_size=4096, max_seq_len=512)
+    dtype = torch.float32 if numerics == "plain" else torch.bfloat16
+    model = init_weights(Transformer(args, dtype=dtype, numerics=numerics), seed=0).eval()
+    if numerics == "exact":
+        to_official_formats(model)
+    tokens = torch.randint(0, args.vocab_size, (2, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {}
+        for backend in ("reference", "native"):
+            with kernels.use_backend(backend):
+                cache = model.new_cache(2, 160)
+                logits[backend] = torch.cat([model(tokens[:, :100], cache), model(tokens[:, 100:101], cache),
+                                             model(tokens[:, 101:], cache)], dim=1)
+    err = ((logits["native"] - logits["reference"]).abs().amax(dim=-1)
+           / logits["reference"].abs().amax(dim=-1)).max().item()
+    assert err <= (1e-5 if numerics == "plain" else 2**-8), err  # exact: the official-parity tolerance
+    prompts = tokens[:, :60].tolist() + [tokens[0, :7].tolist()]
+    opts = {} if numerics == "plain" else {"kv_format": "fp8", "num_speculative": 1}
+    assert _greedy(model, prompts, "native", **opts) == _greedy(model, prompts, "reference", **opts)
