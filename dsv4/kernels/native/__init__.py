@@ -36,6 +36,7 @@ from dsv4.quant import FP4_BLOCK, FP8_BLOCK, e2m1_decode, e8m0_to_float, is_pack
 
 from ..cpu import CpuBackend
 from ..experts import ExpertWeights
+from ..paged import KVRows
 from .build import NativeUnavailable, available, load
 
 __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
@@ -48,13 +49,20 @@ _BF16 = {torch.float32: 0, torch.bfloat16: 1}
 
 def _native_form(weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """An FP8 (128x128 tiles) or packed FP4 (1x32) weight [N, K] as the C GEMM reads it: element values
-    transposed [K, N] fp32, and one scale per weight block and output, [blocks, N] fp32."""
+    transposed [K, N], exactly and compactly (e4m3 values as bfloat16; e2m1 values doubled, as int8, with their
+    scales halved), and one scale per weight block and output, [blocks, N] fp32."""
     if weight.dtype == torch.float8_e4m3fn:
-        values = weight.float()
+        values = weight.to(torch.bfloat16)
         scales = e8m0_to_float(scale).repeat_interleave(FP8_BLOCK, dim=0)[: weight.shape[0]]  # [N, ceil(K/128)]
     else:
-        values, scales = e2m1_decode(unpack_fp4(weight)), e8m0_to_float(scale)  # [N, K], [N, K/32]
+        values = (e2m1_decode(unpack_fp4(weight)) * 2).to(torch.int8)  # [N, K] in -12..12
+        scales = e8m0_to_float(scale) * 0.5  # [N, K/32]
     return values.T.contiguous(), scales.T.contiguous()
+
+
+def _kind(weight: Tensor) -> int:
+    """The C kernels' name for the value storage of `_native_form`: 0 bfloat16, 1 int8."""
+    return 0 if weight.dtype == torch.float8_e4m3fn else 1
 
 
 def _quantised(weight: Tensor) -> bool:
@@ -134,7 +142,8 @@ class NativeBackend(CpuBackend):
         x = x.contiguous()
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
         _check(self.lib.dsv4_quantised_linear(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // k,
-                                              values_t.data_ptr(), scales_t.data_ptr(), n, k, _block(weight)),
+                                              values_t.data_ptr(), scales_t.data_ptr(), n, k, _block(weight),
+                                              _kind(weight)),
                "linear")
         return out
 
@@ -159,7 +168,9 @@ class NativeBackend(CpuBackend):
 
     @staticmethod
     def _dims(expert: ExpertWeights, d: int) -> ctypes.Array:
-        return (ctypes.c_int64 * 5)(expert.w1.shape[0], d, _block(expert.w1), _block(expert.w3), _block(expert.w2))
+        w1, w3, w2 = expert.w1, expert.w3, expert.w2
+        return (ctypes.c_int64 * 8)(w1.shape[0], d, _block(w1), _block(w3), _block(w2), _kind(w1), _kind(w3),
+                                    _kind(w2))
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
         rows = x.numel() // x.shape[-1]
@@ -198,22 +209,60 @@ class NativeBackend(CpuBackend):
                                             self._dims(first, x.shape[-1]), limit), "routed_experts")
         return out
 
+    # ------------------------------------------------------------------------------------------ attention
+
+    def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
+                    scale: float) -> Tensor:
+        """A decode's few queries over fp32 rows in one C call: the named rows read in place (dense runs, or pages
+        through their table), every head of a query sharing each row read, the reference's 64-slot online
+        softmax. Over bf16 rows each probability is rounded to bf16 before the value product, where a last-bit
+        difference in a logit (this kernel's dot order against BLAS's) flips a rounding now and then and grows
+        through the FP8 activations downstream (measured: 4e-2 of the largest logit on the small preset, ten times
+        the parity tolerance), so those stay on the "cpu" backend, whose blocks are the reference's bit for bit.
+        So do a prefill chunk, rows stored in another form (a codec: FP8 entries), and a wanted gradient."""
+        b, s, h, d = q.shape
+        runs = [kv] if isinstance(kv, Tensor) else list(kv)
+        rows_dtype = runs[0].dtype
+        if (q.dtype not in _BF16 or rows_dtype != torch.float32 or b * s * h * idx.shape[-1] * d * 2 > NATIVE_MACS
+                or not _inference(q, sink, *(r for r in runs if isinstance(r, Tensor)))):
+            return super().sparse_attn(q, kv, idx, sink, scale)
+        desc, keep = [], []
+        for run in runs:
+            if isinstance(run, Tensor):
+                if run.dtype != rows_dtype:
+                    return super().sparse_attn(q, kv, idx, sink, scale)
+                rows = run.contiguous()
+                keep.append(rows)
+                desc += [rows.data_ptr(), rows.shape[1], 0, 0, 0]
+            else:
+                if run.codec is not None or run.pool.dtype != rows_dtype:
+                    return super().sparse_attn(q, kv, idx, sink, scale)
+                pool, table = run.pool.contiguous(), run.table.to(torch.int64).contiguous()
+                keep += [pool, table]
+                desc += [pool.data_ptr(), run.count, run.rows_per_page, table.data_ptr(), table.shape[1]]
+        q = q.contiguous()
+        idx = idx.to(torch.int64).contiguous()
+        sink = sink.to(torch.float32).contiguous()
+        out = torch.empty_like(q)
+        _check(self.lib.dsv4_sparse_attn(q.data_ptr(), out.data_ptr(), _BF16[q.dtype], b, s, h, d,
+                                         (ctypes.c_int64 * len(desc))(*desc), len(runs), _BF16[rows_dtype],
+                                         idx.data_ptr(), idx.shape[-1], sink.data_ptr(), scale), "sparse_attn")
+        return out
+
     # ------------------------------------------------------------------------------------------ mHC
 
     def hc_split_sinkhorn(self, mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
                           eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The splits and exponentials in torch (bit for bit the reference's), the 2 * iters normalisations,
+        about 120 tiny torch ops per call, in one C call whose sums and divisions are the reference's."""
         h = hc_mult
         if (mixes.dtype != torch.float32 or mixes.shape[-1] != (2 + h) * h or iters < 1 or h > 16
                 or not _inference(mixes, scale, base)):
             return super().hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
-        mixes = mixes.contiguous()
-        scale = scale.to(torch.float32).contiguous()
-        base = base.to(torch.float32).contiguous()
-        lead = mixes.shape[:-1]
-        pre = torch.empty(*lead, h)
-        post = torch.empty(*lead, h)
-        comb = torch.empty(*lead, h, h)
-        _check(self.lib.dsv4_sinkhorn(mixes.data_ptr(), pre.data_ptr(), post.data_ptr(), comb.data_ptr(),
-                                      mixes.numel() // mixes.shape[-1], h, scale.data_ptr(), base.data_ptr(), iters,
-                                      eps), "hc_split_sinkhorn")
+        scale, base = scale.to(torch.float32), base.to(torch.float32)
+        pre = torch.sigmoid(mixes[..., :h] * scale[0] + base[:h]).add_(eps)
+        post = torch.sigmoid(mixes[..., h : 2 * h] * scale[1] + base[h : 2 * h]).mul_(2.0)
+        comb = (mixes[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))
+        comb = torch.exp(comb - comb.amax(dim=-1, keepdim=True)).contiguous()  # [..., h, h]
+        _check(self.lib.dsv4_sinkhorn(comb.data_ptr(), comb.numel() // (h * h), h, iters, eps), "hc_split_sinkhorn")
         return pre, post, comb

@@ -34,11 +34,12 @@ _F = ctypes.c_float
 _INT = ctypes.c_int
 SIGNATURES = {
     "dsv4_block_simulate": (None, [_P, _P, _INT, _I, _I, _I, _INT]),
-    "dsv4_quantised_linear": (_INT, [_P, _P, _INT, _I, _P, _P, _I, _I, _I]),
+    "dsv4_quantised_linear": (_INT, [_P, _P, _INT, _I, _P, _P, _I, _I, _I, _I]),
     "dsv4_swiglu": (_INT, [_P, _P, _INT, _I, _P, _P, _P, _F]),
     "dsv4_routed_experts": (_INT, [_P, _P, _INT, _I, _I, _P, _P, _I, _P, _P, _F]),
-    "dsv4_sinkhorn": (_INT, [_P, _P, _P, _P, _I, _I, _P, _P, _I, _F]),
+    "dsv4_sinkhorn": (_INT, [_P, _I, _I, _I, _F]),
     "dsv4_hadamard": (_INT, [_P, _P, _INT, _I, _I, _F]),
+    "dsv4_sparse_attn": (_INT, [_P, _P, _INT, _I, _I, _I, _I, _P, _I, _INT, _P, _I, _P, _F]),
 }
 
 

@@ -111,13 +111,17 @@ void dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64
 
 /* ------------------------------------------------------------------------------------------ quantised linear */
 
-/* A quantised weight [N, K] as the kernels read it: element values transposed [K, N] fp32 (unscaled e4m3 / e2m1
- * values) and scales [ceil(K / block), N] fp32, one per `block` inputs of each output (128 for FP8 tiles, whose
- * rows repeat the tile's scale, 32 for MXFP4). */
+/* A quantised weight [N, K] as the kernels read it: element values transposed [K, N], and scales
+ * [ceil(K / block), N] fp32, one per `block` inputs of each output (128 for FP8 tiles, whose rows repeat the
+ * tile's scale, 32 for MXFP4). The values are stored compactly but exactly: e4m3 values as bfloat16 (kind
+ * VALUES_BF16), e2m1 values doubled as int8 (kind VALUES_I8, their scales halved), so a decode step reads 2 or 1
+ * bytes per weight instead of 4. Halving a power-of-two scale and doubling the values changes no rounding. */
+enum { VALUES_BF16 = 0, VALUES_I8 = 1 };
+
 typedef struct {
-    const float *values_t;
+    const void *values_t;
     const float *scales_t;
-    int64_t n, k, block;
+    int64_t n, k, block, kind;
 } QWeight;
 
 /* The activation row x [K] quantised as act_quant does: codes [K] (e4m3 values, unscaled) and scales [K/128] */
@@ -134,30 +138,56 @@ static void quantise_row(const float *x, int64_t k, float *codes, float *scales)
     }
 }
 
+#define TILE 32 /* outputs per register tile: their partial sums stay in vector registers over a block's k */
+
 /* acc [N] = sum over weight blocks b, in order, of (sum_{k in b} codes[k] * W[k, n]) * (xs[b'] * ws[b, n]): the
- * official two-level accumulation. partial is scratch [N]. */
-static void quantised_gemv(const float *codes, const float *xs, const QWeight *w, float *acc, float *partial) {
-    const int64_t n_out = w->n, k_in = w->k;
-    for (int64_t lo = 0, b = 0; lo < k_in; lo += w->block, b++) {
-        int64_t hi = lo + w->block < k_in ? lo + w->block : k_in;
-        for (int64_t j = 0; j < n_out; j++) partial[j] = 0.0f;
-        for (int64_t i = lo; i < hi; i++) {
-            const float c = codes[i];
-            const float *row = w->values_t + i * n_out;
-            for (int64_t j = 0; j < n_out; j++) partial[j] += c * row[j];
-        }
-        const float x_scale = xs[lo / X_BLOCK];
-        const float *ws = w->scales_t + b * n_out;
-        if (b == 0)
-            for (int64_t j = 0; j < n_out; j++) acc[j] = partial[j] * (x_scale * ws[j]);
-        else
-            for (int64_t j = 0; j < n_out; j++) acc[j] += partial[j] * (x_scale * ws[j]);
+ * official two-level accumulation, each block's dot summed over k in order. One function per value kind. */
+#define DEFINE_GEMV(NAME, VALUE_T, LOAD)                                                                        \
+    static void NAME(const float *codes, const float *xs, const QWeight *w, float *acc) {                     \
+        const int64_t n_out = w->n, k_in = w->k;                                                              \
+        const VALUE_T *values = (const VALUE_T *)w->values_t;                                                 \
+        for (int64_t j0 = 0; j0 < n_out; j0 += TILE) {                                                        \
+            const int64_t width = n_out - j0 < TILE ? n_out - j0 : TILE;                                      \
+            for (int64_t lo = 0, b = 0; lo < k_in; lo += w->block, b++) {                                     \
+                const int64_t hi = lo + w->block < k_in ? lo + w->block : k_in;                               \
+                float part[TILE] = {0};                                                                       \
+                if (width == TILE) {                                                                          \
+                    for (int64_t i = lo; i < hi; i++) {                                                       \
+                        const float c = codes[i];                                                             \
+                        const VALUE_T *row = values + i * n_out + j0;                                         \
+                        for (int t = 0; t < TILE; t++) part[t] += c * LOAD(row[t]);                           \
+                    }                                                                                         \
+                } else {                                                                                      \
+                    for (int64_t i = lo; i < hi; i++) {                                                       \
+                        const float c = codes[i];                                                             \
+                        const VALUE_T *row = values + i * n_out + j0;                                         \
+                        for (int64_t t = 0; t < width; t++) part[t] += c * LOAD(row[t]);                      \
+                    }                                                                                         \
+                }                                                                                             \
+                const float x_scale = xs[lo / X_BLOCK];                                                       \
+                const float *ws = w->scales_t + b * n_out + j0;                                               \
+                float *out = acc + j0;                                                                        \
+                if (b == 0)                                                                                   \
+                    for (int64_t t = 0; t < width; t++) out[t] = part[t] * (x_scale * ws[t]);                 \
+                else                                                                                          \
+                    for (int64_t t = 0; t < width; t++) out[t] += part[t] * (x_scale * ws[t]);                \
+            }                                                                                                 \
+        }                                                                                                     \
     }
+
+#define LOAD_BF16(v) float_of((uint32_t)(v) << 16)
+#define LOAD_I8(v) ((float)(v))
+DEFINE_GEMV(gemv_bf16, uint16_t, LOAD_BF16)
+DEFINE_GEMV(gemv_i8, int8_t, LOAD_I8)
+
+static void quantised_gemv(const float *codes, const float *xs, const QWeight *w, float *acc) {
+    if (w->kind == VALUES_I8) gemv_i8(codes, xs, w, acc);
+    else gemv_bf16(codes, xs, w, acc);
 }
 
 /* Scratch for one row through a linear of at most `k` inputs and `n` outputs */
 typedef struct {
-    float *row, *codes, *scales, *acc, *partial;
+    float *row, *codes, *scales, *acc;
 } Scratch;
 
 static int scratch_init(Scratch *s, int64_t k, int64_t n) {
@@ -165,24 +195,23 @@ static int scratch_init(Scratch *s, int64_t k, int64_t n) {
     s->codes = malloc(sizeof(float) * (size_t)k);
     s->scales = malloc(sizeof(float) * (size_t)(k / X_BLOCK + 1));
     s->acc = malloc(sizeof(float) * (size_t)n);
-    s->partial = malloc(sizeof(float) * (size_t)n);
-    return s->row && s->codes && s->scales && s->acc && s->partial;
+    return s->row && s->codes && s->scales && s->acc;
 }
 
 static void scratch_free(Scratch *s) {
-    free(s->row); free(s->codes); free(s->scales); free(s->acc); free(s->partial);
+    free(s->row); free(s->codes); free(s->scales); free(s->acc);
 }
 
 /* out [M, N] = linear(x [M, K], w): act_quant per 128 inputs, the two-level GEMM, cast to x's dtype. */
-int dsv4_quantised_linear(const void *x, void *out, int bf16, int64_t m, const float *values_t, const float *scales_t,
-                          int64_t n, int64_t k, int64_t block) {
-    QWeight w = {values_t, scales_t, n, k, block};
+int dsv4_quantised_linear(const void *x, void *out, int bf16, int64_t m, const void *values_t, const float *scales_t,
+                          int64_t n, int64_t k, int64_t block, int64_t kind) {
+    QWeight w = {values_t, scales_t, n, k, block, kind};
     Scratch s;
     if (!scratch_init(&s, k, n)) { scratch_free(&s); return -1; }
     for (int64_t r = 0; r < m; r++) {
         for (int64_t i = 0; i < k; i++) s.row[i] = load(x, bf16, r * k + i);
         quantise_row(s.row, k, s.codes, s.scales);
-        quantised_gemv(s.codes, s.scales, &w, s.acc, s.partial);
+        quantised_gemv(s.codes, s.scales, &w, s.acc);
         for (int64_t j = 0; j < n; j++) store(out, bf16, r * n + j, s.acc[j]);
     }
     scratch_free(&s);
@@ -202,8 +231,8 @@ static void swiglu_row(const float *x, const Expert *e, int bf16, float limit, c
                        Scratch *s, float *hidden, float *gate, float *out) {
     const int64_t d = e->w1.k, inter = e->w1.n;
     quantise_row(x, d, s->codes, s->scales);
-    quantised_gemv(s->codes, s->scales, &e->w1, gate, s->partial);
-    quantised_gemv(s->codes, s->scales, &e->w3, hidden, s->partial);
+    quantised_gemv(s->codes, s->scales, &e->w1, gate);
+    quantised_gemv(s->codes, s->scales, &e->w3, hidden);
     for (int64_t j = 0; j < inter; j++) {
         float g = round_to(bf16, gate[j]);
         float u = round_to(bf16, hidden[j]);
@@ -214,7 +243,7 @@ static void swiglu_row(const float *x, const Expert *e, int bf16, float limit, c
         hidden[j] = round_to(bf16, h);
     }
     quantise_row(hidden, inter, s->codes, s->scales);
-    quantised_gemv(s->codes, s->scales, &e->w2, out, s->partial);
+    quantised_gemv(s->codes, s->scales, &e->w2, out);
     for (int64_t j = 0; j < d; j++) out[j] = round_to(bf16, out[j]);
 }
 
@@ -234,14 +263,14 @@ static void expert_scratch_free(Scratch *s, float **bufs) {
 }
 
 /* The shared expert (route weights NULL) or one routed expert over rows x [M, D] -> out [M, D] in x's dtype.
- * `tables` holds the expert's 3 x (values_t, scales_t) pointers; dims [I, D, block1, block3, block2]. */
+ * `tables` holds the expert's 3 x (values_t, scales_t) pointers; dims [I, D, block1, block3, block2, kind1, kind3, kind2]. */
 int dsv4_swiglu(const void *x, void *out, int bf16, int64_t m, const int64_t *tables, const int64_t *dims,
                 const float *route_weights, float limit) {
     const int64_t inter = dims[0], d = dims[1];
     Expert e = {
-        {(const float *)tables[0], (const float *)tables[1], inter, d, dims[2]},
-        {(const float *)tables[2], (const float *)tables[3], inter, d, dims[3]},
-        {(const float *)tables[4], (const float *)tables[5], d, inter, dims[4]},
+        {(const void *)tables[0], (const float *)tables[1], inter, d, dims[2], dims[5]},
+        {(const void *)tables[2], (const float *)tables[3], inter, d, dims[3], dims[6]},
+        {(const void *)tables[4], (const float *)tables[5], d, inter, dims[4], dims[7]},
     };
     Scratch s;
     float *bufs[3];
@@ -282,9 +311,9 @@ int dsv4_routed_experts(const void *x, float *out, int bf16, int64_t t, int64_t 
             if (id < 0 || id >= n_experts || tables[id * 6] == 0) continue;
             const int64_t *tb = tables + id * 6;
             Expert e = {
-                {(const float *)tb[0], (const float *)tb[1], inter, d, dims[2]},
-                {(const float *)tb[2], (const float *)tb[3], inter, d, dims[3]},
-                {(const float *)tb[4], (const float *)tb[5], d, inter, dims[4]},
+                {(const void *)tb[0], (const float *)tb[1], inter, d, dims[2], dims[5]},
+                {(const void *)tb[2], (const float *)tb[3], inter, d, dims[3], dims[6]},
+                {(const void *)tb[4], (const float *)tb[5], d, inter, dims[4], dims[7]},
             };
             swiglu_row(bufs[2], &e, bf16, limit, weights + r * topk + slot, &s, bufs[0], bufs[1], s.acc);
             for (int64_t j = 0; j < d; j++) y[j] += s.acc[j];
@@ -297,37 +326,23 @@ int dsv4_routed_experts(const void *x, float *out, int bf16, int64_t t, int64_t 
 
 /* ------------------------------------------------------------------------------------------ mHC Sinkhorn */
 
-/* mixes [T, (2+h)h] fp32 -> pre [T, h], post [T, h], comb [T, h, h]; the reference's sequence exactly: sigmoid
- * splits, a row softmax (exp of the shifted logits, divided by the row sum) + eps, a column normalisation, then
- * iters - 1 rounds of row and column normalisation, each dividing by (sum + eps). */
-int dsv4_sinkhorn(const float *mixes, float *pre, float *post, float *comb, int64_t t, int64_t h, const float *scale,
-                  const float *base, int64_t iters, float eps) {
+/* The Sinkhorn normalisation of comb [T, h, h] fp32 in place, each matrix holding exp(logits - row max): the
+ * reference's sequence exactly, a row softmax's division by the row sum + eps, a column normalisation, then
+ * iters - 1 rounds of row and column normalisation, each dividing by (sum + eps), every sum over the row or column
+ * in order (torch's order for these few elements). The exponentials stay torch's (its vectorised exp differs from
+ * libm's in last bits, and those grow through the FP8 activations downstream). */
+int dsv4_sinkhorn(float *comb, int64_t t, int64_t h, int64_t iters, float eps) {
     if (h > 16) return -1;
-    const int64_t width = (2 + h) * h;
     float sums[16];
     for (int64_t r = 0; r < t; r++) {
-        const float *m = mixes + r * width;
         float *c = comb + r * h * h;
-        for (int64_t i = 0; i < h; i++) {
-            pre[r * h + i] = 1.0f / (1.0f + expf(-(m[i] * scale[0] + base[i]))) + eps;
-            post[r * h + i] = 2.0f * (1.0f / (1.0f + expf(-(m[h + i] * scale[1] + base[h + i]))));
-        }
-        for (int64_t i = 0; i < h; i++) {
-            float top = -INFINITY;
-            for (int64_t j = 0; j < h; j++) {
-                float v = m[2 * h + i * h + j] * scale[2] + base[2 * h + i * h + j];
-                c[i * h + j] = v;
-                top = v > top ? v : top;
-            }
-            float sum = 0.0f;
-            for (int64_t j = 0; j < h; j++) { c[i * h + j] = expf(c[i * h + j] - top); sum += c[i * h + j]; }
-            for (int64_t j = 0; j < h; j++) c[i * h + j] = c[i * h + j] / sum + eps;
-        }
         for (int64_t it = 0; it < iters; it++) {
-            if (it > 0) { /* row step */
-                for (int64_t i = 0; i < h; i++) {
-                    float sum = 0.0f;
-                    for (int64_t j = 0; j < h; j++) sum += c[i * h + j];
+            for (int64_t i = 0; i < h; i++) { /* row step (the first one is the softmax's division) */
+                float sum = 0.0f;
+                for (int64_t j = 0; j < h; j++) sum += c[i * h + j];
+                if (it == 0) {
+                    for (int64_t j = 0; j < h; j++) c[i * h + j] = c[i * h + j] / sum + eps;
+                } else {
                     sum += eps;
                     for (int64_t j = 0; j < h; j++) c[i * h + j] /= sum;
                 }
@@ -362,5 +377,116 @@ int dsv4_hadamard(const void *x, void *out, int bf16, int64_t rows, int64_t n, f
         for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, y[i] * norm);
     }
     free(y);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ sparse attention */
+
+#define ATTN_BLOCK 64 /* slots per online-softmax step of the official kernel */
+
+/* One run of KV rows (keys double as values) of the concatenation idx addresses: `count` rows per batch row,
+ * dense ([B, count, D] at `rows`) or paged (row j of batch row b at rows[(table[b * table_width + j / per_page] *
+ * per_page + j % per_page) * D]); layout of the int64 descriptor: rows, count, per_page (0: dense), table,
+ * table_width. */
+typedef struct {
+    const void *rows;
+    int64_t count, per_page;
+    const int64_t *table;
+    int64_t table_width;
+} Run;
+
+static const void *row_at(const Run *runs, int64_t n_runs, int64_t batch, int64_t slot, int64_t d, int bf16) {
+    for (int64_t r = 0; r < n_runs; r++) {
+        const Run *run = runs + r;
+        if (slot < run->count) {
+            int64_t at;
+            if (run->per_page) {
+                int64_t page = run->table[batch * run->table_width + slot / run->per_page];
+                at = (page * run->per_page + slot % run->per_page) * d;
+            } else {
+                at = (batch * run->count + slot) * d;
+            }
+            return bf16 ? (const void *)((const uint16_t *)run->rows + at) : (const void *)((const float *)run->rows + at);
+        }
+        slot -= run->count;
+    }
+    return NULL; /* past every run: treated as an unused slot */
+}
+
+/* out [B, S, H, D] (q's dtype) = each query's attention over the rows idx [B, S, K] names (-1: unused), with the
+ * per-head sink [H] fp32: the reference's arithmetic (the official kernel's): slots walked in idx order, 64 at a
+ * time, an online softmax in fp32 (running max, p = exp(logit - max), running sum), the unnormalised p rounded to
+ * the rows' dtype before the value product into an fp32 accumulator, both rescaled by exp(old max - new max); at
+ * the end exp(sink - max) joins the denominator only. A query's heads share each row read. */
+int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s, int64_t h, int64_t d,
+                     const int64_t *run_desc, int64_t n_runs, int rows_bf16, const int64_t *idx, int64_t k,
+                     const float *sink, float scale) {
+    Run *runs = malloc(sizeof(Run) * (size_t)(n_runs > 0 ? n_runs : 1));
+    float *qf = malloc(sizeof(float) * (size_t)(h * d));
+    float *acc = malloc(sizeof(float) * (size_t)(h * d));
+    float *logit = malloc(sizeof(float) * (size_t)(h * ATTN_BLOCK));
+    float *run_max = malloc(sizeof(float) * (size_t)h);
+    float *denom = malloc(sizeof(float) * (size_t)h);
+    float *rowf = malloc(sizeof(float) * (size_t)(ATTN_BLOCK * d));
+    float *value = malloc(sizeof(float) * (size_t)d);
+    int ok = runs && qf && acc && logit && run_max && denom && rowf && value;
+    if (!ok) {
+        free(runs); free(qf); free(acc); free(logit); free(run_max); free(denom); free(rowf); free(value);
+        return -1;
+    }
+    for (int64_t r = 0; r < n_runs; r++) {
+        const int64_t *desc = run_desc + 5 * r;
+        runs[r] = (Run){(const void *)desc[0], desc[1], desc[2], (const int64_t *)desc[3], desc[4]};
+    }
+    int valid[ATTN_BLOCK];
+    for (int64_t bi = 0; bi < b; bi++) {
+        for (int64_t si = 0; si < s; si++) {
+            const int64_t query = bi * s + si;
+            const int64_t *slots = idx + query * k;
+            for (int64_t i = 0; i < h * d; i++) qf[i] = load(q, q_bf16, query * h * d + i);
+            for (int64_t i = 0; i < h * d; i++) acc[i] = 0.0f;
+            for (int64_t hi = 0; hi < h; hi++) { run_max[hi] = -INFINITY; denom[hi] = 0.0f; }
+            for (int64_t lo = 0; lo < k; lo += ATTN_BLOCK) {
+                const int64_t n = k - lo < ATTN_BLOCK ? k - lo : ATTN_BLOCK;
+                for (int64_t j = 0; j < n; j++) { /* the block's rows, read once for every head */
+                    const int64_t slot = slots[lo + j];
+                    const void *row = slot < 0 ? NULL : row_at(runs, n_runs, bi, slot, d, rows_bf16);
+                    valid[j] = row != NULL;
+                    for (int64_t i = 0; i < d; i++) rowf[j * d + i] = valid[j] ? load(row, rows_bf16, i) : 0.0f;
+                }
+                for (int64_t hi = 0; hi < h; hi++) {
+                    const float *qh = qf + hi * d;
+                    float *lh = logit + hi * ATTN_BLOCK;
+                    float top = run_max[hi];
+                    for (int64_t j = 0; j < n; j++) {
+                        if (!valid[j]) { lh[j] = -INFINITY; continue; }
+                        float dot = 0.0f;
+                        for (int64_t i = 0; i < d; i++) dot += qh[i] * rowf[j * d + i];
+                        lh[j] = dot * scale;
+                        top = lh[j] > top ? lh[j] : top;
+                    }
+                    const float shift = isfinite(top) ? top : 0.0f;
+                    const float rescale = expf(run_max[hi] - shift);
+                    float sum = 0.0f;
+                    for (int64_t j = 0; j < n; j++) { lh[j] = expf(lh[j] - shift); sum += lh[j]; }
+                    denom[hi] = denom[hi] * rescale + sum;
+                    float *ah = acc + hi * d;
+                    for (int64_t i = 0; i < d; i++) value[i] = 0.0f;
+                    for (int64_t j = 0; j < n; j++) { /* sum_j p_j * row_j, over j in order for each i */
+                        const float pj = round_to(rows_bf16, lh[j]);
+                        for (int64_t i = 0; i < d; i++) value[i] += pj * rowf[j * d + i];
+                    }
+                    for (int64_t i = 0; i < d; i++) ah[i] = ah[i] * rescale + value[i];
+                    run_max[hi] = top;
+                }
+            }
+            for (int64_t hi = 0; hi < h; hi++) {
+                const float shift = isfinite(run_max[hi]) ? run_max[hi] : sink[hi];
+                const float total = denom[hi] + expf(sink[hi] - shift);
+                for (int64_t i = 0; i < d; i++) store(out, q_bf16, query * h * d + hi * d + i, acc[hi * d + i] / total);
+            }
+        }
+    }
+    free(runs); free(qf); free(acc); free(logit); free(run_max); free(denom); free(rowf); free(value);
     return 0;
 }
