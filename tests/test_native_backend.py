@@ -274,3 +274,26 @@ def test_sparse_attention_over_bf16_rows_is_the_cpu_backends_bit_for_bit():
     q, rows = torch.randn(2, 1, 4, 32, generator=gen).bfloat16(), torch.randn(2, 90, 32, generator=gen).bfloat16()
     idx, sink = torch.randint(-1, 90, (2, 1, 80), generator=gen), torch.randn(4, generator=gen)
     assert torch.equal(FAST.sparse_attn(q, rows, idx, sink, 0.2), CpuBackend().sparse_attn(q, rows, idx, sink, 0.2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_reference_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(0)
+    for shape, cos_shape in (((2, 3, 4, 32), (2, 3, 1, 8)), ((2, 3, 32), (2, 3, 8)), ((1, 1, 16), (1, 1, 8))):
+        x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+        angles = torch.randn(*cos_shape, generator=gen) * 100
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        for inverse in (False, True):
+            assert torch.equal(FAST.rope(x, cos, sin, inverse), REF.rope(x, cos, sin, inverse)), (shape, inverse)
+    x = torch.randn(2, 3, 32, generator=gen).requires_grad_()  # a gradient wanted: the reference's, differentiable
+    assert FAST.rope(x, cos[..., :8].expand(2, 3, 8), sin[..., :8].expand(2, 3, 8)).requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 8, 70])
+def test_hc_post_equals_the_reference_bit_for_bit(dtype, tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    out = torch.randn(1, tokens, 96, generator=gen).to(dtype)
+    x = torch.randn(1, tokens, 4, 96, generator=gen).to(dtype)
+    post, comb = torch.rand(1, tokens, 4, generator=gen) * 2, torch.rand(1, tokens, 4, 4, generator=gen)
+    assert torch.equal(FAST.hc_post(out, x, post, comb), REF.hc_post(out, x, post, comb))

@@ -55,9 +55,11 @@ OPS = (
     "fp4_gemm",
     "linear",
     "hadamard",
+    "rope",
     "sparse_attn",
     "index_scores",
     "hc_split_sinkhorn",
+    "hc_post",
     "routed_experts",
     "swiglu",
 )
@@ -250,6 +252,11 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return active_backend().hadamard(x)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x with its last 2*cos.shape[-1] dims rotated by interleaved pairs (by the negative angle if `inverse`)."""
+    return active_backend().rope(x, cos, sin, inverse)
+
+
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor, sink: torch.Tensor,
                 scale: float) -> torch.Tensor:
     """Each query's attention over its own KV rows (dense or paged in place), with the per-head sink."""
@@ -276,6 +283,11 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC pre / post weights and the Sinkhorn-projected residual mixing matrix."""
     return active_backend().hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+
+
+def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """mHC's new streams [B,S,h,d] = post * out + comb-mixed old streams x, in fp32, returned in x.dtype."""
+    return active_backend().hc_post(out, x, post, comb)
 
 
 __all__ = [

@@ -49,6 +49,8 @@ from .experts import ExpertWeights
 from .paged import KVRows, concat_rows
 
 ATTN_BLOCK = 64  # candidate slots per online-softmax step of the official sparse-attention kernel
+# hc_post sums the streams term by term from this many tokens on (fewer ops below it, less memory above)
+HC_TERMWISE_TOKENS = 64
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -252,6 +254,23 @@ class ReferenceBackend:
             h *= 2
         return (y * (1.0 / math.sqrt(n))).reshape(x.shape).to(x.dtype)
 
+    # ------------------------------------------------------------------------------------------ RoPE
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rotate the last 2*cos.shape[-1] dims of x by interleaved pairs (x[2i], x[2i+1]); the rest pass through.
+
+        cos/sin (fp32) must broadcast against x[..., :rope_dim // 2]. `inverse` rotates by the negative angle,
+        which the attention uses to take the keys' rotation back out of its output (keys are values). The
+        rotation is a complex fp32 product, as in the official code (torch's complex multiply rounds each product
+        and then adds: (a c - b s, a s + b c)), cast back to x.dtype. Differentiable.
+        """
+        rope_dim = cos.shape[-1] * 2
+        nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
+        pairs = torch.view_as_complex(rope.to(torch.float32).unflatten(-1, (-1, 2)).contiguous())
+        rotation = torch.complex(cos, -sin if inverse else sin)
+        rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+        return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
+
     # ------------------------------------------------------------------------------------------ attention
 
     def sparse_attn(self, q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor,
@@ -321,6 +340,22 @@ class ReferenceBackend:
         return weighted[:, :, 0] if q.shape[2] == 1 else weighted.sum(dim=2)
 
     # ------------------------------------------------------------------------------------------ mHC
+
+    def hc_post(self, out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """mHC's write-back after a sublayer: new streams ``X'_k = post_k * out + sum_j comb[j,k] * X_j`` in fp32,
+        returned in x.dtype. out [B,S,d], x [B,S,h,d], post [B,S,h] fp32, comb [B,S,h,h] fp32 (stream j -> k).
+
+        The official expression: products rounded to fp32, then summed over j in order (an einsum fuses them
+        differently); for many tokens term by term, the same additions without the [B,S,h,h,d] product tensor.
+        Differentiable."""
+        xf = x.to(torch.float32)
+        if comb.shape[0] * comb.shape[1] < HC_TERMWISE_TOKENS:
+            mixed = torch.sum(comb.unsqueeze(-1) * xf.unsqueeze(-2), dim=2)
+        else:
+            mixed = comb[:, :, 0].unsqueeze(-1) * xf[:, :, 0].unsqueeze(-2)  # [B,S,k,d]: stream 0's share of each k
+            for j in range(1, comb.shape[2]):
+                mixed = mixed + comb[:, :, j].unsqueeze(-1) * xf[:, :, j].unsqueeze(-2)
+        return (post.unsqueeze(-1) * out.to(torch.float32).unsqueeze(2) + mixed).to(x.dtype)
 
     def hc_split_sinkhorn(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
                           iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -229,8 +229,12 @@ class Cache:
                                  f"and the current {now.tolist()}")
         mtp_owners = {id(o) for layer in self.layers[self.args.n_layers:]
                       for o in (layer, layer.compressor, layer.indexer) if o is not None}
+        # a side whose every row keeps all it appended (all drafts accepted) has nothing to restore
+        undone = {False: bool((keep < self.lengths).any()), True: bool((keep_mtp < self.mtp_lengths).any())}
         rows = torch.arange(self.batch_size, device=self.lengths.device).unsqueeze(1)
         for owner, attr, pos, slots, saved in snap.parts:
+            if not undone[id(owner) in mtp_owners]:
+                continue
             target = getattr(owner, attr)
             k = (keep_mtp if id(owner) in mtp_owners else keep).unsqueeze(1)
             undo = (pos >= k).view(*pos.shape, *([1] * (saved.dim() - 2)))

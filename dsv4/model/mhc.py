@@ -18,8 +18,6 @@ from torch import Tensor
 from .. import kernels
 
 HC_MODES = ("mhc", "hc", "residual")
-# hc_post sums the streams term by term from this many tokens on (fewer ops below it, less memory above)
-TERMWISE_TOKENS = 64
 
 
 def _mixes(x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
@@ -60,20 +58,11 @@ def hc_pre(
 
 
 def hc_post(out: Tensor, x: Tensor, post: Tensor | None, comb: Tensor | None) -> Tensor:
-    """New streams X'_k = post_k * out + sum_j comb[j,k] * X_j, in fp32, returned in x.dtype (a plain residual
-    X + out when post and comb are None)."""
+    """New streams X'_k = post_k * out + sum_j comb[j,k] * X_j, in fp32, returned in x.dtype (the kernel op
+    `dsv4.kernels.hc_post`; a plain residual X + out when post and comb are None)."""
     if comb is None:
         return (x.to(torch.float32) + out.to(torch.float32).unsqueeze(2)).to(x.dtype)
-    # the official expression: products rounded to fp32, then summed over j in order (an einsum fuses them
-    # differently); for many tokens term by term, the same additions without the [B,S,h,h,d] product tensor
-    xf = x.to(torch.float32)
-    if comb.shape[0] * comb.shape[1] < TERMWISE_TOKENS:
-        mixed = torch.sum(comb.unsqueeze(-1) * xf.unsqueeze(-2), dim=2)
-    else:
-        mixed = comb[:, :, 0].unsqueeze(-1) * xf[:, :, 0].unsqueeze(-2)  # [B,S,k,d]: stream 0's share of each k
-        for j in range(1, comb.shape[2]):
-            mixed = mixed + comb[:, :, j].unsqueeze(-1) * xf[:, :, j].unsqueeze(-2)
-    return (post.unsqueeze(-1) * out.to(torch.float32).unsqueeze(2) + mixed).to(x.dtype)
+    return kernels.hc_post(out, x, post, comb)
 
 
 def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float,

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..config import ModelArgs
 
 
@@ -48,16 +49,11 @@ def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-    """Rotate the last 2*cos.shape[-1] dims of x by interleaved pairs.
+    """Rotate the last 2*cos.shape[-1] dims of x by interleaved pairs (the kernel op `dsv4.kernels.rope`).
 
     cos/sin must broadcast against x[..., :rope_dim // 2]. `inverse` rotates by the negative angle,
     which the attention uses to take the keys' rotation back out of its output (keys are values).
     The rotation is a complex fp32 product, as in the reference (torch's complex multiply rounds
-    differently from the written-out a*cos - b*sin).
+    differently from a fused a*cos - b*sin).
     """
-    rope_dim = cos.shape[-1] * 2
-    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
-    pairs = torch.view_as_complex(rope.to(torch.float32).unflatten(-1, (-1, 2)).contiguous())
-    rotation = torch.complex(cos, -sin if inverse else sin)
-    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
-    return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
+    return kernels.rope(x, cos, sin, inverse)

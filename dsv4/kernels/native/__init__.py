@@ -127,6 +127,26 @@ class NativeBackend(CpuBackend):
                                       1.0 / math.sqrt(n)), "hadamard")
         return out
 
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+        """One C call for the rotation the reference builds from eight torch ops (bit for bit: the same rounded
+        products and sums); cos / sin shaped like x's leading dims, or shared across x's second-to-last (heads)."""
+        half = cos.shape[-1]
+        lead = x.shape[:-1]
+        if cos.shape[:-1] == lead:
+            group = 1
+        elif lead and cos.shape[:-1] == (*lead[:-1], 1):
+            group = lead[-1]
+        else:
+            group = 0
+        if (not group or x.dtype not in _BF16 or cos.dtype != torch.float32 or sin.dtype != torch.float32
+                or sin.shape != cos.shape or 2 * half > x.shape[-1] or not _inference(x, cos, sin)):
+            return super().rope(x, cos, sin, inverse)
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        out = torch.empty_like(x)
+        _check(self.lib.dsv4_rope(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // x.shape[-1],
+                                  x.shape[-1], half, cos.data_ptr(), sin.data_ptr(), group, int(inverse)), "rope")
+        return out
+
     # ------------------------------------------------------------------------------------------ GEMMs
 
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -250,6 +270,19 @@ class NativeBackend(CpuBackend):
         return out
 
     # ------------------------------------------------------------------------------------------ mHC
+
+    def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        """The write-back in one C call, bit for bit the reference's (the same rounded products, added over the
+        streams in order)."""
+        if (x.dtype not in _BF16 or out.dtype != x.dtype or post.dtype != torch.float32
+                or comb.dtype != torch.float32 or not _inference(out, x, post, comb)):
+            return super().hc_post(out, x, post, comb)
+        out, x, post, comb = out.contiguous(), x.contiguous(), post.contiguous(), comb.contiguous()
+        b, s, h, d = x.shape
+        new = torch.empty_like(x)
+        _check(self.lib.dsv4_hc_post(out.data_ptr(), x.data_ptr(), new.data_ptr(), _BF16[x.dtype], b * s, h, d,
+                                     post.data_ptr(), comb.data_ptr()), "hc_post")
+        return new
 
     def hc_split_sinkhorn(self, mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
                           eps: float) -> tuple[Tensor, Tensor, Tensor]:

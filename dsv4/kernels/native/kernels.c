@@ -490,3 +490,54 @@ int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s,
     free(runs); free(qf); free(acc); free(logit); free(run_max); free(denom); free(rowf); free(value);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ RoPE */
+
+/* out = x [rows, width] (x's dtype) with each row's last 2 * half dims rotated by interleaved pairs, the rest
+ * copied: the complex fp32 product torch computes, (a c - b s, a s + b c), each product rounded before the add,
+ * then cast to x's dtype; s negated for the inverse rotation. cos / sin [rows / group, half] fp32: a row of them
+ * serves `group` consecutive rows of x (a query's heads). */
+int dsv4_rope(const void *x, void *out, int bf16, int64_t rows, int64_t width, int64_t half, const float *cos_,
+              const float *sin_, int64_t group, int inverse) {
+    const int64_t nope = width - 2 * half;
+    const size_t elem = bf16 ? 2 : 4;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos_ + (r / group) * half, *s = sin_ + (r / group) * half;
+        memcpy((char *)out + (size_t)(r * width) * elem, (const char *)x + (size_t)(r * width) * elem,
+               (size_t)nope * elem);
+        for (int64_t i = 0; i < half; i++) {
+            const int64_t at = r * width + nope + 2 * i;
+            const float a = load(x, bf16, at), b = load(x, bf16, at + 1);
+            const float sn = inverse ? -s[i] : s[i];
+            store(out, bf16, at, a * c[i] - b * sn);
+            store(out, bf16, at + 1, a * sn + b * c[i]);
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ mHC write-back */
+
+/* new [T, h, d] (x's dtype) = post[k] * out[i] + sum_j comb[j][k] * x[j][i] for each token: out [T, d] and
+ * x [T, h, d] in x's dtype, post [T, h] and comb [T, h, h] fp32; the products rounded to fp32 and added over j
+ * in order, as the reference does. */
+int dsv4_hc_post(const void *out, const void *x, void *dst, int bf16, int64_t t, int64_t h, int64_t d,
+                 const float *post, const float *comb) {
+    float *mixed = malloc(sizeof(float) * (size_t)d);
+    if (!mixed) return -1;
+    for (int64_t r = 0; r < t; r++) {
+        const float *c = comb + r * h * h;
+        for (int64_t k = 0; k < h; k++) {
+            for (int64_t i = 0; i < d; i++) mixed[i] = c[k] * load(x, bf16, (r * h) * d + i);
+            for (int64_t j = 1; j < h; j++) {
+                const float cj = c[j * h + k];
+                for (int64_t i = 0; i < d; i++) mixed[i] = mixed[i] + cj * load(x, bf16, (r * h + j) * d + i);
+            }
+            const float p = post[r * h + k];
+            for (int64_t i = 0; i < d; i++)
+                store(dst, bf16, (r * h + k) * d + i, p * load(out, bf16, r * d + i) + mixed[i]);
+        }
+    }
+    free(mixed);
+    return 0;
+}
