@@ -273,29 +273,87 @@ class NativeBackend(CpuBackend):
 
     def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         """The write-back in one C call, bit for bit the reference's (the same rounded products, added over the
-        streams in order)."""
+        streams in order); in training (fp32) with a backward of four batched products instead of the
+        reference's per-stream slices."""
         if (x.dtype not in _BF16 or out.dtype != x.dtype or post.dtype != torch.float32
-                or comb.dtype != torch.float32 or not _inference(out, x, post, comb)):
+                or comb.dtype != torch.float32 or any(t.device.type != "cpu" for t in (out, x, post, comb))):
             return super().hc_post(out, x, post, comb)
-        out, x, post, comb = out.contiguous(), x.contiguous(), post.contiguous(), comb.contiguous()
-        b, s, h, d = x.shape
-        new = torch.empty_like(x)
-        _check(self.lib.dsv4_hc_post(out.data_ptr(), x.data_ptr(), new.data_ptr(), _BF16[x.dtype], b * s, h, d,
-                                     post.data_ptr(), comb.data_ptr()), "hc_post")
-        return new
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, post, comb)):
+            if x.dtype != torch.float32:
+                return super().hc_post(out, x, post, comb)
+            return _HcPost.apply(out, x, post, comb, self.lib)
+        return _hc_post(self.lib, out, x, post, comb)
 
     def hc_split_sinkhorn(self, mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
                           eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        """The splits and exponentials in torch (bit for bit the reference's), the 2 * iters normalisations,
-        about 120 tiny torch ops per call, in one C call whose sums and divisions are the reference's."""
+        """The splits and exponentials in torch (bit for bit the reference's, and differentiable), the 2 * iters
+        normalisations, about 120 tiny torch ops per call (and as many autograd nodes in training), in one C
+        call whose sums and divisions are the reference's, with a C backward when gradients are wanted."""
         h = hc_mult
         if (mixes.dtype != torch.float32 or mixes.shape[-1] != (2 + h) * h or iters < 1 or h > 16
-                or not _inference(mixes, scale, base)):
+                or any(t.device.type != "cpu" for t in (mixes, scale, base))):
             return super().hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
         scale, base = scale.to(torch.float32), base.to(torch.float32)
-        pre = torch.sigmoid(mixes[..., :h] * scale[0] + base[:h]).add_(eps)
-        post = torch.sigmoid(mixes[..., h : 2 * h] * scale[1] + base[h : 2 * h]).mul_(2.0)
-        comb = (mixes[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))
-        comb = torch.exp(comb - comb.amax(dim=-1, keepdim=True)).contiguous()  # [..., h, h]
+        pre = torch.sigmoid(mixes[..., :h] * scale[0] + base[:h]) + eps
+        post = 2.0 * torch.sigmoid(mixes[..., h : 2 * h] * scale[1] + base[h : 2 * h])
+        logits = (mixes[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))
+        comb = torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())  # [..., h, h]
+        if torch.is_grad_enabled() and comb.requires_grad:
+            return pre, post, _SinkhornNormalise.apply(comb, self.lib, iters, eps)
+        comb = comb.contiguous()
         _check(self.lib.dsv4_sinkhorn(comb.data_ptr(), comb.numel() // (h * h), h, iters, eps), "hc_split_sinkhorn")
         return pre, post, comb
+
+
+class _SinkhornNormalise(torch.autograd.Function):
+    """The Sinkhorn normalisations of exp'd mixing matrices [..., h, h] in C, forward and backward (the backward
+    replays the forward per token: nothing but the input is kept)."""
+
+    @staticmethod
+    def forward(ctx, comb: Tensor, lib: ctypes.CDLL, iters: int, eps: float) -> Tensor:
+        comb = comb.contiguous()
+        out = comb.clone()
+        h = comb.shape[-1]
+        _check(lib.dsv4_sinkhorn(out.data_ptr(), out.numel() // (h * h), h, iters, eps), "hc_split_sinkhorn")
+        ctx.save_for_backward(comb)
+        ctx.lib, ctx.iters, ctx.eps = lib, iters, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (comb,) = ctx.saved_tensors
+        grad = grad.to(torch.float32).contiguous()
+        out = torch.empty_like(comb)
+        h = comb.shape[-1]
+        _check(ctx.lib.dsv4_sinkhorn_backward(comb.data_ptr(), grad.data_ptr(), out.data_ptr(),
+                                              comb.numel() // (h * h), h, ctx.iters, ctx.eps), "hc_split_sinkhorn")
+        return out, None, None, None
+
+
+def _hc_post(lib: ctypes.CDLL, out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    out, x, post, comb = out.contiguous(), x.contiguous(), post.contiguous(), comb.contiguous()
+    b, s, h, d = x.shape
+    new = torch.empty_like(x)
+    _check(lib.dsv4_hc_post(out.data_ptr(), x.data_ptr(), new.data_ptr(), _BF16[x.dtype], b * s, h, d,
+                            post.data_ptr(), comb.data_ptr()), "hc_post")
+    return new
+
+
+class _HcPost(torch.autograd.Function):
+    """mHC's write-back, new_k = post_k * out + sum_j comb[j,k] * x_j, fp32: the C forward, and a backward of
+    batched products over the tokens."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, post: Tensor, comb: Tensor, lib: ctypes.CDLL) -> Tensor:
+        ctx.save_for_backward(out, x, post, comb)
+        return _hc_post(lib, out, x, post, comb)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        out, x, post, comb = ctx.saved_tensors  # [B,S,d], [B,S,h,d], [B,S,h], [B,S,h,h]
+        grad = grad.to(torch.float32)  # [B,S,h(k),d]
+        d_out = (post.unsqueeze(-1) * grad).sum(dim=2)
+        d_post = (grad * out.unsqueeze(2)).sum(dim=-1)
+        d_x = torch.matmul(comb, grad)  # sum_k comb[j,k] * grad_k
+        d_comb = torch.matmul(x, grad.transpose(-1, -2))  # [j,k] = x_j . grad_k
+        return d_out, d_x, d_post, d_comb, None

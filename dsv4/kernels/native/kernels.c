@@ -330,30 +330,55 @@ int dsv4_routed_experts(const void *x, float *out, int bf16, int64_t t, int64_t 
  * reference's sequence exactly, a row softmax's division by the row sum + eps, a column normalisation, then
  * iters - 1 rounds of row and column normalisation, each dividing by (sum + eps), every sum over the row or column
  * in order (torch's order for these few elements). The exponentials stay torch's (its vectorised exp differs from
- * libm's in last bits, and those grow through the FP8 activations downstream). */
+ * libm's in last bits, and those grow through the FP8 activations downstream). Tokens go LANES at a time, each
+ * lane one token's matrix, so the divisions run as vector instructions; every lane does exactly the scalar
+ * sequence. */
+#define LANES 8
+
+/* One step of LANES matrices c [h*h][LANES]: rows (step even) or columns divided by their sums (+ eps after the
+ * first step), the first step adding eps after its division; the divisors go to div [h][LANES] if not NULL. */
+static void sinkhorn_step(float *c, int64_t h, int64_t step, float eps, float *div) {
+    const int rows = step % 2 == 0;
+    for (int64_t a = 0; a < h; a++) {
+        float sum[LANES] = {0};
+        for (int64_t b = 0; b < h; b++) {
+            const float *v = c + (rows ? a * h + b : b * h + a) * LANES;
+            for (int l = 0; l < LANES; l++) sum[l] += v[l];
+        }
+        if (step > 0)
+            for (int l = 0; l < LANES; l++) sum[l] += eps;
+        for (int64_t b = 0; b < h; b++) {
+            float *v = c + (rows ? a * h + b : b * h + a) * LANES;
+            if (step == 0)
+                for (int l = 0; l < LANES; l++) v[l] = v[l] / sum[l] + eps;
+            else
+                for (int l = 0; l < LANES; l++) v[l] = v[l] / sum[l];
+        }
+        if (div)
+            for (int l = 0; l < LANES; l++) div[a * LANES + l] = sum[l];
+    }
+}
+
+/* comb rows r0 .. r0+n-1 (n <= LANES) into lanes; the missing lanes hold ones (normalised and dropped) */
+static void to_lanes(const float *src, float *c, int64_t r0, int64_t n, int64_t hh) {
+    for (int64_t e = 0; e < hh; e++)
+        for (int l = 0; l < LANES; l++) c[e * LANES + l] = l < n ? src[(r0 + l) * hh + e] : 1.0f;
+}
+
+static void from_lanes(const float *c, float *dst, int64_t r0, int64_t n, int64_t hh) {
+    for (int64_t e = 0; e < hh; e++)
+        for (int l = 0; l < n; l++) dst[(r0 + l) * hh + e] = c[e * LANES + l];
+}
+
 int dsv4_sinkhorn(float *comb, int64_t t, int64_t h, int64_t iters, float eps) {
     if (h > 16) return -1;
-    float sums[16];
-    for (int64_t r = 0; r < t; r++) {
-        float *c = comb + r * h * h;
-        for (int64_t it = 0; it < iters; it++) {
-            for (int64_t i = 0; i < h; i++) { /* row step (the first one is the softmax's division) */
-                float sum = 0.0f;
-                for (int64_t j = 0; j < h; j++) sum += c[i * h + j];
-                if (it == 0) {
-                    for (int64_t j = 0; j < h; j++) c[i * h + j] = c[i * h + j] / sum + eps;
-                } else {
-                    sum += eps;
-                    for (int64_t j = 0; j < h; j++) c[i * h + j] /= sum;
-                }
-            }
-            for (int64_t j = 0; j < h; j++) sums[j] = 0.0f; /* column step */
-            for (int64_t i = 0; i < h; i++)
-                for (int64_t j = 0; j < h; j++) sums[j] += c[i * h + j];
-            for (int64_t j = 0; j < h; j++) sums[j] += eps;
-            for (int64_t i = 0; i < h; i++)
-                for (int64_t j = 0; j < h; j++) c[i * h + j] /= sums[j];
-        }
+    const int64_t hh = h * h;
+    float c[256 * LANES];
+    for (int64_t r0 = 0; r0 < t; r0 += LANES) {
+        const int64_t n = t - r0 < LANES ? t - r0 : LANES;
+        to_lanes(comb, c, r0, n, hh);
+        for (int64_t step = 0; step < 2 * iters; step++) sinkhorn_step(c, h, step, eps, NULL);
+        from_lanes(c, comb, r0, n, hh);
     }
     return 0;
 }
@@ -539,5 +564,47 @@ int dsv4_hc_post(const void *out, const void *x, void *dst, int bf16, int64_t t,
         }
     }
     free(mixed);
+    return 0;
+}
+
+/* The gradient of `dsv4_sinkhorn` (training): grad [T, h, h] of its output -> grad of its input comb0 [T, h, h]
+ * (the exponentials), written to out. The forward is replayed, LANES tokens at a time, keeping every step's input
+ * and divisors; each step y = c / s with s = sum(c) (+ eps) over a row or column passes back
+ * dc = (g - sum(g * c / s)) / s over that row or column. */
+int dsv4_sinkhorn_backward(const float *comb0, const float *grad, float *out, int64_t t, int64_t h, int64_t iters,
+                           float eps) {
+    if (h > 16) return -1;
+    const int64_t hh = h * h, steps = 2 * iters;
+    float *inputs = malloc(sizeof(float) * (size_t)(steps * hh * LANES));
+    float *divisors = malloc(sizeof(float) * (size_t)(steps * h * LANES));
+    float c[256 * LANES], g[256 * LANES];
+    if (!inputs || !divisors) { free(inputs); free(divisors); return -1; }
+    for (int64_t r0 = 0; r0 < t; r0 += LANES) {
+        const int64_t n = t - r0 < LANES ? t - r0 : LANES;
+        to_lanes(comb0, c, r0, n, hh);
+        for (int64_t step = 0; step < steps; step++) {
+            memcpy(inputs + step * hh * LANES, c, sizeof(float) * (size_t)(hh * LANES));
+            sinkhorn_step(c, h, step, eps, divisors + step * h * LANES);
+        }
+        to_lanes(grad, g, r0, n, hh);
+        for (int64_t step = steps - 1; step >= 0; step--) {
+            const float *in = inputs + step * hh * LANES, *div = divisors + step * h * LANES;
+            const int rows = step % 2 == 0;
+            for (int64_t a = 0; a < h; a++) {
+                float dot[LANES] = {0}; /* sum over the line of g * (c / s) */
+                for (int64_t b = 0; b < h; b++) {
+                    const int64_t at = (rows ? a * h + b : b * h + a) * LANES;
+                    for (int l = 0; l < LANES; l++) dot[l] += g[at + l] * (in[at + l] / div[a * LANES + l]);
+                }
+                for (int64_t b = 0; b < h; b++) {
+                    const int64_t at = (rows ? a * h + b : b * h + a) * LANES;
+                    for (int l = 0; l < LANES; l++) g[at + l] = (g[at + l] - dot[l]) / div[a * LANES + l];
+                }
+            }
+        }
+        from_lanes(g, out, r0, n, hh);
+    }
+    free(inputs);
+    free(divisors);
     return 0;
 }
