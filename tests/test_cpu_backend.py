@@ -232,8 +232,10 @@ def _greedy(model, prompts, backend, **options):
     return [out[i] for i in ids]
 
 
-@pytest.mark.parametrize("numerics", ["plain", "exact"])
-def test_the_small_preset_gives_the_reference_logits_and_greedy_tokens(numerics):
+def small_preset_case(numerics: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+    """The `small` preset (random weights; exact: bf16 with FP8 / FP4 weights) on `backend` and on the reference:
+    their logits [2, 150, V] over a 100-token chunk, one decode and a 49-token chunk, and their greedy tokens
+    through the engine (exact: with FP8 pages and MTP speculation on the way)."""
     args = preset("small").replace(vocab_size=4096, max_seq_len=512)
     dtype = torch.float32 if numerics == "plain" else torch.bfloat16
     model = init_weights(Transformer(args, dtype=dtype, numerics=numerics), seed=0).eval()
@@ -242,22 +244,26 @@ def test_the_small_preset_gives_the_reference_logits_and_greedy_tokens(numerics)
     tokens = torch.randint(0, args.vocab_size, (2, 150), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = {}
-        for backend in ("reference", "cpu"):
-            with kernels.use_backend(backend):
+        for name in ("reference", backend):
+            with kernels.use_backend(name):
                 cache = model.new_cache(2, 160)
-                logits[backend] = torch.cat([model(tokens[:, :100], cache), model(tokens[:, 100:101], cache),
-                                             model(tokens[:, 101:], cache)], dim=1)
-    if numerics == "exact":  # elsewhere: the official-parity tolerance, one bf16 step of the largest logit
-        assert_same(logits["cpu"], logits["reference"], rtol=2**-8)
-    else:
-        err = (logits["cpu"] - logits["reference"]).abs().max() / logits["reference"].abs().max()
-        assert err <= 1e-5, err
+                logits[name] = torch.cat([model(tokens[:, :100], cache), model(tokens[:, 100:101], cache),
+                                          model(tokens[:, 101:], cache)], dim=1)
     prompts = tokens[:, :60].tolist() + [tokens[0, :7].tolist()]
-    if numerics == "plain":
-        assert _greedy(model, prompts, "cpu") == _greedy(model, prompts, "reference")
-    else:  # bf16 pages and MTP speculation on the way
-        opts = {"kv_format": "fp8", "num_speculative": 1}
-        assert _greedy(model, prompts, "cpu", **opts) == _greedy(model, prompts, "reference", **opts)
+    opts = {} if numerics == "plain" else {"kv_format": "fp8", "num_speculative": 1}
+    return (logits[backend], logits["reference"], _greedy(model, prompts, backend, **opts),
+            _greedy(model, prompts, "reference", **opts))
+
+
+@pytest.mark.parametrize("numerics", ["plain", "exact"])
+def test_the_small_preset_gives_the_reference_logits_and_greedy_tokens(numerics):
+    got, want, tokens, reference_tokens = small_preset_case(numerics, "cpu")
+    if numerics == "exact":  # elsewhere: the official-parity tolerance, one bf16 step of the largest logit
+        assert_same(got, want, rtol=2**-8)
+    else:
+        err = (got - want).abs().max() / want.abs().max()
+        assert err <= 1e-5, err
+    assert tokens == reference_tokens
 
 
 def test_a_vocabulary_projection_multiplies_a_kept_transposed_copy(fast):
