@@ -1,4 +1,4 @@
-"""The "native" kernel backend: the "cpu" backend with its small, overhead-bound exact-numerics ops in C.
+"""The "native" kernel backend: the "cpu" backend with its small, overhead-bound ops in C.
 
 A decode step of a small model in exact numerics is thousands of torch ops, each costing a microsecond or two
 before it touches a number: a routed expert is an activation quantisation, three block-scaled GEMMs and a SwiGLU,
@@ -8,19 +8,23 @@ one call into `kernels.c` (built at first use, `build.py`):
 * `linear` with an FP8 / FP4 weight: act_quant and the two-level block GEMM, row by row;
 * `swiglu` and `routed_experts` with quantised weights: a token's whole expert chain, its experts added into its
   row in increasing id (the reference's order);
-* `hc_split_sinkhorn`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops.
+* `sparse_attn` of a decode's few queries over fp32 rows, read in place from dense runs or pages;
+* `rope`, `hc_post`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops, bit for bit the
+  reference's;
+* `hc_split_sinkhorn`: the normalisations (bit for bit; the exponentials stay torch's), vectorised over tokens.
 
-The C kernels compute the reference's arithmetic: the same power-of-two scales, e4m3 / e2m1 round-half-even,
-per-block fp32 partial products scaled and summed in block order, the same Sinkhorn divisions. A block's dot
-product is summed sequentially over k (BLAS sums it in its own order) and exp is libm's, so results may differ
-from the reference in the last bits of fp32; a step that rounds to FP8 next can turn such a difference into one
-quantisation step. Within a GEMM of one row they are deterministic and independent of the batch. The tests hold
-this backend to the official-parity tolerance in exact numerics, 1e-5 in plain fp32, and identical greedy tokens.
+The GEMMs compute the reference's arithmetic: the same power-of-two scales, e4m3 round-half-even, per-block fp32
+partial products scaled and summed in block order. A block's dot product is summed sequentially over k (BLAS sums
+it in its own order) and the SwiGLU's and attention's exp is libm's, so those results may differ from the
+reference in the last bits of fp32; a step that rounds to FP8 or bf16 next can turn such a difference into one
+rounding step. Within a GEMM of one row they are deterministic and independent of the batch. The tests hold this
+backend to the official-parity tolerance in exact numerics, 1e-5 in plain fp32, and identical greedy tokens.
 
-GEMM-shaped work (the linears and experts) goes to C only while it is small (`NATIVE_MACS` multiply-adds per
-call, a decode step's rows): the kernels are single-threaded loops, and a prefill's GEMMs belong to BLAS, where
-the "cpu" backend's batched block products take them. Anything with gradients wanted, other dtypes, or other
-devices also goes to the "cpu" backend.
+GEMM-shaped work (the linears, experts and attention) goes to C only while it is small (`NATIVE_MACS`
+multiply-adds per call, a decode step's rows): the kernels are single-threaded loops, and a prefill's GEMMs
+belong to BLAS, where the "cpu" backend's batched block products take them. Training (gradients wanted) runs the
+Sinkhorn normalisations with a C backward and `hc_post` with a backward of batched products; every other op
+with gradients wanted, other dtypes, or other devices goes to the "cpu" backend.
 """
 
 from __future__ import annotations

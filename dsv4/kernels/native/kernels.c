@@ -1,12 +1,13 @@
-/* The native CPU kernels of dsv4: the exact-numerics ops that cost a small model's step its time in torch
- * overhead, each one call instead of tens of torch ops. Plain C99, no dependency but libm; built at first use by
+/* The native CPU kernels of dsv4: the ops that cost a small model's step its time in torch overhead, each one
+ * call instead of tens of torch ops. Plain C99, no dependency but libm; built at first use by
  * `dsv4/kernels/native/build.py` with the system compiler and loaded with ctypes.
  *
  * The arithmetic is the reference backend's (dsv4/kernels/reference.py), element by element: power-of-two block
- * scales, e4m3 / e2m1 round-half-even, the two-level fp32 accumulation per weight block, the Sinkhorn sequence.
- * What differs is only the order of fp32 additions inside one block's dot product (a sequential sum over k here,
- * BLAS's order there) and libm's expf against torch's vectorised exp: last-bit differences, within the
- * tolerances the tests state. Built with -ffp-contract=off, so the rounding follows this source on every CPU.
+ * scales, e4m3 / e2m1 round-half-even, the two-level fp32 accumulation per weight block, the Sinkhorn sequence,
+ * RoPE's complex product, mHC's write-back. What differs is only the order of fp32 additions inside one block's
+ * dot product (a sequential sum over k here, BLAS's order there) and libm's expf against torch's vectorised exp
+ * (SwiGLU, attention): last-bit differences, within the tolerances the tests state. Built with
+ * -ffp-contract=off, so the rounding follows this source on every CPU.
  *
  * Tensors arrive as raw pointers to contiguous rows; a `bf16` flag says a tensor holds bfloat16 bit patterns
  * (uint16) instead of fp32. Every kernel is independent per row, so its result for a row does not depend on the
