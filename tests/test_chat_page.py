@@ -228,7 +228,9 @@ def test_stop_ends_the_request_on_the_server(driver, server, tmp_path, monkeypat
 
     # New chat mid-reply: the same abort, and the reply winding down joins no conversation
     ask(driver, "Calculate 4821 + 3967")
-    wait(driver, lambda d: text_of(find_all(d, ".reply .reasoning-text")[-1]).strip(), message="nothing streamed")
+    # the second reply's own reasoning (the stopped first reply's would satisfy a wait on the last one seen)
+    wait(driver, lambda d: len(texts := find_all(d, ".reply .reasoning-text")) == 2 and text_of(texts[-1]).strip(),
+         message="nothing streamed")
     find(driver, "#new-chat").click()
     wait_idle(driver, timeout=10)
     wait(driver, lambda _: running_requests(url) == 0, timeout=10, message="the server kept generating")

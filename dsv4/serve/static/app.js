@@ -215,11 +215,12 @@ async function streamTurn(turn) {
   let content = "";
   const calls = []; // by index: {id, type, function: {name, arguments}} and its card
   const first = () => { if (tFirst === null) tFirst = performance.now(); };
-  controller = new AbortController();
+  const own = new AbortController(); // this turn's: a late finally of an earlier turn must not clear it
+  controller = own;
   let stopped = false;
   try {
     const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers, body: JSON.stringify(requestBody()), signal: controller.signal,
+      method: "POST", headers, body: JSON.stringify(requestBody()), signal: own.signal,
     });
     if (res.status === 401) throw new AuthError(await errorMessage(res));
     if (!res.ok) throw new Error(`${res.status}: ${await errorMessage(res)}`);
@@ -285,7 +286,7 @@ async function streamTurn(turn) {
       return { message: null, finish: "error", stopped: false };
     }
   } finally {
-    controller = null;
+    if (controller === own) controller = null;
   }
   const tEnd = performance.now();
   showStats(view.stats, formatStats(usage, t0, tFirst, tEnd));
