@@ -119,16 +119,21 @@ def post(url: str, rec: dict, **changes) -> httpx.Response:
     return httpx.post(url + rec["path"], json={**rec["body"], **changes}, headers=headers, timeout=60)
 
 
+def stream_turn(url: str, rec: dict) -> tuple[list[tuple[str, dict]], dict]:
+    """A recorded request streamed: it must answer 200 with a well-formed event sequence; (events, message_delta)."""
+    r = post(url, rec)
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    return events, check_sequence(events)
+
+
 def test_first_turn_streams_a_tool_call(serve, tokenizer):
     """Claude Code's first request (system message as messages[1], 24 tools, adaptive thinking): 200, a
     well-formed stream with a signed thinking block and a Bash tool_use; the environment text reached the prompt
     ahead of the user's turn, which ends in the assistant's opening."""
     url, engine = serve()
     rec = fixture("first_turn.json")
-    r = post(url, rec)
-    assert r.status_code == 200, r.text
-    events = sse_events(r.text)
-    final = check_sequence(events)
+    events, final = stream_turn(url, rec)
     assert final["delta"]["stop_reason"] == "tool_use"
     assert final["context_management"] == {"applied_edits": []}  # keep: "all"
     starts = [d["content_block"] for n, d in events if n == "content_block_start"]
@@ -149,10 +154,7 @@ def test_tool_result_round_trip(serve):
     the answer is a text block and end_turn. Non-streaming too (the same body with stream false)."""
     url, engine = serve()
     rec = fixture("tool_result_turn.json")
-    r = post(url, rec)
-    assert r.status_code == 200, r.text
-    events = sse_events(r.text)
-    final = check_sequence(events)
+    events, final = stream_turn(url, rec)
     assert final["delta"]["stop_reason"] == "end_turn"
     text = delta_text(events, "text_delta", "text")
     assert text == "There is one entry: home."
@@ -168,9 +170,7 @@ def test_continued_session_and_clear_thinking(serve, tokenizer):
     reply reports what it cleared. A forged signature on a kept turn is Anthropic's 400, never a 5xx."""
     url, engine = serve()
     rec = fixture("continued_session.json")
-    r = post(url, rec)
-    assert r.status_code == 200, r.text
-    check_sequence(sse_events(r.text))
+    stream_turn(url, rec)
     keep_none = {"edits": [{"type": "clear_thinking_20251015", "keep": {"type": "thinking_turns", "value": 0}}]}
     r = post(url, rec, stream=False, context_management=keep_none)
     assert r.status_code == 200, r.text
@@ -201,8 +201,7 @@ def test_interrupted_stream_frees_the_request(serve):
         time.sleep(0.05)
     assert engine.aborted == [0] and not engine.active
     engine.delay = 0.0
-    r = post(url, rec)
-    assert r.status_code == 200 and check_sequence(sse_events(r.text))
+    stream_turn(url, rec)
 
 
 def test_count_tokens(serve, tokenizer):
