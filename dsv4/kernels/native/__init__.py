@@ -36,7 +36,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dsv4.quant import FP4_BLOCK, FP8_BLOCK, e2m1_decode, e8m0_to_float, is_packed_fp4_dtype, unpack_fp4
+from dsv4.quant import (
+    FP4_BLOCK,
+    FP8_BLOCK,
+    INDEXER_SIM_BLOCK,
+    KV_SIM_BLOCK,
+    e2m1_decode,
+    e8m0_to_float,
+    is_packed_fp4_dtype,
+    unpack_fp4,
+)
 
 from ..cpu import CpuBackend
 from ..experts import ExpertWeights
@@ -103,12 +112,12 @@ class NativeBackend(CpuBackend):
 
     # ------------------------------------------------------------------------------------------ quantisation
 
-    def fp8_simulate(self, x: Tensor, block_size: int = 64) -> Tensor:
+    def fp8_simulate(self, x: Tensor, block_size: int = KV_SIM_BLOCK) -> Tensor:
         if x.dtype not in _BF16 or not _inference(x):
             return super().fp8_simulate(x, block_size)
         return self._simulate(x, block_size, fp4=0)
 
-    def fp4_simulate(self, x: Tensor, block_size: int = 32) -> Tensor:
+    def fp4_simulate(self, x: Tensor, block_size: int = INDEXER_SIM_BLOCK) -> Tensor:
         if x.dtype not in _BF16 or not _inference(x):
             return super().fp4_simulate(x, block_size)
         return self._simulate(x, block_size, fp4=1)
@@ -117,8 +126,8 @@ class NativeBackend(CpuBackend):
         x = x.contiguous()
         out = torch.empty_like(x)
         k = x.shape[-1]
-        self.lib.dsv4_block_simulate(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // max(k, 1), k,
-                                     block, fp4)
+        _check(self.lib.dsv4_block_simulate(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // max(k, 1), k,
+                                            block, fp4), "block simulation")
         return out
 
     def hadamard(self, x: Tensor) -> Tensor:

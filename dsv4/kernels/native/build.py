@@ -33,7 +33,7 @@ _I = ctypes.c_int64
 _F = ctypes.c_float
 _INT = ctypes.c_int
 SIGNATURES = {
-    "dsv4_block_simulate": (None, [_P, _P, _INT, _I, _I, _I, _INT]),
+    "dsv4_block_simulate": (_INT, [_P, _P, _INT, _I, _I, _I, _INT]),
     "dsv4_quantised_linear": (_INT, [_P, _P, _INT, _I, _P, _P, _I, _I, _I, _I]),
     "dsv4_swiglu": (_INT, [_P, _P, _INT, _I, _P, _P, _P, _F]),
     "dsv4_routed_experts": (_INT, [_P, _P, _INT, _I, _I, _P, _P, _I, _P, _P, _F]),

@@ -86,8 +86,9 @@ static inline float block_scale(const float *x, int64_t n, float floor_, float i
 /* ------------------------------------------------------------------------------------------ block simulation */
 
 /* x [rows, k] through FP8 (fp4 = 0) or FP4 (fp4 = 1) blocks of `block` along k and back, into out (x's dtype) */
-void dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64_t k, int64_t block, int fp4) {
+int dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64_t k, int64_t block, int fp4) {
     float *buf = malloc(sizeof(float) * (size_t)block);
+    if (!buf) return -1;
     const float floor_ = fp4 ? FP4_AMAX_FLOOR : ACT_AMAX_FLOOR;
     const float inv_max = fp4 ? 1.0f / FP4_MAX : 1.0f / FP8_MAX;
     for (int64_t r = 0; r < rows; r++) {
@@ -108,6 +109,7 @@ void dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64
         }
     }
     free(buf);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ quantised linear */
