@@ -66,17 +66,22 @@ def compiler() -> str:
     raise NativeUnavailable("no C compiler found (set CC, or install gcc) to build dsv4's native CPU kernels")
 
 
-def _compiler_version(cc: str) -> str:
+def _compiler_identity(cc: str) -> str:
+    """The compiler as the cache key knows it: its resolved path with the size and time of the file, read without
+    running it. A process that loads the kernels (every rank of a torchrun) starts no child: forking one beside
+    the threads of an initialised process group made a rank abort at exit now and then."""
+    path = os.path.realpath(shutil.which(cc) or cc)
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise NativeUnavailable(f"the C compiler {cc!r} does not run: {exc}") from exc
+        stat = os.stat(path)
+    except OSError as exc:
+        raise NativeUnavailable(f"the C compiler {cc!r} cannot be found: {exc}") from exc
+    return f"{path} {stat.st_size} {stat.st_mtime_ns}"
 
 
 def library_path(cc: str) -> Path:
     """The cache path of the library built from this source with these flags by this compiler on this machine."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_version(cc).encode(),
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_identity(cc).encode(),
                  platform.machine().encode(), _cpu_model().encode()):
         key.update(part)
     return cache_dir() / f"dsv4_kernels_{key.hexdigest()[:16]}.so"
