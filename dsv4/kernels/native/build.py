@@ -38,6 +38,8 @@ SIGNATURES = {
     "dsv4_swiglu": (_INT, [_P, _P, _INT, _I, _P, _P, _P, _F]),
     "dsv4_routed_experts": (_INT, [_P, _P, _INT, _I, _I, _P, _P, _I, _P, _P, _F]),
     "dsv4_sinkhorn": (_INT, [_P, _I, _I, _I, _F]),
+    "dsv4_hc_split": (_INT, [_P, _P, _P, _I, _I, _P, _P, _P]),
+    "dsv4_hc_split_finish": (_INT, [_P, _P, _P, _I, _I, _I, _F]),
     "dsv4_sinkhorn_backward": (_INT, [_P, _P, _P, _I, _I, _I, _F]),
     "dsv4_hadamard": (_INT, [_P, _P, _INT, _I, _I, _F]),
     "dsv4_hc_post": (_INT, [_P, _P, _P, _INT, _I, _I, _I, _P, _P]),

@@ -386,6 +386,44 @@ int dsv4_sinkhorn(float *comb, int64_t t, int64_t h, int64_t iters, float eps) {
     return 0;
 }
 
+/* mHC's split, around torch's own sigmoid and exp. These two stay torch's because its results depend on more than
+ * the element: a tensor's elements past its last 2 * vector width take libm's expf, the rest a SLEEF polynomial,
+ * and torch.exp calls MKL on x86. Element for element the C arithmetic is the reference's separate torch ops.
+ *
+ * dsv4_hc_split: mixes [T, (2+h)*h] fp32, scale [3], base [(2+h)*h] -> pre_in, post_in [T, h] = m * s + b (before
+ * their sigmoids) and logits [T, h, h] = m * s2 + b less each row's max (before the exp). */
+int dsv4_hc_split(const float *mixes, const float *scale, const float *base, int64_t t, int64_t h, float *pre_in,
+                  float *post_in, float *logits) {
+    const int64_t m = (2 + h) * h;
+    for (int64_t r = 0; r < t; r++) {
+        const float *x = mixes + r * m;
+        for (int64_t k = 0; k < h; k++) {
+            pre_in[r * h + k] = x[k] * scale[0] + base[k];
+            post_in[r * h + k] = x[h + k] * scale[1] + base[h + k];
+        }
+        for (int64_t a = 0; a < h; a++) {
+            float *row = logits + (r * h + a) * h;
+            float top = -INFINITY;
+            for (int64_t b = 0; b < h; b++) {
+                const int64_t e = 2 * h + a * h + b;
+                row[b] = x[e] * scale[2] + base[e];
+                if (row[b] > top || row[b] != row[b]) top = row[b]; /* a NaN wins, as in torch.amax */
+            }
+            for (int64_t b = 0; b < h; b++) row[b] = row[b] - top;
+        }
+    }
+    return 0;
+}
+
+/* After the sigmoids and the exp, in place: pre = sigmoid + eps, post = 2 * sigmoid, comb Sinkhorn-normalised. */
+int dsv4_hc_split_finish(float *pre, float *post, float *comb, int64_t t, int64_t h, int64_t iters, float eps) {
+    for (int64_t i = 0; i < t * h; i++) {
+        pre[i] = pre[i] + eps;
+        post[i] = 2.0f * post[i];
+    }
+    return dsv4_sinkhorn(comb, t, h, iters, eps);
+}
+
 /* ------------------------------------------------------------------------------------------ Hadamard */
 
 /* The normalised Walsh-Hadamard transform of rows x [rows, n] (n a power of two) into out, x's dtype: the
