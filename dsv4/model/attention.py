@@ -108,19 +108,42 @@ class Attention(nn.Module):
         """Ring + chunk as one position-ordered KV run [B, W+S, D], and each query's window
         indices into it [B, S, W] (S < W slots for a prefill shorter than the window): oldest -> newest,
         then -1 for the slots before the sequence start
-        (the official order, which decides the attention kernel's blocks of candidates)."""
-        ring_slots, idx, keep = ctx.shared(("window", self.window),
-                                           lambda: _window_indices(self.window, kv.shape[1], ctx))
+        (the official order, which decides the attention kernel's blocks of candidates). A decode step whose
+        ring holds its rows exactly writes the token first and runs on the ring alone [B, W, D]."""
+        W = self.window
+        slots = ctx.shared(("slots", W), lambda: ctx.positions % W)  # [B,S] each token's ring slot
+        if ctx.appends == 1 and cache.codec is None and cache.window.dtype == kv.dtype:
+            cache.write_window_slots(slots, kv.detach())
+            return cache.read_window(), ctx.shared(("window1", W), lambda: _one_token_window(W, ctx))
+        in_place = 0 < ctx.appends <= W  # a verify step's few tokens take their slots once the run is read
+        ring_slots, idx, keep = ctx.shared(("window", W),
+                                           lambda: _window_indices(W, kv.shape[1], ctx, rewrite=not in_place))
         ext_kv = torch.cat((gather_rows(cache.read_window(), ring_slots).to(kv.dtype), kv), dim=1)
-        if keep is not None:
+        if in_place:
+            cache.write_window_slots(slots, kv.detach())
+        elif keep is not None:
             cache.write_window(gather_rows(ext_kv, keep).detach())
         return ext_kv, idx
 
 
-def _window_indices(W: int, seqlen: int, ctx: ForwardContext) -> tuple[Tensor, Tensor, Tensor | None]:
+def _one_token_window(W: int, ctx: ForwardContext) -> Tensor:
+    """A decode step's window read from the ring once the token is in it: its ring slots [B,1,W], oldest -> newest,
+    then -1 for the slots before the sequence start (the order `_window_indices` gives, over the same rows)."""
+    device = ctx.start.device
+    pos = ctx.start.unsqueeze(1)  # [B,1] the token's position
+    slot = torch.arange(W, device=device)
+    oldest = (pos - (W - 1)).clamp(min=0)
+    idx = torch.where(slot < (pos + 1).clamp(max=W), (oldest + slot) % W, -1).unsqueeze(1)  # [B,1,W]
+    if W > 1 and not bool(ctx.start.any()):
+        idx = idx[..., :1]  # a one-token prefill has one window slot, as in `_window_indices`
+    return idx
+
+
+def _window_indices(W: int, seqlen: int, ctx: ForwardContext, rewrite: bool
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
     """What `Attention._window` indexes with, the same for every layer of a forward: the ring slots holding
     positions start-W .. start-1 [B,W], each query's window rows of ring + chunk [B,S,W'], and (when the chunk
-    is kept) the ring + chunk rows the ring keeps afterwards [B,W]."""
+    is kept and `rewrite`) the ring + chunk rows the ring keeps afterwards [B,W]."""
     device = ctx.positions.device
     start = ctx.start.unsqueeze(1)
     ring_pos = start - W + torch.arange(W, device=device)  # [B,W]
@@ -131,7 +154,7 @@ def _window_indices(W: int, seqlen: int, ctx: ForwardContext) -> tuple[Tensor, T
     if seqlen < W and not bool(ctx.start.any()):
         idx = idx[..., :seqlen]  # a prefill shorter than the window has only seqlen window slots
     keep = None
-    if ctx.persist:
+    if ctx.persist and rewrite:
         end = (ctx.start + ctx.lengths).unsqueeze(1)
         pos = end - W + (slot - (end - W)) % W  # [B,W] position now owning each slot
         keep = pos - (start - W)

@@ -119,6 +119,12 @@ class CompressorState:
     score: Tensor  # [B, R, coff*c] fp32, wgate projections + ape of the same tokens
     entries: EntryStore  # finished compressed entries, [B, capacity // ratio, c] logically
 
+    def write_slots(self, slots: Tensor, kv: Tensor, score: Tensor) -> None:
+        """Ring slots [B, S] of each row <- kv, score [B, S, coff*c] (distinct slots: S new tokens a row), in place."""
+        rows = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
+        self.kv[rows, slots] = kv
+        self.score[rows, slots] = score
+
     @classmethod
     def empty(cls, batch: int, ratio: int, width: int, entries: EntryStore,
               device: torch.device | str | None) -> CompressorState:
@@ -141,6 +147,11 @@ class LayerCache:
 
     def write_window(self, rows: Tensor) -> None:
         self.window = rows if self.codec is None else self.codec.encode(rows)
+
+    def write_window_slots(self, slots: Tensor, rows: Tensor) -> None:
+        """Ring slots [B, S] of each batch row <- rows [B, S, head_dim] (distinct slots: S new tokens), in place."""
+        batch = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
+        self.window[batch, slots] = rows if self.codec is None else self.codec.encode(rows)
 
 
 class Cache:
@@ -311,6 +322,18 @@ class LayerCacheRows:
         codec = self.parent.codec
         self.parent.window[self.rows] = rows if codec is None else codec.encode(rows)
 
+    def write_window_slots(self, slots: Tensor, rows: Tensor) -> None:
+        codec = self.parent.codec
+        self.parent.window[self.rows.unsqueeze(1), slots] = rows if codec is None else codec.encode(rows)
+
+    @property
+    def codec(self) -> RowCodec | None:
+        return self.parent.codec
+
+    @property
+    def window(self) -> Tensor:
+        return self.parent.window
+
 
 class CompressorStateRows:
     """Batch rows of a `CompressorState` (see `CacheRows`)."""
@@ -335,6 +358,10 @@ class CompressorStateRows:
     @score.setter
     def score(self, value: Tensor) -> None:
         self.parent.score[self.rows] = value
+
+    def write_slots(self, slots: Tensor, kv: Tensor, score: Tensor) -> None:
+        self.parent.kv[self.rows.unsqueeze(1), slots] = kv
+        self.parent.score[self.rows.unsqueeze(1), slots] = score
 
 
 @dataclass
@@ -384,6 +411,9 @@ class ForwardContext:
     trace: ForwardTrace | None = None  # what training wants recorded (and how CSA selects)
     # values every layer of this forward would otherwise recompute (RoPE rows, window indices), by key
     memo: dict = field(default_factory=dict)
+    # every row feeds exactly this many tokens and keeps them (a decode or verify step), else 0: rings no wider than
+    # it take the tokens in place, a slot each
+    appends: int = 0
 
     def shared(self, key: object, build: Callable[[], Any]) -> Any:
         """`build()` once per forward for `key`, the same object for every layer that asks again."""
@@ -393,6 +423,9 @@ class ForwardContext:
         return value
 
     @classmethod
-    def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool) -> ForwardContext:
+    def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool,
+              all_valid: bool = False) -> ForwardContext:
+        """`all_valid`: every row's `lengths` is the chunk width (no right padding)."""
         positions = start.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
-        return cls(tokens, start, lengths, positions, exact, persist)
+        return cls(tokens, start, lengths, positions, exact, persist,
+                   appends=tokens.shape[1] if persist and all_valid else 0)

@@ -50,25 +50,35 @@ class Compressor(nn.Module):
         kv = self.wkv(xf)  # [B,S,coff*c]
         score = self.wgate(xf) + self.ape[ctx.positions % r]
 
+        first = torch.div(start, r, rounding_mode="floor")
+        after = torch.div(start + n_valid, r, rounding_mode="floor")  # [B] entries once the chunk is in
+        n_max, n_entries = torch.stack((after - first, after)).amax(dim=1).tolist()  # most entries finished now
+        in_place = 0 < ctx.appends <= ring  # decode / verify steps: the tokens take their ring slots in place
+        if n_max > 0 or not in_place:
+            self._pool_and_keep(kv, score, first, after - first, n_max, state, freqs, ctx, rewrite=not in_place)
+        if in_place:
+            state.write_slots(ctx.positions % ring, kv.detach(), score.detach())
+        return n_entries
+
+    def _pool_and_keep(self, kv: Tensor, score: Tensor, first: Tensor, n_new: Tensor, n_max: int,
+                       state: CompressorState, freqs: Tensor, ctx: ForwardContext, rewrite: bool) -> None:
+        """Pool the finished blocks from the ring and the chunk, and (`rewrite`, for a kept chunk the caller does
+        not write in place) rebuild the ring from both."""
+        ring, start = state.kv.shape[1], ctx.start
         # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk
-        ring_pos = start.unsqueeze(1) - ring + torch.arange(ring, device=x.device)  # [B,R]
+        ring_pos = start.unsqueeze(1) - ring + torch.arange(ring, device=kv.device)  # [B,R]
         ext_kv = torch.cat((gather_rows(state.kv, ring_pos % ring), kv), dim=1)  # [B,R+S,coff*c]
         ext_score = torch.cat((gather_rows(state.score, ring_pos % ring), score), dim=1)
-
-        first = torch.div(start, r, rounding_mode="floor")
-        n_new = torch.div(start + n_valid, r, rounding_mode="floor") - first  # [B] entries finished now
-        n_max = int(n_new.max())
         if n_max > 0:
             self._pool(ext_kv, ext_score, first, n_new, n_max, ring, state, freqs, ctx)
-        if ctx.persist:
+        if ctx.persist and rewrite:
             # ring slot s <- the token at the position q ≡ s (mod R) among the last R consumed
-            end = start + n_valid
-            slots = torch.arange(ring, device=x.device)
+            end = start + ctx.lengths
+            slots = torch.arange(ring, device=kv.device)
             q = (end - ring).unsqueeze(1) + (slots - (end - ring).unsqueeze(1)) % ring  # [B,R]
             ext_index = q - (start.unsqueeze(1) - ring)
             state.kv = gather_rows(ext_kv, ext_index).detach()
             state.score = gather_rows(ext_score, ext_index).detach()
-        return int(torch.div(start + n_valid, r, rounding_mode="floor").max())
 
     def _pool(self, ext_kv: Tensor, ext_score: Tensor, first: Tensor, n_new: Tensor, n_max: int, ring: int,
               state: CompressorState, freqs: Tensor, ctx: ForwardContext) -> None:

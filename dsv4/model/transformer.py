@@ -200,10 +200,13 @@ class Transformer(nn.Module):
         device = tokens.device
         if lengths is None:
             lengths = torch.full((bsz,), seqlen, dtype=torch.long, device=device)
+            all_valid = True
         else:
             lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
-            if lengths.shape != (bsz,) or bool((lengths < 0).any()) or bool((lengths > seqlen).any()):
+            low, high = torch.stack(torch.aminmax(lengths)).tolist() if lengths.shape == (bsz,) and bsz else (0, 0)
+            if lengths.shape != (bsz,) or low < 0 or high > seqlen:
                 raise ValueError(f"lengths must be [batch] with values in [0, {seqlen}], got {lengths.tolist()}")
+            all_valid = low == seqlen
         if cache is None:
             if start_pos not in (None, 0):
                 raise ValueError("start_pos without a cache: the full forward always starts at position 0")
@@ -220,5 +223,5 @@ class Transformer(nn.Module):
             raise ValueError(f"chunk would exceed the cache capacity of {cache.max_seq_len} tokens "
                              f"(at {start.tolist()} + {lengths.tolist()})")
         ctx = ForwardContext.build(tokens, start, lengths, exact=self.numerics == "exact",
-                                   persist=not cache.transient)
+                                   persist=not cache.transient, all_valid=all_valid)
         return ctx, cache
