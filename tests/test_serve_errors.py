@@ -459,6 +459,9 @@ def test_a_big_prompt_tokenises_off_the_event_loop(tokenizer):
         streamer.join()
     assert big[0].status_code == 400 and "resulted in 600" in big[0].json()["error"]["message"]  # exact: tokenised
     assert end - start > 0.5, "the big prompt should keep the tokenizer busy a while"
+    # tokenising on the event loop stalls both for the whole time (end - start); a busy 2-core machine can delay a
+    # token a few tens of ms beyond its 10 ms (0.29 s seen once), so the bound is half the tokenising time
+    bound = min(0.5, (end - start) / 2)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if start <= b <= end]
-    assert len(gaps) > 20 and max(gaps) < 0.25, (max(gaps), end - start)
-    assert max(health) < 0.25, health
+    assert len(gaps) > 20 and max(gaps) < bound, (max(gaps), end - start)
+    assert max(health) < bound, (health, end - start)
