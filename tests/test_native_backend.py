@@ -16,6 +16,7 @@ import ctypes
 import pytest
 import torch
 from test_cpu_backend import small_preset_case
+from test_long_context import adversarial_scores
 
 from dsv4 import kernels
 from dsv4.kernels import native
@@ -119,6 +120,22 @@ def test_sinkhorn_gradients_agree_with_the_reference():
     assert all(torch.equal(a, b) for a, b in zip(results["native"][0], results["reference"][0], strict=True))
     for got, want in zip(results["native"][1], results["reference"][1], strict=True):
         _close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 1, 3, 8, 39, 40, 55])  # 40 = N, 55 > N
+def test_index_topk_equals_the_reference_bit_for_bit(dtype, k):
+    """The C selection picks, orders and masks exactly as the reference (torch's topk with its tie fix-up) on
+    score sets where the choice among exact ties decides: few values, zeros of both signs, -inf, rows that see
+    fewer entries than k."""
+    gen = torch.Generator().manual_seed(k)
+    for name, scores in adversarial_scores(gen).items():
+        scores = scores.to(dtype)
+        visible = torch.randint(0, scores.shape[-1] + 1, scores.shape[:2], generator=gen)
+        got_scores, want_scores = scores.clone(), scores.clone()
+        got, want = FAST.index_topk(got_scores, visible, k), REF.index_topk(want_scores, visible, k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
+        assert torch.equal(got_scores, want_scores), name  # masked in place alike
 
 
 # ---------------------------------------------------------------------------------------------- GEMMs

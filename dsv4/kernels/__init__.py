@@ -58,6 +58,7 @@ OPS = (
     "rope",
     "sparse_attn",
     "index_scores",
+    "index_topk",
     "hc_split_sinkhorn",
     "hc_post",
     "routed_experts",
@@ -266,6 +267,12 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch
 def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The lightning indexer's scores [B, S, N]: sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n])."""
     return active_backend().index_scores(q, keys, weights)
+
+
+def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's picks [B, S, k] (ids by descending score, ties to the earlier entry, -1 past a query's
+    `visible` entries) and their scores; masks `scores` in place."""
+    return active_backend().index_topk(scores, visible, k)
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

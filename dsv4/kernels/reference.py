@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from dsv4.kernels.topk import stable_topk
 from dsv4.quant import (
     ACT_AMAX_FLOOR,
     FP4_AMAX_FLOOR,
@@ -338,6 +339,21 @@ class ReferenceBackend:
         weighted = scores * weights.unsqueeze(-1)
         # over one head the sum is a copy (and torch's reduction over a size-1 dim is slow)
         return weighted[:, :, 0] if q.shape[2] == 1 else weighted.sum(dim=2)
+
+    def index_topk(self, scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lightning indexer's selection. scores [B, S, N]: each query's index score of every entry (the
+        `index_scores` op's result), set to -inf in place where the query does not see the entry; visible [B, S]
+        int64: how many entries (0 .. visible-1) each query sees. Returns the ids [B, S, k'] (k' = min(k, N)) of
+        the best entries by descending score, ties to the earlier entry (the official top-k's order, which the
+        attention's blocks of candidates follow), -1 where a query sees fewer than k', and their scores [B, S, k']
+        (-inf at those -1; differentiable in the scores)."""
+        seen = visible.unsqueeze(-1)  # [B,S,1]
+        n = scores.shape[-1]
+        first_hidden = min(int(seen.min()), n) if seen.numel() else n  # entries before it: seen by every query
+        hidden = torch.arange(first_hidden, n, device=scores.device) >= seen  # [B,S,N-first_hidden]
+        scores[..., first_hidden:].masked_fill_(hidden, float("-inf"))
+        top = stable_topk(scores.detach(), k)  # [B,S,k']
+        return torch.where(top < seen, top, -1), scores.gather(-1, top)
 
     # ------------------------------------------------------------------------------------------ mHC
 

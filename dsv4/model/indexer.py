@@ -74,73 +74,16 @@ class Indexer(nn.Module):
             index_scores = kernels.index_scores(q[:, rows], keys, weights[:, rows])  # [B,s,N]
             if self.all_reduce is not None:
                 index_scores = self.all_reduce(index_scores)
+            if not dense:
+                picked, picked_scores = kernels.index_topk(index_scores, n_visible[:, rows], k)  # [B,s,k] each
+                chosen.append(picked)
+                chosen_scores.append(picked_scores)
+                continue
             seen = n_visible[:, rows].unsqueeze(-1)  # [B,s,1]
-            first_hidden = int(seen.min())  # entries before it are visible to every query of the block
-            hidden = torch.arange(first_hidden, n_entries, device=x.device) >= seen  # [B,s,N-first_hidden]
-            index_scores[..., first_hidden:].masked_fill_(hidden, float("-inf"))
-            if dense:
-                top = torch.arange(n_entries, device=x.device).expand_as(index_scores)
-            else:
-                top = stable_topk(index_scores.detach(), k)  # [B,s,k]
-            chosen.append(torch.where(top < seen, top, -1))
-            chosen_scores.append(index_scores.gather(-1, top))
+            hidden = torch.arange(n_entries, device=x.device) >= seen  # [B,s,N]
+            chosen.append(torch.where(hidden, -1, torch.arange(n_entries, device=x.device)))
+            chosen_scores.append(index_scores.masked_fill(hidden, float("-inf")))
         return torch.cat(chosen, dim=1), torch.cat(chosen_scores, dim=1)
-
-
-def stable_topk(scores: Tensor, k: int) -> Tensor:
-    """Indices [..., min(k, N)] equal to `scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]`,
-    in O(N) per row instead of a sort.
-
-    Exact ties are common (every head's ReLU at 0, masked -inf entries), and the rule must not depend on
-    how many entries a call happens to hold, so ties go to the earliest entries, and the picks come in
-    descending score order (ties by index) like the official top-k: the attention kernel walks its
-    candidates in that order, in blocks, so the order is part of the numerics. `topk` finds a k-set in
-    O(N) but keeps an unspecified subset of the entries tied at the k-th value; asking it for k + 1
-    values shows whether such a tie is cut, and only those rows swap their tied picks for the earliest
-    tied entries (`_take_earliest_ties`).
-    """
-    n = scores.shape[-1]
-    k = min(k, n)
-    if k in (0, n):  # nothing or everything is picked: only the order is left to do
-        top = torch.arange(k, device=scores.device).expand(*scores.shape[:-1], k)
-    else:
-        values, top = scores.topk(k + 1, dim=-1)  # [..., k+1] descending
-        cut = values[..., k] == values[..., k - 1]  # [...] the (k+1)-th value ties the k-th: a tie is cut
-        values, top = values[..., :k], top[..., :k]
-        if bool(cut.any()):
-            top = top.clone()
-            _take_earliest_ties(scores.reshape(-1, n), values.reshape(-1, k), top.view(-1, k),
-                                cut.reshape(-1).nonzero().squeeze(1))
-    top = top.sort(dim=-1).values  # the chosen set in index order ...
-    order = scores.gather(-1, top).sort(dim=-1, descending=True, stable=True).indices  # ... then by score
-    return top.gather(-1, order)
-
-
-def _take_earliest_ties(scores: Tensor, values: Tensor, top: Tensor, rows: Tensor) -> None:
-    """In the given rows of a top-k (scores [M,N], its values / indices [M,k]), replace the picks tied at
-    the k-th value by the earliest entries holding that value (in place in `top`).
-
-    Every entry above the k-th value is already picked, so a row needs only its first `need` tied
-    positions. Ties at 0 (all ReLUs off) are many and start early, so the search scans a prefix that
-    widens 4x at a time for the rows not yet served (a query that sees fewer than k entries finds its
-    -inf ties only past them): under 4/3 N compares per row at worst.
-    """
-    k, n = values.shape[1], scores.shape[1]
-    width = 4 * k
-    while rows.numel():
-        width = min(width, n)
-        kth = values[rows, k - 1 :]  # [R,1]
-        above = values[rows] > kth  # [R,k] picks that stay
-        need = k - above.sum(-1, keepdim=True)  # [R,1] tied picks to take, >= 1
-        tied = scores[rows, :width] == kth  # [R,w]
-        rank = tied.cumsum(-1)  # [R,w]
-        done = rank[:, -1:] >= need  # [R,1] the prefix holds enough ties
-        take = tied & (rank <= need) & done  # [R,w] exactly `need` per finished row
-        fixed = top[rows]
-        fixed[~above & done] = take.nonzero()[:, 1]  # row-major on both sides: each row gets its own
-        top[rows] = fixed
-        rows = rows[~done.squeeze(1)]
-        width *= 4
 
 
 def indexer_kl_loss(attn_logits: Tensor, attn_sink: Tensor, n_window: int, chosen: Tensor,

@@ -11,7 +11,10 @@ one call into `kernels.c` (built at first use, `build.py`):
 * `sparse_attn` of a decode's few queries over fp32 rows, read in place from dense runs or pages;
 * `rope`, `hc_post`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops, bit for bit the
   reference's;
-* `hc_split_sinkhorn`: the normalisations (bit for bit; the exponentials stay torch's), vectorised over tokens.
+* `hc_split_sinkhorn`: the splits and normalisations (bit for bit; the sigmoids and exponentials stay torch's),
+  the normalisations vectorised over tokens;
+* `index_topk`: the indexer's selection, a heap per query (the same picks, in the same order, as torch's stable
+  sort; no arithmetic, so bit for bit).
 
 The GEMMs compute the reference's arithmetic: the same power-of-two scales, e4m3 round-half-even, per-block fp32
 partial products scaled and summed in block order. A block's dot product is summed sequentially over k (BLAS sums
@@ -57,6 +60,9 @@ __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
 # the most multiply-adds a linear or expert call may have to run in C (about 0.3-0.5 ms of one core); past it the
 # work is a GEMM worth BLAS's threads
 NATIVE_MACS = 1 << 22
+# the most index scores an `index_topk` call may select from in C (a heap per query, O(N log k)); past it (a long
+# prefill's query block) torch's O(N) topk, with two threads
+NATIVE_TOPK_SCORES = 1 << 20
 _BF16 = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -283,6 +289,22 @@ class NativeBackend(CpuBackend):
         return out
 
     # ------------------------------------------------------------------------------------------ mHC
+
+    def index_topk(self, scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """One C call for the masking, the top-k, its order, the -1s and the gathered scores (about 25 torch ops,
+        more when ties are cut) while the scores are few (`NATIVE_TOPK_SCORES`, a decode's or a short chunk's);
+        a long prefill keeps torch's O(N) topk, and gradients the reference."""
+        n = scores.shape[-1]
+        if (scores.dtype not in _BF16 or scores.device.type != "cpu" or scores.numel() > NATIVE_TOPK_SCORES
+                or torch.is_grad_enabled() and scores.requires_grad or not scores.is_contiguous()):
+            return super().index_topk(scores, visible, k)
+        k = min(k, n)
+        visible = visible.to(torch.int64).contiguous()
+        top = torch.empty(*scores.shape[:-1], k, dtype=torch.int64)
+        top_scores = scores.new_empty(*scores.shape[:-1], k)
+        _check(self.lib.dsv4_index_topk(scores.data_ptr(), _BF16[scores.dtype], scores.numel() // max(n, 1), n,
+                                        visible.data_ptr(), k, top.data_ptr(), top_scores.data_ptr()), "index_topk")
+        return top, top_scores
 
     def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         """The write-back in one C call, bit for bit the reference's (the same rounded products, added over the

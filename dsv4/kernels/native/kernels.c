@@ -557,6 +557,81 @@ int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s,
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ indexer top-k */
+
+/* Whether entry a (score sa) ranks before entry b: the greater score first, a tie to the earlier entry, NaN above
+ * every number (a stable descending sort's order, torch's included) */
+static inline int ranks_before(float sa, int64_t a, float sb, int64_t b) {
+    const int na = sa != sa, nb = sb != sb;
+    if (na | nb) return na && (!nb || a < b);
+    return sa > sb || (sa == sb && a < b);
+}
+
+/* heap [n] of entry ids whose root ranks last: move the id at `at` down to its place */
+static void sift_down(int64_t *heap, int64_t n, int64_t at, const float *v) {
+    for (;;) {
+        int64_t worst = at, l = 2 * at + 1, r = l + 1;
+        if (l < n && ranks_before(v[heap[worst]], heap[worst], v[heap[l]], heap[l])) worst = l;
+        if (r < n && ranks_before(v[heap[worst]], heap[worst], v[heap[r]], heap[r])) worst = r;
+        if (worst == at) return;
+        const int64_t t = heap[at];
+        heap[at] = heap[worst];
+        heap[worst] = t;
+        at = worst;
+    }
+}
+
+/* The indexer's selection for rows of scores [R, N] (x's dtype), row r seeing entries 0 .. visible[r]-1: the
+ * others become -inf in place; top [R, k] gets the k best entries by descending score, ties to the earlier
+ * entry, and -1 for the picks past visible[r]; top_scores [R, k] their scores. A heap of the k best so far (its
+ * root the one ranking last) then heapsort: O(N log k) a row, the same picks as a stable sort's first k. */
+int dsv4_index_topk(void *scores, int bf16, int64_t rows, int64_t n, const int64_t *visible, int64_t k,
+                    int64_t *top, void *top_scores) {
+    if (k > n || k < 0) return -1;
+    float *v = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    int64_t *heap = malloc(sizeof(int64_t) * (size_t)(k ? k : 1));
+    if (!v || !heap) {
+        free(v);
+        free(heap);
+        return -1;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t seen = visible[r];
+        for (int64_t j = 0; j < n; j++) {
+            if (j >= seen) store(scores, bf16, r * n + j, -INFINITY);
+            v[j] = load(scores, bf16, r * n + j);
+        }
+        int64_t size = 0;
+        for (int64_t j = 0; j < n; j++) {
+            if (size < k) { /* sift the new id up from the last leaf */
+                int64_t at = size++;
+                heap[at] = j;
+                while (at > 0) {
+                    const int64_t up = (at - 1) / 2;
+                    if (!ranks_before(v[heap[up]], heap[up], v[heap[at]], heap[at])) break;
+                    const int64_t t = heap[at];
+                    heap[at] = heap[up];
+                    heap[up] = t;
+                    at = up;
+                }
+            } else if (k > 0 && ranks_before(v[j], j, v[heap[0]], heap[0])) {
+                heap[0] = j;
+                sift_down(heap, k, 0, v);
+            }
+        }
+        for (int64_t i = k - 1; i >= 0; i--) { /* the root ranks last: pop it into the last free place */
+            const int64_t id = heap[0];
+            heap[0] = heap[i];
+            sift_down(heap, i, 0, v);
+            top[r * k + i] = id < seen ? id : -1;
+            store(top_scores, bf16, r * k + i, v[id]);
+        }
+    }
+    free(v);
+    free(heap);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ RoPE */
 
 /* out = x [rows, width] (x's dtype) with each row's last 2 * half dims rotated by interleaved pairs, the rest
