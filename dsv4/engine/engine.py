@@ -484,11 +484,12 @@ class Engine:
         that call already ran, in the step's catch-up: `_Request.drafted`); each further call feeds the block
         its own output streams and the previous draft (DeepSeek's reuse of one MTP layer for deeper drafts).
         Returns each request's drafts and the distributions q [k, vocab] they were drawn from."""
-        tok, lengths = self._batch([r.token_slice(r.computed, r.computed + 1) for r in reqs])
-        cache = self._rows(reqs)
         drafted: list[list[int]] = [[] for _ in reqs]
         qs: list[list[Tensor]] = [[] for _ in reqs]
         fresh = [r for r in reqs if r.drafted is None]  # the others' first MTP call ran with the last step's
+        if fresh or self.k > 1:  # an MTP call this step: its inputs
+            tok, lengths = self._batch([r.token_slice(r.computed, r.computed + 1) for r in reqs])
+            cache = self._rows(reqs)
         if fresh:
             rows = [i for i, r in enumerate(reqs) if r.drafted is None]
             out = self.model.mtp_streams(torch.stack([r.hidden for r in fresh]).unsqueeze(1), tok[rows],
@@ -538,11 +539,14 @@ class Engine:
         if not pairs:
             return
         tokens, lengths = self._batch([t for _, t in pairs.values()])
-        a = self.model.args
-        hidden = torch.zeros(len(pairs), tokens.shape[1], a.hc_mult, a.dim, dtype=self.model.dtype,
-                             device=self.device)
-        for i, (h, t) in enumerate(pairs.values()):
-            hidden[i, :len(t)] = h
+        if len(pairs) == 1:
+            hidden = next(iter(pairs.values()))[0].unsqueeze(0)  # [1, n, hc, d]: nothing to pad
+        else:
+            a = self.model.args
+            hidden = torch.zeros(len(pairs), tokens.shape[1], a.hc_mult, a.dim, dtype=self.model.dtype,
+                                 device=self.device)
+            for i, (h, t) in enumerate(pairs.values()):
+                hidden[i, :len(t)] = h
         out = self.model.mtp_streams(hidden, tokens, self._rows(pairs), lengths=lengths)
         ahead = [(i, req) for i, req in enumerate(pairs) if req in verifying]
         if ahead:
