@@ -122,6 +122,33 @@ def test_sinkhorn_gradients_agree_with_the_reference():
         _close(got, want, 1e-5)
 
 
+def test_rms_norm_equals_the_reference_bit_for_bit():
+    """The mean of squares sums in torch's own order (its cascade of partial sums, at the vector width the backend's
+    self-test found), so the norm is the reference's to the bit: every length from 1 to 70 and the model's, one
+    row and many, fp32 and bf16."""
+    assert FAST._lanes in (8, 16), "the self-test found no vector width at which the C sum is torch's"
+    gen = torch.Generator().manual_seed(0)
+    for n in [*range(1, 71), 127, 128, 256, 512, 1000, 4096, 7168]:
+        weight = torch.randn(n, generator=gen)
+        for rows in (1, 5, 33):
+            x = torch.randn(rows, n, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
+            for dtype in (torch.float32, torch.bfloat16):
+                got, want = FAST.rms_norm(x.to(dtype), weight, 1e-6), REF.rms_norm(x.to(dtype), weight, 1e-6)
+                assert got.dtype == dtype and torch.equal(got, want), (n, rows, dtype)
+
+
+def test_rms_norm_without_a_width_or_with_gradients_is_the_reference():
+    """No vector width found (another torch's sum): the reference's ops; gradients wanted: the reference's too."""
+    x, weight = torch.randn(3, 64), torch.randn(64, requires_grad=True)
+    backend = native.NativeBackend()
+    backend._lanes = None
+    assert torch.equal(backend.rms_norm(x, weight.detach(), 1e-6), REF.rms_norm(x, weight.detach(), 1e-6))
+    out = FAST.rms_norm(x, weight, 1e-6)
+    assert out.requires_grad
+    out.sum().backward()
+    assert weight.grad is not None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [0, 1, 3, 8, 39, 40, 55])  # 40 = N, 55 > N
 def test_index_topk_equals_the_reference_bit_for_bit(dtype, k):

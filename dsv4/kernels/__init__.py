@@ -55,6 +55,7 @@ OPS = (
     "fp4_gemm",
     "linear",
     "hadamard",
+    "rms_norm",
     "rope",
     "sparse_attn",
     "index_scores",
@@ -251,6 +252,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Normalised Walsh-Hadamard transform over the last dim."""
     return active_backend().hadamard(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32 with an fp32 weight, returned in x.dtype."""
+    return active_backend().rms_norm(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -255,6 +255,14 @@ class ReferenceBackend:
             h *= 2
         return (y * (1.0 / math.sqrt(n))).reshape(x.shape).to(x.dtype)
 
+    # ------------------------------------------------------------------------------------------ RMSNorm
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dim in fp32, ``weight * (x * rsqrt(mean(x^2) + eps))``, returned in x.dtype
+        (weight [D] fp32, as the official code keeps it). Differentiable."""
+        xf = x.to(torch.float32)
+        return (weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
+
     # ------------------------------------------------------------------------------------------ RoPE
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -43,8 +43,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.to(torch.float32)
-        return (self.weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Embedding(nn.Module):

@@ -60,6 +60,8 @@ __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
 # the most multiply-adds a linear or expert call may have to run in C (about 0.3-0.5 ms of one core); past it the
 # work is a GEMM worth BLAS's threads
 NATIVE_MACS = 1 << 22
+# the longest row `rms_norm` sums in C: torch splits one longer row's sum between threads (another order)
+NATIVE_ROW_SUM = 1 << 14
 # the most index scores an `index_topk` call may select from in C (a heap per query, O(N log k)); past it (a long
 # prefill's query block) torch's O(N) topk, with two threads
 NATIVE_TOPK_SCORES = 1 << 20
@@ -112,6 +114,8 @@ class NativeBackend(CpuBackend):
         super().__init__(cache_mb)
         self.lib = load()  # NativeUnavailable (with the reason) when it cannot be built here
         self.decoded.builders["native"] = _native_form
+        with torch.inference_mode():
+            self._lanes = self._sum_lanes()
 
     def _form(self, weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         return self.decoded.get(weight, scale, "native")
@@ -289,6 +293,36 @@ class NativeBackend(CpuBackend):
         return out
 
     # ------------------------------------------------------------------------------------------ mHC
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """One C call instead of eight torch ops, bit for bit: the mean sums in torch's order, whose vector width
+        the backend finds by a self-test when it starts (`_sum_lanes`; none found: the reference)."""
+        n = x.shape[-1]
+        if (self._lanes is None or x.dtype not in _BF16 or weight.dtype != torch.float32 or weight.shape != (n,)
+                or n > NATIVE_ROW_SUM or not _inference(x, weight)):
+            return super().rms_norm(x, weight, eps)
+        return self._rms_norm(x, weight, eps, self._lanes)
+
+    def _rms_norm(self, x: Tensor, weight: Tensor, eps: float, lanes: int) -> Tensor:
+        x, weight = x.contiguous(), weight.contiguous()
+        out = torch.empty_like(x)
+        n = x.shape[-1]
+        _check(self.lib.dsv4_rms_norm(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // max(n, 1), n,
+                                      weight.data_ptr(), eps, lanes), "rms_norm")
+        return out
+
+    def _sum_lanes(self) -> int | None:
+        """The vector width of torch's float sum here (its summation order depends on it): the one whose C RMSNorm
+        equals the reference's bit for bit on rows of many lengths, or None."""
+        gen = torch.Generator().manual_seed(0)
+        cases = [(torch.randn(rows, n, generator=gen) * 3, torch.randn(n, generator=gen))
+                 for rows in (1, 37) for n in (3, 8, 24, 64, 100, 128, 512, 1000, 4096)]
+        reference = super().rms_norm
+        for lanes in (8, 16):
+            if all(torch.equal(self._rms_norm(x.to(dtype), w, 1e-6, lanes), reference(x.to(dtype), w, 1e-6))
+                   for x, w in cases for dtype in _BF16):
+                return lanes
+        return None
 
     def index_topk(self, scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """One C call for the masking, the top-k, its order, the -1s and the gathered scores (about 25 torch ops,

@@ -632,6 +632,81 @@ int dsv4_index_topk(void *scores, int bf16, int64_t rows, int64_t n, const int64
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ RMSNorm */
+
+/* torch's sum of `size` units of `lanes` floats each (SumKernel.cpp's row_sum): four interleaved partial sums,
+ * each a cascade of four levels of 2**max(4, ceil(log2(size / 4)) / 4) units, then the leftover units into the
+ * first, then the four added in order. out [lanes]. */
+static void cascade_units(const float *x, int64_t size, int lanes, float *out) {
+    float level[4][4][16] = {{{0}}}; /* [level][partial][lane] */
+    const int64_t quads = size / 4;
+    int log2q = 0;
+    while (((int64_t)1 << log2q) < quads) log2q++;
+    const int power = log2q / 4 > 4 ? log2q / 4 : 4;
+    const int64_t step = (int64_t)1 << power;
+    int64_t i = 0;
+    for (; i + step <= quads;) {
+        for (int64_t j = 0; j < step; ++j, ++i)
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < lanes; l++) level[0][k][l] += x[(i * 4 + k) * lanes + l];
+        for (int j = 1; j < 4; ++j) {
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < lanes; l++) {
+                    level[j][k][l] += level[j - 1][k][l];
+                    level[j - 1][k][l] = 0.0f;
+                }
+            if ((i & ((step - 1) << (j * power))) != 0) break;
+        }
+    }
+    for (; i < quads; ++i)
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < lanes; l++) level[0][k][l] += x[(i * 4 + k) * lanes + l];
+    for (int j = 1; j < 4; ++j)
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < lanes; l++) level[0][k][l] += level[j][k][l];
+    for (int64_t u = quads * 4; u < size; ++u)
+        for (int l = 0; l < lanes; l++) level[0][0][l] += x[u * lanes + l];
+    for (int k = 1; k < 4; k++)
+        for (int l = 0; l < lanes; l++) level[0][0][l] += level[0][k][l];
+    for (int l = 0; l < lanes; l++) out[l] = level[0][0][l];
+}
+
+/* torch.sum over a contiguous row of n floats, vector width `lanes` (8 or 16): whole vectors by the cascade, the
+ * tail elements in order, then the lanes in order; a row shorter than a vector by the cascade over elements */
+static float torch_row_sum(const float *x, int64_t n, int lanes) {
+    float acc[16];
+    if (n < lanes) {
+        cascade_units(x, n, 1, acc);
+        return 0.0f + acc[0];
+    }
+    const int64_t vectors = n / lanes;
+    cascade_units(x, vectors, lanes, acc);
+    float sum = 0.0f;
+    for (int64_t k = vectors * lanes; k < n; ++k) sum += x[k];
+    for (int l = 0; l < lanes; l++) sum += acc[l];
+    return 0.0f + sum;
+}
+
+/* out [rows, n] (x's dtype) = weight * (x * (1 / sqrt(sum(x^2) / n + eps))) in fp32, x [rows, n]: the reference's
+ * torch ops element for element, its mean torch's summation order (`lanes` found by the backend's self-test) */
+int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, const float *weight, float eps,
+                  int lanes) {
+    if (lanes != 8 && lanes != 16) return -1;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * n + 1));
+    if (!buf) return -1;
+    float *xf = buf, *sq = buf + n;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < n; i++) {
+            xf[i] = load(x, bf16, r * n + i);
+            sq[i] = xf[i] * xf[i];
+        }
+        const float inv = 1.0f / sqrtf(torch_row_sum(sq, n, lanes) / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, weight[i] * (xf[i] * inv));
+    }
+    free(buf);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ RoPE */
 
 /* out = x [rows, width] (x's dtype) with each row's last 2 * half dims rotated by interleaved pairs, the rest
