@@ -137,6 +137,17 @@ def test_rms_norm_equals_the_reference_bit_for_bit():
                 assert got.dtype == dtype and torch.equal(got, want), (n, rows, dtype)
 
 
+def test_hc_mixes_equals_the_reference_bit_for_bit():
+    """mHC's coefficients: the C RMS factor over all h*d values times torch's product, the reference's bits."""
+    gen = torch.Generator().manual_seed(1)
+    for lead in [(1, 1), (1, 3), (2, 17), (1, 300)]:
+        for d in (32, 64, 128, 256):
+            fn = torch.randn(24, 4 * d, generator=gen)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (torch.randn(*lead, 4, d, generator=gen) * 3).to(dtype)
+                assert torch.equal(FAST.hc_mixes(x, fn, 1e-6), REF.hc_mixes(x, fn, 1e-6)), (lead, d, dtype)
+
+
 def test_rms_norm_without_a_width_or_with_gradients_is_the_reference():
     """No vector width found (another torch's sum): the reference's ops; gradients wanted: the reference's too."""
     x, weight = torch.randn(3, 64), torch.randn(64, requires_grad=True)

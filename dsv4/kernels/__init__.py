@@ -60,6 +60,7 @@ OPS = (
     "sparse_attn",
     "index_scores",
     "index_topk",
+    "hc_mixes",
     "hc_split_sinkhorn",
     "hc_post",
     "routed_experts",
@@ -290,6 +291,11 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 def swiglu(x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """One clamped-SwiGLU expert on rows x [n, d] (the shared expert, or a routed one with its `weights` [n, 1])."""
     return active_backend().swiglu(x, expert, limit, weights)
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """mHC's coefficients [B, S, m] fp32 of the streams x [B, S, h, d]: (x @ fn^T) / rms(x)."""
+    return active_backend().hc_mixes(x, fn, norm_eps)
 
 
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int, iters: int,

@@ -365,6 +365,13 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------------------------------ mHC
 
+    def hc_mixes(self, x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+        """mHC's dynamic coefficients before their split: x [B,S,h,d] -> fp32 [B,S,m], a weightless RMS norm over
+        all h*d values folded into the linear map fn [m, h*d] (the product first, then times 1/rms). Differentiable."""
+        flat = x.flatten(2).to(torch.float32)
+        rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+        return (flat @ fn.to(torch.float32).t()) * rms
+
     def hc_post(self, out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """mHC's write-back after a sublayer: new streams ``X'_k = post_k * out + sum_j comb[j,k] * X_j`` in fp32,
         returned in x.dtype. out [B,S,d], x [B,S,h,d], post [B,S,h] fp32, comb [B,S,h,h] fp32 (stream j -> k).

@@ -20,13 +20,6 @@ from .. import kernels
 HC_MODES = ("mhc", "hc", "residual")
 
 
-def _mixes(x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
-    """x [B,S,h,d] -> fp32 [B,S,m]: a weightless RMS norm over all h*d values folded into a linear map."""
-    flat = x.flatten(2).to(torch.float32)
-    rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
-    return (flat @ fn.to(torch.float32).t()) * rms
-
-
 def hc_split_unconstrained(mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, eps: float
                            ) -> tuple[Tensor, Tensor, Tensor]:
     """The "hc" ablation: pre and post as in mHC, comb the raw dynamic matrix (no softmax, no Sinkhorn)."""
@@ -48,7 +41,7 @@ def hc_pre(
     """
     if mode == "residual":
         return x[:, :, 0], None, None
-    mixes = _mixes(x, fn, norm_eps)
+    mixes = kernels.hc_mixes(x, fn, norm_eps)
     if mode == "hc":
         pre, post, comb = hc_split_unconstrained(mixes, scale.to(torch.float32), base.to(torch.float32), hc_mult, eps)
     else:
@@ -70,7 +63,7 @@ def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm
     """Final collapse of the streams before the output norm: [B,S,h,d] -> [B,S,d]."""
     if mode == "residual":
         return x[:, :, 0]
-    pre = torch.sigmoid(_mixes(x, fn, norm_eps) * scale.to(torch.float32) + base.to(torch.float32)) + eps
+    pre = torch.sigmoid(kernels.hc_mixes(x, fn, norm_eps) * scale.to(torch.float32) + base.to(torch.float32)) + eps
     return (pre.unsqueeze(-1) * x.to(torch.float32)).sum(dim=2).to(x.dtype)
 
 

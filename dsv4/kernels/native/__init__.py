@@ -311,6 +311,18 @@ class NativeBackend(CpuBackend):
                                       weight.data_ptr(), eps, lanes), "rms_norm")
         return out
 
+    def hc_mixes(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
+        """The RMS factor in one C call (the reference's bits, as `rms_norm`), the product in torch's GEMM."""
+        n = x.shape[-2] * x.shape[-1]
+        if self._lanes is None or x.dtype not in _BF16 or n > NATIVE_ROW_SUM or not _inference(x, fn):
+            return super().hc_mixes(x, fn, norm_eps)
+        x = x.contiguous()
+        rms = torch.empty(*x.shape[:-2], 1)
+        _check(self.lib.dsv4_rms_factor(x.data_ptr(), rms.data_ptr(), _BF16[x.dtype], x.numel() // max(n, 1), n,
+                                        norm_eps, self._lanes), "hc_mixes")
+        flat = x.flatten(2)
+        return (flat.to(torch.float32) @ fn.to(torch.float32).t()) * rms
+
     def _sum_lanes(self) -> int | None:
         """The vector width of torch's float sum here (its summation order depends on it): the one whose C RMSNorm
         equals the reference's bit for bit on rows of many lengths, or None."""

@@ -707,6 +707,23 @@ int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, c
     return 0;
 }
 
+/* inv [rows] = 1 / sqrt(sum(x^2) / n + eps) of rows x [rows, n]: mHC's weightless RMS factor (`hc_mixes`), the
+ * reference's rounding as in `dsv4_rms_norm` */
+int dsv4_rms_factor(const void *x, float *inv, int bf16, int64_t rows, int64_t n, float eps, int lanes) {
+    if (lanes != 8 && lanes != 16) return -1;
+    float *sq = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    if (!sq) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < n; i++) {
+            const float v = load(x, bf16, r * n + i);
+            sq[i] = v * v;
+        }
+        inv[r] = 1.0f / sqrtf(torch_row_sum(sq, n, lanes) / (float)n + eps);
+    }
+    free(sq);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ RoPE */
 
 /* out = x [rows, width] (x's dtype) with each row's last 2 * half dims rotated by interleaved pairs, the rest
