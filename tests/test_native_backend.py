@@ -148,6 +148,21 @@ def test_hc_mixes_equals_the_reference_bit_for_bit():
                 assert torch.equal(FAST.hc_mixes(x, fn, 1e-6), REF.hc_mixes(x, fn, 1e-6)), (lead, d, dtype)
 
 
+def test_hc_collapse_equals_the_reference_bit_for_bit():
+    """The streams' read into a sublayer input: products added in order, torch's reduction over 4 streams (whose
+    vectorised and leftover columns both add in order), fp32 and bf16, widths with and without leftovers."""
+    gen = torch.Generator().manual_seed(2)
+    for lead in [(1, 1), (2, 9), (1, 70)]:
+        for d in (32, 100, 128, 256):
+            pre = torch.rand(*lead, 4, generator=gen) * 2
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(*lead, 4, d, generator=gen).to(dtype)
+                x[..., :3] = -0.0  # signed zeros: a sum of -0.0 terms is +0.0, as torch's from 0
+                got, want = FAST.hc_collapse(x, pre), REF.hc_collapse(x, pre)
+                bits = torch.int32 if dtype == torch.float32 else torch.int16
+                assert torch.equal(got.view(bits), want.view(bits)), (lead, d, dtype)
+
+
 def test_rms_norm_without_a_width_or_with_gradients_is_the_reference():
     """No vector width found (another torch's sum): the reference's ops; gradients wanted: the reference's too."""
     x, weight = torch.randn(3, 64), torch.randn(64, requires_grad=True)

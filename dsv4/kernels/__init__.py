@@ -61,6 +61,7 @@ OPS = (
     "index_scores",
     "index_topk",
     "hc_mixes",
+    "hc_collapse",
     "hc_split_sinkhorn",
     "hc_post",
     "routed_experts",
@@ -296,6 +297,11 @@ def swiglu(x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """mHC's coefficients [B, S, m] fp32 of the streams x [B, S, h, d]: (x @ fn^T) / rms(x)."""
     return active_backend().hc_mixes(x, fn, norm_eps)
+
+
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """mHC's sublayer input [B, S, d] (x.dtype) from the streams x [B, S, h, d]: sum_k pre_k * x_k."""
+    return active_backend().hc_collapse(x, pre)
 
 
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int, iters: int,

@@ -365,6 +365,11 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------------------------------ mHC
 
+    def hc_collapse(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """mHC's read of the streams into one sublayer input: x [B,S,h,d], pre [B,S,h] fp32 -> sum_k pre_k * x_k
+        [B,S,d] in x.dtype, products rounded to fp32 and summed over k (torch's reduction). Differentiable."""
+        return (pre.unsqueeze(-1) * x.to(torch.float32)).sum(dim=2).to(x.dtype)
+
     def hc_mixes(self, x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
         """mHC's dynamic coefficients before their split: x [B,S,h,d] -> fp32 [B,S,m], a weightless RMS norm over
         all h*d values folded into the linear map fn [m, h*d] (the product first, then times 1/rms). Differentiable."""

@@ -46,8 +46,7 @@ def hc_pre(
         pre, post, comb = hc_split_unconstrained(mixes, scale.to(torch.float32), base.to(torch.float32), hc_mult, eps)
     else:
         pre, post, comb = kernels.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
-    u = (pre.unsqueeze(-1) * x.to(torch.float32)).sum(dim=2)
-    return u.to(x.dtype), post, comb
+    return kernels.hc_collapse(x, pre), post, comb
 
 
 def hc_post(out: Tensor, x: Tensor, post: Tensor | None, comb: Tensor | None) -> Tensor:
@@ -64,7 +63,7 @@ def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm
     if mode == "residual":
         return x[:, :, 0]
     pre = torch.sigmoid(kernels.hc_mixes(x, fn, norm_eps) * scale.to(torch.float32) + base.to(torch.float32)) + eps
-    return (pre.unsqueeze(-1) * x.to(torch.float32)).sum(dim=2).to(x.dtype)
+    return kernels.hc_collapse(x, pre)
 
 
 @torch.no_grad()

@@ -311,6 +311,17 @@ class NativeBackend(CpuBackend):
                                       weight.data_ptr(), eps, lanes), "rms_norm")
         return out
 
+    def hc_collapse(self, x: Tensor, pre: Tensor) -> Tensor:
+        """One C call, bit for bit: over at most 4 streams torch's reduction adds the products in order."""
+        b, s, h, d = x.shape
+        if x.dtype not in _BF16 or pre.dtype != torch.float32 or h > 4 or not _inference(x, pre):
+            return super().hc_collapse(x, pre)
+        x, pre = x.contiguous(), pre.contiguous()
+        u = x.new_empty(b, s, d)
+        _check(self.lib.dsv4_hc_collapse(x.data_ptr(), pre.data_ptr(), u.data_ptr(), _BF16[x.dtype], b * s, h, d),
+               "hc_collapse")
+        return u
+
     def hc_mixes(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
         """The RMS factor in one C call (the reference's bits, as `rms_norm`), the product in torch's GEMM."""
         n = x.shape[-2] * x.shape[-1]

@@ -46,6 +46,7 @@ SIGNATURES = {
     "dsv4_rms_norm": (_INT, [_P, _P, _INT, _I, _I, _P, _F, _INT]),
     "dsv4_rms_factor": (_INT, [_P, _P, _INT, _I, _I, _F, _INT]),
     "dsv4_hc_post": (_INT, [_P, _P, _P, _INT, _I, _I, _I, _P, _P]),
+    "dsv4_hc_collapse": (_INT, [_P, _P, _P, _INT, _I, _I, _I]),
     "dsv4_rope": (_INT, [_P, _P, _INT, _I, _I, _I, _P, _P, _I, _INT]),
     "dsv4_sparse_attn": (_INT, [_P, _P, _INT, _I, _I, _I, _I, _P, _I, _INT, _P, _I, _P, _F]),
 }

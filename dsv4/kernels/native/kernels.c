@@ -775,6 +775,18 @@ int dsv4_hc_post(const void *out, const void *x, void *dst, int bf16, int64_t t,
     return 0;
 }
 
+/* u [T, d] (x's dtype) = sum_k pre[k] * x[k][i] for each token: x [T, h, d] in x's dtype, pre [T, h] fp32; the
+ * products rounded to fp32 and added in order from 0, which is torch's reduction over h <= 4 streams */
+int dsv4_hc_collapse(const void *x, const float *pre, void *u, int bf16, int64_t t, int64_t h, int64_t d) {
+    for (int64_t r = 0; r < t; r++)
+        for (int64_t i = 0; i < d; i++) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < h; k++) sum += pre[r * h + k] * load(x, bf16, (r * h + k) * d + i);
+            store(u, bf16, r * d + i, sum);
+        }
+    return 0;
+}
+
 /* The gradient of `dsv4_sinkhorn` (training): grad [T, h, h] of its output -> grad of its input comb0 [T, h, h]
  * (the exponentials), written to out. The forward is replayed, LANES tokens at a time, keeping every step's input
  * and divisors; each step y = c / s with s = sum(c) (+ eps) over a row or column passes back
