@@ -137,6 +137,17 @@ def test_rms_norm_equals_the_reference_bit_for_bit():
                 assert got.dtype == dtype and torch.equal(got, want), (n, rows, dtype)
 
 
+def test_head_norm_equals_the_reference_bit_for_bit():
+    """The weightless per-head query norm: fp32 through the C RMSNorm (weight 1, an exact product) to the bit; bf16,
+    which the reference computes in bf16, stays the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(1, 1, 4, 32), (2, 7, 8, 128), (1, 300, 4, 64)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            q = (torch.randn(*shape, generator=gen) * 4).to(dtype)
+            got, want = FAST.head_norm(q, 1e-6), REF.head_norm(q, 1e-6)
+            assert got.dtype == dtype and torch.equal(got, want), (shape, dtype)
+
+
 def test_hc_mixes_equals_the_reference_bit_for_bit():
     """mHC's coefficients: the C RMS factor over all h*d values times torch's product, the reference's bits."""
     gen = torch.Generator().manual_seed(1)

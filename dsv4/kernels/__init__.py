@@ -56,6 +56,7 @@ OPS = (
     "linear",
     "hadamard",
     "rms_norm",
+    "head_norm",
     "rope",
     "sparse_attn",
     "index_scores",
@@ -259,6 +260,11 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in fp32 with an fp32 weight, returned in x.dtype."""
     return active_backend().rms_norm(x, weight, eps)
+
+
+def head_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim in x's dtype (the per-head query normalisation)."""
+    return active_backend().head_norm(x, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

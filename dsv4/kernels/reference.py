@@ -263,6 +263,11 @@ class ReferenceBackend:
         xf = x.to(torch.float32)
         return (weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
 
+    def head_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """The official per-head query normalisation, ``x * rsqrt(mean(x^2) + eps)`` over the last dim, weightless and
+        in x's own dtype (unlike `rms_norm`). Differentiable."""
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
     # ------------------------------------------------------------------------------------------ RoPE
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -61,7 +61,7 @@ class Attention(nn.Module):
 
         c_q = self.q_norm(self.wq_a(x))  # [B,S,q_lora]
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
-        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
+        q = kernels.head_norm(q, self.eps)
         q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
 
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,S,D]

@@ -146,10 +146,10 @@ class MoE(nn.Module):
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
         if routing is not None:
             routing.append(RouterRecord(self.layer_id, scores, ids, self.gate.hash, shape[0]))
-        counts = torch.bincount(ids.flatten(), minlength=self.n_experts)  # [E] assignments per expert
         if self.expert_parallel is None:
-            y = self.run_experts(x, weights, ids, torch.nonzero(counts).flatten().tolist())
+            y = self.run_experts(x, weights, ids, sorted(set(ids.flatten().tolist())))  # the experts chosen
         else:
+            counts = torch.bincount(ids.flatten(), minlength=self.n_experts)  # [E] assignments per expert
             y = self.expert_parallel(self, x, weights, ids, counts)
         y = y + self.shared_experts(x).to(torch.float32)
         return y.to(x.dtype).reshape(shape)

@@ -45,7 +45,7 @@ def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     torch.cos/torch.sin in the last bit, which can flip a bf16 rounding of the rotated vector."""
     angles = positions.to(torch.float32).unsqueeze(-1) * freqs.to(positions.device)
     rotation = torch.polar(torch.ones_like(angles), angles)
-    return rotation.real, rotation.imag
+    return rotation.real.contiguous(), rotation.imag.contiguous()  # contiguous once, not in every rope that reads them
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:

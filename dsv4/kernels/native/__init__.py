@@ -116,6 +116,7 @@ class NativeBackend(CpuBackend):
         self.decoded.builders["native"] = _native_form
         with torch.inference_mode():
             self._lanes = self._sum_lanes()
+        self._ones: dict[int, Tensor] = {}  # head_norm's unit weights by width
 
     def _form(self, weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         return self.decoded.get(weight, scale, "native")
@@ -302,6 +303,17 @@ class NativeBackend(CpuBackend):
                 or n > NATIVE_ROW_SUM or not _inference(x, weight)):
             return super().rms_norm(x, weight, eps)
         return self._rms_norm(x, weight, eps, self._lanes)
+
+    def head_norm(self, x: Tensor, eps: float) -> Tensor:
+        """fp32: the C RMSNorm with a weight of ones (an exact product), bit for bit; bf16 computes in bf16: the
+        reference."""
+        n = x.shape[-1]
+        if self._lanes is None or x.dtype != torch.float32 or n > NATIVE_ROW_SUM or not _inference(x):
+            return super().head_norm(x, eps)
+        ones = self._ones.get(n)
+        if ones is None:
+            ones = self._ones[n] = torch.ones(n)
+        return self._rms_norm(x, ones, eps, self._lanes)
 
     def _rms_norm(self, x: Tensor, weight: Tensor, eps: float, lanes: int) -> Tensor:
         x, weight = x.contiguous(), weight.contiguous()
