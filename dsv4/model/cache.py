@@ -216,15 +216,24 @@ class Cache:
                              f"got {max_tokens}")
         snap = CacheSnapshot(self.lengths.clone(), self.mtp_lengths.clone(), max_tokens)
         offsets = torch.arange(max_tokens, device=self.lengths.device)
+        rows = torch.arange(self.batch_size, device=self.lengths.device).unsqueeze(1)
+        slots: dict[tuple[bool, int], tuple[Tensor, Tensor]] = {}  # (mtp side, ring size) -> positions, slots
+
+        def add(owner: object, attr: str, mtp: bool) -> None:
+            ring = getattr(owner, attr).shape[1]
+            if (mtp, ring) not in slots:
+                pos = (snap.mtp_lengths if mtp else snap.lengths).unsqueeze(1) + offsets  # [B,n] positions written
+                slots[mtp, ring] = pos, pos % ring
+            pos, at = slots[mtp, ring]
+            snap.parts.append((owner, attr, pos, at, getattr(owner, attr)[rows, at]))  # indexing copies
+
         for layer_id, layer in enumerate(self.layers):
-            start = snap.mtp_lengths if layer_id >= self.args.n_layers else snap.lengths
-            pos = start.unsqueeze(1) + offsets  # [B,n] positions the step may write
-            snap.add(layer, "window", pos, pos % layer.window.shape[1])
+            mtp = layer_id >= self.args.n_layers
+            add(layer, "window", mtp)
             for state in (layer.compressor, layer.indexer):
-                if state is None:
-                    continue
-                snap.add(state, "kv", pos, pos % state.kv.shape[1])
-                snap.add(state, "score", pos, pos % state.score.shape[1])
+                if state is not None:
+                    add(state, "kv", mtp)
+                    add(state, "score", mtp)
         return snap
 
     def rollback(self, snap: CacheSnapshot, lengths: Tensor | None = None, mtp_lengths: Tensor | None = None) -> None:
@@ -374,10 +383,6 @@ class CacheSnapshot:
     mtp_lengths: Tensor
     max_tokens: int
     parts: list[tuple[object, str, Tensor, Tensor, Tensor]] = field(default_factory=list)
-
-    def add(self, owner: object, attr: str, pos: Tensor, slots: Tensor) -> None:
-        rows = torch.arange(pos.shape[0], device=pos.device).unsqueeze(1)
-        self.parts.append((owner, attr, pos, slots, getattr(owner, attr)[rows, slots].clone()))
 
 
 @dataclass
