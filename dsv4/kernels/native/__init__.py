@@ -9,8 +9,10 @@ one call into `kernels.c` (built at first use, `build.py`):
 * `swiglu` and `routed_experts` with quantised weights: a token's whole expert chain, its experts added into its
   row in increasing id (the reference's order);
 * `sparse_attn` of a decode's few queries over fp32 rows, read in place from dense runs or pages;
-* `rope`, `hc_post`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops, bit for bit the
-  reference's;
+* `rope`, `hc_post`, `hc_collapse`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops, bit
+  for bit the reference's;
+* `rms_norm`, `head_norm` (fp32) and `hc_mixes`' RMS factor: a mean of squares summed in torch's own order (the
+  cascade of its `SumKernel.cpp`, at the vector width a self-test finds when the backend starts), so bit for bit;
 * `hc_split_sinkhorn`: the splits and normalisations (bit for bit; the sigmoids and exponentials stay torch's),
   the normalisations vectorised over tokens;
 * `index_topk`: the indexer's selection, a heap per query (the same picks, in the same order, as torch's stable
@@ -364,8 +366,8 @@ class NativeBackend(CpuBackend):
         more when ties are cut) while the scores are few (`NATIVE_TOPK_SCORES`, a decode's or a short chunk's);
         a long prefill keeps torch's O(N) topk, and gradients the reference."""
         n = scores.shape[-1]
-        if (scores.dtype not in _BF16 or scores.device.type != "cpu" or scores.numel() > NATIVE_TOPK_SCORES
-                or torch.is_grad_enabled() and scores.requires_grad or not scores.is_contiguous()):
+        if (scores.dtype not in _BF16 or scores.numel() > NATIVE_TOPK_SCORES or not scores.is_contiguous()
+                or not _inference(scores, visible)):
             return super().index_topk(scores, visible, k)
         k = min(k, n)
         visible = visible.to(torch.int64).contiguous()
