@@ -5,9 +5,9 @@
  * The arithmetic is the reference backend's (dsv4/kernels/reference.py), element by element: power-of-two block
  * scales, e4m3 / e2m1 round-half-even, the two-level fp32 accumulation per weight block, the Sinkhorn sequence,
  * RoPE's complex product, mHC's write-back. What differs is only the order of fp32 additions inside one block's
- * dot product (a sequential sum over k here, BLAS's order there) and libm's expf against torch's vectorised exp
- * (SwiGLU, attention): last-bit differences, within the tolerances the tests state. Built with
- * -ffp-contract=off, so the rounding follows this source on every CPU.
+ * dot product (a sequential sum over k here, or 16 interleaved partial sums in attention's logits; BLAS's order
+ * there) and libm's expf against torch's vectorised exp (SwiGLU, attention): last-bit differences, within the
+ * tolerances the tests state. Built with -ffp-contract=off, so the rounding follows this source on every CPU.
  *
  * Tensors arrive as raw pointers to contiguous rows; a `bf16` flag says a tensor holds bfloat16 bit patterns
  * (uint16) instead of fp32. Every kernel is independent per row, so its result for a row does not depend on the
@@ -479,6 +479,19 @@ static const void *row_at(const Run *runs, int64_t n_runs, int64_t batch, int64_
     return NULL; /* past every run: treated as an unused slot */
 }
 
+/* A dot product in 16 interleaved partial sums (lane l adds the products at l, l + 16, ...; then the lanes in
+ * order, then the tail): an order the compiler vectorises, where one running sum stays scalar. */
+static inline float dot_lanes(const float *a, const float *b, int64_t n) {
+    float part[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) part[l] += a[i + l] * b[i + l];
+    float sum = 0.0f;
+    for (int l = 0; l < 16; l++) sum += part[l];
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 /* out [B, S, H, D] (q's dtype) = each query's attention over the rows idx [B, S, K] names (-1: unused), with the
  * per-head sink [H] fp32: the reference's arithmetic (the official kernel's): slots walked in idx order, 64 at a
  * time, an online softmax in fp32 (running max, p = exp(logit - max), running sum), the unnormalised p rounded to
@@ -526,9 +539,7 @@ int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s,
                     float top = run_max[hi];
                     for (int64_t j = 0; j < n; j++) {
                         if (!valid[j]) { lh[j] = -INFINITY; continue; }
-                        float dot = 0.0f;
-                        for (int64_t i = 0; i < d; i++) dot += qh[i] * rowf[j * d + i];
-                        lh[j] = dot * scale;
+                        lh[j] = dot_lanes(qh, rowf + j * d, d) * scale;
                         top = lh[j] > top ? lh[j] : top;
                     }
                     const float shift = isfinite(top) ? top : 0.0f;
