@@ -112,6 +112,43 @@ def test_steps_match_the_formulas(shape):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), m, rtol=0, atol=1e-6)
 
 
+def test_one_step_over_many_params_gives_each_its_own_update():
+    """Matrices of one shape are orthogonalised in one batch across params and groups (a stacked tensor's
+    members, row blocks, tall and wide, different lr / γ / schedules); each param still gets the update it gets
+    alone."""
+    shapes = [(12, 5), (5, 12), (12, 5), (3, 12, 5), (10, 5), (5, 12)]
+    groups = [{"lr": 0.05}, {"lr": 0.02, "rms_scale": 0.3}, {"lr": 0.05, "row_blocks": (5, 5)},
+              {"lr": 0.05, "ns_schedule": V4_NS_SCHEDULE[:4]}]
+    member = [0, 1, 0, 0, 2, 3]  # the group of each shape
+    w0 = [_randn(*shape, seed=20 + i) for i, shape in enumerate(shapes)]
+    grads = [[_randn(*shape, seed=40 + 10 * step + i) for i, shape in enumerate(shapes)] for step in range(2)]
+    together = [nn.Parameter(w.clone()) for w in w0]
+    opt = Muon([{**g, "params": [p for p, m in zip(together, member, strict=True) if m == k]}
+                for k, g in enumerate(groups)])
+    alone = [nn.Parameter(w.clone()) for w in w0]
+    opts = [Muon([{**groups[m], "params": [p]}]) for p, m in zip(alone, member, strict=True)]
+    for step_grads in grads:
+        for p, q, g in zip(together, alone, step_grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+        for p, q in zip(together, alone, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+    # the short schedule's matrices were not batched with the full schedule's (its update differs)
+    reference = nn.Parameter(w0[5].clone())
+    reference.grad = grads[0][5].clone()
+    Muon([reference], lr=0.05).step()
+    assert (reference.detach() - _first_step(w0[5], grads[0][5], groups[3])).abs().max() > 1e-3
+
+
+def _first_step(w0, g, group):
+    p = nn.Parameter(w0.clone())
+    p.grad = g.clone()
+    Muon([{**group, "params": [p]}]).step()
+    return p.detach()
+
+
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])
 def test_update_rms_is_gamma(shape):
     p = nn.Parameter(_randn(*shape, seed=4))
