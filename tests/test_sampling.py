@@ -431,3 +431,20 @@ def test_real_vocab_batch():
         out = sampler.sample(torch.randn(n, vocab, dtype=torch.bfloat16) * 4, params, states)
         assert out.tokens.shape == (n,) and all(0 <= t < vocab for t in out.token_ids)
     assert all(len(s.output_ids) == 3 for s in states)
+
+
+def test_greedy_tokens_are_argmax_first_maximum_with_ties_and_nans():
+    from dsv4.engine.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (1, 7, 129_280):
+        logits = torch.randint(-2, 2, (6, vocab), generator=g).float()  # many ties at the top
+        logits[1] = float("-inf")
+        if vocab > 1:
+            logits[2, vocab // 2] = float("nan")
+            logits[3, [vocab // 3, vocab - 1]] = float("nan")  # the first NaN wins
+            logits[4, vocab - 1] = 5.0  # the maximum in the vectorised tail
+        got = greedy_tokens(logits)
+        assert torch.equal(got, logits.argmax(dim=-1)), vocab
+        top = logits[0].max()
+        assert got[0] == (logits[0] == top).nonzero()[0, 0]  # the lowest id among the tied maxima

@@ -334,9 +334,10 @@ def process_logits(logits: Tensor, params: Sequence[SamplingParams],
             col([p.repetition_penalty for p in params], pen))
 
     # 2. temperature (greedy rows keep T = 1: their logprobs are the penalised model logprobs)
-    temps = torch.tensor([max(p.temperature, _MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params],
-                         dtype=torch.float32, device=device)
-    scaled = logits / temps.unsqueeze(1)
+    temps = [max(p.temperature, _MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params]
+    scaled = logits  # every row at T = 1 (greedy decoding): dividing would copy the [B, V] logits unchanged
+    if any(t != 1.0 for t in temps):
+        scaled = logits / torch.tensor(temps, dtype=torch.float32, device=device).unsqueeze(1)
 
     rand = [i for i, p in enumerate(params) if not p.greedy]
     probs = torch.softmax(scaled[torch.tensor(rand, dtype=torch.long, device=device)], dim=-1)  # [len(rand), V]
@@ -349,6 +350,13 @@ def process_logits(logits: Tensor, params: Sequence[SamplingParams],
                            col([p.top_p for p in params], rows), col([p.min_p for p in params], rows))
         probs[fidx] = probs[fidx] * keep
     return ProcessedLogits(logits, scaled, rand, probs)
+
+
+def greedy_tokens(logits: Tensor) -> Tensor:
+    """The greedy token of each row of logits [..., V]: its first maximum (the lowest id among ties; a NaN counts
+    as the maximum, as in argmax). torch.max's indices, which equal argmax's and on a 129k vocabulary take a
+    third of its time on this CPU."""
+    return logits.max(dim=-1).indices
 
 
 def token_logprobs(scaled: Tensor, tokens: Tensor, top_n: Sequence[int]) -> list[TokenLogprobs]:
@@ -399,7 +407,7 @@ class Sampler:
         """Step 6: one token per row of `processed` ([B] int64 on its device): greedy rows their argmax, the others
         the official probs / Exp(1)-noise argmax. Each seeded row draws one [V] noise row from its own generator,
         the unseeded rows one [n, V] draw from the shared one. Records nothing."""
-        tokens = processed.logits.argmax(dim=-1)  # greedy rows (first maximum = lowest id)
+        tokens = greedy_tokens(processed.logits)  # greedy rows
         rand, probs = processed.rand, processed.weights
         if not rand:
             return tokens

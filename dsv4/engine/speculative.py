@@ -39,7 +39,15 @@ from torch import Tensor
 
 from ..model import Transformer
 from ..model.cache import Cache
-from .sampling import Sampler, SamplingParams, SequenceState, TokenLogprobs, process_logits, token_logprobs
+from .sampling import (
+    Sampler,
+    SamplingParams,
+    SequenceState,
+    TokenLogprobs,
+    greedy_tokens,
+    process_logits,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -68,7 +76,7 @@ def mtp_draft(model: Transformer, cache: Cache, history: list[int], first: int, 
     drafts = [first]
     for _ in range(k - 1):
         hidden = model.mtp_streams(hidden, torch.tensor([[drafts[-1]]], device=hidden.device), cache)
-        drafts.append(int(model.mtp_head(hidden[:, -1:])[0, -1].argmax()))
+        drafts.append(int(greedy_tokens(model.mtp_head(hidden[:, -1:])[0, -1])))
     return drafts
 
 
@@ -92,7 +100,7 @@ def speculative_generate(model: Transformer, prompt_ids: list[int], max_new_toke
 
     prompt = torch.tensor([prompt_ids], device=device)
     streams = model.forward_streams(prompt, cache)
-    pending = int(model.logits(streams[:, -1:])[0, -1].argmax())
+    pending = int(greedy_tokens(model.logits(streams[:, -1:])[0, -1]))
     stats.main_forwards += 1
     out = [pending]
     if pending == eos_id or len(out) >= max_new_tokens:
@@ -102,13 +110,13 @@ def speculative_generate(model: Transformer, prompt_ids: list[int], max_new_toke
     stats.mtp_forwards += 1
 
     while True:
-        first = int(model.mtp_head(hidden)[0, -1].argmax())
+        first = int(greedy_tokens(model.mtp_head(hidden)[0, -1]))
         snap = cache.snapshot(k + 1)
         drafts = mtp_draft(model, cache, [*prompt_ids, *out], first, hidden, k)
         stats.mtp_forwards += k - 1
         verify = torch.tensor([[pending, *drafts]], device=device)
         streams = model.forward_streams(verify, cache)
-        greedy = model.logits(streams)[0].argmax(-1).tolist()  # greedy[i] follows verify[0, i]
+        greedy = greedy_tokens(model.logits(streams)[0]).tolist()  # greedy[i] follows verify[0, i]
         stats.main_forwards += 1
         stats.steps += 1
         stats.drafted += k
@@ -184,7 +192,7 @@ def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int]
     processed = process_logits(target_logits, [params] * (k + 1), rows)
     d = torch.tensor(list(drafts), dtype=torch.long, device=device)  # [k]
     if params.greedy:
-        target = processed.logits.argmax(dim=-1)  # [k+1], Sampler's greedy token of each row
+        target = greedy_tokens(processed.logits)  # [k+1], Sampler's greedy token of each row
         accept = d == target[:k]  # [k]
     else:
         p = processed.probs()  # [k+1, V]
