@@ -70,8 +70,8 @@ class Attention(nn.Module):
             kv = torch.cat((kernels.fp8_simulate(kv[..., :nope]), kv[..., nope:]), dim=-1)
 
         # window candidates: the ring holds positions start-W .. start-1, the chunk start .. start+S-1
-        ext_kv, window_idx = self._window(kv, ctx, cache)
-        kv_rows, idx = [ext_kv], window_idx  # runs of KV rows and each query's indices into their concatenation
+        window_rows, window_idx, pending = self._window(kv, ctx, cache)
+        kv_rows, idx = list(window_rows), window_idx  # runs of KV rows, each query's indices into their concatenation
         if self.ratio:
             n_entries = self.compressor(x, ctx, cache.compressor, self.freqs)
             if self.ratio == CSA_RATIO:
@@ -82,12 +82,14 @@ class Attention(nn.Module):
                 n = torch.arange(n_entries, device=x.device)
                 visible = n < torch.div(ctx.positions + 1, self.ratio, rounding_mode="floor").unsqueeze(-1)
                 chosen = torch.where(visible, n, -1)  # [B,S,N]
-            offset = ext_kv.shape[1]
+            offset = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in window_rows)
             kv_rows.append(cache.compressor.entries.rows(n_entries))  # [B,N,D], paged entries stay in their pages
             idx = torch.cat((window_idx, torch.where(chosen >= 0, chosen + offset, -1)), dim=-1)
 
         scale = self.head_dim**-0.5
         o = kernels.sparse_attn(q, kv_rows, idx, self.attn_sink, scale)  # [B,S,H,D]
+        if pending is not None:  # the chunk's tokens take their ring slots now that the ring has been read
+            cache.write_window_slots(*pending)
         if self.ratio == CSA_RATIO and ctx.trace is not None:
             with torch.no_grad():
                 kv_set = concat_rows(kv_rows)
@@ -104,18 +106,27 @@ class Attention(nn.Module):
         z = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))
         return self.wo_b(z.flatten(2))
 
-    def _window(self, kv: Tensor, ctx: ForwardContext, cache: LayerCache) -> tuple[Tensor, Tensor]:
-        """Ring + chunk as one position-ordered KV run [B, W+S, D], and each query's window
-        indices into it [B, S, W] (S < W slots for a prefill shorter than the window): oldest -> newest,
-        then -1 for the slots before the sequence start
-        (the official order, which decides the attention kernel's blocks of candidates). A decode step whose
-        ring holds its rows exactly writes the token first and runs on the ring alone [B, W, D]."""
+    def _window(self, kv: Tensor, ctx: ForwardContext, cache: LayerCache
+                ) -> tuple[list[Tensor], Tensor, tuple[Tensor, Tensor] | None]:
+        """The window's runs of KV rows, each query's window indices into their concatenation [B, S, W'] (S < W
+        slots for a prefill shorter than the window): oldest -> newest, then -1 for the slots before the
+        sequence start (the official order, which decides the attention kernel's blocks of candidates), and a
+        ring write left for after the attention (slots, rows), or None.
+
+        A decode step whose ring holds its rows exactly writes the token first and runs on the ring alone
+        [B, W, D]. A verify step's few tokens (at most W, every row appending them) run on the ring as it is and
+        the chunk, [B, W, D] and [B, S, D], and take their slots once the ring has been read. Otherwise the
+        ring's rows in position order and the chunk are one run [B, W+S, D]."""
         W = self.window
         slots = ctx.shared(("slots", W), lambda: ctx.positions % W)  # [B,S] each token's ring slot
-        if ctx.appends == 1 and cache.codec is None and cache.window.dtype == kv.dtype:
+        same_form = cache.codec is None and cache.window.dtype == kv.dtype
+        if ctx.appends == 1 and same_form:
             cache.write_window_slots(slots, kv.detach())
-            return cache.read_window(), ctx.shared(("window1", W), lambda: _one_token_window(W, ctx))
-        in_place = 0 < ctx.appends <= W  # a verify step's few tokens take their slots once the run is read
+            return [cache.window_rows()], ctx.shared(("window1", W), lambda: _one_token_window(W, ctx)), None
+        in_place = 0 < ctx.appends <= W
+        if in_place and same_form:
+            idx = ctx.shared(("window_ring", W), lambda: _ring_window_indices(W, kv.shape[1], ctx))
+            return [cache.window_rows(), kv], idx, (slots, kv.detach())
         ring_slots, idx, keep = ctx.shared(("window", W),
                                            lambda: _window_indices(W, kv.shape[1], ctx, rewrite=not in_place))
         ext_kv = torch.cat((gather_rows(cache.read_window(), ring_slots).to(kv.dtype), kv), dim=1)
@@ -123,7 +134,7 @@ class Attention(nn.Module):
             cache.write_window_slots(slots, kv.detach())
         elif keep is not None:
             cache.write_window(gather_rows(ext_kv, keep).detach())
-        return ext_kv, idx
+        return [ext_kv], idx, None
 
 
 def _one_token_window(W: int, ctx: ForwardContext) -> Tensor:
@@ -137,6 +148,15 @@ def _one_token_window(W: int, ctx: ForwardContext) -> Tensor:
     if W > 1 and not bool(ctx.start.any()):
         idx = idx[..., :1]  # a one-token prefill has one window slot, as in `_window_indices`
     return idx
+
+
+def _ring_window_indices(W: int, seqlen: int, ctx: ForwardContext) -> Tensor:
+    """`_window_indices`' window rows [B,S,W'] over the ring as it is and the chunk [ring | chunk] instead of the
+    ring in position order and the chunk: the same slots, naming the same rows."""
+    ring_slots, idx, _ = _window_indices(W, seqlen, ctx, rewrite=False)
+    in_ring = (idx >= 0) & (idx < W)
+    ring_rows = ring_slots.gather(1, idx.clamp(0, W - 1).flatten(1)).view_as(idx)
+    return torch.where(in_ring, ring_rows, idx)
 
 
 def _window_indices(W: int, seqlen: int, ctx: ForwardContext, rewrite: bool

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..config import CSA_RATIO, ModelArgs
-from ..kernels import KVRows, RowCodec
+from ..kernels import KVRows, PagedRows, RowCodec
 
 
 class EntryStore(Protocol):
@@ -144,6 +144,10 @@ class LayerCache:
     def read_window(self) -> Tensor:
         """The window ring as rows [B, W, head_dim]."""
         return self.window if self.codec is None else self.codec.decode(self.window)
+
+    def window_rows(self) -> KVRows:
+        """The window ring as attention reads it, in place where it can: [B, W, head_dim] rows."""
+        return self.read_window()
 
     def write_window(self, rows: Tensor) -> None:
         self.window = rows if self.codec is None else self.codec.encode(rows)
@@ -326,6 +330,13 @@ class LayerCacheRows:
     def read_window(self) -> Tensor:
         stored = self.parent.window[self.rows]
         return stored if self.parent.codec is None else self.parent.codec.decode(stored)
+
+    def window_rows(self) -> KVRows:
+        """These rows' rings left in the parent's: each batch row's ring one page of W rows (no copy)."""
+        window = self.parent.window
+        if self.parent.codec is not None:
+            return self.read_window()
+        return PagedRows(window, self.rows.unsqueeze(1), window.shape[1], None, window.dtype)
 
     def write_window(self, rows: Tensor) -> None:
         codec = self.parent.codec
