@@ -225,12 +225,26 @@ def test_a_rows_result_does_not_depend_on_its_batch():
     assert all(torch.equal(FAST.linear(x[i : i + 1], w, s), whole[i : i + 1]) for i in range(6))
 
 
-def test_large_gemms_and_gradients_stay_on_the_cpu_backend():
-    """Past NATIVE_MACS the work is BLAS's (the "cpu" backend's bits exactly), and a wanted gradient is kept."""
-    w, s = quantize_fp8_weight(_rand(1024, 1024, seed=1, scale=0.05))
-    x = _rand(8, 1024, seed=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_large_gemms_are_one_blas_gemm_of_the_dequantised_operands(fmt, dtype):
+    """Past NATIVE_MACS a quantised linear is BLAS's: activations quantised and dequantised, the weight with its
+    scales multiplied in, one GEMM. The reference's products in another order: within the tests' tolerances, and
+    (fp32 rows) within a few fp32 roundings of the block-by-block sum."""
+    quant = quantize_fp4_weight if fmt == "fp4" else quantize_fp8_weight
+    w, s = quant(_rand(1024, 1024, seed=1, scale=0.05))
+    x = _rand(8, 1024, seed=2).to(dtype)
     assert x.numel() * w.shape[0] > native.NATIVE_MACS
-    assert torch.equal(FAST.linear(x, w, s), CpuBackend().linear(x, w, s))
+    got, want = FAST.linear(x, w, s), REF.linear(x, w, s)
+    _close(got, want, 1e-6 if dtype == torch.float32 else 2**-8)
+    assert not torch.equal(got, CpuBackend().linear(x, w, s)) or dtype == torch.bfloat16  # not the block sums
+
+
+def test_gradients_stay_on_the_cpu_backend():
+    w, s = quantize_fp8_weight(_rand(1024, 1024, seed=1, scale=0.05))
+    x = _rand(8, 1024, seed=2).requires_grad_()
+    got = FAST.linear(x, w, s)
+    assert got.requires_grad and torch.equal(got, CpuBackend().linear(x, w, s))
     mixes = _rand(2, 24, seed=3).requires_grad_()
     pre, _, _ = FAST.hc_split_sinkhorn(mixes, torch.ones(3), torch.zeros(24), 4, 3, 1e-6)
     assert pre.requires_grad
@@ -265,6 +279,26 @@ def test_routed_and_shared_experts_agree_with_the_reference(dtype, fmt, tokens, 
                                7.0), REF.routed_experts(x, weights, ids, experts, held, 7.0), rel)
     _close(FAST.swiglu(x, experts[0], 7.0), REF.swiglu(x, experts[0], 7.0), rel)
     _close(FAST.swiglu(x, experts[1], 7.0, weights[:, :1]), REF.swiglu(x, experts[1], 7.0, weights[:, :1]), rel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_a_prefills_experts_are_batched_gemms_of_folded_weights(monkeypatch, dtype, fmt):
+    """Past NATIVE_MACS the routed experts run as three batched GEMMs over every expert's stacked folded weights
+    (the "cpu" backend's padded layout), and agree with the reference's per-expert block GEMMs."""
+    experts = _experts(8, 256, 128, fmt)
+    gen = torch.Generator().manual_seed(0)
+    x = (_rand(200, 256, seed=5) * 4).to(dtype)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(200)])
+    weights = torch.rand(200, 2, generator=gen)
+    which = list(range(8))
+    kinds = []
+    padded = FAST._padded_swiglu
+    monkeypatch.setattr(FAST, "_padded_swiglu", lambda *a: kinds.append(a[-1]) or padded(*a))
+    got = FAST.routed_experts(x, weights, ids, experts, which, 7.0)
+    assert kinds == ["folded"]
+    _close(got, REF.routed_experts(x, weights, ids, experts, which, 7.0), 1e-5 if dtype == torch.float32 else 2**-7)
+    _close(FAST.swiglu(x, experts[3], 7.0), REF.swiglu(x, experts[3], 7.0), 1e-5 if dtype == torch.float32 else 2**-7)
 
 
 # ---------------------------------------------------------------------------------------------- build and choice

@@ -193,7 +193,7 @@ class CpuBackend(ReferenceBackend):
         if cache_mb is None:
             cache_mb = int(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_MB)
         self.decoded = DecodedWeights(cache_mb << 20)
-        self._stacks: dict[int, tuple] = {}
+        self._stacks: dict[tuple[int, str], tuple] = {}
 
     # ------------------------------------------------------------------------------------------ quantisation
 
@@ -259,9 +259,10 @@ class CpuBackend(ReferenceBackend):
         rows_x = x.index_select(0, rows.tokens)  # [R, d]
         rows_w = weights.flatten().index_select(0, rows.keep).unsqueeze(-1)  # [R, 1] fp32
         which, sizes = rows.which, rows.sizes
-        if (experts[which[0]].w1.is_floating_point() and 2 * len(which) >= len(experts)
+        kind = self._stacked_kind(rows_x, experts[which[0]])
+        if (kind is not None and 2 * len(which) >= len(experts)
                 and max(sizes) * len(experts) <= PAD_WASTE * rows.keep.numel()):
-            out = self._padded_swiglu(rows_x, rows_w, experts, which, sizes, limit)
+            out = self._padded_swiglu(rows_x, rows_w, experts, which, sizes, limit, kind)
         else:
             outs, lo = [], 0
             for e, n in zip(which, sizes, strict=True):
@@ -284,53 +285,81 @@ class CpuBackend(ReferenceBackend):
             hidden = weights * hidden
         return self.linear(hidden.to(x.dtype), expert.w2, expert.s2)
 
+    @staticmethod
+    def _stacked_kind(x: Tensor, expert: ExpertWeights) -> str | None:
+        """How `_padded_swiglu` stacks these experts ("float": their weights as they are), or None where the
+        reference's per-expert chain must run (quantised weights: their per-block GEMMs)."""
+        return "float" if expert.w1.is_floating_point() else None
+
+    def _gemm_operand(self, rows: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
+        """Activation rows [R, K] (the model dtype) as the left operand of a GEMM with `kind` stacked weights."""
+        return rows.to(dtype)
+
     def _padded_swiglu(self, x: Tensor, w: Tensor, experts: Sequence[ExpertWeights | None], which: list[int],
-                       sizes: list[int], limit: float) -> Tensor:
-        """Float experts as one batched GEMM per projection over all experts' stacked weights: each expert's
-        rows padded to the largest group (zeros, computed and dropped). x [R, d] grouped by expert, w [R, 1]."""
+                       sizes: list[int], limit: float, kind: str = "float") -> Tensor:
+        """Experts as one batched GEMM per projection over all experts' stacked weights (`_stack`): each expert's
+        rows padded to the largest group (zeros, computed and dropped). x [R, d] grouped by expert, w [R, 1].
+        Each projection's output is rounded to x's dtype, as the reference's linear returns it."""
         width = max(sizes)
         device = x.device
         group = torch.repeat_interleave(torch.tensor(which, device=device), torch.tensor(sizes, device=device))
         first = torch.repeat_interleave(torch.tensor([0] + sizes[:-1], device=device).cumsum(0),
                                         torch.tensor(sizes, device=device))
         dest = group * width + torch.arange(x.shape[0], device=device) - first  # [R] row in the padded layout
-        w1, w3, w2 = self._stack(experts, which)  # [E, N, K] each
-        padded = x.new_zeros(len(experts) * width, x.shape[1]).index_copy_(0, dest, x).to(w1.dtype)
-        padded = padded.view(len(experts), width, -1)  # [E, width, d]
-        gate = torch.bmm(padded, w1.transpose(1, 2)).to(torch.float32).clamp_(max=limit)
-        up = torch.bmm(padded, w3.transpose(1, 2)).to(torch.float32).clamp_(-limit, limit)
+        w1, w3, w2 = self._stack(experts, which, kind)  # [E, K, N] each: the right operands of rows @ w
+
+        def padded(rows: Tensor, weight: Tensor) -> Tensor:  # [R, K] -> [E, width, K], zeros between the groups
+            rows = self._gemm_operand(rows, kind, weight.dtype)
+            return rows.new_zeros(len(experts) * width, rows.shape[1]).index_copy_(0, dest, rows).view(
+                len(experts), width, -1)
+
+        operand = padded(x, w1)
+        gate = torch.bmm(operand, w1).to(x.dtype).to(torch.float32).clamp_(max=limit)
+        up = torch.bmm(operand, w3).to(x.dtype).to(torch.float32).clamp_(-limit, limit)
         hidden = F.silu(gate).mul_(up).view(-1, gate.shape[-1]).index_select(0, dest).mul_(w)  # [R, inter]
-        hidden = hidden.to(x.dtype).to(w2.dtype)
-        out = x.new_zeros(len(experts) * width, hidden.shape[1], dtype=w2.dtype).index_copy_(0, dest, hidden)
-        out = torch.bmm(out.view(len(experts), width, -1), w2.transpose(1, 2))  # [E, width, d]
+        out = torch.bmm(padded(hidden.to(x.dtype), w2), w2)  # [E, width, d]
         return out.view(-1, out.shape[-1]).index_select(0, dest).to(x.dtype)
 
-    def _stack(self, experts: Sequence[ExpertWeights | None], which: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """The float w1, w3, w2 of every expert, each as one [E, N, K] tensor (zeros for experts held elsewhere),
-        kept per expert table (a second copy of the float expert weights); the experts about to run are checked
-        (identity and version of their weights) and copied again if they changed."""
-        key = id(experts)
+    def _stack(self, experts: Sequence[ExpertWeights | None], which: list[int],
+               kind: str = "float") -> tuple[Tensor, Tensor, Tensor]:
+        """Every expert's w1, w3, w2 as the right operands of rows @ w, each one [E, K, N] tensor (zeros for experts
+        held elsewhere): "float" the float weights (stacked [E, N, K], returned transposed), another kind the
+        weights' decoded form of that name (`DecodedWeights.builders`, [K, N] each). Kept per expert table and
+        kind (a second copy of the expert weights); the experts about to run are checked (identity and version
+        of their weights and scales) and stacked again if they changed."""
+        def form(expert: ExpertWeights) -> tuple[Tensor, Tensor, Tensor]:
+            pairs = ((expert.w1, expert.s1), (expert.w3, expert.s3), (expert.w2, expert.s2))
+            if kind == "float":
+                return tuple(t for t, _ in pairs)
+            return tuple(self.decoded.builders[kind](t, scale)[0] for t, scale in pairs)
+
+        def stamp(expert: ExpertWeights) -> tuple:
+            tensors = (expert.w1, expert.s1, expert.w3, expert.s3, expert.w2, expert.s2)
+            return tuple((id(t), _version(t)) for t in tensors if t is not None)
+
+        key = (id(experts), kind)
         entry = self._stacks.get(key)
         if entry is None or entry[0]() is not experts:
-            weights = [(e.w1, e.w3, e.w2) if e is not None else None for e in experts]
-            first = next(w for w in weights if w is not None)
-            stacked = tuple(torch.stack([w[i] if w is not None else torch.zeros_like(first[i]) for w in weights])
+            forms = [form(e) if e is not None else None for e in experts]
+            first = next(f for f in forms if f is not None)
+            stacked = tuple(torch.stack([f[i] if f is not None else torch.zeros_like(first[i]) for f in forms])
                             for i in range(3))
-            stamps = [tuple((id(t), _version(t)) for t in w) if w is not None else None for w in weights]
+            stamps = [stamp(e) if e is not None else None for e in experts]
             try:
                 owner = weakref.ref(experts, lambda _, k=key: self._stacks.pop(k, None))
             except TypeError:  # a plain list: stacked for this call only
-                return stacked
-            entry = self._stacks[key] = (owner, stacked, stamps)
+                owner = None
+            entry = (owner, stacked, stamps)
+            if owner is not None:
+                self._stacks[key] = entry
         _, stacked, stamps = entry
         for e in which:
-            expert = experts[e]
-            now = tuple((id(t), _version(t)) for t in (expert.w1, expert.w3, expert.w2))
+            now = stamp(experts[e])
             if stamps[e] != now:
-                for i, t in enumerate((expert.w1, expert.w3, expert.w2)):
+                for i, t in enumerate(form(experts[e])):
                     stacked[i][e].copy_(t)
                 stamps[e] = now
-        return stacked
+        return tuple(t.transpose(1, 2) for t in stacked) if kind == "float" else stacked
 
     # ------------------------------------------------------------------------------------------ attention
 

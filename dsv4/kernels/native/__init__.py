@@ -26,8 +26,12 @@ rounding step. Within a GEMM of one row they are deterministic and independent o
 backend to the official-parity tolerance in exact numerics, 1e-5 in plain fp32, and identical greedy tokens.
 
 GEMM-shaped work (the linears, experts and attention) goes to C only while it is small (`NATIVE_MACS`
-multiply-adds per call, a decode step's rows): the kernels are single-threaded loops, and a prefill's GEMMs
-belong to BLAS, where the "cpu" backend's batched block products take them. Training (gradients wanted) runs the
+multiply-adds per call, a decode step's rows): the C GEMMs run row by row (so a row's result does not depend on
+its batch), and more rows belong to BLAS. There the quantised GEMMs multiply the operands with their power-of-two
+block scales multiplied in (the weights' "folded" form, the activations quantised and dequantised in C): the
+reference's products, summed in BLAS's order instead of block by block, at a float GEMM's cost. Attention over a
+prefill chunk is the "cpu" backend's. Attention over a batch's queries splits them between torch's OpenMP
+threads when the library shares torch's OpenMP runtime (`NativeBackend.parallel`). Training (gradients wanted) runs the
 Sinkhorn normalisations with a C backward and `hc_post` with a backward of batched products; every other op
 with gradients wanted, other dtypes, or other devices goes to the "cpu" backend.
 """
@@ -55,12 +59,13 @@ from dsv4.quant import (
 from ..cpu import CpuBackend
 from ..experts import ExpertWeights
 from ..paged import KVRows
+from ..reference import ReferenceBackend
 from .build import NativeUnavailable, available, load
 
 __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
 
-# the most multiply-adds a linear or expert call may have to run in C (about 0.3-0.5 ms of one core); past it the
-# work is a GEMM worth BLAS's threads
+# the most multiply-adds a linear, expert or attention call runs in C (about 0.3-0.5 ms of one core, a decode
+# step's rows, each row's result independent of its batch); past it the work is a GEMM worth BLAS's threads
 NATIVE_MACS = 1 << 22
 # the longest row `rms_norm` sums in C: torch splits one longer row's sum between threads (another order)
 NATIVE_ROW_SUM = 1 << 14
@@ -84,6 +89,17 @@ def _native_form(weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         values = (e2m1_decode(unpack_fp4(weight)) * 2).to(torch.int8)  # [N, K] in -12..12
         scales = e8m0_to_float(scale) * 0.5  # [N, K/32]
     return values.T.contiguous(), scales.T.contiguous()
+
+
+def _folded_form(weight: Tensor, scale: Tensor) -> tuple[Tensor]:
+    """An FP8 or packed FP4 weight [N, K] with its power-of-two block scales multiplied in (exactly: a product of an
+    e4m3 / e2m1 value and a power of two is representable), transposed for x @ w: [K, N] fp32."""
+    if weight.dtype == torch.float8_e4m3fn:
+        scales = e8m0_to_float(scale).repeat_interleave(FP8_BLOCK, dim=0)[: weight.shape[0]]
+        values = weight.float() * scales.repeat_interleave(FP8_BLOCK, dim=1)[:, : weight.shape[1]]
+    else:
+        values = e2m1_decode(unpack_fp4(weight)) * e8m0_to_float(scale).repeat_interleave(FP4_BLOCK, dim=1)
+    return (values.T.contiguous(),)
 
 
 def _kind(weight: Tensor) -> int:
@@ -119,6 +135,7 @@ class NativeBackend(CpuBackend):
         super().__init__(cache_mb)
         self.lib = load()  # NativeUnavailable (with the reason) when it cannot be built here
         self.decoded.builders["native"] = _native_form
+        self.decoded.builders["folded"] = _folded_form
         with torch.inference_mode():
             self._lanes = self._sum_lanes()
         self._ones: dict[int, Tensor] = {}  # head_norm's unit weights by width
@@ -198,11 +215,13 @@ class NativeBackend(CpuBackend):
     # ------------------------------------------------------------------------------------------ GEMMs
 
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-        """A quantised weight's linear over few rows in one C call; everything else as the "cpu" backend."""
+        """A quantised weight's linear: over few rows in one C call (act_quant and the two-level block GEMM, row by
+        row), over more as `_folded_linear`; float weights as the "cpu" backend."""
         k = x.shape[-1]
-        if (scale is None or not _quantised(weight) or x.dtype not in _BF16 or not _inference(x)
-                or x.numel() * weight.shape[0] > NATIVE_MACS):
+        if scale is None or not _quantised(weight) or x.dtype not in _BF16 or not _inference(x, weight):
             return super().linear(x, weight, scale)
+        if x.numel() * weight.shape[0] > NATIVE_MACS:
+            return self._folded_linear(x, weight, scale)
         values_t, scales_t = self._form(weight, scale)
         if values_t.shape[0] != k:
             return super().linear(x, weight, scale)  # the reference names the mismatch
@@ -214,6 +233,34 @@ class NativeBackend(CpuBackend):
                                               _kind(weight)),
                "linear")
         return out
+
+    def _dequantised(self, x: Tensor) -> Tensor:
+        """Activations [..., K] as act_quant quantises them (e4m3 per 128-block, power-of-two scales) and
+        dequantised, in fp32 (exact: an e4m3 value times a power of two): one C call."""
+        return self._simulate(x.float(), FP8_BLOCK, fp4=0)
+
+    def _stacked_kind(self, x: Tensor, expert: ExpertWeights) -> str | None:
+        """Quantised experts over many rows stack their "folded" forms, so a prefill's experts are three batched
+        GEMMs of dequantised operands (see `_folded_linear`) instead of three block-scaled GEMMs per expert."""
+        inter, d = expert.w1.shape[0], x.shape[-1]
+        if (_quantised(expert.w1) and x.dtype in _BF16 and _inference(x, expert.w1)
+                and d % FP8_BLOCK == 0 and inter % FP8_BLOCK == 0):
+            return "folded"
+        return super()._stacked_kind(x, expert)
+
+    def _gemm_operand(self, rows: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
+        return self._dequantised(rows) if kind == "folded" else super()._gemm_operand(rows, kind, dtype)
+
+    def _folded_linear(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        """A block-scaled linear over many rows (a prefill's) as one BLAS GEMM of the operands with their
+        power-of-two scales multiplied in: the activations quantised and dequantised in one C call
+        (`fp8_simulate` over act_quant's 128-blocks, in fp32: exact), the weight kept dequantised (exact), so
+        the same products as the reference's per-block GEMMs, added in BLAS's order instead of block by block
+        (last-bit differences, like the C kernels' own order) at about a float GEMM's cost."""
+        (folded,) = self.decoded.get(weight, scale, "folded")  # [K, N]
+        if folded.shape[0] != x.shape[-1] or x.shape[-1] % FP8_BLOCK:
+            return super().linear(x, weight, scale)  # the reference names the mismatch
+        return (self._dequantised(x) @ folded).to(x.dtype)
 
     # ------------------------------------------------------------------------------------------ experts
 
@@ -241,8 +288,12 @@ class NativeBackend(CpuBackend):
                                     _kind(w2))
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
+        """A quantised expert's chain over few rows in one C call; over more, the reference's chain, whose three
+        linears are then `_folded_linear`s; float experts as the "cpu" backend."""
         rows = x.numel() // x.shape[-1]
         if not self._runs_native(x, expert, rows):
+            if _quantised(expert.w1) and x.dtype in _BF16 and _inference(x, expert.w1):
+                return ReferenceBackend.swiglu(self, x, expert, limit, weights)
             return super().swiglu(x, expert, limit, weights)
         keep: list = []
         table = (ctypes.c_int64 * 6)(*self._expert_table(expert, keep))
