@@ -356,6 +356,19 @@ def _fsdp_steps(model, opt, steps=2):
         opt.step()
 
 
+def _elementwise_newton_schulz(g):
+    """V4's NS in bf16 written as torch.optim.Muon writes its NS: a GEMM or an elementwise op per term."""
+    x = g.to(torch.bfloat16)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / x.norm().clamp_min(1e-7)
+    for a, b, c in V4_NS_SCHEDULE:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.mT if tall else x
+
+
 def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -376,15 +389,16 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         result = {n: p.full_tensor() for n, p in model.named_parameters()}
 
         # negative control: NS run on the sharded DTensor itself (implicit redistribution inside the
-        # matmuls, what torch.optim.Muon does) in bf16, against NS of the gathered matrix in bf16
+        # matmuls, what torch.optim.Muon does, op by op as it writes them) in bf16, against the same NS of the
+        # gathered matrix in bf16
         gen = torch.Generator().manual_seed(13)
         from torch.distributed.tensor import Shard, distribute_tensor
         controls = {}
         for name, shape in (("tall", (128, 64)), ("wide", (64, 128))):
             full = torch.randn(*shape, generator=gen)
             sharded = distribute_tensor(full, mesh, [Shard(0)])
-            naive = hybrid_newton_schulz(sharded, dtype=torch.bfloat16).full_tensor().float()
-            whole = hybrid_newton_schulz(full, dtype=torch.bfloat16).float()
+            naive = _elementwise_newton_schulz(sharded).full_tensor().float()
+            whole = _elementwise_newton_schulz(full).float()
             controls[name] = ((naive - whole).norm() / whole.norm()).item()
         result["controls"] = controls
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")

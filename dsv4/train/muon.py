@@ -51,14 +51,18 @@ def hybrid_newton_schulz(g: Tensor, schedule: Sequence[tuple[float, float, float
     norm is clamped at `eps` so a zero gradient gives a zero update instead of NaN.
     """
     x = g.to(dtype)
+    shape = x.shape
     tall = x.shape[-2] > x.shape[-1]
+    x = x.reshape(-1, *shape[-2:])  # [B, n, m]
     if tall:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
     for a, b, c in schedule:
         gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
-    return x.mT if tall else x
+        # a·X + (b·A + c·A²)·X as two GEMMs with their scalings fused (no elementwise passes over the batch)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return (x.mT if tall else x).reshape(shape)
 
 
 def _check_blocks(shape: torch.Size, blocks: Sequence[int] | None, where: str) -> None:
