@@ -281,6 +281,34 @@ def test_a_vocabulary_projection_multiplies_a_kept_transposed_copy(fast):
     assert w.grad is not None
 
 
+def test_a_prefill_blocks_attention_scores_only_the_rows_its_slots_name(fast, monkeypatch):
+    """A block of a prefill's queries names a band of window rows and the compressed entries: the dense GEMM runs
+    over those rows only (renumbered), with the reference's result and gradients; repeated and unused slots too."""
+    from dsv4.kernels import cpu
+
+    b, s, h, d, n = 2, 24, 4, 32, 200
+    start = torch.arange(s).view(1, s, 1) + 60  # a 16-row window band per query, rows 60 .. 99
+    window = (start - torch.arange(16).view(1, 1, 16)).expand(b, s, 16)
+    entries = torch.arange(190, 198).view(1, 1, 8).expand(b, s, 8)  # the compressed entries, at the end
+    idx = torch.cat((window, entries, entries[..., :2]), dim=-1).clone()  # two named twice
+    idx[:, :3, :5] = -1
+    kept = []
+    used_rows = cpu._used_rows
+    monkeypatch.setattr(cpu, "_used_rows", lambda rows, slots: kept.append(used_rows(rows, slots)[0].shape[1])
+                        or used_rows(rows, slots))
+    grads = {}
+    for name, backend in (("reference", REF), ("cpu", fast)):
+        q = _rand(b, s, h, d, seed=1).requires_grad_(True)
+        kv = _rand(b, n, d, seed=2).requires_grad_(True)
+        sink = _rand(h, seed=3).requires_grad_(True)
+        out = backend.sparse_attn(q, kv, idx, sink, d**-0.5)
+        (out * _rand(*out.shape, seed=5)).sum().backward()
+        grads[name] = (out.detach(), q.grad, kv.grad, sink.grad)
+    assert kept and kept[0] < 50  # 40 window rows, 8 entries, row 0 of the unused slots: not 200
+    for want, got in zip(grads["reference"], grads["cpu"], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("s", [1, 40])  # rows read by index (decode), every row scored by one GEMM (prefill)
 def test_sparse_attention_gradients_match_the_reference(fast, s):
     b, h, d, n, k = 2, 4, 32, 60, 48

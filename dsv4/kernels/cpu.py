@@ -461,16 +461,18 @@ def _one_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale
     b, s, h, d = q.shape
     k = idx.shape[-1]
     valid = (idx >= 0).unsqueeze(2)  # [B, S, 1, K]
-    slots = idx.clamp(min=0).unsqueeze(2).expand(b, s, h, k)  # [B, S, H, K]
     n_rows = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in runs)
     # scoring every row costs H*N GEMM work per query against gathering K rows and tiny per-query GEMMs: measured
     # here, it pays while the rows are at most DENSE_ROWS_PER_SLOT times the slots (a short context), in training
     # too, and not over a long context's compressed entries
     dense = (s * k >= n_rows and n_rows <= DENSE_ROWS_PER_SLOT * k
              and b * s * h * n_rows * q.element_size() <= DENSE_SCORES_BYTES)
+    slots = idx.clamp(min=0)  # [B, S, K]
     if dense:
         rows = concat_rows(runs)  # [B, N, D]
-        every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, -1)  # [B, S, H, N]
+        rows, slots = _used_rows(rows, slots)
+        slots = slots.unsqueeze(2).expand(b, s, h, k)  # [B, S, H, K]
+        every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, -1)  # [B, S, H, N']
         logits = every.gather(3, slots)
     else:
         rows = _gather_kv(runs, idx)  # [B, S, K, D]
@@ -487,6 +489,21 @@ def _one_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale
     else:
         out = torch.bmm(p.view(b * s, h, k), rows.view(b * s, k, d)).view(b, s, h, d)
     return out / denom.unsqueeze(-1)
+
+
+def _used_rows(rows: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """Only the rows [B, N, D] that some slot [B, S, K] names (in row order) and the slots renumbered onto them,
+    when that leaves out at least a quarter: a block of a prefill's queries attends to its own stretch of the
+    window and the compressed entries, not to the window rows of the chunk's other queries."""
+    n = rows.shape[1]
+    named = torch.zeros(n, dtype=torch.bool, device=rows.device)
+    named[slots.flatten()] = True
+    used = named.nonzero().squeeze(1)  # [N'] ascending
+    if 4 * used.numel() > 3 * n:
+        return rows, slots
+    renumber = torch.zeros(n, dtype=slots.dtype, device=rows.device)
+    renumber[used] = torch.arange(used.numel(), device=rows.device)
+    return rows.index_select(1, used), renumber[slots]
 
 
 def _gather_kv(kv: Tensor | Sequence[KVRows], idx: Tensor, dtype: torch.dtype | None = None) -> Tensor:
