@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -144,19 +142,18 @@ class NativeBackend(CpuBackend):
         self.parallel = self._shares_torch_threads()
 
     def _shares_torch_threads(self) -> bool:
-        """Whether the kernels run OpenMP in torch's own runtime: the process has one OpenMP runtime loaded and
-        the kernels see torch's thread count. Only then do they split work between threads; a second runtime's
-        threads would compete with torch's, which spin between ops (measured: attention 3x slower with plain
-        threads of its own). Read without touching torch's settings."""
-        if self.lib.dsv4_openmp_threads() != torch.get_num_threads():  # 0: built without OpenMP
+        """Whether the kernels run OpenMP in torch's own runtime: torch.set_num_threads moves what they see. Only
+        then do they split work between threads; a second runtime's threads would compete with torch's, which
+        spin between ops (measured: attention 3x slower with plain threads of its own)."""
+        if self.lib.dsv4_openmp_threads() == 0:  # built without OpenMP
             return False
+        threads = torch.get_num_threads()
+        probe = threads + 5
         try:
-            maps = Path("/proc/self/maps").read_text()
-        except OSError:  # not Linux: no way to tell, so one thread
-            return False
-        runtimes = {line.split()[-1] for line in maps.splitlines()
-                    if re.search(r"/lib(gomp|iomp5|omp)[-.][^/]*$", line)}
-        return len(runtimes) == 1
+            torch.set_num_threads(probe)
+            return self.lib.dsv4_openmp_threads() == probe
+        finally:
+            torch.set_num_threads(threads)
 
     def _threads(self, macs: int) -> int:
         """The threads a kernel of `macs` multiply-adds splits its rows between (1 below `NATIVE_SPLIT_MACS`)."""
