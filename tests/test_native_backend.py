@@ -325,29 +325,6 @@ def test_without_a_compiler_auto_stays_on_the_cpu_backend(monkeypatch, tmp_path)
     assert kernels.resolve_backend_name("auto", "cpu") == "cpu"
 
 
-def test_without_openmp_the_build_falls_back_to_one_thread(monkeypatch, tmp_path):
-    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path))
-    monkeypatch.setattr(build, "OPENMP_FLAGS", ("-fno-such-openmp-flag",))  # what a compiler without OpenMP says
-    path = build.build()
-    assert path == build.library_path(build.compiler(), build.FLAGS)
-    lib = build._open(path)
-    assert lib.dsv4_openmp_threads() == 0  # built serial: the backend keeps every kernel on one thread
-    monkeypatch.setattr(build, "_loaded", lib)
-    assert not native.NativeBackend().parallel
-
-
-def test_the_kernels_run_in_torchs_openmp_threads():
-    """Built with OpenMP here (gcc), the library shares torch's runtime (one libgomp in the process), so its
-    parallel regions use torch's thread pool instead of competing with it."""
-    assert FAST.parallel
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        assert FAST.lib.dsv4_openmp_threads() == 3
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
     bad = tmp_path / "kernels.c"
     bad.write_text("this is not C\n")
@@ -394,22 +371,6 @@ def test_sparse_attention_over_dense_and_paged_rows_agrees_with_the_reference(sl
     assert torch.equal(got[1, 0], torch.zeros_like(got[1, 0]))
     dense_idx = idx.clamp(max=29)  # one dense tensor as the rows, as a plain forward passes them
     _close(FAST.sparse_attn(q, dense, dense_idx, sink, 0.2), REF.sparse_attn(q, dense, dense_idx, sink, 0.2), 1e-6)
-
-
-def test_sparse_attention_split_between_threads_is_the_one_thread_result(monkeypatch):
-    from dsv4.kernels.paged import PagedRows
-
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(3, 5, 4, 32, generator=gen)  # 15 queries over 2 threads: 7 and 8
-    dense = torch.randn(3, 30, 32, generator=gen)
-    paged = PagedRows(torch.randn(12, 16, 32, generator=gen),
-                      torch.tensor([[3, 1, 7, 0], [2, 5, 9, 4], [11, 10, 8, 6]]), 50, None, torch.float32)
-    idx, sink = torch.randint(-1, 80, (3, 5, 150), generator=gen), torch.randn(4, generator=gen)
-    calls = []
-    monkeypatch.setattr(FAST, "_threads", lambda macs: calls.append(macs) or 2)
-    split = FAST.sparse_attn(q, [dense, paged], idx, sink, 0.2)
-    monkeypatch.setattr(FAST, "_threads", lambda macs: 1)
-    assert calls and torch.equal(split, FAST.sparse_attn(q, [dense, paged], idx, sink, 0.2))
 
 
 def test_sparse_attention_over_bf16_rows_is_the_cpu_backends_bit_for_bit():

@@ -72,9 +72,6 @@ NATIVE_ROW_SUM = 1 << 14
 # the most index scores an `index_topk` call may select from in C (a heap per query, O(N log k)); past it (a long
 # prefill's query block) torch's O(N) topk, with two threads
 NATIVE_TOPK_SCORES = 1 << 20
-# the fewest multiply-adds a kernel splits between threads: starting torch's pool's threads on a region costs a few
-# microseconds, which a demo decode's attention (~150k) would not win back
-NATIVE_SPLIT_MACS = 1 << 18
 _BF16 = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -139,25 +136,6 @@ class NativeBackend(CpuBackend):
         with torch.inference_mode():
             self._lanes = self._sum_lanes()
         self._ones: dict[int, Tensor] = {}  # head_norm's unit weights by width
-        self.parallel = self._shares_torch_threads()
-
-    def _shares_torch_threads(self) -> bool:
-        """Whether the kernels run OpenMP in torch's own runtime: torch.set_num_threads moves what they see. Only
-        then do they split work between threads; a second runtime's threads would compete with torch's, which
-        spin between ops (measured: attention 3x slower with plain threads of its own)."""
-        if self.lib.dsv4_openmp_threads() == 0:  # built without OpenMP
-            return False
-        threads = torch.get_num_threads()
-        probe = threads + 5
-        try:
-            torch.set_num_threads(probe)
-            return self.lib.dsv4_openmp_threads() == probe
-        finally:
-            torch.set_num_threads(threads)
-
-    def _threads(self, macs: int) -> int:
-        """The threads a kernel of `macs` multiply-adds splits its rows between (1 below `NATIVE_SPLIT_MACS`)."""
-        return torch.get_num_threads() if self.parallel and macs >= NATIVE_SPLIT_MACS else 1
 
     def _form(self, weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         return self.decoded.get(weight, scale, "native")
@@ -365,9 +343,7 @@ class NativeBackend(CpuBackend):
         out = torch.empty_like(q)
         _check(self.lib.dsv4_sparse_attn(q.data_ptr(), out.data_ptr(), _BF16[q.dtype], b, s, h, d,
                                          (ctypes.c_int64 * len(desc))(*desc), len(runs), _BF16[rows_dtype],
-                                         idx.data_ptr(), idx.shape[-1], sink.data_ptr(), scale,
-                                         self._threads(b * s * h * idx.shape[-1] * d)),
-               "sparse_attn")
+                                         idx.data_ptr(), idx.shape[-1], sink.data_ptr(), scale), "sparse_attn")
         return out
 
     # ------------------------------------------------------------------------------------------ mHC

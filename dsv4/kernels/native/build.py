@@ -27,9 +27,6 @@ CACHE_ENV_VAR = "DSV4_NATIVE_CACHE"
 # -ffp-contract=off: no fused multiply-adds, so the rounding is the source's on every CPU; -fno-math-errno lets
 # rintf / fabsf compile to single instructions (and the loops vectorise)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c99", "-shared", "-fPIC")
-# OpenMP where the compiler has it (gcc does; clang may lack libomp): then the kernels that split their rows between
-# threads use torch's OpenMP runtime, which the process has already loaded (same soname), and so its thread pool
-OPENMP_FLAGS = ("-fopenmp",)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -51,8 +48,7 @@ SIGNATURES = {
     "dsv4_hc_post": (_INT, [_P, _P, _P, _INT, _I, _I, _I, _P, _P]),
     "dsv4_hc_collapse": (_INT, [_P, _P, _P, _INT, _I, _I, _I]),
     "dsv4_rope": (_INT, [_P, _P, _INT, _I, _I, _I, _P, _P, _I, _INT]),
-    "dsv4_sparse_attn": (_INT, [_P, _P, _INT, _I, _I, _I, _I, _P, _I, _INT, _P, _I, _P, _F, _INT]),
-    "dsv4_openmp_threads": (_INT, []),
+    "dsv4_sparse_attn": (_INT, [_P, _P, _INT, _I, _I, _I, _I, _P, _I, _INT, _P, _I, _P, _F]),
 }
 
 
@@ -88,10 +84,10 @@ def _compiler_identity(cc: str) -> str:
     return f"{path} {stat.st_size} {stat.st_mtime_ns}"
 
 
-def library_path(cc: str, flags: tuple[str, ...] = FLAGS + OPENMP_FLAGS) -> Path:
+def library_path(cc: str) -> Path:
     """The cache path of the library built from this source with these flags by this compiler on this machine."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _compiler_identity(cc).encode(),
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_identity(cc).encode(),
                  platform.machine().encode(), _cpu_model().encode()):
         key.update(part)
     return cache_dir() / f"dsv4_kernels_{key.hexdigest()[:16]}.so"
@@ -110,28 +106,16 @@ def _cpu_model() -> str:
 
 def build(cc: str | None = None) -> Path:
     """The built library's path, compiling it first if the cache lacks it (atomically: concurrent builders each
-    write their own file and rename it into place): with OpenMP, or else without (one thread per kernel)."""
+    write their own file and rename it into place)."""
     cc = cc or compiler()
-    variants = (FLAGS + OPENMP_FLAGS, FLAGS)
-    for flags in variants:
-        if library_path(cc, flags).exists():
-            return library_path(cc, flags)
-    try:
-        return _compile(cc, variants[0])
-    except NativeUnavailable as with_openmp:
-        try:
-            return _compile(cc, variants[1])
-        except NativeUnavailable:
-            raise with_openmp from None
-
-
-def _compile(cc: str, flags: tuple[str, ...]) -> Path:
-    target = library_path(cc, flags)
+    target = library_path(cc)
+    if target.exists():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
             raise NativeUnavailable(f"building dsv4's native kernels with {cc} failed:\n{result.stderr.strip()}")

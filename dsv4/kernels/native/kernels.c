@@ -1,6 +1,5 @@
 /* The native CPU kernels of dsv4: the ops that cost a small model's step its time in torch overhead, each one
- * call instead of tens of torch ops. Plain C99, no dependency but libm (and OpenMP, torch's own runtime, where
- * the compiler has it); built at first use by
+ * call instead of tens of torch ops. Plain C99, no dependency but libm; built at first use by
  * `dsv4/kernels/native/build.py` with the system compiler and loaded with ctypes.
  *
  * The arithmetic is the reference backend's (dsv4/kernels/reference.py), element by element: power-of-two block
@@ -18,20 +17,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-/* The threads an OpenMP parallel region here would start with (omp_get_max_threads), or 0 when built without
- * OpenMP: the backend checks that torch.set_num_threads moves it, i.e. that these kernels share torch's OpenMP
- * runtime and its thread pool (a second runtime's threads would compete with torch's spinning ones). */
-int dsv4_openmp_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 0;
-#endif
-}
 
 #define FP8_MAX 448.0f
 #define FP4_MAX 6.0f
@@ -507,11 +492,15 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n) {
     return sum;
 }
 
-/* Queries first .. last - 1 (flat over [B, S]) of `dsv4_sparse_attn`, with scratch of their own; -1 when it
- * cannot be allocated. */
-static int attn_queries(const void *q, void *out, int q_bf16, int64_t s, int64_t h, int64_t d, const Run *runs,
-                        int64_t n_runs, int rows_bf16, const int64_t *idx, int64_t k, const float *sink, float scale,
-                        int64_t first, int64_t last) {
+/* out [B, S, H, D] (q's dtype) = each query's attention over the rows idx [B, S, K] names (-1: unused), with the
+ * per-head sink [H] fp32: the reference's arithmetic (the official kernel's): slots walked in idx order, 64 at a
+ * time, an online softmax in fp32 (running max, p = exp(logit - max), running sum), the unnormalised p rounded to
+ * the rows' dtype before the value product into an fp32 accumulator, both rescaled by exp(old max - new max); at
+ * the end exp(sink - max) joins the denominator only. A query's heads share each row read. */
+int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s, int64_t h, int64_t d,
+                     const int64_t *run_desc, int64_t n_runs, int rows_bf16, const int64_t *idx, int64_t k,
+                     const float *sink, float scale) {
+    Run *runs = malloc(sizeof(Run) * (size_t)(n_runs > 0 ? n_runs : 1));
     float *qf = malloc(sizeof(float) * (size_t)(h * d));
     float *acc = malloc(sizeof(float) * (size_t)(h * d));
     float *logit = malloc(sizeof(float) * (size_t)(h * ATTN_BLOCK));
@@ -519,81 +508,64 @@ static int attn_queries(const void *q, void *out, int q_bf16, int64_t s, int64_t
     float *denom = malloc(sizeof(float) * (size_t)h);
     float *rowf = malloc(sizeof(float) * (size_t)(ATTN_BLOCK * d));
     float *value = malloc(sizeof(float) * (size_t)d);
-    int ok = qf && acc && logit && run_max && denom && rowf && value;
-    int valid[ATTN_BLOCK];
-    for (int64_t query = first; ok && query < last; query++) {
-        const int64_t bi = query / s;
-        const int64_t *slots = idx + query * k;
-        for (int64_t i = 0; i < h * d; i++) qf[i] = load(q, q_bf16, query * h * d + i);
-        for (int64_t i = 0; i < h * d; i++) acc[i] = 0.0f;
-        for (int64_t hi = 0; hi < h; hi++) { run_max[hi] = -INFINITY; denom[hi] = 0.0f; }
-        for (int64_t lo = 0; lo < k; lo += ATTN_BLOCK) {
-            const int64_t n = k - lo < ATTN_BLOCK ? k - lo : ATTN_BLOCK;
-            for (int64_t j = 0; j < n; j++) { /* the block's rows, read once for every head */
-                const int64_t slot = slots[lo + j];
-                const void *row = slot < 0 ? NULL : row_at(runs, n_runs, bi, slot, d, rows_bf16);
-                valid[j] = row != NULL;
-                for (int64_t i = 0; i < d; i++) rowf[j * d + i] = valid[j] ? load(row, rows_bf16, i) : 0.0f;
-            }
-            for (int64_t hi = 0; hi < h; hi++) {
-                const float *qh = qf + hi * d;
-                float *lh = logit + hi * ATTN_BLOCK;
-                float top = run_max[hi];
-                for (int64_t j = 0; j < n; j++) {
-                    if (!valid[j]) { lh[j] = -INFINITY; continue; }
-                    lh[j] = dot_lanes(qh, rowf + j * d, d) * scale;
-                    top = lh[j] > top ? lh[j] : top;
-                }
-                const float shift = isfinite(top) ? top : 0.0f;
-                const float rescale = expf(run_max[hi] - shift);
-                float sum = 0.0f;
-                for (int64_t j = 0; j < n; j++) { lh[j] = expf(lh[j] - shift); sum += lh[j]; }
-                denom[hi] = denom[hi] * rescale + sum;
-                float *ah = acc + hi * d;
-                for (int64_t i = 0; i < d; i++) value[i] = 0.0f;
-                for (int64_t j = 0; j < n; j++) { /* sum_j p_j * row_j, over j in order for each i */
-                    const float pj = round_to(rows_bf16, lh[j]);
-                    for (int64_t i = 0; i < d; i++) value[i] += pj * rowf[j * d + i];
-                }
-                for (int64_t i = 0; i < d; i++) ah[i] = ah[i] * rescale + value[i];
-                run_max[hi] = top;
-            }
-        }
-        for (int64_t hi = 0; hi < h; hi++) {
-            const float shift = isfinite(run_max[hi]) ? run_max[hi] : sink[hi];
-            const float total = denom[hi] + expf(sink[hi] - shift);
-            for (int64_t i = 0; i < d; i++) store(out, q_bf16, query * h * d + hi * d + i, acc[hi * d + i] / total);
-        }
+    int ok = runs && qf && acc && logit && run_max && denom && rowf && value;
+    if (!ok) {
+        free(runs); free(qf); free(acc); free(logit); free(run_max); free(denom); free(rowf); free(value);
+        return -1;
     }
-    free(qf); free(acc); free(logit); free(run_max); free(denom); free(rowf); free(value);
-    return ok ? 0 : -1;
-}
-
-/* out [B, S, H, D] (q's dtype) = each query's attention over the rows idx [B, S, K] names (-1: unused), with the
- * per-head sink [H] fp32: the reference's arithmetic (the official kernel's): slots walked in idx order, 64 at a
- * time, an online softmax in fp32 (running max, p = exp(logit - max), running sum), the unnormalised p rounded to
- * the rows' dtype before the value product into an fp32 accumulator, both rescaled by exp(old max - new max); at
- * the end exp(sink - max) joins the denominator only. A query's heads share each row read. The queries are split
- * between `threads` OpenMP threads (a query's result does not depend on which thread computes it). */
-int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s, int64_t h, int64_t d,
-                     const int64_t *run_desc, int64_t n_runs, int rows_bf16, const int64_t *idx, int64_t k,
-                     const float *sink, float scale, int threads) {
-    Run *runs = malloc(sizeof(Run) * (size_t)(n_runs > 0 ? n_runs : 1));
-    if (!runs) return -1;
     for (int64_t r = 0; r < n_runs; r++) {
         const int64_t *desc = run_desc + 5 * r;
         runs[r] = (Run){(const void *)desc[0], desc[1], desc[2], (const int64_t *)desc[3], desc[4]};
     }
-    const int64_t queries = b * s;
-    if (threads < 1) threads = 1;
-    if (threads > queries) threads = (int)(queries > 0 ? queries : 1);
-    int status = 0;
-    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:status)
-    for (int t = 0; t < threads; t++)
-        status |= attn_queries(q, out, q_bf16, s, h, d, runs, n_runs, rows_bf16, idx, k, sink, scale,
-                               queries * t / threads, queries * (t + 1) / threads);
-    free(runs);
-    return status;
+    int valid[ATTN_BLOCK];
+    for (int64_t bi = 0; bi < b; bi++) {
+        for (int64_t si = 0; si < s; si++) {
+            const int64_t query = bi * s + si;
+            const int64_t *slots = idx + query * k;
+            for (int64_t i = 0; i < h * d; i++) qf[i] = load(q, q_bf16, query * h * d + i);
+            for (int64_t i = 0; i < h * d; i++) acc[i] = 0.0f;
+            for (int64_t hi = 0; hi < h; hi++) { run_max[hi] = -INFINITY; denom[hi] = 0.0f; }
+            for (int64_t lo = 0; lo < k; lo += ATTN_BLOCK) {
+                const int64_t n = k - lo < ATTN_BLOCK ? k - lo : ATTN_BLOCK;
+                for (int64_t j = 0; j < n; j++) { /* the block's rows, read once for every head */
+                    const int64_t slot = slots[lo + j];
+                    const void *row = slot < 0 ? NULL : row_at(runs, n_runs, bi, slot, d, rows_bf16);
+                    valid[j] = row != NULL;
+                    for (int64_t i = 0; i < d; i++) rowf[j * d + i] = valid[j] ? load(row, rows_bf16, i) : 0.0f;
+                }
+                for (int64_t hi = 0; hi < h; hi++) {
+                    const float *qh = qf + hi * d;
+                    float *lh = logit + hi * ATTN_BLOCK;
+                    float top = run_max[hi];
+                    for (int64_t j = 0; j < n; j++) {
+                        if (!valid[j]) { lh[j] = -INFINITY; continue; }
+                        lh[j] = dot_lanes(qh, rowf + j * d, d) * scale;
+                        top = lh[j] > top ? lh[j] : top;
+                    }
+                    const float shift = isfinite(top) ? top : 0.0f;
+                    const float rescale = expf(run_max[hi] - shift);
+                    float sum = 0.0f;
+                    for (int64_t j = 0; j < n; j++) { lh[j] = expf(lh[j] - shift); sum += lh[j]; }
+                    denom[hi] = denom[hi] * rescale + sum;
+                    float *ah = acc + hi * d;
+                    for (int64_t i = 0; i < d; i++) value[i] = 0.0f;
+                    for (int64_t j = 0; j < n; j++) { /* sum_j p_j * row_j, over j in order for each i */
+                        const float pj = round_to(rows_bf16, lh[j]);
+                        for (int64_t i = 0; i < d; i++) value[i] += pj * rowf[j * d + i];
+                    }
+                    for (int64_t i = 0; i < d; i++) ah[i] = ah[i] * rescale + value[i];
+                    run_max[hi] = top;
+                }
+            }
+            for (int64_t hi = 0; hi < h; hi++) {
+                const float shift = isfinite(run_max[hi]) ? run_max[hi] : sink[hi];
+                const float total = denom[hi] + expf(sink[hi] - shift);
+                for (int64_t i = 0; i < d; i++) store(out, q_bf16, query * h * d + hi * d + i, acc[hi * d + i] / total);
+            }
+        }
+    }
+    free(runs); free(qf); free(acc); free(logit); free(run_max); free(denom); free(rowf); free(value);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ indexer top-k */
