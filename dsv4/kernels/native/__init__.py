@@ -30,10 +30,9 @@ multiply-adds per call, a decode step's rows): the C GEMMs run row by row (so a 
 its batch), and more rows belong to BLAS. There the quantised GEMMs multiply the operands with their power-of-two
 block scales multiplied in (the weights' "folded" form, the activations quantised and dequantised in C): the
 reference's products, summed in BLAS's order instead of block by block, at a float GEMM's cost. Attention over a
-prefill chunk is the "cpu" backend's. Attention over a batch's queries splits them between torch's OpenMP
-threads when the library shares torch's OpenMP runtime (`NativeBackend.parallel`). Training (gradients wanted) runs the
-Sinkhorn normalisations with a C backward and `hc_post` with a backward of batched products; every other op
-with gradients wanted, other dtypes, or other devices goes to the "cpu" backend.
+prefill chunk is the "cpu" backend's. Training (gradients wanted) runs the Sinkhorn normalisations with a C
+backward and `hc_post` with a backward of batched products; every other op with gradients wanted, other dtypes,
+or other devices goes to the "cpu" backend.
 """
 
 from __future__ import annotations
