@@ -326,9 +326,9 @@ class CpuBackend(ReferenceBackend):
                kind: str = "float") -> tuple[Tensor, Tensor, Tensor]:
         """Every expert's w1, w3, w2 as the right operands of rows @ w, each one [E, K, N] tensor (zeros for experts
         held elsewhere): "float" the float weights transposed, another kind the weights' decoded form of that name
-        (`DecodedWeights.builders`, [K, N] each). Kept per expert table and
-        kind (a second copy of the expert weights); the experts about to run are checked (identity and version
-        of their weights and scales) and stacked again if they changed."""
+        (`DecodedWeights.builders`, [K, N] each). Kept per expert table and kind (a second copy of the expert
+        weights); the experts about to run are checked (identity and version of their weights and scales) and
+        stacked again if they changed."""
         def form(expert: ExpertWeights) -> tuple[Tensor, Tensor, Tensor]:
             pairs = ((expert.w1, expert.s1), (expert.w3, expert.s3), (expert.w2, expert.s2))
             if kind == "float":  # transposed copies: a batched GEMM reads [K, N] blocks ~1.5x faster than views

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..config import CSA_RATIO, ModelArgs
-from ..kernels.paged import concat_rows, gather_rows
+from ..kernels.paged import KVRows, concat_rows, gather_rows
 from .cache import ForwardContext, LayerCache
 from .compressor import Compressor
 from .indexer import Indexer, indexer_kl_loss
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         return self.wo_b(z.flatten(2))
 
     def _window(self, kv: Tensor, ctx: ForwardContext, cache: LayerCache
-                ) -> tuple[list[Tensor], Tensor, tuple[Tensor, Tensor] | None]:
+                ) -> tuple[list[KVRows], Tensor, tuple[Tensor, Tensor] | None]:
         """The window's runs of KV rows, each query's window indices into their concatenation [B, S, W'] (S < W
         slots for a prefill shorter than the window): oldest -> newest, then -1 for the slots before the
         sequence start (the official order, which decides the attention kernel's blocks of candidates), and a
