@@ -42,6 +42,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dsv4.quant import (
@@ -58,7 +59,6 @@ from dsv4.quant import (
 from ..cpu import CpuBackend
 from ..experts import ExpertWeights
 from ..paged import KVRows
-from ..reference import ReferenceBackend
 from .build import NativeUnavailable, available, load
 
 __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
@@ -250,6 +250,21 @@ class NativeBackend(CpuBackend):
             pointers += [form[0].data_ptr(), form[1].data_ptr()]
         return pointers
 
+    def _folded_swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None) -> Tensor:
+        """The reference's chain over many rows with BLAS GEMMs of folded operands (see `_folded_linear`): x is
+        quantised and dequantised once for w1 and w3, each projection rounded to x's dtype as the reference's
+        linear returns it."""
+        (w1,), (w3,) = (self.decoded.get(w, s, "folded") for w, s in ((expert.w1, expert.s1), (expert.w3, expert.s3)))
+        if w1.shape[0] != x.shape[-1]:
+            return super().swiglu(x, expert, limit, weights)  # the reference names the mismatch
+        dequantised = self._dequantised(x)
+        gate = (dequantised @ w1).to(x.dtype).to(torch.float32).clamp_(max=limit)
+        up = (dequantised @ w3).to(x.dtype).to(torch.float32).clamp_(-limit, limit)
+        hidden = F.silu(gate).mul_(up)
+        if weights is not None:
+            hidden = weights * hidden
+        return self._folded_linear(hidden.to(x.dtype), expert.w2, expert.s2)
+
     @staticmethod
     def _runs_native(x: Tensor, expert: ExpertWeights, rows: int) -> bool:
         """Whether an expert's chain over `rows` token rows goes to C."""
@@ -265,12 +280,12 @@ class NativeBackend(CpuBackend):
                                     _kind(w2))
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
-        """A quantised expert's chain over few rows in one C call; over more, the reference's chain, whose three
-        linears are then `_folded_linear`s; float experts as the "cpu" backend."""
+        """A quantised expert's chain over few rows in one C call; over more, `_folded_swiglu`; float experts as the
+        "cpu" backend."""
         rows = x.numel() // x.shape[-1]
         if not self._runs_native(x, expert, rows):
-            if _quantised(expert.w1) and x.dtype in _BF16 and _inference(x, expert.w1):
-                return ReferenceBackend.swiglu(self, x, expert, limit, weights)
+            if self._stacked_kind(x, expert) == "folded":
+                return self._folded_swiglu(x, expert, limit, weights)
             return super().swiglu(x, expert, limit, weights)
         keep: list = []
         table = (ctypes.c_int64 * 6)(*self._expert_table(expert, keep))
