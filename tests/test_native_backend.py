@@ -11,6 +11,7 @@ bf16; mHC's split and Sinkhorn bit for bit (torch keeps the exponentials). At mo
 
 from __future__ import annotations
 
+import collections
 import ctypes
 
 import pytest
@@ -250,9 +251,14 @@ def test_gradients_stay_on_the_cpu_backend():
     assert pre.requires_grad
 
 
-def _experts(n, d, inter, fmt, seed=0):
+def _experts(n, d, inter, fmt, seed=0, dtype=torch.float32):
     out = []
     for e in range(n):
+        if fmt == "float":  # plain numerics: the weights in the activations' dtype, no scales
+            w1, w3, w2 = (_rand(*shape, seed=seed + 3 * e + i, scale=0.1).to(dtype)
+                          for i, shape in enumerate(((inter, d), (inter, d), (d, inter))))
+            out.append(ExpertWeights(w1, None, w3, None, w2, None))
+            continue
         quant = quantize_fp4_weight if fmt == "fp4" else quantize_fp8_weight
         w1 = quant(_rand(inter, d, seed=seed + 3 * e, scale=0.1))
         w3 = quant(_rand(inter, d, seed=seed + 3 * e + 1, scale=0.1))
@@ -261,11 +267,25 @@ def _experts(n, d, inter, fmt, seed=0):
     return out
 
 
+class _CountingLib:
+    """The native library with a count of the calls by function name."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, collections.Counter()
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, name)
+        return lambda *a: self.calls.update([name]) or fn(*a)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["fp4", "fp8", "float"])
 @pytest.mark.parametrize("tokens, k", [(1, 2), (5, 2), (8, 3)])
-def test_routed_and_shared_experts_agree_with_the_reference(dtype, fmt, tokens, k):
-    experts = _experts(8, 128, 96, fmt)
+def test_routed_and_shared_experts_agree_with_the_reference(monkeypatch, dtype, fmt, tokens, k):
+    """A decode's experts run in C, quantised or float (their GEMVs in their own order: the tolerances)."""
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    experts = _experts(8, 128, 96, fmt, dtype=dtype)
     gen = torch.Generator().manual_seed(tokens)
     x = (_rand(tokens, 128, seed=tokens) * 4).to(dtype)
     ids = torch.stack([torch.randperm(8, generator=gen)[:k] for _ in range(tokens)])
@@ -279,6 +299,7 @@ def test_routed_and_shared_experts_agree_with_the_reference(dtype, fmt, tokens, 
                                7.0), REF.routed_experts(x, weights, ids, experts, held, 7.0), rel)
     _close(FAST.swiglu(x, experts[0], 7.0), REF.swiglu(x, experts[0], 7.0), rel)
     _close(FAST.swiglu(x, experts[1], 7.0, weights[:, :1]), REF.swiglu(x, experts[1], 7.0, weights[:, :1]), rel)
+    assert lib.calls == {"dsv4_routed_experts": 2, "dsv4_swiglu": 2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

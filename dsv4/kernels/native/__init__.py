@@ -6,8 +6,9 @@ tens of ops for a few thousand multiply-adds; the mHC Sinkhorn is 20 iterations 
 one call into `kernels.c` (built at first use, `build.py`):
 
 * `linear` with an FP8 / FP4 weight: act_quant and the two-level block GEMM, row by row;
-* `swiglu` and `routed_experts` with quantised weights: a token's whole expert chain, its experts added into its
-  row in increasing id (the reference's order);
+* `swiglu` and `routed_experts`: a token's whole expert chain, its experts added into its row in increasing id
+  (the reference's order); float experts (plain numerics) too, whose dozens of torch ops per MoE cost more than
+  their GEMVs (small preset, batch 1: six MoE calls 2.8 -> 1.8 ms);
 * `sparse_attn` of a decode's few queries over fp32 rows, read in place from dense runs or pages;
 * `rope`, `hc_post`, `hc_collapse`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops, bit
   for bit the reference's;
@@ -242,9 +243,13 @@ class NativeBackend(CpuBackend):
     # ------------------------------------------------------------------------------------------ experts
 
     def _expert_table(self, expert: ExpertWeights, keep: list) -> list[int]:
-        """The six pointers (values, scales of w1, w3, w2) of an expert's native forms; the forms go on `keep`."""
+        """The six pointers (values, scales of w1, w3, w2) of an expert's native forms, the forms going on `keep`;
+        a float expert's weights as they are, with no scales."""
         pointers = []
         for w, s in ((expert.w1, expert.s1), (expert.w3, expert.s3), (expert.w2, expert.s2)):
+            if s is None:
+                pointers += [w.data_ptr(), 0]
+                continue
             form = self._form(w, s)
             keep.append(form)
             pointers += [form[0].data_ptr(), form[1].data_ptr()]
@@ -267,21 +272,27 @@ class NativeBackend(CpuBackend):
 
     @staticmethod
     def _runs_native(x: Tensor, expert: ExpertWeights, rows: int) -> bool:
-        """Whether an expert's chain over `rows` token rows goes to C."""
+        """Whether an expert's chain over `rows` token rows goes to C: quantised weights with their scales, or
+        float weights of x's dtype as they are stored (contiguous rows)."""
         inter, d = expert.w1.shape[0], x.shape[-1]
-        return (x.dtype in _BF16 and rows * 3 * inter * d <= NATIVE_MACS
-                and all(_quantised(w) for w in (expert.w1, expert.w3, expert.w2))
-                and all(s is not None for s in (expert.s1, expert.s3, expert.s2)) and _inference(x, expert.w1))
+        weights, scales = (expert.w1, expert.w3, expert.w2), (expert.s1, expert.s3, expert.s2)
+        quantised = all(_quantised(w) for w in weights) and all(s is not None for s in scales)
+        floats = all(w.dtype == x.dtype and w.is_contiguous() for w in weights) and all(s is None for s in scales)
+        return (x.dtype in _BF16 and rows * 3 * inter * d <= NATIVE_MACS and (quantised or floats)
+                and _inference(x, *weights))
 
     @staticmethod
     def _dims(expert: ExpertWeights, d: int) -> ctypes.Array:
         w1, w3, w2 = expert.w1, expert.w3, expert.w2
+        if expert.s1 is None:  # float weights: FLOAT_ROWS_F32 / FLOAT_ROWS_BF16, no blocks
+            kind = 2 + _BF16[w1.dtype]
+            return (ctypes.c_int64 * 8)(w1.shape[0], d, 0, 0, 0, kind, kind, kind)
         return (ctypes.c_int64 * 8)(w1.shape[0], d, _block(w1), _block(w3), _block(w2), _kind(w1), _kind(w3),
                                     _kind(w2))
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
-        """A quantised expert's chain over few rows in one C call; over more, `_folded_swiglu`; float experts as the
-        "cpu" backend."""
+        """An expert's chain over few rows in one C call; a quantised one over more, `_folded_swiglu`; other float
+        experts as the "cpu" backend."""
         rows = x.numel() // x.shape[-1]
         if not self._runs_native(x, expert, rows):
             if self._stacked_kind(x, expert) == "folded":
