@@ -309,6 +309,34 @@ def test_a_prefill_blocks_attention_scores_only_the_rows_its_slots_name(fast, mo
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
+def test_a_long_chunk_attends_in_query_blocks_with_far_and_masked_logits_exact(fast, monkeypatch):
+    """A chunk longer than DENSE_QUERY_BLOCK attends block by block, each over its own band of rows; logits far below
+    their query's maximum (exp's slow, denormal range, clamped) and masked slots weigh what the reference gives
+    them, and a query with no slot at all returns 0."""
+    from dsv4.kernels import cpu
+
+    b, s, h, d, n, w = 2, 150, 4, 32, 180, 24
+    assert s > 2 * cpu.DENSE_QUERY_BLOCK
+    band = (torch.arange(s).view(1, s, 1) + 20 - torch.arange(w).view(1, 1, w)).expand(b, s, w).clone()
+    band[:, ::7, 3] = -1
+    band[1, 5] = -1  # a query whose every slot is unused
+    blocks = []
+    used_rows = cpu._used_rows
+    monkeypatch.setattr(cpu, "_used_rows", lambda rows, slots: blocks.append(slots.shape[1]) or used_rows(rows, slots))
+    grads = {}
+    for name, backend in (("reference", REF), ("cpu", fast)):
+        q = (_rand(b, s, h, d, seed=1) * 30).requires_grad_(True)  # logits spread over hundreds: exp(-87) and below
+        kv = _rand(b, n, d, seed=2).requires_grad_(True)
+        sink = _rand(h, seed=3).requires_grad_(True)
+        out = backend.sparse_attn(q, kv, band, sink, d**-0.5)
+        (out * _rand(*out.shape, seed=5)).sum().backward()
+        grads[name] = (out.detach(), q.grad, kv.grad, sink.grad)
+    assert blocks == [cpu.DENSE_QUERY_BLOCK, cpu.DENSE_QUERY_BLOCK, s - 2 * cpu.DENSE_QUERY_BLOCK]
+    assert not grads["cpu"][0][1, 5].any()
+    for want, got in zip(grads["reference"], grads["cpu"], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("s", [1, 40])  # rows read by index (decode), every row scored by one GEMM (prefill)
 def test_sparse_attention_gradients_match_the_reference(fast, s):
     b, h, d, n, k = 2, 4, 32, 60, 48

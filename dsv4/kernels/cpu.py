@@ -23,8 +23,10 @@ the order decides the bits (see each op), so its results are the reference's:
   blocks: the rows the indices name gathered once, every block's logits and value products in one batched op
   each, and the official online-softmax combination across blocks in block order (bit-equal). Over fp32 rows,
   where rounding the probabilities changes nothing and the blocks only order fp32 sums, one softmax: a prefill
-  chunk scores every row with one GEMM, a decode reads only the rows it names (paged entries row by row from the
-  pool, never page by page). Differentiable, so training uses it.
+  chunk, 64 queries at a time, scores the rows they name with one GEMM (each row weighted by the number of slots
+  naming it, exp's arguments floored where its results are below fp32's resolution of the sum), a decode reads
+  only the rows it names (paged entries row by row from the pool, never page by page). Differentiable, so
+  training uses it.
 * **Sinkhorn**: the same sequence of row and column normalisations, in place on one buffer (token-minor for
   many tokens, so each sum runs over contiguous rows).
 * **the head**: a vocabulary-sized float projection multiplies a kept transposed copy of its weight.
@@ -69,9 +71,14 @@ DEFAULT_CACHE_MB = 2048
 # the experts run and the padded rows number at most this many times the routed ones; else expert by expert
 # (reading every expert's weights to use two of them costs more than the ops it saves)
 PAD_WASTE = 4
-# fp32 attention scores every row with one GEMM while that score slab stays under this size
+# fp32 attention over a chunk scores every row with one GEMM per block of this many queries (the block's band of
+# window rows and the compressed entries; small preset, batch 1: 22 -> 15 ms per prefill's attention from blocks of
+# 120, with the exp clamp), while a block's score slab stays under DENSE_SCORES_BYTES
+DENSE_QUERY_BLOCK = 64
 DENSE_SCORES_BYTES = 256 << 20
 DENSE_ROWS_PER_SLOT = 8
+# the smallest argument `_dense_softmax` hands to exp: exp(-87) is fp32's smallest normal order of magnitude
+EXP_FLOOR = -87.0
 # attention over a prefill chunk runs in blocks of queries whose gathered rows and scores stay under this: about
 # what the caches hold, so the products read the rows the gather just wrote from cache, not memory (small preset,
 # bf16 rows, 256 queries: 15 -> 6 ms at batch 1 and 100 -> 37 ms at batch 8 from 64 MiB; 4 MiB is slower again)
@@ -374,15 +381,20 @@ class CpuBackend(ReferenceBackend):
         n_slots = idx.shape[-1]
         if n_slots == 0:
             return torch.zeros_like(q)
+        runs = [kv] if isinstance(kv, Tensor) else list(kv)
+        kv_dtype = runs[0].dtype
+        if kv_dtype == compute_dtype(q, runs[0], sink) and _scores_every_row(q, runs, n_slots):
+            rows = concat_rows(runs)  # [B, N, D]
+            return torch.cat([_dense_softmax(q[:, lo : lo + DENSE_QUERY_BLOCK], rows,
+                                             idx[:, lo : lo + DENSE_QUERY_BLOCK], sink, scale)
+                              for lo in range(0, s, DENSE_QUERY_BLOCK)], dim=1)
         per_query = b * n_slots * (d + h) * 4  # bytes of gathered fp32 rows and scores per query position
         if s > 1 and s * per_query > GATHER_BYTES:  # a long prefill chunk: queries in blocks, memory bounded
             step = max(1, GATHER_BYTES // per_query)
             return torch.cat([self.sparse_attn(q[:, lo : lo + step], kv, idx[:, lo : lo + step], sink, scale)
                               for lo in range(0, s, step)], dim=1)
-        runs = [kv] if isinstance(kv, Tensor) else list(kv)
-        kv_dtype = runs[0].dtype
         if kv_dtype == compute_dtype(q, runs[0], sink):
-            return _one_softmax(q, runs, idx, sink, scale)
+            return _gathered_softmax(q, runs, idx, sink, scale)
         acc = compute_dtype(q, runs[0], sink)
         rows = _gather_kv(runs, idx, acc)  # [B, S, K, D], the first run's values in the compute dtype
         full, tail = divmod(n_slots, ATTN_BLOCK)
@@ -452,42 +464,62 @@ class CpuBackend(ReferenceBackend):
         return pre, post, comb
 
 
-def _one_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:
-    """Attention over rows already in the compute dtype (fp32 models), where rounding the probabilities to the
-    rows' dtype changes nothing and the 64-slot blocks only order the fp32 sums: one softmax over all of a
-    query's slots. A prefill chunk (slots outnumbering the rows) scores every row with one GEMM and picks the
-    slots' logits, then multiplies the probabilities scattered back onto the rows; otherwise only the named
-    rows are read. Differentiable (training)."""
+def _scores_every_row(q: Tensor, runs: list[KVRows], n_slots: int) -> bool:
+    """Whether attention over rows in the compute dtype (fp32 models: rounding the probabilities to the rows'
+    dtype changes nothing, and the 64-slot blocks only order fp32 sums) scores every row with one GEMM per block of
+    queries (`_dense_softmax`) instead of gathering each query's rows (`_gathered_softmax`). Scoring costs H*N GEMM
+    work per query against K gathered rows and tiny per-query GEMMs: measured here, it pays for a chunk whose
+    slots outnumber the rows while the rows are at most DENSE_ROWS_PER_SLOT times the slots (a short context), in
+    training too, and not over a long context's compressed entries."""
+    b, s, h, _ = q.shape
+    n_rows = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in runs)
+    return (s * n_slots >= n_rows and n_rows <= DENSE_ROWS_PER_SLOT * n_slots
+            and b * min(s, DENSE_QUERY_BLOCK) * h * n_rows * q.element_size() <= DENSE_SCORES_BYTES)
+
+
+def _dense_softmax(q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """One softmax over each query's slots, for a block of a chunk's queries q [B, S, H, D] over rows [B, N, D]:
+    every row the block names (`_used_rows`) scored with one GEMM, each row weighted by the number of the query's
+    slots that name it (0: masked; a row named twice counts twice, as the reference's slots do), and the weighted
+    probabilities multiplied by the rows with another. Differentiable (training).
+
+    Exponentials of arguments below -87 (masked rows at -inf, and rows far below the query's maximum, whose
+    results are denormal) take the slow path of torch's vectorised exp, about 6 and 50 times slower. Such terms
+    are below fp32's resolution of a sum that holds exp(0) = 1, so the arguments are clamped there and the masked
+    rows multiplied by their zero count."""
+    b, s, h, d = q.shape
+    rows, slots = _used_rows(rows, idx.clamp(min=0))
+    n = rows.shape[1]
+    counts = torch.zeros(b, s, n, dtype=q.dtype, device=q.device).scatter_add_(2, slots, (idx >= 0).to(q.dtype))
+    counts = counts.unsqueeze(2)  # [B, S, 1, N']
+    every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, n)  # [B, S, H, N']
+    logits = every.mul_(scale).masked_fill_(counts == 0, float("-inf"))  # (the GEMM's backward keeps its inputs)
+    top = logits.amax(dim=-1).detach()  # [B, S, H]; the shift cancels, so it carries no gradient
+    sink_logit = sink.to(q.dtype).view(1, 1, -1).expand(b, s, h)
+    shift = torch.where(top.isfinite(), top, sink_logit.detach())
+    p = (logits - shift.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_()  # (exp's backward keeps its result: ...)
+    p = p * counts if torch.is_grad_enabled() and p.requires_grad else p.mul_(counts)  # (... not changed here)
+    denom = p.sum(dim=-1) + torch.exp(sink_logit - shift)
+    out = torch.bmm(p.view(b, s * h, n), rows).view(b, s, h, d)
+    return out / denom.unsqueeze(-1)
+
+
+def _gathered_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """One softmax over each query's slots (rows in the compute dtype, see `_scores_every_row`) from the rows it
+    names, gathered (`_gather_kv`; a decode reads paged entries row by row from their pool): tiny per-query GEMMs.
+    Differentiable (training)."""
     b, s, h, d = q.shape
     k = idx.shape[-1]
     valid = (idx >= 0).unsqueeze(2)  # [B, S, 1, K]
-    n_rows = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in runs)
-    # scoring every row costs H*N GEMM work per query against gathering K rows and tiny per-query GEMMs: measured
-    # here, it pays while the rows are at most DENSE_ROWS_PER_SLOT times the slots (a short context), in training
-    # too, and not over a long context's compressed entries
-    dense = (s * k >= n_rows and n_rows <= DENSE_ROWS_PER_SLOT * k
-             and b * s * h * n_rows * q.element_size() <= DENSE_SCORES_BYTES)
-    slots = idx.clamp(min=0)  # [B, S, K]
-    if dense:
-        rows = concat_rows(runs)  # [B, N, D]
-        rows, slots = _used_rows(rows, slots)
-        slots = slots.unsqueeze(2).expand(b, s, h, k)  # [B, S, H, K]
-        every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, -1)  # [B, S, H, N']
-        logits = every.gather(3, slots)
-    else:
-        rows = _gather_kv(runs, idx)  # [B, S, K, D]
-        logits = torch.bmm(q.reshape(b * s, h, d), rows.view(b * s, k, d).transpose(1, 2)).view(b, s, h, k)
+    rows = _gather_kv(runs, idx)  # [B, S, K, D]
+    logits = torch.bmm(q.reshape(b * s, h, d), rows.view(b * s, k, d).transpose(1, 2)).view(b, s, h, k)
     logits = logits.mul_(scale).masked_fill_(~valid, float("-inf"))
     top = logits.amax(dim=-1).detach()  # [B, S, H]; the shift cancels, so it carries no gradient
     sink_logit = sink.to(q.dtype).view(1, 1, -1).expand(b, s, h)
     shift = torch.where(top.isfinite(), top, sink_logit.detach())
     p = torch.exp(logits - shift.unsqueeze(-1))
     denom = p.sum(dim=-1) + torch.exp(sink_logit - shift)
-    if dense:
-        weights = torch.zeros_like(every, dtype=p.dtype).scatter_add_(3, slots, p)  # (bf16 scores under autocast)
-        out = torch.bmm(weights.view(b, s * h, -1), rows).view(b, s, h, d)
-    else:
-        out = torch.bmm(p.view(b * s, h, k), rows.view(b * s, k, d)).view(b, s, h, d)
+    out = torch.bmm(p.view(b * s, h, k), rows.view(b * s, k, d)).view(b, s, h, d)
     return out / denom.unsqueeze(-1)
 
 
