@@ -13,6 +13,8 @@ indexer keys). An entry appears at the block's last token and is visible to that
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,67 @@ from ..kernels.paged import gather_rows
 from .cache import CompressorState, ForwardContext
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, rope_cos_sin
+
+
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """What every compressor of one ratio and ring size computes alike for a chunk (built once per forward)."""
+
+    phase: Tensor  # [B, S] each token's place in its block (its `ape` row)
+    ring_slots: Tensor  # [B, S] each token's ring slot
+    first: Tensor  # [B] the first entry the chunk can finish
+    n_new: Tensor  # [B] the entries it finishes
+    n_max: int  # the most entries a row finishes
+    n_entries: int  # the most entries a row holds afterwards
+    ring_order: Tensor  # [B, R] the ring's slots oldest first: its tokens at positions start-R .. start-1
+
+    @classmethod
+    def build(cls, ctx: ForwardContext, ratio: int, ring: int) -> _ChunkPlan:
+        first = torch.div(ctx.start, ratio, rounding_mode="floor")
+        after = torch.div(ctx.start + ctx.lengths, ratio, rounding_mode="floor")  # [B] entries once the chunk is in
+        n_new = after - first
+        n_max, n_entries = torch.stack((n_new, after)).amax(dim=1).tolist()  # one host sync
+        ring_order = (ctx.start.unsqueeze(1) - ring + torch.arange(ring, device=ctx.start.device)) % ring
+        return cls(ctx.positions % ratio, ctx.positions % ring, first, n_new, n_max, n_entries, ring_order)
+
+
+@dataclass(frozen=True)
+class _PoolPlan:
+    """Where each entry a chunk finishes takes its candidates from in the extended sequence (the ring's tokens,
+    then the chunk's), and where it goes: common to the compressors of one ratio (built once per forward)."""
+
+    candidates: Tensor  # [B*M*coff*r] rows of the extended sequence viewed as rows of c (see `Compressor._pool`)
+    missing: Tensor | None  # [B, M, coff*r, 1] candidates before position 0 (CSA's entry 0); None: all exist
+    entry_ids: Tensor  # [B, M] the entries, j = first + 0 .. M-1
+    rows: Tensor  # the (row, m) pairs that are finished entries (a row may finish fewer than M)
+    cols: Tensor
+    cos: Tensor  # [B, M, rope/2] the rotation at each entry's first position j*r
+    sin: Tensor
+
+    @classmethod
+    def build(cls, ctx: ForwardContext, chunk: _ChunkPlan, ratio: int, ring: int, freqs: Tensor) -> _PoolPlan:
+        r, m, device = ratio, chunk.n_max, ctx.start.device
+        overlap = ratio == CSA_RATIO
+        b, s = ctx.positions.shape
+        j = chunk.first.unsqueeze(1) + torch.arange(m, device=device)  # [B,M] entry ids
+        valid = torch.arange(m, device=device).unsqueeze(0) < chunk.n_new.unsqueeze(1)  # [B,M]
+        offset = (ctx.start - ring).view(-1, 1, 1)  # position of ext row 0
+        cur_pos = j.unsqueeze(-1) * r + torch.arange(r, device=device)  # [B,M,r]
+        last = ring + s - 1
+        cur = (cur_pos - offset).clamp(0, last)
+        base = (torch.arange(b, device=device) * (ring + s)).view(-1, 1, 1)  # each batch row's first ext row
+        missing = None
+        if overlap:  # the previous block's tokens give their first half, this block's their second
+            prev_pos = cur_pos - r
+            prev = (prev_pos - offset).clamp(0, last)
+            rows = torch.cat((2 * (base + prev), 2 * (base + cur) + 1), dim=2)  # [B,M,2r] in rows of c
+            if bool((prev_pos < 0).any()):
+                missing = torch.cat((prev_pos < 0, cur_pos < 0), dim=2).unsqueeze(-1)
+        else:
+            rows = base + cur
+        at, cols = valid.nonzero(as_tuple=True)
+        cos, sin = rope_cos_sin(freqs, j * r)
+        return cls(rows.flatten(), missing, j, at, cols, cos, sin)
 
 
 class Compressor(nn.Module):
@@ -45,32 +108,29 @@ class Compressor(nn.Module):
         count are stale and masked by every reader)."""
         r = self.ratio
         ring = state.kv.shape[1]  # R = coff * r most recent tokens
-        start, n_valid = ctx.start, ctx.lengths
+        plan = ctx.shared(("compress", r, ring), lambda: _ChunkPlan.build(ctx, r, ring))  # the layers' common part
         xf = x.to(torch.float32)
         kv = self.wkv(xf)  # [B,S,coff*c]
-        score = self.wgate(xf) + self.ape[ctx.positions % r]
+        score = self.wgate(xf) + self.ape[plan.phase]
 
-        first = torch.div(start, r, rounding_mode="floor")
-        after = torch.div(start + n_valid, r, rounding_mode="floor")  # [B] entries once the chunk is in
-        n_max, n_entries = torch.stack((after - first, after)).amax(dim=1).tolist()  # most entries finished now
         in_place = 0 < ctx.appends <= ring  # decode / verify steps: the tokens take their ring slots in place
-        if n_max > 0 or not in_place:
-            self._pool_and_keep(kv, score, first, after - first, n_max, state, freqs, ctx, rewrite=not in_place)
+        if plan.n_max > 0 or not in_place:
+            self._pool_and_keep(kv, score, plan, state, freqs, ctx, rewrite=not in_place)
         if in_place:
-            state.write_slots(ctx.positions % ring, kv.detach(), score.detach())
-        return n_entries
+            state.write_slots(plan.ring_slots, kv.detach(), score.detach())
+        return plan.n_entries
 
-    def _pool_and_keep(self, kv: Tensor, score: Tensor, first: Tensor, n_new: Tensor, n_max: int,
-                       state: CompressorState, freqs: Tensor, ctx: ForwardContext, rewrite: bool) -> None:
+    def _pool_and_keep(self, kv: Tensor, score: Tensor, plan: _ChunkPlan, state: CompressorState, freqs: Tensor,
+                       ctx: ForwardContext, rewrite: bool) -> None:
         """Pool the finished blocks from the ring and the chunk, and (`rewrite`, for a kept chunk the caller does
         not write in place) rebuild the ring from both."""
         ring, start = state.kv.shape[1], ctx.start
         # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk
-        ring_pos = start.unsqueeze(1) - ring + torch.arange(ring, device=kv.device)  # [B,R]
-        ext_kv = torch.cat((gather_rows(state.kv, ring_pos % ring), kv), dim=1)  # [B,R+S,coff*c]
-        ext_score = torch.cat((gather_rows(state.score, ring_pos % ring), score), dim=1)
-        if n_max > 0:
-            self._pool(ext_kv, ext_score, first, n_new, n_max, ring, state, freqs, ctx)
+        ext_kv = torch.cat((gather_rows(state.kv, plan.ring_order), kv), dim=1)  # [B,R+S,coff*c]
+        ext_score = torch.cat((gather_rows(state.score, plan.ring_order), score), dim=1)
+        if plan.n_max > 0:
+            pool = ctx.shared(("pool", self.ratio, ring), lambda: _PoolPlan.build(ctx, plan, self.ratio, ring, freqs))
+            self._pool(ext_kv, ext_score, pool, state, ctx)
         if ctx.persist and rewrite:
             # ring slot s <- the token at the position q ≡ s (mod R) among the last R consumed
             end = start + ctx.lengths
@@ -80,34 +140,23 @@ class Compressor(nn.Module):
             state.kv = gather_rows(ext_kv, ext_index).detach()
             state.score = gather_rows(ext_score, ext_index).detach()
 
-    def _pool(self, ext_kv: Tensor, ext_score: Tensor, first: Tensor, n_new: Tensor, n_max: int, ring: int,
-              state: CompressorState, freqs: Tensor, ctx: ForwardContext) -> None:
-        r, c = self.ratio, self.head_dim
-        device = ext_kv.device
-        j = first.unsqueeze(1) + torch.arange(n_max, device=device)  # [B,M] entry ids
-        valid = torch.arange(n_max, device=device).unsqueeze(0) < n_new.unsqueeze(1)  # [B,M]
-        offset = (ctx.start - ring).view(-1, 1, 1)  # position of ext row 0
-        cur_pos = j.unsqueeze(-1) * r + torch.arange(r, device=device)  # [B,M,r]
-        last = ext_kv.shape[1] - 1
-        cur = (cur_pos - offset).clamp(0, last)
-        if self.overlap:
-            prev_pos = cur_pos - r
-            prev = (prev_pos - offset).clamp(0, last)
-            kv = torch.cat((gather_rows(ext_kv[..., :c], prev), gather_rows(ext_kv[..., c:], cur)), dim=2)
-            score = torch.cat((gather_rows(ext_score[..., :c], prev), gather_rows(ext_score[..., c:], cur)), dim=2)
-            exists = torch.cat((prev_pos >= 0, cur_pos >= 0), dim=2)  # [B,M,2r]
-            score = score.masked_fill(~exists.unsqueeze(-1), float("-inf"))
-            kv = kv.masked_fill(~exists.unsqueeze(-1), 0.0)
-        else:
-            kv = gather_rows(ext_kv, cur)
-            score = gather_rows(ext_score, cur)
+    def _pool(self, ext_kv: Tensor, ext_score: Tensor, pool: _PoolPlan, state: CompressorState,
+              ctx: ForwardContext) -> None:
+        c = self.head_dim
+        shape = (ext_kv.shape[0], pool.entry_ids.shape[1], -1, c)  # [B,M,coff*r,c]: each entry's candidates
+
+        def candidates(ext: Tensor) -> Tensor:  # ext [B,R+S,coff*c] as rows of c: CSA's halves are rows of their own
+            return ext.reshape(-1, c).index_select(0, pool.candidates).view(shape)
+
+        kv, score = candidates(ext_kv), candidates(ext_score)
+        if pool.missing is not None:  # entry 0's previous block does not exist (weight 0)
+            score = score.masked_fill(pool.missing, float("-inf"))
+            kv = kv.masked_fill(pool.missing, 0.0)
         pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B,M,c] fp32
         entry = self.norm(pooled.to(state.entries.dtype))
-        cos, sin = rope_cos_sin(freqs, j * r)
-        entry = apply_rope(entry, cos, sin)
+        entry = apply_rope(entry, pool.cos, pool.sin)
         entry = self._qat(entry, ctx.exact)
-        rows, cols = valid.nonzero(as_tuple=True)
-        state.entries.write(rows, j[rows, cols], entry[rows, cols])
+        state.entries.write(pool.rows, pool.entry_ids[pool.rows, pool.cols], entry[pool.rows, pool.cols])
 
     def _qat(self, entry: Tensor, exact: bool) -> Tensor:
         """The rounding the official inference applies to cached entries (values stay in entry.dtype)."""
