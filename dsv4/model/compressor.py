@@ -128,7 +128,8 @@ class Compressor(nn.Module):
         # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk
         ext_kv = torch.cat((gather_rows(state.kv, plan.ring_order), kv), dim=1)  # [B,R+S,coff*c]
         ext_score = torch.cat((gather_rows(state.score, plan.ring_order), score), dim=1)
-        if plan.n_max > 0:
+        if plan.n_max > 0:  # (every compressed layer rotates its entries by the same frequencies, as attention's
+            # shared cos / sin assume: `rope_frequencies(args, compressed=True)`)
             pool = ctx.shared(("pool", self.ratio, ring), lambda: _PoolPlan.build(ctx, plan, self.ratio, ring, freqs))
             self._pool(ext_kv, ext_score, pool, state, ctx)
         if ctx.persist and rewrite:
