@@ -493,12 +493,14 @@ def _dense_softmax(q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: fl
     counts = torch.zeros(b, s, n, dtype=q.dtype, device=q.device).scatter_add_(2, slots, (idx >= 0).to(q.dtype))
     counts = counts.unsqueeze(2)  # [B, S, 1, N']
     every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, n)  # [B, S, H, N']
-    logits = every.mul_(scale).masked_fill_(counts == 0, float("-inf"))  # (the GEMM's backward keeps its inputs)
+    # in place where autograd allows it: the GEMM's backward keeps its inputs, not its output, and exp's backward
+    # keeps its result, which only a step without gradients may scale in place
+    logits = every.mul_(scale).masked_fill_(counts == 0, float("-inf"))
     top = logits.amax(dim=-1).detach()  # [B, S, H]; the shift cancels, so it carries no gradient
     sink_logit = sink.to(q.dtype).view(1, 1, -1).expand(b, s, h)
     shift = torch.where(top.isfinite(), top, sink_logit.detach())
-    p = (logits - shift.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_()  # (exp's backward keeps its result: ...)
-    p = p * counts if torch.is_grad_enabled() and p.requires_grad else p.mul_(counts)  # (... not changed here)
+    p = (logits - shift.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_()
+    p = p * counts if torch.is_grad_enabled() and p.requires_grad else p.mul_(counts)
     denom = p.sum(dim=-1) + torch.exp(sink_logit - shift)
     out = torch.bmm(p.view(b, s * h, n), rows).view(b, s, h, d)
     return out / denom.unsqueeze(-1)
