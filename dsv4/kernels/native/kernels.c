@@ -808,15 +808,15 @@ int dsv4_rms_factor(const void *x, float *inv, int bf16, int64_t rows, int64_t n
 
 /* ------------------------------------------------------------------------------------------ RoPE */
 
-/* out = x [rows, width] (x's dtype) with each row's last 2 * half dims rotated by interleaved pairs, the rest
- * copied: the complex fp32 product torch computes, (a c - b s, a s + b c), each product rounded before the add,
- * then cast to x's dtype; s negated for the inverse rotation. cos / sin [rows / group, half] fp32: a row of them
- * serves `group` consecutive rows of x (a query's heads). */
 /* The loops of the kernels below with the dtype a constant: called with a literal 0 or 1 and inlined, each
  * becomes a loop without a branch per element, which the compiler vectorises (rope, hc_post and hc_collapse ran
  * 2-3x slower with the dtype tested per element). */
 #define INLINE static inline __attribute__((always_inline))
 
+/* out = x [rows, width] (x's dtype) with each row's last 2 * half dims rotated by interleaved pairs, the rest
+ * copied: the complex fp32 product torch computes, (a c - b s, a s + b c), each product rounded before the add,
+ * then cast to x's dtype; s negated for the inverse rotation. cos / sin [rows / group, half] fp32: a row of them
+ * serves `group` consecutive rows of x (a query's heads). */
 INLINE void rope_rows(const void *x, void *out, const int bf16, int64_t rows, int64_t width, int64_t half,
                       const float *cos_, const float *sin_, int64_t group, int inverse) {
     const int64_t nope = width - 2 * half;
