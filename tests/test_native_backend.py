@@ -302,6 +302,21 @@ def test_routed_and_shared_experts_agree_with_the_reference(monkeypatch, dtype, 
     assert lib.calls == {"dsv4_routed_experts": 2, "dsv4_swiglu": 2}
 
 
+def test_float_experts_stored_as_strided_views_are_read_as_their_values():
+    """The C chain reads a float expert's rows from memory: an expert whose weights are strided views (stored
+    transposed), and not the first one the call looks at, still gives the reference's result."""
+    experts = _experts(4, 128, 96, "float")
+    strided = [w.T.contiguous().T for w in (experts[2].w1, experts[2].w3, experts[2].w2)]
+    assert not any(w.is_contiguous() for w in strided)
+    experts[2] = ExpertWeights(strided[0], None, strided[1], None, strided[2], None)
+    x = _rand(3, 128, seed=9)
+    ids = torch.tensor([[0, 2], [2, 3], [1, 2]])
+    weights = torch.rand(3, 2, generator=torch.Generator().manual_seed(1))
+    _close(FAST.routed_experts(x, weights, ids, experts, [0, 1, 2, 3], 7.0),
+           REF.routed_experts(x, weights, ids, experts, [0, 1, 2, 3], 7.0), 1e-5)
+    _close(FAST.swiglu(x, experts[2], 7.0), REF.swiglu(x, experts[2], 7.0), 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
 def test_a_prefills_experts_are_batched_gemms_of_folded_weights(monkeypatch, dtype, fmt):

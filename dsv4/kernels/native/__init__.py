@@ -244,10 +244,12 @@ class NativeBackend(CpuBackend):
 
     def _expert_table(self, expert: ExpertWeights, keep: list) -> list[int]:
         """The six pointers (values, scales of w1, w3, w2) of an expert's native forms, the forms going on `keep`;
-        a float expert's weights as they are, with no scales."""
+        a float expert's weights as they are (rows contiguous; a strided view is copied), with no scales."""
         pointers = []
         for w, s in ((expert.w1, expert.s1), (expert.w3, expert.s3), (expert.w2, expert.s2)):
             if s is None:
+                w = w.contiguous()
+                keep.append(w)
                 pointers += [w.data_ptr(), 0]
                 continue
             form = self._form(w, s)
@@ -273,11 +275,11 @@ class NativeBackend(CpuBackend):
     @staticmethod
     def _runs_native(x: Tensor, expert: ExpertWeights, rows: int) -> bool:
         """Whether an expert's chain over `rows` token rows goes to C: quantised weights with their scales, or
-        float weights of x's dtype as they are stored (contiguous rows)."""
+        float weights of x's dtype."""
         inter, d = expert.w1.shape[0], x.shape[-1]
         weights, scales = (expert.w1, expert.w3, expert.w2), (expert.s1, expert.s3, expert.s2)
         quantised = all(_quantised(w) for w in weights) and all(s is not None for s in scales)
-        floats = all(w.dtype == x.dtype and w.is_contiguous() for w in weights) and all(s is None for s in scales)
+        floats = all(w.dtype == x.dtype for w in weights) and all(s is None for s in scales)
         return (x.dtype in _BF16 and rows * 3 * inter * d <= NATIVE_MACS and (quantised or floats)
                 and _inference(x, *weights))
 
