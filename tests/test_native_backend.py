@@ -203,6 +203,22 @@ def test_index_topk_equals_the_reference_bit_for_bit(dtype, k):
         assert torch.equal(got_scores, want_scores), name  # masked in place alike
 
 
+@pytest.mark.parametrize("k", [1, 64, 270, 299, 300])
+def test_index_topk_over_rows_seeing_few_and_many_entries(k):
+    """Rows that see at most 256 entries rank them by counting, rows that see more keep the heap (over the seen
+    entries only when k fits among them): both equal the reference, ties and hidden entries included."""
+    gen = torch.Generator().manual_seed(k)
+    shape = (2, 9, 300)
+    for name, scores in {"few values": torch.randint(-2, 3, shape, generator=gen).float(),
+                         "distinct": torch.randn(shape, generator=gen)}.items():
+        visible = torch.randint(0, 301, shape[:2], generator=gen)
+        visible[0, :3] = torch.tensor([0, 256, 257])  # no entry; the last row counted; the first row on the heap
+        got_scores, want_scores = scores.clone(), scores.clone()
+        got, want = FAST.index_topk(got_scores, visible, k), REF.index_topk(want_scores, visible, k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
+        assert torch.equal(got_scores, want_scores), name
+
+
 # ---------------------------------------------------------------------------------------------- GEMMs
 
 
