@@ -425,6 +425,43 @@ def test_sparse_attention_over_dense_and_paged_rows_agrees_with_the_reference(sl
     _close(FAST.sparse_attn(q, dense, dense_idx, sink, 0.2), REF.sparse_attn(q, dense, dense_idx, sink, 0.2), 1e-6)
 
 
+@pytest.mark.parametrize("case", ["band", "scattered"])
+def test_prefill_attention_bookkeeping_in_c_agrees_with_the_reference(case, monkeypatch):
+    """A prefill chunk over fp32 rows: each block of queries in three C calls around its two GEMMs (the named rows
+    and the slots' weights, the exponentials' arguments, the weighted sums), for 150 queries (three blocks, the
+    last short) of two sequences. "band": a band of 16 window rows each plus compressed entries at the end (a few
+    of the 203 rows, renumbered), two entries named twice; "scattered": slots over all of 43 rows (every row
+    kept). Both with unused slots, a query with none (exactly 0), logits spread over hundreds (the floored range)
+    and row counts that are not multiples of eight."""
+    from dsv4.kernels.cpu import DENSE_QUERY_BLOCK
+
+    gen = torch.Generator().manual_seed(0)
+    b, s, h, d = 2, 150, 8, 64  # past NATIVE_MACS: a decode's C attention would take fewer queries
+    if case == "band":
+        n = 203
+        window = (torch.arange(s).view(1, s, 1) + 16 - torch.arange(16).view(1, 1, 16)).expand(b, s, 16)
+        entries = torch.arange(n - 9, n).view(1, 1, 9).expand(b, s, 9)
+        idx = torch.cat((window, entries, entries[..., :2]), dim=-1).clone()
+    else:
+        n = 43
+        idx = torch.randint(0, n, (b, s, 48), generator=gen)
+    idx[:, ::7, 3] = -1
+    idx[1, 5] = -1
+    q = torch.randn(b, s, h, d, generator=gen) * 30
+    rows = torch.randn(b, n, d, generator=gen)
+    sink = torch.randn(h, generator=gen)
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    got = FAST.sparse_attn(q, rows, idx, sink, d**-0.5)
+    blocks = -(-s // DENSE_QUERY_BLOCK)
+    assert lib.calls == {"dsv4_attn_rows": blocks, "dsv4_attn_logits": blocks, "dsv4_attn_weights": blocks}
+    _close(got, REF.sparse_attn(q, rows, idx, sink, d**-0.5), 1e-5)
+    assert torch.equal(got[1, 5], torch.zeros_like(got[1, 5]))
+    idx[0, 0, 0] = n
+    with pytest.raises(IndexError, match=f"past the {n} rows"):
+        FAST.sparse_attn(q, rows, idx, sink, d**-0.5)
+
+
 def test_sparse_attention_over_bf16_rows_is_the_cpu_backends_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     q, rows = torch.randn(2, 1, 4, 32, generator=gen).bfloat16(), torch.randn(2, 90, 32, generator=gen).bfloat16()

@@ -384,10 +384,7 @@ class CpuBackend(ReferenceBackend):
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         kv_dtype = runs[0].dtype
         if kv_dtype == compute_dtype(q, runs[0], sink) and _scores_every_row(q, runs, n_slots):
-            rows = concat_rows(runs)  # [B, N, D]
-            return torch.cat([_dense_softmax(q[:, lo : lo + DENSE_QUERY_BLOCK], rows,
-                                             idx[:, lo : lo + DENSE_QUERY_BLOCK], sink, scale)
-                              for lo in range(0, s, DENSE_QUERY_BLOCK)], dim=1)
+            return self._dense_attn(q, concat_rows(runs), idx, sink, scale)
         per_query = b * n_slots * (d + h) * 4  # bytes of gathered fp32 rows and scores per query position
         if s > 1 and s * per_query > GATHER_BYTES:  # a long prefill chunk: queries in blocks, memory bounded
             step = max(1, GATHER_BYTES // per_query)
@@ -429,6 +426,13 @@ class CpuBackend(ReferenceBackend):
         last_shift = torch.where(final.isfinite(), final, sink_logit.detach())
         denom = denom + torch.exp(sink_logit - last_shift)
         return (out / denom.unsqueeze(-1)).to(q.dtype)
+
+    def _dense_attn(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+        """Attention of a chunk's queries q [B, S, H, D] over rows [B, N, D] in the compute dtype, each block of
+        DENSE_QUERY_BLOCK queries scoring the rows it names (`_dense_softmax`). Differentiable (training)."""
+        return torch.cat([_dense_softmax(q[:, lo : lo + DENSE_QUERY_BLOCK], rows, idx[:, lo : lo + DENSE_QUERY_BLOCK],
+                                         sink, scale)
+                          for lo in range(0, q.shape[1], DENSE_QUERY_BLOCK)], dim=1)
 
     # ------------------------------------------------------------------------------------------ mHC
 

@@ -9,15 +9,17 @@ one call into `kernels.c` (built at first use, `build.py`):
 * `swiglu` and `routed_experts`: a token's whole expert chain, its experts added into its row in increasing id
   (the reference's order); float experts (plain numerics) too, whose dozens of torch ops per MoE cost more than
   their GEMVs (small preset, batch 1: six MoE calls 2.8 -> 1.8 ms);
-* `sparse_attn` of a decode's few queries over fp32 rows, read in place from dense runs or pages;
+* `sparse_attn` of a decode's few queries over fp32 rows, read in place from dense runs or pages; over a prefill
+  chunk's fp32 rows the "cpu" backend's two GEMMs a block of queries, with the bookkeeping between them (the rows
+  the block names, the slots' weights, the masked maximum, the weighted sums) in three C calls;
 * `rope`, `hc_post`, `hc_collapse`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops, bit
   for bit the reference's;
 * `rms_norm`, `head_norm` (fp32) and `hc_mixes`' RMS factor: a mean of squares summed in torch's own order (the
   cascade of its `SumKernel.cpp`, at the vector width a self-test finds when the backend starts), so bit for bit;
 * `hc_split_sinkhorn`: the splits and normalisations (bit for bit; the sigmoids and exponentials stay torch's),
   the normalisations vectorised over tokens;
-* `index_topk`: the indexer's selection, a heap per query (the same picks, in the same order, as torch's stable
-  sort; no arithmetic, so bit for bit).
+* `index_topk`: the indexer's selection, by counting ranks over a short row or a heap per query over a long one
+  (the same picks, in the same order, as torch's stable sort; no arithmetic, so bit for bit).
 
 The GEMMs compute the reference's arithmetic: the same power-of-two scales, e4m3 round-half-even, per-block fp32
 partial products scaled and summed in block order. A block's dot product is summed sequentially over k (BLAS sums
@@ -31,9 +33,9 @@ multiply-adds per call, a decode step's rows): the C GEMMs run row by row (so a 
 its batch), and more rows belong to BLAS. There the quantised GEMMs multiply the operands with their power-of-two
 block scales multiplied in (the weights' "folded" form, the activations quantised and dequantised in C): the
 reference's products, summed in BLAS's order instead of block by block, at a float GEMM's cost. Attention over a
-prefill chunk is the "cpu" backend's. Training (gradients wanted) runs the Sinkhorn normalisations with a C
-backward and `hc_post` with a backward of batched products; every other op with gradients wanted, other dtypes,
-or other devices goes to the "cpu" backend.
+prefill chunk runs the "cpu" backend's GEMMs (over bf16 rows wholly its code). Training (gradients wanted) runs
+the Sinkhorn normalisations with a C backward and `hc_post` with a backward of batched products; every other op
+with gradients wanted, other dtypes, or other devices goes to the "cpu" backend.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
-from ..cpu import CpuBackend
+from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, CpuBackend
 from ..experts import ExpertWeights
 from ..paged import KVRows
 from .build import NativeUnavailable, available, load
@@ -371,6 +373,39 @@ class NativeBackend(CpuBackend):
         _check(self.lib.dsv4_sparse_attn(q.data_ptr(), out.data_ptr(), _BF16[q.dtype], b, s, h, d,
                                          (ctypes.c_int64 * len(desc))(*desc), len(runs), _BF16[rows_dtype],
                                          idx.data_ptr(), idx.shape[-1], sink.data_ptr(), scale), "sparse_attn")
+        return out
+
+    def _dense_attn(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+        """The "cpu" backend's attention over a chunk's fp32 rows, a block of queries at a time, with its bookkeeping
+        between the two GEMMs in three C calls instead of about thirty torch ops: the rows the block names and each
+        query's weight on them (`dsv4_attn_rows`), the exponentials' arguments (`dsv4_attn_logits`; the
+        exponentials stay torch's, with two threads), the weighted probabilities and their sums
+        (`dsv4_attn_weights`). Each block's output is divided into its place (no concatenation)."""
+        if (q.dtype != torch.float32 or rows.dtype != torch.float32 or not _inference(q, rows, sink)):
+            return super()._dense_attn(q, rows, idx, sink, scale)
+        b, s, h, d = q.shape
+        n = rows.shape[1]
+        idx = idx.to(torch.int64).contiguous()
+        sink = sink.to(torch.float32).contiguous()
+        out = torch.empty(b, s, h, d)
+        used = torch.empty(n, dtype=torch.int64)
+        counts = torch.empty(b * min(s, DENSE_QUERY_BLOCK) * n)
+        for lo in range(0, s, DENSE_QUERY_BLOCK):
+            hi = min(s, lo + DENSE_QUERY_BLOCK)
+            m = hi - lo
+            kept = self.lib.dsv4_attn_rows(idx.data_ptr(), b, s, idx.shape[-1], lo, hi, n, used.data_ptr(),
+                                           counts.data_ptr())
+            if kept < 0:
+                raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
+            named = rows if kept == n else rows.index_select(1, used[:kept])  # [B, N', D]
+            scores = torch.bmm(q[:, lo:hi].reshape(b, m * h, d), named.transpose(1, 2))  # [B, m*H, N']
+            shift, denom = torch.empty(b * m * h), torch.empty(b * m * h)
+            _check(self.lib.dsv4_attn_logits(scores.data_ptr(), counts.data_ptr(), b * m * h, h, kept,
+                                             sink.data_ptr(), scale, EXP_FLOOR, shift.data_ptr()), "sparse_attn")
+            scores.exp_()
+            _check(self.lib.dsv4_attn_weights(scores.data_ptr(), counts.data_ptr(), b * m * h, h, kept,
+                                              sink.data_ptr(), shift.data_ptr(), denom.data_ptr()), "sparse_attn")
+            torch.div(torch.bmm(scores, named).view(b, m, h, d), denom.view(b, m, h, 1), out=out[:, lo:hi])
         return out
 
     # ------------------------------------------------------------------------------------------ mHC

@@ -49,6 +49,9 @@ SIGNATURES = {
     "dsv4_hc_collapse": (_INT, [_P, _P, _P, _INT, _I, _I, _I]),
     "dsv4_rope": (_INT, [_P, _P, _INT, _I, _I, _I, _P, _P, _I, _INT]),
     "dsv4_sparse_attn": (_INT, [_P, _P, _INT, _I, _I, _I, _I, _P, _I, _INT, _P, _I, _P, _F]),
+    "dsv4_attn_rows": (_I, [_P, _I, _I, _I, _I, _I, _I, _P, _P]),
+    "dsv4_attn_logits": (_INT, [_P, _P, _I, _I, _I, _P, _F, _F, _P]),
+    "dsv4_attn_weights": (_INT, [_P, _P, _I, _I, _I, _P, _P, _P]),
 }
 
 

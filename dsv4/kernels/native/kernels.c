@@ -639,6 +639,141 @@ int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s,
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ prefill attention */
+
+/* A block of a prefill chunk's queries scores the rows its slots name with one GEMM (the "cpu" backend's dense
+ * attention); these three kernels are its bookkeeping between the GEMMs, about thirty torch ops a block. */
+
+/* The rows that queries lo .. hi-1 of slots idx [B, S, K] (-1: none) name among n rows: used [n] gets them in
+ * increasing order, unless they are more than three quarters of the rows (then every row is kept, in order, and
+ * used is left alone); counts [B, hi-lo, n'] gets how many of each query's slots name each kept row (a row named
+ * twice weighs twice, as the reference's slots do; 0 masks it). Returns n', the rows kept, or -1 for a slot past
+ * the rows. */
+int64_t dsv4_attn_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int64_t lo, int64_t hi, int64_t n,
+                       int64_t *used, float *counts) {
+    int64_t *renumber = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    if (!renumber) return -1;
+    for (int64_t i = 0; i < n; i++) renumber[i] = -1;
+    for (int64_t bb = 0; bb < b; bb++) {
+        for (int64_t t = lo; t < hi; t++) {
+            const int64_t *slot = idx + (bb * s + t) * k;
+            for (int64_t j = 0; j < k; j++) {
+                if (slot[j] >= n) {
+                    free(renumber);
+                    return -1;
+                }
+                if (slot[j] >= 0) renumber[slot[j]] = 0;
+            }
+        }
+    }
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; i++) kept += renumber[i] == 0;
+    if (4 * kept > 3 * n) {
+        for (int64_t i = 0; i < n; i++) renumber[i] = i;
+        kept = n;
+    } else {
+        int64_t next = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (renumber[i] == 0) {
+                used[next] = i;
+                renumber[i] = next++;
+            }
+        }
+    }
+    const int64_t m = hi - lo;
+    memset(counts, 0, sizeof(float) * (size_t)(b * m * kept));
+    for (int64_t bb = 0; bb < b; bb++) {
+        for (int64_t t = lo; t < hi; t++) {
+            const int64_t *slot = idx + (bb * s + t) * k;
+            float *row = counts + (bb * m + t - lo) * kept;
+            for (int64_t j = 0; j < k; j++) {
+                if (slot[j] >= 0) row[renumber[slot[j]]] += 1.0f;
+            }
+        }
+    }
+    free(renumber);
+    return kept;
+}
+
+#define ATTN_LANES 8
+
+/* Eight floats as one vector (GCC / Clang vector extensions): the masked maximum and the selects below do not
+ * vectorise as plain loops (gcc turns their conditions into branches) */
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
+static inline f32x8 select8(i32x8 mask, f32x8 a, f32x8 b) { /* lanes of a where mask is all ones, else of b */
+    return (f32x8)((mask & (i32x8)a) | (~mask & (i32x8)b));
+}
+
+/* A block's scores [R, n] (R query heads, h a query; counts [R/h, n] the weights `dsv4_attn_rows` gave) in place as
+ * the arguments of their exponentials: scale * score - shift, floored at `lowest`, where shift [R] is the largest
+ * scaled score the row counts (the head's sink logit, sink [h], when that is not finite); an entry the row does
+ * not count gets `lowest` (its weight, 0, removes it after the exponential). The same two roundings as
+ * torch's `every * scale - shift`; a NaN stays NaN. */
+int dsv4_attn_logits(float *restrict scores, const float *restrict counts, int64_t rows, int64_t h, int64_t n,
+                     const float *restrict sink, float scale, float lowest, float *restrict shift) {
+    const f32x8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    const f32x8 zero = {0};
+    const f32x8 floor8 = zero + lowest;
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict x = scores + r * n;
+        const float *restrict c = counts + (r / h) * n;
+        f32x8 top = none;
+        int64_t j = 0;
+        for (; j + ATTN_LANES <= n; j += ATTN_LANES) {
+            const f32x8 a = load8(x + j) * scale;
+            store8(x + j, a);
+            const f32x8 v = select8(load8(c + j) > zero, a, none);
+            top = select8(v > top, v, top);
+        }
+        float best = -INFINITY;
+        for (int l = 0; l < ATTN_LANES; l++) best = top[l] > best ? top[l] : best;
+        for (int64_t t = j; t < n; t++) {
+            x[t] *= scale;
+            if (c[t] > 0.0f && x[t] > best) best = x[t];
+        }
+        const float sh = isfinite(best) ? best : sink[r % h];
+        shift[r] = sh;
+        for (j = 0; j + ATTN_LANES <= n; j += ATTN_LANES) {
+            const f32x8 a = load8(x + j) - sh;
+            store8(x + j, select8(load8(c + j) > zero, select8(a < floor8, floor8, a), floor8));
+        }
+        for (; j < n; j++) {
+            const float a = x[j] - sh;
+            x[j] = c[j] > 0.0f ? (a < lowest ? lowest : a) : lowest;
+        }
+    }
+    return 0;
+}
+
+/* After the exponentials: each of a block's probabilities p [R, n] times its weight (counts as above), and
+ * denom [R] the row's sum plus its sink's share exp(sink - shift). */
+int dsv4_attn_weights(float *restrict p, const float *restrict counts, int64_t rows, int64_t h, int64_t n,
+                      const float *restrict sink, const float *restrict shift, float *restrict denom) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict x = p + r * n;
+        const float *restrict c = counts + (r / h) * n;
+        float sum[ATTN_LANES] = {0};
+        int64_t j = 0;
+        for (; j + ATTN_LANES <= n; j += ATTN_LANES) {
+            for (int l = 0; l < ATTN_LANES; l++) {
+                const float w = x[j + l] * c[j + l];
+                x[j + l] = w;
+                sum[l] += w;
+            }
+        }
+        for (; j < n; j++) {
+            x[j] *= c[j];
+            sum[0] += x[j];
+        }
+        const float total = ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
+        denom[r] = total + expf(sink[r % h] - shift[r]);
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ indexer top-k */
 
 /* Whether entry a (score sa) ranks before entry b: the greater score first, a tie to the earlier entry, NaN above
