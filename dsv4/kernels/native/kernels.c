@@ -360,7 +360,9 @@ int dsv4_swiglu(const void *x, void *out, int bf16, int64_t m, const int64_t *ta
 
 /* The routed experts' fp32 sum out [T, D] for tokens x [T, D]: token t's experts ids [T, topk] (with weights
  * [T, topk] fp32) that `tables` holds (6 pointers per expert, 0 for an expert not run here) are added into its
- * row in increasing expert id, from 0: the reference's order of additions. dims as `dsv4_swiglu`. */
+ * row in increasing expert id, from 0 (a repeated id in slot order): the reference's order of additions. Expert
+ * by expert, so an expert's weights come from memory once for all its tokens (the later rows find them in cache),
+ * where token by token they were read again for each token that chose them. dims as `dsv4_swiglu`. */
 int dsv4_routed_experts(const void *x, float *out, int bf16, int64_t t, int64_t topk, const int64_t *ids,
                         const float *weights, int64_t n_experts, const int64_t *tables, const int64_t *dims,
                         float limit) {
@@ -368,32 +370,28 @@ int dsv4_routed_experts(const void *x, float *out, int bf16, int64_t t, int64_t 
     Scratch s;
     float *bufs[3];
     if (!expert_scratch(&s, bufs, d, inter)) { expert_scratch_free(&s, bufs); return -1; }
-    int64_t *order = malloc(sizeof(int64_t) * (size_t)(topk > 0 ? topk : 1));
-    if (!order) { expert_scratch_free(&s, bufs); return -1; }
-    for (int64_t r = 0; r < t; r++) {
-        float *y = out + r * d;
-        for (int64_t j = 0; j < d; j++) y[j] = 0.0f;
-        for (int64_t i = 0; i < d; i++) bufs[2][i] = load(x, bf16, r * d + i);
-        /* this token's slots by increasing expert id (insertion sort of topk entries) */
-        for (int64_t a = 0; a < topk; a++) {
-            int64_t b = a;
-            while (b > 0 && ids[r * topk + order[b - 1]] > ids[r * topk + a]) { order[b] = order[b - 1]; b--; }
-            order[b] = a;
-        }
-        for (int64_t a = 0; a < topk; a++) {
-            const int64_t slot = order[a], id = ids[r * topk + slot];
-            if (id < 0 || id >= n_experts || tables[id * 6] == 0) continue;
-            const int64_t *tb = tables + id * 6;
-            Expert e = {
-                {(const void *)tb[0], (const float *)tb[1], inter, d, dims[2], dims[5]},
-                {(const void *)tb[2], (const float *)tb[3], inter, d, dims[3], dims[6]},
-                {(const void *)tb[4], (const float *)tb[5], d, inter, dims[4], dims[7]},
-            };
-            swiglu_row(bufs[2], &e, bf16, limit, weights + r * topk + slot, &s, bufs[0], bufs[1], s.acc);
-            for (int64_t j = 0; j < d; j++) y[j] += s.acc[j];
+    float *rows = malloc(sizeof(float) * (size_t)(t * d > 0 ? t * d : 1)); /* x in fp32 */
+    if (!rows) { expert_scratch_free(&s, bufs); return -1; }
+    for (int64_t i = 0; i < t * d; i++) rows[i] = load(x, bf16, i);
+    for (int64_t i = 0; i < t * d; i++) out[i] = 0.0f;
+    for (int64_t id = 0; id < n_experts; id++) {
+        const int64_t *tb = tables + id * 6;
+        if (tb[0] == 0) continue;
+        const Expert e = {
+            {(const void *)tb[0], (const float *)tb[1], inter, d, dims[2], dims[5]},
+            {(const void *)tb[2], (const float *)tb[3], inter, d, dims[3], dims[6]},
+            {(const void *)tb[4], (const float *)tb[5], d, inter, dims[4], dims[7]},
+        };
+        for (int64_t r = 0; r < t; r++) {
+            for (int64_t slot = 0; slot < topk; slot++) {
+                if (ids[r * topk + slot] != id) continue;
+                swiglu_row(rows + r * d, &e, bf16, limit, weights + r * topk + slot, &s, bufs[0], bufs[1], s.acc);
+                float *y = out + r * d;
+                for (int64_t j = 0; j < d; j++) y[j] += s.acc[j];
+            }
         }
     }
-    free(order);
+    free(rows);
     expert_scratch_free(&s, bufs);
     return 0;
 }
