@@ -437,14 +437,19 @@ def test_greedy_tokens_are_argmax_first_maximum_with_ties_and_nans():
     from dsv4.engine.sampling import greedy_tokens
 
     g = torch.Generator().manual_seed(0)
-    for vocab in (1, 7, 129_280):
-        logits = torch.randint(-2, 2, (6, vocab), generator=g).float()  # many ties at the top
+    for vocab in (1, 7, 2_048, 2_048 + 37, 129_280):  # 2,048 and 129,280: whole blocks, searched block-wise
+        logits = torch.randint(-2, 2, (8, vocab), generator=g).float()  # many ties at the top, across blocks
         logits[1] = float("-inf")
         if vocab > 1:
             logits[2, vocab // 2] = float("nan")
             logits[3, [vocab // 3, vocab - 1]] = float("nan")  # the first NaN wins
-            logits[4, vocab - 1] = 5.0  # the maximum in the vectorised tail
+            logits[4, vocab - 1] = 5.0  # the maximum in the vectorised tail (the last block)
+            logits[5, [vocab - 1, vocab // 2 + 1]] = 5.0  # two tied maxima in different blocks: the first wins
+            logits[6, 0] = 5.0  # the maximum at id 0
+            logits[7, [vocab - 2, vocab // 3]] = float("inf")
         got = greedy_tokens(logits)
         assert torch.equal(got, logits.argmax(dim=-1)), vocab
         top = logits[0].max()
         assert got[0] == (logits[0] == top).nonzero()[0, 0]  # the lowest id among the tied maxima
+        assert torch.equal(greedy_tokens(logits[3]), logits[3].argmax())  # one row [V], as speculation asks
+        assert torch.equal(greedy_tokens(logits.view(2, 4, vocab)), logits.argmax(dim=-1).view(2, 4))

@@ -352,11 +352,24 @@ def process_logits(logits: Tensor, params: Sequence[SamplingParams],
     return ProcessedLogits(logits, scaled, rand, probs)
 
 
+# the greedy token's search: the maximum of each block of this many logits first (a vectorised reduction, unlike
+# a maximum with its index), then the index inside the first block that holds the row's maximum
+GREEDY_BLOCK = 128
+
+
 def greedy_tokens(logits: Tensor) -> Tensor:
     """The greedy token of each row of logits [..., V]: its first maximum (the lowest id among ties; a NaN counts
-    as the maximum, as in argmax). torch.max's indices, which equal argmax's and on a 129k vocabulary take a
-    third of its time on this CPU."""
-    return logits.max(dim=-1).indices
+    as the maximum, as in argmax). torch.max's indices, which equal argmax's and take a third of its time on this
+    CPU; over a vocabulary of whole GREEDY_BLOCKs (V4's 129,280 ids) the first block holding the maximum is found
+    from the blocks' maxima (NaN propagates through both), then the first maximum inside it: the same index,
+    2-2.5x faster (61 -> 30 us for one row, 245 -> 106 us for 8)."""
+    v = logits.shape[-1]
+    if v % GREEDY_BLOCK or v < 4 * GREEDY_BLOCK:
+        return logits.max(dim=-1).indices
+    blocks = logits.unflatten(-1, (v // GREEDY_BLOCK, GREEDY_BLOCK))  # [..., nb, GREEDY_BLOCK]
+    best = blocks.amax(dim=-1).max(dim=-1).indices  # [...] the first block holding the maximum
+    inside = blocks.gather(-2, best[..., None, None].expand(*best.shape, 1, GREEDY_BLOCK)).squeeze(-2)
+    return best * GREEDY_BLOCK + inside.max(dim=-1).indices
 
 
 def token_logprobs(scaled: Tensor, tokens: Tensor, top_n: Sequence[int]) -> list[TokenLogprobs]:
