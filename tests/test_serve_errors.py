@@ -6,6 +6,7 @@ loop, so another client's stream keeps its pace."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ from dsv4.engine import AsyncEngine, Engine
 from dsv4.model import Transformer, init_weights
 from dsv4.serve.app import create_app
 from dsv4.serve.context import ServeConfig, ServeContext
+from dsv4.serve.plumbing import SSEResponse
 from dsv4.serve.service import ChatService
 
 KEY = "sk-err"
@@ -312,6 +314,64 @@ def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"engine still busy: {engine.stats()}")
+
+
+def test_sse_body_ends_itself_once_the_client_has_left():
+    """The stream stops after the event it is sending when the client has left, and its events' cleanup runs (it
+    closes the Generation, which aborts the engine requests), whether or not the task's cancellation lands."""
+    closed = []
+
+    async def events():
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield f"data: {n}\n\n"
+        finally:
+            closed.append(True)
+
+    async def main():
+        response = SSEResponse(events())
+        body = response.body_iterator
+        assert await body.__anext__() == "data: 1\n\n"
+        response.client_left = True  # what the disconnect the response listens for sets
+        with pytest.raises(StopAsyncIteration):
+            await body.__anext__()
+        assert closed == [True]
+
+    asyncio.run(main())
+
+
+def test_sse_response_notes_the_disconnect_it_listens_for():
+    """Served on an ASGI 2.3 server (uvicorn's h11 and httptools), the response listens for `http.disconnect`:
+    receiving it sets `client_left` and the response returns, its events closed."""
+    closed, sent = [], []
+
+    async def events():
+        try:
+            while True:
+                await asyncio.sleep(0)
+                yield "data: x\n\n"
+        finally:
+            closed.append(True)
+
+    async def main():
+        response = SSEResponse(events())
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def receive():
+            return await queue.get()
+
+        async def send(message):
+            sent.append(message["type"])
+            if len(sent) == 3:
+                queue.put_nowait({"type": "http.disconnect"})
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+        await asyncio.wait_for(response(scope, receive, send), 5)
+        assert response.client_left and closed == [True]
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -21,9 +21,10 @@ The app adds what is the same for every protocol:
 
 Client disconnects are not errors. Non-streaming requests poll for a disconnect and abort their generation when the
 client is gone (raising Starlette's `ClientDisconnect`, as its body reader does when a client leaves mid-upload);
-streaming ones are cancelled by Starlette, which closes the `Generation` (engine abort). Either way the request is
-logged as `client disconnected` and counted with status 499 (nginx's "client closed request": not a 5xx, and
-distinct from the 4xx of a client mistake), with no traceback.
+streaming ones are cancelled by Starlette, and their body also ends itself at the next event (`SSEResponse`: that
+cancellation can miss a stream whose next event is always ready); either closes the `Generation` (engine abort).
+Either way the request is logged as `client disconnected` and counted with status 499 (nginx's "client closed
+request": not a 5xx, and distinct from the 4xx of a client mistake), with no traceback.
 """
 
 from __future__ import annotations
