@@ -462,6 +462,35 @@ def test_prefill_attention_bookkeeping_in_c_agrees_with_the_reference(case, monk
         FAST.sparse_attn(q, rows, idx, sink, d**-0.5)
 
 
+@pytest.mark.parametrize("k", [5, 64, 130, 192])
+def test_attention_blocks_over_bf16_rows_in_c_are_the_cpu_backends_bit_for_bit(k, monkeypatch):
+    """The 64-slot blocks' bookkeeping of attention over bf16 rows in two C calls (scaled, masked and padded logits,
+    running maxima, shifts; block sums in torch's order, probabilities rounded to bf16 where the value products read
+    them) equals the "cpu" backend's torch ops bit for bit: masked slots, a query with none, whole masked blocks,
+    a NaN, logits far apart, and slot counts with and without a partial last block."""
+    gen = torch.Generator().manual_seed(k)
+    b, s, h = 2, 3, 4
+    logits = torch.randn(b, s, h, k, generator=gen) * 40
+    idx = torch.randint(0, 500, (b, s, k), generator=gen)
+    idx[:, :, ::3] = -1
+    idx[0, 1] = -1  # a query with no slot
+    if k > 64:
+        idx[1, 2, :64] = -1  # a whole masked first block
+    logits[1, 0, 2, k // 2] = float("nan")
+    cpu = CpuBackend()
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    want = cpu._block_exponents(logits.clone(), idx, 0.125)
+    p = torch.exp(want[0])
+    pairs = [*zip(want, FAST._block_exponents(logits.clone(), idx, 0.125), strict=True),
+             *zip(cpu._block_probs(p, torch.bfloat16, k), FAST._block_probs(p, torch.bfloat16, k), strict=True)]
+    assert lib.calls == {"dsv4_attn_block_exponents": 1, "dsv4_attn_block_probs": 1}
+    for w, g in pairs:
+        assert (w is None) == (g is None)
+        if w is not None:  # NaN where the reference has NaN, every other value's bits
+            assert torch.equal(w.isnan(), g.isnan()) and torch.equal(w.nan_to_num(), g.nan_to_num())
+
+
 def test_sparse_attention_over_bf16_rows_is_the_cpu_backends_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     q, rows = torch.randn(2, 1, 4, 32, generator=gen).bfloat16(), torch.randn(2, 90, 32, generator=gen).bfloat16()

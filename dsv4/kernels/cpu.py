@@ -396,25 +396,16 @@ class CpuBackend(ReferenceBackend):
         rows = _gather_kv(runs, idx, acc)  # [B, S, K, D], the first run's values in the compute dtype
         full, tail = divmod(n_slots, ATTN_BLOCK)
         blocks = full + (tail > 0)
-        logits = torch.einsum("bshd,bskd->bshk", q.to(acc), rows).mul_(scale)  # [B, S, H, K]
-        logits.masked_fill_((idx < 0).unsqueeze(2), float("-inf"))
-        if tail:  # the last block's missing slots weigh nothing (-inf logits, so p = 0)
-            logits = F.pad(logits, (0, ATTN_BLOCK - tail), value=float("-inf"))
-        logits = logits.view(b, s, h, blocks, ATTN_BLOCK)
-        run_max = logits.amax(dim=-1).cummax(dim=-1).values.detach()  # [B, S, H, nb] running max after block i
-        shift = torch.where(run_max.isfinite(), run_max, torch.zeros_like(run_max))
-        p = torch.exp(logits - shift.unsqueeze(-1))
-        block_sum = p.sum(dim=-1)  # [B, S, H, nb]
-        if kv_dtype != acc:
-            p = p.to(kv_dtype).to(acc)
+        logits = torch.einsum("bshd,bskd->bshk", q.to(acc), rows)  # [B, S, H, K], scaled below
+        exponents, run_max, shift = self._block_exponents(logits, idx, scale)
+        block_sum, probs, tail_probs = self._block_probs(torch.exp(exponents), kv_dtype, n_slots)
         outs = []
         if full:  # [B*S*n, H, 64] @ [B*S*n, 64, D]: each block's product as the reference's einsum does it
-            probs = p[..., :full, :].permute(0, 1, 3, 2, 4).reshape(b * s * full, h, ATTN_BLOCK)
             whole = rows[:, :, : full * ATTN_BLOCK].reshape(b * s * full, ATTN_BLOCK, d)
             block_out = torch.bmm(probs, whole).view(b, s, full, h, d)
             outs = [block_out[:, :, i] for i in range(full)]
         if tail:
-            outs.append(torch.einsum("bshk,bskd->bshd", p[..., full, :tail], rows[:, :, full * ATTN_BLOCK :]))
+            outs.append(torch.einsum("bshk,bskd->bshd", tail_probs, rows[:, :, full * ATTN_BLOCK :]))
         # fold: denom = denom * exp(m_prev - m) + sum_i, out likewise (the first block starts from 0)
         denom, out = block_sum[..., 0], outs[0]
         for i in range(1, blocks):
@@ -426,6 +417,35 @@ class CpuBackend(ReferenceBackend):
         last_shift = torch.where(final.isfinite(), final, sink_logit.detach())
         denom = denom + torch.exp(sink_logit - last_shift)
         return (out / denom.unsqueeze(-1)).to(q.dtype)
+
+    def _block_exponents(self, logits: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference's 64-slot blocks of the queries' unscaled logits [B, S, H, K] (idx [B, S, K], -1 masked):
+        the arguments of their exponentials [B, S, H, nb, 64] (scaled logit - shift; -inf for masked slots and the
+        last block's missing ones), the running maximum after each block [B, S, H, nb], and each block's shift
+        (that maximum, or 0 while it is -inf)."""
+        b, s, h, k = logits.shape
+        logits = logits.mul_(scale).masked_fill_((idx < 0).unsqueeze(2), float("-inf"))
+        blocks = -(-k // ATTN_BLOCK)
+        if k % ATTN_BLOCK:  # the last block's missing slots weigh nothing (-inf logits, so p = 0)
+            logits = F.pad(logits, (0, blocks * ATTN_BLOCK - k), value=float("-inf"))
+        logits = logits.view(b, s, h, blocks, ATTN_BLOCK)
+        run_max = logits.amax(dim=-1).cummax(dim=-1).values.detach()  # [B, S, H, nb] running max after block i
+        shift = torch.where(run_max.isfinite(), run_max, torch.zeros_like(run_max))
+        return logits - shift.unsqueeze(-1), run_max, shift
+
+    def _block_probs(self, p: Tensor, kv_dtype: torch.dtype, n_slots: int
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The blocks' unnormalised probabilities p [B, S, H, nb, 64] of n_slots slots: each block's sum
+        [B, S, H, nb], then the probabilities rounded to the rows' dtype (the official kernel multiplies them so by
+        the rows) as the value products read them: the whole blocks [B*S*full, H, 64] and the last partial block's
+        [B, S, H, tail] (None where there are none)."""
+        b, s, h, _, _ = p.shape
+        full, tail = divmod(n_slots, ATTN_BLOCK)
+        block_sum = p.sum(dim=-1)
+        if kv_dtype != p.dtype:
+            p = p.to(kv_dtype).to(p.dtype)
+        probs = p[..., :full, :].permute(0, 1, 3, 2, 4).reshape(b * s * full, h, ATTN_BLOCK) if full else None
+        return block_sum, probs, p[..., full, :tail] if tail else None
 
     def _dense_attn(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
         """Attention of a chunk's queries q [B, S, H, D] over rows [B, N, D] in the compute dtype, each block of

@@ -11,7 +11,9 @@ one call into `kernels.c` (built at first use, `build.py`):
   their GEMVs (small preset, batch 1: six MoE calls 2.8 -> 1.8 ms);
 * `sparse_attn` of a decode's few queries over fp32 rows, read in place from dense runs or pages; over a prefill
   chunk's fp32 rows the "cpu" backend's two GEMMs a block of queries, with the bookkeeping between them (the rows
-  the block names, the slots' weights, the masked maximum, the weighted sums) in three C calls;
+  the block names, the slots' weights, the masked maximum, the weighted sums) in three C calls; over bf16 rows the
+  "cpu" backend's 64-slot blocks, their bookkeeping (running maxima, shifts, block sums in torch's order, the
+  probabilities' bf16 rounding) in two C calls, bit for bit;
 * `rope`, `hc_post`, `hc_collapse`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops, bit
   for bit the reference's;
 * `rms_norm`, `head_norm` (fp32) and `hc_mixes`' RMS factor: a mean of squares summed in torch's own order (the
@@ -33,9 +35,9 @@ multiply-adds per call, a decode step's rows): the C GEMMs run row by row (so a 
 its batch), and more rows belong to BLAS. There the quantised GEMMs multiply the operands with their power-of-two
 block scales multiplied in (the weights' "folded" form, the activations quantised and dequantised in C): the
 reference's products, summed in BLAS's order instead of block by block, at a float GEMM's cost. Attention over a
-prefill chunk runs the "cpu" backend's GEMMs (over bf16 rows wholly its code). Training (gradients wanted) runs
-the Sinkhorn normalisations with a C backward and `hc_post` with a backward of batched products; every other op
-with gradients wanted, other dtypes, or other devices goes to the "cpu" backend.
+prefill chunk runs the "cpu" backend's GEMMs. Training (gradients wanted) runs the Sinkhorn normalisations with a
+C backward and `hc_post` with a backward of batched products; every other op with gradients wanted, other dtypes,
+or other devices goes to the "cpu" backend.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from dsv4.quant import (
 from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, CpuBackend
 from ..experts import ExpertWeights
 from ..paged import KVRows
+from ..reference import ATTN_BLOCK
 from .build import NativeUnavailable, available, load
 
 __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
@@ -374,6 +377,40 @@ class NativeBackend(CpuBackend):
                                          (ctypes.c_int64 * len(desc))(*desc), len(runs), _BF16[rows_dtype],
                                          idx.data_ptr(), idx.shape[-1], sink.data_ptr(), scale), "sparse_attn")
         return out
+
+    def _block_exponents(self, logits: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The "cpu" backend's blocks of the queries' logits (scaled, masked, padded, their running maximum and
+        shifts) in one C call instead of about ten torch ops, bit for bit (a scaling, comparisons and a
+        subtraction each)."""
+        if logits.dtype != torch.float32 or not _inference(logits):
+            return super()._block_exponents(logits, idx, scale)
+        b, s, h, k = logits.shape
+        blocks = -(-k // ATTN_BLOCK)
+        logits, idx = logits.contiguous(), idx.to(torch.int64).contiguous()
+        exponents = torch.empty(b, s, h, blocks, ATTN_BLOCK)
+        run_max, shift = torch.empty(b, s, h, blocks), torch.empty(b, s, h, blocks)
+        _check(self.lib.dsv4_attn_block_exponents(logits.data_ptr(), idx.data_ptr(), b * s * h, h, k, blocks, scale,
+                                                  exponents.data_ptr(), run_max.data_ptr(), shift.data_ptr()),
+               "sparse_attn")
+        return exponents, run_max, shift
+
+    def _block_probs(self, p: Tensor, kv_dtype: torch.dtype, n_slots: int
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The "cpu" backend's block sums (torch's summation order, as `rms_norm`) and probabilities rounded to the
+        rows' dtype, written where the value products read them, in one C call, bit for bit."""
+        if (self._lanes is None or p.dtype != torch.float32 or kv_dtype not in _BF16 or not p.is_contiguous()
+                or not _inference(p)):
+            return super()._block_probs(p, kv_dtype, n_slots)
+        b, s, h, blocks, _ = p.shape
+        full, tail = divmod(n_slots, ATTN_BLOCK)
+        block_sum = torch.empty(b, s, h, blocks)
+        probs = torch.empty(b * s * full, h, ATTN_BLOCK) if full else None
+        tail_probs = torch.empty(b, s, h, tail) if tail else None
+        _check(self.lib.dsv4_attn_block_probs(p.data_ptr(), b * s * h, h, blocks, n_slots, self._lanes,
+                                              _BF16[kv_dtype], block_sum.data_ptr(),
+                                              probs.data_ptr() if full else None,
+                                              tail_probs.data_ptr() if tail else None), "sparse_attn")
+        return block_sum, probs, tail_probs
 
     def _dense_attn(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
         """The "cpu" backend's attention over a chunk's fp32 rows, a block of queries at a time, with its bookkeeping

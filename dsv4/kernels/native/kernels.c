@@ -772,6 +772,79 @@ int dsv4_attn_weights(float *restrict p, const float *restrict counts, int64_t r
     return 0;
 }
 
+static float torch_row_sum(const float *x, int64_t n, int lanes);
+
+/* The reference's 64-slot blocks of attention over rows of another dtype (bf16: the probabilities are rounded to
+ * it; the "cpu" backend's `_block_exponents` and `_block_probs`), bit for bit: everything between the logits' GEMM
+ * and the value products but the exponentials, which stay torch's. Rows r of R = B*S*H query heads, h a query. */
+
+/* logits [R, k] unscaled, idx [R/h, k] (-1: masked) -> exps [R, nb, 64] the exponentials' arguments (scale * logit
+ * - shift; -inf for masked and missing slots), run_max [R, nb] the running maximum after each block (NaN
+ * propagates, as torch's amax and cummax do) and shift [R, nb] (run_max, or 0 where it is not finite) */
+int dsv4_attn_block_exponents(const float *logits, const int64_t *idx, int64_t rows, int64_t h, int64_t k,
+                              int64_t nb, float scale, float *exps, float *run_max, float *shift) {
+    const f32x8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int32_t *keep = malloc(sizeof(int32_t) * (size_t)(nb * 64 > 0 ? nb * 64 : 1)); /* a query's used slots */
+    if (!keep) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        if (r % h == 0) {
+            const int64_t *slot = idx + (r / h) * k;
+            for (int64_t j = 0; j < nb * 64; j++) keep[j] = j < k && slot[j] >= 0 ? -1 : 0;
+        }
+        const float *x = logits + r * k;
+        float *e = exps + r * nb * 64;
+        for (int64_t j = 0; j < k; j++) e[j] = x[j] * scale;
+        for (int64_t j = k; j < nb * 64; j++) e[j] = 0.0f;
+        float running = -INFINITY;
+        for (int64_t i = 0; i < nb; i++) {
+            f32x8 top = none;
+            for (int64_t j = i * 64; j < (i + 1) * 64; j += ATTN_LANES) {
+                i32x8 used;
+                memcpy(&used, keep + j, sizeof used);
+                const f32x8 v = select8(used, load8(e + j), none);
+                store8(e + j, v);
+                top = select8((v != v) | (v > top), v, top); /* a NaN stays the maximum, as in torch's amax */
+            }
+            float best = -INFINITY;
+            int nan = 0;
+            for (int l = 0; l < ATTN_LANES; l++) {
+                nan |= top[l] != top[l];
+                best = top[l] > best ? top[l] : best;
+            }
+            if (nan) best = NAN;
+            if (i == 0 || best != best || best >= running) running = best; /* torch's cummax, NaN kept */
+            run_max[r * nb + i] = running;
+            const float sh = isfinite(running) ? running : 0.0f;
+            shift[r * nb + i] = sh;
+            for (int64_t j = i * 64; j < (i + 1) * 64; j += ATTN_LANES) store8(e + j, load8(e + j) - sh);
+        }
+    }
+    free(keep);
+    return 0;
+}
+
+/* p [R, nb, 64] the blocks' unnormalised probabilities (n_slots of them real) -> block_sum [R, nb] (torch's
+ * summation order, vector width `lanes`), then the probabilities rounded to bf16 (round_bf16) as the value
+ * products read them: whole blocks probs [R/h, full, h, 64], the partial last one tail [R, n_slots % 64] */
+int dsv4_attn_block_probs(const float *p, int64_t rows, int64_t h, int64_t nb, int64_t n_slots, int lanes,
+                          int round_bf16, float *block_sum, float *probs, float *tail) {
+    const int64_t full = n_slots / 64, rest = n_slots % 64;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t query = r / h, head = r % h;
+        for (int64_t i = 0; i < nb; i++) {
+            const float *block = p + (r * nb + i) * 64;
+            block_sum[r * nb + i] = torch_row_sum(block, 64, lanes);
+            if (i < full) {
+                float *dst = probs + ((query * full + i) * h + head) * 64;
+                for (int64_t j = 0; j < 64; j++) dst[j] = round_to(round_bf16, block[j]);
+            } else {
+                for (int64_t j = 0; j < rest; j++) tail[r * rest + j] = round_to(round_bf16, block[j]);
+            }
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------ indexer top-k */
 
 /* Whether entry a (score sa) ranks before entry b: the greater score first, a tie to the earlier entry, NaN above
