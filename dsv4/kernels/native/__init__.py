@@ -418,7 +418,7 @@ class NativeBackend(CpuBackend):
         query's weight on them (`dsv4_attn_rows`), the exponentials' arguments (`dsv4_attn_logits`; the
         exponentials stay torch's, with two threads), the weighted probabilities and their sums
         (`dsv4_attn_weights`). Each block's output is divided into its place (no concatenation)."""
-        if (q.dtype != torch.float32 or rows.dtype != torch.float32 or not _inference(q, rows, sink)):
+        if q.dtype != torch.float32 or rows.dtype != torch.float32 or not _inference(q, rows, sink):
             return super()._dense_attn(q, rows, idx, sink, scale)
         b, s, h, d = q.shape
         n = rows.shape[1]
