@@ -183,6 +183,20 @@ def test_dense_indexer_attends_to_every_entry_and_trains_the_indexer():
         Transformer(args, hc_mode="none")
 
 
+@pytest.mark.parametrize("rows", [40, 5000])  # H * N <= K * D: scores of every row; more rows: gathered
+def test_the_indexer_losss_slot_logits_are_the_gathered_rows_products(rows, monkeypatch):
+    """The KL loss's attention logits, by one GEMM a block of queries over every row (then picked) or over the
+    gathered rows, are q . rows[idx] for every slot (-1 slots: row 0's), in blocks smaller than the chunk too."""
+    from dsv4.model import attention
+
+    monkeypatch.setattr(attention, "SLOT_SCORES_BYTES", 4096)
+    gen = torch.Generator().manual_seed(5)
+    q, kv = torch.randn(2, 9, 4, 16, generator=gen), torch.randn(2, rows, 16, generator=gen)
+    idx = torch.randint(-1, rows, (2, 9, 40), generator=gen)
+    want = torch.einsum("bshd,bskd->bshk", q, kv[torch.arange(2).view(2, 1, 1), idx.clamp_min(0)])
+    torch.testing.assert_close(attention._slot_logits(q, kv, idx), want, rtol=1e-6, atol=1e-6)
+
+
 def test_indexer_loss_ignores_right_padding():
     """A padded row's indexer KL equals the unpadded row's: padding queries are left out of the mean."""
     args = preset("tiny")

@@ -23,7 +23,14 @@ from dsv4.config import preset
 from dsv4.model import Transformer, init_weights
 from dsv4.model.moe import MoE, RouterRecord
 from dsv4.train.data import IGNORE_INDEX, PackedLoader, open_split, split_documents
-from dsv4.train.losses import BiasBalancer, balance_loss_sum, expert_load, load_stats, mtp_inputs
+from dsv4.train.losses import (
+    BiasBalancer,
+    balance_loss_sum,
+    cross_entropy_sum,
+    expert_load,
+    load_stats,
+    mtp_inputs,
+)
 from dsv4.train.trainer import TrainConfig, Trainer, TrainError, latest_checkpoint
 
 MODEL = {"n_layers": 2, "n_hash_layers": 1, "compress_ratios": [0, 4, 0]}
@@ -90,6 +97,26 @@ def test_mtp_inputs_predict_two_ahead_within_the_document(data):
         for t in range(n - 2):
             assert int(tgt[r, t]) in (int(rows.tokens[r, t + 2]), IGNORE_INDEX)
         assert bool((tgt[r, n:] == IGNORE_INDEX).all())
+
+
+def test_cross_entropy_sum_is_torchs_with_its_gradient():
+    """The summed CE with its one-pass backward (softmax - one-hot): F.cross_entropy's value and gradient within
+    fp32 rounding, ignored positions (a whole row of them too) adding nothing and getting a zero gradient."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, 300, generator=gen) * 6
+    targets = torch.randint(0, 300, (3, 40), generator=gen)
+    targets[:, ::4] = IGNORE_INDEX
+    targets[2] = IGNORE_INDEX
+    ours = logits.clone().requires_grad_()
+    total, count = cross_entropy_sum(ours, targets)
+    (total * 0.7).backward()
+    torchs = logits.clone().requires_grad_()
+    want = F.cross_entropy(torchs.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    (want * 0.7).backward()
+    assert count == int((targets != IGNORE_INDEX).sum())
+    torch.testing.assert_close(total, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.grad, torchs.grad, rtol=0, atol=1e-6)
+    assert not ours.grad[2].any() and not ours.grad[0, 0].any()
 
 
 def _record(scores: torch.Tensor, ids: torch.Tensor, rows: int, hashed: bool = False) -> RouterRecord:

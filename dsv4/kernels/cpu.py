@@ -258,10 +258,13 @@ class CpuBackend(ReferenceBackend):
                        which: Sequence[int], limit: float) -> Tensor:
         """As the reference. The routed rows are sorted by expert once (a stable sort keeps each expert's rows in
         token order: the reference's row groups, so the same GEMM shapes and bits), and each token's outputs are
-        added in increasing expert id, the reference's order of additions. Training (gradients wanted) runs the
-        reference, whose zero-row experts keep expert-parallel gradients whole."""
-        if not which or torch.is_grad_enabled() and (x.requires_grad or experts[which[0]].w1.requires_grad):
+        added in increasing expert id, the reference's order of additions. Training (gradients wanted) runs each
+        expert on its slice of the sorted rows (`_trained_experts`)."""
+        if not which:
             return super().routed_experts(x, weights, ids, experts, which, limit)
+        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
+                                        or any(experts[e].w1.requires_grad for e in which)):
+            return self._trained_experts(x, weights, ids, experts, list(which), limit)
         rows = group_routed_rows(ids, len(experts), list(which))
         if not rows.which:  # no token chose an expert held here
             return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -279,6 +282,21 @@ class CpuBackend(ReferenceBackend):
                 lo += n
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return add_routed_rows(out, rows, ids)
+
+    def _trained_experts(self, x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
+                         which: list[int], limit: float) -> Tensor:
+        """The reference's sum with gradients: the routed rows gathered once in expert order (one index_select, one
+        index_add backward) instead of an indexing per expert (each an index_put into zeros the size of x in
+        backward). Every expert in `which` runs, on no rows if none chose it: it still joins the autograd graph
+        (expert-parallel gradients stay whole, see the reference)."""
+        rows = group_routed_rows(ids, len(experts), which)
+        size = dict(zip(rows.which, rows.sizes, strict=True))
+        sizes = [size.get(e, 0) for e in which]
+        # split, not sliced: one backward (a concatenation) instead of a zero-filled copy of all rows per expert
+        rows_x = x.index_select(0, rows.tokens).split(sizes)  # [n_e, d] each
+        rows_w = weights.flatten().index_select(0, rows.keep).unsqueeze(-1).split(sizes)  # [n_e, 1] fp32 each
+        outs = [self.swiglu(part, experts[e], limit, w) for e, part, w in zip(which, rows_x, rows_w, strict=True)]
+        return add_routed_rows(torch.cat(outs), rows, ids)
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
         """As the reference, with one activation quantisation for w1 and w3 (they read the same x)."""
@@ -450,9 +468,9 @@ class CpuBackend(ReferenceBackend):
     def _dense_attn(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
         """Attention of a chunk's queries q [B, S, H, D] over rows [B, N, D] in the compute dtype, each block of
         DENSE_QUERY_BLOCK queries scoring the rows it names (`_dense_softmax`). Differentiable (training)."""
-        return torch.cat([_dense_softmax(q[:, lo : lo + DENSE_QUERY_BLOCK], rows, idx[:, lo : lo + DENSE_QUERY_BLOCK],
-                                         sink, scale)
-                          for lo in range(0, q.shape[1], DENSE_QUERY_BLOCK)], dim=1)
+        # split, not sliced: in training one backward (a concatenation) instead of a zero-filled q per block
+        blocks = zip(q.split(DENSE_QUERY_BLOCK, dim=1), idx.split(DENSE_QUERY_BLOCK, dim=1), strict=True)
+        return torch.cat([_dense_softmax(block, rows, slots, sink, scale) for block, slots in blocks], dim=1)
 
     # ------------------------------------------------------------------------------------------ mHC
 
@@ -516,18 +534,64 @@ def _dense_softmax(q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: fl
     n = rows.shape[1]
     counts = torch.zeros(b, s, n, dtype=q.dtype, device=q.device).scatter_add_(2, slots, (idx >= 0).to(q.dtype))
     counts = counts.unsqueeze(2)  # [B, S, 1, N']
+    if not (torch.is_grad_enabled() and (q.requires_grad or rows.requires_grad or sink.requires_grad)):
+        return _dense_softmax_forward(q, rows, counts, sink, scale)[0]
+    if q.dtype == rows.dtype and not torch.is_autocast_enabled(q.device.type):
+        return _DenseSoftmax.apply(q, rows, counts, sink, scale)
+    return _dense_softmax_forward(q, rows, counts, sink, scale, autograd=True)[0]  # mixed precision
+
+
+def _dense_softmax_forward(q: Tensor, rows: Tensor, counts: Tensor, sink: Tensor, scale: float,
+                           autograd: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_dense_softmax` after the rows and counts [B, S, 1, N']: (out [B, S, H, D], the unnormalised weighted
+    probabilities p [B, S, H, N'], the sink's [B, S, H] and the denominators [B, S, H]). In place where nothing
+    records the graph; with `autograd`, in place only where autograd allows it (the GEMM's backward keeps its
+    inputs, not its output; exp's backward keeps its result)."""
+    b, s, h, d = q.shape
+    n = rows.shape[1]
     every = torch.bmm(q.reshape(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, n)  # [B, S, H, N']
-    # in place where autograd allows it: the GEMM's backward keeps its inputs, not its output, and exp's backward
-    # keeps its result, which only a step without gradients may scale in place
     logits = every.mul_(scale).masked_fill_(counts == 0, float("-inf"))
     top = logits.amax(dim=-1).detach()  # [B, S, H]; the shift cancels, so it carries no gradient
     sink_logit = sink.to(q.dtype).view(1, 1, -1).expand(b, s, h)
     shift = torch.where(top.isfinite(), top, sink_logit.detach())
-    p = (logits - shift.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_()
-    p = p * counts if torch.is_grad_enabled() and p.requires_grad else p.mul_(counts)
-    denom = p.sum(dim=-1) + torch.exp(sink_logit - shift)
+    if autograd:
+        p = (logits - shift.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_() * counts
+    else:
+        p = logits.sub_(shift.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_().mul_(counts)
+    sink_p = torch.exp(sink_logit - shift)
+    denom = p.sum(dim=-1) + sink_p
     out = torch.bmm(p.view(b, s * h, n), rows).view(b, s, h, d)
-    return out / denom.unsqueeze(-1)
+    return out / denom.unsqueeze(-1) if autograd else out.div_(denom.unsqueeze(-1)), p, sink_p, denom
+
+
+class _DenseSoftmax(torch.autograd.Function):
+    """`_dense_softmax` in training: the same forward, and the softmax's gradient in closed form (four GEMMs and a
+    few products) instead of autograd's chain through the masking, shift, floor and weighting. With
+    out = sum_j p_j r_j / D, D = sum_j p_j + sigma (sigma the sink's term) and p_j = count_j exp(l_j - shift):
+    dl_j = p_j (dout . r_j - dout . out) / D, d sink = -sigma (dout . out) / D, dr_j gains p_j dout / D. A row's
+    argument floored at -87 keeps its (denormal-sized) gradient, where autograd's clamp passes none."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, rows: Tensor, counts: Tensor, sink: Tensor, scale: float) -> Tensor:
+        out, p, sink_p, denom = _dense_softmax_forward(q, rows, counts, sink, scale)
+        ctx.save_for_backward(q, rows, out, p, sink_p, denom)
+        ctx.scale, ctx.sink_dtype = scale, sink.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, Tensor, None]:
+        q, rows, out, p, sink_p, denom = ctx.saved_tensors
+        b, s, h, d = q.shape
+        n = rows.shape[1]
+        d_out = grad / denom.unsqueeze(-1)  # [B, S, H, D]
+        c = (d_out * out).sum(dim=-1)  # [B, S, H]
+        d_p = torch.bmm(d_out.view(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, n)
+        d_logits = d_p.sub_(c.unsqueeze(-1)).mul_(p).mul_(ctx.scale).view(b, s * h, n)
+        d_q = torch.bmm(d_logits, rows).view(b, s, h, d)
+        d_rows = torch.bmm(d_logits.transpose(1, 2), q.reshape(b, s * h, d))
+        d_rows.baddbmm_(p.view(b, s * h, n).transpose(1, 2), d_out.view(b, s * h, d))
+        d_sink = (-(sink_p * c)).sum(dim=(0, 1)).to(ctx.sink_dtype)
+        return d_q, d_rows, None, d_sink, None
 
 
 def _gathered_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:

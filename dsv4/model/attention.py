@@ -92,8 +92,7 @@ class Attention(nn.Module):
             cache.write_window_slots(*pending)
         if self.ratio == CSA_RATIO and ctx.trace is not None:
             with torch.no_grad():
-                kv_set = concat_rows(kv_rows)
-                logits = torch.einsum("bshd,bskd->bshk", q, gather_rows(kv_set, idx.clamp_min(0))) * scale
+                logits = _slot_logits(q, concat_rows(kv_rows), idx) * scale
                 logits = logits.to(torch.float32).masked_fill((idx < 0).unsqueeze(2), float("-inf"))
             ctx.trace.indexer_losses.append(
                 indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores,
@@ -135,6 +134,30 @@ class Attention(nn.Module):
         elif keep is not None:
             cache.write_window(gather_rows(ext_kv, keep).detach())
         return [ext_kv], idx, None
+
+
+# the most bytes of scores [B, s, H, N] one block of queries computes in `_slot_logits`
+SLOT_SCORES_BYTES = 16 << 20
+
+
+def _slot_logits(q: Tensor, rows: Tensor, idx: Tensor) -> Tensor:
+    """Each query's unscaled logits over its slots, q [B,S,H,D] . rows [B,N,D] at idx [B,S,K] -> [B,S,H,K] (-1 slots:
+    any row's). While the rows are few next to the slots (H * N <= K * D: a training chunk over its own window and
+    entries) each block of queries scores every row with one GEMM and picks its slots' scores; otherwise the slots'
+    rows are gathered, K * D values a query."""
+    b, s, h, d = q.shape
+    n, k = rows.shape[1], idx.shape[-1]
+    slots = idx.clamp_min(0)
+    if h * n > k * d:
+        return torch.einsum("bshd,bskd->bshk", q, gather_rows(rows, slots))
+    block = max(1, SLOT_SCORES_BYTES // max(1, b * h * n * q.element_size()))
+    rows_t = rows.to(q.dtype).transpose(1, 2)  # [B, D, N]
+    picked = []
+    for lo in range(0, s, block):
+        hi = min(s, lo + block)
+        scores = torch.bmm(q[:, lo:hi].reshape(b, -1, d), rows_t).view(b, hi - lo, h, n)
+        picked.append(scores.gather(3, slots[:, lo:hi].unsqueeze(2).expand(-1, -1, h, -1)))
+    return torch.cat(picked, dim=1)
 
 
 def _one_token_window(W: int, ctx: ForwardContext) -> Tensor:

@@ -35,9 +35,13 @@ multiply-adds per call, a decode step's rows): the C GEMMs run row by row (so a 
 its batch), and more rows belong to BLAS. There the quantised GEMMs multiply the operands with their power-of-two
 block scales multiplied in (the weights' "folded" form, the activations quantised and dequantised in C): the
 reference's products, summed in BLAS's order instead of block by block, at a float GEMM's cost. Attention over a
-prefill chunk runs the "cpu" backend's GEMMs. Training (gradients wanted) runs the Sinkhorn normalisations with a
-C backward and `hc_post` with a backward of batched products; every other op with gradients wanted, other dtypes,
-or other devices goes to the "cpu" backend.
+prefill chunk runs the "cpu" backend's GEMMs.
+
+Training (fp32, gradients wanted) keeps these forwards, bit for bit, and gives the overhead-bound ops backwards of
+their own instead of autograd's chains of elementwise ops: in C the RMSNorms (`rms_norm`, `head_norm`), SwiGLU's
+activation, `hc_post`, `hc_collapse` and the Sinkhorn normalisations; `rope` and `hadamard` by their transposes
+(the opposite rotation, the same transform); `hc_mixes` in closed form. Every other op with gradients wanted,
+other dtypes, or other devices goes to the "cpu" backend.
 """
 
 from __future__ import annotations
@@ -123,6 +127,14 @@ def _inference(*tensors: Tensor) -> bool:
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
+def _trains_float(x: Tensor, expert: ExpertWeights) -> bool:
+    """Whether an expert runs in training in fp32: float weights without scales, gradients wanted, on the CPU."""
+    weights = (expert.w1, expert.w3, expert.w2)
+    return (x.dtype == torch.float32 and all(w.dtype == torch.float32 for w in weights)
+            and all(s is None for s in (expert.s1, expert.s3, expert.s2)) and not _inference(x, *weights)
+            and all(w.device.type == "cpu" for w in weights) and x.device.type == "cpu")
+
+
 def _check(code: int, op: str) -> None:
     if code != 0:
         raise MemoryError(f"native {op}: the kernel could not allocate its scratch")
@@ -166,9 +178,13 @@ class NativeBackend(CpuBackend):
         return out
 
     def hadamard(self, x: Tensor) -> Tensor:
+        """One C call (the reference's butterflies); in training the backward is the same transform of the output's
+        gradient (the normalised Hadamard matrix is symmetric and orthogonal, `_Hadamard`)."""
         n = x.shape[-1]
-        if x.dtype not in _BF16 or not _inference(x) or n < 1 or n & (n - 1):
+        if x.dtype not in _BF16 or x.device.type != "cpu" or n < 1 or n & (n - 1):
             return super().hadamard(x)
+        if not _inference(x):
+            return _Hadamard.apply(x, self)
         x = x.contiguous()
         out = torch.empty_like(x)
         _check(self.lib.dsv4_hadamard(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // n, n,
@@ -177,7 +193,8 @@ class NativeBackend(CpuBackend):
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
         """One C call for the rotation the reference builds from eight torch ops (bit for bit: the same rounded
-        products and sums); cos / sin shaped like x's leading dims, or shared across x's second-to-last (heads)."""
+        products and sums); cos / sin shaped like x's leading dims, or shared across x's second-to-last (heads).
+        In training the backward is the opposite rotation, one C call too (`_Rope`)."""
         half = cos.shape[-1]
         lead = x.shape[:-1]
         if cos.shape[:-1] == lead:
@@ -187,12 +204,19 @@ class NativeBackend(CpuBackend):
         else:
             group = 0
         if (not group or x.dtype not in _BF16 or cos.dtype != torch.float32 or sin.dtype != torch.float32
-                or sin.shape != cos.shape or 2 * half > x.shape[-1] or not _inference(x, cos, sin)):
+                or sin.shape != cos.shape or 2 * half > x.shape[-1] or not _inference(cos, sin)
+                or x.device.type != "cpu"):
             return super().rope(x, cos, sin, inverse)
+        if not _inference(x):  # training: a rotation's gradient is the opposite rotation of the output's
+            return _Rope.apply(x, cos, sin, inverse, group, self)
+        return self._rope(x, cos, sin, inverse, group)
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, group: int) -> Tensor:
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
         out = torch.empty_like(x)
         _check(self.lib.dsv4_rope(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // x.shape[-1],
-                                  x.shape[-1], half, cos.data_ptr(), sin.data_ptr(), group, int(inverse)), "rope")
+                                  x.shape[-1], cos.shape[-1], cos.data_ptr(), sin.data_ptr(), group, int(inverse)),
+               "rope")
         return out
 
     # ------------------------------------------------------------------------------------------ GEMMs
@@ -298,10 +322,15 @@ class NativeBackend(CpuBackend):
                                     _kind(w2))
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
-        """An expert's chain over few rows in one C call; a quantised one over more, `_folded_swiglu`; other float
-        experts as the "cpu" backend."""
+        """An expert's chain over few rows in one C call; a quantised one over more, `_folded_swiglu`; in training
+        (fp32 weights), the reference's chain with the activation's backward in C (`_SwigluActivation`: autograd's
+        clamps, silu and products are a dozen ops an expert); other float experts as the "cpu" backend."""
         rows = x.numel() // x.shape[-1]
         if not self._runs_native(x, expert, rows):
+            if _trains_float(x, expert):  # the reference's chain, its activation's backward in C
+                gate = self.linear(x, expert.w1).to(torch.float32)
+                up = self.linear(x, expert.w3).to(torch.float32)
+                return self.linear(_SwigluActivation.apply(gate, up, weights, limit, self.lib), expert.w2)
             if self._stacked_kind(x, expert) == "folded":
                 return self._folded_swiglu(x, expert, limit, weights)
             return super().swiglu(x, expert, limit, weights)
@@ -449,37 +478,51 @@ class NativeBackend(CpuBackend):
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """One C call instead of eight torch ops, bit for bit: the mean sums in torch's order, whose vector width
-        the backend finds by a self-test when it starts (`_sum_lanes`; none found: the reference)."""
+        the backend finds by a self-test when it starts (`_sum_lanes`; none found: the reference). In training
+        (fp32) the same forward with a C backward (`_RmsNorm`)."""
         n = x.shape[-1]
         if (self._lanes is None or x.dtype not in _BF16 or weight.dtype != torch.float32 or weight.shape != (n,)
-                or n > NATIVE_ROW_SUM or not _inference(x, weight)):
+                or n > NATIVE_ROW_SUM or x.device.type != "cpu" or weight.device.type != "cpu"):
             return super().rms_norm(x, weight, eps)
-        return self._rms_norm(x, weight, eps, self._lanes)
+        if _inference(x, weight):
+            return self._rms_norm(x, weight, eps, self._lanes)
+        if x.dtype != torch.float32:
+            return super().rms_norm(x, weight, eps)
+        return _RmsNorm.apply(x, weight, eps, self)
 
     def head_norm(self, x: Tensor, eps: float) -> Tensor:
-        """fp32: the C RMSNorm with a weight of ones (an exact product), bit for bit; bf16 computes in bf16: the
-        reference."""
+        """fp32: the C RMSNorm with a weight of ones (an exact product), bit for bit, in training with its C
+        backward; bf16 computes in bf16: the reference."""
         n = x.shape[-1]
-        if self._lanes is None or x.dtype != torch.float32 or n > NATIVE_ROW_SUM or not _inference(x):
+        if self._lanes is None or x.dtype != torch.float32 or n > NATIVE_ROW_SUM or x.device.type != "cpu":
             return super().head_norm(x, eps)
         ones = self._ones.get(n)
         if ones is None:
             ones = self._ones[n] = torch.ones(n)
-        return self._rms_norm(x, ones, eps, self._lanes)
+        if _inference(x):
+            return self._rms_norm(x, ones, eps, self._lanes)
+        return _RmsNorm.apply(x, ones, eps, self)
 
-    def _rms_norm(self, x: Tensor, weight: Tensor, eps: float, lanes: int) -> Tensor:
+    def _rms_norm(self, x: Tensor, weight: Tensor, eps: float, lanes: int, inv: Tensor | None = None) -> Tensor:
+        """The C RMSNorm; each row's factor 1 / rms into `inv` [rows] fp32 when given."""
         x, weight = x.contiguous(), weight.contiguous()
         out = torch.empty_like(x)
         n = x.shape[-1]
         _check(self.lib.dsv4_rms_norm(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // max(n, 1), n,
-                                      weight.data_ptr(), eps, lanes), "rms_norm")
+                                      weight.data_ptr(), eps, lanes, None if inv is None else inv.data_ptr()),
+               "rms_norm")
         return out
 
     def hc_collapse(self, x: Tensor, pre: Tensor) -> Tensor:
-        """One C call, bit for bit: over at most 4 streams torch's reduction adds the products in order."""
+        """One C call, bit for bit: over at most 4 streams torch's reduction adds the products in order. In
+        training (fp32) with a C backward (`_HcCollapse`)."""
         b, s, h, d = x.shape
-        if x.dtype not in _BF16 or pre.dtype != torch.float32 or h > 4 or not _inference(x, pre):
+        if x.dtype not in _BF16 or pre.dtype != torch.float32 or h > 4 or x.device.type != "cpu":
             return super().hc_collapse(x, pre)
+        if not _inference(x, pre):
+            if x.dtype != torch.float32 or pre.device.type != "cpu":
+                return super().hc_collapse(x, pre)
+            return _HcCollapse.apply(x, pre, self)
         x, pre = x.contiguous(), pre.contiguous()
         u = x.new_empty(b, s, d)
         _check(self.lib.dsv4_hc_collapse(x.data_ptr(), pre.data_ptr(), u.data_ptr(), _BF16[x.dtype], b * s, h, d),
@@ -487,16 +530,28 @@ class NativeBackend(CpuBackend):
         return u
 
     def hc_mixes(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
-        """The RMS factor in one C call (the reference's bits, as `rms_norm`), the product in torch's GEMM."""
+        """The RMS factor in one C call (the reference's bits, as `rms_norm`), the product in torch's GEMM; in
+        training (fp32) with a backward of two GEMMs and one scaled add (`_HcMixes`) instead of autograd's chain
+        through the mean of squares."""
         n = x.shape[-2] * x.shape[-1]
-        if self._lanes is None or x.dtype not in _BF16 or n > NATIVE_ROW_SUM or not _inference(x, fn):
+        if (self._lanes is None or x.dtype not in _BF16 or n > NATIVE_ROW_SUM or x.device.type != "cpu"
+                or fn.device.type != "cpu"):
             return super().hc_mixes(x, fn, norm_eps)
+        if _inference(x, fn):
+            return self._hc_mixes(x, fn.to(torch.float32), norm_eps)[0]
+        if x.dtype != torch.float32 or fn.dtype != torch.float32:
+            return super().hc_mixes(x, fn, norm_eps)
+        return _HcMixes.apply(x, fn, norm_eps, self)
+
+    def _hc_mixes(self, x: Tensor, fn: Tensor, norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(mixes [B, S, m], the RMS factors [B, S, 1], the product before them [B, S, m]) for fp32 fn [m, h*d]."""
         x = x.contiguous()
+        n = x.shape[-2] * x.shape[-1]
         rms = torch.empty(*x.shape[:-2], 1)
         _check(self.lib.dsv4_rms_factor(x.data_ptr(), rms.data_ptr(), _BF16[x.dtype], x.numel() // max(n, 1), n,
                                         norm_eps, self._lanes), "hc_mixes")
-        flat = x.flatten(2)
-        return (flat.to(torch.float32) @ fn.to(torch.float32).t()) * rms
+        product = x.flatten(2).to(torch.float32) @ fn.t()
+        return product * rms, rms, product
 
     def _sum_lanes(self) -> int | None:
         """The vector width of torch's float sum here (its summation order depends on it): the one whose C RMSNorm
@@ -529,8 +584,7 @@ class NativeBackend(CpuBackend):
 
     def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         """The write-back in one C call, bit for bit the reference's (the same rounded products, added over the
-        streams in order); in training (fp32) with a backward of four batched products instead of the
-        reference's per-stream slices."""
+        streams in order); in training (fp32) with a C backward (`_HcPost`)."""
         if (x.dtype not in _BF16 or out.dtype != x.dtype or post.dtype != torch.float32
                 or comb.dtype != torch.float32 or any(t.device.type != "cpu" for t in (out, x, post, comb))):
             return super().hc_post(out, x, post, comb)
@@ -553,9 +607,13 @@ class NativeBackend(CpuBackend):
         scale, base = scale.to(torch.float32), base.to(torch.float32)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in (mixes, scale, base))):
             return self._split_sinkhorn(mixes.contiguous(), scale.contiguous(), base.contiguous(), h, iters, eps)
-        pre = torch.sigmoid(mixes[..., :h] * scale[0] + base[:h]) + eps
-        post = 2.0 * torch.sigmoid(mixes[..., h : 2 * h] * scale[1] + base[h : 2 * h])
-        logits = (mixes[..., 2 * h :] * scale[2] + base[2 * h :]).unflatten(-1, (h, h))
+        # the reference's m * scale + base of each part as one product and one sum (the same roundings), split
+        # once: one backward instead of a zero-filled copy of the mixes per slice
+        scales = scale.repeat_interleave(torch.tensor([h, h, h * h], device=scale.device))
+        pre, post, logits = (mixes * scales + base).split([h, h, h * h], dim=-1)
+        # contiguous, as the reference's: torch's sigmoid rounds a strided view's elements differently
+        pre, post = torch.sigmoid(pre.contiguous()) + eps, 2.0 * torch.sigmoid(post.contiguous())
+        logits = logits.unflatten(-1, (h, h))
         comb = torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())  # [..., h, h]
         return pre, post, _SinkhornNormalise.apply(comb, self.lib, iters, eps)
 
@@ -610,20 +668,158 @@ def _hc_post(lib: ctypes.CDLL, out: Tensor, x: Tensor, post: Tensor, comb: Tenso
 
 
 class _HcPost(torch.autograd.Function):
-    """mHC's write-back, new_k = post_k * out + sum_j comb[j,k] * x_j, fp32: the C forward, and a backward of
-    batched products over the tokens."""
+    """mHC's write-back, new_k = post_k * out + sum_j comb[j,k] * x_j, fp32: the C forward and a C backward (every
+    gradient of a token in one pass over its streams)."""
 
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, post: Tensor, comb: Tensor, lib: ctypes.CDLL) -> Tensor:
+        out, x, post, comb = out.contiguous(), x.contiguous(), post.contiguous(), comb.contiguous()
         ctx.save_for_backward(out, x, post, comb)
+        ctx.lib = lib
         return _hc_post(lib, out, x, post, comb)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
         out, x, post, comb = ctx.saved_tensors  # [B,S,d], [B,S,h,d], [B,S,h], [B,S,h,h]
-        grad = grad.to(torch.float32)  # [B,S,h(k),d]
-        d_out = (post.unsqueeze(-1) * grad).sum(dim=2)
-        d_post = (grad * out.unsqueeze(2)).sum(dim=-1)
-        d_x = torch.matmul(comb, grad)  # sum_k comb[j,k] * grad_k
-        d_comb = torch.matmul(x, grad.transpose(-1, -2))  # [j,k] = x_j . grad_k
+        grad = grad.to(torch.float32).contiguous()  # [B,S,h(k),d]
+        b, s, h, d = x.shape
+        d_out, d_x, d_post, d_comb = (torch.empty_like(t) for t in (out, x, post, comb))
+        _check(ctx.lib.dsv4_hc_post_backward(out.data_ptr(), x.data_ptr(), post.data_ptr(), comb.data_ptr(),
+                                             grad.data_ptr(), d_out.data_ptr(), d_x.data_ptr(), d_post.data_ptr(),
+                                             d_comb.data_ptr(), b * s, h, d), "hc_post")
         return d_out, d_x, d_post, d_comb, None
+
+
+class _HcCollapse(torch.autograd.Function):
+    """mHC's read of the streams, u = sum_k pre_k * x_k, fp32: the C forward and a C backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pre: Tensor, backend: NativeBackend) -> Tensor:
+        x, pre = x.contiguous(), pre.contiguous()
+        ctx.save_for_backward(x, pre)
+        ctx.lib = backend.lib
+        return backend.hc_collapse(x, pre)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, pre = ctx.saved_tensors  # [B,S,h,d], [B,S,h]
+        grad = grad.to(torch.float32).contiguous()  # [B,S,d]
+        b, s, h, d = x.shape
+        d_x, d_pre = torch.empty_like(x), torch.empty_like(pre)
+        _check(ctx.lib.dsv4_hc_collapse_backward(x.data_ptr(), pre.data_ptr(), grad.data_ptr(), d_x.data_ptr(),
+                                                 d_pre.data_ptr(), b * s, h, d), "hc_collapse")
+        return d_x, d_pre, None
+
+
+class _RmsNorm(torch.autograd.Function):
+    """fp32 RMSNorm in training: the C forward (the reference's bits) keeping each row's factor, and a C backward,
+    dx = inv (g w) - x inv^3 sum(g w x) / n and dw = sum over rows of g x inv, instead of autograd's passes through
+    the square, mean, rsqrt and products."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, backend: NativeBackend) -> Tensor:
+        x = x.contiguous()
+        inv = torch.empty(x.shape[:-1], dtype=torch.float32)
+        out = backend._rms_norm(x, weight, eps, backend._lanes, inv)
+        ctx.save_for_backward(x, weight, inv)
+        ctx.lib = backend.lib
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, weight, inv = ctx.saved_tensors
+        grad = grad.to(torch.float32).contiguous()
+        n = x.shape[-1]
+        dx = torch.empty_like(x)
+        dw = torch.empty(n, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        _check(ctx.lib.dsv4_rms_norm_backward(x.data_ptr(), grad.data_ptr(), weight.contiguous().data_ptr(),
+                                              inv.data_ptr(), dx.data_ptr(), None if dw is None else dw.data_ptr(),
+                                              x.numel() // max(n, 1), n), "rms_norm")
+        return dx, dw, None, None
+
+
+class _HcMixes(torch.autograd.Function):
+    """mHC's coefficients in training, mixes = (x @ fn^T) * r with r = 1 / rms(x) per token: the inference forward,
+    and the backward as d(product) = g r, d fn = d(product)^T x, dx = d(product) fn - x r^3 sum(g product) / n."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Tensor, norm_eps: float, backend: NativeBackend) -> Tensor:
+        x = x.contiguous()
+        mixes, rms, product = backend._hc_mixes(x, fn, norm_eps)
+        ctx.save_for_backward(x, fn, rms, product)
+        return mixes
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
+        x, fn, rms, product = ctx.saved_tensors  # [B,S,h,d], [m, n], [B,S,1], [B,S,m]
+        flat = x.flatten(2)  # [B,S,n]
+        d_product = grad * rms
+        d_fn = d_product.flatten(0, -2).t() @ flat.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        d_rms = (grad * product).sum(dim=-1, keepdim=True)  # [B,S,1]
+        dx = (d_product @ fn).addcmul_(flat, d_rms * rms.pow(3), value=-1.0 / flat.shape[-1])
+        return dx.view_as(x), d_fn, None, None
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE in training: the C rotation forward, and its gradient the opposite rotation of the output's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, group: int, backend: NativeBackend
+                ) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.inverse, ctx.group, ctx.backend = inverse, group, backend
+        return backend._rope(x, cos, sin, inverse, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        return ctx.backend._rope(grad, cos, sin, not ctx.inverse, ctx.group), None, None, None, None, None
+
+
+class _Hadamard(torch.autograd.Function):
+    """The normalised Walsh-Hadamard transform in training: H / sqrt(n) is symmetric and orthogonal, so the gradient
+    is the same transform of the output's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, backend: NativeBackend) -> Tensor:
+        ctx.backend = backend
+        return backend.hadamard(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.backend.hadamard(grad), None
+
+
+class _SwigluActivation(torch.autograd.Function):
+    """SwiGLU's activation in training, hidden = weights * (silu(min(gate, L)) * clamp(up, -L, L)) for the fp32
+    projections gate, up [n, inter] and routing weights [n, 1] (or None): the reference's ops forward; backward
+    torch's sigmoid, then the clamps', silu's and products' gradients in one C pass (each row's routing-weight
+    gradient summed in 16 lanes)."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, weights: Tensor | None, limit: float, lib: ctypes.CDLL) -> Tensor:
+        hidden = F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+        if weights is not None:
+            hidden = weights * hidden
+        ctx.save_for_backward(gate, up, weights)
+        ctx.limit, ctx.lib = limit, lib
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None, None]:
+        gate, up, weights = ctx.saved_tensors
+        gate, up, grad = gate.contiguous(), up.contiguous(), grad.to(torch.float32).contiguous()
+        n = gate.shape[-1]
+        rows = gate.numel() // max(n, 1)
+        d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+        d_weights = None
+        if weights is not None:
+            weights = weights.to(torch.float32).contiguous()
+            d_weights = torch.empty_like(weights)
+        sig = torch.sigmoid(gate.clamp(max=ctx.limit))  # torch's vectorised exp, not libm's per element
+        _check(ctx.lib.dsv4_swiglu_backward(gate.data_ptr(), up.data_ptr(), sig.data_ptr(),
+                                            None if weights is None else weights.data_ptr(), grad.data_ptr(),
+                                            d_gate.data_ptr(), d_up.data_ptr(),
+                                            None if d_weights is None else d_weights.data_ptr(), rows, n, ctx.limit),
+               "swiglu")
+        return d_gate, d_up, d_weights, None, None

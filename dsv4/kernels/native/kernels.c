@@ -1014,9 +1014,10 @@ static float torch_row_sum(const float *x, int64_t n, int lanes) {
 }
 
 /* out [rows, n] (x's dtype) = weight * (x * (1 / sqrt(sum(x^2) / n + eps))) in fp32, x [rows, n]: the reference's
- * torch ops element for element, its mean torch's summation order (`lanes` found by the backend's self-test) */
+ * torch ops element for element, its mean torch's summation order (`lanes` found by the backend's self-test); each
+ * row's factor 1 / sqrt(...) also into inv_out [rows] unless it is NULL (training keeps it for the backward) */
 int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, const float *weight, float eps,
-                  int lanes) {
+                  int lanes, float *inv_out) {
     if (lanes != 8 && lanes != 16) return -1;
     float *buf = malloc(sizeof(float) * (size_t)(2 * n + 1));
     if (!buf) return -1;
@@ -1027,6 +1028,7 @@ int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, c
             sq[i] = xf[i] * xf[i];
         }
         const float inv = 1.0f / sqrtf(torch_row_sum(sq, n, lanes) / (float)n + eps);
+        if (inv_out) inv_out[r] = inv;
         for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, weight[i] * (xf[i] * inv));
     }
     free(buf);
@@ -1180,5 +1182,114 @@ int dsv4_sinkhorn_backward(const float *comb0, const float *grad, float *out, in
     }
     free(inputs);
     free(divisors);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ training backwards */
+
+/* The sum of a[i] * b[i] over n fp32 values in 16 interleaved lanes (which vectorise), then the lanes in order */
+static float dot16(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+    float sum = 0.0f;
+    for (; i < n; i++) sum += a[i] * b[i];
+    for (int l = 0; l < 16; l++) sum += acc[l];
+    return sum;
+}
+
+/* The gradient of the fp32 RMSNorm y = w * (x * inv), inv = 1 / sqrt(mean(x^2) + eps) per row as the forward
+ * computed it (x, g, dx [rows, n]; w [n]; inv [rows]): dx = inv * (g w) - x * (inv^3 / n) * sum(g w x), and, unless
+ * dw is NULL, dw [n] = the sum over rows in order of g * (x * inv). scratch holds n floats. */
+int dsv4_rms_norm_backward(const float *x, const float *g, const float *w, const float *inv, float *dx, float *dw,
+                           int64_t rows, int64_t n) {
+    float *gw = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    if (!gw) return -1;
+    if (dw) memset(dw, 0, sizeof(float) * (size_t)n);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n, *gr = g + r * n;
+        float *dxr = dx + r * n;
+        const float s = inv[r];
+        for (int64_t i = 0; i < n; i++) gw[i] = gr[i] * w[i];
+        const float c = s * s * s * dot16(gw, xr, n) / (float)n;
+        for (int64_t i = 0; i < n; i++) dxr[i] = s * gw[i] - xr[i] * c;
+        if (dw)
+            for (int64_t i = 0; i < n; i++) dw[i] += gr[i] * (xr[i] * s);
+    }
+    free(gw);
+    return 0;
+}
+
+/* The gradient of SwiGLU's fp32 activation h = w * (silu(a) * b), a = min(gate, L), b = clamp(up, -L, L) (gate, up,
+ * sig = sigmoid(a) as torch computes it, dh, dgate, dup [rows, n]; w [rows], or NULL for no routing weight):
+ * torch's clamp backward (the gradient passes where the input lies inside the bounds, bounds included) and silu's,
+ * s (1 + a (1 - s)); dw [rows] (when w) = the sum over the row of dh * silu(a) * b, in 16 lanes. */
+int dsv4_swiglu_backward(const float *gate, const float *up, const float *sig, const float *w, const float *dh,
+                         float *dgate, float *dup, float *dw, int64_t rows, int64_t n, float limit) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *ga = gate + r * n, *u = up + r * n, *sg = sig + r * n, *d = dh + r * n;
+        float *dga = dgate + r * n, *du = dup + r * n;
+        const float wr = w ? w[r] : 1.0f;
+        float acc[16] = {0};
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int64_t m = n - i0 < 16 ? n - i0 : 16;
+            for (int64_t l = 0; l < m; l++) {
+                const int64_t i = i0 + l;
+                const float a = ga[i] > limit ? limit : ga[i];
+                const float b = u[i] < -limit ? -limit : (u[i] > limit ? limit : u[i]);
+                const float s = sg[i], act = a * s, gd = d[i] * wr;
+                dga[i] = ga[i] <= limit ? gd * b * (s * (1.0f + a * (1.0f - s))) : 0.0f;
+                du[i] = (u[i] >= -limit && u[i] <= limit) ? gd * act : 0.0f;
+                acc[l] += d[i] * (act * b);
+            }
+        }
+        if (dw) {
+            float sum = 0.0f;
+            for (int l = 0; l < 16; l++) sum += acc[l];
+            dw[r] = sum;
+        }
+    }
+    return 0;
+}
+
+/* The gradient of mHC's fp32 write-back new_k = post_k out + sum_j comb[j,k] x_j (out [T, d]; x, g, d_x [T, h, d];
+ * post, d_post [T, h]; comb, d_comb [T, h, h]; d_out [T, d]): d_out = sum_k post_k g_k, d_x_j = sum_k comb[j,k] g_k,
+ * d_post_k = g_k . out and d_comb[j,k] = x_j . g_k, the dot products in 16 lanes. */
+int dsv4_hc_post_backward(const float *out, const float *x, const float *post, const float *comb, const float *g,
+                          float *d_out, float *d_x, float *d_post, float *d_comb, int64_t t, int64_t h, int64_t d) {
+    for (int64_t r = 0; r < t; r++) {
+        const float *gr = g + r * h * d, *xr = x + r * h * d, *o = out + r * d, *c = comb + r * h * h;
+        const float *p = post + r * h;
+        float *dor = d_out + r * d, *dxr = d_x + r * h * d;
+        for (int64_t i = 0; i < d; i++) dor[i] = p[0] * gr[i];
+        for (int64_t k = 1; k < h; k++)
+            for (int64_t i = 0; i < d; i++) dor[i] += p[k] * gr[k * d + i];
+        for (int64_t j = 0; j < h; j++) {
+            float *dx = dxr + j * d;
+            for (int64_t i = 0; i < d; i++) dx[i] = c[j * h] * gr[i];
+            for (int64_t k = 1; k < h; k++)
+                for (int64_t i = 0; i < d; i++) dx[i] += c[j * h + k] * gr[k * d + i];
+        }
+        for (int64_t k = 0; k < h; k++) d_post[r * h + k] = dot16(gr + k * d, o, d);
+        for (int64_t j = 0; j < h; j++)
+            for (int64_t k = 0; k < h; k++) d_comb[r * h * h + j * h + k] = dot16(xr + j * d, gr + k * d, d);
+    }
+    return 0;
+}
+
+/* The gradient of mHC's fp32 read u = sum_k pre_k x_k (x, d_x [T, h, d]; pre, d_pre [T, h]; g [T, d]):
+ * d_x_k = pre_k g and d_pre_k = x_k . g, the dot products in 16 lanes. */
+int dsv4_hc_collapse_backward(const float *x, const float *pre, const float *g, float *d_x, float *d_pre, int64_t t,
+                              int64_t h, int64_t d) {
+    for (int64_t r = 0; r < t; r++) {
+        const float *gr = g + r * d;
+        for (int64_t k = 0; k < h; k++) {
+            const float p = pre[r * h + k];
+            float *dx = d_x + (r * h + k) * d;
+            for (int64_t i = 0; i < d; i++) dx[i] = p * gr[i];
+            d_pre[r * h + k] = dot16(x + (r * h + k) * d, gr, d);
+        }
+    }
     return 0;
 }
