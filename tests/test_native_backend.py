@@ -189,6 +189,7 @@ def _training_cases():
     """(name, op(backend, *leaves), inputs that get gradients): the ops the native backend trains with a backward of
     its own, on shapes and values that reach every branch (clamped SwiGLU inputs, an expert no token chose)."""
     cos, sin = _rand(2, 37, 8, seed=20), _rand(2, 37, 8, seed=21)
+    visible = torch.arange(37).expand(2, 37) // 4  # 0 .. 9 entries seen: picks past them are -1
     experts = [ExpertWeights(*(t for w in ws for t in (w, None))) for ws in
                ([_rand(16, 32, seed=30 + 3 * e, scale=0.3), _rand(16, 32, seed=31 + 3 * e, scale=0.3),
                  _rand(32, 16, seed=32 + 3 * e, scale=0.3)] for e in range(4))]
@@ -207,6 +208,8 @@ def _training_cases():
         ("rope over heads, inverse", lambda b, x: b.rope(x, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True),
          [_rand(2, 37, 4, 32, seed=7)]),
         ("hadamard", lambda b, x: b.hadamard(x), [_rand(2, 37, 64, seed=8)]),
+        ("index_topk", lambda b, s: torch.cat([t.float() for t in b.index_topk(s * 1.0, visible, 9)], dim=-1)
+         .nan_to_num(neginf=-1e4), [_rand(2, 37, 40, seed=18)]),
         ("hc_collapse", lambda b, x, pre: b.hc_collapse(x, pre),
          [_rand(2, 37, 4, 40, seed=12), _rand(2, 37, 4, seed=13)]),
         ("hc_post", lambda b, out, x, post, comb: b.hc_post(out, x, post, comb),
@@ -223,8 +226,9 @@ def _training_cases():
 def test_training_ops_keep_the_forward_and_agree_on_gradients(case):
     """Training (fp32, gradients wanted): the native backend's own backwards (RMSNorm, head norm and mHC's RMS factor
     in C or closed form, rotations and the Hadamard transform by their transposes, SwiGLU's activation in C, the
-    experts over their sorted rows) give the reference's forward to the bit and its gradients within fp32 rounding,
-    for every input, including an expert that ran on no rows (a zero gradient, not None)."""
+    experts over their sorted rows) and the indexer's top-k picked in C give the reference's forward to the bit and
+    its gradients within fp32 rounding, for every input, including an expert that ran on no rows (a zero gradient,
+    not None) and picks past what a query sees (-1, -inf)."""
     name, op, inputs = _training_cases()[case]
     results = {}
     for backend_name, backend in (("native", FAST), ("reference", REF)):

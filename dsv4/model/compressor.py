@@ -111,7 +111,8 @@ class Compressor(nn.Module):
         plan = ctx.shared(("compress", r, ring), lambda: _ChunkPlan.build(ctx, r, ring))  # the layers' common part
         xf = x.to(torch.float32)
         kv = self.wkv(xf)  # [B,S,coff*c]
-        score = self.wgate(xf) + self.ape[plan.phase]
+        # the rows of ape by phase, gathered (its backward one index_add, where indexing's accumulates by index_put)
+        score = self.wgate(xf) + self.ape.index_select(0, plan.phase.flatten()).view(*plan.phase.shape, -1)
 
         in_place = 0 < ctx.appends <= ring  # decode / verify steps: the tokens take their ring slots in place
         if plan.n_max > 0 or not in_place:

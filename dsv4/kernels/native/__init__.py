@@ -569,18 +569,25 @@ class NativeBackend(CpuBackend):
     def index_topk(self, scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """One C call for the masking, the top-k, its order, the -1s and the gathered scores (about 25 torch ops,
         more when ties are cut) while the scores are few (`NATIVE_TOPK_SCORES`, a decode's or a short chunk's);
-        a long prefill keeps torch's O(N) topk, and gradients the reference."""
+        a long prefill keeps torch's O(N) topk. In training the C call picks from a copy, and the picked scores are
+        gathered from the scores masked as the reference masks them (autograd records both)."""
         n = scores.shape[-1]
         if (scores.dtype not in _BF16 or scores.numel() > NATIVE_TOPK_SCORES or not scores.is_contiguous()
-                or not _inference(scores, visible)):
+                or scores.device.type != "cpu" or visible.device.type != "cpu"):
             return super().index_topk(scores, visible, k)
         k = min(k, n)
+        trains = not _inference(scores)
         visible = visible.to(torch.int64).contiguous()
         top = torch.empty(*scores.shape[:-1], k, dtype=torch.int64)
         top_scores = scores.new_empty(*scores.shape[:-1], k)
-        _check(self.lib.dsv4_index_topk(scores.data_ptr(), _BF16[scores.dtype], scores.numel() // max(n, 1), n,
+        picked_from = scores.detach().clone() if trains else scores
+        _check(self.lib.dsv4_index_topk(picked_from.data_ptr(), _BF16[scores.dtype], scores.numel() // max(n, 1), n,
                                         visible.data_ptr(), k, top.data_ptr(), top_scores.data_ptr()), "index_topk")
-        return top, top_scores
+        if not trains:
+            return top, top_scores
+        hidden = torch.arange(n, device=scores.device) >= visible.unsqueeze(-1)  # [B,S,N]
+        picked = scores.masked_fill_(hidden, float("-inf")).gather(-1, top.clamp(min=0))
+        return top, torch.where(top >= 0, picked, float("-inf"))
 
     def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         """The write-back in one C call, bit for bit the reference's (the same rounded products, added over the
