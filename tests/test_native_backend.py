@@ -175,6 +175,30 @@ def test_hc_collapse_equals_the_reference_bit_for_bit():
                 assert torch.equal(got.view(bits), want.view(bits)), (lead, d, dtype)
 
 
+@pytest.mark.parametrize("spread", [1.0, 30.0])  # 30: logits spread over hundreds, exp's floor reached
+def test_chunk_attention_in_training_agrees_with_the_reference(spread):
+    """Training attention over a chunk's fp32 rows (C bookkeeping, closed-form gradient, blocks of queries written
+    into place): the reference's output and gradients of q, rows and sink within fp32 rounding, over several
+    query blocks, with unused and repeated slots, a query with no slot (0) and a block naming no row at all."""
+    b, s, h, d, n, w = 2, 150, 4, 32, 180, 24
+    band = (torch.arange(s).view(1, s, 1) + 20 - torch.arange(w).view(1, 1, w)).expand(b, s, w).clone()
+    band[:, ::7, 3] = -1
+    entries = torch.arange(170, 178).view(1, 1, 8).expand(b, s, 8)
+    idx = torch.cat((band, entries, entries[..., :2]), dim=-1)
+    idx[1, 5] = -1  # a query with no slot
+    idx[:, 128:] = -1  # the last block of queries names no row
+    results = {}
+    for name, backend in (("native", FAST), ("reference", REF)):
+        q = (_rand(b, s, h, d, seed=1) * spread).requires_grad_()
+        kv, sink = _rand(b, n, d, seed=2).requires_grad_(), _rand(h, seed=3).requires_grad_()
+        out = backend.sparse_attn(q, kv, idx, sink, d**-0.5)
+        (out * _rand(*out.shape, seed=5)).sum().backward()
+        results[name] = (out.detach(), q.grad, kv.grad, sink.grad)
+    assert not results["native"][0][1, 5].any() and not results["native"][0][:, 128:].any()
+    for got, want in zip(results["native"], results["reference"], strict=True):
+        _close(got, want, 2e-6)
+
+
 def test_rms_norm_without_a_width_is_the_reference():
     """No vector width found (another torch's sum): the reference's ops, in training too."""
     x, weight = torch.randn(3, 64), torch.randn(64, requires_grad=True)

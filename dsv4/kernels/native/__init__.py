@@ -65,7 +65,7 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
-from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, CpuBackend
+from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, TRAIN_EXP_FLOOR, CpuBackend
 from ..experts import ExpertWeights
 from ..paged import KVRows
 from ..reference import ATTN_BLOCK
@@ -446,9 +446,15 @@ class NativeBackend(CpuBackend):
         between the two GEMMs in three C calls instead of about thirty torch ops: the rows the block names and each
         query's weight on them (`dsv4_attn_rows`), the exponentials' arguments (`dsv4_attn_logits`; the
         exponentials stay torch's, with two threads), the weighted probabilities and their sums
-        (`dsv4_attn_weights`). Each block's output is divided into its place (no concatenation)."""
-        if q.dtype != torch.float32 or rows.dtype != torch.float32 or not _inference(q, rows, sink):
+        (`dsv4_attn_weights`). Each block's output is divided into its place (no concatenation). Training: the same
+        forward with its gradient in closed form (`_ChunkAttention`)."""
+        if (q.dtype != torch.float32 or rows.dtype != torch.float32 or sink.dtype != torch.float32
+                or any(t.device.type != "cpu" for t in (q, rows, sink, idx))):
             return super()._dense_attn(q, rows, idx, sink, scale)
+        if not _inference(q, rows, sink):
+            if torch.is_autocast_enabled("cpu"):
+                return super()._dense_attn(q, rows, idx, sink, scale)
+            return _ChunkAttention.apply(q, rows, sink, idx, scale, self.lib)
         b, s, h, d = q.shape
         n = rows.shape[1]
         idx = idx.to(torch.int64).contiguous()
@@ -830,3 +836,68 @@ class _SwigluActivation(torch.autograd.Function):
                                             None if d_weights is None else d_weights.data_ptr(), rows, n, ctx.limit),
                "swiglu")
         return d_gate, d_up, d_weights, None, None
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """Attention over a chunk's fp32 rows in training: `NativeBackend._dense_attn`'s forward (a block of queries at a
+    time, the bookkeeping in C, exp's arguments floored at `TRAIN_EXP_FLOOR` as the "cpu" backend's training forward
+    does), keeping each block's named rows, weighted probabilities and shifts; the gradient in closed form as the
+    "cpu" backend's `_DenseSoftmax` computes it, per block, with the blocks' slices of q and the named rows' gradients
+    written into place (no autograd nodes for the slicing, gathering and concatenation)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, rows: Tensor, sink: Tensor, idx: Tensor, scale: float, lib: ctypes.CDLL) -> Tensor:
+        b, s, h, d = q.shape
+        n = rows.shape[1]
+        q, rows = q.contiguous(), rows.contiguous()
+        idx = idx.to(torch.int64).contiguous()
+        sink = sink.contiguous()
+        out = torch.empty(b, s, h, d)
+        used = torch.empty(n, dtype=torch.int64)
+        counts = torch.empty(b * min(s, DENSE_QUERY_BLOCK) * n)
+        blocks = []
+        for lo in range(0, s, DENSE_QUERY_BLOCK):
+            hi = min(s, lo + DENSE_QUERY_BLOCK)
+            m = hi - lo
+            kept = lib.dsv4_attn_rows(idx.data_ptr(), b, s, idx.shape[-1], lo, hi, n, used.data_ptr(),
+                                      counts.data_ptr())
+            if kept < 0:
+                raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
+            named_ids = None if kept == n else used[:kept].clone()
+            named = rows if named_ids is None else rows.index_select(1, named_ids)  # [B, N', D]
+            p = torch.bmm(q[:, lo:hi].reshape(b, m * h, d), named.transpose(1, 2))  # [B, m*H, N']
+            shift, denom = torch.empty(b * m * h), torch.empty(b * m * h)
+            _check(lib.dsv4_attn_logits(p.data_ptr(), counts.data_ptr(), b * m * h, h, kept, sink.data_ptr(), scale,
+                                        TRAIN_EXP_FLOOR, shift.data_ptr()), "sparse_attn")
+            p.exp_()
+            _check(lib.dsv4_attn_weights(p.data_ptr(), counts.data_ptr(), b * m * h, h, kept, sink.data_ptr(),
+                                         shift.data_ptr(), denom.data_ptr()), "sparse_attn")
+            torch.div(torch.bmm(p, named).view(b, m, h, d), denom.view(b, m, h, 1), out=out[:, lo:hi])
+            blocks.append((lo, hi, named_ids, p, shift.view(b, m, h), denom.view(b, m, h, 1)))
+        ctx.save_for_backward(q, rows, sink, out)
+        ctx.blocks, ctx.scale = blocks, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None, None]:
+        q, rows, sink, out = ctx.saved_tensors
+        b, s, h, d = q.shape
+        grad = grad.to(torch.float32)
+        d_q, d_rows, d_sink = torch.empty_like(q), torch.zeros_like(rows), torch.zeros_like(sink)
+        for lo, hi, named_ids, p, shift, denom in ctx.blocks:
+            m = hi - lo
+            named = rows if named_ids is None else rows.index_select(1, named_ids)
+            d_out = grad[:, lo:hi] / denom  # [B, m, H, D]
+            c = (d_out * out[:, lo:hi]).sum(dim=-1)  # [B, m, H]
+            d_logits = torch.bmm(d_out.view(b, m * h, d), named.transpose(1, 2))  # [B, m*H, N']
+            d_logits.sub_(c.view(b, m * h, 1)).mul_(p).mul_(ctx.scale)
+            torch.bmm(d_logits, named, out=d_q[:, lo:hi].view(b, m * h, d))
+            d_named = torch.bmm(d_logits.transpose(1, 2), q[:, lo:hi].reshape(b, m * h, d))
+            d_named.baddbmm_(p.transpose(1, 2), d_out.view(b, m * h, d))
+            if named_ids is None:
+                d_rows += d_named
+            else:
+                d_rows.index_add_(1, named_ids, d_named)
+            d_sink -= (torch.exp(sink - shift) * c).sum(dim=(0, 1))
+        ctx.blocks = None
+        return d_q, d_rows, d_sink, None, None, None
