@@ -455,30 +455,7 @@ class NativeBackend(CpuBackend):
             if torch.is_autocast_enabled("cpu"):
                 return super()._dense_attn(q, rows, idx, sink, scale)
             return _ChunkAttention.apply(q, rows, sink, idx, scale, self.lib)
-        b, s, h, d = q.shape
-        n = rows.shape[1]
-        idx = idx.to(torch.int64).contiguous()
-        sink = sink.to(torch.float32).contiguous()
-        out = torch.empty(b, s, h, d)
-        used = torch.empty(n, dtype=torch.int64)
-        counts = torch.empty(b * min(s, DENSE_QUERY_BLOCK) * n)
-        for lo in range(0, s, DENSE_QUERY_BLOCK):
-            hi = min(s, lo + DENSE_QUERY_BLOCK)
-            m = hi - lo
-            kept = self.lib.dsv4_attn_rows(idx.data_ptr(), b, s, idx.shape[-1], lo, hi, n, used.data_ptr(),
-                                           counts.data_ptr())
-            if kept < 0:
-                raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
-            named = rows if kept == n else rows.index_select(1, used[:kept])  # [B, N', D]
-            scores = torch.bmm(q[:, lo:hi].reshape(b, m * h, d), named.transpose(1, 2))  # [B, m*H, N']
-            shift, denom = torch.empty(b * m * h), torch.empty(b * m * h)
-            _check(self.lib.dsv4_attn_logits(scores.data_ptr(), counts.data_ptr(), b * m * h, h, kept,
-                                             sink.data_ptr(), scale, EXP_FLOOR, shift.data_ptr()), "sparse_attn")
-            scores.exp_()
-            _check(self.lib.dsv4_attn_weights(scores.data_ptr(), counts.data_ptr(), b * m * h, h, kept,
-                                              sink.data_ptr(), shift.data_ptr(), denom.data_ptr()), "sparse_attn")
-            torch.div(torch.bmm(scores, named).view(b, m, h, d), denom.view(b, m, h, 1), out=out[:, lo:hi])
-        return out
+        return _chunk_attention(self.lib, q, rows, idx, sink, scale, EXP_FLOOR)[0]
 
     # ------------------------------------------------------------------------------------------ mHC
 
@@ -838,44 +815,54 @@ class _SwigluActivation(torch.autograd.Function):
         return d_gate, d_up, d_weights, None, None
 
 
+def _chunk_attention(lib: ctypes.CDLL, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float, floor: float,
+                     keep: bool = False) -> tuple[Tensor, list]:
+    """Attention of a chunk's queries q [B, S, H, D] over fp32 rows [B, N, D] as `NativeBackend._dense_attn` computes
+    it, exp's arguments floored at `floor`: the output [B, S, H, D] and (`keep`, for a backward) each block's
+    (first and last query, the ids of the rows it names or None for all, its weighted probabilities [B, m*H, N'],
+    shifts [B, m, H] and denominators [B, m, H, 1])."""
+    b, s, h, d = q.shape
+    n = rows.shape[1]
+    idx = idx.to(torch.int64).contiguous()
+    sink = sink.to(torch.float32).contiguous()
+    out = torch.empty(b, s, h, d)
+    used = torch.empty(n, dtype=torch.int64)
+    counts = torch.empty(b * min(s, DENSE_QUERY_BLOCK) * n)
+    blocks = []
+    for lo in range(0, s, DENSE_QUERY_BLOCK):
+        hi = min(s, lo + DENSE_QUERY_BLOCK)
+        m = hi - lo
+        kept = lib.dsv4_attn_rows(idx.data_ptr(), b, s, idx.shape[-1], lo, hi, n, used.data_ptr(), counts.data_ptr())
+        if kept < 0:
+            raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
+        named_ids = None if kept == n else used[:kept].clone()
+        named = rows if named_ids is None else rows.index_select(1, named_ids)  # [B, N', D]
+        p = torch.bmm(q[:, lo:hi].reshape(b, m * h, d), named.transpose(1, 2))  # [B, m*H, N'] the scores, then p
+        shift, denom = torch.empty(b * m * h), torch.empty(b * m * h)
+        _check(lib.dsv4_attn_logits(p.data_ptr(), counts.data_ptr(), b * m * h, h, kept, sink.data_ptr(), scale, floor,
+                                    shift.data_ptr()), "sparse_attn")
+        p.exp_()
+        _check(lib.dsv4_attn_weights(p.data_ptr(), counts.data_ptr(), b * m * h, h, kept, sink.data_ptr(),
+                                     shift.data_ptr(), denom.data_ptr()), "sparse_attn")
+        torch.div(torch.bmm(p, named).view(b, m, h, d), denom.view(b, m, h, 1), out=out[:, lo:hi])
+        if keep:
+            blocks.append((lo, hi, named_ids, p, shift.view(b, m, h), denom.view(b, m, h, 1)))
+    return out, blocks
+
+
 class _ChunkAttention(torch.autograd.Function):
     """Attention over a chunk's fp32 rows in training: `NativeBackend._dense_attn`'s forward (a block of queries at a
     time, the bookkeeping in C, exp's arguments floored at `TRAIN_EXP_FLOOR` as the "cpu" backend's training forward
-    does), keeping each block's named rows, weighted probabilities and shifts; the gradient in closed form as the
+    does), keeping each block's named rows' ids, weighted probabilities and shifts; the gradient in closed form as the
     "cpu" backend's `_DenseSoftmax` computes it, per block, with the blocks' slices of q and the named rows' gradients
     written into place (no autograd nodes for the slicing, gathering and concatenation)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, rows: Tensor, sink: Tensor, idx: Tensor, scale: float, lib: ctypes.CDLL) -> Tensor:
-        b, s, h, d = q.shape
-        n = rows.shape[1]
-        q, rows = q.contiguous(), rows.contiguous()
-        idx = idx.to(torch.int64).contiguous()
-        sink = sink.contiguous()
-        out = torch.empty(b, s, h, d)
-        used = torch.empty(n, dtype=torch.int64)
-        counts = torch.empty(b * min(s, DENSE_QUERY_BLOCK) * n)
-        blocks = []
-        for lo in range(0, s, DENSE_QUERY_BLOCK):
-            hi = min(s, lo + DENSE_QUERY_BLOCK)
-            m = hi - lo
-            kept = lib.dsv4_attn_rows(idx.data_ptr(), b, s, idx.shape[-1], lo, hi, n, used.data_ptr(),
-                                      counts.data_ptr())
-            if kept < 0:
-                raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
-            named_ids = None if kept == n else used[:kept].clone()
-            named = rows if named_ids is None else rows.index_select(1, named_ids)  # [B, N', D]
-            p = torch.bmm(q[:, lo:hi].reshape(b, m * h, d), named.transpose(1, 2))  # [B, m*H, N']
-            shift, denom = torch.empty(b * m * h), torch.empty(b * m * h)
-            _check(lib.dsv4_attn_logits(p.data_ptr(), counts.data_ptr(), b * m * h, h, kept, sink.data_ptr(), scale,
-                                        TRAIN_EXP_FLOOR, shift.data_ptr()), "sparse_attn")
-            p.exp_()
-            _check(lib.dsv4_attn_weights(p.data_ptr(), counts.data_ptr(), b * m * h, h, kept, sink.data_ptr(),
-                                         shift.data_ptr(), denom.data_ptr()), "sparse_attn")
-            torch.div(torch.bmm(p, named).view(b, m, h, d), denom.view(b, m, h, 1), out=out[:, lo:hi])
-            blocks.append((lo, hi, named_ids, p, shift.view(b, m, h), denom.view(b, m, h, 1)))
+        q, rows, sink = q.contiguous(), rows.contiguous(), sink.contiguous()
+        out, ctx.blocks = _chunk_attention(lib, q, rows, idx, sink, scale, TRAIN_EXP_FLOOR, keep=True)
         ctx.save_for_backward(q, rows, sink, out)
-        ctx.blocks, ctx.scale = blocks, scale
+        ctx.scale = scale
         return out
 
     @staticmethod
@@ -899,5 +886,4 @@ class _ChunkAttention(torch.autograd.Function):
             else:
                 d_rows.index_add_(1, named_ids, d_named)
             d_sink -= (torch.exp(sink - shift) * c).sum(dim=(0, 1))
-        ctx.blocks = None
         return d_q, d_rows, d_sink, None, None, None
