@@ -40,8 +40,9 @@ prefill chunk runs the "cpu" backend's GEMMs.
 Training (fp32, gradients wanted) keeps these forwards, bit for bit, and gives the overhead-bound ops backwards of
 their own instead of autograd's chains of elementwise ops: in C the RMSNorms (`rms_norm`, `head_norm`), SwiGLU's
 activation, `hc_post`, `hc_collapse` and the Sinkhorn normalisations; `rope` and `hadamard` by their transposes
-(the opposite rotation, the same transform); `hc_mixes` in closed form. Every other op with gradients wanted,
-other dtypes, or other devices goes to the "cpu" backend.
+(the opposite rotation, the same transform); `hc_mixes` and attention over a chunk (`_ChunkAttention`, its
+bookkeeping in C as in inference) in closed form; the indexer's top-k is picked in C. Every other op with gradients
+wanted, other dtypes, or other devices goes to the "cpu" backend.
 """
 
 from __future__ import annotations
