@@ -573,8 +573,8 @@ class _DenseSoftmax(torch.autograd.Function):
     dl_j = p_j (dout . r_j - dout . out) / D, d sink = -sigma (dout . out) / D, dr_j gains p_j dout / D.
 
     The forward floors exp's arguments at `TRAIN_EXP_FLOOR` (-60) instead of -87: a floored weight times a gradient
-    would be denormal at -87, which this CPU multiplies about 30x slower (a peaked attention's backward took 15.6 ms
-    instead of 1.8). A weight of exp(-60) is 2**-86 of the row's largest (which is at least 1), far under fp32's
+    would be denormal at -87, which this CPU multiplies about 30x slower (a peaked attention's backward took 16.2 ms
+    instead of 1.1). A weight of exp(-60) is 2**-86 of the row's largest (which is at least 1), far under fp32's
     resolution of the sums it joins."""
 
     @staticmethod
@@ -587,17 +587,27 @@ class _DenseSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, Tensor, None]:
         q, rows, out, p, sink_p, denom = ctx.saved_tensors
-        b, s, h, d = q.shape
-        n = rows.shape[1]
-        d_out = grad / denom.unsqueeze(-1)  # [B, S, H, D]
-        c = (d_out * out).sum(dim=-1)  # [B, S, H]
-        d_p = torch.bmm(d_out.view(b, s * h, d), rows.transpose(1, 2)).view(b, s, h, n)
-        d_logits = d_p.sub_(c.unsqueeze(-1)).mul_(p).mul_(ctx.scale).view(b, s * h, n)
-        d_q = torch.bmm(d_logits, rows).view(b, s, h, d)
-        d_rows = torch.bmm(d_logits.transpose(1, 2), q.reshape(b, s * h, d))
-        d_rows.baddbmm_(p.view(b, s * h, n).transpose(1, 2), d_out.view(b, s * h, d))
-        d_sink = (-(sink_p * c)).sum(dim=(0, 1)).to(ctx.sink_dtype)
-        return d_q, d_rows, None, d_sink, None
+        d_q, d_rows, d_sink = softmax_attention_grads(grad, q, rows, out, p, sink_p, denom, ctx.scale)
+        return d_q, d_rows, None, d_sink.to(ctx.sink_dtype), None
+
+
+def softmax_attention_grads(grad: Tensor, q: Tensor, rows: Tensor, out: Tensor, p: Tensor, sink_p: Tensor,
+                            denom: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The closed-form gradient of `_dense_softmax` (see `_DenseSoftmax`) for a block of queries: from the output's
+    gradient grad and the forward's q, out [B, S, H, D], rows [B, N, D], unnormalised weighted probabilities p
+    (viewable as [B, S*H, N]), sink terms sink_p and denominators denom [B, S, H], the gradients of q [B, S, H, D], the
+    rows [B, N, D] and the sink [H]."""
+    b, s, h, d = q.shape
+    n = rows.shape[1]
+    p = p.reshape(b, s * h, n)
+    d_out = grad / denom.unsqueeze(-1)  # [B, S, H, D]
+    c = (d_out * out).sum(dim=-1)  # [B, S, H]
+    d_logits = torch.bmm(d_out.view(b, s * h, d), rows.transpose(1, 2))  # [B, S*H, N]
+    d_logits.sub_(c.view(b, s * h, 1)).mul_(p).mul_(scale)
+    d_q = torch.bmm(d_logits, rows).view(b, s, h, d)
+    d_rows = torch.bmm(d_logits.transpose(1, 2), q.reshape(b, s * h, d))
+    d_rows.baddbmm_(p.transpose(1, 2), d_out.view(b, s * h, d))
+    return d_q, d_rows, -(sink_p * c).sum(dim=(0, 1))
 
 
 def _gathered_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:

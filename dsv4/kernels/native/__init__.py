@@ -66,7 +66,7 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
-from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, TRAIN_EXP_FLOOR, CpuBackend
+from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, TRAIN_EXP_FLOOR, CpuBackend, softmax_attention_grads
 from ..experts import ExpertWeights
 from ..paged import KVRows
 from ..reference import ATTN_BLOCK
@@ -821,7 +821,7 @@ def _chunk_attention(lib: ctypes.CDLL, q: Tensor, rows: Tensor, idx: Tensor, sin
     """Attention of a chunk's queries q [B, S, H, D] over fp32 rows [B, N, D] as `NativeBackend._dense_attn` computes
     it, exp's arguments floored at `floor`: the output [B, S, H, D] and (`keep`, for a backward) each block's
     (first and last query, the ids of the rows it names or None for all, its weighted probabilities [B, m*H, N'],
-    shifts [B, m, H] and denominators [B, m, H, 1])."""
+    shifts and denominators [B, m, H])."""
     b, s, h, d = q.shape
     n = rows.shape[1]
     idx = idx.to(torch.int64).contiguous()
@@ -847,16 +847,16 @@ def _chunk_attention(lib: ctypes.CDLL, q: Tensor, rows: Tensor, idx: Tensor, sin
                                      shift.data_ptr(), denom.data_ptr()), "sparse_attn")
         torch.div(torch.bmm(p, named).view(b, m, h, d), denom.view(b, m, h, 1), out=out[:, lo:hi])
         if keep:
-            blocks.append((lo, hi, named_ids, p, shift.view(b, m, h), denom.view(b, m, h, 1)))
+            blocks.append((lo, hi, named_ids, p, shift.view(b, m, h), denom.view(b, m, h)))
     return out, blocks
 
 
 class _ChunkAttention(torch.autograd.Function):
     """Attention over a chunk's fp32 rows in training: `NativeBackend._dense_attn`'s forward (a block of queries at a
     time, the bookkeeping in C, exp's arguments floored at `TRAIN_EXP_FLOOR` as the "cpu" backend's training forward
-    does), keeping each block's named rows' ids, weighted probabilities and shifts; the gradient in closed form as the
-    "cpu" backend's `_DenseSoftmax` computes it, per block, with the blocks' slices of q and the named rows' gradients
-    written into place (no autograd nodes for the slicing, gathering and concatenation)."""
+    does), keeping each block's named rows' ids, weighted probabilities and shifts; the gradient in closed form
+    (`softmax_attention_grads`, as the "cpu" backend's `_DenseSoftmax`) per block, with the blocks' slices of q and
+    the named rows' gradients written into place (no autograd nodes for the slicing, gathering and concatenation)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, rows: Tensor, sink: Tensor, idx: Tensor, scale: float, lib: ctypes.CDLL) -> Tensor:
@@ -869,22 +869,15 @@ class _ChunkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None, None]:
         q, rows, sink, out = ctx.saved_tensors
-        b, s, h, d = q.shape
         grad = grad.to(torch.float32)
         d_q, d_rows, d_sink = torch.empty_like(q), torch.zeros_like(rows), torch.zeros_like(sink)
         for lo, hi, named_ids, p, shift, denom in ctx.blocks:
-            m = hi - lo
             named = rows if named_ids is None else rows.index_select(1, named_ids)
-            d_out = grad[:, lo:hi] / denom  # [B, m, H, D]
-            c = (d_out * out[:, lo:hi]).sum(dim=-1)  # [B, m, H]
-            d_logits = torch.bmm(d_out.view(b, m * h, d), named.transpose(1, 2))  # [B, m*H, N']
-            d_logits.sub_(c.view(b, m * h, 1)).mul_(p).mul_(ctx.scale)
-            torch.bmm(d_logits, named, out=d_q[:, lo:hi].view(b, m * h, d))
-            d_named = torch.bmm(d_logits.transpose(1, 2), q[:, lo:hi].reshape(b, m * h, d))
-            d_named.baddbmm_(p.transpose(1, 2), d_out.view(b, m * h, d))
+            d_q[:, lo:hi], d_named, d_block_sink = softmax_attention_grads(
+                grad[:, lo:hi], q[:, lo:hi], named, out[:, lo:hi], p, torch.exp(sink - shift), denom, ctx.scale)
             if named_ids is None:
                 d_rows += d_named
             else:
                 d_rows.index_add_(1, named_ids, d_named)
-            d_sink -= (torch.exp(sink - shift) * c).sum(dim=(0, 1))
+            d_sink += d_block_sink
         return d_q, d_rows, d_sink, None, None, None
