@@ -20,6 +20,7 @@ from test_cpu_backend import small_preset_case
 from test_long_context import adversarial_scores
 
 from dsv4 import kernels
+from dsv4.kernels import cpu as cpu_kernels
 from dsv4.kernels import native
 from dsv4.kernels.cpu import CpuBackend
 from dsv4.kernels.experts import ExpertWeights
@@ -578,6 +579,49 @@ def test_sparse_attention_over_bf16_rows_is_the_cpu_backends_bit_for_bit():
     q, rows = torch.randn(2, 1, 4, 32, generator=gen).bfloat16(), torch.randn(2, 90, 32, generator=gen).bfloat16()
     idx, sink = torch.randint(-1, 90, (2, 1, 80), generator=gen), torch.randn(4, generator=gen)
     assert torch.equal(FAST.sparse_attn(q, rows, idx, sink, 0.2), CpuBackend().sparse_attn(q, rows, idx, sink, 0.2))
+
+
+@pytest.mark.parametrize("d", [64, 128, 72])
+@pytest.mark.parametrize("backend", ["cpu", "native"])
+def test_a_chunk_over_bf16_rows_is_the_references_bit_for_bit(backend, d, monkeypatch):
+    """A short context's prefill chunk over bf16 rows in exact numerics: where the backend found its logits to be
+    the gathered einsum's (`_scores_every_slot`), a block of queries scores the rows it names with one GEMM and
+    (native) the value products read the rows in place, in C. Against the reference's bits: a window band with
+    compressed entries at the end, an entry named twice, unused slots, a query with none, a second batch row whose
+    slots stop short of the rows, blocks of queries that name some of the rows, two whole 64-slot blocks and
+    a partial one."""
+    be = CpuBackend() if backend == "cpu" else native.NativeBackend()
+    gen = torch.Generator().manual_seed(d)
+    b, s, h, n = 2, 150, 8, 280
+    window = (torch.arange(s).view(1, s, 1) + 99 - torch.arange(100).view(1, 1, 100)).expand(b, s, 100)
+    entries = torch.arange(n - 28, n).view(1, 1, 28).expand(b, s, 28)
+    idx = torch.cat((window, entries, entries[..., :2]), dim=-1).clone()  # 130 slots
+    idx[:, ::7, 3] = -1
+    idx[1, 5] = -1
+    idx[1, :, 100:] = idx[1, :, :30]  # batch row 1 names no compressed entry
+    q = (torch.randn(b, s, h, d, generator=gen) * 3).bfloat16()
+    rows = torch.randn(b, n, d, generator=gen).bfloat16()
+    sink = torch.randn(h, generator=gen)
+    monkeypatch.setattr(cpu_kernels, "GATHER_BYTES", 1 << 20)  # blocks of 10-30 queries: most score fewer rows
+    scored = []
+    monkeypatch.setattr(be, "_scored_blocks", lambda *a: scored.append(1) or type(be)._scored_blocks(be, *a))
+    got = be.sparse_attn(q, rows, idx, sink, d**-0.5)
+    # a property of the BLAS the pinned torch wheel bundles (MKL), on the CPUs CI runs on: were it lost, chunks
+    # would fall back to the gathered rows (still these bits, only slower), and this test says so
+    assert be._scores_every_slot(d), f"this BLAS sums a dot product of {d} terms out of order"
+    assert scored == [1]
+    assert torch.equal(got, REF.sparse_attn(q, rows, idx, sink, d**-0.5))
+    assert torch.equal(got[1, 5], torch.zeros_like(got[1, 5]))
+
+
+def test_the_logit_self_check_finds_a_blas_that_splits_its_dot_products(monkeypatch):
+    """`_scores_every_slot` compares the backend's logits with the gathered einsum's bits: a GEMM whose dot
+    products are summed in another order is found out, and the chunk falls back to the gathered rows."""
+    be = native.NativeBackend()
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm(a.double(), b.double()).float())
+    assert not be._scores_every_slot(64)
+    assert not be._scores_every_slot(64) and set(be._scored_widths) == {64}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ from dsv4.quant import (
 )
 
 from .experts import ExpertWeights, add_routed_rows, group_routed_rows
-from .paged import KVRows, PagedRows, concat_rows
+from .paged import KVRows, PagedRows, concat_rows, gather_rows
 from .reference import ATTN_BLOCK, ReferenceBackend, compute_dtype, flatten_tokens
 
 CACHE_ENV_VAR = "DSV4_DECODED_WEIGHTS_MB"
@@ -204,6 +205,7 @@ class CpuBackend(ReferenceBackend):
         if cache_mb is None:
             cache_mb = int(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_MB)
         self.decoded = DecodedWeights(cache_mb << 20)
+        self._scored_widths: dict[int, bool] = {}  # `_scores_every_slot`'s findings by head width
         self._stacks: dict[tuple[int, str], tuple] = {}
 
     # ------------------------------------------------------------------------------------------ quantisation
@@ -402,30 +404,99 @@ class CpuBackend(ReferenceBackend):
         if n_slots == 0:
             return torch.zeros_like(q)
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
-        kv_dtype = runs[0].dtype
-        if kv_dtype == compute_dtype(q, runs[0], sink) and _scores_every_row(q, runs, n_slots):
+        kv_dtype, acc = runs[0].dtype, compute_dtype(q, runs[0], sink)
+        scored = _scores_every_row(q, runs, n_slots)
+        if kv_dtype == acc and scored:
             return self._dense_attn(q, concat_rows(runs), idx, sink, scale)
+        if scored and self._scores_every_slot(d):  # a short context over rows rounded to kv_dtype
+            return self._scored_blocks(q, concat_rows(runs).to(acc), idx, sink, scale, kv_dtype)
         per_query = b * n_slots * (d + h) * 4  # bytes of gathered fp32 rows and scores per query position
         if s > 1 and s * per_query > GATHER_BYTES:  # a long prefill chunk: queries in blocks, memory bounded
             step = max(1, GATHER_BYTES // per_query)
             return torch.cat([self.sparse_attn(q[:, lo : lo + step], kv, idx[:, lo : lo + step], sink, scale)
                               for lo in range(0, s, step)], dim=1)
-        if kv_dtype == compute_dtype(q, runs[0], sink):
+        if kv_dtype == acc:
             return _gathered_softmax(q, runs, idx, sink, scale)
-        acc = compute_dtype(q, runs[0], sink)
         rows = _gather_kv(runs, idx, acc)  # [B, S, K, D], the first run's values in the compute dtype
-        full, tail = divmod(n_slots, ATTN_BLOCK)
-        blocks = full + (tail > 0)
         logits = torch.einsum("bshd,bskd->bshk", q.to(acc), rows)  # [B, S, H, K], scaled below
+        return self._rounded_blocks(logits, lambda probs, tail: _block_products(probs, tail, rows), idx, sink,
+                                    scale, kv_dtype).to(q.dtype)
+
+    def _scores_every_slot(self, d: int) -> bool:
+        """Whether this backend's `_slot_logits` computes a logit of D terms as the gathered rows' per-query einsum
+        does, bit for bit (checked once per width on random bf16 values, blocks of queries naming every row and
+        half of them: the order of a dot product's sums is the BLAS kernel's, which may split a long one, as MKL
+        does past 128 terms for some shapes)."""
+        if d not in self._scored_widths:
+            gen = torch.Generator().manual_seed(d)
+            b, s, h, n, k = 2, 48, 8, 200, 130
+            q = torch.randn(b, s, h, d, generator=gen).bfloat16().float()
+            rows = torch.randn(b, n, d, generator=gen).bfloat16().float()
+            rows_t = rows.transpose(1, 2).contiguous()
+            same = True
+            for top in (n, n // 2):
+                idx = torch.randint(0, top, (b, s, k), generator=gen)
+                gathered = gather_rows(rows, idx.view(b, s * k)).view(b, s, k, d)
+                want = torch.einsum("bshd,bskd->bshk", q, gathered)
+                same = same and torch.equal(want, self._slot_logits(q, rows, rows_t, idx))
+            self._scored_widths[d] = same
+        return self._scored_widths[d]
+
+    def _scored_blocks(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float,
+                       kv_dtype: torch.dtype) -> Tensor:
+        """`sparse_attn`'s 64-slot blocks for a chunk of queries q [B, S, H, D] over rows [B, N, D] (in the compute
+        dtype; few, see `_scores_every_row`) rounded to kv_dtype, a block of queries at a time: one GEMM scores
+        every row, each slot's logit picked from it (the gathered einsum's bits, `_scores_every_slot`), instead of
+        a tiny GEMM per query over its gathered rows; the value products from the rows in place
+        (`_block_values`)."""
+        b, s, h, d = q.shape
+        n, k = rows.shape[1], idx.shape[-1]
+        step = max(1, GATHER_BYTES // self._scored_query_bytes(b, h, d, n, k))
+        rows_t = rows.transpose(1, 2).contiguous()  # [B, D, N]: the GEMMs read it about 1.4x faster than a view
+        outs = []
+        for lo in range(0, s, step):
+            block, slots = q[:, lo : lo + step].to(rows.dtype), idx[:, lo : lo + step]
+            values = partial(self._block_values, rows, slots)
+            logits = self._slot_logits(block, rows, rows_t, slots)
+            outs.append(self._rounded_blocks(logits, values, slots, sink, scale, kv_dtype))
+        return torch.cat(outs, dim=1).to(q.dtype)
+
+    def _slot_logits(self, q: Tensor, rows: Tensor, rows_t: Tensor, idx: Tensor) -> Tensor:
+        """The unscaled logits [B, S, H, K] of queries q [B, S, H, D] over the slots idx [B, S, K] names (-1: any
+        row, masked later) among rows [B, N, D] (also given transposed, rows_t [B, D, N] contiguous, which the
+        GEMM reads about 1.4x faster than a view): one GEMM scores every row, each slot's logit picked from it."""
+        b, s, h, d = q.shape
+        scores = torch.bmm(q.reshape(b, s * h, d), rows_t).view(b, s, h, rows_t.shape[2])
+        return scores.gather(-1, idx.clamp(min=0).unsqueeze(2).expand(b, s, h, idx.shape[-1]))
+
+    def _scored_query_bytes(self, b: int, h: int, d: int, n: int, k: int) -> int:
+        """The bytes `_scored_blocks` writes per query position: its gathered rows, scores, logits and exponents."""
+        return b * (k * d + h * (n + 2 * k)) * 4
+
+    def _block_values(self, rows: Tensor, idx: Tensor, probs: Tensor | None, tail_probs: Tensor | None
+                      ) -> list[Tensor]:
+        """Each 64-slot block's value product [B, S, H, D] (`_block_products`) of the rows [B, N, D] idx [B, S, K]
+        names, gathered whole blocks straight into the layout their batched product reads."""
+        b, n, d = rows.shape
+        full = idx.shape[-1] // ATTN_BLOCK * ATTN_BLOCK
+        at = idx.clamp(min=0) + (torch.arange(b, device=idx.device) * n).view(b, 1, 1)
+        flat = rows.reshape(b * n, d)
+        whole = flat.index_select(0, at[..., :full].flatten()).view(*idx.shape[:2], full, d)
+        tail = flat.index_select(0, at[..., full:].flatten()).view(*idx.shape[:2], -1, d)
+        return _block_products(probs, tail_probs, whole, tail)
+
+    def _rounded_blocks(self, logits: Tensor, values: Callable[[Tensor | None, Tensor | None], list[Tensor]],
+                        idx: Tensor, sink: Tensor, scale: float, kv_dtype: torch.dtype) -> Tensor:
+        """The reference's online softmax over 64-slot blocks from the queries' unscaled logits [B, S, H, K]: the
+        probabilities rounded to kv_dtype, `values` (the whole blocks' probabilities [B*S*full, H, 64] and the last
+        partial block's [B, S, H, tail], None where there are none) their blocks' value products [B, S, H, D],
+        folded in block order. Returns [B, S, H, D] in the compute dtype."""
+        b, s, h, n_slots = logits.shape
+        blocks = -(-n_slots // ATTN_BLOCK)
+        acc = logits.dtype
         exponents, run_max, shift = self._block_exponents(logits, idx, scale)
         block_sum, probs, tail_probs = self._block_probs(torch.exp(exponents), kv_dtype, n_slots)
-        outs = []
-        if full:  # [B*S*n, H, 64] @ [B*S*n, 64, D]: each block's product as the reference's einsum does it
-            whole = rows[:, :, : full * ATTN_BLOCK].reshape(b * s * full, ATTN_BLOCK, d)
-            block_out = torch.bmm(probs, whole).view(b, s, full, h, d)
-            outs = [block_out[:, :, i] for i in range(full)]
-        if tail:
-            outs.append(torch.einsum("bshk,bskd->bshd", tail_probs, rows[:, :, full * ATTN_BLOCK :]))
+        outs = values(probs, tail_probs)
         # fold: denom = denom * exp(m_prev - m) + sum_i, out likewise (the first block starts from 0)
         denom, out = block_sum[..., 0], outs[0]
         for i in range(1, blocks):
@@ -436,7 +507,7 @@ class CpuBackend(ReferenceBackend):
         sink_logit = sink.to(acc).view(1, 1, -1).expand(b, s, h)
         last_shift = torch.where(final.isfinite(), final, sink_logit.detach())
         denom = denom + torch.exp(sink_logit - last_shift)
-        return (out / denom.unsqueeze(-1)).to(q.dtype)
+        return out / denom.unsqueeze(-1)
 
     def _block_exponents(self, logits: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """The reference's 64-slot blocks of the queries' unscaled logits [B, S, H, K] (idx [B, S, K], -1 masked):
@@ -608,6 +679,24 @@ def softmax_attention_grads(grad: Tensor, q: Tensor, rows: Tensor, out: Tensor, 
     d_rows = torch.bmm(d_logits.transpose(1, 2), q.reshape(b, s * h, d))
     d_rows.baddbmm_(p.transpose(1, 2), d_out.view(b, s * h, d))
     return d_q, d_rows, -(sink_p * c).sum(dim=(0, 1))
+
+
+def _block_products(probs: Tensor | None, tail_probs: Tensor | None, rows: Tensor, tail: Tensor | None = None
+                    ) -> list[Tensor]:
+    """Each 64-slot block's value product [B, S, H, D], as the reference's einsum computes it: the whole blocks'
+    probabilities [B*S*full, H, 64] times their rows (the first full*64 slots of rows [B, S, K', D]) in one batched
+    GEMM, the last partial block's [B, S, H, tail] times its rows (`tail`, else the slots after them in rows)."""
+    b, s, _, d = rows.shape
+    full = probs.shape[0] // (b * s) if probs is not None else 0
+    outs = []
+    if full:  # [B*S*n, H, 64] @ [B*S*n, 64, D]
+        block_out = torch.bmm(probs, rows[:, :, : full * ATTN_BLOCK].reshape(-1, ATTN_BLOCK, d))
+        block_out = block_out.view(b, s, full, -1, d)
+        outs = [block_out[:, :, i] for i in range(full)]
+    if tail_probs is not None:
+        tail = rows[:, :, full * ATTN_BLOCK :] if tail is None else tail
+        outs.append(torch.einsum("bshk,bskd->bshd", tail_probs, tail))
+    return outs
 
 
 def _gathered_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:

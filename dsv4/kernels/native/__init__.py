@@ -442,6 +442,52 @@ class NativeBackend(CpuBackend):
                                               tail_probs.data_ptr() if tail else None), "sparse_attn")
         return block_sum, probs, tail_probs
 
+    def _slot_logits(self, q: Tensor, rows: Tensor, rows_t: Tensor, idx: Tensor) -> Tensor:
+        """The "cpu" backend's logits, the GEMM scoring only the rows the block of queries names when they are
+        fewer (a prefill chunk's window band and its few compressed entries), which C finds, and each slot's logit
+        picked in C (`dsv4_attn_slot_rows`, `dsv4_attn_pick`)."""
+        if not _inference(q, rows):
+            return super()._slot_logits(q, rows, rows_t, idx)
+        b, m, h, d = q.shape
+        n, k = rows.shape[1], idx.shape[-1]
+        idx = idx.to(torch.int64).contiguous()
+        used, cols = torch.empty(n, dtype=torch.int64), torch.empty(b, m, k, dtype=torch.int64)
+        kept = self.lib.dsv4_attn_slot_rows(idx.data_ptr(), b, m, k, 0, m, n, used.data_ptr(), cols.data_ptr())
+        if kept == -1:
+            raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
+        _check(int(kept < 0), "sparse_attn")
+        named_t = rows_t if kept == n else rows.index_select(1, used[:kept]).transpose(1, 2)
+        scores = torch.bmm(q.reshape(b, m * h, d), named_t)  # [B, m*H, N']
+        logits = torch.empty(b, m, h, k)
+        _check(self.lib.dsv4_attn_pick(scores.data_ptr(), cols.data_ptr(), b, m, h, k, kept, logits.data_ptr()),
+               "sparse_attn")
+        return logits
+
+    def _scored_query_bytes(self, b: int, h: int, d: int, n: int, k: int) -> int:
+        """Without gathered rows (`_block_values` reads them in place): scores, logits and exponents."""
+        return b * h * (n + 2 * k) * 4
+
+    def _block_values(self, rows: Tensor, idx: Tensor, probs: Tensor | None, tail_probs: Tensor | None
+                      ) -> list[Tensor]:
+        """The "cpu" backend's blocks' value products over bf16-rounded probabilities in one C call, bit for bit,
+        reading the rows in place instead of gathering every query's rows (`dsv4_attn_block_values`)."""
+        if rows.dtype != torch.float32 or not _inference(rows, *(t for t in (probs, tail_probs) if t is not None)):
+            return super()._block_values(rows, idx, probs, tail_probs)
+        b, n, d = rows.shape
+        s, k = idx.shape[1], idx.shape[2]
+        h = (probs if probs is not None else tail_probs).shape[-2]
+        rows, idx = rows.contiguous(), idx.to(torch.int64).contiguous()
+        probs = probs.contiguous() if probs is not None else None
+        tail_probs = tail_probs.contiguous() if tail_probs is not None else None
+        out = torch.empty(b, s, -(-k // ATTN_BLOCK), h, d)
+        code = self.lib.dsv4_attn_block_values(probs.data_ptr() if probs is not None else None,
+                                               tail_probs.data_ptr() if tail_probs is not None else None,
+                                               rows.data_ptr(), idx.data_ptr(), b, s, h, d, k, n, out.data_ptr())
+        if code == -2:
+            raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
+        _check(code, "sparse_attn")
+        return list(out.unbind(2))
+
     def _dense_attn(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
         """The "cpu" backend's attention over a chunk's fp32 rows, a block of queries at a time, with its bookkeeping
         between the two GEMMs in three C calls instead of about thirty torch ops: the rows the block names and each

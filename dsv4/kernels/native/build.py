@@ -58,6 +58,9 @@ SIGNATURES = {
     "dsv4_attn_weights": (_INT, [_P, _P, _I, _I, _I, _P, _P, _P]),
     "dsv4_attn_block_exponents": (_INT, [_P, _P, _I, _I, _I, _I, _F, _P, _P, _P]),
     "dsv4_attn_block_probs": (_INT, [_P, _I, _I, _I, _I, _INT, _INT, _P, _P, _P]),
+    "dsv4_attn_slot_rows": (_I, [_P, _I, _I, _I, _I, _I, _I, _P, _P]),
+    "dsv4_attn_pick": (_INT, [_P, _P, _I, _I, _I, _I, _I, _P]),
+    "dsv4_attn_block_values": (_INT, [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P]),
 }
 
 

@@ -643,23 +643,17 @@ int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s,
  * attention); these three kernels are its bookkeeping between the GEMMs, about thirty torch ops a block. */
 
 /* The rows that queries lo .. hi-1 of slots idx [B, S, K] (-1: none) name among n rows: used [n] gets them in
- * increasing order, unless they are more than three quarters of the rows (then every row is kept, in order, and
- * used is left alone); counts [B, hi-lo, n'] gets how many of each query's slots name each kept row (a row named
- * twice weighs twice, as the reference's slots do; 0 masks it). Returns n', the rows kept, or -1 for a slot past
- * the rows. */
-int64_t dsv4_attn_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int64_t lo, int64_t hi, int64_t n,
-                       int64_t *used, float *counts) {
-    int64_t *renumber = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
-    if (!renumber) return -1;
+ * increasing order and renumber [n] each one's place there, unless they are more than three quarters of the rows
+ * (then every row is kept, in order, and used is left alone). Returns n', the rows kept, or -1 for a slot past the
+ * rows. */
+static int64_t named_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int64_t lo, int64_t hi, int64_t n,
+                          int64_t *used, int64_t *renumber) {
     for (int64_t i = 0; i < n; i++) renumber[i] = -1;
     for (int64_t bb = 0; bb < b; bb++) {
         for (int64_t t = lo; t < hi; t++) {
             const int64_t *slot = idx + (bb * s + t) * k;
             for (int64_t j = 0; j < k; j++) {
-                if (slot[j] >= n) {
-                    free(renumber);
-                    return -1;
-                }
+                if (slot[j] >= n) return -1;
                 if (slot[j] >= 0) renumber[slot[j]] = 0;
             }
         }
@@ -668,15 +662,29 @@ int64_t dsv4_attn_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int6
     for (int64_t i = 0; i < n; i++) kept += renumber[i] == 0;
     if (4 * kept > 3 * n) {
         for (int64_t i = 0; i < n; i++) renumber[i] = i;
-        kept = n;
-    } else {
-        int64_t next = 0;
-        for (int64_t i = 0; i < n; i++) {
-            if (renumber[i] == 0) {
-                used[next] = i;
-                renumber[i] = next++;
-            }
+        return n;
+    }
+    int64_t next = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (renumber[i] == 0) {
+            used[next] = i;
+            renumber[i] = next++;
         }
+    }
+    return kept;
+}
+
+/* The rows those queries name (`named_rows`), and counts [B, hi-lo, n'] how many of each query's slots name each
+ * kept row (a row named twice weighs twice, as the reference's slots do; 0 masks it). Returns n', or -1 for a slot
+ * past the rows. */
+int64_t dsv4_attn_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int64_t lo, int64_t hi, int64_t n,
+                       int64_t *used, float *counts) {
+    int64_t *renumber = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    if (!renumber) return -1;
+    const int64_t kept = named_rows(idx, b, s, k, lo, hi, n, used, renumber);
+    if (kept < 0) {
+        free(renumber);
+        return -1;
     }
     const int64_t m = hi - lo;
     memset(counts, 0, sizeof(float) * (size_t)(b * m * kept));
@@ -693,6 +701,40 @@ int64_t dsv4_attn_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int6
     return kept;
 }
 
+/* The rows those queries name (`named_rows`), and cols [B, hi-lo, K] each slot's place among them (0 for an unused
+ * slot). Returns n', or -1 for a slot past the rows (-2: no scratch). */
+int64_t dsv4_attn_slot_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int64_t lo, int64_t hi, int64_t n,
+                            int64_t *used, int64_t *cols) {
+    int64_t *renumber = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    if (!renumber) return -2;
+    const int64_t kept = named_rows(idx, b, s, k, lo, hi, n, used, renumber);
+    if (kept >= 0) {
+        for (int64_t bb = 0; bb < b; bb++) {
+            for (int64_t t = lo; t < hi; t++) {
+                const int64_t *slot = idx + (bb * s + t) * k;
+                int64_t *col = cols + (bb * (hi - lo) + t - lo) * k;
+                for (int64_t j = 0; j < k; j++) col[j] = slot[j] >= 0 ? renumber[slot[j]] : 0;
+            }
+        }
+    }
+    free(renumber);
+    return kept;
+}
+
+/* logits [B, m, H, K] = scores [B, m*H, n'] picked at each slot's column cols [B, m, K] (a copy). */
+int dsv4_attn_pick(const float *scores, const int64_t *cols, int64_t b, int64_t m, int64_t h, int64_t k, int64_t n,
+                   float *logits) {
+    for (int64_t q = 0; q < b * m; q++) {
+        const int64_t *col = cols + q * k;
+        for (int64_t head = 0; head < h; head++) {
+            const float *score = scores + (q * h + head) * n;
+            float *out = logits + (q * h + head) * k;
+            for (int64_t j = 0; j < k; j++) out[j] = score[col[j]];
+        }
+    }
+    return 0;
+}
+
 #define ATTN_LANES 8
 
 /* Eight floats as one vector (GCC / Clang vector extensions): the masked maximum and the selects below do not
@@ -701,6 +743,10 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 static inline f32x8 load8(const float *p) { f32x8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
+/* and sixteen (one AVX-512 register; two elsewhere) */
+typedef float f32x16 __attribute__((vector_size(64)));
+static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 static inline f32x8 select8(i32x8 mask, f32x8 a, f32x8 b) { /* lanes of a where mask is all ones, else of b */
     return (f32x8)((mask & (i32x8)a) | (~mask & (i32x8)b));
 }
@@ -839,6 +885,65 @@ int dsv4_attn_block_probs(const float *p, int64_t rows, int64_t h, int64_t nb, i
                 for (int64_t j = 0; j < 64; j++) dst[j] = round_to(round_bf16, block[j]);
             } else {
                 for (int64_t j = 0; j < rest; j++) tail[r * rest + j] = round_to(round_bf16, block[j]);
+            }
+        }
+    }
+    return 0;
+}
+
+/* Each 64-slot block's value product of attention over rows rounded to bf16 (`CpuBackend._block_values`): out
+ * [B, S, nb, H, D], block i of a query = the sum over its slots j, in slot order and one term at a time, of p[h, j]
+ * times the row idx names (row 0 of the batch row for an unused slot, as the reference's clamped gather; its p is
+ * 0), from the whole blocks' probabilities [B*S*full, H, 64], the last partial block's [B, S, H, rest] and the rows
+ * [B, N, D] fp32, read in place. That is the order in which the reference's batched GEMM sums 64 terms on this BLAS
+ * (the backend checks it once before it uses this kernel), and every product is exact (both factors hold bf16
+ * values), so a fused multiply-add rounds nothing differently: GCC may contract here. Returns -2 if a slot names a
+ * row past N. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=fast")))
+#endif
+int dsv4_attn_block_values(const float *probs, const float *tail, const float *rows, const int64_t *idx, int64_t b,
+                           int64_t s, int64_t h, int64_t d, int64_t k, int64_t n, float *out) {
+    const int64_t full = k / 64, rest = k % 64, nb = full + (rest > 0);
+    const float *row[64];
+    for (int64_t query = 0; query < b * s; query++) {
+        const int64_t *slots = idx + query * k;
+        const float *batch_rows = rows + query / s * n * d;
+        for (int64_t i = 0; i < nb; i++) {
+            const int64_t width = i < full ? 64 : rest;
+            for (int64_t j = 0; j < width; j++) {
+                const int64_t at = slots[i * 64 + j];
+                if (at >= n) return -2;
+                row[j] = batch_rows + (at < 0 ? 0 : at) * d;
+            }
+            for (int64_t head = 0; head < h; head++) {
+                const float *p = i < full ? probs + ((query * full + i) * h + head) * 64 : tail + (query * h + head) * rest;
+                float *o = out + ((query * nb + i) * h + head) * d;
+                int64_t x = 0;
+                for (; x + 128 <= d; x += 128) { /* 128 outputs in eight vectors, each a sum in slot order */
+                    f32x16 a[8] = {{0}};
+                    for (int64_t j = 0; j < width; j++) {
+                        const f32x16 pj = (f32x16){0} + p[j];
+                        const float *r = row[j] + x;
+                        for (int v = 0; v < 8; v++) a[v] += pj * load16(r + 16 * v);
+                    }
+                    for (int v = 0; v < 8; v++) store16(o + x + 16 * v, a[v]);
+                }
+                for (; x + 16 <= d; x += 16) {
+                    f32x16 a = {0};
+                    for (int64_t j = 0; j < width; j++) a += ((f32x16){0} + p[j]) * load16(row[j] + x);
+                    store16(o + x, a);
+                }
+                for (; x + 8 <= d; x += 8) {
+                    f32x8 a = {0};
+                    for (int64_t j = 0; j < width; j++) a += ((f32x8){0} + p[j]) * load8(row[j] + x);
+                    store8(o + x, a);
+                }
+                for (; x < d; x++) {
+                    float a = 0.0f;
+                    for (int64_t j = 0; j < width; j++) a += p[j] * row[j][x];
+                    o[x] = a;
+                }
             }
         }
     }
