@@ -674,33 +674,6 @@ static int64_t named_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, i
     return kept;
 }
 
-/* The rows those queries name (`named_rows`), and counts [B, hi-lo, n'] how many of each query's slots name each
- * kept row (a row named twice weighs twice, as the reference's slots do; 0 masks it). Returns n', or -1 for a slot
- * past the rows. */
-int64_t dsv4_attn_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int64_t lo, int64_t hi, int64_t n,
-                       int64_t *used, float *counts) {
-    int64_t *renumber = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
-    if (!renumber) return -1;
-    const int64_t kept = named_rows(idx, b, s, k, lo, hi, n, used, renumber);
-    if (kept < 0) {
-        free(renumber);
-        return -1;
-    }
-    const int64_t m = hi - lo;
-    memset(counts, 0, sizeof(float) * (size_t)(b * m * kept));
-    for (int64_t bb = 0; bb < b; bb++) {
-        for (int64_t t = lo; t < hi; t++) {
-            const int64_t *slot = idx + (bb * s + t) * k;
-            float *row = counts + (bb * m + t - lo) * kept;
-            for (int64_t j = 0; j < k; j++) {
-                if (slot[j] >= 0) row[renumber[slot[j]]] += 1.0f;
-            }
-        }
-    }
-    free(renumber);
-    return kept;
-}
-
 /* The rows those queries name (`named_rows`), and cols [B, hi-lo, K] each slot's place among them (0 for an unused
  * slot). Returns n', or -1 for a slot past the rows (-2: no scratch). */
 int64_t dsv4_attn_slot_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int64_t lo, int64_t hi, int64_t n,
@@ -719,6 +692,25 @@ int64_t dsv4_attn_slot_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k,
     }
     free(renumber);
     return kept;
+}
+
+/* The rows those queries name (`named_rows`), and counts [B, hi-lo, n'] how many of each query's slots name each
+ * kept row (a row named twice weighs twice, as the reference's slots do; 0 masks it). Returns n', or -1 for a slot
+ * past the rows or no scratch. */
+int64_t dsv4_attn_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int64_t lo, int64_t hi, int64_t n,
+                       int64_t *used, float *counts) {
+    const int64_t m = hi - lo;
+    int64_t *cols = malloc(sizeof(int64_t) * (size_t)(b * m * k > 0 ? b * m * k : 1));
+    const int64_t kept = cols ? dsv4_attn_slot_rows(idx, b, s, k, lo, hi, n, used, cols) : -1;
+    if (kept >= 0) {
+        memset(counts, 0, sizeof(float) * (size_t)(b * m * kept));
+        for (int64_t q = 0; q < b * m; q++) {
+            const int64_t *slot = idx + (q / m * s + lo + q % m) * k, *col = cols + q * k;
+            for (int64_t j = 0; j < k; j++) counts[q * kept + col[j]] += slot[j] >= 0 ? 1.0f : 0.0f;
+        }
+    }
+    free(cols);
+    return kept < 0 ? -1 : kept;
 }
 
 /* logits [B, m, H, K] = scores [B, m*H, n'] picked at each slot's column cols [B, m, K] (a copy). */
