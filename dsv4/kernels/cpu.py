@@ -396,9 +396,11 @@ class CpuBackend(ReferenceBackend):
 
     def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
                     scale: float) -> Tensor:
-        """As the reference: the rows idx names are gathered once (`_gather_kv`), then per 64-slot block the same
-        fp32 logits, shifts and unnormalised kv-dtype-rounded probabilities, the blocks' value products in one
-        batched einsum, and the blocks folded into the running sum and accumulator in block order."""
+        """As the reference: per 64-slot block the same fp32 logits, shifts and unnormalised kv-dtype-rounded
+        probabilities, the blocks' value products, and the blocks folded into the running sum and accumulator in
+        block order. The logits come from the rows idx names gathered once (`_gather_kv`) or, over a short
+        context's few rows, from one GEMM a block of queries where that gives the same bits (`_scored_blocks`);
+        rows in the compute dtype (fp32 models) take the cheaper softmaxes (`_dense_attn`, `_gathered_softmax`)."""
         b, s, h, d = q.shape
         n_slots = idx.shape[-1]
         if n_slots == 0:
