@@ -622,6 +622,11 @@ def test_the_logit_self_check_finds_a_blas_that_splits_its_dot_products(monkeypa
     monkeypatch.setattr(torch, "bmm", lambda a, b: bmm(a.double(), b.double()).float())
     assert not be._scores_every_slot(64)
     assert not be._scores_every_slot(64) and set(be._scored_widths) == {64}
+    gen = torch.Generator().manual_seed(1)
+    q, rows = torch.randn(1, 20, 2, 64, generator=gen).bfloat16(), torch.randn(1, 30, 64, generator=gen).bfloat16()
+    idx, sink = torch.randint(-1, 30, (1, 20, 70), generator=gen), torch.randn(2, generator=gen)
+    monkeypatch.setattr(be, "_scored_blocks", lambda *a: pytest.fail("scored a width the check rejected"))
+    assert torch.equal(be.sparse_attn(q, rows, idx, sink, 0.125), REF.sparse_attn(q, rows, idx, sink, 0.125))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
