@@ -56,3 +56,28 @@ def test_generate_from_a_checkpoint(tmp_path, capsys):
     (root / "config.json").write_text("{}")
     assert main(["generate", "--checkpoint", str(root)]) == 2
     assert "invalid config" in capsys.readouterr().err
+
+
+def test_a_rank_that_ended_its_process_group_exits_without_the_interpreters_teardown(monkeypatch):
+    """`python -m dsv4` / the console script: the command's exit code either way; after `close_distributed` ended a
+    process group (a torchrun rank) through os._exit, past the teardown where gloo's worker threads can abort the
+    process, with the output flushed first."""
+    import pytest
+
+    from dsv4 import cli
+    from dsv4.parallel import distributed
+
+    class Left(Exception):
+        pass
+
+    exits, flushed = [], []
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(Left()))
+    monkeypatch.setattr(cli.sys.stdout, "flush", lambda: flushed.append("out"))
+    with pytest.raises(SystemExit) as ended:
+        cli.console()
+    assert ended.value.code == 3 and exits == []
+    monkeypatch.setattr(distributed, "_ended_group", True)
+    with pytest.raises(Left):
+        cli.console()
+    assert exits == [3] and "out" in flushed

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import spawn
+from multiprocess import leave_worker, spawn
 from torch import nn
 
 from dsv4 import kernels
@@ -100,6 +100,7 @@ def _worker(rank: int, init_file: str, data_path: str, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 class _OfficialSplitWoB(nn.Module):

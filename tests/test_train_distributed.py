@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import prepare_shakespeare_docs
-from multiprocess import spawn
+from multiprocess import leave_worker, spawn
 
 from dsv4.config import preset
 from dsv4.model import Transformer, init_weights
@@ -163,6 +163,7 @@ def _worker(rank: int, init_file: str, out_dir: str, layout: str, steps: int) ->
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +302,7 @@ def _trainer_worker(rank: int, init_file: str, data: str, out: str) -> None:
                         "state": state}, Path(out) / "trainer.pt")
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 def test_trainer_with_fsdp2_model_equals_one_process_accumulating(data, tmp_path):

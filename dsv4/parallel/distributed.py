@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+_ended_group = False  # set by close_distributed
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -79,7 +81,14 @@ def close_distributed(env: DistEnv, wait_for_peers: bool = True) -> None:
     `wait_for_peers`: meet every rank at a barrier first, so that no rank tears its connections down
     while a peer is still inside a collective (gloo can then abort its worker threads). Pass False on
     an error path, where a peer may never arrive."""
+    global _ended_group
     if env.owns_group and dist.is_initialized():
         if wait_for_peers:
             dist.barrier()
         dist.destroy_process_group()
+        _ended_group = True
+
+
+def ended_a_group() -> bool:
+    """Whether `close_distributed` ended a process group in this process (see `dsv4.cli.console`)."""
+    return _ended_group
