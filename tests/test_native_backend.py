@@ -581,6 +581,19 @@ def test_sparse_attention_over_bf16_rows_is_the_cpu_backends_bit_for_bit():
     assert torch.equal(FAST.sparse_attn(q, rows, idx, sink, 0.2), CpuBackend().sparse_attn(q, rows, idx, sink, 0.2))
 
 
+def test_head_norm_trains_after_inference_made_its_unit_weight():
+    """The unit weight `head_norm` keeps per width, first made under inference mode (a generation), serves a later
+    training step too (autograd saves it for the backward; an inference tensor it refuses)."""
+    be = native.NativeBackend()
+    with torch.inference_mode():
+        be.head_norm(torch.randn(3, 40), 1e-6)
+    x, w = torch.randn(3, 40, requires_grad=True), torch.randn(3, 40)
+    (be.head_norm(x, 1e-6) * w).sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    (REF.head_norm(ref, 1e-6) * w).sum().backward()
+    _close(x.grad, ref.grad, 1e-5)
+
+
 @pytest.mark.parametrize("d", [64, 128, 72])
 @pytest.mark.parametrize("backend", ["cpu", "native"])
 def test_a_chunk_over_bf16_rows_is_the_references_bit_for_bit(backend, d, monkeypatch):

@@ -527,8 +527,9 @@ class NativeBackend(CpuBackend):
         if self._lanes is None or x.dtype != torch.float32 or n > NATIVE_ROW_SUM or x.device.type != "cpu":
             return super().head_norm(x, eps)
         ones = self._ones.get(n)
-        if ones is None:
-            ones = self._ones[n] = torch.ones(n)
+        if ones is None:  # a normal tensor even when first made in inference mode: training saves it for backward
+            with torch.inference_mode(False):
+                ones = self._ones[n] = torch.ones(n)
         if _inference(x):
             return self._rms_norm(x, ones, eps, self._lanes)
         return _RmsNorm.apply(x, ones, eps, self)
