@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
-import sys
 from typing import NoReturn
 
 COMMANDS = ("generate", "plan", "inspect", "convert", "make_checkpoint", "serve", "prepare_data", "chat", "train",
@@ -27,19 +24,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> NoReturn:
-    """The `dsv4` console script and `python -m dsv4`: exit with `main`'s code. A process that ended a process
-    group (a torchrun rank) exits without the interpreter's teardown, once its output is flushed: gloo's worker
-    threads may still be dropping the last collective's work then (a barrier holding an earlier broadcast's
-    tensors), and a thread that needs the GIL while the interpreter finalizes aborts the process (SIGABRT,
-    "terminate called without an active exception") after all its work is done."""
+    """The `dsv4` console script and `python -m dsv4`: exit with `main`'s code; a process that ended a process
+    group (a torchrun rank) through `leave_process`, past the interpreter's teardown, where gloo's worker threads
+    can abort it after all its work is done."""
     code = main()
-    from .parallel.distributed import ended_a_group
+    from .parallel.distributed import ended_a_group, leave_process
 
     if ended_a_group():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
+        leave_process(code)
     raise SystemExit(code)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -25,13 +23,3 @@ def spawn(fn: Callable, args: tuple, nprocs: int = 2, timeout_s: float = 120.0) 
             if p.is_alive():
                 p.kill()
 
-
-def leave_worker() -> None:
-    """End a worker that finished its work (results written, process group destroyed) without the interpreter's
-    teardown, as `dsv4.cli.console` ends a torchrun rank: gloo's worker threads may still be dropping the last
-    collective's work, and one that needs the GIL while the interpreter finalizes aborts the process (SIGABRT,
-    "terminate called without an active exception"). Not reached when the work raised: the spawn wrapper reports
-    that."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -72,8 +72,8 @@ def test_a_rank_that_ended_its_process_group_exits_without_the_interpreters_tear
 
     exits, flushed = [], []
     monkeypatch.setattr(cli, "main", lambda: 3)
-    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(Left()))
-    monkeypatch.setattr(cli.sys.stdout, "flush", lambda: flushed.append("out"))
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(Left()))
+    monkeypatch.setattr(distributed.sys.stdout, "flush", lambda: flushed.append("out"))
     with pytest.raises(SystemExit) as ended:
         cli.console()
     assert ended.value.code == 3 and exits == []

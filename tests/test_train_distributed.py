@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import prepare_shakespeare_docs
-from multiprocess import leave_worker, spawn
+from multiprocess import spawn
 
 from dsv4.config import preset
 from dsv4.model import Transformer, init_weights
@@ -38,6 +38,7 @@ from dsv4.parallel import (
     dp_group,
     full_state_dict,
     global_grad_norm,
+    leave_process,
     load_full_state_dict,
     parallelize,
 )
@@ -163,7 +164,7 @@ def _worker(rank: int, init_file: str, out_dir: str, layout: str, steps: int) ->
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-    leave_worker()
+    leave_process(0)  # results written: past the teardown where gloo's threads can abort
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +303,7 @@ def _trainer_worker(rank: int, init_file: str, data: str, out: str) -> None:
                         "state": state}, Path(out) / "trainer.pt")
     finally:
         dist.destroy_process_group()
-    leave_worker()
+    leave_process(0)  # results written: past the teardown where gloo's threads can abort
 
 
 def test_trainer_with_fsdp2_model_equals_one_process_accumulating(data, tmp_path):

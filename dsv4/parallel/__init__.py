@@ -21,6 +21,7 @@ _EXPORTS = {
     "RankSlice": "rules", "ShardingError": "rules", "expert_owner": "rules", "local_experts": "rules",
     "split_dim": "rules", "split_for_rank": "rules",
     "DistEnv": "distributed", "close_distributed": "distributed", "init_distributed": "distributed",
+    "leave_process": "distributed",
     "ExpertParallel": "experts", "AllReduceExperts": "experts", "ReplicatedExperts": "experts",
     "AllToAllExperts": "experts", "install_expert_parallel": "experts",
     "TensorParallel": "tensor_parallel", "check_shardable": "tensor_parallel", "rank_state_dict": "tensor_parallel",

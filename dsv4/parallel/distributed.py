@@ -3,9 +3,12 @@ environment variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -92,3 +95,14 @@ def close_distributed(env: DistEnv, wait_for_peers: bool = True) -> None:
 def ended_a_group() -> bool:
     """Whether `close_distributed` ended a process group in this process (see `dsv4.cli.console`)."""
     return _ended_group
+
+
+def leave_process(code: int) -> NoReturn:
+    """End a process whose process group is over without the interpreter's teardown, once its output is flushed:
+    gloo's worker threads may still be dropping the last collective's work then (a barrier holding an earlier
+    broadcast's tensors), and a thread that needs the GIL while the interpreter finalizes aborts the process
+    (SIGABRT, "terminate called without an active exception") after all its work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
