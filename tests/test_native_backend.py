@@ -679,3 +679,133 @@ def test_hc_post_gradients_agree_with_the_reference():
     assert torch.equal(results["native"][0], results["reference"][0])
     for got, want in zip(results["native"][1], results["reference"][1], strict=True):
         _close(got, want, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- threads
+
+
+def _split_cases():
+    """name -> (op, its arguments), the work past the kernels' split threshold (their rows shared between
+    threads)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32, scale=3.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    def simulations(x):
+        return FAST.fp8_simulate(x, 128), FAST.fp4_simulate(x, 32)
+
+    def rope(x, angles):
+        return FAST.rope(x, torch.cos(angles), torch.sin(angles))
+
+    def streams(x, pre, fn):
+        return FAST.hc_collapse(x, pre), FAST.hc_mixes(x, fn, 1e-6)
+
+    def experts(x, weights, ids, chosen):
+        return FAST.routed_experts(x, weights, ids, chosen, list(range(8)), 7.0), FAST.swiglu(x, chosen[0], 7.0)
+
+    cases = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = r(300, 256, dtype=dtype)
+        cases[f"fp8/fp4 simulation {dtype}"] = (simulations, (x,))
+        cases[f"hadamard {dtype}"] = (FAST.hadamard, (x,))
+        cases[f"rms_norm {dtype}"] = (FAST.rms_norm, (x, r(256), 1e-6))
+        cases[f"rope {dtype}"] = (rope, (r(2, 300, 4, 64, dtype=dtype), r(2, 300, 1, 16, scale=50)))
+        cases[f"hc_post {dtype}"] = (FAST.hc_post, (r(1, 200, 96, dtype=dtype), r(1, 200, 4, 96, dtype=dtype),
+                                                    r(1, 200, 4).abs(), r(1, 200, 4, 4).abs()))
+        cases[f"hc_collapse and hc_mixes {dtype}"] = (streams, (r(1, 200, 4, 96, dtype=dtype), r(1, 200, 4).abs(),
+                                                                r(24, 384)))
+        cases[f"decode attention {dtype}"] = (FAST.sparse_attn, (
+            r(8, 1, 8, 64, dtype=dtype), r(8, 150, 64, dtype=dtype), torch.randint(-1, 150, (8, 1, 150), generator=gen),
+            r(8), 0.125))
+        cases[f"chunk attention {dtype}"] = (FAST.sparse_attn, (
+            r(2, 100, 4, 64, dtype=dtype), r(2, 300, 64, dtype=dtype),
+            torch.randint(-1, 300, (2, 100, 150), generator=gen), r(4), 0.125))
+    cases["head_norm"] = (FAST.head_norm, (r(1, 300, 4, 64), 1e-6))
+    cases["quantised linear"] = (FAST.linear, (r(8, 256), *quantize_fp8_weight(r(256, 256, scale=0.05))))
+    for fmt in ("fp4", "float"):
+        ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(8)])
+        cases[f"{fmt} experts"] = (experts, (r(8, 128), torch.rand(8, 2, generator=gen), ids,
+                                             _experts(8, 128, 96, fmt)))
+    cases["vocabulary head"] = (FAST.linear, (r(13, 64), r(cpu_kernels.VOCAB_ROWS + 7, 64, scale=0.1)))
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_split_cases()))
+def test_rows_split_between_threads_give_the_one_thread_bits(case):
+    """The kernels share torch's OpenMP threads (one runtime in the process, checked at load) above a few
+    thousand elements of work: each thread computes whole rows in the one-thread order, so the bits are the same
+    on any number of threads (and the one-thread results are the reference's, the tests above)."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one CPU thread here: nothing is split")
+    assert FAST.lib.splits_rows, f"the kernels do not share torch's OpenMP runtime: {build.openmp_runtimes()}"
+    op, args = _split_cases()[case]
+    before = torch.get_num_threads()
+    results = []
+    with torch.inference_mode():
+        for threads in (1, before):
+            torch.set_num_threads(threads)
+            try:
+                out = op(*args)
+            finally:
+                torch.set_num_threads(before)
+            results.append(out if isinstance(out, tuple) else (out,))
+    for one, split in zip(*results, strict=True):
+        assert one.dtype == split.dtype and torch.equal(one.view(-1).view(torch.uint8),
+                                                        split.view(-1).view(torch.uint8)), case
+
+
+def test_the_openmp_runtimes_are_read_from_the_process_maps():
+    """The load-time check counts the OpenMP runtimes mapped (torch's bundled libgomp, a system one, LLVM's): two
+    mean the kernels would spin a second pool of threads, and they then stay on one thread."""
+    line = "7f00-7f10 r-xp 00000000 08:01 42 {}"
+    torchs, systems = "/venv/torch/lib/libgomp.so.1", "/usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    maps = "\n".join(line.format(p) for p in (torchs, torchs, "/usr/lib/libm.so.6", systems, "/opt/libomp.so"))
+    assert build.openmp_runtimes(maps) == {torchs, systems, "/opt/libomp.so"}
+    assert build.openmp_runtimes("7f00-7f10 rw-p 00000000 00:00 0 \n") == set()
+    assert len(build.openmp_runtimes()) == 1  # here: torch's runtime only, the kernels' loops resolved to it
+
+
+def test_a_compiler_without_openmp_builds_the_one_thread_kernels(monkeypatch, tmp_path):
+    """A compiler that refuses -fopenmp (a clang without libomp) builds the kernels without it, once: the refusal is
+    remembered beside the cache, and that library's loops never split (same results, one thread)."""
+    real = build.compiler()
+    calls = tmp_path / "calls"
+    fake = tmp_path / "cc"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\ncase " $* " in *" -fopenmp "*) '
+                    f'echo "unsupported option -fopenmp" >&2; exit 1;; esac\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv(build.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    path = build.build(str(fake))
+    assert path == build.library_path(str(fake), build.FLAGS) and path.is_file()
+    assert calls.read_text().count("-fopenmp") == 1 and len(calls.read_text().splitlines()) == 2
+    assert build.build(str(fake)) == path and len(calls.read_text().splitlines()) == 2  # asked once
+    lib = build._open(path)
+    assert not lib.splits_rows
+    assert FAST.lib.splits_rows  # the library the backend loaded here was built with OpenMP
+
+
+def test_a_decodes_rows_through_the_vocabulary_head_are_the_references_within_fp32_rounding(monkeypatch):
+    """The head over a decode's (or a verify step's) few rows multiplies its weight kept in panels of 32 outputs
+    in C: every row count's tile path (8, 4, 2, 1 rows at a time), a vocabulary that is not a multiple of 32, rows
+    as [B, S, K]; past `PANEL_ROWS` rows, or with gradients wanted, the "cpu" backend's product."""
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    gen = torch.Generator().manual_seed(0)
+    n, k = cpu_kernels.VOCAB_ROWS + 7, 96
+    head = torch.randn(n, k, generator=gen) * 0.1
+    for rows in (1, 2, 3, 7, 13, native.PANEL_ROWS, native.PANEL_ROWS + 1):
+        x = torch.randn(rows, 1, k, generator=gen) * 4
+        calls = lib.calls["dsv4_panel_gemm"]
+        got, want = FAST.linear(x, head), REF.linear(x, head)
+        assert lib.calls["dsv4_panel_gemm"] == calls + (rows <= native.PANEL_ROWS), rows
+        err = ((got - want).abs().amax(dim=-1) / want.abs().amax(dim=-1)).max().item()
+        assert got.shape == want.shape and err <= 1e-5, (rows, err)
+    x = torch.randn(2, k, generator=gen, requires_grad=True)
+    calls = lib.calls["dsv4_panel_gemm"]
+    FAST.linear(x, head).sum().backward()
+    assert lib.calls["dsv4_panel_gemm"] == calls and x.grad is not None
+    tight = native.NativeBackend(cache_mb=1)  # the panels (12.6 MB) do not fit: no copy is made for one call
+    monkeypatch.setattr(tight, "lib", lib)
+    _close(tight.linear(x.detach(), head), REF.linear(x.detach(), head), 1e-5)
+    assert lib.calls["dsv4_panel_gemm"] == calls and tight.decoded.used_bytes == 0

@@ -154,6 +154,12 @@ class DecodedWeights:
             self.used_bytes += size
         return form
 
+    def keeps(self, weight: Tensor, kind: str, size: int) -> bool:
+        """Whether the form `kind` of `weight` (`size` bytes) is kept, or would be: a form worth having only
+        when kept (a copy of a whole vocabulary projection) is not built for one call."""
+        entry = self._entries.get((id(weight), kind))
+        return (entry is not None and entry[0]() is weight) or self.used_bytes + size <= self.limit_bytes
+
     def _drop(self, key: tuple[int, str]) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
@@ -249,9 +255,10 @@ class CpuBackend(ReferenceBackend):
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         """As the reference; a float vocabulary projection (at least `VOCAB_ROWS` outputs: the head, which no
         quantisation follows) multiplies a kept transposed copy, about twice as fast for a few rows on this
-        CPU's BLAS, unless gradients are wanted."""
+        CPU's BLAS, unless gradients are wanted or the copy does not fit the decoded-weight cache."""
         if (weight.shape[0] >= VOCAB_ROWS and weight.is_floating_point()
-                and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
+                and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+                and self.decoded.keeps(weight, "transposed", weight.numel() * weight.element_size())):
             (transposed,) = self.decoded.get(weight, None, "transposed")
             return torch.matmul(x.to(weight.dtype), transposed).to(x.dtype)
         return super().linear(x, weight, scale)

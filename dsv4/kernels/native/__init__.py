@@ -21,7 +21,17 @@ one call into `kernels.c` (built at first use, `build.py`):
 * `hc_split_sinkhorn`: the splits and normalisations (bit for bit; the sigmoids and exponentials stay torch's),
   the normalisations vectorised over tokens;
 * `index_topk`: the indexer's selection, by counting ranks over a short row or a heap per query over a long one
-  (the same picks, in the same order, as torch's stable sort; no arithmetic, so bit for bit).
+  (the same picks, in the same order, as torch's stable sort; no arithmetic, so bit for bit);
+* `linear` of the fp32 head over a decode's few rows (`PANEL_ROWS`): its weight kept in panels of 32 outputs
+  ([N/32, K, 32]), each panel one sequential read that every row uses while it is in cache (BLAS ran this
+  memory-bound product at a half to a third of the memory's speed here). Its sums run in their own order: fp32
+  rounding from the reference's (1e-5), as the "cpu" backend's transposed copy already was.
+
+The kernels' loops over rows (tokens, queries, a head's panels) split between torch's OpenMP threads when a call
+has enough work (`SPLIT_WORK` in `kernels.c`, a few tens of thousands of elements: a prefill chunk, a batch's
+decode step) and the library shares torch's OpenMP runtime (checked at load, `build.py`). Every row is computed
+whole by one thread in the one-thread order, so the bits do not depend on the thread count; the tests compare
+one thread with two.
 
 The GEMMs compute the reference's arithmetic: the same power-of-two scales, e4m3 round-half-even, per-block fp32
 partial products scaled and summed in block order. A block's dot product is summed sequentially over k (BLAS sums
@@ -66,7 +76,7 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
-from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, TRAIN_EXP_FLOOR, CpuBackend, softmax_attention_grads
+from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, TRAIN_EXP_FLOOR, VOCAB_ROWS, CpuBackend, softmax_attention_grads
 from ..experts import ExpertWeights
 from ..paged import KVRows
 from ..reference import ATTN_BLOCK
@@ -82,6 +92,10 @@ NATIVE_ROW_SUM = 1 << 14
 # the most index scores an `index_topk` call may select from in C (a heap per query, O(N log k)); past it (a long
 # prefill's query block) torch's O(N) topk, with two threads
 NATIVE_TOPK_SCORES = 1 << 20
+# a float vocabulary projection (the head) over at most this many rows (a decode's, a verify step's) multiplies
+# its weight kept in panels (`dsv4_panel_gemm`); a prefill's many rows stay BLAS's
+PANEL_ROWS = 64
+PANEL = 32
 _BF16 = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -107,6 +121,16 @@ def _folded_form(weight: Tensor, scale: Tensor) -> tuple[Tensor]:
     else:
         values = e2m1_decode(unpack_fp4(weight)) * e8m0_to_float(scale).repeat_interleave(FP4_BLOCK, dim=1)
     return (values.T.contiguous(),)
+
+
+def _panel_form(weight: Tensor, scale: None) -> tuple[Tensor]:
+    """A float weight [N, K] as `dsv4_panel_gemm` reads it: panels [ceil(N / 32), K, 32] fp32 of 32 outputs each,
+    zeros past N."""
+    n, k = weight.shape
+    w = weight.detach().float()
+    if n % PANEL:
+        w = torch.cat((w, w.new_zeros(PANEL - n % PANEL, k)))
+    return (w.view(-1, PANEL, k).transpose(1, 2).contiguous(),)
 
 
 def _kind(weight: Tensor) -> int:
@@ -151,6 +175,7 @@ class NativeBackend(CpuBackend):
         self.lib = load()  # NativeUnavailable (with the reason) when it cannot be built here
         self.decoded.builders["native"] = _native_form
         self.decoded.builders["folded"] = _folded_form
+        self.decoded.builders["panels"] = _panel_form
         with torch.inference_mode():
             self._lanes = self._sum_lanes()
         self._ones: dict[int, Tensor] = {}  # head_norm's unit weights by width
@@ -224,8 +249,11 @@ class NativeBackend(CpuBackend):
 
     def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         """A quantised weight's linear: over few rows in one C call (act_quant and the two-level block GEMM, row by
-        row), over more as `_folded_linear`; float weights as the "cpu" backend."""
+        row), over more as `_folded_linear`; the head over a decode's few rows as `_panel_linear`; other float
+        weights as the "cpu" backend."""
         k = x.shape[-1]
+        if scale is None and self._in_panels(x, weight):
+            return self._panel_linear(x, weight)
         if scale is None or not _quantised(weight) or x.dtype not in _BF16 or not _inference(x, weight):
             return super().linear(x, weight, scale)
         if x.numel() * weight.shape[0] > NATIVE_MACS:
@@ -239,6 +267,25 @@ class NativeBackend(CpuBackend):
         _check(self.lib.dsv4_quantised_linear(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // k,
                                               values_t.data_ptr(), scales_t.data_ptr(), n, k, _block(weight),
                                               _kind(weight)),
+               "linear")
+        return out
+
+    def _in_panels(self, x: Tensor, weight: Tensor) -> bool:
+        """Whether x [..., K] @ weight [N, K]^T is a vocabulary projection (the head) over at most `PANEL_ROWS`
+        fp32 rows, no gradient wanted, whose panels the decoded-weight cache keeps."""
+        return (weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.dim() == 2
+                and weight.shape[0] >= VOCAB_ROWS and weight.shape[1] == x.shape[-1]
+                and x.numel() <= PANEL_ROWS * x.shape[-1] and _inference(x, weight)
+                and self.decoded.keeps(weight, "panels", (weight.shape[0] + PANEL) * weight.shape[1] * 4))
+
+    def _panel_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """A vocabulary projection over a few rows: one C call over the weight kept in panels, split between
+        threads (plain fp32 sums in its own order; within 1e-5 of the reference's logits)."""
+        (panels,) = self.decoded.get(weight, None, "panels")
+        n, k = weight.shape
+        x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n)
+        _check(self.lib.dsv4_panel_gemm(x.data_ptr(), x.numel() // k, k, panels.data_ptr(), n, out.data_ptr()),
                "linear")
         return out
 

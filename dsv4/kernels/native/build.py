@@ -8,6 +8,12 @@ flags and compiler, so an edit or a new compiler builds afresh and nothing stale
 
 `load()` returns the library or raises `NativeUnavailable` saying why (no compiler, a failed build); the "auto"
 kernel backend then stays on the pure-torch "cpu" backend.
+
+The library is built with OpenMP (`-fopenmp`) so that its row loops can use torch's thread pool, and without it
+where the compiler cannot (a clang without libomp): that build runs on one thread and computes the same bits.
+Whether the loops may split is decided at load (`_open`): only when torch's OpenMP runtime is the only one mapped
+before and after the library is loaded, whose loops then share torch's threads (as many as `torch.set_num_threads`
+says). Two runtimes would each keep a pool of spinning threads and fight over the cores.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ CACHE_ENV_VAR = "DSV4_NATIVE_CACHE"
 # -ffp-contract=off: no fused multiply-adds, so the rounding is the source's on every CPU; -fno-math-errno lets
 # rintf / fabsf compile to single instructions (and the loops vectorise)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c99", "-shared", "-fPIC")
+OPENMP = "-fopenmp"
+# the file names of OpenMP runtimes (GNU, LLVM, Intel) as /proc/self/maps shows them
+_OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp")
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -60,6 +69,8 @@ SIGNATURES = {
     "dsv4_attn_block_probs": (_INT, [_P, _I, _I, _I, _I, _INT, _INT, _P, _P, _P]),
     "dsv4_attn_slot_rows": (_I, [_P, _I, _I, _I, _I, _I, _I, _P, _P]),
     "dsv4_attn_pick": (_INT, [_P, _P, _I, _I, _I, _I, _I, _P]),
+    "dsv4_share_threads": (_INT, [_INT]),
+    "dsv4_panel_gemm": (_INT, [_P, _I, _I, _P, _I, _P]),
     "dsv4_attn_block_values": (_INT, [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P]),
 }
 
@@ -96,10 +107,10 @@ def _compiler_identity(cc: str) -> str:
     return f"{path} {stat.st_size} {stat.st_mtime_ns}"
 
 
-def library_path(cc: str) -> Path:
+def library_path(cc: str, flags: tuple[str, ...] = (*FLAGS, OPENMP)) -> Path:
     """The cache path of the library built from this source with these flags by this compiler on this machine."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_identity(cc).encode(),
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _compiler_identity(cc).encode(),
                  platform.machine().encode(), _cpu_model().encode()):
         key.update(part)
     return cache_dir() / f"dsv4_kernels_{key.hexdigest()[:16]}.so"
@@ -117,17 +128,30 @@ def _cpu_model() -> str:
 
 
 def build(cc: str | None = None) -> Path:
-    """The built library's path, compiling it first if the cache lacks it (atomically: concurrent builders each
-    write their own file and rename it into place)."""
+    """The built library's path, compiling it first if the cache lacks it: with OpenMP, else (the compiler refused
+    `-fopenmp`; remembered beside the cache, so it is asked once) without."""
     cc = cc or compiler()
-    target = library_path(cc)
+    with_openmp = library_path(cc)
+    refused = with_openmp.with_suffix(".no-openmp")
+    if not refused.exists():
+        try:
+            return _compile(cc, (*FLAGS, OPENMP), with_openmp)
+        except NativeUnavailable as exc:
+            refused.write_text(str(exc))
+            logging.getLogger(__name__).info("%s\nbuilding dsv4's native kernels without OpenMP (one thread)", exc)
+    return _compile(cc, FLAGS, library_path(cc, FLAGS))
+
+
+def _compile(cc: str, flags: tuple[str, ...], target: Path) -> Path:
+    """`target`, compiled from the source with `flags` if it does not exist yet (atomically: concurrent builders
+    each write their own file and rename it into place)."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        result = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
             raise NativeUnavailable(f"building dsv4's native kernels with {cc} failed:\n{result.stderr.strip()}")
@@ -138,6 +162,22 @@ def build(cc: str | None = None) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def openmp_runtimes(maps: str | None = None) -> set[str]:
+    """The OpenMP runtime files mapped in this process (from /proc/self/maps, or the `maps` text given); empty
+    where the file cannot be read."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return set()
+    found = set()
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
+        if Path(path).name.startswith(_OPENMP_RUNTIMES):
+            found.add(path)
+    return found
 
 
 _loaded: ctypes.CDLL | NativeUnavailable | None = None
@@ -159,6 +199,9 @@ def load() -> ctypes.CDLL:
 
 
 def _open(path: Path) -> ctypes.CDLL:
+    """The library at `path`, its functions typed, its loops allowed to split between threads where it shares
+    torch's OpenMP runtime (`lib.splits_rows`)."""
+    torchs = openmp_runtimes()
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
@@ -166,6 +209,9 @@ def _open(path: Path) -> ctypes.CDLL:
     for name, (restype, argtypes) in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
+    shared = len(torchs) == 1 and openmp_runtimes() == torchs
+    # dsv4_share_threads answers 0 where the library was built without OpenMP
+    lib.splits_rows = shared and lib.dsv4_share_threads(1) > 0
     return lib
 
 

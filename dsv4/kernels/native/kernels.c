@@ -17,6 +17,36 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Whether the kernels may split their rows between OpenMP threads: set at load (`build.py`) when they share torch's
+ * OpenMP runtime (its thread pool, whose threads spin between torch's ops and would hold the other cores against
+ * threads of a second runtime). Each row's arithmetic is the same on any thread, so the results are too. Answers
+ * the threads a split may use (torch's setting), 0 in a build without OpenMP. */
+static int shared_runtime = 0;
+int dsv4_share_threads(int on) {
+#ifdef _OPENMP
+    shared_runtime = on;
+    return omp_get_max_threads();
+#else
+    (void)on;
+    return 0;
+#endif
+}
+
+/* below this much work (elements, or multiply-adds) a kernel stays on one thread: waking the pool costs a few
+ * microseconds */
+#define SPLIT_WORK (1 << 16)
+static inline int split_threads(int64_t work) {
+#ifdef _OPENMP
+    return shared_runtime && work >= SPLIT_WORK ? omp_get_max_threads() : 1;
+#else
+    (void)work;
+    return 1;
+#endif
+}
 
 #define FP8_MAX 448.0f
 #define FP4_MAX 6.0f
@@ -101,11 +131,11 @@ static inline float block_scale(const float *x, int64_t n, float floor_, float i
 
 /* x [rows, k] through FP8 (fp4 = 0) or FP4 (fp4 = 1) blocks of `block` along k and back, into out (x's dtype) */
 int dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64_t k, int64_t block, int fp4) {
-    float *buf = malloc(sizeof(float) * (size_t)block);
-    if (!buf) return -1;
     const float floor_ = fp4 ? FP4_AMAX_FLOOR : ACT_AMAX_FLOOR;
     const float inv_max = fp4 ? 1.0f / FP4_MAX : 1.0f / FP8_MAX;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * k * 4))
     for (int64_t r = 0; r < rows; r++) {
+        float buf[block + 1];
         for (int64_t lo = 0; lo < k; lo += block) {
             int64_t n = k - lo < block ? k - lo : block;
             for (int64_t i = 0; i < n; i++) buf[i] = load(x, bf16, r * k + lo + i);
@@ -130,7 +160,6 @@ int dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64_
             }
         }
     }
-    free(buf);
     return 0;
 }
 
@@ -234,17 +263,22 @@ static void scratch_free(Scratch *s) {
 /* out [M, N] = linear(x [M, K], w): act_quant per 128 inputs, the two-level GEMM, cast to x's dtype. */
 int dsv4_quantised_linear(const void *x, void *out, int bf16, int64_t m, const void *values_t, const float *scales_t,
                           int64_t n, int64_t k, int64_t block, int64_t kind) {
-    QWeight w = {values_t, scales_t, n, k, block, kind};
-    Scratch s;
-    if (!scratch_init(&s, k, n)) { scratch_free(&s); return -1; }
-    for (int64_t r = 0; r < m; r++) {
-        for (int64_t i = 0; i < k; i++) s.row[i] = load(x, bf16, r * k + i);
-        quantise_row(s.row, k, s.codes, s.scales);
-        quantised_gemv(s.codes, s.scales, &w, s.acc);
-        for (int64_t j = 0; j < n; j++) store(out, bf16, r * n + j, s.acc[j]);
+    const QWeight w = {values_t, scales_t, n, k, block, kind};
+    const int64_t parts = split_threads(m > 1 ? m * n * k : 0);
+    int failed = 0;
+    #pragma omp parallel for schedule(static) num_threads(parts) reduction(|:failed)
+    for (int64_t part = 0; part < parts; part++) {
+        Scratch s;
+        if (!scratch_init(&s, k, n)) { scratch_free(&s); failed = 1; continue; }
+        for (int64_t r = m * part / parts; r < m * (part + 1) / parts; r++) {
+            for (int64_t i = 0; i < k; i++) s.row[i] = load(x, bf16, r * k + i);
+            quantise_row(s.row, k, s.codes, s.scales);
+            quantised_gemv(s.codes, s.scales, &w, s.acc);
+            for (int64_t j = 0; j < n; j++) store(out, bf16, r * n + j, s.acc[j]);
+        }
+        scratch_free(&s);
     }
-    scratch_free(&s);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------ experts */
@@ -346,16 +380,22 @@ int dsv4_swiglu(const void *x, void *out, int bf16, int64_t m, const int64_t *ta
         {(const void *)tables[2], (const float *)tables[3], inter, d, dims[3], dims[6]},
         {(const void *)tables[4], (const float *)tables[5], d, inter, dims[4], dims[7]},
     };
-    Scratch s;
-    float *bufs[3];
-    if (!expert_scratch(&s, bufs, d, inter)) { expert_scratch_free(&s, bufs); return -1; }
-    for (int64_t r = 0; r < m; r++) {
-        for (int64_t i = 0; i < d; i++) bufs[2][i] = load(x, bf16, r * d + i);
-        swiglu_row(bufs[2], &e, bf16, limit, route_weights ? route_weights + r : NULL, &s, bufs[0], bufs[1], s.acc);
-        for (int64_t j = 0; j < d; j++) store(out, bf16, r * d + j, s.acc[j]);
+    const int64_t parts = split_threads(m > 1 ? m * 3 * d * inter : 0);
+    int failed = 0;
+    #pragma omp parallel for schedule(static) num_threads(parts) reduction(|:failed)
+    for (int64_t part = 0; part < parts; part++) {
+        Scratch s;
+        float *bufs[3];
+        if (!expert_scratch(&s, bufs, d, inter)) { expert_scratch_free(&s, bufs); failed = 1; continue; }
+        for (int64_t r = m * part / parts; r < m * (part + 1) / parts; r++) {
+            for (int64_t i = 0; i < d; i++) bufs[2][i] = load(x, bf16, r * d + i);
+            swiglu_row(bufs[2], &e, bf16, limit, route_weights ? route_weights + r : NULL, &s, bufs[0], bufs[1],
+                       s.acc);
+            for (int64_t j = 0; j < d; j++) store(out, bf16, r * d + j, s.acc[j]);
+        }
+        expert_scratch_free(&s, bufs);
     }
-    expert_scratch_free(&s, bufs);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* The routed experts' fp32 sum out [T, D] for tokens x [T, D]: token t's experts ids [T, topk] (with weights
@@ -367,33 +407,45 @@ int dsv4_routed_experts(const void *x, float *out, int bf16, int64_t t, int64_t 
                         const float *weights, int64_t n_experts, const int64_t *tables, const int64_t *dims,
                         float limit) {
     const int64_t inter = dims[0], d = dims[1];
-    Scratch s;
-    float *bufs[3];
-    if (!expert_scratch(&s, bufs, d, inter)) { expert_scratch_free(&s, bufs); return -1; }
-    float *rows = malloc(sizeof(float) * (size_t)(t * d > 0 ? t * d : 1)); /* x in fp32 */
-    if (!rows) { expert_scratch_free(&s, bufs); return -1; }
-    for (int64_t i = 0; i < t * d; i++) rows[i] = load(x, bf16, i);
-    for (int64_t i = 0; i < t * d; i++) out[i] = 0.0f;
-    for (int64_t id = 0; id < n_experts; id++) {
-        const int64_t *tb = tables + id * 6;
-        if (tb[0] == 0) continue;
-        const Expert e = {
-            {(const void *)tb[0], (const float *)tb[1], inter, d, dims[2], dims[5]},
-            {(const void *)tb[2], (const float *)tb[3], inter, d, dims[3], dims[6]},
-            {(const void *)tb[4], (const float *)tb[5], d, inter, dims[4], dims[7]},
-        };
-        for (int64_t r = 0; r < t; r++) {
-            for (int64_t slot = 0; slot < topk; slot++) {
-                if (ids[r * topk + slot] != id) continue;
-                swiglu_row(rows + r * d, &e, bf16, limit, weights + r * topk + slot, &s, bufs[0], bufs[1], s.acc);
-                float *y = out + r * d;
-                for (int64_t j = 0; j < d; j++) y[j] += s.acc[j];
+    /* the tokens split into one contiguous part per thread, each part expert by expert */
+    const int64_t parts = split_threads(t > 1 ? t * topk * 3 * d * inter : 0);
+    int failed = 0;
+    #pragma omp parallel for schedule(static) num_threads(parts) reduction(|:failed)
+    for (int64_t part = 0; part < parts; part++) {
+        const int64_t lo = t * part / parts, hi = t * (part + 1) / parts;
+        Scratch s;
+        float *bufs[3];
+        float *rows = malloc(sizeof(float) * (size_t)((hi - lo) * d + 1)); /* x in fp32 */
+        if (!expert_scratch(&s, bufs, d, inter) || !rows) {
+            expert_scratch_free(&s, bufs);
+            free(rows);
+            failed = 1;
+            continue;
+        }
+        for (int64_t i = 0; i < (hi - lo) * d; i++) rows[i] = load(x, bf16, lo * d + i);
+        for (int64_t i = lo * d; i < hi * d; i++) out[i] = 0.0f;
+        for (int64_t id = 0; id < n_experts; id++) {
+            const int64_t *tb = tables + id * 6;
+            if (tb[0] == 0) continue;
+            const Expert e = {
+                {(const void *)tb[0], (const float *)tb[1], inter, d, dims[2], dims[5]},
+                {(const void *)tb[2], (const float *)tb[3], inter, d, dims[3], dims[6]},
+                {(const void *)tb[4], (const float *)tb[5], d, inter, dims[4], dims[7]},
+            };
+            for (int64_t r = lo; r < hi; r++) {
+                for (int64_t slot = 0; slot < topk; slot++) {
+                    if (ids[r * topk + slot] != id) continue;
+                    swiglu_row(rows + (r - lo) * d, &e, bf16, limit, weights + r * topk + slot, &s, bufs[0], bufs[1],
+                               s.acc);
+                    float *y = out + r * d;
+                    for (int64_t j = 0; j < d; j++) y[j] += s.acc[j];
+                }
             }
         }
+        free(rows);
+        expert_scratch_free(&s, bufs);
     }
-    free(rows);
-    expert_scratch_free(&s, bufs);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------ mHC Sinkhorn */
@@ -498,9 +550,9 @@ int dsv4_hc_split_finish(float *pre, float *post, float *comb, int64_t t, int64_
 /* The normalised Walsh-Hadamard transform of rows x [rows, n] (n a power of two) into out, x's dtype: the
  * reference's butterflies (a + b, a - b at distance 1, 2, 4, ...) in fp32, then times fp32(1/sqrt(n)). */
 int dsv4_hadamard(const void *x, void *out, int bf16, int64_t rows, int64_t n, float norm) {
-    float *y = malloc(sizeof(float) * (size_t)n);
-    if (!y) return -1;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n * 8))
     for (int64_t r = 0; r < rows; r++) {
+        float y[n + 1];
         for (int64_t i = 0; i < n; i++) y[i] = load(x, bf16, r * n + i);
         for (int64_t half = 1; half < n; half *= 2)
             for (int64_t lo = 0; lo < n; lo += 2 * half)
@@ -511,7 +563,6 @@ int dsv4_hadamard(const void *x, void *out, int bf16, int64_t rows, int64_t n, f
                 }
         for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, y[i] * norm);
     }
-    free(y);
     return 0;
 }
 
@@ -570,71 +621,68 @@ int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s,
                      const int64_t *run_desc, int64_t n_runs, int rows_bf16, const int64_t *idx, int64_t k,
                      const float *sink, float scale) {
     Run *runs = malloc(sizeof(Run) * (size_t)(n_runs > 0 ? n_runs : 1));
-    float *qf = malloc(sizeof(float) * (size_t)(h * d));
-    float *acc = malloc(sizeof(float) * (size_t)(h * d));
-    float *logit = malloc(sizeof(float) * (size_t)(h * ATTN_BLOCK));
-    float *run_max = malloc(sizeof(float) * (size_t)h);
-    float *denom = malloc(sizeof(float) * (size_t)h);
-    float *rowf = malloc(sizeof(float) * (size_t)(ATTN_BLOCK * d));
-    float *value = malloc(sizeof(float) * (size_t)d);
-    int ok = runs && qf && acc && logit && run_max && denom && rowf && value;
-    if (!ok) {
-        free(runs); free(qf); free(acc); free(logit); free(run_max); free(denom); free(rowf); free(value);
-        return -1;
-    }
+    if (!runs) return -1;
     for (int64_t r = 0; r < n_runs; r++) {
         const int64_t *desc = run_desc + 5 * r;
         runs[r] = (Run){(const void *)desc[0], desc[1], desc[2], (const int64_t *)desc[3], desc[4]};
     }
-    int valid[ATTN_BLOCK];
-    for (int64_t bi = 0; bi < b; bi++) {
-        for (int64_t si = 0; si < s; si++) {
-            const int64_t query = bi * s + si;
-            const int64_t *slots = idx + query * k;
-            for (int64_t i = 0; i < h * d; i++) qf[i] = load(q, q_bf16, query * h * d + i);
-            for (int64_t i = 0; i < h * d; i++) acc[i] = 0.0f;
-            for (int64_t hi = 0; hi < h; hi++) { run_max[hi] = -INFINITY; denom[hi] = 0.0f; }
-            for (int64_t lo = 0; lo < k; lo += ATTN_BLOCK) {
-                const int64_t n = k - lo < ATTN_BLOCK ? k - lo : ATTN_BLOCK;
-                for (int64_t j = 0; j < n; j++) { /* the block's rows, read once for every head */
-                    const int64_t slot = slots[lo + j];
-                    const void *row = slot < 0 ? NULL : row_at(runs, n_runs, bi, slot, d, rows_bf16);
-                    valid[j] = row != NULL;
-                    for (int64_t i = 0; i < d; i++) rowf[j * d + i] = valid[j] ? load(row, rows_bf16, i) : 0.0f;
-                }
-                for (int64_t hi = 0; hi < h; hi++) {
-                    const float *qh = qf + hi * d;
-                    float *lh = logit + hi * ATTN_BLOCK;
-                    float top = run_max[hi];
-                    for (int64_t j = 0; j < n; j++) {
-                        if (!valid[j]) { lh[j] = -INFINITY; continue; }
-                        lh[j] = dot_lanes(qh, rowf + j * d, d) * scale;
-                        top = lh[j] > top ? lh[j] : top;
-                    }
-                    const float shift = isfinite(top) ? top : 0.0f;
-                    const float rescale = expf(run_max[hi] - shift);
-                    float sum = 0.0f;
-                    for (int64_t j = 0; j < n; j++) { lh[j] = expf(lh[j] - shift); sum += lh[j]; }
-                    denom[hi] = denom[hi] * rescale + sum;
-                    float *ah = acc + hi * d;
-                    for (int64_t i = 0; i < d; i++) value[i] = 0.0f;
-                    for (int64_t j = 0; j < n; j++) { /* sum_j p_j * row_j, over j in order for each i */
-                        const float pj = round_to(rows_bf16, lh[j]);
-                        for (int64_t i = 0; i < d; i++) value[i] += pj * rowf[j * d + i];
-                    }
-                    for (int64_t i = 0; i < d; i++) ah[i] = ah[i] * rescale + value[i];
-                    run_max[hi] = top;
-                }
+    int failed = 0;
+    /* queries split between threads, each with its own scratch: qf and acc [h * d], logit [h * ATTN_BLOCK],
+     * run_max and denom [h], the block's rows rowf [ATTN_BLOCK * d] and value [d] */
+    #pragma omp parallel for schedule(static) num_threads(split_threads(b * s > 1 ? b * s * h * k * d : 0)) \
+        reduction(|:failed)
+    for (int64_t query = 0; query < b * s; query++) {
+        float *qf = malloc(sizeof(float) * (size_t)(2 * h * d + h * ATTN_BLOCK + 2 * h + ATTN_BLOCK * d + d));
+        if (!qf) { failed = 1; continue; }
+        float *acc = qf + h * d, *logit = acc + h * d, *run_max = logit + h * ATTN_BLOCK, *denom = run_max + h;
+        float *rowf = denom + h, *value = rowf + ATTN_BLOCK * d;
+        const int64_t bi = query / s;
+        const int64_t *slots = idx + query * k;
+        int valid[ATTN_BLOCK];
+        for (int64_t i = 0; i < h * d; i++) qf[i] = load(q, q_bf16, query * h * d + i);
+        for (int64_t i = 0; i < h * d; i++) acc[i] = 0.0f;
+        for (int64_t hi = 0; hi < h; hi++) { run_max[hi] = -INFINITY; denom[hi] = 0.0f; }
+        for (int64_t lo = 0; lo < k; lo += ATTN_BLOCK) {
+            const int64_t n = k - lo < ATTN_BLOCK ? k - lo : ATTN_BLOCK;
+            for (int64_t j = 0; j < n; j++) { /* the block's rows, read once for every head */
+                const int64_t slot = slots[lo + j];
+                const void *row = slot < 0 ? NULL : row_at(runs, n_runs, bi, slot, d, rows_bf16);
+                valid[j] = row != NULL;
+                for (int64_t i = 0; i < d; i++) rowf[j * d + i] = valid[j] ? load(row, rows_bf16, i) : 0.0f;
             }
             for (int64_t hi = 0; hi < h; hi++) {
-                const float shift = isfinite(run_max[hi]) ? run_max[hi] : sink[hi];
-                const float total = denom[hi] + expf(sink[hi] - shift);
-                for (int64_t i = 0; i < d; i++) store(out, q_bf16, query * h * d + hi * d + i, acc[hi * d + i] / total);
+                const float *qh = qf + hi * d;
+                float *lh = logit + hi * ATTN_BLOCK;
+                float top = run_max[hi];
+                for (int64_t j = 0; j < n; j++) {
+                    if (!valid[j]) { lh[j] = -INFINITY; continue; }
+                    lh[j] = dot_lanes(qh, rowf + j * d, d) * scale;
+                    top = lh[j] > top ? lh[j] : top;
+                }
+                const float shift = isfinite(top) ? top : 0.0f;
+                const float rescale = expf(run_max[hi] - shift);
+                float sum = 0.0f;
+                for (int64_t j = 0; j < n; j++) { lh[j] = expf(lh[j] - shift); sum += lh[j]; }
+                denom[hi] = denom[hi] * rescale + sum;
+                float *ah = acc + hi * d;
+                for (int64_t i = 0; i < d; i++) value[i] = 0.0f;
+                for (int64_t j = 0; j < n; j++) { /* sum_j p_j * row_j, over j in order for each i */
+                    const float pj = round_to(rows_bf16, lh[j]);
+                    for (int64_t i = 0; i < d; i++) value[i] += pj * rowf[j * d + i];
+                }
+                for (int64_t i = 0; i < d; i++) ah[i] = ah[i] * rescale + value[i];
+                run_max[hi] = top;
             }
         }
+        for (int64_t hi = 0; hi < h; hi++) {
+            const float shift = isfinite(run_max[hi]) ? run_max[hi] : sink[hi];
+            const float total = denom[hi] + expf(sink[hi] - shift);
+            for (int64_t i = 0; i < d; i++) store(out, q_bf16, query * h * d + hi * d + i, acc[hi * d + i] / total);
+        }
+        free(qf);
     }
-    free(runs); free(qf); free(acc); free(logit); free(run_max); free(denom); free(rowf); free(value);
-    return 0;
+    free(runs);
+    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------ prefill attention */
@@ -716,6 +764,7 @@ int64_t dsv4_attn_rows(const int64_t *idx, int64_t b, int64_t s, int64_t k, int6
 /* logits [B, m, H, K] = scores [B, m*H, n'] picked at each slot's column cols [B, m, K] (a copy). */
 int dsv4_attn_pick(const float *scores, const int64_t *cols, int64_t b, int64_t m, int64_t h, int64_t k, int64_t n,
                    float *logits) {
+    #pragma omp parallel for schedule(static) num_threads(split_threads(b * m * h * k))
     for (int64_t q = 0; q < b * m; q++) {
         const int64_t *col = cols + q * k;
         for (int64_t head = 0; head < h; head++) {
@@ -753,6 +802,7 @@ int dsv4_attn_logits(float *restrict scores, const float *restrict counts, int64
     const f32x8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     const f32x8 zero = {0};
     const f32x8 floor8 = zero + lowest;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n))
     for (int64_t r = 0; r < rows; r++) {
         float *restrict x = scores + r * n;
         const float *restrict c = counts + (r / h) * n;
@@ -788,6 +838,7 @@ int dsv4_attn_logits(float *restrict scores, const float *restrict counts, int64
  * denom [R] the row's sum plus its sink's share exp(sink - shift). */
 int dsv4_attn_weights(float *restrict p, const float *restrict counts, int64_t rows, int64_t h, int64_t n,
                       const float *restrict sink, const float *restrict shift, float *restrict denom) {
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n))
     for (int64_t r = 0; r < rows; r++) {
         float *restrict x = p + r * n;
         const float *restrict c = counts + (r / h) * n;
@@ -822,42 +873,41 @@ static float torch_row_sum(const float *x, int64_t n, int lanes);
 int dsv4_attn_block_exponents(const float *logits, const int64_t *idx, int64_t rows, int64_t h, int64_t k,
                               int64_t nb, float scale, float *exps, float *run_max, float *shift) {
     const f32x8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    int32_t *keep = malloc(sizeof(int32_t) * (size_t)(nb * 64 > 0 ? nb * 64 : 1)); /* a query's used slots */
-    if (!keep) return -1;
-    for (int64_t r = 0; r < rows; r++) {
-        if (r % h == 0) {
-            const int64_t *slot = idx + (r / h) * k;
-            for (int64_t j = 0; j < nb * 64; j++) keep[j] = j < k && slot[j] >= 0 ? -1 : 0;
-        }
-        const float *x = logits + r * k;
-        float *e = exps + r * nb * 64;
-        for (int64_t j = 0; j < k; j++) e[j] = x[j] * scale;
-        for (int64_t j = k; j < nb * 64; j++) e[j] = 0.0f;
-        float running = -INFINITY;
-        for (int64_t i = 0; i < nb; i++) {
-            f32x8 top = none;
-            for (int64_t j = i * 64; j < (i + 1) * 64; j += ATTN_LANES) {
-                i32x8 used;
-                memcpy(&used, keep + j, sizeof used);
-                const f32x8 v = select8(used, load8(e + j), none);
-                store8(e + j, v);
-                top = select8((v != v) | (v > top), v, top); /* a NaN stays the maximum, as in torch's amax */
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * nb * 64))
+    for (int64_t query = 0; query < rows / h; query++) {
+        int32_t keep[nb * 64 + 1]; /* the query's used slots */
+        const int64_t *slot = idx + query * k;
+        for (int64_t j = 0; j < nb * 64; j++) keep[j] = j < k && slot[j] >= 0 ? -1 : 0;
+        for (int64_t r = query * h; r < (query + 1) * h; r++) {
+            const float *x = logits + r * k;
+            float *e = exps + r * nb * 64;
+            for (int64_t j = 0; j < k; j++) e[j] = x[j] * scale;
+            for (int64_t j = k; j < nb * 64; j++) e[j] = 0.0f;
+            float running = -INFINITY;
+            for (int64_t i = 0; i < nb; i++) {
+                f32x8 top = none;
+                for (int64_t j = i * 64; j < (i + 1) * 64; j += ATTN_LANES) {
+                    i32x8 used;
+                    memcpy(&used, keep + j, sizeof used);
+                    const f32x8 v = select8(used, load8(e + j), none);
+                    store8(e + j, v);
+                    top = select8((v != v) | (v > top), v, top); /* a NaN stays the maximum, as in torch's amax */
+                }
+                float best = -INFINITY;
+                int nan = 0;
+                for (int l = 0; l < ATTN_LANES; l++) {
+                    nan |= top[l] != top[l];
+                    best = top[l] > best ? top[l] : best;
+                }
+                if (nan) best = NAN;
+                if (i == 0 || best != best || best >= running) running = best; /* torch's cummax, NaN kept */
+                run_max[r * nb + i] = running;
+                const float sh = isfinite(running) ? running : 0.0f;
+                shift[r * nb + i] = sh;
+                for (int64_t j = i * 64; j < (i + 1) * 64; j += ATTN_LANES) store8(e + j, load8(e + j) - sh);
             }
-            float best = -INFINITY;
-            int nan = 0;
-            for (int l = 0; l < ATTN_LANES; l++) {
-                nan |= top[l] != top[l];
-                best = top[l] > best ? top[l] : best;
-            }
-            if (nan) best = NAN;
-            if (i == 0 || best != best || best >= running) running = best; /* torch's cummax, NaN kept */
-            run_max[r * nb + i] = running;
-            const float sh = isfinite(running) ? running : 0.0f;
-            shift[r * nb + i] = sh;
-            for (int64_t j = i * 64; j < (i + 1) * 64; j += ATTN_LANES) store8(e + j, load8(e + j) - sh);
         }
     }
-    free(keep);
     return 0;
 }
 
@@ -867,6 +917,7 @@ int dsv4_attn_block_exponents(const float *logits, const int64_t *idx, int64_t r
 int dsv4_attn_block_probs(const float *p, int64_t rows, int64_t h, int64_t nb, int64_t n_slots, int lanes,
                           int round_bf16, float *block_sum, float *probs, float *tail) {
     const int64_t full = n_slots / 64, rest = n_slots % 64;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * nb * 64))
     for (int64_t r = 0; r < rows; r++) {
         const int64_t query = r / h, head = r % h;
         for (int64_t i = 0; i < nb; i++) {
@@ -897,16 +948,18 @@ __attribute__((optimize("fp-contract=fast")))
 int dsv4_attn_block_values(const float *probs, const float *tail, const float *rows, const int64_t *idx, int64_t b,
                            int64_t s, int64_t h, int64_t d, int64_t k, int64_t n, float *out) {
     const int64_t full = k / 64, rest = k % 64, nb = full + (rest > 0);
-    const float *row[64];
+    int bad = 0;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(b * s * k * h * d)) reduction(|:bad)
     for (int64_t query = 0; query < b * s; query++) {
+        const float *row[64];
         const int64_t *slots = idx + query * k;
         const float *batch_rows = rows + query / s * n * d;
         for (int64_t i = 0; i < nb; i++) {
             const int64_t width = i < full ? 64 : rest;
             for (int64_t j = 0; j < width; j++) {
                 const int64_t at = slots[i * 64 + j];
-                if (at >= n) return -2;
-                row[j] = batch_rows + (at < 0 ? 0 : at) * d;
+                bad |= at >= n;
+                row[j] = batch_rows + (at < 0 || at >= n ? 0 : at) * d;
             }
             for (int64_t head = 0; head < h; head++) {
                 const float *p = i < full ? probs + ((query * full + i) * h + head) * 64 : tail + (query * h + head) * rest;
@@ -937,6 +990,66 @@ int dsv4_attn_block_values(const float *probs, const float *tail, const float *r
                     o[x] = a;
                 }
             }
+        }
+    }
+    return bad ? -2 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ vocabulary head */
+
+/* A few rows times a vocabulary-sized float weight kept in panels: out [M, N] = x [M, K] W^T, W stored as
+ * panels [ceil(N / 32)][K][32] (panel p holds outputs 32p .. 32p + 31 of every k, zeros past N), so each panel
+ * is one sequential read that the rows reuse while it is in cache; the panels are split between threads. A
+ * product's sum runs over k in order with fused multiply-adds (plain fp32: BLAS sums in an order of its own
+ * too). The head is a memory-bound stream at a decode's few rows, where BLAS's GEMM ran at about a third of it. */
+#define PANEL 32
+#define HEAD_TILE(M)                                                                                                \
+    static void head_tile_##M(const float *x, int64_t k, const float *panel, float *out, int64_t n, int64_t cols) { \
+        f32x16 a0[M], a1[M];                                                                                        \
+        for (int r = 0; r < M; r++) a0[r] = a1[r] = (f32x16){0};                                                    \
+        for (int64_t j = 0; j < k; j++) {                                                                           \
+            __builtin_prefetch(panel + (j + 16) * PANEL);                                                           \
+            __builtin_prefetch(panel + (j + 16) * PANEL + 16);                                                      \
+            const f32x16 w0 = load16(panel + j * PANEL), w1 = load16(panel + j * PANEL + 16);                       \
+            for (int r = 0; r < M; r++) {                                                                           \
+                const f32x16 v = (f32x16){0} + x[r * k + j];                                                        \
+                a0[r] += v * w0;                                                                                    \
+                a1[r] += v * w1;                                                                                    \
+            }                                                                                                       \
+        }                                                                                                           \
+        for (int r = 0; r < M; r++) {                                                                               \
+            float tile[PANEL];                                                                                      \
+            store16(tile, a0[r]);                                                                                   \
+            store16(tile + 16, a1[r]);                                                                              \
+            memcpy(out + r * n, tile, sizeof(float) * (size_t)cols);                                                \
+        }                                                                                                           \
+    }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#endif
+HEAD_TILE(1)
+HEAD_TILE(2)
+HEAD_TILE(4)
+HEAD_TILE(8)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+int dsv4_panel_gemm(const float *x, int64_t m, int64_t k, const float *panels, int64_t n, float *out) {
+    const int64_t count = (n + PANEL - 1) / PANEL;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(m * k * n))
+    for (int64_t p = 0; p < count; p++) {
+        const float *panel = panels + p * k * PANEL;
+        const int64_t col = p * PANEL, cols = n - col < PANEL ? n - col : PANEL;
+        for (int64_t r = 0; r < m;) { /* rows eight, four, two or one at a time */
+            const int64_t left = m - r;
+            const float *xr = x + r * k;
+            float *o = out + r * n + col;
+            if (left >= 8) { head_tile_8(xr, k, panel, o, n, cols); r += 8; }
+            else if (left >= 4) { head_tile_4(xr, k, panel, o, n, cols); r += 4; }
+            else if (left >= 2) { head_tile_2(xr, k, panel, o, n, cols); r += 2; }
+            else { head_tile_1(xr, k, panel, o, n, cols); r += 1; }
         }
     }
     return 0;
@@ -1116,10 +1229,9 @@ static float torch_row_sum(const float *x, int64_t n, int lanes) {
 int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, const float *weight, float eps,
                   int lanes, float *inv_out) {
     if (lanes != 8 && lanes != 16) return -1;
-    float *buf = malloc(sizeof(float) * (size_t)(2 * n + 1));
-    if (!buf) return -1;
-    float *xf = buf, *sq = buf + n;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n))
     for (int64_t r = 0; r < rows; r++) {
+        float xf[n + 1], sq[n + 1];
         for (int64_t i = 0; i < n; i++) {
             xf[i] = load(x, bf16, r * n + i);
             sq[i] = xf[i] * xf[i];
@@ -1128,7 +1240,6 @@ int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, c
         if (inv_out) inv_out[r] = inv;
         for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, weight[i] * (xf[i] * inv));
     }
-    free(buf);
     return 0;
 }
 
@@ -1136,16 +1247,15 @@ int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, c
  * reference's rounding as in `dsv4_rms_norm` */
 int dsv4_rms_factor(const void *x, float *inv, int bf16, int64_t rows, int64_t n, float eps, int lanes) {
     if (lanes != 8 && lanes != 16) return -1;
-    float *sq = malloc(sizeof(float) * (size_t)(n ? n : 1));
-    if (!sq) return -1;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n))
     for (int64_t r = 0; r < rows; r++) {
+        float sq[n + 1];
         for (int64_t i = 0; i < n; i++) {
             const float v = load(x, bf16, r * n + i);
             sq[i] = v * v;
         }
         inv[r] = 1.0f / sqrtf(torch_row_sum(sq, n, lanes) / (float)n + eps);
     }
-    free(sq);
     return 0;
 }
 
@@ -1164,6 +1274,7 @@ INLINE void rope_rows(const void *x, void *out, const int bf16, int64_t rows, in
                       const float *cos_, const float *sin_, int64_t group, int inverse) {
     const int64_t nope = width - 2 * half;
     const size_t elem = bf16 ? 2 : 4;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * width))
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos_ + (r / group) * half, *s = sin_ + (r / group) * half;
         memcpy((char *)out + (size_t)(r * width) * elem, (const char *)x + (size_t)(r * width) * elem,
@@ -1191,8 +1302,10 @@ int dsv4_rope(const void *x, void *out, int bf16, int64_t rows, int64_t width, i
  * x [T, h, d] in x's dtype, post [T, h] and comb [T, h, h] fp32; the products rounded to fp32 and added over j
  * in order, as the reference does. */
 INLINE void hc_post_rows(const void *out, const void *x, void *dst, const int bf16, int64_t t, int64_t h, int64_t d,
-                         const float *post, const float *comb, float *mixed) {
+                         const float *post, const float *comb) {
+    #pragma omp parallel for schedule(static) num_threads(split_threads(t * h * h * d))
     for (int64_t r = 0; r < t; r++) {
+        float mixed[d + 1];
         const float *c = comb + r * h * h;
         for (int64_t k = 0; k < h; k++) {
             for (int64_t i = 0; i < d; i++) mixed[i] = c[k] * load(x, bf16, (r * h) * d + i);
@@ -1209,11 +1322,8 @@ INLINE void hc_post_rows(const void *out, const void *x, void *dst, const int bf
 
 int dsv4_hc_post(const void *out, const void *x, void *dst, int bf16, int64_t t, int64_t h, int64_t d,
                  const float *post, const float *comb) {
-    float *mixed = malloc(sizeof(float) * (size_t)d);
-    if (!mixed) return -1;
-    if (bf16) hc_post_rows(out, x, dst, 1, t, h, d, post, comb, mixed);
-    else hc_post_rows(out, x, dst, 0, t, h, d, post, comb, mixed);
-    free(mixed);
+    if (bf16) hc_post_rows(out, x, dst, 1, t, h, d, post, comb);
+    else hc_post_rows(out, x, dst, 0, t, h, d, post, comb);
     return 0;
 }
 
@@ -1221,6 +1331,7 @@ int dsv4_hc_post(const void *out, const void *x, void *dst, int bf16, int64_t t,
  * products rounded to fp32 and added in order from 0, which is torch's reduction over h <= 4 streams */
 INLINE void hc_collapse_rows(const void *x, const float *pre, void *u, const int bf16, int64_t t, int64_t h,
                              int64_t d) {
+    #pragma omp parallel for schedule(static) num_threads(split_threads(t * h * d))
     for (int64_t r = 0; r < t; r++)
         for (int64_t lo = 0; lo < d; lo += 64) { /* 64 sums at a time, each stream added to all of them in turn */
             const int64_t n = d - lo < 64 ? d - lo : 64;
