@@ -468,6 +468,7 @@ def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
     with pytest.raises(build.NativeUnavailable, match="failed"):
         build.build()
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to be loaded
+    assert not list((tmp_path / "cache").glob("*.no-openmp"))  # the source failed, not OpenMP: asked again next time
 
 
 def test_auto_picks_native_on_the_cpu():

@@ -18,6 +18,7 @@ says). Two runtimes would each keep a pool of spinning threads and fight over th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -133,13 +134,16 @@ def build(cc: str | None = None) -> Path:
     cc = cc or compiler()
     with_openmp = library_path(cc)
     refused = with_openmp.with_suffix(".no-openmp")
-    if not refused.exists():
-        try:
-            return _compile(cc, (*FLAGS, OPENMP), with_openmp)
-        except NativeUnavailable as exc:
+    if refused.exists():
+        return _compile(cc, FLAGS, library_path(cc, FLAGS))
+    try:
+        return _compile(cc, (*FLAGS, OPENMP), with_openmp)
+    except NativeUnavailable as exc:
+        without = _compile(cc, FLAGS, library_path(cc, FLAGS))  # a failure here is the source's or the compiler's
+        logging.getLogger(__name__).info("%s\nbuilt dsv4's native kernels without OpenMP (one thread)", exc)
+        with contextlib.suppress(OSError):  # only OpenMP was refused: remember it
             refused.write_text(str(exc))
-            logging.getLogger(__name__).info("%s\nbuilding dsv4's native kernels without OpenMP (one thread)", exc)
-    return _compile(cc, FLAGS, library_path(cc, FLAGS))
+        return without
 
 
 def _compile(cc: str, flags: tuple[str, ...], target: Path) -> Path:
@@ -174,9 +178,9 @@ def openmp_runtimes(maps: str | None = None) -> set[str]:
             return set()
     found = set()
     for line in maps.splitlines():
-        path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
-        if Path(path).name.startswith(_OPENMP_RUNTIMES):
-            found.add(path)
+        fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode, path (absent for anonymous maps)
+        if len(fields) == 6 and Path(fields[5]).name.startswith(_OPENMP_RUNTIMES):
+            found.add(fields[5])
     return found
 
 
