@@ -398,7 +398,34 @@ def test_routed_and_shared_experts_agree_with_the_reference(monkeypatch, dtype, 
                                7.0), REF.routed_experts(x, weights, ids, experts, held, 7.0), rel)
     _close(FAST.swiglu(x, experts[0], 7.0), REF.swiglu(x, experts[0], 7.0), rel)
     _close(FAST.swiglu(x, experts[1], 7.0, weights[:, :1]), REF.swiglu(x, experts[1], 7.0, weights[:, :1]), rel)
-    assert lib.calls == {"dsv4_routed_experts": 2, "dsv4_swiglu": 2}
+    routed = "dsv4_panel_experts" if fmt == "float" and dtype == torch.float32 else "dsv4_routed_experts"
+    assert lib.calls == {routed: 2, "dsv4_swiglu": 2}
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 200])
+def test_plain_float_experts_run_in_panels_whatever_the_rows(monkeypatch, tokens):
+    """Plain fp32 experts run in one C call over their panels at any number of rows (a decode's, a prefill's):
+    within fp32 rounding of the reference, with the experts held elsewhere left out, a repeated id added in slot
+    order, and each token's result the same bits alone as in its batch."""
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    experts = _experts(8, 128, 96, "float")
+    gen = torch.Generator().manual_seed(tokens)
+    x = _rand(tokens, 128, seed=tokens) * 4
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(tokens)])
+    ids[0, 1] = ids[0, 0]  # a repeated id
+    weights = torch.rand(tokens, 2, generator=gen)
+    which = sorted(set(ids.flatten().tolist()))
+    with torch.inference_mode():
+        got = FAST.routed_experts(x, weights, ids, experts, which, 7.0)
+        _close(got, REF.routed_experts(x, weights, ids, experts, which, 7.0), 1e-5)
+        held = which[1::2]
+        _close(FAST.routed_experts(x, weights, ids, [e if i in held else None for i, e in enumerate(experts)], held,
+                                   7.0), REF.routed_experts(x, weights, ids, experts, held, 7.0), 1e-5)
+        for t in {0, tokens // 2, tokens - 1}:
+            alone = FAST.routed_experts(x[t:t + 1], weights[t:t + 1], ids[t:t + 1], experts, which, 7.0)
+            assert torch.equal(alone[0], got[t])
+    assert set(lib.calls) == {"dsv4_panel_experts"}
 
 
 def test_float_experts_stored_as_strided_views_are_read_as_their_values():

@@ -127,7 +127,7 @@ def _panel_form(weight: Tensor, scale: None) -> tuple[Tensor]:
     """A float weight [N, K] as `dsv4_panel_gemm` reads it: panels [ceil(N / 32), K, 32] fp32 of 32 outputs each,
     zeros past N."""
     n, k = weight.shape
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()
     if n % PANEL:
         w = torch.cat((w, w.new_zeros(PANEL - n % PANEL, k)))
     return (w.view(-1, PANEL, k).transpose(1, 2).contiguous(),)
@@ -399,6 +399,8 @@ class NativeBackend(CpuBackend):
         """Each token's experts, one C call for the batch: a token runs each routed expert held here (`which`) on
         its row and adds the outputs in increasing expert id."""
         first = experts[which[0]] if which else None
+        if first is not None and self._in_expert_panels(x, first):
+            return self._panel_experts(x, weights, ids, experts, set(which), limit)
         if first is None or not self._runs_native(x, first, ids.numel()):
             return super().routed_experts(x, weights, ids, experts, which, limit)
         held = set(which)
@@ -413,6 +415,43 @@ class NativeBackend(CpuBackend):
         _check(self.lib.dsv4_routed_experts(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], ids.shape[0],
                                             ids.shape[1], ids.data_ptr(), weights.data_ptr(), len(experts), table,
                                             self._dims(first, x.shape[-1]), limit), "routed_experts")
+        return out
+
+    def _in_expert_panels(self, x: Tensor, expert: ExpertWeights) -> bool:
+        """Whether an expert (and the others of its table) runs as `_panel_experts`: plain fp32 rows and float
+        weights, no gradient wanted, its panels kept by the decoded-weight cache."""
+        w1, w3, w2 = expert.w1, expert.w3, expert.w2
+        inter, d = w1.shape[0], x.shape[-1]
+        return (x.dtype == torch.float32 and all(w.dtype == torch.float32 and w.dim() == 2 for w in (w1, w3, w2))
+                and expert.s1 is None and expert.s3 is None and expert.s2 is None
+                and w1.shape == w3.shape == (inter, d) and w2.shape == (d, inter) and _inference(x, w1, w3, w2)
+                and self.decoded.keeps(w1, "panels", 3 * (inter + PANEL) * (d + PANEL) * 4))
+
+    def _panel_experts(self, x: Tensor, weights: Tensor | None, ids: Tensor, experts: Sequence[ExpertWeights | None],
+                       held: set[int], limit: float) -> Tensor:
+        """Float experts over any number of rows in one C call (`dsv4_panel_experts`): the routed rows grouped by
+        expert and run eight at a time over the weights kept in panels (each read once per eight rows, where a
+        row-by-row product or the reference's gathers, GEMMs and scatters cost a prefill's MoE several times its
+        arithmetic), each token's outputs added in increasing expert id. Plain fp32 sums over k in order: within
+        1e-5 of the reference, the same bits for a token whatever its batch (a decode's and a prefill's alike).
+        weights None: unweighted (the shared expert)."""
+        d = x.shape[-1]
+        inter = experts[next(iter(held))].w1.shape[0]
+        table = (ctypes.c_int64 * (3 * len(experts)))()
+        keep: list = []
+        for e in {e for row in ids.tolist() for e in row} & held:
+            expert = experts[e]
+            for i, w in enumerate((expert.w1, expert.w3, expert.w2)):
+                (panels,) = self.decoded.get(w, None, "panels")
+                keep.append(panels)
+                table[3 * e + i] = panels.data_ptr()
+        x = x.reshape(-1, d).contiguous()
+        ids = ids.to(torch.int64).contiguous()
+        route = None if weights is None else weights.to(torch.float32).contiguous()
+        out = torch.empty(x.shape, dtype=torch.float32)
+        _check(self.lib.dsv4_panel_experts(x.data_ptr(), out.data_ptr(), ids.shape[0], ids.shape[1], ids.data_ptr(),
+                                           None if route is None else route.data_ptr(), len(experts), table, d,
+                                           inter, limit), "routed_experts")
         return out
 
     # ------------------------------------------------------------------------------------------ attention

@@ -788,6 +788,10 @@ static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
 typedef float f32x16 __attribute__((vector_size(64)));
 static inline f32x16 load16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
+/* s in every lane, as one broadcast load (`(f32x16){0} + s` is a scalar addition, kept for its -0.0 rule, and a
+ * broadcast through the shuffle port, which shares an FMA unit's port: the panel products ran at half speed) */
+static inline f32x16 splat16(float s) { return (f32x16){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+static inline f32x8 splat8(float s) { return (f32x8){s, s, s, s, s, s, s, s}; }
 static inline f32x8 select8(i32x8 mask, f32x8 a, f32x8 b) { /* lanes of a where mask is all ones, else of b */
     return (f32x8)((mask & (i32x8)a) | (~mask & (i32x8)b));
 }
@@ -968,7 +972,7 @@ int dsv4_attn_block_values(const float *probs, const float *tail, const float *r
                 for (; x + 128 <= d; x += 128) { /* 128 outputs in eight vectors, each a sum in slot order */
                     f32x16 a[8] = {{0}};
                     for (int64_t j = 0; j < width; j++) {
-                        const f32x16 pj = (f32x16){0} + p[j];
+                        const f32x16 pj = splat16(p[j]);
                         const float *r = row[j] + x;
                         for (int v = 0; v < 8; v++) a[v] += pj * load16(r + 16 * v);
                     }
@@ -976,12 +980,12 @@ int dsv4_attn_block_values(const float *probs, const float *tail, const float *r
                 }
                 for (; x + 16 <= d; x += 16) {
                     f32x16 a = {0};
-                    for (int64_t j = 0; j < width; j++) a += ((f32x16){0} + p[j]) * load16(row[j] + x);
+                    for (int64_t j = 0; j < width; j++) a += splat16(p[j]) * load16(row[j] + x);
                     store16(o + x, a);
                 }
                 for (; x + 8 <= d; x += 8) {
                     f32x8 a = {0};
-                    for (int64_t j = 0; j < width; j++) a += ((f32x8){0} + p[j]) * load8(row[j] + x);
+                    for (int64_t j = 0; j < width; j++) a += splat8(p[j]) * load8(row[j] + x);
                     store8(o + x, a);
                 }
                 for (; x < d; x++) {
@@ -1012,7 +1016,7 @@ int dsv4_attn_block_values(const float *probs, const float *tail, const float *r
             __builtin_prefetch(panel + (j + 16) * PANEL + 16);                                                      \
             const f32x16 w0 = load16(panel + j * PANEL), w1 = load16(panel + j * PANEL + 16);                       \
             for (int r = 0; r < M; r++) {                                                                           \
-                const f32x16 v = (f32x16){0} + x[r * k + j];                                                        \
+                const f32x16 v = splat16(x[r * k + j]);                                                             \
                 a0[r] += v * w0;                                                                                    \
                 a1[r] += v * w1;                                                                                    \
             }                                                                                                       \
@@ -1036,23 +1040,118 @@ HEAD_TILE(8)
 #pragma GCC pop_options
 #endif
 
+/* out [M, cols] (row stride n) = x [M, K] times one panel [K, 32]: rows eight, four, two or one at a time, each
+ * row's sums the same whatever tile it falls in */
+static void panel_rows(const float *x, int64_t m, int64_t k, const float *panel, float *out, int64_t n, int64_t cols) {
+    for (int64_t r = 0; r < m;) {
+        const int64_t left = m - r;
+        const float *xr = x + r * k;
+        float *o = out + r * n;
+        if (left >= 8) { head_tile_8(xr, k, panel, o, n, cols); r += 8; }
+        else if (left >= 4) { head_tile_4(xr, k, panel, o, n, cols); r += 4; }
+        else if (left >= 2) { head_tile_2(xr, k, panel, o, n, cols); r += 2; }
+        else { head_tile_1(xr, k, panel, o, n, cols); r += 1; }
+    }
+}
+
+/* out [M, N] = x [M, K] times every panel of a weight [ceil(N / 32)][K][32] */
+static void panels_product(const float *x, int64_t m, int64_t k, const float *panels, int64_t n, float *out) {
+    for (int64_t col = 0; col < n; col += PANEL)
+        panel_rows(x, m, k, panels + col * k, out + col, n, n - col < PANEL ? n - col : PANEL);
+}
+
 int dsv4_panel_gemm(const float *x, int64_t m, int64_t k, const float *panels, int64_t n, float *out) {
     const int64_t count = (n + PANEL - 1) / PANEL;
     #pragma omp parallel for schedule(static) num_threads(split_threads(m * k * n))
     for (int64_t p = 0; p < count; p++) {
-        const float *panel = panels + p * k * PANEL;
-        const int64_t col = p * PANEL, cols = n - col < PANEL ? n - col : PANEL;
-        for (int64_t r = 0; r < m;) { /* rows eight, four, two or one at a time */
-            const int64_t left = m - r;
-            const float *xr = x + r * k;
-            float *o = out + r * n + col;
-            if (left >= 8) { head_tile_8(xr, k, panel, o, n, cols); r += 8; }
-            else if (left >= 4) { head_tile_4(xr, k, panel, o, n, cols); r += 4; }
-            else if (left >= 2) { head_tile_2(xr, k, panel, o, n, cols); r += 2; }
-            else { head_tile_1(xr, k, panel, o, n, cols); r += 1; }
-        }
+        const int64_t col = p * PANEL;
+        panel_rows(x, m, k, panels + p * k * PANEL, out + col, n, n - col < PANEL ? n - col : PANEL);
     }
     return 0;
+}
+
+/* Float (fp32) experts over a batch, their weights in panels (w1, w3 [ceil(I / 32)][D][32], w2
+ * [ceil(D / 32)][I][32]): out [T, D] fp32 = each token's experts ids [T, topk] that `panels` holds (3 pointers per
+ * expert, w1 w3 w2; 0 for an expert not run here), weighted by weights [T, topk] before w2 (NULL: unweighted, the
+ * shared expert), added into its row in increasing expert id (the reference's order; a repeated id in slot
+ * order). The routed rows are grouped by expert (token order inside) and run eight at a time, so an expert's
+ * panels are read once for eight rows instead of once per row; each row's sums run over k in order whatever its
+ * group, so a token's result does not depend on its batch. The groups split between threads, then the tokens'
+ * sums. */
+#define EXPERT_ROWS 8
+int dsv4_panel_experts(const float *x, float *out, int64_t t, int64_t topk, const int64_t *ids, const float *weights,
+                       int64_t n_experts, const int64_t *panels, int64_t d, int64_t inter, float limit) {
+    const int64_t n = t * topk;
+    int64_t *count = calloc((size_t)n_experts + 1, sizeof(int64_t));
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));   /* routed rows grouped by expert */
+    int64_t *tiles = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));   /* each group's first row in `order` */
+    float *routed = malloc(sizeof(float) * (size_t)(n * d + 1));     /* each routed row's output */
+    if (!count || !order || !tiles || !routed) { free(count); free(order); free(tiles); free(routed); return -1; }
+    for (int64_t a = 0; a < n; a++)
+        if (ids[a] >= 0 && ids[a] < n_experts && panels[3 * ids[a]]) count[ids[a] + 1]++;
+    for (int64_t e = 0; e < n_experts; e++) count[e + 1] += count[e]; /* count[e]: expert e's first row */
+    int64_t n_tiles = 0;
+    for (int64_t e = 0; e < n_experts; e++)
+        for (int64_t at = count[e]; at < count[e + 1]; at += EXPERT_ROWS) tiles[n_tiles++] = at;
+    {
+        int64_t *next = malloc(sizeof(int64_t) * (size_t)(n_experts ? n_experts : 1));
+        if (!next) { free(count); free(order); free(tiles); free(routed); return -1; }
+        memcpy(next, count, sizeof(int64_t) * (size_t)n_experts);
+        for (int64_t a = 0; a < n; a++)
+            if (ids[a] >= 0 && ids[a] < n_experts && panels[3 * ids[a]]) order[next[ids[a]]++] = a;
+        free(next);
+    }
+    int failed = 0;
+    #pragma omp parallel num_threads(split_threads(count[n_experts] * 3 * d * inter)) reduction(|:failed)
+    {
+        float *rows = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * d));
+        float *gate = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * inter));
+        float *up = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * inter));
+        float *y = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * d));
+        if (!rows || !gate || !up || !y) failed = 1;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_tiles; i++) {
+            if (failed) continue;
+            const int64_t lo = tiles[i], e = ids[order[lo]];
+            const int64_t m = count[e + 1] - lo < EXPERT_ROWS ? count[e + 1] - lo : EXPERT_ROWS;
+            const float *w1 = (const float *)panels[3 * e], *w3 = (const float *)panels[3 * e + 1];
+            const float *w2 = (const float *)panels[3 * e + 2];
+            for (int64_t r = 0; r < m; r++) memcpy(rows + r * d, x + order[lo + r] / topk * d, sizeof(float) * (size_t)d);
+            panels_product(rows, m, d, w1, inter, gate);
+            panels_product(rows, m, d, w3, inter, up);
+            for (int64_t r = 0; r < m; r++) {
+                const float *route = weights ? weights + order[lo + r] : NULL;
+                for (int64_t j = 0; j < inter; j++) {
+                    float g = gate[r * inter + j], u = up[r * inter + j];
+                    g = g > limit ? limit : g;
+                    u = u > limit ? limit : (u < -limit ? -limit : u);
+                    float h = g / (1.0f + expf(-g)) * u; /* F.silu(g) * up, as `swiglu_row` */
+                    if (route) h = *route * h;
+                    gate[r * inter + j] = h;
+                }
+            }
+            panels_product(gate, m, inter, w2, d, y);
+            for (int64_t r = 0; r < m; r++) memcpy(routed + order[lo + r] * d, y + r * d, sizeof(float) * (size_t)d);
+        }
+        free(rows); free(gate); free(up); free(y);
+    }
+    if (!failed) {
+        #pragma omp parallel for schedule(static) num_threads(split_threads(n * d))
+        for (int64_t r = 0; r < t; r++) {
+            float *o = out + r * d;
+            for (int64_t j = 0; j < d; j++) o[j] = 0.0f;
+            for (int64_t e = 0; e < n_experts; e++) { /* the row's experts in increasing id, slots in order */
+                if (!panels[3 * e]) continue;
+                for (int64_t slot = 0; slot < topk; slot++) {
+                    if (ids[r * topk + slot] != e) continue;
+                    const float *src = routed + (r * topk + slot) * d;
+                    for (int64_t j = 0; j < d; j++) o[j] += src[j];
+                }
+            }
+        }
+    }
+    free(count); free(order); free(tiles); free(routed);
+    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------ indexer top-k */
