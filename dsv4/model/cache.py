@@ -119,6 +119,11 @@ class CompressorState:
     score: Tensor  # [B, R, coff*c] fp32, wgate projections + ape of the same tokens
     entries: EntryStore  # finished compressed entries, [B, capacity // ratio, c] logically
 
+    @property
+    def ring(self) -> int:
+        """R, the tokens the ring holds."""
+        return self.kv.shape[1]
+
     def write_slots(self, slots: Tensor, kv: Tensor, score: Tensor) -> None:
         """Ring slots [B, S] of each row <- kv, score [B, S, coff*c] (distinct slots: S new tokens a row), in place."""
         rows = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
@@ -362,6 +367,10 @@ class CompressorStateRows:
         self.parent = parent
         self.rows = rows
         self.entries = parent.entries.select(rows)
+
+    @property
+    def ring(self) -> int:
+        return self.parent.kv.shape[1]  # (not `kv`: these rows' ring is a gathered copy)
 
     @property
     def kv(self) -> Tensor:

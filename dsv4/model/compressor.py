@@ -107,7 +107,7 @@ class Compressor(nn.Module):
         batch after the chunk: readers take entries 0..n-1 from `state.entries` (a row's entries beyond its own
         count are stale and masked by every reader)."""
         r = self.ratio
-        ring = state.kv.shape[1]  # R = coff * r most recent tokens
+        ring = state.ring  # R = coff * r most recent tokens
         plan = ctx.shared(("compress", r, ring), lambda: _ChunkPlan.build(ctx, r, ring))  # the layers' common part
         xf = x.to(torch.float32)
         kv = self.wkv(xf)  # [B,S,coff*c]
@@ -125,7 +125,7 @@ class Compressor(nn.Module):
                        ctx: ForwardContext, rewrite: bool) -> None:
         """Pool the finished blocks from the ring and the chunk, and (`rewrite`, for a kept chunk the caller does
         not write in place) rebuild the ring from both."""
-        ring, start = state.kv.shape[1], ctx.start
+        ring, start = state.ring, ctx.start
         # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk
         ext_kv = torch.cat((gather_rows(state.kv, plan.ring_order), kv), dim=1)  # [B,R+S,coff*c]
         ext_score = torch.cat((gather_rows(state.score, plan.ring_order), score), dim=1)
