@@ -391,3 +391,32 @@ def test_draft_tokens():
     many, _ = draft_tokens(Sampler(seed=0), logits[2].expand(n, 16).clone(), [params[2]] * n,
                            [SequenceState() for _ in range(n)])
     assert total_variation(many.tolist(), q[2]) < tv_tolerance(n, 16)
+
+
+def test_plain_greedy_drafts_and_verification_are_the_processed_ones():
+    """Greedy rows without penalties or a grammar skip the logit processing: the same drafts (the first maximum,
+    ties and NaN included), the same one-hot q, and the same verification as through `process_logits` (forced here
+    by asking for logprobs, which only the processed path reports)."""
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 512, generator=gen)
+    logits[1, 10] = logits[1, 300] = logits[1].max() + 1  # a tie: the lower id
+    logits[2, 77] = float("nan")
+    logits[3] = 0.0
+    params = [SamplingParams(temperature=0)] * len(logits)
+    states = [SequenceState() for _ in logits]
+    tokens, q = draft_tokens(Sampler(), logits, params, states)
+    processed = process_logits(logits, params, states)
+    assert tokens.tolist() == Sampler().draw(processed, params, states).tolist() == [
+        int(logits[0].argmax()), 10, 77, 0, int(logits[4].argmax()), int(logits[5].argmax())]
+    assert torch.equal(q, processed.probs())
+    for trial in range(12):
+        k = trial % 4
+        target = torch.randn(k + 1, 512, generator=gen)
+        drafts = [int(t) if trial % 3 else int(t + 1) for t in target[:k].argmax(-1)]
+        quick = verify_drafts(Sampler(), target, drafts, torch.zeros(k, 512), SamplingParams(temperature=0,
+                              max_tokens=2), SequenceState())
+        full = verify_drafts(Sampler(), target, drafts, torch.zeros(k, 512), SamplingParams(temperature=0,
+                             max_tokens=2, logprobs=0), SequenceState())
+        assert (quick.token_ids, quick.accepted, quick.finish_reason) == (full.token_ids, full.accepted,
+                                                                          full.finish_reason)
+        assert quick.logprobs is None and len(full.logprobs) == len(full.token_ids)

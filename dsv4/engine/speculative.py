@@ -159,9 +159,19 @@ def draft_tokens(sampler: Sampler, logits: Tensor, params: Sequence[SamplingPara
     output; greedy rows are the argmax with a one-hot q. Sampled rows draw from the request's generator (or the
     shared one) with the `Sampler`'s Exp-noise rule, so a seeded request's drafts do not depend on the batch,
     but its stream does differ from non-speculative decoding. Appends nothing to the states."""
+    if all(_plain_greedy(p) for p in params):  # process_logits would leave the logits as they are
+        tokens = greedy_tokens(logits.to(torch.float32))
+        return tokens, torch.zeros(logits.shape, device=logits.device).scatter_(1, tokens.unsqueeze(1), 1.0)
     scoring = states if drafted is None else [st.counting(d) for st, d in zip(states, drafted, strict=True)]
     processed = process_logits(logits, params, scoring)
     return sampler.draw(processed, params, states), processed.probs()
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Greedy without penalties or a grammar: `process_logits` leaves such a row's logits as they are (fp32), so
+    its token is their greedy token and its distribution the one-hot there. The speculative step's common case
+    takes these few ops instead of the processing's dozens."""
+    return params.greedy and not params.penalised and params.grammar is None
 
 
 @torch.no_grad()
@@ -183,6 +193,12 @@ def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int]
     device, vocab = target_logits.device, target_logits.shape[1]
     if tuple(draft_probs.shape) != (k, vocab):
         raise ValueError(f"{k} drafts need draft probs [{k}, {vocab}], got shape {tuple(draft_probs.shape)}")
+    if _plain_greedy(params) and params.logprobs is None:  # accept while d_j is the greedy token, then emit it
+        target = greedy_tokens(target_logits.to(torch.float32)).tolist()  # [k+1]
+        accepted = 0
+        while accepted < k and drafts[accepted] == target[accepted]:
+            accepted += 1
+        return _emit([*drafts[:accepted], target[accepted]], accepted, sampler, params, state, None)
     if params.penalised:
         state._penalty_tensors(vocab, device)  # build the counts once on the request; the copies clone them
     if params.penalised or params.grammar is not None:  # row i sees d_1..d_i as output (counts, grammar)
@@ -211,9 +227,16 @@ def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int]
         last = (torch.where(residual.sum() > 0, residual, p[accepted]) / noise).argmax()
     else:
         last = (processed.weights[k] / noise).argmax()  # the bonus token: Sampler.sample's own draw from p_{k+1}
+    return _emit([*drafts[:accepted], int(last)], accepted, sampler, params, state, processed.scaled)
+
+
+def _emit(tokens: list[int], accepted: int, sampler: Sampler, params: SamplingParams, state: SequenceState,
+          scaled: Tensor | None) -> VerifyOutput:
+    """Record the step's tokens in `state` as `Sampler.sample` records its own, stopping at the first finishing
+    token; their logprobs from the processed target rows `scaled` when the params ask for them."""
     emitted: list[int] = []
     reason = None
-    for t in [*drafts[:accepted], int(last)]:
+    for t in tokens:
         emitted.append(t)
         reason = sampler.record(t, params, state)
         if reason is not None:
@@ -221,5 +244,5 @@ def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int]
     logprobs = None
     if params.logprobs is not None:
         n = len(emitted)
-        logprobs = token_logprobs(processed.scaled[:n], torch.tensor(emitted, device=device), [params.logprobs] * n)
+        logprobs = token_logprobs(scaled[:n], torch.tensor(emitted, device=scaled.device), [params.logprobs] * n)
     return VerifyOutput(emitted, accepted, reason, logprobs)

@@ -26,6 +26,11 @@ one call into `kernels.c` (built at first use, `build.py`):
   ([N/32, K, 32]), each panel one sequential read that every row uses while it is in cache (BLAS ran this
   memory-bound product at a half to a third of the memory's speed here). Its sums run in their own order: fp32
   rounding from the reference's (1e-5), as the "cpu" backend's transposed copy already was.
+* `routed_experts` of plain fp32 experts over any number of rows (a decode's, a prefill's): the routed rows grouped
+  by expert and run eight at a time over the weights kept in panels, then each token's outputs added in increasing
+  expert id, one C call where a prefill's MoE was gathers, padded batched GEMMs and scatters costing about three
+  times its arithmetic. Sums over k in order, so a token's result is the same bits in any batch (1e-5 from the
+  reference's BLAS order).
 
 The kernels' loops over rows (tokens, queries, a head's panels) split between torch's OpenMP threads when a call
 has enough work (`SPLIT_WORK` in `kernels.c`, a few tens of thousands of elements: a prefill chunk, a batch's
