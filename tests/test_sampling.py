@@ -437,7 +437,8 @@ def test_greedy_tokens_are_argmax_first_maximum_with_ties_and_nans():
     from dsv4.engine.sampling import greedy_tokens
 
     g = torch.Generator().manual_seed(0)
-    for vocab in (1, 7, 2_048, 2_048 + 37, 129_280):  # 2,048 and 129,280: whole blocks, searched block-wise
+    # 32,768 and 129,280: whole blocks, searched block-wise (2,048: whole blocks, but too few to pay)
+    for vocab in (1, 7, 2_048, 2_048 + 37, 32_768, 129_280):
         logits = torch.randint(-2, 2, (8, vocab), generator=g).float()  # many ties at the top, across blocks
         logits[1] = float("-inf")
         if vocab > 1:
