@@ -435,14 +435,13 @@ class NativeBackend(CpuBackend):
                 and w1.shape == w3.shape == (inter, d) and w2.shape == (d, inter) and _inference(x, w1, w3, w2)
                 and self.decoded.keeps(w1, "panels", 3 * (inter + PANEL) * (d + PANEL) * 4))
 
-    def _panel_experts(self, x: Tensor, weights: Tensor | None, ids: Tensor, experts: Sequence[ExpertWeights | None],
+    def _panel_experts(self, x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
                        held: set[int], limit: float) -> Tensor:
         """Float experts over any number of rows in one C call (`dsv4_panel_experts`): the routed rows grouped by
         expert and run eight at a time over the weights kept in panels (each read once per eight rows, where a
         row-by-row product or the reference's gathers, GEMMs and scatters cost a prefill's MoE several times its
         arithmetic), each token's outputs added in increasing expert id. Plain fp32 sums over k in order: within
-        1e-5 of the reference, the same bits for a token whatever its batch (a decode's and a prefill's alike).
-        weights None: unweighted (the shared expert)."""
+        1e-5 of the reference, the same bits for a token whatever its batch (a decode's and a prefill's alike)."""
         d = x.shape[-1]
         inter = experts[next(iter(held))].w1.shape[0]
         table = (ctypes.c_int64 * (3 * len(experts)))()
@@ -455,11 +454,10 @@ class NativeBackend(CpuBackend):
                 table[3 * e + i] = panels.data_ptr()
         x = x.reshape(-1, d).contiguous()
         ids = ids.to(torch.int64).contiguous()
-        route = None if weights is None else weights.to(torch.float32).contiguous()
+        route = weights.to(torch.float32).contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
         _check(self.lib.dsv4_panel_experts(x.data_ptr(), out.data_ptr(), ids.shape[0], ids.shape[1], ids.data_ptr(),
-                                           None if route is None else route.data_ptr(), len(experts), table, d,
-                                           inter, limit), "routed_experts")
+                                           route.data_ptr(), len(experts), table, d, inter, limit), "routed_experts")
         return out
 
     # ------------------------------------------------------------------------------------------ attention

@@ -1072,8 +1072,8 @@ int dsv4_panel_gemm(const float *x, int64_t m, int64_t k, const float *panels, i
 
 /* Float (fp32) experts over a batch, their weights in panels (w1, w3 [ceil(I / 32)][D][32], w2
  * [ceil(D / 32)][I][32]): out [T, D] fp32 = each token's experts ids [T, topk] that `panels` holds (3 pointers per
- * expert, w1 w3 w2; 0 for an expert not run here), weighted by weights [T, topk] before w2 (NULL: unweighted, the
- * shared expert), added into its row in increasing expert id (the reference's order; a repeated id in slot
+ * expert, w1 w3 w2; 0 for an expert not run here), weighted by weights [T, topk] before w2, added into its row in
+ * increasing expert id (the reference's order; a repeated id in slot
  * order). The routed rows are grouped by expert (token order inside) and run eight at a time, so an expert's
  * panels are read once for eight rows instead of once per row; each row's sums run over k in order whatever its
  * group, so a token's result does not depend on its batch. The groups split between threads, then the tokens'
@@ -1120,14 +1120,13 @@ int dsv4_panel_experts(const float *x, float *out, int64_t t, int64_t topk, cons
             panels_product(rows, m, d, w1, inter, gate);
             panels_product(rows, m, d, w3, inter, up);
             for (int64_t r = 0; r < m; r++) {
-                const float *route = weights ? weights + order[lo + r] : NULL;
+                const float route = weights[order[lo + r]];
                 for (int64_t j = 0; j < inter; j++) {
                     float g = gate[r * inter + j], u = up[r * inter + j];
                     g = g > limit ? limit : g;
                     u = u > limit ? limit : (u < -limit ? -limit : u);
-                    float h = g / (1.0f + expf(-g)) * u; /* F.silu(g) * up, as `swiglu_row` */
-                    if (route) h = *route * h;
-                    gate[r * inter + j] = h;
+                    const float h = g / (1.0f + expf(-g)) * u; /* F.silu(g) * up, as `swiglu_row` */
+                    gate[r * inter + j] = route * h;
                 }
             }
             panels_product(gate, m, inter, w2, d, y);
