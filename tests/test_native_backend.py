@@ -428,6 +428,21 @@ def test_plain_float_experts_run_in_panels_whatever_the_rows(monkeypatch, tokens
     assert set(lib.calls) == {"dsv4_panel_experts"}
 
 
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+def test_small_float_linears_are_the_references_bit_for_bit(x_dtype, w_dtype):
+    """A float weight of x's dtype short of a vocabulary goes straight to F.linear (the reference's product);
+    other dtype pairs keep the cast the reference makes. Same bits either way, with and without gradients."""
+    x = _rand(3, 5, 96, seed=1).to(x_dtype)
+    weight = _rand(200, 96, seed=2, scale=0.1).to(w_dtype)
+    got = FAST.linear(x, weight)
+    want = REF.linear(x, weight)
+    assert got.dtype == want.dtype == x_dtype and torch.equal(got, want)
+    trained = weight.clone().requires_grad_()
+    FAST.linear(x, trained).float().sum().backward()
+    assert trained.grad is not None and trained.grad.shape == weight.shape
+
+
 def test_float_experts_stored_as_strided_views_are_read_as_their_values():
     """The C chain reads a float expert's rows from memory: an expert whose weights are strided views (stored
     transposed), and not the first one the call looks at, still gives the reference's result."""

@@ -408,7 +408,7 @@ class NativeBackend(CpuBackend):
         its row and adds the outputs in increasing expert id."""
         first = experts[which[0]] if which else None
         if first is not None and self._in_expert_panels(x, first):
-            return self._panel_experts(x, weights, ids, experts, set(which), limit)
+            return self._panel_experts(x, weights, ids, experts, set(which), limit, first.w1.shape[0])
         if first is None or not self._runs_native(x, first, ids.numel()):
             return super().routed_experts(x, weights, ids, experts, which, limit)
         held = set(which)
@@ -436,14 +436,13 @@ class NativeBackend(CpuBackend):
                 and self.decoded.keeps(w1, "panels", 3 * (inter + PANEL) * (d + PANEL) * 4))
 
     def _panel_experts(self, x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
-                       held: set[int], limit: float) -> Tensor:
+                       held: set[int], limit: float, inter: int) -> Tensor:
         """Float experts over any number of rows in one C call (`dsv4_panel_experts`): the routed rows grouped by
         expert and run eight at a time over the weights kept in panels (each read once per eight rows, where a
         row-by-row product or the reference's gathers, GEMMs and scatters cost a prefill's MoE several times its
         arithmetic), each token's outputs added in increasing expert id. Plain fp32 sums over k in order: within
         1e-5 of the reference, the same bits for a token whatever its batch (a decode's and a prefill's alike)."""
         d = x.shape[-1]
-        inter = experts[next(iter(held))].w1.shape[0]
         table = (ctypes.c_int64 * (3 * len(experts)))()
         keep: list = []
         for e in {e for row in ids.tolist() for e in row} & held:
