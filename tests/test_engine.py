@@ -278,6 +278,50 @@ def test_prefix_cache_resumes_exactly_and_reports_cached_tokens(model):
     assert 0 < stats.prefix_bytes <= 1 << 22
 
 
+def test_greedy_rows_take_the_heads_greedy_token_and_the_rest_their_logits(model, monkeypatch):
+    """A request whose next token is all its logits are for (greedy; no penalties, grammar or logprobs; no prefix
+    save due) gets it from `Transformer.greedy_tokens`, which a backend may answer without computing every logit;
+    the others, in the same batch, from the sampler: the same tokens and logprobs as when every row computes its
+    logits. A finishing greedy request's logits still reach the prefix cache: a prompt of its whole tokens
+    samples its last token from them."""
+    ps = prompts(model, [9, 14, 5, 11], seed=7)
+    params = [greedy(6), SamplingParams(temperature=0.0, max_tokens=6, logprobs=2),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=6), SamplingParams(temperature=0.0, max_tokens=6,
+                                                                                   presence_penalty=0.5)]
+    greedy_tokens = type(model).greedy_tokens
+
+    def once(screen):
+        rows = []
+        monkeypatch.setattr(type(model), "greedy_tokens", lambda m, x: rows.append(x.shape[0]) or greedy_tokens(m, x))
+        if not screen:
+            monkeypatch.setattr(Engine, "_greedy_now", lambda self, req: False)
+        engine = Engine(model, max_batch=4, max_seq_len=48, prefill_chunk=5, prefix_cache_bytes=1 << 22)
+        out = {engine.add_request(p, sp): [] for p, sp in zip(ps, params, strict=True)}
+        while engine.has_unfinished():
+            for u in engine.step():
+                out[u.request_id] += [(t, lp) for t, lp in zip(u.new_token_ids, u.logprobs, strict=True)]
+        tokens = [t for t, _ in out[0]]
+        whole = engine.add_request(ps[0] + tokens[:-1], greedy(1))  # the end-of-output save, logits included
+        (update,) = engine.step()
+        assert update.request_id == whole and update.cached_tokens == len(ps[0]) + 5
+        assert update.new_token_ids == tokens[-1:]
+        monkeypatch.undo()
+        return out, rows
+
+    screened, rows = once(True)
+    logits = once(False)[0]
+    # the same tokens; logprobs within fp32 rounding (a GEMM of other rows may round its last bits otherwise)
+    assert {i: [t for t, _ in out] for i, out in screened.items()} == {i: [t for t, _ in out] for i, out in
+                                                                       logits.items()}
+    for (_, lp), (_, want) in zip(screened[1], logits[1], strict=True):
+        assert [i for i, _ in lp.top] == [i for i, _ in want.top]
+        assert lp.logprob == pytest.approx(want.logprob, abs=1e-5)
+    assert [t for t, _ in screened[0]] == alone(model, ps[0], 6)
+    # only request 0, once a step after its first token (the prompt's end, which the prefix cache saves)
+    assert sum(rows) == 5 and set(rows) == {1}
+    assert all(lp is not None for _, lp in screened[1])
+
+
 def test_prefix_cache_stays_in_budget_and_gives_pages_back(model):
     ps = prompts(model, [40, 40, 40], seed=12)
     engine = Engine(model, max_batch=1, max_seq_len=48, prefill_chunk=64, page_tokens=8, num_pages=6,

@@ -771,6 +771,7 @@ def _split_cases():
         cases[f"{fmt} experts"] = (experts, (r(8, 128), torch.rand(8, 2, generator=gen), ids,
                                              _experts(8, 128, 96, fmt)))
     cases["vocabulary head"] = (FAST.linear, (r(13, 64), r(cpu_kernels.VOCAB_ROWS + 7, 64, scale=0.1)))
+    cases["greedy head"] = (FAST.greedy_head, (r(13, 64), r(cpu_kernels.VOCAB_ROWS + 7, 64, scale=0.1)))
     return cases
 
 
@@ -852,3 +853,58 @@ def test_a_decodes_rows_through_the_vocabulary_head_are_the_references_within_fp
     monkeypatch.setattr(tight, "lib", lib)
     _close(tight.linear(x.detach(), head), REF.linear(x.detach(), head), 1e-5)
     assert lib.calls["dsv4_panel_gemm"] == calls and tight.decoded.used_bytes == 0
+
+
+def _near_ties(head: torch.Tensor, x: torch.Tensor, pairs, gen: torch.Generator) -> torch.Tensor:
+    """`head` with rows (a, b) of each pair made x's two largest logits, b above a by about 1e-6 of them while
+    their int8 codes differ by a step here and there (a random nudge of a code step's size): the screen's
+    estimates cannot order them (about half the pairs come out the wrong way round), the bound must keep both."""
+    head = head.clone()
+    unit = x / x.norm()
+    for a, b in pairs:
+        base = torch.randn(head.shape[1], generator=gen) * 0.1
+        base += (8 - base @ unit) * unit  # logit 8 |x|, far above every random row's
+        nudge = torch.randn(head.shape[1], generator=gen) * (base.abs().max() / 127)
+        nudge -= (nudge @ unit) * unit  # orthogonal to x: no change of the exact logit
+        head[a], head[b] = base, base + nudge + 1e-6 * 8 * unit
+    return head
+
+
+def test_the_greedy_heads_screen_picks_the_panels_first_maximum(monkeypatch):
+    """`greedy_head` over a decode's rows screens the vocabulary with int8 codes of the head and computes exactly
+    only the panels its error bound leaves in the running: the first maximum of the panels' own logits (`linear`),
+    through every tile path, among exact ties (the lowest id, in one panel and across panels) and near ties the
+    codes cannot order. Rows the screen cannot settle (zero, NaN, infinite, so large the sums could overflow, a
+    vocabulary too flat to narrow) take whole logits; so does a head with a non-finite element (no screen built)
+    and a call that wants gradients."""
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    gen = torch.Generator().manual_seed(0)
+    n, k = cpu_kernels.VOCAB_ROWS + 7, 96
+    head = torch.randn(n, k, generator=gen) * 0.1
+
+    def check(x, w, screened):
+        calls = lib.calls["dsv4_head_greedy"]
+        got, want = FAST.greedy_head(x, w), FAST.linear(x, w).max(dim=-1).indices
+        assert got.dtype == torch.long and torch.equal(got, want), (got, want)
+        assert lib.calls["dsv4_head_greedy"] == calls + screened
+
+    for rows in (1, 2, 3, 7, 13, native.PANEL_ROWS):
+        check(torch.randn(rows, 1, k, generator=gen) * 4, head, 1)
+    check(torch.randn(native.PANEL_ROWS + 1, k, generator=gen), head, 0)  # a prefill's rows: its logits
+    tied = head.clone()
+    tied[[41, 40, 5000, n - 1]] = tied[700].clone()  # 40 and 41 share a panel; n - 1 is in the short last one
+    check(torch.stack([tied[700] * 3, -tied[700]]), tied, 1)
+    x = torch.randn(16, k, generator=gen)
+    for i in range(16):  # a pair per row, the winner first or second, in one panel or apart
+        a, b = [(100 + i, 30_000 + 37 * i), (30_000 + 37 * i, 100 + i), (64 + 2 * i, 65 + 2 * i)][i % 3]
+        check(x[i:i + 1], _near_ties(head, x[i], [(a, b)], gen), 1)
+    odd = torch.randn(5, k, generator=gen)
+    odd[0], odd[1, 3], odd[2, 5], odd[3] = 0.0, float("nan"), float("inf"), odd[3] * 1e36
+    check(odd, head, 1)
+    check(torch.randn(2, k, generator=gen), head[:1].expand(n, k).contiguous(), 1)  # every logit ties
+    broken = head.clone()
+    broken[9, 9] = float("nan")
+    check(torch.randn(2, k, generator=gen), broken, 0)
+    wanted = torch.randn(2, k, generator=gen, requires_grad=True)
+    check(wanted, head, 0)

@@ -434,19 +434,44 @@ class Engine:
             finished = {req for req, _, _, reason, _ in emitted if reason is not None}
             self._mtp_catch_up(plan, fed, kept, start, streams, row, verifying, finished)
 
+        for req in plan:
+            req.computed += kept[req]
         last_rows = [r for r in plan if r not in drafts]
         if last_rows:
             rows = torch.tensor([row[r] for r in last_rows], device=self.device)
-            last = self.model.logits(streams[rows, lengths[rows] - 1].unsqueeze(1))[:, 0]  # [n, vocab]
-        for req in plan:
-            req.computed += kept[req]
-        for i, req in enumerate(last_rows):
-            self._save_prefix(req, last[i])
-            if req.remaining == 0 and req.params.max_tokens == 0:
-                emitted.append((req, [], [], "length", last[i]))
-            elif req.remaining == 0:
-                to_sample.append((req, last[i]))
+            heads = self.model.head_input(streams[rows, lengths[rows] - 1].unsqueeze(1))[:, 0]  # [n, dim] fp32
+            greedy = [i for i, req in enumerate(last_rows) if self._greedy_now(req)]
+            if greedy:
+                emitted += self._greedy_emit([last_rows[i] for i in greedy], heads[greedy])
+            rest = [i for i in range(len(last_rows)) if i not in set(greedy)]
+            if rest:
+                for req, logits in zip([last_rows[i] for i in rest], self.model.head(heads[rest]), strict=True):
+                    self._save_prefix(req, logits)  # logits [vocab] fp32
+                    if req.remaining == 0 and req.params.max_tokens == 0:
+                        emitted.append((req, [], [], "length", logits))
+                    elif req.remaining == 0:
+                        to_sample.append((req, logits))
         return emitted
+
+    def _greedy_now(self, req: _Request) -> bool:
+        """Whether all that this step's logits of `req` are for is its greedy token: it samples now (every token
+        cached, output wanted), greedily with nothing processing or reporting its logits (no penalties, grammar
+        or logprobs), and no prefix save keeps them."""
+        p = req.params
+        return (req.remaining == 0 and p.max_tokens > 0 and p.plain_greedy and p.logprobs is None
+                and not self._saves_prefix(req))
+
+    def _greedy_emit(self, reqs: list[_Request], heads: Tensor) -> list:
+        """The next tokens of `_greedy_now` requests from their head inputs [n, dim] (`Transformer.greedy_tokens`:
+        the logits' first maximum, which the native backend finds without computing most of them; the Sampler's
+        greedy token too), recorded as the Sampler records its own. A finishing request's logits are computed
+        when a prefix cache will keep them."""
+        out = []
+        for i, (req, token) in enumerate(zip(reqs, self.model.greedy_tokens(heads).tolist(), strict=True)):
+            reason = self.sampler.record(token, req.params, req.state)
+            logits = self.model.head(heads[i]) if reason is not None and self.prefix is not None else None
+            out.append((req, [token], [None], reason, logits))
+        return out
 
     def _run_rows(self, fed: dict[_Request, list[int]], tokens: Tensor, lengths: Tensor) -> Tensor:
         """The main model over the step's rows: final streams [n, width, hc, d] (rows right-padded). Rows are
@@ -569,13 +594,18 @@ class Engine:
         """The cache seen through the slots of `reqs`, in their order (batch row i is reqs[i]'s slot)."""
         return self.cache.select(torch.tensor([r.slot for r in reqs], dtype=torch.long, device=self.device))
 
-    def _save_prefix(self, req: _Request, logits: Tensor) -> None:
+    def _saves_prefix(self, req: _Request) -> bool:
+        """Whether the prefix cache saves `req`'s state now (at the prompt's end, or every `prefix_interval`
+        tokens of a long one) because it does not hold it yet."""
         if self.prefix is None:
-            return
+            return False
         at_end = req.computed == len(req.prompt)
         at_interval = (self.prefix_interval is not None and req.computed < len(req.prompt)
                        and req.computed % self.prefix_interval == 0)
-        if (at_end or at_interval) and not self.prefix.contains(req.prompt[:req.computed]):
+        return (at_end or at_interval) and not self.prefix.contains(req.prompt[:req.computed])
+
+    def _save_prefix(self, req: _Request, logits: Tensor) -> None:
+        if self._saves_prefix(req):
             self.prefix.store(req.prompt[:req.computed], req.slot, logits, req.hidden)
 
 

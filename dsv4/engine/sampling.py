@@ -139,6 +139,12 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties or a grammar: `process_logits` leaves such a row's logits as they are (fp32),
+        so its token is their first maximum (`greedy_tokens`) and its distribution the one-hot there."""
+        return self.greedy and not self.penalised and self.grammar is None
+
+    @property
     def penalised(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 

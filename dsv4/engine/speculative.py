@@ -159,19 +159,12 @@ def draft_tokens(sampler: Sampler, logits: Tensor, params: Sequence[SamplingPara
     output; greedy rows are the argmax with a one-hot q. Sampled rows draw from the request's generator (or the
     shared one) with the `Sampler`'s Exp-noise rule, so a seeded request's drafts do not depend on the batch,
     but its stream does differ from non-speculative decoding. Appends nothing to the states."""
-    if all(_plain_greedy(p) for p in params):  # process_logits would leave the logits as they are
+    if all(p.plain_greedy for p in params):  # processing would leave the logits as they are: a few ops, not dozens
         tokens = greedy_tokens(logits.to(torch.float32))
         return tokens, torch.zeros(logits.shape, device=logits.device).scatter_(1, tokens.unsqueeze(1), 1.0)
     scoring = states if drafted is None else [st.counting(d) for st, d in zip(states, drafted, strict=True)]
     processed = process_logits(logits, params, scoring)
     return sampler.draw(processed, params, states), processed.probs()
-
-
-def _plain_greedy(params: SamplingParams) -> bool:
-    """Greedy without penalties or a grammar: `process_logits` leaves such a row's logits as they are (fp32), so
-    its token is their greedy token and its distribution the one-hot there. The speculative step's common case
-    takes these few ops instead of the processing's dozens."""
-    return params.greedy and not params.penalised and params.grammar is None
 
 
 @torch.no_grad()
@@ -193,7 +186,7 @@ def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int]
     device, vocab = target_logits.device, target_logits.shape[1]
     if tuple(draft_probs.shape) != (k, vocab):
         raise ValueError(f"{k} drafts need draft probs [{k}, {vocab}], got shape {tuple(draft_probs.shape)}")
-    if _plain_greedy(params) and params.logprobs is None:  # accept while d_j is the greedy token, then emit it
+    if params.plain_greedy and params.logprobs is None:  # accept while d_j is the greedy token, then emit it
         target = greedy_tokens(target_logits.to(torch.float32)).tolist()  # [k+1]
         accepted = 0
         while accepted < k and drafts[accepted] == target[accepted]:

@@ -54,6 +54,7 @@ OPS = (
     "fp8_gemm",
     "fp4_gemm",
     "linear",
+    "greedy_head",
     "hadamard",
     "rms_norm",
     "head_norm",
@@ -250,6 +251,11 @@ def fp4_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T, dispatched on the weight's storage format (FP8, packed FP4, or float)."""
     return active_backend().linear(x, weight, scale)
+
+
+def greedy_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The greedy token (first maximum) of each row of x @ weight^T, a float vocabulary projection: int64 [...]."""
+    return active_backend().greedy_head(x, weight)
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:

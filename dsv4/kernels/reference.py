@@ -206,6 +206,13 @@ class ReferenceBackend:
             return F.linear(x.to(weight.dtype), weight).to(x.dtype)
         raise TypeError(f"linear: unsupported weight dtype {weight.dtype}")
 
+    def greedy_head(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The greedy token of each row of x [..., K] against a float vocabulary projection weight [V, K]: the
+        first maximum (lowest id among ties, a NaN counting as the maximum) of ``linear(x, weight)`` [..., V],
+        as int64 [...]. Decoding greedily needs only this, so a backend may find it without every logit (the
+        native one screens the vocabulary, `dsv4.kernels.native`); it must answer what this answers."""
+        return self.linear(x, weight).max(dim=-1).indices
+
     # ------------------------------------------------------------------------------------------ experts
 
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..config import ModelArgs
 from .attention import Attention
 from .cache import Cache, ForwardContext, ForwardTrace, LayerCache
@@ -137,10 +138,22 @@ class Transformer(nn.Module):
 
     def logits(self, streams: Tensor) -> Tensor:
         """Final streams [B,S,hc,d] -> logits [B,S,vocab] fp32."""
+        return self.head(self.head_input(streams))
+
+    def head_input(self, streams: Tensor) -> Tensor:
+        """Final streams [B,S,hc,d] -> what the head multiplies, [B,S,d] fp32 (the hc head, then the final norm)."""
         a = self.args
         y = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.norm_eps,
                     self.hc_mode)
-        return self.head(self.norm(y).to(torch.float32))
+        return self.norm(y).to(torch.float32)
+
+    def greedy_tokens(self, x: Tensor) -> Tensor:
+        """The greedy token (the logits' first maximum) of each head input x [..., d] (`head_input`): int64 [...].
+        A float head goes to `kernels.greedy_head`, which need not compute every logit; any other head (a
+        vocab-parallel one, a quantised weight) computes its logits."""
+        if type(self.head) is Linear and self.head.scale is None and self.head.weight.is_floating_point():
+            return kernels.greedy_head(x, self.head.weight)
+        return self.head(x).max(dim=-1).indices
 
     def mtp_logits(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
                    lengths: Tensor | None = None, trace: ForwardTrace | None = None) -> Tensor:

@@ -101,6 +101,8 @@ NATIVE_TOPK_SCORES = 1 << 20
 # its weight kept in panels (`dsv4_panel_gemm`); a prefill's many rows stay BLAS's
 PANEL_ROWS = 64
 PANEL = 32
+# the most panels of the head a row's greedy screen may leave to compute exactly (more: its whole logits)
+SCREEN_PANELS = 64
 _BF16 = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -136,6 +138,39 @@ def _panel_form(weight: Tensor, scale: None) -> tuple[Tensor]:
     if n % PANEL:
         w = torch.cat((w, w.new_zeros(PANEL - n % PANEL, k)))
     return (w.view(-1, PANEL, k).transpose(1, 2).contiguous(),)
+
+
+def _screen_form(weight: Tensor, scale: None) -> tuple[Tensor, ...]:
+    """A float vocabulary weight [N, K] as `dsv4_head_greedy` screens it: int8 codes in panels [ceil(N / 32), K,
+    32] (row j is round(w_j / s_j), s_j = max |w_j| / 127), the scales s [N'] fp32 (0 past N), the bounds c [N']
+    fp32 (+inf past N) with c_j >= |w_j - s_j q_j|_2 + gamma_(K+1) (|s_j q_j|_2 + |w_j|_2) rounded up (the
+    kernel's comment derives it), and max_j |w_j|_2 [1]; N' = N rounded up to 32. A weight with a non-finite
+    element has no screen: () (its greedy tokens come from whole logits)."""
+    n, k = weight.shape
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        return ()
+    padded = n + (-n) % PANEL
+    codes = torch.zeros(padded, k, dtype=torch.int8)
+    scales = torch.zeros(padded)
+    bounds = torch.full((padded,), float("inf"))
+    wmax = 0.0
+    unit = 2.0 ** -24
+    gamma = (k + 1) * unit / (1 - (k + 1) * unit)
+    for lo in range(0, n, 8192):  # float64 intermediates a slice at a time
+        hi = min(lo + 8192, n)
+        rows = w[lo:hi].double()
+        scale = (rows.abs().amax(dim=1) / 127).float()  # [r] the kernel's fp32 scales
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0, exact
+        q = torch.round(rows / scale.double()[:, None]).clamp_(-127, 127)
+        approx = q * scale.double()[:, None]  # s_j q_j, exactly (an 8-bit integer times an fp32)
+        c = (rows - approx).norm(dim=1) + gamma * (approx.norm(dim=1) + rows.norm(dim=1))
+        codes[lo:hi] = q.to(torch.int8)
+        scales[lo:hi] = scale
+        bounds[lo:hi] = (c * (1 + 2.0 ** -10) * (1 + 2.0 ** -20)).float()  # fp32 rounding stays above c
+        wmax = max(wmax, float(rows.norm(dim=1).max()))
+    panels = codes.view(-1, PANEL, k).transpose(1, 2).contiguous()
+    return panels, scales, bounds, torch.tensor([wmax * (1 + 2.0 ** -20)])
 
 
 def _kind(weight: Tensor) -> int:
@@ -181,6 +216,7 @@ class NativeBackend(CpuBackend):
         self.decoded.builders["native"] = _native_form
         self.decoded.builders["folded"] = _folded_form
         self.decoded.builders["panels"] = _panel_form
+        self.decoded.builders["screen"] = _screen_form
         with torch.inference_mode():
             self._lanes = self._sum_lanes()
         self._ones: dict[int, Tensor] = {}  # head_norm's unit weights by width
@@ -296,6 +332,33 @@ class NativeBackend(CpuBackend):
         _check(self.lib.dsv4_panel_gemm(x.data_ptr(), x.numel() // k, k, panels.data_ptr(), n, out.data_ptr()),
                "linear")
         return out
+
+    def greedy_head(self, x: Tensor, weight: Tensor) -> Tensor:
+        """As the reference. Over a decode's few fp32 rows (the head's panels kept) one C call screens the
+        vocabulary with the weight's int8 codes (a quarter of its bytes; `_screen_form`) and computes exactly, as
+        `_panel_linear` does, only the panels a rigorous error bound leaves in the running: the same tokens as the
+        panels' whole logits (the kernel's comment has the argument) for about half the memory traffic. A row the
+        screen cannot settle (logits not finite or so flat that more than `SCREEN_PANELS` panels stay in the
+        running) gets its whole logits."""
+        if not (self._in_panels(x, weight)
+                and self.decoded.keeps(weight, "screen", (weight.shape[0] + PANEL) * (weight.shape[1] + 12))):
+            return super().greedy_head(x, weight)
+        screen = self.decoded.get(weight, None, "screen")
+        if not screen:
+            return super().greedy_head(x, weight)
+        codes, scales, bounds, wmax = screen
+        (panels,) = self.decoded.get(weight, None, "panels")
+        n, k = weight.shape
+        rows = x.reshape(-1, k).contiguous()
+        ids = torch.empty(rows.shape[0], dtype=torch.long)
+        _check(self.lib.dsv4_head_greedy(rows.data_ptr(), rows.shape[0], k, codes.data_ptr(), scales.data_ptr(),
+                                         bounds.data_ptr(), float(wmax), panels.data_ptr(), n, SCREEN_PANELS,
+                                         ids.data_ptr()),
+               "greedy_head")
+        unsettled = ids < 0
+        if bool(unsettled.any()):
+            ids[unsettled] = super().greedy_head(rows[unsettled], weight)
+        return ids.view(x.shape[:-1])
 
     def _dequantised(self, x: Tensor) -> Tensor:
         """Activations [..., K] as act_quant quantises them (e4m3 per 128-block, power-of-two scales) and

@@ -17,6 +17,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -1067,6 +1070,151 @@ int dsv4_panel_gemm(const float *x, int64_t m, int64_t k, const float *panels, i
         const int64_t col = p * PANEL;
         panel_rows(x, m, k, panels + p * k * PANEL, out + col, n, n - col < PANEL ? n - col : PANEL);
     }
+    return 0;
+}
+
+/* The greedy token of a few rows against the head without reading its fp32 weight whole: a screen over int8 codes
+ * of the weight (a quarter of the bytes), then the exact fp32 sums of the few panels that may hold the maximum.
+ * Row j of the weight is codes q_j [K] int8 times scale s_j (q_j = round(w_j / s_j), s_j = max |w_j| / 127), kept
+ * in panels like the fp32 weight ([ceil(N / 32)][K][32]); bound c_j (from the builder, rounded up) is such that
+ * the screened logit a_j = s_j * sum_k x_k q_jk (fp32, k in order) and the exact one f_j (what `dsv4_panel_gemm`
+ * computes) satisfy |a_j - f_j| <= |x|_2 c_j: with r_j = w_j - s_j q_j, c_j >= |r_j|_2 + gamma_(K+1) (|s_j q_j|_2
+ * + |w_j|_2) (the difference of the weights, then both sums' rounding, Cauchy-Schwarz on each). Per row, with
+ * b_j = |x|_2 c_j and e_j = |a_j| 2^-21 (the fp32 rounding of the additions below, with room to spare),
+ *   lo_j = a_j - b_j - e_j <= f_j <= a_j + b_j + e_j = hi_j,
+ * so every f_j is below L = max_j lo_j <= max_j f_j where hi_j < L: only the panels holding some hi_j >= L can
+ * hold the maximum (all of its ties, so the first maximum too). Those panels are computed as `dsv4_panel_gemm`
+ * computes them (the same tile, the same bits) and the first maximum among them is the row's greedy token.
+ * ids [M] int64 = that token, or -1 where the row was not screened: |x|_2 zero, tiny, not finite or so large the
+ * sums could overflow (|x|_2 max_j |w_j|_2 > 1e30; `wmax` is that maximum), or more than `max_panels` panels
+ * left (the caller computes those rows' logits whole). Padding columns past N have scale 0 and bound +inf. */
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+static inline f32x16 codes16(const int8_t *p) { /* sixteen int8 codes as floats */
+#ifdef __AVX512F__ /* gcc converts the vector types' int8 lanes one at a time */
+    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+    i8x16 v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, f32x16);
+#endif
+}
+static inline f32x16 max16(f32x16 a, f32x16 b) { /* lanes of a where a > b, else of b (a NaN lane of a: b's) */
+    const i32x16 m = a > b;
+    return (f32x16)((m & (i32x16)a) | (~m & (i32x16)b));
+}
+static inline f32x16 abs16(f32x16 a) { return (f32x16)((i32x16)a & 0x7fffffff); }
+#define SCREEN_TILE(M)                                                                                              \
+    static void screen_tile_##M(const float *x, int64_t k, const int8_t *codes, const float *scale,                 \
+                                const float *bound, const float *norm, float *lows, float *highs, int64_t cols) {    \
+        f32x16 a0[M], a1[M];                                                                                        \
+        for (int r = 0; r < M; r++) a0[r] = a1[r] = (f32x16){0};                                                    \
+        for (int64_t j = 0; j < k; j++) {                                                                           \
+            __builtin_prefetch(codes + (j + 32) * PANEL);                                                           \
+            const f32x16 w0 = codes16(codes + j * PANEL), w1 = codes16(codes + j * PANEL + 16);                     \
+            for (int r = 0; r < M; r++) {                                                                           \
+                const f32x16 v = splat16(x[r * k + j]);                                                             \
+                a0[r] += v * w0;                                                                                    \
+                a1[r] += v * w1;                                                                                    \
+            }                                                                                                       \
+        }                                                                                                           \
+        const f32x16 s0 = load16(scale), s1 = load16(scale + 16), c0 = load16(bound), c1 = load16(bound + 16);      \
+        const f32x16 tiny = splat16(0x1p-21f);                                                                      \
+        for (int r = 0; r < M; r++) {                                                                               \
+            const f32x16 nx = splat16(norm[r]);                                                                     \
+            const f32x16 p0 = a0[r] * s0, p1 = a1[r] * s1;                                                          \
+            const f32x16 b0 = nx * c0 + abs16(p0) * tiny, b1 = nx * c1 + abs16(p1) * tiny;                          \
+            store16(lows + 16 * r, max16(p0 - b0, max16(p1 - b1, load16(lows + 16 * r))));                          \
+            float hi[PANEL], best = -INFINITY;                                                                      \
+            if (cols == PANEL) { /* a whole panel: the lanes' maxima first */                                        \
+                store16(hi, max16(p0 + b0, p1 + b1));                                                               \
+                for (int c = 0; c < 16; c++) best = hi[c] > best ? hi[c] : best;                                    \
+            } else {                                                                                                \
+                store16(hi, p0 + b0);                                                                               \
+                store16(hi + 16, p1 + b1);                                                                          \
+                for (int64_t c = 0; c < cols; c++) best = hi[c] > best ? hi[c] : best;                              \
+            }                                                                                                       \
+            highs[r] = best;                                                                                        \
+        }                                                                                                           \
+    }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#endif
+SCREEN_TILE(1)
+SCREEN_TILE(2)
+SCREEN_TILE(4)
+SCREEN_TILE(8)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+int dsv4_head_greedy(const float *x, int64_t m, int64_t k, const int8_t *codes, const float *scales,
+                     const float *bounds, float wmax, const float *panels, int64_t n, int64_t max_panels,
+                     int64_t *ids) {
+    const int64_t count = (n + PANEL - 1) / PANEL;
+    float *norm = malloc(sizeof(float) * (size_t)m);
+    float *highs = malloc(sizeof(float) * (size_t)(m * count)); /* [M, panels]: each panel's largest hi */
+    float *lows = malloc(sizeof(float) * (size_t)(16 * m));     /* [M, 16] lanes of the largest lo */
+    if (!norm || !highs || !lows) { free(norm); free(highs); free(lows); return -1; }
+    for (int64_t r = 0; r < m; r++) {
+        double ss = 0.0;
+        for (int64_t j = 0; j < k; j++) ss += (double)x[r * k + j] * x[r * k + j];
+        const double nx = sqrt(ss) * (1.0 + 0x1p-20);
+        norm[r] = nx > 1e-20 && nx * wmax <= 1e30 ? (float)nx : NAN; /* NaN: not screened (a finite test) */
+        store16(lows + 16 * r, splat16(-INFINITY));
+    }
+    int failed = 0;
+    #pragma omp parallel num_threads(split_threads(m * k * n / 4)) reduction(|:failed)
+    {
+        float *mine = malloc(sizeof(float) * (size_t)(16 * m)); /* this thread's lows */
+        if (!mine) failed = 1;
+        else for (int64_t r = 0; r < m; r++) store16(mine + 16 * r, splat16(-INFINITY));
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < count; p++) {
+            if (failed) continue;
+            const int64_t col = p * PANEL, cols = n - col < PANEL ? n - col : PANEL;
+            const int8_t *c = codes + p * k * PANEL;
+            for (int64_t r = 0; r < m;) {
+                const int64_t left = m - r;
+                const float *xr = x + r * k;
+                const int64_t step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                float h[8];
+                if (step == 8) screen_tile_8(xr, k, c, scales + col, bounds + col, norm + r, mine + 16 * r, h, cols);
+                else if (step == 4) screen_tile_4(xr, k, c, scales + col, bounds + col, norm + r, mine + 16 * r, h, cols);
+                else if (step == 2) screen_tile_2(xr, k, c, scales + col, bounds + col, norm + r, mine + 16 * r, h, cols);
+                else screen_tile_1(xr, k, c, scales + col, bounds + col, norm + r, mine + 16 * r, h, cols);
+                for (int64_t i = 0; i < step; i++) highs[(r + i) * count + p] = h[i];
+                r += step;
+            }
+        }
+        #pragma omp critical
+        if (mine) for (int64_t r = 0; r < m; r++) store16(lows + 16 * r, max16(load16(mine + 16 * r), load16(lows + 16 * r)));
+        free(mine);
+    }
+    if (failed) { free(norm); free(highs); free(lows); return -1; }
+    #pragma omp parallel for schedule(static) num_threads(split_threads(m > 1 ? m * max_panels * k * PANEL : 0))
+    for (int64_t r = 0; r < m; r++) {
+        ids[r] = -1;
+        if (!(norm[r] == norm[r])) continue;
+        float bar = -INFINITY;
+        for (int i = 0; i < 16; i++) bar = lows[16 * r + i] > bar ? lows[16 * r + i] : bar;
+        if (!(bar > -INFINITY && bar < INFINITY)) continue; /* a NaN or infinite screen: not screened */
+        int64_t left = 0;
+        for (int64_t p = 0; p < count; p++) left += highs[r * count + p] >= bar;
+        if (left > max_panels) continue;
+        float best = -INFINITY, tile[PANEL];
+        int64_t at = -1;
+        for (int64_t p = 0; p < count; p++) {
+            if (!(highs[r * count + p] >= bar)) continue;
+            const int64_t col = p * PANEL, cols = n - col < PANEL ? n - col : PANEL;
+            head_tile_1(x + r * k, k, panels + p * k * PANEL, tile, PANEL, cols);
+            for (int64_t c = 0; c < cols; c++)
+                if (at < 0 || tile[c] > best) { best = tile[c]; at = col + c; }
+        }
+        ids[r] = at;
+    }
+    free(norm); free(highs); free(lows);
     return 0;
 }
 
