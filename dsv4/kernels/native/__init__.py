@@ -26,6 +26,9 @@ one call into `kernels.c` (built at first use, `build.py`):
   ([N/32, K, 32]), each panel one sequential read that every row uses while it is in cache (BLAS ran this
   memory-bound product at a half to a third of the memory's speed here). Its sums run in their own order: fp32
   rounding from the reference's (1e-5), as the "cpu" backend's transposed copy already was.
+* `greedy_head` (a greedy decode's token) over the same few rows: the vocabulary screened with the head's int8
+  codes (a quarter of its bytes) under a rigorous error bound, then the few panels left in the running computed
+  exactly as `linear` computes them: the same token as the whole logits' first maximum.
 * `routed_experts` of plain fp32 experts over any number of rows (a decode's, a prefill's): the routed rows grouped
   by expert and run eight at a time over the weights kept in panels, then each token's outputs added in increasing
   expert id, one C call where a prefill's MoE was gathers, padded batched GEMMs and scatters costing about three
