@@ -890,11 +890,15 @@ def test_the_greedy_heads_screen_picks_the_panels_first_maximum(monkeypatch):
         assert lib.calls["dsv4_head_greedy"] == calls + screened
 
     for rows in (1, 2, 3, 7, 13, native.PANEL_ROWS):
-        check(torch.randn(rows, 1, k, generator=gen) * 4, head, 1)
+        x = torch.randn(rows, 1, k, generator=gen) * 4
+        check(x, head, 1)
+        assert torch.equal(FAST.greedy_head(x, head), REF.greedy_head(x, head)), rows  # the oracle's tokens
     check(torch.randn(native.PANEL_ROWS + 1, k, generator=gen), head, 0)  # a prefill's rows: its logits
     tied = head.clone()
     tied[[41, 40, 5000, n - 1]] = tied[700].clone()  # 40 and 41 share a panel; n - 1 is in the short last one
     check(torch.stack([tied[700] * 3, -tied[700]]), tied, 1)
+    # (not the reference's: BLAS rounds equal rows differently by where they fall, and picked the last one)
+    assert FAST.greedy_head(tied[700] * 3, tied).item() == 40
     x = torch.randn(16, k, generator=gen)
     for i in range(16):  # a pair per row, the winner first or second, in one panel or apart
         a, b = [(100 + i, 30_000 + 37 * i), (30_000 + 37 * i, 100 + i), (64 + 2 * i, 65 + 2 * i)][i % 3]
@@ -908,3 +912,27 @@ def test_the_greedy_heads_screen_picks_the_panels_first_maximum(monkeypatch):
     check(torch.randn(2, k, generator=gen), broken, 0)
     wanted = torch.randn(2, k, generator=gen, requires_grad=True)
     check(wanted, head, 0)
+
+
+@pytest.mark.parametrize("numerics", ["plain", "exact"])
+def test_engine_greedy_tokens_through_the_screened_head_are_the_references(monkeypatch, numerics):
+    """A vocabulary past `VOCAB_ROWS` (the screen's threshold): the engine's greedy decodes on the native backend,
+    their tokens from `dsv4_head_greedy`, give the reference backend's tokens (plain fp32 and exact bf16 with FP8 /
+    FP4 weights, the head fp32 in both)."""
+    from test_cpu_backend import _greedy
+
+    from dsv4.config import preset
+    from dsv4.formats import to_official_formats
+    from dsv4.model import Transformer, init_weights
+
+    args = preset("tiny").replace(vocab_size=cpu_kernels.VOCAB_ROWS + 1000)
+    dtype = torch.float32 if numerics == "plain" else torch.bfloat16
+    model = init_weights(Transformer(args, dtype=dtype, numerics=numerics), seed=3).eval()
+    if numerics == "exact":
+        to_official_formats(model)
+    prompts = torch.randint(0, args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(3)).tolist()
+    lib = _CountingLib(kernels.get_backend("native").lib)
+    monkeypatch.setattr(kernels.get_backend("native"), "lib", lib)
+    tokens = _greedy(model, prompts, "native")
+    assert lib.calls["dsv4_head_greedy"] >= 24  # every decode step's tokens (the prompts' ends too)
+    assert tokens == _greedy(model, prompts, "reference")

@@ -443,7 +443,7 @@ class Engine:
             greedy = [i for i, req in enumerate(last_rows) if self._greedy_now(req)]
             if greedy:
                 emitted += self._greedy_emit([last_rows[i] for i in greedy], heads[greedy])
-            rest = [i for i in range(len(last_rows)) if i not in set(greedy)]
+            rest = sorted(set(range(len(last_rows))) - set(greedy))
             if rest:
                 for req, logits in zip([last_rows[i] for i in rest], self.model.head(heads[rest]), strict=True):
                     self._save_prefix(req, logits)  # logits [vocab] fp32

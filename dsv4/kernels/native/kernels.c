@@ -1010,20 +1010,26 @@ int dsv4_attn_block_values(const float *probs, const float *tail, const float *r
  * product's sum runs over k in order with fused multiply-adds (plain fp32: BLAS sums in an order of its own
  * too). The head is a memory-bound stream at a decode's few rows, where BLAS's GEMM ran at about a third of it. */
 #define PANEL 32
+/* a0[r], a1[r] (r < M) = the sums over j < k, in order, of x[r * k + j] times a panel's 32 values at j, which
+ * LANES(j, 0) and LANES(j, 16) read as floats; AHEAD(j) prefetches what a later j reads */
+#define PANEL_SUMS(M, LANES, AHEAD)                                                                                 \
+    f32x16 a0[M], a1[M];                                                                                            \
+    for (int r = 0; r < M; r++) a0[r] = a1[r] = (f32x16){0};                                                        \
+    for (int64_t j = 0; j < k; j++) {                                                                               \
+        AHEAD(j);                                                                                                   \
+        const f32x16 w0 = LANES(j, 0), w1 = LANES(j, 16);                                                           \
+        for (int r = 0; r < M; r++) {                                                                               \
+            const f32x16 v = splat16(x[r * k + j]);                                                                 \
+            a0[r] += v * w0;                                                                                        \
+            a1[r] += v * w1;                                                                                        \
+        }                                                                                                           \
+    }
+#define FLOAT_LANES(j, at) load16(panel + (j) * PANEL + (at))
+#define FLOAT_AHEAD(j) \
+    (__builtin_prefetch(panel + ((j) + 16) * PANEL), __builtin_prefetch(panel + ((j) + 16) * PANEL + 16))
 #define HEAD_TILE(M)                                                                                                \
     static void head_tile_##M(const float *x, int64_t k, const float *panel, float *out, int64_t n, int64_t cols) { \
-        f32x16 a0[M], a1[M];                                                                                        \
-        for (int r = 0; r < M; r++) a0[r] = a1[r] = (f32x16){0};                                                    \
-        for (int64_t j = 0; j < k; j++) {                                                                           \
-            __builtin_prefetch(panel + (j + 16) * PANEL);                                                           \
-            __builtin_prefetch(panel + (j + 16) * PANEL + 16);                                                      \
-            const f32x16 w0 = load16(panel + j * PANEL), w1 = load16(panel + j * PANEL + 16);                       \
-            for (int r = 0; r < M; r++) {                                                                           \
-                const f32x16 v = splat16(x[r * k + j]);                                                             \
-                a0[r] += v * w0;                                                                                    \
-                a1[r] += v * w1;                                                                                    \
-            }                                                                                                       \
-        }                                                                                                           \
+        PANEL_SUMS(M, FLOAT_LANES, FLOAT_AHEAD)                                                                     \
         for (int r = 0; r < M; r++) {                                                                               \
             float tile[PANEL];                                                                                      \
             store16(tile, a0[r]);                                                                                   \
@@ -1104,20 +1110,12 @@ static inline f32x16 max16(f32x16 a, f32x16 b) { /* lanes of a where a > b, else
     return (f32x16)((m & (i32x16)a) | (~m & (i32x16)b));
 }
 static inline f32x16 abs16(f32x16 a) { return (f32x16)((i32x16)a & 0x7fffffff); }
+#define CODE_LANES(j, at) codes16(codes + (j) * PANEL + (at))
+#define CODE_AHEAD(j) __builtin_prefetch(codes + ((j) + 32) * PANEL)
 #define SCREEN_TILE(M)                                                                                              \
     static void screen_tile_##M(const float *x, int64_t k, const int8_t *codes, const float *scale,                 \
                                 const float *bound, const float *norm, float *lows, float *highs, int64_t cols) {    \
-        f32x16 a0[M], a1[M];                                                                                        \
-        for (int r = 0; r < M; r++) a0[r] = a1[r] = (f32x16){0};                                                    \
-        for (int64_t j = 0; j < k; j++) {                                                                           \
-            __builtin_prefetch(codes + (j + 32) * PANEL);                                                           \
-            const f32x16 w0 = codes16(codes + j * PANEL), w1 = codes16(codes + j * PANEL + 16);                     \
-            for (int r = 0; r < M; r++) {                                                                           \
-                const f32x16 v = splat16(x[r * k + j]);                                                             \
-                a0[r] += v * w0;                                                                                    \
-                a1[r] += v * w1;                                                                                    \
-            }                                                                                                       \
-        }                                                                                                           \
+        PANEL_SUMS(M, CODE_LANES, CODE_AHEAD)                                                                       \
         const f32x16 s0 = load16(scale), s1 = load16(scale + 16), c0 = load16(bound), c1 = load16(bound + 16);      \
         const f32x16 tiny = splat16(0x1p-21f);                                                                      \
         for (int r = 0; r < M; r++) {                                                                               \
@@ -1189,7 +1187,9 @@ int dsv4_head_greedy(const float *x, int64_t m, int64_t k, const int8_t *codes, 
             }
         }
         #pragma omp critical
-        if (mine) for (int64_t r = 0; r < m; r++) store16(lows + 16 * r, max16(load16(mine + 16 * r), load16(lows + 16 * r)));
+        if (mine)
+            for (int64_t r = 0; r < m; r++)
+                store16(lows + 16 * r, max16(load16(mine + 16 * r), load16(lows + 16 * r)));
         free(mine);
     }
     if (failed) { free(norm); free(highs); free(lows); return -1; }
