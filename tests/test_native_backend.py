@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import platform
 
 import pytest
 import torch
@@ -870,14 +871,50 @@ def _near_ties(head: torch.Tensor, x: torch.Tensor, pairs, gen: torch.Generator)
     return head
 
 
-def test_the_greedy_heads_screen_picks_the_panels_first_maximum(monkeypatch):
-    """`greedy_head` over a decode's rows screens the vocabulary with int8 codes of the head and computes exactly
-    only the panels its error bound leaves in the running: the first maximum of the panels' own logits (`linear`),
-    through every tile path, among exact ties (the lowest id, in one panel and across panels) and near ties the
-    codes cannot order. Rows the screen cannot settle (zero, NaN, infinite, so large the sums could overflow, a
-    vocabulary too flat to narrow) take whole logits; so does a head with a non-finite element (no screen built)
-    and a call that wants gradients."""
-    lib = _CountingLib(FAST.lib)
+def _row_error_ties(head: torch.Tensor, a: int, b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row x [1, K] and `head` with rows a and b made x's two largest logits, b's the larger by about 1%, both
+    rows exactly their int8 codes (a power-of-two scale: nothing for the weight's error to bound), while x's own
+    codes p (x = t (p + f), t = 2^-5, |f| < 1/2: x^ = t p) order them the other way round by 20 code units: only
+    the bound on x's error, |x - x^|_2 |w|_2, keeps b in the running."""
+    k = head.shape[1]
+    codes = torch.randint(-3, 4, (k,), generator=gen).double()
+    frac = (torch.rand(k, generator=gen, dtype=torch.float64) - 0.5) * 0.9
+    codes[0], frac[0] = 127, 0.0  # max |x| = 127 t: the kernel's scale is t
+    codes[1:21], frac[1:21] = 1, 0.0  # where the pair's difference d is tuned: no error there
+    d = torch.round(frac * 20 / 0.45)
+    d[:21] = 0
+    fix = -(codes @ d + 20)  # p . d = -20 exactly, spread over the twenty ones
+    d[1:21] = torch.div(fix + torch.arange(20), 20, rounding_mode="floor")
+    x = (codes + frac) * 2.0 ** -5
+    assert codes @ d == -20 and float(x @ d) > 0  # x^ . d < 0 < x . d
+    base = codes * 10
+    base[0] = 127
+    head = head.clone()
+    head[a], head[b] = (base * 2.0 ** -5).float(), ((base + d) * 2.0 ** -5).float()
+    return x.float().unsqueeze(0), head
+
+
+@pytest.fixture(scope="module")
+def portable_lib(tmp_path_factory):
+    """The kernels built without AVX-512 VNNI: the greedy screen's integer sums in fp32 blocks instead of
+    `vpdpbusd` (where the machine has no VNNI, the default build is this one too)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"-mno-avx512vnni is an x86 flag; this machine is {platform.machine()}")
+    path = tmp_path_factory.mktemp("portable") / "dsv4_kernels_portable.so"
+    return build._open(build._compile(build.compiler(), (*build.FLAGS, "-mno-avx512vnni"), path))
+
+
+@pytest.mark.parametrize("kernels_built", ["default", "portable"])
+def test_the_greedy_heads_screen_picks_the_panels_first_maximum(monkeypatch, request, kernels_built):
+    """`greedy_head` over a decode's rows screens the vocabulary with int8 codes of the head and of the rows (exact
+    integer sums: VNNI's or fp32 blocks') and computes exactly only the panels its error bound leaves in the
+    running: the first maximum of the panels' own logits (`linear`), through every tile path, among exact ties (the
+    lowest id, in one panel and across panels) and near ties the codes cannot order, for K a multiple of four and
+    not. Rows the screen cannot settle (zero, NaN, infinite, so large the sums could overflow, a vocabulary too flat
+    to narrow) take whole logits; so does a head with a non-finite element (no screen built) and a call that wants
+    gradients."""
+    built = FAST.lib if kernels_built == "default" else request.getfixturevalue("portable_lib")
+    lib = _CountingLib(built)
     monkeypatch.setattr(FAST, "lib", lib)
     gen = torch.Generator().manual_seed(0)
     n, k = cpu_kernels.VOCAB_ROWS + 7, 96
@@ -912,6 +949,16 @@ def test_the_greedy_heads_screen_picks_the_panels_first_maximum(monkeypatch):
     check(torch.randn(2, k, generator=gen), broken, 0)
     wanted = torch.randn(2, k, generator=gen, requires_grad=True)
     check(wanted, head, 0)
+    for a, b in [(200, 9_000), (9_000, 200), (64, 65), (n - 2, 33)]:
+        check(*_row_error_ties(head, a, b, gen), 1)
+    exact_x = torch.randint(-127, 128, (3, k), generator=gen).float() / 8  # x = x^: only the weight's error
+    exact_x[:, 0] = 127 / 8
+    for i in range(3):
+        check(exact_x[i:i + 1], _near_ties(head, exact_x[i], [(300 + i, 20_000 + i)], gen), 1)
+    ragged = torch.randn(n, k - 3, generator=gen) * 0.1  # K = 93: the codes' last group of four padded
+    check(torch.randn(9, k - 3, generator=gen) * 4, ragged, 1)
+    x = torch.randn(6, k - 3, generator=gen)
+    check(x[:1], _near_ties(ragged, x[0], [(3, 20_000)], gen), 1)
 
 
 @pytest.mark.parametrize("numerics", ["plain", "exact"])

@@ -144,36 +144,39 @@ def _panel_form(weight: Tensor, scale: None) -> tuple[Tensor]:
 
 
 def _screen_form(weight: Tensor, scale: None) -> tuple[Tensor, ...]:
-    """A float vocabulary weight [N, K] as `dsv4_head_greedy` screens it: int8 codes in panels [ceil(N / 32), K,
-    32] (row j is round(w_j / s_j), s_j = max |w_j| / 127), the scales s [N'] fp32 (0 past N), the bounds c [N']
-    fp32 (+inf past N) with c_j >= |w_j - s_j q_j|_2 + gamma_(K+1) (|s_j q_j|_2 + |w_j|_2) rounded up (the
-    kernel's comment derives it), and max_j |w_j|_2 [1]; N' = N rounded up to 32. A weight with a non-finite
-    element has no screen: () (its greedy tokens come from whole logits)."""
+    """A float vocabulary weight [N, K] as `dsv4_head_greedy` screens it: int8 codes four k at a time in panels
+    [ceil(N / 32), ceil(K / 4), 32, 4] (row j is q_j = round(w_j / s_j), s_j = max |w_j| / 127; zeros past N and
+    K), each row's code sum [N'] int32, the scales s [N'] fp32 (0 past N), norms n_j >= |w_j|_2 [N'] fp32, bounds
+    c_j >= |w_j - s_j q_j|_2 + gamma_(K+1) |w_j|_2 [N'] fp32 (+inf past N; the kernel's comment derives them),
+    and max_j |w_j|_2 [1]; N' = N rounded up to 32. A weight with a non-finite element has no screen: () (its
+    greedy tokens come from whole logits)."""
     n, k = weight.shape
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):
         return ()
-    padded = n + (-n) % PANEL
-    codes = torch.zeros(padded, k, dtype=torch.int8)
-    scales = torch.zeros(padded)
+    padded, k4 = n + (-n) % PANEL, -(-k // 4)
+    codes = torch.zeros(padded, 4 * k4, dtype=torch.int8)
+    sums = torch.zeros(padded, dtype=torch.int32)
+    scales, norms = torch.zeros(padded), torch.zeros(padded)
     bounds = torch.full((padded,), float("inf"))
     wmax = 0.0
     unit = 2.0 ** -24
     gamma = (k + 1) * unit / (1 - (k + 1) * unit)
+    up = (1 + 2.0 ** -10) * (1 + 2.0 ** -20)  # the float64 sums' error, then fp32 rounding: stays above
     for lo in range(0, n, 8192):  # float64 intermediates a slice at a time
         hi = min(lo + 8192, n)
         rows = w[lo:hi].double()
         scale = (rows.abs().amax(dim=1) / 127).float()  # [r] the kernel's fp32 scales
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0, exact
         q = torch.round(rows / scale.double()[:, None]).clamp_(-127, 127)
-        approx = q * scale.double()[:, None]  # s_j q_j, exactly (an 8-bit integer times an fp32)
-        c = (rows - approx).norm(dim=1) + gamma * (approx.norm(dim=1) + rows.norm(dim=1))
-        codes[lo:hi] = q.to(torch.int8)
-        scales[lo:hi] = scale
-        bounds[lo:hi] = (c * (1 + 2.0 ** -10) * (1 + 2.0 ** -20)).float()  # fp32 rounding stays above c
-        wmax = max(wmax, float(rows.norm(dim=1).max()))
-    panels = codes.view(-1, PANEL, k).transpose(1, 2).contiguous()
-    return panels, scales, bounds, torch.tensor([wmax * (1 + 2.0 ** -20)])
+        norm = rows.norm(dim=1)
+        c = (rows - q * scale.double()[:, None]).norm(dim=1) + gamma * norm  # s_j q_j exact in float64
+        codes[lo:hi, :k] = q.to(torch.int8)
+        sums[lo:hi] = q.sum(dim=1).to(torch.int32)
+        scales[lo:hi], norms[lo:hi], bounds[lo:hi] = scale, (norm * up).float(), (c * up).float()
+        wmax = max(wmax, float(norm.max()))
+    panels = codes.view(-1, PANEL, k4, 4).transpose(1, 2).contiguous()
+    return panels, sums, scales, norms, bounds, torch.tensor([wmax * (1 + 2.0 ** -20)])
 
 
 def _kind(weight: Tensor) -> int:
@@ -344,19 +347,19 @@ class NativeBackend(CpuBackend):
         screen cannot settle (logits not finite or so flat that more than `SCREEN_PANELS` panels stay in the
         running) gets its whole logits."""
         if not (self._in_panels(x, weight)
-                and self.decoded.keeps(weight, "screen", (weight.shape[0] + PANEL) * (weight.shape[1] + 12))):
+                and self.decoded.keeps(weight, "screen", (weight.shape[0] + PANEL) * (weight.shape[1] + 19))):
             return super().greedy_head(x, weight)
         screen = self.decoded.get(weight, None, "screen")
         if not screen:
             return super().greedy_head(x, weight)
-        codes, scales, bounds, wmax = screen
+        codes, sums, scales, norms, bounds, wmax = screen
         (panels,) = self.decoded.get(weight, None, "panels")
         n, k = weight.shape
         rows = x.reshape(-1, k).contiguous()
         ids = torch.empty(rows.shape[0], dtype=torch.long)
-        _check(self.lib.dsv4_head_greedy(rows.data_ptr(), rows.shape[0], k, codes.data_ptr(), scales.data_ptr(),
-                                         bounds.data_ptr(), float(wmax), panels.data_ptr(), n, SCREEN_PANELS,
-                                         ids.data_ptr()),
+        _check(self.lib.dsv4_head_greedy(rows.data_ptr(), rows.shape[0], k, codes.data_ptr(), sums.data_ptr(),
+                                         scales.data_ptr(), norms.data_ptr(), bounds.data_ptr(), float(wmax),
+                                         panels.data_ptr(), n, SCREEN_PANELS, ids.data_ptr()),
                "greedy_head")
         unsettled = ids < 0
         if bool(unsettled.any()):

@@ -1079,49 +1079,106 @@ int dsv4_panel_gemm(const float *x, int64_t m, int64_t k, const float *panels, i
     return 0;
 }
 
-/* The greedy token of a few rows against the head without reading its fp32 weight whole: a screen over int8 codes
- * of the weight (a quarter of the bytes), then the exact fp32 sums of the few panels that may hold the maximum.
- * Row j of the weight is codes q_j [K] int8 times scale s_j (q_j = round(w_j / s_j), s_j = max |w_j| / 127), kept
- * in panels like the fp32 weight ([ceil(N / 32)][K][32]); bound c_j (from the builder, rounded up) is such that
- * the screened logit a_j = s_j * sum_k x_k q_jk (fp32, k in order) and the exact one f_j (what `dsv4_panel_gemm`
- * computes) satisfy |a_j - f_j| <= |x|_2 c_j: with r_j = w_j - s_j q_j, c_j >= |r_j|_2 + gamma_(K+1) (|s_j q_j|_2
- * + |w_j|_2) (the difference of the weights, then both sums' rounding, Cauchy-Schwarz on each). Per row, with
- * b_j = |x|_2 c_j and e_j = |a_j| 2^-21 (the fp32 rounding of the additions below, with room to spare),
- *   lo_j = a_j - b_j - e_j <= f_j <= a_j + b_j + e_j = hi_j,
- * so every f_j is below L = max_j lo_j <= max_j f_j where hi_j < L: only the panels holding some hi_j >= L can
- * hold the maximum (all of its ties, so the first maximum too). Those panels are computed as `dsv4_panel_gemm`
- * computes them (the same tile, the same bits) and the first maximum among them is the row's greedy token.
- * ids [M] int64 = that token, or -1 where the row was not screened: |x|_2 zero, tiny, not finite or so large the
- * sums could overflow (|x|_2 max_j |w_j|_2 > 1e30; `wmax` is that maximum), or more than `max_panels` panels
- * left (the caller computes those rows' logits whole). Padding columns past N have scale 0 and bound +inf. */
-typedef int8_t i8x16 __attribute__((vector_size(16)));
+/* The greedy token of a few rows against the head without reading its fp32 weight whole: a screen in integers over
+ * int8 codes of the weight and of the rows (a quarter of the weight's bytes; with AVX-512 VNNI one instruction per
+ * 64 products), then the exact fp32 sums of the few panels that may hold the maximum.
+ * Weight row j is codes q_j [K] times scale s_j (q_j = round(w_j / s_j), s_j = max |w_j| / 127), kept four k at a
+ * time in panels ([ceil(N / 32)][ceil(K / 4)][32][4] int8, zeros past N and K), with sums[j] = sum_k q_jk, norm
+ * n_j >= |w_j|_2 and bound c_j >= |w_j - s_j q_j|_2 + gamma_(K+1) |w_j|_2 (the builder's, rounded up). Row x is
+ * codes p [K] times t (p = round(x / t), t = max |x| / 127: x^ = t p), with e >= |x - x^|_2 and X >= |x|_2, |x^|_2
+ * (float64, rounded up). The screened logit a_j = (t s_j) (p . q_j) (the integer sum exact, two fp32 products) and
+ * the exact one f_j (what `dsv4_panel_gemm` computes: fp32, k in order) satisfy
+ *   |a_j - f_j| <= e n_j + X c_j + |a_j| 2^-20 + 2^-100 = b_j
+ * (x.w_j - x^.w^_j = (x - x^).w_j + x^.(w_j - w^_j), Cauchy-Schwarz on each; f_j's rounding is within
+ * gamma_K |x|_2 |w_j|_2; the products' rounding is relative, their underflow absolute; the slack covers evaluating
+ * b_j and lo_j, hi_j in fp32). So lo_j = a_j - b_j <= f_j <= a_j + b_j = hi_j, and every f_j is below
+ * L = max_j lo_j <= max_j f_j where hi_j < L: only the panels holding some hi_j >= L can hold the maximum (all of
+ * its ties, so the first maximum too). Those panels are computed as `dsv4_panel_gemm` computes them (the same
+ * tile, the same bits) and the first maximum among them is the row's greedy token.
+ * ids [M] int64 = that token, or -1 where the row was not screened: zero, tiny, not finite or so large the sums
+ * could overflow (X max_j |w_j|_2 > 1e30; `wmax` is that maximum), or more than `max_panels` panels left (the
+ * caller computes those rows' logits whole); every row past K = 65,536 (the integer sums could overflow). Padding
+ * columns past N have scale 0 and bound +inf. */
+#define SCREEN_MAX_K 65536
 typedef int32_t i32x16 __attribute__((vector_size(64)));
-static inline f32x16 codes16(const int8_t *p) { /* sixteen int8 codes as floats */
-#ifdef __AVX512F__ /* gcc converts the vector types' int8 lanes one at a time */
-    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#else
-    i8x16 v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, f32x16);
-#endif
-}
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+static inline i32x16 loadi16(const void *p) { i32x16 v; memcpy(&v, p, sizeof v); return v; }
+static inline i32x16 splati16(int32_t s) { return (i32x16){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 static inline f32x16 max16(f32x16 a, f32x16 b) { /* lanes of a where a > b, else of b (a NaN lane of a: b's) */
     const i32x16 m = a > b;
     return (f32x16)((m & (i32x16)a) | (~m & (i32x16)b));
 }
 static inline f32x16 abs16(f32x16 a) { return (f32x16)((i32x16)a & 0x7fffffff); }
-#define CODE_LANES(j, at) codes16(codes + (j) * PANEL + (at))
-#define CODE_AHEAD(j) __builtin_prefetch(codes + ((j) + 32) * PANEL)
-#define SCREEN_TILE(M)                                                                                              \
-    static void screen_tile_##M(const float *x, int64_t k, const int8_t *codes, const float *scale,                 \
-                                const float *bound, const float *norm, float *lows, float *highs, int64_t cols) {    \
-        PANEL_SUMS(M, CODE_LANES, CODE_AHEAD)                                                                       \
-        const f32x16 s0 = load16(scale), s1 = load16(scale + 16), c0 = load16(bound), c1 = load16(bound + 16);      \
-        const f32x16 tiny = splat16(0x1p-21f);                                                                      \
+/* d0[r], d1[r] (r < M) = the integer sums p . q_j of row r's codes (packed four to an int32 in xw [M, K4]) with a
+ * panel's 32 columns */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define SCREEN_OFFSET 128 /* the rows' codes are stored p + 128: vpdpbusd multiplies unsigned bytes by signed ones */
+#define SCREEN_SUMS(M)                                                                                              \
+    __m512i s0[M], s1[M];                                                                                           \
+    for (int r = 0; r < M; r++) s0[r] = s1[r] = _mm512_setzero_si512();                                             \
+    for (int64_t j = 0; j < k4; j++) {                                                                              \
+        __builtin_prefetch(codes + (j + 8) * 4 * PANEL);                                                            \
+        __builtin_prefetch(codes + (j + 8) * 4 * PANEL + 64);                                                       \
+        const __m512i w0 = _mm512_loadu_si512(codes + j * 4 * PANEL);                                               \
+        const __m512i w1 = _mm512_loadu_si512(codes + j * 4 * PANEL + 64);                                         \
         for (int r = 0; r < M; r++) {                                                                               \
-            const f32x16 nx = splat16(norm[r]);                                                                     \
-            const f32x16 p0 = a0[r] * s0, p1 = a1[r] * s1;                                                          \
-            const f32x16 b0 = nx * c0 + abs16(p0) * tiny, b1 = nx * c1 + abs16(p1) * tiny;                          \
+            const __m512i v = _mm512_set1_epi32(xw[r * k4 + j]);                                                    \
+            s0[r] = _mm512_dpbusd_epi32(s0[r], v, w0);                                                              \
+            s1[r] = _mm512_dpbusd_epi32(s1[r], v, w1);                                                              \
+        }                                                                                                           \
+    }                                                                                                               \
+    i32x16 d0[M], d1[M];                                                                                            \
+    for (int r = 0; r < M; r++) {                                                                                   \
+        d0[r] = (i32x16)s0[r] - splati16(SCREEN_OFFSET) * loadi16(sums);                                           \
+        d1[r] = (i32x16)s1[r] - splati16(SCREEN_OFFSET) * loadi16(sums + 16);                                      \
+    }
+#else
+#define SCREEN_OFFSET 0
+/* products of 8-bit codes summed in fp32 over at most 1,024 k are integers below 2^24: exact, in any order */
+#define SCREEN_BLOCK 256
+#define SCREEN_SUMS(M)                                                                                              \
+    i32x16 d0[M], d1[M];                                                                                            \
+    for (int r = 0; r < M; r++) d0[r] = d1[r] = splati16(0);                                                        \
+    for (int64_t from = 0; from < k4; from += SCREEN_BLOCK) {                                                       \
+        const int64_t to = k4 - from < SCREEN_BLOCK ? k4 : from + SCREEN_BLOCK;                                     \
+        f32x16 a0[M], a1[M];                                                                                        \
+        for (int r = 0; r < M; r++) a0[r] = a1[r] = splat16(0.0f);                                                  \
+        for (int64_t j = from; j < to; j++) {                                                                       \
+            const u32x16 w0 = (u32x16)loadi16(codes + j * 4 * PANEL);                                               \
+            const u32x16 w1 = (u32x16)loadi16(codes + j * 4 * PANEL + 64);                                          \
+            f32x16 b0[4], b1[4]; /* byte i of every lane */                                                        \
+            for (int i = 0; i < 4; i++) {                                                                           \
+                b0[i] = __builtin_convertvector((i32x16)(w0 << (24 - 8 * i)) >> 24, f32x16);                        \
+                b1[i] = __builtin_convertvector((i32x16)(w1 << (24 - 8 * i)) >> 24, f32x16);                        \
+            }                                                                                                       \
+            for (int r = 0; r < M; r++)                                                                             \
+                for (int i = 0; i < 4; i++) {                                                                       \
+                    const f32x16 v = splat16(xq[(r * k4 + j) * 4 + i]);                                            \
+                    a0[r] += b0[i] * v;                                                                             \
+                    a1[r] += b1[i] * v;                                                                             \
+                }                                                                                                   \
+        }                                                                                                           \
+        for (int r = 0; r < M; r++) {                                                                               \
+            d0[r] += __builtin_convertvector(a0[r], i32x16);                                                        \
+            d1[r] += __builtin_convertvector(a1[r], i32x16);                                                        \
+        }                                                                                                           \
+    }
+#endif
+#define SCREEN_TILE(M)                                                                                              \
+    static void screen_tile_##M(const int32_t *xw, const float *xq, int64_t k4, const int8_t *codes,               \
+                                const int32_t *sums, const float *scale, const float *norm, const float *bound,      \
+                                const float *tx, const float *ex, const float *nx, float *lows, float *highs,        \
+                                int64_t cols) {                                                                     \
+        SCREEN_SUMS(M)                                                                                              \
+        const f32x16 sc0 = load16(scale), sc1 = load16(scale + 16), n0 = load16(norm), n1 = load16(norm + 16);      \
+        const f32x16 c0 = load16(bound), c1 = load16(bound + 16);                                                   \
+        const f32x16 rel = splat16(0x1p-20f), floor_ = splat16(0x1p-100f);                                          \
+        for (int r = 0; r < M; r++) {                                                                               \
+            const f32x16 t = splat16(tx[r]), e = splat16(ex[r]), big = splat16(nx[r]);                             \
+            const f32x16 p0 = (t * sc0) * __builtin_convertvector(d0[r], f32x16);                                   \
+            const f32x16 p1 = (t * sc1) * __builtin_convertvector(d1[r], f32x16);                                   \
+            const f32x16 b0 = e * n0 + big * c0 + abs16(p0) * rel + floor_;                                         \
+            const f32x16 b1 = e * n1 + big * c1 + abs16(p1) * rel + floor_;                                         \
             store16(lows + 16 * r, max16(p0 - b0, max16(p1 - b1, load16(lows + 16 * r))));                          \
             float hi[PANEL], best = -INFINITY;                                                                      \
             if (cols == PANEL) { /* a whole panel: the lanes' maxima first */                                        \
@@ -1147,19 +1204,60 @@ SCREEN_TILE(8)
 #pragma GCC pop_options
 #endif
 
-int dsv4_head_greedy(const float *x, int64_t m, int64_t k, const int8_t *codes, const float *scales,
-                     const float *bounds, float wmax, const float *panels, int64_t n, int64_t max_panels,
-                     int64_t *ids) {
-    const int64_t count = (n + PANEL - 1) / PANEL;
-    float *norm = malloc(sizeof(float) * (size_t)m);
-    float *highs = malloc(sizeof(float) * (size_t)(m * count)); /* [M, panels]: each panel's largest hi */
-    float *lows = malloc(sizeof(float) * (size_t)(16 * m));     /* [M, 16] lanes of the largest lo */
-    if (!norm || !highs || !lows) { free(norm); free(highs); free(lows); return -1; }
+/* A row's codes p, packed four to an int32 in words [K4] (p + SCREEN_OFFSET as bytes) and as floats [4 K4] (zeros
+ * past K), its scale t, e >= |x - x^|_2 and X >= |x|_2, |x^|_2 (NaN where the row is not screened) */
+static void screen_row(const float *x, int64_t k, double wmax, int32_t *words, float *floats, float *t, float *e,
+                       float *big) {
+    const int64_t k4 = (k + 3) / 4;
+    float amax = 0.0f;
+    int finite = 1;
+    for (int64_t j = 0; j < k; j++) {
+        const float v = fabsf(x[j]);
+        finite &= v <= 3.4028234663852886e38f;
+        amax = v > amax ? v : amax;
+    }
+    const float scale = finite && amax > 0.0f ? amax / 127.0f : 0.0f;
+    double xx = 0.0, hh = 0.0, ee = 0.0;
+    uint8_t bytes[4];
+    for (int64_t w = 0; w < k4; w++) {
+        for (int i = 0; i < 4; i++) {
+            const int64_t j = 4 * w + i;
+            int p = 0;
+            if (j < k && scale > 0.0f) {
+                const float q = nearbyintf(x[j] / scale);
+                p = (int)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+                const double v = x[j], h = (double)scale * p; /* exact: 24 bits times 8 */
+                xx += v * v;
+                hh += h * h;
+                ee += (v - h) * (v - h);
+            }
+            bytes[i] = (uint8_t)(p + SCREEN_OFFSET);
+            floats[j] = (float)p;
+        }
+        memcpy(words + w, bytes, 4);
+    }
+    const double nx = sqrt(xx > hh ? xx : hh) * (1.0 + 0x1p-20);
+    *t = scale;
+    *e = (float)(sqrt(ee) * (1.0 + 0x1p-20));
+    *big = scale > 0.0f && nx > 1e-20 && nx * wmax <= 1e30 ? (float)nx : NAN; /* NaN: not screened */
+}
+
+int dsv4_head_greedy(const float *x, int64_t m, int64_t k, const int8_t *codes, const int32_t *sums,
+                     const float *scales, const float *norms, const float *bounds, float wmax, const float *panels,
+                     int64_t n, int64_t max_panels, int64_t *ids) {
+    const int64_t count = (n + PANEL - 1) / PANEL, k4 = (k + 3) / 4;
+    if (k > SCREEN_MAX_K) {
+        for (int64_t r = 0; r < m; r++) ids[r] = -1;
+        return 0;
+    }
+    int32_t *words = malloc(sizeof(int32_t) * (size_t)(m * k4));    /* [M, K4] the rows' codes, packed */
+    float *prep = malloc(sizeof(float) * (size_t)(m * (3 + 4 * k4))); /* each row's t, e, X; codes [M, 4 K4] */
+    float *highs = malloc(sizeof(float) * (size_t)(m * count));   /* [M, panels]: each panel's largest hi */
+    float *lows = malloc(sizeof(float) * (size_t)(16 * m));       /* [M, 16] lanes of the largest lo */
+    if (!words || !prep || !highs || !lows) { free(words); free(prep); free(highs); free(lows); return -1; }
+    float *tx = prep, *ex = prep + m, *nx = prep + 2 * m, *codes_f = prep + 3 * m;
     for (int64_t r = 0; r < m; r++) {
-        double ss = 0.0;
-        for (int64_t j = 0; j < k; j++) ss += (double)x[r * k + j] * x[r * k + j];
-        const double nx = sqrt(ss) * (1.0 + 0x1p-20);
-        norm[r] = nx > 1e-20 && nx * wmax <= 1e30 ? (float)nx : NAN; /* NaN: not screened (a finite test) */
+        screen_row(x + r * k, k, wmax, words + r * k4, codes_f + r * k4 * 4, tx + r, ex + r, nx + r);
         store16(lows + 16 * r, splat16(-INFINITY));
     }
     int failed = 0;
@@ -1172,16 +1270,19 @@ int dsv4_head_greedy(const float *x, int64_t m, int64_t k, const int8_t *codes, 
         for (int64_t p = 0; p < count; p++) {
             if (failed) continue;
             const int64_t col = p * PANEL, cols = n - col < PANEL ? n - col : PANEL;
-            const int8_t *c = codes + p * k * PANEL;
+            const int8_t *c = codes + p * k4 * 4 * PANEL;
             for (int64_t r = 0; r < m;) {
                 const int64_t left = m - r;
-                const float *xr = x + r * k;
                 const int64_t step = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
                 float h[8];
-                if (step == 8) screen_tile_8(xr, k, c, scales + col, bounds + col, norm + r, mine + 16 * r, h, cols);
-                else if (step == 4) screen_tile_4(xr, k, c, scales + col, bounds + col, norm + r, mine + 16 * r, h, cols);
-                else if (step == 2) screen_tile_2(xr, k, c, scales + col, bounds + col, norm + r, mine + 16 * r, h, cols);
-                else screen_tile_1(xr, k, c, scales + col, bounds + col, norm + r, mine + 16 * r, h, cols);
+#define SCREEN_CALL(M) screen_tile_##M(words + r * k4, codes_f + r * k4 * 4, k4, c, sums + col, scales + col,     \
+                                       norms + col, bounds + col, \
+                                       tx + r, ex + r, nx + r, mine + 16 * r, h, cols)
+                if (step == 8) SCREEN_CALL(8);
+                else if (step == 4) SCREEN_CALL(4);
+                else if (step == 2) SCREEN_CALL(2);
+                else SCREEN_CALL(1);
+#undef SCREEN_CALL
                 for (int64_t i = 0; i < step; i++) highs[(r + i) * count + p] = h[i];
                 r += step;
             }
@@ -1192,11 +1293,11 @@ int dsv4_head_greedy(const float *x, int64_t m, int64_t k, const int8_t *codes, 
                 store16(lows + 16 * r, max16(load16(mine + 16 * r), load16(lows + 16 * r)));
         free(mine);
     }
-    if (failed) { free(norm); free(highs); free(lows); return -1; }
+    if (failed) { free(words); free(prep); free(highs); free(lows); return -1; }
     #pragma omp parallel for schedule(static) num_threads(split_threads(m > 1 ? m * max_panels * k * PANEL : 0))
     for (int64_t r = 0; r < m; r++) {
         ids[r] = -1;
-        if (!(norm[r] == norm[r])) continue;
+        if (!(nx[r] == nx[r])) continue;
         float bar = -INFINITY;
         for (int i = 0; i < 16; i++) bar = lows[16 * r + i] > bar ? lows[16 * r + i] : bar;
         if (!(bar > -INFINITY && bar < INFINITY)) continue; /* a NaN or infinite screen: not screened */
@@ -1214,7 +1315,7 @@ int dsv4_head_greedy(const float *x, int64_t m, int64_t k, const int8_t *codes, 
         }
         ids[r] = at;
     }
-    free(norm); free(highs); free(lows);
+    free(words); free(prep); free(highs); free(lows);
     return 0;
 }
 
