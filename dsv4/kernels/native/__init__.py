@@ -26,9 +26,10 @@ one call into `kernels.c` (built at first use, `build.py`):
   ([N/32, K, 32]), each panel one sequential read that every row uses while it is in cache (BLAS ran this
   memory-bound product at a half to a third of the memory's speed here). Its sums run in their own order: fp32
   rounding from the reference's (1e-5), as the "cpu" backend's transposed copy already was.
-* `greedy_head` (a greedy decode's token) over the same few rows: the vocabulary screened with the head's int8
-  codes (a quarter of its bytes) under a rigorous error bound, then the few panels left in the running computed
-  exactly as `linear` computes them: the same token as the whole logits' first maximum.
+* `greedy_head` (a greedy decode's token) over the same few rows: the vocabulary screened in integers, the head's
+  int8 codes (a quarter of its bytes) times the rows' own (AVX-512 VNNI's byte dot products where the CPU has
+  them), under a rigorous error bound, then the few panels left in the running computed exactly as `linear`
+  computes them: the same token as the whole logits' first maximum.
 * `routed_experts` of plain fp32 experts over any number of rows (a decode's, a prefill's): the routed rows grouped
   by expert and run eight at a time over the weights kept in panels, then each token's outputs added in increasing
   expert id, one C call where a prefill's MoE was gathers, padded batched GEMMs and scatters costing about three
@@ -341,11 +342,11 @@ class NativeBackend(CpuBackend):
 
     def greedy_head(self, x: Tensor, weight: Tensor) -> Tensor:
         """As the reference. Over a decode's few fp32 rows (the head's panels kept) one C call screens the
-        vocabulary with the weight's int8 codes (a quarter of its bytes; `_screen_form`) and computes exactly, as
-        `_panel_linear` does, only the panels a rigorous error bound leaves in the running: the same tokens as the
-        panels' whole logits (the kernel's comment has the argument) for about half the memory traffic. A row the
-        screen cannot settle (logits not finite or so flat that more than `SCREEN_PANELS` panels stay in the
-        running) gets its whole logits."""
+        vocabulary with integer products of the weight's int8 codes (a quarter of its bytes; `_screen_form`) and the
+        rows' (quantised in the call) and computes exactly, as `_panel_linear` does, only the panels a rigorous
+        error bound leaves in the running: the same tokens as the panels' whole logits (the kernel's comment has
+        the argument) for a quarter of the memory traffic. A row the screen cannot settle (logits not finite or so
+        flat that more than `SCREEN_PANELS` panels stay in the running) gets its whole logits."""
         if not (self._in_panels(x, weight)
                 and self.decoded.keeps(weight, "screen", (weight.shape[0] + PANEL) * (weight.shape[1] + 19))):
             return super().greedy_head(x, weight)
