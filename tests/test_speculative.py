@@ -28,15 +28,22 @@ def prompts(model, sizes, seed=0):
 
 def cache_tensors(cache):
     """Everything a later forward can read: rings, tails and the entries finished within each row's length
-    (entries past it are dead storage, rewritten before they become visible)."""
+    (entries past it are dead storage, rewritten before they become visible; so is each ring's slot of the next
+    position, which the next token writes before any read reaches it)."""
     out = [cache.lengths, cache.mtp_lengths]
+
+    def live(ring, length):
+        ring = ring.clone()
+        ring[0, int(length[0]) % ring.shape[1]] = 0
+        return ring
+
     for layer_id, layer in enumerate(cache.layers):
-        out.append(layer.window)
         length = cache.mtp_lengths if layer_id >= cache.args.n_layers else cache.lengths
+        out.append(live(layer.window, length))
         for state in (layer.compressor, layer.indexer):
             if state is not None:
                 finished = int(length[0]) // cache.args.layer_ratio(layer_id)
-                out += [state.kv, state.score, state.entries.read(finished)]
+                out += [live(state.kv, length), live(state.score, length), state.entries.read(finished)]
     return out
 
 
@@ -63,9 +70,11 @@ def test_restore_undoes_appended_tokens_exactly(model):
 
 
 @torch.no_grad()
-def test_partial_rollback_keeps_the_accepted_prefix(model):
+@pytest.mark.parametrize("kept", [0, 1])
+def test_partial_rollback_keeps_the_accepted_prefix(model, kept):
     """Append 4 tokens of which only the first `keep` belong to the sequence; roll back the rest and
-    continue: main and MTP logits equal the full forward."""
+    continue: main and MTP logits equal the full forward (`kept`: the snapshot told that the first stays, so it
+    saves less)."""
     gen = torch.Generator().manual_seed(2)
     seq = torch.randint(0, model.args.vocab_size, (1, 45), generator=gen)
     full = model.forward_streams(seq)
@@ -73,7 +82,7 @@ def test_partial_rollback_keeps_the_accepted_prefix(model):
     cache = model.new_cache(1, 64)
     pos, logits, mtp = 0, [], []
     while pos < 44:
-        snap = cache.snapshot(4)
+        snap = cache.snapshot(4, kept=kept)
         keep = min(int(torch.randint(1, 5, (1,), generator=gen)), 44 - pos)
         chunk = torch.cat((seq[:, pos:pos + keep], torch.randint(0, model.args.vocab_size, (1, 4 - keep),
                                                                  generator=gen)), dim=1)
@@ -94,6 +103,39 @@ def test_snapshot_refuses_steps_longer_than_a_ring(model):
         cache.snapshot(cache.ring_limit() + 1)
     with pytest.raises(ValueError, match="rollback"):
         cache.rollback(cache.snapshot(2), lengths=torch.tensor([1]))
+    with pytest.raises(ValueError, match="kept"):
+        cache.snapshot(2, kept=3)
+
+
+@torch.no_grad()
+def test_a_one_draft_verify_step_saves_nothing_and_rolls_back_exactly(model):
+    """A verify step of one draft keeps its first token (`kept=1`): the only token it can undo is its last, whose
+    ring slots the next token writes before any read, so the snapshot saves no rows of the main model's. Feeding
+    each true token with a junk draft and undoing the draft, across window wraps and compression boundaries, the
+    cache reads as one that consumed the true tokens alone and every step's first logits equal the full
+    forward's. A rollback that would undo the kept token is refused."""
+    gen = torch.Generator().manual_seed(4)
+    seq = torch.randint(0, model.args.vocab_size, (1, 30), generator=gen)
+    ref = model(seq)
+    cache = model.new_cache(1, 64)
+    main = {id(o) for layer in cache.layers[:model.args.n_layers] for o in (layer, layer.compressor, layer.indexer)}
+    model.forward_streams(seq[:, :9], cache)
+    got = []
+    for pos in range(9, 30):
+        snap = cache.snapshot(2, kept=1)
+        assert not {id(part[0]) for part in snap.parts} & main  # (the MTP blocks' last slot is saved)
+        junk = torch.randint(0, model.args.vocab_size, (1, 1), generator=gen)
+        streams = model.forward_streams(torch.cat((seq[:, pos:pos + 1], junk), dim=1), cache)
+        got.append(model.logits(streams[:, :1]))
+        with pytest.raises(ValueError, match="rollback"):
+            cache.rollback(snap, lengths=torch.tensor([pos]))
+        cache.rollback(snap, lengths=torch.tensor([pos + 1]))
+        if pos % 7 == 0:
+            alone = model.new_cache(1, 64)
+            model.forward_streams(seq[:, :pos + 1], alone)
+            for want, have in zip(cache_tensors(alone), cache_tensors(cache), strict=True):
+                assert (want.float() - have.float()).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert (torch.cat(got, 1) - ref[:, 9:]).abs().max() / ref.abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("num_draft", [1, 2, 3])

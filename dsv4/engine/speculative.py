@@ -111,7 +111,7 @@ def speculative_generate(model: Transformer, prompt_ids: list[int], max_new_toke
 
     while True:
         first = int(greedy_tokens(model.mtp_head(hidden)[0, -1]))
-        snap = cache.snapshot(k + 1)
+        snap = cache.snapshot(k + 1, kept=1)  # the pending token is kept
         drafts = mtp_draft(model, cache, [*prompt_ids, *out], first, hidden, k)
         stats.mtp_forwards += k - 1
         verify = torch.tensor([[pending, *drafts]], device=device)

@@ -212,25 +212,35 @@ class Cache:
                     rings.append(state.kv.shape[1])
         return min(rings)
 
-    def snapshot(self, max_tokens: int) -> CacheSnapshot:
+    def snapshot(self, max_tokens: int, kept: int = 0) -> CacheSnapshot:
         """Remember what appending at most `max_tokens` tokens per row (to the main model and, separately, to
-        the MTP blocks) can overwrite, so that `rollback` can undo any suffix of such a step exactly.
+        the MTP blocks) can overwrite, so that `rollback` can undo any suffix of such a step exactly; `kept`: the
+        rollback keeps at least that many of the main model's appended tokens (a verify step keeps its first).
 
-        Cost: a gather of `max_tokens` window slots and compressor-ring slots per layer and row —
-        O(layers * k * width), independent of the sequence length; nothing is cloned wholesale. Compressed
+        Only a slot whose token is undone while a later token is undone too needs its old row back: a ring of R
+        slots holds position p's row where p - R's was, and the reads from a kept length L on reach back to
+        L - R + 1 only (the window's, the compressors' pooling and ring rewrite), so the slot of L, the first
+        undone position, is written again before it is read. So the slots of the step's offsets kept + 1 ..
+        max_tokens - 1 (MTP blocks: 1 .. max_tokens - 1) are saved, a gather per ring and layer: O(layers * k *
+        width), independent of the sequence length, and nothing at all for a verify step of one draft. Compressed
         entries need no saving: a rolled-back entry is past the kept length, so it is masked until the
         compressor writes it again."""
         if not 1 <= max_tokens <= self.ring_limit():
             raise ValueError(f"max_tokens must be in [1, {self.ring_limit()}] (the smallest cache ring), "
                              f"got {max_tokens}")
-        snap = CacheSnapshot(self.lengths.clone(), self.mtp_lengths.clone(), max_tokens)
-        offsets = torch.arange(max_tokens, device=self.lengths.device)
+        if not 0 <= kept <= max_tokens:
+            raise ValueError(f"kept must be in [0, {max_tokens}] (the step's tokens), got {kept}")
+        snap = CacheSnapshot(self.lengths.clone(), self.mtp_lengths.clone(), max_tokens, kept)
         rows = torch.arange(self.batch_size, device=self.lengths.device).unsqueeze(1)
         slots: dict[tuple[bool, int], tuple[Tensor, Tensor]] = {}  # (mtp side, ring size) -> positions, slots
 
         def add(owner: object, attr: str, mtp: bool) -> None:
+            first = 1 if mtp else kept + 1
+            if first >= max_tokens:
+                return
             ring = getattr(owner, attr).shape[1]
             if (mtp, ring) not in slots:
+                offsets = torch.arange(first, max_tokens, device=self.lengths.device)
                 pos = (snap.mtp_lengths if mtp else snap.lengths).unsqueeze(1) + offsets  # [B,n] positions written
                 slots[mtp, ring] = pos, pos % ring
             pos, at = slots[mtp, ring]
@@ -246,28 +256,32 @@ class Cache:
         return snap
 
     def rollback(self, snap: CacheSnapshot, lengths: Tensor | None = None, mtp_lengths: Tensor | None = None) -> None:
-        """Undo appended tokens: afterwards the cache is exactly as if each row had consumed only its first
-        `lengths` tokens (main) and `mtp_lengths` (MTP blocks), for lengths between the snapshot's and the
-        snapshot's plus `max_tokens` (default: the snapshot's own, i.e. undo everything since `snapshot`)."""
-        keep = snap.lengths if lengths is None else torch.as_tensor(lengths, device=snap.lengths.device)
+        """Undo appended tokens: afterwards every row reads as if it had consumed only its first `lengths`
+        tokens (main) and `mtp_lengths` (MTP blocks), for lengths between the snapshot's (main: plus its `kept`,
+        where the row appended them) and the snapshot's plus `max_tokens` (default: the least of them, i.e. undo
+        all that may be undone since `snapshot`). The slot of each side's first undone position keeps the undone
+        row: no read reaches it before the next token there rewrites it (see `snapshot`)."""
+        least = torch.minimum(snap.lengths + snap.kept, self.lengths)  # a row that appended nothing keeps nothing
+        keep = least if lengths is None else torch.as_tensor(lengths, device=snap.lengths.device)
         keep_mtp = snap.mtp_lengths if mtp_lengths is None else torch.as_tensor(mtp_lengths,
                                                                                 device=snap.lengths.device)
-        for keep_, start, now in ((keep, snap.lengths, self.lengths), (keep_mtp, snap.mtp_lengths, self.mtp_lengths)):
+        for keep_, start, now in ((keep, least, self.lengths), (keep_mtp, snap.mtp_lengths, self.mtp_lengths)):
             if bool((keep_ < start).any()) or bool((keep_ > now).any()):
                 raise ValueError(f"rollback to {keep_.tolist()}: must lie between the snapshot's {start.tolist()} "
                                  f"and the current {now.tolist()}")
-        mtp_owners = {id(o) for layer in self.layers[self.args.n_layers:]
-                      for o in (layer, layer.compressor, layer.indexer) if o is not None}
-        # a side whose every row keeps all it appended (all drafts accepted) has nothing to restore
-        undone = {False: bool((keep < self.lengths).any()), True: bool((keep_mtp < self.mtp_lengths).any())}
-        rows = torch.arange(self.batch_size, device=self.lengths.device).unsqueeze(1)
-        for owner, attr, pos, slots, saved in snap.parts:
-            if not undone[id(owner) in mtp_owners]:
-                continue
-            target = getattr(owner, attr)
-            k = (keep_mtp if id(owner) in mtp_owners else keep).unsqueeze(1)
-            undo = (pos >= k).view(*pos.shape, *([1] * (saved.dim() - 2)))
-            target[rows, slots] = torch.where(undo, saved, target[rows, slots])
+        if snap.parts:
+            mtp_owners = {id(o) for layer in self.layers[self.args.n_layers:]
+                          for o in (layer, layer.compressor, layer.indexer) if o is not None}
+            # a side whose every row keeps all it appended but one (all drafts accepted) has nothing to restore
+            undone = {False: bool((keep + 1 < self.lengths).any()), True: bool((keep_mtp + 1 < self.mtp_lengths).any())}
+            rows = torch.arange(self.batch_size, device=self.lengths.device).unsqueeze(1)
+            for owner, attr, pos, slots, saved in snap.parts:
+                if not undone[id(owner) in mtp_owners]:
+                    continue
+                target = getattr(owner, attr)
+                k = (keep_mtp if id(owner) in mtp_owners else keep).unsqueeze(1)
+                undo = (pos > k).view(*pos.shape, *([1] * (saved.dim() - 2)))
+                target[rows, slots] = torch.where(undo, saved, target[rows, slots])
         self.lengths.copy_(keep)
         self.mtp_lengths.copy_(keep_mtp)
 
@@ -402,6 +416,7 @@ class CacheSnapshot:
     lengths: Tensor
     mtp_lengths: Tensor
     max_tokens: int
+    kept: int  # the main side's rollback keeps at least this many tokens
     parts: list[tuple[object, str, Tensor, Tensor, Tensor]] = field(default_factory=list)
 
 
