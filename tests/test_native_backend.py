@@ -4,7 +4,8 @@ Elementwise ops (the FP8 / FP4 block simulations) and the Hadamard butterflies k
 so they must be equal bit for bit. The GEMM-shaped ops (quantised linears, experts) compute the same quantisation
 and two-level block accumulation, but sum a block's products sequentially where BLAS picks its own order, so they
 must agree within fp32 rounding (1e-5 of the largest value) in fp32, and within one bf16 step where the output is
-bf16; mHC's split and Sinkhorn bit for bit (torch keeps the exponentials). At model level: plain fp32 logits within
+bf16; mHC's split and Sinkhorn bit for bit (torch keeps the exponentials), and its whole read of fp32 streams in one
+fused pass within 1e-5. At model level: plain fp32 logits within
 1e-5, exact-numerics logits within the official-parity tolerance, and identical greedy tokens through the engine
 (`test_regression_pins.py` runs its pins on this backend too).
 """
@@ -175,6 +176,94 @@ def test_hc_collapse_equals_the_reference_bit_for_bit():
                 got, want = FAST.hc_collapse(x, pre), REF.hc_collapse(x, pre)
                 bits = torch.int32 if dtype == torch.float32 else torch.int16
                 assert torch.equal(got.view(bits), want.view(bits)), (lead, d, dtype)
+
+
+def test_the_vector_exponential_is_within_one_ulp():
+    """`exp16` (the fp32 fast paths' exponential) against float64's over its whole range, and at its edges: 0 below
+    -87, e^88 above 88 (and for +inf), NaN kept."""
+    x = torch.cat((torch.linspace(-87, 88, 400_001), _rand(4096, seed=3) * 20, torch.tensor([0.0, -0.0, 1e-30])))
+    got = torch.empty_like(x)
+    assert FAST.lib.dsv4_exp(x.data_ptr(), got.data_ptr(), x.numel()) == 0
+    want = torch.exp(x.double())
+    ulp = torch.nextafter(want.float(), torch.tensor(float("inf"))).double() - want.float().double()
+    assert ((got.double() - want).abs() / ulp).max().item() <= 1.0
+    edges = torch.tensor([-87.01, -1e30, float("-inf"), 88.01, 1e30, float("inf"), float("nan")])
+    out = torch.empty_like(edges)
+    FAST.lib.dsv4_exp(edges.data_ptr(), out.data_ptr(), edges.numel())
+    e88 = torch.exp(torch.tensor(88.0, dtype=torch.float64)).item()
+    assert out[:3].tolist() == [0.0, 0.0, 0.0] and out[6].isnan()
+    assert all(abs(v - e88) <= 1e-6 * e88 for v in out[3:6].tolist())
+
+
+def _mhc_read_float64(x, fn, scale, base, h, iters, eps, norm_eps):
+    """mHC's read by its formulas (spec: mixes, split, row softmax, Sinkhorn ending on columns, collapse) in
+    float64: the yardstick of the fused fp32 kernel."""
+    x, fn, scale, base = x.double(), fn.double(), scale.double(), base.double()
+    flat = x.flatten(2)
+    mixes = flat @ fn.T / torch.sqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+    pre = torch.sigmoid(mixes[..., :h] * scale[0] + base[:h]) + eps
+    post = 2 * torch.sigmoid(mixes[..., h:2 * h] * scale[1] + base[h:2 * h])
+    comb = torch.softmax((mixes[..., 2 * h:] * scale[2] + base[2 * h:]).unflatten(-1, (h, h)), dim=-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return (pre.unsqueeze(-1) * x).sum(2), post, comb
+
+
+def _mhc_inputs(lead, h, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = (2 + h) * h
+    return (torch.randn(*lead, h, d, generator=gen), torch.randn(m, h * d, generator=gen) * 0.05,
+            torch.rand(3, generator=gen) + 0.5, torch.randn(m, generator=gen))
+
+
+@pytest.mark.parametrize(("lead", "h", "d"), [((1, 256), 4, 256), ((1, 1), 4, 256), ((3, 7), 4, 33), ((2, 19), 2, 16),
+                                              ((1, 21), 8, 64)])
+def test_the_fused_mhc_read_of_fp32_streams_follows_the_formulas(monkeypatch, lead, h, d):
+    """fp32 inference takes one C pass (`dsv4_hc_pre`: panel product, vector exponentials, reciprocal Sinkhorn
+    steps) for the three ops: within 1e-5 of the float64 formulas and of the reference, for token counts off the
+    16-token blocks, widths off the 16-lane vectors, 2 to 8 streams."""
+    calls = []
+    fused = FAST.lib.dsv4_hc_pre
+    monkeypatch.setattr(FAST.lib, "dsv4_hc_pre", lambda *a: calls.append(a) or fused(*a))
+    x, fn, scale, base = _mhc_inputs(lead, h, d, seed=d + h)
+    got = FAST.hc_pre(x, fn, scale, base, h, 20, 1e-6, 1e-6)
+    assert len(calls) == 1
+    for g, f, r in zip(got, _mhc_read_float64(x, fn, scale, base, h, 20, 1e-6, 1e-6),
+                       REF.hc_pre(x, fn, scale, base, h, 20, 1e-6, 1e-6), strict=True):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        _close(g.double(), f, 1e-5)
+        _close(g, r, 1e-5)
+
+
+def test_the_fused_mhc_read_of_a_token_does_not_depend_on_its_batch():
+    """Each token is a lane of its 16-token block and its own rows of the panel product: alone or at any place in a
+    batch, the same bits; a NaN token spoils only its own outputs."""
+    x, fn, scale, base = _mhc_inputs((1, 37), 4, 64, seed=5)
+    x[0, 20, 1, 3] = float("nan")
+    whole = FAST.hc_pre(x, fn, scale, base, 4, 20, 1e-6, 1e-6)
+    for t in (0, 15, 16, 36):
+        alone = FAST.hc_pre(x[:, t:t + 1], fn, scale, base, 4, 20, 1e-6, 1e-6)
+        assert all(torch.equal(a, w[:, t:t + 1]) for a, w in zip(alone, whole, strict=True)), t
+    assert all(w[0, 20].isnan().all() for w in whole)
+    assert not any(w[0, :20].isnan().any() or w[0, 21:].isnan().any() for w in whole)
+
+
+def test_the_mhc_read_of_bf16_streams_and_in_training_is_the_three_ops():
+    """bf16 streams keep the reference's bits (each op's own kernel); with gradients the three ops' backward."""
+    x, fn, scale, base = _mhc_inputs((2, 9), 4, 64, seed=7)
+    xb = x.to(torch.bfloat16)
+    for got, want in zip(FAST.hc_pre(xb, fn, scale, base, 4, 20, 1e-6, 1e-6),
+                         REF.hc_pre(xb, fn, scale, base, 4, 20, 1e-6, 1e-6), strict=True):
+        assert torch.equal(got, want)
+    grads = {}
+    for name, backend in (("native", FAST), ("reference", REF)):
+        leaf = x.clone().requires_grad_()
+        u, post, comb = backend.hc_pre(leaf, fn, scale, base, 4, 20, 1e-6, 1e-6)
+        (u.sum() + post.sum() + (comb * torch.arange(16.0).view(4, 4)).sum()).backward()
+        grads[name] = leaf.grad
+    _close(grads["native"], grads["reference"], 1e-5)
 
 
 @pytest.mark.parametrize("spread", [1.0, 30.0])  # 30: logits spread over hundreds, exp's floor reached

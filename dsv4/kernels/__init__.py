@@ -63,6 +63,7 @@ OPS = (
     "index_scores",
     "index_topk",
     "hc_mixes",
+    "hc_pre",
     "hc_collapse",
     "hc_split_sinkhorn",
     "hc_post",
@@ -309,6 +310,13 @@ def swiglu(x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """mHC's coefficients [B, S, m] fp32 of the streams x [B, S, h, d]: (x @ fn^T) / rms(x)."""
     return active_backend().hc_mixes(x, fn, norm_eps)
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int, iters: int,
+           eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC's read of the streams x [B, S, h, d]: the sublayer input u [B, S, d], post [B, S, h] and comb [B, S, h, h]
+    (`hc_mixes`, `hc_split_sinkhorn` and `hc_collapse` in turn)."""
+    return active_backend().hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
 
 
 def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:

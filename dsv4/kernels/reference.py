@@ -405,6 +405,15 @@ class ReferenceBackend:
                 mixed = mixed + comb[:, :, j].unsqueeze(-1) * xf[:, :, j].unsqueeze(-2)
         return (post.unsqueeze(-1) * out.to(torch.float32).unsqueeze(2) + mixed).to(x.dtype)
 
+    def hc_pre(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
+               iters: int, eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mHC's read of the streams before a sublayer, x [B,S,h,d] -> (u [B,S,d] in x.dtype, post [B,S,h], comb
+        [B,S,h,h] fp32): `hc_mixes`, `hc_split_sinkhorn`, then `hc_collapse` with the pre weights, one op so that a
+        backend can run the three in one pass over the streams. Differentiable."""
+        mixes = self.hc_mixes(x, fn, norm_eps)
+        pre, post, comb = self.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+        return self.hc_collapse(x, pre), post, comb
+
     def hc_split_sinkhorn(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
                           iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split the mHC mixes into (pre, post, comb) and project comb towards a doubly stochastic matrix.

@@ -41,11 +41,10 @@ def hc_pre(
     """
     if mode == "residual":
         return x[:, :, 0], None, None
+    if mode == "mhc":
+        return kernels.hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
     mixes = kernels.hc_mixes(x, fn, norm_eps)
-    if mode == "hc":
-        pre, post, comb = hc_split_unconstrained(mixes, scale.to(torch.float32), base.to(torch.float32), hc_mult, eps)
-    else:
-        pre, post, comb = kernels.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+    pre, post, comb = hc_split_unconstrained(mixes, scale.to(torch.float32), base.to(torch.float32), hc_mult, eps)
     return kernels.hc_collapse(x, pre), post, comb
 
 

@@ -1698,6 +1698,144 @@ int dsv4_hc_collapse(const void *x, const float *pre, void *u, int bf16, int64_t
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ mHC's read, fp32 */
+
+static inline f32x16 min16(f32x16 a, f32x16 b) { /* lanes of a where a < b, else of b */
+    const i32x16 m = a < b;
+    return (f32x16)((m & (i32x16)a) | (~m & (i32x16)b));
+}
+
+/* e^x in every lane, Cephes' expf: x = n ln2 + r (n the nearest integer to x / ln2, ln2 in two parts), a degree-6
+ * polynomial in r, times 2^n from n's bits. Within 1 ulp of e^x for x in [-87, 88] (0.97 measured); 0 below -87
+ * (the true value is under 2^-125 there), e^88 above 88, NaN stays NaN. The fp32 fast paths' exponential (mHC's sigmoids
+ * and softmax, the experts' SiLU): libm's expf one lane at a time cost them as much as their products. */
+static inline f32x16 exp16(f32x16 in) {
+    const i32x16 nan = in != in, under = in < splat16(-87.0f);
+    const f32x16 x = max16(min16(in, splat16(88.0f)), splat16(-87.0f));
+    const f32x16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer, half to even */
+    const f32x16 n = (x * splat16(1.44269504088896341f) + magic) - magic;
+    f32x16 r = x - n * splat16(0.693359375f);
+    r = r - n * splat16(-2.12194440e-4f);
+    f32x16 p = splat16(1.9875691500e-4f);
+    p = p * r + splat16(1.3981999507e-3f);
+    p = p * r + splat16(8.3334519073e-3f);
+    p = p * r + splat16(4.1665795894e-2f);
+    p = p * r + splat16(1.6666665459e-1f);
+    p = p * r + splat16(5.0000001201e-1f);
+    p = p * (r * r) + r + splat16(1.0f);
+    const i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23; /* 2^n, n in -126 .. 127 */
+    const f32x16 y = p * (f32x16)e;
+    return (f32x16)(((i32x16)y & ~under & ~nan) | ((i32x16)in & nan));
+}
+
+/* out [n] = exp16 of x [n] (the tests measure its error against float64's exponential) */
+int dsv4_exp(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        float lanes[16] = {0};
+        const int64_t w = n - i < 16 ? n - i : 16;
+        memcpy(lanes, x + i, sizeof(float) * (size_t)w);
+        store16(lanes, exp16(load16(lanes)));
+        memcpy(out + i, lanes, sizeof(float) * (size_t)w);
+    }
+    return 0;
+}
+
+static inline f32x16 sigmoid16(f32x16 x) { return splat16(1.0f) / (splat16(1.0f) + exp16(-x)); }
+
+/* mHC's read of fp32 streams in one pass per 16 tokens, what `hc_mixes`, `hc_split_sinkhorn` and `hc_collapse`
+ * compute in turn: x [T, h, d] -> u [T, d] = sum_k pre_k x_k, post [T, h], comb [T, h, h], where the mixes
+ * (x . fn_c) / rms(x) take fn [m, h*d] (m = (2 + h) h) in panels [ceil(m / 32)][h*d][32] (`dsv4_panel_gemm`'s),
+ * pre = sigmoid(mixes * scale[0] + base) + eps, post = 2 sigmoid(...), comb the row softmax + eps, then columns,
+ * then iters - 1 rounds of rows and columns each divided by (sum + eps). Not the reference's bits: the panel sums'
+ * order, `exp16`, and each sum's reciprocal multiplied in (one division per row instead of h); plain fp32 within
+ * 1e-5 of it. The 16 tokens' coefficients run one token per lane. */
+#define HC_MAX 8
+#define HC_TOKENS 16
+int dsv4_hc_pre(const float *x, int64_t t, int64_t h, int64_t d, const float *panels, const float *scale,
+                const float *base, int64_t iters, float eps, float norm_eps, float *u, float *post, float *comb) {
+    if (h < 1 || h > HC_MAX || d < 1 || iters < 1) return -1;
+    const int64_t n = h * d, m = (2 + h) * h, blocks = (t + HC_TOKENS - 1) / HC_TOKENS;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(t * n * m))
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t lo = blk * HC_TOKENS, rows = t - lo < HC_TOKENS ? t - lo : HC_TOKENS;
+        const float *xb = x + lo * n;
+        float mixes[HC_TOKENS * (2 + HC_MAX) * HC_MAX];
+        panels_product(xb, rows, n, panels, m, mixes);
+        f32x16 inv = splat16(0.0f), v[(2 + HC_MAX) * HC_MAX];
+        for (int64_t r = 0; r < rows; r++) { /* 1 / rms over the token's h * d values */
+            f32x16 acc = splat16(0.0f);
+            int64_t i = 0;
+            for (; i + 16 <= n; i += 16) {
+                const f32x16 a = load16(xb + r * n + i);
+                acc += a * a;
+            }
+            float ss = 0.0f;
+            for (int l = 0; l < 16; l++) ss += acc[l];
+            for (; i < n; i++) ss += xb[r * n + i] * xb[r * n + i];
+            inv[r] = 1.0f / sqrtf(ss / (float)n + norm_eps);
+        }
+        for (int64_t c = 0; c < m; c++) {
+            f32x16 col = splat16(0.0f);
+            for (int64_t r = 0; r < rows; r++) col[r] = mixes[r * m + c];
+            v[c] = col * inv;
+        }
+        f32x16 pre[HC_MAX], out[HC_MAX], cm[HC_MAX * HC_MAX];
+        for (int64_t k = 0; k < h; k++) {
+            pre[k] = sigmoid16(v[k] * splat16(scale[0]) + splat16(base[k])) + splat16(eps);
+            out[k] = splat16(2.0f) * sigmoid16(v[h + k] * splat16(scale[1]) + splat16(base[h + k]));
+        }
+        for (int64_t i = 0; i < h * h; i++) cm[i] = v[2 * h + i] * splat16(scale[2]) + splat16(base[2 * h + i]);
+        for (int64_t i = 0; i < h; i++) { /* the row softmax, + eps */
+            f32x16 top = cm[i * h], sum = splat16(0.0f);
+            for (int64_t j = 1; j < h; j++) top = max16(cm[i * h + j], top);
+            for (int64_t j = 0; j < h; j++) {
+                cm[i * h + j] = exp16(cm[i * h + j] - top);
+                sum += cm[i * h + j];
+            }
+            const f32x16 rcp = splat16(1.0f) / sum;
+            for (int64_t j = 0; j < h; j++) cm[i * h + j] = cm[i * h + j] * rcp + splat16(eps);
+        }
+        for (int64_t it = 0; it < iters; it++) {
+            if (it > 0)
+                for (int64_t i = 0; i < h; i++) { /* rows */
+                    f32x16 sum = cm[i * h];
+                    for (int64_t j = 1; j < h; j++) sum += cm[i * h + j];
+                    const f32x16 rcp = splat16(1.0f) / (sum + splat16(eps));
+                    for (int64_t j = 0; j < h; j++) cm[i * h + j] *= rcp;
+                }
+            for (int64_t j = 0; j < h; j++) { /* columns */
+                f32x16 sum = cm[j];
+                for (int64_t i = 1; i < h; i++) sum += cm[i * h + j];
+                const f32x16 rcp = splat16(1.0f) / (sum + splat16(eps));
+                for (int64_t i = 0; i < h; i++) cm[i * h + j] *= rcp;
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t tok = lo + r;
+            float p[HC_MAX];
+            for (int64_t k = 0; k < h; k++) {
+                p[k] = pre[k][r];
+                post[tok * h + k] = out[k][r];
+            }
+            for (int64_t i = 0; i < h * h; i++) comb[tok * h * h + i] = cm[i][r];
+            const float *xr = xb + r * n;
+            float *ur = u + tok * d;
+            int64_t i = 0; /* products rounded, added over the streams in order */
+            for (; i + 16 <= d; i += 16) {
+                f32x16 s = splat16(0.0f);
+                for (int64_t k = 0; k < h; k++) s += splat16(p[k]) * load16(xr + k * d + i);
+                store16(ur + i, s);
+            }
+            for (; i < d; i++) {
+                float s = 0.0f;
+                for (int64_t k = 0; k < h; k++) s += p[k] * xr[k * d + i];
+                ur[i] = s;
+            }
+        }
+    }
+    return 0;
+}
+
 /* The gradient of `dsv4_sinkhorn` (training): grad [T, h, h] of its output -> grad of its input comb0 [T, h, h]
  * (the exponentials), written to out. The forward is replayed, LANES tokens at a time, keeping every step's input
  * and divisors; each step y = c / s with s = sum(c) (+ eps) over a row or column passes back
