@@ -1109,6 +1109,53 @@ static inline f32x16 max16(f32x16 a, f32x16 b) { /* lanes of a where a > b, else
     return (f32x16)((m & (i32x16)a) | (~m & (i32x16)b));
 }
 static inline f32x16 abs16(f32x16 a) { return (f32x16)((i32x16)a & 0x7fffffff); }
+/* min(a, hi) and max(a, lo) lane by lane, as torch's clamp: a NaN lane of a stays NaN */
+static inline f32x16 upper16(f32x16 a, f32x16 hi) {
+    const i32x16 m = a > hi;
+    return (f32x16)((m & (i32x16)hi) | (~m & (i32x16)a));
+}
+static inline f32x16 lower16(f32x16 a, f32x16 lo) {
+    const i32x16 m = a < lo;
+    return (f32x16)((m & (i32x16)lo) | (~m & (i32x16)a));
+}
+
+/* e^x in every lane, Cephes' expf: x = n ln2 + r (n the nearest integer to x / ln2, ln2 in two parts), a degree-6
+ * polynomial in r, times 2^n from n's bits. Within 1 ulp of e^x for x in [-87, 88] (0.97 measured); 0 below -87
+ * (the true value is under 2^-125 there), e^88 above 88, NaN stays NaN. The fp32 fast paths' exponential (mHC's
+ * sigmoids and softmax, the experts' SiLU): libm's expf one lane at a time cost them as much as their products. */
+static inline f32x16 exp16(f32x16 in) {
+    const i32x16 nan = in != in, under = in < splat16(-87.0f);
+    const f32x16 x = lower16(upper16(in, splat16(88.0f)), splat16(-87.0f));
+    const f32x16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer, half to even */
+    const f32x16 n = (x * splat16(1.44269504088896341f) + magic) - magic;
+    f32x16 r = x - n * splat16(0.693359375f);
+    r = r - n * splat16(-2.12194440e-4f);
+    f32x16 p = splat16(1.9875691500e-4f);
+    p = p * r + splat16(1.3981999507e-3f);
+    p = p * r + splat16(8.3334519073e-3f);
+    p = p * r + splat16(4.1665795894e-2f);
+    p = p * r + splat16(1.6666665459e-1f);
+    p = p * r + splat16(5.0000001201e-1f);
+    p = p * (r * r) + r + splat16(1.0f);
+    const i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23; /* 2^n, n in -126 .. 127 */
+    const f32x16 y = p * (f32x16)e;
+    return (f32x16)(((i32x16)y & ~under & ~nan) | ((i32x16)in & nan));
+}
+
+/* out [n] = exp16 of x [n] (the tests measure its error against float64's exponential) */
+int dsv4_exp(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        float lanes[16] = {0};
+        const int64_t w = n - i < 16 ? n - i : 16;
+        memcpy(lanes, x + i, sizeof(float) * (size_t)w);
+        store16(lanes, exp16(load16(lanes)));
+        memcpy(out + i, lanes, sizeof(float) * (size_t)w);
+    }
+    return 0;
+}
+
+static inline f32x16 sigmoid16(f32x16 x) { return splat16(1.0f) / (splat16(1.0f) + exp16(-x)); }
+
 /* d0[r], d1[r] (r < M) = the integer sums p . q_j of row r's codes (packed four to an int32 in xw [M, K4]) with a
  * panel's 32 columns */
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
@@ -1368,14 +1415,21 @@ int dsv4_panel_experts(const float *x, float *out, int64_t t, int64_t topk, cons
             for (int64_t r = 0; r < m; r++) memcpy(rows + r * d, x + order[lo + r] / topk * d, sizeof(float) * (size_t)d);
             panels_product(rows, m, d, w1, inter, gate);
             panels_product(rows, m, d, w3, inter, up);
-            for (int64_t r = 0; r < m; r++) {
+            for (int64_t r = 0; r < m; r++) { /* route * F.silu(min(g, L)) * clamp(u, -L, L), 16 at a time */
                 const float route = weights[order[lo + r]];
-                for (int64_t j = 0; j < inter; j++) {
-                    float g = gate[r * inter + j], u = up[r * inter + j];
-                    g = g > limit ? limit : g;
-                    u = u > limit ? limit : (u < -limit ? -limit : u);
-                    const float h = g / (1.0f + expf(-g)) * u; /* F.silu(g) * up, as `swiglu_row` */
-                    gate[r * inter + j] = route * h;
+                float *g = gate + r * inter;
+                const float *u = up + r * inter;
+                int64_t j = 0;
+                for (; j + 16 <= inter; j += 16) {
+                    const f32x16 a = upper16(load16(g + j), splat16(limit));
+                    const f32x16 b = lower16(upper16(load16(u + j), splat16(limit)), splat16(-limit));
+                    store16(g + j, splat16(route) * (a / (splat16(1.0f) + exp16(-a)) * b));
+                }
+                for (; j < inter; j++) {
+                    float a = g[j], b = u[j];
+                    a = a > limit ? limit : a;
+                    b = b > limit ? limit : (b < -limit ? -limit : b);
+                    g[j] = route * (a / (1.0f + expf(-a)) * b);
                 }
             }
             panels_product(gate, m, inter, w2, d, y);
@@ -1700,47 +1754,6 @@ int dsv4_hc_collapse(const void *x, const float *pre, void *u, int bf16, int64_t
 
 /* ------------------------------------------------------------------------------------------ mHC's read, fp32 */
 
-static inline f32x16 min16(f32x16 a, f32x16 b) { /* lanes of a where a < b, else of b */
-    const i32x16 m = a < b;
-    return (f32x16)((m & (i32x16)a) | (~m & (i32x16)b));
-}
-
-/* e^x in every lane, Cephes' expf: x = n ln2 + r (n the nearest integer to x / ln2, ln2 in two parts), a degree-6
- * polynomial in r, times 2^n from n's bits. Within 1 ulp of e^x for x in [-87, 88] (0.97 measured); 0 below -87
- * (the true value is under 2^-125 there), e^88 above 88, NaN stays NaN. The fp32 fast paths' exponential (mHC's sigmoids
- * and softmax, the experts' SiLU): libm's expf one lane at a time cost them as much as their products. */
-static inline f32x16 exp16(f32x16 in) {
-    const i32x16 nan = in != in, under = in < splat16(-87.0f);
-    const f32x16 x = max16(min16(in, splat16(88.0f)), splat16(-87.0f));
-    const f32x16 magic = splat16(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer, half to even */
-    const f32x16 n = (x * splat16(1.44269504088896341f) + magic) - magic;
-    f32x16 r = x - n * splat16(0.693359375f);
-    r = r - n * splat16(-2.12194440e-4f);
-    f32x16 p = splat16(1.9875691500e-4f);
-    p = p * r + splat16(1.3981999507e-3f);
-    p = p * r + splat16(8.3334519073e-3f);
-    p = p * r + splat16(4.1665795894e-2f);
-    p = p * r + splat16(1.6666665459e-1f);
-    p = p * r + splat16(5.0000001201e-1f);
-    p = p * (r * r) + r + splat16(1.0f);
-    const i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23; /* 2^n, n in -126 .. 127 */
-    const f32x16 y = p * (f32x16)e;
-    return (f32x16)(((i32x16)y & ~under & ~nan) | ((i32x16)in & nan));
-}
-
-/* out [n] = exp16 of x [n] (the tests measure its error against float64's exponential) */
-int dsv4_exp(const float *x, float *out, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) {
-        float lanes[16] = {0};
-        const int64_t w = n - i < 16 ? n - i : 16;
-        memcpy(lanes, x + i, sizeof(float) * (size_t)w);
-        store16(lanes, exp16(load16(lanes)));
-        memcpy(out + i, lanes, sizeof(float) * (size_t)w);
-    }
-    return 0;
-}
-
-static inline f32x16 sigmoid16(f32x16 x) { return splat16(1.0f) / (splat16(1.0f) + exp16(-x)); }
 
 /* mHC's read of fp32 streams in one pass per 16 tokens, what `hc_mixes`, `hc_split_sinkhorn` and `hc_collapse`
  * compute in turn: x [T, h, d] -> u [T, d] = sum_k pre_k x_k, post [T, h], comb [T, h, h], where the mixes
