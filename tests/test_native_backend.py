@@ -642,15 +642,13 @@ def test_sparse_attention_over_dense_and_paged_rows_agrees_with_the_reference(sl
 
 
 @pytest.mark.parametrize("case", ["band", "scattered"])
-def test_prefill_attention_bookkeeping_in_c_agrees_with_the_reference(case, monkeypatch):
-    """A prefill chunk over fp32 rows: each block of queries in three C calls around its two GEMMs (the named rows
-    and the slots' weights, the exponentials' arguments, the weighted sums), for 150 queries (three blocks, the
-    last short) of two sequences. "band": a band of 16 window rows each plus compressed entries at the end (a few
-    of the 203 rows, renumbered), two entries named twice; "scattered": slots over all of 43 rows (every row
-    kept). Both with unused slots, a query with none (exactly 0), logits spread over hundreds (the floored range)
-    and row counts that are not multiples of eight."""
-    from dsv4.kernels.cpu import DENSE_QUERY_BLOCK
-
+def test_prefill_attention_in_c_agrees_with_the_reference(case, monkeypatch):
+    """A prefill chunk over fp32 rows in one C call (`dsv4_chunk_attn`: blocks of 32 queries over the rows they
+    name, both products on the panel kernels), for 150 queries (five blocks, the last short) of two sequences.
+    "band": a band of 16 window rows each plus compressed entries at the end (a few of the 203 rows, renumbered),
+    two entries named twice; "scattered": slots over all of 43 rows (every row kept). Both with unused slots, a
+    query with none (exactly 0), logits spread over hundreds (the floored range) and row counts that are not
+    multiples of eight."""
     gen = torch.Generator().manual_seed(0)
     b, s, h, d = 2, 150, 8, 64  # past NATIVE_MACS: a decode's C attention would take fewer queries
     if case == "band":
@@ -669,8 +667,7 @@ def test_prefill_attention_bookkeeping_in_c_agrees_with_the_reference(case, monk
     lib = _CountingLib(FAST.lib)
     monkeypatch.setattr(FAST, "lib", lib)
     got = FAST.sparse_attn(q, rows, idx, sink, d**-0.5)
-    blocks = -(-s // DENSE_QUERY_BLOCK)
-    assert lib.calls == {"dsv4_attn_rows": blocks, "dsv4_attn_logits": blocks, "dsv4_attn_weights": blocks}
+    assert lib.calls == {"dsv4_chunk_attn": 1}
     _close(got, REF.sparse_attn(q, rows, idx, sink, d**-0.5), 1e-5)
     assert torch.equal(got[1, 5], torch.zeros_like(got[1, 5]))
     idx[0, 0, 0] = n
@@ -855,6 +852,7 @@ def _split_cases():
             r(2, 100, 4, 64, dtype=dtype), r(2, 300, 64, dtype=dtype),
             torch.randint(-1, 300, (2, 100, 150), generator=gen), r(4), 0.125))
     cases["head_norm"] = (FAST.head_norm, (r(1, 300, 4, 64), 1e-6))
+    cases["mHC read"] = (FAST.hc_pre, (r(1, 200, 4, 96), r(24, 384, scale=0.05), r(3).abs(), r(24), 4, 20, 1e-6, 1e-6))
     cases["quantised linear"] = (FAST.linear, (r(8, 256), *quantize_fp8_weight(r(256, 256, scale=0.05))))
     for fmt in ("fp4", "float"):
         ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(8)])

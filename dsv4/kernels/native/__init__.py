@@ -652,12 +652,12 @@ class NativeBackend(CpuBackend):
         return list(out.unbind(2))
 
     def _dense_attn(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
-        """The "cpu" backend's attention over a chunk's fp32 rows, a block of queries at a time, with its bookkeeping
-        between the two GEMMs in three C calls instead of about thirty torch ops: the rows the block names and each
-        query's weight on them (`dsv4_attn_rows`), the exponentials' arguments (`dsv4_attn_logits`; the
-        exponentials stay torch's, with two threads), the weighted probabilities and their sums
-        (`dsv4_attn_weights`). Each block's output is divided into its place (no concatenation). Training: the same
-        forward with its gradient in closed form (`_ChunkAttention`)."""
+        """The "cpu" backend's attention over a chunk's fp32 rows. Inference: one C call (`dsv4_chunk_attn`), 32
+        queries at a time over the rows they name (a window band of W + 31 rows instead of the W + 63 of the "cpu"
+        backend's 64-query blocks, whose GEMMs lose more than that over 32), both products on the panel kernels,
+        the blocks shared between threads as they come (a causal chunk's late blocks name more rows). Training: the
+        "cpu" backend's blocks with their bookkeeping between the two GEMMs in three C calls instead of about thirty
+        torch ops (`_chunk_attention`), and the gradient in closed form (`_ChunkAttention`)."""
         if (q.dtype != torch.float32 or rows.dtype != torch.float32 or sink.dtype != torch.float32
                 or any(t.device.type != "cpu" for t in (q, rows, sink, idx))):
             return super()._dense_attn(q, rows, idx, sink, scale)
@@ -665,7 +665,16 @@ class NativeBackend(CpuBackend):
             if torch.is_autocast_enabled("cpu"):
                 return super()._dense_attn(q, rows, idx, sink, scale)
             return _ChunkAttention.apply(q, rows, sink, idx, scale, self.lib)
-        return _chunk_attention(self.lib, q, rows, idx, sink, scale, EXP_FLOOR)[0]
+        b, s, h, d = q.shape
+        q, rows = q.contiguous(), rows.contiguous()
+        idx, sink = idx.to(torch.int64).contiguous(), sink.contiguous()
+        out = torch.empty_like(q)
+        code = self.lib.dsv4_chunk_attn(q.data_ptr(), rows.data_ptr(), idx.data_ptr(), sink.data_ptr(), b, s, h, d,
+                                        rows.shape[1], idx.shape[-1], scale, EXP_FLOOR, out.data_ptr())
+        if code == -1:
+            raise IndexError(f"sparse_attn: a slot names a row past the {rows.shape[1]} rows")
+        _check(code, "sparse_attn")
+        return out
 
     # ------------------------------------------------------------------------------------------ mHC
 

@@ -1849,6 +1849,114 @@ int dsv4_hc_pre(const float *x, int64_t t, int64_t h, int64_t d, const float *pa
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ a chunk's attention, fp32 */
+
+/* Attention of a prefill chunk's queries q [B, S, H, D] over fp32 rows [B, N, D] at slots idx [B, S, K] (-1: none; a
+ * row named twice weighs twice) with the sink: what `NativeBackend._dense_attn` computes (the "cpu" backend's
+ * arithmetic: scores over the rows a block of queries names, the arguments of the exponentials shifted by the
+ * largest counted score and floored at `lowest`, weights times counts, the sink's share in the denominator) eight
+ * queries at a time instead of 64, so a window band is W + 7 rows of which each query reads W, not W + 63, the
+ * block's heads sharing each key (MQA) as 8 H rows of one panel product. The named rows' keys go into panels
+ * [ceil(n' / 32)][D][32] and their values into [ceil(D / 32)][n'][32], both products run on the panel kernels and
+ * the exponentials on `exp16`: plain fp32 within 1e-5 of the reference. Blocks split between threads. Returns 0,
+ * -1 for a slot past the rows, -2 without scratch. */
+#define CHUNK_QUERIES 16
+int dsv4_chunk_attn(const float *q, const float *rows, const int64_t *idx, const float *sink, int64_t b, int64_t s,
+                    int64_t h, int64_t d, int64_t n, int64_t k, float scale, float lowest, float *out) {
+    const int64_t blocks = (s + CHUNK_QUERIES - 1) / CHUNK_QUERIES, qr = CHUNK_QUERIES * h;
+    const int64_t np = (n + PANEL - 1) / PANEL * PANEL, dp = (d + PANEL - 1) / PANEL * PANEL;
+    int bad = 0;
+    #pragma omp parallel num_threads(split_threads(b * s * h * k * d)) reduction(|:bad)
+    {
+        int64_t *used = malloc(sizeof(int64_t) * (size_t)(n + 1));
+        float *counts = malloc(sizeof(float) * (size_t)(b * CHUNK_QUERIES * n + 1));
+        float *keys = malloc(sizeof(float) * (size_t)(np * d + 1));
+        float *values = malloc(sizeof(float) * (size_t)(dp * n + 1));
+        float *p = malloc(sizeof(float) * (size_t)(qr * n + 1));
+        float *o = malloc(sizeof(float) * (size_t)(qr * d + 1));
+        float *denom = malloc(sizeof(float) * (size_t)(qr + 1));
+        if (!used || !counts || !keys || !values || !p || !o || !denom) bad |= 2;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            if (bad) continue;
+            const int64_t lo = blk * CHUNK_QUERIES, m = s - lo < CHUNK_QUERIES ? s - lo : CHUNK_QUERIES;
+            const int64_t kept = dsv4_attn_rows(idx, b, s, k, lo, lo + m, n, used, counts);
+            if (kept < 0) {
+                bad |= 1;
+                continue;
+            }
+            if (kept == n)
+                for (int64_t j = 0; j < n; j++) used[j] = j;
+            const int64_t kp = (kept + PANEL - 1) / PANEL * PANEL, rws = m * h;
+            for (int64_t bb = 0; bb < b; bb++) {
+                const float *rb = rows + bb * n * d;
+                for (int64_t c = 0; c < kp; c += PANEL) { /* key panel c / 32: rows used[c .. c + 31] transposed */
+                    float *panel = keys + c * d;
+                    for (int64_t jj = 0; jj < PANEL; jj++) {
+                        const float *row = c + jj < kept ? rb + used[c + jj] * d : NULL;
+                        for (int64_t i = 0; i < d; i++) panel[i * PANEL + jj] = row ? row[i] : 0.0f;
+                    }
+                }
+                for (int64_t j = 0; j < kept; j++) { /* value panel c / 32: columns c .. c + 31 of every row */
+                    const float *row = rb + used[j] * d;
+                    for (int64_t c = 0; c < dp; c += PANEL)
+                        for (int64_t jj = 0; jj < PANEL; jj++)
+                            values[c * kept + j * PANEL + jj] = c + jj < d ? row[c + jj] : 0.0f;
+                }
+                panels_product(q + (bb * s + lo) * h * d, rws, d, keys, kept, p); /* scores [m H, n'] */
+                const float *cb = counts + bb * m * kept;
+                for (int64_t r = 0; r < rws; r++) {
+                    float *x = p + r * kept;
+                    const float *c = cb + (r / h) * kept;
+                    f32x16 top16 = splat16(-INFINITY);
+                    int64_t j = 0;
+                    for (; j + 16 <= kept; j += 16) {
+                        const f32x16 a = load16(x + j) * splat16(scale);
+                        store16(x + j, a);
+                        const i32x16 counted = load16(c + j) > splat16(0.0f);
+                        top16 = max16((f32x16)((counted & (i32x16)a) | (~counted & (i32x16)splat16(-INFINITY))),
+                                      top16);
+                    }
+                    float top = -INFINITY;
+                    for (int l = 0; l < 16; l++) top = top16[l] > top ? top16[l] : top;
+                    for (; j < kept; j++) {
+                        x[j] *= scale;
+                        if (c[j] > 0.0f && x[j] > top) top = x[j];
+                    }
+                    const float shift = isfinite(top) ? top : sink[r % h];
+                    f32x16 sum16 = splat16(0.0f);
+                    for (j = 0; j + 16 <= kept; j += 16) {
+                        const f32x16 e = exp16(lower16(load16(x + j) - splat16(shift), splat16(lowest)));
+                        const f32x16 w = e * load16(c + j);
+                        store16(x + j, w);
+                        sum16 += w;
+                    }
+                    float sum = 0.0f;
+                    for (int l = 0; l < 16; l++) sum += sum16[l];
+                    for (; j < kept; j++) {
+                        const float a = x[j] - shift;
+                        x[j] = expf(a < lowest ? lowest : a) * c[j];
+                        sum += x[j];
+                    }
+                    denom[r] = sum + expf(sink[r % h] - shift);
+                }
+                panels_product(p, rws, kept, values, d, o); /* [m H, D] */
+                float *ob = out + (bb * s + lo) * h * d;
+                for (int64_t r = 0; r < rws; r++)
+                    for (int64_t i = 0; i < d; i++) ob[r * d + i] = o[r * d + i] / denom[r];
+            }
+        }
+        free(used);
+        free(counts);
+        free(keys);
+        free(values);
+        free(p);
+        free(o);
+        free(denom);
+    }
+    return bad & 2 ? -2 : (bad & 1 ? -1 : 0);
+}
+
 /* The gradient of `dsv4_sinkhorn` (training): grad [T, h, h] of its output -> grad of its input comb0 [T, h, h]
  * (the exponentials), written to out. The forward is replayed, LANES tokens at a time, keeping every step's input
  * and divisors; each step y = c / s with s = sum(c) (+ eps) over a row or column passes back
