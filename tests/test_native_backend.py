@@ -266,6 +266,45 @@ def test_the_mhc_read_of_bf16_streams_and_in_training_is_the_three_ops():
     _close(grads["native"], grads["reference"], 1e-5)
 
 
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize(("tokens", "experts", "k"), [(256, 16, 2), (1, 16, 2), (37, 256, 6), (5, 20, 3)])
+def test_the_router_in_c_picks_the_references_experts(monkeypatch, score_func, tokens, experts, k):
+    """fp32 routing in one C call (`dsv4_moe_gate`: the product with the gate weight in panels, vector scores, the
+    top-k of scores + bias): the reference's experts in its order, weights and scores within 1e-5; a hash layer's
+    given ids kept. Expert counts off the 16 lanes and the 32-wide panels, a single token."""
+    calls = []
+    gate = FAST.lib.dsv4_moe_gate
+    monkeypatch.setattr(FAST.lib, "dsv4_moe_gate", lambda *a: calls.append(a) or gate(*a))
+    gen = torch.Generator().manual_seed(tokens + experts)
+    x = torch.randn(tokens, 256, generator=gen)
+    weight, bias = torch.randn(experts, 256, generator=gen) * 0.05, torch.randn(experts, generator=gen) * 0.1
+    hashed = torch.randint(0, experts, (tokens, k), generator=gen)
+    for ids, b in ((None, bias), (hashed, None)):
+        got = FAST.moe_gate(x, weight, b, ids, score_func, k, 1.5)
+        want = REF.moe_gate(x, weight, b, ids, score_func, k, 1.5)
+        assert torch.equal(got[1], want[1]) and got[1].dtype == torch.int64
+        _close(got[0], want[0], 1e-5)
+        _close(got[2], want[2], 1e-5)
+    assert len(calls) == 2
+
+
+def test_the_router_in_c_over_extreme_logits_and_ties():
+    """Scores past softplus' threshold (20) and far below (-80) within 1e-5 of the largest, as torch's; tied scores
+    go to the lower expert id first and NaN scores first of all (the order the indexer's top-k keeps too); a given
+    id out of range is an IndexError."""
+    x = torch.tensor([[30.0, 19.9, 20.1, -80.0, 0.0, 3.0, -3.0, 1e-8], [0.5] * 8, [0.1, 0.0, 0.5, 0.5, 0.2, 0, 0, 0]])
+    eye = torch.eye(8)  # the logits are x
+    for score_func in ("sqrtsoftplus", "sigmoid"):
+        weights, ids, scores = FAST.moe_gate(x[:1], eye, torch.zeros(8), None, score_func, 2, 1.0)
+        _close(scores, REF.moe_gate(x[:1], eye, torch.zeros(8), None, score_func, 2, 1.0)[2], 1e-6)
+    assert FAST.moe_gate(x[1:2], eye, torch.zeros(8), None, "sigmoid", 3, 1.0)[1].tolist() == [[0, 1, 2]]
+    nan_rows = eye.clone()
+    nan_rows[[1, 5]] = float("nan")  # logits 1 and 5 NaN
+    assert FAST.moe_gate(x[2:], nan_rows, torch.zeros(8), None, "sigmoid", 3, 1.0)[1].tolist() == [[1, 5, 2]]
+    with pytest.raises(IndexError, match="out of range"):
+        FAST.moe_gate(x[:1], eye, None, torch.tensor([[0, 8]]), "sigmoid", 2, 1.0)
+
+
 @pytest.mark.parametrize("spread", [1.0, 30.0])  # 30: logits spread over hundreds, exp's floor reached
 def test_chunk_attention_in_training_agrees_with_the_reference(spread):
     """Training attention over a chunk's fp32 rows (C bookkeeping, closed-form gradient, blocks of queries written
@@ -852,6 +891,8 @@ def _split_cases():
             r(2, 100, 4, 64, dtype=dtype), r(2, 300, 64, dtype=dtype),
             torch.randint(-1, 300, (2, 100, 150), generator=gen), r(4), 0.125))
     cases["head_norm"] = (FAST.head_norm, (r(1, 300, 4, 64), 1e-6))
+    cases["router"] = (FAST.moe_gate, (r(300, 256), r(16, 256, scale=0.05), r(16, scale=0.1), None, "sqrtsoftplus", 2,
+                                       1.5))
     cases["mHC read"] = (FAST.hc_pre, (r(1, 200, 4, 96), r(24, 384, scale=0.05), r(3).abs(), r(24), 4, 20, 1e-6, 1e-6))
     cases["quantised linear"] = (FAST.linear, (r(8, 256), *quantize_fp8_weight(r(256, 256, scale=0.05))))
     for fmt in ("fp4", "float"):

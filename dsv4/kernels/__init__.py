@@ -67,6 +67,7 @@ OPS = (
     "hc_collapse",
     "hc_split_sinkhorn",
     "hc_post",
+    "moe_gate",
     "routed_experts",
     "swiglu",
 )
@@ -294,6 +295,13 @@ def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[tor
     """The indexer's picks [B, S, k] (ids by descending score, ties to the earlier entry, -1 past a query's
     `visible` entries) and their scores; masks `scores` in place."""
     return active_backend().index_topk(scores, visible, k)
+
+
+def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,
+             score_func: str, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MoE router: (weights [T, k], expert ids [T, k], scores [T, E]) for tokens x [T, d] (ids given by a hash
+    layer's table, else the top-k of scores + bias)."""
+    return active_backend().moe_gate(x, weight, bias, ids, score_func, topk, route_scale)
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

@@ -215,6 +215,27 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------------------------------ experts
 
+    def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,
+                 score_func: str, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MoE router over tokens x [T, d] with the gate weight [E, d]: scores [T, E] = f(x W^T) in fp32 (f:
+        softmax, sigmoid or sqrt(softplus)); the experts ids [T, k] as given (a hash layer's token-id table) or
+        the top-k of scores + bias [E] (the balancing term: it decides which, not how much); their weights [T, k],
+        the unbiased scores renormalised (unless softmax) times route_scale. Returns (weights, ids, scores);
+        differentiable through the scores."""
+        logits = F.linear(x.to(torch.float32), weight.to(torch.float32))
+        if score_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        elif score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = F.softplus(logits).sqrt()
+        if ids is None:
+            ids = (scores + bias).topk(topk, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if score_func != "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * route_scale, ids, scores
+
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                        experts: Sequence[ExpertWeights | None], which: Sequence[int], limit: float) -> torch.Tensor:
         """The routed experts' weighted sum [T, d] fp32 over x [T, d], for routing weights [T, k] fp32 and expert

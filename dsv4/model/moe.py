@@ -59,21 +59,10 @@ class Gate(nn.Module):
 
     def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [T,d], token_ids [T] -> routing weights [T,k] fp32, expert ids [T,k], scores [T,E] fp32."""
-        logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
-        if self.score_func == "softmax":
-            scores = logits.softmax(dim=-1)
-        elif self.score_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = F.softplus(logits).sqrt()
         if self.hash:
-            ids = self.tid2eid[token_ids]
-        else:
-            ids = (scores + self.bias).topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if self.score_func != "softmax":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.route_scale, ids, scores
+            return kernels.moe_gate(x, self.weight, None, self.tid2eid[token_ids], self.score_func, self.topk,
+                                    self.route_scale)
+        return kernels.moe_gate(x, self.weight, self.bias, None, self.score_func, self.topk, self.route_scale)
 
 
 class Expert(nn.Module):

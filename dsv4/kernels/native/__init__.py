@@ -105,6 +105,8 @@ NATIVE_TOPK_SCORES = 1 << 20
 # its weight kept in panels (`dsv4_panel_gemm`); a prefill's many rows stay BLAS's
 PANEL_ROWS = 64
 PANEL = 32
+# the router's score functions as `dsv4_moe_gate` numbers them
+_SCORE_FUNCS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
 # the most streams `dsv4_hc_pre` reads (its coefficient arrays are sized for it)
 HC_MAX = 8
 # the most panels of the head a row's greedy screen may leave to compute exactly (more: its whole logits)
@@ -473,6 +475,33 @@ class NativeBackend(CpuBackend):
                                     self._dims(expert, x.shape[-1]), None if route is None else route.data_ptr(),
                                     limit), "swiglu")
         return out
+
+    def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor | None, score_func: str,
+                 topk: int, route_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """fp32 tokens in inference: one C call (`dsv4_moe_gate`: the product with the gate weight kept in panels,
+        the scores, the top-k or the given ids, the weights), plain fp32 within 1e-5 of the reference (the same
+        experts but where two scores tie within that). Other dtypes and training: the reference."""
+        e, d = weight.shape
+        if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != d
+                or score_func not in _SCORE_FUNCS or not 1 <= topk <= e
+                or (ids is None and (bias is None or bias.dtype != torch.float32 or bias.shape != (e,)))
+                or (ids is not None and ids.shape != (x.shape[0], topk))
+                or not _inference(x, weight, *(t for t in (bias, ids) if t is not None))
+                or not self.decoded.keeps(weight, "panels", (e + PANEL) * d * 4)):
+            return super().moe_gate(x, weight, bias, ids, score_func, topk, route_scale)
+        (panels,) = self.decoded.get(weight, None, "panels")
+        t = x.shape[0]
+        x = x.contiguous()
+        given = None if ids is None else ids.to(torch.int64).contiguous()
+        bias = None if bias is None else bias.contiguous()
+        weights, chosen, scores = torch.empty(t, topk), torch.empty(t, topk, dtype=torch.int64), torch.empty(t, e)
+        code = self.lib.dsv4_moe_gate(x.data_ptr(), t, d, panels.data_ptr(), e,
+                                      None if bias is None else bias.data_ptr(),
+                                      None if given is None else given.data_ptr(), _SCORE_FUNCS[score_func], topk,
+                                      route_scale, weights.data_ptr(), chosen.data_ptr(), scores.data_ptr())
+        if code:
+            raise IndexError(f"moe_gate: an expert id out of range [0, {e}) in the given ids")
+        return weights, chosen, scores
 
     def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
                        which: Sequence[int], limit: float) -> Tensor:

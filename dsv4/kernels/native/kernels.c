@@ -1154,7 +1154,36 @@ int dsv4_exp(const float *x, float *out, int64_t n) {
     return 0;
 }
 
+static inline f32x16 sqrt16(f32x16 x) { /* vectorised by the compiler (correctly rounded, as sqrtf) */
+    f32x16 r;
+    for (int l = 0; l < 16; l++) r[l] = sqrtf(x[l]);
+    return r;
+}
 static inline f32x16 sigmoid16(f32x16 x) { return splat16(1.0f) / (splat16(1.0f) + exp16(-x)); }
+
+/* softplus(x) = log(1 + e^x) in every lane, as max(x, 0) + log1p(e^-|x|): the logarithm of u = 1 + y in [1, 2] by
+ * its atanh series in s = (u - 1) / (u + 1) <= 1/3 to s^15, times y / (u - 1) (u's rounding taken back out, so
+ * log1p(y) stays accurate for the smallest y). Its square root within 2.5 ulp of float64's for x in [-80, 30]
+ * (torch's: 1.2); below -87 it is 0 (`exp16`'s flush; the true value is under 2^-125); x past 20 gives x, as
+ * torch's. */
+static inline f32x16 softplus16(f32x16 x) {
+    const f32x16 one = splat16(1.0f), a = abs16(x);
+    const f32x16 y = exp16(-a), u = one + y, s = (u - one) / (u + one), s2 = s * s;
+    f32x16 series = splat16(1.0f / 15.0f);
+    series = series * s2 + splat16(1.0f / 13.0f);
+    series = series * s2 + splat16(1.0f / 11.0f);
+    series = series * s2 + splat16(1.0f / 9.0f);
+    series = series * s2 + splat16(1.0f / 7.0f);
+    series = series * s2 + splat16(1.0f / 5.0f);
+    series = series * s2 + splat16(1.0f / 3.0f);
+    series = series * s2 + one;
+    const f32x16 log_u = splat16(2.0f) * s * series;
+    const i32x16 exact = u == one; /* y below half an ulp of 1: log1p(y) = y */
+    const f32x16 lp = (f32x16)((exact & (i32x16)y) | (~exact & (i32x16)(log_u * (y / (u - one)))));
+    const f32x16 sp = lower16(x, splat16(0.0f)) + lp;
+    const i32x16 big = x > splat16(20.0f);
+    return (f32x16)((big & (i32x16)x) | (~big & (i32x16)sp));
+}
 
 /* d0[r], d1[r] (r < M) = the integer sums p . q_j of row r's codes (packed four to an int32 in xw [M, K4]) with a
  * panel's 32 columns */
@@ -1955,6 +1984,77 @@ int dsv4_chunk_attn(const float *q, const float *rows, const int64_t *idx, const
         free(denom);
     }
     return bad & 2 ? -2 : (bad & 1 ? -1 : 0);
+}
+
+/* ------------------------------------------------------------------------------------------ MoE router, fp32 */
+
+/* The router of fp32 tokens x [T, d] over E experts whose gate weight is in panels [ceil(E / 32)][d][32]: scores
+ * [T, E] = f(x W^T) (f: 0 softmax, 1 sigmoid, 2 sqrt(softplus), softplus being x past 20 as torch's), the experts
+ * ids [T, k] as given (a hash layer's table, checked against E) or the top k of scores + bias [E] (descending, a
+ * tie to the lower id, NaN first), weights [T, k] their scores over the chosen scores' sum (not for softmax)
+ * times route_scale: `ReferenceBackend.moe_gate` in one call instead of about ten torch ops, plain fp32 (the panel
+ * sums' order, libm's exp and log1p) within 1e-5 of it. Returns 0, -1 for an expert id out of range. */
+int dsv4_moe_gate(const float *x, int64_t t, int64_t d, const float *panels, int64_t e, const float *bias,
+                  const int64_t *given, int score_func, int64_t k, float route_scale, float *weights, int64_t *ids,
+                  float *scores) {
+    if (k < 1 || k > e) return -1;
+    int bad = 0;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(t * d * e)) reduction(|:bad)
+    for (int64_t lo = 0; lo < t; lo += 8) {
+        const int64_t rows = t - lo < 8 ? t - lo : 8;
+        panels_product(x + lo * d, rows, d, panels, e, scores + lo * e);
+        for (int64_t r = lo; r < lo + rows; r++) {
+            float *s = scores + r * e;
+            float top = s[0], sum = 0.0f;
+            if (score_func == 0)
+                for (int64_t j = 1; j < e; j++) top = s[j] > top ? s[j] : top;
+            for (int64_t j = 0; j < e; j += 16) { /* 16 lanes at a time, the last group padded */
+                float lanes[16] = {0};
+                const int64_t w = e - j < 16 ? e - j : 16;
+                memcpy(lanes, s + j, sizeof(float) * (size_t)w);
+                const f32x16 v = load16(lanes);
+                store16(lanes, score_func == 0 ? exp16(v - splat16(top))
+                                               : (score_func == 1 ? sigmoid16(v) : sqrt16(softplus16(v))));
+                memcpy(s + j, lanes, sizeof(float) * (size_t)w);
+            }
+            if (score_func == 0) {
+                for (int64_t j = 0; j < e; j++) sum += s[j];
+                for (int64_t j = 0; j < e; j++) s[j] /= sum;
+            }
+            int64_t *id = ids + r * k;
+            float *w = weights + r * k;
+            for (int64_t i = 0; i < k; i++) {
+                if (given) {
+                    id[i] = given[r * k + i];
+                    if (id[i] < 0 || id[i] >= e) {
+                        bad = 1;
+                        id[i] = 0;
+                    }
+                    continue;
+                }
+                int64_t best = -1;
+                float best_v = 0.0f;
+                for (int64_t j = 0; j < e; j++) {
+                    int taken = 0;
+                    for (int64_t c = 0; c < i; c++) taken |= id[c] == j;
+                    if (taken) continue;
+                    const float v = s[j] + bias[j];
+                    if (best < 0 || ranks_before(v, j, best_v, best)) {
+                        best = j;
+                        best_v = v;
+                    }
+                }
+                id[i] = best;
+            }
+            float chosen = 0.0f;
+            for (int64_t i = 0; i < k; i++) {
+                w[i] = s[id[i]];
+                chosen += w[i];
+            }
+            for (int64_t i = 0; i < k; i++) w[i] = (score_func == 0 ? w[i] : w[i] / chosen) * route_scale;
+        }
+    }
+    return bad ? -1 : 0;
 }
 
 /* The gradient of `dsv4_sinkhorn` (training): grad [T, h, h] of its output -> grad of its input comb0 [T, h, h]
