@@ -266,6 +266,28 @@ def test_the_mhc_read_of_bf16_streams_and_in_training_is_the_three_ops():
     _close(grads["native"], grads["reference"], 1e-5)
 
 
+@pytest.mark.parametrize(("rows", "c", "entries", "n"), [(528, 128, 64, 8), (384, 128, 2, 128), (20, 33, 5, 3)])
+def test_the_compressor_pooling_in_c_agrees_with_the_reference(rows, c, entries, n):
+    """fp32 pooling in one C call (`dsv4_gated_pool`): CSA's (8 candidates) and HCA's (128) shapes and a width off
+    the 16 lanes, candidates that do not exist (-1: weight 0), an entry with none (NaN, as the reference's softmax
+    of -inf scores), scores spread over tens; a candidate past the rows is an IndexError. With gradients wanted,
+    the reference's ops (the same values, differentiable)."""
+    gen = torch.Generator().manual_seed(rows + n)
+    kv, score = torch.randn(rows, c, generator=gen), torch.randn(rows, c, generator=gen) * 10
+    candidates = torch.randint(0, rows, (entries, n), generator=gen)
+    candidates[0, : n // 2] = -1
+    candidates[-1] = -1
+    got, want = FAST.gated_pool(kv, score, candidates), REF.gated_pool(kv, score, candidates)
+    assert got[-1].isnan().all() and want[-1].isnan().all()
+    _close(got[:-1], want[:-1], 1e-5)
+    leaf = kv.clone().requires_grad_()
+    trained = FAST.gated_pool(leaf, score, candidates[:-1])
+    assert trained.requires_grad and torch.equal(trained, REF.gated_pool(kv, score, candidates[:-1]))
+    candidates[1, 0] = rows
+    with pytest.raises(IndexError, match=f"past the {rows} rows"):
+        FAST.gated_pool(kv, score, candidates)
+
+
 @pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
 @pytest.mark.parametrize(("tokens", "experts", "k"), [(256, 16, 2), (1, 16, 2), (37, 256, 6), (5, 20, 3)])
 def test_the_router_in_c_picks_the_references_experts(monkeypatch, score_func, tokens, experts, k):
@@ -891,6 +913,8 @@ def _split_cases():
             r(2, 100, 4, 64, dtype=dtype), r(2, 300, 64, dtype=dtype),
             torch.randint(-1, 300, (2, 100, 150), generator=gen), r(4), 0.125))
     cases["head_norm"] = (FAST.head_norm, (r(1, 300, 4, 64), 1e-6))
+    cases["compressor pooling"] = (FAST.gated_pool, (r(500, 128), r(500, 128), torch.randint(-1, 500, (200, 8),
+                                                                                               generator=gen)))
     cases["router"] = (FAST.moe_gate, (r(300, 256), r(16, 256, scale=0.05), r(16, scale=0.1), None, "sqrtsoftplus", 2,
                                        1.5))
     cases["mHC read"] = (FAST.hc_pre, (r(1, 200, 4, 96), r(24, 384, scale=0.05), r(3).abs(), r(24), 4, 20, 1e-6, 1e-6))

@@ -67,6 +67,7 @@ OPS = (
     "hc_collapse",
     "hc_split_sinkhorn",
     "hc_post",
+    "gated_pool",
     "moe_gate",
     "routed_experts",
     "swiglu",
@@ -295,6 +296,12 @@ def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[tor
     """The indexer's picks [B, S, k] (ids by descending score, ties to the earlier entry, -1 past a query's
     `visible` entries) and their scores; masks `scores` in place."""
     return active_backend().index_topk(scores, visible, k)
+
+
+def gated_pool(kv: torch.Tensor, score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The compressor's pooling [E, c]: per entry and channel, its candidate rows of kv [N, c] weighted by the
+    softmax of their scores (candidates [E, n], -1 for one that does not exist)."""
+    return active_backend().gated_pool(kv, score, candidates)
 
 
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,

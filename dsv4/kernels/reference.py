@@ -215,6 +215,18 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------------------------------ experts
 
+    def gated_pool(self, kv: torch.Tensor, score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The compressor's pooling: each entry's candidate rows of kv and score [N, c] (fp32), candidates [E, n]
+        int64 (-1: a candidate that does not exist, weight 0), combined per channel by the softmax of their scores
+        over the candidates: [E, c] = sum_i softmax_i(score[cand_i]) * kv[cand_i]. Differentiable."""
+        e, n = candidates.shape
+        c = kv.shape[-1]
+        rows = candidates.clamp_min(0).flatten()
+        missing = (candidates < 0).view(e, n, 1)
+        kv = kv.index_select(0, rows).view(e, n, c).masked_fill(missing, 0.0)
+        score = score.index_select(0, rows).view(e, n, c).masked_fill(missing, float("-inf"))
+        return (kv * score.softmax(dim=1)).sum(dim=1)
+
     def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,
                  score_func: str, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The MoE router over tokens x [T, d] with the gate weight [E, d]: scores [T, E] = f(x W^T) in fp32 (f:

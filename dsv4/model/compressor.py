@@ -53,8 +53,8 @@ class _PoolPlan:
     """Where each entry a chunk finishes takes its candidates from in the extended sequence (the ring's tokens,
     then the chunk's), and where it goes: common to the compressors of one ratio (built once per forward)."""
 
-    candidates: Tensor  # [B*M*coff*r] rows of the extended sequence viewed as rows of c (see `Compressor._pool`)
-    missing: Tensor | None  # [B, M, coff*r, 1] candidates before position 0 (CSA's entry 0); None: all exist
+    candidates: Tensor  # [B*M, coff*r] rows of the extended sequence viewed as rows of c (see `Compressor._pool`),
+    # -1 for the candidates before position 0 (CSA's entry 0: its previous block)
     entry_ids: Tensor  # [B, M] the entries, j = first + 0 .. M-1
     rows: Tensor  # the (row, m) pairs that are finished entries (a row may finish fewer than M)
     cols: Tensor
@@ -73,18 +73,16 @@ class _PoolPlan:
         last = ring + s - 1
         cur = (cur_pos - offset).clamp(0, last)
         base = (torch.arange(b, device=device) * (ring + s)).view(-1, 1, 1)  # each batch row's first ext row
-        missing = None
         if overlap:  # the previous block's tokens give their first half, this block's their second
             prev_pos = cur_pos - r
             prev = (prev_pos - offset).clamp(0, last)
             rows = torch.cat((2 * (base + prev), 2 * (base + cur) + 1), dim=2)  # [B,M,2r] in rows of c
-            if bool((prev_pos < 0).any()):
-                missing = torch.cat((prev_pos < 0, cur_pos < 0), dim=2).unsqueeze(-1)
+            rows = rows.masked_fill(torch.cat((prev_pos < 0, cur_pos < 0), dim=2), -1)
         else:
             rows = base + cur
         at, cols = valid.nonzero(as_tuple=True)
         cos, sin = rope_cos_sin(freqs, j * r)
-        return cls(rows.flatten(), missing, j, at, cols, cos, sin)
+        return cls(rows.flatten(0, 1), j, at, cols, cos, sin)
 
 
 class Compressor(nn.Module):
@@ -145,16 +143,9 @@ class Compressor(nn.Module):
     def _pool(self, ext_kv: Tensor, ext_score: Tensor, pool: _PoolPlan, state: CompressorState,
               ctx: ForwardContext) -> None:
         c = self.head_dim
-        shape = (ext_kv.shape[0], pool.entry_ids.shape[1], -1, c)  # [B,M,coff*r,c]: each entry's candidates
-
-        def candidates(ext: Tensor) -> Tensor:  # ext [B,R+S,coff*c] as rows of c: CSA's halves are rows of their own
-            return ext.reshape(-1, c).index_select(0, pool.candidates).view(shape)
-
-        kv, score = candidates(ext_kv), candidates(ext_score)
-        if pool.missing is not None:  # entry 0's previous block does not exist (weight 0)
-            score = score.masked_fill(pool.missing, float("-inf"))
-            kv = kv.masked_fill(pool.missing, 0.0)
-        pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B,M,c] fp32
+        # ext [B,R+S,coff*c] as rows of c (CSA's halves are rows of their own) -> [B,M,c] fp32
+        pooled = kernels.gated_pool(ext_kv.reshape(-1, c), ext_score.reshape(-1, c), pool.candidates)
+        pooled = pooled.view(ext_kv.shape[0], pool.entry_ids.shape[1], c)
         entry = self.norm(pooled.to(state.entries.dtype))
         entry = apply_rope(entry, pool.cos, pool.sin)
         entry = self._qat(entry, ctx.exact)

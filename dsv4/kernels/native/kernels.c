@@ -2057,6 +2057,56 @@ int dsv4_moe_gate(const float *x, int64_t t, int64_t d, const float *panels, int
     return bad ? -1 : 0;
 }
 
+/* ------------------------------------------------------------------------------------------ compressor pooling, fp32 */
+
+/* The compressor's pooling of fp32 rows: out [E, c] = for each entry and channel, the candidates' kv rows [N, c]
+ * weighted by the softmax of their score rows over the entry's candidates [E, n] (-1: one that does not exist,
+ * weight 0), 16 channels at a time with `exp16`: `ReferenceBackend.gated_pool` (two gathers, two masked fills, a
+ * softmax, a product and a sum) in one call, plain fp32 within 1e-5 of it. Returns 0, -1 for a candidate past
+ * the rows. */
+/* the first w <= 16 floats at p in lanes 0 .. w-1, zeros after */
+static inline f32x16 lanes16(const float *p, int64_t w) {
+    if (w == 16) return load16(p);
+    float lanes[16] = {0};
+    memcpy(lanes, p, sizeof(float) * (size_t)w);
+    return load16(lanes);
+}
+
+int dsv4_gated_pool(const float *kv, const float *score, int64_t n_rows, int64_t c, const int64_t *candidates,
+                    int64_t e, int64_t n, float *out) {
+    int bad = 0;
+    #pragma omp parallel for schedule(static) num_threads(split_threads(e * n * c * 8)) reduction(|:bad)
+    for (int64_t entry = 0; entry < e; entry++) {
+        const int64_t *cand = candidates + entry * n;
+        float *o = out + entry * c;
+        int any = 0;
+        for (int64_t i = 0; i < n; i++) {
+            bad |= cand[i] >= n_rows;
+            any |= cand[i] >= 0 && cand[i] < n_rows;
+        }
+        if (!any) { /* no candidate: the reference's softmax of -inf scores, NaN */
+            for (int64_t ch = 0; ch < c; ch++) o[ch] = NAN;
+            continue;
+        }
+        for (int64_t ch = 0; ch < c; ch += 16) {
+            const int64_t w = c - ch < 16 ? c - ch : 16;
+            f32x16 top = splat16(-INFINITY), sum = splat16(0.0f), acc = splat16(0.0f);
+            for (int64_t i = 0; i < n; i++)
+                if (cand[i] >= 0 && cand[i] < n_rows) top = max16(lanes16(score + cand[i] * c + ch, w), top);
+            for (int64_t i = 0; i < n; i++) {
+                if (cand[i] < 0 || cand[i] >= n_rows) continue;
+                const f32x16 p = exp16(lanes16(score + cand[i] * c + ch, w) - top);
+                sum += p;
+                acc += p * lanes16(kv + cand[i] * c + ch, w);
+            }
+            float lanes[16];
+            store16(lanes, acc / sum);
+            memcpy(o + ch, lanes, sizeof(float) * (size_t)w);
+        }
+    }
+    return bad ? -1 : 0;
+}
+
 /* The gradient of `dsv4_sinkhorn` (training): grad [T, h, h] of its output -> grad of its input comb0 [T, h, h]
  * (the exponentials), written to out. The forward is replayed, LANES tokens at a time, keeping every step's input
  * and divisors; each step y = c / s with s = sum(c) (+ eps) over a row or column passes back
