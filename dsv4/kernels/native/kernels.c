@@ -51,6 +51,10 @@ static inline int split_threads(int64_t work) {
 #endif
 }
 
+/* A helper inlined into each caller: called with literal arguments (a dtype flag, a vector width) its loops get
+ * constant bounds and branches, which the compiler vectorises. */
+#define INLINE static inline __attribute__((always_inline))
+
 #define FP8_MAX 448.0f
 #define FP4_MAX 6.0f
 #define ACT_AMAX_FLOOR 1e-4f
@@ -1603,13 +1607,15 @@ int dsv4_index_topk(void *scores, int bf16, int64_t rows, int64_t n, const int64
 /* torch's sum of `size` units of `lanes` floats each (SumKernel.cpp's row_sum): four interleaved partial sums,
  * each a cascade of four levels of 2**max(4, ceil(log2(size / 4)) / 4) units, then the leftover units into the
  * first, then the four added in order. out [lanes]. */
-static void cascade_units(const float *x, int64_t size, int lanes, float *out) {
-    float level[4][4][16] = {{{0}}}; /* [level][partial][lane] */
+INLINE void cascade_units(const float *x, int64_t size, const int lanes, float *out) {
+    float level[4][4][16]; /* [level][partial][lane] */
     const int64_t quads = size / 4;
     int log2q = 0;
     while (((int64_t)1 << log2q) < quads) log2q++;
     const int power = log2q / 4 > 4 ? log2q / 4 : 4;
     const int64_t step = (int64_t)1 << power;
+    const int deep = step <= quads; /* the upper levels hold something only past one step (a short row: not) */
+    memset(level, 0, (deep ? 4 : 1) * sizeof level[0]);
     int64_t i = 0;
     for (; i + step <= quads;) {
         for (int64_t j = 0; j < step; ++j, ++i)
@@ -1627,9 +1633,14 @@ static void cascade_units(const float *x, int64_t size, int lanes, float *out) {
     for (; i < quads; ++i)
         for (int k = 0; k < 4; k++)
             for (int l = 0; l < lanes; l++) level[0][k][l] += x[(i * 4 + k) * lanes + l];
-    for (int j = 1; j < 4; ++j)
+    if (deep) {
+        for (int j = 1; j < 4; ++j)
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < lanes; l++) level[0][k][l] += level[j][k][l];
+    } else { /* adding the three zero levels: x + 0 is x, but -0.0 becomes +0.0 */
         for (int k = 0; k < 4; k++)
-            for (int l = 0; l < lanes; l++) level[0][k][l] += level[j][k][l];
+            for (int l = 0; l < lanes; l++) level[0][k][l] += 0.0f;
+    }
     for (int64_t u = quads * 4; u < size; ++u)
         for (int l = 0; l < lanes; l++) level[0][0][l] += x[u * lanes + l];
     for (int k = 1; k < 4; k++)
@@ -1646,7 +1657,8 @@ static float torch_row_sum(const float *x, int64_t n, int lanes) {
         return 0.0f + acc[0];
     }
     const int64_t vectors = n / lanes;
-    cascade_units(x, vectors, lanes, acc);
+    if (lanes == 16) cascade_units(x, vectors, 16, acc); /* literal widths: the lane loops vectorise */
+    else cascade_units(x, vectors, 8, acc);
     float sum = 0.0f;
     for (int64_t k = vectors * lanes; k < n; ++k) sum += x[k];
     for (int l = 0; l < lanes; l++) sum += acc[l];
@@ -1656,9 +1668,8 @@ static float torch_row_sum(const float *x, int64_t n, int lanes) {
 /* out [rows, n] (x's dtype) = weight * (x * (1 / sqrt(sum(x^2) / n + eps))) in fp32, x [rows, n]: the reference's
  * torch ops element for element, its mean torch's summation order (`lanes` found by the backend's self-test); each
  * row's factor 1 / sqrt(...) also into inv_out [rows] unless it is NULL (training keeps it for the backward) */
-int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, const float *weight, float eps,
-                  int lanes, float *inv_out) {
-    if (lanes != 8 && lanes != 16) return -1;
+INLINE void rms_norm_rows(const void *x, void *out, const int bf16, int64_t rows, int64_t n, const float *weight,
+                          float eps, int lanes, float *inv_out) {
     #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n))
     for (int64_t r = 0; r < rows; r++) {
         float xf[n + 1], sq[n + 1];
@@ -1670,13 +1681,20 @@ int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, c
         if (inv_out) inv_out[r] = inv;
         for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, weight[i] * (xf[i] * inv));
     }
+}
+
+int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, const float *weight, float eps,
+                  int lanes, float *inv_out) {
+    if (lanes != 8 && lanes != 16) return -1;
+    if (bf16) rms_norm_rows(x, out, 1, rows, n, weight, eps, lanes, inv_out);
+    else rms_norm_rows(x, out, 0, rows, n, weight, eps, lanes, inv_out);
     return 0;
 }
 
 /* inv [rows] = 1 / sqrt(sum(x^2) / n + eps) of rows x [rows, n]: mHC's weightless RMS factor (`hc_mixes`), the
  * reference's rounding as in `dsv4_rms_norm` */
-int dsv4_rms_factor(const void *x, float *inv, int bf16, int64_t rows, int64_t n, float eps, int lanes) {
-    if (lanes != 8 && lanes != 16) return -1;
+INLINE void rms_factor_rows(const void *x, float *inv, const int bf16, int64_t rows, int64_t n, float eps,
+                            int lanes) {
     #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n))
     for (int64_t r = 0; r < rows; r++) {
         float sq[n + 1];
@@ -1686,6 +1704,12 @@ int dsv4_rms_factor(const void *x, float *inv, int bf16, int64_t rows, int64_t n
         }
         inv[r] = 1.0f / sqrtf(torch_row_sum(sq, n, lanes) / (float)n + eps);
     }
+}
+
+int dsv4_rms_factor(const void *x, float *inv, int bf16, int64_t rows, int64_t n, float eps, int lanes) {
+    if (lanes != 8 && lanes != 16) return -1;
+    if (bf16) rms_factor_rows(x, inv, 1, rows, n, eps, lanes);
+    else rms_factor_rows(x, inv, 0, rows, n, eps, lanes);
     return 0;
 }
 
@@ -1694,7 +1718,6 @@ int dsv4_rms_factor(const void *x, float *inv, int bf16, int64_t rows, int64_t n
 /* The loops of the kernels below with the dtype a constant: called with a literal 0 or 1 and inlined, each
  * becomes a loop without a branch per element, which the compiler vectorises (rope, hc_post and hc_collapse ran
  * 2-3x slower with the dtype tested per element). */
-#define INLINE static inline __attribute__((always_inline))
 
 /* out = x [rows, width] (x's dtype) with each row's last 2 * half dims rotated by interleaved pairs, the rest
  * copied: the complex fp32 product torch computes, (a c - b s, a s + b c), each product rounded before the add,
