@@ -553,6 +553,22 @@ def test_routed_and_shared_experts_agree_with_the_reference(monkeypatch, dtype, 
     assert lib.calls == {routed: 2, "dsv4_swiglu": 2}
 
 
+def test_a_prefills_fp32_shared_expert_runs_its_activation_in_c(monkeypatch):
+    """Past a decode's rows, a float fp32 expert (the shared one) is BLAS's three GEMMs around one C activation
+    (`dsv4_swiglu_act`: the clamps, SiLU with the vector exponential, the routing weight): within 1e-5 of the
+    reference, with and without routing weights, gates past the limit and far below zero included."""
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    expert = _experts(1, 128, 96, "float")[0]
+    x = _rand(300, 128, seed=4) * 20
+    weights = torch.rand(300, 1, generator=torch.Generator().manual_seed(4))
+    _close(FAST.swiglu(x, expert, 7.0), REF.swiglu(x, expert, 7.0), 1e-5)
+    _close(FAST.swiglu(x, expert, 7.0, weights), REF.swiglu(x, expert, 7.0, weights), 1e-5)
+    assert lib.calls == {"dsv4_swiglu_act": 2}
+    gate = REF.linear(x, expert.w1)
+    assert (gate > 7.0).any() and (gate < -20.0).any()  # both clamps' ranges reached
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 200])
 def test_plain_float_experts_run_in_panels_whatever_the_rows(monkeypatch, tokens):
     """Plain fp32 experts run in one C call over their panels at any number of rows (a decode's, a prefill's):

@@ -443,6 +443,17 @@ class NativeBackend(CpuBackend):
                 and _inference(x, *weights))
 
     @staticmethod
+    def _float_chain(x: Tensor, expert: ExpertWeights, weights: Tensor | None) -> bool:
+        """Whether an expert's chain is fp32 GEMMs of x and float weights with no gradient wanted (its activation then
+        runs in C, `dsv4_swiglu_act`)."""
+        w1, w3, w2 = expert.w1, expert.w3, expert.w2
+        return (x.dtype == torch.float32 and all(w.dtype == torch.float32 and w.dim() == 2 for w in (w1, w3, w2))
+                and expert.s1 is None and expert.s3 is None and expert.s2 is None and w1.shape == w3.shape
+                and w1.shape[1] == x.shape[-1] and w2.shape[1] == w1.shape[0]
+                and (weights is None or weights.numel() == x.numel() // x.shape[-1])
+                and _inference(x, w1, w3, w2, *(() if weights is None else (weights,))))
+
+    @staticmethod
     def _dims(expert: ExpertWeights, d: int) -> ctypes.Array:
         w1, w3, w2 = expert.w1, expert.w3, expert.w2
         if expert.s1 is None:  # float weights: FLOAT_ROWS_F32 / FLOAT_ROWS_BF16, no blocks
@@ -452,11 +463,19 @@ class NativeBackend(CpuBackend):
                                     _kind(w2))
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
-        """An expert's chain over few rows in one C call; a quantised one over more, `_folded_swiglu`; in training
+        """An expert's chain over few rows in one C call; a float fp32 one over more as BLAS's GEMMs around a C
+        activation (`_float_chain`); a quantised one over more, `_folded_swiglu`; in training
         (fp32 weights), the reference's chain with the activation's backward in C (`_SwigluActivation`: autograd's
         clamps, silu and products are a dozen ops an expert); other float experts as the "cpu" backend."""
         rows = x.numel() // x.shape[-1]
         if not self._runs_native(x, expert, rows):
+            if self._float_chain(x, expert, weights):  # a prefill's shared expert: BLAS's GEMMs, the activation in C
+                gate, up = F.linear(x, expert.w1).contiguous(), F.linear(x, expert.w3).contiguous()
+                route = None if weights is None else weights.to(torch.float32).reshape(rows).contiguous()
+                _check(self.lib.dsv4_swiglu_act(gate.data_ptr(), up.data_ptr(),
+                                                None if route is None else route.data_ptr(), rows, gate.shape[-1],
+                                                limit), "swiglu")
+                return F.linear(gate, expert.w2)
             if _trains_float(x, expert):  # the reference's chain, its activation's backward in C
                 gate = self.linear(x, expert.w1).to(torch.float32)
                 up = self.linear(x, expert.w3).to(torch.float32)
@@ -1002,11 +1021,11 @@ class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, weight, inv = ctx.saved_tensors
-        grad = grad.to(torch.float32).contiguous()
+        grad, weight = grad.to(torch.float32).contiguous(), weight.contiguous()  # named: alive during the call
         n = x.shape[-1]
         dx = torch.empty_like(x)
         dw = torch.empty(n, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        _check(ctx.lib.dsv4_rms_norm_backward(x.data_ptr(), grad.data_ptr(), weight.contiguous().data_ptr(),
+        _check(ctx.lib.dsv4_rms_norm_backward(x.data_ptr(), grad.data_ptr(), weight.data_ptr(),
                                               inv.data_ptr(), dx.data_ptr(), None if dw is None else dw.data_ptr(),
                                               x.numel() // max(n, 1), n), "rms_norm")
         return dx, dw, None, None

@@ -75,6 +75,7 @@ SIGNATURES = {
     "dsv4_chunk_attn": (_INT, [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _F, _P]),
     "dsv4_moe_gate": (_INT, [_P, _I, _I, _P, _I, _P, _P, _INT, _I, _F, _P, _P, _P]),
     "dsv4_gated_pool": (_INT, [_P, _P, _I, _I, _P, _I, _I, _P]),
+    "dsv4_swiglu_act": (_INT, [_P, _P, _P, _I, _I, _F]),
     "dsv4_exp": (_INT, [_P, _P, _I]),
     "dsv4_hc_pre": (_INT, [_P, _I, _I, _I, _P, _P, _P, _I, _F, _F, _P, _P, _P]),
     "dsv4_head_greedy": (_INT, [_P, _I, _I, _P, _P, _P, _P, _P, _F, _P, _I, _I, _P]),
