@@ -112,7 +112,11 @@ class ExpertTable(Sequence):
         return len(self.experts)
 
     def __getitem__(self, e: int) -> ExpertWeights | None:
-        expert = self.experts[e]
+        # the ModuleList's own table by its key (its __getitem__ normalises the index first, at twice the cost);
+        # anything else (a negative or missing index) through __getitem__, which raises as a list does
+        expert = self.experts._modules.get(str(e)) if isinstance(e, int) and e >= 0 else None
+        if expert is None:
+            expert = self.experts[e]
         return None if expert is None else expert.weights()
 
 
@@ -154,7 +158,8 @@ class MoE(nn.Module):
         them: each expert runs once on its rows (weighted before w2), added expert by expert. An expert in `which`
         that no token chose runs on no rows (it still joins the autograd graph: see `dsv4.parallel.experts`)."""
         which = list(which)
-        if any(self.experts[e].replaced_forward() for e in which):
+        experts = list(self.experts)  # (indexing the ModuleList costs as much as each check)
+        if any(experts[e].replaced_forward() for e in which):
             y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
             for e in which:
                 rows, slot = torch.where(ids == e)

@@ -549,7 +549,7 @@ class NativeBackend(CpuBackend):
         held = set(which)
         keep: list = []
         table = (ctypes.c_int64 * (6 * len(experts)))()
-        for e in {e for row in ids.tolist() for e in row} & held:
+        for e in set(ids.view(-1).tolist()) & held:
             table[6 * e : 6 * e + 6] = self._expert_table(first if e == which[0] else experts[e], keep)
         x = x.contiguous()
         ids = ids.to(torch.int64).contiguous()
@@ -580,7 +580,7 @@ class NativeBackend(CpuBackend):
         d = x.shape[-1]
         table = (ctypes.c_int64 * (3 * len(experts)))()
         keep: list = []
-        for e in {e for row in ids.tolist() for e in row} & held:
+        for e in set(ids.view(-1).tolist()) & held:
             expert = experts[e]
             for i, w in enumerate((expert.w1, expert.w3, expert.w2)):
                 (panels,) = self.decoded.get(w, None, "panels")
