@@ -720,8 +720,8 @@ def test_sparse_attention_over_dense_and_paged_rows_agrees_with_the_reference(sl
 
 @pytest.mark.parametrize("case", ["band", "scattered"])
 def test_prefill_attention_in_c_agrees_with_the_reference(case, monkeypatch):
-    """A prefill chunk over fp32 rows in one C call (`dsv4_chunk_attn`: blocks of 32 queries over the rows they
-    name, both products on the panel kernels), for 150 queries (five blocks, the last short) of two sequences.
+    """A prefill chunk over fp32 rows in one C call (`dsv4_chunk_attn`: blocks of 16 queries over the rows they
+    name, both products on the panel kernels), for 150 queries (ten blocks, the last short) of two sequences.
     "band": a band of 16 window rows each plus compressed entries at the end (a few of the 203 rows, renumbered),
     two entries named twice; "scattered": slots over all of 43 rows (every row kept). Both with unused slots, a
     query with none (exactly 0), logits spread over hundreds (the floored range) and row counts that are not
@@ -746,6 +746,20 @@ def test_prefill_attention_in_c_agrees_with_the_reference(case, monkeypatch):
     got = FAST.sparse_attn(q, rows, idx, sink, d**-0.5)
     assert lib.calls == {"dsv4_chunk_attn": 1}
     _close(got, REF.sparse_attn(q, rows, idx, sink, d**-0.5), 1e-5)
+    # the same rows as a dense run and pages (the compressed entries' form): read in place, the same result
+    from dsv4.kernels.paged import PagedRows
+
+    split, per_page = n - 9 if case == "band" else 20, 4
+    tail = rows[:, split:]
+    pages = -(-tail.shape[1] // per_page)
+    pool = torch.zeros(2 * pages + 1, per_page, d)
+    table = torch.stack([torch.arange(pages) * 2 + 1 + i % 2 for i in range(b)])  # interleaved pages, page 0 unused
+    for i in range(b):
+        padded = torch.cat((tail[i], tail.new_zeros(pages * per_page - tail.shape[1], d)))
+        pool[table[i]] = padded.view(pages, per_page, d)
+    runs = [rows[:, :split], PagedRows(pool, table, tail.shape[1], None, torch.float32)]
+    assert torch.equal(FAST.sparse_attn(q, runs, idx, sink, d**-0.5), got)
+    assert lib.calls == {"dsv4_chunk_attn": 2}
     assert torch.equal(got[1, 5], torch.zeros_like(got[1, 5]))
     idx[0, 0, 0] = n
     with pytest.raises(IndexError, match=f"past the {n} rows"):

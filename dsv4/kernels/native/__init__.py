@@ -85,7 +85,15 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
-from ..cpu import DENSE_QUERY_BLOCK, EXP_FLOOR, TRAIN_EXP_FLOOR, VOCAB_ROWS, CpuBackend, softmax_attention_grads
+from ..cpu import (
+    DENSE_QUERY_BLOCK,
+    EXP_FLOOR,
+    TRAIN_EXP_FLOOR,
+    VOCAB_ROWS,
+    CpuBackend,
+    _scores_every_row,
+    softmax_attention_grads,
+)
 from ..experts import ExpertWeights
 from ..paged import KVRows
 from ..reference import ATTN_BLOCK
@@ -209,6 +217,33 @@ def _trains_float(x: Tensor, expert: ExpertWeights) -> bool:
     return (x.dtype == torch.float32 and all(w.dtype == torch.float32 for w in weights)
             and all(s is None for s in (expert.s1, expert.s3, expert.s2)) and not _inference(x, *weights)
             and all(w.device.type == "cpu" for w in weights) and x.device.type == "cpu")
+
+
+def _dense_runs(runs: Sequence[KVRows]) -> list[Tensor]:
+    """The tensors among attention's runs of rows (the paged ones' pools are the cache's, never trained)."""
+    return [r for r in runs if isinstance(r, Tensor)]
+
+
+def _run_descriptors(runs: Sequence[KVRows], dtype: torch.dtype) -> tuple[list[int], list[Tensor]] | None:
+    """The C kernels' descriptors of attention's runs of rows (five int64 each: rows, count, rows per page or 0 for
+    a dense run, table, table width) and the tensors they point into (kept alive through the call), or None when
+    a run is stored in another form (a codec) or dtype."""
+    desc: list[int] = []
+    keep: list[Tensor] = []
+    for run in runs:
+        if isinstance(run, Tensor):
+            if run.dtype != dtype:
+                return None
+            rows = run.contiguous()
+            keep.append(rows)
+            desc += [rows.data_ptr(), rows.shape[1], 0, 0, 0]
+        else:
+            if run.codec is not None or run.pool.dtype != dtype:
+                return None
+            pool, table = run.pool.contiguous(), run.table.to(torch.int64).contiguous()
+            keep += [pool, table]
+            desc += [pool.data_ptr(), run.count, run.rows_per_page, table.data_ptr(), table.shape[1]]
+    return desc, keep
 
 
 def _check(code: int, op: str) -> None:
@@ -608,30 +643,41 @@ class NativeBackend(CpuBackend):
         b, s, h, d = q.shape
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         rows_dtype = runs[0].dtype
-        if (q.dtype not in _BF16 or rows_dtype != torch.float32 or b * s * h * idx.shape[-1] * d * 2 > NATIVE_MACS
-                or not _inference(q, sink, *(r for r in runs if isinstance(r, Tensor)))):
+        if q.dtype not in _BF16 or rows_dtype != torch.float32 or not _inference(q, sink, *_dense_runs(runs)):
             return super().sparse_attn(q, kv, idx, sink, scale)
-        desc, keep = [], []
-        for run in runs:
-            if isinstance(run, Tensor):
-                if run.dtype != rows_dtype:
-                    return super().sparse_attn(q, kv, idx, sink, scale)
-                rows = run.contiguous()
-                keep.append(rows)
-                desc += [rows.data_ptr(), rows.shape[1], 0, 0, 0]
-            else:
-                if run.codec is not None or run.pool.dtype != rows_dtype:
-                    return super().sparse_attn(q, kv, idx, sink, scale)
-                pool, table = run.pool.contiguous(), run.table.to(torch.int64).contiguous()
-                keep += [pool, table]
-                desc += [pool.data_ptr(), run.count, run.rows_per_page, table.data_ptr(), table.shape[1]]
+        described = _run_descriptors(runs, rows_dtype)
+        if described is None:  # a run in another form (a codec, another dtype)
+            return super().sparse_attn(q, kv, idx, sink, scale)
+        desc, keep = described
         q = q.contiguous()
         idx = idx.to(torch.int64).contiguous()
+        if b * s * h * idx.shape[-1] * d * 2 > NATIVE_MACS:  # a prefill chunk
+            if q.dtype == torch.float32 and sink.dtype == torch.float32 and _scores_every_row(q, runs, idx.shape[-1]):
+                return self._chunk_attn(q, desc, len(runs), idx, sink, scale)
+            return super().sparse_attn(q, kv, idx, sink, scale)
         sink = sink.to(torch.float32).contiguous()
         out = torch.empty_like(q)
         _check(self.lib.dsv4_sparse_attn(q.data_ptr(), out.data_ptr(), _BF16[q.dtype], b, s, h, d,
                                          (ctypes.c_int64 * len(desc))(*desc), len(runs), _BF16[rows_dtype],
                                          idx.data_ptr(), idx.shape[-1], sink.data_ptr(), scale), "sparse_attn")
+        return out
+
+    def _chunk_attn(self, q: Tensor, desc: list[int], n_runs: int, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+        """A prefill chunk's fp32 attention in one C call (`dsv4_chunk_attn`) over runs of rows read in place (dense,
+        or pages through their table: no concatenated copy): 16 queries at a time over the rows they name (a window
+        band of W + 15 rows instead of the W + 63 of the "cpu" backend's 64-query blocks, whose BLAS GEMMs lose more
+        than that over fewer queries), both products on the panel kernels, the blocks shared between threads as
+        they come (a causal chunk's late blocks name more rows). Plain fp32 within 1e-5 of the reference."""
+        b, s, h, d = q.shape
+        n = sum(desc[5 * r + 1] for r in range(n_runs))
+        sink = sink.contiguous()
+        out = torch.empty_like(q)
+        code = self.lib.dsv4_chunk_attn(q.data_ptr(), (ctypes.c_int64 * len(desc))(*desc), n_runs, idx.data_ptr(),
+                                        sink.data_ptr(), b, s, h, d, n, idx.shape[-1], scale, EXP_FLOOR,
+                                        out.data_ptr())
+        if code == -1:
+            raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
+        _check(code, "sparse_attn")
         return out
 
     def _block_exponents(self, logits: Tensor, idx: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -715,12 +761,9 @@ class NativeBackend(CpuBackend):
         return list(out.unbind(2))
 
     def _dense_attn(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
-        """The "cpu" backend's attention over a chunk's fp32 rows. Inference: one C call (`dsv4_chunk_attn`), 32
-        queries at a time over the rows they name (a window band of W + 31 rows instead of the W + 63 of the "cpu"
-        backend's 64-query blocks, whose GEMMs lose more than that over 32), both products on the panel kernels,
-        the blocks shared between threads as they come (a causal chunk's late blocks name more rows). Training: the
-        "cpu" backend's blocks with their bookkeeping between the two GEMMs in three C calls instead of about thirty
-        torch ops (`_chunk_attention`), and the gradient in closed form (`_ChunkAttention`)."""
+        """The "cpu" backend's attention over a chunk's fp32 rows. Inference: `_chunk_attn` over the one run.
+        Training: the "cpu" backend's blocks with their bookkeeping between the two GEMMs in three C calls instead
+        of about thirty torch ops (`_chunk_attention`), and the gradient in closed form (`_ChunkAttention`)."""
         if (q.dtype != torch.float32 or rows.dtype != torch.float32 or sink.dtype != torch.float32
                 or any(t.device.type != "cpu" for t in (q, rows, sink, idx))):
             return super()._dense_attn(q, rows, idx, sink, scale)
@@ -728,16 +771,9 @@ class NativeBackend(CpuBackend):
             if torch.is_autocast_enabled("cpu"):
                 return super()._dense_attn(q, rows, idx, sink, scale)
             return _ChunkAttention.apply(q, rows, sink, idx, scale, self.lib)
-        b, s, h, d = q.shape
-        q, rows = q.contiguous(), rows.contiguous()
-        idx, sink = idx.to(torch.int64).contiguous(), sink.contiguous()
-        out = torch.empty_like(q)
-        code = self.lib.dsv4_chunk_attn(q.data_ptr(), rows.data_ptr(), idx.data_ptr(), sink.data_ptr(), b, s, h, d,
-                                        rows.shape[1], idx.shape[-1], scale, EXP_FLOOR, out.data_ptr())
-        if code == -1:
-            raise IndexError(f"sparse_attn: a slot names a row past the {rows.shape[1]} rows")
-        _check(code, "sparse_attn")
-        return out
+        rows = rows.contiguous()
+        return self._chunk_attn(q.contiguous(), [rows.data_ptr(), rows.shape[1], 0, 0, 0], 1,
+                                idx.to(torch.int64).contiguous(), sink, scale)
 
     # ------------------------------------------------------------------------------------------ mHC
 

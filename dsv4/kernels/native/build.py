@@ -72,7 +72,7 @@ SIGNATURES = {
     "dsv4_attn_pick": (_INT, [_P, _P, _I, _I, _I, _I, _I, _P]),
     "dsv4_share_threads": (_INT, [_INT]),
     "dsv4_panel_gemm": (_INT, [_P, _I, _I, _P, _I, _P]),
-    "dsv4_chunk_attn": (_INT, [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _F, _P]),
+    "dsv4_chunk_attn": (_INT, [_P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _F, _P]),
     "dsv4_moe_gate": (_INT, [_P, _I, _I, _P, _I, _P, _P, _INT, _I, _F, _P, _P, _P]),
     "dsv4_gated_pool": (_INT, [_P, _P, _I, _I, _P, _I, _I, _P]),
     "dsv4_swiglu_act": (_INT, [_P, _P, _P, _I, _I, _F]),

@@ -1944,20 +1944,28 @@ static inline void transpose16(const float *const *src, int64_t at, float *dst, 
 }
 #undef ROUND16
 
-/* Attention of a prefill chunk's queries q [B, S, H, D] over fp32 rows [B, N, D] at slots idx [B, S, K] (-1: none; a
- * row named twice weighs twice) with the sink: what `NativeBackend._dense_attn` computes (the "cpu" backend's
- * arithmetic: scores over the rows a block of queries names, the arguments of the exponentials shifted by the
- * largest counted score and floored at `lowest`, weights times counts, the sink's share in the denominator) eight
- * queries at a time instead of 64, so a window band is W + 7 rows of which each query reads W, not W + 63, the
- * block's heads sharing each key (MQA) as 8 H rows of one panel product. The named rows' keys go into panels
- * [ceil(n' / 32)][D][32] and their values into [ceil(D / 32)][n'][32], both products run on the panel kernels and
- * the exponentials on `exp16`: plain fp32 within 1e-5 of the reference. Blocks split between threads. Returns 0,
- * -1 for a slot past the rows, -2 without scratch. */
+/* Attention of a prefill chunk's queries q [B, S, H, D] over fp32 rows at slots idx [B, S, K] (-1: none; a row
+ * named twice weighs twice) with the sink, the N rows being runs read in place (`Run`: dense, or paged): what
+ * `NativeBackend._dense_attn` computes (the "cpu" backend's arithmetic: scores over the rows a block of queries
+ * names, the arguments of the exponentials shifted by the largest counted score and floored at `lowest`, weights
+ * times counts, the sink's share in the denominator) CHUNK_QUERIES queries at a time instead of 64, so a window
+ * band is W + CHUNK_QUERIES - 1 rows, not W + 63, each of W; the block's heads share each key (MQA) as the rows of
+ * one panel product. The named rows' keys go into panels [ceil(n' / 32)][D][32] (16 x 16 register transposes)
+ * and their values into [ceil(D / 32)][n'][32], both products run on the panel kernels and the exponentials on
+ * `exp16`: plain fp32 within 1e-5 of the reference. Blocks go to threads as they come (a causal chunk's late
+ * blocks name more rows). Returns 0, -1 for a slot past the rows, -2 without scratch. */
 #define CHUNK_QUERIES 16
-int dsv4_chunk_attn(const float *q, const float *rows, const int64_t *idx, const float *sink, int64_t b, int64_t s,
-                    int64_t h, int64_t d, int64_t n, int64_t k, float scale, float lowest, float *out) {
+int dsv4_chunk_attn(const float *q, const int64_t *run_desc, int64_t n_runs, const int64_t *idx, const float *sink,
+                    int64_t b, int64_t s, int64_t h, int64_t d, int64_t n, int64_t k, float scale, float lowest,
+                    float *out) {
     const int64_t blocks = (s + CHUNK_QUERIES - 1) / CHUNK_QUERIES, qr = CHUNK_QUERIES * h;
     const int64_t np = (n + PANEL - 1) / PANEL * PANEL, dp = (d + PANEL - 1) / PANEL * PANEL;
+    Run *runs = malloc(sizeof(Run) * (size_t)(n_runs > 0 ? n_runs : 1));
+    if (!runs) return -2;
+    for (int64_t r = 0; r < n_runs; r++) {
+        const int64_t *desc = run_desc + 5 * r;
+        runs[r] = (Run){(const void *)desc[0], desc[1], desc[2], (const int64_t *)desc[3], desc[4]};
+    }
     int bad = 0;
     #pragma omp parallel num_threads(split_threads(b * s * h * k * d)) reduction(|:bad)
     {
@@ -1969,7 +1977,8 @@ int dsv4_chunk_attn(const float *q, const float *rows, const int64_t *idx, const
         float *o = malloc(sizeof(float) * (size_t)(qr * d + 1));
         float *denom = malloc(sizeof(float) * (size_t)(qr + 1));
         float *zeros = calloc((size_t)d + 1, sizeof(float)); /* the padding keys past n' */
-        if (!used || !counts || !keys || !values || !p || !o || !denom || !zeros) bad |= 2;
+        const float **row_of = malloc(sizeof(float *) * (size_t)(n + 1));
+        if (!used || !counts || !keys || !values || !p || !o || !denom || !zeros || !row_of) bad |= 2;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < blocks; blk++) {
             if (bad) continue;
@@ -1983,12 +1992,15 @@ int dsv4_chunk_attn(const float *q, const float *rows, const int64_t *idx, const
                 for (int64_t j = 0; j < n; j++) used[j] = j;
             const int64_t kp = (kept + PANEL - 1) / PANEL * PANEL, rws = m * h;
             for (int64_t bb = 0; bb < b; bb++) {
-                const float *rb = rows + bb * n * d;
+                for (int64_t j = 0; j < kept; j++) { /* the named rows where they are (a dense run, a page) */
+                    row_of[j] = row_at(runs, n_runs, bb, used[j], d, 0);
+                    if (!row_of[j]) row_of[j] = zeros;
+                }
                 for (int64_t c = 0; c < kp; c += PANEL) { /* key panel c / 32: rows used[c .. c + 31] transposed */
                     float *panel = keys + c * d;
                     for (int64_t half = 0; half < PANEL; half += 16) {
                         const float *src[16];
-                        for (int k = 0; k < 16; k++) src[k] = c + half + k < kept ? rb + used[c + half + k] * d : zeros;
+                        for (int k = 0; k < 16; k++) src[k] = c + half + k < kept ? row_of[c + half + k] : zeros;
                         int64_t i = 0;
                         for (; i + 16 <= d; i += 16) transpose16(src, i, panel + i * PANEL + half, PANEL);
                         for (; i < d; i++)
@@ -1996,7 +2008,7 @@ int dsv4_chunk_attn(const float *q, const float *rows, const int64_t *idx, const
                     }
                 }
                 for (int64_t j = 0; j < kept; j++) { /* value panel c / 32: columns c .. c + 31 of every row */
-                    const float *row = rb + used[j] * d;
+                    const float *row = row_of[j];
                     int64_t c = 0;
                     for (; c + PANEL <= d; c += PANEL)
                         memcpy(values + c * kept + j * PANEL, row + c, sizeof(float) * PANEL);
@@ -2059,7 +2071,9 @@ int dsv4_chunk_attn(const float *q, const float *rows, const int64_t *idx, const
         free(o);
         free(denom);
         free(zeros);
+        free(row_of);
     }
+    free(runs);
     return bad & 2 ? -2 : (bad & 1 ? -1 : 0);
 }
 
