@@ -87,9 +87,16 @@ def test_the_fp4_and_fp8_roundings_hit_every_grid_point_and_tie():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hadamard_equals_the_reference_bit_for_bit(dtype):
-    for n in (1, 2, 64, 128):
+    """Rows shorter than a vector (scalar butterflies) and longer (the first four stages by in-vector shuffles),
+    awkward values included (infinities, NaN, -0.0, magnitudes far apart)."""
+    for n in (1, 2, 4, 8, 16, 32, 64, 128, 1024):
         x = _rand(3, 2, n, seed=n).to(dtype)
-        assert torch.equal(FAST.hadamard(x), REF.hadamard(x))
+        assert torch.equal(FAST.hadamard(x), REF.hadamard(x)), n
+        odd = _awkward((5, n), seed=n).to(dtype)
+        odd.view(-1)[:: 11] = float("inf")
+        odd.view(-1)[5:: 13] = float("nan")
+        got, want = FAST.hadamard(odd), REF.hadamard(odd)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), n
 
 
 def test_sinkhorn_equals_the_reference_bit_for_bit():

@@ -554,25 +554,6 @@ int dsv4_hc_split_finish(float *pre, float *post, float *comb, int64_t t, int64_
 
 /* ------------------------------------------------------------------------------------------ Hadamard */
 
-/* The normalised Walsh-Hadamard transform of rows x [rows, n] (n a power of two) into out, x's dtype: the
- * reference's butterflies (a + b, a - b at distance 1, 2, 4, ...) in fp32, then times fp32(1/sqrt(n)). */
-int dsv4_hadamard(const void *x, void *out, int bf16, int64_t rows, int64_t n, float norm) {
-    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n * 8))
-    for (int64_t r = 0; r < rows; r++) {
-        float y[n + 1];
-        for (int64_t i = 0; i < n; i++) y[i] = load(x, bf16, r * n + i);
-        for (int64_t half = 1; half < n; half *= 2)
-            for (int64_t lo = 0; lo < n; lo += 2 * half)
-                for (int64_t i = lo; i < lo + half; i++) {
-                    float a = y[i], b = y[i + half];
-                    y[i] = a + b;
-                    y[i + half] = a - b;
-                }
-        for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, y[i] * norm);
-    }
-    return 0;
-}
-
 /* ------------------------------------------------------------------------------------------ sparse attention */
 
 #define ATTN_BLOCK 64 /* slots per online-softmax step of the official kernel */
@@ -1211,6 +1192,62 @@ static inline void swiglu_act_row(float *g, const float *u, int64_t n, float lim
 int dsv4_swiglu_act(float *gate, const float *up, const float *weights, int64_t rows, int64_t n, float limit) {
     #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n * 8))
     for (int64_t r = 0; r < rows; r++) swiglu_act_row(gate + r * n, up + r * n, n, limit, weights ? weights[r] : 1.0f);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ Hadamard */
+
+/* One butterfly stage at distance h < 16 inside each 16-float vector of y [n]: lane i and its partner i ^ h become
+ * a + b (the lower lane) and a - b (the upper), a the lower lane's value: the reference's two roundings, the partner
+ * brought in by one shuffle. */
+#define HADAMARD_LANES(h, mask)                                                                                     \
+    for (int64_t at = 0; at < n; at += 16) {                                                                        \
+        const f32x16 v = load16(y + at), partner = __builtin_shuffle(v, mask);                                      \
+        const i32x16 upper = (lane & (h)) != 0;                                                                     \
+        store16(y + at, (f32x16)((upper & (i32x16)(partner - v)) | (~upper & (i32x16)(v + partner))));             \
+    }
+INLINE void hadamard_rows(const void *x, void *out, const int bf16, int64_t rows, int64_t n, float norm) {
+    const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const i32x16 xor1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+    const i32x16 xor2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+    const i32x16 xor4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+    const i32x16 xor8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+    #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n * 8))
+    for (int64_t r = 0; r < rows; r++) {
+        float y[n + 16];
+        for (int64_t i = 0; i < n; i++) y[i] = load(x, bf16, r * n + i);
+        int64_t half = 1;
+        if (n >= 16) { /* the first four stages inside the vectors, the rest between them */
+            HADAMARD_LANES(1, xor1)
+            HADAMARD_LANES(2, xor2)
+            HADAMARD_LANES(4, xor4)
+            HADAMARD_LANES(8, xor8)
+            for (half = 16; half < n; half *= 2)
+                for (int64_t lo = 0; lo < n; lo += 2 * half)
+                    for (int64_t i = lo; i < lo + half; i += 16) {
+                        const f32x16 a = load16(y + i), b = load16(y + i + half);
+                        store16(y + i, a + b);
+                        store16(y + i + half, a - b);
+                    }
+        }
+        for (; half < n; half *= 2) /* a row shorter than a vector */
+            for (int64_t lo = 0; lo < n; lo += 2 * half)
+                for (int64_t i = lo; i < lo + half; i++) {
+                    const float a = y[i], b = y[i + half];
+                    y[i] = a + b;
+                    y[i + half] = a - b;
+                }
+        for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, y[i] * norm);
+    }
+}
+#undef HADAMARD_LANES
+
+/* The normalised Walsh-Hadamard transform of rows x [rows, n] (n a power of two) into out, x's dtype: the
+ * reference's butterflies (a + b, a - b at distance 1, 2, 4, ...) in fp32, then times fp32(1/sqrt(n)); the stages
+ * 16 lanes at a time (`hadamard_rows`) where the rows allow. */
+int dsv4_hadamard(const void *x, void *out, int bf16, int64_t rows, int64_t n, float norm) {
+    if (bf16) hadamard_rows(x, out, 1, rows, n, norm);
+    else hadamard_rows(x, out, 0, rows, n, norm);
     return 0;
 }
 
