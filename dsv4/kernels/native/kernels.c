@@ -1582,71 +1582,78 @@ static void count_ranks(const float *v, int64_t m, int32_t *rank) {
  * stable sort's first k). A hidden entry (-inf, after every seen one) never ranks before a seen one, so only the
  * m seen entries are ranked and the hidden ones follow in index order: by counting while m is small and no NaN is
  * among them, else a heap of the k best so far (its root the one ranking last) then heapsort, O(N log k). */
-int dsv4_index_topk(void *scores, int bf16, int64_t rows, int64_t n, const int64_t *visible, int64_t k,
-                    int64_t *top, void *top_scores) {
-    if (k > n || k < 0) return -1;
-    float *v = malloc(sizeof(float) * (size_t)(n ? n : 1));
-    int64_t *heap = malloc(sizeof(int64_t) * (size_t)(k ? k : 1));
-    int32_t *rank = malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
-    if (!v || !heap || !rank) {
+INLINE int index_topk_rows(void *scores, const int bf16, int64_t rows, int64_t n, const int64_t *visible, int64_t k,
+                           int64_t *top, void *top_scores) {
+    int failed = 0;
+    #pragma omp parallel num_threads(split_threads(rows * n * 16)) reduction(|:failed)
+    {
+        float *v = malloc(sizeof(float) * (size_t)(n ? n : 1));
+        int64_t *heap = malloc(sizeof(int64_t) * (size_t)(k ? k : 1));
+        int32_t *rank = malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+        if (!v || !heap || !rank) failed = 1;
+        #pragma omp for schedule(static, 8) /* interleaved: a causal chunk's late rows see more entries */
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            const int64_t seen = visible[r] < 0 ? 0 : visible[r] < n ? visible[r] : n;
+            int nan = 0;
+            for (int64_t j = 0; j < n; j++) {
+                if (j >= seen) store(scores, bf16, r * n + j, -INFINITY);
+                v[j] = load(scores, bf16, r * n + j);
+                nan |= v[j] != v[j];
+            }
+            if (!nan && seen <= RANK_ENTRIES) {
+                count_ranks(v, seen, rank);
+                for (int64_t j = 0; j < seen; j++) {
+                    if (rank[j] < k) {
+                        top[r * k + rank[j]] = j;
+                        store(top_scores, bf16, r * k + rank[j], v[j]);
+                    }
+                }
+                for (int64_t i = seen; i < k; i++) { /* hidden entries, in index order */
+                    top[r * k + i] = -1;
+                    store(top_scores, bf16, r * k + i, v[i]);
+                }
+                continue;
+            }
+            const int64_t candidates = k <= seen ? seen : n;
+            int64_t size = 0;
+            for (int64_t j = 0; j < candidates; j++) {
+                if (size < k) { /* sift the new id up from the last leaf */
+                    int64_t at = size++;
+                    heap[at] = j;
+                    while (at > 0) {
+                        const int64_t up = (at - 1) / 2;
+                        if (!ranks_before(v[heap[up]], heap[up], v[heap[at]], heap[at])) break;
+                        const int64_t t = heap[at];
+                        heap[at] = heap[up];
+                        heap[up] = t;
+                        at = up;
+                    }
+                } else if (k > 0 && ranks_before(v[j], j, v[heap[0]], heap[0])) {
+                    heap[0] = j;
+                    sift_down(heap, k, 0, v);
+                }
+            }
+            for (int64_t i = k - 1; i >= 0; i--) { /* the root ranks last: pop it into the last free place */
+                const int64_t id = heap[0];
+                heap[0] = heap[i];
+                sift_down(heap, i, 0, v);
+                top[r * k + i] = id < seen ? id : -1;
+                store(top_scores, bf16, r * k + i, v[id]);
+            }
+        }
         free(v);
         free(heap);
         free(rank);
-        return -1;
     }
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t seen = visible[r] < 0 ? 0 : visible[r] < n ? visible[r] : n;
-        int nan = 0;
-        for (int64_t j = 0; j < n; j++) {
-            if (j >= seen) store(scores, bf16, r * n + j, -INFINITY);
-            v[j] = load(scores, bf16, r * n + j);
-            nan |= v[j] != v[j];
-        }
-        if (!nan && seen <= RANK_ENTRIES) {
-            count_ranks(v, seen, rank);
-            for (int64_t j = 0; j < seen; j++) {
-                if (rank[j] < k) {
-                    top[r * k + rank[j]] = j;
-                    store(top_scores, bf16, r * k + rank[j], v[j]);
-                }
-            }
-            for (int64_t i = seen; i < k; i++) { /* hidden entries, in index order */
-                top[r * k + i] = -1;
-                store(top_scores, bf16, r * k + i, v[i]);
-            }
-            continue;
-        }
-        const int64_t candidates = k <= seen ? seen : n;
-        int64_t size = 0;
-        for (int64_t j = 0; j < candidates; j++) {
-            if (size < k) { /* sift the new id up from the last leaf */
-                int64_t at = size++;
-                heap[at] = j;
-                while (at > 0) {
-                    const int64_t up = (at - 1) / 2;
-                    if (!ranks_before(v[heap[up]], heap[up], v[heap[at]], heap[at])) break;
-                    const int64_t t = heap[at];
-                    heap[at] = heap[up];
-                    heap[up] = t;
-                    at = up;
-                }
-            } else if (k > 0 && ranks_before(v[j], j, v[heap[0]], heap[0])) {
-                heap[0] = j;
-                sift_down(heap, k, 0, v);
-            }
-        }
-        for (int64_t i = k - 1; i >= 0; i--) { /* the root ranks last: pop it into the last free place */
-            const int64_t id = heap[0];
-            heap[0] = heap[i];
-            sift_down(heap, i, 0, v);
-            top[r * k + i] = id < seen ? id : -1;
-            store(top_scores, bf16, r * k + i, v[id]);
-        }
-    }
-    free(v);
-    free(heap);
-    free(rank);
-    return 0;
+    return failed ? -1 : 0;
+}
+
+int dsv4_index_topk(void *scores, int bf16, int64_t rows, int64_t n, const int64_t *visible, int64_t k,
+                    int64_t *top, void *top_scores) {
+    if (k > n || k < 0) return -1;
+    return bf16 ? index_topk_rows(scores, 1, rows, n, visible, k, top, top_scores)
+                : index_topk_rows(scores, 0, rows, n, visible, k, top, top_scores);
 }
 
 /* ------------------------------------------------------------------------------------------ RMSNorm */
