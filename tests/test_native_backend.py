@@ -952,6 +952,7 @@ def _split_cases():
     cases["head_norm"] = (FAST.head_norm, (r(1, 300, 4, 64), 1e-6))
     cases["compressor pooling"] = (FAST.gated_pool, (r(500, 128), r(500, 128), torch.randint(-1, 500, (200, 8),
                                                                                                generator=gen)))
+    cases["indexer top-k"] = (FAST.index_topk, (r(2, 300, 64), torch.randint(0, 65, (2, 300), generator=gen), 20))
     cases["router"] = (FAST.moe_gate, (r(300, 256), r(16, 256, scale=0.05), r(16, scale=0.1), None, "sqrtsoftplus", 2,
                                        1.5))
     cases["mHC read"] = (FAST.hc_pre, (r(1, 200, 4, 96), r(24, 384, scale=0.05), r(3).abs(), r(24), 4, 20, 1e-6, 1e-6))
