@@ -128,6 +128,13 @@ class Attention(nn.Module):
             return [cache.window_rows(), kv], idx, (slots, kv.detach())
         ring_slots, idx, keep = ctx.shared(("window", W),
                                            lambda: _window_indices(W, kv.shape[1], ctx, rewrite=not in_place))
+        if ctx.fresh:  # no slot names a ring row (they hold positions before 0): the chunk's rows alone
+            idx, keep = ctx.shared(("window_fresh", W), lambda: _without_ring(W, idx, keep))
+            if in_place:
+                cache.write_window_slots(slots, kv.detach())
+            elif keep is not None:
+                cache.write_window(gather_rows(kv, keep).detach())
+            return [kv], idx, None
         ext_kv = torch.cat((gather_rows(cache.read_window(), ring_slots).to(kv.dtype), kv), dim=1)
         if in_place:
             cache.write_window_slots(slots, kv.detach())
@@ -180,6 +187,13 @@ def _ring_window_indices(W: int, seqlen: int, ctx: ForwardContext) -> Tensor:
     in_ring = (idx >= 0) & (idx < W)
     ring_rows = ring_slots.gather(1, idx.clamp(0, W - 1).flatten(1)).view_as(idx)
     return torch.where(in_ring, ring_rows, idx)
+
+
+def _without_ring(W: int, idx: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """`_window_indices`' window rows and kept rows over the chunk alone, for a chunk every row of which starts at
+    position 0: the ring's W rows (positions before 0) are named by no slot, so row W + i of ring + chunk is chunk
+    row i; a kept ring row (a sequence shorter than W) keeps chunk row 0 instead, a slot no read reaches."""
+    return torch.where(idx >= 0, idx - W, -1), None if keep is None else (keep - W).clamp(min=0)
 
 
 def _window_indices(W: int, seqlen: int, ctx: ForwardContext, rewrite: bool

@@ -454,6 +454,8 @@ class ForwardContext:
     # every row feeds exactly this many tokens and keeps them (a decode or verify step), else 0: rings no wider than
     # it take the tokens in place, a slot each
     appends: int = 0
+    # every row starts at position 0 (a new sequence's first chunk): the rings hold nothing any slot names
+    fresh: bool = False
 
     def shared(self, key: object, build: Callable[[], Any]) -> Any:
         """`build()` once per forward for `key`, the same object for every layer that asks again."""
@@ -468,4 +470,4 @@ class ForwardContext:
         """`all_valid`: every row's `lengths` is the chunk width (no right padding)."""
         positions = start.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         return cls(tokens, start, lengths, positions, exact, persist,
-                   appends=tokens.shape[1] if persist and all_valid else 0)
+                   appends=tokens.shape[1] if persist and all_valid else 0, fresh=not bool(start.any()))

@@ -124,19 +124,25 @@ class Compressor(nn.Module):
         """Pool the finished blocks from the ring and the chunk, and (`rewrite`, for a kept chunk the caller does
         not write in place) rebuild the ring from both."""
         ring, start = state.ring, ctx.start
-        # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk
-        ext_kv = torch.cat((gather_rows(state.kv, plan.ring_order), kv), dim=1)  # [B,R+S,coff*c]
-        ext_score = torch.cat((gather_rows(state.score, plan.ring_order), score), dim=1)
+        # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk; a chunk every row
+        # of which starts at position 0 alone (the ring's positions are before 0: no candidate)
+        before = 0 if ctx.fresh else ring
+        ext_kv, ext_score = kv, score
+        if before:
+            ext_kv = torch.cat((gather_rows(state.kv, plan.ring_order), kv), dim=1)  # [B,R+S,coff*c]
+            ext_score = torch.cat((gather_rows(state.score, plan.ring_order), score), dim=1)
         if plan.n_max > 0:  # (every compressed layer rotates its entries by the same frequencies, as attention's
             # shared cos / sin assume: `rope_frequencies(args, compressed=True)`)
-            pool = ctx.shared(("pool", self.ratio, ring), lambda: _PoolPlan.build(ctx, plan, self.ratio, ring, freqs))
+            pool = ctx.shared(("pool", self.ratio, before),
+                              lambda: _PoolPlan.build(ctx, plan, self.ratio, before, freqs))
             self._pool(ext_kv, ext_score, pool, state, ctx)
         if ctx.persist and rewrite:
-            # ring slot s <- the token at the position q ≡ s (mod R) among the last R consumed
+            # ring slot s <- the token at the position q ≡ s (mod R) among the last R consumed (a position before 0,
+            # in a sequence shorter than R, takes any row: no candidate names it)
             end = start + ctx.lengths
             slots = torch.arange(ring, device=kv.device)
             q = (end - ring).unsqueeze(1) + (slots - (end - ring).unsqueeze(1)) % ring  # [B,R]
-            ext_index = q - (start.unsqueeze(1) - ring)
+            ext_index = (q - (start.unsqueeze(1) - before)).clamp(min=0)
             state.kv = gather_rows(ext_kv, ext_index).detach()
             state.score = gather_rows(ext_score, ext_index).detach()
 
