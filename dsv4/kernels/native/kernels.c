@@ -1500,7 +1500,7 @@ int dsv4_panel_experts(const float *x, float *out, int64_t t, int64_t topk, cons
         float *up = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * inter));
         float *y = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * d));
         if (!rows || !gate || !up || !y) failed = 1;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n_tiles; i++) {
             if (failed) continue;
             const int64_t lo = tiles[i], e = ids[order[lo]];
