@@ -159,6 +159,30 @@ def test_head_norm_equals_the_reference_bit_for_bit():
             assert got.dtype == dtype and torch.equal(got, want), (shape, dtype)
 
 
+def test_head_norm_with_rope_is_the_two_ops_bit_for_bit(monkeypatch):
+    """The queries' normalisation and rotation in one C pass (`dsv4_rms_norm_rope`) give the bits of the two ops
+    (and the reference's): cos / sin shared by a query's heads or one row per head, widths with and without a
+    nope part; bf16 and training keep the two ops."""
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    gen = torch.Generator().manual_seed(4)
+    for shape, half, shared in [((1, 37, 4, 32), 8, True), ((2, 7, 8, 128), 16, False), ((1, 3, 2, 16), 8, True)]:
+        angles = torch.rand(*shape[:2], 1 if shared else shape[2], half, generator=gen) * 40
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        for dtype in (torch.float32, torch.bfloat16):
+            q = (torch.randn(*shape, generator=gen) * 4).to(dtype)
+            got = FAST.head_norm(q, 1e-6, cos, sin)
+            assert torch.equal(got, FAST.rope(FAST.head_norm(q, 1e-6), cos, sin)), (shape, dtype)
+            assert torch.equal(got, REF.head_norm(q, 1e-6, cos, sin)), (shape, dtype)
+    assert lib.calls["dsv4_rms_norm_rope"] == 3
+    leaf = torch.randn(1, 5, 4, 32, generator=gen).requires_grad_()
+    cos, sin = torch.cos(torch.rand(1, 5, 1, 8)), torch.sin(torch.rand(1, 5, 1, 8))
+    FAST.head_norm(leaf, 1e-6, cos, sin).sum().backward()
+    want = leaf.detach().clone().requires_grad_()
+    REF.head_norm(want, 1e-6, cos, sin).sum().backward()
+    _close(leaf.grad, want.grad, 1e-5)
+
+
 def test_hc_mixes_equals_the_reference_bit_for_bit():
     """mHC's coefficients: the C RMS factor over all h*d values times torch's product, the reference's bits."""
     gen = torch.Generator().manual_seed(1)
@@ -950,6 +974,7 @@ def _split_cases():
             r(2, 100, 4, 64, dtype=dtype), r(2, 300, 64, dtype=dtype),
             torch.randint(-1, 300, (2, 100, 150), generator=gen), r(4), 0.125))
     cases["head_norm"] = (FAST.head_norm, (r(1, 300, 4, 64), 1e-6))
+    cases["head_norm and rope"] = (FAST.head_norm, (r(1, 300, 4, 64), 1e-6, r(1, 300, 1, 16), r(1, 300, 1, 16)))
     cases["compressor pooling"] = (FAST.gated_pool, (r(500, 128), r(500, 128), torch.randint(-1, 500, (200, 8),
                                                                                                generator=gen)))
     cases["indexer top-k"] = (FAST.index_topk, (r(2, 300, 64), torch.randint(0, 65, (2, 300), generator=gen), 20))

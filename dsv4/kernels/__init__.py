@@ -271,9 +271,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return active_backend().rms_norm(x, weight, eps)
 
 
-def head_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) over the last dim in x's dtype (the per-head query normalisation)."""
-    return active_backend().head_norm(x, eps)
+def head_norm(x: torch.Tensor, eps: float, cos: torch.Tensor | None = None,
+              sin: torch.Tensor | None = None) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim in x's dtype (the per-head query normalisation), then rotated as
+    `rope(., cos, sin)` when cos / sin are given."""
+    return active_backend().head_norm(x, eps, cos, sin)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -61,8 +61,7 @@ class Attention(nn.Module):
 
         c_q = self.q_norm(self.wq_a(x))  # [B,S,q_lora]
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
-        q = kernels.head_norm(q, self.eps)
-        q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))
+        q = kernels.head_norm(q, self.eps, cos.unsqueeze(2), sin.unsqueeze(2))  # normalised, then RoPE
 
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,S,D]
         if ctx.exact:  # the official inference rounds the non-rope dims of every cached KV to FP8

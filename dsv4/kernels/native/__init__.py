@@ -219,6 +219,17 @@ def _trains_float(x: Tensor, expert: ExpertWeights) -> bool:
             and all(w.device.type == "cpu" for w in weights) and x.device.type == "cpu")
 
 
+def _rope_group(x: Tensor, cos: Tensor) -> int:
+    """How many consecutive rows of x [..., D] one row of cos [..., half] serves: 1 when cos has x's leading dims, the
+    heads when it is shared across x's second-to-last dim (a query's heads), else 0 (another broadcast)."""
+    lead = x.shape[:-1]
+    if cos.shape[:-1] == lead:
+        return 1
+    if lead and cos.shape[:-1] == (*lead[:-1], 1):
+        return lead[-1]
+    return 0
+
+
 def _dense_runs(runs: Sequence[KVRows]) -> list[Tensor]:
     """The tensors among attention's runs of rows (the paged ones' pools are the cache's, never trained)."""
     return [r for r in runs if isinstance(r, Tensor)]
@@ -309,13 +320,7 @@ class NativeBackend(CpuBackend):
         products and sums); cos / sin shaped like x's leading dims, or shared across x's second-to-last (heads).
         In training the backward is the opposite rotation, one C call too (`_Rope`)."""
         half = cos.shape[-1]
-        lead = x.shape[:-1]
-        if cos.shape[:-1] == lead:
-            group = 1
-        elif lead and cos.shape[:-1] == (*lead[:-1], 1):
-            group = lead[-1]
-        else:
-            group = 0
+        group = _rope_group(x, cos)
         if (not group or x.dtype not in _BF16 or cos.dtype != torch.float32 or sin.dtype != torch.float32
                 or sin.shape != cos.shape or 2 * half > x.shape[-1] or not _inference(cos, sin)
                 or x.device.type != "cpu"):
@@ -791,19 +796,32 @@ class NativeBackend(CpuBackend):
             return super().rms_norm(x, weight, eps)
         return _RmsNorm.apply(x, weight, eps, self)
 
-    def head_norm(self, x: Tensor, eps: float) -> Tensor:
-        """fp32: the C RMSNorm with a weight of ones (an exact product), bit for bit, in training with its C
-        backward; bf16 computes in bf16: the reference."""
+    def head_norm(self, x: Tensor, eps: float, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+        """fp32: the C RMSNorm with a weight of ones (an exact product), bit for bit, with the rotation in the same
+        pass when cos / sin are given (`dsv4_rms_norm_rope`, the bits of the two ops); in training the C backward,
+        then `rope`; bf16 computes in bf16: the reference."""
         n = x.shape[-1]
         if self._lanes is None or x.dtype != torch.float32 or n > NATIVE_ROW_SUM or x.device.type != "cpu":
-            return super().head_norm(x, eps)
+            return super().head_norm(x, eps, cos, sin)
         ones = self._ones.get(n)
         if ones is None:  # a normal tensor even when first made in inference mode: training saves it for backward
             with torch.inference_mode(False):
                 ones = self._ones[n] = torch.ones(n)
-        if _inference(x):
+        if not _inference(x):
+            y = _RmsNorm.apply(x, ones, eps, self)
+            return y if cos is None else self.rope(y, cos, sin)
+        if cos is None:
             return self._rms_norm(x, ones, eps, self._lanes)
-        return _RmsNorm.apply(x, ones, eps, self)
+        group = _rope_group(x, cos)
+        if (not group or cos.dtype != torch.float32 or sin.dtype != torch.float32 or sin.shape != cos.shape
+                or 2 * cos.shape[-1] > n or not _inference(cos, sin)):
+            return self.rope(self._rms_norm(x, ones, eps, self._lanes), cos, sin)
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        out = torch.empty_like(x)
+        _check(self.lib.dsv4_rms_norm_rope(x.data_ptr(), out.data_ptr(), 0, x.numel() // n, n, ones.data_ptr(), eps,
+                                           self._lanes, cos.shape[-1], cos.data_ptr(), sin.data_ptr(), group),
+               "head_norm")
+        return out
 
     def _rms_norm(self, x: Tensor, weight: Tensor, eps: float, lanes: int, inv: Tensor | None = None) -> Tensor:
         """The C RMSNorm; each row's factor 1 / rms into `inv` [rows] fp32 when given."""

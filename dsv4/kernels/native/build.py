@@ -54,6 +54,7 @@ SIGNATURES = {
     "dsv4_hadamard": (_INT, [_P, _P, _INT, _I, _I, _F]),
     "dsv4_index_topk": (_INT, [_P, _INT, _I, _I, _P, _I, _P, _P]),
     "dsv4_rms_norm": (_INT, [_P, _P, _INT, _I, _I, _P, _F, _INT, _P]),
+    "dsv4_rms_norm_rope": (_INT, [_P, _P, _INT, _I, _I, _P, _F, _INT, _I, _P, _P, _I]),
     "dsv4_rms_norm_backward": (_INT, [_P, _P, _P, _P, _P, _P, _I, _I]),
     "dsv4_swiglu_backward": (_INT, [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _F]),
     "dsv4_rms_factor": (_INT, [_P, _P, _INT, _I, _I, _F, _INT]),

@@ -1723,7 +1723,8 @@ static float torch_row_sum(const float *x, int64_t n, int lanes) {
  * torch ops element for element, its mean torch's summation order (`lanes` found by the backend's self-test); each
  * row's factor 1 / sqrt(...) also into inv_out [rows] unless it is NULL (training keeps it for the backward) */
 INLINE void rms_norm_rows(const void *x, void *out, const int bf16, int64_t rows, int64_t n, const float *weight,
-                          float eps, int lanes, float *inv_out) {
+                          float eps, int lanes, float *inv_out, int64_t half, const float *cos_, const float *sin_,
+                          int64_t group) {
     #pragma omp parallel for schedule(static) num_threads(split_threads(rows * n))
     for (int64_t r = 0; r < rows; r++) {
         float xf[n + 1], sq[n + 1];
@@ -1734,14 +1735,33 @@ INLINE void rms_norm_rows(const void *x, void *out, const int bf16, int64_t rows
         const float inv = 1.0f / sqrtf(torch_row_sum(sq, n, lanes) / (float)n + eps);
         if (inv_out) inv_out[r] = inv;
         for (int64_t i = 0; i < n; i++) store(out, bf16, r * n + i, weight[i] * (xf[i] * inv));
+        if (half) { /* the row's last 2 half dims rotated from what was stored, as `rope_rows` rotates them */
+            const float *c = cos_ + (r / group) * half, *s = sin_ + (r / group) * half;
+            for (int64_t i = 0; i < half; i++) {
+                const int64_t at = r * n + n - 2 * half + 2 * i;
+                const float a = load(out, bf16, at), b = load(out, bf16, at + 1);
+                store(out, bf16, at, a * c[i] - b * s[i]);
+                store(out, bf16, at + 1, a * s[i] + b * c[i]);
+            }
+        }
     }
 }
 
 int dsv4_rms_norm(const void *x, void *out, int bf16, int64_t rows, int64_t n, const float *weight, float eps,
                   int lanes, float *inv_out) {
     if (lanes != 8 && lanes != 16) return -1;
-    if (bf16) rms_norm_rows(x, out, 1, rows, n, weight, eps, lanes, inv_out);
-    else rms_norm_rows(x, out, 0, rows, n, weight, eps, lanes, inv_out);
+    if (bf16) rms_norm_rows(x, out, 1, rows, n, weight, eps, lanes, inv_out, 0, NULL, NULL, 1);
+    else rms_norm_rows(x, out, 0, rows, n, weight, eps, lanes, inv_out, 0, NULL, NULL, 1);
+    return 0;
+}
+
+/* `dsv4_rms_norm`, then each row's last 2 half dims rotated as `dsv4_rope` rotates them (cos / sin [rows / group,
+ * half], not inverse): the queries' normalisation and RoPE in one pass, the same bits as the two calls */
+int dsv4_rms_norm_rope(const void *x, void *out, int bf16, int64_t rows, int64_t n, const float *weight, float eps,
+                       int lanes, int64_t half, const float *cos_, const float *sin_, int64_t group) {
+    if ((lanes != 8 && lanes != 16) || half < 1 || 2 * half > n || group < 1) return -1;
+    if (bf16) rms_norm_rows(x, out, 1, rows, n, weight, eps, lanes, NULL, half, cos_, sin_, group);
+    else rms_norm_rows(x, out, 0, rows, n, weight, eps, lanes, NULL, half, cos_, sin_, group);
     return 0;
 }
 
