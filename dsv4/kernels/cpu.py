@@ -414,7 +414,7 @@ class CpuBackend(ReferenceBackend):
             return torch.zeros_like(q)
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         kv_dtype, acc = runs[0].dtype, compute_dtype(q, runs[0], sink)
-        scored = _scores_every_row(q, runs, n_slots)
+        scored = scores_every_row(q, runs, n_slots)
         if kv_dtype == acc and scored:
             return self._dense_attn(q, concat_rows(runs), idx, sink, scale)
         if scored and self._scores_every_slot(d):  # a short context over rows rounded to kv_dtype
@@ -454,7 +454,7 @@ class CpuBackend(ReferenceBackend):
     def _scored_blocks(self, q: Tensor, rows: Tensor, idx: Tensor, sink: Tensor, scale: float,
                        kv_dtype: torch.dtype) -> Tensor:
         """`sparse_attn`'s 64-slot blocks for a chunk of queries q [B, S, H, D] over rows [B, N, D] (in the compute
-        dtype; few, see `_scores_every_row`) rounded to kv_dtype, a block of queries at a time: one GEMM scores
+        dtype; few, see `scores_every_row`) rounded to kv_dtype, a block of queries at a time: one GEMM scores
         every row, each slot's logit picked from it (the gathered einsum's bits, `_scores_every_slot`), instead of
         a tiny GEMM per query over its gathered rows; the value products from the rows in place
         (`_block_values`)."""
@@ -588,7 +588,7 @@ class CpuBackend(ReferenceBackend):
         return pre, post, comb
 
 
-def _scores_every_row(q: Tensor, runs: list[KVRows], n_slots: int) -> bool:
+def scores_every_row(q: Tensor, runs: list[KVRows], n_slots: int) -> bool:
     """Whether attention over rows in the compute dtype (fp32 models: rounding the probabilities to the rows'
     dtype changes nothing, and the 64-slot blocks only order fp32 sums) scores every row with one GEMM per block of
     queries (`_dense_softmax`) instead of gathering each query's rows (`_gathered_softmax`). Scoring costs H*N GEMM
@@ -709,7 +709,7 @@ def _block_products(probs: Tensor | None, tail_probs: Tensor | None, rows: Tenso
 
 
 def _gathered_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:
-    """One softmax over each query's slots (rows in the compute dtype, see `_scores_every_row`) from the rows it
+    """One softmax over each query's slots (rows in the compute dtype, see `scores_every_row`) from the rows it
     names, gathered (`_gather_kv`; a decode reads paged entries row by row from their pool): tiny per-query GEMMs.
     Differentiable (training)."""
     b, s, h, d = q.shape

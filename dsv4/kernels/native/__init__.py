@@ -91,7 +91,7 @@ from ..cpu import (
     TRAIN_EXP_FLOOR,
     VOCAB_ROWS,
     CpuBackend,
-    _scores_every_row,
+    scores_every_row,
     softmax_attention_grads,
 )
 from ..experts import ExpertWeights
@@ -657,7 +657,7 @@ class NativeBackend(CpuBackend):
         q = q.contiguous()
         idx = idx.to(torch.int64).contiguous()
         if b * s * h * idx.shape[-1] * d * 2 > NATIVE_MACS:  # a prefill chunk
-            if q.dtype == torch.float32 and sink.dtype == torch.float32 and _scores_every_row(q, runs, idx.shape[-1]):
+            if q.dtype == torch.float32 and sink.dtype == torch.float32 and scores_every_row(q, runs, idx.shape[-1]):
                 return self._chunk_attn(q, desc, len(runs), idx, sink, scale)
             return super().sparse_attn(q, kv, idx, sink, scale)
         sink = sink.to(torch.float32).contiguous()

@@ -569,6 +569,17 @@ typedef struct {
     int64_t table_width;
 } Run;
 
+/* The runs of n_runs descriptors (five int64 each, as above), or NULL without memory; the caller frees them */
+static Run *read_runs(const int64_t *run_desc, int64_t n_runs) {
+    Run *runs = malloc(sizeof(Run) * (size_t)(n_runs > 0 ? n_runs : 1));
+    if (!runs) return NULL;
+    for (int64_t r = 0; r < n_runs; r++) {
+        const int64_t *desc = run_desc + 5 * r;
+        runs[r] = (Run){(const void *)desc[0], desc[1], desc[2], (const int64_t *)desc[3], desc[4]};
+    }
+    return runs;
+}
+
 static const void *row_at(const Run *runs, int64_t n_runs, int64_t batch, int64_t slot, int64_t d, int bf16) {
     for (int64_t r = 0; r < n_runs; r++) {
         const Run *run = runs + r;
@@ -608,12 +619,8 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n) {
 int dsv4_sparse_attn(const void *q, void *out, int q_bf16, int64_t b, int64_t s, int64_t h, int64_t d,
                      const int64_t *run_desc, int64_t n_runs, int rows_bf16, const int64_t *idx, int64_t k,
                      const float *sink, float scale) {
-    Run *runs = malloc(sizeof(Run) * (size_t)(n_runs > 0 ? n_runs : 1));
+    Run *runs = read_runs(run_desc, n_runs);
     if (!runs) return -1;
-    for (int64_t r = 0; r < n_runs; r++) {
-        const int64_t *desc = run_desc + 5 * r;
-        runs[r] = (Run){(const void *)desc[0], desc[1], desc[2], (const int64_t *)desc[3], desc[4]};
-    }
     int failed = 0;
     /* queries split between threads, each with its own scratch: qf and acc [h * d], logit [h * ATTN_BLOCK],
      * run_max and denom [h], the block's rows rowf [ATTN_BLOCK * d] and value [d] */
@@ -1140,7 +1147,7 @@ int dsv4_exp(const float *x, float *out, int64_t n) {
 }
 
 static inline f32x16 sqrt16(f32x16 x) { /* vectorised by the compiler (correctly rounded, as sqrtf) */
-    f32x16 r;
+    f32x16 r = x;
     for (int l = 0; l < 16; l++) r[l] = sqrtf(x[l]);
     return r;
 }
@@ -2024,12 +2031,8 @@ int dsv4_chunk_attn(const float *q, const int64_t *run_desc, int64_t n_runs, con
                     float *out) {
     const int64_t blocks = (s + CHUNK_QUERIES - 1) / CHUNK_QUERIES, qr = CHUNK_QUERIES * h;
     const int64_t np = (n + PANEL - 1) / PANEL * PANEL, dp = (d + PANEL - 1) / PANEL * PANEL;
-    Run *runs = malloc(sizeof(Run) * (size_t)(n_runs > 0 ? n_runs : 1));
+    Run *runs = read_runs(run_desc, n_runs);
     if (!runs) return -2;
-    for (int64_t r = 0; r < n_runs; r++) {
-        const int64_t *desc = run_desc + 5 * r;
-        runs[r] = (Run){(const void *)desc[0], desc[1], desc[2], (const int64_t *)desc[3], desc[4]};
-    }
     int bad = 0;
     #pragma omp parallel num_threads(split_threads(b * s * h * k * d)) reduction(|:bad)
     {
