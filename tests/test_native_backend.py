@@ -902,7 +902,12 @@ def test_rope_equals_the_reference_bit_for_bit(dtype):
         angles = torch.randn(*cos_shape, generator=gen) * 100
         cos, sin = torch.cos(angles), torch.sin(angles)
         for inverse in (False, True):
-            assert torch.equal(FAST.rope(x, cos, sin, inverse), REF.rope(x, cos, sin, inverse)), (shape, inverse)
+            want = REF.rope(x, cos, sin, inverse)
+            assert torch.equal(FAST.rope(x, cos, sin, inverse), want), (shape, inverse)
+            for backend in (FAST, REF):  # in place: the same bits, in x itself (its other dims untouched)
+                own = x.clone()
+                got = backend.rope(own, cos, sin, inverse, inplace=True)
+                assert got.data_ptr() == own.data_ptr() and torch.equal(got, want), (shape, inverse, backend)
     x = torch.randn(2, 3, 32, generator=gen).requires_grad_()  # a gradient wanted: the reference's, differentiable
     assert FAST.rope(x, cos[..., :8].expand(2, 3, 8), sin[..., :8].expand(2, 3, 8)).requires_grad
 

@@ -278,9 +278,11 @@ def head_norm(x: torch.Tensor, eps: float, cos: torch.Tensor | None = None,
     return active_backend().head_norm(x, eps, cos, sin)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """x with its last 2*cos.shape[-1] dims rotated by interleaved pairs (by the negative angle if `inverse`)."""
-    return active_backend().rope(x, cos, sin, inverse)
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
+         inplace: bool = False) -> torch.Tensor:
+    """x with its last 2*cos.shape[-1] dims rotated by interleaved pairs (by the negative angle if `inverse`;
+    written into x if `inplace`)."""
+    return active_backend().rope(x, cos, sin, inverse, inplace)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor, sink: torch.Tensor,

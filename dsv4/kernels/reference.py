@@ -313,19 +313,25 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------------------------------ RoPE
 
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
+             inplace: bool = False) -> torch.Tensor:
         """Rotate the last 2*cos.shape[-1] dims of x by interleaved pairs (x[2i], x[2i+1]); the rest pass through.
 
         cos/sin (fp32) must broadcast against x[..., :rope_dim // 2]. `inverse` rotates by the negative angle,
         which the attention uses to take the keys' rotation back out of its output (keys are values). The
         rotation is a complex fp32 product, as in the official code (torch's complex multiply rounds each product
-        and then adds: (a c - b s, a s + b c)), cast back to x.dtype. Differentiable.
+        and then adds: (a c - b s, a s + b c)), cast back to x.dtype. `inplace`: the rotated dims are written
+        into x, which is returned (for a caller that owns x and wants no gradient: the rest of x is not copied).
+        Differentiable (not in place).
         """
         rope_dim = cos.shape[-1] * 2
         nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
         pairs = torch.view_as_complex(rope.to(torch.float32).unflatten(-1, (-1, 2)).contiguous())
         rotation = torch.complex(cos, -sin if inverse else sin)
         rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+        if inplace:
+            rope.copy_(rotated)
+            return x
         return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
 
     # ------------------------------------------------------------------------------------------ attention

@@ -96,7 +96,8 @@ class Attention(nn.Module):
             ctx.trace.indexer_losses.append(
                 indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores,
                                 queries=torch.arange(seqlen, device=x.device) < ctx.lengths.unsqueeze(1)))
-        o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True)
+        # the output is this call's own: rotated in place where no gradient is wanted
+        o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True, inplace=not torch.is_grad_enabled())
 
         # grouped output projection: each group of H/G heads -> o_lora_rank, then wo_b
         o = o.reshape(bsz, seqlen, self.n_groups, -1)

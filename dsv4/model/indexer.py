@@ -57,7 +57,8 @@ class Indexer(nn.Module):
             empty = torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
             return empty, empty.to(torch.float32)
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
-        q = kernels.hadamard(apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2)))
+        # q is this call's own: rotated in place where no gradient is wanted
+        q = kernels.hadamard(apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2), inplace=not torch.is_grad_enabled()))
         if ctx.exact:
             q = kernels.fp4_simulate(q)
         weights = self.weights_proj(x) * self.weight_scale  # [B,S,Hi]

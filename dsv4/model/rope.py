@@ -48,12 +48,13 @@ def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     return rotation.real.contiguous(), rotation.imag.contiguous()  # contiguous once, not in every rope that reads them
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, inplace: bool = False) -> Tensor:
     """Rotate the last 2*cos.shape[-1] dims of x by interleaved pairs (the kernel op `dsv4.kernels.rope`).
 
     cos/sin must broadcast against x[..., :rope_dim // 2]. `inverse` rotates by the negative angle,
     which the attention uses to take the keys' rotation back out of its output (keys are values).
     The rotation is a complex fp32 product, as in the reference (torch's complex multiply rounds
-    differently from a fused a*cos - b*sin).
+    differently from a fused a*cos - b*sin). `inplace`: rotate x's own dims (x is the caller's, and no gradient
+    is wanted; the pass-through dims are not copied).
     """
-    return kernels.rope(x, cos, sin, inverse)
+    return kernels.rope(x, cos, sin, inverse, inplace)

@@ -315,23 +315,27 @@ class NativeBackend(CpuBackend):
                                       1.0 / math.sqrt(n)), "hadamard")
         return out
 
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, inplace: bool = False) -> Tensor:
         """One C call for the rotation the reference builds from eight torch ops (bit for bit: the same rounded
-        products and sums); cos / sin shaped like x's leading dims, or shared across x's second-to-last (heads).
-        In training the backward is the opposite rotation, one C call too (`_Rope`)."""
+        products and sums); cos / sin shaped like x's leading dims, or shared across x's second-to-last (heads);
+        `inplace` (a contiguous x) touches only the rotated dims. In training the backward is the opposite
+        rotation, one C call too (`_Rope`)."""
         half = cos.shape[-1]
         group = _rope_group(x, cos)
         if (not group or x.dtype not in _BF16 or cos.dtype != torch.float32 or sin.dtype != torch.float32
                 or sin.shape != cos.shape or 2 * half > x.shape[-1] or not _inference(cos, sin)
                 or x.device.type != "cpu"):
-            return super().rope(x, cos, sin, inverse)
+            return super().rope(x, cos, sin, inverse, inplace)
         if not _inference(x):  # training: a rotation's gradient is the opposite rotation of the output's
+            if inplace:
+                return super().rope(x, cos, sin, inverse, inplace)
             return _Rope.apply(x, cos, sin, inverse, group, self)
-        return self._rope(x, cos, sin, inverse, group)
+        return self._rope(x, cos, sin, inverse, group, inplace and x.is_contiguous())
 
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, group: int) -> Tensor:
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, group: int, inplace: bool = False
+              ) -> Tensor:
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-        out = torch.empty_like(x)
+        out = x if inplace else torch.empty_like(x)
         _check(self.lib.dsv4_rope(x.data_ptr(), out.data_ptr(), _BF16[x.dtype], x.numel() // x.shape[-1],
                                   x.shape[-1], cos.shape[-1], cos.data_ptr(), sin.data_ptr(), group, int(inverse)),
                "rope")

@@ -1801,8 +1801,9 @@ int dsv4_rms_factor(const void *x, float *inv, int bf16, int64_t rows, int64_t n
  * 2-3x slower with the dtype tested per element). */
 
 /* out = x [rows, width] (x's dtype) with each row's last 2 * half dims rotated by interleaved pairs, the rest
- * copied: the complex fp32 product torch computes, (a c - b s, a s + b c), each product rounded before the add,
- * then cast to x's dtype; s negated for the inverse rotation. cos / sin [rows / group, half] fp32: a row of them
+ * copied (out may be x: each pair is read before it is written): the complex fp32 product torch computes,
+ * (a c - b s, a s + b c), each product rounded before the add, then cast to x's dtype; s negated for the inverse
+ * rotation. cos / sin [rows / group, half] fp32: a row of them
  * serves `group` consecutive rows of x (a query's heads). */
 INLINE void rope_rows(const void *x, void *out, const int bf16, int64_t rows, int64_t width, int64_t half,
                       const float *cos_, const float *sin_, int64_t group, int inverse) {
@@ -1811,8 +1812,9 @@ INLINE void rope_rows(const void *x, void *out, const int bf16, int64_t rows, in
     #pragma omp parallel for schedule(static) num_threads(split_threads(rows * width))
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos_ + (r / group) * half, *s = sin_ + (r / group) * half;
-        memcpy((char *)out + (size_t)(r * width) * elem, (const char *)x + (size_t)(r * width) * elem,
-               (size_t)nope * elem);
+        if (out != x) /* in place (out == x): the pass-through dims are already there */
+            memcpy((char *)out + (size_t)(r * width) * elem, (const char *)x + (size_t)(r * width) * elem,
+                   (size_t)nope * elem);
         for (int64_t i = 0; i < half; i++) {
             const int64_t at = r * width + nope + 2 * i;
             const float a = load(x, bf16, at), b = load(x, bf16, at + 1);
