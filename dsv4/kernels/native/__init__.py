@@ -593,7 +593,7 @@ class NativeBackend(CpuBackend):
         held = set(which)
         keep: list = []
         table = (ctypes.c_int64 * (6 * len(experts)))()
-        for e in set(ids.view(-1).tolist()) & held:
+        for e in set(ids.reshape(-1).tolist()) & held:
             table[6 * e : 6 * e + 6] = self._expert_table(first if e == which[0] else experts[e], keep)
         x = x.contiguous()
         ids = ids.to(torch.int64).contiguous()
@@ -624,7 +624,7 @@ class NativeBackend(CpuBackend):
         d = x.shape[-1]
         table = (ctypes.c_int64 * (3 * len(experts)))()
         keep: list = []
-        for e in set(ids.view(-1).tolist()) & held:
+        for e in set(ids.reshape(-1).tolist()) & held:
             expert = experts[e]
             for i, w in enumerate((expert.w1, expert.w3, expert.w2)):
                 (panels,) = self.decoded.get(w, None, "panels")
@@ -652,7 +652,10 @@ class NativeBackend(CpuBackend):
         b, s, h, d = q.shape
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         rows_dtype = runs[0].dtype
-        if q.dtype not in _BF16 or rows_dtype != torch.float32 or not _inference(q, sink, *_dense_runs(runs)):
+        chunk = b * s * h * idx.shape[-1] * d * 2 > NATIVE_MACS  # a prefill chunk: `_chunk_attn` or the "cpu" one
+        if (q.dtype not in _BF16 or rows_dtype != torch.float32 or not _inference(q, sink, *_dense_runs(runs))
+                or (chunk and not (q.dtype == torch.float32 and sink.dtype == torch.float32
+                                   and scores_every_row(q, runs, idx.shape[-1])))):
             return super().sparse_attn(q, kv, idx, sink, scale)
         described = _run_descriptors(runs, rows_dtype)
         if described is None:  # a run in another form (a codec, another dtype)
@@ -660,10 +663,8 @@ class NativeBackend(CpuBackend):
         desc, keep = described
         q = q.contiguous()
         idx = idx.to(torch.int64).contiguous()
-        if b * s * h * idx.shape[-1] * d * 2 > NATIVE_MACS:  # a prefill chunk
-            if q.dtype == torch.float32 and sink.dtype == torch.float32 and scores_every_row(q, runs, idx.shape[-1]):
-                return self._chunk_attn(q, desc, len(runs), idx, sink, scale)
-            return super().sparse_attn(q, kv, idx, sink, scale)
+        if chunk:
+            return self._chunk_attn(q, desc, len(runs), idx, sink, scale)
         sink = sink.to(torch.float32).contiguous()
         out = torch.empty_like(q)
         _check(self.lib.dsv4_sparse_attn(q.data_ptr(), out.data_ptr(), _BF16[q.dtype], b, s, h, d,
