@@ -833,6 +833,81 @@ def test_sparse_attention_over_bf16_rows_is_the_cpu_backends_bit_for_bit():
     assert torch.equal(FAST.sparse_attn(q, rows, idx, sink, 0.2), CpuBackend().sparse_attn(q, rows, idx, sink, 0.2))
 
 
+def _nan_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """NaN where want has NaN, every other value's bits (+0 and -0 apart)."""
+    return (got.dtype == want.dtype and torch.equal(got.isnan(), want.isnan())
+            and torch.equal(got.nan_to_num().view(torch.int16 if got.dtype == torch.bfloat16 else torch.int32),
+                            want.nan_to_num().view(torch.int16 if want.dtype == torch.bfloat16 else torch.int32)))
+
+
+@pytest.mark.parametrize("k", [5, 64, 130, 192])
+@pytest.mark.parametrize("queries", ["decode", "chunk"])
+def test_attention_over_bf16_rows_in_c_is_the_references_bit_for_bit(queries, k, monkeypatch):
+    """Exact numerics' attention (bf16 queries and rows) in two C calls around torch's exponential
+    (`dsv4_rounded_attn_args` / `_out`), against the reference's bits: a decode's queries (one per batch row, each
+    scoring its own slots) and a prefill chunk's (blocks of 16 scoring the rows they name together), rows in a
+    dense run and pages; slot counts with and without a partial last block (its logits torch's); unused slots, a
+    query with none (the sink alone: 0), a whole unused first block, a NaN query, logits hundreds apart (exponents
+    below -104 given as 0, and between -104 and -87, MKL's subnormal results)."""
+    from dsv4.kernels.paged import PagedRows
+
+    gen = torch.Generator().manual_seed(k)
+    b, s, h, d = (3, 1, 4, 32) if queries == "decode" else (2, 40, 8, 64)
+    q = (torch.randn(b, s, h, d, generator=gen) * 4).bfloat16()
+    q[b - 1, s - 1, 1, 3] = float("nan")
+    dense = (torch.randn(b, 30, d, generator=gen) * 4).bfloat16()
+    pool = (torch.randn(12, 16, d, generator=gen) * 4).bfloat16()
+    table = torch.tensor([[3, 1, 7, 0], [2, 5, 9, 4], [11, 10, 8, 6]])[:b]
+    runs = [dense, PagedRows(pool, table, 50, None, torch.bfloat16)]
+    idx = torch.randint(0, 80, (b, s, k), generator=gen)
+    idx[torch.rand(idx.shape, generator=gen) < 0.3] = -1
+    idx[1, 0] = -1  # a query with no used slot
+    if k > 64:
+        idx[0, s - 1, :64] = -1  # a whole unused first block
+    sink = torch.randn(h, generator=gen)
+    assert FAST._rounded_orders(h, d), "this BLAS sums the logits or the value products out of order"
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    got = FAST.sparse_attn(q, runs, idx, sink, d**-0.5)
+    assert lib.calls == {"dsv4_rounded_attn_args": 1, "dsv4_rounded_attn_out": 1}
+    want = REF.sparse_attn(q, runs, idx, sink, d**-0.5)
+    assert _nan_equal(got, want)
+    assert torch.equal(got[1, 0], torch.zeros_like(got[1, 0]))
+    assert got.isnan().any()  # the NaN query's head
+    idx[0, 0, 0] = 80
+    with pytest.raises(IndexError, match="past the 80 rows"):
+        FAST.sparse_attn(q, runs, idx, sink, d**-0.5)
+
+
+def test_attention_over_bf16_rows_keeps_the_references_nan_from_a_row_0_that_is_not_finite():
+    """The reference multiplies an unused slot's probability (0) by row 0 of the batch row (its clamped gather):
+    where that row holds an infinity, that channel's sums are NaN, and the C kernels keep them so too."""
+    gen = torch.Generator().manual_seed(0)
+    q, rows = torch.randn(2, 1, 2, 32, generator=gen).bfloat16(), torch.randn(2, 40, 32, generator=gen).bfloat16()
+    rows[1, 0, 5] = float("inf")
+    idx = torch.randint(1, 40, (2, 1, 70), generator=gen)
+    idx[:, :, 10] = -1
+    sink = torch.randn(2, generator=gen)
+    want = REF.sparse_attn(q, rows, idx, sink, 0.2)
+    assert want[1, ..., 5].isnan().all() and want.isnan().sum() == want[1, ..., 5].numel()  # its channel 5 only
+    assert _nan_equal(FAST.sparse_attn(q, rows, idx, sink, 0.2), want)
+
+
+def test_the_rounded_attention_self_check_finds_a_blas_that_sums_out_of_order(monkeypatch):
+    """`_rounded_orders` compares the C kernels' fp32 outputs with the reference's on random bf16 values: where the
+    reference's einsums sum in another order (here: float64), it finds them out, and attention over bf16 rows keeps
+    the "cpu" backend's torch ops, still the reference's bits."""
+    be = native.NativeBackend()
+    einsum = torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda eq, *ops: einsum(eq, *(o.double() for o in ops)).float())
+    assert not be._rounded_orders(4, 32) and be._rounded_checked == {(4, 32): False}
+    gen = torch.Generator().manual_seed(1)
+    q, rows = torch.randn(1, 1, 4, 32, generator=gen).bfloat16(), torch.randn(1, 30, 32, generator=gen).bfloat16()
+    idx, sink = torch.randint(-1, 30, (1, 1, 70), generator=gen), torch.randn(4, generator=gen)
+    monkeypatch.setattr(be, "_rounded_call", lambda *a: pytest.fail("ran the C kernels the check rejected"))
+    assert torch.equal(be.sparse_attn(q, rows, idx, sink, 0.125), REF.sparse_attn(q, rows, idx, sink, 0.125))
+
+
 def test_head_norm_trains_after_inference_made_its_unit_weight():
     """The unit weight `head_norm` keeps per width, first made under inference mode (a generation), serves a later
     training step too (autograd saves it for the backward; an inference tensor it refuses)."""
@@ -868,13 +943,21 @@ def test_a_chunk_over_bf16_rows_is_the_references_bit_for_bit(backend, d, monkey
     rows = torch.randn(b, n, d, generator=gen).bfloat16()
     sink = torch.randn(h, generator=gen)
     monkeypatch.setattr(cpu_kernels, "GATHER_BYTES", 1 << 20)  # blocks of 10-30 queries: most score fewer rows
+    monkeypatch.setattr(native, "GATHER_BYTES", 1 << 20)  # native: the chunk in two slices
     scored = []
     monkeypatch.setattr(be, "_scored_blocks", lambda *a: scored.append(1) or type(be)._scored_blocks(be, *a))
+    in_c = backend == "native" and d % 16 == 0  # native's C kernels (a width of whole vectors; else the cpu path)
+    if in_c:
+        assert be._rounded_orders(h, d), f"this BLAS sums a dot product of {d} terms out of order"
+        lib = _CountingLib(be.lib)
+        monkeypatch.setattr(be, "lib", lib)
     got = be.sparse_attn(q, rows, idx, sink, d**-0.5)
     # a property of the BLAS the pinned torch wheel bundles (MKL), on the CPUs CI runs on: were it lost, chunks
     # would fall back to the gathered rows (still these bits, only slower), and this test says so
     assert be._scores_every_slot(d), f"this BLAS sums a dot product of {d} terms out of order"
-    assert scored == [1]
+    assert scored == ([] if in_c else [1])
+    if in_c:
+        assert lib.calls["dsv4_rounded_attn_out"] == 2
     assert torch.equal(got, REF.sparse_attn(q, rows, idx, sink, d**-0.5))
     assert torch.equal(got[1, 5], torch.zeros_like(got[1, 5]))
 

@@ -405,7 +405,7 @@ class CpuBackend(ReferenceBackend):
                     scale: float) -> Tensor:
         """As the reference: per 64-slot block the same fp32 logits, shifts and unnormalised kv-dtype-rounded
         probabilities, the blocks' value products, and the blocks folded into the running sum and accumulator in
-        block order. The logits come from the rows idx names gathered once (`_gather_kv`) or, over a short
+        block order. The logits come from the rows idx names gathered once (`gather_kv`) or, over a short
         context's few rows, from one GEMM a block of queries where that gives the same bits (`_scored_blocks`);
         rows in the compute dtype (fp32 models) take the cheaper softmaxes (`_dense_attn`, `_gathered_softmax`)."""
         b, s, h, d = q.shape
@@ -426,7 +426,7 @@ class CpuBackend(ReferenceBackend):
                               for lo in range(0, s, step)], dim=1)
         if kv_dtype == acc:
             return _gathered_softmax(q, runs, idx, sink, scale)
-        rows = _gather_kv(runs, idx, acc)  # [B, S, K, D], the first run's values in the compute dtype
+        rows = gather_kv(runs, idx, acc)  # [B, S, K, D], the first run's values in the compute dtype
         logits = torch.einsum("bshd,bskd->bshk", q.to(acc), rows)  # [B, S, H, K], scaled below
         return self._rounded_blocks(logits, lambda probs, tail: _block_products(probs, tail, rows), idx, sink,
                                     scale, kv_dtype).to(q.dtype)
@@ -710,12 +710,12 @@ def _block_products(probs: Tensor | None, tail_probs: Tensor | None, rows: Tenso
 
 def _gathered_softmax(q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:
     """One softmax over each query's slots (rows in the compute dtype, see `scores_every_row`) from the rows it
-    names, gathered (`_gather_kv`; a decode reads paged entries row by row from their pool): tiny per-query GEMMs.
+    names, gathered (`gather_kv`; a decode reads paged entries row by row from their pool): tiny per-query GEMMs.
     Differentiable (training)."""
     b, s, h, d = q.shape
     k = idx.shape[-1]
     valid = (idx >= 0).unsqueeze(2)  # [B, S, 1, K]
-    rows = _gather_kv(runs, idx)  # [B, S, K, D]
+    rows = gather_kv(runs, idx)  # [B, S, K, D]
     logits = torch.bmm(q.reshape(b * s, h, d), rows.view(b * s, k, d).transpose(1, 2)).view(b, s, h, k)
     logits = logits.mul_(scale).masked_fill_(~valid, float("-inf"))
     top = logits.amax(dim=-1).detach()  # [B, S, H]; the shift cancels, so it carries no gradient
@@ -742,7 +742,7 @@ def _used_rows(rows: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
     return rows.index_select(1, used), renumber[slots]
 
 
-def _gather_kv(kv: Tensor | Sequence[KVRows], idx: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def gather_kv(kv: Tensor | Sequence[KVRows], idx: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """The rows [B, S, K, D] that idx [B, S, K] names in the concatenation of the runs (-1: any row, masked
     later), with the first run's values (the reference casts the other runs to its dtype), in `dtype` (default:
     the first run's). When the slots outnumber the rows (a prefill chunk: its queries share

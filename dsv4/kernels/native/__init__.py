@@ -88,15 +88,17 @@ from dsv4.quant import (
 from ..cpu import (
     DENSE_QUERY_BLOCK,
     EXP_FLOOR,
+    GATHER_BYTES,
     TRAIN_EXP_FLOOR,
     VOCAB_ROWS,
     CpuBackend,
+    gather_kv,
     scores_every_row,
     softmax_attention_grads,
 )
 from ..experts import ExpertWeights
 from ..paged import KVRows
-from ..reference import ATTN_BLOCK
+from ..reference import ATTN_BLOCK, ReferenceBackend
 from .build import NativeUnavailable, available, load
 
 __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
@@ -104,6 +106,8 @@ __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
 # the most multiply-adds a linear, expert or attention call runs in C (about 0.3-0.5 ms of one core, a decode
 # step's rows, each row's result independent of its batch); past it the work is a GEMM worth BLAS's threads
 NATIVE_MACS = 1 << 22
+# queries of a prefill chunk that score the rows they name together in C (kernels.c's CHUNK_QUERIES)
+CHUNK_QUERIES = 16
 # the longest row `rms_norm` sums in C: torch splits one longer row's sum between threads (another order)
 NATIVE_ROW_SUM = 1 << 14
 # the most index scores an `index_topk` call may select from in C (a heap per query, O(N log k)); past it (a long
@@ -277,6 +281,7 @@ class NativeBackend(CpuBackend):
         with torch.inference_mode():
             self._lanes = self._sum_lanes()
         self._ones: dict[int, Tensor] = {}  # head_norm's unit weights by width
+        self._rounded_checked: dict[tuple[int, int], bool] = {}  # `_rounded_orders` by (heads, width)
 
     def _form(self, weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         return self.decoded.get(weight, scale, "native")
@@ -652,6 +657,10 @@ class NativeBackend(CpuBackend):
         b, s, h, d = q.shape
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         rows_dtype = runs[0].dtype
+        if q.dtype == torch.bfloat16 and rows_dtype == torch.bfloat16:
+            out = self._rounded_attn(q, runs, idx, sink, scale)
+            if out is not None:
+                return out
         chunk = b * s * h * idx.shape[-1] * d * 2 > NATIVE_MACS  # a prefill chunk: `_chunk_attn` or the "cpu" one
         if (q.dtype not in _BF16 or rows_dtype != torch.float32 or not _inference(q, sink, *_dense_runs(runs))
                 or (chunk and not (q.dtype == torch.float32 and sink.dtype == torch.float32
@@ -671,6 +680,83 @@ class NativeBackend(CpuBackend):
                                          (ctypes.c_int64 * len(desc))(*desc), len(runs), _BF16[rows_dtype],
                                          idx.data_ptr(), idx.shape[-1], sink.data_ptr(), scale), "sparse_attn")
         return out
+
+    def _rounded_attn(self, q: Tensor, runs: list[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor | None:
+        """Attention of bf16 queries over bf16 rows (exact numerics) bit for bit as the reference computes it, in two
+        C calls around torch's exponential (`dsv4_rounded_attn_args` / `_out`: the slots' logits, the 64-slot
+        blocks' shifts, sums in torch's order, bf16-rounded probabilities, value products and folds), where the
+        "cpu" backend's blocks cost about thirty torch ops and an exponential of every masked slot's -inf (MKL's
+        slow path). None where it does not apply: a gradient wanted, rows in another form (a codec), a width not a
+        multiple of 16, or sums in an order the self-check (`_rounded_orders`) did not find here."""
+        b, s, h, d = q.shape
+        n = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in runs)
+        if (self._lanes is None or idx.shape[-1] == 0 or n == 0 or not sink.is_floating_point()
+                or sink.dtype == torch.float64 or not _inference(q, sink, *_dense_runs(runs))):
+            return None
+        described = _run_descriptors(runs, torch.bfloat16)
+        if described is None or not self._rounded_orders(h, d):
+            return None
+        return self._rounded_call(q, runs, described[0], idx, sink, scale)
+
+    def _rounded_call(self, q: Tensor, runs: list[KVRows], desc: list[int], idx: Tensor, sink: Tensor,
+                      scale: float) -> Tensor:
+        """`_rounded_attn`'s calls (q bf16, or fp32 holding bf16 values: the self-check's, whose fp32 output shows
+        every bit), a long chunk's queries a slice at a time (its arguments within `GATHER_BYTES`)."""
+        b, s, h, d = q.shape
+        k = idx.shape[-1]
+        blocks, rest = -(-k // ATTN_BLOCK), k % ATTN_BLOCK
+        step = max(CHUNK_QUERIES, GATHER_BYTES // (b * h * (k + blocks) * 4) // CHUNK_QUERIES * CHUNK_QUERIES)
+        if s > step:
+            return torch.cat([self._rounded_call(q[:, lo : lo + step], runs, desc, idx[:, lo : lo + step], sink, scale)
+                              for lo in range(0, s, step)], dim=1)
+        n = sum(desc[5 * r + 1] for r in range(len(runs)))
+        named = int(s > 1 and n <= CHUNK_QUERIES * k)  # the queries share the rows they name (a prefill chunk)
+        q, idx = q.contiguous(), idx.to(torch.int64).contiguous()
+        sink = sink.to(torch.float32).contiguous()
+        tail = None  # the last partial block's logits: the reference's own einsum (BLAS sums a few slots otherwise)
+        if rest:
+            rows = gather_kv(runs, idx[..., k - rest :], torch.float32)
+            tail = torch.einsum("bshd,bskd->bshk", q.to(torch.float32), rows).contiguous()
+        run_desc = (ctypes.c_int64 * len(desc))(*desc)
+        args = torch.empty(b * s * h * (blocks * ATTN_BLOCK + blocks))
+        zero = torch.empty(args.shape, dtype=torch.uint8)  # arguments below -104, written as 0: exp gives 0
+        code = self.lib.dsv4_rounded_attn_args(q.data_ptr(), _BF16[q.dtype], b, s, h, d, run_desc, len(runs),
+                                               idx.data_ptr(), k, None if tail is None else tail.data_ptr(),
+                                               sink.data_ptr(), scale, named, args.data_ptr(), zero.data_ptr())
+        if code == -1:
+            raise IndexError(f"sparse_attn: a slot names a row past the {n} rows")
+        _check(code, "sparse_attn")
+        torch.exp(args, out=args)  # torch's exponential: the reference's bits
+        out = torch.empty_like(q)
+        _check(self.lib.dsv4_rounded_attn_out(args.data_ptr(), zero.data_ptr(), b, s, h, d, run_desc, len(runs),
+                                              idx.data_ptr(), k, self._lanes, named, out.data_ptr(), _BF16[q.dtype]),
+               "sparse_attn")
+        return out
+
+    def _rounded_orders(self, h: int, d: int) -> bool:
+        """Whether `_rounded_call` gives the reference's bits for H heads of width D here: its logits and value
+        products sum in order, which is BLAS's order only for some shapes (MKL splits a long dot product, and
+        scores a few slots another way), so it is checked once per shape against the reference on random bf16
+        values, queries held in fp32 (the fp32 outputs show every bit): a chunk's queries sharing their rows and
+        a decode's one query, blocks whole and partial, unused slots."""
+        if d % 16:  # the kernels read whole vectors of a row
+            return False
+        if (h, d) not in self._rounded_checked:
+            gen = torch.Generator().manual_seed(h * 4096 + d)
+            reference = ReferenceBackend()
+            same = True
+            with torch.inference_mode():
+                for s, n in ((20, 100), (1, 200)):
+                    q = torch.randn(1, s, h, d, generator=gen).bfloat16().float()
+                    rows = (torch.randn(1, n, d, generator=gen) * 2).bfloat16()
+                    idx = torch.randint(0, n, (1, s, 2 * ATTN_BLOCK + 5), generator=gen)
+                    idx[torch.rand(idx.shape, generator=gen) < 0.2] = -1
+                    sink = torch.randn(h, generator=gen)
+                    want = reference.sparse_attn(q, rows, idx, sink, d**-0.5)
+                    got = self._rounded_call(q, [rows], [rows.data_ptr(), n, 0, 0, 0], idx, sink, d**-0.5)
+                    same = same and torch.equal(got, want)
+            self._rounded_checked[(h, d)] = same
+        return self._rounded_checked[(h, d)]
 
     def _chunk_attn(self, q: Tensor, desc: list[int], n_runs: int, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
         """A prefill chunk's fp32 attention in one C call (`dsv4_chunk_attn`) over runs of rows read in place (dense,

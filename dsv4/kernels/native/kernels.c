@@ -2146,6 +2146,322 @@ int dsv4_chunk_attn(const float *q, const int64_t *run_desc, int64_t n_runs, con
     return bad & 2 ? -2 : (bad & 1 ? -1 : 0);
 }
 
+/* ------------------------------------------------------------------------------------------ attention, bf16 rows */
+
+/* Attention over bf16 rows (exact numerics) as the reference computes it, bit for bit, in two C calls around torch's
+ * own exponential: `dsv4_rounded_attn_args` scores the slots and writes the arguments of the reference's
+ * exponentials (each slot's scaled logit minus its block's shift, each later block's rescale, the sink's share),
+ * torch exponentiates them (its vector exp is MKL's, whose bits no portable code reproduces), and
+ * `dsv4_rounded_attn_out` folds the blocks. An argument below EXP_ZERO (a masked slot's -inf) is written as 0 and
+ * flagged instead: its exponential is 0, which MKL's slow path took 3 to 30 ns an element to say (0.15 otherwise).
+ * Bit-exactness rests on three orders the backend checks before it uses these kernels: a logit is a dot product of
+ * bf16 values (exact products) summed over d in order from 0, as BLAS's batched GEMM sums them and
+ * `panels_product` does; a block's value product sums over its slots in order; a block's sum of probabilities is
+ * torch's (`torch_row_sum`). The last partial block's logits come from torch (`tail`, the reference's own einsum:
+ * BLAS sums a few slots in another order).
+ *
+ * A work item is queries lo .. lo+m-1 of batch row bb. Where the queries share their rows (a prefill chunk's
+ * window band) they score the rows they name together (`named_rows`, one panel product for the item); otherwise
+ * (a decode, m = 1) the query scores its slots' rows in slot order. A query's arguments are H segments of
+ * nb * 64 + nb floats: the slots' (padded to whole blocks), the sink's, then block i's rescale at nb * 64 + i. */
+#define EXP_ZERO -104.0f /* e^x < 2^-150 below it (half the least subnormal): torch's exp gives 0 */
+
+typedef struct {
+    int64_t *used, *renumber, *col; /* col [m][k]: each slot's row among the item's rows (0 for an unused slot) */
+    int32_t *live;                  /* [m][nb * 64]: -1 where the slot is used, 0 where not (or past k) */
+    float *rows, *keys, *qf, *scores, *zeros;
+} RoundedScratch;
+
+static int rounded_scratch(RoundedScratch *w, int64_t n, int64_t rows, int64_t h, int64_t d, int64_t k) {
+    const int64_t kp = (rows + PANEL - 1) / PANEL * PANEL, padded = (k + ATTN_BLOCK - 1) / ATTN_BLOCK * ATTN_BLOCK;
+    w->used = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    w->renumber = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    w->col = malloc(sizeof(int64_t) * (size_t)(CHUNK_QUERIES * k + 1));
+    w->live = malloc(sizeof(int32_t) * (size_t)(CHUNK_QUERIES * padded + 1));
+    w->rows = malloc(sizeof(float) * (size_t)(rows * d + 1));
+    w->keys = malloc(sizeof(float) * (size_t)(kp * d + 1));
+    w->qf = malloc(sizeof(float) * (size_t)(CHUNK_QUERIES * h * d + 1));
+    w->scores = malloc(sizeof(float) * (size_t)(CHUNK_QUERIES * h * rows + 1));
+    w->zeros = calloc((size_t)d + 1, sizeof(float));
+    return w->used && w->renumber && w->col && w->live && w->rows && w->keys && w->qf && w->scores && w->zeros;
+}
+
+static void rounded_scratch_free(RoundedScratch *w) {
+    free(w->used);
+    free(w->renumber);
+    free(w->col);
+    free(w->live);
+    free(w->rows);
+    free(w->keys);
+    free(w->qf);
+    free(w->scores);
+    free(w->zeros);
+}
+
+static void bf16_row(const uint16_t *src, int64_t d, float *dst) {
+    for (int64_t i = 0; i < d; i++) dst[i] = float_of((uint32_t)src[i] << 16);
+}
+
+/* The item's rows in fp32 (w->rows [kept][d]), each slot's place among them (w->col) and which slots are used
+ * (w->live). Returns kept. The slots were checked against the n rows. */
+static int64_t rounded_item_rows(const Run *runs, int64_t n_runs, const int64_t *idx, int64_t bb, int64_t s,
+                                 int64_t k, int64_t lo, int64_t m, int64_t n, int64_t d, int named,
+                                 RoundedScratch *w) {
+    const int64_t *slots = idx + (bb * s + lo) * k, padded = (k + ATTN_BLOCK - 1) / ATTN_BLOCK * ATTN_BLOCK;
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t j = 0; j < padded; j++) w->live[t * padded + j] = j < k && slots[t * k + j] >= 0 ? -1 : 0;
+    if (!named) {
+        for (int64_t j = 0; j < k; j++) {
+            w->col[j] = j;
+            if (slots[j] >= 0) bf16_row(row_at(runs, n_runs, bb, slots[j], d, 1), d, w->rows + j * d);
+            else memset(w->rows + j * d, 0, sizeof(float) * (size_t)d);
+        }
+        return k;
+    }
+    const int64_t kept = named_rows(idx + bb * s * k, 1, s, k, lo, lo + m, n, w->used, w->renumber);
+    for (int64_t j = 0; j < kept; j++)
+        bf16_row(row_at(runs, n_runs, bb, kept == n ? j : w->used[j], d, 1), d, w->rows + j * d);
+    for (int64_t i = 0; i < m * k; i++) w->col[i] = slots[i] >= 0 ? w->renumber[slots[i]] : 0;
+    return kept;
+}
+
+/* a's lanes where `keep` is set, b's elsewhere */
+static inline f32x16 select16(i32x16 keep, f32x16 a, f32x16 b) { return (f32x16)((keep & (i32x16)a) | (~keep & (i32x16)b)); }
+
+/* arg (below EXP_ZERO: 0, flagged in zero) into e */
+static inline void exp_argument(float arg, float *e, uint8_t *zero) {
+    *zero = arg < EXP_ZERO;
+    *e = arg < EXP_ZERO ? 0.0f : arg;
+}
+
+/* One query head's arguments (`dsv4_rounded_attn_args`) from its unscaled logits (score [kept] at each slot's col;
+ * the last partial block's from tail): per 64-slot block the reference's masked scaled logits, their maximum with
+ * the running one (NaN propagates, as torch's amax and maximum), the shift (that maximum, or 0 where it is not
+ * finite), then logit - shift for each slot, the block's rescale (previous maximum - shift) and the sink's share. */
+static void rounded_head_args(const float *score, const int64_t *col, const int32_t *live, const float *tail,
+                              int64_t k, float scale, float sink, float *e, uint8_t *zero) {
+    const int64_t nb = (k + ATTN_BLOCK - 1) / ATTN_BLOCK, full = k / ATTN_BLOCK, tail_at = nb * ATTN_BLOCK;
+    float running = -INFINITY, logit[ATTN_BLOCK];
+    for (int64_t i = 0; i < nb; i++) {
+        const int64_t lo = i * ATTN_BLOCK;
+        if (i < full) {
+            for (int64_t j = 0; j < ATTN_BLOCK; j++) logit[j] = score[col[lo + j]];
+        } else {
+            for (int64_t j = 0; j < ATTN_BLOCK; j++) logit[j] = lo + j < k ? tail[j] : 0.0f;
+        }
+        f32x16 top = splat16(-INFINITY);
+        i32x16 nan = splati16(0);
+        for (int64_t j = 0; j < ATTN_BLOCK; j += 16) {
+            const f32x16 v = select16(loadi16(live + lo + j), load16(logit + j) * splat16(scale), splat16(-INFINITY));
+            store16(logit + j, v);
+            nan |= v != v;
+            top = max16(v, top);
+        }
+        float best = -INFINITY;
+        int any_nan = 0;
+        for (int l = 0; l < 16; l++) {
+            best = top[l] > best ? top[l] : best;
+            any_nan |= nan[l] != 0;
+        }
+        if (any_nan) best = NAN;
+        const float now = (best != best || running != running) ? NAN : (best > running ? best : running);
+        const float shift = isfinite(now) ? now : 0.0f;
+        if (i > 0) exp_argument(running - shift, e + tail_at + i, zero + tail_at + i);
+        for (int64_t j = 0; j < ATTN_BLOCK; j += 16) {
+            const f32x16 a = load16(logit + j) - splat16(shift);
+            const i32x16 under = a < splat16(EXP_ZERO);
+            store16(e + lo + j, select16(under, splat16(0.0f), a));
+            for (int l = 0; l < 16; l++) zero[lo + j + l] = (uint8_t)(under[l] & 1);
+        }
+        running = now;
+    }
+    exp_argument(sink - (isfinite(running) ? running : sink), e + tail_at, zero + tail_at);
+}
+
+/* Phase one: args and zero [B, S, H, nb * 64 + nb] (see above) from q [B, S, H, D] (bf16, or fp32 holding bf16
+ * values) over the bf16 rows of the runs, slots idx [B, S, K] (-1: unused) and the last partial block's unscaled
+ * logits tail [B, S, H, K % 64] (torch's). D a multiple of 16. Returns 0, -1 for a slot past the rows, -2 without
+ * scratch. */
+int dsv4_rounded_attn_args(const void *q, int q_bf16, int64_t b, int64_t s, int64_t h, int64_t d,
+                           const int64_t *run_desc, int64_t n_runs, const int64_t *idx, int64_t k, const float *tail,
+                           const float *sink, float scale, int named, float *args, uint8_t *zero) {
+    int64_t n = 0;
+    for (int64_t r = 0; r < n_runs; r++) n += run_desc[5 * r + 1];
+    for (int64_t i = 0; i < b * s * k; i++)
+        if (idx[i] >= n) return -1;
+    Run *runs = read_runs(run_desc, n_runs);
+    if (!runs) return -2;
+    const int64_t m_max = named ? CHUNK_QUERIES : 1, blocks = (s + m_max - 1) / m_max, rest = k % ATTN_BLOCK;
+    const int64_t nb = (k + ATTN_BLOCK - 1) / ATTN_BLOCK, seg = nb * ATTN_BLOCK + nb;
+    int bad = 0;
+    #pragma omp parallel num_threads(split_threads(b * s * h * k * d)) reduction(|:bad)
+    {
+        RoundedScratch w;
+        if (!rounded_scratch(&w, n, named ? n : k, h, d, k)) bad = 1;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < b * blocks; item++) {
+            if (bad) continue;
+            const int64_t bb = item / blocks, lo = item % blocks * m_max, m = s - lo < m_max ? s - lo : m_max;
+            const int64_t kept = rounded_item_rows(runs, n_runs, idx, bb, s, k, lo, m, n, d, named, &w);
+            const int64_t kp = (kept + PANEL - 1) / PANEL * PANEL;
+            for (int64_t c = 0; c < kp; c += PANEL) { /* key panel c / 32: rows c .. c + 31 transposed */
+                for (int64_t half = 0; half < PANEL; half += 16) {
+                    const float *src[16];
+                    for (int r = 0; r < 16; r++) src[r] = c + half + r < kept ? w.rows + (c + half + r) * d : w.zeros;
+                    for (int64_t i = 0; i < d; i += 16) transpose16(src, i, w.keys + c * d + i * PANEL + half, PANEL);
+                }
+            }
+            for (int64_t i = 0; i < m * h * d; i++) w.qf[i] = load(q, q_bf16, (bb * s + lo) * h * d + i);
+            panels_product(w.qf, m * h, d, w.keys, kept, w.scores); /* [m H, kept] */
+            for (int64_t t = 0; t < m; t++) {
+                const int64_t query = bb * s + lo + t;
+                for (int64_t hi = 0; hi < h; hi++)
+                    rounded_head_args(w.scores + (t * h + hi) * kept, w.col + t * k, w.live + t * nb * ATTN_BLOCK,
+                                      rest ? tail + (query * h + hi) * rest : NULL, k, scale, sink[hi],
+                                      args + (query * h + hi) * seg, zero + (query * h + hi) * seg);
+            }
+        }
+        rounded_scratch_free(&w);
+    }
+    free(runs);
+    return bad ? -2 : 0;
+}
+
+/* out0/out1 [D] = the sums over a block's slots j, in order, of p0[j] / p1[j] times row j (rows[j] NULL: a slot
+ * left out), with fused multiply-adds as BLAS's GEMM (the products of bf16 values are exact but for underflow) */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((noinline, optimize("fp-contract=fast")))
+#endif
+static void rounded_values(const float *p0, const float *p1, const float *const *rows, int64_t width, int64_t d,
+                           float *out0, float *out1) {
+    int64_t x = 0;
+    for (; x + 128 <= d; x += 128) { /* 128 outputs of both heads in sixteen vectors */
+        f32x16 a[8] = {{0}}, c[8] = {{0}};
+        for (int64_t j = 0; j < width; j++) {
+            if (!rows[j]) continue;
+            const f32x16 u = splat16(p0[j]), v = splat16(p1[j]);
+            const float *r = rows[j] + x;
+            for (int i = 0; i < 8; i++) {
+                const f32x16 y = load16(r + 16 * i);
+                a[i] += u * y;
+                c[i] += v * y;
+            }
+        }
+        for (int i = 0; i < 8; i++) {
+            store16(out0 + x + 16 * i, a[i]);
+            store16(out1 + x + 16 * i, c[i]);
+        }
+    }
+    for (; x < d; x += 16) {
+        f32x16 a = {0}, c = {0};
+        for (int64_t j = 0; j < width; j++) {
+            if (!rows[j]) continue;
+            const f32x16 y = load16(rows[j] + x);
+            a += splat16(p0[j]) * y;
+            c += splat16(p1[j]) * y;
+        }
+        store16(out0 + x, a);
+        store16(out1 + x, c);
+    }
+}
+
+/* v rounded to bf16 in every lane (`bf16_bits`: half to even, a NaN kept quiet) */
+static inline f32x16 round_bf16_16(f32x16 v) {
+    const u32x16 u = (u32x16)v;
+    const i32x16 nan = (i32x16)((u & 0x7fffffffu) > 0x7f800000u);
+    const u32x16 even = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u, quiet = (u | 0x00400000u) & 0xffff0000u;
+    return (f32x16)((nan & (i32x16)quiet) | (~nan & (i32x16)even));
+}
+
+/* exps's value, or 0 where its argument was flagged */
+static inline float exp_value(const float *e, const uint8_t *zero) { return *zero ? 0.0f : *e; }
+
+/* Phase two, after torch's exponential of args in place: out [B, S, H, D] (q's dtype) from the blocks' probabilities
+ * (summed in torch's order, `lanes`; rounded to bf16 for the value products), the rescales and the sink's share,
+ * folded as the reference folds them (denominator and accumulator times the rescale, plus the block's). A masked
+ * slot's probability is 0; the reference multiplies it by row 0 of the batch row, which matters only where that row
+ * is not finite (then it is kept in the sums). Returns 0, -2 without scratch. */
+int dsv4_rounded_attn_out(const float *exps, const uint8_t *zero, int64_t b, int64_t s, int64_t h, int64_t d,
+                          const int64_t *run_desc, int64_t n_runs, const int64_t *idx, int64_t k, int lanes, int named,
+                          void *out, int out_bf16) {
+    int64_t n = 0;
+    for (int64_t r = 0; r < n_runs; r++) n += run_desc[5 * r + 1];
+    Run *runs = read_runs(run_desc, n_runs);
+    if (!runs) return -2;
+    const int64_t m_max = named ? CHUNK_QUERIES : 1, blocks = (s + m_max - 1) / m_max;
+    const int64_t nb = (k + ATTN_BLOCK - 1) / ATTN_BLOCK, seg = nb * ATTN_BLOCK + nb, hp = h + (h & 1);
+    int bad = 0;
+    #pragma omp parallel num_threads(split_threads(b * s * h * k * d)) reduction(|:bad)
+    {
+        RoundedScratch w;
+        float *acc = malloc(sizeof(float) * (size_t)(hp * d + 1)), *blk = malloc(sizeof(float) * (size_t)(hp * d + 1));
+        float *pb = malloc(sizeof(float) * (size_t)(hp * ATTN_BLOCK + 1)), *row0 = malloc(sizeof(float) * (size_t)(d + 1));
+        float *denom = malloc(sizeof(float) * (size_t)(h + 1));
+        if (!rounded_scratch(&w, n, named ? n : k, h, d, k) || !acc || !blk || !pb || !row0 || !denom) bad = 1;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < b * blocks; item++) {
+            if (bad) continue;
+            const int64_t bb = item / blocks, lo = item % blocks * m_max, m = s - lo < m_max ? s - lo : m_max;
+            rounded_item_rows(runs, n_runs, idx, bb, s, k, lo, m, n, d, named, &w);
+            int poisoned = 0; /* row 0 not finite: the masked slots' 0 * row 0 are NaN in the reference's sums */
+            bf16_row(row_at(runs, n_runs, bb, 0, d, 1), d, row0);
+            for (int64_t i = 0; i < d; i++) poisoned |= !isfinite(row0[i]);
+            for (int64_t t = 0; t < m; t++) {
+                const int64_t query = bb * s + lo + t, *slots = idx + query * k, *col = w.col + t * k;
+                const float *e = exps + query * h * seg;
+                const uint8_t *z = zero + query * h * seg;
+                memset(acc, 0, sizeof(float) * (size_t)(hp * d));
+                memset(pb, 0, sizeof(float) * (size_t)(hp * ATTN_BLOCK));
+                for (int64_t hi = 0; hi < h; hi++) denom[hi] = 0.0f;
+                for (int64_t i = 0; i < nb; i++) {
+                    const int64_t first = i * ATTN_BLOCK, width = k - first < ATTN_BLOCK ? k - first : ATTN_BLOCK;
+                    const float *rows[ATTN_BLOCK];
+                    for (int64_t j = 0; j < width; j++)
+                        rows[j] = slots[first + j] >= 0 ? w.rows + col[first + j] * d : (poisoned ? row0 : NULL);
+                    for (int64_t hi = 0; hi < h; hi++) {
+                        const float *eh = e + hi * seg + first;
+                        const uint8_t *zh = z + hi * seg + first;
+                        float p[ATTN_BLOCK];
+                        for (int64_t j = 0; j < ATTN_BLOCK; j++) p[j] = zh[j] ? 0.0f : eh[j];
+                        const float rescale = i == 0 ? 0.0f : exp_value(e + hi * seg + nb * ATTN_BLOCK + i,
+                                                                        z + hi * seg + nb * ATTN_BLOCK + i);
+                        denom[hi] = denom[hi] * rescale + torch_row_sum(p, width, lanes);
+                        for (int64_t j = 0; j < ATTN_BLOCK; j += 16)
+                            store16(pb + hi * ATTN_BLOCK + j, round_bf16_16(load16(p + j)));
+                    }
+                    for (int64_t hi = 0; hi < h; hi += 2)
+                        rounded_values(pb + hi * ATTN_BLOCK, pb + (hi + 1) * ATTN_BLOCK, rows, width, d, blk + hi * d,
+                                       blk + (hi + 1) * d);
+                    for (int64_t hi = 0; hi < h; hi++) {
+                        const float rescale = i == 0 ? 0.0f : exp_value(e + hi * seg + nb * ATTN_BLOCK + i,
+                                                                        z + hi * seg + nb * ATTN_BLOCK + i);
+                        float *a = acc + hi * d;
+                        const float *v = blk + hi * d;
+                        for (int64_t x = 0; x < d; x++) a[x] = a[x] * rescale + v[x];
+                    }
+                }
+                for (int64_t hi = 0; hi < h; hi++) {
+                    const float total = denom[hi] + exp_value(e + hi * seg + nb * ATTN_BLOCK, z + hi * seg + nb * ATTN_BLOCK);
+                    float *o = acc + hi * d;
+                    for (int64_t x = 0; x < d; x++) o[x] = o[x] / total;
+                    if (out_bf16)
+                        for (int64_t x = 0; x < d; x++) ((uint16_t *)out)[(query * h + hi) * d + x] = bf16_bits(o[x]);
+                    else
+                        memcpy((float *)out + (query * h + hi) * d, o, sizeof(float) * (size_t)d);
+                }
+            }
+        }
+        rounded_scratch_free(&w);
+        free(acc);
+        free(blk);
+        free(pb);
+        free(row0);
+        free(denom);
+    }
+    free(runs);
+    return bad ? -2 : 0;
+}
+
 /* ------------------------------------------------------------------------------------------ MoE router, fp32 */
 
 /* The router of fp32 tokens x [T, d] over E experts whose gate weight is in panels [ceil(E / 32)][d][32]: scores
