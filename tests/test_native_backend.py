@@ -658,22 +658,35 @@ def test_float_experts_stored_as_strided_views_are_read_as_their_values():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
-def test_a_prefills_experts_are_batched_gemms_of_folded_weights(monkeypatch, dtype, fmt):
-    """Past NATIVE_MACS the routed experts run as three batched GEMMs over every expert's stacked folded weights
-    (the "cpu" backend's padded layout), and agree with the reference's per-expert block GEMMs."""
+def test_a_prefills_quantised_experts_run_in_c_over_folded_panels(monkeypatch, dtype, fmt):
+    """Past NATIVE_MACS quantised routed experts run in one C call over their weights folded (block scales
+    multiplied in) and kept in panels (`dsv4_panel_experts`: act_quant's quantisation and the roundings to x's
+    dtype in C), a token's result the same bits in any batch; where the decoded-weight cache cannot keep the
+    panels, as three batched GEMMs over every expert's stacked folded weights (the "cpu" backend's padded layout).
+    Both agree with the reference's per-expert block GEMMs."""
     experts = _experts(8, 256, 128, fmt)
     gen = torch.Generator().manual_seed(0)
     x = (_rand(200, 256, seed=5) * 4).to(dtype)
     ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(200)])
     weights = torch.rand(200, 2, generator=gen)
     which = list(range(8))
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    want = REF.routed_experts(x, weights, ids, experts, which, 7.0)
+    lib = _CountingLib(FAST.lib)
+    monkeypatch.setattr(FAST, "lib", lib)
+    got = FAST.routed_experts(x, weights, ids, experts, which, 7.0)
+    assert lib.calls == {"dsv4_panel_experts": 1}
+    _close(got, want, tol)
+    late = FAST.routed_experts(x[80:], weights[80:], ids[80:], experts, which, 7.0)  # other groups of eight
+    assert torch.equal(late, got[80:])
+    keeps = FAST.decoded.keeps
+    monkeypatch.setattr(FAST.decoded, "keeps", lambda w, kind, size: kind != "folded_panels" and keeps(w, kind, size))
     kinds = []
     padded = FAST._padded_swiglu
     monkeypatch.setattr(FAST, "_padded_swiglu", lambda *a: kinds.append(a[-1]) or padded(*a))
-    got = FAST.routed_experts(x, weights, ids, experts, which, 7.0)
+    _close(FAST.routed_experts(x, weights, ids, experts, which, 7.0), want, tol)
     assert kinds == ["folded"]
-    _close(got, REF.routed_experts(x, weights, ids, experts, which, 7.0), 1e-5 if dtype == torch.float32 else 2**-7)
-    _close(FAST.swiglu(x, experts[3], 7.0), REF.swiglu(x, experts[3], 7.0), 1e-5 if dtype == torch.float32 else 2**-7)
+    _close(FAST.swiglu(x, experts[3], 7.0), REF.swiglu(x, experts[3], 7.0), tol)
 
 
 # ---------------------------------------------------------------------------------------------- build and choice
@@ -891,6 +904,17 @@ def test_attention_over_bf16_rows_keeps_the_references_nan_from_a_row_0_that_is_
     want = REF.sparse_attn(q, rows, idx, sink, 0.2)
     assert want[1, ..., 5].isnan().all() and want.isnan().sum() == want[1, ..., 5].numel()  # its channel 5 only
     assert _nan_equal(FAST.sparse_attn(q, rows, idx, sink, 0.2), want)
+
+
+def test_torchs_exponential_is_zero_below_the_attention_kernels_cutoff():
+    """`dsv4_rounded_attn_args` gives an exponent below -104 (kernels.c's EXP_ZERO) as 0 without torch's exp, which
+    must then be 0: every float from -104 down to -110 (e^-104 is below 2^-150, half the least subnormal), a few
+    far below, -inf; and -103.5 is not (the cutoff is not loose by much)."""
+    top, bottom = torch.tensor([-104.0, -110.0]).view(torch.int32).tolist()
+    below = torch.arange(top, bottom + 1, dtype=torch.int32).view(torch.float32)  # every float in [-110, -104]
+    below = torch.cat((below, torch.tensor([-200.0, -1e30, -3.4e38, float("-inf")])))
+    assert torch.equal(torch.exp(below), torch.zeros_like(below))
+    assert torch.exp(torch.tensor(-103.5)) > 0
 
 
 def test_the_rounded_attention_self_check_finds_a_blas_that_sums_out_of_order(monkeypatch):

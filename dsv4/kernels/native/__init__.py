@@ -160,6 +160,13 @@ def _panel_form(weight: Tensor, scale: None) -> tuple[Tensor]:
     return (w.view(-1, PANEL, k).transpose(1, 2).contiguous(),)
 
 
+def _folded_panel_form(weight: Tensor, scale: Tensor) -> tuple[Tensor]:
+    """A quantised weight's folded form (`_folded_form`: its block scales multiplied in, exactly) in panels
+    (`_panel_form`), as `dsv4_panel_experts` reads a quantised expert's weights."""
+    (folded,) = _folded_form(weight, scale)  # [K, N]
+    return _panel_form(folded.T, None)
+
+
 def _screen_form(weight: Tensor, scale: None) -> tuple[Tensor, ...]:
     """A float vocabulary weight [N, K] as `dsv4_head_greedy` screens it: int8 codes four k at a time in panels
     [ceil(N / 32), ceil(K / 4), 32, 4] (row j is q_j = round(w_j / s_j), s_j = max |w_j| / 127; zeros past N and
@@ -277,6 +284,7 @@ class NativeBackend(CpuBackend):
         self.decoded.builders["native"] = _native_form
         self.decoded.builders["folded"] = _folded_form
         self.decoded.builders["panels"] = _panel_form
+        self.decoded.builders["folded_panels"] = _folded_panel_form
         self.decoded.builders["screen"] = _screen_form
         with torch.inference_mode():
             self._lanes = self._sum_lanes()
@@ -592,7 +600,10 @@ class NativeBackend(CpuBackend):
         its row and adds the outputs in increasing expert id."""
         first = experts[which[0]] if which else None
         if first is not None and self._in_expert_panels(x, first):
-            return self._panel_experts(x, weights, ids, experts, set(which), limit, first.w1.shape[0])
+            return self._panel_experts(x, weights, ids, experts, set(which), limit, first.w1.shape[0], "panels")
+        if first is not None and not self._runs_native(x, first, ids.numel()) and self._in_folded_panels(x, first):
+            return self._panel_experts(x, weights, ids, experts, set(which), limit, first.w1.shape[0],
+                                       "folded_panels")
         if first is None or not self._runs_native(x, first, ids.numel()):
             return super().routed_experts(x, weights, ids, experts, which, limit)
         held = set(which)
@@ -619,27 +630,42 @@ class NativeBackend(CpuBackend):
                 and w1.shape == w3.shape == (inter, d) and w2.shape == (d, inter) and _inference(x, w1, w3, w2)
                 and self.decoded.keeps(w1, "panels", 3 * (inter + PANEL) * (d + PANEL) * 4))
 
+    def _in_folded_panels(self, x: Tensor, expert: ExpertWeights) -> bool:
+        """Whether a quantised expert (and the others of its table) runs as `_panel_experts` over its weights folded
+        (block scales multiplied in) and kept in panels: FP8 / FP4 weights with scales, whole activation blocks,
+        no gradient wanted, the panels kept by the decoded-weight cache."""
+        w1, w3, w2 = expert.w1, expert.w3, expert.w2
+        inter, d = w1.shape[0], x.shape[-1]
+        return (x.dtype in _BF16 and all(_quantised(w) for w in (w1, w3, w2))
+                and all(s is not None for s in (expert.s1, expert.s3, expert.s2))
+                and d % FP8_BLOCK == 0 and inter % FP8_BLOCK == 0 and w2.shape[0] == d and _inference(x, w1, w3, w2)
+                and self.decoded.keeps(w1, "folded_panels", 3 * (inter + PANEL) * (d + PANEL) * 4))
+
     def _panel_experts(self, x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
-                       held: set[int], limit: float, inter: int) -> Tensor:
-        """Float experts over any number of rows in one C call (`dsv4_panel_experts`): the routed rows grouped by
-        expert and run eight at a time over the weights kept in panels (each read once per eight rows, where a
+                       held: set[int], limit: float, inter: int, form: str) -> Tensor:
+        """Experts over any number of rows in one C call (`dsv4_panel_experts`): the routed rows grouped by expert
+        and run eight at a time over the weights kept in panels (each read once per eight rows, where a
         row-by-row product or the reference's gathers, GEMMs and scatters cost a prefill's MoE several times its
-        arithmetic), each token's outputs added in increasing expert id. Plain fp32 sums over k in order: within
-        1e-5 of the reference, the same bits for a token whatever its batch (a decode's and a prefill's alike)."""
+        arithmetic), each token's outputs added in increasing expert id. Sums over k in order, so the same bits
+        for a token whatever its batch. `form` "panels": float experts, plain fp32 within 1e-5 of the reference;
+        "folded_panels": quantised experts over many rows (a prefill's) in exact numerics, act_quant's
+        quantisation and the roundings to x's dtype in C, the products of the folded operands (as
+        `_folded_swiglu`'s BLAS GEMMs) summed in their own order."""
         d = x.shape[-1]
         table = (ctypes.c_int64 * (3 * len(experts)))()
         keep: list = []
         for e in set(ids.reshape(-1).tolist()) & held:
             expert = experts[e]
-            for i, w in enumerate((expert.w1, expert.w3, expert.w2)):
-                (panels,) = self.decoded.get(w, None, "panels")
+            for i, (w, s) in enumerate(((expert.w1, expert.s1), (expert.w3, expert.s3), (expert.w2, expert.s2))):
+                (panels,) = self.decoded.get(w, s if form == "folded_panels" else None, form)
                 keep.append(panels)
                 table[3 * e + i] = panels.data_ptr()
         x = x.reshape(-1, d).contiguous()
         ids = ids.to(torch.int64).contiguous()
         route = weights.to(torch.float32).contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
-        _check(self.lib.dsv4_panel_experts(x.data_ptr(), out.data_ptr(), ids.shape[0], ids.shape[1], ids.data_ptr(),
+        _check(self.lib.dsv4_panel_experts(x.data_ptr(), _BF16[x.dtype], int(form == "folded_panels"),
+                                           out.data_ptr(), ids.shape[0], ids.shape[1], ids.data_ptr(),
                                            route.data_ptr(), len(experts), table, d, inter, limit), "routed_experts")
         return out
 

@@ -80,7 +80,7 @@ SIGNATURES = {
     "dsv4_exp": (_INT, [_P, _P, _I]),
     "dsv4_hc_pre": (_INT, [_P, _I, _I, _I, _P, _P, _P, _I, _F, _F, _P, _P, _P]),
     "dsv4_head_greedy": (_INT, [_P, _I, _I, _P, _P, _P, _P, _P, _F, _P, _I, _I, _P]),
-    "dsv4_panel_experts": (_INT, [_P, _P, _I, _I, _P, _P, _I, _P, _I, _I, _F]),
+    "dsv4_panel_experts": (_INT, [_P, _INT, _INT, _P, _I, _I, _P, _P, _I, _P, _I, _I, _F]),
     "dsv4_attn_block_values": (_INT, [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P]),
     "dsv4_rounded_attn_args": (_INT, [_P, _INT, _I, _I, _I, _I, _P, _I, _P, _I, _P, _P, _F, _INT, _P, _P]),
     "dsv4_rounded_attn_out": (_INT, [_P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _INT, _INT, _P, _INT]),

@@ -136,6 +136,8 @@ static inline float block_scale(const float *x, int64_t n, float floor_, float i
 
 /* ------------------------------------------------------------------------------------------ block simulation */
 
+static void fp8_dequant_block(float *buf, int64_t n, float scale);
+
 /* x [rows, k] through FP8 (fp4 = 0) or FP4 (fp4 = 1) blocks of `block` along k and back, into out (x's dtype) */
 int dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64_t k, int64_t block, int fp4) {
     const float floor_ = fp4 ? FP4_AMAX_FLOOR : ACT_AMAX_FLOOR;
@@ -149,15 +151,11 @@ int dsv4_block_simulate(const void *x, void *out, int bf16, int64_t rows, int64_
             float scale = block_scale(buf, n, floor_, inv_max);
             /* one loop per format, in place, then one store loop: a loop that branches on the format and the
              * output dtype per element ran at ~3 ns an element */
-            const float inverse = 1.0f / scale; /* exact: scales are powers of two (x * inverse is x / scale) */
             if (fp4) {
+                const float inverse = 1.0f / scale; /* exact: scales are powers of two (x * inverse is x / scale) */
                 for (int64_t i = 0; i < n; i++) buf[i] = e2m1_round(buf[i] * inverse) * scale;
             } else {
-                for (int64_t i = 0; i < n; i++) {
-                    float v = buf[i] * inverse;
-                    v = v > FP8_MAX ? FP8_MAX : (v < -FP8_MAX ? -FP8_MAX : v);
-                    buf[i] = e4m3_round(v) * scale;
-                }
+                fp8_dequant_block(buf, n, scale);
             }
             if (bf16) {
                 uint16_t *dst = (uint16_t *)out + r * k + lo;
@@ -1111,6 +1109,43 @@ static inline f32x16 lower16(f32x16 a, f32x16 lo) {
     return (f32x16)((m & (i32x16)lo) | (~m & (i32x16)a));
 }
 
+/* v rounded to bf16 in every lane (`bf16_bits`: half to even, a NaN kept quiet) */
+static inline f32x16 round_bf16_16(f32x16 v) {
+    const u32x16 u = (u32x16)v;
+    const i32x16 nan = (i32x16)((u & 0x7fffffffu) > 0x7f800000u);
+    const u32x16 even = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u, quiet = (u | 0x00400000u) & 0xffff0000u;
+    return (f32x16)((nan & (i32x16)quiet) | (~nan & (i32x16)even));
+}
+
+/* v (|v| <= 448 or NaN) rounded to e4m3 in every lane, as `e4m3_round`: the step 2**(e-3) (2**-9 below 2**-6) from
+ * v's exponent bits, v / step (a multiplication by the power of two's inverse) rounded half to even by adding and
+ * taking away 1.5 * 2**23 (v / step is below 16), times the step, v's sign kept */
+static inline f32x16 e4m3_round16(f32x16 v) {
+    const i32x16 sign = (i32x16)v & (int32_t)0x80000000u;
+    const f32x16 a = abs16(v), magic = splat16(12582912.0f);
+    f32x16 step = (f32x16)((i32x16)a & 0x7f800000) * splat16(0.125f);
+    step = lower16(step, splat16(0x1p-9f));
+    const f32x16 inverse = (f32x16)(splati16(0x7f000000) - (i32x16)step);
+    const f32x16 r = ((a * inverse + magic) - magic) * step;
+    return (f32x16)((i32x16)r | sign);
+}
+
+/* buf [n] in place: each value over its block's power-of-two scale, clamped to +-448, rounded to e4m3 and times the
+ * scale again (exact: an e4m3 value times a power of two), 16 lanes at a time */
+static void fp8_dequant_block(float *buf, int64_t n, float scale) {
+    const float inverse = 1.0f / scale; /* exact: scales are powers of two (x * inverse is x / scale) */
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const f32x16 v = upper16(lower16(load16(buf + i) * splat16(inverse), splat16(-FP8_MAX)), splat16(FP8_MAX));
+        store16(buf + i, e4m3_round16(v) * splat16(scale));
+    }
+    for (; i < n; i++) {
+        float v = buf[i] * inverse;
+        v = v > FP8_MAX ? FP8_MAX : (v < -FP8_MAX ? -FP8_MAX : v);
+        buf[i] = e4m3_round(v) * scale;
+    }
+}
+
 /* e^x in every lane, Cephes' expf: x = n ln2 + r (n the nearest integer to x / ln2, ln2 in two parts), a degree-6
  * polynomial in r, times 2^n from n's bits. Within 1 ulp of e^x for x in [-87, 88] (0.97 measured); 0 below -87
  * (the true value is under 2^-125 there), e^88 above 88, NaN stays NaN. The fp32 fast paths' exponential (mHC's
@@ -1468,17 +1503,38 @@ int dsv4_head_greedy(const float *x, int64_t m, int64_t k, const int8_t *codes, 
     return 0;
 }
 
-/* Float (fp32) experts over a batch, their weights in panels (w1, w3 [ceil(I / 32)][D][32], w2
- * [ceil(D / 32)][I][32]): out [T, D] fp32 = each token's experts ids [T, topk] that `panels` holds (3 pointers per
- * expert, w1 w3 w2; 0 for an expert not run here), weighted by weights [T, topk] before w2, added into its row in
- * increasing expert id (the reference's order; a repeated id in slot
- * order). The routed rows are grouped by expert (token order inside) and run eight at a time, so an expert's
- * panels are read once for eight rows instead of once per row; each row's sums run over k in order whatever its
- * group, so a token's result does not depend on its batch. The groups split between threads, then the tokens'
- * sums. */
+/* x [K] in place as act_quant quantises it (e4m3 per 128-block, power-of-two scales) and dequantised: exact in
+ * fp32, an e4m3 value times a power of two */
+static void act_dequant_row(float *x, int64_t k) {
+    for (int64_t lo = 0; lo < k; lo += X_BLOCK) {
+        const int64_t n = k - lo < X_BLOCK ? k - lo : X_BLOCK;
+        fp8_dequant_block(x + lo, n, block_scale(x + lo, n, ACT_AMAX_FLOOR, 1.0f / FP8_MAX));
+    }
+}
+
+/* x [n] rounded to bf16 in place (`round_to`) */
+static void round_bf16_row(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) store16(x + i, round_bf16_16(load16(x + i)));
+    for (; i < n; i++) x[i] = round_to(1, x[i]);
+}
+
+/* Experts over a batch, their weights in panels (w1, w3 [ceil(I / 32)][D][32], w2 [ceil(D / 32)][I][32]): out
+ * [T, D] fp32 = each token's experts ids [T, topk] that `panels` holds (3 pointers per expert, w1 w3 w2; 0 for an
+ * expert not run here), weighted by weights [T, topk] before w2, added into its row in increasing expert id (the
+ * reference's order; a repeated id in slot order). x [T, D] is fp32 or bf16 (x_bf16). Float experts (quant 0)
+ * multiply x as it is; quantised ones (quant 1: FP8 / FP4 weights with their block scales folded in, exactly) run
+ * the reference's chain in exact numerics: x and the hidden activation quantised as act_quant does (dequantised:
+ * the same products as the block-scaled GEMMs, summed over k in order instead of block by block, as BLAS's GEMMs
+ * of the folded operands sum them in an order of their own), each projection rounded to x's dtype as the
+ * reference's linear returns it. The routed rows are grouped by expert (token order inside) and run eight at a
+ * time, so an expert's panels are read once for eight rows instead of once per row; each row's sums run over k in
+ * order whatever its group, so a token's result does not depend on its batch. The groups split between threads,
+ * then the tokens' sums. */
 #define EXPERT_ROWS 8
-int dsv4_panel_experts(const float *x, float *out, int64_t t, int64_t topk, const int64_t *ids, const float *weights,
-                       int64_t n_experts, const int64_t *panels, int64_t d, int64_t inter, float limit) {
+int dsv4_panel_experts(const void *x, int x_bf16, int quant, float *out, int64_t t, int64_t topk, const int64_t *ids,
+                       const float *weights, int64_t n_experts, const int64_t *panels, int64_t d, int64_t inter,
+                       float limit) {
     const int64_t n = t * topk;
     int64_t *count = calloc((size_t)n_experts + 1, sizeof(int64_t));
     int64_t *order = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));   /* routed rows grouped by expert */
@@ -1499,7 +1555,16 @@ int dsv4_panel_experts(const float *x, float *out, int64_t t, int64_t topk, cons
             if (ids[a] >= 0 && ids[a] < n_experts && panels[3 * ids[a]]) order[next[ids[a]]++] = a;
         free(next);
     }
+    float *xq = quant ? malloc(sizeof(float) * (size_t)(t * d + 1)) : NULL; /* the tokens quantised, once each */
+    if (quant && !xq) { free(count); free(order); free(tiles); free(routed); return -1; }
     int failed = 0;
+    if (xq) {
+        #pragma omp parallel for schedule(static) num_threads(split_threads(t * d * 4))
+        for (int64_t r = 0; r < t; r++) {
+            for (int64_t j = 0; j < d; j++) xq[r * d + j] = load(x, x_bf16, r * d + j);
+            act_dequant_row(xq + r * d, d);
+        }
+    }
     #pragma omp parallel num_threads(split_threads(count[n_experts] * 3 * d * inter)) reduction(|:failed)
     {
         float *rows = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * d));
@@ -1514,12 +1579,25 @@ int dsv4_panel_experts(const float *x, float *out, int64_t t, int64_t topk, cons
             const int64_t m = count[e + 1] - lo < EXPERT_ROWS ? count[e + 1] - lo : EXPERT_ROWS;
             const float *w1 = (const float *)panels[3 * e], *w3 = (const float *)panels[3 * e + 1];
             const float *w2 = (const float *)panels[3 * e + 2];
-            for (int64_t r = 0; r < m; r++) memcpy(rows + r * d, x + order[lo + r] / topk * d, sizeof(float) * (size_t)d);
+            for (int64_t r = 0; r < m; r++) {
+                const int64_t token = order[lo + r] / topk;
+                if (quant) memcpy(rows + r * d, xq + token * d, sizeof(float) * (size_t)d);
+                else for (int64_t j = 0; j < d; j++) rows[r * d + j] = load(x, x_bf16, token * d + j);
+            }
             panels_product(rows, m, d, w1, inter, gate);
             panels_product(rows, m, d, w3, inter, up);
-            for (int64_t r = 0; r < m; r++) swiglu_act_row(gate + r * inter, up + r * inter, inter, limit,
-                                                           weights[order[lo + r]]);
+            if (quant && x_bf16) {
+                round_bf16_row(gate, m * inter);
+                round_bf16_row(up, m * inter);
+            }
+            for (int64_t r = 0; r < m; r++) {
+                swiglu_act_row(gate + r * inter, up + r * inter, inter, limit, weights[order[lo + r]]);
+                if (!quant) continue;
+                if (x_bf16) round_bf16_row(gate + r * inter, inter);
+                act_dequant_row(gate + r * inter, inter);
+            }
             panels_product(gate, m, inter, w2, d, y);
+            if (quant && x_bf16) round_bf16_row(y, m * d);
             for (int64_t r = 0; r < m; r++) memcpy(routed + order[lo + r] * d, y + r * d, sizeof(float) * (size_t)d);
         }
         free(rows); free(gate); free(up); free(y);
@@ -1539,7 +1617,7 @@ int dsv4_panel_experts(const float *x, float *out, int64_t t, int64_t topk, cons
             }
         }
     }
-    free(count); free(order); free(tiles); free(routed);
+    free(count); free(order); free(tiles); free(routed); free(xq);
     return failed ? -1 : 0;
 }
 
@@ -2363,14 +2441,6 @@ static void rounded_values(const float *p0, const float *p1, const float *const 
         store16(out0 + x, a);
         store16(out1 + x, c);
     }
-}
-
-/* v rounded to bf16 in every lane (`bf16_bits`: half to even, a NaN kept quiet) */
-static inline f32x16 round_bf16_16(f32x16 v) {
-    const u32x16 u = (u32x16)v;
-    const i32x16 nan = (i32x16)((u & 0x7fffffffu) > 0x7f800000u);
-    const u32x16 even = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u, quiet = (u | 0x00400000u) & 0xffff0000u;
-    return (f32x16)((nan & (i32x16)quiet) | (~nan & (i32x16)even));
 }
 
 /* exps's value, or 0 where its argument was flagged */
