@@ -138,3 +138,21 @@ def test_exact_numerics_cache_parity():
         other[2] = (other[2] + 1) % model.args.vocab_size
         wrong = model(other.unsqueeze(0))[0]
         assert ((got[0] - wrong).norm(dim=-1) / wrong.norm(dim=-1))[8:].mean() > 0.3
+
+
+def test_a_verify_steps_window_rows_name_what_the_position_ordered_window_names():
+    """`_ring_window_indices` (a verify step's few tokens over the ring as it is and the chunk) computed from the
+    positions alone names, slot for slot, the rows `_window_indices` names over the ring in position order and the
+    chunk, mapped to the ring's slots: starts before, at and past the window, one and several tokens, a fresh
+    sequence's first chunk (its window slots cut to the chunk)."""
+    from dsv4.model.attention import _ring_window_indices, _window_indices
+    from dsv4.model.cache import ForwardContext
+
+    for W, starts, seqlen in ((8, [0, 3, 7, 8, 20], 3), (8, [5, 9], 1), (4, [0, 0], 2), (6, [2, 40], 6)):
+        start = torch.tensor(starts)
+        tokens = torch.zeros(len(starts), seqlen, dtype=torch.long)
+        ctx = ForwardContext.build(tokens, start, torch.full_like(start, seqlen), False, True)
+        ring_slots, idx, _ = _window_indices(W, seqlen, ctx, rewrite=False)
+        in_ring = (idx >= 0) & (idx < W)
+        want = torch.where(in_ring, ring_slots.gather(1, idx.clamp(0, W - 1).flatten(1)).view_as(idx), idx)
+        assert torch.equal(_ring_window_indices(W, seqlen, ctx), want), (W, starts, seqlen)

@@ -390,6 +390,20 @@ def test_speculation_with_a_one_token_prompt(model):
     assert engine.stats().drafted > 0
 
 
+def test_a_verify_step_saves_the_mtp_rings_only_when_its_drafting_calls_the_mtp_block(model, monkeypatch):
+    """At one draft a verify step drafts from the MTP call of the step before (its catch-up), so the MTP blocks
+    append nothing before the rollback and the snapshot leaves their rings alone; only a request's first draft
+    (no such call yet) needs them saved. The tokens stay plain greedy's."""
+    prompt = prompts(model, [12], seed=4)[0]
+    engine = Engine(model, max_batch=1, max_seq_len=48, num_speculative=1)
+    flags, snapshot = [], engine.cache.snapshot
+    monkeypatch.setattr(engine.cache, "snapshot",
+                        lambda n, kept=0, mtp=True: flags.append(mtp) or snapshot(n, kept, mtp))
+    tokens, _ = run(engine, {0: [(prompt, greedy(10))]})
+    assert tokens[0] == alone(model, prompt, 10)
+    assert flags[0] and len(flags) > 2 and not any(flags[1:])
+
+
 def test_speculative_sampling_is_seeded_and_counts_acceptance(model):
     ps = prompts(model, [11, 7], seed=15)
     params = [SamplingParams(temperature=0.8, top_k=30, seed=5 + i, max_tokens=12, logprobs=1) for i in range(2)]

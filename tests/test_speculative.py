@@ -138,6 +138,29 @@ def test_a_one_draft_verify_step_saves_nothing_and_rolls_back_exactly(model):
     assert (torch.cat(got, 1) - ref[:, 9:]).abs().max() / ref.abs().max() < 1e-5
 
 
+@torch.no_grad()
+def test_a_snapshot_without_the_mtp_side_saves_only_the_main_rings_and_keeps_the_mtp_lengths(model):
+    """`snapshot(mtp=False)` (a verify step whose drafts came from the previous step's MTP call): no MTP ring is
+    saved, the main side rolls back as before, and a rollback that would undo MTP tokens it could not restore is
+    refused."""
+    gen = torch.Generator().manual_seed(5)
+    seq = torch.randint(0, model.args.vocab_size, (1, 12), generator=gen)
+    cache = model.new_cache(1, 64)
+    streams = model.forward_streams(seq[:, :9], cache)
+    model.mtp_streams(streams[:, :-1], seq[:, 1:9], cache)
+    mtp = {id(o) for layer in cache.layers[model.args.n_layers:] for o in (layer, layer.compressor, layer.indexer)}
+    assert {id(part[0]) for part in cache.snapshot(3).parts} & mtp  # the default saves the MTP side
+    snap = cache.snapshot(3, mtp=False)
+    assert snap.parts and not {id(part[0]) for part in snap.parts} & mtp
+    model.forward_streams(seq[:, 9:12], cache)
+    cache.rollback(snap, lengths=torch.tensor([10]))
+    assert cache.lengths.tolist() == [10] and cache.mtp_lengths.tolist() == [8]
+    snap = cache.snapshot(3, mtp=False)
+    model.mtp_streams(model.forward_streams(seq[:, 10:11], cache), seq[:, 10:11], cache)
+    with pytest.raises(ValueError, match="rollback"):
+        cache.rollback(snap, lengths=torch.tensor([10]), mtp_lengths=torch.tensor([8]))
+
+
 @pytest.mark.parametrize("num_draft", [1, 2, 3])
 def test_speculative_equals_greedy(model, num_draft):
     for prompt, n in zip(prompts(model, (1, 7, 12)), (41, 45, 20), strict=True):

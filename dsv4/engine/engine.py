@@ -400,7 +400,10 @@ class Engine:
         verifying = [r for r in plan if self.k and r.remaining == 1 and r.params.max_tokens and r.hidden is not None]
         drafts: dict[_Request, tuple[list[int], Tensor]] = {}
         if verifying:
-            snap = self.cache.snapshot(self.k + 1, kept=1)  # a verify step keeps its first token
+            # a verify step keeps its first token; the MTP blocks append before the rollback only where drafting
+            # calls them (a request's first draft, or deeper drafts)
+            mtp = self.k > 1 or any(r.drafted is None for r in verifying)
+            snap = self.cache.snapshot(self.k + 1, kept=1, mtp=mtp)
             drafts = self._draft(verifying)
         start = {r: r.computed for r in plan}
         fed = {r: r.token_slice(r.computed, r.computed + n) for r, n in plan.items()}

@@ -182,11 +182,16 @@ def _one_token_window(W: int, ctx: ForwardContext) -> Tensor:
 
 def _ring_window_indices(W: int, seqlen: int, ctx: ForwardContext) -> Tensor:
     """`_window_indices`' window rows [B,S,W'] over the ring as it is and the chunk [ring | chunk] instead of the
-    ring in position order and the chunk: the same slots, naming the same rows."""
-    ring_slots, idx, _ = _window_indices(W, seqlen, ctx, rewrite=False)
-    in_ring = (idx >= 0) & (idx < W)
-    ring_rows = ring_slots.gather(1, idx.clamp(0, W - 1).flatten(1)).view_as(idx)
-    return torch.where(in_ring, ring_rows, idx)
+    ring in position order and the chunk: the same slots, naming the same rows. Slot j of the query at position p
+    names position q = max(p - W + 1, 0) + j while q <= p: ring slot q % W before the chunk's start, chunk row
+    q - start after it (row W + q - start of ring + chunk), then -1."""
+    q = (ctx.positions.unsqueeze(-1) - (W - 1)).clamp(min=0) + torch.arange(W, device=ctx.positions.device)
+    start = ctx.start.view(-1, 1, 1)
+    rows = torch.where(q < start, q % W, q - start + W)
+    idx = torch.where(q <= ctx.positions.unsqueeze(-1), rows, -1)  # [B,S,W]
+    if seqlen < W and ctx.fresh:
+        idx = idx[..., :seqlen]  # a prefill shorter than the window has only seqlen window slots
+    return idx
 
 
 def _without_ring(W: int, idx: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:

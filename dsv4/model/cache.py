@@ -212,10 +212,12 @@ class Cache:
                     rings.append(state.kv.shape[1])
         return min(rings)
 
-    def snapshot(self, max_tokens: int, kept: int = 0) -> CacheSnapshot:
+    def snapshot(self, max_tokens: int, kept: int = 0, mtp: bool = True) -> CacheSnapshot:
         """Remember what appending at most `max_tokens` tokens per row (to the main model and, separately, to
         the MTP blocks) can overwrite, so that `rollback` can undo any suffix of such a step exactly; `kept`: the
-        rollback keeps at least that many of the main model's appended tokens (a verify step keeps its first).
+        rollback keeps at least that many of the main model's appended tokens (a verify step keeps its first);
+        `mtp` False: the MTP blocks append nothing before the rollback (a verify step whose drafts came from the
+        last step's MTP call), so their rings are not saved and the rollback keeps their lengths.
 
         Only a slot whose token is undone while a later token is undone too needs its old row back: a ring of R
         slots holds position p's row where p - R's was, and the reads from a kept length L on reach back to
@@ -230,7 +232,7 @@ class Cache:
                              f"got {max_tokens}")
         if not 0 <= kept <= max_tokens:
             raise ValueError(f"kept must be in [0, {max_tokens}] (the step's tokens), got {kept}")
-        snap = CacheSnapshot(self.lengths.clone(), self.mtp_lengths.clone(), max_tokens, kept)
+        snap = CacheSnapshot(self.lengths.clone(), self.mtp_lengths.clone(), max_tokens, kept, mtp=mtp)
         rows = torch.arange(self.batch_size, device=self.lengths.device).unsqueeze(1)
         slots: dict[tuple[bool, int], tuple[Tensor, Tensor]] = {}  # (mtp side, ring size) -> positions, slots
 
@@ -247,12 +249,14 @@ class Cache:
             snap.parts.append((owner, attr, pos, at, getattr(owner, attr)[rows, at]))  # indexing copies
 
         for layer_id, layer in enumerate(self.layers):
-            mtp = layer_id >= self.args.n_layers
-            add(layer, "window", mtp)
+            side = layer_id >= self.args.n_layers
+            if side and not mtp:
+                continue
+            add(layer, "window", side)
             for state in (layer.compressor, layer.indexer):
                 if state is not None:
-                    add(state, "kv", mtp)
-                    add(state, "score", mtp)
+                    add(state, "kv", side)
+                    add(state, "score", side)
         return snap
 
     def rollback(self, snap: CacheSnapshot, lengths: Tensor | None = None, mtp_lengths: Tensor | None = None) -> None:
@@ -265,7 +269,8 @@ class Cache:
         keep = least if lengths is None else torch.as_tensor(lengths, device=snap.lengths.device)
         keep_mtp = snap.mtp_lengths if mtp_lengths is None else torch.as_tensor(mtp_lengths,
                                                                                 device=snap.lengths.device)
-        for keep_, start, now in ((keep, least, self.lengths), (keep_mtp, snap.mtp_lengths, self.mtp_lengths)):
+        mtp_start = snap.mtp_lengths if snap.mtp else self.mtp_lengths  # unsaved MTP rings: nothing to undo
+        for keep_, start, now in ((keep, least, self.lengths), (keep_mtp, mtp_start, self.mtp_lengths)):
             if bool((keep_ < start).any()) or bool((keep_ > now).any()):
                 raise ValueError(f"rollback to {keep_.tolist()}: must lie between the snapshot's {start.tolist()} "
                                  f"and the current {now.tolist()}")
@@ -418,6 +423,7 @@ class CacheSnapshot:
     max_tokens: int
     kept: int  # the main side's rollback keeps at least this many tokens
     parts: list[tuple[object, str, Tensor, Tensor, Tensor]] = field(default_factory=list)
+    mtp: bool = True  # the MTP blocks' rings were saved (else the rollback keeps all they hold)
 
 
 @dataclass
