@@ -421,8 +421,9 @@ class Engine:
                 self._score_prompt(req, streams[row[req]], start[req], kept[req])
         if verifying:
             keep, keep_mtp = self.cache.lengths.clone(), self.cache.mtp_lengths.clone()
-            for req in verifying:
-                target = self.model.logits(streams[row[req], :self.k + 1].unsqueeze(0))[0]  # [k+1, vocab]
+            at = torch.tensor([row[r] for r in verifying], device=self.device)
+            targets = self.model.logits(streams[at, :self.k + 1])  # [n, k+1, vocab], one head call for the batch
+            for req, target in zip(verifying, targets, strict=True):
                 d, q = drafts[req]
                 out = verify_drafts(self.sampler, target, d, q, req.params, req.state)
                 self.drafted += self.k
