@@ -917,19 +917,34 @@ def test_torchs_exponential_is_zero_below_the_attention_kernels_cutoff():
     assert torch.exp(torch.tensor(-103.5)) > 0
 
 
-def test_the_rounded_attention_self_check_finds_a_blas_that_sums_out_of_order(monkeypatch):
+@pytest.mark.parametrize("unlike", ["einsum", "exp"])
+def test_the_rounded_attention_self_check_finds_a_blas_that_sums_out_of_order(monkeypatch, unlike):
     """`_rounded_orders` compares the C kernels' fp32 outputs with the reference's on random bf16 values: where the
-    reference's einsums sum in another order (here: float64), it finds them out, and attention over bf16 rows keeps
-    the "cpu" backend's torch ops, still the reference's bits."""
+    reference's einsums sum in another order (here: float64), or torch's exp rounds an element by where it sits
+    (here: a tensor's last element a step up, as a scalar tail loop might), it finds them out, and attention over
+    bf16 rows keeps the "cpu" backend's torch ops, still the reference's bits."""
     be = native.NativeBackend()
-    einsum = torch.einsum
-    monkeypatch.setattr(torch, "einsum", lambda eq, *ops: einsum(eq, *(o.double() for o in ops)).float())
+    if unlike == "einsum":
+        einsum = torch.einsum
+        monkeypatch.setattr(torch, "einsum", lambda eq, *ops: einsum(eq, *(o.double() for o in ops)).float())
+    else:
+        exp = torch.exp
+
+        def tail_exp(x, *args, **kwargs):
+            out = exp(x, *args, **kwargs)
+            last = out.view(-1)[-1:]
+            last.copy_(last.nextafter(torch.full_like(last, float("inf"))))
+            return out
+
+        monkeypatch.setattr(torch, "exp", tail_exp)
     assert not be._rounded_orders(4, 32) and be._rounded_checked == {(4, 32): False}
     gen = torch.Generator().manual_seed(1)
     q, rows = torch.randn(1, 1, 4, 32, generator=gen).bfloat16(), torch.randn(1, 30, 32, generator=gen).bfloat16()
     idx, sink = torch.randint(-1, 30, (1, 1, 70), generator=gen), torch.randn(4, generator=gen)
     monkeypatch.setattr(be, "_rounded_call", lambda *a: pytest.fail("ran the C kernels the check rejected"))
-    assert torch.equal(be.sparse_attn(q, rows, idx, sink, 0.125), REF.sparse_attn(q, rows, idx, sink, 0.125))
+    got = be.sparse_attn(q, rows, idx, sink, 0.125)
+    if unlike == "einsum":  # (the fake exp rounds by tensor shape, which the two paths do not share)
+        assert torch.equal(got, REF.sparse_attn(q, rows, idx, sink, 0.125))
 
 
 def test_head_norm_trains_after_inference_made_its_unit_weight():
