@@ -10,10 +10,11 @@ one call into `kernels.c` (built at first use, `build.py`):
   (the reference's order); float experts (plain numerics) too, whose dozens of torch ops per MoE cost more than
   their GEMVs (small preset, batch 1: six MoE calls 2.8 -> 1.8 ms);
 * `sparse_attn` of a decode's few queries over fp32 rows, read in place from dense runs or pages; over a prefill
-  chunk's fp32 rows the "cpu" backend's two GEMMs a block of queries, with the bookkeeping between them (the rows
-  the block names, the slots' weights, the masked maximum, the weighted sums) in three C calls; over bf16 rows the
-  "cpu" backend's 64-slot blocks, their bookkeeping (running maxima, shifts, block sums in torch's order, the
-  probabilities' bf16 rounding) in two C calls, bit for bit;
+  chunk's fp32 rows one C call, 16 queries a block over the rows they name; over bf16 rows (exact numerics) the
+  reference's 64-slot blocks bit for bit in two C calls around torch's exponential (the logits on the panel
+  kernels, block sums in torch's order, the probabilities' bf16 rounding, the value products and folds), where a
+  self-check per shape finds BLAS summing as these kernels do, else the "cpu" backend's blocks with their
+  bookkeeping in C;
 * `rope`, `hc_post`, `hc_collapse`, `hadamard`, `fp8_simulate`, `fp4_simulate`: elementwise or per-row loops, bit
   for bit the reference's;
 * `rms_norm`, `head_norm` (fp32) and `hc_mixes`' RMS factor: a mean of squares summed in torch's own order (the
@@ -30,11 +31,12 @@ one call into `kernels.c` (built at first use, `build.py`):
   int8 codes (a quarter of its bytes) times the rows' own (AVX-512 VNNI's byte dot products where the CPU has
   them), under a rigorous error bound, then the few panels left in the running computed exactly as `linear`
   computes them: the same token as the whole logits' first maximum.
-* `routed_experts` of plain fp32 experts over any number of rows (a decode's, a prefill's): the routed rows grouped
-  by expert and run eight at a time over the weights kept in panels, then each token's outputs added in increasing
+* `routed_experts` of plain fp32 experts over any number of rows (a decode's, a prefill's), and of quantised ones
+  over a prefill's (their block scales folded in, act_quant and the roundings in C): the routed rows grouped by
+  expert and run eight at a time over the weights kept in panels, then each token's outputs added in increasing
   expert id, one C call where a prefill's MoE was gathers, padded batched GEMMs and scatters costing about three
   times its arithmetic. Sums over k in order, so a token's result is the same bits in any batch (1e-5 from the
-  reference's BLAS order).
+  reference's BLAS order in plain fp32).
 
 The kernels' loops over rows (tokens, queries, a head's panels) split between torch's OpenMP threads when a call
 has enough work (`SPLIT_WORK` in `kernels.c`, a few tens of thousands of elements: a prefill chunk, a batch's
@@ -675,11 +677,12 @@ class NativeBackend(CpuBackend):
                     scale: float) -> Tensor:
         """A decode's few queries over fp32 rows in one C call: the named rows read in place (dense runs, or pages
         through their table), every head of a query sharing each row read, the reference's 64-slot online
-        softmax. Over bf16 rows each probability is rounded to bf16 before the value product, where a last-bit
-        difference in a logit (this kernel's dot order against BLAS's) flips a rounding now and then and grows
-        through the FP8 activations downstream (measured: 4e-2 of the largest logit on the small preset, ten times
-        the parity tolerance), so those stay on the "cpu" backend, whose blocks are the reference's bit for bit.
-        So do a prefill chunk, rows stored in another form (a codec: FP8 entries), and a wanted gradient."""
+        softmax; a prefill chunk's in another (`_chunk_attn`). Over bf16 rows each probability is rounded to bf16
+        before the value product, where a last-bit difference in a logit (a dot order other than BLAS's) flips a
+        rounding now and then and grows through the FP8 activations downstream (measured: 4e-2 of the largest
+        logit on the small preset, ten times the parity tolerance): those take `_rounded_attn`, the reference's
+        bits, or the "cpu" backend's blocks. Rows stored in another form (a codec: FP8 entries) and a wanted
+        gradient stay on the "cpu" backend."""
         b, s, h, d = q.shape
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         rows_dtype = runs[0].dtype
