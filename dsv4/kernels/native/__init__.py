@@ -725,7 +725,8 @@ class NativeBackend(CpuBackend):
         described = _run_descriptors(runs, torch.bfloat16)
         if described is None or not self._rounded_orders(h, d):
             return None
-        return self._rounded_call(q, runs, described[0], idx, sink, scale)
+        desc, keep = described  # keep: the tensors desc points into, alive through the call
+        return self._rounded_call(q, runs, desc, idx, sink, scale)
 
     def _rounded_call(self, q: Tensor, runs: list[KVRows], desc: list[int], idx: Tensor, sink: Tensor,
                       scale: float) -> Tensor:
