@@ -206,6 +206,22 @@ def test_sparse_attention_equals_the_reference(fast, dtype, slots):
     assert not got[0, 0].any()
 
 
+@pytest.mark.parametrize("queries, slots", [(1, 5), (1, 100), (1, 130), (20, 40), (20, 131), (3, 67), (1, 192)])
+def test_attention_over_bf16_rows_is_the_references_bit_for_bit(queries, slots):
+    """Exact numerics' attention over bf16 rows on the "cpu" backend (native's fallback where its C kernels do not
+    apply) gives the reference's bits, seen in fp32 (queries in fp32 holding bf16 values): the last partial 64-slot
+    block's logits from an einsum over its own slots (BLAS sums a few in another order) and its sum over its own
+    slots (not 64 padded ones), for decodes and chunks that score every row or gather their slots."""
+    gen = torch.Generator().manual_seed(queries * 1000 + slots)
+    n = 30 if queries * slots >= 600 else 300
+    q = torch.randn(2, queries, 8, 128, generator=gen).bfloat16().float()
+    rows = torch.randn(2, n, 128, generator=gen).bfloat16()
+    idx = torch.randint(-1, n, (2, queries, slots), generator=gen)
+    sink = torch.randn(8, generator=gen)
+    assert torch.equal(CpuBackend().sparse_attn(q, rows, idx, sink, 128**-0.5),
+                       REF.sparse_attn(q, rows, idx, sink, 128**-0.5))
+
+
 def test_sinkhorn_equals_the_reference_bit_for_bit(fast):
     for shape in ((1, 1), (3, 7), (2, 300), (1, 16), (1, 15)):  # both layouts, on both sides of the switch
         mixes = _rand(*shape, 24, seed=shape[1])

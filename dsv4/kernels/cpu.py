@@ -428,6 +428,8 @@ class CpuBackend(ReferenceBackend):
             return _gathered_softmax(q, runs, idx, sink, scale)
         rows = gather_kv(runs, idx, acc)  # [B, S, K, D], the first run's values in the compute dtype
         logits = torch.einsum("bshd,bskd->bshk", q.to(acc), rows)  # [B, S, H, K], scaled below
+        if n_slots > ATTN_BLOCK and n_slots % ATTN_BLOCK:  # (fewer slots: this einsum is the reference's own)
+            _last_block_logits(q.to(acc), rows[:, :, n_slots // ATTN_BLOCK * ATTN_BLOCK :], logits)
         return self._rounded_blocks(logits, lambda probs, tail: _block_products(probs, tail, rows), idx, sink,
                                     scale, kv_dtype).to(q.dtype)
 
@@ -467,6 +469,9 @@ class CpuBackend(ReferenceBackend):
             block, slots = q[:, lo : lo + step].to(rows.dtype), idx[:, lo : lo + step]
             values = partial(self._block_values, rows, slots)
             logits = self._slot_logits(block, rows, rows_t, slots)
+            if k % ATTN_BLOCK:
+                _last_block_logits(block, gather_rows(rows, slots[..., k // ATTN_BLOCK * ATTN_BLOCK :].clamp(min=0)),
+                                   logits)
             outs.append(self._rounded_blocks(logits, values, slots, sink, scale, kv_dtype))
         return torch.cat(outs, dim=1).to(q.dtype)
 
@@ -542,6 +547,8 @@ class CpuBackend(ReferenceBackend):
         b, s, h, _, _ = p.shape
         full, tail = divmod(n_slots, ATTN_BLOCK)
         block_sum = p.sum(dim=-1)
+        if tail:  # the reference sums the last block's own slots: torch's order over tail terms, not 64 padded
+            block_sum[..., full] = p[..., full, :tail].contiguous().sum(dim=-1)
         if kv_dtype != p.dtype:
             p = p.to(kv_dtype).to(p.dtype)
         probs = p[..., :full, :].permute(0, 1, 3, 2, 4).reshape(b * s * full, h, ATTN_BLOCK) if full else None
@@ -586,6 +593,16 @@ class CpuBackend(ReferenceBackend):
         if minor:
             comb = work.permute(2, 0, 1).reshape(comb.shape)
         return pre, post, comb
+
+
+def _last_block_logits(q: Tensor, tail_rows: Tensor, logits: Tensor) -> None:
+    """The last partial 64-slot block's logits, in logits [B, S, H, K] in place, as the reference computes them: one
+    einsum of the queries q [B, S, H, D] over just those slots' rows tail_rows [B, S, K % 64, D]. BLAS sums a dot
+    product in an order of its own in a GEMM of a few columns (MKL: 2 or 3 slots of 128-wide heads, about 40% of
+    their logits a last bit apart from a wider product's), and the bf16-rounded probabilities downstream turn such
+    bits into whole rounding steps now and then."""
+    tail = tail_rows.shape[2]
+    logits[..., logits.shape[-1] - tail :] = torch.einsum("bshd,bskd->bshk", q.contiguous(), tail_rows.contiguous())
 
 
 def scores_every_row(q: Tensor, runs: list[KVRows], n_slots: int) -> bool:

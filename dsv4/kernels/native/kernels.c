@@ -909,8 +909,9 @@ int dsv4_attn_block_exponents(const float *logits, const int64_t *idx, int64_t r
 }
 
 /* p [R, nb, 64] the blocks' unnormalised probabilities (n_slots of them real) -> block_sum [R, nb] (torch's
- * summation order, vector width `lanes`), then the probabilities rounded to bf16 (round_bf16) as the value
- * products read them: whole blocks probs [R/h, full, h, 64], the partial last one tail [R, n_slots % 64] */
+ * summation order over each block's own slots, vector width `lanes`), then the probabilities rounded to bf16
+ * (round_bf16) as the value products read them: whole blocks probs [R/h, full, h, 64], the partial last one tail
+ * [R, n_slots % 64] */
 int dsv4_attn_block_probs(const float *p, int64_t rows, int64_t h, int64_t nb, int64_t n_slots, int lanes,
                           int round_bf16, float *block_sum, float *probs, float *tail) {
     const int64_t full = n_slots / 64, rest = n_slots % 64;
@@ -919,7 +920,7 @@ int dsv4_attn_block_probs(const float *p, int64_t rows, int64_t h, int64_t nb, i
         const int64_t query = r / h, head = r % h;
         for (int64_t i = 0; i < nb; i++) {
             const float *block = p + (r * nb + i) * 64;
-            block_sum[r * nb + i] = torch_row_sum(block, 64, lanes);
+            block_sum[r * nb + i] = torch_row_sum(block, i < full ? 64 : rest, lanes); /* the block's own slots */
             if (i < full) {
                 float *dst = probs + ((query * full + i) * h + head) * 64;
                 for (int64_t j = 0; j < 64; j++) dst[j] = round_to(round_bf16, block[j]);
