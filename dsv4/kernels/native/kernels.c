@@ -1095,27 +1095,23 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 static inline i32x16 loadi16(const void *p) { i32x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline i32x16 splati16(int32_t s) { return (i32x16){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
-static inline f32x16 max16(f32x16 a, f32x16 b) { /* lanes of a where a > b, else of b (a NaN lane of a: b's) */
-    const i32x16 m = a > b;
-    return (f32x16)((m & (i32x16)a) | (~m & (i32x16)b));
+/* a's lanes where `keep` is all ones, b's elsewhere */
+static inline f32x16 select16(i32x16 keep, f32x16 a, f32x16 b) {
+    return (f32x16)((keep & (i32x16)a) | (~keep & (i32x16)b));
 }
+/* lanes of a where a > b, else of b (a NaN lane of a: b's) */
+static inline f32x16 max16(f32x16 a, f32x16 b) { return select16(a > b, a, b); }
 static inline f32x16 abs16(f32x16 a) { return (f32x16)((i32x16)a & 0x7fffffff); }
 /* min(a, hi) and max(a, lo) lane by lane, as torch's clamp: a NaN lane of a stays NaN */
-static inline f32x16 upper16(f32x16 a, f32x16 hi) {
-    const i32x16 m = a > hi;
-    return (f32x16)((m & (i32x16)hi) | (~m & (i32x16)a));
-}
-static inline f32x16 lower16(f32x16 a, f32x16 lo) {
-    const i32x16 m = a < lo;
-    return (f32x16)((m & (i32x16)lo) | (~m & (i32x16)a));
-}
+static inline f32x16 upper16(f32x16 a, f32x16 hi) { return select16(a > hi, hi, a); }
+static inline f32x16 lower16(f32x16 a, f32x16 lo) { return select16(a < lo, lo, a); }
 
 /* v rounded to bf16 in every lane (`bf16_bits`: half to even, a NaN kept quiet) */
 static inline f32x16 round_bf16_16(f32x16 v) {
     const u32x16 u = (u32x16)v;
     const i32x16 nan = (i32x16)((u & 0x7fffffffu) > 0x7f800000u);
     const u32x16 even = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u, quiet = (u | 0x00400000u) & 0xffff0000u;
-    return (f32x16)((nan & (i32x16)quiet) | (~nan & (i32x16)even));
+    return select16(nan, (f32x16)quiet, (f32x16)even);
 }
 
 /* v (|v| <= 448 or NaN) rounded to e4m3 in every lane, as `e4m3_round`: the step 2**(e-3) (2**-9 below 2**-6) from
@@ -1207,10 +1203,10 @@ static inline f32x16 softplus16(f32x16 x) {
     series = series * s2 + one;
     const f32x16 log_u = splat16(2.0f) * s * series;
     const i32x16 exact = u == one; /* y below half an ulp of 1: log1p(y) = y */
-    const f32x16 lp = (f32x16)((exact & (i32x16)y) | (~exact & (i32x16)(log_u * (y / (u - one)))));
+    const f32x16 lp = select16(exact, y, log_u * (y / (u - one)));
     const f32x16 sp = lower16(x, splat16(0.0f)) + lp;
     const i32x16 big = x > splat16(20.0f);
-    return (f32x16)((big & (i32x16)x) | (~big & (i32x16)sp));
+    return select16(big, x, sp);
 }
 
 /* g [n] = route * F.silu(min(g, L)) * clamp(u, -L, L) in place, 16 at a time with `exp16` (the fp32 experts'
@@ -2177,7 +2173,7 @@ int dsv4_chunk_attn(const float *q, const int64_t *run_desc, int64_t n_runs, con
                         const f32x16 a = load16(x + j) * splat16(scale);
                         store16(x + j, a);
                         const i32x16 counted = load16(c + j) > splat16(0.0f);
-                        top16 = max16((f32x16)((counted & (i32x16)a) | (~counted & (i32x16)splat16(-INFINITY))),
+                        top16 = max16(select16(counted, a, splat16(-INFINITY)),
                                       top16);
                     }
                     float top = -INFINITY;
@@ -2278,7 +2274,7 @@ static void rounded_scratch_free(RoundedScratch *w) {
 }
 
 static void bf16_row(const uint16_t *src, int64_t d, float *dst) {
-    for (int64_t i = 0; i < d; i++) dst[i] = float_of((uint32_t)src[i] << 16);
+    for (int64_t i = 0; i < d; i++) dst[i] = LOAD_BF16(src[i]);
 }
 
 /* The item's rows in fp32 (w->rows [kept][d]), each slot's place among them (w->col) and which slots are used
@@ -2303,9 +2299,6 @@ static int64_t rounded_item_rows(const Run *runs, int64_t n_runs, const int64_t 
     for (int64_t i = 0; i < m * k; i++) w->col[i] = slots[i] >= 0 ? w->renumber[slots[i]] : 0;
     return kept;
 }
-
-/* a's lanes where `keep` is set, b's elsewhere */
-static inline f32x16 select16(i32x16 keep, f32x16 a, f32x16 b) { return (f32x16)((keep & (i32x16)a) | (~keep & (i32x16)b)); }
 
 /* arg (below EXP_ZERO: 0, flagged in zero) into e */
 static inline void exp_argument(float arg, float *e, uint8_t *zero) {
@@ -2467,7 +2460,7 @@ int dsv4_rounded_attn_out(const float *exps, const uint8_t *zero, int64_t b, int
         RoundedScratch w;
         float *acc = malloc(sizeof(float) * (size_t)(hp * d + 1)), *blk = malloc(sizeof(float) * (size_t)(hp * d + 1));
         float *pb = malloc(sizeof(float) * (size_t)(hp * ATTN_BLOCK + 1)), *row0 = malloc(sizeof(float) * (size_t)(d + 1));
-        float *denom = malloc(sizeof(float) * (size_t)(h + 1));
+        float *denom = malloc(sizeof(float) * (size_t)(2 * h + 1)), *rescale = denom + h;
         if (!rounded_scratch(&w, n, named ? n : k, h, d, k) || !acc || !blk || !pb || !row0 || !denom) bad = 1;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < b * blocks; item++) {
@@ -2486,6 +2479,9 @@ int dsv4_rounded_attn_out(const float *exps, const uint8_t *zero, int64_t b, int
                 for (int64_t hi = 0; hi < h; hi++) denom[hi] = 0.0f;
                 for (int64_t i = 0; i < nb; i++) {
                     const int64_t first = i * ATTN_BLOCK, width = k - first < ATTN_BLOCK ? k - first : ATTN_BLOCK;
+                    for (int64_t hi = 0; hi < h; hi++) /* block 0's: exp(-inf - shift), 0 */
+                        rescale[hi] = i == 0 ? 0.0f : exp_value(e + hi * seg + nb * ATTN_BLOCK + i,
+                                                                z + hi * seg + nb * ATTN_BLOCK + i);
                     const float *rows[ATTN_BLOCK];
                     for (int64_t j = 0; j < width; j++)
                         rows[j] = slots[first + j] >= 0 ? w.rows + col[first + j] * d : (poisoned ? row0 : NULL);
@@ -2494,9 +2490,7 @@ int dsv4_rounded_attn_out(const float *exps, const uint8_t *zero, int64_t b, int
                         const uint8_t *zh = z + hi * seg + first;
                         float p[ATTN_BLOCK];
                         for (int64_t j = 0; j < ATTN_BLOCK; j++) p[j] = zh[j] ? 0.0f : eh[j];
-                        const float rescale = i == 0 ? 0.0f : exp_value(e + hi * seg + nb * ATTN_BLOCK + i,
-                                                                        z + hi * seg + nb * ATTN_BLOCK + i);
-                        denom[hi] = denom[hi] * rescale + torch_row_sum(p, width, lanes);
+                        denom[hi] = denom[hi] * rescale[hi] + torch_row_sum(p, width, lanes);
                         for (int64_t j = 0; j < ATTN_BLOCK; j += 16)
                             store16(pb + hi * ATTN_BLOCK + j, round_bf16_16(load16(p + j)));
                     }
@@ -2504,11 +2498,9 @@ int dsv4_rounded_attn_out(const float *exps, const uint8_t *zero, int64_t b, int
                         rounded_values(pb + hi * ATTN_BLOCK, pb + (hi + 1) * ATTN_BLOCK, rows, width, d, blk + hi * d,
                                        blk + (hi + 1) * d);
                     for (int64_t hi = 0; hi < h; hi++) {
-                        const float rescale = i == 0 ? 0.0f : exp_value(e + hi * seg + nb * ATTN_BLOCK + i,
-                                                                        z + hi * seg + nb * ATTN_BLOCK + i);
                         float *a = acc + hi * d;
                         const float *v = blk + hi * d;
-                        for (int64_t x = 0; x < d; x++) a[x] = a[x] * rescale + v[x];
+                        for (int64_t x = 0; x < d; x++) a[x] = a[x] * rescale[hi] + v[x];
                     }
                 }
                 for (int64_t hi = 0; hi < h; hi++) {
