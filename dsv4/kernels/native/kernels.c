@@ -1526,8 +1526,11 @@ static void round_bf16_row(float *x, int64_t n) {
  * of the folded operands sum them in an order of their own), each projection rounded to x's dtype as the
  * reference's linear returns it. The routed rows are grouped by expert (token order inside) and run eight at a
  * time, so an expert's panels are read once for eight rows instead of once per row; each row's sums run over k in
- * order whatever its group, so a token's result does not depend on its batch. The groups split between threads,
- * then the tokens' sums. */
+ * order whatever its group, so a token's result does not depend on its batch. The groups split between threads
+ * in contiguous runs (static): each thread then runs whole experts, their groups one after another, so an expert's
+ * panels come from memory into one core's L2 once, where groups handed out as they come made both cores fetch most
+ * experts (a prefill's experts are cold: 256 tokens over 16 experts of 256 x 128, 6.2 -> 5.2 ms for six layers).
+ * Then the tokens' sums. */
 #define EXPERT_ROWS 8
 int dsv4_panel_experts(const void *x, int x_bf16, int quant, float *out, int64_t t, int64_t topk, const int64_t *ids,
                        const float *weights, int64_t n_experts, const int64_t *panels, int64_t d, int64_t inter,
@@ -1569,7 +1572,7 @@ int dsv4_panel_experts(const void *x, int x_bf16, int quant, float *out, int64_t
         float *up = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * inter));
         float *y = malloc(sizeof(float) * (size_t)(EXPERT_ROWS * d));
         if (!rows || !gate || !up || !y) failed = 1;
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(static)
         for (int64_t i = 0; i < n_tiles; i++) {
             if (failed) continue;
             const int64_t lo = tiles[i], e = ids[order[lo]];
