@@ -148,7 +148,8 @@ def test_a_verify_steps_window_rows_name_what_the_position_ordered_window_names(
     from dsv4.model.attention import _ring_window_indices, _window_indices
     from dsv4.model.cache import ForwardContext
 
-    for W, starts, seqlen in ((8, [0, 3, 7, 8, 20], 3), (8, [5, 9], 1), (4, [0, 0], 2), (6, [2, 40], 6)):
+    for W, starts, seqlen in ((8, [0, 3, 7, 8, 20], 3), (8, [5, 9], 1), (4, [0, 0], 2), (6, [2, 40], 6),
+                              (8, [7, 8, 20], 3), (6, [40], 6), (8, [7], 1), (5, [4, 9, 13], 2)):  # windows full
         start = torch.tensor(starts)
         tokens = torch.zeros(len(starts), seqlen, dtype=torch.long)
         ctx = ForwardContext.build(tokens, start, torch.full_like(start, seqlen), False, True)

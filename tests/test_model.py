@@ -208,3 +208,59 @@ def test_indexer_loss_ignores_right_padding():
     model(torch.cat((tokens, junk), dim=1), lengths=torch.tensor([30]), trace=padded)
     for a, b in zip(alone.indexer_losses, padded.indexer_losses, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _memos_seen(model, monkeypatch) -> list[dict]:
+    """The `ForwardContext.memo` each forward of `model` runs with, in call order."""
+    seen = []
+    share = type(model)._share_memo
+
+    def recording(self, ctx):
+        share(self, ctx)
+        seen.append(ctx.memo)
+
+    monkeypatch.setattr(type(model), "_share_memo", recording)
+    return seen
+
+
+@pytest.mark.parametrize("mtp_start", [20, 19])
+def test_a_forward_over_the_chunk_just_seen_reuses_its_memo_and_computes_the_same(monkeypatch, mtp_start):
+    """A speculative step's MTP call runs over the chunk its main call just ran over (same starts, lengths and
+    width): it reads the main call's RoPE rows and window indices instead of building them; a call at another
+    start builds its own. Either way its output is the bits of a call that built everything itself."""
+    model = random_model()
+    assert model.args.layer_ratio(model.args.n_layers) == 0  # the MTP block never builds the compressed RoPE rows
+    gen = torch.Generator().manual_seed(5)
+    seq = torch.randint(0, model.args.vocab_size, (1, 24), generator=gen)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 64)
+        streams = model.forward_streams(seq[:, :20], cache)
+        model.mtp_streams(streams[:, :mtp_start], seq[:, 1:mtp_start + 1], cache)  # the MTP side at mtp_start
+        streams = model.forward_streams(seq[:, 20:22], cache)  # the main side's two tokens, at 20 and 21
+        seen = _memos_seen(model, monkeypatch)
+        snap = cache.snapshot(2)
+        out = model.mtp_streams(streams, seq[:, 21:23], cache)
+        cache.rollback(snap, cache.lengths, snap.mtp_lengths)  # the same call again, nothing left to reuse
+        model._last_memo = None
+        fresh = model.mtp_streams(streams, seq[:, 21:23], cache)
+    assert torch.equal(out, fresh)
+    assert seen[1] is not seen[0] and ("rope", True) not in seen[1]
+    if mtp_start == 20:  # the main call's memo, compressed layers' RoPE rows included, was handed on
+        assert ("rope", True) in seen[0]
+    else:  # another start: a memo of its own
+        assert ("rope", True) not in seen[0]
+
+
+def test_no_memo_is_kept_outside_inference_mode():
+    """Training and no-grad forwards build their own memo each time (an inference tensor cannot enter autograd)."""
+    model = random_model()
+    tokens = torch.randint(0, model.args.vocab_size, (1, 12))
+    with torch.inference_mode():
+        model.forward_streams(tokens, model.new_cache(1, 32))
+    assert model._last_memo is not None
+    with torch.no_grad():
+        model.forward_streams(tokens, model.new_cache(1, 32))
+    assert model._last_memo is None
+    logits = model(tokens)  # training forward: gradients flow
+    logits.sum().backward()
+    assert model._last_memo is None

@@ -188,6 +188,7 @@ class Engine:
         self.prefix_interval = prefix_interval
         self.sampler = Sampler(eos_id=eos_id, seed=seed)
         self.preemptions = 0
+        self._step_rows: dict[tuple[int, ...], CacheRows] = {}  # `_rows` views made this step, by slots
         self._ids = itertools.count()
         self._waiting: list[_Request] = []  # by id (= arrival), no slot
         self._running: list[_Request] = []  # by id, holding a slot
@@ -363,6 +364,7 @@ class Engine:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
+        self._step_rows.clear()
         self._admit()
         plan = self._schedule()
         self._reserve(plan)
@@ -421,8 +423,10 @@ class Engine:
                 self._score_prompt(req, streams[row[req]], start[req], kept[req])
         if verifying:
             keep, keep_mtp = self.cache.lengths.clone(), self.cache.mtp_lengths.clone()
-            at = torch.tensor([row[r] for r in verifying], device=self.device)
-            targets = self.model.logits(streams[at, :self.k + 1])  # [n, k+1, vocab], one head call for the batch
+            at = [row[r] for r in verifying]
+            fed_rows = streams[:, :self.k + 1] if at == list(range(len(streams))) else \
+                streams[torch.tensor(at, device=self.device), :self.k + 1]  # (every row verifying: no gather)
+            targets = self.model.logits(fed_rows)  # [n, k+1, vocab], one head call for the batch
             for req, target in zip(verifying, targets, strict=True):
                 d, q = drafts[req]
                 out = verify_drafts(self.sampler, target, d, q, req.params, req.state)
@@ -525,8 +529,9 @@ class Engine:
                                          self._rows(fresh), lengths=lengths[rows])
             for r, streams, logits in zip(fresh, out[:, 0], self.model.mtp_head(out)[:, 0], strict=True):
                 r.drafted = (streams, logits)
-        hidden = torch.stack([r.drafted[0] for r in reqs]).unsqueeze(1)  # [n, 1, hc, d] the MTP block's output
-        logits = torch.stack([r.drafted[1] for r in reqs])  # [n, vocab]
+        # [n, 1, hc, d] the MTP block's output (what a deeper draft feeds it); [n, vocab] its logits
+        hidden = torch.stack([r.drafted[0] for r in reqs]).unsqueeze(1) if self.k > 1 else None
+        logits = torch.stack([r.drafted[1] for r in reqs])
         for r in reqs:
             r.drafted = None
         for depth in range(self.k):
@@ -579,24 +584,39 @@ class Engine:
         out = self.model.mtp_streams(hidden, tokens, self._rows(pairs), lengths=lengths)
         ahead = [(i, req) for i, req in enumerate(pairs) if req in verifying]
         if ahead:
-            at = torch.tensor([i for i, _ in ahead], device=self.device)
-            last = out[at, lengths[at] - 1]  # [n, hc, d] the MTP block's output after the emitted token
+            if len(ahead) == len(pairs) and all(len(t) == tokens.shape[1] for _, t in pairs.values()):
+                last = out[:, -1]  # every row verified and fed the whole width: no gather
+            else:
+                at = torch.tensor([i for i, _ in ahead], device=self.device)
+                last = out[at, lengths[at] - 1]  # [n, hc, d] the MTP block's output after the emitted token
             for (_, req), streams_row, logits_row in zip(ahead, last, self.model.mtp_head(last.unsqueeze(1))[:, 0],
                                                          strict=True):
                 req.drafted = (streams_row, logits_row)
 
     def _batch(self, token_lists: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Token lists as one right-padded batch: tokens [n, width] and lengths [n], on the model's device."""
-        width = max(len(t) for t in token_lists)
-        tokens = torch.zeros(len(token_lists), width, dtype=torch.long)
-        for i, toks in enumerate(token_lists):
-            tokens[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-        lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+        sizes = [len(t) for t in token_lists]
+        width = max(sizes)
+        if min(sizes) == width:  # no padding: one conversion (a decode or verify step's rows)
+            tokens = torch.tensor(token_lists, dtype=torch.long)
+        else:
+            tokens = torch.zeros(len(token_lists), width, dtype=torch.long)
+            for i, toks in enumerate(token_lists):
+                tokens[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        lengths = torch.tensor(sizes, dtype=torch.long)
         return tokens.to(self.device), lengths.to(self.device)
 
     def _rows(self, reqs: Iterable[_Request]) -> CacheRows:
-        """The cache seen through the slots of `reqs`, in their order (batch row i is reqs[i]'s slot)."""
-        return self.cache.select(torch.tensor([r.slot for r in reqs], dtype=torch.long, device=self.device))
+        """The cache seen through the slots of `reqs`, in their order (batch row i is reqs[i]'s slot). A view is made
+        once a step per list of slots (a speculative step's main and MTP calls see the same rows): views read and
+        write the cache in place, and their copies of the page table hold for the step (pages are reserved before
+        it)."""
+        slots = tuple(r.slot for r in reqs)
+        rows = self._step_rows.get(slots)
+        if rows is None:
+            rows = self._step_rows[slots] = self.cache.select(torch.tensor(slots, dtype=torch.long,
+                                                                           device=self.device))
+        return rows
 
     def _saves_prefix(self, req: _Request) -> bool:
         """Whether the prefix cache saves `req`'s state now (at the prompt's end, or every `prefix_interval`

@@ -233,6 +233,8 @@ class Cache:
         if not 0 <= kept <= max_tokens:
             raise ValueError(f"kept must be in [0, {max_tokens}] (the step's tokens), got {kept}")
         snap = CacheSnapshot(self.lengths.clone(), self.mtp_lengths.clone(), max_tokens, kept, mtp=mtp)
+        if kept + 1 >= max_tokens and (not mtp or max_tokens <= 1):
+            return snap  # no slot to save on either side (a verify step of one draft)
         rows = torch.arange(self.batch_size, device=self.lengths.device).unsqueeze(1)
         slots: dict[tuple[bool, int], tuple[Tensor, Tensor]] = {}  # (mtp side, ring size) -> positions, slots
 

@@ -109,6 +109,10 @@ class Transformer(nn.Module):
         _add_hc_head(self, args)
         self.mtp = nn.ModuleList(MTPBlock(args.n_layers + k, args, dtype, hc_mode)
                                  for k in range(args.n_mtp_layers))
+        # the last inference forward's chunk (widths, starts, lengths) and its `ForwardContext.memo`: a forward over
+        # the same chunk next (a speculative step's MTP call after its main call) reads the RoPE rows and window
+        # indices from it instead of building them again
+        self._last_memo: tuple[tuple, dict] | None = None
 
     # ------------------------------------------------------------------ public API
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, **options) -> Cache:
@@ -237,4 +241,20 @@ class Transformer(nn.Module):
                              f"(at {start.tolist()} + {lengths.tolist()})")
         ctx = ForwardContext.build(tokens, start, lengths, exact=self.numerics == "exact",
                                    persist=not cache.transient, all_valid=all_valid)
+        self._share_memo(ctx)
         return ctx, cache
+
+    def _share_memo(self, ctx: ForwardContext) -> None:
+        """Give `ctx` the memo of the last forward when that forward ran over the same chunk: every value a memo
+        holds is a function of the chunk's shape, starts and lengths (and of per-kind constants: the window, the
+        ratios, the RoPE tables), not of the cache or the layers. Only in inference mode (an inference tensor
+        cannot enter autograd) and only from the forward just before (no memo outlives the next forward)."""
+        if not torch.is_inference_mode_enabled():
+            self._last_memo = None
+            return
+        key = (ctx.tokens.shape[1], ctx.appends, ctx.fresh, ctx.persist, ctx.exact, ctx.start.device,
+               tuple(ctx.start.tolist()), tuple(ctx.lengths.tolist()))
+        if self._last_memo is not None and self._last_memo[0] == key:
+            ctx.memo = self._last_memo[1]
+        else:
+            self._last_memo = (key, ctx.memo)
