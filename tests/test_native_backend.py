@@ -1044,6 +1044,54 @@ def test_hc_post_equals_the_reference_bit_for_bit(dtype, tokens):
     assert torch.equal(FAST.hc_post(out, x, post, comb), REF.hc_post(out, x, post, comb))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_post_in_place_writes_the_references_bits_over_x(dtype):
+    """`inplace`: each token's new streams are computed from all of its old ones before any is stored, so writing
+    over x gives the same bits; a strided x is copied first (the caller's tensor keeps its values)."""
+    gen = torch.Generator().manual_seed(3)
+    out = torch.randn(2, 37, 96, generator=gen).to(dtype)
+    x = torch.randn(2, 37, 4, 96, generator=gen).to(dtype)
+    post, comb = torch.rand(2, 37, 4, generator=gen) * 2, torch.rand(2, 37, 4, 4, generator=gen)
+    want = REF.hc_post(out, x, post, comb)
+    own = x.clone()
+    got = FAST.hc_post(out, own, post, comb, inplace=True)
+    assert got.data_ptr() == own.data_ptr() and torch.equal(got, want)
+    wide = torch.randn(2, 37, 4, 2 * 96, generator=gen).to(dtype)
+    strided = wide[..., :96]
+    strided.copy_(x)
+    before = wide.clone()
+    assert torch.equal(FAST.hc_post(out, strided, post, comb, inplace=True), want)
+    assert torch.equal(wide, before)
+    assert torch.equal(REF.hc_post(out, x.clone(), post, comb, inplace=True), want)
+
+
+def test_the_model_writes_over_only_the_streams_it_owns(monkeypatch):
+    """A forward without gradients writes each layer's new streams over the last layer's (its own), never over the
+    streams a caller hands the MTP block, and gives the bits of a forward that allocates every time."""
+    from dsv4.config import preset
+    from dsv4.model import Transformer, init_weights, transformer
+
+    model = init_weights(Transformer(preset("tiny")), seed=2)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 11), generator=torch.Generator().manual_seed(4))
+    written = []
+    hc_post = transformer.hc_post
+
+    def recording(out, x, post, comb, inplace=False):
+        written.append(inplace)
+        return hc_post(out, x, post, comb, inplace)
+
+    with kernels.use_backend("native"), torch.inference_mode():
+        monkeypatch.setattr(transformer, "hc_post", recording)
+        streams = model.forward_streams(tokens, model.new_cache(2, 32))
+        handed = streams.clone()
+        mtp = model.mtp_streams(streams, tokens, model.new_cache(2, 32))
+        assert torch.equal(streams, handed) and all(written) and len(written) == 2 * (model.args.n_layers + 1)
+        monkeypatch.setattr(transformer, "hc_post", lambda out, x, post, comb, inplace=False: hc_post(out, x, post,
+                                                                                                       comb))
+        assert torch.equal(model.forward_streams(tokens, model.new_cache(2, 32)), streams)
+        assert torch.equal(model.mtp_streams(streams, tokens, model.new_cache(2, 32)), mtp)
+
+
 def test_hc_post_gradients_agree_with_the_reference():
     gen = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, 70, 96, generator=gen), torch.randn(2, 70, 4, 96, generator=gen),

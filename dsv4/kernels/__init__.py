@@ -349,9 +349,12 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
     return active_backend().hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
 
 
-def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """mHC's new streams [B,S,h,d] = post * out + comb-mixed old streams x, in fp32, returned in x.dtype."""
-    return active_backend().hc_post(out, x, post, comb)
+def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+            inplace: bool = False) -> torch.Tensor:
+    """mHC's new streams [B,S,h,d] = post * out + comb-mixed old streams x, in fp32, returned in x.dtype.
+    `inplace`: the caller has no further use for x, so a backend may write the new streams over it (the returned
+    tensor holds them either way)."""
+    return active_backend().hc_post(out, x, post, comb, inplace)
 
 
 __all__ = [

@@ -431,13 +431,14 @@ class ReferenceBackend:
         rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
         return (flat @ fn.to(torch.float32).t()) * rms
 
-    def hc_post(self, out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    def hc_post(self, out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                inplace: bool = False) -> torch.Tensor:
         """mHC's write-back after a sublayer: new streams ``X'_k = post_k * out + sum_j comb[j,k] * X_j`` in fp32,
         returned in x.dtype. out [B,S,d], x [B,S,h,d], post [B,S,h] fp32, comb [B,S,h,h] fp32 (stream j -> k).
 
         The official expression: products rounded to fp32, then summed over j in order (an einsum fuses them
         differently); for many tokens term by term, the same additions without the [B,S,h,h,d] product tensor.
-        Differentiable."""
+        Differentiable. Always a new tensor (`inplace` permits, and does not require, writing over x)."""
         xf = x.to(torch.float32)
         if comb.shape[0] * comb.shape[1] < HC_TERMWISE_TOKENS:
             mixed = torch.sum(comb.unsqueeze(-1) * xf.unsqueeze(-2), dim=2)

@@ -48,12 +48,13 @@ def hc_pre(
     return kernels.hc_collapse(x, pre), post, comb
 
 
-def hc_post(out: Tensor, x: Tensor, post: Tensor | None, comb: Tensor | None) -> Tensor:
+def hc_post(out: Tensor, x: Tensor, post: Tensor | None, comb: Tensor | None, inplace: bool = False) -> Tensor:
     """New streams X'_k = post_k * out + sum_j comb[j,k] * X_j, in fp32, returned in x.dtype (the kernel op
-    `dsv4.kernels.hc_post`; a plain residual X + out when post and comb are None)."""
+    `dsv4.kernels.hc_post`; a plain residual X + out when post and comb are None). `inplace`: x is not used
+    afterwards and the result may take its storage."""
     if comb is None:
         return (x.to(torch.float32) + out.to(torch.float32).unsqueeze(2)).to(x.dtype)
-    return kernels.hc_post(out, x, post, comb)
+    return kernels.hc_post(out, x, post, comb, inplace)
 
 
 def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float,

@@ -51,12 +51,16 @@ class Block(nn.Module):
             ctx.trace.hc_maps.append(comb)
         return u, post, comb
 
-    def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache) -> Tensor:
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache, reuse_input: bool = False) -> Tensor:
+        """x [B,S,hc,d] -> the new streams. `reuse_input`: the caller has no further use for x, whose storage may
+        then hold the result. Without gradients the streams between the two sublayers, this call's own, are
+        written over in place."""
+        inplace = not torch.is_grad_enabled()
         u, post, comb = self._pre("attn", x, ctx)
-        x = hc_post(self.attn(self.attn_norm(u), ctx, cache), x, post, comb)
+        x = hc_post(self.attn(self.attn_norm(u), ctx, cache), x, post, comb, inplace=inplace and reuse_input)
         u, post, comb = self._pre("ffn", x, ctx)
         routing = ctx.trace.routing if ctx.trace is not None else None
-        return hc_post(self.ffn(self.ffn_norm(u), ctx.tokens, routing), x, post, comb)
+        return hc_post(self.ffn(self.ffn_norm(u), ctx.tokens, routing), x, post, comb, inplace=inplace)
 
 
 def _add_hc_head(module: nn.Module, args: ModelArgs) -> None:
@@ -134,8 +138,8 @@ class Transformer(nn.Module):
         ctx, cache = self._context(tokens, cache, lengths, start_pos, cache_lengths=lambda c: c.lengths)
         ctx.trace = trace
         x = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)  # [B,S,hc,d]
-        for layer in self.layers:
-            x = layer(x, ctx, cache.layers[layer.layer_id])
+        for layer in self.layers:  # each layer's streams are this loop's own: the next may write over them
+            x = layer(x, ctx, cache.layers[layer.layer_id], reuse_input=True)
         if ctx.persist:
             cache.lengths += ctx.lengths
         return x
@@ -176,7 +180,7 @@ class Transformer(nn.Module):
         block = self.mtp[depth]
         e = block.enorm(self.embed(next_tokens))
         x = block.e_proj(e).unsqueeze(2) + block.h_proj(block.hnorm(streams))
-        x = block(x, ctx, cache.layers[block.layer_id])
+        x = block(x, ctx, cache.layers[block.layer_id], reuse_input=True)
         if ctx.persist:
             cache.mtp_lengths += ctx.lengths
         return x

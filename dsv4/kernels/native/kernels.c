@@ -1919,18 +1919,19 @@ INLINE void hc_post_rows(const void *out, const void *x, void *dst, const int bf
                          const float *post, const float *comb) {
     #pragma omp parallel for schedule(static) num_threads(split_threads(t * h * h * d))
     for (int64_t r = 0; r < t; r++) {
-        float mixed[d + 1];
+        float mixed[h * d + 1]; /* the token's new streams, stored once all are computed: dst may be x */
         const float *c = comb + r * h * h;
         for (int64_t k = 0; k < h; k++) {
-            for (int64_t i = 0; i < d; i++) mixed[i] = c[k] * load(x, bf16, (r * h) * d + i);
+            float *m = mixed + k * d;
+            for (int64_t i = 0; i < d; i++) m[i] = c[k] * load(x, bf16, (r * h) * d + i);
             for (int64_t j = 1; j < h; j++) {
                 const float cj = c[j * h + k];
-                for (int64_t i = 0; i < d; i++) mixed[i] = mixed[i] + cj * load(x, bf16, (r * h + j) * d + i);
+                for (int64_t i = 0; i < d; i++) m[i] = m[i] + cj * load(x, bf16, (r * h + j) * d + i);
             }
             const float p = post[r * h + k];
-            for (int64_t i = 0; i < d; i++)
-                store(dst, bf16, (r * h + k) * d + i, p * load(out, bf16, r * d + i) + mixed[i]);
+            for (int64_t i = 0; i < d; i++) m[i] = p * load(out, bf16, r * d + i) + m[i];
         }
+        for (int64_t i = 0; i < h * d; i++) store(dst, bf16, r * h * d + i, mixed[i]);
     }
 }
 
