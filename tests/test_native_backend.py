@@ -174,7 +174,14 @@ def test_head_norm_with_rope_is_the_two_ops_bit_for_bit(monkeypatch):
             got = FAST.head_norm(q, 1e-6, cos, sin)
             assert torch.equal(got, FAST.rope(FAST.head_norm(q, 1e-6), cos, sin)), (shape, dtype)
             assert torch.equal(got, REF.head_norm(q, 1e-6, cos, sin)), (shape, dtype)
-    assert lib.calls["dsv4_rms_norm_rope"] == 3
+            own = q.clone()  # in place: each row read whole before it is written, the same bits
+            over = FAST.head_norm(own, 1e-6, cos, sin, inplace=True)
+            assert torch.equal(over, got) and (dtype != torch.float32 or over.data_ptr() == own.data_ptr())
+            wide = torch.cat((q, q), dim=-1)  # a strided x is copied first: the caller's tensor keeps its values
+            before = wide.clone()
+            assert torch.equal(FAST.head_norm(wide[..., :shape[-1]], 1e-6, cos, sin, inplace=True), got)
+            assert torch.equal(wide, before)
+    assert lib.calls["dsv4_rms_norm_rope"] == 3 + 3 * 2
     leaf = torch.randn(1, 5, 4, 32, generator=gen).requires_grad_()
     cos, sin = torch.cos(torch.rand(1, 5, 1, 8)), torch.sin(torch.rand(1, 5, 1, 8))
     FAST.head_norm(leaf, 1e-6, cos, sin).sum().backward()

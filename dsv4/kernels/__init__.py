@@ -271,11 +271,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return active_backend().rms_norm(x, weight, eps)
 
 
-def head_norm(x: torch.Tensor, eps: float, cos: torch.Tensor | None = None,
-              sin: torch.Tensor | None = None) -> torch.Tensor:
+def head_norm(x: torch.Tensor, eps: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+              inplace: bool = False) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last dim in x's dtype (the per-head query normalisation), then rotated as
-    `rope(., cos, sin)` when cos / sin are given."""
-    return active_backend().head_norm(x, eps, cos, sin)
+    `rope(., cos, sin)` when cos / sin are given. `inplace`: the caller has no further use for x, so a backend may
+    write the result over it (the returned tensor holds it either way)."""
+    return active_backend().head_norm(x, eps, cos, sin, inplace)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,

@@ -304,10 +304,11 @@ class ReferenceBackend:
         return (weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
 
     def head_norm(self, x: torch.Tensor, eps: float, cos: torch.Tensor | None = None,
-                  sin: torch.Tensor | None = None) -> torch.Tensor:
+                  sin: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
         """The official per-head query normalisation, ``x * rsqrt(mean(x^2) + eps)`` over the last dim, weightless and
         in x's own dtype (unlike `rms_norm`); with cos / sin, then the query's rotation `rope(., cos, sin)` (one op,
-        so that a backend can do both in one pass over the queries). Differentiable."""
+        so that a backend can do both in one pass over the queries). Differentiable. Always a new tensor (`inplace`
+        permits, and does not require, writing over x)."""
         y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
         return y if cos is None else self.rope(y, cos, sin)
 

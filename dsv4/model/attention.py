@@ -63,7 +63,8 @@ class Attention(nn.Module):
 
         c_q = self.q_norm(self.wq_a(x))  # [B,S,q_lora]
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
-        q = kernels.head_norm(q, self.eps, cos.unsqueeze(2), sin.unsqueeze(2))  # normalised, then RoPE
+        # normalised, then RoPE; over wq_b's output (this call's own) where no gradient is wanted
+        q = kernels.head_norm(q, self.eps, cos.unsqueeze(2), sin.unsqueeze(2), inplace=not torch.is_grad_enabled())
 
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,S,D]
         if ctx.exact:  # the official inference rounds the non-rope dims of every cached KV to FP8

@@ -920,10 +920,12 @@ class NativeBackend(CpuBackend):
             return super().rms_norm(x, weight, eps)
         return _RmsNorm.apply(x, weight, eps, self)
 
-    def head_norm(self, x: Tensor, eps: float, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    def head_norm(self, x: Tensor, eps: float, cos: Tensor | None = None, sin: Tensor | None = None,
+                  inplace: bool = False) -> Tensor:
         """fp32: the C RMSNorm with a weight of ones (an exact product), bit for bit, with the rotation in the same
-        pass when cos / sin are given (`dsv4_rms_norm_rope`, the bits of the two ops); in training the C backward,
-        then `rope`; bf16 computes in bf16: the reference."""
+        pass when cos / sin are given (`dsv4_rms_norm_rope`, the bits of the two ops; `inplace`: over x, each row
+        read whole before it is written); in training the C backward, then `rope`; bf16 computes in bf16: the
+        reference."""
         n = x.shape[-1]
         if self._lanes is None or x.dtype != torch.float32 or n > NATIVE_ROW_SUM or x.device.type != "cpu":
             return super().head_norm(x, eps, cos, sin)
@@ -941,7 +943,7 @@ class NativeBackend(CpuBackend):
                 or 2 * cos.shape[-1] > n or not _inference(cos, sin)):
             return self.rope(self._rms_norm(x, ones, eps, self._lanes), cos, sin)
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-        out = torch.empty_like(x)
+        out = x if inplace else torch.empty_like(x)  # (a strided x was copied just above: its copy is ours)
         _check(self.lib.dsv4_rms_norm_rope(x.data_ptr(), out.data_ptr(), 0, x.numel() // n, n, ones.data_ptr(), eps,
                                            self._lanes, cos.shape[-1], cos.data_ptr(), sin.data_ptr(), group),
                "head_norm")
