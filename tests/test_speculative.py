@@ -70,11 +70,11 @@ def test_restore_undoes_appended_tokens_exactly(model):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kept", [0, 1])
-def test_partial_rollback_keeps_the_accepted_prefix(model, kept):
+@pytest.mark.parametrize("kept, check", [(0, True), (1, True), (1, False)])
+def test_partial_rollback_keeps_the_accepted_prefix(model, kept, check):
     """Append 4 tokens of which only the first `keep` belong to the sequence; roll back the rest and
     continue: main and MTP logits equal the full forward (`kept`: the snapshot told that the first stays, so it
-    saves less)."""
+    saves less; `check` False: the same rollback without the range checks)."""
     gen = torch.Generator().manual_seed(2)
     seq = torch.randint(0, model.args.vocab_size, (1, 45), generator=gen)
     full = model.forward_streams(seq)
@@ -88,7 +88,7 @@ def test_partial_rollback_keeps_the_accepted_prefix(model, kept):
                                                                  generator=gen)), dim=1)
         streams = model.forward_streams(chunk, cache)
         model.mtp_streams(streams[:, :2], chunk[:, 1:3], cache)  # provisional MTP writes, undone below
-        cache.rollback(snap, lengths=torch.tensor([pos + keep]))
+        cache.rollback(snap, lengths=torch.tensor([pos + keep]), check=check)
         logits.append(model.logits(streams[:, :keep]))
         mtp.append(model.mtp_logits(streams[:, :keep], seq[:, pos + 1:pos + keep + 1], cache))
         pos += keep

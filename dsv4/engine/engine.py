@@ -437,7 +437,7 @@ class Engine:
                 keep_mtp[req.slot] = start[req]  # the true pair (hidden, pending) drafting consumed stays
                 lps = out.logprobs or [None] * len(out.token_ids)
                 emitted.append((req, out.token_ids, lps, out.finish_reason, target[kept[req] - 1]))
-            self.cache.rollback(snap, keep, keep_mtp)
+            self.cache.rollback(snap, keep, keep_mtp, check=False)  # (in range: kept >= 1 token, <= k + 1)
         if self.k:
             finished = {req for req, _, _, reason, _ in emitted if reason is not None}
             self._mtp_catch_up(plan, fed, kept, start, streams, row, verifying, finished)

@@ -261,18 +261,22 @@ class Cache:
                     add(state, "score", side)
         return snap
 
-    def rollback(self, snap: CacheSnapshot, lengths: Tensor | None = None, mtp_lengths: Tensor | None = None) -> None:
+    def rollback(self, snap: CacheSnapshot, lengths: Tensor | None = None, mtp_lengths: Tensor | None = None,
+                 check: bool = True) -> None:
         """Undo appended tokens: afterwards every row reads as if it had consumed only its first `lengths`
         tokens (main) and `mtp_lengths` (MTP blocks), for lengths between the snapshot's (main: plus its `kept`,
         where the row appended them) and the snapshot's plus `max_tokens` (default: the least of them, i.e. undo
         all that may be undone since `snapshot`). The slot of each side's first undone position keeps the undone
-        row: no read reaches it before the next token there rewrites it (see `snapshot`)."""
+        row: no read reaches it before the next token there rewrites it (see `snapshot`). `check` False skips
+        the range checks (four host syncs) for a caller whose lengths are in range by construction (the engine's
+        verify step: each row keeps its first token and at most its drafts)."""
         least = torch.minimum(snap.lengths + snap.kept, self.lengths)  # a row that appended nothing keeps nothing
         keep = least if lengths is None else torch.as_tensor(lengths, device=snap.lengths.device)
         keep_mtp = snap.mtp_lengths if mtp_lengths is None else torch.as_tensor(mtp_lengths,
                                                                                 device=snap.lengths.device)
         mtp_start = snap.mtp_lengths if snap.mtp else self.mtp_lengths  # unsaved MTP rings: nothing to undo
-        for keep_, start, now in ((keep, least, self.lengths), (keep_mtp, mtp_start, self.mtp_lengths)):
+        sides = ((keep, least, self.lengths), (keep_mtp, mtp_start, self.mtp_lengths))
+        for keep_, start, now in sides if check else ():
             if bool((keep_ < start).any()) or bool((keep_ > now).any()):
                 raise ValueError(f"rollback to {keep_.tolist()}: must lie between the snapshot's {start.tolist()} "
                                  f"and the current {now.tolist()}")

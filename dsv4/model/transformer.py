@@ -215,9 +215,10 @@ class Transformer(nn.Module):
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor [batch, seq], got {tuple(tokens.shape)} {tokens.dtype}")
         bsz, seqlen = tokens.shape
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.args.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}); got min {int(tokens.min())}, "
-                             f"max {int(tokens.max())}")
+        if tokens.numel():
+            low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync
+            if low < 0 or high >= self.args.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}); got min {low}, max {high}")
         device = tokens.device
         if lengths is None:
             lengths = torch.full((bsz,), seqlen, dtype=torch.long, device=device)
