@@ -461,7 +461,10 @@ class ForwardContext:
     exact: bool  # official inference numerics (QAT simulation of the KV / indexer)
     persist: bool  # write the chunk into the cache rings
     trace: ForwardTrace | None = None  # what training wants recorded (and how CSA selects)
-    # values every layer of this forward would otherwise recompute (RoPE rows, window indices), by key
+    # values every layer of this forward would otherwise recompute (RoPE rows, window indices), by key; each must be
+    # a function of the chunk (widths, starts, lengths, appends, fresh, persist) and of per-kind constants only (not
+    # of the cache or a layer's weights): the next inference forward over the same chunk reads them too
+    # (`Transformer._share_memo`)
     memo: dict = field(default_factory=dict)
     # every row feeds exactly this many tokens and keeps them (a decode or verify step), else 0: rings no wider than
     # it take the tokens in place, a slot each
