@@ -58,6 +58,8 @@ class _PoolPlan:
     entry_ids: Tensor  # [B, M] the entries, j = first + 0 .. M-1
     rows: Tensor  # the (row, m) pairs that are finished entries (a row may finish fewer than M)
     cols: Tensor
+    written: Tensor  # entry_ids[rows, cols]: each finished entry's id
+    every: bool  # every (row, m) pair is finished: the pairs are the [B, M] grid in order
     cos: Tensor  # [B, M, rope/2] the rotation at each entry's first position j*r
     sin: Tensor
 
@@ -82,7 +84,18 @@ class _PoolPlan:
             rows = base + cur
         at, cols = valid.nonzero(as_tuple=True)
         cos, sin = rope_cos_sin(freqs, j * r)
-        return cls(rows.flatten(0, 1), j, at, cols, cos, sin)
+        return cls(rows.flatten(0, 1), j, at, cols, j[at, cols], at.numel() == b * m, cos, sin)
+
+
+def _ring_keep_rows(ctx: ForwardContext, ring: int, before: int) -> Tensor:
+    """The rows of the extended sequence (`before` ring tokens, then the chunk) a rebuilt ring of R = `ring` slots
+    keeps [B, R]: slot s <- the token at the position q = s (mod R) among the last R consumed (a position before 0,
+    in a sequence shorter than R, takes any row: no candidate names it). The same for every compressor of a ring
+    size in a forward."""
+    end = ctx.start + ctx.lengths
+    slots = torch.arange(ring, device=ctx.start.device)
+    q = (end - ring).unsqueeze(1) + (slots - (end - ring).unsqueeze(1)) % ring  # [B,R]
+    return (q - (ctx.start.unsqueeze(1) - before)).clamp(min=0)
 
 
 class Compressor(nn.Module):
@@ -123,7 +136,7 @@ class Compressor(nn.Module):
                        ctx: ForwardContext, rewrite: bool) -> None:
         """Pool the finished blocks from the ring and the chunk, and (`rewrite`, for a kept chunk the caller does
         not write in place) rebuild the ring from both."""
-        ring, start = state.ring, ctx.start
+        ring = state.ring
         # the extended sequence: the ring's tokens (positions start-R .. start-1) then the chunk; a chunk every row
         # of which starts at position 0 alone (the ring's positions are before 0: no candidate)
         before = 0 if ctx.fresh else ring
@@ -137,12 +150,7 @@ class Compressor(nn.Module):
                               lambda: _PoolPlan.build(ctx, plan, self.ratio, before, freqs))
             self._pool(ext_kv, ext_score, pool, state, ctx)
         if ctx.persist and rewrite:
-            # ring slot s <- the token at the position q ≡ s (mod R) among the last R consumed (a position before 0,
-            # in a sequence shorter than R, takes any row: no candidate names it)
-            end = start + ctx.lengths
-            slots = torch.arange(ring, device=kv.device)
-            q = (end - ring).unsqueeze(1) + (slots - (end - ring).unsqueeze(1)) % ring  # [B,R]
-            ext_index = (q - (start.unsqueeze(1) - before)).clamp(min=0)
+            ext_index = ctx.shared(("ring_keep", ring, before), lambda: _ring_keep_rows(ctx, ring, before))
             state.kv = gather_rows(ext_kv, ext_index).detach()
             state.score = gather_rows(ext_score, ext_index).detach()
 
@@ -155,7 +163,8 @@ class Compressor(nn.Module):
         entry = self.norm(pooled.to(state.entries.dtype))
         entry = apply_rope(entry, pool.cos, pool.sin)
         entry = self._qat(entry, ctx.exact)
-        state.entries.write(pool.rows, pool.entry_ids[pool.rows, pool.cols], entry[pool.rows, pool.cols])
+        finished = entry.flatten(0, 1) if pool.every else entry[pool.rows, pool.cols]
+        state.entries.write(pool.rows, pool.written, finished)
 
     def _qat(self, entry: Tensor, exact: bool) -> Tensor:
         """The rounding the official inference applies to cached entries (values stay in entry.dtype)."""
