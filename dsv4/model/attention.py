@@ -131,16 +131,18 @@ class Attention(nn.Module):
             return [cache.window_rows(), kv], idx, (slots, kv.detach())
         ring_slots, idx, keep = ctx.shared(("window", W),
                                            lambda: _window_indices(W, kv.shape[1], ctx, rewrite=not in_place))
+        # every row feeds more tokens than the ring holds: its last W take every slot, a slot each
+        overwrite = ctx.appends > W
         if ctx.fresh:  # no slot names a ring row (they hold positions before 0): the chunk's rows alone
             idx, keep = ctx.shared(("window_fresh", W), lambda: _without_ring(W, idx, keep))
-            if in_place:
-                cache.write_window_slots(slots, kv.detach())
+            if in_place or overwrite:
+                cache.write_window_slots(slots[:, -W:], kv[:, -W:].detach())
             elif keep is not None:
                 cache.write_window(gather_rows(kv, keep).detach())
             return [kv], idx, None
         ext_kv = torch.cat((gather_rows(cache.read_window(), ring_slots).to(kv.dtype), kv), dim=1)
-        if in_place:
-            cache.write_window_slots(slots, kv.detach())
+        if in_place or overwrite:
+            cache.write_window_slots(slots[:, -W:], kv[:, -W:].detach())
         elif keep is not None:
             cache.write_window(gather_rows(ext_kv, keep).detach())
         return [ext_kv], idx, None
