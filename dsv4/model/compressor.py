@@ -149,7 +149,9 @@ class Compressor(nn.Module):
             pool = ctx.shared(("pool", self.ratio, before),
                               lambda: _PoolPlan.build(ctx, plan, self.ratio, before, freqs))
             self._pool(ext_kv, ext_score, pool, state, ctx)
-        if ctx.persist and rewrite:
+        if ctx.persist and rewrite and ctx.appends > ring:  # every row's last R tokens take every slot, one each
+            state.write_slots(plan.ring_slots[:, -ring:], kv[:, -ring:].detach(), score[:, -ring:].detach())
+        elif ctx.persist and rewrite:
             ext_index = ctx.shared(("ring_keep", ring, before), lambda: _ring_keep_rows(ctx, ring, before))
             state.kv = gather_rows(ext_kv, ext_index).detach()
             state.score = gather_rows(ext_score, ext_index).detach()
