@@ -76,17 +76,17 @@ class Attention(nn.Module):
         kv_rows, idx = list(window_rows), window_idx  # runs of KV rows, each query's indices into their concatenation
         if self.ratio:
             n_entries = self.compressor(x, ctx, cache.compressor, self.freqs)
+            offset = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in window_rows)
+            kv_rows.append(cache.compressor.entries.rows(n_entries))  # [B,N,D], paged entries stay in their pages
             if self.ratio == CSA_RATIO:
                 dense = ctx.trace is not None and ctx.trace.dense_indexer
                 chosen, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer,
                                                     dense=dense)  # [B,S,k], or [B,S,N] when dense
-            else:
-                n = torch.arange(n_entries, device=x.device)
-                visible = n < torch.div(ctx.positions + 1, self.ratio, rounding_mode="floor").unsqueeze(-1)
-                chosen = torch.where(visible, n, -1)  # [B,S,N]
-            offset = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in window_rows)
-            kv_rows.append(cache.compressor.entries.rows(n_entries))  # [B,N,D], paged entries stay in their pages
-            idx = torch.cat((window_idx, torch.where(chosen >= 0, chosen + offset, -1)), dim=-1)
+                idx = torch.cat((window_idx, torch.where(chosen >= 0, chosen + offset, -1)), dim=-1)
+            else:  # every causally complete entry: the same for every layer of this ratio in a forward
+                entries = ctx.shared(("hca_entries", self.ratio, n_entries, offset),
+                                     lambda: _hca_entry_slots(ctx, self.ratio, n_entries, offset))
+                idx = torch.cat((window_idx, entries), dim=-1)
 
         scale = self.head_dim**-0.5
         o = kernels.sparse_attn(q, kv_rows, idx, self.attn_sink, scale)  # [B,S,H,D]
@@ -146,6 +146,14 @@ class Attention(nn.Module):
         elif keep is not None:
             cache.write_window(gather_rows(ext_kv, keep).detach())
         return [ext_kv], idx, None
+
+
+def _hca_entry_slots(ctx: ForwardContext, ratio: int, n_entries: int, offset: int) -> Tensor:
+    """An HCA layer's entry slots [B, S, N] after its window's: entry n (row offset + n of the runs) where it is
+    complete at the query's position (n < (p + 1) // ratio), else -1."""
+    n = torch.arange(n_entries, device=ctx.positions.device)
+    visible = n < torch.div(ctx.positions + 1, ratio, rounding_mode="floor").unsqueeze(-1)
+    return torch.where(visible, n + offset, -1)
 
 
 # the most bytes of scores [B, s, H, N] one block of queries computes in `_slot_logits`

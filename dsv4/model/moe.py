@@ -150,7 +150,10 @@ class MoE(nn.Module):
         else:
             counts = torch.bincount(ids.flatten(), minlength=self.n_experts)  # [E] assignments per expert
             y = self.expert_parallel(self, x, weights, ids, counts)
-        y = y + self.shared_experts(x).to(torch.float32)
+        shared = self.shared_experts(x).to(torch.float32)
+        # into the routed sum where it is this call's own (a parallel strategy's reduction may keep its tensor)
+        own = self.expert_parallel is None and not torch.is_grad_enabled()
+        y = y.add_(shared) if own else y + shared
         return y.to(x.dtype).reshape(shape)
 
     def run_experts(self, x: Tensor, weights: Tensor, ids: Tensor, which: Iterable[int]) -> Tensor:
