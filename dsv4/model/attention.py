@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
@@ -198,9 +196,6 @@ def _ring_window_indices(W: int, seqlen: int, ctx: ForwardContext) -> Tensor:
     ring in position order and the chunk: the same slots, naming the same rows. Slot j of the query at position p
     names position q = max(p - W + 1, 0) + j while q <= p: ring slot q % W before the chunk's start, chunk row
     q - start after it (row W + q - start of ring + chunk), then -1."""
-    if W > 1 and bool((ctx.start >= W - 1).all()):  # every row's window already full: a fixed pattern
-        rows, before_start = _full_ring_pattern(W, seqlen, ctx.start.device)
-        return torch.where(before_start, (ctx.start.view(-1, 1, 1) + rows) % W, rows)
     q = (ctx.positions.unsqueeze(-1) - (W - 1)).clamp(min=0) + torch.arange(W, device=ctx.positions.device)
     start = ctx.start.view(-1, 1, 1)
     rows = torch.where(q < start, q % W, q - start + W)
@@ -208,17 +203,6 @@ def _ring_window_indices(W: int, seqlen: int, ctx: ForwardContext) -> Tensor:
     if seqlen < W and ctx.fresh:
         idx = idx[..., :seqlen]  # a prefill shorter than the window has only seqlen window slots
     return idx
-
-
-@functools.lru_cache(maxsize=32)
-def _full_ring_pattern(W: int, seqlen: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """`_ring_window_indices` where every start is at least W - 1, so slot j of chunk token s names position
-    q = start + s - W + 1 + j >= 0: the chunk row s + 1 + j of ring + chunk once q >= start, else ring slot
-    q % W = (start + s + 1 + j) % W. Returns (s + 1 + j [S, W], q < start [S, W]), ordinary tensors (not inference
-    ones) kept for every later step of this shape."""
-    with torch.inference_mode(False):
-        s, j = torch.arange(seqlen, device=device).view(-1, 1), torch.arange(W, device=device)
-        return s + 1 + j, j < W - 1 - s
 
 
 def _without_ring(W: int, idx: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -253,7 +253,8 @@ class Transformer(nn.Module):
         """Give `ctx` the memo of the last forward when that forward ran over the same chunk: every value a memo
         holds is a function of the chunk's shape, starts and lengths (and of per-kind constants: the window, the
         ratios, the RoPE tables), not of the cache or the layers. Only in inference mode (an inference tensor
-        cannot enter autograd) and only from the forward just before (no memo outlives the next forward)."""
+        cannot enter autograd), and only the last forward's memo is kept (a forward over another chunk replaces
+        it)."""
         if not torch.is_inference_mode_enabled():
             self._last_memo = None
             return
