@@ -100,11 +100,13 @@ class Attention(nn.Module):
         # the output is this call's own: rotated in place where no gradient is wanted
         o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True, inplace=not torch.is_grad_enabled())
 
-        # grouped output projection: each group of H/G heads -> o_lora_rank, then wo_b
-        o = o.reshape(bsz, seqlen, self.n_groups, -1)
-        wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
-        z = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))
-        return self.wo_b(z.flatten(2))
+        # grouped output projection: each group of H/G heads -> o_lora_rank, then wo_b. The official einsum
+        # "bsgd,grd->bsgr" as the batched product over the groups it reduces to (what einsum itself runs, less
+        # its parsing and permutes: a third of the projection's time in a decode step)
+        o = o.reshape(bsz * seqlen, self.n_groups, -1).transpose(0, 1)  # [G, B*S, H*D/G]
+        wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)  # [G, R, H*D/G]
+        z = torch.bmm(o, wo_a.to(o.dtype).transpose(1, 2))  # [G, B*S, R]
+        return self.wo_b(z.transpose(0, 1).reshape(bsz, seqlen, -1))
 
     def _window(self, kv: Tensor, ctx: ForwardContext, cache: LayerCache
                 ) -> tuple[list[KVRows], Tensor, tuple[Tensor, Tensor] | None]:
