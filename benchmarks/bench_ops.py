@@ -9,7 +9,7 @@ times per step). Every op of the backend's seam is wrapped with a timer (nested 
 each figure is the least and the median over `--steps` measured runs: a profile of the op's own cost in place, with
 the caches as the rest of the step leaves them (an op timed alone in a loop runs warm, and a prefill's weights are
 not). A decode step follows each run, untimed: a prefill right after another over the same chunk would read its
-RoPE rows, window indices and pooling plans (`Transformer._share_memo`), which a real prefill builds. Prints the
+RoPE rows, window indices and pooling plans (`Transformer._shared_memo`), which a real prefill builds. Prints the
 step time and, per op, calls per step and milliseconds per step, largest first.
 """
 

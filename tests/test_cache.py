@@ -152,7 +152,8 @@ def test_a_verify_steps_window_rows_name_what_the_position_ordered_window_names(
                               (8, [7, 8, 20], 3), (6, [40], 6), (8, [7], 1), (5, [4, 9, 13], 2)):  # windows full
         start = torch.tensor(starts)
         tokens = torch.zeros(len(starts), seqlen, dtype=torch.long)
-        ctx = ForwardContext.build(tokens, start, torch.full_like(start, seqlen), False, True)
+        ctx = ForwardContext(tokens, start, torch.full_like(start, seqlen), start.unsqueeze(1) + torch.arange(seqlen),
+                             exact=False, persist=True, appends=seqlen, fresh=not bool(start.any()))
         ring_slots, idx, _ = _window_indices(W, seqlen, ctx, rewrite=False)
         in_ring = (idx >= 0) & (idx < W)
         want = torch.where(in_ring, ring_slots.gather(1, idx.clamp(0, W - 1).flatten(1)).view_as(idx), idx)

@@ -213,13 +213,13 @@ def test_indexer_loss_ignores_right_padding():
 def _memos_seen(model, monkeypatch) -> list[dict]:
     """The `ForwardContext.memo` each forward of `model` runs with, in call order."""
     seen = []
-    share = type(model)._share_memo
+    share = type(model)._shared_memo
 
-    def recording(self, ctx):
-        share(self, ctx)
-        seen.append(ctx.memo)
+    def recording(self, key):
+        seen.append(share(self, key))
+        return seen[-1]
 
-    monkeypatch.setattr(type(model), "_share_memo", recording)
+    monkeypatch.setattr(type(model), "_shared_memo", recording)
     return seen
 
 

@@ -464,7 +464,7 @@ class ForwardContext:
     # values every layer of this forward would otherwise recompute (RoPE rows, window indices), by key; each must be
     # a function of the chunk (widths, starts, lengths, appends, fresh, persist) and of per-kind constants only (not
     # of the cache or a layer's weights): the next inference forward over the same chunk reads them too
-    # (`Transformer._share_memo`)
+    # (`Transformer._shared_memo`)
     memo: dict = field(default_factory=dict)
     # every row feeds exactly this many tokens and keeps them (a decode or verify step), else 0: rings no wider than
     # it take the tokens in place, a slot each
@@ -478,11 +478,3 @@ class ForwardContext:
         if value is None:
             value = self.memo[key] = build()
         return value
-
-    @classmethod
-    def build(cls, tokens: Tensor, start: Tensor, lengths: Tensor, exact: bool, persist: bool,
-              all_valid: bool = False) -> ForwardContext:
-        """`all_valid`: every row's `lengths` is the chunk width (no right padding)."""
-        positions = start.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
-        return cls(tokens, start, lengths, positions, exact, persist,
-                   appends=tokens.shape[1] if persist and all_valid else 0, fresh=not bool(start.any()))

@@ -21,6 +21,9 @@ from .mhc import HC_MODES, hc_head, hc_post, hc_pre
 from .moe import MoE
 
 NUMERICS = ("plain", "exact")
+# a chunk of at most this many token ids is range-checked on the host from the ids themselves, a longer one from
+# their least and greatest (one reduction, instead of copying thousands of ids)
+FEW_IDS = 64
 
 
 class Block(nn.Module):
@@ -215,52 +218,63 @@ class Transformer(nn.Module):
         if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"tokens must be an integer tensor [batch, seq], got {tuple(tokens.shape)} {tokens.dtype}")
         bsz, seqlen = tokens.shape
-        if tokens.numel():
-            low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync
-            if low < 0 or high >= self.args.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}); got min {low}, max {high}")
         device = tokens.device
-        if lengths is None:
-            lengths = torch.full((bsz,), seqlen, dtype=torch.long, device=device)
-            all_valid = True
-        else:
-            lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
-            low, high = torch.stack(torch.aminmax(lengths)).tolist() if lengths.shape == (bsz,) and bsz else (0, 0)
-            if lengths.shape != (bsz,) or low < 0 or high > seqlen:
-                raise ValueError(f"lengths must be [batch] with values in [0, {seqlen}], got {lengths.tolist()}")
-            all_valid = low == seqlen
         if cache is None:
             if start_pos not in (None, 0):
                 raise ValueError("start_pos without a cache: the full forward always starts at position 0")
             cache = Cache(self.args, bsz, max(seqlen, 1), self.dtype, device, transient=True)
         elif cache.batch_size != bsz:
             raise ValueError(f"cache holds {cache.batch_size} sequences but tokens have batch {bsz}")
-        start = cache_lengths(cache).clone()
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
+            if lengths.shape != (bsz,):
+                raise ValueError(f"lengths must be [batch] with values in [0, {seqlen}], got {lengths.tolist()}")
+        # what every check reads, in one host transfer (a decode step's checks were a sixth of its fixed cost as
+        # a dozen small ops, each a sync): the starts (this copy of the cache's lengths is the context's), the
+        # lengths, and the token ids (a decode's few; a longer chunk's least and greatest)
+        ids = tokens.reshape(-1) if tokens.numel() <= FEW_IDS else torch.stack(torch.aminmax(tokens))
+        parts = [cache_lengths(cache), ids] if lengths is None else [cache_lengths(cache), lengths, ids]
+        joined = torch.cat(parts)  # [B + (B) + ids] int64
+        host = joined.tolist()
+        start = joined[:bsz]
+        starts, ids = host[:bsz], host[len(host) - ids.numel():]
+        sizes = host[bsz:2 * bsz] if lengths is not None else [seqlen] * bsz
+        if ids and (min(ids) < 0 or max(ids) >= self.args.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.args.vocab_size}); got min {min(ids)}, max {max(ids)}")
+        if lengths is None:
+            lengths = torch.full((bsz,), seqlen, dtype=torch.long, device=device)
+        elif any(n < 0 or n > seqlen for n in sizes):
+            raise ValueError(f"lengths must be [batch] with values in [0, {seqlen}], got {sizes}")
         if start_pos is not None:
-            expected = torch.as_tensor(start_pos, dtype=torch.long, device=device).expand(bsz)
-            if not torch.equal(expected, start):
-                raise ValueError(f"chunk starts at {expected.tolist()} but the cache is at {start.tolist()}; "
+            expected = torch.as_tensor(start_pos, dtype=torch.long).expand(bsz).tolist()
+            if expected != starts:
+                raise ValueError(f"chunk starts at {expected} but the cache is at {starts}; "
                                  "chunks must follow the cache position")
-        if bool((start + lengths > cache.max_seq_len).any()):
+        if any(s + n > cache.max_seq_len for s, n in zip(starts, sizes, strict=True)):
             raise ValueError(f"chunk would exceed the cache capacity of {cache.max_seq_len} tokens "
-                             f"(at {start.tolist()} + {lengths.tolist()})")
-        ctx = ForwardContext.build(tokens, start, lengths, exact=self.numerics == "exact",
-                                   persist=not cache.transient, all_valid=all_valid)
-        self._share_memo(ctx)
+                             f"(at {starts} + {sizes})")
+        all_valid = all(n == seqlen for n in sizes) if bsz else seqlen == 0
+        persist, exact = not cache.transient, self.numerics == "exact"
+        appends = seqlen if persist and all_valid else 0
+        memo = self._shared_memo((seqlen, appends, persist, exact, device, tuple(starts), tuple(sizes)))
+        positions = memo.get("positions")
+        if positions is None:  # [B, S] absolute positions, a function of the chunk like every memo value
+            positions = memo["positions"] = start.unsqueeze(1) + torch.arange(seqlen, device=device)
+        ctx = ForwardContext(tokens, start, lengths, positions, exact, persist, memo=memo, appends=appends,
+                             fresh=not any(starts))
         return ctx, cache
 
-    def _share_memo(self, ctx: ForwardContext) -> None:
-        """Give `ctx` the memo of the last forward when that forward ran over the same chunk: every value a memo
-        holds is a function of the chunk's shape, starts and lengths (and of per-kind constants: the window, the
-        ratios, the RoPE tables), not of the cache or the layers. Only in inference mode (an inference tensor
-        cannot enter autograd), and only the last forward's memo is kept (a forward over another chunk replaces
-        it)."""
+    def _shared_memo(self, key: tuple) -> dict:
+        """The memo for a forward over the chunk `key` names (its width, appends, persistence, numerics, device,
+        starts and lengths): the last forward's when that forward ran over the same chunk, else a new one. Every
+        value a memo holds is a function of the chunk (and of per-kind constants: the window, the ratios, the RoPE
+        tables), not of the cache or the layers. Only in inference mode (an inference tensor cannot enter
+        autograd), and only the last forward's memo is kept (a forward over another chunk replaces it)."""
+        last = self._last_memo
         if not torch.is_inference_mode_enabled():
-            self._last_memo = None
-            return
-        key = (ctx.tokens.shape[1], ctx.appends, ctx.fresh, ctx.persist, ctx.exact, ctx.start.device,
-               tuple(ctx.start.tolist()), tuple(ctx.lengths.tolist()))
-        if self._last_memo is not None and self._last_memo[0] == key:
-            ctx.memo = self._last_memo[1]
-        else:
-            self._last_memo = (key, ctx.memo)
+            last = None
+        elif last is None or last[0] != key:
+            last = (key, {})
+        # (a plain attribute: Module.__setattr__'s checks for parameters, buffers and modules cost a decode step ~10 us)
+        object.__setattr__(self, "_last_memo", last)
+        return {} if last is None else last[1]
