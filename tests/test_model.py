@@ -77,6 +77,11 @@ def test_bad_input_is_rejected():
         model(torch.tensor([[1, vocab]]))
     with pytest.raises(ValueError, match="token ids must lie in"):
         model(torch.tensor([[-1, 2]]))
+    from dsv4.model.transformer import FEW_IDS
+    long = torch.ones(1, FEW_IDS + 1, dtype=torch.int32)  # a longer chunk is checked by its least and greatest id
+    for at, bad in ((0, -1), (FEW_IDS, vocab)):
+        with pytest.raises(ValueError, match=f"token ids must lie in .*got min {min(bad, 1)}, max {max(bad, 1)}"):
+            model(long.index_fill(1, torch.tensor([at]), bad))
     with pytest.raises(ValueError, match="integer tensor"):
         model(torch.zeros(2, 3))
     cache = model.new_cache(2, 32)
