@@ -431,6 +431,8 @@ def test_verify_checks_shapes():
         verify_drafts(Sampler(), torch.randn(2, 8), [1, 2], torch.rand(2, 8), params, SequenceState())
     with pytest.raises(ValueError, match="draft probs"):
         verify_drafts(Sampler(), torch.randn(3, 8), [1, 2], torch.rand(3, 8), params, SequenceState())
+    with pytest.raises(ValueError, match="draft_probs"):  # a sampled request's acceptance reads q
+        verify_drafts(Sampler(), torch.randn(3, 8), [1, 2], None, params, SequenceState())
 
 
 def test_draft_tokens():
@@ -460,8 +462,9 @@ def test_draft_tokens():
 
 def test_plain_greedy_drafts_and_verification_are_the_processed_ones():
     """Greedy rows without penalties or a grammar skip the logit processing: the same drafts (the first maximum,
-    ties and NaN included), the same one-hot q, and the same verification as through `process_logits` (forced here
-    by asking for logprobs, which only the processed path reports)."""
+    ties and NaN included), no q (what the processed path gives is one-hot at the draft, which no greedy
+    verification reads), and the same verification as through `process_logits` (forced here by asking for
+    logprobs, which only the processed path reports), with or without a q."""
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(6, 512, generator=gen)
     logits[1, 10] = logits[1, 300] = logits[1].max() + 1  # a tie: the lower id
@@ -473,13 +476,14 @@ def test_plain_greedy_drafts_and_verification_are_the_processed_ones():
     processed = process_logits(logits, params, states)
     assert tokens.tolist() == Sampler().draw(processed, params, states).tolist() == [
         int(logits[0].argmax()), 10, 77, 0, int(logits[4].argmax()), int(logits[5].argmax())]
-    assert torch.equal(q, processed.probs())
+    assert q is None
+    assert torch.equal(processed.probs(), torch.nn.functional.one_hot(tokens, 512).float())
     for trial in range(12):
         k = trial % 4
         target = torch.randn(k + 1, 512, generator=gen)
         drafts = [int(t) if trial % 3 else int(t + 1) for t in target[:k].argmax(-1)]
-        quick = verify_drafts(Sampler(), target, drafts, torch.zeros(k, 512), SamplingParams(temperature=0,
-                              max_tokens=2), SequenceState())
+        quick = verify_drafts(Sampler(), target, drafts, None if trial % 2 else torch.zeros(k, 512),
+                              SamplingParams(temperature=0, max_tokens=2), SequenceState())
         full = verify_drafts(Sampler(), target, drafts, torch.zeros(k, 512), SamplingParams(temperature=0,
                              max_tokens=2, logprobs=0), SequenceState())
         assert (quick.token_ids, quick.accepted, quick.finish_reason) == (full.token_ids, full.accepted,

@@ -516,7 +516,8 @@ class Engine:
         (final streams of the last cached token, the pending token) and drafts d_1 (after a speculative step
         that call already ran, in the step's catch-up: `_Request.drafted`); each further call feeds the block
         its own output streams and the previous draft (DeepSeek's reuse of one MTP layer for deeper drafts).
-        Returns each request's drafts and the distributions q [k, vocab] they were drawn from."""
+        Returns each request's drafts and the distributions q [k, vocab] they were drawn from (None when every
+        request drafting is greedy: `draft_tokens`)."""
         drafted: list[list[int]] = [[] for _ in reqs]
         qs: list[list[Tensor]] = [[] for _ in reqs]
         fresh = [r for r in reqs if r.drafted is None]  # the others' first MTP call ran with the last step's
@@ -539,11 +540,12 @@ class Engine:
                 hidden = self.model.mtp_streams(hidden, tok, cache, lengths=lengths)
                 logits = self.model.mtp_head(hidden)[:, 0]  # [n, vocab]
             toks, q = draft_tokens(self.sampler, logits, [r.params for r in reqs], [r.state for r in reqs], drafted)
-            for i in range(len(reqs)):
-                drafted[i].append(int(toks[i]))
-                qs[i].append(q[i])
+            for i, t in enumerate(toks.tolist()):
+                drafted[i].append(t)
+                if q is not None:  # (None: every request greedy, no verification reads q)
+                    qs[i].append(q[i])
             tok = toks.view(-1, 1).to(device=self.device, dtype=torch.long)
-        return {r: (d, torch.stack(q)) for r, d, q in zip(reqs, drafted, qs, strict=True)}
+        return {r: (d, torch.stack(q) if q else None) for r, d, q in zip(reqs, drafted, qs, strict=True)}
 
     def _mtp_catch_up(self, plan: dict[_Request, int], fed: dict[_Request, list[int]], kept: dict[_Request, int],
                       start: dict[_Request, int], streams: Tensor, row: dict[_Request, int],

@@ -151,30 +151,30 @@ class VerifyOutput:
 @torch.no_grad()
 def draft_tokens(sampler: Sampler, logits: Tensor, params: Sequence[SamplingParams],
                  states: Sequence[SequenceState],
-                 drafted: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, Tensor]:
+                 drafted: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, Tensor | None]:
     """One draft per request from MTP logits [B, V]: returns the tokens [B] int64 (on the logits' device, to feed
     the next MTP call without a host round trip) and q [B, V] fp32, the distributions they were drawn from (pass
     a request's rows to `verify_drafts` as its ``draft_probs``). q is the logits processed exactly as the
     `Sampler` processes target logits, with ``drafted[b]`` (request b's earlier drafts this step) counted as
-    output; greedy rows are the argmax with a one-hot q. Sampled rows draw from the request's generator (or the
+    output; greedy rows are the argmax with a one-hot q, and when every row is plain greedy q is None (no
+    verification of a greedy request reads it). Sampled rows draw from the request's generator (or the
     shared one) with the `Sampler`'s Exp-noise rule, so a seeded request's drafts do not depend on the batch,
     but its stream does differ from non-speculative decoding. Appends nothing to the states."""
     if all(p.plain_greedy for p in params):  # processing would leave the logits as they are: a few ops, not dozens
-        tokens = greedy_tokens(logits.to(torch.float32))
-        return tokens, torch.zeros(logits.shape, device=logits.device).scatter_(1, tokens.unsqueeze(1), 1.0)
+        return greedy_tokens(logits.to(torch.float32)), None
     scoring = states if drafted is None else [st.counting(d) for st, d in zip(states, drafted, strict=True)]
     processed = process_logits(logits, params, scoring)
     return sampler.draw(processed, params, states), processed.probs()
 
 
 @torch.no_grad()
-def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int], draft_probs: Tensor,
+def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int], draft_probs: Tensor | None,
                   params: SamplingParams, state: SequenceState) -> VerifyOutput:
     """Standard speculative sampling for one request (module docstring). ``target_logits`` [k+1, V]: the main
     model's logits for the fed tokens [pending, d_1..d_k] (row i scores the token after the i-th fed token);
     ``drafts``: d_1..d_k; ``draft_probs`` [k, V]: q_1..q_k, each a distribution (sum 1) that d_j was drawn from
-    (`draft_tokens`; unused when the request is greedy). Row i of the target is processed with d_1..d_i counted
-    as output, so penalties see the drafts that precede it.
+    (`draft_tokens`; unused, and may be None, when the request is greedy). Row i of the target is processed with
+    d_1..d_i counted as output, so penalties see the drafts that precede it.
 
     The emitted tokens are recorded in ``state`` exactly as `Sampler.sample` records its tokens (stop ids, EOS,
     ``max_tokens``), stopping at the first finishing token. A sampled request draws k uniforms then one [V]
@@ -184,7 +184,9 @@ def verify_drafts(sampler: Sampler, target_logits: Tensor, drafts: Sequence[int]
     if target_logits.dim() != 2 or target_logits.shape[0] != k + 1:
         raise ValueError(f"{k} drafts need target logits [{k + 1}, V], got shape {tuple(target_logits.shape)}")
     device, vocab = target_logits.device, target_logits.shape[1]
-    if tuple(draft_probs.shape) != (k, vocab):
+    if draft_probs is None and not params.greedy:
+        raise ValueError("a sampled request's drafts need the distributions they were drawn from (draft_probs)")
+    if draft_probs is not None and tuple(draft_probs.shape) != (k, vocab):
         raise ValueError(f"{k} drafts need draft probs [{k}, {vocab}], got shape {tuple(draft_probs.shape)}")
     if params.plain_greedy and params.logprobs is None:  # accept while d_j is the greedy token, then emit it
         target = greedy_tokens(target_logits.to(torch.float32)).tolist()  # [k+1]
