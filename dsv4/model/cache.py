@@ -270,16 +270,18 @@ class Cache:
         row: no read reaches it before the next token there rewrites it (see `snapshot`). `check` False skips
         the range checks (four host syncs) for a caller whose lengths are in range by construction (the engine's
         verify step: each row keeps its first token and at most its drafts)."""
-        least = torch.minimum(snap.lengths + snap.kept, self.lengths)  # a row that appended nothing keeps nothing
-        keep = least if lengths is None else torch.as_tensor(lengths, device=snap.lengths.device)
+        keep = None if lengths is None else torch.as_tensor(lengths, device=snap.lengths.device)
         keep_mtp = snap.mtp_lengths if mtp_lengths is None else torch.as_tensor(mtp_lengths,
                                                                                 device=snap.lengths.device)
-        mtp_start = snap.mtp_lengths if snap.mtp else self.mtp_lengths  # unsaved MTP rings: nothing to undo
-        sides = ((keep, least, self.lengths), (keep_mtp, mtp_start, self.mtp_lengths))
-        for keep_, start, now in sides if check else ():
-            if bool((keep_ < start).any()) or bool((keep_ > now).any()):
-                raise ValueError(f"rollback to {keep_.tolist()}: must lie between the snapshot's {start.tolist()} "
-                                 f"and the current {now.tolist()}")
+        if keep is None or check:
+            least = torch.minimum(snap.lengths + snap.kept, self.lengths)  # a row that appended nothing keeps none
+            keep = least if keep is None else keep
+            mtp_start = snap.mtp_lengths if snap.mtp else self.mtp_lengths  # unsaved MTP rings: nothing to undo
+            sides = ((keep, least, self.lengths), (keep_mtp, mtp_start, self.mtp_lengths))
+            for keep_, start, now in sides if check else ():
+                if bool((keep_ < start).any()) or bool((keep_ > now).any()):
+                    raise ValueError(f"rollback to {keep_.tolist()}: must lie between the snapshot's "
+                                     f"{start.tolist()} and the current {now.tolist()}")
         if snap.parts:
             mtp_owners = {id(o) for layer in self.layers[self.args.n_layers:]
                           for o in (layer, layer.compressor, layer.indexer) if o is not None}
