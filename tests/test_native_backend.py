@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import gc
 import platform
 
 import pytest
@@ -497,7 +496,7 @@ def test_index_topk_over_rows_seeing_few_and_many_entries(k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n, k", [(256, 128), (200, 320), (96, 64), (64, 1024), (40, 202)])
+@pytest.mark.parametrize("n, k", [(256, 128), (200, 320), (96, 64), (64, 1024)])
 def test_quantised_linears_agree_with_the_reference(dtype, m, n, k):
     x = _awkward((m, k), seed=m + k).to(dtype) if m == 3 else _rand(m, k, seed=m + k).to(dtype)
     rel = 1e-5 if dtype == torch.float32 else 2**-8
@@ -590,39 +589,6 @@ def test_routed_and_shared_experts_agree_with_the_reference(monkeypatch, dtype, 
     _close(FAST.swiglu(x, experts[1], 7.0, weights[:, :1]), REF.swiglu(x, experts[1], 7.0, weights[:, :1]), rel)
     routed = "dsv4_panel_experts" if fmt == "float" and dtype == torch.float32 else "dsv4_routed_experts"
     assert lib.calls == {routed: 2, "dsv4_swiglu": 2}
-
-
-@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
-def test_an_experts_remembered_pointers_follow_its_tensors(fmt):
-    """`_expert_table` remembers a quantised expert's pointers: a weight or scale modified in place, or replaced by
-    another tensor, is read as it is now (the decode after the change equals a fresh backend's), and a freed
-    expert's entry goes with it."""
-    backend = native.NativeBackend()
-    experts = _experts(4, 128, 96, fmt)
-    x = (_rand(1, 128, seed=3) * 4).to(torch.bfloat16)
-    ids, weights = torch.tensor([[0, 2]]), torch.tensor([[0.75, 0.25]])
-
-    def decode(table, fresh=False):
-        return (native.NativeBackend() if fresh else backend).routed_experts(x, weights, ids, table, [0, 2], 7.0)
-
-    before = decode(experts)
-    assert id(experts[0].w1) in backend._tables and torch.equal(decode(experts), before)
-    other = _experts(4, 128, 96, fmt, seed=40)
-    swapped = list(experts)  # another w3 of the same version under the same w1
-    swapped[0] = ExpertWeights(experts[0].w1, experts[0].s1, other[0].w3, other[0].s3, experts[0].w2, experts[0].s2)
-    assert torch.equal(decode(swapped), decode(swapped, fresh=True))
-    assert not torch.equal(decode(swapped), before)
-    with torch.no_grad():
-        experts[2].s2.view(torch.uint8).add_(1)  # scales doubled in place (e8m0 exponents): the version moves
-        experts[0].w3.copy_(experts[0].w3.flip(0))
-    changed = decode(experts)
-    assert not torch.equal(changed, before) and torch.equal(changed, decode(experts, fresh=True))
-    key = id(other[1].w1)
-    backend.routed_experts(x, weights, torch.tensor([[1, 3]]), other, [1, 3], 7.0)
-    assert key in backend._tables
-    del other, swapped
-    gc.collect()
-    assert key not in backend._tables
 
 
 def test_a_prefills_fp32_shared_expert_runs_its_activation_in_c(monkeypatch):

@@ -139,7 +139,7 @@ class DecodedWeights:
         scales [N, K/block] fp32), block 128 or 32; "transposed" -> (weight^T contiguous [K, N],)."""
         key = (id(weight), kind)
         entry = self._entries.get(key)
-        version = version_of(weight), None if scale is None else version_of(scale)
+        version = _version(weight), None if scale is None else _version(scale)
         if (entry is not None and entry[0]() is weight and entry[1] == version
                 and (scale is None or entry[2]() is scale)):
             return entry[3]
@@ -160,18 +160,13 @@ class DecodedWeights:
         entry = self._entries.get((id(weight), kind))
         return (entry is not None and entry[0]() is weight) or self.used_bytes + size <= self.limit_bytes
 
-    def holds(self, weight: Tensor, kind: str) -> bool:
-        """Whether the form `kind` of `weight` is kept now."""
-        entry = self._entries.get((id(weight), kind))
-        return entry is not None and entry[0]() is weight
-
     def _drop(self, key: tuple[int, str]) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.used_bytes -= entry[4]
 
 
-def version_of(t: Tensor) -> int:
+def _version(t: Tensor) -> int:
     # an inference tensor keeps no version counter (reading it raises, slowly) and cannot change outside
     # inference mode
     return -1 if t.is_inference() else t._version
@@ -378,7 +373,7 @@ class CpuBackend(ReferenceBackend):
 
         def stamp(expert: ExpertWeights) -> tuple:
             tensors = (expert.w1, expert.s1, expert.w3, expert.s3, expert.w2, expert.s2)
-            return tuple((id(t), version_of(t)) for t in tensors if t is not None)
+            return tuple((id(t), _version(t)) for t in tensors if t is not None)
 
         key = (id(experts), kind)
         entry = self._stacks.get(key)

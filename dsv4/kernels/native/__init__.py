@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -98,7 +97,6 @@ from ..cpu import (
     gather_kv,
     scores_every_row,
     softmax_attention_grads,
-    version_of,
 )
 from ..experts import ExpertWeights
 from ..paged import KVRows
@@ -294,9 +292,6 @@ class NativeBackend(CpuBackend):
             self._lanes = self._sum_lanes()
         self._ones: dict[int, Tensor] = {}  # head_norm's unit weights by width
         self._rounded_checked: dict[tuple[int, int], bool] = {}  # `_rounded_orders` by (heads, width)
-        # a quantised expert's six pointers by id(w1) (`_expert_table`): (weak references to the six tensors, their
-        # versions, the pointers, the forms)
-        self._tables: dict[int, tuple] = {}
 
     def _form(self, weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         return self.decoded.get(weight, scale, "native")
@@ -467,25 +462,7 @@ class NativeBackend(CpuBackend):
 
     def _expert_table(self, expert: ExpertWeights, keep: list) -> list[int]:
         """The six pointers (values, scales of w1, w3, w2) of an expert's native forms, the forms going on `keep`;
-        a float expert's weights as they are (rows contiguous; a strided view is copied), with no scales. A
-        quantised expert's pointers are remembered while the decoded-weight cache keeps its forms and its tensors
-        are the same, unmodified (a decode step asks for every expert it runs: three lookups through their calls
-        cost ~5 us an expert, a speculative step's tokens twice as many experts)."""
-        tensors = (expert.w1, expert.s1, expert.w3, expert.s3, expert.w2, expert.s2)
-        entry = self._tables.get(id(expert.w1))
-        if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors, strict=True)) \
-                and entry[1] == tuple(version_of(t) for t in tensors):
-            keep.append(entry[3])
-            return entry[2]
-        pointers = self._expert_pointers(expert, keep)
-        if expert.s1 is not None and all(self.decoded.holds(w, "native") for w in tensors[::2]):
-            key = id(expert.w1)
-            refs = tuple(weakref.ref(t, lambda _, k=key: self._tables.pop(k, None)) for t in tensors)
-            self._tables[key] = (refs, tuple(version_of(t) for t in tensors), pointers, keep[-3:])
-        return pointers
-
-    def _expert_pointers(self, expert: ExpertWeights, keep: list) -> list[int]:
-        """`_expert_table`'s pointers, from the decoded-weight cache (three forms go on `keep`)."""
+        a float expert's weights as they are (rows contiguous; a strided view is copied), with no scales."""
         pointers = []
         for w, s in ((expert.w1, expert.s1), (expert.w3, expert.s3), (expert.w2, expert.s2)):
             if s is None:
