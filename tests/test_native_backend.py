@@ -496,7 +496,7 @@ def test_index_topk_over_rows_seeing_few_and_many_entries(k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n, k", [(256, 128), (200, 320), (96, 64), (64, 1024)])
+@pytest.mark.parametrize("n, k", [(256, 128), (200, 320), (96, 64), (64, 1024), (40, 202)])
 def test_quantised_linears_agree_with_the_reference(dtype, m, n, k):
     x = _awkward((m, k), seed=m + k).to(dtype) if m == 3 else _rand(m, k, seed=m + k).to(dtype)
     rel = 1e-5 if dtype == torch.float32 else 2**-8
