@@ -275,10 +275,11 @@ class Cache:
                                                                                 device=snap.lengths.device)
         if keep is None or check:
             least = torch.minimum(snap.lengths + snap.kept, self.lengths)  # a row that appended nothing keeps none
-            keep = least if keep is None else keep
+        if keep is None:
+            keep = least
+        if check:
             mtp_start = snap.mtp_lengths if snap.mtp else self.mtp_lengths  # unsaved MTP rings: nothing to undo
-            sides = ((keep, least, self.lengths), (keep_mtp, mtp_start, self.mtp_lengths))
-            for keep_, start, now in sides if check else ():
+            for keep_, start, now in ((keep, least, self.lengths), (keep_mtp, mtp_start, self.mtp_lengths)):
                 if bool((keep_ < start).any()) or bool((keep_ > now).any()):
                     raise ValueError(f"rollback to {keep_.tolist()}: must lie between the snapshot's "
                                      f"{start.tolist()} and the current {now.tolist()}")
