@@ -188,7 +188,7 @@ def _one_token_window(W: int, ctx: ForwardContext) -> Tensor:
     slot = torch.arange(W, device=device)
     oldest = (pos - (W - 1)).clamp(min=0)
     idx = torch.where(slot < (pos + 1).clamp(max=W), (oldest + slot) % W, -1).unsqueeze(1)  # [B,1,W]
-    if W > 1 and not bool(ctx.start.any()):
+    if W > 1 and ctx.fresh:
         idx = idx[..., :1]  # a one-token prefill has one window slot, as in `_window_indices`
     return idx
 
@@ -226,7 +226,7 @@ def _window_indices(W: int, seqlen: int, ctx: ForwardContext, rewrite: bool
     missing = (W - 1 - ctx.positions).clamp(min=0).unsqueeze(-1)  # [B,S,1] window slots before position 0
     rel = torch.arange(seqlen, device=device).view(1, -1, 1) + 1 + slot + missing  # ext row of slot
     idx = torch.where(slot < W - missing, rel, -1)  # [B,S,W]
-    if seqlen < W and not bool(ctx.start.any()):
+    if seqlen < W and ctx.fresh:
         idx = idx[..., :seqlen]  # a prefill shorter than the window has only seqlen window slots
     keep = None
     if ctx.persist and rewrite:

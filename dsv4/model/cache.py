@@ -474,6 +474,11 @@ class ForwardContext:
     appends: int = 0
     # every row starts at position 0 (a new sequence's first chunk): the rings hold nothing any slot names
     fresh: bool = False
+    # `start` and `lengths` as the host has them (read once per forward with the checks): what a layer decides on the
+    # host (how many entries to pool and read) comes from here, not from another read of a device tensor (each one a
+    # wait for the device, and no read can be captured in a CUDA graph)
+    host_starts: tuple[int, ...] = ()
+    host_lengths: tuple[int, ...] = ()
 
     def shared(self, key: object, build: Callable[[], Any]) -> Any:
         """`build()` once per forward for `key`, the same object for every layer that asks again."""

@@ -43,7 +43,10 @@ class _ChunkPlan:
         first = torch.div(ctx.start, ratio, rounding_mode="floor")
         after = torch.div(ctx.start + ctx.lengths, ratio, rounding_mode="floor")  # [B] entries once the chunk is in
         n_new = after - first
-        n_max, n_entries = torch.stack((n_new, after)).amax(dim=1).tolist()  # one host sync
+        # the same counts from the host's copy of the starts and lengths (no read of the device's)
+        host_after = [(s + n) // ratio for s, n in zip(ctx.host_starts, ctx.host_lengths, strict=True)]
+        n_max = max((a - s // ratio for s, a in zip(ctx.host_starts, host_after, strict=True)), default=0)
+        n_entries = max(host_after, default=0)
         ring_order = (ctx.start.unsqueeze(1) - ring + torch.arange(ring, device=ctx.start.device)) % ring
         return cls(ctx.positions % ratio, ctx.positions % ring, first, n_new, n_max, n_entries, ring_order)
 

@@ -261,7 +261,7 @@ class Transformer(nn.Module):
         if positions is None:  # [B, S] absolute positions, a function of the chunk like every memo value
             positions = memo["positions"] = start.unsqueeze(1) + torch.arange(seqlen, device=device)
         ctx = ForwardContext(tokens, start, lengths, positions, exact, persist, memo=memo, appends=appends,
-                             fresh=not any(starts))
+                             fresh=not any(starts), host_starts=tuple(starts), host_lengths=tuple(sizes))
         return ctx, cache
 
     def _shared_memo(self, key: tuple) -> dict:
