@@ -145,6 +145,18 @@ def test_grouped_routed_experts_match_the_reference_loop(fmt, dtype):
     cpu_table = [type(w)(*(t.cpu() for t in vars(w).values())) for w in table]
     want = REF.routed_experts(x, weights, ids, cpu_table, which, 7.0)
     assert got.dtype == torch.float32 and got.shape == (tokens, dim)
+    _assert_experts_close(got, want, dtype)
+    # expert parallelism: the experts held elsewhere are None and their rows add nothing
+    mine = which[::2]
+    partial_table = [w if e in mine else None for e, w in enumerate(table)]
+    got = backend.routed_experts(x.to(ON_DEVICE), weights.to(ON_DEVICE), ids.to(ON_DEVICE), partial_table, mine,
+                                 7.0).cpu()
+    want = REF.routed_experts(x, weights, ids, [w if e in mine else None for e, w in enumerate(cpu_table)], mine, 7.0)
+    assert not torch.equal(want, torch.zeros_like(want))
+    assert float((got - want).norm() / want.norm()) <= (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def _assert_experts_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     else:
@@ -154,14 +166,61 @@ def test_grouped_routed_experts_match_the_reference_loop(fmt, dtype):
         beyond = (got - want).abs() > 2 * _bf16_step(want)
         assert float(beyond.float().mean()) <= 0.02
         assert float((got - want).norm() / want.norm()) <= 1e-2
-    # expert parallelism: the experts held elsewhere are None and their rows add nothing
-    mine = which[::2]
-    partial_table = [w if e in mine else None for e, w in enumerate(table)]
-    got = backend.routed_experts(x.to(ON_DEVICE), weights.to(ON_DEVICE), ids.to(ON_DEVICE), partial_table, mine,
-                                 7.0).cpu()
-    want = REF.routed_experts(x, weights, ids, [w if e in mine else None for e, w in enumerate(cpu_table)], mine, 7.0)
-    assert not torch.equal(want, torch.zeros_like(want))
-    assert float((got - want).norm() / want.norm()) <= (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+class _Table(list):
+    """An expert table the backend can keep a plan for (a plain list cannot be weakly referenced)."""
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_scheduled_routed_experts_match_the_reference_loop(fmt, dtype):
+    """`which` None (every expert the ids name, the tiles laid out on the device over a grid that is an upper
+    bound): the reference's sums, with an expert of 70 rows (two 64-row tiles), experts no token chose, and the
+    grid's spare tiles doing nothing."""
+    n_experts, dim, inter, tokens, k = 8, 256, 128, 80, 2
+    table = _Table(_expert_table(n_experts, dim, inter, fmt, seed=4))
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(tokens, dim, generator=g) * 2).to(dtype)
+    ids = torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(tokens)])  # experts 6 and 7: no rows
+    ids[:70, 0] = 5
+    ids[:70, 1] = torch.where(ids[:70, 1] == 5, 0, ids[:70, 1])
+    weights = torch.rand(tokens, k, generator=g)
+    backend = TritonBackend()
+    x_dev, ids_dev = x.to(ON_DEVICE), ids.to(ON_DEVICE)
+    assert backend.routes_on_device(x_dev, table)
+    got = backend.routed_experts(x_dev, weights.to(ON_DEVICE), ids_dev, table, None, 7.0).cpu()
+    cpu_table = [type(w)(*(t.cpu() for t in vars(w).values())) for w in table]
+    want = REF.routed_experts(x, weights, ids, cpu_table, None, 7.0)
+    assert got.dtype == torch.float32 and got.shape == (tokens, dim)
+    _assert_experts_close(got, want, dtype)
+
+
+def test_the_device_schedules_plan_follows_its_table():
+    """A plan is kept per table and checked against its end experts: a new last expert is run with its own weights,
+    and tables the kernels do not take whole (an expert held elsewhere, float weights, two formats) are routed on
+    the host."""
+    from dsv4.kernels import ExpertWeights
+
+    table = _Table(_expert_table(4, 128, 64, "fp8", seed=6))
+    x = torch.randn(5, 128).to(ON_DEVICE)
+    ids = torch.tensor([[3, 0], [3, 1], [2, 3], [3, 0], [1, 2]]).to(ON_DEVICE)
+    weights = torch.rand(5, 2).to(ON_DEVICE)
+    backend = TritonBackend()
+    before = backend.routed_experts(x, weights, ids, table, None, 7.0)
+    table[3] = _expert_table(1, 128, 64, "fp8", seed=7)[0]  # a new expert 3 (new tensors)
+    after = backend.routed_experts(x, weights, ids, table, None, 7.0)
+    want = REF.routed_experts(x, weights, ids, table, None, 7.0)
+    assert not torch.allclose(before, want, rtol=1e-2)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+    assert not backend.routes_on_device(x, _Table([*table[:3], None]))
+    assert not backend.routes_on_device(x, _Table([*table[:3], *_expert_table(1, 128, 64, "fp4", seed=8)]))
+    floats = _Table(ExpertWeights(torch.randn(64, 128), None, torch.randn(64, 128), None, torch.randn(128, 64), None)
+                    for _ in range(2))
+    assert not backend.routes_on_device(x, floats)
+    assert not backend.routes_on_device(x.double(), table)
+    assert REF.routes_on_device(x, table) is False
 
 
 def test_routed_experts_covers_quantised_tables_only():
@@ -224,3 +283,34 @@ def test_the_demo_answers_the_same_under_the_triton_backend():
         answers[backend] = tokens
     assert len(answers["reference"]) == 8
     assert answers["triton"] == answers["reference"], tokenizer.decode(answers["reference"])
+
+
+@pytest.mark.parametrize("n_layers", [2, 4])
+def test_a_decode_step_reads_the_device_once_for_its_checks_and_once_for_its_tokens(n_layers):
+    """An engine decode step in exact numerics (FP8 / FP4 experts) reads device values on the host twice, however
+    many layers: the forward's checks (one transfer) and the greedy tokens. No MoE layer reads the experts its tokens
+    chose, no compressor its entry counts, no attention layer its starts: on a GPU each read is a wait for the
+    device, and a CUDA graph can capture none."""
+    from host_reads import count_host_reads
+
+    from dsv4.config import preset
+    from dsv4.engine import Engine, SamplingParams
+    from dsv4.formats import to_official_formats
+    from dsv4.model import Transformer, init_weights
+
+    tiny = preset("tiny")  # its ratios 0, 4, 8, 4, 8 (window, CSA, HCA, ...) then the MTP block's
+    ratios = (*tiny.compress_ratios[:n_layers], tiny.compress_ratios[-1])
+    args = tiny.replace(n_layers=n_layers, compress_ratios=ratios, max_seq_len=64)
+    model = to_official_formats(init_weights(Transformer(args, torch.bfloat16, "exact"), seed=0)).eval()
+    engine = Engine(model.to(ON_DEVICE), max_batch=2, max_seq_len=64, kernel_backend="triton")
+    for row in range(2):
+        engine.add_request(list(range(3 + row, 20 + row)), SamplingParams(temperature=0.0, max_tokens=8,
+                                                                          ignore_eos=True))
+    engine.step()  # the prompts
+    engine.step()  # a first decode step
+    with count_host_reads() as reads:
+        updates = engine.step()
+    assert len(updates) == 2 and all(len(u.new_token_ids) == 1 for u in updates)
+    sites = sorted(reads)
+    assert len(sites) == 2 and sum(reads.values()) == 2, reads
+    assert sites[0].startswith("tolist @ engine/") and sites[1].startswith("tolist @ model/transformer.py"), reads

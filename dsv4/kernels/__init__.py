@@ -69,6 +69,7 @@ OPS = (
     "hc_post",
     "gated_pool",
     "moe_gate",
+    "routes_on_device",
     "routed_experts",
     "swiglu",
 )
@@ -316,9 +317,17 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
     return active_backend().moe_gate(x, weight, bias, ids, score_func, topk, route_scale)
 
 
+def routes_on_device(x: torch.Tensor, experts: Sequence[ExpertWeights | None]) -> bool:
+    """Whether `routed_experts` can run over x and every expert of `experts` (all held here) with `which` None, the
+    routed rows grouped and scheduled on the device: an MoE layer that reads no device value."""
+    return active_backend().routes_on_device(x, experts)
+
+
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                   experts: Sequence[ExpertWeights | None], which: Sequence[int], limit: float) -> torch.Tensor:
-    """The routed experts' weighted sum [T, d] fp32 for tokens x [T, d] routed to `ids` [T, k] with `weights`."""
+                   experts: Sequence[ExpertWeights | None], which: Sequence[int] | None,
+                   limit: float) -> torch.Tensor:
+    """The routed experts' weighted sum [T, d] fp32 for tokens x [T, d] routed to `ids` [T, k] with `weights`: the
+    experts `which` (increasing ids), or with None every expert the ids name (see `routes_on_device`)."""
     return active_backend().routed_experts(x, weights, ids, experts, which, limit)
 
 

@@ -40,6 +40,11 @@ class RoutedRows:
         return torch.div(self.keep, self.slots, rounding_mode="floor")
 
 
+def chosen_experts(ids: Tensor) -> list[int]:
+    """The experts ids [T, k] name, in increasing id (one read of the device)."""
+    return sorted(set(ids.flatten().tolist()))
+
+
 def group_routed_rows(ids: Tensor, n_experts: int, which: list[int]) -> RoutedRows:
     """Sort the routed rows of ids [T, k] by expert (stable) and keep those of the experts in `which` that have
     rows (the others run on another rank, or none chose them). One host sync (the per-expert counts)."""

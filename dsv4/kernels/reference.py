@@ -46,7 +46,7 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
-from .experts import ExpertWeights
+from .experts import ExpertWeights, chosen_experts
 from .paged import KVRows, concat_rows
 
 ATTN_BLOCK = 64  # candidate slots per online-softmax step of the official sparse-attention kernel
@@ -248,14 +248,24 @@ class ReferenceBackend:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * route_scale, ids, scores
 
+    def routes_on_device(self, x: torch.Tensor, experts: Sequence[ExpertWeights | None]) -> bool:
+        """Whether `routed_experts` runs over x with `which` None (every expert the ids name) without reading the
+        device: the table's experts all held here and taken by device-scheduled kernels. The reference reads the
+        ids to run expert by expert."""
+        return False
+
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                       experts: Sequence[ExpertWeights | None], which: Sequence[int], limit: float) -> torch.Tensor:
+                       experts: Sequence[ExpertWeights | None], which: Sequence[int] | None,
+                       limit: float) -> torch.Tensor:
         """The routed experts' weighted sum [T, d] fp32 over x [T, d], for routing weights [T, k] fp32 and expert
         ids [T, k]: each expert in `which` (increasing ids; `experts[e]` holds its weights, None for experts held
         by other ranks) runs once on the tokens routed to it, in token order, its hidden activation multiplied
         by the routing weight before w2, and the outputs are added into each token expert by expert. An expert
         in `which` that no token chose runs on no rows (it still joins the autograd graph, which expert-parallel
-        training relies on)."""
+        training relies on). `which` None: the experts the ids name, all held here (a caller passes None only where
+        `routes_on_device` said so)."""
+        if which is None:
+            which = chosen_experts(ids)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in which:
             rows, slot = torch.where(ids == e)

@@ -145,7 +145,11 @@ class MoE(nn.Module):
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
         if routing is not None:
             routing.append(RouterRecord(self.layer_id, scores, ids, self.gate.hash, shape[0]))
-        if self.expert_parallel is None:
+        if self.expert_parallel is None and kernels.routes_on_device(x, self.expert_table):
+            # grouped and scheduled on the device: no read of the chosen experts (quantised experts, which no
+            # training recipe replaces the forwards of)
+            y = kernels.routed_experts(x, weights, ids, self.expert_table, None, self.limit)
+        elif self.expert_parallel is None:
             y = self.run_experts(x, weights, ids, sorted(set(ids.flatten().tolist())))  # the experts chosen
         else:
             counts = torch.bincount(ids.flatten(), minlength=self.n_experts)  # [E] assignments per expert

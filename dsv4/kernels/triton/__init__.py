@@ -10,7 +10,8 @@ Ops with a kernel:
   `act_quant` + GEMM composition.
 * **routed experts** (`experts.py`): the routed rows sorted by expert once and run as two grouped GEMM launches
   (gate + up with the SwiGLU fused, then down) over tiles that find their expert's weights through a pointer
-  table.
+  table; for a table whose every expert the kernels take, the tiles are laid out on the device (`routes_on_device`:
+  no read of the device in an MoE layer).
 * **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (paged
   ones from their pool, the production FP8 row layout decoded in the kernel), the official 64-slot online
   softmax with the sink.
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
-from ..experts import ExpertWeights
+from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
 from ..reference import ReferenceBackend
 from . import attention, experts, gemm, indexer, quant, sinkhorn
@@ -94,8 +95,16 @@ class TritonBackend(ReferenceBackend):
 
     # ------------------------------------------------------------------------------------------ experts
 
+    def routes_on_device(self, x: Tensor, table: Sequence[ExpertWeights | None]) -> bool:
+        return _runs_here(x) and self.expert_pointers.plan(x, table) is not None
+
     def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, table: Sequence[ExpertWeights | None],
-                       which: Sequence[int], limit: float) -> Tensor:
+                       which: Sequence[int] | None, limit: float) -> Tensor:
+        if which is None:
+            plan = self.expert_pointers.plan(x, table) if _runs_here(x) else None
+            if plan is not None:
+                return experts.routed_experts_on_device(x, weights, ids, plan, limit)
+            which = chosen_experts(ids)
         if _runs_here(x) and experts.covers(x, table, which):
             return experts.routed_experts(x, weights, ids, table, which, limit, self.expert_pointers)
         return super().routed_experts(x, weights, ids, table, which, limit)

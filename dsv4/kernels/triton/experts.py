@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
 
-from ..experts import ExpertWeights, add_routed_rows, group_routed_rows
+from ..experts import ExpertWeights, RoutedRows, add_routed_rows, group_routed_rows
 from . import quant
 from .gemm import block_m_for, block_n_for, fp4_tile, fp8_tile, span, store_tile
 from .numerics import exp, libdevice_exp, round_to
@@ -69,6 +70,8 @@ def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs,
                     FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr):
     pid_n = tl.program_id(1)
     expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
+    if expert < 0:  # past the end of a schedule built on the device (its grid is an upper bound)
+        return
     cols64, col_ok = span(pid_n, N, BLOCK_N)
     out_ty = h_ptr.dtype.element_ty
     gate = _project(x_ptr, xs_ptr, w1_ptrs, s1_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
@@ -88,6 +91,8 @@ def _down_kernel(x_ptr, xs_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K,
                  FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(1)
     expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
+    if expert < 0:
+        return
     cols64, col_ok = span(pid_n, N, BLOCK_N)
     acc = _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
                    stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
@@ -101,6 +106,7 @@ class ExpertPointers:
 
     def __init__(self) -> None:
         self._tables: dict[int, tuple] = {}
+        self._plans: dict[tuple, tuple] = {}
 
     def get(self, experts: Sequence[ExpertWeights | None], which: list[int], device: torch.device) -> list[Tensor]:
         key = id(experts)
@@ -121,9 +127,47 @@ class ExpertPointers:
         self._tables[key] = (owner, arrays, stamps)
         return arrays
 
+    def plan(self, x: Tensor, experts: Sequence[ExpertWeights | None]) -> TablePlan | None:
+        """The plan for running every expert of `experts` on x with the schedule on the device, or None where the
+        kernels do not take them all (an expert held elsewhere, a float or mixed format: see `covers`) or x.
+
+        Validating a table reads every expert's weights (~1.7 us an expert: 0.4 ms for V4's 256), too slow for each
+        call, so a plan is kept per table and device and checked on each call against the first and last
+        experts' tensors only, which a move of the model (`.to`), a reload by assignment or a re-quantisation
+        changes. The contract it rests on, which the engine keeps: a middle expert's tensors are not swapped alone
+        while the table serves (an in-place load, `load_state_dict`'s copy, changes no pointer and needs no
+        check)."""
+        if x.dtype not in _FLOATS or (torch.is_grad_enabled() and x.requires_grad) or not len(experts):
+            return None
+        key = (id(experts), x.device, x.shape[-1])
+        entry = self._plans.get(key)
+        ends = (experts[0], experts[len(experts) - 1])
+        if entry is not None and entry[0]() is experts:
+            plan, stamps = entry[1], entry[2]
+            if stamps == tuple(None if w is None else _stamp(w) for w in ends):
+                return plan
+        plan = None
+        if all(w is not None and w.s1 is not None for w in ends) and covers(x, experts, range(len(experts))):
+            plan = TablePlan(self.get(experts, list(range(len(experts))), x.device), experts[0])
+        try:
+            owner = weakref.ref(experts, lambda _, k=key: self._plans.pop(k, None))
+        except TypeError:  # a plain list: nothing to keep it by
+            return plan
+        self._plans[key] = (owner, plan, tuple(None if w is None else _stamp(w) for w in ends))
+        return plan
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """What the device-scheduled experts need of a whole table: every expert's pointers and the first's weights
+    (the shapes and format all share)."""
+
+    pointers: list[Tensor]
+    first: ExpertWeights
+
 
 def _stamp(w: ExpertWeights) -> tuple:
-    return tuple((id(t), t.data_ptr()) for t in (w.w1, w.s1, w.w3, w.s3, w.w2, w.s2))
+    return tuple(None if t is None else (id(t), t.data_ptr()) for t in (w.w1, w.s1, w.w3, w.s3, w.w2, w.s2))
 
 
 def covers(x: Tensor, experts: Sequence[ExpertWeights | None], which: Sequence[int]) -> bool:
@@ -154,24 +198,60 @@ def covers(x: Tensor, experts: Sequence[ExpertWeights | None], which: Sequence[i
 
 def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
                    which: Sequence[int], limit: float, pointers: ExpertPointers) -> Tensor:
-    """The routed experts' weighted sum [T, d] fp32 (see `ReferenceBackend.routed_experts`)."""
+    """The routed experts' weighted sum [T, d] fp32 (see `ReferenceBackend.routed_experts`), scheduled on the host
+    from the per-expert counts (one read of the device)."""
     rows = group_routed_rows(ids, len(experts), list(which))
     if not rows.which:
         return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    first = experts[rows.which[0]]
-    fp4 = is_packed_fp4_dtype(first.w1.dtype)
-    d, inter = x.shape[-1], first.w1.shape[0]
-    rows_x = x.index_select(0, rows.tokens)  # [R, d]
-    rows_w = weights.flatten().index_select(0, rows.keep).to(torch.float32).contiguous()  # [R]
     block_m = block_m_for(max(rows.sizes))
     tiles, lo = [], 0
     for e, n in zip(rows.which, rows.sizes, strict=True):
         for start in range(lo, lo + n, block_m):
             tiles += (e, start, lo + n)
         lo += n
-    tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device)
-    n_tiles = tiles.numel() // 3
-    w1, s1, w3, s3, w2, s2 = pointers.get(experts, rows.which, x.device)
+    tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device).view(-1, 3)
+    arrays = pointers.get(experts, rows.which, x.device)
+    out = _grouped_swiglu(x, weights, rows.keep, ids.shape[1], tiles, block_m, experts[rows.which[0]], arrays, limit)
+    return add_routed_rows(out, rows, ids)
+
+
+def routed_experts_on_device(x: Tensor, weights: Tensor, ids: Tensor, plan: TablePlan, limit: float) -> Tensor:
+    """`routed_experts` over every expert of a table `ExpertPointers.plan` accepted, with no read of the device:
+    the rows sorted by expert (stably, as `group_routed_rows`), the per-expert counts added up on the device and
+    the tiles laid out there, for a grid of as many tiles as any routing can need (a token picks an expert once,
+    so an expert has at most T rows: at most ceil(T*k / BLOCK_M) full tiles plus one partial tile per expert
+    chosen); the tiles past the schedule's end return at once. What a CUDA graph can capture, and a decode step's
+    MoE layers no longer wait for the device one by one."""
+    t, k = ids.shape
+    n, n_experts, device = t * k, len(plan.pointers[0]), x.device
+    flat = ids.flatten()
+    keep = torch.sort(flat, stable=True).indices  # [n] the routed rows grouped by expert, token order inside
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int64))  # [E] (bincount's output size would need a read)
+    block_m = block_m_for(t)
+    row_end = counts.cumsum(0)  # [E] each expert's rows end here in `keep`
+    tiles_of = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")  # [E]
+    tile_end = tiles_of.cumsum(0)
+    n_tiles = triton.cdiv(n, block_m) + min(n_experts, n)
+    tile = torch.arange(n_tiles, device=device)
+    expert = torch.searchsorted(tile_end, tile, right=True)  # [n_tiles] the expert of each tile, E past the end
+    owned = expert.clamp(max=n_experts - 1)
+    first = row_end[owned] - counts[owned] + (tile - (tile_end[owned] - tiles_of[owned])) * block_m
+    tiles = torch.stack((torch.where(expert < n_experts, expert, -1), first, row_end[owned]), dim=1).to(torch.int32)
+    out = _grouped_swiglu(x, weights, keep, k, tiles, block_m, plan.first, plan.pointers, limit)
+    return add_routed_rows(out, RoutedRows(keep, [], [], k), ids)
+
+
+def _grouped_swiglu(x: Tensor, weights: Tensor, keep: Tensor, k: int, tiles: Tensor, block_m: int,
+                    first: ExpertWeights, pointers: list[Tensor], limit: float) -> Tensor:
+    """Each routed row's expert output [R, d] (x.dtype), for the rows `keep` [R] of ids.flatten() in expert order
+    and their tiles [n_tiles, 3] (expert or -1, first row, end row); `first` gives the experts' shapes and format."""
+    fp4 = is_packed_fp4_dtype(first.w1.dtype)
+    d, inter = x.shape[-1], first.w1.shape[0]
+    rows_x = x.index_select(0, torch.div(keep, k, rounding_mode="floor"))  # [R, d]
+    rows_w = weights.flatten().index_select(0, keep).to(torch.float32).contiguous()  # [R]
+    n_tiles = tiles.shape[0]
+    w1, s1, w3, s3, w2, s2 = pointers
     block_n = block_n_for(n_tiles, max(d, inter), 64 if fp4 else 128, x.device)
 
     xq, xs = quant.act_quant(rows_x, FP8_BLOCK)
@@ -187,4 +267,4 @@ def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[Ex
         hq, hs, tiles, w2, s2, out, d, inter,
         hq.stride(0), hs.stride(0), first.w2.stride(0), first.s2.stride(0), out.stride(0),
         FP4=fp4, BLOCK_M=block_m, BLOCK_N=block_n)
-    return add_routed_rows(out, rows, ids)
+    return out
