@@ -14,6 +14,8 @@ time-out still returns what ran):
   against the reference backend, the largest difference in bf16 steps of each position's logits;
 * `small_engine`: small preset fp32, the engine (auto backend) against transformers' `generate`, batch 1 and 32:
   prefill and decode tokens/s and their ratios;
+* `decode_profile`: one engine decode step of the small preset (exact numerics, batch 8): its reads of the device
+  on the host (`tests/host_reads.py`), the kernels it launches and the ten taking the most device time;
 * `flash_layer`: one V4-Flash CSA layer (dim 4096, 256 experts, top 6) with its official FP8 / FP4 weights and
   exact numerics, streams only (no head): decode ms per step at batch 1 and 64, prefill of 4,096 tokens, each
   against the memory-bound time (the weights a step reads at 4.8 TB/s) and the compute-bound time (989 bf16
@@ -228,6 +230,49 @@ def small_engine():
                                 prefill_ratio=round(hf_first / ttft, 2), decode_ratio=round(hf_rest / rest, 2),
                                 greedy_identical=f"{same}/{batch * new}")
     return out
+
+
+@section
+def decode_profile():
+    """One engine decode step of the small preset in exact numerics (batch 8, triton backend): where the host reads
+    the device (each a wait for everything queued), how many kernels the step launches, and the ten taking the most
+    device time: what fusing (the issue's item 4) and CUDA graphs (item 5) should follow."""
+    from host_reads import count_host_reads
+    from torch.profiler import ProfilerActivity, profile
+
+    from dsv4.engine import Engine, SamplingParams
+
+    model = _small_exact()
+    engine = Engine(model, max_batch=8, max_seq_len=512, prefill_chunk=4096, kernel_backend="triton")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        prompt = torch.randint(0, model.args.vocab_size, (256 if not SMALL else 16,), generator=g).tolist()
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+    for _ in range(4):  # the prompts, then decode steps (kernels built)
+        engine.step()
+    with count_host_reads() as reads:
+        engine.step()
+    sync()
+    t0 = time.perf_counter()
+    engine.step()
+    sync()
+    step_ms = (time.perf_counter() - t0) * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=activities) as prof:
+        engine.step()
+        sync()
+    events = prof.key_averages()
+    if DEV == "cuda":  # the kernels themselves: events that ran on the device
+        kernels_run = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        self_us = lambda e: getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    else:  # the CPU smoke run: the aten ops
+        kernels_run = [e for e in events if e.key.startswith("aten::")]
+        self_us = lambda e: e.self_cpu_time_total  # noqa: E731
+    top = sorted(kernels_run, key=self_us, reverse=True)[:10]
+    total = sum(self_us(e) for e in kernels_run)
+    return dict(step_ms=round(step_ms, 2), host_reads=dict(reads), launches=sum(e.count for e in kernels_run),
+                device_ms=round(total / 1e3, 3),
+                top=[f"{self_us(e) / 1e3:.3f} ms x{e.count} {e.key[:90]}" for e in top])
 
 
 def _flash_layer():
