@@ -56,6 +56,7 @@ class TritonBackend(ReferenceBackend):
 
     def __init__(self) -> None:
         self.expert_pointers = experts.ExpertPointers()
+        self._planned: tuple = (None, None, None)  # the last `routes_on_device` answer: (table, device, plan)
 
     # ------------------------------------------------------------------------------------------ quantisation
 
@@ -96,12 +97,17 @@ class TritonBackend(ReferenceBackend):
     # ------------------------------------------------------------------------------------------ experts
 
     def routes_on_device(self, x: Tensor, table: Sequence[ExpertWeights | None]) -> bool:
-        return _runs_here(x) and self.expert_pointers.plan(x, table) is not None
+        plan = self.expert_pointers.plan(x, table) if _runs_here(x) else None
+        # the MoE layer asks, then runs the experts at once: the plan is not checked twice (a few us an MoE layer)
+        self._planned = (table, x.device, plan)
+        return plan is not None
 
     def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, table: Sequence[ExpertWeights | None],
                        which: Sequence[int] | None, limit: float) -> Tensor:
         if which is None:
-            plan = self.expert_pointers.plan(x, table) if _runs_here(x) else None
+            table_, device, plan = self._planned
+            if table_ is not table or device != x.device:
+                plan = self.expert_pointers.plan(x, table) if _runs_here(x) else None
             if plan is not None:
                 return experts.routed_experts_on_device(x, weights, ids, plan, limit)
             which = chosen_experts(ids)

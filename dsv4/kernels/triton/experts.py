@@ -224,7 +224,7 @@ def routed_experts_on_device(x: Tensor, weights: Tensor, ids: Tensor, plan: Tabl
     MoE layers no longer wait for the device one by one."""
     t, k = ids.shape
     n, n_experts, device = t * k, len(plan.pointers[0]), x.device
-    flat = ids.flatten()
+    flat = ids.flatten().to(torch.int64)
     keep = torch.sort(flat, stable=True).indices  # [n] the routed rows grouped by expert, token order inside
     counts = torch.zeros(n_experts, dtype=torch.int64, device=device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int64))  # [E] (bincount's output size would need a read)
