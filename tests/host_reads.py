@@ -5,13 +5,18 @@ On the CPU nothing waits, so the reads are recognised by what they are: an op wh
 (`_local_scalar_dense`: `.item()`, `bool(t)`, `int(t)`), an op whose output size depends on the values (`nonzero`,
 `masked_select`, `unique`, `bincount`, `repeat_interleave` without `output_size`, indexing with a boolean mask), and
 the copies out (`Tensor.tolist`, `.cpu()`, `.numpy()`), each counted where the nearest caller outside torch is in
-the `dsv4` package (Triton's interpreter reads its tensors on the host too; those are not dsv4's)."""
+the `dsv4` package (Triton's interpreter reads its tensors on the host too; those are not dsv4's).
+
+A dispatch mode does not see the ops on inference tensors (the engine's), so the reads that matter most are also
+caught as the tensor methods they are called through (`bool(t)`, `.item()`, `int(t)`, `.nonzero()`, ...), once
+each: the mode does not count what a patched method is already counting."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +32,8 @@ HERE = __file__
 # op overload packets whose every call reads the device (or sizes its output from the values)
 READ_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
             "bincount"}
-COPIES_OUT = ("tolist", "cpu", "numpy")
+METHODS = ("tolist", "cpu", "numpy", "item", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+_inside = threading.local()
 
 
 def _site() -> str | None:
@@ -59,7 +65,7 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _reads(func, args, kwargs):
+        if not getattr(_inside, "method", False) and _reads(func, args, kwargs):
             site = _site()
             if site is not None:
                 self.sites[f"{func.overloadpacket.__name__} @ {site}"] += 1
@@ -70,19 +76,25 @@ class _Mode(TorchDispatchMode):
 def count_host_reads() -> Iterator[collections.Counter]:
     """Count dsv4's reads of device values inside the block, by "what @ file:line"."""
     sites: collections.Counter = collections.Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in COPIES_OUT}
+    originals = {name: getattr(torch.Tensor, name) for name in METHODS}
 
     def wrap(name):
         original = originals[name]
 
-        def copy_out(self, *args, **kwargs):
+        def read(self, *args, **kwargs):
+            if getattr(_inside, "method", False):
+                return original(self, *args, **kwargs)
             site = _site()
             if site is not None:
                 sites[f"{name} @ {site}"] += 1
-            return original(self, *args, **kwargs)
-        return copy_out
+            _inside.method = True
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _inside.method = False
+        return read
 
-    for name in COPIES_OUT:
+    for name in METHODS:
         setattr(torch.Tensor, name, wrap(name))
     try:
         with _Mode(sites):
