@@ -289,7 +289,7 @@ def test_a_decode_steps_moe_layers_and_entry_counts_read_nothing_on_the_host():
     """Engine decode steps in exact numerics (FP4 experts, triton backend) across a CSA entry's completion: no MoE
     layer reads the experts its tokens chose and no compressor its entry counts (each such read is a wait for the
     device on a GPU). What still reads, each step: the forward's checks, the tokens, and per CSA layer the top-k's
-    tie test and the reference attention's first hidden entry; on a step that finishes an entry, its pooling plan."""
+    tie test and its first hidden entry (the reference top-k's); on a step that finishes an entry, its pooling plan."""
     from host_reads import count_host_reads
 
     from dsv4.config import preset
