@@ -7,16 +7,15 @@ On the CPU nothing waits, so the reads are recognised by what they are: an op wh
 the copies out (`Tensor.tolist`, `.cpu()`, `.numpy()`), each counted where the nearest caller outside torch is in
 the `dsv4` package (Triton's interpreter reads its tensors on the host too; those are not dsv4's).
 
-A dispatch mode does not see the ops on inference tensors (the engine's), so the reads that matter most are also
-caught as the tensor methods they are called through (`bool(t)`, `.item()`, `int(t)`, `.nonzero()`, ...), once
-each: the mode does not count what a patched method is already counting."""
+Under inference mode (the engine's) composite ops reach the dispatcher undecomposed: `bool(t)` and `.item()` as
+`is_nonzero` and `item` rather than `_local_scalar_dense`, `nonzero(as_tuple=True)`, `torch.where(c)` and
+`argwhere` as themselves rather than `nonzero`; each counts."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +29,9 @@ TORCH = str(Path(torch.__file__).parent) + "/"
 HERE = __file__
 
 # op overload packets whose every call reads the device (or sizes its output from the values)
-READ_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
-            "bincount"}
-METHODS = ("tolist", "cpu", "numpy", "item", "nonzero", "__bool__", "__int__", "__float__", "__index__")
-_inside = threading.local()
+READ_OPS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "nonzero_numpy", "argwhere", "masked_select",
+            "_unique2", "unique_dim", "unique_consecutive", "bincount"}
+COPIES_OUT = ("tolist", "cpu", "numpy")  # Tensor methods that read without an op the dispatcher shows for CPU tensors
 
 
 def _site() -> str | None:
@@ -50,6 +48,8 @@ def _reads(func, args, kwargs) -> bool:
     name = func.overloadpacket.__name__
     if name in READ_OPS:
         return True
+    if name == "where":  # the one-argument form: nonzero's (the three-argument one reads nothing)
+        return len(args) == 1
     if name == "repeat_interleave":
         return isinstance(args[0], torch.Tensor) and len(args) > 1 and isinstance(args[1], torch.Tensor) \
             and kwargs.get("output_size") is None
@@ -65,7 +65,7 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not getattr(_inside, "method", False) and _reads(func, args, kwargs):
+        if _reads(func, args, kwargs):
             site = _site()
             if site is not None:
                 self.sites[f"{func.overloadpacket.__name__} @ {site}"] += 1
@@ -76,25 +76,19 @@ class _Mode(TorchDispatchMode):
 def count_host_reads() -> Iterator[collections.Counter]:
     """Count dsv4's reads of device values inside the block, by "what @ file:line"."""
     sites: collections.Counter = collections.Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in METHODS}
+    originals = {name: getattr(torch.Tensor, name) for name in COPIES_OUT}
 
     def wrap(name):
         original = originals[name]
 
-        def read(self, *args, **kwargs):
-            if getattr(_inside, "method", False):
-                return original(self, *args, **kwargs)
+        def copy_out(self, *args, **kwargs):
             site = _site()
             if site is not None:
                 sites[f"{name} @ {site}"] += 1
-            _inside.method = True
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                _inside.method = False
-        return read
+            return original(self, *args, **kwargs)
+        return copy_out
 
-    for name in METHODS:
+    for name in COPIES_OUT:
         setattr(torch.Tensor, name, wrap(name))
     try:
         with _Mode(sites):
