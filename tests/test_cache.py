@@ -158,3 +158,15 @@ def test_a_verify_steps_window_rows_name_what_the_position_ordered_window_names(
         in_ring = (idx >= 0) & (idx < W)
         want = torch.where(in_ring, ring_slots.gather(1, idx.clamp(0, W - 1).flatten(1)).view_as(idx), idx)
         assert torch.equal(_ring_window_indices(W, seqlen, ctx), want), (W, starts, seqlen)
+
+
+def test_a_chunks_finished_entry_pairs_are_the_true_places_of_its_mask_in_grid_order():
+    """`_finished_pairs` builds from the host's counts what `nonzero` of the [B, M] mask "m < count of row b" gives
+    (without reading the device): rows that finish none, some and all M entries, and the whole grid."""
+    from dsv4.model.compressor import _finished_pairs
+
+    for counts, m in (((0, 2, 1, 2), 2), ((3, 3), 3), ((0, 0, 1), 1), ((1,), 4), ((2, 0, 5, 5, 1), 5)):
+        mask = torch.arange(m).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
+        want = mask.nonzero(as_tuple=True)
+        got = _finished_pairs(counts, m, torch.device("cpu"))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (counts, m)

@@ -486,16 +486,18 @@ class Engine:
         padded to the widest, and every padded position is computed, so decodes (a token, or the pending token
         and the drafts) do not share a call with prefill chunks: a step with 7 decodes and a 150-token chunk
         would compute 8 x 150 positions instead of 157. Two calls cost one more step's fixed overhead."""
-        short = lengths <= self.k + 1
-        if bool(short.all()) or not bool(short.any()):
+        sizes = [len(t) for t in fed.values()]  # `lengths` as the host has them
+        short = [n <= self.k + 1 for n in sizes]
+        if all(short) or not any(short):
             return self.model.forward_streams(tokens, self._rows(fed), lengths=lengths)
         a = self.model.args
         streams = torch.zeros(*tokens.shape, a.hc_mult, a.dim, dtype=self.model.dtype, device=self.device)
         reqs = list(fed)
-        for group in (short, ~short):
-            at = torch.nonzero(group).flatten()
-            width = int(lengths[at].max())
-            rows = self._rows(reqs[i] for i in at.tolist())
+        for group in (True, False):
+            picked = [i for i, flag in enumerate(short) if flag is group]
+            at = torch.tensor(picked, device=self.device)
+            width = max(sizes[i] for i in picked)
+            rows = self._rows(reqs[i] for i in picked)
             streams[at, :width] = self.model.forward_streams(tokens[at, :width], rows, lengths=lengths[at])
         return streams
 

@@ -421,10 +421,7 @@ class ReferenceBackend:
         attention's blocks of candidates follow), -1 where a query sees fewer than k', and their scores [B, S, k']
         (-inf at those -1; differentiable in the scores)."""
         seen = visible.unsqueeze(-1)  # [B,S,1]
-        n = scores.shape[-1]
-        first_hidden = min(int(seen.min()), n) if seen.numel() else n  # entries before it: seen by every query
-        hidden = torch.arange(first_hidden, n, device=scores.device) >= seen  # [B,S,N-first_hidden]
-        scores[..., first_hidden:].masked_fill_(hidden, float("-inf"))
+        scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= seen, float("-inf"))
         top = stable_topk(scores.detach(), k)  # [B,S,k']
         return torch.where(top < seen, top, -1), scores.gather(-1, top)
 

@@ -37,6 +37,7 @@ class _ChunkPlan:
     n_max: int  # the most entries a row finishes
     n_entries: int  # the most entries a row holds afterwards
     ring_order: Tensor  # [B, R] the ring's slots oldest first: its tokens at positions start-R .. start-1
+    host_new: tuple[int, ...]  # n_new as the host has it
 
     @classmethod
     def build(cls, ctx: ForwardContext, ratio: int, ring: int) -> _ChunkPlan:
@@ -45,10 +46,10 @@ class _ChunkPlan:
         n_new = after - first
         # the same counts from the host's copy of the starts and lengths (no read of the device's)
         host_after = [(s + n) // ratio for s, n in zip(ctx.host_starts, ctx.host_lengths, strict=True)]
-        n_max = max((a - s // ratio for s, a in zip(ctx.host_starts, host_after, strict=True)), default=0)
-        n_entries = max(host_after, default=0)
+        host_new = tuple(a - s // ratio for s, a in zip(ctx.host_starts, host_after, strict=True))
         ring_order = (ctx.start.unsqueeze(1) - ring + torch.arange(ring, device=ctx.start.device)) % ring
-        return cls(ctx.positions % ratio, ctx.positions % ring, first, n_new, n_max, n_entries, ring_order)
+        return cls(ctx.positions % ratio, ctx.positions % ring, first, n_new, max(host_new, default=0),
+                   max(host_after, default=0), ring_order, host_new)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,6 @@ class _PoolPlan:
         overlap = ratio == CSA_RATIO
         b, s = ctx.positions.shape
         j = chunk.first.unsqueeze(1) + torch.arange(m, device=device)  # [B,M] entry ids
-        valid = torch.arange(m, device=device).unsqueeze(0) < chunk.n_new.unsqueeze(1)  # [B,M]
         offset = (ctx.start - ring).view(-1, 1, 1)  # position of ext row 0
         cur_pos = j.unsqueeze(-1) * r + torch.arange(r, device=device)  # [B,M,r]
         last = ring + s - 1
@@ -85,9 +85,22 @@ class _PoolPlan:
             rows = rows.masked_fill(torch.cat((prev_pos < 0, cur_pos < 0), dim=2), -1)
         else:
             rows = base + cur
-        at, cols = valid.nonzero(as_tuple=True)
+        at, cols = _finished_pairs(chunk.host_new, m, device)
         cos, sin = rope_cos_sin(freqs, j * r)
         return cls(rows.flatten(0, 1), j, at, cols, j[at, cols], at.numel() == b * m, cos, sin)
+
+
+def _finished_pairs(counts: tuple[int, ...], m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (row, m) pairs of the entries a chunk finishes, row by row ([B, M] grid order), for `counts` entries in
+    each row (at most m): built from the host's counts (the positions where a mask of them is true would be a read
+    of the device), their total sizing the result."""
+    b, total = len(counts), sum(counts)
+    if total == b * m:  # every row finishes m entries: the whole grid
+        return torch.arange(b, device=device).repeat_interleave(m), torch.arange(m, device=device).repeat(b)
+    per_row = torch.tensor(counts, device=device)
+    at = torch.repeat_interleave(torch.arange(b, device=device), per_row, output_size=total)
+    first = torch.repeat_interleave(per_row.cumsum(0) - per_row, per_row, output_size=total)  # each pair's row start
+    return at, torch.arange(total, device=device) - first
 
 
 def _ring_keep_rows(ctx: ForwardContext, ring: int, before: int) -> Tensor:
