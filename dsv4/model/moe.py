@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..config import ModelArgs
 from ..kernels import ExpertWeights
+from ..kernels.experts import chosen_experts
 from .layers import Linear
 
 
@@ -150,7 +151,7 @@ class MoE(nn.Module):
             # training recipe replaces the forwards of)
             y = kernels.routed_experts(x, weights, ids, self.expert_table, None, self.limit)
         elif self.expert_parallel is None:
-            y = self.run_experts(x, weights, ids, sorted(set(ids.flatten().tolist())))  # the experts chosen
+            y = self.run_experts(x, weights, ids, chosen_experts(ids))
         else:
             counts = torch.bincount(ids.flatten(), minlength=self.n_experts)  # [E] assignments per expert
             y = self.expert_parallel(self, x, weights, ids, counts)
