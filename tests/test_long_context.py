@@ -35,11 +35,12 @@ def adversarial_scores(gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("read_free", [False, True])  # the CPU's way (repair the rows a tie cuts), the GPU's
 @pytest.mark.parametrize("k", [0, 1, 3, 8, 39, 40, 55])  # 40 = N, 55 > N
-def test_stable_topk_equals_the_stable_sort_rule(k):
+def test_stable_topk_equals_the_stable_sort_rule(k, read_free):
     gen = torch.Generator().manual_seed(k)
     for name, scores in adversarial_scores(gen).items():
-        assert torch.equal(stable_topk(scores, k), sort_rule(scores, k)), (name, k)
+        assert torch.equal(stable_topk(scores, k, read_free), sort_rule(scores, k)), (name, k)
 
 
 def test_ties_make_plain_topk_differ():
@@ -100,3 +101,17 @@ def test_nano_chunked_prefill_equals_full_forward():
         pos += size
     err = (torch.cat(chunks, dim=1) - ref).abs().max() / ref.abs().max()
     assert err < 1e-5, err
+
+
+def test_the_read_free_top_k_reads_nothing_on_the_host_where_ties_are_cut():
+    """Off the CPU `stable_topk` must not ask the device which rows a tie cuts (a wait in every CSA layer of a GPU
+    decode step); the CPU's way does ask, which is what the counter sees."""
+    from host_reads import count_host_reads
+
+    scores = torch.zeros(2, 3, 40)  # every row's k-th value tied
+    with count_host_reads() as reads:
+        stable_topk(scores, 8, read_free=True)
+    assert not reads, reads
+    with count_host_reads() as reads:
+        stable_topk(scores, 8, read_free=False)
+    assert reads, "the counter sees the tie test"

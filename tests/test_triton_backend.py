@@ -290,7 +290,8 @@ def test_a_decode_steps_moe_layers_and_entry_counts_read_nothing_on_the_host():
     layer reads the experts its tokens chose and no compressor its entry counts (each such read is a wait for the
     device on a GPU), nor a compressor's pooling plan, nor the reference top-k's masking, nor the engine's split of
     decodes from prefill chunks. What still reads, each step: the forward's checks, the tokens, and per CSA layer
-    the reference top-k's tie test (and its repair where entries tie)."""
+    the top-k's tie test (and its repair where entries tie), which it makes on CPU tensors only (off the CPU it asks
+    nothing: `test_the_read_free_top_k_reads_nothing_on_the_host_where_ties_are_cut`)."""
     from host_reads import count_host_reads
 
     from dsv4.config import preset
