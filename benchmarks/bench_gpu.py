@@ -16,6 +16,8 @@ time-out still returns what ran):
   prefill and decode tokens/s and their ratios;
 * `decode_profile`: one engine decode step of the small preset (exact numerics, batch 8): its reads of the device
   on the host (`tests/host_reads.py`), the kernels it launches and the ten taking the most device time;
+* `decode_graphs`: the small preset's engine decode (exact numerics, triton backend) eager and through CUDA graphs,
+  batch 1 and 32: decode tokens/s, the speed-up, identical greedy tokens, the capture cost;
 * `flash_layer`: one V4-Flash CSA layer (dim 4096, 256 experts, top 6) with its official FP8 / FP4 weights and
   exact numerics, streams only (no head): decode ms per step at batch 1 and 64, prefill of 4,096 tokens, each
   against the memory-bound time (the weights a step reads at 4.8 TB/s) and the compute-bound time (989 bf16
@@ -273,6 +275,50 @@ def decode_profile():
     return dict(step_ms=round(step_ms, 2), host_reads=dict(reads), launches=sum(e.count for e in kernels_run),
                 device_ms=round(total / 1e3, 3),
                 top=[f"{self_us(e) / 1e3:.3f} ms x{e.count} {e.key[:90]}" for e in top])
+
+
+@section
+def decode_graphs():
+    """The small preset's engine decode (exact numerics, official FP8/FP4 weights, triton backend) eager and through
+    CUDA graphs (`Engine(decode_graphs=True)`): decode tokens/s at batch 1 and 32 on one engine per side, measured on
+    its second round of requests (the first captures the graphs, and its time to the last token is the capture
+    cost shown), and whether both sides' greedy tokens are identical."""
+    from dsv4.engine import Engine, SamplingParams
+
+    model = _small_exact()
+    plen, new = (512, 64) if not SMALL else (16, 6)
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for batch in (1, 32 if not SMALL else 2):
+        prompts = torch.randint(0, model.args.vocab_size, (batch, plen), generator=g).tolist()
+        side = {}
+        for graphs in (False, True):
+            engine = Engine(model, max_batch=batch, max_seq_len=model.args.max_seq_len, prefill_chunk=batch * plen,
+                            kernel_backend="triton", decode_graphs=graphs)
+            rounds = []
+            for _ in range(2):
+                ids = [engine.add_request(p, params) for p in prompts]
+                tokens = {i: [] for i in ids}
+                first = None
+                while engine.has_unfinished():
+                    for u in engine.step():
+                        tokens[u.request_id] += u.new_token_ids
+                    if first is None and all(tokens.values()):
+                        sync()
+                        first = time.perf_counter()
+                sync()
+                rounds.append((time.perf_counter() - first, [tokens[i] for i in ids]))
+            side[graphs] = dict(decode_tok_s=round(batch * (new - 1) / rounds[1][0], 1),
+                                first_round_decode_s=round(rounds[0][0], 2), tokens=rounds[1][1],
+                                graphs=sorted(engine.graphs.graphs) if graphs else None)
+        out[f"b{batch}"] = dict(eager_tok_s=side[False]["decode_tok_s"], graph_tok_s=side[True]["decode_tok_s"],
+                                speedup=round(side[True]["decode_tok_s"] / side[False]["decode_tok_s"], 2),
+                                identical=side[True]["tokens"] == side[False]["tokens"],
+                                capture_round_s=side[True]["first_round_decode_s"],
+                                eager_first_round_s=side[False]["first_round_decode_s"],
+                                buckets=side[True]["graphs"])
+    return out
 
 
 def _flash_layer():

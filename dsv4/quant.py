@@ -13,6 +13,8 @@ the largest element of a block lands in ``(elem_max/2, elem_max]``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8_MAX = 448.0  # largest finite e4m3 value
@@ -140,8 +142,16 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """fp32 value of e2m1 codes (only the low four bits are looked at)."""
-    table = torch.tensor(E2M1_GRID + tuple(-v for v in E2M1_GRID), dtype=torch.float32, device=codes.device)
-    return table[(codes.view(torch.uint8) & 0xF).long()]
+    return _e2m1_table(codes.device)[(codes.view(torch.uint8) & 0xF).long()]
+
+
+@functools.cache
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    """The 16 code values on `device`, made once per device: a table made from host data at every call would be a
+    copy from the host in every decode of FP4 rows (and a copy a CUDA graph cannot capture). A normal tensor
+    even when first asked for in inference mode, so that training may use it too."""
+    with torch.inference_mode(False):
+        return torch.tensor(E2M1_GRID + tuple(-v for v in E2M1_GRID), dtype=torch.float32, device=device)
 
 
 def _as_bytes(packed: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,8 @@ class EngineConfig:
     evaluation against its own server, 1,000 requests: 201 s with 512 MB; 64 MB evicts the shared prefixes);
     `num_speculative`: MTP draft tokens per step (0: off); `seed`: the sampler's shared generator (every rank's
     must be equal); `kernel_backend`: the `dsv4.kernels` backend the engine runs the model on (None:
-    $DSV4_KERNEL_BACKEND, else "auto", the device's)."""
+    $DSV4_KERNEL_BACKEND, else "auto", the device's); `decode_graphs`: decode steps as CUDA graphs
+    (`dsv4.engine.graphs`; one process, no speculation)."""
 
     max_batch: int = 8
     max_seq_len: int | None = None
@@ -136,9 +137,13 @@ class EngineConfig:
     num_speculative: int = 0
     seed: int | None = 0
     kernel_backend: str | None = None
+    decode_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("kv_format", self.kv_format, format_names())
+        if self.decode_graphs and self.num_speculative:
+            raise OptionError(("decode_graphs", "num_speculative"), "decode graphs capture plain decode steps; with "
+                              "speculation every decode step is a speculative one")
         if self.kernel_backend is not None:
             _check_choice("kernel_backend", self.kernel_backend, kernels.backend_names())
         for option, low in (("max_batch", 1), ("max_seq_len", 2), ("prefill_chunk", 1), ("kv_budget_bytes", 1),
@@ -291,13 +296,16 @@ def build_engine(loaded: LoadedModel, config: EngineConfig = EngineConfig(), env
                                          f"the model ({', '.join(map(str, ratios))})")
     if config.num_speculative and not model.args.n_mtp_layers:
         raise OptionError("num_speculative", "the model has no MTP block to draft with")
+    if config.decode_graphs and _parallel(env):
+        raise OptionError("decode_graphs", "not across several processes (their collectives are not captured)")
     max_seq_len = min(config.max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
     return (LockstepEngine if _parallel(env) else Engine)(
         model, max_batch=config.max_batch, max_seq_len=max_seq_len, prefill_chunk=config.prefill_chunk,
         eos_id=loaded.tokenizer.eos_id, seed=config.seed, kv_format=config.kv_format,
         kv_budget_bytes=config.kv_budget_bytes, page_tokens=config.page_tokens,
         prefix_cache_bytes=config.prefix_cache_bytes, prefix_interval=config.prefix_interval,
-        num_speculative=config.num_speculative, kernel_backend=config.kernel_backend)
+        num_speculative=config.num_speculative, kernel_backend=config.kernel_backend,
+        decode_graphs=config.decode_graphs)
 
 
 def build_service(source: ModelSource = ModelSource(), engine: EngineConfig = EngineConfig(),

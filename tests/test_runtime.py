@@ -133,6 +133,19 @@ def test_the_kernel_backend_is_an_engine_option(monkeypatch):
         build_serve_context(*configs(build_parser().parse_args(["serve", "--model", "tiny"])))
 
 
+def test_decode_graphs_are_an_engine_option():
+    """`--decode-graphs` reaches the engine (on the CPU its static steps run uncaptured, and answer); it refuses
+    speculation, whose every decode step is a speculative one (`test_bad_settings_exit_2_naming_the_flag`)."""
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--decode-graphs", "--max-concurrent", "2"])
+    source, engine_config, server = configs(args)
+    service = build_service(source, engine_config, ServerConfig(max_output_tokens=6))
+    assert service.engine.engine.graphs is not None and ask(service, 6).completion_tokens >= 1
+    assert service.engine.engine.graphs.steps >= 1
+    assert build_service(ModelSource(model="tiny"), EngineConfig(max_batch=1)).engine.engine.graphs is None
+    with pytest.raises(OptionError, match="decode_graphs, num_speculative: "):
+        EngineConfig(decode_graphs=True, num_speculative=1)
+
+
 def test_serve_kv_budget_sizes_the_page_pool():
     args = build_parser().parse_args(["serve", "--kv-budget", "8M", "--max-concurrent", "2", "--page-tokens", "256"])
     kv = build_serve_context(*configs(args)).backend.engine.engine.kv
@@ -164,6 +177,7 @@ def test_serve_body_limit_and_signature_key(monkeypatch):
     (["serve", "--numerics", "plain", "--kv-format", "fp8"], ["--numerics and --kv-format"]),
     (["serve", "--model", "nano", "--page-tokens", "3"], ["--page-tokens: 3 is not a multiple", "(4, 128)"]),
     (["serve", "--max-context", "1"], ["--max-context: must be >= 2"]),
+    (["serve", "--decode-graphs", "--num-speculative", "1"], ["--decode-graphs and --num-speculative: "]),
     (["serve", "--model", "nowhere/at-all"], ["--model: 'nowhere/at-all' is not a preset"]),
     (["chat", "--page-tokens", "3", "--prompt", "Hi"], ["--page-tokens: 3 is not a multiple"]),
 ])

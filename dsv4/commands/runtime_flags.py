@@ -49,6 +49,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "prompt or tools resume from it (default: %(default)s; 0: only whole prompts and outputs)")
     p.add_argument("--num-speculative", type=non_negative_int, default=EngineConfig.num_speculative,
                    help="MTP draft tokens per step (0: off)")
+    p.add_argument("--decode-graphs", action="store_true",
+                   help="run decode steps as CUDA graphs, one per batch and context bucket, captured at first use "
+                        "(CUDA: the triton kernel backend with FP8/FP4 experts; not with --num-speculative)")
     p.add_argument("--kernel-backend", choices=kernels.backend_names(), default=None,
                    help=f"the kernel backend the model runs on (default: ${kernels.ENV_VAR}, else "
                         f"{kernels.DEFAULT_BACKEND})")
@@ -63,7 +66,8 @@ def engine_config(args: argparse.Namespace, max_batch: int, seed: int = 0) -> En
     return EngineConfig(max_batch=max_batch, max_seq_len=args.max_context, prefill_chunk=args.prefill_chunk,
                         kv_format=args.kv_format, kv_budget_bytes=args.kv_budget, page_tokens=args.page_tokens,
                         prefix_cache_bytes=args.prefix_cache_mb * MIB, prefix_interval=args.prefix_interval or None,
-                        num_speculative=args.num_speculative, seed=seed, kernel_backend=args.kernel_backend)
+                        num_speculative=args.num_speculative, seed=seed, kernel_backend=args.kernel_backend,
+                        decode_graphs=args.decode_graphs)
 
 
 def error_line(command: str, err: Exception) -> str:

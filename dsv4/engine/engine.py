@@ -41,6 +41,10 @@ first token. The MTP cache runs one token behind the main cache (the last token'
 the token prefix; hence prefix saves and preemption work unchanged. Greedy output is token for token the plain
 greedy sequence.
 
+With `decode_graphs` a step whose every row is a plain decode (no prefill chunk, no drafts, no prompt logprobs)
+runs as a CUDA graph of its batch and context bucket (`dsv4.engine.graphs`), padded with rows on the cache's spare
+slot; its greedy tokens are the eager step's.
+
 `AsyncEngine` wraps an `Engine` for asyncio: `generate(prompt_ids, params)` is an async iterator of the
 request's updates, the step loop runs as a background task, and a consumer that stops (cancellation,
 `aclose`, leaving the loop early) aborts its request.
@@ -60,6 +64,7 @@ from torch import Tensor
 from .. import kernels
 from ..model import Transformer
 from ..model.cache import CacheRows
+from .graphs import DecodeGraphs, uncapturable
 from .kv_cache import CacheFullError, KVCacheManager
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, SequenceState, TokenLogprobs, token_logprobs
@@ -151,14 +156,15 @@ class Engine:
     `num_pages` (default: room for every slot at `max_seq_len`), `page_tokens` per page. Prefix cache:
     `prefix_cache_bytes` > 0 turns it on, `prefix_interval` saves long prompts every that many tokens.
     `kernel_backend`: the `dsv4.kernels` backend every model call of a step runs on (None: the process default,
-    $DSV4_KERNEL_BACKEND or "reference")."""
+    $DSV4_KERNEL_BACKEND or "reference"). `decode_graphs`: run plain decode steps as CUDA graphs, one per bucket of
+    batch size and context (`dsv4.engine.graphs`; on a CPU the same static steps run uncaptured)."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_seq_len: int | None = None,
                  prefill_chunk: int = 64, eos_id: int | None = None, seed: int | None = None, *,
                  kv_format: str = "model", kv_budget_bytes: int | None = None, num_pages: int | None = None,
                  page_tokens: int | None = None, prefix_cache_bytes: int = 0,
                  prefix_interval: int | None = None, num_speculative: int = 0,
-                 kernel_backend: str | None = None) -> None:
+                 kernel_backend: str | None = None, decode_graphs: bool = False) -> None:
         max_seq_len = max_seq_len or model.args.max_seq_len
         if max_batch < 1 or max_seq_len < 2 or prefill_chunk < 1:
             raise ValueError(f"Engine needs max_batch >= 1, max_seq_len >= 2 and prefill_chunk >= 1, got "
@@ -170,6 +176,14 @@ class Engine:
         self.kernel_backend = kernels.resolve_backend_name(kernel_backend or kernels.default_backend_name(),
                                                            model.embed.weight.device)
         self.kernels = kernels.get_backend(self.kernel_backend)  # an unknown name: ValueError naming the choices
+        if decode_graphs and num_speculative:
+            raise ValueError("decode_graphs captures plain decode steps; with num_speculative > 0 every decode step "
+                             "is a speculative one")
+        if decode_graphs and model.embed.weight.device.type == "cuda":
+            with torch.inference_mode():
+                reason = uncapturable(model, self.kernels)
+            if reason is not None:
+                raise ValueError(f"decode_graphs: a decode step cannot be captured in a CUDA graph: {reason}")
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
@@ -178,8 +192,10 @@ class Engine:
         self.k = num_speculative
         # a verify step appends k + 1 tokens, which may run k past a request's last kept token
         self.kv = KVCacheManager(model, max_batch, max_seq_len + self.k, kv_format, kv_budget_bytes, num_pages,
-                                 page_tokens, mtp=self.k > 0)
+                                 page_tokens, mtp=self.k > 0, spare=decode_graphs)
         self.cache = self.kv.cache
+        self.graphs = DecodeGraphs(model, self.cache, self.kv.spare_slot, max_batch, self.kv.page_tokens) \
+            if decode_graphs else None
         if self.k and self.k + 1 > self.cache.ring_limit():
             raise ValueError(f"num_speculative={self.k}: a verify step of k + 1 tokens must fit the smallest cache "
                              f"ring ({self.cache.ring_limit()})")
@@ -343,9 +359,13 @@ class Engine:
         for req in sorted(plan, key=lambda r: r.id):
             if req not in plan:
                 continue  # preempted for an older request
+            end = req.computed + plan[req]
+            if self.graphs is not None and self.kv.min_ratio:  # a static step writes the unfinished entry too:
+                # its page, there once the tokens reach the end of the smallest ratio's block
+                end = min(-(-end // self.kv.min_ratio) * self.kv.min_ratio, self.kv.max_seq_len)
             while True:
                 try:
-                    self.kv.ensure(req.slot, req.computed + plan[req])
+                    self.kv.ensure(req.slot, end)
                     break
                 except CacheFullError:
                     if self.prefix is not None and self.prefix.evict_one():
@@ -413,8 +433,12 @@ class Engine:
             fed[r] = fed[r] + d
         # one batch row per scheduled request (not per slot): slots without work are not computed
         row = {req: i for i, req in enumerate(fed)}
-        tokens, lengths = self._batch(list(fed.values()))
-        streams = self._run_rows(fed, tokens, lengths)  # [n, width, hc, d]
+        graphed = self._graphed(plan, start, drafts)
+        if graphed:  # the head inputs [n, dim] of a decode step, from its graph
+            head_rows = self.graphs.heads([t[0] for t in fed.values()], [r.slot for r in fed], max(start.values()))
+        else:
+            tokens, lengths = self._batch(list(fed.values()))
+            streams = self._run_rows(fed, tokens, lengths)  # [n, width, hc, d]
 
         emitted = []
         kept = {r: len(t) for r, t in fed.items()}
@@ -446,8 +470,11 @@ class Engine:
             req.computed += kept[req]
         last_rows = [r for r in plan if r not in drafts]
         if last_rows:
-            rows = torch.tensor([row[r] for r in last_rows], device=self.device)
-            heads = self.model.head_input(streams[rows, lengths[rows] - 1].unsqueeze(1))[:, 0]  # [n, dim] fp32
+            if graphed:  # (no drafts: every row is a last row)
+                heads = head_rows
+            else:
+                rows = torch.tensor([row[r] for r in last_rows], device=self.device)
+                heads = self.model.head_input(streams[rows, lengths[rows] - 1].unsqueeze(1))[:, 0]  # [n, dim] fp32
             greedy = [i for i, req in enumerate(last_rows) if self._greedy_now(req)]
             if greedy:
                 emitted += self._greedy_emit([last_rows[i] for i in greedy], heads[greedy])
@@ -460,6 +487,15 @@ class Engine:
                     elif req.remaining == 0:
                         to_sample.append((req, logits))
         return emitted
+
+    def _graphed(self, plan: dict[_Request, int], start: dict[_Request, int], drafts: dict) -> bool:
+        """Whether this step runs as a decode graph: every row a plain decode (one token, no drafts) past position 0,
+        none scoring its prompt, within the graphs' buckets."""
+        if self.graphs is None or drafts or not plan:
+            return False
+        if any(n != 1 or start[r] == 0 or r.prompt_logprobs is not None for r, n in plan.items()):
+            return False
+        return self.graphs.covers(len(plan), max(start.values()))
 
     def _greedy_now(self, req: _Request) -> bool:
         """Whether all that this step's logits of `req` are for is its greedy token: it samples now (every token

@@ -197,11 +197,13 @@ class KVCacheManager:
     """The cache of `max_batch` sequence slots and a pool of pages, with the allocation bookkeeping.
 
     Size it by `num_pages` or by `budget_bytes` (slots' state is taken off the budget first, the rest becomes
-    pages). `mtp` adds the MTP block's layers (for speculative decoding)."""
+    pages). `mtp` adds the MTP block's layers (for speculative decoding). `spare` adds one more slot, `spare_slot`,
+    whose every page is one scratch page outside the pool: where the padding rows of a batch bucket (CUDA graphs,
+    `dsv4.engine.graphs`) write, never read by a sequence; neither is counted in the budget or `total_bytes`."""
 
     def __init__(self, model, max_batch: int, max_seq_len: int, kv_format: str = "model",
                  budget_bytes: int | None = None, num_pages: int | None = None, page_tokens: int | None = None,
-                 mtp: bool = False) -> None:
+                 mtp: bool = False, spare: bool = False) -> None:
         args = model.args
         get_format(kv_format).check_model(model.dtype, model.numerics)
         ratios = [r for r in args.compress_ratios if r]
@@ -235,9 +237,13 @@ class KVCacheManager:
         self.pool = PagePool(num_pages)
         max_pages = max(1, self.pages_for(max_seq_len))
         device = model.embed.weight.device
-        self.storage = PagedStorage(args, kv_format, max(num_pages, 1), page_tokens, max_pages, max_batch, device)
-        self.cache = Cache(args, max_batch, max_seq_len, model.dtype, device, storage=self.storage, mtp=self.mtp)
+        slots, pages = max_batch + spare, max(num_pages, 1) + spare
+        self.storage = PagedStorage(args, kv_format, pages, page_tokens, max_pages, slots, device)
+        self.cache = Cache(args, slots, max_seq_len, model.dtype, device, storage=self.storage, mtp=self.mtp)
         self.slot_pages: list[list[int]] = [[] for _ in range(max_batch)]
+        self.spare_slot = max_batch if spare else None
+        if spare:
+            self.storage.table[max_batch] = pages - 1  # the scratch page, past the pool's
 
     # ------------------------------------------------------------------ sizes
     def pages_for(self, length: int) -> int:

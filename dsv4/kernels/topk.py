@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .capture import host_reads_allowed
+
 
 def stable_topk(scores: Tensor, k: int, read_free: bool | None = None) -> Tensor:
     """Indices [..., min(k, N)] equal to `scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]`,
@@ -24,14 +26,14 @@ def stable_topk(scores: Tensor, k: int, read_free: bool | None = None) -> Tensor
     tied entries (`_take_earliest_ties`).
 
     Finding those rows is a read of the device (a wait for it, on a GPU, in every CSA layer of a decode step), so
-    off the CPU (`read_free` None: whether scores live elsewhere) every row takes its earliest tied entries
-    without asking (`_earliest_k`: a few more passes over N, 1.5-9x the CPU time of the above, where a read costs
-    nothing).
+    off the CPU, and inside `capture.without_host_reads` (a step a CUDA graph captures), every row takes its
+    earliest tied entries without asking (`_earliest_k`: a few more passes over N, 1.5-9x the CPU time of the
+    above, where a read costs nothing). `read_free` None chooses so; True or False forces a way.
     """
     n = scores.shape[-1]
     k = min(k, n)
     if read_free is None:
-        read_free = scores.device.type != "cpu"
+        read_free = scores.device.type != "cpu" or not host_reads_allowed()
     if k in (0, n):  # nothing or everything is picked: only the order is left to do
         top = torch.arange(k, device=scores.device).expand(*scores.shape[:-1], k)
     elif read_free:

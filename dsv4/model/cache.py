@@ -479,6 +479,10 @@ class ForwardContext:
     # wait for the device, and no read can be captured in a CUDA graph)
     host_starts: tuple[int, ...] = ()
     host_lengths: tuple[int, ...] = ()
+    # > 0: a static decode step (`Transformer.static_decode_streams`, what a CUDA graph captures), every row at a
+    # position below it: the host knows no starts, and each compressor pools an entry in every row and has readers
+    # take its first capacity // ratio entries, so that the step's shapes are a function of the batch and this alone
+    capacity: int = 0
 
     def shared(self, key: object, build: Callable[[], Any]) -> Any:
         """`build()` once per forward for `key`, the same object for every layer that asks again."""

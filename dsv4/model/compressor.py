@@ -33,22 +33,25 @@ class _ChunkPlan:
     phase: Tensor  # [B, S] each token's place in its block (its `ape` row)
     ring_slots: Tensor  # [B, S] each token's ring slot
     first: Tensor  # [B] the first entry the chunk can finish
-    n_new: Tensor  # [B] the entries it finishes
     n_max: int  # the most entries a row finishes
     n_entries: int  # the most entries a row holds afterwards
     ring_order: Tensor  # [B, R] the ring's slots oldest first: its tokens at positions start-R .. start-1
-    host_new: tuple[int, ...]  # n_new as the host has it
+    host_new: tuple[int, ...]  # the entries each row pools: those it finishes (a static step: one a row)
 
     @classmethod
     def build(cls, ctx: ForwardContext, ratio: int, ring: int) -> _ChunkPlan:
         first = torch.div(ctx.start, ratio, rounding_mode="floor")
-        after = torch.div(ctx.start + ctx.lengths, ratio, rounding_mode="floor")  # [B] entries once the chunk is in
-        n_new = after - first
+        ring_order = (ctx.start.unsqueeze(1) - ring + torch.arange(ring, device=ctx.start.device)) % ring
+        if ctx.capacity:  # a static decode step: every row pools entry `first` (finished or not; an unfinished
+            # one is masked from every read until the step that finishes it writes it again), and readers take
+            # the entries of positions below the capacity
+            host_new = (1,) * ctx.positions.shape[0]
+            return cls(ctx.positions % ratio, ctx.positions % ring, first, 1, ctx.capacity // ratio,
+                       ring_order, host_new)
         # the same counts from the host's copy of the starts and lengths (no read of the device's)
         host_after = [(s + n) // ratio for s, n in zip(ctx.host_starts, ctx.host_lengths, strict=True)]
         host_new = tuple(a - s // ratio for s, a in zip(ctx.host_starts, host_after, strict=True))
-        ring_order = (ctx.start.unsqueeze(1) - ring + torch.arange(ring, device=ctx.start.device)) % ring
-        return cls(ctx.positions % ratio, ctx.positions % ring, first, n_new, max(host_new, default=0),
+        return cls(ctx.positions % ratio, ctx.positions % ring, first, max(host_new, default=0),
                    max(host_after, default=0), ring_order, host_new)
 
 

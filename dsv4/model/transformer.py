@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..config import ModelArgs
+from ..kernels.capture import without_host_reads
 from .attention import Attention
-from .cache import Cache, ForwardContext, ForwardTrace, LayerCache
+from .cache import Cache, CacheRows, ForwardContext, ForwardTrace, LayerCache
 from .layers import Embedding, Linear, RMSNorm
 from .mhc import HC_MODES, hc_head, hc_post, hc_pre
 from .moe import MoE
@@ -145,6 +146,35 @@ class Transformer(nn.Module):
             x = layer(x, ctx, cache.layers[layer.layer_id], reuse_input=True)
         if ctx.persist:
             cache.lengths += ctx.lengths
+        return x
+
+    def static_decode_streams(self, tokens: Tensor, cache: Cache | CacheRows, capacity: int) -> Tensor:
+        """One decode step, a token a row (tokens [B,1]), whose ops and shapes are a function of (B, `capacity`)
+        alone and which reads nothing on the host: what a CUDA graph captures once and replays at any positions
+        below `capacity` (`dsv4.engine.graphs`). Returns the final streams [B,1,hc,d], equal to `forward_streams`'.
+
+        It differs from `forward_streams` in what it does not know: the rows' positions. Every layer reads the
+        compressed entries of positions below `capacity` (a row's entries past its own count are masked, as
+        always), and every compressor pools an entry in every row each step: the row's unfinished entry where the
+        step finishes none, which no read sees before the step that finishes it writes it again (a paged store
+        needs that entry's page: the caller allocates it). Nor does it check what `forward_streams` checks: the
+        caller vouches that the token ids are in the vocabulary and that every row's position is below
+        `capacity`, a multiple of every compression ratio no larger than the cache's capacity."""
+        ratios = [r for r in self.args.compress_ratios if r]
+        if tokens.dim() != 2 or tokens.shape[1] != 1 or tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"a static decode step takes tokens [{cache.batch_size}, 1], got {tuple(tokens.shape)}")
+        if cache.transient or not 0 < capacity <= cache.max_seq_len or any(capacity % r for r in ratios):
+            raise ValueError(f"capacity={capacity}: a static decode step needs a persistent cache and a positive "
+                             f"multiple of every compression ratio {sorted(set(ratios))} up to the cache's "
+                             f"{cache.max_seq_len} tokens")
+        start = cache.lengths  # [B] (a copy for a `CacheRows`)
+        ctx = ForwardContext(tokens, start, torch.ones_like(start), start.unsqueeze(1), self.numerics == "exact",
+                             persist=True, appends=1, capacity=capacity)
+        with without_host_reads():
+            x = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)  # [B,1,hc,d]
+            for layer in self.layers:
+                x = layer(x, ctx, cache.layers[layer.layer_id], reuse_input=True)
+        cache.lengths += ctx.lengths  # in place: a captured graph advances the cache's own tensor
         return x
 
     def logits(self, streams: Tensor) -> Tensor:
