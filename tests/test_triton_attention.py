@@ -138,6 +138,36 @@ def test_paged_entries_equal_the_reference(store):
     assert not torch.allclose(got, REF.sparse_attn(q, [window, zeros], idx, sink, d**-0.5), atol=1e-2)
 
 
+@pytest.mark.parametrize("second", ["none", "dense", "paged", "fp8"])
+def test_window_rings_seen_by_rows_equal_the_reference(second):
+    """The first run as the engine's decode steps give it: the window rings of some cache slots left in the cache's
+    [slots, W, D] tensor, one page per batch row (`LayerCacheRows.window_rows`), alone or followed by entries (dense,
+    paged, or fp8 in pages). The other slots' rings hold NaN: a read of a wrong row shows."""
+    torch.manual_seed(4)
+    b, s, h, w, n1, k = 2, 1, 8, 16, 40, 60
+    d = 96 if second == "fp8" else 48
+    dtype = torch.bfloat16 if second == "fp8" else torch.float32
+    rings = torch.full((5, w, d), float("nan"), dtype=dtype, device=DEVICE)
+    slots = torch.tensor([3, 1], device=DEVICE)
+    rings[slots] = _rand(b, w, d, dtype=dtype)
+    window = PagedRows(rings, slots.unsqueeze(1), w, None, dtype)
+    runs = [window]
+    if second != "none":
+        entries = _rand(b, n1, d, dtype=dtype)
+        codec = PackedCodec("kv", d, 16, torch.bfloat16) if second == "fp8" else None
+        runs.append(entries if second == "dense" else _paged(entries, 16, codec, 0xFF if codec else float("nan")))
+    q, sink = _rand(b, s, h, d, dtype=dtype), _rand(h)
+    idx = _slots(b, 2, k, w + (n1 if second != "none" else 0), unused=0.1)[:, :s]
+    assert attention.covers(q, runs, idx, sink)
+    got = attention.sparse_attn(q, runs, idx, sink, d**-0.5)
+    want = REF.sparse_attn(q, runs, idx, sink, d**-0.5)
+    assert not want.isnan().any()
+    (_check_fp32 if dtype == torch.float32 else _check_bf16)(got, want)
+    # each batch row reads its own slot's ring: swapping the slots changes the result
+    swapped = PagedRows(rings, slots.flip(0).unsqueeze(1), w, None, dtype)
+    assert not torch.allclose(got, REF.sparse_attn(q, [swapped, *runs[1:]], idx, sink, d**-0.5), atol=1e-3)
+
+
 def test_an_index_past_the_rows_counts_as_unused():
     """(The reference raises there.) The rows past the entries' count in their last page hold NaN: not read."""
     torch.manual_seed(3)
@@ -169,7 +199,9 @@ def test_covers_what_the_kernel_reads_and_nothing_else():
     fp8 = PackedCodec("kv", d, 8, torch.bfloat16)
     fp8_paged = _paged(entries.bfloat16(), 8, fp8, 0)
     cast = _paged(entries, 8, CastCodec("bf16", "kv", torch.bfloat16, torch.float32), 0.0)
-    for runs in ([window], window, [window, entries], [window, paged], [window, cast], [window.bfloat16(), fp8_paged]):
+    rings = PagedRows(window, torch.zeros(b, 1, dtype=torch.long, device=DEVICE), 8, None, torch.float32)
+    for runs in ([window], window, [window, entries], [window, paged], [window, cast], [window.bfloat16(), fp8_paged],
+                 [rings], [rings, paged]):
         assert attention.covers(q, runs, idx, sink)
 
     class Halves:  # a codec the kernel does not know
@@ -185,7 +217,11 @@ def test_covers_what_the_kernel_reads_and_nothing_else():
         (q, [window, entries.double()], idx, sink),
         (q, [window], idx, sink.double()),
         (q, [window, entries, entries], idx, sink),  # three runs
-        (q, [paged, window], idx, sink),  # the first run paged
+        (q, [paged, window], idx, sink),  # the first run over several pages
+        (q, [PagedRows(window, torch.zeros(b, 1, dtype=torch.long, device=DEVICE), 8, fp8, torch.bfloat16)], idx,
+         sink),  # a first run of one page a row, decoded by a codec
+        (q, [PagedRows(window, torch.zeros(b + 1, 1, dtype=torch.long, device=DEVICE), 8, None, torch.float32)],
+         idx, sink),  # a table of other batch rows
         (q, [window, PagedRows(paged.pool, paged.table, paged.count, Halves(), torch.float32)], idx, sink),
         (q, [window, PagedRows(index_codec.encode(paged.pool.bfloat16()), paged.table, paged.count, index_codec,
                                torch.bfloat16)], idx, sink),

@@ -82,7 +82,8 @@ def run_calls() -> None:
         for s in (1, 100):
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),
                              torch.randn(2, s, 64).to(dtype))
-        # attention: a dense run, then a dense or a paged second run (model rows, or the production FP8 layout)
+        # attention: a dense or one-page-a-row run, then a dense or a paged second run (model rows, or the
+        # production FP8 layout)
         q = torch.randn(2, 3, 8, 64).to(dtype)
         window = torch.randn(2, 10, 64).to(dtype)
         idx = torch.randint(-1, 30, (2, 3, 70))
@@ -99,6 +100,9 @@ def run_calls() -> None:
             paged = PagedRows(pool, torch.tensor([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]), 20, codec, dtype)
             if attention.covers(q, [window, paged], idx, sink):
                 tri.sparse_attn(q, [window, paged], idx, sink, 0.125)
+                # the window rings of some cache slots, one page a batch row (an engine decode step's first run)
+                rings = PagedRows(torch.randn(4, 10, 64).to(dtype), torch.tensor([[2], [0]]), 10, None, dtype)
+                tri.sparse_attn(q, [rings, paged], idx, sink, 0.125)
 
 
 class _Args:

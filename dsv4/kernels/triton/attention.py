@@ -8,7 +8,9 @@ format, the block's logits come from one ``tl.dot`` (heads x D) @ (D x 64) with 
 online softmax (running max, p = exp(logit - m), running sum), the *unnormalised* p cast to the rows' dtype
 before ``tl.dot(p, rows)`` into an fp32 accumulator, and at the end exp(sink - m) added to the denominator.
 
-Supported runs (`covers`): a first dense run [B, n, D], optionally followed by one second run, either dense or a
+Supported runs (`covers`): a first run, dense [B, n, D] or a `PagedRows` of one page per batch row holding compute
+rows (a cache's window rings seen through some of its rows: the engine's decode steps), optionally followed by one
+second run, either dense or a
 `PagedRows` whose pool holds compute rows (codec None), rows of another float dtype (a cast codec such as
 `kv_formats.CastCodec`: `stored` and `compute` dtypes) or the production "fp8" main-KV entries (format "fp8",
 kind "kv", as `kv_formats.fp8.PackedCodec` writes them: e4m3 nope bytes, raw bf16
@@ -86,11 +88,13 @@ def _sparse_attn_kernel(
     sink_ptr,
     out_ptr, so_b, so_s, so_h, so_d,
     r0_ptr, s0_b, s0_n, s0_d, n0,
+    tab0_ptr, st0_b,  # a paged first run (RUN0_PAGED): batch row b's rows are pool row table[b, 0]
     r1_ptr, s1_0, s1_1, s1_2, n1,  # dense: [B, n1, D] strides; paged: pool [pages, rows_per_page, width] strides
     r1_16_ptr,  # fp8 entries: the pool as int16 (the rope dims' bf16 values)
     tab_ptr, st_b, st_p,
     S, H, K, scale,
     D: tl.constexpr,
+    RUN0_PAGED: tl.constexpr,  # the first run is one page per batch row (a cache's window rings seen by rows)
     RUN1: tl.constexpr,  # 0 no second run, 1 dense, 2 paged rows, 3 paged fp8 main-KV entries
     ROWS_PER_PAGE: tl.constexpr,
     ENTRY_ALIGN: tl.constexpr,  # a power of two dividing every entry's offset in a paged pool (elements)
@@ -123,12 +127,16 @@ def _sparse_attn_kernel(
     denom = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     idx_base = idx_ptr + b * si_b + s * si_s
+    if RUN0_PAGED:
+        row0 = tl.load(tab0_ptr + b * st0_b).to(tl.int64)
+    else:
+        row0 = b
     for lo in range(0, K, BLOCK_K):
         slots = lo + tl.arange(0, BLOCK_K)
         j = tl.load(idx_base + slots.to(tl.int64) * si_k, mask=slots < K, other=-1).to(tl.int64)
         valid = (j >= 0) & (j < n0 + n1)
         in0 = valid & (j < n0)
-        ptrs0 = r0_ptr + b * s0_b + j[:, None] * s0_n + cols[None, :] * s0_d
+        ptrs0 = r0_ptr + row0 * s0_b + j[:, None] * s0_n + cols[None, :] * s0_d
         mask0 = in0[:, None] & col_ok[None, :]
         if RUN1 == 0:
             rows = tl.load(ptrs0, mask=mask0, other=0.0)
@@ -219,29 +227,43 @@ def fp8_entry_bytes(d: int, rope: int) -> int:
     return nope + 2 * rope + triton.cdiv(scales, 8) * 8
 
 
+def _paged_first_run(run: KVRows, b: int, d: int) -> bool:
+    """Whether the first run is one the kernel reads as pages: a `PagedRows` of compute rows (codec None) whose batch
+    row i is the whole pool row table[i, 0] (a window ring per cache slot, `LayerCacheRows.window_rows`)."""
+    if not isinstance(run, PagedRows) or run.codec is not None:
+        return False
+    pool, table = run.pool, run.table
+    return (pool.dim() == 3 and pool.dtype in _FLOATS and pool.shape[2] == d and run.count <= pool.shape[1]
+            and table.dim() == 2 and table.shape[0] == b and table.shape[1] >= 1
+            and table.dtype in (torch.int32, torch.int64))
+
+
 def _tensors(run: KVRows) -> list[Tensor]:
     return [run] if isinstance(run, Tensor) else [run.pool, run.table]
 
 
 def covers(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor) -> bool:
     """True when the kernel handles these inputs directly (else the backend falls back to the reference): a first
-    dense run and at most one more run (dense, or paged with codec None, a `CastCodec` or the fp8 "kv"
-    `PackedCodec`), float32/bfloat16/float16 tensors (no fp64), head_dim <= MAX_HEAD_DIM, no gradient wanted,
-    all on one device. Whether Triton runs on that device (CUDA, or the CPU under TRITON_INTERPRET=1) is the
-    backend's check, not this one."""
+    run dense or of one page per batch row (`_paged_first_run`) and at most one more run (dense, or paged with
+    codec None, a `CastCodec` or the fp8 "kv" `PackedCodec`), float32/bfloat16/float16 tensors (no fp64),
+    head_dim <= MAX_HEAD_DIM, no gradient wanted, all on one device. Whether Triton runs on that device (CUDA, or
+    the CPU under TRITON_INTERPRET=1) is the backend's check, not this one."""
     runs = _runs(runs)
-    if not 1 <= len(runs) <= 2 or not isinstance(runs[0], Tensor):
+    if not 1 <= len(runs) <= 2:
         return False
     if q.dim() != 4 or idx.dim() != 3 or sink.dim() != 1:
         return False
     b, s, h, d = q.shape
     if not 0 < d <= MAX_HEAD_DIM:
         return False
-    if q.dtype not in _FLOATS or sink.dtype not in _FLOATS or runs[0].dtype not in _FLOATS:
-        return False
     if idx.dtype not in (torch.int32, torch.int64) or tuple(idx.shape[:2]) != (b, s) or sink.shape[0] != h:
         return False
-    if runs[0].dim() != 3 or runs[0].shape[0] != b or runs[0].shape[2] != d:
+    if isinstance(runs[0], Tensor):
+        if runs[0].dim() != 3 or runs[0].shape[0] != b or runs[0].shape[2] != d or runs[0].dtype not in _FLOATS:
+            return False
+    elif not _paged_first_run(runs[0], b, d):
+        return False
+    if q.dtype not in _FLOATS or sink.dtype not in _FLOATS:
         return False
     if len(runs) == 2:
         second = runs[1]
@@ -285,9 +307,11 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
         return out
     if k == 0:  # no slot: the sink alone, so every output is 0
         return out.zero_()
-    first, n0 = runs[0], runs[0].shape[1]
+    paged0 = not isinstance(runs[0], Tensor)
+    first, n0 = (runs[0].pool, runs[0].count) if paged0 else (runs[0], runs[0].shape[1])
+    table0 = runs[0].table if paged0 else idx  # (a stand-in for a dense first run: never read)
     if n0 == 0:  # an empty tensor may have no storage; the kernel never reads this stand-in
-        first = torch.zeros(b, 1, d, dtype=first.dtype, device=first.device)
+        first, paged0 = torch.zeros(b, 1, d, dtype=first.dtype, device=first.device), False
 
     kind, n1, mid, rope, rows_per_page, align = _NO_RUN, 0, first.dtype, 0, 1, 1
     second, table = first, idx  # stand-ins for the pointers of a missing second run (never read)
@@ -313,12 +337,13 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
         sink.to(torch.float32).contiguous(),
         out, *out.stride(),
         first, *first.stride(), n0,
+        table0, table0.stride(0),
         second, *second.stride(), n1,
         second16,
         table, t_b, t_p,
         s, h, k, float(scale),
-        D=d, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=_TL_DTYPE[mid], NOPE=d - rope,
-        ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h, BLOCK_D=block_d,
+        D=d, RUN0_PAGED=paged0, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=_TL_DTYPE[mid],
+        NOPE=d - rope, ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h, BLOCK_D=block_d,
         BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), num_warps=num_warps, num_stages=num_stages,
     )
     return out
