@@ -16,8 +16,8 @@ time-out still returns what ran):
   prefill and decode tokens/s and their ratios;
 * `decode_profile`: one engine decode step of the small preset (exact numerics, batch 8): its reads of the device
   on the host (`tests/host_reads.py`), the kernels it launches and the ten taking the most device time;
-* `decode_graphs`: the small preset's engine decode (exact numerics, triton backend) eager and through CUDA graphs,
-  batch 1 and 32: decode tokens/s, the speed-up, identical greedy tokens, the capture cost;
+* `decode_graphs`: the small preset's engine decode (triton backend; exact bf16 and plain fp32) eager and through
+  CUDA graphs, batch 1 and 32: decode tokens/s, the speed-up, identical greedy tokens, the capture cost;
 * `flash_layer`: one V4-Flash CSA layer (dim 4096, 256 experts, top 6) with its official FP8 / FP4 weights and
   exact numerics, streams only (no head): decode ms per step at batch 1 and 64, prefill of 4,096 tokens, each
   against the memory-bound time (the weights a step reads at 4.8 TB/s) and the compute-bound time (989 bf16
@@ -279,13 +279,22 @@ def decode_profile():
 
 @section
 def decode_graphs():
-    """The small preset's engine decode (exact numerics, official FP8/FP4 weights, triton backend) eager and through
-    CUDA graphs (`Engine(decode_graphs=True)`): decode tokens/s at batch 1 and 32 on one engine per side, measured on
-    its second round of requests (the first captures the graphs, and its time to the last token is the capture
-    cost shown), and whether both sides' greedy tokens are identical."""
+    """The small preset's engine decode on the triton backend, eager and through CUDA graphs
+    (`Engine(decode_graphs=True)`), in exact numerics (official FP8/FP4 weights) and plain fp32 (the `small_engine`
+    model): decode tokens/s at batch 1 and 32 on one engine per side, measured on its second round of requests (the
+    first captures the graphs, and its decode time is the capture cost shown), and whether both sides' greedy
+    tokens are identical."""
+    from dsv4.config import preset
+    from dsv4.model import Transformer, init_weights
+
+    plain = init_weights(Transformer(preset("small" if not SMALL else "tiny").replace(max_seq_len=1024),
+                                     dtype=torch.float32), seed=0).eval().to(DEV)
+    return {"exact_bf16": _graphs_against_eager(_small_exact()), "plain_fp32": _graphs_against_eager(plain)}
+
+
+def _graphs_against_eager(model) -> dict:
     from dsv4.engine import Engine, SamplingParams
 
-    model = _small_exact()
     plen, new = (512, 64) if not SMALL else (16, 6)
     params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     g = torch.Generator().manual_seed(0)

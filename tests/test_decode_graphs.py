@@ -181,15 +181,19 @@ def test_the_spare_slot_is_outside_the_pool_and_the_budget():
 
 
 def test_what_a_capture_needs_is_said_before_one_is_tried():
-    """On CUDA the engine refuses decode graphs that could not be captured: experts the backend would route by
-    reading the device (the reference backend, or float experts), naming the layer and what it needs."""
+    """On CUDA the engine refuses decode graphs that could not be captured: experts routed by reading the device
+    (the reference backend's; a training recipe's forwards, which run expert by expert), naming the layer."""
     from dsv4.engine.graphs import uncapturable
     from dsv4.kernels.reference import ReferenceBackend
     from dsv4.kernels.triton import TritonBackend
+    from dsv4.train import apply_precision
 
+    recipe = _model("plain")
+    apply_precision(recipe, "fp8")
     with torch.inference_mode():
         assert uncapturable(_model("exact"), TritonBackend()) is None
-        for model, backend in ((_model("plain"), TritonBackend()), (_model("exact"), ReferenceBackend())):
+        assert uncapturable(_model("plain"), TritonBackend()) is None  # float experts, grouped on the device
+        for model, backend in ((_model("exact"), ReferenceBackend()), (recipe, TritonBackend())):
             reason = uncapturable(model, backend)
             assert reason.startswith("layer 0's routed experts are not scheduled on the device by the"), reason
 

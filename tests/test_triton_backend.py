@@ -198,8 +198,8 @@ def test_device_scheduled_routed_experts_match_the_reference_loop(fmt, dtype):
 
 def test_the_device_schedules_plan_follows_its_table():
     """A plan is kept per table and checked against its end experts: a new last expert is run with its own weights,
-    and tables the kernels do not take whole (an expert held elsewhere, float weights, two formats) are routed on
-    the host."""
+    and tables the kernels do not take whole (an expert held elsewhere, float weights of another dtype than the
+    activations', two formats) are routed on the host."""
     from dsv4.kernels import ExpertWeights
 
     table = _Table(_expert_table(4, 128, 64, "fp8", seed=6))
@@ -218,12 +218,13 @@ def test_the_device_schedules_plan_follows_its_table():
     assert not backend.routes_on_device(x, _Table([*table[:3], *_expert_table(1, 128, 64, "fp4", seed=8)]))
     floats = _Table(ExpertWeights(torch.randn(64, 128), None, torch.randn(64, 128), None, torch.randn(128, 64), None)
                     for _ in range(2))
-    assert not backend.routes_on_device(x, floats)
+    assert backend.routes_on_device(x, floats) and not backend.routes_on_device(x.bfloat16(), floats)
     assert not backend.routes_on_device(x.double(), table)
     assert REF.routes_on_device(x, table) is False
 
 
-def test_routed_experts_covers_quantised_tables_only():
+def test_routed_experts_covers_one_format_a_table():
+    from dsv4.kernels import ExpertWeights
     from dsv4.kernels.triton import experts
 
     table = _expert_table(4, 128, 64, "fp8", seed=3)
@@ -232,10 +233,84 @@ def test_routed_experts_covers_quantised_tables_only():
     assert not experts.covers(x, table, [])
     assert not experts.covers(x.double(), table, [0])
     assert not experts.covers(x, [None, *table[1:]], [0, 1])
+
+    def floats(dtype=torch.float32, inter=64, scale=None):
+        return ExpertWeights(torch.randn(inter, 128, dtype=dtype), scale, torch.randn(inter, 128, dtype=dtype), None,
+                             torch.randn(128, inter, dtype=dtype), None)
+
+    assert experts.covers(x, [floats(), floats()], [0, 1])
+    assert experts.covers(x.bfloat16(), [floats(torch.bfloat16)], [0])
+    assert not experts.covers(x, [floats(torch.bfloat16)], [0])  # the weights' dtype must be the activations'
+    assert not experts.covers(x, [floats(), floats(inter=32)], [0, 1])  # one shape
+    assert not experts.covers(x, [floats(), table[1]], [0, 1])  # one format
+    assert not experts.covers(x, [table[0], floats()], [0, 1])
+    assert not experts.covers(x, [floats(scale=torch.ones(1))], [0])  # a scaled float weight: not a format here
+
+
+def _float_table(n_experts: int, dim: int, inter: int, dtype: torch.dtype, seed: int) -> list:
+    """Float experts (no scales) in `dtype`."""
     from dsv4.kernels import ExpertWeights
 
-    float_table = [ExpertWeights(torch.randn(64, 128), None, torch.randn(64, 128), None, torch.randn(128, 64), None)]
-    assert not experts.covers(x, float_table, [0])
+    g = torch.Generator().manual_seed(seed)
+
+    def weight(rows, cols):
+        return (torch.randn(rows, cols, generator=g) * 0.1).to(dtype).to(ON_DEVICE)
+
+    return [ExpertWeights(weight(inter, dim), None, weight(inter, dim), None, weight(dim, inter), None)
+            for _ in range(n_experts)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheduled", ["host", "device"])
+def test_float_routed_experts_match_the_reference_loop(dtype, scheduled):
+    """Float experts (a plain model's, in the activations' dtype) through the grouped kernels, scheduled on the host
+    (`which` given) or on the device: an expert with 14 rows of 21 tokens, experts with none. fp32 agrees to fp32
+    rounding; bf16 to a bf16 step of the gate or up (rounded before the clamp and SwiGLU) carried through w2."""
+    n_experts, dim, inter, tokens, k = 8, 96, 80, 21, 3  # (neither a multiple of the 32-wide K blocks nor of 64)
+    table = _Table(_float_table(n_experts, dim, inter, dtype, seed=4))
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(tokens, dim, generator=g) * 2).to(dtype).to(ON_DEVICE)
+    ids = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)])
+    ids[:, 0] = torch.where(torch.arange(tokens) < 14, 5, ids[:, 0])
+    ids[:14, 1:] = torch.where(ids[:14, 1:] == 5, 0, ids[:14, 1:])
+    ids = ids.to(ON_DEVICE)
+    weights = torch.rand(tokens, k, generator=g).to(ON_DEVICE)
+    backend = TritonBackend()
+    which = None if scheduled == "device" else sorted(set(ids.flatten().tolist()))
+    assert backend.routes_on_device(x, table)
+    got = backend.routed_experts(x, weights, ids, table, which, 7.0)
+    want = REF.routed_experts(x, weights, ids, table, which, 7.0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    else:
+        beyond = (got - want).abs() > 2 * _bf16_step(want)
+        assert float(beyond.float().mean()) <= 0.02
+        assert float((got - want).norm() / want.norm()) <= 1e-2
+    zeros = _Table(_float_table(n_experts, dim, inter, dtype, seed=4))
+    zeros[5] = type(zeros[5])(*(None if t is None else torch.zeros_like(t) for t in vars(zeros[5]).values()))
+    assert not torch.allclose(backend.routed_experts(x, weights, ids, zeros, which, 7.0), got)  # expert 5 counts
+
+
+def test_experts_with_a_training_recipes_forwards_run_them_under_the_triton_backend():
+    """A recipe's fake-quant forwards (here FP8) replace a float model's expert linears: the device-scheduled
+    kernels, which read the raw weights, must not take such a layer, also where no gradient is wanted (evaluation
+    during training). The MoE's output equals the reference backend's, which calls the modules."""
+    from dsv4.config import preset
+    from dsv4.model import Transformer, init_weights
+    from dsv4.train import apply_precision
+
+    model = init_weights(Transformer(preset("tiny"), dtype=torch.float32), seed=0).to(ON_DEVICE)
+    moe = model.layers[1].ffn
+    x, tokens = torch.randn(1, 6, model.args.dim).to(ON_DEVICE), torch.arange(6).view(1, 6).to(ON_DEVICE)
+    with torch.no_grad(), kernels.use_backend("triton"):
+        raw = moe(x, tokens)
+        apply_precision(model, "fp8")
+        assert moe.replaced_forwards()
+        fast = moe(x, tokens)
+    with torch.no_grad(), kernels.use_backend("reference"):
+        slow = moe(x, tokens)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5 * float(slow.abs().max()))
+    assert not torch.allclose(raw, slow, rtol=1e-3, atol=1e-3)  # the recipe changes the result
 
 
 # ---------------------------------------------------------------------------------------------- the model end to end

@@ -77,6 +77,10 @@ def run_calls() -> None:
                 table.append(ExpertWeights(w1, s1, w3, s3, w2, s2))
             ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
             tri.routed_experts(x[:3], torch.rand(3, 2), ids, table, [0, 1, 2, 3], 7.0)
+        # float experts in the activations' dtype (a plain model's)
+        floats = [ExpertWeights(torch.randn(128, 256).to(dtype), None, torch.randn(128, 256).to(dtype), None,
+                                torch.randn(256, 128).to(dtype), None) for _ in range(4)]
+        tri.routed_experts(x[:3], torch.rand(3, 2), ids, floats, [0, 1, 2, 3], 7.0)
         tri.hc_split_sinkhorn(torch.randn(7, 24), torch.rand(3), torch.randn(24), 4, 20, 1e-6)
         # indexer scores: V4's 64 heads of 128 dims, a decode step (one query) and a prefill block
         for s in (1, 100):

@@ -96,13 +96,16 @@ class _Captured:
 def uncapturable(model: Transformer, backend) -> str | None:
     """Why a decode step of `model` on kernel backend `backend` cannot be captured, or None: a capture cannot read
     the device, so every MoE layer's routed experts must be scheduled on the device (`routes_on_device`: the Triton
-    backend over FP8 / FP4 experts held in this process)."""
+    backend over experts held in this process, FP8, FP4 or float in the model's dtype, with no training recipe's
+    forwards)."""
     probe = torch.zeros(1, model.args.dim, dtype=model.dtype, device=model.embed.weight.device)
     for block in model.layers:
-        if block.ffn.expert_parallel is not None or not backend.routes_on_device(probe, block.ffn.expert_table):
+        moe = block.ffn
+        if (moe.expert_parallel is not None or moe.replaced_forwards()
+                or not backend.routes_on_device(probe, moe.expert_table)):
             return (f"layer {block.layer_id}'s routed experts are not scheduled on the device by the "
-                    f"{backend.name!r} kernel backend (capturing needs the triton backend and FP8 / FP4 experts "
-                    f"held in this process: the official formats)")
+                    f"{backend.name!r} kernel backend (capturing needs the triton backend and experts held in this "
+                    f"process, without a training recipe's forwards)")
     return None
 
 

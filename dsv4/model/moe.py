@@ -146,9 +146,9 @@ class MoE(nn.Module):
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
         if routing is not None:
             routing.append(RouterRecord(self.layer_id, scores, ids, self.gate.hash, shape[0]))
-        if self.expert_parallel is None and kernels.routes_on_device(x, self.expert_table):
-            # grouped and scheduled on the device: no read of the chosen experts (quantised experts, which no
-            # training recipe replaces the forwards of)
+        if (self.expert_parallel is None and not self.replaced_forwards()
+                and kernels.routes_on_device(x, self.expert_table)):
+            # grouped and scheduled on the device: no read of the chosen experts
             y = kernels.routed_experts(x, weights, ids, self.expert_table, None, self.limit)
         elif self.expert_parallel is None:
             y = self.run_experts(x, weights, ids, chosen_experts(ids))
@@ -160,6 +160,14 @@ class MoE(nn.Module):
         own = self.expert_parallel is None and not torch.is_grad_enabled()
         y = y.add_(shared) if own else y + shared
         return y.to(x.dtype).reshape(shape)
+
+    def replaced_forwards(self) -> bool:
+        """Whether a training recipe gave the routed experts forwards of their own (`Expert.replaced_forward`), which
+        only a run expert by expert calls. A recipe replaces the forwards of all of a layer's float experts or of
+        none, so the ends of the list answer for it (every expert's check would cost a decode step ~1 us each)."""
+        experts = self.experts._modules
+        ends = (experts.get("0"), experts.get(str(self.n_experts - 1)))
+        return any(e is not None and e.replaced_forward() for e in ends)
 
     def run_experts(self, x: Tensor, weights: Tensor, ids: Tensor, which: Iterable[int]) -> Tensor:
         """The routed sum [T,d] fp32 of experts `which` (increasing ids, all held here) over the tokens routed to

@@ -10,11 +10,11 @@ Ops with a kernel:
   `act_quant` + GEMM composition.
 * **routed experts** (`experts.py`): the routed rows sorted by expert once and run as two grouped GEMM launches
   (gate + up with the SwiGLU fused, then down) over tiles that find their expert's weights through a pointer
-  table; for a table whose every expert the kernels take, the tiles are laid out on the device (`routes_on_device`:
-  no read of the device in an MoE layer).
-* **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (paged
-  ones from their pool, the production FP8 row layout decoded in the kernel), the official 64-slot online
-  softmax with the sink.
+  table, FP8, FP4 or float weights; for a table whose every expert the kernels take, the tiles are laid out on the
+  device (`routes_on_device`: no read of the device in an MoE layer).
+* **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (a cache
+  view's window rings from the cache, paged entries from their pool, the production FP8 row layout decoded in the
+  kernel), the official 64-slot online softmax with the sink.
 * **lightning indexer scores** (`indexer.py`): one program per (entries, queries, batch row) tile, the heads'
   dots against one keys tile added up in head order.
 * **mHC Sinkhorn** (`sinkhorn.py`): every token's matrix in registers for all iterations.

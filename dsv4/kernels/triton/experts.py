@@ -1,4 +1,4 @@
-"""Routed experts as two grouped GEMM launches over rows sorted by expert (FP8 or packed-FP4 expert weights).
+"""Routed experts as two grouped GEMM launches over rows sorted by expert (FP8, packed-FP4 or float weights).
 
 The reference runs expert by expert (a mask, a gather and three GEMMs each, 256 experts in a V4 layer). Here
 the routed rows are sorted by expert once (`group_routed_rows`: the reference's row groups, token order inside
@@ -10,9 +10,11 @@ stacked copy of the weights):
    activation dtype first as the reference's linear returns it, the routing weight applied before w2;
 2. down: ``w2 act_quant(h)``.
 
-Each projection is the block-scaled GEMM of `gemm.py` (`fp8_tile` / `fp4_tile`), so the rounding is the
-reference's up to the order of additions inside a tensor-core dot. The outputs are added back into their tokens
-in increasing expert id (`add_routed_rows`), the reference's order.
+Each projection of quantised experts is the block-scaled GEMM of `gemm.py` (`fp8_tile` / `fp4_tile`) over the
+activations quantised once; float experts (the weights in the activations' dtype, a plain model's) multiply the
+activations as they are (`_float_tile`: fp32 accumulation, fp32 dots without TF32), as the reference's linear
+does. So the rounding is the reference's up to the order of additions inside a dot. The outputs are added back
+into their tokens in increasing expert id (`add_routed_rows`), the reference's order.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
 from ..experts import ExpertWeights, RoutedRows, add_routed_rows, group_routed_rows
 from . import quant
 from .gemm import block_m_for, block_n_for, fp4_tile, fp8_tile, span, store_tile
-from .numerics import exp, libdevice_exp, round_to
+from .numerics import dot, exp, interpreting, libdevice_exp, round_to
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,12 +48,37 @@ def _tile_rows(tiles_ptr, tile, BLOCK_M: tl.constexpr):
     return expert, rows.to(tl.int64), rows < hi
 
 
+# the experts' weight format (constexpr FORMAT of the kernels)
+_FP8, _FP4, _FLOAT = 0, 1, 2
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _float_tile(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, K, stride_xm, stride_wn,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN_DOTS: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] of rows x cols against a float weight [N, K] of the rows' dtype, K blocks in order."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k = kb * BLOCK_K + ks
+        k_ok = k < K
+        a = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols64[None, :] * stride_wn + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc += dot(a, b, WIDEN_DOTS)
+    return acc
+
+
 @triton.jit
 def _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
              stride_xm, stride_xsm, stride_wn, stride_wsn,
-             FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     """One tile of one expert's projection, fp32 [BLOCK_M, BLOCK_N]."""
-    if FP4:
+    if FORMAT == 2:
+        w = tl.load(w_ptrs + expert).to(tl.pointer_type(W_DTYPE))
+        acc = _float_tile(x_ptr, w, rows64, row_ok, cols64, col_ok, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, 32,
+                          WIDEN_DOTS)
+    elif FORMAT == 1:
         w = tl.load(w_ptrs + expert).to(tl.pointer_type(tl.uint8))
         s = tl.load(s_ptrs + expert).to(tl.pointer_type(tl.uint8))
         acc = fp4_tile(x_ptr, xs_ptr, w, s, rows64, row_ok, cols64, col_ok, K,
@@ -67,7 +94,8 @@ def _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_
 @triton.jit
 def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs, s3_ptrs, h_ptr, N, K, limit,
                     stride_xm, stride_xsm, stride_wn, stride_wsn, stride_hm,
-                    FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr):
+                    FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr):
     pid_n = tl.program_id(1)
     expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
     if expert < 0:  # past the end of a schedule built on the device (its grid is an upper bound)
@@ -75,9 +103,9 @@ def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs,
     cols64, col_ok = span(pid_n, N, BLOCK_N)
     out_ty = h_ptr.dtype.element_ty
     gate = _project(x_ptr, xs_ptr, w1_ptrs, s1_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
-                    stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
+                    stride_xm, stride_xsm, stride_wn, stride_wsn, FORMAT, W_DTYPE, WIDEN_DOTS, BLOCK_M, BLOCK_N)
     up = _project(x_ptr, xs_ptr, w3_ptrs, s3_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
-                  stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
+                  stride_xm, stride_xsm, stride_wn, stride_wsn, FORMAT, W_DTYPE, WIDEN_DOTS, BLOCK_M, BLOCK_N)
     gate = tl.minimum(round_to(gate, out_ty).to(tl.float32), limit)  # the linear's output dtype, then the clamp
     up = tl.minimum(tl.maximum(round_to(up, out_ty).to(tl.float32), -limit), limit)
     hidden = gate / (1.0 + exp(-gate, LIBDEVICE)) * up  # silu(gate) * up
@@ -88,14 +116,15 @@ def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs,
 @triton.jit
 def _down_kernel(x_ptr, xs_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K,
                  stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym,
-                 FP4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(1)
     expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
     if expert < 0:
         return
     cols64, col_ok = span(pid_n, N, BLOCK_N)
     acc = _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
-                   stride_xm, stride_xsm, stride_wn, stride_wsn, FP4, BLOCK_M, BLOCK_N)
+                   stride_xm, stride_xsm, stride_wn, stride_wsn, FORMAT, W_DTYPE, WIDEN_DOTS, BLOCK_M, BLOCK_N)
     store_tile(y_ptr, stride_ym, rows64, row_ok, cols64, col_ok, acc)
 
 
@@ -118,7 +147,7 @@ class ExpertPointers:
         for e, w in enumerate(experts):
             if w is not None:
                 for i, t in enumerate((w.w1, w.s1, w.w3, w.s3, w.w2, w.s2)):
-                    columns[i][e] = t.data_ptr()
+                    columns[i][e] = 0 if t is None else t.data_ptr()  # (float experts have no scales)
         arrays = [torch.tensor(c, dtype=torch.int64, device=device) for c in columns]
         try:
             owner = weakref.ref(experts, lambda _, k=key: self._tables.pop(k, None))
@@ -129,7 +158,8 @@ class ExpertPointers:
 
     def plan(self, x: Tensor, experts: Sequence[ExpertWeights | None]) -> TablePlan | None:
         """The plan for running every expert of `experts` on x with the schedule on the device, or None where the
-        kernels do not take them all (an expert held elsewhere, a float or mixed format: see `covers`) or x.
+        kernels do not take them all (an expert held elsewhere, mixed formats, float weights of another dtype than
+        x's: see `covers`) or x.
 
         Validating a table reads every expert's weights (~1.7 us an expert: 0.4 ms for V4's 256), too slow for each
         call, so a plan is kept per table and device and checked on each call against the first and last
@@ -139,7 +169,7 @@ class ExpertPointers:
         check)."""
         if x.dtype not in _FLOATS or (torch.is_grad_enabled() and x.requires_grad) or not len(experts):
             return None
-        key = (id(experts), x.device, x.shape[-1])
+        key = (id(experts), x.device, x.shape[-1], x.dtype)  # (float experts take activations of their dtype)
         entry = self._plans.get(key)
         ends = (experts[0], experts[len(experts) - 1])
         if entry is not None and entry[0]() is experts:
@@ -147,7 +177,7 @@ class ExpertPointers:
             if stamps == tuple(None if w is None else _stamp(w) for w in ends):
                 return plan
         plan = None
-        if all(w is not None and w.s1 is not None for w in ends) and covers(x, experts, range(len(experts))):
+        if all(w is not None for w in ends) and covers(x, experts, range(len(experts))):
             plan = TablePlan(self.get(experts, list(range(len(experts))), x.device), experts[0])
         try:
             owner = weakref.ref(experts, lambda _, k=key: self._plans.pop(k, None))
@@ -171,13 +201,16 @@ def _stamp(w: ExpertWeights) -> tuple:
 
 
 def covers(x: Tensor, experts: Sequence[ExpertWeights | None], which: Sequence[int]) -> bool:
-    """The kernels take float activations and experts whose three weights are all FP8 (128 x 128 tile scales) or
-    all packed FP4 (per-32 scales), contiguous, with the same shapes; no gradients."""
+    """The kernels take float activations and experts whose three weights are all FP8 (128 x 128 tile scales), all
+    packed FP4 (per-32 scales) or all float in the activations' dtype (no scales), contiguous, with the same
+    shapes; no gradients."""
     if x.dtype not in _FLOATS or not which or (torch.is_grad_enabled() and x.requires_grad):
         return False
     first = experts[which[0]]
-    if first is None or first.s1 is None:
+    if first is None:
         return False
+    if first.s1 is None:
+        return _covers_float(x, experts, which)
     fp4 = is_packed_fp4_dtype(first.w1.dtype)
     if not fp4 and first.w1.dtype != torch.float8_e4m3fn:
         return False
@@ -194,6 +227,19 @@ def covers(x: Tensor, experts: Sequence[ExpertWeights | None], which: Sequence[i
                                                                                          torch.uint8)):
                 return False
     return first.w1.shape[1] * (2 if fp4 else 1) == d and first.w2.shape[1] * (2 if fp4 else 1) == inter
+
+
+def _covers_float(x: Tensor, experts: Sequence[ExpertWeights | None], which: Sequence[int]) -> bool:
+    """`covers` for float experts: w1, w3 [inter, d] and w2 [d, inter] in x's dtype, contiguous, on x's device."""
+    d, inter = x.shape[-1], experts[which[0]].w1.shape[0]
+    for e in which:
+        w = experts[e]
+        if w is None or w.s1 is not None or w.s3 is not None or w.s2 is not None:
+            return False
+        for t, shape in ((w.w1, (inter, d)), (w.w3, (inter, d)), (w.w2, (d, inter))):
+            if t.dtype != x.dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device != x.device:
+                return False
+    return True
 
 
 def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
@@ -246,25 +292,36 @@ def _grouped_swiglu(x: Tensor, weights: Tensor, keep: Tensor, k: int, tiles: Ten
                     first: ExpertWeights, pointers: list[Tensor], limit: float) -> Tensor:
     """Each routed row's expert output [R, d] (x.dtype), for the rows `keep` [R] of ids.flatten() in expert order
     and their tiles [n_tiles, 3] (expert or -1, first row, end row); `first` gives the experts' shapes and format."""
-    fp4 = is_packed_fp4_dtype(first.w1.dtype)
+    fmt = _FLOAT if first.s1 is None else _FP4 if is_packed_fp4_dtype(first.w1.dtype) else _FP8
     d, inter = x.shape[-1], first.w1.shape[0]
     rows_x = x.index_select(0, torch.div(keep, k, rounding_mode="floor"))  # [R, d]
     rows_w = weights.flatten().index_select(0, keep).to(torch.float32).contiguous()  # [R]
     n_tiles = tiles.shape[0]
     w1, s1, w3, s3, w2, s2 = pointers
-    block_n = block_n_for(n_tiles, max(d, inter), 64 if fp4 else 128, x.device)
+    # (fp32 dots run on the FMA units: the gate's and the up's [BLOCK_M, BLOCK_N] accumulators in registers at once)
+    narrow = fmt == _FP4 or (fmt == _FLOAT and x.dtype == torch.float32)
+    block_n = block_n_for(n_tiles, max(d, inter), 64 if narrow else 128, x.device)
+    w_dtype = _TL_DTYPE.get(first.w1.dtype, tl.float32)  # (a float format's; the others' pointers are cast inside)
+    common = dict(FORMAT=fmt, W_DTYPE=w_dtype, WIDEN_DOTS=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n)
 
-    xq, xs = quant.act_quant(rows_x, FP8_BLOCK)
+    def quantised(rows: Tensor) -> tuple[Tensor, Tensor]:
+        """What a projection reads: the rows quantised once, or as they are for float experts (the scale
+        pointer then a stand-in that is never read)."""
+        return (rows, rows) if fmt == _FLOAT else quant.act_quant(rows, FP8_BLOCK)
+
+    def scale_stride(s: Tensor | None) -> int:
+        return 0 if s is None else s.stride(0)
+
+    xq, xs = quantised(rows_x)
     hidden = torch.empty(rows_x.shape[0], inter, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
         xq, xs, rows_w, tiles, w1, s1, w3, s3, hidden, inter, d, float(limit),
-        xq.stride(0), xs.stride(0), first.w1.stride(0), first.s1.stride(0), hidden.stride(0),
-        FP4=fp4, BLOCK_M=block_m, BLOCK_N=block_n, LIBDEVICE=libdevice_exp())
+        xq.stride(0), xs.stride(0), first.w1.stride(0), scale_stride(first.s1), hidden.stride(0),
+        LIBDEVICE=libdevice_exp(), **common)
 
-    hq, hs = quant.act_quant(hidden, FP8_BLOCK)
+    hq, hs = quantised(hidden)
     out = torch.empty(rows_x.shape[0], d, dtype=x.dtype, device=x.device)
     _down_kernel[(n_tiles, triton.cdiv(d, block_n))](
         hq, hs, tiles, w2, s2, out, d, inter,
-        hq.stride(0), hs.stride(0), first.w2.stride(0), first.s2.stride(0), out.stride(0),
-        FP4=fp4, BLOCK_M=block_m, BLOCK_N=block_n)
+        hq.stride(0), hs.stride(0), first.w2.stride(0), scale_stride(first.s2), out.stride(0), **common)
     return out
