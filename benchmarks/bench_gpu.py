@@ -127,8 +127,15 @@ def ops():
     qi = torch.randn(2, 3, hi, di, device=DEV, generator=g, dtype=torch.bfloat16)
     keys = torch.randn(2, n_entries, di, device=DEV, generator=g, dtype=torch.bfloat16)
     wi = torch.randn(2, 3, hi, device=DEV, generator=g)
-    out["index_scores"] = rel(tri.index_scores(qi, keys, wi), ref.index_scores(qi, keys, wi))
-    return {name: f"{err:.2e}" for name, err in out.items()}
+    scores = tri.index_scores(qi, keys, wi)
+    out["index_scores"] = rel(scores, ref.index_scores(qi, keys, wi))
+    result = {name: f"{err:.2e}" for name, err in out.items()}
+    # the top-k's picks and order (the reference's stable-sort rule; V4's 512 of the entries), equal or not
+    visible = torch.full(scores.shape[:2], n_entries, device=DEV)
+    picks = tri.index_topk(scores.clone(), visible, 512 if not SMALL else 16)[0]
+    result["index_topk_equal"] = bool(torch.equal(picks, ref.index_topk(scores.clone(), visible,
+                                                                        512 if not SMALL else 16)[0]))
+    return result
 
 
 def _demo_answer(backend: str) -> tuple[list[int], str, float]:

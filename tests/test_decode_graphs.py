@@ -128,9 +128,12 @@ def test_buckets():
 
 
 def _generate(model: Transformer, graphs: bool, backend: str, prompts, max_tokens, **engine_args):
+    """Greedy tokens by request id of an engine over prompts of the given lengths (token i * 7 + j of prompt i; a
+    negative length -i repeats prompt i)."""
     engine = Engine(model, kernel_backend=backend, decode_graphs=graphs, **engine_args)
     for i, n in enumerate(prompts):
-        engine.add_request([(7 * i + j) % model.args.vocab_size for j in range(n)],
+        source, n = (-n, prompts[-n]) if n < 0 else (i, n)
+        engine.add_request([(7 * source + j) % model.args.vocab_size for j in range(n)],
                            SamplingParams(temperature=0.0, max_tokens=max_tokens[i], ignore_eos=True))
     out: dict[int, list[int]] = {}
     while engine.has_unfinished():
@@ -141,16 +144,18 @@ def _generate(model: Transformer, graphs: bool, backend: str, prompts, max_token
 
 @pytest.mark.parametrize("kv_format", ["model", "fp8"])
 def test_an_engine_with_decode_graphs_gives_the_eager_engines_tokens(kv_format):
-    """Six requests over four slots (slots reused; batches of 1 to 4 rows, 3 padded to 4 on the spare slot),
+    """Seven requests over four slots (slots reused; batches of 1 to 4 rows, 3 padded to 4 on the spare slot),
     a one-token prompt (its first step at position 0 runs eagerly), a 64-token prompt whose first decode writes its
-    unfinished entry at the start of a page the eager engine would not have allocated yet, a prefix cache, contexts
-    past the first capacity bucket. Greedy tokens equal the eager engine's, and the graphs of several buckets ran."""
+    unfinished entry at the start of a page the eager engine would not have allocated yet, a prompt repeated after
+    its first run saved it in the prefix cache (resumed from its saved partial page), contexts past the first
+    capacity bucket. Greedy tokens equal the eager engine's, and the graphs of several buckets ran."""
     model = _model("exact", max_seq_len=512)
-    prompts, max_tokens = (5, 64, 1, 30, 12, 9), (70, 20, 12, 25, 40, 33)
+    prompts, max_tokens = (5, 64, 1, 30, 12, 9, -3), (70, 20, 12, 25, 40, 33, 15)
     common = dict(max_batch=4, max_seq_len=200, prefill_chunk=32, kv_format=kv_format, prefix_cache_bytes=1 << 22)
-    eager, _ = _generate(model, False, "reference", prompts, max_tokens, **common)
+    eager, eager_engine = _generate(model, False, "reference", prompts, max_tokens, **common)
     graphed, engine = _generate(model, True, "reference", prompts, max_tokens, **common)
-    assert [len(eager[i]) for i in range(6)] == list(max_tokens)
+    assert [len(eager[i]) for i in range(7)] == list(max_tokens)
+    assert eager[6] == eager[3][:15] and eager_engine.stats().prefix_hits >= 1 and engine.stats().prefix_hits >= 1
     assert graphed == eager
     assert {b for b, _ in engine.graphs.graphs} == {1, 2, 4} and {c for _, c in engine.graphs.graphs} == {64, 128}
     assert engine.graphs.padded > 0

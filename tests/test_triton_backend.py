@@ -363,10 +363,9 @@ def test_the_demo_answers_the_same_under_the_triton_backend():
 def test_a_decode_steps_moe_layers_and_entry_counts_read_nothing_on_the_host():
     """Engine decode steps in exact numerics (FP4 experts, triton backend) across a CSA entry's completion: no MoE
     layer reads the experts its tokens chose and no compressor its entry counts (each such read is a wait for the
-    device on a GPU), nor a compressor's pooling plan, nor the reference top-k's masking, nor the engine's split of
-    decodes from prefill chunks. What still reads, each step: the forward's checks, the tokens, and per CSA layer
-    the top-k's tie test (and its repair where entries tie), which it makes on CPU tensors only (off the CPU it asks
-    nothing: `test_the_read_free_top_k_reads_nothing_on_the_host_where_ties_are_cut`)."""
+    device on a GPU), nor a compressor's pooling plan, nor the indexer's top-k (the Triton kernel), nor the
+    engine's split of decodes from prefill chunks. What still reads, each step: the forward's checks and the
+    tokens."""
     from host_reads import count_host_reads
 
     from dsv4.config import preset
@@ -387,7 +386,7 @@ def test_a_decode_steps_moe_layers_and_entry_counts_read_nothing_on_the_host():
         for _ in range(4):  # positions 17..20 and 18..21: each row finishes a CSA entry
             engine.step()
     files = {site.split(" @ ")[1].split(":")[0] for site in reads}
-    assert files == {"model/transformer.py", "engine/engine.py", "kernels/topk.py"}, reads
+    assert files == {"model/transformer.py", "engine/engine.py"}, reads
     by_file = {f: [(site.split(" @ ")[0], n) for site, n in reads.items() if f in site] for f in files}
     assert by_file["model/transformer.py"] == [("tolist", 4)], reads  # the checks, once a step
     assert by_file["engine/engine.py"] == [("tolist", 4)], reads  # the greedy tokens, once a step

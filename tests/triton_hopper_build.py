@@ -49,6 +49,7 @@ def run_calls() -> None:
     from dsv4.kernels.paged import PagedRows
     from dsv4.kernels.reference import ReferenceBackend
     from dsv4.kernels.triton import TritonBackend, attention
+    from dsv4.kernels.triton import topk as triton_topk
     from dsv4.kv_formats import get_format
     from dsv4.quant import quantize_fp4_weight, quantize_fp8_weight
 
@@ -86,6 +87,10 @@ def run_calls() -> None:
         for s in (1, 100):
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),
                              torch.randn(2, s, 64).to(dtype))
+        # the indexer's top-k: V4's 512 of a long row, and a decode's few
+        # (the kernel itself: launches are recorded here, not run, so no gather may follow)
+        for n, k in ((3000, 512), (40, 3)):
+            triton_topk.earliest_k(torch.randn(2, 1, n).to(dtype), k)
         # attention: a dense or one-page-a-row run, then a dense or a paged second run (model rows, or the
         # production FP8 layout)
         q = torch.randn(2, 3, 8, 64).to(dtype)

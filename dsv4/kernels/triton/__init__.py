@@ -17,6 +17,9 @@ Ops with a kernel:
   kernel), the official 64-slot online softmax with the sink.
 * **lightning indexer scores** (`indexer.py`): one program per (entries, queries, batch row) tile, the heads'
   dots against one keys tile added up in head order.
+* **the indexer's top-k** (`topk.py`): after torch's k-th value, one program per query picks every entry above it
+  and the earliest at it and sorts the picks in registers (the reference's order, in two passes over the scores
+  instead of the read-free `stable_topk`'s seven).
 * **mHC Sinkhorn** (`sinkhorn.py`): every token's matrix in registers for all iterations.
 
 Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
@@ -40,7 +43,7 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
 from ..reference import ReferenceBackend
-from . import attention, experts, gemm, indexer, quant, sinkhorn
+from . import attention, experts, gemm, indexer, quant, sinkhorn, topk
 from .numerics import interpreting
 
 
@@ -130,6 +133,16 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(q) and indexer.covers(q, keys, weights):
             return indexer.index_scores(q, keys, weights)
         return super().index_scores(q, keys, weights)
+
+    def index_topk(self, scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        k = min(k, scores.shape[-1])
+        if (_runs_here(scores) and topk.covers(scores, k)
+                and not (torch.is_grad_enabled() and scores.requires_grad)):
+            seen = visible.unsqueeze(-1)  # [B,S,1]
+            scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= seen, float("-inf"))
+            top = topk.earliest_k(scores, k)  # [B,S,k] the reference's picks in its order
+            return torch.where(top < seen, top, -1), scores.gather(-1, top)
+        return super().index_topk(scores, visible, k)
 
     # ------------------------------------------------------------------------------------------ mHC
 

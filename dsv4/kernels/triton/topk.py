@@ -1,0 +1,104 @@
+"""The indexer's top-k selection with the official order, as one Triton kernel after torch's k-th value.
+
+`dsv4.kernels.topk.stable_topk` picks, per row of scores [R, N], the k entries a stable descending sort would put
+first: every entry above the k-th value, then the earliest entries at it, in descending score, ties by index. Off
+the CPU it does so without reading the device, in about a dozen torch ops, seven of them passes over all N
+entries (compare, compare, cumsum, sum, where, a second top-k over N, ...). Here torch's `topk` gives the k-th value
+(one radix select over N) and one program per row does the rest:
+
+1. one pass counts the entries above the k-th value, so the row knows how many tied entries it takes;
+2. one pass writes the chosen entries' indices to the output row in index order (a running count and an in-block
+   prefix sum give each its place; the earliest tied ones, by a running count of ties);
+3. the k chosen indices are read back (after a barrier: other threads of the program wrote them) and sorted in
+   registers by one 64-bit key, the score's order-preserving bits (descending) above the index (ascending).
+
+Scores compare as torch compares them: -0.0 equals 0.0 (the key adds +0.0 first, which makes -0.0 +0.0), and
+-inf entries (the masked ones) order like any other value. A row with a NaN score is not ordered as torch orders
+it (none should occur: the indexer's scores are finite or masked to -inf), but its picks are valid indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_K = 4096  # the sorted picks live in one program's registers (V4: index_topk 512; 1024 for V4-Pro)
+_BLOCK = 1024  # entries per step of the passes over a row
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _descending_key(values, index):
+    """int64 keys whose ascending order is descending `values` (fp32), ties by ascending `index` (< 2**31)."""
+    bits = (values + 0.0).to(tl.int32, bitcast=True)  # (+0.0: -0.0 becomes +0.0, which it equals)
+    # as signed integers in the floats' order: a negative float's magnitude bits flipped; then reversed (~x = -x-1)
+    ascending = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return ((~ascending).to(tl.int64) << 32) | index.to(tl.int64)
+
+
+@triton.jit
+def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, N, K,
+                       KP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = scores_ptr + row * stride_r
+    kth = tl.load(kth_ptr + row).to(tl.float32)
+    offs = tl.arange(0, BLOCK)
+
+    above = 0
+    for lo in range(0, N, BLOCK):
+        v = tl.load(base + lo + offs, mask=lo + offs < N, other=float("-inf")).to(tl.float32)
+        above += tl.sum((v > kth).to(tl.int32), axis=0)
+    need = K - above  # the tied entries the row takes, the earliest ones (>= 1)
+
+    out = out_ptr + row * stride_o
+    written = 0
+    ties = 0
+    for lo in range(0, N, BLOCK):
+        ok = lo + offs < N
+        v = tl.load(base + lo + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        tied = ok & (v == kth)
+        tie_rank = ties + tl.cumsum(tied.to(tl.int32), axis=0)  # 1-based among the row's ties so far
+        chosen = (ok & (v > kth)) | (tied & (tie_rank <= need))
+        place = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        tl.store(out + place, lo + offs, mask=chosen)
+        written += tl.sum(chosen.to(tl.int32), axis=0)
+        ties += tl.sum(tied.to(tl.int32), axis=0)
+    tl.debug_barrier()  # the chosen indices, written by every thread of the program, are read back below
+
+    slots = tl.arange(0, KP)
+    picked = tl.load(out + slots, mask=slots < K, other=0)
+    # (a row with a NaN score may have fewer than K picks written: whatever the rest holds becomes a valid index,
+    # so no read or later gather leaves the row)
+    picked = tl.where((picked >= 0) & (picked < N), picked, 0)
+    values = tl.load(base + picked, mask=slots < K, other=0.0).to(tl.float32)
+    key = tl.where(slots < K, _descending_key(values, picked), 9223372036854775807)  # padding sorts last
+    key = tl.sort(key)
+    tl.store(out + slots, (key & 0x7FFFFFFF).to(tl.int64), mask=slots < K)
+
+
+def covers(scores: Tensor, k: int) -> bool:
+    """The kernel takes float scores [..., N] with a unit last stride, 0 < k < N, k <= MAX_K, N < 2**31, no gradient
+    wanted (the selection is not differentiable anyway; the caller gathers the picked scores)."""
+    if not isinstance(scores, Tensor) or scores.dtype not in _FLOATS or scores.dim() < 1:
+        return False
+    n = scores.shape[-1]
+    return 0 < k < n < 2**31 and k <= MAX_K and scores.numel() > 0 and scores.stride(-1) == 1
+
+
+def earliest_k(scores: Tensor, k: int) -> Tensor:
+    """`stable_topk(scores, k)`: indices [..., k] int64 of the k entries a stable descending sort puts first, in
+    that order. Inputs must satisfy `covers`."""
+    if not covers(scores, k):
+        raise ValueError("triton earliest_k does not cover these inputs (check `covers` first)")
+    n = scores.shape[-1]
+    rows = scores.detach().reshape(-1, n)  # (a view where the rows are evenly strided)
+    kth = rows.topk(k, dim=-1, sorted=False).values.amin(dim=-1).to(torch.float32).contiguous()  # [R]
+    out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=scores.device)
+    _earliest_k_kernel[(rows.shape[0],)](rows, rows.stride(0), kth, out, out.stride(0), n, k,
+                                         KP=triton.next_power_of_2(k), BLOCK=_BLOCK)
+    return out.view(*scores.shape[:-1], k)
+
+
+__all__ = ["MAX_K", "covers", "earliest_k"]

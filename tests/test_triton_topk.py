@@ -1,0 +1,72 @@
+"""The Triton backend's indexer top-k (`dsv4.kernels.triton.topk`) against the stable-sort rule and the reference
+`index_topk`. Without a GPU the kernel runs through Triton's interpreter (tests/conftest.py), on small rows."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dsv4.kernels.reference import ReferenceBackend  # noqa: E402
+from dsv4.kernels.triton import TritonBackend, topk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ties(rows: int, n: int, seed: int) -> torch.Tensor:
+    """Scores with many exact ties (a few values, -0.0 next to 0.0) and a masked -inf tail per row."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 4, (rows, n), generator=g).float() * 0.5
+    scores[scores == 0.5] = -0.0
+    tails = torch.randint(0, n // 2 + 1, (rows,), generator=g)
+    scores[torch.arange(n) >= n - tails.unsqueeze(1)] = float("-inf")
+    return scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(40, 1), (40, 39), (97, 13), (300, 64), (1500, 7)])
+def test_the_picks_are_a_stable_descending_sorts_first_k(n, k, dtype):
+    """Every entry above the k-th value, the earliest at it, in descending score, ties by index: the first k of a
+    stable descending sort, for rows that tie at the k-th value across the kernel's 1,024-entry blocks too."""
+    scores = _ties(3, n, seed=n + k).to(dtype).to(DEVICE)
+    want = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(topk.earliest_k(scores, k), want)
+
+
+def test_distinct_scores_and_strided_rows():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 3, 200, generator=g).to(DEVICE)[:, :, :150]  # rows 200 apart
+    want = scores.sort(dim=-1, descending=True, stable=True).indices[..., :20]
+    assert torch.equal(topk.earliest_k(scores, 20), want)
+
+
+def test_index_topk_equals_the_reference():
+    """The seam op: picks, -1 where a query sees fewer than k entries, and the picked scores, as the reference's
+    (scores masked to -inf in place past each query's visible entries, on both sides)."""
+    g = torch.Generator().manual_seed(2)
+    scores = (torch.randint(-2, 3, (2, 3, 70), generator=g).float() * torch.rand(2, 3, 1, generator=g)).to(DEVICE)
+    visible = torch.tensor([[70, 30, 5], [0, 69, 41]], device=DEVICE)
+    fast_scores, slow_scores = scores.clone(), scores.clone()
+    picks, picked = TritonBackend().index_topk(fast_scores, visible, 16)
+    want_picks, want_picked = ReferenceBackend().index_topk(slow_scores, visible, 16)
+    assert torch.equal(picks, want_picks) and torch.equal(picked, want_picked)
+    assert torch.equal(fast_scores, slow_scores)
+    assert (picks[0, 2] >= 0).sum() == 5 and (picks[1, 0] == -1).all()
+
+
+def test_a_row_with_nan_scores_still_picks_valid_entries():
+    scores = torch.randn(2, 60, device=DEVICE)
+    scores[0, 7] = float("nan")
+    picks = topk.earliest_k(scores, 10)
+    assert ((picks >= 0) & (picks < 60)).all()
+    assert torch.equal(picks[1], scores[1].sort(descending=True, stable=True).indices[:10])
+
+
+def test_covers():
+    x = torch.randn(2, 50, device=DEVICE)
+    assert topk.covers(x, 10) and topk.covers(x.bfloat16(), 49)
+    assert not topk.covers(x, 0) and not topk.covers(x, 50)  # nothing or everything: only the order is left
+    assert not topk.covers(x.double(), 10)
+    assert not topk.covers(x.t(), 1)  # the entries must be contiguous
+    assert not topk.covers(torch.randn(1, 5000, device=DEVICE), topk.MAX_K + 1)
+    with pytest.raises(ValueError, match="covers"):
+        topk.earliest_k(x, 50)
