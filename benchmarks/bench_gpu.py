@@ -21,7 +21,8 @@ time-out still returns what ran):
 * `flash_layer`: one V4-Flash CSA layer (dim 4096, 256 experts, top 6) with its official FP8 / FP4 weights and
   exact numerics, streams only (no head): decode ms per step at batch 1 and 64, prefill of 4,096 tokens, each
   against the memory-bound time (the weights a step reads at 4.8 TB/s) and the compute-bound time (989 bf16
-  TFLOP/s), as ratios; the same layer on the reference backend for the before side;
+  TFLOP/s), as ratios, and the decode step captured in a CUDA graph; the same layer on the reference backend for
+  the before side;
 * `train_mfu`: a dim-2048 config trained with bf16 autocast: tokens/s and MFU against 989 TFLOP/s (the model
   FLOPs `dsv4 train` counts).
 
@@ -373,6 +374,25 @@ def _weight_bytes(model) -> tuple[float, float]:
     return layer + experts * a.n_activated_experts / a.n_routed_experts, experts
 
 
+def _graph_step_ms(model, tokens, cache, capacity: int, repeat: int = 10) -> float:
+    """ms per replay of one static decode step (`Transformer.static_decode_streams`) captured in a CUDA graph, after
+    the warm-up torch asks for (DEV=cpu: the step run eagerly)."""
+    def step():
+        return model.static_decode_streams(tokens, cache, capacity)
+
+    if DEV != "cuda":
+        return timed(step, repeat) * 1e3
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return timed(graph.replay, repeat) * 1e3
+
+
 @section
 def flash_layer():
     model = _flash_layer()
@@ -394,13 +414,19 @@ def flash_layer():
 
             row["prefill_ms"] = timed(prefill, 2) * 1e3
             for batch in (1, big_b):
+                prompt, nxt = toks[:, :256].expand(batch, -1).contiguous(), toks[:, -1:].expand(batch, 1).contiguous()
                 cache = model.new_cache(batch_size=batch, max_seq_len=plen + 400)
-                model.forward_streams(toks[:, :256].expand(batch, -1).contiguous(), cache)
-                nxt = toks[:, -1:].expand(batch, 1).contiguous()
+                model.forward_streams(prompt, cache)
                 row[f"decode_b{batch}_ms"] = timed(lambda n=nxt, c=cache: model.forward_streams(n, c), 10) * 1e3
+                if backend == "triton":  # the same step captured in a CUDA graph (no launch overhead)
+                    cache = model.new_cache(batch_size=batch, max_seq_len=plen + 400)
+                    model.forward_streams(prompt, cache)
+                    row[f"decode_b{batch}_graph_ms"] = _graph_step_ms(model, nxt, cache, 512 if not SMALL else 128)
         memory_ms = active_bytes / HBM_BYTES_PER_S * 1e3
         compute_ms = 2 * active_params * plen / BF16_FLOPS * 1e3
         row["decode_b1_vs_memory_bound"] = round(row["decode_b1_ms"] / memory_ms, 1)
+        if "decode_b1_graph_ms" in row:
+            row["decode_b1_graph_vs_memory_bound"] = round(row["decode_b1_graph_ms"] / memory_ms, 1)
         row["prefill_vs_compute_bound"] = round(row["prefill_ms"] / compute_ms, 1)
         out[backend] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
         out["memory_bound_b1_ms"] = round(memory_ms, 4)
