@@ -171,6 +171,36 @@ def test_decode_graphs_through_the_triton_backend():
     assert set(engine.graphs.graphs) == {(1, 64), (2, 64)}
 
 
+def test_a_failed_capture_turns_the_graphs_off_and_the_engine_goes_on(monkeypatch, caplog):
+    """A capture that fails after its warm-up step ran (here a stand-in for CUDA's capture that raises as torch
+    does): that step's result stands, a warning says why, and every later decode step runs eagerly; the tokens are
+    the eager engine's (no step lost or run twice)."""
+    from dsv4.engine import graphs
+
+    class FailingCapture:
+        def __init__(self, step, pool):
+            raise graphs.CaptureError("RuntimeError: operation not permitted when stream is capturing", step())
+
+    model = _model("exact")
+    common = dict(max_batch=2, max_seq_len=100, prefill_chunk=32)
+    eager, _ = _generate(model, False, "reference", (6, 17), (9, 7), **common)
+    monkeypatch.setattr(graphs, "_Captured", FailingCapture)
+    engine = Engine(model, kernel_backend="reference", decode_graphs=True, **common)
+    engine.graphs.capture = True  # (as on CUDA)
+    for i, n in enumerate((6, 17)):
+        engine.add_request([(7 * i + j) % model.args.vocab_size for j in range(n)],
+                           SamplingParams(temperature=0.0, max_tokens=(9, 7)[i], ignore_eos=True))
+    out: dict[int, list[int]] = {}
+    with caplog.at_level("WARNING", logger="dsv4.engine.graphs"):
+        while engine.has_unfinished():
+            for update in engine.step():
+                out.setdefault(update.request_id, []).extend(update.new_token_ids)
+    assert out == eager
+    assert engine.graphs.failure.startswith("batch 2, capacity 64: RuntimeError: operation not permitted")
+    assert engine.graphs.steps == 1 and not engine.graphs.graphs
+    assert "decode graphs off: a capture failed" in caplog.text
+
+
 def test_the_spare_slot_is_outside_the_pool_and_the_budget():
     model = _model("plain")
     plain = KVCacheManager(model, 2, 128)

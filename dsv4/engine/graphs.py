@@ -25,7 +25,9 @@ replayed too. Every static step writes the unfinished compressed entry of each r
 whose page the engine allocates a few tokens early (`Engine._reserve`).
 
 Steps a graph does not take run eagerly: prefill chunks, speculative steps, a row at position 0, a row asking
-for prompt logprobs, positions past the largest capacity.
+for prompt logprobs, positions past the largest capacity. A capture that fails (the step itself having run: its
+result stands) turns the graphs off with a warning, and every later decode step runs eagerly: a server keeps
+serving.
 
 On a CPU nothing is captured: the same static step runs eagerly from the same buffers and buckets (`_Eager`),
 which is how the tests check everything but the capture itself; `tests/op_trace.py` checks that the static
@@ -34,6 +36,7 @@ step runs the same ops on the same buffers at any positions within a bucket, wha
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -41,6 +44,8 @@ from torch import Tensor
 
 from ..model import Transformer
 from ..model.cache import Cache
+
+log = logging.getLogger(__name__)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -73,10 +78,19 @@ class _Eager:
         self.last = self.step()
 
 
+class CaptureError(RuntimeError):
+    """A decode step ran but could not be captured; `result` is the step's (the warm-up's) result."""
+
+    def __init__(self, message: str, result: Tensor) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class _Captured:
     """A CUDA graph of `step`. Made, it runs the step once on a side stream (its lazy allocations, Triton's
     compilation, the experts' plans: as torch asks before a capture), which is this step's result, then captures it
-    (a capture runs nothing); `replay` runs the graph, whose output buffer then holds the result."""
+    (a capture runs nothing; a capture that fails raises `CaptureError` with the result); `replay` runs the graph,
+    whose output buffer then holds the result."""
 
     def __init__(self, step: Callable[[], Tensor], pool) -> None:
         stream = torch.cuda.Stream()
@@ -85,8 +99,11 @@ class _Captured:
             self.last = step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = step()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.out = step()
+        except RuntimeError as exc:  # (torch ends the failed capture; the stream runs eagerly again)
+            raise CaptureError(f"{type(exc).__name__}: {exc}", self.last) from exc
 
     def replay(self) -> None:
         self.graph.replay()
@@ -127,10 +144,12 @@ class DecodeGraphs:
         self.slots = {b: torch.full((b,), spare_slot, dtype=torch.long, device=self.device) for b in self.batches}
         self.graphs: dict[tuple[int, int], _Eager | _Captured] = {}
         self.steps = self.padded = 0  # steps run, and padding rows among them
+        self.failure: str | None = None  # why a capture failed: graphs are off from then on
 
     def covers(self, n: int, last_position: int) -> bool:
-        """Whether a decode of n rows, the furthest at `last_position`, has a bucket."""
-        return n <= self.batches[-1] and bool(self.capacities) and last_position < self.capacities[-1]
+        """Whether a decode of n rows, the furthest at `last_position`, has a bucket (and no capture failed)."""
+        return (self.failure is None and n <= self.batches[-1] and bool(self.capacities)
+                and last_position < self.capacities[-1])
 
     def heads(self, tokens: Sequence[int], slots: Sequence[int], last_position: int) -> Tensor:
         """The head inputs [n, dim] fp32 after one decode step of the rows in cache slots `slots` feeding `tokens`,
@@ -147,7 +166,12 @@ class DecodeGraphs:
         graph = self.graphs.get((batch, capacity))
         if graph is None:
             step = self._step(batch, capacity)
-            graph = self.graphs[batch, capacity] = _Captured(step, self.pool) if self.capture else _Eager(step)
+            try:
+                graph = self.graphs[batch, capacity] = _Captured(step, self.pool) if self.capture else _Eager(step)
+            except CaptureError as exc:  # the step itself ran: its result stands, later steps run eagerly
+                self.failure = f"batch {batch}, capacity {capacity}: {exc}"
+                log.warning("decode graphs off: a capture failed (%s); decode steps run eagerly", self.failure)
+                return exc.result[:n].clone()
         else:
             graph.replay()
         return graph.last[:n].clone()
