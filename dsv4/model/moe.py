@@ -146,8 +146,8 @@ class MoE(nn.Module):
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
         if routing is not None:
             routing.append(RouterRecord(self.layer_id, scores, ids, self.gate.hash, shape[0]))
-        if (self.expert_parallel is None and not self.replaced_forwards()
-                and kernels.routes_on_device(x, self.expert_table)):
+        if (self.expert_parallel is None and kernels.routes_on_device(x, self.expert_table)
+                and not self.replaced_forwards()):
             # grouped and scheduled on the device: no read of the chosen experts
             y = kernels.routed_experts(x, weights, ids, self.expert_table, None, self.limit)
         elif self.expert_parallel is None:
