@@ -167,7 +167,7 @@ class Transformer(nn.Module):
             raise ValueError(f"capacity={capacity}: a static decode step needs a persistent cache and a positive "
                              f"multiple of every compression ratio {sorted(set(ratios))} up to the cache's "
                              f"{cache.max_seq_len} tokens")
-        start = cache.lengths  # [B] (a copy for a `CacheRows`)
+        start = cache.lengths.clone()  # [B] (not the cache's own tensor, which the step advances)
         ctx = ForwardContext(tokens, start, torch.ones_like(start), start.unsqueeze(1), self.numerics == "exact",
                              persist=True, appends=1, capacity=capacity)
         with without_host_reads():
