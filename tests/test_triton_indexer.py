@@ -50,6 +50,25 @@ def test_fp32_scores_equal_the_reference(shape):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_with_visible_counts_the_scores_each_query_sees_are_the_references():
+    """`visible` [B, S] lets the kernel skip a 64-entry tile no query of its block sees (what a static decode step
+    reads past a row's entries); every entry a query sees is scored as without it. Counts on both sides of the tile
+    borders, a query that sees nothing, one that sees every entry."""
+    q, keys, weights = _inputs(2, 6, 4, 32, 200, seed=3)
+    visible = torch.tensor([[0, 63, 64, 65, 128, 200], [1, 1, 2, 3, 5, 8]], device=DEVICE)
+    assert indexer.covers(q, keys, weights, visible)
+    got, want = indexer.index_scores(q, keys, weights, visible), REF.index_scores(q, keys, weights)
+    seen = torch.arange(200, device=DEVICE) < visible.unsqueeze(-1)
+    scale = _magnitude(q, keys, weights).max().item()
+    torch.testing.assert_close(got[seen], want[seen], rtol=1e-5, atol=1e-5 * scale)
+    # the same through the backend and the seam (the reference takes `visible` and scores everything)
+    torch.testing.assert_close(TritonBackend().index_scores(q, keys, weights, visible)[seen], want[seen],
+                               rtol=1e-5, atol=1e-5 * scale)
+    assert torch.equal(REF.index_scores(q, keys, weights, visible), want)
+    for bad in (visible[:, :3], visible.float(), visible[0]):
+        assert not indexer.covers(q, keys, weights, bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES[:4])
 def test_16_bit_scores_round_where_the_reference_does(dtype, shape):
@@ -122,9 +141,10 @@ def test_the_indexer_scores_through_the_seam():
             want = model(tokens)
         assert torch.equal(counted, want)
         assert counting.calls["index_scores"] == csa_layers > 0  # 37 queries: one query block per CSA layer
-        for q, keys, weights in counting.arguments["index_scores"]:
+        for q, keys, weights, visible in counting.arguments["index_scores"]:
             assert q.shape == (2, 37, args.index_n_heads, args.index_head_dim) and q.dtype == dtype
             assert keys.shape == (2, 37 // 4, args.index_head_dim) and weights.shape == q.shape[:3]
+            assert torch.equal(visible, ((torch.arange(37) + 1) // 4).expand(2, 37))  # each query's entries
         with kernels.use_backend(_IndexerOnTriton()):
             got = model(tokens)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -293,9 +293,12 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch
     return active_backend().sparse_attn(q, kv, idx, sink, scale)
 
 
-def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The lightning indexer's scores [B, S, N]: sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n])."""
-    return active_backend().index_scores(q, keys, weights)
+def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
+                 visible: torch.Tensor | None = None) -> torch.Tensor:
+    """The lightning indexer's scores [B, S, N]: sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n]). With
+    `visible` [B, S] (the entries each query sees) the scores of later entries are left unspecified: a backend
+    may skip them (their top-k masks them)."""
+    return active_backend().index_scores(q, keys, weights, visible)
 
 
 def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

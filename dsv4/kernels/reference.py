@@ -398,9 +398,11 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------------------------------ indexer
 
-    def index_scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def index_scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
+                     visible: torch.Tensor | None = None) -> torch.Tensor:
         """The lightning indexer's scores of queries q [B, S, Hi, D] against entries keys [B, N, D] (q's dtype)
-        with the per-head weights [B, S, Hi]:
+        with the per-head weights [B, S, Hi] (`visible` [B, S], the entries each query sees, lets a backend skip
+        the later ones; the reference scores them all):
 
             ``I[b, s, n] = sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n])``
 

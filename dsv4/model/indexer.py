@@ -72,7 +72,9 @@ class Indexer(nn.Module):
         chosen, chosen_scores = [], []
         for lo in range(0, seqlen, block):
             rows = slice(lo, lo + block)
-            index_scores = kernels.index_scores(q[:, rows], keys, weights[:, rows])  # [B,s,N]
+            # [B,s,N]; past each query's visible entries unspecified unless dense (the top-k masks them)
+            index_scores = kernels.index_scores(q[:, rows], keys, weights[:, rows],
+                                                None if dense else n_visible[:, rows])
             if self.all_reduce is not None:
                 index_scores = self.all_reduce(index_scores)
             if not dense:

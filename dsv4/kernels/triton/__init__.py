@@ -129,10 +129,10 @@ class TritonBackend(ReferenceBackend):
 
     # ------------------------------------------------------------------------------------------ indexer
 
-    def index_scores(self, q: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
-        if _runs_here(q) and indexer.covers(q, keys, weights):
-            return indexer.index_scores(q, keys, weights)
-        return super().index_scores(q, keys, weights)
+    def index_scores(self, q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None) -> Tensor:
+        if _runs_here(q) and indexer.covers(q, keys, weights, visible):
+            return indexer.index_scores(q, keys, weights, visible)
+        return super().index_scores(q, keys, weights, visible)
 
     def index_topk(self, scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
         k = min(k, scores.shape[-1])

@@ -4,7 +4,9 @@
 queries, batch row) loads its keys tile [BLOCK_N, D] once and walks the heads in order 0..Hi-1: the head's query
 tile [BLOCK_S, D] times the keys via ``tl.dot`` with fp32 accumulation, ReLU, times the head's weight per query,
 added into an fp32 accumulator [BLOCK_S, BLOCK_N] one head after the other (a sequential sum, like torch's over a
-16-bit head dim), stored once.
+16-bit head dim), stored once. Given each query's visible entry count, a program whose entries no query of its
+block sees returns at once (a static decode step reads up to twice the entries its rows hold; a batch's short rows
+read as many as its longest), leaving those scores unspecified: the top-k masks them.
 
 Numerics against `ReferenceBackend.index_scores` (torch's einsum, ReLU, product, sum over heads): the output has
 the reference's dtype (q's, promoted with the weights'), and the kernel rounds where the reference does: with
@@ -41,7 +43,9 @@ def _index_scores_kernel(
     k_ptr, k_sb, k_sn, k_sd,
     w_ptr, w_sb, w_ss, w_sh,
     out_ptr, o_sb, o_ss, o_sn,
+    vis_ptr, v_sb, v_ss,  # the entries each query sees (HAS_VISIBLE): a tile past all its queries' is skipped
     S, N,
+    HAS_VISIBLE: tl.constexpr,
     HEADS: tl.constexpr, D: tl.constexpr, SCORE: tl.constexpr, OUT: tl.constexpr, WIDEN_DOTS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -54,6 +58,10 @@ def _index_scores_kernel(
     row_ok = rows < S
     ent_ok = ents < N
     dim_ok = dims < D
+    if HAS_VISIBLE:  # no query of the tile sees an entry of it: nothing to score (its top-k masks these)
+        seen = tl.load(vis_ptr + b * v_sb + rows * v_ss, mask=row_ok, other=0)
+        if pid_n * BLOCK_N >= tl.max(seen, axis=0):
+            return
 
     # the keys tile [BLOCK_N, BLOCK_D], read once and used by every head (transposed for the dots)
     keys = tl.load(k_ptr + b * k_sb + ents[:, None] * k_sn + dims[None, :] * k_sd,
@@ -82,10 +90,14 @@ def out_dtype(q: Tensor, weights: Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, weights.dtype)
 
 
-def covers(q: Tensor, keys: Tensor, weights: Tensor) -> bool:
+def covers(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None) -> bool:
     """Whether the kernel takes these inputs: q [B, S, Hi, D] and keys [B, N, D] of one dtype, weights [B, S, Hi],
-    all fp32 / bf16 / fp16 on one device, non-empty, D <= `MAX_DIM`, and no gradient wanted (the reference is
-    differentiable, the kernel is not). `_runs_here` is the backend's check, not this one."""
+    all fp32 / bf16 / fp16 on one device, non-empty, D <= `MAX_DIM`, no gradient wanted (the reference is
+    differentiable, the kernel is not), and `visible` None or integer [B, S] there. `_runs_here` is the backend's
+    check, not this one."""
+    if visible is not None and (not isinstance(visible, Tensor) or visible.dtype not in (torch.int32, torch.int64)
+                                or tuple(visible.shape) != tuple(q.shape[:2]) or visible.device != q.device):
+        return False
     if not all(isinstance(t, Tensor) for t in (q, keys, weights)):
         return False
     if q.dim() != 4 or keys.dim() != 3 or weights.dim() != 3:
@@ -119,10 +131,11 @@ def _launch_config(s: int, d: int, f32: bool) -> tuple[int, int, int, int]:
     return block_s, 64, block_d, 4 if block_s == 16 and not f32 else 8
 
 
-def index_scores(q: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
+def index_scores(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None) -> Tensor:
     """[B, S, N] like ReferenceBackend.index_scores: sum over heads h in order of weights[b, t, h] *
-    ReLU(q[b, t, h] . keys[b, j]). Inputs must satisfy `covers` (ValueError otherwise)."""
-    if not covers(q, keys, weights):
+    ReLU(q[b, t, h] . keys[b, j]); with `visible` [B, S], the tiles of entries no query of theirs sees are not
+    computed (left as allocated). Inputs must satisfy `covers` (ValueError otherwise)."""
+    if not covers(q, keys, weights, visible):
         raise ValueError("triton index_scores does not cover these inputs (check `covers` first)")
     b, s, h, d = q.shape
     n = keys.shape[1]
@@ -135,9 +148,10 @@ def index_scores(q: Tensor, keys: Tensor, weights: Tensor) -> Tensor:
         keys, *keys.stride(),
         weights, *weights.stride(),
         out, *out.stride(),
+        q if visible is None else visible, *((0, 0) if visible is None else visible.stride()),
         s, n,
-        HEADS=h, D=d, SCORE=_TL_DTYPE[q.dtype], OUT=_TL_DTYPE[dtype], WIDEN_DOTS=interpreting(),
-        BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=2,
+        HAS_VISIBLE=visible is not None, HEADS=h, D=d, SCORE=_TL_DTYPE[q.dtype], OUT=_TL_DTYPE[dtype],
+        WIDEN_DOTS=interpreting(), BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=2,
     )
     return out
 
