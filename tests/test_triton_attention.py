@@ -168,6 +168,20 @@ def test_window_rings_seen_by_rows_equal_the_reference(second):
     assert not torch.allclose(got, REF.sparse_attn(q, [swapped, *runs[1:]], idx, sink, d**-0.5), atol=1e-3)
 
 
+def test_blocks_of_unused_slots_change_nothing():
+    """The kernel skips a 64-slot block whose every slot is -1: the result is the same bits as without such blocks
+    (at the end, as a static decode step pads its entries, and before the first used slot), for fp32 and bf16."""
+    torch.manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, rows, sink = _rand(2, 2, 8, 48, dtype=dtype), _rand(2, 90, 48, dtype=dtype), _rand(8)
+        idx = _slots(2, 2, 70, 90, unused=0.2)
+        unused = torch.full((2, 2, 64), -1, device=DEVICE)
+        padded = torch.cat((unused, idx, unused, unused), dim=-1)
+        want = attention.sparse_attn(q, rows, idx, sink, 0.125)
+        assert torch.equal(attention.sparse_attn(q, rows, padded, sink, 0.125), want)
+        (_check_fp32 if dtype == torch.float32 else _check_bf16)(want, REF.sparse_attn(q, rows, idx, sink, 0.125))
+
+
 def test_an_index_past_the_rows_counts_as_unused():
     """(The reference raises there.) The rows past the entries' count in their last page hold NaN: not read."""
     torch.manual_seed(3)

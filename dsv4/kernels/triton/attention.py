@@ -1,12 +1,14 @@
 """Sparse attention with an attention sink as one Triton kernel (the seam's `sparse_attn`).
 
 One program per (batch row, query position, block of heads) walks the query's slots `ATTN_BLOCK` (64) at a time,
-exactly as `ReferenceBackend.sparse_attn` does: each slot's row is gathered in the kernel from the run its index
-falls in (a dense run by its batch stride; a paged run through its block table, page ``table[b, j // rows_per_page]``
-row ``j % rows_per_page``, so no page is ever copied), decoded in registers where the run is stored in another
-format, the block's logits come from one ``tl.dot`` (heads x D) @ (D x 64) with fp32 accumulation, then the fp32
-online softmax (running max, p = exp(logit - m), running sum), the *unnormalised* p cast to the rows' dtype
-before ``tl.dot(p, rows)`` into an fp32 accumulator, and at the end exp(sink - m) added to the denominator.
+exactly as `ReferenceBackend.sparse_attn` does (a block whose every slot is unused, which changes nothing, is
+skipped: the padding of a static decode step's entries, a young sequence's window): each slot's row is gathered
+in the kernel from the run its index falls in (a dense run by its batch stride; a paged run through its block
+table, page ``table[b, j // rows_per_page]`` row ``j % rows_per_page``, so no page is ever copied), decoded in
+registers where the run is stored in another format, the block's logits come from one ``tl.dot``
+(heads x D) @ (D x 64) with fp32 accumulation, then the fp32 online softmax (running max, p = exp(logit - m),
+running sum), the *unnormalised* p cast to the rows' dtype before ``tl.dot(p, rows)`` into an fp32 accumulator,
+and at the end exp(sink - m) added to the denominator.
 
 Supported runs (`covers`): a first run, dense [B, n, D] or a `PagedRows` of one page per batch row holding compute
 rows (a cache's window rings seen through some of its rows: the engine's decode steps), optionally followed by one
@@ -134,43 +136,46 @@ def _sparse_attn_kernel(
     for lo in range(0, K, BLOCK_K):
         slots = lo + tl.arange(0, BLOCK_K)
         j = tl.load(idx_base + slots.to(tl.int64) * si_k, mask=slots < K, other=-1).to(tl.int64)
-        valid = (j >= 0) & (j < n0 + n1)
-        in0 = valid & (j < n0)
-        ptrs0 = r0_ptr + row0 * s0_b + j[:, None] * s0_n + cols[None, :] * s0_d
-        mask0 = in0[:, None] & col_ok[None, :]
-        if RUN1 == 0:
-            rows = tl.load(ptrs0, mask=mask0, other=0.0)
-        else:
-            in1 = valid & (j >= n0)
-            j1 = tl.maximum(j - n0, 0)
-            mask1 = in1[:, None] & col_ok[None, :]
-            if RUN1 == 1:
-                ptrs1 = r1_ptr + b * s1_0 + j1[:, None] * s1_1 + cols[None, :] * s1_2
+        # a block of unused slots changes nothing (rescale 1, or 0 before any used slot, and p = 0): skipped
+        if tl.max(j, axis=0) >= 0:
+            valid = (j >= 0) & (j < n0 + n1)
+            in0 = valid & (j < n0)
+            ptrs0 = r0_ptr + row0 * s0_b + j[:, None] * s0_n + cols[None, :] * s0_d
+            mask0 = in0[:, None] & col_ok[None, :]
+            if RUN1 == 0:
+                rows = tl.load(ptrs0, mask=mask0, other=0.0)
             else:
-                page = tl.load(tab_ptr + b * st_b + (j1 // ROWS_PER_PAGE) * st_p, mask=in1, other=0).to(tl.int64)
-                # (a hint of the entries' alignment, for vector loads: fp8 entries are 8-byte multiples, not 16)
-                entry = tl.multiple_of(page * s1_0 + (j1 % ROWS_PER_PAGE) * s1_1, ENTRY_ALIGN)
-                ptrs1 = r1_ptr + entry[:, None] + cols[None, :] * s1_2
-            if SAME:  # the second run holds rows of the first's dtype: one load from either run
-                rows = tl.load(tl.where(in0[:, None], ptrs0, ptrs1), mask=mask0 | mask1, other=0.0)
-            else:
-                if RUN1 == 3:  # the fp8 codec decodes to bf16 rows, then to its compute dtype
-                    other = _fp8_kv_rows(r1_ptr, r1_16_ptr, entry, in1, cols, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
+                in1 = valid & (j >= n0)
+                j1 = tl.maximum(j - n0, 0)
+                mask1 = in1[:, None] & col_ok[None, :]
+                if RUN1 == 1:
+                    ptrs1 = r1_ptr + b * s1_0 + j1[:, None] * s1_1 + cols[None, :] * s1_2
                 else:
-                    other = tl.load(ptrs1, mask=mask1, other=0.0)
-                # rows of the first run where they are, the second's (cast as `concat_rows` does) elsewhere
-                rows = tl.load(ptrs0, mask=mask0, other=round_to(round_to(other, MID), row_dtype))
+                    page = tl.load(tab_ptr + b * st_b + (j1 // ROWS_PER_PAGE) * st_p, mask=in1,
+                                   other=0).to(tl.int64)
+                    # (a hint of the entries' alignment, for vector loads: fp8 entries are 8-byte multiples, not 16)
+                    entry = tl.multiple_of(page * s1_0 + (j1 % ROWS_PER_PAGE) * s1_1, ENTRY_ALIGN)
+                    ptrs1 = r1_ptr + entry[:, None] + cols[None, :] * s1_2
+                if SAME:  # the second run holds rows of the first's dtype: one load from either run
+                    rows = tl.load(tl.where(in0[:, None], ptrs0, ptrs1), mask=mask0 | mask1, other=0.0)
+                else:
+                    if RUN1 == 3:  # the fp8 codec decodes to bf16 rows, then to its compute dtype
+                        other = _fp8_kv_rows(r1_ptr, r1_16_ptr, entry, in1, cols, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
+                    else:
+                        other = tl.load(ptrs1, mask=mask1, other=0.0)
+                    # rows of the first run where they are, the second's (cast as `concat_rows` does) elsewhere
+                    rows = tl.load(ptrs0, mask=mask0, other=round_to(round_to(other, MID), row_dtype))
 
-        logits = dot(q, tl.trans(rows), WIDEN_DOTS) * scale
-        logits = tl.where(valid[None, :], logits, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-        # a head that has seen no used slot yet keeps a finite shift, so its exp() terms are exactly 0
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = exp(run_max - shift, LIBDEVICE)
-        p = exp(logits - shift[:, None], LIBDEVICE)
-        denom = denom * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + dot(round_to(p, row_dtype), rows, WIDEN_DOTS)
-        run_max = new_max
+            logits = dot(q, tl.trans(rows), WIDEN_DOTS) * scale
+            logits = tl.where(valid[None, :], logits, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+            # a head that has seen no used slot yet keeps a finite shift, so its exp() terms are exactly 0
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = exp(run_max - shift, LIBDEVICE)
+            p = exp(logits - shift[:, None], LIBDEVICE)
+            denom = denom * rescale + tl.sum(p, axis=1)
+            acc = acc * rescale[:, None] + dot(round_to(p, row_dtype), rows, WIDEN_DOTS)
+            run_max = new_max
 
     sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
     shift = tl.where(run_max == float("-inf"), sink, run_max)
