@@ -12,7 +12,7 @@ stacked copy of the weights):
 
 Each projection of quantised experts is the block-scaled GEMM of `gemm.py` (`fp8_tile` / `fp4_tile`) over the
 activations quantised once; float experts (the weights in the activations' dtype, a plain model's) multiply the
-activations as they are (`_float_tile`: fp32 accumulation, fp32 dots without TF32), as the reference's linear
+activations as they are (`gemm.float_tile`: fp32 accumulation, fp32 dots without TF32), as the reference's linear
 does. So the rounding is the reference's up to the order of additions inside a dot. The outputs are added back
 into their tokens in increasing expert id (`add_routed_rows`), the reference's order.
 """
@@ -32,8 +32,8 @@ from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
 
 from ..experts import ExpertWeights, RoutedRows, add_routed_rows, group_routed_rows
 from . import quant
-from .gemm import block_m_for, block_n_for, fp4_tile, fp8_tile, span, store_tile
-from .numerics import dot, exp, interpreting, libdevice_exp, round_to
+from .gemm import block_m_for, block_n_for, float_tile, fp4_tile, fp8_tile, span, store_tile
+from .numerics import exp, interpreting, libdevice_exp, round_to
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,21 +54,6 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 @triton.jit
-def _float_tile(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, K, stride_xm, stride_wn,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN_DOTS: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] of rows x cols against a float weight [N, K] of the rows' dtype, K blocks in order."""
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k = kb * BLOCK_K + ks
-        k_ok = k < K
-        a = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols64[None, :] * stride_wn + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc += dot(a, b, WIDEN_DOTS)
-    return acc
-
-
-@triton.jit
 def _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
              stride_xm, stride_xsm, stride_wn, stride_wsn,
              FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -76,8 +61,8 @@ def _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_
     """One tile of one expert's projection, fp32 [BLOCK_M, BLOCK_N]."""
     if FORMAT == 2:
         w = tl.load(w_ptrs + expert).to(tl.pointer_type(W_DTYPE))
-        acc = _float_tile(x_ptr, w, rows64, row_ok, cols64, col_ok, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, 32,
-                          WIDEN_DOTS)
+        acc = float_tile(x_ptr, w, rows64, row_ok, cols64, col_ok, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, 32,
+                         WIDEN_DOTS)
     elif FORMAT == 1:
         w = tl.load(w_ptrs + expert).to(tl.pointer_type(tl.uint8))
         s = tl.load(s_ptrs + expert).to(tl.pointer_type(tl.uint8))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
 
-from .numerics import round_to
+from .numerics import dot, round_to
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,18 +49,36 @@ def _e2m1_to_e4m3(code):
 
 
 @triton.jit
+def _k_block(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, kb, K, stride_xm, stride_wn, BLOCK_K: tl.constexpr):
+    """Inputs kb * BLOCK_K .. + BLOCK_K - 1 of the rows [BLOCK_M, BLOCK_K] and of the weight's columns, transposed
+    [BLOCK_K, BLOCK_N] (zeros past K)."""
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    a = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    b = tl.load(w_ptr + cols64[None, :] * stride_wn + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+    return a, b
+
+
+@triton.jit
+def float_tile(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, K, stride_xm, stride_wn,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN_DOTS: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] of rows x cols against a float weight [N, K] of the rows' dtype, K blocks in order."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        a, b = _k_block(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, kb, K, stride_xm, stride_wn, BLOCK_K)
+        acc += dot(a, b, WIDEN_DOTS)
+    return acc
+
+
+@triton.jit
 def fp8_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, rows64, row_ok, cols64, col_ok, scale_row, K,
              stride_xm, stride_xsm, stride_wn, stride_wsn,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] of rows x cols against an FP8 weight whose tile-scale row for these columns is
     `scale_row` (the N tile lies inside one 128-row tile): per K block, the dot times both scales, added in order."""
-    ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k = kb * BLOCK_K + ks
-        k_ok = k < K
-        a = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols64[None, :] * stride_wn + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        a, b = _k_block(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, kb, K, stride_xm, stride_wn, BLOCK_K)
         partial = tl.dot(a, b, out_dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
         a_scale = tl.load(xs_ptr + rows64 * stride_xsm + kb, mask=row_ok, other=1.0)
         w_byte = tl.load(ws_ptr + scale_row * stride_wsn + kb).to(tl.int32) & 0xFF
