@@ -83,6 +83,20 @@ def run_calls() -> None:
                                 torch.randn(256, 128).to(dtype), None) for _ in range(4)]
         tri.routed_experts(x[:3], torch.rand(3, 2), ids, floats, [0, 1, 2, 3], 7.0)
         tri.hc_split_sinkhorn(torch.randn(7, 24), torch.rand(3), torch.randn(24), 4, 20, 1e-6)
+        # mHC around a sublayer: V4-Flash's 4 streams of 4,096 (16 partial products), and a padded h
+        for h, d in ((4, 4096), (3, 100)):
+            x = torch.randn(2, 3, h, d).to(dtype)
+            tri.hc_pre(x, torch.randn((2 + h) * h, h * d), torch.rand(3), torch.randn((2 + h) * h), h, 20, 1e-6, 1e-6)
+            tri.hc_collapse(x, torch.rand(2, 3, h))
+            tri.hc_post(torch.randn(2, 3, d).to(dtype), x, torch.rand(2, 3, h), torch.rand(2, 3, h, h))
+        # row ops: the norms, the queries' head norm with its rotation (in place or not), the keys' rotation
+        tri.rms_norm(torch.randn(3, 4096).to(dtype), torch.rand(4096), 1e-6)
+        q = torch.randn(2, 3, 64, 512).to(dtype)
+        cos, sin = torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32)
+        for inplace in (False, True):
+            tri.head_norm(q, 1e-6, cos, sin, inplace=inplace)
+            tri.rope(q, cos, sin, inverse=inplace, inplace=inplace)
+        tri.head_norm(q, 1e-6)
         # indexer scores: V4's 64 heads of 128 dims, a decode step (one query) and a prefill block
         for s in (1, 100):
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),

@@ -43,7 +43,7 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
 from ..reference import ReferenceBackend
-from . import attention, experts, gemm, indexer, quant, sinkhorn, topk
+from . import attention, experts, gemm, indexer, mhc, quant, rows, sinkhorn, topk
 from .numerics import interpreting
 
 
@@ -144,7 +144,41 @@ class TritonBackend(ReferenceBackend):
             return torch.where(top < seen, top, -1), scores.gather(-1, top)
         return super().index_topk(scores, visible, k)
 
+    # ------------------------------------------------------------------------------------------ rows
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        if _runs_here(x) and rows.covers_rms_norm(x, weight):
+            return rows.rms_norm(x, weight, eps)
+        return super().rms_norm(x, weight, eps)
+
+    def head_norm(self, x: Tensor, eps: float, cos: Tensor | None = None, sin: Tensor | None = None,
+                  inplace: bool = False) -> Tensor:
+        if _runs_here(x) and rows.covers_head_norm(x, cos, sin):
+            return rows.head_norm(x, eps, cos, sin, inplace)
+        return super().head_norm(x, eps, cos, sin, inplace)
+
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, inplace: bool = False) -> Tensor:
+        if _runs_here(x) and rows.covers_head_norm(x, cos, sin):
+            return rows.rope(x, cos, sin, inverse, inplace)
+        return super().rope(x, cos, sin, inverse, inplace)
+
     # ------------------------------------------------------------------------------------------ mHC
+
+    def hc_pre(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int, eps: float,
+               norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        if _runs_here(x) and mhc.covers_pre(x, fn, scale, base, hc_mult, iters):
+            return mhc.hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
+        return super().hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
+
+    def hc_collapse(self, x: Tensor, pre: Tensor) -> Tensor:
+        if _runs_here(x) and mhc.covers_collapse(x, pre):
+            return mhc.hc_collapse(x, pre)
+        return super().hc_collapse(x, pre)
+
+    def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor, inplace: bool = False) -> Tensor:
+        if _runs_here(x) and mhc.covers_post(out, x, post, comb):
+            return mhc.hc_post(out, x, post, comb)
+        return super().hc_post(out, x, post, comb, inplace)
 
     def hc_split_sinkhorn(self, mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
                           eps: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,201 @@
+"""Triton mHC reads and writes of the streams: `hc_pre` in three launches (the reference's takes about twenty) and
+`hc_collapse` / `hc_post` in one each.
+
+`hc_pre` (x [T, h, d] -> u [T, d], post [T, h], comb [T, h, h]):
+
+1. `_mixes_partials_kernel`: programs over (16 tokens, 1,024 of the h*d values) take their slice of the product
+   with the mixing map fn [m, h*d] (fp32 dots, no TF32) and of the sum of squares, into partials
+   [T, splits, m] and [T, splits]. The split depends on h*d alone, so a token's mixes do not depend on the batch
+   it is in, and a batch-1 decode step still spreads the map's read over h*d / 1,024 programs.
+2. the Sinkhorn kernel (`sinkhorn._sinkhorn_kernel` with ``PARTIALS``): it adds each token's partials in order,
+   times ``1/rms`` (the reference's ``(x @ fn.T) * rsqrt(mean(x^2) + eps)``), then splits and projects as before.
+3. `_collapse_kernel`: ``u = sum_k pre_k * x_k`` in fp32, products rounded, the h terms added in order.
+
+`hc_post`: ``X'_k = post_k * out + sum_j comb[j, k] * X_j`` per (token, 256 columns), products rounded and the
+terms added in order (the reference's order; launched with ``enable_fp_fusion=False``), always a new tensor.
+
+Step 1's dot sums in the hardware's order, so the mixes agree with the reference's fp32 matmul to fp32 rounding
+(`tests/test_triton_mhc.py` states the tolerances); the collapse and the write-back are the reference's
+arithmetic term for term.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import sinkhorn
+from .numerics import dot, interpreting, round_to
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_CHUNK = 1024  # h*d values per partial product (a multiple of _BK)
+_BK = 64
+_BLOCK_T = 16  # tokens per partials program (a dot's smallest M)
+_BD = 256  # columns per collapse / write-back program
+_MAX_H = 16
+
+
+@triton.jit
+def _mixes_partials_kernel(x_ptr, fn_ptr, part_ptr, ss_ptr, T, K, M, sxt, sfm, splits,
+                           MP: tl.constexpr, BLOCK_T: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr,
+                           F32: tl.constexpr):
+    """x [T, K] (unit last stride), fn [M, K] -> part [T, splits, M] (x's K slice `split` times fn's, fp32) and
+    ss [T, splits] (the slice's sum of squares)."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split = tl.program_id(1)
+    tok_ok = tok < T
+    tok64 = tok.to(tl.int64)
+    m = tl.arange(0, MP)
+    m_ok = m < M
+    acc = tl.zeros((BLOCK_T, MP), tl.float32)
+    ss = tl.zeros((BLOCK_T,), tl.float32)
+    for k0 in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, K), BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < K
+        xt = tl.load(x_ptr + tok64[:, None] * sxt + k[None, :], mask=tok_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        ss += tl.sum(xt * xt, axis=1)
+        f = tl.load(fn_ptr + m[None, :] * sfm + k[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                    other=0.0).to(tl.float32)  # [BK, MP]
+        acc += dot(xt, f, F32)
+    tl.store(part_ptr + (tok64[:, None] * splits + split) * M + m[None, :], acc, mask=tok_ok[:, None] & m_ok[None, :])
+    tl.store(ss_ptr + tok64 * splits + split, ss, mask=tok_ok)
+
+
+@triton.jit
+def _collapse_kernel(x_ptr, pre_ptr, u_ptr, D, sxt, sxh, sut, H: tl.constexpr, HP: tl.constexpr,
+                     BD: tl.constexpr, DT: tl.constexpr):
+    """x [T, H, D], pre [T, H] fp32 -> u [T, D] = sum_k pre_k * x_k (in order), rounded to DT."""
+    t = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BD + tl.arange(0, BD)
+    k = tl.arange(0, HP)
+    mask = (k < H)[:, None] & (col < D)[None, :]
+    xt = tl.load(x_ptr + t * sxt + k[:, None] * sxh + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    pre = tl.load(pre_ptr + t * H + k, mask=k < H, other=0.0)
+    u = sinkhorn._ordered_sum(pre[:, None] * xt, k[:, None], 0, H)
+    tl.store(u_ptr + t * sut + col, round_to(u, DT), mask=col < D)
+
+
+@triton.jit
+def _post_kernel(out_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, D, sot, sxt, sxh, snt, snh, H: tl.constexpr,
+                 HP: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr):
+    """out [T, D], x [T, H, D], post [T, H], comb [T, H, H] fp32 -> new [T, H, D]: post_k * out + sum_j comb[j, k]
+    * x_j, rounded to DT."""
+    t = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BD + tl.arange(0, BD)
+    col_ok = col < D
+    j = tl.arange(0, HP)
+    mask = (j < H)[:, None] & col_ok[None, :]
+    xt = tl.load(x_ptr + t * sxt + j[:, None] * sxh + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + t * sot + col, mask=col_ok, other=0.0).to(tl.float32)
+    for k in tl.static_range(H):
+        c = tl.load(comb_ptr + t * (H * H) + j * H + k, mask=j < H, other=0.0)  # comb[:, k]
+        mixed = sinkhorn._ordered_sum(c[:, None] * xt, j[:, None], 0, H)
+        p = tl.load(post_ptr + t * H + k)
+        tl.store(new_ptr + t * snt + k * snh + col, round_to(p * o + mixed, DT), mask=col_ok)
+
+
+def _streams(x: Tensor) -> Tensor | None:
+    """x [..., h, d] as [T, h, d] with a unit last stride, without a copy (None where it does not view so)."""
+    if x.dim() < 2 or x.stride(-1) != 1:
+        return None
+    try:
+        return x.view(-1, x.shape[-2], x.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _no_grad(*tensors: Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def covers_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int) -> bool:
+    """x fp32/bf16/fp16 [..., h, d] (1 <= h <= 16), fn [(2+h)*h, h*d] and scale / base not fp64, iters >= 1, no
+    gradient wanted."""
+    if not (x.dtype in _DTYPES and x.dim() >= 2 and x.shape[-2] == hc_mult and x.numel() > 0):
+        return False
+    if fn.dim() != 2 or tuple(fn.shape) != ((2 + hc_mult) * hc_mult, hc_mult * x.shape[-1]):
+        return False
+    if any(t.dtype == torch.float64 for t in (fn, scale, base)) or not _no_grad(x, fn, scale, base):
+        return False
+    return 1 <= hc_mult <= _MAX_H and isinstance(iters, int) and iters >= 1 and _streams(x) is not None
+
+
+def covers_collapse(x: Tensor, pre: Tensor) -> bool:
+    """x fp32/bf16/fp16 [..., h, d] (h <= 16), pre fp32 [..., h], no gradient wanted."""
+    return (x.dtype in _DTYPES and x.dim() >= 2 and 1 <= x.shape[-2] <= _MAX_H and pre.dtype == torch.float32
+            and tuple(pre.shape) == tuple(x.shape[:-1]) and _no_grad(x, pre) and _streams(x) is not None)
+
+
+def covers_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> bool:
+    """out [..., d], x [..., h, d] fp32/bf16/fp16 (h <= 16), post [..., h] and comb [..., h, h] fp32, no gradient
+    wanted."""
+    if not (x.dtype in _DTYPES and out.dtype in _DTYPES and x.dim() >= 2 and 1 <= x.shape[-2] <= _MAX_H):
+        return False
+    h = x.shape[-2]
+    if not (tuple(out.shape) == (*x.shape[:-2], x.shape[-1]) and tuple(post.shape) == tuple(x.shape[:-1])
+            and tuple(comb.shape) == (*x.shape[:-1], h)):
+        return False
+    if post.dtype != torch.float32 or comb.dtype != torch.float32 or not _no_grad(out, x, post, comb):
+        return False
+    return _streams(x) is not None and out.stride(-1) == 1
+
+
+def _collapse(xv: Tensor, pre: Tensor, dtype: torch.dtype) -> Tensor:
+    t, h, d = xv.shape
+    u = torch.empty((t, d), dtype=dtype, device=xv.device)
+    if u.numel():
+        _collapse_kernel[(t, triton.cdiv(d, _BD))](
+            xv, pre, u, d, xv.stride(0), xv.stride(1), u.stride(0), H=h, HP=triton.next_power_of_2(h), BD=_BD,
+            DT=_TL[dtype], num_warps=2, enable_fp_fusion=False)
+    return u
+
+
+def hc_collapse(x: Tensor, pre: Tensor) -> Tensor:
+    """``ReferenceBackend.hc_collapse``: x [..., h, d], pre [..., h] -> [..., d] in x.dtype."""
+    xv = _streams(x)
+    return _collapse(xv, pre.reshape(-1, x.shape[-2]).contiguous(), x.dtype).view(*x.shape[:-2], x.shape[-1])
+
+
+def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int, eps: float,
+           norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``ReferenceBackend.hc_pre``: x [..., h, d] -> (u [..., d] in x.dtype, post [..., h], comb [..., h, h])."""
+    xv = _streams(x)
+    t, h, d = xv.shape
+    k, m = h * d, fn.shape[0]
+    flat = xv.reshape(t, k)  # (a view unless h's stride is not d)
+    dev = x.device
+    fn = fn.to(torch.float32).contiguous()
+    splits = triton.cdiv(k, _CHUNK)
+    part = torch.empty((t, splits, m), dtype=torch.float32, device=dev)
+    ss = torch.empty((t, splits), dtype=torch.float32, device=dev)
+    pre = torch.empty((t, h), dtype=torch.float32, device=dev)
+    post = torch.empty((t, h), dtype=torch.float32, device=dev)
+    comb = torch.empty((t, h, h), dtype=torch.float32, device=dev)
+    _mixes_partials_kernel[(triton.cdiv(t, _BLOCK_T), splits)](
+        flat, fn, part, ss, t, k, m, flat.stride(0), fn.stride(0), splits, MP=max(16, triton.next_power_of_2(m)),
+        BLOCK_T=_BLOCK_T, BK=_BK, CHUNK=_CHUNK, F32=interpreting(), num_warps=4)
+    sinkhorn._launch(part, ss, scale.to(device=dev, dtype=torch.float32).contiguous(),
+                     base.to(device=dev, dtype=torch.float32).contiguous(), pre, post, comb, t, splits * m, h, iters,
+                     eps, k, norm_eps)
+    u = _collapse(xv, pre, x.dtype)
+    lead = x.shape[:-2]
+    return u.view(*lead, d), post.view(*lead, h), comb.view(*lead, h, h)
+
+
+def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    """``ReferenceBackend.hc_post``: a new tensor [..., h, d] in x.dtype."""
+    xv = _streams(x)
+    t, h, d = xv.shape
+    ov = out.reshape(t, d)
+    new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    nv = new.view(t, h, d)
+    if new.numel():
+        _post_kernel[(t, triton.cdiv(d, _BD))](
+            ov, xv, post.reshape(t, h).contiguous(), comb.reshape(t, h, h).contiguous(), nv, d, ov.stride(0),
+            xv.stride(0), xv.stride(1), nv.stride(0), nv.stride(1), H=h, HP=triton.next_power_of_2(h), BD=_BD,
+            DT=_TL[x.dtype], num_warps=2, enable_fp_fusion=False)
+    return new

@@ -1,0 +1,221 @@
+"""Triton row-wise ops: `rms_norm`, `head_norm` (with the query's RoPE fused in) and `rope`; each is one launch and
+one pass over the rows, where the reference takes five to eight kernels (casts, square, mean, rsqrt, products, the
+complex rotation, a concatenation). At a batch-1 decode step that launch count, not the bytes, is their cost
+(`benchmarks/decode_launches.py`).
+
+The arithmetic is the reference's op for op (products and sums unfused: launched with ``enable_fp_fusion=False``):
+
+* `rms_norm`: fp32 ``weight * (x * rsqrt(mean(x^2) + eps))`` cast to x's dtype;
+* `head_norm`: the same without a weight and in x's own dtype, each op's result rounded to it as torch's bf16 ops
+  round theirs (square, mean, + eps, rsqrt, product), then the rotation;
+* `rope`: the last 2*half dims as interleaved pairs (a, b) times (c, s): ``(a c - b s, a s + b c)`` in fp32, each
+  product rounded before the sum, as torch's complex multiply does; ``inverse`` negates s.
+
+``rsqrt`` is ``1 / sqrt`` with both correctly rounded (what torch's CPU rsqrt computes). The mean's sum is a
+reduction tree, where torch's CPU sum keeps several running sums: the two agree to fp32 rounding, not bit for bit,
+so a bf16 output can sit one bf16 step from the reference's (`tests/test_triton_rows.py` states the tolerances).
+
+Rows are the tensor's last dim (unit stride) in a [A, H] grid of leading dims: x [..., H, D] viewed as [A, H, D],
+with cos / sin broadcast to [A, H, half] (a stride of 0 where they broadcast, as the queries' shared rotation
+does). Tensors that do not view so, fp64, and inputs that want a gradient are the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .numerics import round_to
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_D = 16384  # the widest row a program holds in registers
+_TILE = 4096  # elements a program takes (rows x padded width)
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _as(x, DT: tl.constexpr):
+    """x rounded to DT (as torch rounds an op's result in that dtype), carried on in fp32."""
+    return round_to(x, DT).to(tl.float32)
+
+
+@triton.jit
+def _rsqrt(v):
+    return tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), tl.math.sqrt_rn(v))
+
+
+@triton.jit
+def _tile(pid, A, H, BLOCK_H: tl.constexpr):
+    """The program's [A, H] row: its a, and its BLOCK_H rows of h (with their mask)."""
+    blocks = tl.cdiv(H, BLOCK_H)
+    a = (pid // blocks).to(tl.int64)
+    h = (pid % blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return a, h.to(tl.int64), h < H
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, A, H, D, sxa, sxh, soa, soh, eps,
+                     DP: tl.constexpr, BLOCK_H: tl.constexpr, DT: tl.constexpr):
+    a, h, h_ok = _tile(tl.program_id(0), A, H, BLOCK_H)
+    col = tl.arange(0, DP)
+    mask = h_ok[:, None] & (col < D)[None, :]
+    x = tl.load(x_ptr + a * sxa + h[:, None] * sxh + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + col, mask=col < D, other=0.0).to(tl.float32)
+    r = _rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    y = w[None, :] * (x * r[:, None])
+    tl.store(out_ptr + a * soa + h[:, None] * soh + col[None, :], round_to(y, DT), mask=mask)
+
+
+@triton.jit
+def _rows_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, A, H, D, HALF, sxa, sxh, sca, sch, soa, soh, eps,
+                 NORM: tl.constexpr, ROPE: tl.constexpr, INVERSE: tl.constexpr, WRITE_NOPE: tl.constexpr,
+                 DP: tl.constexpr, HALFP: tl.constexpr, BLOCK_H: tl.constexpr, DT: tl.constexpr):
+    """x rows -> out rows: the weightless head norm in x's dtype (NORM), then the rotation of the last 2*HALF dims
+    (ROPE); WRITE_NOPE: also write the dims before them (else out is x, whose other dims stand)."""
+    a, h, h_ok = _tile(tl.program_id(0), A, H, BLOCK_H)
+    x_rows = x_ptr + a * sxa + h[:, None] * sxh
+    out_rows = out_ptr + a * soa + h[:, None] * soh
+    r = tl.full((BLOCK_H,), 1.0, tl.float32)
+    if NORM:
+        col = tl.arange(0, DP)
+        mask = h_ok[:, None] & (col < D)[None, :]
+        x = tl.load(x_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = _as(tl.sum(_as(x * x, DT), axis=1) / D, DT)
+        r = _as(_rsqrt(_as(mean + eps, DT)), DT)
+        if WRITE_NOPE:
+            keep = mask & (col < D - 2 * HALF)[None, :] if ROPE else mask
+            tl.store(out_rows + col[None, :], round_to(x * r[:, None], DT), mask=keep)
+    elif WRITE_NOPE:
+        col = tl.arange(0, DP)
+        keep = h_ok[:, None] & (col < D - 2 * HALF)[None, :]
+        tl.store(out_rows + col[None, :], tl.load(x_rows + col[None, :], mask=keep), mask=keep)
+    if ROPE:
+        i = tl.arange(0, HALFP)
+        mask = h_ok[:, None] & (i < HALF)[None, :]
+        even = D - 2 * HALF + 2 * i[None, :]
+        av = tl.load(x_rows + even, mask=mask, other=0.0).to(tl.float32)
+        bv = tl.load(x_rows + even + 1, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            av = _as(av * r[:, None], DT)
+            bv = _as(bv * r[:, None], DT)
+        trig = a * sca + h[:, None] * sch + i[None, :]
+        c = tl.load(cos_ptr + trig, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + trig, mask=mask, other=0.0).to(tl.float32)
+        if INVERSE:
+            s = -s
+        tl.store(out_rows + even, round_to(av * c - bv * s, DT), mask=mask)
+        tl.store(out_rows + even + 1, round_to(av * s + bv * c, DT), mask=mask)
+
+
+def _grid_view(t: Tensor, lead: tuple[int, int]) -> Tensor | None:
+    """t as [A, H, last] without a copy (last dim unit-strided), or None where it does not view so."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return None
+    try:
+        return t.view(*lead, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _lead(x: Tensor) -> tuple[int, int]:
+    h = x.shape[-2] if x.dim() >= 2 else 1
+    return (math.prod(x.shape[:-2]), h)
+
+
+def _no_grad(*tensors: Tensor | None) -> bool:
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def covers_rms_norm(x: Tensor, weight: Tensor) -> bool:
+    """x fp32/bf16/fp16 [..., D] (D <= 16384, viewing as [A, H, D]), weight [D] not fp64, no gradient wanted."""
+    return (x.dtype in _DTYPES and x.dim() >= 1 and 0 < x.shape[-1] <= _MAX_D and weight.dim() == 1
+            and weight.shape[0] == x.shape[-1] and weight.dtype != torch.float64 and _no_grad(x, weight)
+            and _grid_view(x, _lead(x)) is not None)
+
+
+def _covers_rope(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    half = cos.shape[-1]
+    if not (cos.shape == sin.shape and 0 < 2 * half <= x.shape[-1] and cos.dtype == torch.float32
+            and sin.dtype == torch.float32 and _no_grad(cos, sin)):
+        return False
+    try:
+        target = (*x.shape[:-1], half)
+        return all(_grid_view(t.expand(target), _lead(x)) is not None for t in (cos, sin))
+    except RuntimeError:  # (does not broadcast)
+        return False
+
+
+def covers_head_norm(x: Tensor, cos: Tensor | None, sin: Tensor | None) -> bool:
+    """x fp32/bf16/fp16 [..., D] viewing as [A, H, D] (D <= 16384); cos / sin fp32 broadcasting against
+    x[..., :half] (or both None); no gradient wanted."""
+    if not (x.dtype in _DTYPES and x.dim() >= 1 and 0 < x.shape[-1] <= _MAX_D and _no_grad(x)
+            and _grid_view(x, _lead(x)) is not None):
+        return False
+    return (cos is None and sin is None) or (cos is not None and sin is not None and _covers_rope(x, cos, sin))
+
+
+def _block_h(h: int, width: int) -> int:
+    return max(1, min(triton.next_power_of_2(h), _TILE // width))
+
+
+def _warps(elements: int) -> int:
+    return 8 if elements >= 8192 else 4 if elements >= 2048 else 1 if elements <= 256 else 2
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``ReferenceBackend.rms_norm``: a new tensor in x's dtype and shape."""
+    lead = _lead(x)
+    xv = _grid_view(x, lead)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ov = out.view(*lead, x.shape[-1])
+    d = x.shape[-1]
+    dp = triton.next_power_of_2(d)
+    block_h = _block_h(lead[1], dp)
+    if out.numel():
+        _rms_norm_kernel[(lead[0] * triton.cdiv(lead[1], block_h),)](
+            xv, weight.contiguous(), ov, lead[0], lead[1], d, xv.stride(0), xv.stride(1), ov.stride(0), ov.stride(1),
+            float(eps), DP=dp, BLOCK_H=block_h, DT=_TL[x.dtype], num_warps=_warps(block_h * dp),
+            enable_fp_fusion=False)
+    return out
+
+
+def _rows(x: Tensor, cos: Tensor | None, sin: Tensor | None, eps: float, norm: bool, inverse: bool,
+          inplace: bool) -> Tensor:
+    lead = _lead(x)
+    xv = _grid_view(x, lead)
+    d = x.shape[-1]
+    half = 0 if cos is None else cos.shape[-1]
+    out = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ov = xv if inplace else out.view(*lead, d)
+    if half:
+        target = (*x.shape[:-1], half)
+        cv, sv = (_grid_view(t.expand(target), lead) for t in (cos, sin))
+    else:
+        cv = sv = xv  # (not read)
+    # only the rope dims are read and written when nothing else changes, else whole rows
+    width = triton.next_power_of_2(d) if norm or not inplace else triton.next_power_of_2(max(half, 1))
+    block_h = _block_h(lead[1], width)
+    if x.numel():
+        _rows_kernel[(lead[0] * triton.cdiv(lead[1], block_h),)](
+            xv, cv, sv, ov, lead[0], lead[1], d, half, xv.stride(0), xv.stride(1), cv.stride(0), cv.stride(1),
+            ov.stride(0), ov.stride(1), float(eps), NORM=norm, ROPE=half > 0, INVERSE=inverse,
+            WRITE_NOPE=not (inplace and not norm), DP=triton.next_power_of_2(d),
+            HALFP=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h, DT=_TL[x.dtype],
+            num_warps=_warps(block_h * width), enable_fp_fusion=False)
+    return out
+
+
+def head_norm(x: Tensor, eps: float, cos: Tensor | None = None, sin: Tensor | None = None,
+              inplace: bool = False) -> Tensor:
+    """``ReferenceBackend.head_norm``: with `inplace` written over x (each program reads its rows whole first)."""
+    return _rows(x, cos, sin, eps, norm=True, inverse=False, inplace=inplace)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, inplace: bool = False) -> Tensor:
+    """``ReferenceBackend.rope``: `inplace` rewrites only x's rotated dims, else a new tensor."""
+    return _rows(x, cos, sin, 0.0, norm=False, inverse=inverse, inplace=inplace)

@@ -1,0 +1,95 @@
+"""The Triton mHC reads and writes of the streams (`dsv4/kernels/triton/mhc.py`: `hc_pre`, `hc_collapse`,
+`hc_post`) against the reference.
+
+The collapse and the write-back are the reference's arithmetic term for term (products rounded, the h terms added
+in order), so they are compared bit for bit, on both of the reference's paths (under and over its term-by-term
+threshold of tokens). `hc_pre`'s product with the mixing map sums in the dot's order, so its coefficients are held
+to fp32 rounding and its collapsed input to one step of its dtype; its split of the h*d values depends on h*d
+alone, so a token's results do not depend on the batch around it (bit for bit).
+
+On a machine without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set in
+conftest.py) on CPU tensors; with one, on CUDA tensors against the reference on CPU copies.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_triton_rows import _on, _rand, _steps
+
+pytest.importorskip("triton")
+
+from dsv4.kernels.reference import HC_TERMWISE_TOKENS, ReferenceBackend  # noqa: E402
+from dsv4.kernels.triton import mhc  # noqa: E402
+
+REF = ReferenceBackend()
+
+
+def _map(h: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fn [(2+h)*h, h*d], scale [3], base [(2+h)*h] at the trained model's magnitudes."""
+    m = (2 + h) * h
+    return _rand(m, h * d, seed=seed, scale=0.02), _rand(3, seed=seed + 1).abs() + 0.5, _rand(m, seed=seed + 2) * 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("lead", "h", "d"), [((1, 1), 4, 512), ((2, 5), 4, 300), ((1, 3), 3, 1100), ((2, 1), 2, 64)])
+def test_hc_pre_matches_the_reference(dtype, lead, h, d):
+    """h*d from 128 to 3,300 values (one to four partial products, a partial last chunk), h padded (3) or not."""
+    x = _rand(*lead, h, d, seed=d, dtype=dtype)
+    fn, scale, base = _map(h, d, seed=h)
+    got = [t.cpu() for t in mhc.hc_pre(_on(x), _on(fn), _on(scale), _on(base), h, 20, 1e-6, 1e-6)]
+    want = REF.hc_pre(x, fn, scale, base, h, 20, 1e-6, 1e-6)
+    for g, w, name in zip(got, want, ("u", "post", "comb"), strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+    torch.testing.assert_close(got[1], want[1], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(got[2], want[2], rtol=2e-6, atol=1e-6)
+    if dtype == torch.float32:  # (u sums h terms of |x| ~ 3: a cancelling sum keeps their absolute error)
+        torch.testing.assert_close(got[0], want[0], rtol=2e-6, atol=5e-6)
+    else:
+        assert _steps(got[0], want[0]) <= 1
+
+
+def test_a_tokens_hc_pre_does_not_depend_on_its_batch():
+    x = _rand(1, 37, 4, 300, seed=20, dtype=torch.bfloat16)
+    fn, scale, base = _map(4, 300, seed=21)
+    batch = mhc.hc_pre(_on(x), _on(fn), _on(scale), _on(base), 4, 20, 1e-6, 1e-6)
+    for i in (0, 17, 36):
+        alone = mhc.hc_pre(_on(x[:, i : i + 1]), _on(fn), _on(scale), _on(base), 4, 20, 1e-6, 1e-6)
+        for a, b in zip(alone, batch, strict=True):
+            assert torch.equal(a.cpu(), b.cpu()[:, i : i + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, HC_TERMWISE_TOKENS + 3])
+@pytest.mark.parametrize("h", [4, 3])
+def test_hc_collapse_and_post_equal_the_reference_bit_for_bit(dtype, tokens, h):
+    d = 300
+    x = _rand(1, tokens, h, d, seed=tokens, dtype=dtype)
+    out = _rand(1, tokens, d, seed=tokens + 1, dtype=dtype)
+    pre = _rand(1, tokens, h, seed=2).sigmoid()
+    post = 2 * _rand(1, tokens, h, seed=3).sigmoid()
+    comb = _rand(1, tokens, h, h, seed=4).softmax(-1)
+    got = mhc.hc_collapse(_on(x), _on(pre)).cpu()
+    assert got.dtype == dtype and torch.equal(got, REF.hc_collapse(x, pre))
+    got = mhc.hc_post(_on(out), _on(x), _on(post), _on(comb)).cpu()
+    assert got.dtype == dtype and torch.equal(got, REF.hc_post(out, x, post, comb))
+
+
+def test_what_the_mhc_kernels_cover():
+    x = torch.randn(2, 3, 4, 64)
+    fn, scale, base = _map(4, 64, seed=0)
+    post, comb, out = torch.rand(2, 3, 4), torch.rand(2, 3, 4, 4), torch.randn(2, 3, 64)
+    assert mhc.covers_pre(x, fn, scale, base, 4, 20) and mhc.covers_post(out, x, post, comb)
+    assert mhc.covers_collapse(x, post)
+    assert not mhc.covers_pre(x, fn, scale, base, 4, 0)
+    assert not mhc.covers_pre(x, fn[:, :128], scale, base, 4, 20)  # the map's width is not h*d
+    assert not mhc.covers_pre(x.double(), fn, scale, base, 4, 20)
+    assert not mhc.covers_pre(x, fn, scale.double(), base, 4, 20)
+    assert not mhc.covers_pre(x.transpose(-1, -2), fn, scale, base, 4, 20)
+    assert not mhc.covers_post(out, x, post.double(), comb)
+    assert not mhc.covers_post(out[..., :32], x, post, comb)
+    assert not mhc.covers_collapse(x, post.bfloat16())
+    wants = x.clone().requires_grad_()
+    assert not mhc.covers_pre(wants, fn, scale, base, 4, 20) and not mhc.covers_post(out, wants, post, comb)
+    with torch.no_grad():
+        assert mhc.covers_pre(wants, fn, scale, base, 4, 20)

@@ -1,0 +1,133 @@
+"""The Triton row ops (`dsv4/kernels/triton/rows.py`: `rms_norm`, `head_norm` with the rotation fused, `rope`)
+against the reference.
+
+The rotation is the reference's arithmetic product for product, so `rope` is compared bit for bit, and the fused
+head norm + rope must equal the kernel's own head norm followed by the reference's rope, bit for bit. The norms
+sum their squares in a reduction tree where torch's CPU sum keeps several running sums, and torch's CPU bf16
+rsqrt is not correctly rounded (it even differs between its vectorised and scalar loops), so the norms are held
+to fp32 rounding (fp32) or to one step of the output dtype (bf16 / fp16; two for the head norm, whose reference
+rounds its rsqrt in bf16).
+
+On a machine without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set in
+conftest.py) on CPU tensors; with one, on CUDA tensors against the reference on CPU copies.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dsv4.kernels.reference import ReferenceBackend  # noqa: E402
+from dsv4.kernels.triton import rows  # noqa: E402
+
+REF = ReferenceBackend()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _rand(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+def _steps(got: torch.Tensor, want: torch.Tensor) -> int:
+    """The largest distance in representable values of the dtype between two tensors of finite values."""
+    a, b = (t.detach().cpu().contiguous().view(_INT[t.dtype]).to(torch.int64) for t in (got, want))
+    # sign-magnitude to a monotone integer line, so -0.0 and +0.0 are next to each other
+    a, b = (torch.where(t < 0, -(t & ~(-1 << (8 * got.element_size() - 1))), t) for t in (a, b))
+    return int((a - b).abs().max()) if a.numel() else 0
+
+
+def _on(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 96), (2, 300), (4, 1, 1000)])
+def test_rms_norm_matches_the_reference(dtype, shape):
+    x = _rand(*shape, seed=shape[-1], dtype=dtype, scale=3.0)
+    weight = _rand(shape[-1], seed=1).abs() + 0.5
+    got = rows.rms_norm(_on(x), _on(weight), 1e-6).cpu()
+    want = REF.rms_norm(x, weight, 1e-6)
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    else:
+        assert _steps(got, want) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_norm_matches_the_reference(dtype):
+    q = _rand(2, 3, 8, 64, seed=3, dtype=dtype, scale=2.0)
+    got = rows.head_norm(_on(q), 1e-6).cpu()
+    want = REF.head_norm(q, 1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    else:
+        assert _steps(got, want) <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_head_norm_with_rope_is_the_norm_then_the_references_rotation(dtype, inplace):
+    """Queries [B,S,H,D] with one rotation a token ([B,S,1,half]: broadcast over the heads), 8 of 64 dims
+    rotated; `inplace` writes over the queries."""
+    q = _rand(2, 3, 8, 64, seed=4, dtype=dtype, scale=2.0)
+    cos, sin = _rand(2, 3, 1, 8, seed=5), _rand(2, 3, 1, 8, seed=6)
+    normed = rows.head_norm(_on(q), 1e-6).cpu()
+    target = _on(q.clone())
+    got = rows.head_norm(target, 1e-6, _on(cos), _on(sin), inplace=inplace)
+    assert (got.data_ptr() == target.data_ptr()) == inplace
+    assert torch.equal(got.cpu(), REF.rope(normed, cos, sin))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.cpu(), REF.head_norm(q, 1e-6, cos, sin), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rope_equals_the_reference_bit_for_bit(dtype, inverse, inplace):
+    """Keys [B,S,D] with a rotation a token, and queries [B,S,H,D] read through a view with a row stride wider
+    than D (the heads of a larger tensor)."""
+    kv = _rand(2, 7, 48, seed=7, dtype=dtype)
+    cos, sin = _rand(2, 7, 8, seed=8), _rand(2, 7, 8, seed=9)
+    wide = _rand(2, 3, 4, 80, seed=10, dtype=dtype)
+    q = wide[..., :64]
+    qcos, qsin = _rand(2, 3, 1, 16, seed=11), _rand(2, 3, 1, 16, seed=12)
+    for x, c, s in ((kv, cos, sin), (q, qcos, qsin)):
+        want = REF.rope(x, c, s, inverse)
+        target = _on(x.clone() if x.is_contiguous() else wide.clone()[..., :64])
+        got = rows.rope(target, _on(c), _on(s), inverse, inplace)
+        assert (got.data_ptr() == target.data_ptr()) == inplace
+        assert got.dtype == dtype and torch.equal(got.cpu(), want)
+
+
+def test_rope_in_place_leaves_the_rest_of_the_row():
+    """In place, only the rotated dims are written: the columns past the queries' view keep their values."""
+    wide = _rand(2, 3, 4, 80, seed=13)
+    q = _on(wide.clone())[..., :64]
+    cos, sin = _rand(2, 3, 1, 16, seed=14), _rand(2, 3, 1, 16, seed=15)
+    rows.rope(q, _on(cos), _on(sin), inplace=True)
+    full = q._base if q._base is not None else q
+    assert torch.equal(full.cpu()[..., 64:], wide[..., 64:])
+    assert torch.equal(full.cpu()[..., :32], wide[..., :32])
+    assert not torch.equal(full.cpu()[..., 32:64], wide[..., 32:64])
+
+
+def test_what_the_row_kernels_cover():
+    x, w = torch.randn(3, 4, 64), torch.rand(64)
+    cos, sin = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    assert rows.covers_rms_norm(x, w) and rows.covers_head_norm(x, cos, sin) and rows.covers_head_norm(x, None, None)
+    assert rows.covers_head_norm(x, cos[:, :1], sin[:, :1])  # broadcast over a dim
+    assert not rows.covers_rms_norm(x.double(), w) and not rows.covers_rms_norm(x, w.double())
+    assert not rows.covers_rms_norm(x, torch.rand(32))
+    assert not rows.covers_rms_norm(x.transpose(0, 2), torch.rand(3))  # no unit last stride
+    assert not rows.covers_rms_norm(torch.randn(2, 20000), torch.rand(20000))  # wider than a program's registers
+    assert not rows.covers_head_norm(x, cos.double(), sin.double())
+    assert not rows.covers_head_norm(x, torch.randn(3, 5, 8), torch.randn(3, 5, 8))  # does not broadcast
+    assert not rows.covers_head_norm(x, torch.randn(3, 4, 40), torch.randn(3, 4, 40))  # more rotated dims than x
+    wants = x.clone().requires_grad_()
+    assert not rows.covers_rms_norm(wants, w) and not rows.covers_head_norm(wants, cos, sin)
+    with torch.no_grad():
+        assert rows.covers_rms_norm(wants, w)
