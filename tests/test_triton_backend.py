@@ -174,10 +174,15 @@ class _Table(list):
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_device_scheduled_routed_experts_match_the_reference_loop(fmt, dtype):
+@pytest.mark.parametrize("schedule", ["kernel", "torch"])
+def test_device_scheduled_routed_experts_match_the_reference_loop(fmt, dtype, schedule, monkeypatch):
     """`which` None (every expert the ids name, the tiles laid out on the device over a grid that is an upper
     bound): the reference's sums, with an expert of 70 rows (two 64-row tiles), experts no token chose, and the
-    grid's spare tiles doing nothing."""
+    grid's spare tiles doing nothing; the schedule laid out by its kernel or (for many rows) by torch's sort."""
+    from dsv4.kernels.triton import experts
+
+    if schedule == "torch":
+        monkeypatch.setattr(experts, "SCHEDULE_ROWS", 0)
     n_experts, dim, inter, tokens, k = 8, 256, 128, 80, 2
     table = _Table(_expert_table(n_experts, dim, inter, fmt, seed=4))
     g = torch.Generator().manual_seed(5)
@@ -194,6 +199,70 @@ def test_device_scheduled_routed_experts_match_the_reference_loop(fmt, dtype):
     want = REF.routed_experts(x, weights, ids, cpu_table, None, 7.0)
     assert got.dtype == torch.float32 and got.shape == (tokens, dim)
     _assert_experts_close(got, want, dtype)
+
+
+@pytest.mark.parametrize(("tokens", "k", "n_experts"), [(1, 6, 256), (5, 6, 64), (64, 6, 256), (170, 6, 384),
+                                                         (40, 2, 8), (7, 1, 4)])
+def test_the_schedule_kernel_lays_out_what_torch_does(tokens, k, n_experts):
+    """The one-program schedule's sorted rows and tiles equal torch's sort and scans exactly: uniform routings
+    and a skewed one (most rows on one expert: tiles of block_m rows and a partial one), every block size."""
+    from dsv4.kernels.triton import experts
+    from dsv4.kernels.triton.gemm import block_m_for
+
+    g = torch.Generator().manual_seed(tokens * k)
+    skewed = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)])
+    skewed[: tokens * 3 // 4, 0] = n_experts - 1
+    skewed[: tokens * 3 // 4, 1:] = torch.where(skewed[: tokens * 3 // 4, 1:] == n_experts - 1, 0,
+                                                skewed[: tokens * 3 // 4, 1:])
+    for ids in (torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]), skewed):
+        n, block_m = tokens * k, block_m_for(tokens)
+        n_tiles = -(-n // block_m) + min(n_experts, n)
+        keep, tiles = experts._kernel_schedule(ids.to(ON_DEVICE), n_experts, block_m, n_tiles)
+        want_keep, want_tiles = experts._torch_schedule(ids, n_experts, block_m, n_tiles)
+        assert torch.equal(keep.cpu().long(), want_keep)
+        assert torch.equal(tiles.cpu(), want_tiles)
+
+
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_the_combine_kernel_adds_as_add_routed_rows(k):
+    """Each token's k outputs added in increasing expert id (ties: slot order), bit for bit."""
+    from dsv4.kernels.experts import RoutedRows, add_routed_rows
+    from dsv4.kernels.triton import experts
+
+    g = torch.Generator().manual_seed(k)
+    tokens, d = 9, 300
+    ids = torch.randint(0, 5, (tokens, k), generator=g)  # repeats: ties between slots
+    slots = (torch.randn(tokens * k, d, generator=g) * torch.logspace(-3, 3, d)).bfloat16()
+    want = add_routed_rows(slots, RoutedRows(torch.arange(tokens * k), [], [], k), ids)
+    got = experts._combine(slots.to(ON_DEVICE), ids.to(ON_DEVICE)).cpu()
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_expert_through_the_grouped_kernels_matches_the_reference(fmt, dtype, weighted):
+    """`swiglu` (the shared expert's op, and an expert run alone) over 1, 5 and 70 rows (two 64-row tiles): the
+    reference's values, with and without routing weights; its pointers and row order are made once."""
+    from dsv4.kernels import ExpertWeights
+
+    if fmt == "float":
+        g = torch.Generator().manual_seed(9)
+        expert = ExpertWeights(*(torch.randn(*shape, generator=g).mul(0.1).to(dtype).to(ON_DEVICE) if i % 2 == 0
+                                 else None for i, shape in enumerate(((128, 256), 0, (128, 256), 0, (256, 128), 0))))
+    else:
+        expert = _expert_table(1, 256, 128, fmt, seed=9)[0]
+    backend = TritonBackend()
+    for n in (1, 5, 70):
+        g = torch.Generator().manual_seed(n)
+        x = (torch.randn(n, 256, generator=g) * 2).to(dtype)
+        weights = torch.rand(n, 1, generator=g) if weighted else None
+        got = backend.swiglu(x.to(ON_DEVICE), expert, 7.0, None if weights is None else weights.to(ON_DEVICE))
+        cpu = type(expert)(*(None if t is None else t.cpu() for t in vars(expert).values()))
+        want = REF.swiglu(x, cpu, 7.0, weights)
+        assert got.dtype == dtype and got.shape == want.shape
+        _assert_experts_close(got.cpu().float(), want.float(), dtype)
+    assert len(backend.expert_pointers._singles) == 1
 
 
 def test_the_device_schedules_plan_follows_its_table():

@@ -14,7 +14,9 @@ pytest.importorskip("triton", reason="the Triton backend's tests need the triton
 
 KERNELS = ("_block_quant_kernel", "_fp8_gemm_kernel", "_fp4_gemm_kernel", "_gate_up_kernel", "_down_kernel",
            "_sinkhorn_kernel", "_sparse_attn_kernel", "_index_scores_kernel", "_earliest_k_kernel",
-           "_mixes_partials_kernel", "_collapse_kernel", "_post_kernel", "_rms_norm_kernel", "_rows_kernel")
+           "_mixes_partials_kernel", "_collapse_kernel", "_post_kernel", "_rms_norm_kernel", "_rows_kernel",
+           "_schedule_kernel", "_combine_kernel", "_hadamard_kernel",
+           "_gated_pool_kernel")
 
 
 @pytest.mark.slow

@@ -115,6 +115,18 @@ def test_rope_in_place_leaves_the_rest_of_the_row():
     assert not torch.equal(full.cpu()[..., 32:64], wide[..., 32:64])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 128), (2, 3, 4, 128), (5, 2), (7, 64), (2, 4096)])
+def test_hadamard_equals_the_reference_bit_for_bit(dtype, shape):
+    """The butterfly passes in the reference's order and arithmetic: the indexer's 128 dims, a row per program or
+    several, the smallest and the widest n."""
+    x = _rand(*shape, seed=shape[-1], dtype=dtype)
+    got = rows.hadamard(_on(x)).cpu()
+    assert got.dtype == dtype and torch.equal(got, REF.hadamard(x))
+    strided = _rand(3, 2 * shape[-1], seed=1, dtype=dtype)[:, ::2]  # (copied to unit stride first)
+    assert torch.equal(rows.hadamard(_on(strided)).cpu(), REF.hadamard(strided))
+
+
 def test_what_the_row_kernels_cover():
     x, w = torch.randn(3, 4, 64), torch.rand(64)
     cos, sin = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
@@ -127,7 +139,10 @@ def test_what_the_row_kernels_cover():
     assert not rows.covers_head_norm(x, cos.double(), sin.double())
     assert not rows.covers_head_norm(x, torch.randn(3, 5, 8), torch.randn(3, 5, 8))  # does not broadcast
     assert not rows.covers_head_norm(x, torch.randn(3, 4, 40), torch.randn(3, 4, 40))  # more rotated dims than x
+    assert rows.covers_hadamard(x) and not rows.covers_hadamard(torch.randn(3, 96))  # not a power of two
+    assert not rows.covers_hadamard(torch.randn(3, 8192)) and not rows.covers_hadamard(x.double())
     wants = x.clone().requires_grad_()
     assert not rows.covers_rms_norm(wants, w) and not rows.covers_head_norm(wants, cos, sin)
+    assert not rows.covers_hadamard(wants)
     with torch.no_grad():
         assert rows.covers_rms_norm(wants, w)

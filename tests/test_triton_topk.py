@@ -23,10 +23,11 @@ def _ties(rows: int, n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("n", "k"), [(40, 1), (40, 39), (97, 13), (300, 64), (1500, 7)])
+@pytest.mark.parametrize(("n", "k"), [(40, 1), (40, 39), (40, 40), (97, 13), (300, 64), (1500, 7), (1500, 1500)])
 def test_the_picks_are_a_stable_descending_sorts_first_k(n, k, dtype):
     """Every entry above the k-th value, the earliest at it, in descending score, ties by index: the first k of a
-    stable descending sort, for rows that tie at the k-th value across the kernel's 1,024-entry blocks too."""
+    stable descending sort, for rows that tie at the k-th value across the kernel's 1,024-entry blocks too; at
+    k = N (a context with no more entries than the top-k takes: every entry), the whole stable sort."""
     scores = _ties(3, n, seed=n + k).to(dtype).to(DEVICE)
     want = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     assert torch.equal(topk.earliest_k(scores, k), want)
@@ -39,17 +40,21 @@ def test_distinct_scores_and_strided_rows():
     assert torch.equal(topk.earliest_k(scores, 20), want)
 
 
-def test_index_topk_equals_the_reference():
+@pytest.mark.parametrize("k", [16, 70, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_topk_equals_the_reference(k, dtype):
     """The seam op: picks, -1 where a query sees fewer than k entries, and the picked scores, as the reference's
-    (scores masked to -inf in place past each query's visible entries, on both sides)."""
+    (scores masked to -inf in place past each query's visible entries, on both sides); k below, at and above the
+    70 entries (every entry picked)."""
     g = torch.Generator().manual_seed(2)
-    scores = (torch.randint(-2, 3, (2, 3, 70), generator=g).float() * torch.rand(2, 3, 1, generator=g)).to(DEVICE)
+    scores = (torch.randint(-2, 3, (2, 3, 70), generator=g).float() * torch.rand(2, 3, 1, generator=g)).to(dtype)
     visible = torch.tensor([[70, 30, 5], [0, 69, 41]], device=DEVICE)
-    fast_scores, slow_scores = scores.clone(), scores.clone()
-    picks, picked = TritonBackend().index_topk(fast_scores, visible, 16)
-    want_picks, want_picked = ReferenceBackend().index_topk(slow_scores, visible, 16)
-    assert torch.equal(picks, want_picks) and torch.equal(picked, want_picked)
-    assert torch.equal(fast_scores, slow_scores)
+    fast_scores, slow_scores = scores.to(DEVICE), scores.clone()
+    picks, picked = TritonBackend().index_topk(fast_scores, visible, k)
+    want_picks, want_picked = ReferenceBackend().index_topk(slow_scores, visible.cpu(), k)
+    assert picked.dtype == dtype and picks.shape == (2, 3, min(k, 70))
+    assert torch.equal(picks.cpu(), want_picks) and torch.equal(picked.cpu(), want_picked)
+    assert torch.equal(fast_scores.cpu(), slow_scores)
     assert (picks[0, 2] >= 0).sum() == 5 and (picks[1, 0] == -1).all()
 
 
@@ -63,10 +68,10 @@ def test_a_row_with_nan_scores_still_picks_valid_entries():
 
 def test_covers():
     x = torch.randn(2, 50, device=DEVICE)
-    assert topk.covers(x, 10) and topk.covers(x.bfloat16(), 49)
-    assert not topk.covers(x, 0) and not topk.covers(x, 50)  # nothing or everything: only the order is left
+    assert topk.covers(x, 10) and topk.covers(x.bfloat16(), 49) and topk.covers(x, 50)  # (50: every entry)
+    assert not topk.covers(x, 0) and not topk.covers(x, 51)
     assert not topk.covers(x.double(), 10)
     assert not topk.covers(x.t(), 1)  # the entries must be contiguous
     assert not topk.covers(torch.randn(1, 5000, device=DEVICE), topk.MAX_K + 1)
     with pytest.raises(ValueError, match="covers"):
-        topk.earliest_k(x, 50)
+        topk.earliest_k(x, 51)

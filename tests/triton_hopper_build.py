@@ -78,6 +78,10 @@ def run_calls() -> None:
                 table.append(ExpertWeights(w1, s1, w3, s3, w2, s2))
             ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
             tri.routed_experts(x[:3], torch.rand(3, 2), ids, table, [0, 1, 2, 3], 7.0)
+        # the schedule on the device: V4's 256 experts (and Pro's 384) at a decode's few routed rows
+        from dsv4.kernels.triton import experts as triton_experts
+        for n_experts in (8, 256, 384):
+            triton_experts._kernel_schedule(torch.randint(0, n_experts, (8, 6)), n_experts, 16, 48 + min(48, n_experts))
         # float experts in the activations' dtype (a plain model's)
         floats = [ExpertWeights(torch.randn(128, 256).to(dtype), None, torch.randn(128, 256).to(dtype), None,
                                 torch.randn(256, 128).to(dtype), None) for _ in range(4)]
@@ -97,6 +101,11 @@ def run_calls() -> None:
             tri.head_norm(q, 1e-6, cos, sin, inplace=inplace)
             tri.rope(q, cos, sin, inverse=inplace, inplace=inplace)
         tri.head_norm(q, 1e-6)
+        tri.hadamard(torch.randn(2, 3, 64, 128).to(dtype))  # the indexer's queries (and keys: 128 dims)
+        tri.hadamard(torch.randn(5, 2).to(dtype))
+        # the compressors' pooling: CSA's 2 x 4 candidates of 512 (128 for the indexer's keys), HCA's 128
+        for n, c in ((8, 512), (8, 128), (128, 512)):
+            tri.gated_pool(torch.randn(300, c), torch.randn(300, c), torch.randint(-1, 300, (3, n)))
         # indexer scores: V4's 64 heads of 128 dims, a decode step (one query) and a prefill block
         for s in (1, 100):
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),

@@ -86,6 +86,8 @@ class Indexer(nn.Module):
             hidden = torch.arange(n_entries, device=x.device) >= seen  # [B,s,N]
             chosen.append(torch.where(hidden, -1, torch.arange(n_entries, device=x.device)))
             chosen_scores.append(index_scores.masked_fill(hidden, float("-inf")))
+        if len(chosen) == 1:  # (a decode step's one block: no copy)
+            return chosen[0], chosen_scores[0]
         return torch.cat(chosen, dim=1), torch.cat(chosen_scores, dim=1)
 
 

@@ -43,7 +43,7 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
 from ..reference import ReferenceBackend
-from . import attention, experts, gemm, indexer, mhc, quant, rows, sinkhorn, topk
+from . import attention, experts, gemm, indexer, mhc, pool, quant, rows, sinkhorn, topk
 from .numerics import interpreting
 
 
@@ -118,6 +118,12 @@ class TritonBackend(ReferenceBackend):
             return experts.routed_experts(x, weights, ids, table, which, limit, self.expert_pointers)
         return super().routed_experts(x, weights, ids, table, which, limit)
 
+    def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
+        if (_runs_here(x) and x.dim() == 2 and experts.covers(x, [expert], [0])
+                and not (weights is not None and torch.is_grad_enabled() and weights.requires_grad)):
+            return experts.swiglu(x, expert, limit, weights, self.expert_pointers)
+        return super().swiglu(x, expert, limit, weights)
+
     # ------------------------------------------------------------------------------------------ attention
 
     def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
@@ -126,6 +132,11 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(q) and attention.covers(q, runs, idx, sink):
             return attention.sparse_attn(q, runs, idx, sink, scale)
         return super().sparse_attn(q, kv, idx, sink, scale)
+
+    def gated_pool(self, kv: Tensor, score: Tensor, candidates: Tensor) -> Tensor:
+        if _runs_here(kv) and pool.covers(kv, score, candidates):
+            return pool.gated_pool(kv, score, candidates)
+        return super().gated_pool(kv, score, candidates)
 
     # ------------------------------------------------------------------------------------------ indexer
 
@@ -140,8 +151,7 @@ class TritonBackend(ReferenceBackend):
                 and not (torch.is_grad_enabled() and scores.requires_grad)):
             seen = visible.unsqueeze(-1)  # [B,S,1]
             scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= seen, float("-inf"))
-            top = topk.earliest_k(scores, k)  # [B,S,k] the reference's picks in its order
-            return torch.where(top < seen, top, -1), scores.gather(-1, top)
+            return topk.index_picks(scores, visible, k)  # the reference's picks in its order, and their scores
         return super().index_topk(scores, visible, k)
 
     # ------------------------------------------------------------------------------------------ rows
@@ -161,6 +171,11 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(x) and rows.covers_head_norm(x, cos, sin):
             return rows.rope(x, cos, sin, inverse, inplace)
         return super().rope(x, cos, sin, inverse, inplace)
+
+    def hadamard(self, x: Tensor) -> Tensor:
+        if _runs_here(x) and rows.covers_hadamard(x):
+            return rows.hadamard(x)
+        return super().hadamard(x)
 
     # ------------------------------------------------------------------------------------------ mHC
 

@@ -19,6 +19,7 @@ into their tokens in increasing expert id (`add_routed_rows`), the reference's o
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
 
-from ..experts import ExpertWeights, RoutedRows, add_routed_rows, group_routed_rows
+from ..experts import ExpertWeights, group_routed_rows
 from . import quant
 from .gemm import block_m_for, block_n_for, float_tile, fp4_tile, fp8_tile, span, store_tile
 from .numerics import exp, interpreting, libdevice_exp, round_to
@@ -77,32 +78,38 @@ def _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs, s3_ptrs, h_ptr, N, K, limit,
-                    stride_xm, stride_xsm, stride_wn, stride_wsn, stride_hm,
+def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, keep_ptr, tiles_ptr, w1_ptrs, s1_ptrs, w3_ptrs, s3_ptrs, h_ptr, N, K,
+                    limit, k, stride_xm, stride_xsm, stride_wn, stride_wsn, stride_hm,
                     FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr):
+                    BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr, WEIGHTED: tl.constexpr):
+    """Sorted rows `rows` of the tile: routed row keep[row] (token keep[row] // k, its routing weight
+    rw[keep[row]] if WEIGHTED) -> hidden[row]."""
     pid_n = tl.program_id(1)
     expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
     if expert < 0:  # past the end of a schedule built on the device (its grid is an upper bound)
         return
     cols64, col_ok = span(pid_n, N, BLOCK_N)
+    routed = tl.load(keep_ptr + rows64, mask=row_ok, other=0).to(tl.int64)
+    tokens = routed // k
     out_ty = h_ptr.dtype.element_ty
-    gate = _project(x_ptr, xs_ptr, w1_ptrs, s1_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
+    gate = _project(x_ptr, xs_ptr, w1_ptrs, s1_ptrs, expert, tokens, row_ok, cols64, col_ok, pid_n, K,
                     stride_xm, stride_xsm, stride_wn, stride_wsn, FORMAT, W_DTYPE, WIDEN_DOTS, BLOCK_M, BLOCK_N)
-    up = _project(x_ptr, xs_ptr, w3_ptrs, s3_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
+    up = _project(x_ptr, xs_ptr, w3_ptrs, s3_ptrs, expert, tokens, row_ok, cols64, col_ok, pid_n, K,
                   stride_xm, stride_xsm, stride_wn, stride_wsn, FORMAT, W_DTYPE, WIDEN_DOTS, BLOCK_M, BLOCK_N)
     gate = tl.minimum(round_to(gate, out_ty).to(tl.float32), limit)  # the linear's output dtype, then the clamp
     up = tl.minimum(tl.maximum(round_to(up, out_ty).to(tl.float32), -limit), limit)
     hidden = gate / (1.0 + exp(-gate, LIBDEVICE)) * up  # silu(gate) * up
-    weight = tl.load(rw_ptr + rows64, mask=row_ok, other=0.0)
-    store_tile(h_ptr, stride_hm, rows64, row_ok, cols64, col_ok, weight[:, None] * hidden)
+    if WEIGHTED:
+        hidden = tl.load(rw_ptr + routed, mask=row_ok, other=0.0)[:, None] * hidden
+    store_tile(h_ptr, stride_hm, rows64, row_ok, cols64, col_ok, hidden)
 
 
 @triton.jit
-def _down_kernel(x_ptr, xs_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K,
+def _down_kernel(x_ptr, xs_ptr, keep_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K,
                  stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym,
                  FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
+    """hidden[row] (sorted rows) -> y[keep[row]]: each routed row's output at its (token, slot) place."""
     pid_n = tl.program_id(1)
     expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
     if expert < 0:
@@ -110,7 +117,67 @@ def _down_kernel(x_ptr, xs_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K,
     cols64, col_ok = span(pid_n, N, BLOCK_N)
     acc = _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
                    stride_xm, stride_xsm, stride_wn, stride_wsn, FORMAT, W_DTYPE, WIDEN_DOTS, BLOCK_M, BLOCK_N)
-    store_tile(y_ptr, stride_ym, rows64, row_ok, cols64, col_ok, acc)
+    routed = tl.load(keep_ptr + rows64, mask=row_ok, other=0).to(tl.int64)
+    store_tile(y_ptr, stride_ym, routed, row_ok, cols64, col_ok, acc)
+
+
+@triton.jit
+def _schedule_kernel(ids_ptr, keep_ptr, tiles_ptr, n, n_tiles, E, block_m, EP: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the routed rows ids.flatten() [n] sorted by expert, stably (keep [n]: the sorted order's
+    rows), and the tiles [n_tiles, 3] (expert or -1 past the end, first row, end row) of at most block_m rows of
+    one expert, in expert order; what `group_routed_rows` and the tile loops give, laid out on the device."""
+    experts = tl.arange(0, EP)
+    lane = tl.arange(0, BLOCK)
+    counts = tl.zeros((EP,), tl.int32)
+    for r0 in range(0, n, BLOCK):
+        e = tl.load(ids_ptr + r0 + lane, mask=r0 + lane < n, other=-1)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    row_end = tl.cumsum(counts, 0)
+    row_start = row_end - counts
+    for r0 in range(0, n, BLOCK):
+        ok = r0 + lane < n
+        e = tl.load(ids_ptr + r0 + lane, mask=ok, other=-1)
+        # each row's place: its expert's first row, then the rows of that expert before it
+        place = tl.sum(tl.where(e[:, None] == experts[None, :], row_start[None, :], 0), axis=1)
+        place += tl.sum(((e[:, None] == e[None, :]) & (lane[None, :] < lane[:, None])).to(tl.int32), axis=1)
+        for j0 in range(0, r0, BLOCK):
+            earlier = tl.load(ids_ptr + j0 + lane)
+            place += tl.sum((e[:, None] == earlier[None, :]).to(tl.int32), axis=1)
+        tl.store(keep_ptr + place, r0 + lane, mask=ok)
+    tiles_of = (counts + block_m - 1) // block_m
+    tile_end = tl.cumsum(tiles_of, 0)
+    tile_start = tile_end - tiles_of
+    for t0 in range(0, n_tiles, BLOCK):
+        tile = t0 + lane
+        expert = tl.sum((tile_end[None, :] <= tile[:, None]).to(tl.int32), axis=1)  # E (or more) past the end
+        mine = experts[None, :] == tl.minimum(expert, E - 1)[:, None]  # (the spare tiles' rows: the last expert's)
+        first = (tl.sum(tl.where(mine, row_start[None, :], 0), axis=1)
+                 + (tile - tl.sum(tl.where(mine, tile_start[None, :], 0), axis=1)) * block_m)
+        end = tl.sum(tl.where(mine, row_end[None, :], 0), axis=1)
+        ok = tile < n_tiles
+        tl.store(tiles_ptr + 3 * tile, tl.where(expert < E, expert, -1), mask=ok)
+        tl.store(tiles_ptr + 3 * tile + 1, first, mask=ok)
+        tl.store(tiles_ptr + 3 * tile + 2, end, mask=ok)
+
+
+@triton.jit
+def _combine_kernel(slots_ptr, ids_ptr, y_ptr, D, k, K_P: tl.constexpr, BD: tl.constexpr):
+    """slots [T*k, D] (each routed row's output at its (token, slot) place) -> y [T, D] fp32: a token's k outputs
+    added in increasing expert id, ties in slot order (`add_routed_rows`' order: the first two added, then each
+    next one)."""
+    t = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BD + tl.arange(0, BD)
+    col_ok = col < D
+    slot = tl.arange(0, K_P)
+    ids = tl.load(ids_ptr + t * k + slot, mask=slot < k, other=0)
+    before = (ids[None, :] < ids[:, None]) | ((ids[None, :] == ids[:, None]) & (slot[None, :] < slot[:, None]))
+    rank = tl.sum((before & (slot < k)[None, :]).to(tl.int32), axis=1)  # [K_P] each slot's place in the order
+    first = tl.sum(tl.where((rank == 0) & (slot < k), slot, 0), axis=0)
+    y = tl.load(slots_ptr + (t * k + first) * D + col, mask=col_ok, other=0.0).to(tl.float32)
+    for q in range(1, k):
+        s = tl.sum(tl.where((rank == q) & (slot < k), slot, 0), axis=0)
+        y += tl.load(slots_ptr + (t * k + s) * D + col, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * D + col, y, mask=col_ok)
 
 
 class ExpertPointers:
@@ -121,6 +188,7 @@ class ExpertPointers:
     def __init__(self) -> None:
         self._tables: dict[int, tuple] = {}
         self._plans: dict[tuple, tuple] = {}
+        self._singles: dict[tuple, list[Tensor]] = {}
 
     def get(self, experts: Sequence[ExpertWeights | None], which: list[int], device: torch.device) -> list[Tensor]:
         key = id(experts)
@@ -139,6 +207,18 @@ class ExpertPointers:
         except TypeError:  # a plain list: built for this call only
             return arrays
         self._tables[key] = (owner, arrays, stamps)
+        return arrays
+
+    def single(self, expert: ExpertWeights, device: torch.device) -> list[Tensor]:
+        """The pointer arrays of one expert (a shared expert, whose `ExpertWeights` is built anew at each call),
+        kept by its tensors' identities and addresses while its first weight lives."""
+        key = (_stamp(expert), device)
+        arrays = self._singles.get(key)
+        if arrays is None:
+            arrays = [torch.tensor([0 if t is None else t.data_ptr()], dtype=torch.int64, device=device)
+                      for t in (expert.w1, expert.s1, expert.w3, expert.s3, expert.w2, expert.s2)]
+            self._singles[key] = arrays
+            weakref.finalize(expert.w1, self._singles.pop, key, None)
         return arrays
 
     def plan(self, x: Tensor, experts: Sequence[ExpertWeights | None]) -> TablePlan | None:
@@ -242,8 +322,12 @@ def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[Ex
         lo += n
     tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device).view(-1, 3)
     arrays = pointers.get(experts, rows.which, x.device)
-    out = _grouped_swiglu(x, weights, rows.keep, ids.shape[1], tiles, block_m, experts[rows.which[0]], arrays, limit)
-    return add_routed_rows(out, rows, ids)
+    slots = _grouped_swiglu(x, weights, rows.keep, ids.shape[1], tiles, block_m, experts[rows.which[0]], arrays, limit)
+    return _combine(slots, ids)
+
+
+# the most routed rows (tokens x k) the one-program schedule lays out; more take torch's sort and scans
+SCHEDULE_ROWS = 1024
 
 
 def routed_experts_on_device(x: Tensor, weights: Tensor, ids: Tensor, plan: TablePlan, limit: float) -> Tensor:
@@ -252,35 +336,92 @@ def routed_experts_on_device(x: Tensor, weights: Tensor, ids: Tensor, plan: Tabl
     the tiles laid out there, for a grid of as many tiles as any routing can need (a token picks an expert once,
     so an expert has at most T rows: at most ceil(T*k / BLOCK_M) full tiles plus one partial tile per expert
     chosen); the tiles past the schedule's end return at once. What a CUDA graph can capture, and a decode step's
-    MoE layers no longer wait for the device one by one."""
+    MoE layers no longer wait for the device one by one. Up to `SCHEDULE_ROWS` routed rows the schedule is one
+    kernel (`_schedule_kernel`), above it torch's sort and scans (the same tensors)."""
     t, k = ids.shape
-    n, n_experts, device = t * k, len(plan.pointers[0]), x.device
+    n, n_experts = t * k, len(plan.pointers[0])
+    block_m = block_m_for(t)
+    n_tiles = triton.cdiv(n, block_m) + min(n_experts, n)
+    schedule = _kernel_schedule if n <= SCHEDULE_ROWS else _torch_schedule
+    keep, tiles = schedule(ids, n_experts, block_m, n_tiles)
+    slots = _grouped_swiglu(x, weights, keep, k, tiles, block_m, plan.first, plan.pointers, limit)
+    return _combine(slots, ids)
+
+
+def swiglu(x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None, pointers: ExpertPointers) -> Tensor:
+    """`ReferenceBackend.swiglu` (one expert on every row of x [n, d], weights [n, 1] or None) through the grouped
+    kernels: a table of one expert, its rows in order (a decode step's shared experts in four launches, not
+    eleven)."""
+    n = x.shape[0]
+    if n == 0:
+        return torch.empty_like(x)
+    block_m = block_m_for(n)
+    keep, tiles = _in_order(n, block_m, x.device)
+    return _grouped_swiglu(x, weights, keep, 1, tiles, block_m, expert, pointers.single(expert, x.device), limit)
+
+
+@functools.lru_cache(maxsize=64)
+def _in_order(n: int, block_m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """keep [n] (the rows in order) and the tiles [ceil(n / block_m), 3] of expert 0 over n rows: made once per
+    size (a copy from the host at each call would be one no CUDA graph can hold)."""
+    with torch.inference_mode(False):
+        tiles = [(0, start, n) for start in range(0, n, block_m)]
+        return (torch.arange(n, dtype=torch.int32, device=device),
+                torch.tensor(tiles, dtype=torch.int32, device=device))
+
+
+def _kernel_schedule(ids: Tensor, n_experts: int, block_m: int, n_tiles: int) -> tuple[Tensor, Tensor]:
+    """The sorted rows keep [n] and tiles [n_tiles, 3] of ids [T, k] by `_schedule_kernel` (one program)."""
+    n = ids.numel()
+    keep = torch.empty(n, dtype=torch.int32, device=ids.device)
+    tiles = torch.empty((n_tiles, 3), dtype=torch.int32, device=ids.device)
+    experts_p = triton.next_power_of_2(n_experts)
+    _schedule_kernel[(1,)](ids.contiguous(), keep, tiles, n, n_tiles, n_experts, block_m, EP=experts_p,
+                           BLOCK=max(16, min(64, 8192 // experts_p)), num_warps=8 if experts_p >= 256 else 4)
+    return keep, tiles
+
+
+def _torch_schedule(ids: Tensor, n_experts: int, block_m: int, n_tiles: int) -> tuple[Tensor, Tensor]:
+    """`_schedule_kernel`'s keep [n] and tiles [n_tiles, 3] in torch ops (for many rows: a sort, not the kernel's
+    one program)."""
+    device = ids.device
     flat = ids.flatten().to(torch.int64)
     keep = torch.sort(flat, stable=True).indices  # [n] the routed rows grouped by expert, token order inside
     counts = torch.zeros(n_experts, dtype=torch.int64, device=device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int64))  # [E] (bincount's output size would need a read)
-    block_m = block_m_for(t)
     row_end = counts.cumsum(0)  # [E] each expert's rows end here in `keep`
     tiles_of = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")  # [E]
     tile_end = tiles_of.cumsum(0)
-    n_tiles = triton.cdiv(n, block_m) + min(n_experts, n)
     tile = torch.arange(n_tiles, device=device)
     expert = torch.searchsorted(tile_end, tile, right=True)  # [n_tiles] the expert of each tile, E past the end
     owned = expert.clamp(max=n_experts - 1)
     first = row_end[owned] - counts[owned] + (tile - (tile_end[owned] - tiles_of[owned])) * block_m
     tiles = torch.stack((torch.where(expert < n_experts, expert, -1), first, row_end[owned]), dim=1).to(torch.int32)
-    out = _grouped_swiglu(x, weights, keep, k, tiles, block_m, plan.first, plan.pointers, limit)
-    return add_routed_rows(out, RoutedRows(keep, [], [], k), ids)
+    return keep, tiles
 
 
-def _grouped_swiglu(x: Tensor, weights: Tensor, keep: Tensor, k: int, tiles: Tensor, block_m: int,
+def _combine(slots: Tensor, ids: Tensor) -> Tensor:
+    """`add_routed_rows` from the (token, slot) places: slots [T*k, d] -> [T, d] fp32."""
+    t, k = ids.shape
+    d = slots.shape[-1]
+    y = torch.empty((t, d), dtype=torch.float32, device=slots.device)
+    if y.numel():
+        block_d = min(512, triton.next_power_of_2(d))
+        _combine_kernel[(t, triton.cdiv(d, block_d))](slots, ids.contiguous(), y, d, k,
+                                                      K_P=triton.next_power_of_2(k), BD=block_d, num_warps=2)
+    return y
+
+
+def _grouped_swiglu(x: Tensor, weights: Tensor | None, keep: Tensor, k: int, tiles: Tensor, block_m: int,
                     first: ExpertWeights, pointers: list[Tensor], limit: float) -> Tensor:
-    """Each routed row's expert output [R, d] (x.dtype), for the rows `keep` [R] of ids.flatten() in expert order
-    and their tiles [n_tiles, 3] (expert or -1, first row, end row); `first` gives the experts' shapes and format."""
+    """Each routed row's expert output at its (token, slot) place, [T*k, d] in x.dtype (zero where `keep` names no
+    row), for the rows `keep` [R] of ids.flatten() in expert order and their tiles [n_tiles, 3] (expert or -1,
+    first row, end row), weighted by weights [T, k] (None: not weighted); `first` gives the experts' shapes and
+    format. The tokens are quantised once, not once a routed row: a row's quantisation is its own."""
     fmt = _FLOAT if first.s1 is None else _FP4 if is_packed_fp4_dtype(first.w1.dtype) else _FP8
-    d, inter = x.shape[-1], first.w1.shape[0]
-    rows_x = x.index_select(0, torch.div(keep, k, rounding_mode="floor"))  # [R, d]
-    rows_w = weights.flatten().index_select(0, keep).to(torch.float32).contiguous()  # [R]
+    t, (d, inter) = x.shape[0], (x.shape[-1], first.w1.shape[0])
+    r = keep.shape[0]
+    routing = x if weights is None else weights.to(torch.float32).contiguous()  # [T, k]: routed row i's at i
     n_tiles = tiles.shape[0]
     w1, s1, w3, s3, w2, s2 = pointers
     # (fp32 dots run on the FMA units: the gate's and the up's [BLOCK_M, BLOCK_N] accumulators in registers at once)
@@ -297,16 +438,16 @@ def _grouped_swiglu(x: Tensor, weights: Tensor, keep: Tensor, k: int, tiles: Ten
     def scale_stride(s: Tensor | None) -> int:
         return 0 if s is None else s.stride(0)
 
-    xq, xs = quantised(rows_x)
-    hidden = torch.empty(rows_x.shape[0], inter, dtype=x.dtype, device=x.device)
+    xq, xs = quantised(x if x.stride(-1) == 1 else x.contiguous())
+    hidden = torch.empty(r, inter, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
-        xq, xs, rows_w, tiles, w1, s1, w3, s3, hidden, inter, d, float(limit),
+        xq, xs, routing, keep, tiles, w1, s1, w3, s3, hidden, inter, d, float(limit), k,
         xq.stride(0), xs.stride(0), first.w1.stride(0), scale_stride(first.s1), hidden.stride(0),
-        LIBDEVICE=libdevice_exp(), **common)
+        LIBDEVICE=libdevice_exp(), WEIGHTED=weights is not None, **common)
 
     hq, hs = quantised(hidden)
-    out = torch.empty(rows_x.shape[0], d, dtype=x.dtype, device=x.device)
+    slots = (torch.empty if r == t * k else torch.zeros)(t * k, d, dtype=x.dtype, device=x.device)
     _down_kernel[(n_tiles, triton.cdiv(d, block_n))](
-        hq, hs, tiles, w2, s2, out, d, inter,
-        hq.stride(0), hs.stride(0), first.w2.stride(0), scale_stride(first.s2), out.stride(0), **common)
-    return out
+        hq, hs, keep, tiles, w2, s2, slots, d, inter,
+        hq.stride(0), hs.stride(0), first.w2.stride(0), scale_stride(first.s2), slots.stride(0), **common)
+    return slots

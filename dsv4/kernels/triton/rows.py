@@ -1,7 +1,7 @@
-"""Triton row-wise ops: `rms_norm`, `head_norm` (with the query's RoPE fused in) and `rope`; each is one launch and
-one pass over the rows, where the reference takes five to eight kernels (casts, square, mean, rsqrt, products, the
-complex rotation, a concatenation). At a batch-1 decode step that launch count, not the bytes, is their cost
-(`benchmarks/decode_launches.py`).
+"""Triton row-wise ops: `rms_norm`, `head_norm` (with the query's RoPE fused in), `rope` and `hadamard`; each is one
+launch and one pass over the rows, where the reference takes five to twenty kernels (casts, square, mean, rsqrt,
+products, the complex rotation, a concatenation; three a butterfly pass). At a batch-1 decode step that launch
+count, not the bytes, is their cost (`benchmarks/decode_launches.py`).
 
 The arithmetic is the reference's op for op (products and sums unfused: launched with ``enable_fp_fusion=False``):
 
@@ -9,7 +9,10 @@ The arithmetic is the reference's op for op (products and sums unfused: launched
 * `head_norm`: the same without a weight and in x's own dtype, each op's result rounded to it as torch's bf16 ops
   round theirs (square, mean, + eps, rsqrt, product), then the rotation;
 * `rope`: the last 2*half dims as interleaved pairs (a, b) times (c, s): ``(a c - b s, a s + b c)`` in fp32, each
-  product rounded before the sum, as torch's complex multiply does; ``inverse`` negates s.
+  product rounded before the sum, as torch's complex multiply does; ``inverse`` negates s;
+* `hadamard`: the reference's log2(n) butterfly passes ``(a + b, a - b)`` over pairs at distances 1, 2, 4, ... in
+  fp32, in registers (each pass a reshape that splits the pairs apart and joins the sums back), then times
+  ``1/sqrt(n)``: bit for bit.
 
 ``rsqrt`` is ``1 / sqrt`` with both correctly rounded (what torch's CPU rsqrt computes). The mean's sum is a
 reduction tree, where torch's CPU sum keeps several running sums: the two agree to fp32 rounding, not bit for bit,
@@ -110,6 +113,28 @@ def _rows_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, A, H, D, HALF, sxa, sxh, sca,
             s = -s
         tl.store(out_rows + even, round_to(av * c - bv * s, DT), mask=mask)
         tl.store(out_rows + even + 1, round_to(av * s + bv * c, DT), mask=mask)
+
+
+@triton.jit
+def _butterfly(y, BLOCK_R: tl.constexpr, N: tl.constexpr, H: tl.constexpr):
+    """One pass over y [BLOCK_R, N]: (a + b, a - b) for the pairs at distance H."""
+    pairs = tl.permute(tl.reshape(y, (BLOCK_R, N // (2 * H), 2, H)), (0, 1, 3, 2))  # [R, groups, H, (a|b)]
+    a, b = tl.split(pairs)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (BLOCK_R, N))
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, out_ptr, R, sxr, sor, scale, N: tl.constexpr, LOG_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr, DT: tl.constexpr):
+    """x [R, N] -> out [R, N]: each row's Walsh-Hadamard transform times `scale`, rounded to DT."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col = tl.arange(0, N)
+    mask = (rows < R)[:, None]
+    rows64 = rows.to(tl.int64)
+    y = tl.load(x_ptr + rows64[:, None] * sxr + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    for i in tl.static_range(LOG_N):
+        y = _butterfly(y, BLOCK_R, N, 1 << i)
+    tl.store(out_ptr + rows64[:, None] * sor + col[None, :], round_to(y * scale, DT), mask=mask)
 
 
 def _grid_view(t: Tensor, lead: tuple[int, int]) -> Tensor | None:
@@ -219,3 +244,25 @@ def head_norm(x: Tensor, eps: float, cos: Tensor | None = None, sin: Tensor | No
 def rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, inplace: bool = False) -> Tensor:
     """``ReferenceBackend.rope``: `inplace` rewrites only x's rotated dims, else a new tensor."""
     return _rows(x, cos, sin, 0.0, norm=False, inverse=inverse, inplace=inplace)
+
+
+def covers_hadamard(x: Tensor) -> bool:
+    """x fp32/bf16/fp16 [..., n], n a power of two from 2 to 4,096; no gradient wanted."""
+    n = x.shape[-1] if x.dim() else 0
+    return x.dtype in _DTYPES and 2 <= n <= _TILE and not n & (n - 1) and _no_grad(x)
+
+
+def hadamard(x: Tensor) -> Tensor:
+    """``ReferenceBackend.hadamard``: a new tensor in x's dtype and shape."""
+    n = x.shape[-1]
+    rows2 = x.reshape(-1, n)
+    if rows2.stride(-1) != 1:
+        rows2 = rows2.contiguous()
+    out = torch.empty(rows2.shape, dtype=x.dtype, device=x.device)
+    r = rows2.shape[0]
+    block_r = max(1, min(triton.next_power_of_2(max(r, 1)), _TILE // n))
+    if r:
+        _hadamard_kernel[(triton.cdiv(r, block_r),)](
+            rows2, out, r, rows2.stride(0), out.stride(0), 1.0 / math.sqrt(n), N=n, LOG_N=n.bit_length() - 1,
+            BLOCK_R=block_r, DT=_TL[x.dtype], num_warps=_warps(block_r * n))
+    return out.view(x.shape)

@@ -39,32 +39,36 @@ def _descending_key(values, index):
 
 
 @triton.jit
-def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, N, K,
-                       KP: tl.constexpr, BLOCK: tl.constexpr):
+def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, seen_ptr, picked_ptr, stride_p, N, K,
+                       KP: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr, FINAL: tl.constexpr):
+    """One row's picks; ALL: K == N, every entry (no k-th value); FINAL: the indexer's outputs, -1 for the picks
+    at or past the row's `seen` count, and each pick's score (as stored) at picked_ptr."""
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * stride_r
-    kth = tl.load(kth_ptr + row).to(tl.float32)
     offs = tl.arange(0, BLOCK)
-
-    above = 0
-    for lo in range(0, N, BLOCK):
-        v = tl.load(base + lo + offs, mask=lo + offs < N, other=float("-inf")).to(tl.float32)
-        above += tl.sum((v > kth).to(tl.int32), axis=0)
-    need = K - above  # the tied entries the row takes, the earliest ones (>= 1)
-
     out = out_ptr + row * stride_o
-    written = 0
-    ties = 0
-    for lo in range(0, N, BLOCK):
-        ok = lo + offs < N
-        v = tl.load(base + lo + offs, mask=ok, other=float("-inf")).to(tl.float32)
-        tied = ok & (v == kth)
-        tie_rank = ties + tl.cumsum(tied.to(tl.int32), axis=0)  # 1-based among the row's ties so far
-        chosen = (ok & (v > kth)) | (tied & (tie_rank <= need))
-        place = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        tl.store(out + place, lo + offs, mask=chosen)
-        written += tl.sum(chosen.to(tl.int32), axis=0)
-        ties += tl.sum(tied.to(tl.int32), axis=0)
+    if ALL:
+        for lo in range(0, N, BLOCK):
+            tl.store(out + lo + offs, lo + offs, mask=lo + offs < N)
+    else:
+        kth = tl.load(kth_ptr + row).to(tl.float32)
+        above = 0
+        for lo in range(0, N, BLOCK):
+            v = tl.load(base + lo + offs, mask=lo + offs < N, other=float("-inf")).to(tl.float32)
+            above += tl.sum((v > kth).to(tl.int32), axis=0)
+        need = K - above  # the tied entries the row takes, the earliest ones (>= 1)
+        written = 0
+        ties = 0
+        for lo in range(0, N, BLOCK):
+            ok = lo + offs < N
+            v = tl.load(base + lo + offs, mask=ok, other=float("-inf")).to(tl.float32)
+            tied = ok & (v == kth)
+            tie_rank = ties + tl.cumsum(tied.to(tl.int32), axis=0)  # 1-based among the row's ties so far
+            chosen = (ok & (v > kth)) | (tied & (tie_rank <= need))
+            place = written + tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+            tl.store(out + place, lo + offs, mask=chosen)
+            written += tl.sum(chosen.to(tl.int32), axis=0)
+            ties += tl.sum(tied.to(tl.int32), axis=0)
     tl.debug_barrier()  # the chosen indices, written by every thread of the program, are read back below
 
     slots = tl.arange(0, KP)
@@ -75,30 +79,53 @@ def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, N, K,
     values = tl.load(base + picked, mask=slots < K, other=0.0).to(tl.float32)
     key = tl.where(slots < K, _descending_key(values, picked), 9223372036854775807)  # padding sorts last
     key = tl.sort(key)
-    tl.store(out + slots, (key & 0x7FFFFFFF).to(tl.int64), mask=slots < K)
+    tl.debug_barrier()  # (every thread read its picks before any is overwritten)
+    top = (key & 0x7FFFFFFF).to(tl.int64)
+    if FINAL:
+        seen = tl.load(seen_ptr + row)
+        tl.store(picked_ptr + row * stride_p + slots, tl.load(base + top, mask=slots < K), mask=slots < K)
+        top = tl.where(top < seen, top, -1)
+    tl.store(out + slots, top, mask=slots < K)
 
 
 def covers(scores: Tensor, k: int) -> bool:
-    """The kernel takes float scores [..., N] with a unit last stride, 0 < k < N, k <= MAX_K, N < 2**31, no gradient
-    wanted (the selection is not differentiable anyway; the caller gathers the picked scores)."""
+    """The kernel takes float scores [..., N] with a unit last stride, 0 < k <= N, k <= MAX_K, N < 2**31, no
+    gradient wanted (the selection is not differentiable anyway; the caller gathers the picked scores)."""
     if not isinstance(scores, Tensor) or scores.dtype not in _FLOATS or scores.dim() < 1:
         return False
     n = scores.shape[-1]
-    return 0 < k < n < 2**31 and k <= MAX_K and scores.numel() > 0 and scores.stride(-1) == 1
+    return 0 < k <= n < 2**31 and k <= MAX_K and scores.numel() > 0 and scores.stride(-1) == 1
+
+
+def _launch(scores: Tensor, k: int, seen: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    if not covers(scores, k):
+        raise ValueError("triton earliest_k does not cover these inputs (check `covers` first)")
+    n = scores.shape[-1]
+    rows = scores.detach().reshape(-1, n)  # (a view where the rows are evenly strided)
+    every = k == n
+    # the k-th value (one radix select over N), unless every entry is picked
+    kth = rows if every else rows.topk(k, dim=-1, sorted=False).values.amin(dim=-1).to(torch.float32).contiguous()
+    out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=scores.device)
+    picked = None if seen is None else torch.empty(rows.shape[0], k, dtype=scores.dtype, device=scores.device)
+    _earliest_k_kernel[(rows.shape[0],)](
+        rows, rows.stride(0), kth, out, out.stride(0), out if seen is None else seen.reshape(-1).contiguous(),
+        out if picked is None else picked, k if picked is None else picked.stride(0), n, k,
+        KP=triton.next_power_of_2(k), BLOCK=_BLOCK, ALL=every, FINAL=seen is not None)
+    lead = scores.shape[:-1]
+    return out.view(*lead, k), None if picked is None else picked.view(*lead, k)
 
 
 def earliest_k(scores: Tensor, k: int) -> Tensor:
     """`stable_topk(scores, k)`: indices [..., k] int64 of the k entries a stable descending sort puts first, in
     that order. Inputs must satisfy `covers`."""
-    if not covers(scores, k):
-        raise ValueError("triton earliest_k does not cover these inputs (check `covers` first)")
-    n = scores.shape[-1]
-    rows = scores.detach().reshape(-1, n)  # (a view where the rows are evenly strided)
-    kth = rows.topk(k, dim=-1, sorted=False).values.amin(dim=-1).to(torch.float32).contiguous()  # [R]
-    out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=scores.device)
-    _earliest_k_kernel[(rows.shape[0],)](rows, rows.stride(0), kth, out, out.stride(0), n, k,
-                                         KP=triton.next_power_of_2(k), BLOCK=_BLOCK)
-    return out.view(*scores.shape[:-1], k)
+    return _launch(scores, k, None)[0]
 
 
-__all__ = ["MAX_K", "covers", "earliest_k"]
+def index_picks(scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The tail of `ReferenceBackend.index_topk` on scores [..., N] already masked past `visible` [...]: the picks
+    [..., k] (-1 at or past a row's visible count) and their scores, from the kernel directly."""
+    out, picked = _launch(scores, k, visible)
+    return out, picked
+
+
+__all__ = ["MAX_K", "covers", "earliest_k", "index_picks"]
