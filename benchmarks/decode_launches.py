@@ -27,7 +27,8 @@ from dsv4.model import Transformer, init_weights
 # ops that launch nothing: views and metadata, allocations without a fill
 _NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
               "aten.lift_fresh.default", "aten.detach.default", "aten._unsafe_view.default",
-              "aten.resize_.default", "aten.set_.source_Storage_storage_offset", "aten.set_.source_Storage"}
+              "aten.resize_.default", "aten.set_.source_Storage_storage_offset", "aten.set_.source_Storage",
+              "aten.promote_types.default"}
 
 
 class _Launches(TorchDispatchMode):

@@ -103,6 +103,12 @@ def run_calls() -> None:
         tri.head_norm(q, 1e-6)
         tri.hadamard(torch.randn(2, 3, 64, 128).to(dtype))  # the indexer's queries (and keys: 128 dims)
         tri.hadamard(torch.randn(5, 2).to(dtype))
+        # the router's tail: V4's 256 experts top-6 (and a hash layer's given ids), Pro's 384
+        for n_experts in (256, 384):
+            tri.moe_gate(torch.randn(3, 64), torch.randn(n_experts, 64), torch.rand(n_experts), None, "sqrtsoftplus", 6,
+                         2.5)
+            tri.moe_gate(torch.randn(3, 64), torch.randn(n_experts, 64), None, torch.randint(0, n_experts, (3, 6)),
+                         "sqrtsoftplus", 6, 2.5)
         # the compressors' pooling: CSA's 2 x 4 candidates of 512 (128 for the indexer's keys), HCA's 128
         for n, c in ((8, 512), (8, 128), (128, 512)):
             tri.gated_pool(torch.randn(300, c), torch.randn(300, c), torch.randint(-1, 300, (3, n)))

@@ -98,6 +98,17 @@ def flatten_tokens(xq: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, to
     return xq.reshape(-1, xq.shape[-1]).float(), xs.reshape(-1, xs.shape[-1]).float()
 
 
+def router_scores(x: torch.Tensor, weight: torch.Tensor, score_func: str) -> torch.Tensor:
+    """The router's scores [T, E] fp32: f(x W^T) for tokens x [T, d] and the gate weight [E, d] (f: softmax, sigmoid
+    or sqrt(softplus)). Differentiable."""
+    logits = F.linear(x.to(torch.float32), weight.to(torch.float32))
+    if score_func == "softmax":
+        return logits.softmax(dim=-1)
+    if score_func == "sigmoid":
+        return logits.sigmoid()
+    return F.softplus(logits).sqrt()
+
+
 class ReferenceBackend:
     """The pure-torch oracle; one method per op of `dsv4.kernels.OPS`."""
 
@@ -234,13 +245,7 @@ class ReferenceBackend:
         the top-k of scores + bias [E] (the balancing term: it decides which, not how much); their weights [T, k],
         the unbiased scores renormalised (unless softmax) times route_scale. Returns (weights, ids, scores);
         differentiable through the scores."""
-        logits = F.linear(x.to(torch.float32), weight.to(torch.float32))
-        if score_func == "softmax":
-            scores = logits.softmax(dim=-1)
-        elif score_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = F.softplus(logits).sqrt()
+        scores = router_scores(x, weight, score_func)
         if ids is None:
             ids = (scores + bias).topk(topk, dim=-1).indices
         weights = scores.gather(1, ids)

@@ -42,8 +42,8 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
-from ..reference import ReferenceBackend
-from . import attention, experts, gemm, indexer, mhc, pool, quant, rows, sinkhorn, topk
+from ..reference import ReferenceBackend, router_scores
+from . import attention, experts, gemm, indexer, mhc, pool, quant, route, rows, sinkhorn, topk
 from .numerics import interpreting
 
 
@@ -98,6 +98,15 @@ class TritonBackend(ReferenceBackend):
         return super().fp4_gemm(xq, xs, w, ws, out_dtype)
 
     # ------------------------------------------------------------------------------------------ experts
+
+    def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor | None, score_func: str,
+                 topk: int, route_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        if _runs_here(x) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            scores = router_scores(x, weight, score_func)
+            if route.covers(scores, bias, ids, topk):
+                weights, ids = route.route(scores, bias, ids, topk, score_func != "softmax", route_scale)
+                return weights, ids, scores
+        return super().moe_gate(x, weight, bias, ids, score_func, topk, route_scale)
 
     def routes_on_device(self, x: Tensor, table: Sequence[ExpertWeights | None]) -> bool:
         plan = self.expert_pointers.plan(x, table) if _runs_here(x) else None

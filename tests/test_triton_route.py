@@ -1,0 +1,55 @@
+"""The Triton MoE routing (`dsv4/kernels/triton/route.py`, the tail of `moe_gate` after torch's scores) against the
+reference: the same experts in the same order, the same scores, the weights bit for bit where torch's CPU sum adds
+the k picks in order (k = 2, 3) and to fp32 rounding otherwise (k = 6); a hash layer's given ids kept.
+
+On a machine without a GPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py)
+on CPU tensors; with one, on CUDA tensors against the reference on CPU copies.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_triton_rows import _on
+
+pytest.importorskip("triton")
+
+from dsv4.kernels.reference import ReferenceBackend  # noqa: E402
+from dsv4.kernels.triton import TritonBackend, route  # noqa: E402
+
+REF, TRI = ReferenceBackend(), TritonBackend()
+
+
+@pytest.mark.parametrize("score_func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize(("tokens", "experts", "k"), [(40, 16, 2), (1, 16, 2), (37, 256, 6), (5, 20, 3)])
+def test_the_router_picks_the_references_experts(score_func, tokens, experts, k):
+    gen = torch.Generator().manual_seed(tokens + experts)
+    x = torch.randn(tokens, 256, generator=gen)
+    weight, bias = torch.randn(experts, 256, generator=gen) * 0.05, torch.randn(experts, generator=gen) * 0.1
+    hashed = torch.randint(0, experts, (tokens, k), generator=gen)
+    for ids, b in ((None, bias), (hashed, None)):
+        got = [t.cpu() for t in TRI.moe_gate(_on(x), _on(weight), _on(b), _on(ids), score_func, k, 1.5)]
+        want = REF.moe_gate(x, weight, b, ids, score_func, k, 1.5)
+        assert got[1].dtype == torch.int64 and torch.equal(got[1], want[1])
+        assert torch.equal(got[2], want[2])
+        if k in (2, 3) or score_func == "softmax":
+            assert torch.equal(got[0], want[0])
+        else:
+            torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+
+
+def test_ties_go_to_the_earlier_expert_and_nan_ranks_first():
+    scores = torch.tensor([[0.5, 0.5, 0.1, 0.5], [0.1, float("nan"), 0.5, 0.5], [0.2, 0.3, 0.3, 0.9]])
+    weights, ids = route.route(_on(scores), _on(torch.zeros(4)), None, 3, True, 1.0)
+    assert ids.cpu().tolist() == [[0, 1, 3], [1, 2, 3], [3, 1, 2]]
+    torch.testing.assert_close(weights.cpu()[2], torch.tensor([0.9, 0.3, 0.3]) / 1.5)
+
+
+def test_what_the_router_kernel_covers():
+    scores, bias = torch.rand(3, 16), torch.rand(16)
+    assert route.covers(scores, bias, None, 2) and route.covers(scores, None, torch.zeros(3, 2, dtype=torch.long), 2)
+    assert not route.covers(scores, None, None, 2)  # neither a bias to rank by nor given ids
+    assert not route.covers(scores.double(), bias, None, 2) and not route.covers(scores, bias.double(), None, 2)
+    assert not route.covers(scores, bias, None, 17) and not route.covers(scores, bias, None, 0)
+    assert not route.covers(scores, None, torch.zeros(3, 3, dtype=torch.long), 2)
+    assert not route.covers(scores.requires_grad_(), bias, None, 2)
