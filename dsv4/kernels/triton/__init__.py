@@ -9,9 +9,11 @@ Ops with a kernel:
   official two-level fp32 accumulation; `linear` and the experts reach them through the reference's
   `act_quant` + GEMM composition.
 * **routed experts** (`experts.py`): the routed rows sorted by expert once and run as two grouped GEMM launches
-  (gate + up with the SwiGLU fused, then down) over tiles that find their expert's weights through a pointer
-  table, FP8, FP4 or float weights; for a table whose every expert the kernels take, the tiles are laid out on the
-  device (`routes_on_device`: no read of the device in an MoE layer).
+  (gate + up with the SwiGLU fused, reading each token's row quantised once, then down, writing each output at
+  its (token, slot) place) over tiles that find their expert's weights through a pointer table, FP8, FP4 or
+  float weights, and one launch adding each token's outputs; for a table whose every expert the kernels take, the
+  sort and the tiles are laid out on the device (`routes_on_device`: no read of the device in an MoE layer; one
+  kernel for a decode's few rows).
 * **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (a cache
   view's window rings from the cache, paged entries from their pool, the production FP8 row layout decoded in the
   kernel), the official 64-slot online softmax with the sink.
@@ -20,7 +22,19 @@ Ops with a kernel:
 * **the indexer's top-k** (`topk.py`): after torch's k-th value, one program per query picks every entry above it
   and the earliest at it and sorts the picks in registers (the reference's order, in two passes over the scores
   instead of the read-free `stable_topk`'s seven).
-* **mHC Sinkhorn** (`sinkhorn.py`): every token's matrix in registers for all iterations.
+* **mHC** (`sinkhorn.py`, `mhc.py`): the Sinkhorn projection with every token's matrix in registers for all
+  iterations; `hc_pre` as partial products with the mixing map, the Sinkhorn kernel adding them up, and the
+  collapse (three launches); `hc_post` and `hc_collapse` in one each.
+* **row ops** (`rows.py`): `rms_norm`, the queries' `head_norm` with their rotation, `rope`, `hadamard` (its
+  butterfly passes in registers), one launch each.
+* **the compressors' pooling** (`pool.py`): each entry's candidates read in place, the per-channel softmax and
+  sum in one launch.
+* **the router's tail** (`route.py`): the top-k of scores + bias and the normalised weights, one launch after
+  torch's scores.
+* **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
+
+At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
+static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 602 after).
 
 Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
 kernel's `covers`), is the reference's, so training and odd shapes stay correct. Kernels run on CUDA tensors, or

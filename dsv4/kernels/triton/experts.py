@@ -2,19 +2,20 @@
 
 The reference runs expert by expert (a mask, a gather and three GEMMs each, 256 experts in a V4 layer). Here
 the routed rows are sorted by expert once (`group_routed_rows`: the reference's row groups, token order inside
-each), quantised once, and cut into tiles of rows that never straddle two experts; each program of a launch
-takes one tile and one block of output columns and finds its expert's weights through a table of pointers (no
-stacked copy of the weights):
+each; on the device `_schedule_kernel`), the tokens quantised once, and the sorted rows cut into tiles that never
+straddle two experts; each program of a launch takes one tile and one block of output columns and finds its
+expert's weights through a table of pointers (no stacked copy of the weights):
 
-1. gate and up together: ``h = w * silu(min(w1 x, L)) * clamp(w3 x, -L, L)``, each projection rounded to the
-   activation dtype first as the reference's linear returns it, the routing weight applied before w2;
-2. down: ``w2 act_quant(h)``.
+1. gate and up together, each sorted row reading its token's quantised row: ``h = w * silu(min(w1 x, L)) *
+   clamp(w3 x, -L, L)``, each projection rounded to the activation dtype first as the reference's linear returns
+   it, the routing weight applied before w2;
+2. down: ``w2 act_quant(h)``, written at the row's (token, slot) place;
+3. `_combine_kernel`: each token's k outputs added in increasing expert id (`add_routed_rows`' order).
 
 Each projection of quantised experts is the block-scaled GEMM of `gemm.py` (`fp8_tile` / `fp4_tile`) over the
 activations quantised once; float experts (the weights in the activations' dtype, a plain model's) multiply the
 activations as they are (`gemm.float_tile`: fp32 accumulation, fp32 dots without TF32), as the reference's linear
-does. So the rounding is the reference's up to the order of additions inside a dot. The outputs are added back
-into their tokens in increasing expert id (`add_routed_rows`), the reference's order.
+does. So the rounding is the reference's up to the order of additions inside a dot.
 """
 
 from __future__ import annotations
