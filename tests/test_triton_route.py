@@ -46,10 +46,13 @@ def test_ties_go_to_the_earlier_expert_and_nan_ranks_first():
 
 
 def test_what_the_router_kernel_covers():
-    scores, bias = torch.rand(3, 16), torch.rand(16)
-    assert route.covers(scores, bias, None, 2) and route.covers(scores, None, torch.zeros(3, 2, dtype=torch.long), 2)
-    assert not route.covers(scores, None, None, 2)  # neither a bias to rank by nor given ids
-    assert not route.covers(scores.double(), bias, None, 2) and not route.covers(scores, bias.double(), None, 2)
-    assert not route.covers(scores, bias, None, 17) and not route.covers(scores, bias, None, 0)
-    assert not route.covers(scores, None, torch.zeros(3, 3, dtype=torch.long), 2)
-    assert not route.covers(scores.requires_grad_(), bias, None, 2)
+    bias, given = torch.rand(16), torch.zeros(3, 2, dtype=torch.long)
+    assert route.covers(3, 16, bias, None, 2) and route.covers(3, 16, None, given, 2)
+    assert not route.covers(3, 16, None, None, 2)  # neither a bias to rank by nor given ids
+    assert not route.covers(3, 16, bias.double(), None, 2) and not route.covers(3, 16, torch.rand(8), None, 2)
+    assert not route.covers(3, 16, bias, None, 17) and not route.covers(3, 16, bias, None, 0)
+    assert not route.covers(3, 16, None, torch.zeros(3, 3, dtype=torch.long), 2)
+    assert not route.covers(3, 16, bias.requires_grad_(), None, 2)
+    x, weight = torch.randn(3, 8, requires_grad=True), torch.randn(16, 8)
+    weights, ids, scores = TRI.moe_gate(x, weight, torch.rand(16), None, "sigmoid", 2, 1.0)
+    assert scores.requires_grad and weights.requires_grad  # (training: the reference's differentiable router)

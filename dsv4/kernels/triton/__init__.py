@@ -115,11 +115,11 @@ class TritonBackend(ReferenceBackend):
 
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor | None, score_func: str,
                  topk: int, route_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        if _runs_here(x) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            scores = router_scores(x, weight, score_func)
-            if route.covers(scores, bias, ids, topk):
-                weights, ids = route.route(scores, bias, ids, topk, score_func != "softmax", route_scale)
-                return weights, ids, scores
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if _runs_here(x) and x.dim() == 2 and not grad and route.covers(x.shape[0], weight.shape[0], bias, ids, topk):
+            scores = router_scores(x, weight, score_func)  # [T, E] fp32, the reference's
+            weights, ids = route.route(scores, bias, ids, topk, score_func != "softmax", route_scale)
+            return weights, ids, scores
         return super().moe_gate(x, weight, bias, ids, score_func, topk, route_scale)
 
     def routes_on_device(self, x: Tensor, table: Sequence[ExpertWeights | None]) -> bool:

@@ -57,24 +57,22 @@ def _route_kernel(scores_ptr, bias_ptr, ids_ptr, weights_ptr, E, route_scale, K:
     tl.store(weights_ptr + t * K + slot, picked * route_scale, mask=slot_ok)
 
 
-def covers(scores: Tensor, bias: Tensor | None, ids: Tensor | None, topk: int) -> bool:
-    """fp32 scores [T, E] (E <= 4,096), 1 <= k <= min(E, 64), an fp32 bias [E] or given int64 ids [T, k]; no
-    gradient wanted."""
-    if scores.dtype != torch.float32 or scores.dim() != 2 or not 1 <= scores.shape[1] <= _MAX_EXPERTS:
+def covers(tokens: int, experts: int, bias: Tensor | None, ids: Tensor | None, topk: int) -> bool:
+    """Scores [tokens, experts] (experts <= 4,096), 1 <= k <= min(experts, 64), an fp32 bias [experts] or given
+    int64 ids [tokens, k]; no gradient wanted of them."""
+    if not (1 <= experts <= _MAX_EXPERTS and 1 <= topk <= min(experts, _MAX_K)):
         return False
-    if not 1 <= topk <= min(scores.shape[1], _MAX_K):
+    if ids is None and (bias is None or bias.dtype != torch.float32 or tuple(bias.shape) != (experts,)):
         return False
-    if ids is None and (bias is None or bias.dtype != torch.float32 or tuple(bias.shape) != (scores.shape[1],)):
+    if ids is not None and (ids.dtype != torch.int64 or tuple(ids.shape) != (tokens, topk)):
         return False
-    if ids is not None and (ids.dtype != torch.int64 or tuple(ids.shape) != (scores.shape[0], topk)):
-        return False
-    tensors = [t for t in (scores, bias, ids) if t is not None]
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not (torch.is_grad_enabled() and bias is not None and bias.requires_grad)
 
 
 def route(scores: Tensor, bias: Tensor | None, ids: Tensor | None, topk: int, normalise: bool,
           route_scale: float) -> tuple[Tensor, Tensor]:
-    """(weights [T, k] fp32, ids [T, k] int64) from the scores: the given ids, else the top-k of scores + bias."""
+    """(weights [T, k] fp32, ids [T, k] int64) from the scores [T, E] fp32: the given ids, else the top-k of scores +
+    bias."""
     t, e = scores.shape
     scores = scores.contiguous()
     out_ids = ids.contiguous() if ids is not None else torch.empty((t, topk), dtype=torch.int64, device=scores.device)
