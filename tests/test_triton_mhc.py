@@ -62,7 +62,11 @@ def test_a_tokens_hc_pre_does_not_depend_on_its_batch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5, HC_TERMWISE_TOKENS + 3])
 @pytest.mark.parametrize("h", [4, 3])
-def test_hc_collapse_and_post_equal_the_reference_bit_for_bit(dtype, tokens, h):
+@pytest.mark.parametrize("gpu_tiles", [False, True])
+def test_hc_collapse_and_post_equal_the_reference_bit_for_bit(dtype, tokens, h, gpu_tiles, monkeypatch):
+    """Under the interpreter's tiling (whole rows of many tokens a program) and a GPU's (256 columns of one)."""
+    if gpu_tiles:
+        monkeypatch.setattr(mhc, "interpreting", lambda: False)
     d = 300
     x = _rand(1, tokens, h, d, seed=tokens, dtype=dtype)
     out = _rand(1, tokens, d, seed=tokens + 1, dtype=dtype)

@@ -43,9 +43,16 @@ def _on(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(DEVICE)
 
 
+@pytest.fixture(params=[False, True], ids=["interpreter_tiles", "gpu_tiles"])
+def tiles(request, monkeypatch):
+    """The row kernels' tiling: the interpreter's (many rows a program) or a GPU's (4,096 elements a program)."""
+    if request.param:
+        monkeypatch.setattr(rows, "interpreting", lambda: False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 96), (2, 300), (4, 1, 1000)])
-def test_rms_norm_matches_the_reference(dtype, shape):
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 96), (2, 300), (4, 1, 1000), (9, 7, 1024)])
+def test_rms_norm_matches_the_reference(dtype, shape, tiles):
     x = _rand(*shape, seed=shape[-1], dtype=dtype, scale=3.0)
     weight = _rand(shape[-1], seed=1).abs() + 0.5
     got = rows.rms_norm(_on(x), _on(weight), 1e-6).cpu()
@@ -70,10 +77,10 @@ def test_head_norm_matches_the_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_head_norm_with_rope_is_the_norm_then_the_references_rotation(dtype, inplace):
+def test_head_norm_with_rope_is_the_norm_then_the_references_rotation(dtype, inplace, tiles):
     """Queries [B,S,H,D] with one rotation a token ([B,S,1,half]: broadcast over the heads), 8 of 64 dims
     rotated; `inplace` writes over the queries."""
-    q = _rand(2, 3, 8, 64, seed=4, dtype=dtype, scale=2.0)
+    q = _rand(2, 3, 80, 64, seed=4, dtype=dtype, scale=2.0)  # (80 heads: several programs of a GPU's tiling)
     cos, sin = _rand(2, 3, 1, 8, seed=5), _rand(2, 3, 1, 8, seed=6)
     normed = rows.head_norm(_on(q), 1e-6).cpu()
     target = _on(q.clone())
@@ -87,7 +94,7 @@ def test_head_norm_with_rope_is_the_norm_then_the_references_rotation(dtype, inp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_rope_equals_the_reference_bit_for_bit(dtype, inverse, inplace):
+def test_rope_equals_the_reference_bit_for_bit(dtype, inverse, inplace, tiles):
     """Keys [B,S,D] with a rotation a token, and queries [B,S,H,D] read through a view with a row stride wider
     than D (the heads of a larger tensor)."""
     kv = _rand(2, 7, 48, seed=7, dtype=dtype)
@@ -117,7 +124,7 @@ def test_rope_in_place_leaves_the_rest_of_the_row():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 128), (2, 3, 4, 128), (5, 2), (7, 64), (2, 4096)])
-def test_hadamard_equals_the_reference_bit_for_bit(dtype, shape):
+def test_hadamard_equals_the_reference_bit_for_bit(dtype, shape, tiles):
     """The butterfly passes in the reference's order and arithmetic: the indexer's 128 dims, a row per program or
     several, the smallest and the widest n."""
     x = _rand(*shape, seed=shape[-1], dtype=dtype)

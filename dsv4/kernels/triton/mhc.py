@@ -14,6 +14,9 @@
 `hc_post`: ``X'_k = post_k * out + sum_j comb[j, k] * X_j`` per (token, 256 columns), products rounded and the
 terms added in order (the reference's order; launched with ``enable_fp_fusion=False``), always a new tensor.
 
+Under Triton's interpreter (the CPU tests) a collapse or write-back program takes whole rows of many tokens
+instead: the interpreter pays per program, and no element's arithmetic depends on the tiling.
+
 Step 1's dot sums in the hardware's order, so the mixes agree with the reference's fp32 matmul to fp32 rounding
 (`tests/test_triton_mhc.py` states the tolerances); the collapse and the write-back are the reference's
 arithmetic term for term.
@@ -66,36 +69,50 @@ def _mixes_partials_kernel(x_ptr, fn_ptr, part_ptr, ss_ptr, T, K, M, sxt, sfm, s
 
 
 @triton.jit
-def _collapse_kernel(x_ptr, pre_ptr, u_ptr, D, sxt, sxh, sut, H: tl.constexpr, HP: tl.constexpr,
+def _collapse_kernel(x_ptr, pre_ptr, u_ptr, T, D, sxt, sxh, sut, H: tl.constexpr, BLOCK_T: tl.constexpr,
                      BD: tl.constexpr, DT: tl.constexpr):
-    """x [T, H, D], pre [T, H] fp32 -> u [T, D] = sum_k pre_k * x_k (in order), rounded to DT."""
-    t = tl.program_id(0).to(tl.int64)
+    """x [T, H, D], pre [T, H] fp32 -> u [T, D] = sum_k pre_k * x_k (products rounded, added in order), in DT."""
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     col = tl.program_id(1) * BD + tl.arange(0, BD)
-    k = tl.arange(0, HP)
-    mask = (k < H)[:, None] & (col < D)[None, :]
-    xt = tl.load(x_ptr + t * sxt + k[:, None] * sxh + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    pre = tl.load(pre_ptr + t * H + k, mask=k < H, other=0.0)
-    u = sinkhorn._ordered_sum(pre[:, None] * xt, k[:, None], 0, H)
-    tl.store(u_ptr + t * sut + col, round_to(u, DT), mask=col < D)
+    t_ok = t < T
+    mask = t_ok[:, None] & (col < D)[None, :]
+    rows = x_ptr + t[:, None] * sxt + col[None, :]
+    u = tl.load(pre_ptr + t * H, mask=t_ok, other=0.0)[:, None] * tl.load(rows, mask=mask, other=0.0).to(tl.float32)
+    for k in tl.static_range(1, H):
+        pre = tl.load(pre_ptr + t * H + k, mask=t_ok, other=0.0)
+        u += pre[:, None] * tl.load(rows + k * sxh, mask=mask, other=0.0).to(tl.float32)
+    tl.store(u_ptr + t[:, None] * sut + col[None, :], round_to(u, DT), mask=mask)
 
 
 @triton.jit
-def _post_kernel(out_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, D, sot, sxt, sxh, snt, snh, H: tl.constexpr,
-                 HP: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr):
+def _post_kernel(out_ptr, x_ptr, post_ptr, comb_ptr, new_ptr, T, D, sot, sxt, sxh, snt, snh, H: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr):
     """out [T, D], x [T, H, D], post [T, H], comb [T, H, H] fp32 -> new [T, H, D]: post_k * out + sum_j comb[j, k]
-    * x_j, rounded to DT."""
-    t = tl.program_id(0).to(tl.int64)
+    * x_j (products rounded, the sum in order of j), rounded to DT."""
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     col = tl.program_id(1) * BD + tl.arange(0, BD)
-    col_ok = col < D
-    j = tl.arange(0, HP)
-    mask = (j < H)[:, None] & col_ok[None, :]
-    xt = tl.load(x_ptr + t * sxt + j[:, None] * sxh + col[None, :], mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + t * sot + col, mask=col_ok, other=0.0).to(tl.float32)
+    t_ok = t < T
+    mask = t_ok[:, None] & (col < D)[None, :]
+    rows = x_ptr + t[:, None] * sxt + col[None, :]
+    o = tl.load(out_ptr + t[:, None] * sot + col[None, :], mask=mask, other=0.0).to(tl.float32)
     for k in tl.static_range(H):
-        c = tl.load(comb_ptr + t * (H * H) + j * H + k, mask=j < H, other=0.0)  # comb[:, k]
-        mixed = sinkhorn._ordered_sum(c[:, None] * xt, j[:, None], 0, H)
-        p = tl.load(post_ptr + t * H + k)
-        tl.store(new_ptr + t * snt + k * snh + col, round_to(p * o + mixed, DT), mask=col_ok)
+        comb = tl.load(comb_ptr + t * (H * H) + k, mask=t_ok, other=0.0)  # comb[0, k]
+        mixed = comb[:, None] * tl.load(rows, mask=mask, other=0.0).to(tl.float32)
+        for j in tl.static_range(1, H):
+            comb = tl.load(comb_ptr + t * (H * H) + j * H + k, mask=t_ok, other=0.0)
+            mixed += comb[:, None] * tl.load(rows + j * sxh, mask=mask, other=0.0).to(tl.float32)
+        post = tl.load(post_ptr + t * H + k, mask=t_ok, other=0.0)
+        tl.store(new_ptr + t[:, None] * snt + k * snh + col[None, :], round_to(post[:, None] * o + mixed, DT),
+                 mask=mask)
+
+
+def _tiles(t: int, d: int) -> tuple[int, int]:
+    """(tokens, columns) a collapse / write-back program takes: 256 columns of one token on a GPU (a decode's
+    row spread over its SMs); under the interpreter, which runs programs one by one, whole rows of many tokens."""
+    if interpreting():
+        bd = triton.next_power_of_2(d)
+        return max(1, min(triton.next_power_of_2(t), 16384 // bd)), bd
+    return 1, _BD
 
 
 def _streams(x: Tensor) -> Tensor | None:
@@ -148,9 +165,10 @@ def _collapse(xv: Tensor, pre: Tensor, dtype: torch.dtype) -> Tensor:
     t, h, d = xv.shape
     u = torch.empty((t, d), dtype=dtype, device=xv.device)
     if u.numel():
-        _collapse_kernel[(t, triton.cdiv(d, _BD))](
-            xv, pre, u, d, xv.stride(0), xv.stride(1), u.stride(0), H=h, HP=triton.next_power_of_2(h), BD=_BD,
-            DT=_TL[dtype], num_warps=2, enable_fp_fusion=False)
+        block_t, bd = _tiles(t, d)
+        _collapse_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, bd))](
+            xv, pre, u, t, d, xv.stride(0), xv.stride(1), u.stride(0), H=h, BLOCK_T=block_t, BD=bd, DT=_TL[dtype],
+            num_warps=2, enable_fp_fusion=False)
     return u
 
 
@@ -194,8 +212,9 @@ def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     nv = new.view(t, h, d)
     if new.numel():
-        _post_kernel[(t, triton.cdiv(d, _BD))](
-            ov, xv, post.reshape(t, h).contiguous(), comb.reshape(t, h, h).contiguous(), nv, d, ov.stride(0),
-            xv.stride(0), xv.stride(1), nv.stride(0), nv.stride(1), H=h, HP=triton.next_power_of_2(h), BD=_BD,
-            DT=_TL[x.dtype], num_warps=2, enable_fp_fusion=False)
+        block_t, bd = _tiles(t, d)
+        _post_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, bd))](
+            ov, xv, post.reshape(t, h).contiguous(), comb.reshape(t, h, h).contiguous(), nv, t, d, ov.stride(0),
+            xv.stride(0), xv.stride(1), nv.stride(0), nv.stride(1), H=h, BLOCK_T=block_t, BD=bd, DT=_TL[x.dtype],
+            num_warps=2, enable_fp_fusion=False)
     return new

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .numerics import round_to
+from .numerics import interpreting, round_to
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_D = 16384  # the widest row a program holds in registers
@@ -54,11 +54,9 @@ def _rsqrt(v):
 
 @triton.jit
 def _tile(pid, A, H, BLOCK_H: tl.constexpr):
-    """The program's [A, H] row: its a, and its BLOCK_H rows of h (with their mask)."""
-    blocks = tl.cdiv(H, BLOCK_H)
-    a = (pid // blocks).to(tl.int64)
-    h = (pid % blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
-    return a, h.to(tl.int64), h < H
+    """The program's BLOCK_H rows of the [A, H] grid, in row-major order: each one's a and h, and the mask."""
+    row = pid.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return row // H, row % H, row < A * H
 
 
 @triton.jit
@@ -67,11 +65,11 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, A, H, D, sxa, sxh, soa, soh, eps,
     a, h, h_ok = _tile(tl.program_id(0), A, H, BLOCK_H)
     col = tl.arange(0, DP)
     mask = h_ok[:, None] & (col < D)[None, :]
-    x = tl.load(x_ptr + a * sxa + h[:, None] * sxh + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (a * sxa + h * sxh)[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + col, mask=col < D, other=0.0).to(tl.float32)
     r = _rsqrt(tl.sum(x * x, axis=1) / D + eps)
     y = w[None, :] * (x * r[:, None])
-    tl.store(out_ptr + a * soa + h[:, None] * soh + col[None, :], round_to(y, DT), mask=mask)
+    tl.store(out_ptr + (a * soa + h * soh)[:, None] + col[None, :], round_to(y, DT), mask=mask)
 
 
 @triton.jit
@@ -81,8 +79,8 @@ def _rows_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, A, H, D, HALF, sxa, sxh, sca,
     """x rows -> out rows: the weightless head norm in x's dtype (NORM), then the rotation of the last 2*HALF dims
     (ROPE); WRITE_NOPE: also write the dims before them (else out is x, whose other dims stand)."""
     a, h, h_ok = _tile(tl.program_id(0), A, H, BLOCK_H)
-    x_rows = x_ptr + a * sxa + h[:, None] * sxh
-    out_rows = out_ptr + a * soa + h[:, None] * soh
+    x_rows = x_ptr + (a * sxa + h * sxh)[:, None]
+    out_rows = out_ptr + (a * soa + h * soh)[:, None]
     r = tl.full((BLOCK_H,), 1.0, tl.float32)
     if NORM:
         col = tl.arange(0, DP)
@@ -106,7 +104,7 @@ def _rows_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, A, H, D, HALF, sxa, sxh, sca,
         if NORM:
             av = _as(av * r[:, None], DT)
             bv = _as(bv * r[:, None], DT)
-        trig = a * sca + h[:, None] * sch + i[None, :]
+        trig = (a * sca + h * sch)[:, None] + i[None, :]
         c = tl.load(cos_ptr + trig, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + trig, mask=mask, other=0.0).to(tl.float32)
         if INVERSE:
@@ -184,8 +182,11 @@ def covers_head_norm(x: Tensor, cos: Tensor | None, sin: Tensor | None) -> bool:
     return (cos is None and sin is None) or (cos is not None and sin is not None and _covers_rope(x, cos, sin))
 
 
-def _block_h(h: int, width: int) -> int:
-    return max(1, min(triton.next_power_of_2(h), _TILE // width))
+def _block_h(rows: int, width: int) -> int:
+    """Rows a program takes: up to _TILE elements on a GPU; under the interpreter, which pays per program and runs
+    them one by one, 16x as many (no row's arithmetic depends on it)."""
+    tile = _TILE * 16 if interpreting() else _TILE
+    return max(1, min(triton.next_power_of_2(rows), tile // width))
 
 
 def _warps(elements: int) -> int:
@@ -200,9 +201,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     ov = out.view(*lead, x.shape[-1])
     d = x.shape[-1]
     dp = triton.next_power_of_2(d)
-    block_h = _block_h(lead[1], dp)
+    block_h = _block_h(lead[0] * lead[1], dp)
     if out.numel():
-        _rms_norm_kernel[(lead[0] * triton.cdiv(lead[1], block_h),)](
+        _rms_norm_kernel[(triton.cdiv(lead[0] * lead[1], block_h),)](
             xv, weight.contiguous(), ov, lead[0], lead[1], d, xv.stride(0), xv.stride(1), ov.stride(0), ov.stride(1),
             float(eps), DP=dp, BLOCK_H=block_h, DT=_TL[x.dtype], num_warps=_warps(block_h * dp),
             enable_fp_fusion=False)
@@ -224,9 +225,9 @@ def _rows(x: Tensor, cos: Tensor | None, sin: Tensor | None, eps: float, norm: b
         cv = sv = xv  # (not read)
     # only the rope dims are read and written when nothing else changes, else whole rows
     width = triton.next_power_of_2(d) if norm or not inplace else triton.next_power_of_2(max(half, 1))
-    block_h = _block_h(lead[1], width)
+    block_h = _block_h(lead[0] * lead[1], width)
     if x.numel():
-        _rows_kernel[(lead[0] * triton.cdiv(lead[1], block_h),)](
+        _rows_kernel[(triton.cdiv(lead[0] * lead[1], block_h),)](
             xv, cv, sv, ov, lead[0], lead[1], d, half, xv.stride(0), xv.stride(1), cv.stride(0), cv.stride(1),
             ov.stride(0), ov.stride(1), float(eps), NORM=norm, ROPE=half > 0, INVERSE=inverse,
             WRITE_NOPE=not (inplace and not norm), DP=triton.next_power_of_2(d),
@@ -260,7 +261,7 @@ def hadamard(x: Tensor) -> Tensor:
         rows2 = rows2.contiguous()
     out = torch.empty(rows2.shape, dtype=x.dtype, device=x.device)
     r = rows2.shape[0]
-    block_r = max(1, min(triton.next_power_of_2(max(r, 1)), _TILE // n))
+    block_r = _block_h(r, n)
     if r:
         _hadamard_kernel[(triton.cdiv(r, block_r),)](
             rows2, out, r, rows2.stride(0), out.stride(0), 1.0 / math.sqrt(n), N=n, LOG_N=n.bit_length() - 1,
