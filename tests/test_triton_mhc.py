@@ -60,11 +60,12 @@ def test_a_tokens_hc_pre_does_not_depend_on_its_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 5, HC_TERMWISE_TOKENS + 3])
+@pytest.mark.parametrize(("tokens", "gpu_tiles"), [(1, False), (5, False), (HC_TERMWISE_TOKENS + 3, False), (1, True),
+                                                   (5, True)])
 @pytest.mark.parametrize("h", [4, 3])
-@pytest.mark.parametrize("gpu_tiles", [False, True])
 def test_hc_collapse_and_post_equal_the_reference_bit_for_bit(dtype, tokens, h, gpu_tiles, monkeypatch):
-    """Under the interpreter's tiling (whole rows of many tokens a program) and a GPU's (256 columns of one)."""
+    """Under the interpreter's tiling (whole rows of many tokens a program) and a GPU's (256 columns of one token:
+    a program a token and block, which the interpreter runs one by one, so on a few tokens)."""
     if gpu_tiles:
         monkeypatch.setattr(mhc, "interpreting", lambda: False)
     d = 300

@@ -23,7 +23,7 @@ def _ties(rows: int, n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("n", "k"), [(40, 1), (40, 39), (40, 40), (97, 13), (300, 64), (1500, 7), (1500, 1500)])
+@pytest.mark.parametrize(("n", "k"), [(40, 1), (40, 39), (40, 40), (97, 13), (300, 64), (1500, 7), (200, 200)])
 def test_the_picks_are_a_stable_descending_sorts_first_k(n, k, dtype):
     """Every entry above the k-th value, the earliest at it, in descending score, ties by index: the first k of a
     stable descending sort, for rows that tie at the k-th value across the kernel's 1,024-entry blocks too; at
