@@ -10,7 +10,11 @@ entries (compare, compare, cumsum, sum, where, a second top-k over N, ...). Here
 2. one pass writes the chosen entries' indices to the output row in index order (a running count and an in-block
    prefix sum give each its place; the earliest tied ones, by a running count of ties);
 3. the k chosen indices are read back (after a barrier: other threads of the program wrote them) and sorted in
-   registers by one 64-bit key, the score's order-preserving bits (descending) above the index (ascending).
+   registers by one 64-bit key, the score's order-preserving bits (descending) above the index (ascending);
+   for the indexer (`index_picks`) written final: -1 at or past the query's visible count, with the picked scores.
+
+At k = N (a context with no more entries than the top-k takes) every entry is picked: no k-th value, no counting
+pass, only the sort.
 
 Scores compare as torch compares them: -0.0 equals 0.0 (the key adds +0.0 first, which makes -0.0 +0.0), and
 -inf entries (the masked ones) order like any other value. A row with a NaN score is not ordered as torch orders
@@ -98,6 +102,7 @@ def covers(scores: Tensor, k: int) -> bool:
 
 
 def _launch(scores: Tensor, k: int, seen: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The picks [..., k] of scores [..., N]; with `seen` [...], final (-1 at or past it) and with their scores."""
     if not covers(scores, k):
         raise ValueError("triton earliest_k does not cover these inputs (check `covers` first)")
     n = scores.shape[-1]
@@ -124,8 +129,7 @@ def earliest_k(scores: Tensor, k: int) -> Tensor:
 def index_picks(scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The tail of `ReferenceBackend.index_topk` on scores [..., N] already masked past `visible` [...]: the picks
     [..., k] (-1 at or past a row's visible count) and their scores, from the kernel directly."""
-    out, picked = _launch(scores, k, visible)
-    return out, picked
+    return _launch(scores, k, visible)
 
 
 __all__ = ["MAX_K", "covers", "earliest_k", "index_picks"]
