@@ -45,6 +45,7 @@ def test_what_the_pooling_kernel_covers():
     assert not pool.covers(kv, kv[:, :32], candidates)
     assert not pool.covers(kv, kv, candidates.float())
     assert not pool.covers(kv, kv, torch.zeros(3, 2000, dtype=torch.long))
+    assert not pool.covers(kv, kv, torch.zeros(3, 0, dtype=torch.long))  # (the reference's empty sum: zeros)
     assert not pool.covers(kv.t(), kv.t(), candidates)
     wants = kv.clone().requires_grad_()
     assert not pool.covers(wants, kv, candidates)

@@ -42,13 +42,13 @@ def _gated_pool_kernel(kv_ptr, score_ptr, cand_ptr, out_ptr, n, C, s_kv, s_score
 
 
 def covers(kv: Tensor, score: Tensor, candidates: Tensor) -> bool:
-    """kv and score fp32 [rows, c] with unit last strides, candidates integer [E, n] (n <= 1,024), no gradient
+    """kv and score fp32 [rows, c] with unit last strides, candidates integer [E, n] (1 <= n <= 1,024), no gradient
     wanted."""
     if kv.dtype != torch.float32 or score.dtype != torch.float32 or kv.dim() != 2 or score.shape != kv.shape:
         return False
     if candidates.dim() != 2 or candidates.dtype not in (torch.int64, torch.int32):
         return False
-    if candidates.shape[1] > _MAX_CANDIDATES:
+    if not 1 <= candidates.shape[1] <= _MAX_CANDIDATES:  # (no candidates: the reference's empty sum)
         return False
     if kv.stride(-1) != 1 or score.stride(-1) != 1:
         return False
@@ -60,12 +60,10 @@ def gated_pool(kv: Tensor, score: Tensor, candidates: Tensor) -> Tensor:
     e, n = candidates.shape
     c = kv.shape[-1]
     out = torch.empty((e, c), dtype=torch.float32, device=kv.device)
-    if out.numel() and n:
+    if out.numel():
         np_ = triton.next_power_of_2(n)
         bc = max(16, min(triton.next_power_of_2(c), _TILE // np_))
         _gated_pool_kernel[(e, triton.cdiv(c, bc))](
             kv, score, candidates.contiguous(), out, n, c, kv.stride(0), score.stride(0), out.stride(0),
             NP=np_, BC=bc, LIBDEVICE=libdevice_exp(), num_warps=4 if np_ * bc >= 2048 else 2)
-    elif out.numel():
-        out.fill_(float("nan"))  # (the reference's softmax over no candidates)
     return out
