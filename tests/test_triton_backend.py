@@ -263,6 +263,11 @@ def test_one_expert_through_the_grouped_kernels_matches_the_reference(fmt, dtype
         assert got.dtype == dtype and got.shape == want.shape
         _assert_experts_close(got.cpu().float(), want.float(), dtype)
     assert len(backend.expert_pointers._singles) == 1
+    if fmt == "float":  # a trained expert's gradient: the reference's differentiable path
+        trained = type(expert)(*(None if t is None else t.detach().clone().requires_grad_() for t in
+                                 vars(expert).values()))
+        backend.swiglu(x.to(ON_DEVICE), trained, 7.0).float().sum().backward()
+        assert trained.w1.grad is not None and trained.w2.grad is not None
 
 
 def test_the_device_schedules_plan_follows_its_table():

@@ -142,8 +142,9 @@ class TritonBackend(ReferenceBackend):
         return super().routed_experts(x, weights, ids, table, which, limit)
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
-        if (_runs_here(x) and x.dim() == 2 and experts.covers(x, [expert], [0])
-                and not (weights is not None and torch.is_grad_enabled() and weights.requires_grad)):
+        wanted = (x, expert.w1, expert.w3, expert.w2, *(() if weights is None else (weights,)))
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in wanted)
+        if _runs_here(x) and x.dim() == 2 and not grad and experts.covers(x, [expert], [0]):
             return experts.swiglu(x, expert, limit, weights, self.expert_pointers)
         return super().swiglu(x, expert, limit, weights)
 
