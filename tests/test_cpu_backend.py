@@ -26,9 +26,12 @@ REF = ReferenceBackend()
 
 
 def _same_machine_kind() -> bool:
-    from test_regression_pins import PINS, machine
+    """The machine is of the kind the pins were first written on, where the bit equality was established (on an
+    AMD CPU at the same capability level the batched block GEMM and the reference's differ in the last bit for
+    some row counts)."""
+    from test_regression_pins import PINS, kind_of_this_machine
 
-    return torch.load(PINS, weights_only=True)["machine"] == machine()
+    return kind_of_this_machine(torch.load(PINS, weights_only=True)) == 0
 
 
 SAME_KIND = _same_machine_kind()
