@@ -134,6 +134,73 @@ def test_hadamard_equals_the_reference_bit_for_bit(dtype, shape, tiles):
     assert torch.equal(rows.hadamard(_on(strided)).cpu(), REF.hadamard(strided))
 
 
+def _composed(x, weight, cos, sin, qat):
+    """`norm_rope_qat` as the row kernels' and the quantisers' separate launches (the fused kernel's arithmetic)."""
+    from dsv4.kernels.triton import quant
+
+    y = x if weight is None else rows.rms_norm(x, weight, 1e-6)
+    y = rows.rope(y, cos, sin)
+    if qat == "fp8_nope":
+        nope = x.shape[-1] - 2 * cos.shape[-1]
+        return torch.cat((quant.fp8_simulate(y[..., :nope]), y[..., nope:]), dim=-1) if nope else y
+    if qat.startswith("hadamard"):
+        y = rows.hadamard(y)
+        return quant.fp4_simulate(y) if qat == "hadamard_fp4" else y
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qat", ["none", "fp8_nope", "hadamard", "hadamard_fp4"])
+@pytest.mark.parametrize("case", ["keys", "entries", "queries", "narrow"])
+def test_norm_rope_qat_is_the_separate_kernels_in_one_launch(dtype, qat, case, tiles):
+    """The fused row pipeline equals the separate kernels' (norm, rotation, Hadamard, FP8 / FP4 round trip) bit for
+    bit, and the reference to the norm's tolerance (bf16: equal here; FP8 can move a row a quantisation step
+    where the norm moved one bf16 step, so fp32 rows are compared to the norm's fp32 rounding before any QAT).
+    Cases: attention keys [B,S,512] with 64 rotated dims (eight FP8 blocks of nope, the last one partial), the
+    compressor's entries [B,M,128], the indexer's queries [B,S,H,128] with a rotation a token broadcast over the
+    heads and no norm, and rows narrower than an FP8 block."""
+    shape, trig = {"keys": ((2, 3, 512), (2, 3, 32)), "entries": ((3, 2, 128), (3, 2, 16)),
+                   "queries": ((2, 3, 40, 128), (2, 3, 1, 32)), "narrow": ((9, 32), (9, 8))}[case]
+    x = _rand(*shape, seed=shape[-1] + trig[-1], dtype=dtype, scale=3.0)
+    weight = None if case == "queries" else _rand(shape[-1], seed=2).abs() + 0.5
+    cos, sin = _rand(*trig, seed=3).cos(), _rand(*trig, seed=3).sin()
+    got = rows.norm_rope_qat(_on(x), _on(weight), 1e-6, _on(cos), _on(sin), qat)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.cpu(), _composed(_on(x), _on(weight), _on(cos), _on(sin), qat).cpu())
+    want = REF.norm_rope_qat(x, weight, 1e-6, cos, sin, qat)
+    if weight is None:  # no norm: every stage is bit-exact
+        assert torch.equal(got.cpu(), want)
+    elif dtype == torch.bfloat16:
+        assert _steps(got, want) <= 1
+    elif qat in ("none", "hadamard"):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    else:
+        before = REF.norm_rope_qat(x, weight, 1e-6, cos, sin, "none")
+        torch.testing.assert_close(rows.norm_rope_qat(_on(x), _on(weight), 1e-6, _on(cos), _on(sin), "none").cpu(),
+                                   before, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_rope_qat_rounds_each_stage_to_the_dtype():
+    """bf16 rows whose reference stages round (the norm's output, the rotation, the Hadamard) agree to the bit with
+    the reference here: a kernel that carried fp32 between the stages would not."""
+    x = _rand(4, 6, 128, seed=21, dtype=torch.bfloat16, scale=5.0)
+    weight = _rand(128, seed=22).abs() + 0.5
+    cos, sin = _rand(4, 6, 16, seed=23).cos(), _rand(4, 6, 16, seed=23).sin()
+    for qat in ("hadamard", "hadamard_fp4", "fp8_nope"):
+        got = rows.norm_rope_qat(_on(x), _on(weight), 1e-6, _on(cos), _on(sin), qat).cpu()
+        unrounded = REF.hadamard(REF.rope(REF.rms_norm(x.float(), weight, 1e-6), cos, sin)).to(torch.bfloat16)
+        assert _steps(got, REF.norm_rope_qat(x, weight, 1e-6, cos, sin, qat)) <= 1
+        if qat == "hadamard":
+            assert not torch.equal(got, unrounded)
+
+
+def test_norm_rope_qat_names_a_bad_rounding():
+    x, cos = torch.randn(2, 64), torch.randn(2, 8)
+    with pytest.raises(ValueError, match="qat must be one of"):
+        REF.norm_rope_qat(x, None, 1e-6, cos, cos, "fp8")
+    assert not rows.covers_norm_rope_qat(x, None, cos, cos, "fp8")
+
+
 def test_what_the_row_kernels_cover():
     x, w = torch.randn(3, 4, 64), torch.rand(64)
     cos, sin = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
@@ -153,3 +220,8 @@ def test_what_the_row_kernels_cover():
     assert not rows.covers_hadamard(wants)
     with torch.no_grad():
         assert rows.covers_rms_norm(wants, w)
+    assert rows.covers_norm_rope_qat(x, w, cos, sin, "fp8_nope")
+    assert rows.covers_norm_rope_qat(x, None, cos, sin, "none")
+    assert not rows.covers_norm_rope_qat(torch.randn(3, 96), torch.rand(96), cos[:, 0], sin[:, 0], "none")  # not 2^k
+    assert not rows.covers_norm_rope_qat(x, torch.rand(32), cos, sin, "none")
+    assert not rows.covers_norm_rope_qat(wants, w, cos, sin, "none")

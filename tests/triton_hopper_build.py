@@ -103,6 +103,11 @@ def run_calls() -> None:
         tri.head_norm(q, 1e-6)
         tri.hadamard(torch.randn(2, 3, 64, 128).to(dtype))  # the indexer's queries (and keys: 128 dims)
         tri.hadamard(torch.randn(5, 2).to(dtype))
+        # the keys' / entries' / indexer queries' fused norm, rotation and QAT: V4's 512-wide KV rows (FP8 nope),
+        # the indexer's 128-wide keys (Hadamard + FP4) and its queries (no norm, a rotation broadcast over heads)
+        for qat in ("none", "fp8_nope", "hadamard", "hadamard_fp4"):
+            tri.norm_rope_qat(torch.randn(2, 3, 512).to(dtype), torch.rand(512), 1e-6, cos[:, :, 0], sin[:, :, 0], qat)
+            tri.norm_rope_qat(torch.randn(2, 3, 64, 128).to(dtype), None, 1e-6, cos, sin, qat)
         # the router's tail: V4's 256 experts top-6 (and a hash layer's given ids), Pro's 384
         for n_experts in (256, 384):
             tri.moe_gate(torch.randn(3, 64), torch.randn(n_experts, 64), torch.rand(n_experts), None, "sqrtsoftplus", 6,

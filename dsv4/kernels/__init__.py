@@ -59,6 +59,7 @@ OPS = (
     "rms_norm",
     "head_norm",
     "rope",
+    "norm_rope_qat",
     "sparse_attn",
     "index_scores",
     "index_topk",
@@ -285,6 +286,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
     """x with its last 2*cos.shape[-1] dims rotated by interleaved pairs (by the negative angle if `inverse`;
     written into x if `inplace`)."""
     return active_backend().rope(x, cos, sin, inverse, inplace)
+
+
+def norm_rope_qat(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                  qat: str = "none") -> torch.Tensor:
+    """RMSNorm (weight None: none), the rotation of the last dims, then the QAT rounding `qat` ("none", "fp8_nope",
+    "hadamard", "hadamard_fp4") of the rows a cache or the indexer stores: one op, a new tensor in x's dtype."""
+    return active_backend().norm_rope_qat(x, weight, eps, cos, sin, qat)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor, sink: torch.Tensor,

@@ -109,6 +109,10 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor, score_func: str) -> tor
     return F.softplus(logits).sqrt()
 
 
+# what `norm_rope_qat` rounds its rows through after the rotation
+QAT_ROUNDINGS = ("none", "fp8_nope", "hadamard", "hadamard_fp4")
+
+
 class ReferenceBackend:
     """The pure-torch oracle; one method per op of `dsv4.kernels.OPS`."""
 
@@ -349,6 +353,31 @@ class ReferenceBackend:
             rope.copy_(rotated)
             return x
         return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
+
+    def norm_rope_qat(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                      sin: torch.Tensor, qat: str = "none") -> torch.Tensor:
+        """The row pipeline of what a cache or the indexer stores, one op so that a backend can make it one pass:
+        `rms_norm(x, weight, eps)` (none when weight is None), the rotation `rope(., cos, sin)` of the last dims,
+        then the official inference's QAT rounding `qat`:
+
+        * "none": nothing more;
+        * "fp8_nope": the dims before the rotated ones through FP8 blocks of KV_SIM_BLOCK (`fp8_simulate`; the
+          attention's KV rows and compressed entries);
+        * "hadamard": the whole row Hadamard-rotated (`hadamard`; the indexer's queries and keys, plain numerics);
+        * "hadamard_fp4": then through FP4 blocks of INDEXER_SIM_BLOCK (`fp4_simulate`; the same, exact numerics).
+
+        Each step rounds to x's dtype as its own op does. Returns a new tensor in x's dtype; differentiable."""
+        if qat not in QAT_ROUNDINGS:
+            raise ValueError(f"qat must be one of {', '.join(QAT_ROUNDINGS)}, got {qat!r}")
+        y = x if weight is None else self.rms_norm(x, weight, eps)
+        y = self.rope(y, cos, sin)
+        if qat == "fp8_nope":
+            nope = y.shape[-1] - 2 * cos.shape[-1]
+            return torch.cat((self.fp8_simulate(y[..., :nope]), y[..., nope:]), dim=-1)
+        if qat.startswith("hadamard"):
+            y = self.hadamard(y)
+            return self.fp4_simulate(y) if qat == "hadamard_fp4" else y
+        return y
 
     # ------------------------------------------------------------------------------------------ attention
 

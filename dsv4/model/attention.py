@@ -64,10 +64,9 @@ class Attention(nn.Module):
         # normalised, then RoPE; over wq_b's output (this call's own) where no gradient is wanted
         q = kernels.head_norm(q, self.eps, cos.unsqueeze(2), sin.unsqueeze(2), inplace=not torch.is_grad_enabled())
 
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,S,D]
-        if ctx.exact:  # the official inference rounds the non-rope dims of every cached KV to FP8
-            nope = self.head_dim - self.rope_head_dim
-            kv = torch.cat((kernels.fp8_simulate(kv[..., :nope]), kv[..., nope:]), dim=-1)
+        # [B,S,D] normed and rotated; the official inference rounds the non-rope dims of every cached KV to FP8
+        kv = kernels.norm_rope_qat(self.wkv(x), self.kv_norm.weight, self.kv_norm.eps, cos, sin,
+                                   "fp8_nope" if ctx.exact else "none")
 
         # window candidates: the ring holds positions start-W .. start-1, the chunk start .. start+S-1
         window_rows, window_idx, pending = self._window(kv, ctx, cache)

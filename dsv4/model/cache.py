@@ -130,6 +130,11 @@ class CompressorState:
         self.kv[rows, slots] = kv
         self.score[rows, slots] = score
 
+    def ring_tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The rings as stored (kv, score [rows, R, coff*c]) and which of their rows are this state's batch rows
+        (None: all, in order): what a decode step pools from in place."""
+        return self.kv, self.score, None
+
     @classmethod
     def empty(cls, batch: int, ratio: int, width: int, entries: EntryStore,
               device: torch.device | str | None) -> CompressorState:
@@ -415,6 +420,9 @@ class CompressorStateRows:
     @score.setter
     def score(self, value: Tensor) -> None:
         self.parent.score[self.rows] = value
+
+    def ring_tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.parent.kv, self.parent.score, self.rows
 
     def write_slots(self, slots: Tensor, kv: Tensor, score: Tensor) -> None:
         self.parent.kv[self.rows.unsqueeze(1), slots] = kv

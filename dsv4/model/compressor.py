@@ -23,7 +23,7 @@ from ..config import CSA_RATIO, ModelArgs
 from ..kernels.paged import gather_rows
 from .cache import CompressorState, ForwardContext
 from .layers import Linear, RMSNorm
-from .rope import apply_rope, rope_cos_sin
+from .rope import rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -35,24 +35,21 @@ class _ChunkPlan:
     first: Tensor  # [B] the first entry the chunk can finish
     n_max: int  # the most entries a row finishes
     n_entries: int  # the most entries a row holds afterwards
-    ring_order: Tensor  # [B, R] the ring's slots oldest first: its tokens at positions start-R .. start-1
     host_new: tuple[int, ...]  # the entries each row pools: those it finishes (a static step: one a row)
 
     @classmethod
     def build(cls, ctx: ForwardContext, ratio: int, ring: int) -> _ChunkPlan:
         first = torch.div(ctx.start, ratio, rounding_mode="floor")
-        ring_order = (ctx.start.unsqueeze(1) - ring + torch.arange(ring, device=ctx.start.device)) % ring
         if ctx.capacity:  # a static decode step: every row pools entry `first` (finished or not; an unfinished
             # one is masked from every read until the step that finishes it writes it again), and readers take
             # the entries of positions below the capacity
             host_new = (1,) * ctx.positions.shape[0]
-            return cls(ctx.positions % ratio, ctx.positions % ring, first, 1, ctx.capacity // ratio,
-                       ring_order, host_new)
+            return cls(ctx.positions % ratio, ctx.positions % ring, first, 1, ctx.capacity // ratio, host_new)
         # the same counts from the host's copy of the starts and lengths (no read of the device's)
         host_after = [(s + n) // ratio for s, n in zip(ctx.host_starts, ctx.host_lengths, strict=True)]
         host_new = tuple(a - s // ratio for s, a in zip(ctx.host_starts, host_after, strict=True))
         return cls(ctx.positions % ratio, ctx.positions % ring, first, max(host_new, default=0),
-                   max(host_after, default=0), ring_order, host_new)
+                   max(host_after, default=0), host_new)
 
 
 @dataclass(frozen=True)
@@ -64,33 +61,50 @@ class _PoolPlan:
     # -1 for the candidates before position 0 (CSA's entry 0: its previous block)
     entry_ids: Tensor  # [B, M] the entries, j = first + 0 .. M-1
     rows: Tensor  # the (row, m) pairs that are finished entries (a row may finish fewer than M)
-    cols: Tensor
+    cols: Tensor | None  # (None when `every`)
     written: Tensor  # entry_ids[rows, cols]: each finished entry's id
     every: bool  # every (row, m) pair is finished: the pairs are the [B, M] grid in order
     cos: Tensor  # [B, M, rope/2] the rotation at each entry's first position j*r
     sin: Tensor
 
     @classmethod
-    def build(cls, ctx: ForwardContext, chunk: _ChunkPlan, ratio: int, ring: int, freqs: Tensor) -> _PoolPlan:
+    def build(cls, ctx: ForwardContext, chunk: _ChunkPlan, ratio: int, ring: int, freqs: Tensor,
+              in_ring: bool = False, storage_rows: Tensor | None = None) -> _PoolPlan:
+        """The candidates index the extended sequence (`ring` ring tokens before the chunk), or with `in_ring`
+        (a decode step whose token is in the ring already: every candidate of its entry is) the rings themselves,
+        [batch rows, R, coff*c] as rows of c, batch row i of the step being ring row `storage_rows[i]` (default i)."""
         r, m, device = ratio, chunk.n_max, ctx.start.device
         overlap = ratio == CSA_RATIO
         b, s = ctx.positions.shape
-        j = chunk.first.unsqueeze(1) + torch.arange(m, device=device)  # [B,M] entry ids
-        offset = (ctx.start - ring).view(-1, 1, 1)  # position of ext row 0
-        cur_pos = j.unsqueeze(-1) * r + torch.arange(r, device=device)  # [B,M,r]
-        last = ring + s - 1
-        cur = (cur_pos - offset).clamp(0, last)
-        base = (torch.arange(b, device=device) * (ring + s)).view(-1, 1, 1)  # each batch row's first ext row
-        if overlap:  # the previous block's tokens give their first half, this block's their second
-            prev_pos = cur_pos - r
-            prev = (prev_pos - offset).clamp(0, last)
-            rows = torch.cat((2 * (base + prev), 2 * (base + cur) + 1), dim=2)  # [B,M,2r] in rows of c
-            rows = rows.masked_fill(torch.cat((prev_pos < 0, cur_pos < 0), dim=2), -1)
+        j = chunk.first.unsqueeze(1)  # [B,M] entry ids: first + 0 .. M-1
+        if m > 1:
+            j = j + torch.arange(m, device=device)
+        first_pos = j * r  # [B,M] each entry's first position
+        cur_pos = first_pos.unsqueeze(-1) + torch.arange(r, device=device)  # [B,M,r]
+        if in_ring:  # position p in ring slot p % R (a later position of an unfinished entry: a stale slot)
+            base = (torch.arange(0, b * ring, ring, device=device) if storage_rows is None
+                    else storage_rows * ring).view(-1, 1, 1)
+            cur = base + (cur_pos % ring if overlap else torch.arange(r, device=device))  # (HCA: R = r)
+            prev = base + (cur_pos + r) % ring if overlap else None  # p - r = p + r (mod 2r)
         else:
-            rows = base + cur
+            offset = (ctx.start - ring).view(-1, 1, 1)  # position of ext row 0
+            last = ring + s - 1
+            base = (torch.arange(b, device=device) * (ring + s)).view(-1, 1, 1)  # each batch row's first ext row
+            cur = base + (cur_pos - offset).clamp(0, last)
+            prev = base + (cur_pos - r - offset).clamp(0, last) if overlap else None
+        if overlap:  # the previous block's tokens give their first half, this block's their second; entry 0 has
+            # no previous block
+            prev = (2 * prev).masked_fill((j == 0).unsqueeze(-1), -1)
+            rows = torch.cat((prev, 2 * cur + 1), dim=2)  # [B,M,2r] in rows of c
+        else:
+            rows = cur.expand(b, m, r)
+        cos, sin = rope_cos_sin(freqs, first_pos)
+        every = sum(chunk.host_new) == b * m
+        if every:  # the whole [B, M] grid in order (a static or decode step's one entry a row)
+            at = torch.arange(b, device=device) if m == 1 else torch.arange(b, device=device).repeat_interleave(m)
+            return cls(rows.flatten(0, 1), j, at, None, j.flatten(), True, cos, sin)
         at, cols = _finished_pairs(chunk.host_new, m, device)
-        cos, sin = rope_cos_sin(freqs, j * r)
-        return cls(rows.flatten(0, 1), j, at, cols, j[at, cols], at.numel() == b * m, cos, sin)
+        return cls(rows.flatten(0, 1), j, at, cols, j[at, cols], False, cos, sin)
 
 
 def _finished_pairs(counts: tuple[int, ...], m: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -98,8 +112,6 @@ def _finished_pairs(counts: tuple[int, ...], m: int, device: torch.device) -> tu
     each row (at most m): built from the host's counts (the positions where a mask of them is true would be a read
     of the device), their total sizing the result."""
     b, total = len(counts), sum(counts)
-    if total == b * m:  # every row finishes m entries: the whole grid
-        return torch.arange(b, device=device).repeat_interleave(m), torch.arange(m, device=device).repeat(b)
     per_row = torch.tensor(counts, device=device)
     at = torch.repeat_interleave(torch.arange(b, device=device), per_row, output_size=total)
     first = torch.repeat_interleave(per_row.cumsum(0) - per_row, per_row, output_size=total)  # each pair's row start
@@ -144,7 +156,17 @@ class Compressor(nn.Module):
         # the rows of ape by phase, gathered (its backward one index_add, where indexing's accumulates by index_put)
         score = self.wgate(xf) + self.ape.index_select(0, plan.phase.flatten()).view(*plan.phase.shape, -1)
 
-        in_place = 0 < ctx.appends <= ring  # decode / verify steps: the tokens take their ring slots in place
+        if ctx.appends == 1 and not (torch.is_grad_enabled() and (kv.requires_grad or score.requires_grad)):
+            # a decode step: the token takes its slot first, and then the ring holds every candidate of the entry
+            # it pools (the previous block and its own), which is pooled from the ring in place
+            state.write_slots(plan.ring_slots, kv, score)
+            if plan.n_max > 0:
+                ring_kv, ring_score, rows = state.ring_tensors()
+                pool = ctx.shared(("ring_pool", r, ring, id(rows)), lambda: (rows, _PoolPlan.build(
+                    ctx, plan, r, ring, freqs, in_ring=True, storage_rows=rows)))[1]  # (holding rows: ids unique)
+                self._pool(ring_kv, ring_score, pool, state, ctx)
+            return plan.n_entries
+        in_place = 0 < ctx.appends <= ring  # verify steps: the tokens take their ring slots in place
         if plan.n_max > 0 or not in_place:
             self._pool_and_keep(kv, score, plan, state, freqs, ctx, rewrite=not in_place)
         if in_place:
@@ -160,9 +182,11 @@ class Compressor(nn.Module):
         # of which starts at position 0 alone (the ring's positions are before 0: no candidate)
         before = 0 if ctx.fresh else ring
         ext_kv, ext_score = kv, score
-        if before:
-            ext_kv = torch.cat((gather_rows(state.kv, plan.ring_order), kv), dim=1)  # [B,R+S,coff*c]
-            ext_score = torch.cat((gather_rows(state.score, plan.ring_order), score), dim=1)
+        if before:  # the ring's slots oldest first [B,R]: its tokens at positions start-R .. start-1
+            order = ctx.shared(("ring_order", ring), lambda: (ctx.start.unsqueeze(1) - ring + torch.arange(
+                ring, device=ctx.start.device)) % ring)
+            ext_kv = torch.cat((gather_rows(state.kv, order), kv), dim=1)  # [B,R+S,coff*c]
+            ext_score = torch.cat((gather_rows(state.score, order), score), dim=1)
         if plan.n_max > 0:  # (every compressed layer rotates its entries by the same frequencies, as attention's
             # shared cos / sin assume: `rope_frequencies(args, compressed=True)`)
             pool = ctx.shared(("pool", self.ratio, before),
@@ -178,21 +202,17 @@ class Compressor(nn.Module):
     def _pool(self, ext_kv: Tensor, ext_score: Tensor, pool: _PoolPlan, state: CompressorState,
               ctx: ForwardContext) -> None:
         c = self.head_dim
-        # ext [B,R+S,coff*c] as rows of c (CSA's halves are rows of their own) -> [B,M,c] fp32
+        # ext [B,R+S,coff*c] (or the rings) as rows of c (CSA's halves are rows of their own) -> [B,M,c] fp32
         pooled = kernels.gated_pool(ext_kv.reshape(-1, c), ext_score.reshape(-1, c), pool.candidates)
-        pooled = pooled.view(ext_kv.shape[0], pool.entry_ids.shape[1], c)
-        entry = self.norm(pooled.to(state.entries.dtype))
-        entry = apply_rope(entry, pool.cos, pool.sin)
-        entry = self._qat(entry, ctx.exact)
+        pooled = pooled.view(*pool.entry_ids.shape, c)
+        entry = kernels.norm_rope_qat(pooled.to(state.entries.dtype), self.norm.weight, self.norm.eps, pool.cos,
+                                      pool.sin, self._qat(ctx.exact))
         finished = entry.flatten(0, 1) if pool.every else entry[pool.rows, pool.cols]
         state.entries.write(pool.rows, pool.written, finished)
 
-    def _qat(self, entry: Tensor, exact: bool) -> Tensor:
-        """The rounding the official inference applies to cached entries (values stay in entry.dtype)."""
+    def _qat(self, exact: bool) -> str:
+        """The rounding the official inference applies to cached entries (`kernels.norm_rope_qat`): indexer keys
+        are Hadamard-rotated (and FP4-rounded), the attention KV's nope dims FP8-rounded."""
         if self.rotate:
-            entry = kernels.hadamard(entry)
-            return kernels.fp4_simulate(entry) if exact else entry
-        if not exact:
-            return entry
-        nope = self.head_dim - self.rope_head_dim
-        return torch.cat((kernels.fp8_simulate(entry[..., :nope]), entry[..., nope:]), dim=-1)
+            return "hadamard_fp4" if exact else "hadamard"
+        return "fp8_nope" if exact else "none"

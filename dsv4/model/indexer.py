@@ -21,7 +21,6 @@ from ..config import CSA_RATIO, ModelArgs
 from .cache import CompressorState, ForwardContext
 from .compressor import Compressor
 from .layers import Linear
-from .rope import apply_rope
 
 # bound on one block of queries' score slab [B, s, Hi, N] (the indexer scores every visible entry); under
 # glibc's 32 MiB mmap ceiling, so the blocks reuse heap memory instead of faulting in fresh pages each time
@@ -57,10 +56,8 @@ class Indexer(nn.Module):
             empty = torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
             return empty, empty.to(torch.float32)
         q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
-        # q is this call's own: rotated in place where no gradient is wanted
-        q = kernels.hadamard(apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2), inplace=not torch.is_grad_enabled()))
-        if ctx.exact:
-            q = kernels.fp4_simulate(q)
+        q = kernels.norm_rope_qat(q, None, 0.0, cos.unsqueeze(2), sin.unsqueeze(2),
+                                  "hadamard_fp4" if ctx.exact else "hadamard")
         weights = self.weights_proj(x) * self.weight_scale  # [B,S,Hi]
         keys = keys.to(q.dtype)
         n_visible = torch.div(ctx.positions + 1, CSA_RATIO, rounding_mode="floor")  # [B,S] entries each query sees

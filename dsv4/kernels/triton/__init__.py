@@ -196,6 +196,12 @@ class TritonBackend(ReferenceBackend):
             return rows.rope(x, cos, sin, inverse, inplace)
         return super().rope(x, cos, sin, inverse, inplace)
 
+    def norm_rope_qat(self, x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor,
+                      qat: str = "none") -> Tensor:
+        if _runs_here(x) and rows.covers_norm_rope_qat(x, weight, cos, sin, qat):
+            return rows.norm_rope_qat(x, weight, eps, cos, sin, qat)
+        return super().norm_rope_qat(x, weight, eps, cos, sin, qat)
+
     def hadamard(self, x: Tensor) -> Tensor:
         if _runs_here(x) and rows.covers_hadamard(x):
             return rows.hadamard(x)

@@ -32,7 +32,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dsv4.quant import ACT_AMAX_FLOOR, FP4_AMAX_FLOOR, FP4_MAX, FP8_MAX, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
+
 from .numerics import interpreting, round_to
+from .quant import _pow2_scale_bits, _quantize
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_D = 16384  # the widest row a program holds in registers
@@ -133,6 +136,58 @@ def _hadamard_kernel(x_ptr, out_ptr, R, sxr, sor, scale, N: tl.constexpr, LOG_N:
     for i in tl.static_range(LOG_N):
         y = _butterfly(y, BLOCK_R, N, 1 << i)
     tl.store(out_ptr + rows64[:, None] * sor + col[None, :], round_to(y * scale, DT), mask=mask)
+
+
+@triton.jit
+def _simulate_blocks(y, cols, width, BLOCK_H: tl.constexpr, DP: tl.constexpr, QB: tl.constexpr,
+                     FLOOR: tl.constexpr, INV_MAX: tl.constexpr, FP4: tl.constexpr):
+    """y [BLOCK_H, DP] fp32 with the columns below `width` through FP8 / FP4 blocks of QB columns and back (a
+    block's amax over those columns alone: the reference quantises the slice, a partial block padded with zeros);
+    the other columns as they are."""
+    inside = cols < width  # [DP]
+    blocks = tl.reshape(tl.where(inside[None, :], y, 0.0), (BLOCK_H * (DP // QB), QB))
+    scale_bits = _pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), FLOOR, INV_MAX)
+    rounded = tl.reshape(_quantize(blocks, scale_bits, FP4, True), (BLOCK_H, DP))
+    return tl.where(inside[None, :], rounded, y)
+
+
+@triton.jit
+def _norm_rope_qat_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, A, H, HALF, sxa, sxh, sca, sch, soa, soh, eps,
+                          scale, NORM: tl.constexpr, QAT: tl.constexpr, DP: tl.constexpr, LOG_D: tl.constexpr,
+                          BLOCK_H: tl.constexpr, DT: tl.constexpr, FP8_QB: tl.constexpr, FP4_QB: tl.constexpr,
+                          FP8_FLOOR: tl.constexpr, FP8_INV: tl.constexpr, FP4_FLOOR: tl.constexpr,
+                          FP4_INV: tl.constexpr):
+    """x rows [A, H, DP] -> out rows: RMSNorm with w (NORM), the rotation of the last 2*HALF dims, then QAT (0 none,
+    1 FP8 on the dims before them, 2 Hadamard, 3 Hadamard then FP4), each stage rounded to DT as its op rounds."""
+    a, h, h_ok = _tile(tl.program_id(0), A, H, BLOCK_H)
+    col = tl.arange(0, DP)
+    mask = h_ok[:, None] & (col < DP)[None, :]
+    y = tl.load(x_ptr + (a * sxa + h * sxh)[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        w = tl.load(w_ptr + col).to(tl.float32)
+        r = _rsqrt(tl.sum(y * y, axis=1) / DP + eps)
+        y = _as(w[None, :] * (y * r[:, None]), DT)
+    # the rotation over interleaved pairs (a, b): pair p is rotated when p >= DP/2 - HALF, by cos/sin column
+    # p - (DP/2 - HALF)
+    ev, od = tl.split(tl.reshape(y, (BLOCK_H, DP // 2, 2)))
+    pair = tl.arange(0, DP // 2)
+    first = DP // 2 - HALF
+    turn = h_ok[:, None] & (pair >= first)[None, :]
+    trig = (a * sca + h * sch)[:, None] + (pair - first)[None, :]
+    c = tl.load(cos_ptr + trig, mask=turn, other=1.0)
+    s = tl.load(sin_ptr + trig, mask=turn, other=0.0)
+    ev2 = tl.where(turn, _as(ev * c - od * s, DT), ev)
+    od2 = tl.where(turn, _as(ev * s + od * c, DT), od)
+    y = tl.reshape(tl.join(ev2, od2), (BLOCK_H, DP))
+    if QAT == 1:
+        y = _simulate_blocks(y, col, DP - 2 * HALF, BLOCK_H, DP, FP8_QB, FP8_FLOOR, FP8_INV, False)
+    elif QAT >= 2:
+        for i in tl.static_range(LOG_D):
+            y = _butterfly(y, BLOCK_H, DP, 1 << i)
+        y = _as(y * scale, DT)
+        if QAT == 3:
+            y = _simulate_blocks(y, col, DP, BLOCK_H, DP, FP4_QB, FP4_FLOOR, FP4_INV, True)
+    tl.store(out_ptr + (a * soa + h * soh)[:, None] + col[None, :], round_to(y, DT), mask=mask)
 
 
 def _grid_view(t: Tensor, lead: tuple[int, int]) -> Tensor | None:
@@ -267,3 +322,37 @@ def hadamard(x: Tensor) -> Tensor:
             rows2, out, r, rows2.stride(0), out.stride(0), 1.0 / math.sqrt(n), N=n, LOG_N=n.bit_length() - 1,
             BLOCK_R=block_r, DT=_TL[x.dtype], num_warps=_warps(block_r * n))
     return out.view(x.shape)
+
+
+_QAT_CODES = {"none": 0, "fp8_nope": 1, "hadamard": 2, "hadamard_fp4": 3}
+
+
+def covers_norm_rope_qat(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, qat: str) -> bool:
+    """x fp32/bf16/fp16 [..., D] viewing as [A, H, D], D a power of two from 2 to 4,096; weight None or [D] not fp64;
+    cos / sin fp32 broadcasting against x[..., :half]; a known `qat`; no gradient wanted."""
+    d = x.shape[-1] if x.dim() else 0
+    if qat not in _QAT_CODES or not (2 <= d <= _TILE and not d & (d - 1)) or not covers_head_norm(x, cos, sin):
+        return False
+    return weight is None or (weight.dim() == 1 and weight.shape[0] == d and weight.dtype != torch.float64
+                              and _no_grad(weight))
+
+
+def norm_rope_qat(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor, qat: str) -> Tensor:
+    """``ReferenceBackend.norm_rope_qat``: one launch, a new tensor in x's dtype and shape."""
+    lead = _lead(x)
+    xv = _grid_view(x, lead)
+    d, half = x.shape[-1], cos.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ov = out.view(*lead, d)
+    target = (*x.shape[:-1], half)
+    cv, sv = (_grid_view(t.expand(target), lead) for t in (cos, sin))
+    block_h = _block_h(lead[0] * lead[1], d)
+    if x.numel():
+        _norm_rope_qat_kernel[(triton.cdiv(lead[0] * lead[1], block_h),)](
+            xv, xv if weight is None else weight.contiguous(), cv, sv, ov, lead[0], lead[1], half, xv.stride(0),
+            xv.stride(1), cv.stride(0), cv.stride(1), ov.stride(0), ov.stride(1), float(eps), 1.0 / math.sqrt(d),
+            NORM=weight is not None, QAT=_QAT_CODES[qat], DP=d, LOG_D=d.bit_length() - 1, BLOCK_H=block_h,
+            DT=_TL[x.dtype], FP8_QB=min(KV_SIM_BLOCK, d), FP4_QB=min(INDEXER_SIM_BLOCK, d),
+            FP8_FLOOR=ACT_AMAX_FLOOR, FP8_INV=1.0 / FP8_MAX, FP4_FLOOR=FP4_AMAX_FLOOR, FP4_INV=1.0 / FP4_MAX,
+            num_warps=_warps(block_h * d), enable_fp_fusion=False)
+    return out
