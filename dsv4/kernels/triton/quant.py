@@ -57,7 +57,7 @@ _E2M1_MIN_STEP = tl.constexpr(126 << 23)  # bits of 0.5, e2m1's step below 2
 
 
 @triton.jit
-def _pow2_scale_bits(amax, FLOOR: tl.constexpr, INV_MAX: tl.constexpr):
+def pow2_scale_bits(amax, FLOOR: tl.constexpr, INV_MAX: tl.constexpr):
     """int32 bits of the power-of-two scale ``2**ceil(log2(max(amax, FLOOR) * INV_MAX))``.
 
     The floors keep the ratio a normal fp32 (>= 2**-126) and a finite amax keeps it below 2**126, so the clamp to
@@ -87,7 +87,7 @@ def _round_half_even(mag, step_bits):
 
 
 @triton.jit
-def _quantize(x, scale_bits, FP4: tl.constexpr, SIMULATE: tl.constexpr):
+def quantize_rows(x, scale_bits, FP4: tl.constexpr, SIMULATE: tl.constexpr):
     """Codes (uint8: e4m3 or e2m1 bytes) of fp32 x [BLOCK_M, CHUNK] under the per-row scale given by its bits
     [BLOCK_M], or with SIMULATE their fp32 values times the scale (the reference's round trip)."""
     inv_scale = _pow2_inverse(scale_bits)
@@ -159,8 +159,8 @@ def _block_quant_kernel(x_ptr, out_ptr, s_ptr, M, K, NB, stride_xm, stride_om,
         cols = start + tl.arange(0, CHUNK)
         mask = row_ok[:, None] & (cols < K)[None, :]
         x = _load_f32(x_rows + cols[None, :], mask, BF16)
-        scale_bits = _pow2_scale_bits(tl.max(tl.abs(x), axis=1), FLOOR, INV_MAX)
-        y = _quantize(x, scale_bits, FP4, SIMULATE)
+        scale_bits = pow2_scale_bits(tl.max(tl.abs(x), axis=1), FLOOR, INV_MAX)
+        y = quantize_rows(x, scale_bits, FP4, SIMULATE)
         _store(out_rows + cols[None, :], y, mask, BF16, SIMULATE)
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -169,12 +169,12 @@ def _block_quant_kernel(x_ptr, out_ptr, s_ptr, M, K, NB, stride_xm, stride_om,
             mask = row_ok[:, None] & (cols < K)[None, :]
             x = _load_f32(x_rows + cols[None, :], mask, BF16)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale_bits = _pow2_scale_bits(amax, FLOOR, INV_MAX)
+        scale_bits = pow2_scale_bits(amax, FLOOR, INV_MAX)
         for c in range(NUM_CHUNKS):
             cols = start + c * CHUNK + tl.arange(0, CHUNK)
             mask = row_ok[:, None] & (cols < K)[None, :]
             x = _load_f32(x_rows + cols[None, :], mask, BF16)
-            y = _quantize(x, scale_bits, FP4, SIMULATE)
+            y = quantize_rows(x, scale_bits, FP4, SIMULATE)
             _store(out_rows + cols[None, :], y, mask, BF16, SIMULATE)
     if not SIMULATE:
         tl.store(s_ptr + rows64 * NB + pid_b, scale_bits.to(tl.float32, bitcast=True), mask=row_ok)

@@ -35,7 +35,7 @@ from torch import Tensor
 from dsv4.quant import ACT_AMAX_FLOOR, FP4_AMAX_FLOOR, FP4_MAX, FP8_MAX, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
 from .numerics import interpreting, round_to
-from .quant import _pow2_scale_bits, _quantize
+from .quant import pow2_scale_bits, quantize_rows
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_D = 16384  # the widest row a program holds in registers
@@ -146,8 +146,8 @@ def _simulate_blocks(y, cols, width, BLOCK_H: tl.constexpr, DP: tl.constexpr, QB
     the other columns as they are."""
     inside = cols < width  # [DP]
     blocks = tl.reshape(tl.where(inside[None, :], y, 0.0), (BLOCK_H * (DP // QB), QB))
-    scale_bits = _pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), FLOOR, INV_MAX)
-    rounded = tl.reshape(_quantize(blocks, scale_bits, FP4, True), (BLOCK_H, DP))
+    scale_bits = pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), FLOOR, INV_MAX)
+    rounded = tl.reshape(quantize_rows(blocks, scale_bits, FP4, True), (BLOCK_H, DP))
     return tl.where(inside[None, :], rounded, y)
 
 
