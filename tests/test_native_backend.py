@@ -473,6 +473,8 @@ def test_index_topk_equals_the_reference_bit_for_bit(dtype, k):
         got, want = FAST.index_topk(got_scores, visible, k), REF.index_topk(want_scores, visible, k)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
         assert torch.equal(got_scores, want_scores), name  # masked in place alike
+        shifted = FAST.index_topk(scores.clone(), visible, k, 64)[0]  # (the attention's rows: entry 0 at row 64)
+        assert torch.equal(shifted, torch.where(got[0] >= 0, got[0] + 64, -1)), name
 
 
 @pytest.mark.parametrize("k", [1, 64, 270, 299, 300])

@@ -51,3 +51,76 @@ def test_what_the_pooling_kernel_covers():
     assert not pool.covers(wants, kv, candidates)
     with torch.no_grad():
         assert pool.covers(wants, kv, candidates)
+
+
+def _ring_step(ratio: int, coff: int, c: int, storage: list[int], parent_rows: int, seed: int):
+    """A decode step's inputs: tokens of `len(storage)` batch rows, rings of `parent_rows` rows of R = coff * ratio
+    slots (the step's row i is ring row storage[i]), each row's slot and phase, and candidates into the rings as
+    rows of c (CSA: the previous block's first halves, -1 for entry 0's, then the block's second halves)."""
+    g = torch.Generator().manual_seed(seed)
+    b, ring, width = len(storage), coff * ratio, coff * c
+    kv, score = torch.randn(b, width, generator=g), torch.randn(b, width, generator=g) * 3
+    ape = torch.randn(ratio, width, generator=g)
+    ring_kv, ring_score = torch.randn(parent_rows, ring, width, generator=g), torch.randn(parent_rows, ring, width,
+                                                                                         generator=g) * 3
+    positions = torch.randint(0, 4 * ring, (b,), generator=g)
+    positions[0] = ratio - 1  # (entry 0: no previous block)
+    rows = torch.tensor(storage)
+    at = rows * ring + positions % ring
+    j = torch.div(positions, ratio, rounding_mode="floor")
+    cur = (j * ratio).unsqueeze(1) + torch.arange(ratio)  # [B, r] the block's positions
+    base = (rows * ring).unsqueeze(1)
+    if coff == 2:
+        prev = (2 * (base + (cur + ratio) % ring)).masked_fill((j == 0).unsqueeze(1), -1)
+        candidates = torch.cat((prev, 2 * (base + cur % ring) + 1), dim=1)
+    else:
+        candidates = base + cur % ring
+    return kv, score, ape, positions % ratio, ring_kv, ring_score, at, candidates
+
+
+@pytest.mark.parametrize(("ratio", "coff", "c"), [(4, 2, 64), (4, 2, 96), (16, 1, 128), (128, 1, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ring_pool_writes_the_slots_then_pools_the_rings_in_place(ratio, coff, c, dtype):
+    """The step's tokens land in their ring rows (score plus its phase's ape row) exactly as the reference writes
+    them, the other ring rows untouched, and the entries are the kernel's own gated pool of the rings after the
+    writes (bit for bit) and the reference's to fp32 rounding; batch rows that are rows 3, 0 and 5 of the rings (a
+    cache view), CSA's and HCA's candidates, channel counts that are and are not a power of two."""
+    inputs = _ring_step(ratio, coff, c, [3, 0, 5], 6, seed=ratio + c)
+    kv, score, ape, phase, ring_kv, ring_score, at, candidates = inputs
+    want_kv, want_score = ring_kv.clone(), ring_score.clone()
+    want = REF.ring_pool(kv, score, ape, phase, want_kv, want_score, at, candidates, dtype)
+    got_kv, got_score = _on(ring_kv.clone()), _on(ring_score.clone())
+    got = pool.ring_pool(_on(kv), _on(score), _on(ape), _on(phase), got_kv, got_score, _on(at), _on(candidates),
+                         dtype)
+    assert torch.equal(got_kv.cpu(), want_kv) and torch.equal(got_score.cpu(), want_score)
+    assert not torch.equal(want_kv, ring_kv) and torch.equal(want_kv[[1, 2, 4]], ring_kv[[1, 2, 4]])
+    assert got.dtype == dtype and got.shape == (3, c)
+    own = pool.gated_pool(got_kv.view(-1, c), got_score.view(-1, c), _on(candidates)).to(dtype).cpu()
+    assert torch.equal(got.cpu(), own)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=(1e-2 if dtype == torch.bfloat16 else 2e-6) * float(ring_kv.abs().max()))
+
+
+def test_ring_pool_without_candidates_writes_the_slots_alone():
+    kv, score, ape, phase, ring_kv, ring_score, at, _ = _ring_step(4, 2, 64, [1, 2], 3, seed=7)
+    want_kv, want_score = ring_kv.clone(), ring_score.clone()
+    assert REF.ring_pool(kv, score, ape, phase, want_kv, want_score, at, None, torch.float32) is None
+    got_kv, got_score = _on(ring_kv.clone()), _on(ring_score.clone())
+    assert pool.ring_pool(_on(kv), _on(score), _on(ape), _on(phase), got_kv, got_score, _on(at), None,
+                          torch.float32) is None
+    assert torch.equal(got_kv.cpu(), want_kv) and torch.equal(got_score.cpu(), want_score)
+    assert torch.equal(want_kv.view(-1, 128)[at], kv) and torch.equal(want_score.view(-1, 128)[at], score + ape[phase])
+
+
+def test_what_the_ring_pool_kernel_covers():
+    kv, score, ape, phase, ring_kv, ring_score, at, candidates = _ring_step(4, 2, 64, [0, 1], 2, seed=3)
+    args = (kv, score, ape, phase, ring_kv, ring_score, at)
+    assert pool.covers_ring(*args, candidates, torch.bfloat16) and pool.covers_ring(*args, None, torch.float32)
+    assert not pool.covers_ring(*args, candidates, torch.float64)
+    assert not pool.covers_ring(kv.bfloat16(), *args[1:], candidates, torch.float32)
+    assert not pool.covers_ring(*args[:4], ring_kv.transpose(0, 1), *args[5:], candidates, torch.float32)
+    assert not pool.covers_ring(*args, candidates[:, :5], torch.float32)  # not coff * ratio candidates
+    assert not pool.covers_ring(*args, candidates[:1], torch.float32)  # not an entry a row
+    assert not pool.covers_ring(*args[:3], phase.float(), *args[4:], candidates, torch.float32)
+    wants = kv.clone().requires_grad_()
+    assert not pool.covers_ring(wants, *args[1:], candidates, torch.float32)

@@ -117,6 +117,14 @@ def run_calls() -> None:
         # the compressors' pooling: CSA's 2 x 4 candidates of 512 (128 for the indexer's keys), HCA's 128
         for n, c in ((8, 512), (8, 128), (128, 512)):
             tri.gated_pool(torch.randn(300, c), torch.randn(300, c), torch.randint(-1, 300, (3, n)))
+        # a decode step's compressors: the tokens into their ring slots, then the pooling from the rings in place
+        for ratio, coff, c in ((4, 2, 512), (4, 2, 128), (128, 1, 512)):
+            ring = torch.randn(5, coff * ratio, coff * c)
+            candidates = torch.randint(-1, 5 * coff * ratio * coff, (3, coff * ratio))
+            slots = torch.randint(0, 5 * coff * ratio, (3,))
+            for cands in (candidates, None):
+                tri.ring_pool(torch.randn(3, coff * c), torch.randn(3, coff * c), torch.randn(ratio, coff * c),
+                              torch.randint(0, ratio, (3,)), ring, ring.clone(), slots, cands, dtype)
         # indexer scores: V4's 64 heads of 128 dims, a decode step (one query) and a prefill block
         for s in (1, 100):
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),

@@ -69,6 +69,7 @@ OPS = (
     "hc_split_sinkhorn",
     "hc_post",
     "gated_pool",
+    "ring_pool",
     "moe_gate",
     "routes_on_device",
     "routed_experts",
@@ -309,16 +310,25 @@ def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     return active_backend().index_scores(q, keys, weights, visible)
 
 
-def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The indexer's picks [B, S, k] (ids by descending score, ties to the earlier entry, -1 past a query's
-    `visible` entries) and their scores; masks `scores` in place."""
-    return active_backend().index_topk(scores, visible, k)
+def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int,
+               offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's picks [B, S, k] (ids by descending score, ties to the earlier entry, plus `offset`; -1 past a
+    query's `visible` entries) and their scores; masks `scores` in place."""
+    return active_backend().index_topk(scores, visible, k, offset)
 
 
 def gated_pool(kv: torch.Tensor, score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """The compressor's pooling [E, c]: per entry and channel, its candidate rows of kv [N, c] weighted by the
     softmax of their scores (candidates [E, n], -1 for one that does not exist)."""
     return active_backend().gated_pool(kv, score, candidates)
+
+
+def ring_pool(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, phase: torch.Tensor, ring_kv: torch.Tensor,
+              ring_score: torch.Tensor, ring_at: torch.Tensor, candidates: torch.Tensor | None,
+              dtype: torch.dtype) -> torch.Tensor | None:
+    """A decode step's compressor: each row's token into its ring slot (kv, score + its `ape` row), then `gated_pool`
+    over the rings in place with `candidates` ([E, c] in dtype; None: the write alone)."""
+    return active_backend().ring_pool(kv, score, ape, phase, ring_kv, ring_score, ring_at, candidates, dtype)
 
 
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,

@@ -242,6 +242,24 @@ class ReferenceBackend:
         score = score.index_select(0, rows).view(e, n, c).masked_fill(missing, float("-inf"))
         return (kv * score.softmax(dim=1)).sum(dim=1)
 
+    def ring_pool(self, kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, phase: torch.Tensor,
+                  ring_kv: torch.Tensor, ring_score: torch.Tensor, ring_at: torch.Tensor,
+                  candidates: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """A decode step's compressor, one token a row: the token's projections kv and score [B, C] (C = coff * c,
+        fp32; score before its position's `ape` row) take their ring slots, ring row ring_at[b] of the rings
+        [rows, R, C] (fp32, contiguous) viewed as [rows * R, C], the score plus ape[phase[b]] (ape [ratio, C]); then
+        the entries are pooled from the rings in place: `gated_pool` over the rings viewed as rows of c with
+        `candidates` [E, n], returned [E, c] in `dtype`. With candidates None only the slots are written (a step that
+        finishes no entry), and None is returned. Not differentiable (a cache write)."""
+        width = kv.shape[-1]
+        flat_kv, flat_score = ring_kv.view(-1, width), ring_score.view(-1, width)
+        flat_kv[ring_at] = kv
+        flat_score[ring_at] = score + ape.index_select(0, phase)
+        if candidates is None:
+            return None
+        c = width // (candidates.shape[1] // ape.shape[0])  # an entry's coff * ratio candidates: rows of c
+        return self.gated_pool(ring_kv.view(-1, c), ring_score.view(-1, c), candidates).to(dtype)
+
     def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,
                  score_func: str, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The MoE router over tokens x [T, d] with the gate weight [E, d]: scores [T, E] = f(x W^T) in fp32 (f:
@@ -449,17 +467,19 @@ class ReferenceBackend:
         # over one head the sum is a copy (and torch's reduction over a size-1 dim is slow)
         return weighted[:, :, 0] if q.shape[2] == 1 else weighted.sum(dim=2)
 
-    def index_topk(self, scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def index_topk(self, scores: torch.Tensor, visible: torch.Tensor, k: int,
+                   offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The lightning indexer's selection. scores [B, S, N]: each query's index score of every entry (the
         `index_scores` op's result), set to -inf in place where the query does not see the entry; visible [B, S]
         int64: how many entries (0 .. visible-1) each query sees. Returns the ids [B, S, k'] (k' = min(k, N)) of
         the best entries by descending score, ties to the earlier entry (the official top-k's order, which the
-        attention's blocks of candidates follow), -1 where a query sees fewer than k', and their scores [B, S, k']
-        (-inf at those -1; differentiable in the scores)."""
+        attention's blocks of candidates follow), plus `offset` (where the attention finds entry 0 among its rows),
+        -1 where a query sees fewer than k', and their scores [B, S, k'] (-inf at those -1; differentiable in the
+        scores)."""
         seen = visible.unsqueeze(-1)  # [B,S,1]
         scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= seen, float("-inf"))
         top = stable_topk(scores.detach(), k)  # [B,S,k']
-        return torch.where(top < seen, top, -1), scores.gather(-1, top)
+        return torch.where(top < seen, top + offset if offset else top, -1), scores.gather(-1, top)
 
     # ------------------------------------------------------------------------------------------ mHC
 

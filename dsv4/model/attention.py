@@ -77,9 +77,10 @@ class Attention(nn.Module):
             kv_rows.append(cache.compressor.entries.rows(n_entries))  # [B,N,D], paged entries stay in their pages
             if self.ratio == CSA_RATIO:
                 dense = ctx.trace is not None and ctx.trace.dense_indexer
+                # [B,S,k], or [B,S,N] when dense: rows of the runs (entry j at offset + j) or -1
                 chosen, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer,
-                                                    dense=dense)  # [B,S,k], or [B,S,N] when dense
-                idx = torch.cat((window_idx, torch.where(chosen >= 0, chosen + offset, -1)), dim=-1)
+                                                    dense=dense, offset=offset)
+                idx = torch.cat((window_idx, chosen), dim=-1)
             else:  # every causally complete entry: the same for every layer of this ratio in a forward
                 entries = ctx.shared(("hca_entries", self.ratio, n_entries, offset),
                                      lambda: _hca_entry_slots(ctx, self.ratio, n_entries, offset))

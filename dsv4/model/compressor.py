@@ -118,6 +118,15 @@ def _finished_pairs(counts: tuple[int, ...], m: int, device: torch.device) -> tu
     return at, torch.arange(total, device=device) - first
 
 
+def _ring_rows(plan: _ChunkPlan, ring: int, storage_rows: Tensor | None) -> Tensor:
+    """A decode step's ring rows [B] of the rings viewed as [rows * R, ...]: each token's slot in its batch row's
+    ring (batch row i being ring row storage_rows[i], default i)."""
+    slots = plan.ring_slots[:, 0]
+    if storage_rows is None:
+        return slots + torch.arange(0, slots.shape[0] * ring, ring, device=slots.device)
+    return slots + storage_rows * ring
+
+
 def _ring_keep_rows(ctx: ForwardContext, ring: int, before: int) -> Tensor:
     """The rows of the extended sequence (`before` ring tokens, then the chunk) a rebuilt ring of R = `ring` slots
     keeps [B, R]: slot s <- the token at the position q = s (mod R) among the last R consumed (a position before 0,
@@ -153,25 +162,39 @@ class Compressor(nn.Module):
         plan = ctx.shared(("compress", r, ring), lambda: _ChunkPlan.build(ctx, r, ring))  # the layers' common part
         xf = x.to(torch.float32)
         kv = self.wkv(xf)  # [B,S,coff*c]
-        # the rows of ape by phase, gathered (its backward one index_add, where indexing's accumulates by index_put)
-        score = self.wgate(xf) + self.ape.index_select(0, plan.phase.flatten()).view(*plan.phase.shape, -1)
-
-        if ctx.appends == 1 and not (torch.is_grad_enabled() and (kv.requires_grad or score.requires_grad)):
-            # a decode step: the token takes its slot first, and then the ring holds every candidate of the entry
-            # it pools (the previous block and its own), which is pooled from the ring in place
-            state.write_slots(plan.ring_slots, kv, score)
-            if plan.n_max > 0:
-                ring_kv, ring_score, rows = state.ring_tensors()
-                pool = ctx.shared(("ring_pool", r, ring, id(rows)), lambda: (rows, _PoolPlan.build(
-                    ctx, plan, r, ring, freqs, in_ring=True, storage_rows=rows)))[1]  # (holding rows: ids unique)
-                self._pool(ring_kv, ring_score, pool, state, ctx)
+        gate = self.wgate(xf)  # [B,S,coff*c], the scores before their position's ape row
+        if ctx.appends == 1 and not (torch.is_grad_enabled() and (kv.requires_grad or gate.requires_grad
+                                                                   or self.ape.requires_grad)):
+            self._decode_step(kv, gate, plan, state, freqs, ctx)
             return plan.n_entries
+        # the rows of ape by phase, gathered (its backward one index_add, where indexing's accumulates by index_put)
+        score = gate + self.ape.index_select(0, plan.phase.flatten()).view(*plan.phase.shape, -1)
         in_place = 0 < ctx.appends <= ring  # verify steps: the tokens take their ring slots in place
         if plan.n_max > 0 or not in_place:
             self._pool_and_keep(kv, score, plan, state, freqs, ctx, rewrite=not in_place)
         if in_place:
             state.write_slots(plan.ring_slots, kv.detach(), score.detach())
         return plan.n_entries
+
+    def _decode_step(self, kv: Tensor, gate: Tensor, plan: _ChunkPlan, state: CompressorState, freqs: Tensor,
+                     ctx: ForwardContext) -> None:
+        """A decode step (a token a row): the token takes its ring slot first, and then the ring holds every
+        candidate of the entry it pools (the previous block and its own), which is pooled from the ring in place;
+        one `ring_pool` op for both."""
+        r, ring = self.ratio, state.ring
+        ring_kv, ring_score, rows = state.ring_tensors()  # (a cache view's: its parent's rings and its rows there)
+        # (the plans hold `rows`, so that no other tensor takes its id while they are kept)
+        at = ctx.shared(("ring_at", ring, id(rows)), lambda: (rows, _ring_rows(plan, ring, rows)))[1]
+        pool = None
+        if plan.n_max > 0:
+            pool = ctx.shared(("ring_pool", r, ring, id(rows)), lambda: (rows, _PoolPlan.build(
+                ctx, plan, r, ring, freqs, in_ring=True, storage_rows=rows)))[1]
+        width = kv.shape[-1]
+        pooled = kernels.ring_pool(kv.reshape(-1, width), gate.reshape(-1, width), self.ape, plan.phase.view(-1),
+                                   ring_kv, ring_score, at, None if pool is None else pool.candidates,
+                                   state.entries.dtype)
+        if pool is not None:
+            self._store(pooled, pool, state, ctx)
 
     def _pool_and_keep(self, kv: Tensor, score: Tensor, plan: _ChunkPlan, state: CompressorState, freqs: Tensor,
                        ctx: ForwardContext, rewrite: bool) -> None:
@@ -204,9 +227,14 @@ class Compressor(nn.Module):
         c = self.head_dim
         # ext [B,R+S,coff*c] (or the rings) as rows of c (CSA's halves are rows of their own) -> [B,M,c] fp32
         pooled = kernels.gated_pool(ext_kv.reshape(-1, c), ext_score.reshape(-1, c), pool.candidates)
-        pooled = pooled.view(*pool.entry_ids.shape, c)
-        entry = kernels.norm_rope_qat(pooled.to(state.entries.dtype), self.norm.weight, self.norm.eps, pool.cos,
-                                      pool.sin, self._qat(ctx.exact))
+        self._store(pooled.to(state.entries.dtype), pool, state, ctx)
+
+    def _store(self, pooled: Tensor, pool: _PoolPlan, state: CompressorState, ctx: ForwardContext) -> None:
+        """The pooled entries [B*M, c] (in the entries' dtype) normed, rotated and rounded, and the finished ones
+        written."""
+        pooled = pooled.view(*pool.entry_ids.shape, self.head_dim)
+        entry = kernels.norm_rope_qat(pooled, self.norm.weight, self.norm.eps, pool.cos, pool.sin,
+                                      self._qat(ctx.exact))
         finished = entry.flatten(0, 1) if pool.every else entry[pool.rows, pool.cols]
         state.entries.write(pool.rows, pool.written, finished)
 

@@ -41,10 +41,11 @@ class Indexer(nn.Module):
         self.all_reduce: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, c_q: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor, ctx: ForwardContext,
-                state: CompressorState, dense: bool = False) -> tuple[Tensor, Tensor]:
+                state: CompressorState, dense: bool = False, offset: int = 0) -> tuple[Tensor, Tensor]:
         """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (by descending index score, -1 =
-        none, last) and their index scores [B,S,k]. `dense` (the warm-up stage of training) selects every
-        visible entry instead, in index order: ids and scores [B,S,N].
+        none, last), each plus `offset` (where the attention's rows hold entry 0), and their index scores [B,S,k].
+        `dense` (the warm-up stage of training) selects every visible entry instead, in index order: ids and
+        scores [B,S,N].
 
         The inputs are detached: selection is not differentiable, so the indexer learns only from its
         own KL loss against the attention (`indexer_kl_loss`), and that loss must not train the backbone.
@@ -75,13 +76,14 @@ class Indexer(nn.Module):
             if self.all_reduce is not None:
                 index_scores = self.all_reduce(index_scores)
             if not dense:
-                picked, picked_scores = kernels.index_topk(index_scores, n_visible[:, rows], k)  # [B,s,k] each
+                # [B,s,k] each
+                picked, picked_scores = kernels.index_topk(index_scores, n_visible[:, rows], k, offset)
                 chosen.append(picked)
                 chosen_scores.append(picked_scores)
                 continue
             seen = n_visible[:, rows].unsqueeze(-1)  # [B,s,1]
             hidden = torch.arange(n_entries, device=x.device) >= seen  # [B,s,N]
-            chosen.append(torch.where(hidden, -1, torch.arange(n_entries, device=x.device)))
+            chosen.append(torch.where(hidden, -1, torch.arange(offset, offset + n_entries, device=x.device)))
             chosen_scores.append(index_scores.masked_fill(hidden, float("-inf")))
         if len(chosen) == 1:  # (a decode step's one block: no copy)
             return chosen[0], chosen_scores[0]

@@ -1032,7 +1032,7 @@ class NativeBackend(CpuBackend):
                 return lanes
         return None
 
-    def index_topk(self, scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def index_topk(self, scores: Tensor, visible: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
         """One C call for the masking, the top-k, its order, the -1s and the gathered scores (about 25 torch ops,
         more when ties are cut) while the scores are few (`NATIVE_TOPK_SCORES`, a decode's or a short chunk's);
         a long prefill keeps torch's O(N) topk. In training the C call picks from a copy, and the picked scores are
@@ -1040,7 +1040,7 @@ class NativeBackend(CpuBackend):
         n = scores.shape[-1]
         if (scores.dtype not in _BF16 or scores.numel() > NATIVE_TOPK_SCORES or not scores.is_contiguous()
                 or scores.device.type != "cpu" or visible.device.type != "cpu"):
-            return super().index_topk(scores, visible, k)
+            return super().index_topk(scores, visible, k, offset)
         k = min(k, n)
         trains = not _inference(scores)
         visible = visible.to(torch.int64).contiguous()
@@ -1049,11 +1049,12 @@ class NativeBackend(CpuBackend):
         picked_from = scores.detach().clone() if trains else scores
         _check(self.lib.dsv4_index_topk(picked_from.data_ptr(), _BF16[scores.dtype], scores.numel() // max(n, 1), n,
                                         visible.data_ptr(), k, top.data_ptr(), top_scores.data_ptr()), "index_topk")
+        ids = torch.where(top >= 0, top + offset, -1) if offset else top
         if not trains:
-            return top, top_scores
+            return ids, top_scores
         hidden = torch.arange(n, device=scores.device) >= visible.unsqueeze(-1)  # [B,S,N]
         picked = scores.masked_fill_(hidden, float("-inf")).gather(-1, top.clamp(min=0))
-        return top, torch.where(top >= 0, picked, float("-inf"))
+        return ids, torch.where(top >= 0, picked, float("-inf"))
 
     def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor, inplace: bool = False) -> Tensor:
         """The write-back in one C call, bit for bit the reference's (the same rounded products, added over the

@@ -26,15 +26,16 @@ Ops with a kernel:
   iterations; `hc_pre` as partial products with the mixing map, the Sinkhorn kernel adding them up, and the
   collapse (three launches); `hc_post` and `hc_collapse` in one each.
 * **row ops** (`rows.py`): `rms_norm`, the queries' `head_norm` with their rotation, `rope`, `hadamard` (its
-  butterfly passes in registers), one launch each.
+  butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and indexer queries' norm, rotation and
+  QAT rounding in one pass), one launch each.
 * **the compressors' pooling** (`pool.py`): each entry's candidates read in place, the per-channel softmax and
-  sum in one launch.
+  sum in one launch; a decode step's `ring_pool` writes the tokens into their ring slots first, in the same launch.
 * **the router's tail** (`route.py`): the top-k of scores + bias and the normalised weights, one launch after
   torch's scores.
 * **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
 
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
-static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 602 after).
+static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 435 after).
 
 Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
 kernel's `covers`), is the reference's, so training and odd shapes stay correct. Kernels run on CUDA tensors, or
@@ -162,6 +163,13 @@ class TritonBackend(ReferenceBackend):
             return pool.gated_pool(kv, score, candidates)
         return super().gated_pool(kv, score, candidates)
 
+    def ring_pool(self, kv: Tensor, score: Tensor, ape: Tensor, phase: Tensor, ring_kv: Tensor, ring_score: Tensor,
+                  ring_at: Tensor, candidates: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        if _runs_here(kv) and pool.covers_ring(kv, score, ape, phase, ring_kv, ring_score, ring_at, candidates,
+                                               dtype):
+            return pool.ring_pool(kv, score, ape, phase, ring_kv, ring_score, ring_at, candidates, dtype)
+        return super().ring_pool(kv, score, ape, phase, ring_kv, ring_score, ring_at, candidates, dtype)
+
     # ------------------------------------------------------------------------------------------ indexer
 
     def index_scores(self, q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None) -> Tensor:
@@ -169,14 +177,15 @@ class TritonBackend(ReferenceBackend):
             return indexer.index_scores(q, keys, weights, visible)
         return super().index_scores(q, keys, weights, visible)
 
-    def index_topk(self, scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def index_topk(self, scores: Tensor, visible: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
         k = min(k, scores.shape[-1])
         if (_runs_here(scores) and topk.covers(scores, k)
                 and not (torch.is_grad_enabled() and scores.requires_grad)):
             seen = visible.unsqueeze(-1)  # [B,S,1]
             scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= seen, float("-inf"))
-            return topk.index_picks(scores, visible, k)  # the reference's picks in its order, and their scores
-        return super().index_topk(scores, visible, k)
+            # the reference's picks in its order (plus the offset), and their scores
+            return topk.index_picks(scores, visible, k, offset)
+        return super().index_topk(scores, visible, k, offset)
 
     # ------------------------------------------------------------------------------------------ rows
 

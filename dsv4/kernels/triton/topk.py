@@ -44,9 +44,9 @@ def _descending_key(values, index):
 
 @triton.jit
 def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, seen_ptr, picked_ptr, stride_p, N, K,
-                       KP: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr, FINAL: tl.constexpr):
-    """One row's picks; ALL: K == N, every entry (no k-th value); FINAL: the indexer's outputs, -1 for the picks
-    at or past the row's `seen` count, and each pick's score (as stored) at picked_ptr."""
+                       offset, KP: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr, FINAL: tl.constexpr):
+    """One row's picks; ALL: K == N, every entry (no k-th value); FINAL: the indexer's outputs, the picks plus
+    `offset`, -1 for those at or past the row's `seen` count, and each pick's score (as stored) at picked_ptr."""
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * stride_r
     offs = tl.arange(0, BLOCK)
@@ -88,7 +88,7 @@ def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, seen_pt
     if FINAL:
         seen = tl.load(seen_ptr + row)
         tl.store(picked_ptr + row * stride_p + slots, tl.load(base + top, mask=slots < K), mask=slots < K)
-        top = tl.where(top < seen, top, -1)
+        top = tl.where(top < seen, top + offset, -1)
     tl.store(out + slots, top, mask=slots < K)
 
 
@@ -101,8 +101,9 @@ def covers(scores: Tensor, k: int) -> bool:
     return 0 < k <= n < 2**31 and k <= MAX_K and scores.numel() > 0 and scores.stride(-1) == 1
 
 
-def _launch(scores: Tensor, k: int, seen: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The picks [..., k] of scores [..., N]; with `seen` [...], final (-1 at or past it) and with their scores."""
+def _launch(scores: Tensor, k: int, seen: Tensor | None, offset: int = 0) -> tuple[Tensor, Tensor | None]:
+    """The picks [..., k] of scores [..., N]; with `seen` [...], final (plus `offset`, -1 at or past it) and with
+    their scores."""
     if not covers(scores, k):
         raise ValueError("triton earliest_k does not cover these inputs (check `covers` first)")
     n = scores.shape[-1]
@@ -114,7 +115,7 @@ def _launch(scores: Tensor, k: int, seen: Tensor | None) -> tuple[Tensor, Tensor
     picked = None if seen is None else torch.empty(rows.shape[0], k, dtype=scores.dtype, device=scores.device)
     _earliest_k_kernel[(rows.shape[0],)](
         rows, rows.stride(0), kth, out, out.stride(0), out if seen is None else seen.reshape(-1).contiguous(),
-        out if picked is None else picked, k if picked is None else picked.stride(0), n, k,
+        out if picked is None else picked, k if picked is None else picked.stride(0), n, k, offset,
         KP=triton.next_power_of_2(k), BLOCK=_BLOCK, ALL=every, FINAL=seen is not None)
     lead = scores.shape[:-1]
     return out.view(*lead, k), None if picked is None else picked.view(*lead, k)
@@ -126,10 +127,10 @@ def earliest_k(scores: Tensor, k: int) -> Tensor:
     return _launch(scores, k, None)[0]
 
 
-def index_picks(scores: Tensor, visible: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def index_picks(scores: Tensor, visible: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
     """The tail of `ReferenceBackend.index_topk` on scores [..., N] already masked past `visible` [...]: the picks
-    [..., k] (-1 at or past a row's visible count) and their scores, from the kernel directly."""
-    return _launch(scores, k, visible)
+    [..., k] (plus `offset`; -1 at or past a row's visible count) and their scores, from the kernel directly."""
+    return _launch(scores, k, visible, offset)
 
 
 __all__ = ["MAX_K", "covers", "earliest_k", "index_picks"]
