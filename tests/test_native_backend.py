@@ -589,8 +589,10 @@ def test_routed_and_shared_experts_agree_with_the_reference(monkeypatch, dtype, 
                                7.0), REF.routed_experts(x, weights, ids, experts, held, 7.0), rel)
     _close(FAST.swiglu(x, experts[0], 7.0), REF.swiglu(x, experts[0], 7.0), rel)
     _close(FAST.swiglu(x, experts[1], 7.0, weights[:, :1]), REF.swiglu(x, experts[1], 7.0, weights[:, :1]), rel)
+    alone = FAST.swiglu(x, experts[0], 7.0)  # the shared expert's output added to the routed sum, rounded
+    assert torch.equal(FAST.swiglu(x, experts[0], 7.0, None, got), (got + alone.float()).to(dtype))
     routed = "dsv4_panel_experts" if fmt == "float" and dtype == torch.float32 else "dsv4_routed_experts"
-    assert lib.calls == {routed: 2, "dsv4_swiglu": 2}
+    assert lib.calls == {routed: 2, "dsv4_swiglu": 4}
 
 
 def test_a_prefills_fp32_shared_expert_runs_its_activation_in_c(monkeypatch):

@@ -270,6 +270,26 @@ def test_one_expert_through_the_grouped_kernels_matches_the_reference(fmt, dtype
         assert trained.w1.grad is not None and trained.w2.grad is not None
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_shared_experts_add_is_its_output_rounded_then_added_and_rounded(fmt, dtype):
+    """`swiglu(..., add)` (the MoE layer's output: the routed sum plus the shared expert's) equals the kernel's own
+    output, rounded to the dtype, added to `add` in fp32 and rounded again, bit for bit, over one and 70 rows; and
+    the reference's `add` is that arithmetic around its own output."""
+    expert = _expert_table(1, 256, 128, fmt, seed=4)[0]
+    backend = TritonBackend()
+    for n in (1, 70):
+        g = torch.Generator().manual_seed(n)
+        x = (torch.randn(n, 256, generator=g) * 2).to(dtype).to(ON_DEVICE)
+        add = (torch.randn(n, 256, generator=g) * 3).to(ON_DEVICE)
+        alone = backend.swiglu(x, expert, 7.0)
+        got = backend.swiglu(x, expert, 7.0, None, add)
+        assert got.dtype == dtype and torch.equal(got, (add + alone.float()).to(dtype))
+    cpu = type(expert)(*(None if t is None else t.cpu() for t in vars(expert).values()))
+    x, add = x.cpu(), add.cpu()
+    assert torch.equal(REF.swiglu(x, cpu, 7.0, None, add), (add + REF.swiglu(x, cpu, 7.0).float()).to(dtype))
+
+
 def test_the_device_schedules_plan_follows_its_table():
     """A plan is kept per table and checked against its end experts: a new last expert is run with its own weights,
     and tables the kernels do not take whole (an expert held elsewhere, float weights of another dtype than the

@@ -77,3 +77,19 @@ def test_covers():
     assert not topk.covers(torch.randn(1, 5000, device=DEVICE), topk.MAX_K + 1)
     with pytest.raises(ValueError, match="covers"):
         topk.earliest_k(x, 51)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hide_unseen_masks_in_place_as_the_reference(dtype):
+    """-inf at and past each row's visible count, in place: rows seeing none, some and all entries, over rows wider
+    than one block of the kernel, and through a view whose rows are not evenly strided (torch's mask then)."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 3, 1500, generator=g).to(dtype)
+    visible = torch.tensor([[0, 1, 1500], [700, 1024, 1499]])
+    want = scores.masked_fill(torch.arange(1500) >= visible.unsqueeze(-1), float("-inf"))
+    got = scores.clone().to(DEVICE)
+    topk.hide_unseen(got, visible.to(DEVICE))
+    assert torch.equal(got.cpu(), want)
+    uneven = scores.clone().to(DEVICE).transpose(0, 1)  # [3, 2, N]: no [6, N] view
+    topk.hide_unseen(uneven, visible.t().to(DEVICE))
+    assert torch.equal(uneven.transpose(0, 1).cpu(), want)

@@ -78,6 +78,7 @@ def run_calls() -> None:
                 table.append(ExpertWeights(w1, s1, w3, s3, w2, s2))
             ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
             tri.routed_experts(x[:3], torch.rand(3, 2), ids, table, [0, 1, 2, 3], 7.0)
+            tri.swiglu(x[:3], table[0], 7.0, None, torch.randn(3, 256))  # the shared expert plus the routed sum
         # the schedule on the device: V4's 256 experts (and Pro's 384) at a decode's few routed rows
         from dsv4.kernels.triton import experts as triton_experts
         for n_experts in (8, 256, 384):
@@ -135,6 +136,9 @@ def run_calls() -> None:
         # (the kernel itself: launches are recorded here, not run, so no gather may follow)
         for n, k in ((3000, 512), (40, 3)):
             triton_topk.earliest_k(torch.randn(2, 1, n).to(dtype), k)
+            scores, visible = torch.randn(2, 1, n).to(dtype), torch.full((2, 1), n // 2)
+            triton_topk.hide_unseen(scores, visible)  # (the indexer's mask, then its final picks at their rows)
+            triton_topk.index_picks(scores, visible, k, 128)
         # attention: a dense or one-page-a-row run, then a dense or a paged second run (model rows, or the
         # production FP8 layout)
         q = torch.randn(2, 3, 8, 64).to(dtype)

@@ -352,9 +352,11 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     return active_backend().routed_experts(x, weights, ids, experts, which, limit)
 
 
-def swiglu(x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One clamped-SwiGLU expert on rows x [n, d] (the shared expert, or a routed one with its `weights` [n, 1])."""
-    return active_backend().swiglu(x, expert, limit, weights)
+def swiglu(x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.Tensor | None = None,
+           add: torch.Tensor | None = None) -> torch.Tensor:
+    """One clamped-SwiGLU expert on rows x [n, d] (the shared expert, or a routed one with its `weights` [n, 1]);
+    with `add` [n, d] fp32, add + its output, rounded to x.dtype."""
+    return active_backend().swiglu(x, expert, limit, weights, add)
 
 
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:

@@ -64,7 +64,7 @@ from dsv4.quant import (
 
 from .experts import ExpertWeights, add_routed_rows, group_routed_rows
 from .paged import KVRows, PagedRows, concat_rows, gather_rows
-from .reference import ATTN_BLOCK, ReferenceBackend, compute_dtype, flatten_tokens
+from .reference import ATTN_BLOCK, ReferenceBackend, compute_dtype, flatten_tokens, plus_rounded
 
 CACHE_ENV_VAR = "DSV4_DECODED_WEIGHTS_MB"
 DEFAULT_CACHE_MB = 2048
@@ -309,8 +309,11 @@ class CpuBackend(ReferenceBackend):
         outs = [self.swiglu(part, experts[e], limit, w) for e, part, w in zip(which, rows_x, rows_w, strict=True)]
         return add_routed_rows(torch.cat(outs), rows, ids)
 
-    def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
+    def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None,
+               add: Tensor | None = None) -> Tensor:
         """As the reference, with one activation quantisation for w1 and w3 (they read the same x)."""
+        if add is not None:
+            return plus_rounded(add, self.swiglu(x, expert, limit, weights))
         if expert.w1.is_floating_point() or expert.w3.is_floating_point():
             return super().swiglu(x, expert, limit, weights)
         xq, xs = self.act_quant(x)

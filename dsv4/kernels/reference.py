@@ -113,6 +113,11 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor, score_func: str) -> tor
 QAT_ROUNDINGS = ("none", "fp8_nope", "hadamard", "hadamard_fp4")
 
 
+def plus_rounded(add: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """add (fp32) + out in fp32, rounded to out's dtype: `swiglu`'s `add`."""
+    return (add + out.to(torch.float32)).to(out.dtype)
+
+
 class ReferenceBackend:
     """The pure-torch oracle; one method per op of `dsv4.kernels.OPS`."""
 
@@ -300,16 +305,19 @@ class ReferenceBackend:
             y = y.index_add(0, rows, out.to(torch.float32))
         return y
 
-    def swiglu(self, x: torch.Tensor, expert: ExpertWeights, limit: float,
-               weights: torch.Tensor | None = None) -> torch.Tensor:
+    def swiglu(self, x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.Tensor | None = None,
+               add: torch.Tensor | None = None) -> torch.Tensor:
         """One expert (or the shared expert, without routing weights) on rows x [n, d] -> [n, d] in x.dtype:
-        w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)), the hidden activation in fp32 times `weights` [n, 1]."""
+        w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)), the hidden activation in fp32 times `weights` [n, 1]. With
+        `add` [n, d] fp32 (the routed experts' sum, for the shared expert): add + that output in fp32, rounded to
+        x.dtype (the MoE layer's output, one op where a backend fuses it)."""
         gate = self.linear(x, expert.w1, expert.s1).to(torch.float32).clamp(max=limit)
         up = self.linear(x, expert.w3, expert.s3).to(torch.float32).clamp(-limit, limit)
         hidden = F.silu(gate) * up
         if weights is not None:
             hidden = weights * hidden
-        return self.linear(hidden.to(x.dtype), expert.w2, expert.s2)
+        out = self.linear(hidden.to(x.dtype), expert.w2, expert.s2)
+        return out if add is None else plus_rounded(add, out)
 
     # ------------------------------------------------------------------------------------------ Hadamard
 

@@ -155,9 +155,11 @@ class MoE(nn.Module):
         else:
             counts = torch.bincount(ids.flatten(), minlength=self.n_experts)  # [E] assignments per expert
             y = self.expert_parallel(self, x, weights, ids, counts)
-        shared = self.shared_experts(x).to(torch.float32)
         # into the routed sum where it is this call's own (a parallel strategy's reduction may keep its tensor)
         own = self.expert_parallel is None and not torch.is_grad_enabled()
+        if own and not self.shared_experts.replaced_forward():  # the sum and its rounding in the shared expert's op
+            return kernels.swiglu(x, self.shared_experts.weights(), self.shared_experts.limit, None, y).reshape(shape)
+        shared = self.shared_experts(x).to(torch.float32)
         y = y.add_(shared) if own else y + shared
         return y.to(x.dtype).reshape(shape)
 

@@ -45,7 +45,9 @@ def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     torch.cos/torch.sin in the last bit, which can flip a bf16 rounding of the rotated vector."""
     angles = positions.to(torch.float32).unsqueeze(-1) * freqs.to(positions.device)
     rotation = torch.polar(torch.ones_like(angles), angles)
-    return rotation.real.contiguous(), rotation.imag.contiguous()  # contiguous once, not in every rope that reads them
+    # [2, ..., rope/2] in one copy: both halves contiguous once, not in every rope that reads them
+    cos_sin = torch.view_as_real(rotation).movedim(-1, 0).contiguous()
+    return cos_sin[0], cos_sin[1]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, inplace: bool = False) -> Tensor:

@@ -100,7 +100,7 @@ from ..cpu import (
 )
 from ..experts import ExpertWeights
 from ..paged import KVRows
-from ..reference import ATTN_BLOCK, ReferenceBackend
+from ..reference import ATTN_BLOCK, ReferenceBackend, plus_rounded
 from .build import NativeUnavailable, available, load
 
 __all__ = ["NATIVE_MACS", "NativeBackend", "NativeUnavailable", "available"]
@@ -521,11 +521,14 @@ class NativeBackend(CpuBackend):
         return (ctypes.c_int64 * 8)(w1.shape[0], d, _block(w1), _block(w3), _block(w2), _kind(w1), _kind(w3),
                                     _kind(w2))
 
-    def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
+    def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None,
+               add: Tensor | None = None) -> Tensor:
         """An expert's chain over few rows in one C call; a float fp32 one over more as BLAS's GEMMs around a C
         activation (`_float_chain`); a quantised one over more, `_folded_swiglu`; in training
         (fp32 weights), the reference's chain with the activation's backward in C (`_SwigluActivation`: autograd's
         clamps, silu and products are a dozen ops an expert); other float experts as the "cpu" backend."""
+        if add is not None:
+            return plus_rounded(add, self.swiglu(x, expert, limit, weights))
         rows = x.numel() // x.shape[-1]
         if not self._runs_native(x, expert, rows):
             if self._float_chain(x, expert, weights):  # a prefill's shared expert: BLAS's GEMMs, the activation in C

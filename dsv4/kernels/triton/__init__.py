@@ -142,12 +142,14 @@ class TritonBackend(ReferenceBackend):
             return experts.routed_experts(x, weights, ids, table, which, limit, self.expert_pointers)
         return super().routed_experts(x, weights, ids, table, which, limit)
 
-    def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None) -> Tensor:
-        wanted = (x, expert.w1, expert.w3, expert.w2, *(() if weights is None else (weights,)))
+    def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None,
+               add: Tensor | None = None) -> Tensor:
+        wanted = (x, expert.w1, expert.w3, expert.w2, *(t for t in (weights, add) if t is not None))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in wanted)
-        if _runs_here(x) and x.dim() == 2 and not grad and experts.covers(x, [expert], [0]):
-            return experts.swiglu(x, expert, limit, weights, self.expert_pointers)
-        return super().swiglu(x, expert, limit, weights)
+        if (_runs_here(x) and x.dim() == 2 and not grad and experts.covers(x, [expert], [0])
+                and (add is None or experts.covers_add(x, add))):
+            return experts.swiglu(x, expert, limit, weights, self.expert_pointers, add)
+        return super().swiglu(x, expert, limit, weights, add)
 
     # ------------------------------------------------------------------------------------------ attention
 
@@ -181,8 +183,7 @@ class TritonBackend(ReferenceBackend):
         k = min(k, scores.shape[-1])
         if (_runs_here(scores) and topk.covers(scores, k)
                 and not (torch.is_grad_enabled() and scores.requires_grad)):
-            seen = visible.unsqueeze(-1)  # [B,S,1]
-            scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= seen, float("-inf"))
+            topk.hide_unseen(scores, visible)  # (the reference's in-place mask)
             # the reference's picks in its order (plus the offset), and their scores
             return topk.index_picks(scores, visible, k, offset)
         return super().index_topk(scores, visible, k, offset)

@@ -106,11 +106,12 @@ def _gate_up_kernel(x_ptr, xs_ptr, rw_ptr, keep_ptr, tiles_ptr, w1_ptrs, s1_ptrs
 
 
 @triton.jit
-def _down_kernel(x_ptr, xs_ptr, keep_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K,
-                 stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym,
+def _down_kernel(x_ptr, xs_ptr, keep_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, add_ptr, N, K,
+                 stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym, stride_am,
                  FORMAT: tl.constexpr, W_DTYPE: tl.constexpr, WIDEN_DOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """hidden[row] (sorted rows) -> y[keep[row]]: each routed row's output at its (token, slot) place."""
+                 BLOCK_N: tl.constexpr, ADD: tl.constexpr):
+    """hidden[row] (sorted rows) -> y[keep[row]]: each routed row's output at its (token, slot) place; ADD: plus
+    add[keep[row]] (fp32) after the output's rounding to y's dtype, the sum rounded again."""
     pid_n = tl.program_id(1)
     expert, rows64, row_ok = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
     if expert < 0:
@@ -119,6 +120,9 @@ def _down_kernel(x_ptr, xs_ptr, keep_ptr, tiles_ptr, w_ptrs, s_ptrs, y_ptr, N, K
     acc = _project(x_ptr, xs_ptr, w_ptrs, s_ptrs, expert, rows64, row_ok, cols64, col_ok, pid_n, K,
                    stride_xm, stride_xsm, stride_wn, stride_wsn, FORMAT, W_DTYPE, WIDEN_DOTS, BLOCK_M, BLOCK_N)
     routed = tl.load(keep_ptr + rows64, mask=row_ok, other=0).to(tl.int64)
+    if ADD:
+        acc = round_to(acc, y_ptr.dtype.element_ty).to(tl.float32) + tl.load(
+            add_ptr + routed[:, None] * stride_am + cols64[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     store_tile(y_ptr, stride_ym, routed, row_ok, cols64, col_ok, acc)
 
 
@@ -349,7 +353,13 @@ def routed_experts_on_device(x: Tensor, weights: Tensor, ids: Tensor, plan: Tabl
     return _combine(slots, ids)
 
 
-def swiglu(x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None, pointers: ExpertPointers) -> Tensor:
+def covers_add(x: Tensor, add: Tensor) -> bool:
+    """`swiglu`'s add: fp32 [n, d] like x, a unit last stride."""
+    return add.dtype == torch.float32 and add.shape == x.shape and add.stride(-1) == 1
+
+
+def swiglu(x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None, pointers: ExpertPointers,
+           add: Tensor | None = None) -> Tensor:
     """`ReferenceBackend.swiglu` (one expert on every row of x [n, d], weights [n, 1] or None) through the grouped
     kernels: a table of one expert, its rows in order (a decode step's shared experts in four launches, not
     eleven)."""
@@ -358,7 +368,8 @@ def swiglu(x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | Non
         return torch.empty_like(x)
     block_m = block_m_for(n)
     keep, tiles = _in_order(n, block_m, x.device)
-    return _grouped_swiglu(x, weights, keep, 1, tiles, block_m, expert, pointers.single(expert, x.device), limit)
+    return _grouped_swiglu(x, weights, keep, 1, tiles, block_m, expert, pointers.single(expert, x.device), limit,
+                           add)
 
 
 @functools.lru_cache(maxsize=64)
@@ -414,11 +425,12 @@ def _combine(slots: Tensor, ids: Tensor) -> Tensor:
 
 
 def _grouped_swiglu(x: Tensor, weights: Tensor | None, keep: Tensor, k: int, tiles: Tensor, block_m: int,
-                    first: ExpertWeights, pointers: list[Tensor], limit: float) -> Tensor:
+                    first: ExpertWeights, pointers: list[Tensor], limit: float, add: Tensor | None = None) -> Tensor:
     """Each routed row's expert output at its (token, slot) place, [T*k, d] in x.dtype (zero where `keep` names no
     row), for the rows `keep` [R] of ids.flatten() in expert order and their tiles [n_tiles, 3] (expert or -1,
     first row, end row), weighted by weights [T, k] (None: not weighted); `first` gives the experts' shapes and
-    format. The tokens are quantised once, not once a routed row: a row's quantisation is its own."""
+    format. The tokens are quantised once, not once a routed row: a row's quantisation is its own. With `add`
+    [T, d] fp32 (k = 1, rows in order: the shared expert) each output is add + it, rounded (`swiglu`'s add)."""
     fmt = _FLOAT if first.s1 is None else _FP4 if is_packed_fp4_dtype(first.w1.dtype) else _FP8
     t, (d, inter) = x.shape[0], (x.shape[-1], first.w1.shape[0])
     r = keep.shape[0]
@@ -449,6 +461,7 @@ def _grouped_swiglu(x: Tensor, weights: Tensor | None, keep: Tensor, k: int, til
     hq, hs = quantised(hidden)
     slots = (torch.empty if r == t * k else torch.zeros)(t * k, d, dtype=x.dtype, device=x.device)
     _down_kernel[(n_tiles, triton.cdiv(d, block_n))](
-        hq, hs, keep, tiles, w2, s2, slots, d, inter,
-        hq.stride(0), hs.stride(0), first.w2.stride(0), scale_stride(first.s2), slots.stride(0), **common)
+        hq, hs, keep, tiles, w2, s2, slots, slots if add is None else add, d, inter,
+        hq.stride(0), hs.stride(0), first.w2.stride(0), scale_stride(first.s2), slots.stride(0),
+        0 if add is None else add.stride(0), ADD=add is not None, **common)
     return slots

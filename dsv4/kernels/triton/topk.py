@@ -92,6 +92,16 @@ def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, seen_pt
     tl.store(out + slots, top, mask=slots < K)
 
 
+@triton.jit
+def _hide_kernel(scores_ptr, stride_r, seen_ptr, N, BLOCK: tl.constexpr):
+    """Row r's scores at or past its `seen` count set to -inf (one program a row and block of entries)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    seen = tl.load(seen_ptr + row)
+    hidden = (offs < N) & (offs >= seen)
+    tl.store(scores_ptr + row * stride_r + offs, tl.full((BLOCK,), float("-inf"), tl.float32), mask=hidden)
+
+
 def covers(scores: Tensor, k: int) -> bool:
     """The kernel takes float scores [..., N] with a unit last stride, 0 < k <= N, k <= MAX_K, N < 2**31, no
     gradient wanted (the selection is not differentiable anyway; the caller gathers the picked scores)."""
@@ -127,10 +137,24 @@ def earliest_k(scores: Tensor, k: int) -> Tensor:
     return _launch(scores, k, None)[0]
 
 
+def hide_unseen(scores: Tensor, visible: Tensor) -> None:
+    """Scores [..., N] set to -inf in place at and past each row's `visible` [...] count: one launch (torch's mask
+    is three), or torch's where the rows are not evenly strided."""
+    n = scores.shape[-1]
+    rows = scores.detach().reshape(-1, n)
+    if rows.numel() and rows.data_ptr() != scores.data_ptr():  # (reshape copied them: no view to write through)
+        scores.masked_fill_(torch.arange(n, device=scores.device) >= visible.unsqueeze(-1), float("-inf"))
+        return
+    block = min(_BLOCK, triton.next_power_of_2(n))
+    if rows.numel():
+        _hide_kernel[(rows.shape[0], triton.cdiv(n, block))](rows, rows.stride(0), visible.reshape(-1).contiguous(), n,
+                                                             BLOCK=block)
+
+
 def index_picks(scores: Tensor, visible: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
     """The tail of `ReferenceBackend.index_topk` on scores [..., N] already masked past `visible` [...]: the picks
     [..., k] (plus `offset`; -1 at or past a row's visible count) and their scores, from the kernel directly."""
     return _launch(scores, k, visible, offset)
 
 
-__all__ = ["MAX_K", "covers", "earliest_k", "index_picks"]
+__all__ = ["MAX_K", "covers", "earliest_k", "hide_unseen", "index_picks"]
