@@ -69,10 +69,10 @@ class _PoolPlan:
 
     @classmethod
     def build(cls, ctx: ForwardContext, chunk: _ChunkPlan, ratio: int, ring: int, freqs: Tensor,
-              in_ring: bool = False, storage_rows: Tensor | None = None) -> _PoolPlan:
-        """The candidates index the extended sequence (`ring` ring tokens before the chunk), or with `in_ring`
-        (a decode step whose token is in the ring already: every candidate of its entry is) the rings themselves,
-        [batch rows, R, coff*c] as rows of c, batch row i of the step being ring row `storage_rows[i]` (default i)."""
+              ring_base: Tensor | None = None) -> _PoolPlan:
+        """The candidates index the extended sequence (`ring` ring tokens before the chunk), or, given `ring_base`
+        (a decode step whose token is in the ring already: every candidate of its entry is), the rings themselves,
+        [rows * R, coff*c] as rows of c, batch row i's ring starting at row ring_base[i] (`_ring_bases`)."""
         r, m, device = ratio, chunk.n_max, ctx.start.device
         overlap = ratio == CSA_RATIO
         b, s = ctx.positions.shape
@@ -81,9 +81,8 @@ class _PoolPlan:
             j = j + torch.arange(m, device=device)
         first_pos = j * r  # [B,M] each entry's first position
         cur_pos = first_pos.unsqueeze(-1) + torch.arange(r, device=device)  # [B,M,r]
-        if in_ring:  # position p in ring slot p % R (a later position of an unfinished entry: a stale slot)
-            base = (torch.arange(0, b * ring, ring, device=device) if storage_rows is None
-                    else storage_rows * ring).view(-1, 1, 1)
+        if ring_base is not None:  # position p in ring slot p % R (a later position of an unfinished entry: stale)
+            base = ring_base.view(-1, 1, 1)
             cur = base + (cur_pos % ring if overlap else torch.arange(r, device=device))  # (HCA: R = r)
             prev = base + (cur_pos + r) % ring if overlap else None  # p - r = p + r (mod 2r)
         else:
@@ -118,13 +117,12 @@ def _finished_pairs(counts: tuple[int, ...], m: int, device: torch.device) -> tu
     return at, torch.arange(total, device=device) - first
 
 
-def _ring_rows(plan: _ChunkPlan, ring: int, storage_rows: Tensor | None) -> Tensor:
-    """A decode step's ring rows [B] of the rings viewed as [rows * R, ...]: each token's slot in its batch row's
-    ring (batch row i being ring row storage_rows[i], default i)."""
-    slots = plan.ring_slots[:, 0]
+def _ring_bases(batch: int, ring: int, storage_rows: Tensor | None, device: torch.device) -> Tensor:
+    """Where each batch row's ring starts [B] in the rings viewed as [rows * R, ...] (batch row i being ring row
+    storage_rows[i], default i)."""
     if storage_rows is None:
-        return slots + torch.arange(0, slots.shape[0] * ring, ring, device=slots.device)
-    return slots + storage_rows * ring
+        return torch.arange(0, batch * ring, ring, device=device)
+    return storage_rows * ring
 
 
 def _ring_keep_rows(ctx: ForwardContext, ring: int, before: int) -> Tensor:
@@ -184,11 +182,13 @@ class Compressor(nn.Module):
         r, ring = self.ratio, state.ring
         ring_kv, ring_score, rows = state.ring_tensors()  # (a cache view's: its parent's rings and its rows there)
         # (the plans hold `rows`, so that no other tensor takes its id while they are kept)
-        at = ctx.shared(("ring_at", ring, id(rows)), lambda: (rows, _ring_rows(plan, ring, rows)))[1]
+        base = ctx.shared(("ring_base", ring, id(rows)),
+                          lambda: (rows, _ring_bases(kv.shape[0], ring, rows, kv.device)))[1]  # [B]
+        at = ctx.shared(("ring_at", ring, id(rows)), lambda: (rows, base + plan.ring_slots[:, 0]))[1]  # token slots
         pool = None
         if plan.n_max > 0:
             pool = ctx.shared(("ring_pool", r, ring, id(rows)), lambda: (rows, _PoolPlan.build(
-                ctx, plan, r, ring, freqs, in_ring=True, storage_rows=rows)))[1]
+                ctx, plan, r, ring, freqs, ring_base=base)))[1]
         width = kv.shape[-1]
         pooled = kernels.ring_pool(kv.reshape(-1, width), gate.reshape(-1, width), self.ape, plan.phase.view(-1),
                                    ring_kv, ring_score, at, None if pool is None else pool.candidates,

@@ -43,13 +43,12 @@ import triton.language as tl
 from torch import Tensor
 
 from ..paged import KVRows, PagedRows
-from .numerics import dot, exp, interpreting, libdevice_exp, round_to
+from .numerics import TL_DTYPES, dot, exp, interpreting, libdevice_exp, round_to
 
 ATTN_BLOCK = 64  # slots per online-softmax step (the reference's ATTN_BLOCK; the rounding of p depends on it)
 MAX_HEAD_DIM = 512  # larger rows would not fit a program's registers and shared memory (V4: 512)
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # what the second run is (constexpr RUN1 of the kernel)
 _NO_RUN, _DENSE, _PAGED, _PAGED_FP8 = 0, 1, 2, 3
@@ -347,7 +346,7 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
         second16,
         table, t_b, t_p,
         s, h, k, float(scale),
-        D=d, RUN0_PAGED=paged0, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=_TL_DTYPE[mid],
+        D=d, RUN0_PAGED=paged0, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=TL_DTYPES[mid],
         NOPE=d - rope, ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h, BLOCK_D=block_d,
         BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), num_warps=num_warps, num_stages=num_stages,
     )

@@ -35,7 +35,7 @@ from dsv4.quant import FP4_BLOCK, FP8_BLOCK, is_packed_fp4_dtype
 from ..experts import ExpertWeights, group_routed_rows
 from . import quant
 from .gemm import block_m_for, block_n_for, float_tile, fp4_tile, fp8_tile, span, store_tile
-from .numerics import exp, interpreting, libdevice_exp, round_to
+from .numerics import TL_DTYPES, exp, interpreting, libdevice_exp, round_to
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,7 +52,6 @@ def _tile_rows(tiles_ptr, tile, BLOCK_M: tl.constexpr):
 
 # the experts' weight format (constexpr FORMAT of the kernels)
 _FP8, _FP4, _FLOAT = 0, 1, 2
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -440,7 +439,7 @@ def _grouped_swiglu(x: Tensor, weights: Tensor | None, keep: Tensor, k: int, til
     # (fp32 dots run on the FMA units: the gate's and the up's [BLOCK_M, BLOCK_N] accumulators in registers at once)
     narrow = fmt == _FP4 or (fmt == _FLOAT and x.dtype == torch.float32)
     block_n = block_n_for(n_tiles, max(d, inter), 64 if narrow else 128, x.device)
-    w_dtype = _TL_DTYPE.get(first.w1.dtype, tl.float32)  # (a float format's; the others' pointers are cast inside)
+    w_dtype = TL_DTYPES.get(first.w1.dtype, tl.float32)  # (a float format's; the others' pointers are cast inside)
     common = dict(FORMAT=fmt, W_DTYPE=w_dtype, WIDEN_DOTS=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n)
 
     def quantised(rows: Tensor) -> tuple[Tensor, Tensor]:

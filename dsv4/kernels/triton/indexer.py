@@ -28,13 +28,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .numerics import dot, interpreting, round_to
+from .numerics import TL_DTYPES, dot, interpreting, round_to
 
 MAX_DIM = 256  # one keys tile [BLOCK_N, D] per program (V4: index_head_dim 128)
 _MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -150,7 +149,7 @@ def index_scores(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | Non
         out, *out.stride(),
         q if visible is None else visible, *((0, 0) if visible is None else visible.stride()),
         s, n,
-        HAS_VISIBLE=visible is not None, HEADS=h, D=d, SCORE=_TL_DTYPE[q.dtype], OUT=_TL_DTYPE[dtype],
+        HAS_VISIBLE=visible is not None, HEADS=h, D=d, SCORE=TL_DTYPES[q.dtype], OUT=TL_DTYPES[dtype],
         WIDEN_DOTS=interpreting(), BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=2,
     )
     return out

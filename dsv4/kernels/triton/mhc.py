@@ -30,10 +30,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import sinkhorn
-from .numerics import dot, interpreting, round_to
+from .numerics import TL_DTYPES, dot, interpreting, round_to
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _CHUNK = 1024  # h*d values per partial product (a multiple of _BK)
 _BK = 64
 _BLOCK_T = 16  # tokens per partials program (a dot's smallest M)
@@ -167,7 +166,7 @@ def _collapse(xv: Tensor, pre: Tensor, dtype: torch.dtype) -> Tensor:
     if u.numel():
         block_t, bd = _tiles(t, d)
         _collapse_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, bd))](
-            xv, pre, u, t, d, xv.stride(0), xv.stride(1), u.stride(0), H=h, BLOCK_T=block_t, BD=bd, DT=_TL[dtype],
+            xv, pre, u, t, d, xv.stride(0), xv.stride(1), u.stride(0), H=h, BLOCK_T=block_t, BD=bd, DT=TL_DTYPES[dtype],
             num_warps=2, enable_fp_fusion=False)
     return u
 
@@ -215,6 +214,6 @@ def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
         block_t, bd = _tiles(t, d)
         _post_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, bd))](
             ov, xv, post.reshape(t, h).contiguous(), comb.reshape(t, h, h).contiguous(), nv, t, d, ov.stride(0),
-            xv.stride(0), xv.stride(1), nv.stride(0), nv.stride(1), H=h, BLOCK_T=block_t, BD=bd, DT=_TL[x.dtype],
+            xv.stride(0), xv.stride(1), nv.stride(0), nv.stride(1), H=h, BLOCK_T=block_t, BD=bd, DT=TL_DTYPES[x.dtype],
             num_warps=2, enable_fp_fusion=False)
     return new

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+# the float dtypes the kernels read and write, as Triton names them
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def interpreting() -> bool:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .numerics import exp, libdevice_exp, round_to
+from .numerics import TL_DTYPES, exp, libdevice_exp, round_to
 
 _MAX_CANDIDATES = 1024  # a program holds an entry's candidates x a block of channels in registers
 _TILE = 4096
@@ -100,7 +100,6 @@ def gated_pool(kv: Tensor, score: Tensor, candidates: Tensor) -> Tensor:
     return out
 
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def covers_ring(kv: Tensor, score: Tensor, ape: Tensor, phase: Tensor, ring_kv: Tensor, ring_score: Tensor,
@@ -108,7 +107,7 @@ def covers_ring(kv: Tensor, score: Tensor, ape: Tensor, phase: Tensor, ring_kv: 
     """kv, score fp32 [B, C] (unit last strides), ape fp32 [ratio, C] contiguous, phase and ring_at integer [B], the
     rings fp32 [rows, R, C] contiguous, candidates None or integer [B, coff * ratio] (<= 1,024) for C = coff * c, an
     fp32 / bf16 / fp16 dtype; no gradient wanted."""
-    if dtype not in _TL or any(t.dtype != torch.float32 for t in (kv, score, ape, ring_kv, ring_score)):
+    if dtype not in TL_DTYPES or any(t.dtype != torch.float32 for t in (kv, score, ape, ring_kv, ring_score)):
         return False
     if kv.dim() != 2 or score.shape != kv.shape or kv.stride(-1) != 1 or score.stride(-1) != 1:
         return False
@@ -145,5 +144,5 @@ def ring_pool(kv: Tensor, score: Tensor, ape: Tensor, phase: Tensor, ring_kv: Te
             kv, score, ape, phase.contiguous(), ring_kv, ring_score, ring_at.contiguous(),
             kv if candidates is None else candidates.contiguous(), kv if out is None else out, n, c, kv.stride(0),
             score.stride(0), c if out is None else out.stride(0), COFF=coff, POOL=candidates is not None, NP=np_,
-            BC=bc, LIBDEVICE=libdevice_exp(), DT=_TL[dtype], num_warps=4 if np_ * bc >= 2048 else 2)
+            BC=bc, LIBDEVICE=libdevice_exp(), DT=TL_DTYPES[dtype], num_warps=4 if np_ * bc >= 2048 else 2)
     return out

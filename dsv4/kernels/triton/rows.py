@@ -34,14 +34,13 @@ from torch import Tensor
 
 from dsv4.quant import ACT_AMAX_FLOOR, FP4_AMAX_FLOOR, FP4_MAX, FP8_MAX, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
-from .numerics import interpreting, round_to
+from .numerics import TL_DTYPES, interpreting, round_to
 from .quant import pow2_scale_bits, quantize_rows
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_D = 16384  # the widest row a program holds in registers
 _TILE = 4096  # elements a program takes (rows x padded width)
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -260,7 +259,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if out.numel():
         _rms_norm_kernel[(triton.cdiv(lead[0] * lead[1], block_h),)](
             xv, weight.contiguous(), ov, lead[0], lead[1], d, xv.stride(0), xv.stride(1), ov.stride(0), ov.stride(1),
-            float(eps), DP=dp, BLOCK_H=block_h, DT=_TL[x.dtype], num_warps=_warps(block_h * dp),
+            float(eps), DP=dp, BLOCK_H=block_h, DT=TL_DTYPES[x.dtype], num_warps=_warps(block_h * dp),
             enable_fp_fusion=False)
     return out
 
@@ -286,7 +285,7 @@ def _rows(x: Tensor, cos: Tensor | None, sin: Tensor | None, eps: float, norm: b
             xv, cv, sv, ov, lead[0], lead[1], d, half, xv.stride(0), xv.stride(1), cv.stride(0), cv.stride(1),
             ov.stride(0), ov.stride(1), float(eps), NORM=norm, ROPE=half > 0, INVERSE=inverse,
             WRITE_NOPE=not (inplace and not norm), DP=triton.next_power_of_2(d),
-            HALFP=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h, DT=_TL[x.dtype],
+            HALFP=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h, DT=TL_DTYPES[x.dtype],
             num_warps=_warps(block_h * width), enable_fp_fusion=False)
     return out
 
@@ -320,7 +319,7 @@ def hadamard(x: Tensor) -> Tensor:
     if r:
         _hadamard_kernel[(triton.cdiv(r, block_r),)](
             rows2, out, r, rows2.stride(0), out.stride(0), 1.0 / math.sqrt(n), N=n, LOG_N=n.bit_length() - 1,
-            BLOCK_R=block_r, DT=_TL[x.dtype], num_warps=_warps(block_r * n))
+            BLOCK_R=block_r, DT=TL_DTYPES[x.dtype], num_warps=_warps(block_r * n))
     return out.view(x.shape)
 
 
@@ -352,7 +351,7 @@ def norm_rope_qat(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin
             xv, xv if weight is None else weight.contiguous(), cv, sv, ov, lead[0], lead[1], half, xv.stride(0),
             xv.stride(1), cv.stride(0), cv.stride(1), ov.stride(0), ov.stride(1), float(eps), 1.0 / math.sqrt(d),
             NORM=weight is not None, QAT=_QAT_CODES[qat], DP=d, LOG_D=d.bit_length() - 1, BLOCK_H=block_h,
-            DT=_TL[x.dtype], FP8_QB=min(KV_SIM_BLOCK, d), FP4_QB=min(INDEXER_SIM_BLOCK, d),
+            DT=TL_DTYPES[x.dtype], FP8_QB=min(KV_SIM_BLOCK, d), FP4_QB=min(INDEXER_SIM_BLOCK, d),
             FP8_FLOOR=ACT_AMAX_FLOOR, FP8_INV=1.0 / FP8_MAX, FP4_FLOOR=FP4_AMAX_FLOOR, FP4_INV=1.0 / FP4_MAX,
             num_warps=_warps(block_h * d), enable_fp_fusion=False)
     return out
