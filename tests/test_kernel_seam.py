@@ -104,8 +104,13 @@ def test_every_linear_of_a_forward_goes_through_the_seam(counting):
         with torch.no_grad(), kernels.use_backend("reference"):
             assert torch.equal(out, model(tokens()))  # the counting oracle computes what the reference does
         if numerics == "exact":  # FP8 / FP4 weights: quantised activations and block-scaled GEMMs
-            assert counting.calls["act_quant"] >= counting.calls["fp8_gemm"] + counting.calls["fp4_gemm"] > 0
+            # the attention's, the ffn's and the query latent's norms quantise their output once for the linears
+            # reading it (wq_a and wkv; wq_b and the indexer's; the shared and routed experts)
+            assert counting.calls["rms_norm_quant"] == 3 * model.args.n_layers
+            assert 0 < counting.calls["act_quant"] < counting.calls["fp8_gemm"] + counting.calls["fp4_gemm"]
             assert counting.calls["fp8_simulate"] > 0 and counting.calls["fp4_simulate"] > 0
+        else:  # float weights: nothing to quantise
+            assert counting.calls["rms_norm_quant"] == counting.calls["act_quant"] == 0
         assert counting.calls["sparse_attn"] == model.args.n_layers
         assert counting.calls["hc_split_sinkhorn"] == 2 * model.args.n_layers  # attention and ffn of each block
         assert counting.calls["hadamard"] > 0

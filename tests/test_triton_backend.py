@@ -290,6 +290,34 @@ def test_the_shared_experts_add_is_its_output_rounded_then_added_and_rounded(fmt
     assert torch.equal(REF.swiglu(x, cpu, 7.0, None, add), (add + REF.swiglu(x, cpu, 7.0).float()).to(dtype))
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_experts_and_linears_read_a_quantisation_they_are_given(fmt, dtype):
+    """Given act_quant of other rows (what `rms_norm_quant` hands over), the GEMMs read it and not x: each op
+    equals itself run on those other rows, bit for bit, in the Triton kernels (the shared expert's add included,
+    the routed experts scheduled on the host and on the device) and in the reference."""
+    table = _Table(_expert_table(6, 256, 128, fmt, seed=7))
+    g = torch.Generator().manual_seed(8)
+    x, other = ((torch.randn(9, 256, generator=g) * 2).to(dtype).to(ON_DEVICE) for _ in range(2))
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(9)]).to(ON_DEVICE)
+    weights, add = torch.rand(9, 2, generator=g).to(ON_DEVICE), torch.randn(9, 256, generator=g).to(ON_DEVICE)
+    backend = TritonBackend()
+    for ref in (backend, REF):
+        quantized = ref.act_quant(other)
+        which = sorted(set(ids.flatten().tolist()))
+        assert torch.equal(ref.swiglu(x, table[0], 7.0, None, add, quantized),
+                           ref.swiglu(other, table[0], 7.0, None, add))
+        assert torch.equal(ref.routed_experts(x, weights, ids, table, which, 7.0, quantized),
+                           ref.routed_experts(other, weights, ids, table, which, 7.0))
+        w, scale = table[1].w1, table[1].s1
+        assert torch.equal(ref.linear(x, w, scale, quantized), ref.linear(other, w, scale))
+        assert not torch.equal(ref.linear(x, w, scale), ref.linear(other, w, scale))
+    assert backend.routes_on_device(x, table)
+    quantized = backend.act_quant(other)
+    assert torch.equal(backend.routed_experts(x, weights, ids, table, None, 7.0, quantized),
+                       backend.routed_experts(other, weights, ids, table, None, 7.0))
+
+
 def test_the_device_schedules_plan_follows_its_table():
     """A plan is kept per table and checked against its end experts: a new last expert is run with its own weights,
     and tables the kernels do not take whole (an expert held elsewhere, float weights of another dtype than the

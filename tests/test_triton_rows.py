@@ -64,6 +64,26 @@ def test_rms_norm_matches_the_reference(dtype, shape, tiles):
         assert _steps(got, want) <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 96), (2, 300), (4, 1, 1000), (9, 7, 1024), (2, 2, 3200)])
+def test_rms_norm_quant_is_the_norm_then_act_quant_in_one_launch(dtype, shape, tiles):
+    """The normed rows bit for bit the kernel's `rms_norm`, and their quantisation bit for bit the reference's
+    act_quant of them: rows narrower than a block of 128, partial last blocks, several blocks; scales of a wide
+    range (rows scaled from 2**-20 to 2**20; fp16 from 2**-6 to 2**6)."""
+    x = _rand(*shape, seed=shape[-1] + 1, dtype=torch.float32, scale=3.0)
+    if len(shape) > 2:
+        reach = 6 if dtype == torch.float16 else 20
+        x = x * torch.exp2(torch.linspace(-reach, reach, x.shape[-2])).unsqueeze(-1)
+    x = x.to(dtype)
+    weight = _rand(shape[-1], seed=2).abs() + 0.5
+    y, (q, scale) = rows.rms_norm_quant(_on(x), _on(weight), 1e-6)
+    assert torch.equal(y.cpu(), rows.rms_norm(_on(x), _on(weight), 1e-6).cpu())
+    want_q, want_scale = REF.act_quant(y.cpu())
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and scale.shape == want_scale.shape
+    assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(scale.cpu(), want_scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_norm_matches_the_reference(dtype):
     q = _rand(2, 3, 8, 64, seed=3, dtype=dtype, scale=2.0)

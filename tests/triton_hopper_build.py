@@ -79,6 +79,8 @@ def run_calls() -> None:
             ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
             tri.routed_experts(x[:3], torch.rand(3, 2), ids, table, [0, 1, 2, 3], 7.0)
             tri.swiglu(x[:3], table[0], 7.0, None, torch.randn(3, 256))  # the shared expert plus the routed sum
+            # the rows' quantisation handed over (made with the norm)
+            tri.routed_experts(x[:3], torch.rand(3, 2), ids, table, [0, 1, 2, 3], 7.0, ref.act_quant(x[:3]))
         # the schedule on the device: V4's 256 experts (and Pro's 384) at a decode's few routed rows
         from dsv4.kernels.triton import experts as triton_experts
         for n_experts in (8, 256, 384):
@@ -96,6 +98,8 @@ def run_calls() -> None:
             tri.hc_post(torch.randn(2, 3, d).to(dtype), x, torch.rand(2, 3, h), torch.rand(2, 3, h, h))
         # row ops: the norms, the queries' head norm with its rotation (in place or not), the keys' rotation
         tri.rms_norm(torch.randn(3, 4096).to(dtype), torch.rand(4096), 1e-6)
+        for d in (4096, 1536, 64):  # the norms before quantised linears: V4's dim and query latent, a tiny one
+            tri.rms_norm_quant(torch.randn(3, d).to(dtype), torch.rand(d), 1e-6)
         q = torch.randn(2, 3, 64, 512).to(dtype)
         cos, sin = torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32)
         for inplace in (False, True):

@@ -57,6 +57,7 @@ OPS = (
     "greedy_head",
     "hadamard",
     "rms_norm",
+    "rms_norm_quant",
     "head_norm",
     "rope",
     "norm_rope_qat",
@@ -254,9 +255,13 @@ def fp4_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     return active_backend().fp4_gemm(xq, xs, w, ws, out_dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T, dispatched on the weight's storage format (FP8, packed FP4, or float)."""
-    return active_backend().linear(x, weight, scale)
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x @ weight^T, dispatched on the weight's storage format (FP8, packed FP4, or float); `quantized`: act_quant(x)
+    where the caller has it (`rms_norm_quant`), read by a quantised weight's GEMM instead of quantising x again."""
+    if quantized is None:
+        return active_backend().linear(x, weight, scale)
+    return active_backend().linear(x, weight, scale, quantized)
 
 
 def greedy_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -272,6 +277,13 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in fp32 with an fp32 weight, returned in x.dtype."""
     return active_backend().rms_norm(x, weight, eps)
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`rms_norm`, and act_quant of its output for the quantised linears that read it (None from a backend whose
+    linears quantise their input themselves); for inference."""
+    return active_backend().rms_norm_quant(x, weight, eps)
 
 
 def head_norm(x: torch.Tensor, eps: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
@@ -346,17 +358,23 @@ def routes_on_device(x: torch.Tensor, experts: Sequence[ExpertWeights | None]) -
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                    experts: Sequence[ExpertWeights | None], which: Sequence[int] | None,
-                   limit: float) -> torch.Tensor:
+                   limit: float, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts' weighted sum [T, d] fp32 for tokens x [T, d] routed to `ids` [T, k] with `weights`: the
-    experts `which` (increasing ids), or with None every expert the ids name (see `routes_on_device`)."""
-    return active_backend().routed_experts(x, weights, ids, experts, which, limit)
+    experts `which` (increasing ids), or with None every expert the ids name (see `routes_on_device`); `quantized`:
+    act_quant(x) where the caller has it."""
+    if quantized is None:
+        return active_backend().routed_experts(x, weights, ids, experts, which, limit)
+    return active_backend().routed_experts(x, weights, ids, experts, which, limit, quantized)
 
 
 def swiglu(x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.Tensor | None = None,
-           add: torch.Tensor | None = None) -> torch.Tensor:
+           add: torch.Tensor | None = None,
+           quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One clamped-SwiGLU expert on rows x [n, d] (the shared expert, or a routed one with its `weights` [n, 1]);
-    with `add` [n, d] fp32, add + its output, rounded to x.dtype."""
-    return active_backend().swiglu(x, expert, limit, weights, add)
+    with `add` [n, d] fp32, add + its output, rounded to x.dtype; `quantized`: act_quant(x) where the caller has it."""
+    if quantized is None:
+        return active_backend().swiglu(x, expert, limit, weights, add)
+    return active_backend().swiglu(x, expert, limit, weights, add, quantized)
 
 
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:

@@ -252,7 +252,8 @@ class CpuBackend(ReferenceBackend):
         acc = _block_gemm(x, x_scale, values, w_scale, FP4_BLOCK)
         return acc.to(out_dtype).reshape(*xq.shape[:-1], values.shape[0])
 
-    def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None,
+               quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """As the reference; a float vocabulary projection (at least `VOCAB_ROWS` outputs: the head, which no
         quantisation follows) multiplies a kept transposed copy, about twice as fast for a few rows on this
         CPU's BLAS, unless gradients are wanted or the copy does not fit the decoded-weight cache."""
@@ -261,16 +262,17 @@ class CpuBackend(ReferenceBackend):
                 and self.decoded.keeps(weight, "transposed", weight.numel() * weight.element_size())):
             (transposed,) = self.decoded.get(weight, None, "transposed")
             return torch.matmul(x.to(weight.dtype), transposed).to(x.dtype)
-        return super().linear(x, weight, scale)
+        return super().linear(x, weight, scale, quantized)
 
     # ------------------------------------------------------------------------------------------ experts
 
     def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
-                       which: Sequence[int], limit: float) -> Tensor:
+                       which: Sequence[int], limit: float, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """As the reference. The routed rows are sorted by expert once (a stable sort keeps each expert's rows in
         token order: the reference's row groups, so the same GEMM shapes and bits), and each token's outputs are
         added in increasing expert id, the reference's order of additions. Training (gradients wanted) runs each
-        expert on its slice of the sorted rows (`_trained_experts`)."""
+        expert on its slice of the sorted rows (`_trained_experts`). `quantized` is not read: each expert's rows
+        are quantised as they are gathered (the same values)."""
         if not which:
             return super().routed_experts(x, weights, ids, experts, which, limit)
         if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
@@ -310,13 +312,13 @@ class CpuBackend(ReferenceBackend):
         return add_routed_rows(torch.cat(outs), rows, ids)
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None,
-               add: Tensor | None = None) -> Tensor:
+               add: Tensor | None = None, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """As the reference, with one activation quantisation for w1 and w3 (they read the same x)."""
         if add is not None:
-            return plus_rounded(add, self.swiglu(x, expert, limit, weights))
+            return plus_rounded(add, self.swiglu(x, expert, limit, weights, None, quantized))
         if expert.w1.is_floating_point() or expert.w3.is_floating_point():
             return super().swiglu(x, expert, limit, weights)
-        xq, xs = self.act_quant(x)
+        xq, xs = self.act_quant(x) if quantized is None else quantized
         gemm1 = self.fp8_gemm if expert.w1.dtype == torch.float8_e4m3fn else self.fp4_gemm
         gemm3 = self.fp8_gemm if expert.w3.dtype == torch.float8_e4m3fn else self.fp4_gemm
         gate = gemm1(xq, xs, expert.w1, expert.s1, x.dtype).to(torch.float32).clamp_(max=limit)

@@ -206,7 +206,8 @@ class ReferenceBackend:
         acc = _block_scaled_matmul(x, w_values, x_scale, e8m0_to_float(ws), FP4_BLOCK)
         return acc.to(out_dtype).reshape(*xq.shape[:-1], w_values.shape[0])
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+               quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``x @ weight^T`` dispatched on the weight's storage format.
 
         * e4m3 weight (+ 128x128 e8m0 ``scale``): FP8 activation quantisation, then ``fp8_gemm``.
@@ -214,12 +215,14 @@ class ReferenceBackend:
           then ``fp4_gemm``.
         * floating weight: a plain differentiable matmul in the weight's dtype (bf16/fp32 layers, training).
 
-        The output has x's dtype.
+        `quantized`: ``act_quant(x)`` where the caller has it already (`rms_norm_quant` made it, or another linear
+        of the same input); the quantised weights' GEMMs read it instead of quantising x again. A float weight
+        ignores it. The output has x's dtype.
         """
         if weight.dtype == torch.float8_e4m3fn or is_packed_fp4_dtype(weight.dtype):
             if scale is None:
                 raise ValueError(f"linear: a {weight.dtype} weight needs its e8m0 scale")
-            xq, xs = self.act_quant(x)
+            xq, xs = self.act_quant(x) if quantized is None else quantized
             gemm = self.fp8_gemm if weight.dtype == torch.float8_e4m3fn else self.fp4_gemm
             return gemm(xq, xs, weight, scale, x.dtype)
         if weight.is_floating_point():
@@ -288,31 +291,34 @@ class ReferenceBackend:
 
     def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                        experts: Sequence[ExpertWeights | None], which: Sequence[int] | None,
-                       limit: float) -> torch.Tensor:
+                       limit: float, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The routed experts' weighted sum [T, d] fp32 over x [T, d], for routing weights [T, k] fp32 and expert
         ids [T, k]: each expert in `which` (increasing ids; `experts[e]` holds its weights, None for experts held
         by other ranks) runs once on the tokens routed to it, in token order, its hidden activation multiplied
         by the routing weight before w2, and the outputs are added into each token expert by expert. An expert
         in `which` that no token chose runs on no rows (it still joins the autograd graph, which expert-parallel
         training relies on). `which` None: the experts the ids name, all held here (a caller passes None only where
-        `routes_on_device` said so)."""
+        `routes_on_device` said so). `quantized`: ``act_quant(x)`` if the caller has it (see `linear`)."""
         if which is None:
             which = chosen_experts(ids)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in which:
             rows, slot = torch.where(ids == e)
-            out = self.swiglu(x[rows], experts[e], limit, weights[rows, slot, None])
+            rows_quantized = None if quantized is None else (quantized[0][rows], quantized[1][rows])
+            out = self.swiglu(x[rows], experts[e], limit, weights[rows, slot, None], None, rows_quantized)
             y = y.index_add(0, rows, out.to(torch.float32))
         return y
 
     def swiglu(self, x: torch.Tensor, expert: ExpertWeights, limit: float, weights: torch.Tensor | None = None,
-               add: torch.Tensor | None = None) -> torch.Tensor:
+               add: torch.Tensor | None = None,
+               quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One expert (or the shared expert, without routing weights) on rows x [n, d] -> [n, d] in x.dtype:
         w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L)), the hidden activation in fp32 times `weights` [n, 1]. With
         `add` [n, d] fp32 (the routed experts' sum, for the shared expert): add + that output in fp32, rounded to
-        x.dtype (the MoE layer's output, one op where a backend fuses it)."""
-        gate = self.linear(x, expert.w1, expert.s1).to(torch.float32).clamp(max=limit)
-        up = self.linear(x, expert.w3, expert.s3).to(torch.float32).clamp(-limit, limit)
+        x.dtype (the MoE layer's output, one op where a backend fuses it). `quantized`: ``act_quant(x)`` if the
+        caller has it (see `linear`)."""
+        gate = self.linear(x, expert.w1, expert.s1, quantized).to(torch.float32).clamp(max=limit)
+        up = self.linear(x, expert.w3, expert.s3, quantized).to(torch.float32).clamp(-limit, limit)
         hidden = F.silu(gate) * up
         if weights is not None:
             hidden = weights * hidden
@@ -347,6 +353,15 @@ class ReferenceBackend:
         (weight [D] fp32, as the official code keeps it). Differentiable."""
         xf = x.to(torch.float32)
         return (weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+    def rms_norm_quant(self, x: torch.Tensor, weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """`rms_norm`, and the FP8 quantisation ``act_quant`` of its output for the quantised linears that read it
+        (`linear`'s `quantized`), in one op so that a backend can write both in one pass (the Triton one does). A
+        backend whose linears quantise their input better themselves returns None for the second (the native
+        one: its few-row linears quantise inside their one C call). Not differentiable: for inference."""
+        y = self.rms_norm(x, weight, eps)
+        return y, self.act_quant(y)
 
     def head_norm(self, x: torch.Tensor, eps: float, cos: torch.Tensor | None = None,
                   sin: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:

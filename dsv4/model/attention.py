@@ -20,7 +20,7 @@ from ..kernels.paged import KVRows, concat_rows, gather_rows
 from .cache import ForwardContext, LayerCache
 from .compressor import Compressor
 from .indexer import Indexer, indexer_kl_loss
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, project, reads_quantized
 from .rope import apply_rope, rope_cos_sin, rope_frequencies
 
 
@@ -53,33 +53,46 @@ class Attention(nn.Module):
             self.indexer = Indexer(args, dtype)
         self.register_buffer("freqs", rope_frequencies(args, compressed=self.ratio > 0), persistent=False)
 
-    def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache) -> Tensor:
-        """x [B,S,d] (the normed sublayer input) -> [B,S,d]."""
+    def reads_quantized(self) -> bool:
+        """Whether wq_a and wkv take their input's FP8 quantisation from the caller (`layers.reads_quantized`)."""
+        return reads_quantized(self.wq_a, self.wkv)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache,
+                quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B,S,d] (the normed sublayer input) -> [B,S,d]; `quantized`: act_quant(x) for wq_a and wkv, where the
+        caller has it (`reads_quantized`)."""
         bsz, seqlen, _ = x.shape
         # [B,S,R/2], the same for every layer of this kind (one frequency table per kind)
         cos, sin = ctx.shared(("rope", self.ratio > 0), lambda: rope_cos_sin(self.freqs, ctx.positions))
 
-        c_q = self.q_norm(self.wq_a(x))  # [B,S,q_lora]
-        q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
+        # [B,S,q_lora]; with its FP8 quantisation (for wq_b and the indexer's wq_b) where quantised linears read it
+        c_q, c_q_quantized = project(self.wq_a, x, quantized), None
+        if quantized is not None and reads_quantized(self.wq_b):
+            c_q, c_q_quantized = self.q_norm(c_q, True)
+        else:
+            c_q = self.q_norm(c_q)
+        q = project(self.wq_b, c_q, c_q_quantized).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
         # normalised, then RoPE; over wq_b's output (this call's own) where no gradient is wanted
         q = kernels.head_norm(q, self.eps, cos.unsqueeze(2), sin.unsqueeze(2), inplace=not torch.is_grad_enabled())
 
         # [B,S,D] normed and rotated; the official inference rounds the non-rope dims of every cached KV to FP8
-        kv = kernels.norm_rope_qat(self.wkv(x), self.kv_norm.weight, self.kv_norm.eps, cos, sin,
+        kv = kernels.norm_rope_qat(project(self.wkv, x, quantized), self.kv_norm.weight, self.kv_norm.eps, cos, sin,
                                    "fp8_nope" if ctx.exact else "none")
 
         # window candidates: the ring holds positions start-W .. start-1, the chunk start .. start+S-1
         window_rows, window_idx, pending = self._window(kv, ctx, cache)
         kv_rows, idx = list(window_rows), window_idx  # runs of KV rows, each query's indices into their concatenation
         if self.ratio:
-            n_entries = self.compressor(x, ctx, cache.compressor, self.freqs)
+            xf = x.to(torch.float32)  # [B,S,d] what the compressors' fp32 projections read (the indexer's too)
+            n_entries = self.compressor(xf, ctx, cache.compressor, self.freqs)
             offset = sum(run.shape[1] if isinstance(run, Tensor) else run.count for run in window_rows)
             kv_rows.append(cache.compressor.entries.rows(n_entries))  # [B,N,D], paged entries stay in their pages
             if self.ratio == CSA_RATIO:
                 dense = ctx.trace is not None and ctx.trace.dense_indexer
                 # [B,S,k], or [B,S,N] when dense: rows of the runs (entry j at offset + j) or -1
                 chosen, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer,
-                                                    dense=dense, offset=offset)
+                                                    dense=dense, offset=offset, c_q_quantized=c_q_quantized,
+                                                    x_fp32=xf)
                 idx = torch.cat((window_idx, chosen), dim=-1)
             else:  # every causally complete entry: the same for every layer of this ratio in a forward
                 entries = ctx.shared(("hca_entries", self.ratio, n_entries, offset),

@@ -163,9 +163,10 @@ class LayerCache:
         self.window = rows if self.codec is None else self.codec.encode(rows)
 
     def write_window_slots(self, slots: Tensor, rows: Tensor) -> None:
-        """Ring slots [B, S] of each batch row <- rows [B, S, head_dim] (distinct slots: S new tokens), in place."""
-        batch = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
-        self.window[batch, slots] = rows if self.codec is None else self.codec.encode(rows)
+        """Ring slots [B, S] of each batch row <- rows [B, S, head_dim] (distinct slots: S new tokens), in place: one
+        scatter along the slots (an index_put would first build the batch rows' index, a kernel of its own)."""
+        stored = rows if self.codec is None else self.codec.encode(rows)
+        self.window.scatter_(1, slots.unsqueeze(-1).expand(-1, -1, stored.shape[-1]), stored)
 
 
 class Cache:

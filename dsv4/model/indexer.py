@@ -20,7 +20,7 @@ from .. import kernels
 from ..config import CSA_RATIO, ModelArgs
 from .cache import CompressorState, ForwardContext
 from .compressor import Compressor
-from .layers import Linear
+from .layers import Linear, project, reads_quantized
 
 # bound on one block of queries' score slab [B, s, Hi, N] (the indexer scores every visible entry); under
 # glibc's 32 MiB mmap ceiling, so the blocks reuse heap memory instead of faulting in fresh pages each time
@@ -41,27 +41,33 @@ class Indexer(nn.Module):
         self.all_reduce: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, c_q: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor, ctx: ForwardContext,
-                state: CompressorState, dense: bool = False, offset: int = 0) -> tuple[Tensor, Tensor]:
+                state: CompressorState, dense: bool = False, offset: int = 0,
+                c_q_quantized: tuple[Tensor, Tensor] | None = None,
+                x_fp32: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (by descending index score, -1 =
         none, last), each plus `offset` (where the attention's rows hold entry 0), and their index scores [B,S,k].
         `dense` (the warm-up stage of training) selects every visible entry instead, in index order: ids and
-        scores [B,S,N].
+        scores [B,S,N]. `c_q_quantized`: act_quant(c_q) where the caller has it, for wq_b; `x_fp32`: x in fp32
+        where the caller has it, for the compressor.
 
         The inputs are detached: selection is not differentiable, so the indexer learns only from its
         own KL loss against the attention (`indexer_kl_loss`), and that loss must not train the backbone.
         """
         x, c_q = x.detach(), c_q.detach()
-        n_entries = self.compressor(x, ctx, state, freqs)
+        n_entries = self.compressor(x if x_fp32 is None else x_fp32.detach(), ctx, state, freqs)
         keys = state.entries.read(n_entries)  # [B,N,Di]: every visible key is scored
         if n_entries == 0:
             empty = torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
             return empty, empty.to(torch.float32)
-        q = self.wq_b(c_q).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
+        if not reads_quantized(self.wq_b):
+            c_q_quantized = None
+        q = project(self.wq_b, c_q, c_q_quantized).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
         q = kernels.norm_rope_qat(q, None, 0.0, cos.unsqueeze(2), sin.unsqueeze(2),
                                   "hadamard_fp4" if ctx.exact else "hadamard")
         weights = self.weights_proj(x) * self.weight_scale  # [B,S,Hi]
         keys = keys.to(q.dtype)
-        n_visible = torch.div(ctx.positions + 1, CSA_RATIO, rounding_mode="floor")  # [B,S] entries each query sees
+        # [B,S] the entries each query sees, the same in every CSA layer of a forward
+        n_visible = ctx.shared(("csa_visible",), lambda: torch.div(ctx.positions + 1, CSA_RATIO, rounding_mode="floor"))
         k = n_entries if dense else min(self.topk, n_entries)
         # the scores of all queries against all entries would be [B,S,Hi,N]: O(L^2) for a long prefill,
         # so the queries go through in blocks whose score slab stays under SCORE_BLOCK_BYTES

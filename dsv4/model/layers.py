@@ -27,11 +27,26 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.register_buffer("scale", None)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return kernels.linear(x, self.weight, self.scale)
+    def forward(self, x: Tensor, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [..., in] -> [..., out]; `quantized`: act_quant(x) where the caller has it (see `reads_quantized`)."""
+        return kernels.linear(x, self.weight, self.scale, quantized)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weight={self.weight.dtype}, official={self.official_format}"
+
+
+def reads_quantized(*linears: nn.Module) -> bool:
+    """Whether each of these linears multiplies its input's FP8 quantisation (an FP8 or FP4 weight, the module's own
+    forward), so that one `act_quant` of an input they share serves them all: `RMSNorm`'s `quantize` makes it with
+    the norm, and `project` hands it over."""
+    return all(isinstance(m, Linear) and m._buffers.get("scale") is not None and "forward" not in m.__dict__
+               for m in linears)
+
+
+def project(linear: nn.Module, x: Tensor, quantized: tuple[Tensor, Tensor] | None) -> Tensor:
+    """linear(x), given act_quant(x) where the caller has it (None: plainly linear(x)). A linear gets `quantized`
+    only where `reads_quantized` says it takes it."""
+    return linear(x) if quantized is None else linear(x, quantized)
 
 
 class RMSNorm(nn.Module):
@@ -42,7 +57,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, quantize: bool = False
+                ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The normed x; with `quantize` (inference, where quantised linears read the output), the pair (normed x,
+        its act_quant), the second None where the backend's linears quantise their input themselves."""
+        if quantize:
+            return kernels.rms_norm_quant(x, self.weight, self.eps)
         return kernels.rms_norm(x, self.weight, self.eps)
 
 

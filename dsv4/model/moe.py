@@ -28,7 +28,7 @@ from .. import kernels
 from ..config import ModelArgs
 from ..kernels import ExpertWeights
 from ..kernels.experts import chosen_experts
-from .layers import Linear
+from .layers import Linear, reads_quantized
 
 
 @dataclass
@@ -139,26 +139,37 @@ class MoE(nn.Module):
         # routed sum [T,d] fp32, the experts held elsewhere being None here; None: all experts here, in this process
         self.expert_parallel: Callable[[MoE, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
 
-    def forward(self, x: Tensor, token_ids: Tensor, routing: list[RouterRecord] | None = None) -> Tensor:
-        """x [B,S,d], token_ids [B,S] -> [B,S,d]; appends this layer's `RouterRecord` to `routing` if given."""
+    def reads_quantized(self) -> bool:
+        """Whether the experts multiply FP8-quantised activations in the kernels' ops (the shared expert's weights
+        quantised, no recipe's forwards), so that the caller's act_quant of x serves both the shared and the routed
+        ones."""
+        return reads_quantized(self.shared_experts.w1) and not self.shared_experts.replaced_forward()
+
+    def forward(self, x: Tensor, token_ids: Tensor, routing: list[RouterRecord] | None = None,
+                quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B,S,d], token_ids [B,S] -> [B,S,d]; appends this layer's `RouterRecord` to `routing` if given.
+        `quantized`: act_quant(x) where the caller has it (`reads_quantized`), for the experts' kernels."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if quantized is not None:
+            quantized = (quantized[0].reshape(x.shape), quantized[1].reshape(x.shape[0], -1))
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
         if routing is not None:
             routing.append(RouterRecord(self.layer_id, scores, ids, self.gate.hash, shape[0]))
         if (self.expert_parallel is None and kernels.routes_on_device(x, self.expert_table)
                 and not self.replaced_forwards()):
             # grouped and scheduled on the device: no read of the chosen experts
-            y = kernels.routed_experts(x, weights, ids, self.expert_table, None, self.limit)
+            y = kernels.routed_experts(x, weights, ids, self.expert_table, None, self.limit, quantized)
         elif self.expert_parallel is None:
-            y = self.run_experts(x, weights, ids, chosen_experts(ids))
+            y = self.run_experts(x, weights, ids, chosen_experts(ids), quantized)
         else:
             counts = torch.bincount(ids.flatten(), minlength=self.n_experts)  # [E] assignments per expert
             y = self.expert_parallel(self, x, weights, ids, counts)
         # into the routed sum where it is this call's own (a parallel strategy's reduction may keep its tensor)
         own = self.expert_parallel is None and not torch.is_grad_enabled()
         if own and not self.shared_experts.replaced_forward():  # the sum and its rounding in the shared expert's op
-            return kernels.swiglu(x, self.shared_experts.weights(), self.shared_experts.limit, None, y).reshape(shape)
+            return kernels.swiglu(x, self.shared_experts.weights(), self.shared_experts.limit, None, y,
+                                  quantized).reshape(shape)
         shared = self.shared_experts(x).to(torch.float32)
         y = y.add_(shared) if own else y + shared
         return y.to(x.dtype).reshape(shape)
@@ -171,10 +182,12 @@ class MoE(nn.Module):
         ends = (experts.get("0"), experts.get(str(self.n_experts - 1)))
         return any(e is not None and e.replaced_forward() for e in ends)
 
-    def run_experts(self, x: Tensor, weights: Tensor, ids: Tensor, which: Iterable[int]) -> Tensor:
+    def run_experts(self, x: Tensor, weights: Tensor, ids: Tensor, which: Iterable[int],
+                    quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The routed sum [T,d] fp32 of experts `which` (increasing ids, all held here) over the tokens routed to
         them: each expert runs once on its rows (weighted before w2), added expert by expert. An expert in `which`
-        that no token chose runs on no rows (it still joins the autograd graph: see `dsv4.parallel.experts`)."""
+        that no token chose runs on no rows (it still joins the autograd graph: see `dsv4.parallel.experts`).
+        `quantized`: act_quant(x) where the caller has it, for the kernels' op."""
         which = list(which)
         experts = list(self.experts)  # (indexing the ModuleList costs as much as each check)
         if any(experts[e].replaced_forward() for e in which):
@@ -183,7 +196,7 @@ class MoE(nn.Module):
                 rows, slot = torch.where(ids == e)
                 y = y.index_add(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(torch.float32))
             return y
-        return kernels.routed_experts(x, weights, ids, self.expert_table, which, self.limit)
+        return kernels.routed_experts(x, weights, ids, self.expert_table, which, self.limit, quantized)
 
     def extra_repr(self) -> str:
         return "" if self.expert_parallel is None else f"expert_parallel={self.expert_parallel}"

@@ -61,10 +61,21 @@ class Block(nn.Module):
         written over in place."""
         inplace = not torch.is_grad_enabled()
         u, post, comb = self._pre("attn", x, ctx)
-        x = hc_post(self.attn(self.attn_norm(u), ctx, cache), x, post, comb, inplace=inplace and reuse_input)
+        # (inference: the norm also gives the FP8 quantisation its quantised linears read, made once)
+        if inplace and self.attn.reads_quantized():
+            normed, quantized = self.attn_norm(u, True)
+            out = self.attn(normed, ctx, cache, quantized)
+        else:
+            out = self.attn(self.attn_norm(u), ctx, cache)
+        x = hc_post(out, x, post, comb, inplace=inplace and reuse_input)
         u, post, comb = self._pre("ffn", x, ctx)
         routing = ctx.trace.routing if ctx.trace is not None else None
-        return hc_post(self.ffn(self.ffn_norm(u), ctx.tokens, routing), x, post, comb, inplace=inplace)
+        if inplace and self.ffn.reads_quantized():
+            normed, quantized = self.ffn_norm(u, True)
+            out = self.ffn(normed, ctx.tokens, routing, quantized)
+        else:
+            out = self.ffn(self.ffn_norm(u), ctx.tokens, routing)
+        return hc_post(out, x, post, comb, inplace=inplace)
 
 
 def _add_hc_head(module: nn.Module, args: ModelArgs) -> None:

@@ -358,11 +358,13 @@ class NativeBackend(CpuBackend):
 
     # ------------------------------------------------------------------------------------------ GEMMs
 
-    def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    def linear(self, x: Tensor, weight: Tensor, scale: Tensor | None = None,
+               quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """A quantised weight's linear: over few rows in one C call (act_quant and the two-level block GEMM, row by
         row), over more as `_folded_linear`; the head over a decode's few rows as `_panel_linear`; other float
         weights as the "cpu" backend (a float weight of x's dtype short of a vocabulary is its plain product,
-        straight away: the frames of checks on the way cost a decode's small linears a third of their time)."""
+        straight away: the frames of checks on the way cost a decode's small linears a third of their time).
+        `quantized` is not read (`rms_norm_quant` gives none here; the C calls quantise as they go)."""
         if scale is None and weight.dtype == x.dtype and weight.dim() == 2 and weight.shape[0] < VOCAB_ROWS:
             return F.linear(x, weight)
         k = x.shape[-1]
@@ -522,7 +524,7 @@ class NativeBackend(CpuBackend):
                                     _kind(w2))
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None,
-               add: Tensor | None = None) -> Tensor:
+               add: Tensor | None = None, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """An expert's chain over few rows in one C call; a float fp32 one over more as BLAS's GEMMs around a C
         activation (`_float_chain`); a quantised one over more, `_folded_swiglu`; in training
         (fp32 weights), the reference's chain with the activation's backward in C (`_SwigluActivation`: autograd's
@@ -600,9 +602,9 @@ class NativeBackend(CpuBackend):
         return weights, chosen, scores
 
     def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
-                       which: Sequence[int], limit: float) -> Tensor:
+                       which: Sequence[int], limit: float, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Each token's experts, one C call for the batch: a token runs each routed expert held here (`which`) on
-        its row and adds the outputs in increasing expert id."""
+        its row and adds the outputs in increasing expert id (`quantized` is not read, as in `linear`)."""
         first = experts[which[0]] if which else None
         if first is not None and self._in_expert_panels(x, first):
             return self._panel_experts(x, weights, ids, experts, set(which), limit, first.w1.shape[0], "panels")
@@ -922,6 +924,10 @@ class NativeBackend(CpuBackend):
         if x.dtype != torch.float32:
             return super().rms_norm(x, weight, eps)
         return _RmsNorm.apply(x, weight, eps, self)
+
+    def rms_norm_quant(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """`rms_norm` alone: this backend's linears and experts quantise their rows inside their C calls."""
+        return self.rms_norm(x, weight, eps), None
 
     def head_norm(self, x: Tensor, eps: float, cos: Tensor | None = None, sin: Tensor | None = None,
                   inplace: bool = False) -> Tensor:

@@ -130,26 +130,27 @@ class TritonBackend(ReferenceBackend):
         return plan is not None
 
     def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, table: Sequence[ExpertWeights | None],
-                       which: Sequence[int] | None, limit: float) -> Tensor:
+                       which: Sequence[int] | None, limit: float,
+                       quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if which is None:
             table_, device, plan = self._planned
             if table_ is not table or device != x.device:
                 plan = self.expert_pointers.plan(x, table) if _runs_here(x) else None
             if plan is not None:
-                return experts.routed_experts_on_device(x, weights, ids, plan, limit)
+                return experts.routed_experts_on_device(x, weights, ids, plan, limit, quantized)
             which = chosen_experts(ids)
         if _runs_here(x) and experts.covers(x, table, which):
-            return experts.routed_experts(x, weights, ids, table, which, limit, self.expert_pointers)
-        return super().routed_experts(x, weights, ids, table, which, limit)
+            return experts.routed_experts(x, weights, ids, table, which, limit, self.expert_pointers, quantized)
+        return super().routed_experts(x, weights, ids, table, which, limit, quantized)
 
     def swiglu(self, x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None = None,
-               add: Tensor | None = None) -> Tensor:
+               add: Tensor | None = None, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
         wanted = (x, expert.w1, expert.w3, expert.w2, *(t for t in (weights, add) if t is not None))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in wanted)
         if (_runs_here(x) and x.dim() == 2 and not grad and experts.covers(x, [expert], [0])
                 and (add is None or experts.covers_add(x, add))):
-            return experts.swiglu(x, expert, limit, weights, self.expert_pointers, add)
-        return super().swiglu(x, expert, limit, weights, add)
+            return experts.swiglu(x, expert, limit, weights, self.expert_pointers, add, quantized)
+        return super().swiglu(x, expert, limit, weights, add, quantized)
 
     # ------------------------------------------------------------------------------------------ attention
 
@@ -194,6 +195,11 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(x) and rows.covers_rms_norm(x, weight):
             return rows.rms_norm(x, weight, eps)
         return super().rms_norm(x, weight, eps)
+
+    def rms_norm_quant(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        if _runs_here(x) and rows.covers_rms_norm(x, weight):
+            return rows.rms_norm_quant(x, weight, eps)
+        return super().rms_norm_quant(x, weight, eps)
 
     def head_norm(self, x: Tensor, eps: float, cos: Tensor | None = None, sin: Tensor | None = None,
                   inplace: bool = False) -> Tensor:

@@ -312,7 +312,8 @@ def _covers_float(x: Tensor, experts: Sequence[ExpertWeights | None], which: Seq
 
 
 def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[ExpertWeights | None],
-                   which: Sequence[int], limit: float, pointers: ExpertPointers) -> Tensor:
+                   which: Sequence[int], limit: float, pointers: ExpertPointers,
+                   quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The routed experts' weighted sum [T, d] fp32 (see `ReferenceBackend.routed_experts`), scheduled on the host
     from the per-expert counts (one read of the device)."""
     rows = group_routed_rows(ids, len(experts), list(which))
@@ -326,7 +327,8 @@ def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[Ex
         lo += n
     tiles = torch.tensor(tiles, dtype=torch.int32, device=x.device).view(-1, 3)
     arrays = pointers.get(experts, rows.which, x.device)
-    slots = _grouped_swiglu(x, weights, rows.keep, ids.shape[1], tiles, block_m, experts[rows.which[0]], arrays, limit)
+    slots = _grouped_swiglu(x, weights, rows.keep, ids.shape[1], tiles, block_m, experts[rows.which[0]], arrays, limit,
+                            quantized=quantized)
     return _combine(slots, ids)
 
 
@@ -334,7 +336,8 @@ def routed_experts(x: Tensor, weights: Tensor, ids: Tensor, experts: Sequence[Ex
 SCHEDULE_ROWS = 1024
 
 
-def routed_experts_on_device(x: Tensor, weights: Tensor, ids: Tensor, plan: TablePlan, limit: float) -> Tensor:
+def routed_experts_on_device(x: Tensor, weights: Tensor, ids: Tensor, plan: TablePlan, limit: float,
+                             quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """`routed_experts` over every expert of a table `ExpertPointers.plan` accepted, with no read of the device:
     the rows sorted by expert (stably, as `group_routed_rows`), the per-expert counts added up on the device and
     the tiles laid out there, for a grid of as many tiles as any routing can need (a token picks an expert once,
@@ -348,7 +351,7 @@ def routed_experts_on_device(x: Tensor, weights: Tensor, ids: Tensor, plan: Tabl
     n_tiles = triton.cdiv(n, block_m) + min(n_experts, n)
     schedule = _kernel_schedule if n <= SCHEDULE_ROWS else _torch_schedule
     keep, tiles = schedule(ids, n_experts, block_m, n_tiles)
-    slots = _grouped_swiglu(x, weights, keep, k, tiles, block_m, plan.first, plan.pointers, limit)
+    slots = _grouped_swiglu(x, weights, keep, k, tiles, block_m, plan.first, plan.pointers, limit, quantized=quantized)
     return _combine(slots, ids)
 
 
@@ -358,7 +361,7 @@ def covers_add(x: Tensor, add: Tensor) -> bool:
 
 
 def swiglu(x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | None, pointers: ExpertPointers,
-           add: Tensor | None = None) -> Tensor:
+           add: Tensor | None = None, quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """`ReferenceBackend.swiglu` (one expert on every row of x [n, d], weights [n, 1] or None) through the grouped
     kernels: a table of one expert, its rows in order (a decode step's shared experts in four launches, not
     eleven)."""
@@ -368,7 +371,7 @@ def swiglu(x: Tensor, expert: ExpertWeights, limit: float, weights: Tensor | Non
     block_m = block_m_for(n)
     keep, tiles = _in_order(n, block_m, x.device)
     return _grouped_swiglu(x, weights, keep, 1, tiles, block_m, expert, pointers.single(expert, x.device), limit,
-                           add)
+                           add, quantized)
 
 
 @functools.lru_cache(maxsize=64)
@@ -424,12 +427,14 @@ def _combine(slots: Tensor, ids: Tensor) -> Tensor:
 
 
 def _grouped_swiglu(x: Tensor, weights: Tensor | None, keep: Tensor, k: int, tiles: Tensor, block_m: int,
-                    first: ExpertWeights, pointers: list[Tensor], limit: float, add: Tensor | None = None) -> Tensor:
+                    first: ExpertWeights, pointers: list[Tensor], limit: float, add: Tensor | None = None,
+                    quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Each routed row's expert output at its (token, slot) place, [T*k, d] in x.dtype (zero where `keep` names no
     row), for the rows `keep` [R] of ids.flatten() in expert order and their tiles [n_tiles, 3] (expert or -1,
     first row, end row), weighted by weights [T, k] (None: not weighted); `first` gives the experts' shapes and
     format. The tokens are quantised once, not once a routed row: a row's quantisation is its own. With `add`
-    [T, d] fp32 (k = 1, rows in order: the shared expert) each output is add + it, rounded (`swiglu`'s add)."""
+    [T, d] fp32 (k = 1, rows in order: the shared expert) each output is add + it, rounded (`swiglu`'s add).
+    `quantized`: act_quant(x) [T, d] and its scales, where the caller has it (read instead of quantising x)."""
     fmt = _FLOAT if first.s1 is None else _FP4 if is_packed_fp4_dtype(first.w1.dtype) else _FP8
     t, (d, inter) = x.shape[0], (x.shape[-1], first.w1.shape[0])
     r = keep.shape[0]
@@ -450,7 +455,10 @@ def _grouped_swiglu(x: Tensor, weights: Tensor | None, keep: Tensor, k: int, til
     def scale_stride(s: Tensor | None) -> int:
         return 0 if s is None else s.stride(0)
 
-    xq, xs = quantised(x if x.stride(-1) == 1 else x.contiguous())
+    if fmt != _FLOAT and quantized is not None:
+        xq, xs = (t if t.stride(-1) == 1 else t.contiguous() for t in quantized)
+    else:
+        xq, xs = quantised(x if x.stride(-1) == 1 else x.contiguous())
     hidden = torch.empty(r, inter, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
         xq, xs, routing, keep, tiles, w1, s1, w3, s3, hidden, inter, d, float(limit), k,

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dsv4.quant import ACT_AMAX_FLOOR, FP4_AMAX_FLOOR, FP4_MAX, FP8_MAX, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
+from dsv4.quant import ACT_AMAX_FLOOR, FP4_AMAX_FLOOR, FP4_MAX, FP8_BLOCK, FP8_MAX, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
 from .numerics import TL_DTYPES, interpreting, round_to
 from .quant import pow2_scale_bits, quantize_rows
@@ -50,6 +50,16 @@ def _as(x, DT: tl.constexpr):
 
 
 @triton.jit
+def _widen(y, DT: tl.constexpr):
+    """fp32 values of y (in DT): bf16 by its bits shifted into place (exact; the interpreter's conversion is not for
+    subnormals)."""
+    if DT == tl.bfloat16:
+        return (y.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return y.to(tl.float32)
+
+
+@triton.jit
 def _rsqrt(v):
     return tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), tl.math.sqrt_rn(v))
 
@@ -62,16 +72,28 @@ def _tile(pid, A, H, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, A, H, D, sxa, sxh, soa, soh, eps,
-                     DP: tl.constexpr, BLOCK_H: tl.constexpr, DT: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, q_ptr, s_ptr, A, H, D, NB, sxa, sxh, soa, soh, eps,
+                     DP: tl.constexpr, BLOCK_H: tl.constexpr, DT: tl.constexpr, QUANT: tl.constexpr,
+                     QB: tl.constexpr, FLOOR: tl.constexpr, INV_MAX: tl.constexpr):
+    """x rows [A, H, D] -> out rows; with QUANT also `act_quant` of out: e4m3 codes q [A*H, D] (uint8) and the
+    scales s [A*H, NB] of its blocks of QB columns (a partial last block padded with zeros, as the reference's)."""
     a, h, h_ok = _tile(tl.program_id(0), A, H, BLOCK_H)
     col = tl.arange(0, DP)
     mask = h_ok[:, None] & (col < D)[None, :]
     x = tl.load(x_ptr + (a * sxa + h * sxh)[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + col, mask=col < D, other=0.0).to(tl.float32)
     r = _rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    y = w[None, :] * (x * r[:, None])
-    tl.store(out_ptr + (a * soa + h * soh)[:, None] + col[None, :], round_to(y, DT), mask=mask)
+    y = round_to(w[None, :] * (x * r[:, None]), DT)
+    tl.store(out_ptr + (a * soa + h * soh)[:, None] + col[None, :], y, mask=mask)
+    if QUANT:  # the stored values (zeros past D), a block of QB columns to a row of `blocks`
+        blocks = tl.reshape(tl.where(mask, _widen(y, DT), 0.0), (BLOCK_H * (DP // QB), QB))
+        scale_bits = pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), FLOOR, INV_MAX)
+        codes = tl.reshape(quantize_rows(blocks, scale_bits, False, False), (BLOCK_H, DP))
+        row = (a * H + h).to(tl.int64)  # the rows of q and s, contiguous
+        tl.store(q_ptr + row[:, None] * D + col[None, :], codes, mask=mask)
+        nb = tl.arange(0, DP // QB)
+        scales = tl.reshape(scale_bits.to(tl.float32, bitcast=True), (BLOCK_H, DP // QB))
+        tl.store(s_ptr + row[:, None] * NB + nb[None, :], scales, mask=h_ok[:, None] & (nb < NB)[None, :])
 
 
 @triton.jit
@@ -249,19 +271,38 @@ def _warps(elements: int) -> int:
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``ReferenceBackend.rms_norm``: a new tensor in x's dtype and shape."""
+    return _rms_norm(x, weight, eps, quant=False)[0]
+
+
+def rms_norm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``ReferenceBackend.rms_norm_quant`` in one launch: the normed rows in x's dtype, and their e4m3 codes
+    [..., D] and fp32 scales [..., ceil(D/128)] as `act_quant` gives them (bit for bit: the same arithmetic on
+    the rounded rows, `quantize_rows`)."""
+    out, q, s = _rms_norm(x, weight, eps, quant=True)
+    return out, (q.view(torch.float8_e4m3fn), s)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, quant: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     lead = _lead(x)
     xv = _grid_view(x, lead)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     ov = out.view(*lead, x.shape[-1])
     d = x.shape[-1]
     dp = triton.next_power_of_2(d)
+    q = s = None
+    nb = -(-d // FP8_BLOCK)
+    if quant:
+        dp = max(dp, FP8_BLOCK)  # whole quantisation blocks (zeros past d)
+        q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        s = torch.empty((*x.shape[:-1], nb), dtype=torch.float32, device=x.device)
     block_h = _block_h(lead[0] * lead[1], dp)
     if out.numel():
         _rms_norm_kernel[(triton.cdiv(lead[0] * lead[1], block_h),)](
-            xv, weight.contiguous(), ov, lead[0], lead[1], d, xv.stride(0), xv.stride(1), ov.stride(0), ov.stride(1),
-            float(eps), DP=dp, BLOCK_H=block_h, DT=TL_DTYPES[x.dtype], num_warps=_warps(block_h * dp),
-            enable_fp_fusion=False)
-    return out
+            xv, weight.contiguous(), ov, out if q is None else q, out if s is None else s, lead[0], lead[1], d, nb,
+            xv.stride(0), xv.stride(1), ov.stride(0), ov.stride(1), float(eps), DP=dp, BLOCK_H=block_h,
+            DT=TL_DTYPES[x.dtype], QUANT=quant, QB=FP8_BLOCK, FLOOR=ACT_AMAX_FLOOR, INV_MAX=1.0 / FP8_MAX,
+            num_warps=_warps(block_h * dp), enable_fp_fusion=False)
+    return out, q, s
 
 
 def _rows(x: Tensor, cos: Tensor | None, sin: Tensor | None, eps: float, norm: bool, inverse: bool,
