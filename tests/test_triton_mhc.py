@@ -59,6 +59,27 @@ def test_a_tokens_hc_pre_does_not_depend_on_its_batch():
             assert torch.equal(a.cpu(), b.cpu()[:, i : i + 1])
 
 
+@pytest.mark.parametrize("h", [4, 3])
+def test_hc_pre_collapses_in_the_sinkhorn_launch_whatever_the_tiling(h, monkeypatch):
+    """The Sinkhorn and the collapse are one launch: under a GPU's tiling (256 columns of one token a program) the
+    programs past the first column block compute the tokens' pre again for their own columns; the result is the
+    interpreter's tiling's (one program over whole rows, where only the first block's path runs), bit for bit. Two
+    launches in all."""
+    x = _rand(1, 3, h, 600, seed=h, dtype=torch.bfloat16)
+    fn, scale, base = _map(h, 600, seed=5)
+    whole = mhc.hc_pre(_on(x), _on(fn), _on(scale), _on(base), h, 20, 1e-6, 1e-6)
+    launches = []
+    kernels = (mhc._mixes_partials_kernel, mhc._sinkhorn_collapse_kernel)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _k=kernel, **kw: (launches.append(_k),
+                                                                                         _run(*a, **kw))[1])
+    monkeypatch.setattr(mhc, "interpreting", lambda: False)
+    tiled = mhc.hc_pre(_on(x), _on(fn), _on(scale), _on(base), h, 20, 1e-6, 1e-6)
+    assert launches == list(kernels)
+    for a, b in zip(whole, tiled, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("tokens", "gpu_tiles"), [(1, False), (5, False), (HC_TERMWISE_TOKENS + 3, False), (1, True),
                                                    (5, True)])

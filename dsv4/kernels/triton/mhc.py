@@ -1,4 +1,4 @@
-"""Triton mHC reads and writes of the streams: `hc_pre` in three launches (the reference's takes about twenty) and
+"""Triton mHC reads and writes of the streams: `hc_pre` in two launches (the reference's takes about twenty) and
 `hc_collapse` / `hc_post` in one each.
 
 `hc_pre` (x [T, h, d] -> u [T, d], post [T, h], comb [T, h, h]):
@@ -7,9 +7,11 @@
    with the mixing map fn [m, h*d] (fp32 dots, no TF32) and of the sum of squares, into partials
    [T, splits, m] and [T, splits]. The split depends on h*d alone, so a token's mixes do not depend on the batch
    it is in, and a batch-1 decode step still spreads the map's read over h*d / 1,024 programs.
-2. the Sinkhorn kernel (`sinkhorn._sinkhorn_kernel` with ``PARTIALS``): it adds each token's partials in order,
-   times ``1/rms`` (the reference's ``(x @ fn.T) * rsqrt(mean(x^2) + eps)``), then splits and projects as before.
-3. `_collapse_kernel`: ``u = sum_k pre_k * x_k`` in fp32, products rounded, the h terms added in order.
+2. `_sinkhorn_collapse_kernel`, programs over (tokens, columns) as the collapse's: the Sinkhorn kernel's
+   arithmetic (`sinkhorn.split_sinkhorn` with ``PARTIALS``) adds each token's partials in order, times ``1/rms``
+   (the reference's ``(x @ fn.T) * rsqrt(mean(x^2) + eps)``), and splits and projects (the first column block's
+   programs; the others compute pre alone), then ``u = sum_k pre_k * x_k`` over the program's columns in fp32,
+   products rounded, the h terms added in order (`_collapse_kernel`'s arithmetic).
 
 `hc_post`: ``X'_k = post_k * out + sum_j comb[j, k] * X_j`` per (token, 256 columns), products rounded and the
 terms added in order (the reference's order; launched with ``enable_fp_fusion=False``), always a new tensor.
@@ -30,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import sinkhorn
-from .numerics import TL_DTYPES, dot, interpreting, round_to
+from .numerics import TL_DTYPES, dot, interpreting, libdevice_exp, round_to
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1024  # h*d values per partial product (a multiple of _BK)
@@ -80,6 +82,38 @@ def _collapse_kernel(x_ptr, pre_ptr, u_ptr, T, D, sxt, sxh, sut, H: tl.constexpr
     for k in tl.static_range(1, H):
         pre = tl.load(pre_ptr + t * H + k, mask=t_ok, other=0.0)
         u += pre[:, None] * tl.load(rows + k * sxh, mask=mask, other=0.0).to(tl.float32)
+    tl.store(u_ptr + t[:, None] * sut + col[None, :], round_to(u, DT), mask=mask)
+
+
+@triton.jit
+def _sinkhorn_collapse_kernel(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, x_ptr, u_ptr, T, D,
+                              stride_t, iters, eps, splits, K, norm_eps, sxt, sxh, sut, H: tl.constexpr,
+                              HP: tl.constexpr, BLOCK_T: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
+                              LIBDEVICE: tl.constexpr):
+    """`hc_pre`'s last two steps in one launch, a program per (block of tokens, block of columns): the tokens' pre
+    from the partials (the Sinkhorn kernel's arithmetic), then `_collapse_kernel`'s sum over its columns. The
+    programs of the first column block also finish the split and the Sinkhorn iterations and write pre, post and
+    comb; the others compute pre alone (a few dozen operations a token), which the collapse needs before any store
+    could be read."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if tl.program_id(1) == 0:
+        pre = sinkhorn.split_sinkhorn(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T,
+                                      stride_t, iters, eps, splits, K, norm_eps, H, HP, BLOCK_T, LIBDEVICE, True, True)
+    else:
+        pre = sinkhorn.split_sinkhorn(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T,
+                                      stride_t, iters, eps, splits, K, norm_eps, H, HP, BLOCK_T, LIBDEVICE, True,
+                                      False)
+    t = tok.to(tl.int64)
+    k = tl.arange(0, HP)
+    col = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = (t < T)[:, None] & (col < D)[None, :]
+    rows = x_ptr + t[:, None] * sxt + col[None, :]
+    # pre_k picked out of the tile by a masked sum of one non-zero term (exact), as `_collapse_kernel` loads it
+    u = tl.sum(tl.where(k[None, :] == 0, pre, 0.0), axis=1)[:, None] * tl.load(rows, mask=mask, other=0.0).to(
+        tl.float32)
+    for j in tl.static_range(1, H):
+        pre_j = tl.sum(tl.where(k[None, :] == j, pre, 0.0), axis=1)
+        u += pre_j[:, None] * tl.load(rows + j * sxh, mask=mask, other=0.0).to(tl.float32)
     tl.store(u_ptr + t[:, None] * sut + col[None, :], round_to(u, DT), mask=mask)
 
 
@@ -195,10 +229,15 @@ def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, ite
     _mixes_partials_kernel[(triton.cdiv(t, _BLOCK_T), splits)](
         flat, fn, part, ss, t, k, m, flat.stride(0), fn.stride(0), splits, MP=max(16, triton.next_power_of_2(m)),
         BLOCK_T=_BLOCK_T, BK=_BK, CHUNK=_CHUNK, F32=interpreting(), num_warps=4)
-    sinkhorn._launch(part, ss, scale.to(device=dev, dtype=torch.float32).contiguous(),
-                     base.to(device=dev, dtype=torch.float32).contiguous(), pre, post, comb, t, splits * m, h, iters,
-                     eps, k, norm_eps)
-    u = _collapse(xv, pre, x.dtype)
+    u = torch.empty((t, d), dtype=x.dtype, device=dev)
+    if u.numel():
+        block_t, bd = _tiles(t, d)
+        _sinkhorn_collapse_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, bd))](
+            part, ss, scale.to(device=dev, dtype=torch.float32).contiguous(),
+            base.to(device=dev, dtype=torch.float32).contiguous(), pre, post, comb, xv, u, t, d, splits * m, iters,
+            float(eps), splits, k, float(norm_eps), xv.stride(0), xv.stride(1), u.stride(0), H=h,
+            HP=triton.next_power_of_2(h), BLOCK_T=block_t, BD=bd, DT=TL_DTYPES[x.dtype], LIBDEVICE=libdevice_exp(),
+            num_warps=2, enable_fp_fusion=False)
     lead = x.shape[:-2]
     return u.view(*lead, d), post.view(*lead, h), comb.view(*lead, h, h)
 

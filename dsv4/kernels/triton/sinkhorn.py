@@ -61,15 +61,14 @@ def _load_mixes(rows, cols, mask, splits, rms, WIDTH: tl.constexpr, PARTIALS: tl
 
 
 @triton.jit
-def _sinkhorn_kernel(m_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, stride_t, iters, eps,
-                     splits, K, norm_eps, H: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr,
-                     LIBDEVICE: tl.constexpr, PARTIALS: tl.constexpr):
-    """mixes [T, (2+H)*H] (unit last stride) -> pre [T, H], post [T, H], comb [T, H, H] (contiguous, fp32).
+def split_sinkhorn(m_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T, stride_t, iters, eps,
+                   splits, K, norm_eps, H: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr,
+                   LIBDEVICE: tl.constexpr, PARTIALS: tl.constexpr, STORE: tl.constexpr):
+    """Tokens `tok` [BLOCK_T] of mixes [T, (2+H)*H] (unit last stride): their pre [BLOCK_T, HP] (fp32, the padded
+    columns junk), returned; with STORE also pre [T, H], post [T, H] and comb [T, H, H] written (contiguous, fp32).
 
     PARTIALS: m_ptr holds [T, splits, (2+H)*H] partial products of the streams with the mixing map and ss_ptr
     [T, splits] partial sums of squares over K values, whose sums make the mixes (`_load_mixes`)."""
-    pid = tl.program_id(0)
-    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < T
     tok64 = tok.to(tl.int64)
     rms = tl.full((BLOCK_T,), 1.0, tl.float32)
@@ -81,8 +80,6 @@ def _sinkhorn_kernel(m_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb
     k = tl.arange(0, HP)
     k_ok = k < H
     s0 = tl.load(scale_ptr).to(tl.float32)
-    s1 = tl.load(scale_ptr + 1).to(tl.float32)
-    s2 = tl.load(scale_ptr + 2).to(tl.float32)
 
     # pre and post: [BLOCK_T, HP]
     rows2 = m_ptr + tok64[:, None] * stride_t
@@ -91,31 +88,45 @@ def _sinkhorn_kernel(m_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb
     m = _load_mixes(rows2, k[None, :], mask2, splits, rms[:, None], (2 + H) * H, PARTIALS)
     b = tl.load(base_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
     pre = _sigmoid(m * s0 + b[None, :], LIBDEVICE) + eps
-    tl.store(pre_ptr + out2, pre, mask=mask2)
-    m = _load_mixes(rows2, H + k[None, :], mask2, splits, rms[:, None], (2 + H) * H, PARTIALS)
-    b = tl.load(base_ptr + H + k, mask=k_ok, other=0.0).to(tl.float32)
-    post = 2.0 * _sigmoid(m * s1 + b[None, :], LIBDEVICE)
-    tl.store(post_ptr + out2, post, mask=mask2)
+    if STORE:
+        tl.store(pre_ptr + out2, pre, mask=mask2)
+        s1 = tl.load(scale_ptr + 1).to(tl.float32)
+        s2 = tl.load(scale_ptr + 2).to(tl.float32)
+        m = _load_mixes(rows2, H + k[None, :], mask2, splits, rms[:, None], (2 + H) * H, PARTIALS)
+        b = tl.load(base_ptr + H + k, mask=k_ok, other=0.0).to(tl.float32)
+        post = 2.0 * _sigmoid(m * s1 + b[None, :], LIBDEVICE)
+        tl.store(post_ptr + out2, post, mask=mask2)
 
-    # comb: [BLOCK_T, HP (row i), HP (column j)]
-    r3 = k[None, :, None]
-    c3 = k[None, None, :]
-    entry_ok = (r3 < H) & (c3 < H)  # [1, HP, HP]
-    mask3 = tok_ok[:, None, None] & entry_ok
-    entry = r3 * H + c3
-    m = _load_mixes(m_ptr + tok64[:, None, None] * stride_t, 2 * H + entry, mask3, splits, rms[:, None, None],
-                    (2 + H) * H, PARTIALS)
-    b = tl.load(base_ptr + 2 * H + entry, mask=entry_ok, other=0.0).to(tl.float32)
-    # padded columns (h not a power of two) get exp(-inf) = 0; padded rows are finite junk that no sum picks up
-    logits = tl.where(c3 < H, m * s2 + b, float("-inf"))
-    rowmax = tl.max(logits, axis=2)
-    comb = exp(logits - rowmax[:, :, None], LIBDEVICE)
-    comb = tl.math.div_rn(comb, _ordered_sum(comb, c3, 2, H)[:, :, None]) + eps
-    comb = tl.math.div_rn(comb, (_ordered_sum(comb, r3, 1, H) + eps)[:, None, :])
-    for _ in range(iters - 1):
-        comb = tl.math.div_rn(comb, (_ordered_sum(comb, c3, 2, H) + eps)[:, :, None])
+        # comb: [BLOCK_T, HP (row i), HP (column j)]
+        r3 = k[None, :, None]
+        c3 = k[None, None, :]
+        entry_ok = (r3 < H) & (c3 < H)  # [1, HP, HP]
+        mask3 = tok_ok[:, None, None] & entry_ok
+        entry = r3 * H + c3
+        m = _load_mixes(m_ptr + tok64[:, None, None] * stride_t, 2 * H + entry, mask3, splits, rms[:, None, None],
+                        (2 + H) * H, PARTIALS)
+        b = tl.load(base_ptr + 2 * H + entry, mask=entry_ok, other=0.0).to(tl.float32)
+        # padded columns (h not a power of two) get exp(-inf) = 0; padded rows are finite junk that no sum picks up
+        logits = tl.where(c3 < H, m * s2 + b, float("-inf"))
+        rowmax = tl.max(logits, axis=2)
+        comb = exp(logits - rowmax[:, :, None], LIBDEVICE)
+        comb = tl.math.div_rn(comb, _ordered_sum(comb, c3, 2, H)[:, :, None]) + eps
         comb = tl.math.div_rn(comb, (_ordered_sum(comb, r3, 1, H) + eps)[:, None, :])
-    tl.store(comb_ptr + tok64[:, None, None] * (H * H) + entry, comb, mask=mask3)
+        for _ in range(iters - 1):
+            comb = tl.math.div_rn(comb, (_ordered_sum(comb, c3, 2, H) + eps)[:, :, None])
+            comb = tl.math.div_rn(comb, (_ordered_sum(comb, r3, 1, H) + eps)[:, None, :])
+        tl.store(comb_ptr + tok64[:, None, None] * (H * H) + entry, comb, mask=mask3)
+    return pre
+
+
+@triton.jit
+def _sinkhorn_kernel(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, stride_t, iters, eps,
+                     H: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """mixes [T, (2+H)*H] -> pre [T, H], post [T, H], comb [T, H, H] (`mhc.hc_pre` runs `split_sinkhorn` over
+    partial products in its collapse launch instead)."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split_sinkhorn(m_ptr, m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T, stride_t, iters, eps,
+                   1, 1, 0.0, H, HP, BLOCK_T, LIBDEVICE, False, True)
 
 
 def covers(mixes: Tensor, hc_mult: int, iters: int, scale: Tensor | None = None, base: Tensor | None = None) -> bool:
@@ -156,18 +167,16 @@ def hc_split_sinkhorn(mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, 
     post = torch.empty((t, h), dtype=torch.float32, device=dev)
     comb = torch.empty((t, h, h), dtype=torch.float32, device=dev)
     if t:
-        _launch(m2, None, scale, base, pre, post, comb, t, m2.stride(0), h, iters, eps)
+        _launch(m2, scale, base, pre, post, comb, t, m2.stride(0), h, iters, eps)
     return pre.view(*lead, h), post.view(*lead, h), comb.view(*lead, h, h)
 
 
-def _launch(m: Tensor, ss: Tensor | None, scale: Tensor, base: Tensor, pre: Tensor, post: Tensor, comb: Tensor,
-            t: int, stride_t: int, h: int, iters: int, eps: float, k: int = 1, norm_eps: float = 0.0) -> None:
-    """Run the kernel on t tokens: mixes m, or (ss given) partials m [t, splits, (2+h)*h] and ss [t, splits] over
-    k values each."""
+def _launch(m: Tensor, scale: Tensor, base: Tensor, pre: Tensor, post: Tensor, comb: Tensor, t: int, stride_t: int,
+            h: int, iters: int, eps: float) -> None:
+    """Run the kernel on the mixes m of t tokens."""
     hp = triton.next_power_of_2(h)
     block_t = min(triton.next_power_of_2(t), max(1, _TILE // (hp * hp)))
     num_warps = 4 if block_t * hp * hp >= 2048 else 2 if block_t * hp * hp >= 512 else 1
     _sinkhorn_kernel[(triton.cdiv(t, block_t),)](
-        m, m if ss is None else ss, scale, base, pre, post, comb, t, stride_t, iters, float(eps),
-        1 if ss is None else ss.shape[1], k, float(norm_eps), H=h, HP=hp, BLOCK_T=block_t, LIBDEVICE=libdevice_exp(),
-        PARTIALS=ss is not None, num_warps=num_warps, enable_fp_fusion=False)
+        m, scale, base, pre, post, comb, t, stride_t, iters, float(eps), H=h, HP=hp, BLOCK_T=block_t,
+        LIBDEVICE=libdevice_exp(), num_warps=num_warps, enable_fp_fusion=False)
