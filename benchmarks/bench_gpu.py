@@ -8,7 +8,9 @@ Sections (all by default, in this order; each prints its result and writes $OUT/
 time-out still returns what ran):
 
 * `env`: versions, the GPU, the backend "auto" resolves to on CUDA;
-* `ops`: each Triton op against the reference op on CUDA tensors (max abs error, relative to the reference);
+* `ops`: each Triton op against the reference op on CUDA tensors (max abs error, relative to the reference), and a
+  prefill's FP8 GEMMs through torch's blockwise kernel against the Triton kernel (ms, error; whether its probe
+  passed);
 * `demo`: the demo model's greedy answer (exact numerics) with the triton and the reference backends, on CUDA;
 * `small_logits`: small preset in exact bf16 with the official FP8/FP4 weights: logits of the triton backend
   against the reference backend, the largest difference in bf16 steps of each position's logits;
@@ -118,6 +120,16 @@ def ops():
     out["hc_split_sinkhorn"] = max(rel(a, b) for a, b in zip(tri.hc_split_sinkhorn(mixes, scale, base, 4, 20, 1e-6),
                                                              ref.hc_split_sinkhorn(mixes, scale, base, 4, 20, 1e-6),
                                                              strict=True))
+    streams = torch.randn(1, m, 4, k, device=DEV, generator=g, dtype=torch.bfloat16)  # [B, S, h, d]
+    fn = torch.randn(24, 4 * k, device=DEV, generator=g) * 0.02
+    out["hc_pre"] = max(rel(a, b) for a, b in zip(tri.hc_pre(streams, fn, scale, base, 4, 20, 1e-6, 1e-6),
+                                                  ref.hc_pre(streams, fn, scale, base, 4, 20, 1e-6, 1e-6), strict=True))
+    norm_w = torch.rand(k, device=DEV, generator=g) + 0.5
+    normed, (codes, scales) = tri.rms_norm_quant(x, norm_w, 1e-6)
+    out["rms_norm_quant"] = rel(normed, ref.rms_norm(x, norm_w, 1e-6))
+    want_codes, want_scales = ref.act_quant(normed)  # the codes: bit for bit act_quant of the rows it stored
+    quant_equal = torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)) and torch.equal(scales,
+                                                                                                     want_scales)
     h, d, rows, slots = (64, 512, 640, 640) if not SMALL else (4, 64, 96, 80)
     q = torch.randn(2, 3, h, d, device=DEV, generator=g, dtype=torch.bfloat16)
     kv = torch.randn(2, rows, d, device=DEV, generator=g, dtype=torch.bfloat16)
@@ -131,12 +143,42 @@ def ops():
     scores = tri.index_scores(qi, keys, wi)
     out["index_scores"] = rel(scores, ref.index_scores(qi, keys, wi))
     result = {name: f"{err:.2e}" for name, err in out.items()}
+    result["rms_norm_quant_codes_equal"] = quant_equal
+    result["fp8_gemm_prefill"] = _scaled_mm_against_triton()
     # the top-k's picks and order (the reference's stable-sort rule; V4's 512 of the entries), equal or not
     visible = torch.full(scores.shape[:2], n_entries, device=DEV)
     picks = tri.index_topk(scores.clone(), visible, 512 if not SMALL else 16)[0]
     result["index_topk_equal"] = bool(torch.equal(picks, ref.index_topk(scores.clone(), visible,
                                                                         512 if not SMALL else 16)[0]))
     return result
+
+
+def _scaled_mm_against_triton() -> dict:
+    """A prefill's FP8 linear (4,096 rows, V4-Flash's 4,096 -> 4,096 and the experts' 4,096 -> 2,048 shapes):
+    torch's blockwise kernel (`dsv4/kernels/triton/scaled_mm.py`, taken when its probe passes) against the Triton
+    kernel, ms each and the largest difference relative to the largest output."""
+    from dsv4.kernels.triton import gemm, quant, scaled_mm
+    from dsv4.quant import quantize_fp8_weight
+
+    rows = 4096 if not SMALL else 128
+    out = {"scaled_mm_taken": None}
+    for n, k in ((4096, 4096), (2048, 4096)) if not SMALL else ((128, 256),):
+        g = torch.Generator().manual_seed(n)
+        xq, xs = quant.act_quant(torch.randn(rows, k, generator=g).to(DEV, torch.bfloat16))
+        w, ws = (t.to(DEV) for t in quantize_fp8_weight(torch.randn(n, k, generator=g) * 0.02))
+        operands = (xq, xs, w, ws)
+        triton_ms = timed(lambda ops=operands: gemm.fp8_gemm(*ops), 20) * 1e3
+        entry = {"triton_ms": round(triton_ms, 4)}
+        taken = scaled_mm.takes(*operands, torch.bfloat16)
+        out["scaled_mm_taken"] = taken
+        if taken:
+            want = gemm.fp8_gemm(*operands, torch.float32)
+            got = scaled_mm.fp8_gemm(*operands, torch.float32)
+            entry["scaled_mm_ms"] = round(timed(lambda ops=operands: scaled_mm.fp8_gemm(*ops), 20) * 1e3, 4)
+            entry["speedup"] = round(triton_ms / entry["scaled_mm_ms"], 2)
+            entry["rel_err"] = f"{float((got - want).abs().max() / want.abs().max()):.2e}"
+        out[f"{rows}x{k}->{n}"] = entry
+    return out
 
 
 def _demo_answer(backend: str) -> tuple[list[int], str, float]:

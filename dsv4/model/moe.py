@@ -141,9 +141,10 @@ class MoE(nn.Module):
 
     def reads_quantized(self) -> bool:
         """Whether the experts multiply FP8-quantised activations in the kernels' ops (the shared expert's weights
-        quantised, no recipe's forwards), so that the caller's act_quant of x serves both the shared and the routed
-        ones."""
-        return reads_quantized(self.shared_experts.w1) and not self.shared_experts.replaced_forward()
+        quantised, no recipe's forwards, all experts in this process), so that the caller's act_quant of x serves
+        both the shared and the routed ones."""
+        return (self.expert_parallel is None and reads_quantized(self.shared_experts.w1)
+                and not self.shared_experts.replaced_forward())
 
     def forward(self, x: Tensor, token_ids: Tensor, routing: list[RouterRecord] | None = None,
                 quantized: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -6,8 +6,9 @@ Ops with a kernel:
 * **quantisation** (`act_quant`, `fp8_simulate`, `fp4_quant`, `fp4_simulate`, `quant.py`): one program per block
   of rows, the power-of-two scale read off the fp32 bit pattern; bit-exact to the reference.
 * **block-scaled GEMMs** (`fp8_gemm`, `fp4_gemm`, `gemm.py`): FP8 tensor-core dots per K block with the
-  official two-level fp32 accumulation; `linear` and the experts reach them through the reference's
-  `act_quant` + GEMM composition.
+  official two-level fp32 accumulation (an FP8 weight's GEMM over many rows through torch's own blockwise kernel
+  on Hopper where a probe agrees, `scaled_mm.py`); `linear` and the experts reach them through the reference's
+  `act_quant` + GEMM composition, or over the quantisation `rms_norm_quant` handed over.
 * **routed experts** (`experts.py`): the routed rows sorted by expert once and run as two grouped GEMM launches
   (gate + up with the SwiGLU fused, reading each token's row quantised once, then down, writing each output at
   its (token, slot) place) over tiles that find their expert's weights through a pointer table, FP8, FP4 or
@@ -23,9 +24,10 @@ Ops with a kernel:
   and the earliest at it and sorts the picks in registers (the reference's order, in two passes over the scores
   instead of the read-free `stable_topk`'s seven).
 * **mHC** (`sinkhorn.py`, `mhc.py`): the Sinkhorn projection with every token's matrix in registers for all
-  iterations; `hc_pre` as partial products with the mixing map, the Sinkhorn kernel adding them up, and the
-  collapse (three launches); `hc_post` and `hc_collapse` in one each.
-* **row ops** (`rows.py`): `rms_norm`, the queries' `head_norm` with their rotation, `rope`, `hadamard` (its
+  iterations; `hc_pre` as partial products with the mixing map, then one launch adding them up, splitting and
+  projecting, and collapsing the streams (two launches); `hc_post` and `hc_collapse` in one each.
+* **row ops** (`rows.py`): `rms_norm` (with `rms_norm_quant`, its output's FP8 codes and scales written by the
+  same program), the queries' `head_norm` with their rotation, `rope`, `hadamard` (its
   butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and indexer queries' norm, rotation and
   QAT rounding in one pass), one launch each.
 * **the compressors' pooling** (`pool.py`): each entry's candidates read in place, the per-channel softmax and
@@ -35,7 +37,7 @@ Ops with a kernel:
 * **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
 
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
-static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 405 after).
+static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 347 after).
 
 Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
 kernel's `covers`), is the reference's, so training and odd shapes stay correct. Kernels run on CUDA tensors, or
@@ -58,7 +60,7 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
 from ..reference import ReferenceBackend, router_scores
-from . import attention, experts, gemm, indexer, mhc, pool, quant, route, rows, sinkhorn, topk
+from . import attention, experts, gemm, indexer, mhc, pool, quant, route, rows, scaled_mm, sinkhorn, topk
 from .numerics import interpreting
 
 
@@ -103,6 +105,8 @@ class TritonBackend(ReferenceBackend):
     def fp8_gemm(self, xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor,
                  out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
         if _runs_here(xq) and w.dtype == torch.float8_e4m3fn and gemm.covers(xq, xs, w, ws, out_dtype):
+            if xq.is_cuda and scaled_mm.takes(xq, xs, w, ws, out_dtype):  # many rows: torch's CUTLASS kernel
+                return scaled_mm.fp8_gemm(xq, xs, w, ws, out_dtype)
             return gemm.fp8_gemm(xq, xs, w, ws, out_dtype)
         return super().fp8_gemm(xq, xs, w, ws, out_dtype)
 

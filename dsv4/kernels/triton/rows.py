@@ -1,11 +1,13 @@
-"""Triton row-wise ops: `rms_norm`, `head_norm` (with the query's RoPE fused in), `rope` and `hadamard`; each is one
-launch and one pass over the rows, where the reference takes five to twenty kernels (casts, square, mean, rsqrt,
-products, the complex rotation, a concatenation; three a butterfly pass). At a batch-1 decode step that launch
-count, not the bytes, is their cost (`benchmarks/decode_launches.py`).
+"""Triton row-wise ops: `rms_norm` (and `rms_norm_quant`), `head_norm` (with the query's RoPE fused in), `rope` and
+`hadamard`; each is one launch and one pass over the rows, where the reference takes five to twenty kernels (casts,
+square, mean, rsqrt, products, the complex rotation, a concatenation; three a butterfly pass). At a batch-1 decode
+step that launch count, not the bytes, is their cost (`benchmarks/decode_launches.py`).
 
 The arithmetic is the reference's op for op (products and sums unfused: launched with ``enable_fp_fusion=False``):
 
-* `rms_norm`: fp32 ``weight * (x * rsqrt(mean(x^2) + eps))`` cast to x's dtype;
+* `rms_norm`: fp32 ``weight * (x * rsqrt(mean(x^2) + eps))`` cast to x's dtype; `rms_norm_quant` also quantises
+  the rows it stores (read back exactly, zeros past the row) in blocks of 128, `quant.quantize_rows`' arithmetic:
+  bit for bit `act_quant` of the normed rows;
 * `head_norm`: the same without a weight and in x's own dtype, each op's result rounded to it as torch's bf16 ops
   round theirs (square, mean, + eps, rsqrt, product), then the rotation;
 * `rope`: the last 2*half dims as interleaved pairs (a, b) times (c, s): ``(a c - b s, a s + b c)`` in fp32, each
