@@ -138,7 +138,7 @@ def test_negative_controls_exceed_the_tolerance(model):
     from dsv4.kernels.paged import concat_rows
     from dsv4.kernels.reference import ReferenceBackend
 
-    def normalised_cast(self, q, kv, idx, sink, scale):
+    def normalised_cast(self, q, kv, idx, sink, scale, cos=None, sin=None):
         kv = concat_rows(kv)
         batch = torch.arange(kv.shape[0]).view(-1, 1, 1)
         rows = kv[batch, idx.clamp(min=0)].float()
@@ -147,7 +147,8 @@ def test_negative_controls_exceed_the_tolerance(model):
         shift = torch.maximum(logits.amax(-1), sink.detach().view(1, 1, -1))
         weights = torch.exp(logits - shift.unsqueeze(-1))
         probs = weights / (weights.sum(-1) + torch.exp(sink.detach() - shift)).unsqueeze(-1)
-        return torch.einsum("bshk,bskd->bshd", probs.to(kv.dtype).float(), rows).to(q.dtype)
+        out = torch.einsum("bshk,bskd->bshd", probs.to(kv.dtype).float(), rows).to(q.dtype)
+        return out if cos is None else self.rope_back(out, cos, sin)
 
     prompt_len = PROMPTS[0]
     threads = torch.get_num_threads()

@@ -104,6 +104,31 @@ def test_bf16_rows_equal_the_reference_within_a_bf16_step(q_dtype):
     assert not got[0, 1].any()
 
 
+@pytest.mark.parametrize(("dtype", "d", "half"), [(torch.float32, 40, 8), (torch.bfloat16, 64, 16),
+                                                  (torch.bfloat16, 32, 16)])
+def test_the_output_rotated_back_as_it_is_written(dtype, d, half):
+    """With cos / sin the kernel writes its output with the last 2*half dims rotated back: bit for bit the output
+    then the Triton rope kernel's inverse rotation (D padded to the tile or not; every dim rotated), and the
+    reference op (`rope_back` after its attention) within the attention's tolerance."""
+    from dsv4.kernels.triton import rows
+
+    torch.manual_seed(d + half)
+    b, s, h, n0, n1, k = 2, 3, 20, 30, 50, 70
+    q = _rand(b, s, h, d, dtype=dtype, scale=2.0)
+    runs = [_rand(b, n0, d, dtype=dtype), _rand(b, n1, d, dtype=dtype)]
+    idx, sink = _slots(b, s, k, n0 + n1), _rand(h)
+    cos, sin = _rand(b, s, half), _rand(b, s, half)
+    assert attention.covers_rotation(q, cos, sin)
+    got = attention.sparse_attn(q, runs, idx, sink, d**-0.5, cos, sin)
+    plain = attention.sparse_attn(q, runs, idx, sink, d**-0.5)
+    assert torch.equal(got, rows.rope(plain, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True))
+    assert not torch.equal(got[..., -2 * half :], plain[..., -2 * half :])
+    want = REF.sparse_attn(q, runs, idx, sink, d**-0.5, cos, sin)
+    (_check_fp32 if dtype == torch.float32 else _check_bf16)(got, want)
+    assert not attention.covers_rotation(q, cos[..., :1, :], sin[..., :1, :])  # a shape it does not take
+    assert not attention.covers_rotation(q, cos, None)
+
+
 @pytest.mark.parametrize("store", ["none-fp32", "none-bf16", "cast", "cast-down", "fp8"])
 def test_paged_entries_equal_the_reference(store):
     """A dense window run, then compressed entries left in shuffled pages of a pool: compute rows (codec None),

@@ -150,6 +150,12 @@ def run_calls() -> None:
         idx = torch.randint(-1, 30, (2, 3, 70))
         sink = torch.randn(8)
         tri.sparse_attn(q, [window, torch.randn(2, 20, 64).to(dtype)], idx, sink, 0.125)
+        # the output rotated back as it is written (what the model asks for), and V4's 512-wide rows at 64 heads
+        rot = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+        tri.sparse_attn(q, [window, torch.randn(2, 20, 64).to(dtype)], idx, sink, 0.125, *rot)
+        wide = torch.randn(2, 3, 64, 512).to(dtype), torch.randn(2, 30, 512).to(dtype)
+        tri.sparse_attn(wide[0], [wide[1]], idx.clamp(max=29), torch.randn(64), 0.04,
+                        torch.randn(2, 3, 32), torch.randn(2, 3, 32))
         for fmt in ("model", "fp8"):
             try:
                 codec = get_format(fmt).codec(_Args(), "kv", dtype)
@@ -164,6 +170,7 @@ def run_calls() -> None:
                 # the window rings of some cache slots, one page a batch row (an engine decode step's first run)
                 rings = PagedRows(torch.randn(4, 10, 64).to(dtype), torch.tensor([[2], [0]]), 10, None, dtype)
                 tri.sparse_attn(q, [rings, paged], idx, sink, 0.125)
+                tri.sparse_attn(q, [rings, paged], idx, sink, 0.125, *rot)
 
 
 class _Args:

@@ -309,9 +309,12 @@ def norm_rope_qat(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos:
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor, sink: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """Each query's attention over its own KV rows (dense or paged in place), with the per-head sink."""
-    return active_backend().sparse_attn(q, kv, idx, sink, scale)
+                scale: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Each query's attention over its own KV rows (dense or paged in place), with the per-head sink; with cos /
+    sin [B, S, rope/2], the output's last dims rotated back (the inverse `rope`)."""
+    if cos is None:
+        return active_backend().sparse_attn(q, kv, idx, sink, scale)
+    return active_backend().sparse_attn(q, kv, idx, sink, scale, cos, sin)
 
 
 def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,

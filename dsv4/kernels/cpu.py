@@ -407,12 +407,14 @@ class CpuBackend(ReferenceBackend):
     # ------------------------------------------------------------------------------------------ attention
 
     def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
-                    scale: float) -> Tensor:
+                    scale: float, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
         """As the reference: per 64-slot block the same fp32 logits, shifts and unnormalised kv-dtype-rounded
         probabilities, the blocks' value products, and the blocks folded into the running sum and accumulator in
         block order. The logits come from the rows idx names gathered once (`gather_kv`) or, over a short
         context's few rows, from one GEMM a block of queries where that gives the same bits (`_scored_blocks`);
         rows in the compute dtype (fp32 models) take the cheaper softmaxes (`_dense_attn`, `_gathered_softmax`)."""
+        if cos is not None:
+            return self.rope_back(self.sparse_attn(q, kv, idx, sink, scale), cos, sin)
         b, s, h, d = q.shape
         n_slots = idx.shape[-1]
         if n_slots == 0:

@@ -423,8 +423,11 @@ class ReferenceBackend:
     # ------------------------------------------------------------------------------------------ attention
 
     def sparse_attn(self, q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor,
-                    sink: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of each query over its own list of KV rows, with a per-head attention sink.
+                    sink: torch.Tensor, scale: float, cos: torch.Tensor | None = None,
+                    sin: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of each query over its own list of KV rows, with a per-head attention sink; with cos / sin
+        [B, S, rope/2] the output's rotation taken back (`rope_back`: the values are the keys, rotated), in the op
+        so that a backend can do it as the output is written.
 
         q [B, S, H, D]; kv the rows (keys double as values): a [B, N, D] tensor, or runs of rows concatenated
         in order (dense [B, n, D] tensors and `PagedRows` left in their pages, see `dsv4.kernels.paged`);
@@ -469,7 +472,15 @@ class ReferenceBackend:
         sink_logit = sink.to(acc).view(1, 1, -1).expand(b, s, h)
         shift = torch.where(run_max.isfinite(), run_max, sink_logit.detach())
         denom = denom + torch.exp(sink_logit - shift)
-        return (out / denom.unsqueeze(-1)).to(q.dtype)
+        out = (out / denom.unsqueeze(-1)).to(q.dtype)
+        return out if cos is None else self.rope_back(out, cos, sin)
+
+    def rope_back(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The attention output o [B, S, H, D] with its last dims rotated back, ``rope(o, cos, sin, inverse=True)``
+        for cos / sin [B, S, rope/2] shared by the heads; in place where no gradient is wanted (o is the op's
+        own)."""
+        inplace = not (torch.is_grad_enabled() and o.requires_grad)
+        return self.rope(o, cos.unsqueeze(2), sin.unsqueeze(2), True, inplace)
 
     # ------------------------------------------------------------------------------------------ indexer
 

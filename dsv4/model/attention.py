@@ -21,7 +21,7 @@ from .cache import ForwardContext, LayerCache
 from .compressor import Compressor
 from .indexer import Indexer, indexer_kl_loss
 from .layers import Linear, RMSNorm, project, reads_quantized
-from .rope import apply_rope, rope_cos_sin, rope_frequencies
+from .rope import rope_cos_sin, rope_frequencies
 
 
 class Attention(nn.Module):
@@ -100,7 +100,8 @@ class Attention(nn.Module):
                 idx = torch.cat((window_idx, entries), dim=-1)
 
         scale = self.head_dim**-0.5
-        o = kernels.sparse_attn(q, kv_rows, idx, self.attn_sink, scale)  # [B,S,H,D]
+        # [B,S,H,D], its rope dims rotated back (the values carried their keys' rotation)
+        o = kernels.sparse_attn(q, kv_rows, idx, self.attn_sink, scale, cos, sin)
         if pending is not None:  # the chunk's tokens take their ring slots now that the ring has been read
             cache.write_window_slots(*pending)
         if self.ratio == CSA_RATIO and ctx.trace is not None:
@@ -110,8 +111,6 @@ class Attention(nn.Module):
             ctx.trace.indexer_losses.append(
                 indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores,
                                 queries=torch.arange(seqlen, device=x.device) < ctx.lengths.unsqueeze(1)))
-        # the output is this call's own: rotated in place where no gradient is wanted
-        o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True, inplace=not torch.is_grad_enabled())
 
         # grouped output projection: each group of H/G heads -> o_lora_rank, then wo_b. The official einsum
         # "bsgd,grd->bsgr" as the batched product over the groups it reduces to (what einsum itself runs, less

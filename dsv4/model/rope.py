@@ -13,7 +13,6 @@ import math
 import torch
 from torch import Tensor
 
-from .. import kernels
 from ..config import ModelArgs
 
 
@@ -48,15 +47,3 @@ def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     # [2, ..., rope/2] in one copy: both halves contiguous once, not in every rope that reads them
     cos_sin = torch.view_as_real(rotation).movedim(-1, 0).contiguous()
     return cos_sin[0], cos_sin[1]
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, inplace: bool = False) -> Tensor:
-    """Rotate the last 2*cos.shape[-1] dims of x by interleaved pairs (the kernel op `dsv4.kernels.rope`).
-
-    cos/sin must broadcast against x[..., :rope_dim // 2]. `inverse` rotates by the negative angle,
-    which the attention uses to take the keys' rotation back out of its output (keys are values).
-    The rotation is a complex fp32 product, as in the reference (torch's complex multiply rounds
-    differently from a fused a*cos - b*sin). `inplace`: rotate x's own dims (x is the caller's, and no gradient
-    is wanted; the pass-through dims are not copied).
-    """
-    return kernels.rope(x, cos, sin, inverse, inplace)

@@ -679,7 +679,7 @@ class NativeBackend(CpuBackend):
     # ------------------------------------------------------------------------------------------ attention
 
     def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
-                    scale: float) -> Tensor:
+                    scale: float, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
         """A decode's few queries over fp32 rows in one C call: the named rows read in place (dense runs, or pages
         through their table), every head of a query sharing each row read, the reference's 64-slot online
         softmax; a prefill chunk's in another (`_chunk_attn`). Over bf16 rows each probability is rounded to bf16
@@ -688,6 +688,8 @@ class NativeBackend(CpuBackend):
         logit on the small preset, ten times the parity tolerance): those take `_rounded_attn`, the reference's
         bits, or the "cpu" backend's blocks. Rows stored in another form (a codec: FP8 entries) and a wanted
         gradient stay on the "cpu" backend."""
+        if cos is not None:
+            return self.rope_back(self.sparse_attn(q, kv, idx, sink, scale), cos, sin)
         b, s, h, d = q.shape
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         rows_dtype = runs[0].dtype

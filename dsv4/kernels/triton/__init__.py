@@ -17,7 +17,7 @@ Ops with a kernel:
   kernel for a decode's few rows).
 * **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (a cache
   view's window rings from the cache, paged entries from their pool, the production FP8 row layout decoded in the
-  kernel), the official 64-slot online softmax with the sink.
+  kernel), the official 64-slot online softmax with the sink; the output's rope dims rotated back as it is written.
 * **lightning indexer scores** (`indexer.py`): one program per (entries, queries, batch row) tile, the heads'
   dots against one keys tile added up in head order.
 * **the indexer's top-k** (`topk.py`): after torch's k-th value, one program per query picks every entry above it
@@ -37,7 +37,7 @@ Ops with a kernel:
 * **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
 
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
-static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 347 after).
+static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 341 after).
 
 Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
 kernel's `covers`), is the reference's, so training and odd shapes stay correct. Kernels run on CUDA tensors, or
@@ -159,11 +159,13 @@ class TritonBackend(ReferenceBackend):
     # ------------------------------------------------------------------------------------------ attention
 
     def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
-                    scale: float) -> Tensor:
+                    scale: float, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
         if _runs_here(q) and attention.covers(q, runs, idx, sink):
-            return attention.sparse_attn(q, runs, idx, sink, scale)
-        return super().sparse_attn(q, kv, idx, sink, scale)
+            if attention.covers_rotation(q, cos, sin):
+                return attention.sparse_attn(q, runs, idx, sink, scale, cos, sin)
+            return self.rope_back(attention.sparse_attn(q, runs, idx, sink, scale), cos, sin)
+        return super().sparse_attn(q, kv, idx, sink, scale, cos, sin)
 
     def gated_pool(self, kv: Tensor, score: Tensor, candidates: Tensor) -> Tensor:
         if _runs_here(kv) and pool.covers(kv, score, candidates):

@@ -93,6 +93,7 @@ def _sparse_attn_kernel(
     r1_ptr, s1_0, s1_1, s1_2, n1,  # dense: [B, n1, D] strides; paged: pool [pages, rows_per_page, width] strides
     r1_16_ptr,  # fp8 entries: the pool as int16 (the rope dims' bf16 values)
     tab_ptr, st_b, st_p,
+    cos_ptr, sin_ptr, sc_b, sc_s, HALF,  # ROTATE: the output's last 2*HALF dims rotated back, per (b, s)
     S, H, K, scale,
     D: tl.constexpr,
     RUN0_PAGED: tl.constexpr,  # the first run is one page per batch row (a cache's window rings seen by rows)
@@ -109,6 +110,7 @@ def _sparse_attn_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LIBDEVICE: tl.constexpr,  # libdevice's expf (torch's on CUDA), where it exists
+    ROTATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
@@ -179,9 +181,21 @@ def _sparse_attn_kernel(
     sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
     shift = tl.where(run_max == float("-inf"), sink, run_max)
     denom = denom + exp(sink - shift, LIBDEVICE)
-    out = tl.math.div_rn(acc, tl.broadcast_to(denom[:, None], (BLOCK_H, BLOCK_D)))
+    out = round_to(tl.math.div_rn(acc, tl.broadcast_to(denom[:, None], (BLOCK_H, BLOCK_D))), out_ptr.dtype.element_ty)
+    if ROTATE:  # `rope(out, cos, -sin)` on the stored values: products rounded, then the sums (launched unfused)
+        ev, od = tl.split(tl.reshape(out.to(tl.float32), (BLOCK_H, BLOCK_D // 2, 2)))
+        pair = tl.arange(0, BLOCK_D // 2)
+        first = D // 2 - HALF
+        turn = (pair >= first) & (pair < D // 2)
+        trig = b * sc_b + s * sc_s + (pair - first)
+        c = tl.load(cos_ptr + trig, mask=turn, other=1.0)[None, :]
+        sn = -tl.load(sin_ptr + trig, mask=turn, other=0.0)[None, :]
+        dt = out_ptr.dtype.element_ty
+        ev2 = tl.where(turn[None, :], round_to(ev * c - od * sn, dt).to(tl.float32), ev)
+        od2 = tl.where(turn[None, :], round_to(ev * sn + od * c, dt).to(tl.float32), od)
+        out = round_to(tl.reshape(tl.join(ev2, od2), (BLOCK_H, BLOCK_D)), dt)
     o_ptrs = out_ptr + b * so_b + s * so_s + heads[:, None].to(tl.int64) * so_h + cols[None, :] * so_d
-    tl.store(o_ptrs, round_to(out, out_ptr.dtype.element_ty), mask=head_ok[:, None] & col_ok[None, :])
+    tl.store(o_ptrs, out, mask=head_ok[:, None] & col_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -246,6 +260,20 @@ def _tensors(run: KVRows) -> list[Tensor]:
     return [run] if isinstance(run, Tensor) else [run.pool, run.table]
 
 
+def covers_rotation(q: Tensor, cos: Tensor | None, sin: Tensor | None) -> bool:
+    """The output rotation the kernel takes: none, or cos / sin fp32 [B, S, half] with a unit last stride,
+    2*half <= D (even), no gradient wanted."""
+    if cos is None and sin is None:
+        return True
+    if cos is None or sin is None:
+        return False
+    b, s, _, d = q.shape
+    half = cos.shape[-1]
+    return (d % 2 == 0 and 0 < 2 * half <= d and all(
+        t.dtype == torch.float32 and tuple(t.shape) == (b, s, half) and t.stride(-1) == 1 and t.device == q.device
+        and not (torch.is_grad_enabled() and t.requires_grad) for t in (cos, sin)) and cos.stride() == sin.stride())
+
+
 def covers(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor) -> bool:
     """True when the kernel handles these inputs directly (else the backend falls back to the reference): a first
     run dense or of one page per batch row (`_paged_first_run`) and at most one more run (dense, or paged with
@@ -297,11 +325,15 @@ def _launch_config(h: int, d: int, f32: bool) -> tuple[int, int, int, int]:
     return block_h, block_d, 4 if block_h * block_d <= 4096 else 8, 2
 
 
-def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, scale: float,
+                cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
     """[B,S,H,D] like ReferenceBackend.sparse_attn: attention of each query over the rows idx [B, S, K] names in
-    the concatenation of `runs` (-1 = unused slot), with the per-head sink logit in the denominator only.
-    Inputs must satisfy `covers` (ValueError otherwise)."""
-    if not covers(q, runs, idx, sink):
+    the concatenation of `runs` (-1 = unused slot), with the per-head sink logit in the denominator only; with cos
+    / sin [B, S, half], the output's last 2*half dims rotated back as it is written (`rope_back`: the stored values
+    rotated by the negative angle, each product rounded before its sum: the kernel is then launched unfused,
+    which leaves the softmax's products and sums unfused too, as the reference's are). Inputs must satisfy
+    `covers` and `covers_rotation` (ValueError otherwise)."""
+    if not (covers(q, runs, idx, sink) and covers_rotation(q, cos, sin)):
         raise ValueError("triton sparse_attn does not cover these inputs (check `covers` first)")
     runs = _runs(runs)
     b, s, h, d = q.shape
@@ -309,7 +341,7 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
     out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    if k == 0:  # no slot: the sink alone, so every output is 0
+    if k == 0:  # no slot: the sink alone, so every output is 0 (and so is its rotation)
         return out.zero_()
     paged0 = not isinstance(runs[0], Tensor)
     first, n0 = (runs[0].pool, runs[0].count) if paged0 else (runs[0], runs[0].shape[1])
@@ -335,6 +367,7 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
     qk_f32 = q.dtype != first.dtype or first.dtype == torch.float32
     block_h, block_d, num_warps, num_stages = _launch_config(h, d, qk_f32)
     grid = (b * s, triton.cdiv(h, block_h))
+    rotate = cos is not None
     _sparse_attn_kernel[grid](
         q, *q.stride(),
         idx, *idx.stride(),
@@ -345,12 +378,14 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
         second, *second.stride(), n1,
         second16,
         table, t_b, t_p,
+        *((cos, sin, cos.stride(0), cos.stride(1), cos.shape[-1]) if rotate else (sink, sink, 0, 0, 0)),
         s, h, k, float(scale),
         D=d, RUN0_PAGED=paged0, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=TL_DTYPES[mid],
         NOPE=d - rope, ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), ROTATE=rotate, num_warps=num_warps, num_stages=num_stages,
+        enable_fp_fusion=not rotate,
     )
     return out
 
 
-__all__ = ["ATTN_BLOCK", "covers", "sparse_attn"]
+__all__ = ["ATTN_BLOCK", "covers", "covers_rotation", "sparse_attn"]
