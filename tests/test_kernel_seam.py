@@ -176,3 +176,25 @@ def test_overriding_one_op_changes_every_op_built_on_it():
     assert layer(x).abs().sum() > 0
     with kernels.use_backend("zero-gemm"):
         assert layer(x).abs().sum() == 0
+
+
+def test_only_plain_quantised_linears_are_handed_a_quantisation():
+    """`reads_quantized`: a Linear with FP8 weights and its own forward takes act_quant of its input from the caller;
+    a float one, one whose forward a training recipe replaced, and a subclass with a forward of its own (tensor
+    parallelism's row-parallel linear) do not."""
+    from dsv4.model.layers import reads_quantized
+    from dsv4.parallel.tensor_parallel import RowParallelLinear
+
+    plain = Linear(256, 128)
+    assert not reads_quantized(plain)  # float weights
+    w, s = quantize_fp8_weight(torch.randn(128, 256))
+    plain.weight = torch.nn.Parameter(w, requires_grad=False)
+    plain.scale = s
+    assert reads_quantized(plain)
+    row_parallel = RowParallelLinear.__new__(RowParallelLinear)
+    torch.nn.Module.__init__(row_parallel)
+    row_parallel.weight = plain.weight
+    row_parallel.register_buffer("scale", s)
+    assert not reads_quantized(row_parallel) and not reads_quantized(plain, row_parallel)
+    plain.forward = lambda x: x
+    assert not reads_quantized(plain)

@@ -39,8 +39,8 @@ def reads_quantized(*linears: nn.Module) -> bool:
     """Whether each of these linears multiplies its input's FP8 quantisation (an FP8 or FP4 weight, the module's own
     forward), so that one `act_quant` of an input they share serves them all: `RMSNorm`'s `quantize` makes it with
     the norm, and `project` hands it over."""
-    return all(isinstance(m, Linear) and m._buffers.get("scale") is not None and "forward" not in m.__dict__
-               for m in linears)
+    return all(isinstance(m, Linear) and type(m).forward is Linear.forward and "forward" not in m.__dict__
+               and m._buffers.get("scale") is not None for m in linears)
 
 
 def project(linear: nn.Module, x: Tensor, quantized: tuple[Tensor, Tensor] | None) -> Tensor:
