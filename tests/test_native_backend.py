@@ -475,6 +475,9 @@ def test_index_topk_equals_the_reference_bit_for_bit(dtype, k):
         assert torch.equal(got_scores, want_scores), name  # masked in place alike
         shifted = FAST.index_topk(scores.clone(), visible, k, 64)[0]  # (the attention's rows: entry 0 at row 64)
         assert torch.equal(shifted, torch.where(got[0] >= 0, got[0] + 64, -1)), name
+        window = torch.randint(-1, 64, (*scores.shape[:2], 64), generator=gen)  # (and the window's slots first)
+        after = FAST.index_topk(scores.clone(), visible, k, 64, window)
+        assert torch.equal(after[0], torch.cat((window, shifted), dim=-1)) and torch.equal(after[1], got[1]), name
 
 
 @pytest.mark.parametrize("k", [1, 64, 270, 299, 300])

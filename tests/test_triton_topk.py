@@ -60,6 +60,23 @@ def test_index_topk_equals_the_reference(k, dtype, offset):
     assert (picks[0, 2, :5] >= offset).all() and (picks[0, 2, :5] < offset + 5).all()
 
 
+@pytest.mark.parametrize("k", [16, 70])
+def test_index_topk_writes_its_picks_after_a_prefix(k):
+    """With a prefix (the attention's window slots, [B, S, W], strided here) the ids are [B, S, W + k]: the prefix
+    copied, then the picks; the same as the reference (which concatenates), the picked scores unchanged."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(-2, 3, (2, 3, 70), generator=g).float() * torch.rand(2, 3, 1, generator=g)
+    visible = torch.tensor([[70, 30, 5], [0, 69, 41]])
+    prefix = torch.randint(-1, 128, (2, 3, 2 * 37), generator=g)[..., ::2]  # W = 37, not a power of two
+    backend = TritonBackend()
+    got, got_scores = backend.index_topk(scores.clone().to(DEVICE), visible.to(DEVICE), k, 128, prefix.to(DEVICE))
+    want, want_scores = ReferenceBackend().index_topk(scores.clone(), visible, k, 128, prefix)
+    plain, plain_scores = backend.index_topk(scores.clone().to(DEVICE), visible.to(DEVICE), k, 128)
+    assert got.shape == (2, 3, 37 + min(k, 70)) and torch.equal(got.cpu(), want)
+    assert torch.equal(got[..., :37].cpu(), prefix) and torch.equal(got[..., 37:], plain)
+    assert torch.equal(got_scores.cpu(), want_scores) and torch.equal(got_scores, plain_scores)
+
+
 def test_a_row_with_nan_scores_still_picks_valid_entries():
     scores = torch.randn(2, 60, device=DEVICE)
     scores[0, 7] = float("nan")

@@ -143,6 +143,7 @@ def run_calls() -> None:
             scores, visible = torch.randn(2, 1, n).to(dtype), torch.full((2, 1), n // 2)
             triton_topk.hide_unseen(scores, visible)  # (the indexer's mask, then its final picks at their rows)
             triton_topk.index_picks(scores, visible, k, 128)
+            triton_topk.index_picks(scores, visible, k, 128, torch.randint(-1, 128, (2, 1, 128)))  # after the window
         # attention: a dense or one-page-a-row run, then a dense or a paged second run (model rows, or the
         # production FP8 layout)
         q = torch.randn(2, 3, 8, 64).to(dtype)

@@ -325,11 +325,13 @@ def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     return active_backend().index_scores(q, keys, weights, visible)
 
 
-def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int,
-               offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int, offset: int = 0,
+               prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The indexer's picks [B, S, k] (ids by descending score, ties to the earlier entry, plus `offset`; -1 past a
-    query's `visible` entries) and their scores; masks `scores` in place."""
-    return active_backend().index_topk(scores, visible, k, offset)
+    query's `visible` entries; after `prefix` [B, S, W] where given) and their scores; masks `scores` in place."""
+    if prefix is None:
+        return active_backend().index_topk(scores, visible, k, offset)
+    return active_backend().index_topk(scores, visible, k, offset, prefix)
 
 
 def gated_pool(kv: torch.Tensor, score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

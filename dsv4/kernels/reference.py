@@ -501,19 +501,21 @@ class ReferenceBackend:
         # over one head the sum is a copy (and torch's reduction over a size-1 dim is slow)
         return weighted[:, :, 0] if q.shape[2] == 1 else weighted.sum(dim=2)
 
-    def index_topk(self, scores: torch.Tensor, visible: torch.Tensor, k: int,
-                   offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def index_topk(self, scores: torch.Tensor, visible: torch.Tensor, k: int, offset: int = 0,
+                   prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The lightning indexer's selection. scores [B, S, N]: each query's index score of every entry (the
         `index_scores` op's result), set to -inf in place where the query does not see the entry; visible [B, S]
         int64: how many entries (0 .. visible-1) each query sees. Returns the ids [B, S, k'] (k' = min(k, N)) of
         the best entries by descending score, ties to the earlier entry (the official top-k's order, which the
         attention's blocks of candidates follow), plus `offset` (where the attention finds entry 0 among its rows),
         -1 where a query sees fewer than k', and their scores [B, S, k'] (-inf at those -1; differentiable in the
-        scores)."""
+        scores). With `prefix` [B, S, W] int64 the ids come after it, [B, S, W + k'] (the attention's window slots
+        first: one tensor written, where a backend can, instead of a concatenation after the op)."""
         seen = visible.unsqueeze(-1)  # [B,S,1]
         scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device) >= seen, float("-inf"))
         top = stable_topk(scores.detach(), k)  # [B,S,k']
-        return torch.where(top < seen, top + offset if offset else top, -1), scores.gather(-1, top)
+        ids = torch.where(top < seen, top + offset if offset else top, -1)
+        return ids if prefix is None else torch.cat((prefix, ids), dim=-1), scores.gather(-1, top)
 
     # ------------------------------------------------------------------------------------------ mHC
 

@@ -89,15 +89,16 @@ class Attention(nn.Module):
             kv_rows.append(cache.compressor.entries.rows(n_entries))  # [B,N,D], paged entries stay in their pages
             if self.ratio == CSA_RATIO:
                 dense = ctx.trace is not None and ctx.trace.dense_indexer
-                # [B,S,k], or [B,S,N] when dense: rows of the runs (entry j at offset + j) or -1
-                chosen, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer,
-                                                    dense=dense, offset=offset, c_q_quantized=c_q_quantized,
-                                                    x_fp32=xf)
-                idx = torch.cat((window_idx, chosen), dim=-1)
-            else:  # every causally complete entry: the same for every layer of this ratio in a forward
-                entries = ctx.shared(("hca_entries", self.ratio, n_entries, offset),
-                                     lambda: _hca_entry_slots(ctx, self.ratio, n_entries, offset))
-                idx = torch.cat((window_idx, entries), dim=-1)
+                # [B,S,W+k] (W+N when dense): the window slots, then the selected rows of the runs (entry j at
+                # offset + j) or -1
+                idx, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer, dense=dense,
+                                                 offset=offset, c_q_quantized=c_q_quantized, x_fp32=xf,
+                                                 prefix=window_idx)
+            else:  # every causally complete entry: the same for every layer of this ratio in a forward (and so
+                # is the whole index, for layers whose window indices are the same tensor, held with it)
+                key = ("hca_idx", self.ratio, n_entries, offset, id(window_idx))
+                idx = ctx.shared(key, lambda: (window_idx, torch.cat(
+                    (window_idx, _hca_entry_slots(ctx, self.ratio, n_entries, offset)), dim=-1)))[1]
 
         scale = self.head_dim**-0.5
         # [B,S,H,D], its rope dims rotated back (the values carried their keys' rotation)
@@ -108,6 +109,7 @@ class Attention(nn.Module):
             with torch.no_grad():
                 logits = _slot_logits(q, concat_rows(kv_rows), idx) * scale
                 logits = logits.to(torch.float32).masked_fill((idx < 0).unsqueeze(2), float("-inf"))
+            chosen = idx[..., window_idx.shape[-1]:]  # [B,S,k] the indexer's selection
             ctx.trace.indexer_losses.append(
                 indexer_kl_loss(logits, self.attn_sink.detach(), window_idx.shape[-1], chosen, index_scores,
                                 queries=torch.arange(seqlen, device=x.device) < ctx.lengths.unsqueeze(1)))

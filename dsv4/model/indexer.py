@@ -42,13 +42,14 @@ class Indexer(nn.Module):
 
     def forward(self, x: Tensor, c_q: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor, ctx: ForwardContext,
                 state: CompressorState, dense: bool = False, offset: int = 0,
-                c_q_quantized: tuple[Tensor, Tensor] | None = None,
-                x_fp32: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                c_q_quantized: tuple[Tensor, Tensor] | None = None, x_fp32: Tensor | None = None,
+                prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (by descending index score, -1 =
         none, last), each plus `offset` (where the attention's rows hold entry 0), and their index scores [B,S,k].
         `dense` (the warm-up stage of training) selects every visible entry instead, in index order: ids and
         scores [B,S,N]. `c_q_quantized`: act_quant(c_q) where the caller has it, for wq_b; `x_fp32`: x in fp32
-        where the caller has it, for the compressor.
+        where the caller has it, for the compressor; `prefix` [B,S,W]: ids put before the selected ones (the
+        attention's window slots: its whole index in one tensor).
 
         The inputs are detached: selection is not differentiable, so the indexer learns only from its
         own KL loss against the attention (`indexer_kl_loss`), and that loss must not train the backbone.
@@ -58,7 +59,7 @@ class Indexer(nn.Module):
         keys = state.entries.read(n_entries)  # [B,N,Di]: every visible key is scored
         if n_entries == 0:
             empty = torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
-            return empty, empty.to(torch.float32)
+            return (empty if prefix is None else prefix), empty.to(torch.float32)
         if not reads_quantized(self.wq_b):
             c_q_quantized = None
         q = project(self.wq_b, c_q, c_q_quantized).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
@@ -82,14 +83,16 @@ class Indexer(nn.Module):
             if self.all_reduce is not None:
                 index_scores = self.all_reduce(index_scores)
             if not dense:
-                # [B,s,k] each
-                picked, picked_scores = kernels.index_topk(index_scores, n_visible[:, rows], k, offset)
+                # [B,s,k] each ([B,s,W+k] after the prefix)
+                picked, picked_scores = kernels.index_topk(index_scores, n_visible[:, rows], k, offset,
+                                                           None if prefix is None else prefix[:, rows])
                 chosen.append(picked)
                 chosen_scores.append(picked_scores)
                 continue
             seen = n_visible[:, rows].unsqueeze(-1)  # [B,s,1]
             hidden = torch.arange(n_entries, device=x.device) >= seen  # [B,s,N]
-            chosen.append(torch.where(hidden, -1, torch.arange(offset, offset + n_entries, device=x.device)))
+            picked = torch.where(hidden, -1, torch.arange(offset, offset + n_entries, device=x.device))
+            chosen.append(picked if prefix is None else torch.cat((prefix[:, rows], picked), dim=-1))
             chosen_scores.append(index_scores.masked_fill(hidden, float("-inf")))
         if len(chosen) == 1:  # (a decode step's one block: no copy)
             return chosen[0], chosen_scores[0]

@@ -1043,11 +1043,16 @@ class NativeBackend(CpuBackend):
                 return lanes
         return None
 
-    def index_topk(self, scores: Tensor, visible: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+    def index_topk(self, scores: Tensor, visible: Tensor, k: int, offset: int = 0,
+                   prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One C call for the masking, the top-k, its order, the -1s and the gathered scores (about 25 torch ops,
         more when ties are cut) while the scores are few (`NATIVE_TOPK_SCORES`, a decode's or a short chunk's);
         a long prefill keeps torch's O(N) topk. In training the C call picks from a copy, and the picked scores are
-        gathered from the scores masked as the reference masks them (autograd records both)."""
+        gathered from the scores masked as the reference masks them (autograd records both). A `prefix` is put
+        before the ids by a concatenation."""
+        if prefix is not None:
+            ids, picked = self.index_topk(scores, visible, k, offset)
+            return torch.cat((prefix, ids), dim=-1), picked
         n = scores.shape[-1]
         if (scores.dtype not in _BF16 or scores.numel() > NATIVE_TOPK_SCORES or not scores.is_contiguous()
                 or scores.device.type != "cpu" or visible.device.type != "cpu"):

@@ -37,7 +37,7 @@ Ops with a kernel:
 * **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
 
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
-static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 341 after).
+static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 337 after).
 
 Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
 kernel's `covers`), is the reference's, so training and odd shapes stay correct. Kernels run on CUDA tensors, or
@@ -186,14 +186,16 @@ class TritonBackend(ReferenceBackend):
             return indexer.index_scores(q, keys, weights, visible)
         return super().index_scores(q, keys, weights, visible)
 
-    def index_topk(self, scores: Tensor, visible: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+    def index_topk(self, scores: Tensor, visible: Tensor, k: int, offset: int = 0,
+                   prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
         k = min(k, scores.shape[-1])
         if (_runs_here(scores) and topk.covers(scores, k)
-                and not (torch.is_grad_enabled() and scores.requires_grad)):
+                and not (torch.is_grad_enabled() and scores.requires_grad)
+                and (prefix is None or tuple(prefix.shape[:-1]) == tuple(scores.shape[:-1]))):
             topk.hide_unseen(scores, visible)  # (the reference's in-place mask)
-            # the reference's picks in its order (plus the offset), and their scores
-            return topk.index_picks(scores, visible, k, offset)
-        return super().index_topk(scores, visible, k, offset)
+            # the reference's picks in its order (plus the offset, after the prefix), and their scores
+            return topk.index_picks(scores, visible, k, offset, prefix)
+        return super().index_topk(scores, visible, k, offset, prefix)
 
     # ------------------------------------------------------------------------------------------ rows
 

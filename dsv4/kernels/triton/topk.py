@@ -44,13 +44,19 @@ def _descending_key(values, index):
 
 @triton.jit
 def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, seen_ptr, picked_ptr, stride_p, N, K,
-                       offset, KP: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr, FINAL: tl.constexpr):
+                       offset, prefix_ptr, stride_f, W, KP: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr,
+                       FINAL: tl.constexpr, WP: tl.constexpr):
     """One row's picks; ALL: K == N, every entry (no k-th value); FINAL: the indexer's outputs, the picks plus
-    `offset`, -1 for those at or past the row's `seen` count, and each pick's score (as stored) at picked_ptr."""
+    `offset`, -1 for those at or past the row's `seen` count, and each pick's score (as stored) at picked_ptr.
+    W > 0: the row's W prefix indices first in the output row (copied), the picks after them."""
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * stride_r
     offs = tl.arange(0, BLOCK)
     out = out_ptr + row * stride_o
+    if WP > 0:
+        w = tl.arange(0, WP)
+        tl.store(out + w, tl.load(prefix_ptr + row * stride_f + w, mask=w < W), mask=w < W)
+        out += W
     if ALL:
         for lo in range(0, N, BLOCK):
             tl.store(out + lo + offs, lo + offs, mask=lo + offs < N)
@@ -111,9 +117,10 @@ def covers(scores: Tensor, k: int) -> bool:
     return 0 < k <= n < 2**31 and k <= MAX_K and scores.numel() > 0 and scores.stride(-1) == 1
 
 
-def _launch(scores: Tensor, k: int, seen: Tensor | None, offset: int = 0) -> tuple[Tensor, Tensor | None]:
+def _launch(scores: Tensor, k: int, seen: Tensor | None, offset: int = 0,
+            prefix: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The picks [..., k] of scores [..., N]; with `seen` [...], final (plus `offset`, -1 at or past it) and with
-    their scores."""
+    their scores; with `prefix` [..., W] int64, [..., W + k]: each row's prefix, then its picks."""
     if not covers(scores, k):
         raise ValueError("triton earliest_k does not cover these inputs (check `covers` first)")
     n = scores.shape[-1]
@@ -121,14 +128,20 @@ def _launch(scores: Tensor, k: int, seen: Tensor | None, offset: int = 0) -> tup
     every = k == n
     # the k-th value (one radix select over N), unless every entry is picked
     kth = rows if every else rows.topk(k, dim=-1, sorted=False).values.amin(dim=-1).to(torch.float32).contiguous()
-    out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=scores.device)
+    w = 0 if prefix is None else prefix.shape[-1]
+    before = None if prefix is None else prefix.reshape(-1, w).to(torch.int64)
+    if before is not None and before.stride(-1) != 1:
+        before = before.contiguous()
+    out = torch.empty(rows.shape[0], w + k, dtype=torch.int64, device=scores.device)
     picked = None if seen is None else torch.empty(rows.shape[0], k, dtype=scores.dtype, device=scores.device)
     _earliest_k_kernel[(rows.shape[0],)](
         rows, rows.stride(0), kth, out, out.stride(0), out if seen is None else seen.reshape(-1).contiguous(),
         out if picked is None else picked, k if picked is None else picked.stride(0), n, k, offset,
-        KP=triton.next_power_of_2(k), BLOCK=_BLOCK, ALL=every, FINAL=seen is not None)
+        out if before is None else before, 0 if before is None else before.stride(0), w,
+        KP=triton.next_power_of_2(k), BLOCK=_BLOCK, ALL=every, FINAL=seen is not None,
+        WP=triton.next_power_of_2(w) if w else 0)
     lead = scores.shape[:-1]
-    return out.view(*lead, k), None if picked is None else picked.view(*lead, k)
+    return out.view(*lead, w + k), None if picked is None else picked.view(*lead, k)
 
 
 def earliest_k(scores: Tensor, k: int) -> Tensor:
@@ -151,10 +164,12 @@ def hide_unseen(scores: Tensor, visible: Tensor) -> None:
                                                              BLOCK=block)
 
 
-def index_picks(scores: Tensor, visible: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+def index_picks(scores: Tensor, visible: Tensor, k: int, offset: int = 0,
+                prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The tail of `ReferenceBackend.index_topk` on scores [..., N] already masked past `visible` [...]: the picks
-    [..., k] (plus `offset`; -1 at or past a row's visible count) and their scores, from the kernel directly."""
-    return _launch(scores, k, visible, offset)
+    [..., k] (plus `offset`; -1 at or past a row's visible count; after the row's `prefix` where given) and their
+    scores, from the kernel directly."""
+    return _launch(scores, k, visible, offset, prefix)
 
 
 __all__ = ["MAX_K", "covers", "earliest_k", "hide_unseen", "index_picks"]
