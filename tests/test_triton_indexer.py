@@ -50,6 +50,19 @@ def test_fp32_scores_equal_the_reference(shape):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize(("dtype", "w_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32)])
+def test_the_weight_scale_is_the_weights_scaled_first(dtype, w_dtype):
+    """`weight_scale` (the indexer's 1/sqrt(D * Hi)) applied as the kernel reads the weights is bit for bit the kernel
+    over ``weights * weight_scale`` rounded to the weights' dtype, and the reference's the same."""
+    q, keys, weights = _inputs(2, 9, 8, 128, 200, dtype=dtype, w_dtype=w_dtype, seed=4)
+    scale = 128**-0.5 * 8**-0.5
+    got = indexer.index_scores(q, keys, weights, None, scale)
+    assert torch.equal(got, indexer.index_scores(q, keys, weights * scale))
+    assert not torch.equal(got, indexer.index_scores(q, keys, weights))
+    assert torch.equal(REF.index_scores(q, keys, weights, None, scale), REF.index_scores(q, keys, weights * scale))
+
+
 def test_with_visible_counts_the_scores_each_query_sees_are_the_references():
     """`visible` [B, S] lets the kernel skip a 64-entry tile no query of its block sees (what a static decode step
     reads past a row's entries); every entry a query sees is scored as without it. Counts on both sides of the tile
@@ -141,10 +154,11 @@ def test_the_indexer_scores_through_the_seam():
             want = model(tokens)
         assert torch.equal(counted, want)
         assert counting.calls["index_scores"] == csa_layers > 0  # 37 queries: one query block per CSA layer
-        for q, keys, weights, visible in counting.arguments["index_scores"]:
+        for q, keys, weights, visible, weight_scale in counting.arguments["index_scores"]:
             assert q.shape == (2, 37, args.index_n_heads, args.index_head_dim) and q.dtype == dtype
             assert keys.shape == (2, 37 // 4, args.index_head_dim) and weights.shape == q.shape[:3]
             assert torch.equal(visible, ((torch.arange(37) + 1) // 4).expand(2, 37))  # each query's entries
+            assert weight_scale == args.index_head_dim**-0.5 * args.index_n_heads**-0.5  # scaled in the op
         with kernels.use_backend(_IndexerOnTriton()):
             got = model(tokens)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -136,6 +136,8 @@ def run_calls() -> None:
                              torch.randn(2, s, 64).to(dtype))
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),
                              torch.randn(2, s, 64).to(dtype), torch.full((2, s), 150))  # tiles past visible skipped
+            tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),
+                             torch.randn(2, s, 64).to(dtype), torch.full((2, s), 150), 0.01)  # the weights scaled
         # the indexer's top-k: V4's 512 of a long row, and a decode's few
         # (the kernel itself: launches are recorded here, not run, so no gather may follow)
         for n, k in ((3000, 512), (40, 3)):

@@ -318,11 +318,13 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch
 
 
 def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
-                 visible: torch.Tensor | None = None) -> torch.Tensor:
-    """The lightning indexer's scores [B, S, N]: sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n]). With
-    `visible` [B, S] (the entries each query sees) the scores of later entries are left unspecified: a backend
-    may skip them (their top-k masks them)."""
-    return active_backend().index_scores(q, keys, weights, visible)
+                 visible: torch.Tensor | None = None, weight_scale: float = 1.0) -> torch.Tensor:
+    """The lightning indexer's scores [B, S, N]: sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n]), the weights
+    first times `weight_scale` in their dtype. With `visible` [B, S] (the entries each query sees) the scores of
+    later entries are left unspecified: a backend may skip them (their top-k masks them)."""
+    if weight_scale == 1.0:
+        return active_backend().index_scores(q, keys, weights, visible)
+    return active_backend().index_scores(q, keys, weights, visible, weight_scale)
 
 
 def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int, offset: int = 0,

@@ -485,7 +485,7 @@ class ReferenceBackend:
     # ------------------------------------------------------------------------------------------ indexer
 
     def index_scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
-                     visible: torch.Tensor | None = None) -> torch.Tensor:
+                     visible: torch.Tensor | None = None, weight_scale: float = 1.0) -> torch.Tensor:
         """The lightning indexer's scores of queries q [B, S, Hi, D] against entries keys [B, N, D] (q's dtype)
         with the per-head weights [B, S, Hi] (`visible` [B, S], the entries each query sees, lets a backend skip
         the later ones; the reference scores them all):
@@ -494,8 +494,11 @@ class ReferenceBackend:
 
         computed as torch computes it: one einsum for every head's dots (in q's dtype), ReLU, times the weights
         (the result type of the two), summed over the heads (torch's reduction; over one head a copy). Returns
-        [B, S, N] in that result type (fp32 for fp32 inputs); differentiable.
+        [B, S, N] in that result type (fp32 for fp32 inputs); differentiable. `weight_scale`: the weights are
+        ``weights * weight_scale`` (in their dtype), scaled in the op so that a backend can do it as it reads them.
         """
+        if weight_scale != 1.0:
+            weights = weights * weight_scale
         scores = torch.einsum("bshd,bnd->bshn", q, keys).relu_()  # [B,S,Hi,N]
         weighted = scores * weights.unsqueeze(-1)
         # over one head the sum is a copy (and torch's reduction over a size-1 dim is slow)

@@ -65,7 +65,7 @@ class Indexer(nn.Module):
         q = project(self.wq_b, c_q, c_q_quantized).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
         q = kernels.norm_rope_qat(q, None, 0.0, cos.unsqueeze(2), sin.unsqueeze(2),
                                   "hadamard_fp4" if ctx.exact else "hadamard")
-        weights = self.weights_proj(x) * self.weight_scale  # [B,S,Hi]
+        weights = self.weights_proj(x)  # [B,S,Hi], times weight_scale in the scores' op
         keys = keys.to(q.dtype)
         # [B,S] the entries each query sees, the same in every CSA layer of a forward
         n_visible = ctx.shared(("csa_visible",), lambda: torch.div(ctx.positions + 1, CSA_RATIO, rounding_mode="floor"))
@@ -79,7 +79,7 @@ class Indexer(nn.Module):
             rows = slice(lo, lo + block)
             # [B,s,N]; past each query's visible entries unspecified unless dense (the top-k masks them)
             index_scores = kernels.index_scores(q[:, rows], keys, weights[:, rows],
-                                                None if dense else n_visible[:, rows])
+                                                None if dense else n_visible[:, rows], self.weight_scale)
             if self.all_reduce is not None:
                 index_scores = self.all_reduce(index_scores)
             if not dense:

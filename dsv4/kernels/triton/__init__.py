@@ -37,7 +37,7 @@ Ops with a kernel:
 * **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
 
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
-static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 337 after).
+static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 334 after).
 
 Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
 kernel's `covers`), is the reference's, so training and odd shapes stay correct. Kernels run on CUDA tensors, or
@@ -181,10 +181,11 @@ class TritonBackend(ReferenceBackend):
 
     # ------------------------------------------------------------------------------------------ indexer
 
-    def index_scores(self, q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None) -> Tensor:
+    def index_scores(self, q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None,
+                     weight_scale: float = 1.0) -> Tensor:
         if _runs_here(q) and indexer.covers(q, keys, weights, visible):
-            return indexer.index_scores(q, keys, weights, visible)
-        return super().index_scores(q, keys, weights, visible)
+            return indexer.index_scores(q, keys, weights, visible, weight_scale)
+        return super().index_scores(q, keys, weights, visible, weight_scale)
 
     def index_topk(self, scores: Tensor, visible: Tensor, k: int, offset: int = 0,
                    prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -43,10 +43,11 @@ def _index_scores_kernel(
     w_ptr, w_sb, w_ss, w_sh,
     out_ptr, o_sb, o_ss, o_sn,
     vis_ptr, v_sb, v_ss,  # the entries each query sees (HAS_VISIBLE): a tile past all its queries' is skipped
-    S, N,
+    S, N, weight_scale,
     HAS_VISIBLE: tl.constexpr,
     HEADS: tl.constexpr, D: tl.constexpr, SCORE: tl.constexpr, OUT: tl.constexpr, WIDEN_DOTS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALED: tl.constexpr, W_DT: tl.constexpr,  # SCALED: the weights times weight_scale first, rounded to W_DT
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -76,6 +77,8 @@ def _index_scores_kernel(
         score = round_to(dot(q, keys_t, WIDEN_DOTS), SCORE).to(tl.float32)  # the reference's einsum output
         score = tl.where(score < 0.0, 0.0, score)  # ReLU (NaN stays NaN, like torch's)
         w = tl.load(w_rows, mask=row_ok, other=0.0).to(tl.float32)
+        if SCALED:  # (torch's `weights * weight_scale`: the product in fp32, rounded to the weights' dtype)
+            w = round_to(w * weight_scale, W_DT).to(tl.float32)
         acc += round_to(score * w[:, None], OUT).to(tl.float32)
         q_rows += q_sh  # on to the next head (pointer arithmetic: 64-bit)
         w_rows += w_sh
@@ -130,10 +133,12 @@ def _launch_config(s: int, d: int, f32: bool) -> tuple[int, int, int, int]:
     return block_s, 64, block_d, 4 if block_s == 16 and not f32 else 8
 
 
-def index_scores(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None) -> Tensor:
+def index_scores(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None,
+                 weight_scale: float = 1.0) -> Tensor:
     """[B, S, N] like ReferenceBackend.index_scores: sum over heads h in order of weights[b, t, h] *
-    ReLU(q[b, t, h] . keys[b, j]); with `visible` [B, S], the tiles of entries no query of theirs sees are not
-    computed (left as allocated). Inputs must satisfy `covers` (ValueError otherwise)."""
+    ReLU(q[b, t, h] . keys[b, j]) (the weights times `weight_scale` first); with `visible` [B, S], the tiles of
+    entries no query of theirs sees are not computed (left as allocated). Inputs must satisfy `covers` (ValueError
+    otherwise)."""
     if not covers(q, keys, weights, visible):
         raise ValueError("triton index_scores does not cover these inputs (check `covers` first)")
     b, s, h, d = q.shape
@@ -148,9 +153,10 @@ def index_scores(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | Non
         weights, *weights.stride(),
         out, *out.stride(),
         q if visible is None else visible, *((0, 0) if visible is None else visible.stride()),
-        s, n,
+        s, n, float(weight_scale),
         HAS_VISIBLE=visible is not None, HEADS=h, D=d, SCORE=TL_DTYPES[q.dtype], OUT=TL_DTYPES[dtype],
-        WIDEN_DOTS=interpreting(), BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=2,
+        WIDEN_DOTS=interpreting(), BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_D=block_d,
+        SCALED=weight_scale != 1.0, W_DT=TL_DTYPES[weights.dtype], num_warps=num_warps, num_stages=2,
     )
     return out
 
