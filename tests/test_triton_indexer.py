@@ -54,13 +54,18 @@ def test_fp32_scores_equal_the_reference(shape):
                                                   (torch.bfloat16, torch.float32)])
 def test_the_weight_scale_is_the_weights_scaled_first(dtype, w_dtype):
     """`weight_scale` (the indexer's 1/sqrt(D * Hi)) applied as the kernel reads the weights is bit for bit the kernel
-    over ``weights * weight_scale`` rounded to the weights' dtype, and the reference's the same."""
+    over ``weights * weight_scale`` rounded to the weights' dtype, the reference's the same, and (fp32) the two
+    agree."""
     q, keys, weights = _inputs(2, 9, 8, 128, 200, dtype=dtype, w_dtype=w_dtype, seed=4)
     scale = 128**-0.5 * 8**-0.5
     got = indexer.index_scores(q, keys, weights, None, scale)
     assert torch.equal(got, indexer.index_scores(q, keys, weights * scale))
     assert not torch.equal(got, indexer.index_scores(q, keys, weights))
-    assert torch.equal(REF.index_scores(q, keys, weights, None, scale), REF.index_scores(q, keys, weights * scale))
+    want = REF.index_scores(q, keys, weights, None, scale)
+    assert torch.equal(want, REF.index_scores(q, keys, weights * scale))
+    if dtype == torch.float32:  # and the kernel's scaled scores are the reference's, to fp32 rounding
+        bound = _magnitude(q, keys, weights * scale).max().item()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * bound)
 
 
 def test_with_visible_counts_the_scores_each_query_sees_are_the_references():

@@ -61,21 +61,18 @@ class Block(nn.Module):
         written over in place."""
         inplace = not torch.is_grad_enabled()
         u, post, comb = self._pre("attn", x, ctx)
-        # (inference: the norm also gives the FP8 quantisation its quantised linears read, made once)
-        if inplace and self.attn.reads_quantized():
-            normed, quantized = self.attn_norm(u, True)
-            out = self.attn(normed, ctx, cache, quantized)
-        else:
-            out = self.attn(self.attn_norm(u), ctx, cache)
-        x = hc_post(out, x, post, comb, inplace=inplace and reuse_input)
+        normed, quantized = _normed(self.attn_norm, u, inplace and self.attn.reads_quantized())
+        x = hc_post(self.attn(normed, ctx, cache, quantized), x, post, comb, inplace=inplace and reuse_input)
         u, post, comb = self._pre("ffn", x, ctx)
         routing = ctx.trace.routing if ctx.trace is not None else None
-        if inplace and self.ffn.reads_quantized():
-            normed, quantized = self.ffn_norm(u, True)
-            out = self.ffn(normed, ctx.tokens, routing, quantized)
-        else:
-            out = self.ffn(self.ffn_norm(u), ctx.tokens, routing)
-        return hc_post(out, x, post, comb, inplace=inplace)
+        normed, quantized = _normed(self.ffn_norm, u, inplace and self.ffn.reads_quantized())
+        return hc_post(self.ffn(normed, ctx.tokens, routing, quantized), x, post, comb, inplace=inplace)
+
+
+def _normed(norm: RMSNorm, u: Tensor, quantize: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """A sublayer's normed input, and (`quantize`: inference, quantised linears reading it) its FP8 quantisation,
+    made once for all of them (None where not asked for, or where the backend's linears quantise for themselves)."""
+    return norm(u, True) if quantize else (norm(u), None)
 
 
 def _add_hc_head(module: nn.Module, args: ModelArgs) -> None:
