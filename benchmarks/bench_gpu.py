@@ -76,6 +76,23 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def configs(small: bool = SMALL) -> dict:
+    """The sections' model configs, validated as they are built: the GPU's sizes, or the CPU smoke run's (`small`).
+    `tests/test_bench_gpu.py` builds the GPU's on the CPU, so a config the GPU run would refuse fails there first."""
+    from dsv4.config import preset
+
+    base = preset("tiny" if small else "small")
+    one_csa_layer = dict(n_layers=1, n_hash_layers=0, n_mtp_layers=0, compress_ratios=(4,))
+    # training: the first 4 layers of the small preset at dim 2048 (their ratios, then the MTP block's)
+    train = base if small else base.replace(dim=2048, n_layers=4, max_seq_len=2048,
+                                            compress_ratios=(*base.compress_ratios[:4],
+                                                             *base.compress_ratios[base.n_layers:]))
+    return {"small": base.replace(max_seq_len=1024), "small_long": base.replace(max_seq_len=4096),
+            "flash_layer": preset("tiny" if small else "flash").replace(
+                **one_csa_layer, max_seq_len=512 if small else 8192, max_batch_size=4 if small else 64),
+            "train": train}
+
+
 @section
 def env():
     from dsv4 import kernels
@@ -212,11 +229,10 @@ def demo():
 
 
 def _small_exact():
-    from dsv4.config import preset
     from dsv4.formats import to_official_formats
     from dsv4.model import Transformer, init_weights
 
-    args = preset("small" if not SMALL else "tiny").replace(max_seq_len=1024)
+    args = configs()["small"]
     model = init_weights(Transformer(args, dtype=torch.bfloat16, numerics="exact"), seed=0).eval()
     to_official_formats(model)
     return model.to(DEV)
@@ -246,10 +262,9 @@ def small_engine():
     from bench_engine import run_engine
     from hf_reference import hf_twin
 
-    from dsv4.config import preset
     from dsv4.model import Transformer, init_weights
 
-    args = preset("small" if not SMALL else "tiny").replace(max_seq_len=4096)
+    args = configs()["small_long"]
     model = init_weights(Transformer(args, dtype=torch.float32), seed=0).eval()
     hf = hf_twin(model).to(DEV).eval()
     model = model.to(DEV)
@@ -334,11 +349,9 @@ def decode_graphs():
     model): decode tokens/s at batch 1 and 32 on one engine per side, measured on its second round of requests (the
     first captures the graphs, and its decode time is the capture cost shown), and whether both sides' greedy
     tokens are identical."""
-    from dsv4.config import preset
     from dsv4.model import Transformer, init_weights
 
-    plain = init_weights(Transformer(preset("small" if not SMALL else "tiny").replace(max_seq_len=1024),
-                                     dtype=torch.float32), seed=0).eval().to(DEV)
+    plain = init_weights(Transformer(configs()["small"], dtype=torch.float32), seed=0).eval().to(DEV)
     return {"exact_bf16": _graphs_against_eager(_small_exact()), "plain_fp32": _graphs_against_eager(plain)}
 
 
@@ -381,15 +394,10 @@ def _graphs_against_eager(model) -> dict:
 
 
 def _flash_layer():
-    from dsv4.config import preset
     from dsv4.formats import to_official_formats
     from dsv4.model import Transformer
 
-    a = preset("flash").replace(n_layers=1, n_hash_layers=0, n_mtp_layers=0, compress_ratios=(4,),
-                                max_seq_len=8192, max_batch_size=64)
-    if SMALL:
-        a = preset("tiny").replace(n_layers=1, n_hash_layers=0, n_mtp_layers=0, compress_ratios=(4,),
-                                   max_seq_len=512, max_batch_size=4)
+    a = configs()["flash_layer"]
     with torch.device(DEV):
         model = Transformer(a, dtype=torch.bfloat16, numerics="exact").eval()
     with torch.no_grad():
@@ -480,11 +488,9 @@ def flash_layer():
 
 @section
 def train_mfu():
-    from dsv4.config import preset
     from dsv4.model import Transformer, init_weights
 
-    base = preset("small")
-    args = base.replace(dim=2048, n_layers=4, max_seq_len=2048) if not SMALL else preset("tiny")
+    args = configs()["train"]
     model = init_weights(Transformer(args, dtype=torch.float32), seed=0).to(DEV).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch, seq = (8, 1024) if not SMALL else (2, 32)
