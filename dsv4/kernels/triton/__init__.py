@@ -35,6 +35,9 @@ Ops with a kernel:
 * **the router's tail** (`route.py`): the top-k of scores + bias and the normalised weights, one launch after
   torch's scores.
 * **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
+* **a training step's routed experts** (`grouped.py`): the kernels have no backward, so a forward that wants
+  gradients sorts the routed rows by expert on the device and runs each projection as one ``torch._grouped_mm``
+  over all experts (differentiable by torch; no read of the device, where the reference reads it per expert).
 
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
 static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 334 after).
@@ -60,8 +63,10 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
 from ..reference import ReferenceBackend, router_scores
-from . import attention, experts, gemm, indexer, mhc, pool, quant, route, rows, scaled_mm, sinkhorn, topk
+from . import attention, experts, gemm, grouped, indexer, mhc, pool, quant, route, rows, scaled_mm, sinkhorn, topk
 from .numerics import interpreting
+
+_GROUPED = "grouped"  # a table's plan: torch's differentiable grouped GEMM (`grouped.py`), for training
 
 
 def _runs_here(tensor: Tensor) -> bool:
@@ -128,10 +133,16 @@ class TritonBackend(ReferenceBackend):
         return super().moe_gate(x, weight, bias, ids, score_func, topk, route_scale)
 
     def routes_on_device(self, x: Tensor, table: Sequence[ExpertWeights | None]) -> bool:
-        plan = self.expert_pointers.plan(x, table) if _runs_here(x) else None
         # the MoE layer asks, then runs the experts at once: the plan is not checked twice (a few us an MoE layer)
-        self._planned = (table, x.device, plan)
-        return plan is not None
+        self._planned = (table, x.device, self._plan(x, table))
+        return self._planned[2] is not None
+
+    def _plan(self, x: Tensor, table: Sequence[ExpertWeights | None]) -> experts.TablePlan | str | None:
+        """How every expert of the table runs over x without a read of the device: the kernels' plan, or for a
+        forward that wants gradients (which the kernels have none for) torch's grouped GEMM (`_GROUPED`), or None."""
+        if grouped.wants_grad(x, table):
+            return _GROUPED if grouped.covers(x, table) else None
+        return self.expert_pointers.plan(x, table) if _runs_here(x) else None
 
     def routed_experts(self, x: Tensor, weights: Tensor, ids: Tensor, table: Sequence[ExpertWeights | None],
                        which: Sequence[int] | None, limit: float,
@@ -139,11 +150,13 @@ class TritonBackend(ReferenceBackend):
         if which is None:
             table_, device, plan = self._planned
             if table_ is not table or device != x.device:
-                plan = self.expert_pointers.plan(x, table) if _runs_here(x) else None
+                plan = self._plan(x, table)
+            if plan is _GROUPED:
+                return grouped.routed_experts(x, weights, ids, table, limit)
             if plan is not None:
                 return experts.routed_experts_on_device(x, weights, ids, plan, limit, quantized)
             which = chosen_experts(ids)
-        if _runs_here(x) and experts.covers(x, table, which):
+        if _runs_here(x) and not grouped.wants_grad(x, table) and experts.covers(x, table, which):
             return experts.routed_experts(x, weights, ids, table, which, limit, self.expert_pointers, quantized)
         return super().routed_experts(x, weights, ids, table, which, limit, quantized)
 
