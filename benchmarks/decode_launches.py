@@ -31,7 +31,7 @@ _NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.em
               "aten.promote_types.default"}
 
 
-class _Launches(TorchDispatchMode):
+class Launches(TorchDispatchMode):
     """Counts kernels by (model part, op); `part` is the innermost module name, layer indices dropped."""
 
     def __init__(self, parts: list[str]) -> None:
@@ -51,7 +51,7 @@ class _Launches(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _triton_launches(counter: _Launches) -> Iterator[None]:
+def triton_launches(counter: Launches) -> Iterator[None]:
     """Count each Triton launch once, as the kernel's name (under the interpreter its copies are not kernels)."""
     try:
         from triton.runtime.interpreter import InterpretedFunction
@@ -80,7 +80,7 @@ def _triton_launches(counter: _Launches) -> Iterator[None]:
             cls.run = original
 
 
-def _part_names(model: torch.nn.Module, parts: list[str]) -> list:
+def part_names(model: torch.nn.Module, parts: list[str]) -> list:
     """Hooks that keep `parts` as the stack of module names being run (``layers.3.attn.compressor`` ->
     ``attn.compressor``)."""
     handles = []
@@ -119,9 +119,9 @@ def main() -> None:
         step = tokens[:, -1:]
         model.static_decode_streams(step, cache, 128)  # (first uses: plans, tables)
         parts: list[str] = []
-        handles = _part_names(model, parts)
-        counter = _Launches(parts)
-        with counter, _triton_launches(counter):
+        handles = part_names(model, parts)
+        counter = Launches(parts)
+        with counter, triton_launches(counter):
             model.static_decode_streams(step, cache, 128)
         for handle in handles:
             handle.remove()

@@ -5,6 +5,7 @@ device; and the fallback where torch's grouped GEMM fails."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -124,14 +125,17 @@ def _tiny_model() -> Transformer:
 def _training_step(model: Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     logits = model(tokens[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_a_training_step_on_the_triton_backend_equals_the_references(monkeypatch):
     """The MoE layers of a training step take the grouped path (no read of the device in them: the reference reads
-    it once per expert), and the loss and every gradient are the reference backend's within fp32 rounding."""
+    it once per expert), the loss is the reference backend's to fp32 rounding, and every gradient is as close to
+    the reference's in fp64 as the reference's in fp32 is, within a factor of 16 (floor 2e-6, relative to the
+    largest entry): a few gradients (the hc head's scales) are so ill-conditioned that fp32 rounding anywhere
+    upstream moves them by 1e-3 to 1e-1, the reference's own fp32 gradients included."""
     model = _tiny_model()
     tokens = torch.randint(0, model.args.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     with kernels.use_backend("reference"):
@@ -149,8 +153,10 @@ def test_a_training_step_on_the_triton_backend_equals_the_references(monkeypatch
     assert not [site for site in reads if any(f in site for f in ("moe.py", "experts.py", "reference.py",
                                                                    "grouped.py"))], reads
     assert abs(float(fast_loss - loss)) <= 1e-5 * abs(float(loss))
+    with kernels.use_backend("reference"):
+        _, exact = _training_step(copy.deepcopy(model).double(), tokens)
     for name, grad in grads.items():  # (the grouped path's unchosen experts: zero gradients, the reference's none)
-        assert _relative(fast_grads[name], grad) < 1e-4, name
+        assert _relative(fast_grads[name], exact[name]) <= 16 * max(_relative(grad, exact[name]), 2e-6), name
 
 
 def test_a_failing_grouped_gemm_warns_and_the_reference_runs(monkeypatch, caplog):

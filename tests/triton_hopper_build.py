@@ -90,6 +90,11 @@ def run_calls() -> None:
                                 torch.randn(256, 128).to(dtype), None) for _ in range(4)]
         tri.routed_experts(x[:3], torch.rand(3, 2), ids, floats, [0, 1, 2, 3], 7.0)
         tri.hc_split_sinkhorn(torch.randn(7, 24), torch.rand(3), torch.randn(24), 4, 20, 1e-6)
+        # a training step's: the backward kernel (h = 4, and a padded h = 3)
+        for h in (4, 3):
+            mixes = torch.randn(7, (2 + h) * h).to(dtype).requires_grad_()
+            outs = tri.hc_split_sinkhorn(mixes, torch.rand(3).requires_grad_(), torch.randn((2 + h) * h), h, 20, 1e-6)
+            torch.autograd.grad(sum(t.sum() for t in outs), mixes)
         # mHC around a sublayer: V4-Flash's 4 streams of 4,096 (16 partial products), and a padded h
         for h, d in ((4, 4096), (3, 100)):
             x = torch.randn(2, 3, h, d).to(dtype)

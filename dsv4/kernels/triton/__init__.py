@@ -24,8 +24,9 @@ Ops with a kernel:
   and the earliest at it and sorts the picks in registers (the reference's order, in two passes over the scores
   instead of the read-free `stable_topk`'s seven).
 * **mHC** (`sinkhorn.py`, `mhc.py`): the Sinkhorn projection with every token's matrix in registers for all
-  iterations; `hc_pre` as partial products with the mixing map, then one launch adding them up, splitting and
-  projecting, and collapsing the streams (two launches); `hc_post` and `hc_collapse` in one each.
+  iterations (and, in a training step, its backward as one more launch); `hc_pre` as partial products with the
+  mixing map, then one launch adding them up, splitting and projecting, and collapsing the streams (two
+  launches); `hc_post` and `hc_collapse` in one each.
 * **row ops** (`rows.py`): `rms_norm` (with `rms_norm_quant`, its output's FP8 codes and scales written by the
   same program), the queries' `head_norm` with their rotation, `rope`, `hadamard` (its
   butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and indexer queries' norm, rotation and
@@ -265,6 +266,8 @@ class TritonBackend(ReferenceBackend):
 
     def hc_split_sinkhorn(self, mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
                           eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        if _runs_here(mixes) and sinkhorn.covers(mixes, hc_mult, iters):
+        if _runs_here(mixes) and sinkhorn.covers(mixes, hc_mult, iters, scale, base):
             return sinkhorn.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+        if _runs_here(mixes) and sinkhorn.covers_backward(mixes, hc_mult, iters, scale, base):  # (training)
+            return sinkhorn.split_sinkhorn_trainable(mixes, scale, base, hc_mult, iters, eps)
         return super().hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)

@@ -16,6 +16,11 @@ uses torch's vectorised one; they differ in the last bit on some inputs, and tho
 normalisations as relative errors of a few 1e-7 (the tests allow 1e-6).
 
 h (``hc_mult``) up to 16 is padded to a power of two with masks; the model's h = 4 needs none.
+
+Training (`split_sinkhorn_trainable`): the forward kernel, then `_sinkhorn_backward_kernel` for the gradients of
+the mixes, scales and bases, which runs each token's normalisations again, keeps each step's input in a scratch
+buffer and walks the steps back in the same program (the reference's autograd records ~150 ops a call at 20
+iterations and runs about twice as many backward).
 """
 
 from __future__ import annotations
@@ -180,3 +185,143 @@ def _launch(m: Tensor, scale: Tensor, base: Tensor, pre: Tensor, post: Tensor, c
     _sinkhorn_kernel[(triton.cdiv(t, block_t),)](
         m, scale, base, pre, post, comb, t, stride_t, iters, float(eps), H=h, HP=hp, BLOCK_T=block_t,
         LIBDEVICE=libdevice_exp(), num_warps=num_warps, enable_fp_fusion=False)
+
+
+@triton.jit
+def _sinkhorn_backward_kernel(m_ptr, stride_t, scale_ptr, base_ptr, gpre_ptr, gpost_ptr, gcomb_ptr, dz_ptr,
+                              states_ptr, T, iters, eps, H: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr,
+                              LIBDEVICE: tl.constexpr):
+    """The gradient of `hc_split_sinkhorn` with respect to its pre-activations z = m * scale + base: dz [T, (2+H)*H]
+    fp32 from the outputs' gradients (contiguous fp32 [T, H], [T, H], [T, H, H]).
+
+    pre and post: the sigmoid's derivative. comb: the forward's normalisations run again, each step's input stored
+    in `states` [T, 2 iters - 1, HP, HP] (this program's tokens only), then walked back, last step first: a step
+    y = x / (sum x + eps) over rows (or columns) turns the gradient g into (g - sum(g * y)) / (sum x + eps) over
+    the same axis; the row softmax at the start into s * (g - sum(g * s)), s its output (the reference subtracts a
+    detached row maximum, which changes no gradient)."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < T
+    tok64 = tok.to(tl.int64)
+    k = tl.arange(0, HP)
+    k_ok = k < H
+    rows2 = m_ptr + tok64[:, None] * stride_t
+    mask2 = tok_ok[:, None] & k_ok[None, :]
+    out2 = tok64[:, None] * H + k[None, :]
+    dz_rows = dz_ptr + tok64[:, None] * ((2 + H) * H)
+
+    # pre = sigmoid(z) + eps, post = 2 sigmoid(z): dz = g * c * sig * (1 - sig)
+    m = tl.load(rows2 + k[None, :], mask=mask2, other=0.0).to(tl.float32)
+    b = tl.load(base_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    sig = _sigmoid(m * tl.load(scale_ptr).to(tl.float32) + b[None, :], LIBDEVICE)
+    g = tl.load(gpre_ptr + out2, mask=mask2, other=0.0)
+    tl.store(dz_rows + k[None, :], g * sig * (1.0 - sig), mask=mask2)
+    m = tl.load(rows2 + H + k[None, :], mask=mask2, other=0.0).to(tl.float32)
+    b = tl.load(base_ptr + H + k, mask=k_ok, other=0.0).to(tl.float32)
+    sig = _sigmoid(m * tl.load(scale_ptr + 1).to(tl.float32) + b[None, :], LIBDEVICE)
+    g = tl.load(gpost_ptr + out2, mask=mask2, other=0.0)
+    tl.store(dz_rows + H + k[None, :], 2.0 * g * sig * (1.0 - sig), mask=mask2)
+
+    # comb: [BLOCK_T, HP (row i), HP (column j)]
+    r3 = k[None, :, None]
+    c3 = k[None, None, :]
+    entry_ok = (r3 < H) & (c3 < H)
+    mask3 = tok_ok[:, None, None] & entry_ok
+    entry = r3 * H + c3
+    m = tl.load(rows2[:, :, None] + 2 * H + entry, mask=mask3, other=0.0).to(tl.float32)
+    s2 = tl.load(scale_ptr + 2).to(tl.float32)
+    b = tl.load(base_ptr + 2 * H + entry, mask=entry_ok, other=0.0).to(tl.float32)
+    logits = tl.where(c3 < H, m * s2 + b, float("-inf"))
+    soft = exp(logits - tl.max(logits, axis=2)[:, :, None], LIBDEVICE)
+    soft = tl.where(entry_ok, tl.math.div_rn(soft, tl.sum(soft, axis=2)[:, :, None]), 0.0)  # the row softmax
+    steps = 2 * iters - 1  # normalisations after the softmax: columns, then (rows, columns) iters - 1 times
+    state = states_ptr + tok64[:, None, None] * (steps * HP * HP) + r3 * HP + c3  # step 0's [BLOCK_T, HP, HP]
+    x = tl.where(entry_ok, soft + eps, 0.0)
+    for step in range(steps):  # the forward again, each step's input kept
+        tl.store(state + step * (HP * HP), x, mask=mask3)
+        if step % 2 == 0:  # columns
+            x = tl.where(entry_ok, tl.math.div_rn(x, (tl.sum(x, axis=1) + eps)[:, None, :]), 0.0)
+        else:  # rows
+            x = tl.where(entry_ok, tl.math.div_rn(x, (tl.sum(x, axis=2) + eps)[:, :, None]), 0.0)
+    tl.debug_barrier()  # (the states this program stored, read back below)
+
+    g = tl.load(gcomb_ptr + tok64[:, None, None] * (H * H) + entry, mask=mask3, other=0.0)
+    for back in range(steps):
+        step = steps - 1 - back
+        x = tl.load(state + step * (HP * HP), mask=mask3, other=0.0)
+        if step % 2 == 0:  # (names of their own in each branch: their shapes differ)
+            col_den = tl.sum(x, axis=1)[:, None, :] + eps
+            g = (g - tl.sum(g * (x / col_den), axis=1)[:, None, :]) / col_den
+        else:
+            row_den = tl.sum(x, axis=2)[:, :, None] + eps
+            g = (g - tl.sum(g * (x / row_den), axis=2)[:, :, None]) / row_den
+        g = tl.where(entry_ok, g, 0.0)
+    dlogits = soft * (g - tl.sum(g * soft, axis=2)[:, :, None])
+    tl.store(dz_rows[:, :, None] + 2 * H + entry, dlogits, mask=mask3)
+
+
+def covers_backward(mixes: Tensor, hc_mult: int, iters: int, scale: Tensor, base: Tensor) -> bool:
+    """Whether `split_sinkhorn_trainable` takes these inputs: what the forward kernel takes (`covers`), gradients
+    aside."""
+    with torch.no_grad():
+        return covers(mixes, hc_mult, iters, scale, base)
+
+
+class _SplitSinkhorn(torch.autograd.Function):
+    """The forward kernel, and the backward kernel for the gradients of the mixes, the scales and the bases."""
+
+    @staticmethod
+    def forward(ctx, mixes: Tensor, scale: Tensor, base: Tensor, h: int, iters: int, eps: float):
+        ctx.save_for_backward(mixes, scale, base)
+        ctx.h, ctx.iters, ctx.eps = h, iters, eps
+        return hc_split_sinkhorn(mixes, scale, base, h, iters, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_pre: Tensor, g_post: Tensor, g_comb: Tensor):
+        mixes, scale, base = ctx.saved_tensors
+        h, width = ctx.h, (2 + ctx.h) * ctx.h
+        m2 = mixes.reshape(-1, width)
+        dz = _backward(m2, scale, base, g_pre, g_post, g_comb, h, ctx.iters, ctx.eps)  # [T, width] fp32
+        # z = m * s + b, s broadcast over each part: pre's h columns, post's h, comb's h * h
+        s32 = scale.to(torch.float32)
+        s_wide = torch.cat((s32[0].expand(h), s32[1].expand(h), s32[2].expand(h * h)))  # [width]
+        d_mixes = d_scale = d_base = None
+        if ctx.needs_input_grad[0]:
+            d_mixes = (dz * s_wide).to(mixes.dtype).view(mixes.shape)
+        if ctx.needs_input_grad[1]:
+            per_column = (dz * m2.to(torch.float32)).sum(0)  # [width]
+            d_scale = torch.stack((per_column[:h].sum(), per_column[h:2 * h].sum(), per_column[2 * h:].sum()))
+            d_scale = d_scale.to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            d_base = dz.sum(0).to(base.dtype)
+        return d_mixes, d_scale, d_base, None, None, None
+
+
+def split_sinkhorn_trainable(mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
+                             eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`hc_split_sinkhorn` differentiable in mixes, scale and base: the forward kernel, and a backward kernel that
+    runs the normalisations again and walks them back (one launch each way, where the reference's autograd records
+    some 150 ops a call at 20 iterations and runs about twice as many backward). Inputs must satisfy
+    `covers_backward`."""
+    return _SplitSinkhorn.apply(mixes, scale, base, hc_mult, iters, eps)
+
+
+def _backward(m: Tensor, scale: Tensor, base: Tensor, g_pre: Tensor, g_post: Tensor, g_comb: Tensor, h: int,
+              iters: int, eps: float) -> Tensor:
+    """dz [T, (2+h)*h] fp32 for the mixes m [T, (2+h)*h] and the outputs' gradients."""
+    t, dev = m.shape[0], m.device
+    if m.stride(-1) != 1:
+        m = m.contiguous()
+    dz = torch.empty((t, (2 + h) * h), dtype=torch.float32, device=dev)
+    if not t:
+        return dz
+    hp = triton.next_power_of_2(h)
+    grads = [g.reshape(t, -1).to(torch.float32).contiguous() for g in (g_pre, g_post, g_comb)]
+    states = torch.empty((t, 2 * iters - 1, hp, hp), dtype=torch.float32, device=dev)
+    block_t = min(triton.next_power_of_2(t), max(1, _TILE // 2 // (hp * hp)))
+    num_warps = 4 if block_t * hp * hp >= 1024 else 2 if block_t * hp * hp >= 256 else 1
+    _sinkhorn_backward_kernel[(triton.cdiv(t, block_t),)](
+        m, m.stride(0), scale.to(device=dev, dtype=torch.float32).contiguous(),
+        base.to(device=dev, dtype=torch.float32).contiguous(), *grads, dz, states, t, iters, float(eps), H=h, HP=hp,
+        BLOCK_T=block_t, LIBDEVICE=libdevice_exp(), num_warps=num_warps)
+    return dz
