@@ -101,6 +101,11 @@ def run_calls() -> None:
             tri.hc_pre(x, torch.randn((2 + h) * h, h * d), torch.rand(3), torch.randn((2 + h) * h), h, 20, 1e-6, 1e-6)
             tri.hc_collapse(x, torch.rand(2, 3, h))
             tri.hc_post(torch.randn(2, 3, d).to(dtype), x, torch.rand(2, 3, h), torch.rand(2, 3, h, h))
+            # a training step's: the write-back's and the collapse's backward kernels
+            wants = x.clone().requires_grad_()
+            written = tri.hc_post(torch.randn(2, 3, d).to(dtype), wants, torch.rand(2, 3, h), torch.rand(2, 3, h, h))
+            collapsed = tri.hc_collapse(wants, torch.rand(2, 3, h))
+            torch.autograd.grad(written.float().sum() + collapsed.float().sum(), wants)
         # row ops: the norms, the queries' head norm with its rotation (in place or not), the keys' rotation
         tri.rms_norm(torch.randn(3, 4096).to(dtype), torch.rand(4096), 1e-6)
         for d in (4096, 1536, 64):  # the norms before quantised linears: V4's dim and query latent, a tiny one

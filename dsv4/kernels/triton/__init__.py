@@ -26,7 +26,8 @@ Ops with a kernel:
 * **mHC** (`sinkhorn.py`, `mhc.py`): the Sinkhorn projection with every token's matrix in registers for all
   iterations (and, in a training step, its backward as one more launch); `hc_pre` as partial products with the
   mixing map, then one launch adding them up, splitting and projecting, and collapsing the streams (two
-  launches); `hc_post` and `hc_collapse` in one each.
+  launches); `hc_post` and `hc_collapse` in one each (and in a training step their backward in one more each,
+  `mhc_grad.py`).
 * **row ops** (`rows.py`): `rms_norm` (with `rms_norm_quant`, its output's FP8 codes and scales written by the
   same program), the queries' `head_norm` with their rotation, `rope`, `hadamard` (its
   butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and indexer queries' norm, rotation and
@@ -64,7 +65,22 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
 from ..reference import ReferenceBackend, router_scores
-from . import attention, experts, gemm, grouped, indexer, mhc, pool, quant, route, rows, scaled_mm, sinkhorn, topk
+from . import (
+    attention,
+    experts,
+    gemm,
+    grouped,
+    indexer,
+    mhc,
+    mhc_grad,
+    pool,
+    quant,
+    route,
+    rows,
+    scaled_mm,
+    sinkhorn,
+    topk,
+)
 from .numerics import interpreting
 
 _GROUPED = "grouped"  # a table's plan: torch's differentiable grouped GEMM (`grouped.py`), for training
@@ -257,11 +273,15 @@ class TritonBackend(ReferenceBackend):
     def hc_collapse(self, x: Tensor, pre: Tensor) -> Tensor:
         if _runs_here(x) and mhc.covers_collapse(x, pre):
             return mhc.hc_collapse(x, pre)
+        if _runs_here(x) and mhc_grad.covers_collapse(x, pre):  # (training: the kernel both ways)
+            return mhc_grad.hc_collapse(x, pre)
         return super().hc_collapse(x, pre)
 
     def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor, inplace: bool = False) -> Tensor:
         if _runs_here(x) and mhc.covers_post(out, x, post, comb):
             return mhc.hc_post(out, x, post, comb)
+        if _runs_here(x) and mhc_grad.covers_post(out, x, post, comb):  # (training: the kernel both ways)
+            return mhc_grad.hc_post(out, x, post, comb)
         return super().hc_post(out, x, post, comb, inplace)
 
     def hc_split_sinkhorn(self, mixes: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,

@@ -1,0 +1,177 @@
+"""The backward of mHC's reads and writes of the streams, for training: `hc_collapse` and `hc_post` as autograd
+Functions over their forward kernels (`mhc.py`), each with one backward launch.
+
+In training the streams are the largest activations a layer touches ([tokens, h, d], h = 4 copies of the
+residual), and the reference's autograd makes several passes over them per op: the write-back's h products of
+[tokens, h, d] each and their sums, forward, and about twice as many backward. Here a backward program takes one
+token's rows (under the interpreter many tokens' at once) and walks its columns in chunks, reading the output's
+gradient and the inputs once:
+
+* ``hc_post`` (``X'_k = post_k * out + sum_j comb[j, k] * X_j``): ``d out = sum_k post_k * g_k``,
+  ``d X_j = sum_k comb[j, k] * g_k`` (written per chunk), ``d post_k = sum_cols g_k * out`` and
+  ``d comb[j, k] = sum_cols g_k * X_j`` (accumulated over the chunks in fp32, written at the end);
+* ``hc_collapse`` (``u = sum_k pre_k * X_k``): ``d X_k = pre_k * g`` and ``d pre_k = sum_cols g * X_k``.
+
+Everything is computed in fp32 from the stored dtypes and rounded once to the input's dtype, as autograd through
+the reference's fp32 arithmetic does; the sums' order is the chunks', so gradients agree with the reference's to
+fp32 rounding (bit for bit is not the aim: training).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import mhc
+from .numerics import TL_DTYPES, interpreting, round_to
+
+_BD = 256  # columns per chunk on a GPU
+_INTERPRETER_TILE = 16384  # values a program takes under the interpreter (many tokens, whole rows)
+
+
+@triton.jit
+def _post_backward_kernel(g_ptr, out_ptr, x_ptr, post_ptr, comb_ptr, dout_ptr, dx_ptr, dpost_ptr, dcomb_ptr, T, D,
+                          H: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr, BD: tl.constexpr,
+                          OUT_DT: tl.constexpr, X_DT: tl.constexpr):
+    """g, x [T, H, D] and out [T, D] contiguous, post [T, H] and comb [T, H, H] fp32 -> d out [T, D] (OUT_DT),
+    d x [T, H, D] (X_DT), d post [T, H] and d comb [T, H, H] (fp32)."""
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_ok = t < T
+    k = tl.arange(0, HP)
+    k_ok = k < H
+    tk_ok = t_ok[:, None] & k_ok[None, :]
+    post = tl.load(post_ptr + t[:, None] * H + k[None, :], mask=tk_ok, other=0.0)  # [BLOCK_T, HP]
+    d_post = tl.zeros((BLOCK_T, HP), tl.float32)
+    r3 = k[None, :, None]
+    d_comb = tl.zeros((BLOCK_T, HP, HP), tl.float32)  # [token, j, k]
+    for c0 in range(0, D, BD):
+        col = c0 + tl.arange(0, BD)
+        col_ok = col < D
+        mask2 = t_ok[:, None] & col_ok[None, :]
+        mask3 = tk_ok[:, :, None] & col_ok[None, None, :]
+        rows3 = t[:, None, None] * (H * D) + k[None, :, None] * D + col[None, None, :]  # [BLOCK_T, HP, BD]
+        g = tl.load(g_ptr + rows3, mask=mask3, other=0.0).to(tl.float32)  # g_k
+        o = tl.load(out_ptr + t[:, None] * D + col[None, :], mask=mask2, other=0.0).to(tl.float32)
+        tl.store(dout_ptr + t[:, None] * D + col[None, :], round_to(tl.sum(post[:, :, None] * g, axis=1), OUT_DT),
+                 mask=mask2)
+        d_post += tl.sum(g * o[:, None, :], axis=2)
+        for j in tl.static_range(H):
+            comb_j = tl.load(comb_ptr + t[:, None] * (H * H) + j * H + k[None, :], mask=tk_ok, other=0.0)  # [., k]
+            tl.store(dx_ptr + t[:, None] * (H * D) + j * D + col[None, :],
+                     round_to(tl.sum(comb_j[:, :, None] * g, axis=1), X_DT), mask=mask2)
+            x_j = tl.load(x_ptr + t[:, None] * (H * D) + j * D + col[None, :], mask=mask2, other=0.0).to(tl.float32)
+            d_comb += tl.where(r3 == j, tl.sum(g * x_j[:, None, :], axis=2)[:, None, :], 0.0)
+    tl.store(dpost_ptr + t[:, None] * H + k[None, :], d_post, mask=tk_ok)
+    tl.store(dcomb_ptr + t[:, None, None] * (H * H) + r3 * H + k[None, None, :], d_comb,
+             mask=tk_ok[:, :, None] & k_ok[None, None, :])
+
+
+@triton.jit
+def _collapse_backward_kernel(g_ptr, x_ptr, pre_ptr, dx_ptr, dpre_ptr, T, D, H: tl.constexpr, HP: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BD: tl.constexpr, X_DT: tl.constexpr):
+    """g [T, D] and x [T, H, D] contiguous, pre [T, H] fp32 -> d x [T, H, D] (X_DT) and d pre [T, H] (fp32)."""
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_ok = t < T
+    k = tl.arange(0, HP)
+    tk_ok = t_ok[:, None] & (k < H)[None, :]
+    pre = tl.load(pre_ptr + t[:, None] * H + k[None, :], mask=tk_ok, other=0.0)
+    d_pre = tl.zeros((BLOCK_T, HP), tl.float32)
+    for c0 in range(0, D, BD):
+        col = c0 + tl.arange(0, BD)
+        col_ok = col < D
+        mask3 = tk_ok[:, :, None] & col_ok[None, None, :]
+        rows3 = t[:, None, None] * (H * D) + k[None, :, None] * D + col[None, None, :]
+        g = tl.load(g_ptr + t[:, None] * D + col[None, :], mask=t_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows3, mask=mask3, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows3, round_to(pre[:, :, None] * g[:, None, :], X_DT), mask=mask3)
+        d_pre += tl.sum(x * g[:, None, :], axis=2)
+    tl.store(dpre_ptr + t[:, None] * H + k[None, :], d_pre, mask=tk_ok)
+
+
+def _tiles(t: int, h: int, d: int) -> tuple[int, int]:
+    """(tokens, columns) a backward program takes: one token, 256 columns a chunk on a GPU; under the interpreter
+    whole rows of as many tokens as fit its tile."""
+    hp = triton.next_power_of_2(h)
+    if interpreting():
+        bd = triton.next_power_of_2(d)
+        return max(1, min(triton.next_power_of_2(t), _INTERPRETER_TILE // (hp * bd))), bd
+    return 1, _BD
+
+
+def covers_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> bool:
+    """What the forward kernel takes (`mhc.covers_post`), gradients aside."""
+    with torch.no_grad():
+        return mhc.covers_post(out, x, post, comb)
+
+
+def covers_collapse(x: Tensor, pre: Tensor) -> bool:
+    """What the forward kernel takes (`mhc.covers_collapse`), gradients aside."""
+    with torch.no_grad():
+        return mhc.covers_collapse(x, pre)
+
+
+class _Post(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        ctx.save_for_backward(out, x, post, comb)
+        return mhc.hc_post(out, x, post, comb)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        out, x, post, comb = ctx.saved_tensors
+        h, d = x.shape[-2], x.shape[-1]
+        xv = x.reshape(-1, h, d).contiguous()
+        t = xv.shape[0]
+        gv = g.reshape(t, h, d).contiguous()
+        ov = out.reshape(t, d).contiguous()
+        d_out = torch.empty((t, d), dtype=out.dtype, device=x.device)
+        d_x = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+        d_post = torch.empty((t, h), dtype=torch.float32, device=x.device)
+        d_comb = torch.empty((t, h, h), dtype=torch.float32, device=x.device)
+        if t and d:
+            block_t, bd = _tiles(t, h, d)
+            _post_backward_kernel[(triton.cdiv(t, block_t),)](
+                gv, ov, xv, post.reshape(t, h).contiguous(), comb.reshape(t, h, h).contiguous(), d_out, d_x, d_post,
+                d_comb, t, d, H=h, HP=triton.next_power_of_2(h), BLOCK_T=block_t, BD=bd, OUT_DT=TL_DTYPES[out.dtype],
+                X_DT=TL_DTYPES[x.dtype], num_warps=4)
+        return d_out.view(out.shape), d_x.view(x.shape), d_post.view(post.shape), d_comb.view(comb.shape)
+
+
+class _Collapse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, pre: Tensor) -> Tensor:
+        ctx.save_for_backward(x, pre)
+        return mhc.hc_collapse(x, pre)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, pre = ctx.saved_tensors
+        h, d = x.shape[-2], x.shape[-1]
+        xv = x.reshape(-1, h, d).contiguous()
+        t = xv.shape[0]
+        d_x = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+        d_pre = torch.empty((t, h), dtype=torch.float32, device=x.device)
+        if t and d:
+            block_t, bd = _tiles(t, h, d)
+            _collapse_backward_kernel[(triton.cdiv(t, block_t),)](
+                g.reshape(t, d).contiguous(), xv, pre.reshape(t, h).contiguous(), d_x, d_pre, t, d, H=h,
+                HP=triton.next_power_of_2(h), BLOCK_T=block_t, BD=bd, X_DT=TL_DTYPES[x.dtype], num_warps=4)
+        return d_x.view(x.shape), d_pre.view(pre.shape)
+
+
+def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    """``ReferenceBackend.hc_post`` differentiable in all four inputs (`covers_post` must hold)."""
+    return _Post.apply(out, x, post, comb)
+
+
+def hc_collapse(x: Tensor, pre: Tensor) -> Tensor:
+    """``ReferenceBackend.hc_collapse`` differentiable in x and pre (`covers_collapse` must hold)."""
+    return _Collapse.apply(x, pre)
+
+
+__all__ = ["covers_collapse", "covers_post", "hc_collapse", "hc_post"]
