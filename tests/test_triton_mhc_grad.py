@@ -76,11 +76,27 @@ def test_hc_collapse_gradients_equal_the_references(dtype, lead, h, d, gpu_tiles
         _close(a, b, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("lead", "h", "d"), [((2, 3), 4, 300), ((3, 1), 3, 40)])
+def test_hc_mixes_gradients_equal_the_references(dtype, lead, h, d):
+    """The product with the map and the RMS factor in one pass over the streams (the sums in another order than
+    torch's matmul and mean: fp32 rounding), the streams' gradient as one more (a tile's dot with the map, less the
+    RMS term), the map's as one fp32 GEMM."""
+    g = torch.Generator().manual_seed(h * d)
+    x = torch.randn(*lead, h, d, generator=g).to(dtype)
+    fn = torch.randn((2 + h) * h, h * d, generator=g) * 0.02
+    (mixes, grads), (mixes_ref, grads_ref) = _both(lambda a, b: mhc_grad.hc_mixes(a, b, 1e-6),
+                                                   lambda a, b: REF.hc_mixes(a, b, 1e-6), (x, fn), seed=3)
+    assert mixes.dtype == torch.float32 and float((mixes - mixes_ref).abs().max() / mixes_ref.abs().max()) < 1e-6
+    for name, a, b in zip(("x", "fn"), grads, grads_ref, strict=True):
+        _close(a, b, name)
+
+
 def test_the_backend_takes_them_in_training(monkeypatch):
     """With gradients wanted the triton backend's `hc_post` and `hc_collapse` (and `hc_pre`, through its collapse)
     run the Functions; without, the forward kernels alone."""
     calls = []
-    for name in ("hc_post", "hc_collapse"):
+    for name in ("hc_post", "hc_collapse", "hc_mixes"):
         original = getattr(mhc_grad, name)
         monkeypatch.setattr(mhc_grad, name, lambda *a, original=original, name=name: calls.append(name) or original(*a))
     tri = TritonBackend()
@@ -91,17 +107,26 @@ def test_the_backend_takes_them_in_training(monkeypatch):
     scale, base = (torch.rand(3, generator=g) + 0.5).to(DEVICE), torch.randn(24, generator=g).to(DEVICE)
     u, _, _ = tri.hc_pre(x, fn, scale, base, 4, 20, 1e-6, 1e-6)
     y = tri.hc_post(out, x, post, comb)
-    assert calls == ["hc_collapse", "hc_post"]
+    assert calls == ["hc_mixes", "hc_collapse", "hc_post"]
     (u.sum() + y.sum()).backward()
     assert x.grad is not None and x.grad.abs().max() > 0
     with torch.no_grad():
         tri.hc_post(out, x, post, comb)
         tri.hc_collapse(x, post)
-    assert calls == ["hc_collapse", "hc_post"]
+        tri.hc_mixes(x, fn, 1e-6)
+    assert calls == ["hc_mixes", "hc_collapse", "hc_post"]
 
 
 def test_what_the_backward_covers():
     x, pre = torch.randn(2, 4, 64).requires_grad_(), torch.rand(2, 4)
+    fn = torch.randn(24, 256)
+    assert mhc_grad.covers_mixes(x, fn) and mhc_grad.covers_mixes(x.detach(), fn.requires_grad_())
+    assert not mhc_grad.covers_mixes(x.detach(), fn.detach())  # (inference: the reference's matmul)
+    with torch.no_grad():
+        assert not mhc_grad.covers_mixes(x, fn)
+    assert not mhc_grad.covers_mixes(x, fn[:, :128]) and not mhc_grad.covers_mixes(x, fn.double())
+    assert not mhc_grad.covers_mixes(x.transpose(-1, -2), torch.randn(24, 256))  # (rows not [T, h*d])
+    assert not mhc_grad.covers_mixes(x, torch.randn(80, 256))  # more mixes than a tile's dot takes
     out, post, comb = torch.randn(2, 64), torch.rand(2, 4), torch.rand(2, 4, 4)
     assert mhc_grad.covers_collapse(x, pre) and mhc_grad.covers_post(out, x, post, comb)
     assert not mhc_grad.covers_collapse(x.double(), pre)

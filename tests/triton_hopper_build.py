@@ -105,7 +105,8 @@ def run_calls() -> None:
             wants = x.clone().requires_grad_()
             written = tri.hc_post(torch.randn(2, 3, d).to(dtype), wants, torch.rand(2, 3, h), torch.rand(2, 3, h, h))
             collapsed = tri.hc_collapse(wants, torch.rand(2, 3, h))
-            torch.autograd.grad(written.float().sum() + collapsed.float().sum(), wants)
+            mixes = tri.hc_mixes(wants, torch.randn((2 + h) * h, h * d), 1e-6)
+            torch.autograd.grad(written.float().sum() + collapsed.float().sum() + mixes.sum(), wants)
         # row ops: the norms, the queries' head norm with its rotation (in place or not), the keys' rotation
         tri.rms_norm(torch.randn(3, 4096).to(dtype), torch.rand(4096), 1e-6)
         for d in (4096, 1536, 64):  # the norms before quantised linears: V4's dim and query latent, a tiny one

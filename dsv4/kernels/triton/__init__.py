@@ -270,6 +270,11 @@ class TritonBackend(ReferenceBackend):
             return mhc.hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
         return super().hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
 
+    def hc_mixes(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
+        if _runs_here(x) and mhc_grad.covers_mixes(x, fn):  # (training: one pass over the streams each way)
+            return mhc_grad.hc_mixes(x, fn, norm_eps)
+        return super().hc_mixes(x, fn, norm_eps)
+
     def hc_collapse(self, x: Tensor, pre: Tensor) -> Tensor:
         if _runs_here(x) and mhc.covers_collapse(x, pre):
             return mhc.hc_collapse(x, pre)

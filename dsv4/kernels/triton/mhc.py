@@ -34,7 +34,7 @@ from torch import Tensor
 from . import sinkhorn
 from .numerics import TL_DTYPES, dot, interpreting, libdevice_exp, round_to
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1024  # h*d values per partial product (a multiple of _BK)
 _BK = 64
 _BLOCK_T = 16  # tokens per partials program (a dot's smallest M)
@@ -148,7 +148,7 @@ def _tiles(t: int, d: int) -> tuple[int, int]:
     return 1, _BD
 
 
-def _streams(x: Tensor) -> Tensor | None:
+def stream_rows(x: Tensor) -> Tensor | None:
     """x [..., h, d] as [T, h, d] with a unit last stride, without a copy (None where it does not view so)."""
     if x.dim() < 2 or x.stride(-1) != 1:
         return None
@@ -165,25 +165,25 @@ def _no_grad(*tensors: Tensor) -> bool:
 def covers_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int) -> bool:
     """x fp32/bf16/fp16 [..., h, d] (1 <= h <= 16), fn [(2+h)*h, h*d] and scale / base not fp64, iters >= 1, no
     gradient wanted."""
-    if not (x.dtype in _DTYPES and x.dim() >= 2 and x.shape[-2] == hc_mult and x.numel() > 0):
+    if not (x.dtype in DTYPES and x.dim() >= 2 and x.shape[-2] == hc_mult and x.numel() > 0):
         return False
     if fn.dim() != 2 or tuple(fn.shape) != ((2 + hc_mult) * hc_mult, hc_mult * x.shape[-1]):
         return False
     if any(t.dtype == torch.float64 for t in (fn, scale, base)) or not _no_grad(x, fn, scale, base):
         return False
-    return 1 <= hc_mult <= _MAX_H and isinstance(iters, int) and iters >= 1 and _streams(x) is not None
+    return 1 <= hc_mult <= _MAX_H and isinstance(iters, int) and iters >= 1 and stream_rows(x) is not None
 
 
 def covers_collapse(x: Tensor, pre: Tensor) -> bool:
     """x fp32/bf16/fp16 [..., h, d] (h <= 16), pre fp32 [..., h], no gradient wanted."""
-    return (x.dtype in _DTYPES and x.dim() >= 2 and 1 <= x.shape[-2] <= _MAX_H and pre.dtype == torch.float32
-            and tuple(pre.shape) == tuple(x.shape[:-1]) and _no_grad(x, pre) and _streams(x) is not None)
+    return (x.dtype in DTYPES and x.dim() >= 2 and 1 <= x.shape[-2] <= _MAX_H and pre.dtype == torch.float32
+            and tuple(pre.shape) == tuple(x.shape[:-1]) and _no_grad(x, pre) and stream_rows(x) is not None)
 
 
 def covers_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> bool:
     """out [..., d], x [..., h, d] fp32/bf16/fp16 (h <= 16), post [..., h] and comb [..., h, h] fp32, no gradient
     wanted."""
-    if not (x.dtype in _DTYPES and out.dtype in _DTYPES and x.dim() >= 2 and 1 <= x.shape[-2] <= _MAX_H):
+    if not (x.dtype in DTYPES and out.dtype in DTYPES and x.dim() >= 2 and 1 <= x.shape[-2] <= _MAX_H):
         return False
     h = x.shape[-2]
     if not (tuple(out.shape) == (*x.shape[:-2], x.shape[-1]) and tuple(post.shape) == tuple(x.shape[:-1])
@@ -191,7 +191,7 @@ def covers_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> bool:
         return False
     if post.dtype != torch.float32 or comb.dtype != torch.float32 or not _no_grad(out, x, post, comb):
         return False
-    return _streams(x) is not None and out.stride(-1) == 1
+    return stream_rows(x) is not None and out.stride(-1) == 1
 
 
 def _collapse(xv: Tensor, pre: Tensor, dtype: torch.dtype) -> Tensor:
@@ -207,28 +207,39 @@ def _collapse(xv: Tensor, pre: Tensor, dtype: torch.dtype) -> Tensor:
 
 def hc_collapse(x: Tensor, pre: Tensor) -> Tensor:
     """``ReferenceBackend.hc_collapse``: x [..., h, d], pre [..., h] -> [..., d] in x.dtype."""
-    xv = _streams(x)
+    xv = stream_rows(x)
     return _collapse(xv, pre.reshape(-1, x.shape[-2]).contiguous(), x.dtype).view(*x.shape[:-2], x.shape[-1])
+
+
+def mixes_partials(flat: Tensor, fn: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 1 of `hc_pre`: flat [T, K] (unit last stride) and fn [M, K] fp32 contiguous -> the partial products
+    [T, splits, M] and partial sums of squares [T, splits] fp32 over K / 1,024 slices."""
+    t, k = flat.shape
+    m = fn.shape[0]
+    splits = triton.cdiv(k, _CHUNK)
+    part = torch.empty((t, splits, m), dtype=torch.float32, device=flat.device)
+    ss = torch.empty((t, splits), dtype=torch.float32, device=flat.device)
+    if t:
+        _mixes_partials_kernel[(triton.cdiv(t, _BLOCK_T), splits)](
+            flat, fn, part, ss, t, k, m, flat.stride(0), fn.stride(0), splits,
+            MP=max(16, triton.next_power_of_2(m)), BLOCK_T=_BLOCK_T, BK=_BK, CHUNK=_CHUNK, F32=interpreting(),
+            num_warps=4)
+    return part, ss
 
 
 def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int, eps: float,
            norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``ReferenceBackend.hc_pre``: x [..., h, d] -> (u [..., d] in x.dtype, post [..., h], comb [..., h, h])."""
-    xv = _streams(x)
+    xv = stream_rows(x)
     t, h, d = xv.shape
     k, m = h * d, fn.shape[0]
     flat = xv.reshape(t, k)  # (a view unless h's stride is not d)
     dev = x.device
-    fn = fn.to(torch.float32).contiguous()
-    splits = triton.cdiv(k, _CHUNK)
-    part = torch.empty((t, splits, m), dtype=torch.float32, device=dev)
-    ss = torch.empty((t, splits), dtype=torch.float32, device=dev)
+    part, ss = mixes_partials(flat, fn.to(torch.float32).contiguous())
+    splits = part.shape[1]
     pre = torch.empty((t, h), dtype=torch.float32, device=dev)
     post = torch.empty((t, h), dtype=torch.float32, device=dev)
     comb = torch.empty((t, h, h), dtype=torch.float32, device=dev)
-    _mixes_partials_kernel[(triton.cdiv(t, _BLOCK_T), splits)](
-        flat, fn, part, ss, t, k, m, flat.stride(0), fn.stride(0), splits, MP=max(16, triton.next_power_of_2(m)),
-        BLOCK_T=_BLOCK_T, BK=_BK, CHUNK=_CHUNK, F32=interpreting(), num_warps=4)
     u = torch.empty((t, d), dtype=x.dtype, device=dev)
     if u.numel():
         block_t, bd = _tiles(t, d)
@@ -244,7 +255,7 @@ def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, ite
 
 def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     """``ReferenceBackend.hc_post``: a new tensor [..., h, d] in x.dtype."""
-    xv = _streams(x)
+    xv = stream_rows(x)
     t, h, d = xv.shape
     ov = out.reshape(t, d)
     new = torch.empty(x.shape, dtype=x.dtype, device=x.device)

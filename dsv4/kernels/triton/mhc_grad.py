@@ -1,5 +1,6 @@
 """The backward of mHC's reads and writes of the streams, for training: `hc_collapse` and `hc_post` as autograd
-Functions over their forward kernels (`mhc.py`), each with one backward launch.
+Functions over their forward kernels (`mhc.py`), each with one backward launch, and `hc_mixes` over `hc_pre`'s
+partial products (one pass over the streams) with one backward launch for the streams' gradient.
 
 In training the streams are the largest activations a layer touches ([tokens, h, d], h = 4 copies of the
 residual), and the reference's autograd makes several passes over them per op: the write-back's h products of
@@ -25,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import mhc
-from .numerics import TL_DTYPES, interpreting, round_to
+from .numerics import TL_DTYPES, dot, interpreting, round_to
 
 _BD = 256  # columns per chunk on a GPU
 _INTERPRETER_TILE = 16384  # values a program takes under the interpreter (many tokens, whole rows)
@@ -89,6 +90,25 @@ def _collapse_backward_kernel(g_ptr, x_ptr, pre_ptr, dx_ptr, dpre_ptr, T, D, H: 
         tl.store(dx_ptr + rows3, round_to(pre[:, :, None] * g[:, None, :], X_DT), mask=mask3)
         d_pre += tl.sum(x * g[:, None, :], axis=2)
     tl.store(dpre_ptr + t[:, None] * H + k[None, :], d_pre, mask=tk_ok)
+
+
+@triton.jit
+def _mixes_backward_kernel(dp_ptr, coef_ptr, fn_ptr, x_ptr, dx_ptr, T, K, M, sxt, MP: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr, X_DT: tl.constexpr):
+    """dp [T, M] and coef [T] fp32, fn [M, K] fp32 and x [T, K] (unit last strides) -> dx [T, K] (contiguous, X_DT)
+    = dp @ fn - coef * x, over a (BLOCK_T tokens, BK columns) tile."""
+    tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    col = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = tl.arange(0, MP)
+    tok_ok = tok < T
+    col_ok = col < K
+    m_ok = m < M
+    dp = tl.load(dp_ptr + tok[:, None] * M + m[None, :], mask=tok_ok[:, None] & m_ok[None, :], other=0.0)
+    f = tl.load(fn_ptr + m[:, None] * K + col[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+    mask = tok_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + tok[:, None] * sxt + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    coef = tl.load(coef_ptr + tok, mask=tok_ok, other=0.0)
+    tl.store(dx_ptr + tok[:, None] * K + col[None, :], round_to(dot(dp, f, F32) - coef[:, None] * x, X_DT), mask=mask)
 
 
 def _tiles(t: int, h: int, d: int) -> tuple[int, int]:
@@ -164,6 +184,69 @@ class _Collapse(torch.autograd.Function):
         return d_x.view(x.shape), d_pre.view(pre.shape)
 
 
+_MAX_MIXES = 64  # the mixes (M = (2 + h) * h) a backward tile's dot takes: h up to 6
+
+
+def covers_mixes(x: Tensor, fn: Tensor) -> bool:
+    """x fp32/bf16/fp16 [..., h, d] whose rows view as [T, h*d] with a unit last stride, fn [M, h*d] float (not
+    fp64) with M <= 64, and a gradient wanted: inference keeps the reference's matmul (its rounding is what the
+    inference kernels' results are compared with)."""
+    if not (isinstance(x, Tensor) and isinstance(fn, Tensor) and x.dtype in mhc.DTYPES and x.dim() >= 2):
+        return False
+    if fn.dim() != 2 or fn.dtype == torch.float64 or not fn.dtype.is_floating_point:
+        return False
+    k = x.shape[-2] * x.shape[-1]
+    if fn.shape[1] != k or not 1 <= fn.shape[0] <= _MAX_MIXES or x.numel() == 0 or fn.device != x.device:
+        return False
+    if not (torch.is_grad_enabled() and (x.requires_grad or fn.requires_grad)):
+        return False
+    return mhc.stream_rows(x) is not None and x.stride(-2) == x.shape[-1]
+
+
+class _Mixes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
+        k, m = x.shape[-2] * x.shape[-1], fn.shape[0]
+        flat = x.reshape(-1, k)  # (a view: `covers_mixes`)
+        fn32 = fn.to(torch.float32).contiguous()
+        part, ss = mhc.mixes_partials(flat, fn32)  # one pass over the streams
+        product = part.sum(dim=1)  # [T, M]
+        rms = torch.rsqrt(ss.sum(dim=1) / k + norm_eps)  # [T]
+        ctx.save_for_backward(flat, fn32, product, rms)
+        ctx.shape, ctx.fn_dtype = x.shape, fn.dtype
+        return (product * rms.unsqueeze(1)).view(*x.shape[:-2], m)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        flat, fn32, product, rms = ctx.saved_tensors
+        t, k = flat.shape
+        m = fn32.shape[0]
+        g = g.reshape(t, m).to(torch.float32)
+        d_product = g * rms.unsqueeze(1)  # [T, M]
+        # d rms = sum_m g * product; rms = (sum x^2 / K + eps)^-1/2, so d x gets -d rms * rms^3 / K * x
+        coef = ((g * product).sum(dim=1) * rms.pow(3) / k).contiguous()  # [T]
+        d_x = d_fn = None
+        if ctx.needs_input_grad[0]:
+            d_x = torch.empty((t, k), dtype=flat.dtype, device=flat.device)
+            if t:
+                block_k = 64
+                _mixes_backward_kernel[(triton.cdiv(t, 16), triton.cdiv(k, block_k))](
+                    d_product.contiguous(), coef, fn32, flat, d_x, t, k, m, flat.stride(0),
+                    MP=max(16, triton.next_power_of_2(m)), BLOCK_T=16, BK=block_k, F32=interpreting(),
+                    X_DT=TL_DTYPES[flat.dtype], num_warps=4)
+            d_x = d_x.view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            d_fn = (d_product.t() @ flat.to(torch.float32)).to(ctx.fn_dtype)  # [M, K]
+        return d_x, d_fn, None
+
+
+def hc_mixes(x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
+    """``ReferenceBackend.hc_mixes`` differentiable in x and fn (`covers_mixes` must hold): fp32 [..., M], the
+    product with fn in fp32 (also under autocast, where the reference's matmul runs in its dtype)."""
+    return _Mixes.apply(x, fn, norm_eps)
+
+
 def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     """``ReferenceBackend.hc_post`` differentiable in all four inputs (`covers_post` must hold)."""
     return _Post.apply(out, x, post, comb)
@@ -174,4 +257,4 @@ def hc_collapse(x: Tensor, pre: Tensor) -> Tensor:
     return _Collapse.apply(x, pre)
 
 
-__all__ = ["covers_collapse", "covers_post", "hc_collapse", "hc_post"]
+__all__ = ["covers_collapse", "covers_mixes", "covers_post", "hc_collapse", "hc_mixes", "hc_post"]
