@@ -109,6 +109,9 @@ def run_calls() -> None:
             torch.autograd.grad(written.float().sum() + collapsed.float().sum() + mixes.sum(), wants)
         # row ops: the norms, the queries' head norm with its rotation (in place or not), the keys' rotation
         tri.rms_norm(torch.randn(3, 4096).to(dtype), torch.rand(4096), 1e-6)
+        for d in (4096, 512):  # a training step's: the backward kernel
+            wants = torch.randn(70, d).to(dtype).requires_grad_()
+            torch.autograd.grad(tri.rms_norm(wants, torch.rand(d), 1e-6).float().sum(), wants)
         for d in (4096, 1536, 64):  # the norms before quantised linears: V4's dim and query latent, a tiny one
             tri.rms_norm_quant(torch.randn(3, d).to(dtype), torch.rand(d), 1e-6)
         q = torch.randn(2, 3, 64, 512).to(dtype)

@@ -29,9 +29,9 @@ Ops with a kernel:
   launches); `hc_post` and `hc_collapse` in one each (and in a training step their backward in one more each,
   `mhc_grad.py`).
 * **row ops** (`rows.py`): `rms_norm` (with `rms_norm_quant`, its output's FP8 codes and scales written by the
-  same program), the queries' `head_norm` with their rotation, `rope`, `hadamard` (its
-  butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and indexer queries' norm, rotation and
-  QAT rounding in one pass), one launch each.
+  same program; in a training step differentiable, `rows_grad.py`), the queries' `head_norm` with their
+  rotation, `rope`, `hadamard` (its butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and
+  indexer queries' norm, rotation and QAT rounding in one pass), one launch each.
 * **the compressors' pooling** (`pool.py`): each entry's candidates read in place, the per-channel softmax and
   sum in one launch; a decode step's `ring_pool` writes the tokens into their ring slots first, in the same launch.
 * **the router's tail** (`route.py`): the top-k of scores + bias and the normalised weights, one launch after
@@ -44,8 +44,11 @@ Ops with a kernel:
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
 static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 334 after).
 
-Every other op, and every op on inputs a kernel does not take (gradients wanted, fp64, shapes outside a
-kernel's `covers`), is the reference's, so training and odd shapes stay correct. Kernels run on CUDA tensors, or
+A training step (gradients wanted) runs the ops with a backward here (`grouped.py`, `sinkhorn.py`, `mhc_grad.py`,
+`rows_grad.py`: the routed experts, mHC's mixes, Sinkhorn, collapse and write-back, `rms_norm`;
+`benchmarks/train_launches.py` counts its kernels). Every other op, and every op on inputs a kernel does not take
+(other gradients wanted, fp64, shapes outside a kernel's `covers`), is the reference's, so training and odd shapes
+stay correct. Kernels run on CUDA tensors, or
 on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests check them on machines without
 a GPU); on CPU tensors without the interpreter every op is the reference's.
 
@@ -77,6 +80,7 @@ from . import (
     quant,
     route,
     rows,
+    rows_grad,
     scaled_mm,
     sinkhorn,
     topk,
@@ -233,6 +237,8 @@ class TritonBackend(ReferenceBackend):
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         if _runs_here(x) and rows.covers_rms_norm(x, weight):
             return rows.rms_norm(x, weight, eps)
+        if _runs_here(x) and rows_grad.covers_rms_norm(x, weight):  # (training: the kernel both ways)
+            return rows_grad.rms_norm(x, weight, eps)
         return super().rms_norm(x, weight, eps)
 
     def rms_norm_quant(self, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
