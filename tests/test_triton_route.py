@@ -56,3 +56,18 @@ def test_what_the_router_kernel_covers():
     x, weight = torch.randn(3, 8, requires_grad=True), torch.randn(16, 8)
     weights, ids, scores = TRI.moe_gate(x, weight, torch.rand(16), None, "sigmoid", 2, 1.0)
     assert scores.requires_grad and weights.requires_grad  # (training: the reference's differentiable router)
+
+
+
+def test_under_autocast_the_router_is_the_references():
+    """Under autocast torch's scores come in bf16 (the gate's linear runs in autocast's dtype), which the kernel does
+    not rank: an evaluation under `dsv4 train --autocast bf16` routes as the reference does, without an error."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(6, 64, generator=gen), torch.randn(16, 64, generator=gen) * 0.05
+    bias = torch.rand(16, generator=gen)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+        got = TRI.moe_gate(_on(x), _on(weight), _on(bias), None, "sqrtsoftplus", 2, 1.5)
+        want = REF.moe_gate(x, weight, bias, None, "sqrtsoftplus", 2, 1.5)
+    assert want[2].dtype == torch.bfloat16
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.cpu(), b)

@@ -147,7 +147,9 @@ class TritonBackend(ReferenceBackend):
     def moe_gate(self, x: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor | None, score_func: str,
                  topk: int, route_scale: float) -> tuple[Tensor, Tensor, Tensor]:
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if _runs_here(x) and x.dim() == 2 and not grad and route.covers(x.shape[0], weight.shape[0], bias, ids, topk):
+        # (under autocast torch's scores come in its dtype, not the fp32 the kernel ranks: the reference's tail)
+        if (_runs_here(x) and x.dim() == 2 and not grad and not torch.is_autocast_enabled(x.device.type)
+                and route.covers(x.shape[0], weight.shape[0], bias, ids, topk)):
             scores = router_scores(x, weight, score_func)  # [T, E] fp32, the reference's
             weights, ids = route.route(scores, bias, ids, topk, score_func != "softmax", route_scale)
             return weights, ids, scores
