@@ -125,18 +125,28 @@ def main() -> None:
             model.static_decode_streams(step, cache, 128)
         for handle in handles:
             handle.remove()
-    by_part: collections.Counter = collections.Counter()
-    for (part, _), n in counter.counts.items():
-        by_part[part] += n
-    total = sum(by_part.values())
+    total = sum(parts_of(counter).values())
     print(f"{opts.preset} preset, {layers} layers (ratios {list(args.compress_ratios[:layers])}), batch {opts.batch}, "
           f"{opts.numerics} numerics, {opts.backend} backend: {total} kernels a static decode step, "
           f"{total / layers:.0f} a layer")
+    print_breakdown(counter, layers, opts.top)
+
+
+def parts_of(counter: Launches) -> collections.Counter:
+    """The counted kernels by model part."""
+    by_part: collections.Counter = collections.Counter()
+    for (part, _), n in counter.counts.items():
+        by_part[part] += n
+    return by_part
+
+
+def print_breakdown(counter: Launches, layers: int, top: int) -> None:
+    """The kernels by part (and a layer's share) and the `top` most frequent (part, op)."""
     print("by part:")
-    for part, n in by_part.most_common():
-        print(f"  {n:5d}  {n / layers:6.1f}/layer  {part}")
-    print(f"the {opts.top} most frequent (part, op):")
-    for (part, op), n in counter.counts.most_common(opts.top):
+    for part, n in parts_of(counter).most_common():
+        print(f"  {n:5d}  {n / layers:7.1f}/layer  {part}")
+    print(f"the {top} most frequent (part, op):")
+    for (part, op), n in counter.counts.most_common(top):
         print(f"  {n:5d}  {part:28s} {op}")
 
 

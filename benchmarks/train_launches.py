@@ -14,13 +14,12 @@ them outside the modules). Reads of the device on the host (each one a sync on a
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import sys
 from pathlib import Path
 
 import torch
-from decode_launches import Launches, part_names, triton_launches
+from decode_launches import Launches, part_names, parts_of, print_breakdown, triton_launches
 
 from dsv4 import kernels
 from dsv4.config import preset
@@ -66,19 +65,12 @@ def main() -> None:
             step()
         for handle in handles:
             handle.remove()
-    by_part: collections.Counter = collections.Counter()
-    for (part, _), n in counter.counts.items():
-        by_part[part] += n
+    by_part = parts_of(counter)
     total = sum(by_part.values())
     print(f"{opts.preset} preset, {layers} layers, dim {args.dim}, tokens {opts.batch}x{opts.seq}, autocast "
           f"{opts.autocast}, {opts.backend} backend: {total} kernels a training step "
           f"({by_part['backward']} backward), {total / layers:.0f} a layer; {sum(reads.values())} reads of the device")
-    print("by part:")
-    for part, n in by_part.most_common():
-        print(f"  {n:5d}  {n / layers:7.1f}/layer  {part}")
-    print(f"the {opts.top} most frequent (part, op):")
-    for (part, op), n in counter.counts.most_common(opts.top):
-        print(f"  {n:5d}  {part:28s} {op}")
+    print_breakdown(counter, layers, opts.top)
     if reads:
         print("reads of the device:", dict(reads))
 
