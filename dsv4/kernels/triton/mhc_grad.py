@@ -225,14 +225,14 @@ class _Mixes(torch.autograd.Function):
         g = g.reshape(t, m).to(torch.float32)
         d_product = g * rms.unsqueeze(1)  # [T, M]
         # d rms = sum_m g * product; rms = (sum x^2 / K + eps)^-1/2, so d x gets -d rms * rms^3 / K * x
-        coef = ((g * product).sum(dim=1) * rms.pow(3) / k).contiguous()  # [T]
+        coef = (g * product).sum(dim=1) * rms.pow(3) / k  # [T]
         d_x = d_fn = None
         if ctx.needs_input_grad[0]:
             d_x = torch.empty((t, k), dtype=flat.dtype, device=flat.device)
             if t:
                 block_k = 64
                 _mixes_backward_kernel[(triton.cdiv(t, 16), triton.cdiv(k, block_k))](
-                    d_product.contiguous(), coef, fn32, flat, d_x, t, k, m, flat.stride(0),
+                    d_product, coef, fn32, flat, d_x, t, k, m, flat.stride(0),
                     MP=max(16, triton.next_power_of_2(m)), BLOCK_T=16, BK=block_k, F32=interpreting(),
                     X_DT=TL_DTYPES[flat.dtype], num_warps=4)
             d_x = d_x.view(ctx.shape)

@@ -69,15 +69,15 @@ class _RMSNorm(torch.autograd.Function):
         xv = x.reshape(-1, d).contiguous()
         n = xv.shape[0]
         d_x = torch.empty((n, d), dtype=x.dtype, device=x.device)
-        per_program = max(1, n) if interpreting() else _ROWS_PER_PROGRAM  # (the interpreter: one program)
-        programs = triton.cdiv(n, per_program) if n else 0
-        partial = torch.zeros((max(programs, 1), d), dtype=torch.float32, device=x.device)
-        if n:
-            bd = triton.next_power_of_2(d)
-            _rms_norm_backward_kernel[(programs,)](
-                g.reshape(n, d).contiguous(), xv, weight.to(torch.float32).contiguous(), d_x, partial, n, d,
-                float(ctx.eps), ROWS=per_program, BD=bd, X_DT=TL_DTYPES[x.dtype],
-                num_warps=4 if bd <= 2048 else 8)
+        if not n:  # (no rows: no gradient)
+            return d_x.view(x.shape), torch.zeros_like(weight), None
+        per_program = n if interpreting() else _ROWS_PER_PROGRAM  # (the interpreter: one program)
+        programs = triton.cdiv(n, per_program)
+        partial = torch.empty((programs, d), dtype=torch.float32, device=x.device)  # (every row written)
+        bd = triton.next_power_of_2(d)
+        _rms_norm_backward_kernel[(programs,)](
+            g.reshape(n, d).contiguous(), xv, weight.to(torch.float32).contiguous(), d_x, partial, n, d,
+            float(ctx.eps), ROWS=per_program, BD=bd, X_DT=TL_DTYPES[x.dtype], num_warps=4 if bd <= 2048 else 8)
         return d_x.view(x.shape), partial.sum(dim=0).to(weight.dtype), None
 
 
