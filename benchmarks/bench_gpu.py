@@ -488,12 +488,11 @@ def flash_layer():
 
 @section
 def train_mfu():
-    """Training steps of the dim-2048 config under bf16 autocast, the loss as `dsv4 train` computes it (its fused
-    cross-entropy), AdamW: tokens/s and MFU on the triton backend (its grouped experts, Sinkhorn and mHC backward)
-    and on the reference backend, side by side."""
+    """Training steps of the dim-2048 config under bf16 autocast, the loss as `dsv4 train` computes it
+    (`Transformer.head_loss`), AdamW: tokens/s and MFU on the triton backend (its chunked head cross-entropy,
+    grouped experts, Sinkhorn, mHC and norm backward) and on the reference backend, side by side."""
     from dsv4 import kernels
     from dsv4.model import Transformer, init_weights
-    from dsv4.train.losses import cross_entropy_sum
     from dsv4.train.trainer import train_flops_per_token
 
     args = configs()["train"]
@@ -504,9 +503,8 @@ def train_mfu():
 
     def step():
         with torch.autocast(DEV, dtype=torch.bfloat16):
-            logits = model(x[:, :-1])
-        loss, count = cross_entropy_sum(logits.float(), x[:, 1:])
-        (loss / count).backward()
+            loss = model.head_loss(model.forward_streams(x[:, :-1]), x[:, 1:])
+        (loss / x[:, 1:].numel()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

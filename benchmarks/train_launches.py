@@ -49,9 +49,8 @@ def main() -> None:
 
     def step() -> None:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.autocast == "bf16")
-        with autocast:
-            logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        with autocast:  # (the loss as `dsv4 train` computes it: the head's summed cross-entropy)
+            loss = model.head_loss(model.forward_streams(tokens[:, :-1]), tokens[:, 1:]) / tokens[:, 1:].numel()
         parts.append("backward")
         loss.backward()
         parts.pop()

@@ -69,6 +69,10 @@ def run_calls() -> None:
         w4, s4 = quantize_fp4_weight(torch.randn(192, 256))
         tri.fp8_gemm(xq, xs, w8, s8, dtype)
         tri.fp4_gemm(xq, xs, w4, s4, dtype)
+        # the head's cross-entropy: a V4-sized vocabulary's logits in this dtype, with and without gradients
+        head = torch.randn(129280, 256).to(dtype)
+        tri.head_cross_entropy(x, head, torch.randint(0, 129280, (5,)))
+        tri.head_cross_entropy(x.clone().requires_grad_(), head, torch.randint(0, 129280, (5,)))
         for quantize in (quantize_fp8_weight, quantize_fp4_weight):
             table = []
             for _ in range(4):

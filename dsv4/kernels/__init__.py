@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
+from .cross_entropy import IGNORE_INDEX, summed_cross_entropy
 from .experts import ExpertWeights
 from .paged import KVRows, PagedRows, RowCodec
 
@@ -55,6 +56,7 @@ OPS = (
     "fp4_gemm",
     "linear",
     "greedy_head",
+    "head_cross_entropy",
     "hadamard",
     "rms_norm",
     "rms_norm_quant",
@@ -269,6 +271,13 @@ def greedy_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return active_backend().greedy_head(x, weight)
 
 
+def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Sum of the cross-entropy of x @ weight^T (a float vocabulary projection) against targets, ignored targets
+    left out: a 0-dim fp32 tensor, differentiable, computed without all the logits where the backend can."""
+    return active_backend().head_cross_entropy(x, weight, targets, ignore_index)
+
+
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Normalised Walsh-Hadamard transform over the last dim."""
     return active_backend().hadamard(x)
@@ -422,6 +431,7 @@ __all__ = [
     "ENV_VAR",
     "AutoBackend",
     "ExpertWeights",
+    "IGNORE_INDEX",
     "OPS",
     "KVRows",
     "PagedRows",
@@ -434,6 +444,7 @@ __all__ = [
     "get_backend",
     "register_backend",
     "resolve_backend_name",
+    "summed_cross_entropy",
     "use_backend",
     *OPS,
 ]

@@ -29,7 +29,8 @@ the order decides the bits (see each op), so its results are the reference's:
   training uses it.
 * **Sinkhorn**: the same sequence of row and column normalisations, in place on one buffer (token-minor for
   many tokens, so each sum runs over contiguous rows).
-* **the head**: a vocabulary-sized float projection multiplies a kept transposed copy of its weight.
+* **the head**: a vocabulary-sized float projection multiplies a kept transposed copy of its weight; its
+  cross-entropy in training runs a block of rows at a time (`cross_entropy.py`).
 
 Ops this backend does not override are the reference's. Everything here runs on any device torch runs on, but
 the dispatcher picks it for CPU tensors (`dsv4.kernels`, "auto").
@@ -62,6 +63,7 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
+from .cross_entropy import IGNORE_INDEX, chunked_head_cross_entropy, torch_rows
 from .experts import ExpertWeights, add_routed_rows, group_routed_rows
 from .paged import KVRows, PagedRows, concat_rows, gather_rows
 from .reference import ATTN_BLOCK, ReferenceBackend, compute_dtype, flatten_tokens, plus_rounded
@@ -263,6 +265,16 @@ class CpuBackend(ReferenceBackend):
             (transposed,) = self.decoded.get(weight, None, "transposed")
             return torch.matmul(x.to(weight.dtype), transposed).to(x.dtype)
         return super().linear(x, weight, scale, quantized)
+
+    def head_cross_entropy(self, x: Tensor, weight: Tensor, targets: Tensor,
+                           ignore_index: int = IGNORE_INDEX) -> Tensor:
+        """As the reference, a block of rows at a time (`cross_entropy.ChunkedHeadCrossEntropy` over `torch_rows`):
+        the loss and its gradients to fp32 rounding without every row's fp32 logits and their gradient held at
+        once (forward and backward over 1,024 rows of V4's vocabulary at dim 256: 1.74 s instead of 1.84 here)."""
+        if (x.dtype != torch.float64 and weight.dtype != torch.float64 and weight.is_floating_point()
+                and weight.dim() == 2):
+            return chunked_head_cross_entropy(x, weight, targets, ignore_index, torch_rows)
+        return super().head_cross_entropy(x, weight, targets, ignore_index)
 
     # ------------------------------------------------------------------------------------------ experts
 

@@ -46,6 +46,7 @@ from dsv4.quant import (
     unpack_fp4,
 )
 
+from .cross_entropy import IGNORE_INDEX, summed_cross_entropy
 from .experts import ExpertWeights, chosen_experts
 from .paged import KVRows, concat_rows
 
@@ -235,6 +236,15 @@ class ReferenceBackend:
         as int64 [...]. Decoding greedily needs only this, so a backend may find it without every logit (the
         native one screens the vocabulary, `dsv4.kernels.native`); it must answer what this answers."""
         return self.linear(x, weight).max(dim=-1).indices
+
+    def head_cross_entropy(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """The summed cross-entropy of a float vocabulary projection's logits: sum over the rows of x [..., K]
+        whose target [...] is not `ignore_index` of F.cross_entropy(``linear(x, weight)`` in fp32, target), a
+        0-dim fp32 tensor, differentiable in x and weight (the GEMM in autocast's dtype where it is on, as
+        `linear` runs it). Training needs the loss and its gradients, never the logits themselves, so a backend
+        may compute it without holding them all (`cross_entropy.ChunkedHeadCrossEntropy`)."""
+        return summed_cross_entropy(self.linear(x, weight), targets, ignore_index)
 
     # ------------------------------------------------------------------------------------------ experts
 

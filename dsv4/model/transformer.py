@@ -200,9 +200,35 @@ class Transformer(nn.Module):
         """The greedy token (the logits' first maximum) of each head input x [..., d] (`head_input`): int64 [...].
         A float head goes to `kernels.greedy_head`, which need not compute every logit; any other head (a
         vocab-parallel one, a quantised weight) computes its logits."""
-        if type(self.head) is Linear and self.head.scale is None and self.head.weight.is_floating_point():
+        if self._plain_head():
             return kernels.greedy_head(x, self.head.weight)
         return self.head(x).max(dim=-1).indices
+
+    def head_loss(self, streams: Tensor, targets: Tensor) -> Tensor:
+        """Sum over the positions of the cross-entropy of `logits(streams)` against targets [B,S] (a target of
+        `kernels.IGNORE_INDEX` leaves its position out): 0-dim fp32, what training needs of the head. A float
+        head goes to `kernels.head_cross_entropy`, which a fast backend computes without holding every logit (a
+        training step's largest tensor); any other head computes its logits."""
+        return self._head_loss(self.head_input(streams), targets)
+
+    def mtp_head_loss(self, streams: Tensor, next_tokens: Tensor, targets: Tensor, depth: int = 0, *,
+                      lengths: Tensor | None = None, trace: ForwardTrace | None = None) -> Tensor:
+        """`head_loss` of the MTP block (no cache): the cross-entropy of `mtp_logits(streams, next_tokens)` against
+        the tokens at t+2, targets [B,S]."""
+        x = self.mtp_streams(streams, next_tokens, None, depth, lengths=lengths, trace=trace)
+        return self._head_loss(self.mtp_head_input(x, depth), targets)
+
+    def _head_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        if self._plain_head():
+            return kernels.head_cross_entropy(x, self.head.weight, targets)
+        return kernels.summed_cross_entropy(self.head(x), targets)
+
+    def _plain_head(self) -> bool:
+        """The head is the model's own float projection (not a vocab-parallel or quantised one, nor one whose
+        forward a training recipe replaced), so what it computes is `linear(x, head.weight)`."""
+        head = self.head
+        return (type(head) is Linear and head.scale is None and head.weight.is_floating_point()
+                and "forward" not in vars(head))
 
     def mtp_logits(self, streams: Tensor, next_tokens: Tensor, cache: Cache | None = None, depth: int = 0, *,
                    lengths: Tensor | None = None, trace: ForwardTrace | None = None) -> Tensor:
@@ -228,10 +254,14 @@ class Transformer(nn.Module):
 
     def mtp_head(self, x: Tensor, depth: int = 0) -> Tensor:
         """MTP block output streams [B,S,hc,d] -> logits [B,S,vocab] fp32 (its hc head and norm, the shared head)."""
+        return self.head(self.mtp_head_input(x, depth))
+
+    def mtp_head_input(self, x: Tensor, depth: int = 0) -> Tensor:
+        """MTP block output streams [B,S,hc,d] -> what the shared head multiplies, [B,S,d] fp32."""
         block, a = self.mtp[depth], self.args
         y = hc_head(x, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, a.hc_eps, a.norm_eps,
                     self.hc_mode)
-        return self.head(block.norm(y).to(torch.float32))
+        return block.norm(y).to(torch.float32)
 
     def parameter_counts(self) -> dict[str, int]:
         """Counts as the release reports them: one per weight element (packed FP4 holds two per byte),

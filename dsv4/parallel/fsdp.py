@@ -17,11 +17,10 @@ tokens, and the ranks' losses together make the global batch. Mesh layouts:
 The MoE layers get a training strategy of `experts.py` (`ReplicatedExperts` without EP, `AllToAllExperts` with
 it). FSDP2 (`fully_shard`) wraps every expert-parallel expert (its own unit over "dp"), every Block, then the root
 (which holds the embedding, the head and the MTP blocks: `mtp_streams` uses an MTP block's projections and norms
-outside its forward); the root's entry points that the trainer calls instead of `forward` (`forward_streams`,
-`logits`, `mtp_logits`) are registered as FSDP forward methods, and the Blocks' and the root's inputs are boxed
-(`fsdp_inputs.py`). Gradients come out *averaged* over the W data ranks (an expert's: FSDP2 over "dp" sums the D
-replicas and divides by W), so a trainer scales each rank's loss (normalised by the global counts) by W —
-`Trainer(grad_sync="wrapper")`.
+outside its forward); the root's entry points that the trainer calls instead of `forward` (`ROOT_METHODS`) are
+registered as FSDP forward methods, and the Blocks' and the root's inputs are boxed (`fsdp_inputs.py`).
+Gradients come out *averaged* over the W data ranks (an expert's: FSDP2 over "dp" sums the D replicas and divides
+by W), so a trainer scales each rank's loss (normalised by the global counts) by W — `Trainer(grad_sync="wrapper")`.
 
 With the Trainer: `Trainer(config, model=parallelize(model, mesh), dp_group=dp_group(model), grad_sync="wrapper")`.
 Expert parallelism mixes meshes, so the clip is `gradients.clip_grad_norm_(params, clip, dp_group)`; checkpoints
@@ -46,7 +45,7 @@ from .rules import local_experts
 from .state_dict import ExpertTensor, expert_tensors
 
 # the Transformer methods a trainer calls directly (not through __call__): FSDP2 must unshard the root for them
-ROOT_METHODS = ("forward_streams", "logits", "mtp_logits")
+ROOT_METHODS = ("forward_streams", "logits", "mtp_logits", "head_loss", "mtp_head_loss")
 
 
 @dataclass(frozen=True)

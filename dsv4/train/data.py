@@ -51,6 +51,7 @@ import torch
 
 from ..chat import encoding as enc
 from ..chat.tokenizer import Tokenizer
+from ..kernels.cross_entropy import IGNORE_INDEX  # F.cross_entropy's default: no target at this position
 
 __all__ = [
     "DATA_FORMATS", "IGNORE_INDEX", "MANIFEST", "SPLIT_MODES",
@@ -61,7 +62,6 @@ __all__ = [
 MANIFEST = "manifest.json"
 FORMAT_NAME = "dsv4-token-shards"
 FORMAT_VERSION = 1
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: no target at this position
 DATA_FORMATS = ("auto", "text", "jsonl", "chat")
 SPLIT_MODES = ("auto", "documents", "tokens", "position")
 CHAT_LOSSES = ("assistant", "all")

@@ -33,12 +33,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import summed_cross_entropy
 from ..model.moe import Gate, RouterRecord
 from .data import IGNORE_INDEX
 
 __all__ = [
     "BiasBalancer", "balance_loss_sum", "cross_entropy_sum", "expert_load", "load_stats", "mtp_inputs",
-    "valid_positions",
+    "target_count", "valid_positions",
 ]
 
 
@@ -48,47 +49,14 @@ def valid_positions(lengths: Tensor, width: int) -> Tensor:
 
 
 def cross_entropy_sum(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
-    """(sum of the CE over the target positions, their count); logits [N,T,V] fp32, targets [N,T]."""
-    count = int((targets != IGNORE_INDEX).sum())
-    if count == 0:
-        return logits.sum() * 0.0, 0
-    return _SummedCrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten()), count
+    """(sum of the CE over the target positions, their count); logits [N,T,V], targets [N,T]. Logits the caller
+    holds (a head other than the model's own; the trainer uses `Transformer.head_loss`, which need not hold them)."""
+    return summed_cross_entropy(logits, targets, IGNORE_INDEX), target_count(targets)
 
 
-# exp's arguments are floored here: below it the results are denormal, which takes torch's vectorised exp a slow
-# path (about 100x slower per element here). Such a term is under 2e-38, below fp32's resolution of a softmax
-# denominator of at least 1 and of any gradient it would carry.
-EXP_FLOOR = -87.0
-
-
-class _SummedCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits [M, V], targets [M], ignore_index, reduction="sum") with its gradient in one pass,
-    softmax(logits) - onehot(target) times the output's gradient (zero on ignored rows), from the logits and their
-    log-sum-exp. Autograd's log_softmax + nll_loss writes the [M, V] log-probabilities forward and a zero-filled
-    [M, V] gradient that it reads back beside them; and a trained model's logits spread over more than 87, where
-    torch's exp (in log_softmax too) turns denormal and slow: the exponentials' arguments are floored at
-    `EXP_FLOOR`. Over 3,584 rows of a 2,048 vocabulary, forward and backward take 12.3 ms instead of 39.3 with logits
-    spread over 100, the same 11 ms over 10."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        keep = targets != IGNORE_INDEX
-        safe = torch.where(keep, targets, 0).unsqueeze(1)  # [M, 1]
-        top = logits.amax(dim=-1, keepdim=True)  # [M, 1]
-        total = torch.sub(logits, top).clamp_(min=EXP_FLOOR).exp_().sum(dim=-1, keepdim=True)
-        lse = top.add_(total.log_())  # [M, 1]
-        ctx.save_for_backward(logits, lse, safe, keep)
-        return torch.where(keep, (lse - logits.gather(1, safe)).squeeze(1), 0.0).sum()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        logits, lse, safe, keep = ctx.saved_tensors
-        g = torch.where(keep, grad, 0.0).unsqueeze(1)  # [M, 1]
-        # the floor raised per row so that a floored probability times g stays normal too (a product's denormal
-        # result is as slow as exp's): each floored term of the gradient is then exp(EXP_FLOOR) at most
-        floor = (EXP_FLOOR - g.abs().log()).clamp_(min=EXP_FLOOR, max=0.0)
-        probs = torch.sub(logits, lse).clamp_(min=floor).exp_()
-        return probs.mul_(g).scatter_add_(1, safe, -g), None
+def target_count(targets: Tensor) -> int:
+    """The positions with a target (not IGNORE_INDEX): a loss sum's divisor."""
+    return int((targets != IGNORE_INDEX).sum())
 
 
 def mtp_inputs(tokens: Tensor, targets: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:

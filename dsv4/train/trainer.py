@@ -74,8 +74,8 @@ from .data import DocumentRows, PackedLoader, open_split, read_manifest, split_d
 from .losses import (
     BiasBalancer,
     balance_loss_sum,
-    cross_entropy_sum,
     mtp_inputs,
+    target_count,
     valid_positions,
 )
 from .optim import Optimizers, build_optimizers, param_groups
@@ -554,8 +554,7 @@ class Trainer:
                 parts["indexer_kl"] = kl.item() / n_fwd
             return parts, maps
         with self._autocast():
-            logits = model.logits(streams)
-        ce_sum, _ = cross_entropy_sum(logits.float(), rows.targets)
+            ce_sum = model.head_loss(streams, rows.targets)
         loss = ce_sum / n_tok
         parts["ce"] = ce_sum.item() / n_tok
         bal = balance_loss_sum(trace.routing, valid, self.args.n_routed_experts, self.args.n_activated_experts)
@@ -564,8 +563,8 @@ class Trainer:
             next_tokens, targets, lengths = mtp_inputs(rows.tokens, rows.targets, rows.lengths)
             mtp_trace = ForwardTrace(dense_indexer=trace.dense_indexer)
             with self._autocast():
-                logits = model.mtp_logits(streams[:, :-1], next_tokens, lengths=lengths, trace=mtp_trace)
-            mtp_sum, _ = cross_entropy_sum(logits.float(), targets)
+                mtp_sum = model.mtp_head_loss(streams[:, :-1], next_tokens, targets, lengths=lengths,
+                                              trace=mtp_trace)
             loss = loss + mtp_w * mtp_sum / n_mtp
             parts["mtp"] = mtp_sum.item() / n_mtp
             mtp_valid = valid_positions(lengths, width - 1)
@@ -617,15 +616,13 @@ class Trainer:
                 with self._autocast():
                     streams = model.forward_streams(g.tokens, lengths=g.lengths,
                                                     trace=ForwardTrace(dense_indexer=dense))
-                    logits = model.logits(streams)
-                s, n = cross_entropy_sum(logits.float(), g.targets)
-                ce, n_tok = ce + float(s), n_tok + n
+                    s = model.head_loss(streams, g.targets)
+                ce, n_tok = ce + float(s), n_tok + target_count(g.targets)
                 if self.args.n_mtp_layers and g.tokens.shape[1] > 1:
                     nt, tg, ln = mtp_inputs(g.tokens, g.targets, g.lengths)
                     with self._autocast():
-                        logits = model.mtp_logits(streams[:, :-1], nt, lengths=ln)
-                    s, n = cross_entropy_sum(logits.float(), tg)
-                    mtp, n_mtp = mtp + float(s), n_mtp + n
+                        s = model.mtp_head_loss(streams[:, :-1], nt, tg, lengths=ln)
+                    mtp, n_mtp = mtp + float(s), n_mtp + target_count(tg)
         model.train()
         ce, n_tok, mtp, n_mtp = self._all_reduce([ce, n_tok, mtp, n_mtp])
         record = {"kind": "eval", "step": self.step, "val_loss": ce / max(n_tok, 1), "val_tokens": int(n_tok)}

@@ -37,6 +37,8 @@ Ops with a kernel:
 * **the router's tail** (`route.py`): the top-k of scores + bias and the normalised weights, one launch after
   torch's scores.
 * **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
+* **the head's cross-entropy** (`head_loss.py`): the head's GEMM, the loss and its gradients a block of rows at a
+  time, each block's logits turned into their gradient in place by one launch (never all the logits at once).
 * **a training step's routed experts** (`grouped.py`): the kernels have no backward, so a forward that wants
   gradients sorts the routed rows by expert on the device and runs each projection as one ``torch._grouped_mm``
   over all experts (differentiable by torch; no read of the device, where the reference reads it per expert).
@@ -65,6 +67,7 @@ from torch import Tensor
 
 from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
+from ..cross_entropy import IGNORE_INDEX
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows
 from ..reference import ReferenceBackend, router_scores
@@ -73,6 +76,7 @@ from . import (
     experts,
     gemm,
     grouped,
+    head_loss,
     indexer,
     mhc,
     mhc_grad,
@@ -141,6 +145,12 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(xq) and w.dtype != torch.float8_e4m3fn and gemm.covers(xq, xs, w, ws, out_dtype):
             return gemm.fp4_gemm(xq, xs, w, ws, out_dtype)
         return super().fp4_gemm(xq, xs, w, ws, out_dtype)
+
+    def head_cross_entropy(self, x: Tensor, weight: Tensor, targets: Tensor,
+                           ignore_index: int = IGNORE_INDEX) -> Tensor:
+        if _runs_here(x) and head_loss.covers(x, weight, targets):
+            return head_loss.head_cross_entropy(x, weight, targets, ignore_index)
+        return super().head_cross_entropy(x, weight, targets, ignore_index)
 
     # ------------------------------------------------------------------------------------------ experts
 
