@@ -19,7 +19,8 @@ KERNELS = ("_block_quant_kernel", "_fp8_gemm_kernel", "_fp4_gemm_kernel", "_gate
            "_gated_pool_kernel", "_route_kernel", "_norm_rope_qat_kernel",
            "_ring_pool_kernel", "_hide_kernel", "_sinkhorn_collapse_kernel", "_sinkhorn_backward_kernel",
            "_post_backward_kernel", "_collapse_backward_kernel", "_mixes_backward_kernel",
-           "_rms_norm_backward_kernel", "_head_ce_rows_kernel")
+           "_rms_norm_backward_kernel", "_head_ce_rows_kernel",
+           "_sparse_attn_backward_kernel")
 
 
 @pytest.mark.slow

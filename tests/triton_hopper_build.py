@@ -177,6 +177,16 @@ def run_calls() -> None:
         wide = torch.randn(2, 3, 64, 512).to(dtype), torch.randn(2, 30, 512).to(dtype)
         tri.sparse_attn(wide[0], [wide[1]], idx.clamp(max=29), torch.randn(64), 0.04,
                         torch.randn(2, 3, 32), torch.randn(2, 3, 32))
+        # a training step's attention: the forward keeping its log-sum-exp, then the backward (V4's D 512 is the
+        # reference's there; 128 and 256 take the two slot-block widths)
+        from dsv4.kernels.triton import attention_grad
+
+        for width in (128, 256):
+            qg = torch.randn(2, 3, 8, width).to(dtype).requires_grad_()
+            kvg = [torch.randn(2, 10, width).to(dtype).requires_grad_(), torch.randn(2, 5, width).to(dtype)]
+            for trig in ((None, None), (torch.randn(2, 3, 16), torch.randn(2, 3, 16))):
+                out = attention_grad.sparse_attn(qg, kvg, idx.clamp(max=14), sink.requires_grad_(), 0.1, *trig)
+                out.backward(torch.ones_like(out))
         for fmt in ("model", "fp8"):
             try:
                 codec = get_format(fmt).codec(_Args(), "kv", dtype)

@@ -33,8 +33,9 @@ IGNORE_INDEX = -100
 # softmax denominator of at least 1 and of any gradient it would carry.
 EXP_FLOOR = -87.0
 
-# the logits of one block of rows of `ChunkedHeadCrossEntropy` at most (V4's vocabulary: 2,048 rows in bf16)
-CHUNK_BYTES = 512 << 20
+# the logits of one block of rows of `ChunkedHeadCrossEntropy` at most (V4's vocabulary: 4,096 rows in bf16). Each
+# block also passes once over the weight's fp32 gradient (adding its product), so fewer, larger blocks move less.
+CHUNK_BYTES = 1 << 30
 
 
 def summed_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -115,7 +116,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         grads = want_x or want_w
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         gx = torch.empty_like(x) if want_x else None
-        gw = None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(dtype)
             for start in range(0, x.shape[0], chunk):
@@ -125,10 +126,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
                 if want_x:
                     gx[start:start + chunk] = logits @ w
                 if want_w:
-                    part = logits.t() @ xs  # [V, K]
-                    gw = part.float() if gw is None else gw.add_(part)
-        if want_w and gw is None:  # (no rows)
-            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                    add_product(gw, logits.t(), xs)  # [V, K]
         ctx.save_for_backward(gx, gw)
         ctx.weight_dtype = weight.dtype
         return total
@@ -140,6 +138,43 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         dx = gx * g.to(gx.dtype) if gx is not None else None
         dw = (gw * g).to(ctx.weight_dtype) if gw is not None else None
         return dx, dw, None, None, None, None, None
+
+
+def add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b: in the GEMM's own accumulation (its epilogue reads acc) for fp32 operands, and for 16-bit
+    ones where torch's addmm takes an fp32 `out_dtype` (CUDA, `_adds_in_fp32`); elsewhere a product in the
+    operands' dtype, then added."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _adds_in_fp32(acc.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
+_ADDS_IN_FP32: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _adds_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's addmm with an fp32 `out_dtype` runs here on `dtype` operands, in place, and agrees with the
+    fp32 sum of their fp32 product: probed once per (device, dtype) on a small product (CUDA only; torch registers
+    it nowhere else)."""
+    key = (device, dtype)
+    if key not in _ADDS_IN_FP32:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(64, 96, device=device, generator=g).to(dtype)
+                b = torch.randn(96, 32, device=device, generator=g).to(dtype)
+                acc = torch.randn(64, 32, device=device, generator=g)
+                want = acc + a.float() @ b.float()
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                ok = bool(torch.allclose(acc, want, rtol=1e-5, atol=1e-4))
+            except (RuntimeError, TypeError):
+                ok = False
+        _ADDS_IN_FP32[key] = ok
+    return _ADDS_IN_FP32[key]
 
 
 def chunked_head_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, rows: RowsFn,

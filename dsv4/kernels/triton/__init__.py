@@ -17,7 +17,9 @@ Ops with a kernel:
   kernel for a decode's few rows).
 * **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (a cache
   view's window rings from the cache, paged entries from their pool, the production FP8 row layout decoded in the
-  kernel), the official 64-slot online softmax with the sink; the output's rope dims rotated back as it is written.
+  kernel), the official 64-slot online softmax with the sink; the output's rope dims rotated back as it is written;
+  in a training step also its backward (`attention_grad.py`: the forward keeping each head's log-sum-exp, one
+  backward launch adding the rows' gradients atomically).
 * **lightning indexer scores** (`indexer.py`): one program per (entries, queries, batch row) tile, the heads'
   dots against one keys tile added up in head order.
 * **the indexer's top-k** (`topk.py`): after torch's k-th value, one program per query picks every entry above it
@@ -47,7 +49,8 @@ At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmar
 static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 334 after).
 
 A training step (gradients wanted) runs the ops with a backward here (`grouped.py`, `sinkhorn.py`, `mhc_grad.py`,
-`rows_grad.py`: the routed experts, mHC's mixes, Sinkhorn, collapse and write-back, `rms_norm`;
+`rows_grad.py`, `attention_grad.py`, `head_loss.py`: the routed experts, mHC's mixes, Sinkhorn, collapse and
+write-back, `rms_norm`, the sparse attention, the head's cross-entropy;
 `benchmarks/train_launches.py` counts its kernels). Every other op, and every op on inputs a kernel does not take
 (other gradients wanted, fp64, shapes outside a kernel's `covers`), is the reference's, so training and odd shapes
 stay correct. Kernels run on CUDA tensors, or
@@ -73,6 +76,7 @@ from ..paged import KVRows
 from ..reference import ReferenceBackend, router_scores
 from . import (
     attention,
+    attention_grad,
     experts,
     gemm,
     grouped,
@@ -211,6 +215,8 @@ class TritonBackend(ReferenceBackend):
             if attention.covers_rotation(q, cos, sin):
                 return attention.sparse_attn(q, runs, idx, sink, scale, cos, sin)
             return self.rope_back(attention.sparse_attn(q, runs, idx, sink, scale), cos, sin)
+        if _runs_here(q) and attention_grad.covers(q, runs, idx, sink, cos, sin):  # (training: kernels both ways)
+            return attention_grad.sparse_attn(q, runs, idx, sink, scale, cos, sin)
         return super().sparse_attn(q, kv, idx, sink, scale, cos, sin)
 
     def gated_pool(self, kv: Tensor, score: Tensor, candidates: Tensor) -> Tensor:

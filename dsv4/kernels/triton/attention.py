@@ -94,6 +94,7 @@ def _sparse_attn_kernel(
     r1_16_ptr,  # fp8 entries: the pool as int16 (the rope dims' bf16 values)
     tab_ptr, st_b, st_p,
     cos_ptr, sin_ptr, sc_b, sc_s, HALF,  # ROTATE: the output's last 2*HALF dims rotated back, per (b, s)
+    lse_ptr,  # LSE: [B, S, H] fp32, each head's log of its softmax denominator (the sink's term included)
     S, H, K, scale,
     D: tl.constexpr,
     RUN0_PAGED: tl.constexpr,  # the first run is one page per batch row (a cache's window rings seen by rows)
@@ -111,6 +112,7 @@ def _sparse_attn_kernel(
     BLOCK_K: tl.constexpr,
     LIBDEVICE: tl.constexpr,  # libdevice's expf (torch's on CUDA), where it exists
     ROTATE: tl.constexpr,
+    LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
@@ -181,6 +183,8 @@ def _sparse_attn_kernel(
     sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
     shift = tl.where(run_max == float("-inf"), sink, run_max)
     denom = denom + exp(sink - shift, LIBDEVICE)
+    if LSE:  # (what a training step's backward recomputes the probabilities from)
+        tl.store(lse_ptr + (b * S + s) * H + heads, shift + tl.log(denom), mask=head_ok)
     out = round_to(tl.math.div_rn(acc, tl.broadcast_to(denom[:, None], (BLOCK_H, BLOCK_D))), out_ptr.dtype.element_ty)
     if ROTATE:  # `rope(out, cos, -sin)` on the stored values: products rounded, then the sums (launched unfused)
         ev, od = tl.split(tl.reshape(out.to(tl.float32), (BLOCK_H, BLOCK_D // 2, 2)))
@@ -326,13 +330,14 @@ def _launch_config(h: int, d: int, f32: bool) -> tuple[int, int, int, int]:
 
 
 def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, scale: float,
-                cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+                cos: Tensor | None = None, sin: Tensor | None = None, lse: Tensor | None = None) -> Tensor:
     """[B,S,H,D] like ReferenceBackend.sparse_attn: attention of each query over the rows idx [B, S, K] names in
     the concatenation of `runs` (-1 = unused slot), with the per-head sink logit in the denominator only; with cos
     / sin [B, S, half], the output's last 2*half dims rotated back as it is written (`rope_back`: the stored values
     rotated by the negative angle, each product rounded before its sum: the kernel is then launched unfused,
     which leaves the softmax's products and sums unfused too, as the reference's are). Inputs must satisfy
-    `covers` and `covers_rotation` (ValueError otherwise)."""
+    `covers` and `covers_rotation` (ValueError otherwise). `lse` [B, S, H] fp32 contiguous, where given, receives
+    each head's log-sum-exp over its slots and the sink (a training step's backward, `attention_grad.py`)."""
     if not (covers(q, runs, idx, sink) and covers_rotation(q, cos, sin)):
         raise ValueError("triton sparse_attn does not cover these inputs (check `covers` first)")
     runs = _runs(runs)
@@ -342,6 +347,8 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
     if out.numel() == 0:
         return out
     if k == 0:  # no slot: the sink alone, so every output is 0 (and so is its rotation)
+        if lse is not None:
+            lse.copy_(sink.to(torch.float32).expand(b, s, h))
         return out.zero_()
     paged0 = not isinstance(runs[0], Tensor)
     first, n0 = (runs[0].pool, runs[0].count) if paged0 else (runs[0], runs[0].shape[1])
@@ -379,10 +386,12 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
         second16,
         table, t_b, t_p,
         *((cos, sin, cos.stride(0), cos.stride(1), cos.shape[-1]) if rotate else (sink, sink, 0, 0, 0)),
+        lse if lse is not None else sink,
         s, h, k, float(scale),
         D=d, RUN0_PAGED=paged0, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=TL_DTYPES[mid],
         NOPE=d - rope, ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), ROTATE=rotate, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), ROTATE=rotate, LSE=lse is not None, num_warps=num_warps,
+        num_stages=num_stages,
         enable_fp_fusion=not rotate,
     )
     return out
