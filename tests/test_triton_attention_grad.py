@@ -53,8 +53,9 @@ def _grads(fn, q, runs, idx, sink, cos, sin, probe, device, dtype=None):
 
 
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated_back"])
-@pytest.mark.parametrize("shape", [(2, 5, 3, 32, (7, 4), 70), (1, 6, 8, 128, (9,), 12), (1, 3, 20, 256, (5, 6), 40)],
-                         ids=["two_runs", "one_run_v4_heads", "wide_rows"])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 32, (7, 4), 70), (1, 6, 8, 128, (9,), 12), (1, 3, 20, 256, (5, 6), 40),
+                                   (1, 2, 4, 512, (4, 3), 20)],
+                         ids=["two_runs", "one_run_eight_heads", "wide_rows", "v4_rows"])
 def test_gradients_equal_the_references(shape, rotate):
     b, s, h, d, sizes, k = shape
     q, runs, idx, sink, cos, sin, probe = _case(b, s, h, d, sizes, k)

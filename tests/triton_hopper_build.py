@@ -177,11 +177,11 @@ def run_calls() -> None:
         wide = torch.randn(2, 3, 64, 512).to(dtype), torch.randn(2, 30, 512).to(dtype)
         tri.sparse_attn(wide[0], [wide[1]], idx.clamp(max=29), torch.randn(64), 0.04,
                         torch.randn(2, 3, 32), torch.randn(2, 3, 32))
-        # a training step's attention: the forward keeping its log-sum-exp, then the backward (V4's D 512 is the
-        # reference's there; 128 and 256 take the two slot-block widths)
+        # a training step's attention: the forward keeping its log-sum-exp, then the backward (128, 256 and V4's
+        # 512 take the three slot-block widths)
         from dsv4.kernels.triton import attention_grad
 
-        for width in (128, 256):
+        for width in (128, 256, 512):
             qg = torch.randn(2, 3, 8, width).to(dtype).requires_grad_()
             kvg = [torch.randn(2, 10, width).to(dtype).requires_grad_(), torch.randn(2, 5, width).to(dtype)]
             for trig in ((None, None), (torch.randn(2, 3, 16), torch.randn(2, 3, 16))):

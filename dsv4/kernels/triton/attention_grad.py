@@ -21,7 +21,7 @@ softmax's, as close to fp64 as the reference's autograd (with 16-bit rows the st
 sink's gradient about twice as far).
 
 Covered (`covers`): dense runs (one or two [B, n, D] tensors of one float dtype: a training forward's own KV rows
-and its compressed entries), D <= 256, the rotation as the forward kernel takes it; anything else is the
+and its compressed entries), D <= 512, the rotation as the forward kernel takes it; anything else is the
 reference's.
 """
 
@@ -38,7 +38,7 @@ from ..paged import KVRows
 from . import attention
 from .numerics import dot, exp, interpreting, libdevice_exp
 
-MAX_HEAD_DIM = 256  # the backward's [slots, D] row gradient and [heads, D] operands in registers
+MAX_HEAD_DIM = 512  # V4's; the backward's [slots, D] row gradient and [heads, D] operands in registers
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def _sparse_attn_backward_kernel(
 
 def covers(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, cos: Tensor | None,
            sin: Tensor | None) -> bool:
-    """What the training kernels take: dense runs (one or two, of one float dtype), D <= 256 and what the forward
+    """What the training kernels take: dense runs (one or two, of one float dtype), D <= 512 and what the forward
     kernel takes (`attention.covers`, `attention.covers_rotation`), gradients aside."""
     runs = list(runs)
     with torch.no_grad():
@@ -144,7 +144,7 @@ class _SparseAttention(torch.autograd.Function):
         if q.numel() and k:
             block_d = max(16, triton.next_power_of_2(d))
             block_h = 16  # (tl.dot's least; V4's 64 heads take four programs a query)
-            block_k = 64 if block_d <= 128 else 32
+            block_k = 64 if block_d <= 128 else 32 if block_d <= 256 else 16  # (the [slots, D] tiles' size)
             rotate = cos is not None
             _sparse_attn_backward_kernel[(b * s, triton.cdiv(h, block_h))](
                 q.contiguous(), grad.contiguous(), out.contiguous(), lse, idx.contiguous(),
