@@ -72,6 +72,23 @@ def test_only_the_wanted_gradients(wanted):
     assert (weight.grad if wanted == "x" else x.grad) is None
 
 
+def test_evaluation_computes_no_gradients(monkeypatch):
+    """Under no_grad (evaluation) with parameters that require gradients, the blocks' rows are asked for the loss
+    alone and no gradient GEMM runs."""
+    from dsv4.kernels import cross_entropy
+
+    asked, products = [], []
+    monkeypatch.setattr(cross_entropy, "add_product", lambda *a: products.append(1))
+    x, weight, targets = problem(12, 16, 50)
+    rows = lambda *a: asked.append(a[3]) or torch_rows(*a)  # noqa: E731
+    weight.requires_grad_()
+    with torch.no_grad():
+        loss = chunked_head_cross_entropy(x.requires_grad_(), weight, targets, IGNORE_INDEX, rows, 5)
+    assert asked == [False] * 3 and not products and not loss.requires_grad
+    loss = chunked_head_cross_entropy(x, weight, targets, IGNORE_INDEX, rows, 5)
+    assert asked[3:] == [True] * 3 and len(products) == 3 and loss.requires_grad
+
+
 def test_no_rows_and_no_targets():
     """No rows: a zero loss and zero gradients; every target ignored: the same, whatever the logits."""
     x, weight, _ = problem(6, 8, 20)

@@ -111,8 +111,9 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, dtype: torch.dtype,
-                chunk: int, rows: RowsFn) -> Tensor:
-        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                chunk: int, rows: RowsFn, recorded: bool) -> Tensor:
+        # (`needs_input_grad` says what requires a gradient even under no_grad, where nothing will ask for one)
+        want_x, want_w = recorded and ctx.needs_input_grad[0], recorded and ctx.needs_input_grad[1]
         grads = want_x or want_w
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         gx = torch.empty_like(x) if want_x else None
@@ -137,7 +138,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         gx, gw = ctx.saved_tensors
         dx = gx * g.to(gx.dtype) if gx is not None else None
         dw = (gw * g).to(ctx.weight_dtype) if gw is not None else None
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -185,4 +186,4 @@ def chunked_head_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignor
     if chunk is None:
         chunk = max(1, CHUNK_BYTES // (weight.shape[0] * dtype.itemsize))
     return ChunkedHeadCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), ignore_index,
-                                         dtype, chunk, rows)
+                                         dtype, chunk, rows, torch.is_grad_enabled())
