@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -115,6 +116,52 @@ def test_the_backend_takes_them_in_training(monkeypatch):
         tri.hc_collapse(x, post)
         tri.hc_mixes(x, fn, 1e-6)
     assert calls == ["hc_mixes", "hc_collapse", "hc_post"]
+
+
+class _StreamAdds(TorchDispatchMode):
+    """Counts the adds of tensors shaped like the streams (autograd summing two gradients of them)."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.shape, self.adds = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith("add") and any(
+                isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape for t in args):
+            self.adds += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("used", ["all", "post_and_comb"])
+def test_hc_pre_in_training_adds_the_collapse_gradient_in_the_mixes(dtype, used):
+    """`hc_pre` on the backend in a training step (mixes, Sinkhorn and collapse, each one Function): the collapse's
+    gradient of the streams is added by the mixes' backward kernel (`PreLink`), so autograd sums no two gradients
+    of the streams; the gradients of x, fn, scale and base are the reference's (fp32 rounding through Sinkhorn's
+    backward; bf16 streams one step), also where the collapsed output is unused (nothing linked)."""
+    g = torch.Generator().manual_seed(7)
+    h, d = 4, 96
+    x = torch.randn(2, 3, h, d, generator=g).to(dtype)
+    fn = torch.randn((2 + h) * h, h * d, generator=g) * 0.05
+    scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + h) * h, generator=g) * 0.5
+    probes = [torch.randn(2, 3, *shape, generator=g) for shape in ((d,), (h,), (h, h))]
+    results = []
+    for backend, device in ((TritonBackend(), DEVICE), (REF, "cpu")):
+        leaves = [t.clone().to(device).requires_grad_() for t in (x, fn, scale, base)]
+        u, post, comb = backend.hc_pre(*leaves[:2], leaves[2], leaves[3], h, 20, 1e-6, 1e-6)
+        terms = [(u.float() * probes[0].to(device)).sum()] if used == "all" else []
+        loss = sum(terms, (post * probes[1].to(device)).sum() + (comb * probes[2].to(device)).sum())
+        counter = _StreamAdds(x.shape)
+        with counter:
+            grads = torch.autograd.grad(loss, leaves)
+        results.append(([t.cpu() for t in grads], counter.adds))
+    (grads, adds), (grads_ref, adds_ref) = results
+    assert adds == 0 and adds_ref >= (1 if used == "all" else 0)
+    for name, a, b in zip(("x", "fn", "scale", "base"), grads, grads_ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        scale_ = float(b.float().abs().max())
+        tol = 1e-5 if dtype == torch.float32 or name != "x" else 2.0**-7
+        assert float((a.float() - b.float()).abs().max()) <= tol * scale_ + 1e-6 * scale_, name
 
 
 def test_what_the_backward_covers():

@@ -111,6 +111,10 @@ def run_calls() -> None:
             collapsed = tri.hc_collapse(wants, torch.rand(2, 3, h))
             mixes = tri.hc_mixes(wants, torch.randn((2 + h) * h, h * d), 1e-6)
             torch.autograd.grad(written.float().sum() + collapsed.float().sum() + mixes.sum(), wants)
+            # hc_pre in a training step: the collapse's gradient of the streams added by the mixes' backward
+            u, post, comb = tri.hc_pre(wants, torch.randn((2 + h) * h, h * d), torch.rand(3), torch.randn((2 + h) * h),
+                                       h, 20, 1e-6, 1e-6)
+            torch.autograd.grad(u.float().sum() + post.sum() + comb.sum(), wants)
         # row ops: the norms, the queries' head norm with its rotation (in place or not), the keys' rotation
         tri.rms_norm(torch.randn(3, 4096).to(dtype), torch.rand(4096), 1e-6)
         for d in (4096, 512):  # a training step's: the backward kernel

@@ -292,6 +292,13 @@ class TritonBackend(ReferenceBackend):
                norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
         if _runs_here(x) and mhc.covers_pre(x, fn, scale, base, hc_mult, iters):
             return mhc.hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
+        if _runs_here(x) and mhc_grad.covers_mixes(x, fn):  # (training: the collapse's gradient added by the mixes')
+            link = mhc_grad.PreLink()
+            mixes = mhc_grad.hc_mixes(x, fn, norm_eps, link)
+            pre, post, comb = self.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
+            if mhc_grad.covers_collapse(x, pre):
+                return mhc_grad.hc_collapse(x, pre, link), post, comb
+            return self.hc_collapse(x, pre), post, comb
         return super().hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
 
     def hc_mixes(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
