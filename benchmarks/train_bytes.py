@@ -23,7 +23,7 @@ import collections
 import contextlib
 
 import torch
-from decode_launches import part_names
+from decode_launches import part_names, triton_launches
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -36,48 +36,27 @@ _WRITES_NOTHING = ("empty.memory_format", "empty_strided.default", "new_empty.de
 
 
 class TensorBytes(TorchDispatchMode):
-    """Bytes of every op's tensor inputs and outputs, by (part, op); ops inside a Triton interpreter launch are
-    not counted (its copies of the kernel's arguments)."""
+    """Bytes of every op's tensor inputs and outputs, by (part, op). `triton_launches` marks the ops inside a
+    Triton launch (the interpreter's copies of the kernel's arguments), which are not counted."""
 
     def __init__(self, parts: list[str]) -> None:
         super().__init__()
         self.parts = parts
         self.bytes: collections.Counter = collections.Counter()
-        self.inside_kernel = 0
+        self.in_triton = 0
+
+    def count(self, kernel: str) -> None:
+        """(`triton_launches` reports each launch: its traffic is not known here)"""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.is_view or self.inside_kernel:
+        if func.is_view or self.in_triton:
             return out
         name = func.__name__
         counted = (args, kwargs) if name in _WRITES_NOTHING else (out, args, kwargs)
         n = sum(t.numel() * t.element_size() for t in tree_leaves(counted) if isinstance(t, torch.Tensor))
         self.bytes[(self.parts[-1] if self.parts else "model", name)] += n
         return out
-
-
-@contextlib.contextmanager
-def interpreter_excluded(counter: TensorBytes):
-    """Leave the Triton interpreter's own torch ops out of the count."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        yield
-        return
-    original = InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        counter.inside_kernel += 1
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            counter.inside_kernel -= 1
-
-    InterpretedFunction.run = run
-    try:
-        yield
-    finally:
-        InterpretedFunction.run = original
 
 
 def main() -> None:
@@ -121,7 +100,7 @@ def main() -> None:
                 step()  # (first uses: probes)
                 handles = part_names(model, parts)
             counter = TensorBytes(parts)
-            with interpreter_excluded(counter), counter:
+            with triton_launches(counter), counter:
                 step()
         if opts.kernel_bytes and hasattr(model, "head_loss") and opts.backend == "triton":
             counter.bytes[("model", "triton:_head_ce_rows_kernel")] += 3 * n * args.vocab_size * 2
