@@ -56,13 +56,9 @@ class _SummedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-        keep = targets != ignore_index
-        safe = torch.where(keep, targets, 0).unsqueeze(1)  # [M, 1]
-        top = logits.amax(dim=-1, keepdim=True)  # [M, 1]
-        total = torch.sub(logits, top).clamp_(min=EXP_FLOOR).exp_().sum(dim=-1, keepdim=True)
-        lse = top.add_(total.log_())  # [M, 1]
+        losses, lse, safe, keep = _row_losses(logits, targets, ignore_index)
         ctx.save_for_backward(logits, lse, safe, keep)
-        return torch.where(keep, (lse - logits.gather(1, safe)).squeeze(1), 0.0).sum()
+        return losses.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -89,14 +85,21 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
 RowsFn = Callable[[Tensor, Tensor, int, bool], Tensor]
 
 
+def _row_losses(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each row's loss [M] (0 where ignored) of logits [M, V], with its log-sum-exp [M, 1], the safe target [M, 1]
+    (0 where ignored) and which rows count [M]."""
+    keep = targets != ignore_index
+    safe = torch.where(keep, targets, 0).unsqueeze(1)  # [M, 1]
+    top = logits.amax(dim=-1, keepdim=True)  # [M, 1]
+    total = torch.sub(logits, top).clamp_(min=EXP_FLOOR).exp_().sum(dim=-1, keepdim=True)
+    lse = top.add_(total.log_())  # [M, 1]
+    return torch.where(keep, (lse - logits.gather(1, safe)).squeeze(1), 0.0), lse, safe, keep
+
+
 def torch_rows(logits: Tensor, targets: Tensor, ignore_index: int, grad: bool) -> Tensor:
     """`RowsFn` in torch ops, fp32 inside (the oracle of the backends' row kernels, and the CPU's)."""
-    keep = targets != ignore_index
-    safe = torch.where(keep, targets, 0).unsqueeze(1)  # [m, 1]
     wide = logits.float()
-    top = wide.amax(dim=-1, keepdim=True)
-    lse = top + torch.sub(wide, top).clamp_(min=EXP_FLOOR).exp_().sum(dim=-1, keepdim=True).log_()  # [m, 1]
-    losses = torch.where(keep, (lse - wide.gather(1, safe)).squeeze(1), 0.0)
+    losses, lse, safe, keep = _row_losses(wide, targets, ignore_index)
     if grad:
         probs = wide.sub_(lse).clamp_(min=EXP_FLOOR).exp_().scatter_add_(
             1, safe, torch.full_like(lse, -1.0)).mul_(keep.unsqueeze(1))
