@@ -3,45 +3,46 @@
 The interpreter tests check what the kernels compute; they cannot see code that only the GPU compiler rejects
 (an unsupported dot shape or dtype, a constexpr misuse, a pointer cast). This script runs with TRITON_INTERPRET=0:
 each kernel launch is recorded instead of run (the host code around it runs on CPU tensors, so the outputs are
-left uninitialised), then each recorded launch's signature is compiled to a cubin with Triton's bundled ptxas.
-Prints one line per distinct build and exits non-zero if any fails. Used by `tests/test_triton_compile.py`.
+left uninitialised), then each recorded launch's signature, with the specialisations the launch would give it, is
+compiled to a cubin with Triton's bundled ptxas.
+Prints one line per distinct build and exits non-zero if any fails, or needs more shared memory than a Hopper block
+has (which only a launch would find). With `--resources` each line also carries ptxas's registers and spill bytes.
+Used by `tests/test_triton_compile.py`.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(HOPPER)
 launches: dict[tuple, tuple] = {}
 
 
 def record(self: JITFunction, *args, grid, warmup, **kwargs):
-    """Stands in for JITFunction.run: the launch's signature and constexprs, keyed so each build happens once."""
-    names = [p.name for p in self.params]
-    options = {k: v for k, v in kwargs.items() if k not in names}
-    bound = self.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in names})
-    bound.apply_defaults()
-    signature, constexprs = {}, {}
-    for param in self.params:
-        value = bound.arguments[param.name]
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        else:
-            signature[param.name] = mangle_type(value)
-    key = (self.fn.__qualname__, tuple(signature.items()), tuple(sorted(constexprs.items())),
-           tuple(sorted(options.items())))
-    launches.setdefault(key, (self, signature, constexprs, options))
+    """Stands in for JITFunction.run: the launch's signature, constexprs and the attributes Triton specialises on
+    (a pointer's 16-byte alignment, an integer's divisibility by 16: what lets loads be vectorised), found as a
+    launch finds them, keyed so each build happens once."""
+    if not hasattr(self, "_hopper_binder"):
+        self._hopper_binder = create_function_from_signature(self.signature, self.params, BACKEND)
+    bound, specialization, options = self._hopper_binder(*args, **kwargs)
+    key = (self.fn.__qualname__, str(specialization), str(options))
+    if key not in launches:
+        launches[key] = (self, *self._pack_args(BACKEND, kwargs, bound, specialization, options))
 
 
 def run_calls() -> None:
@@ -182,7 +183,7 @@ def run_calls() -> None:
         tri.sparse_attn(wide[0], [wide[1]], idx.clamp(max=29), torch.randn(64), 0.04,
                         torch.randn(2, 3, 32), torch.randn(2, 3, 32))
         # a training step's attention: the forward keeping its log-sum-exp, then the backward (128, 256 and V4's
-        # 512 take the three slot-block widths)
+        # 512: the slot-block widths and the register budgets they were chosen for)
         from dsv4.kernels.triton import attention_grad
 
         for width in (128, 256, 512):
@@ -216,23 +217,62 @@ class _Args:
     index_head_dim = 64
 
 
+# Hopper's per-block limits that a build does not check but a launch does (Triton raises OutOfResources when it
+# loads the cubin): 227 KiB of shared memory a block, opted in (H100 and H200 alike).
+HOPPER_SHARED_BYTES = 227 * 1024
+PTXAS_USAGE = re.compile(r"Used (\d+) registers")
+PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_usage(ptx: str, fp_fusion: bool) -> tuple[int, int, int]:
+    """Registers a thread and bytes of spill stores and loads, as ptxas reports them for this PTX on sm_90a.
+
+    Triton runs ptxas with `-v` but keeps its log only on failure, and a launch reads the counts from the driver
+    (a GPU); so the PTX is assembled again here. The assembler is the CUDA 12 ptxas bundled with Triton, the one
+    Triton before 3.9 (the GPU machine's 3.6 included) runs for Hopper; `DSV4_PTXAS` names another."""
+    from triton import knobs
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    ptxas = knobs.nvidia.ptxas if "DSV4_PTXAS" not in os.environ else knobs.NvidiaTool.from_path(
+        os.environ["DSV4_PTXAS"])
+    isa = ptx_get_version(ptxas.version)  # the newest PTX this ptxas reads: the PTX says so, as Triton's does
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp, "kernel.ptx")
+        source.write_text(re.sub(r"\.version \d+\.\d+", f".version {isa // 10}.{isa % 10}", ptx, count=1))
+        command = [ptxas.path, "-v", "--gpu-name=sm_90a", str(source), "-o", str(Path(tmp, "kernel.cubin"))]
+        if not fp_fusion:
+            command.insert(1, "--fmad=false")
+        log = subprocess.run(command, check=True, capture_output=True, text=True).stderr
+    registers, spills = PTXAS_USAGE.search(log), PTXAS_SPILLS.search(log)
+    return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
 def main() -> int:
     from dsv4.kernels.triton import gemm
 
+    resources = "--resources" in sys.argv[1:]
     JITFunction.run = record
     for processors in (1, 132):  # the tile widths of a lone program and of filling an H200's 132 SMs
         gemm._processors = lambda device, n=processors: n
         run_calls()
     failures = 0
-    for (name, *_), (fn, signature, constexprs, options) in launches.items():
+    for (name, *_), (fn, options, signature, constexprs, attrs) in launches.items():
+        named = {fn.params[path[0]].name: value for path, value in constexprs.items()}
         try:
-            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=HOPPER,
-                           options={k: v for k, v in options.items() if k in ("num_warps", "num_stages",
-                                                                              "enable_fp_fusion")})
-            print(f"ok   {name} {constexprs}", flush=True)
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                                    target=HOPPER, options=options.__dict__)
+            shared = kernel.metadata.shared
+            if shared > HOPPER_SHARED_BYTES:
+                raise RuntimeError(f"{shared} bytes of shared memory a block; Hopper allows {HOPPER_SHARED_BYTES}")
+            usage = ""
+            if resources:
+                registers, stores, loads = ptxas_usage(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion)
+                usage = (f" [{kernel.metadata.num_warps} warps, {registers} registers, {shared} B shared, "
+                         f"spills {stores}/{loads} B]")
+            print(f"ok   {name} {named}{usage}", flush=True)
         except Exception:  # noqa: BLE001 - report every failing build, not only the first
             failures += 1
-            print(f"FAIL {name} {constexprs}", flush=True)
+            print(f"FAIL {name} {named}", flush=True)
             traceback.print_exc()
     print(f"{len(launches)} builds, {failures} failed")
     return 1 if failures or not launches else 0

@@ -321,7 +321,9 @@ def _launch_config(h: int, d: int, f32: bool) -> tuple[int, int, int, int]:
     dots) the heads per program are capped so the fp32 accumulator [BLOCK_H, BLOCK_D] stays within 16K elements:
     32 heads for V4's D = 512, which ptxas fits in registers without spills at 8 warps and 2 stages for a dense
     window plus dense, paged or fp8 entries. fp32 dots run on the FMA units and take far more registers and
-    shared memory: 16 heads, one stage, and more warps as D grows (no spills up to D = 512)."""
+    shared memory: 16 heads, one stage, and more warps as D grows. ptxas spills ~200 bytes a thread of these at
+    D = 128 (the fp32 small preset's) and 2-6 KB at D = 256-512 whatever the warps (`triton_hopper_build.py
+    --resources`): V4's own D = 512 runs in bf16."""
     block_d = max(16, triton.next_power_of_2(d))
     if f32:
         return 16, block_d, 4 if block_d <= 32 else 8 if block_d <= 128 else 16, 1

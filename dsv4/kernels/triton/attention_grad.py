@@ -144,7 +144,9 @@ class _SparseAttention(torch.autograd.Function):
         if q.numel() and k:
             block_d = max(16, triton.next_power_of_2(d))
             block_h = 16  # (tl.dot's least; V4's 64 heads take four programs a query)
-            block_k = 64 if block_d <= 128 else 32 if block_d <= 256 else 16  # (the [slots, D] tiles' size)
+            # the [slots, D] row tiles: 32 slots up to D = 128 and 16 beyond keep the small preset's D = 128 within
+            # ptxas's registers at 8 warps (64 spilled ~700 bytes a thread; `triton_hopper_build.py --resources`)
+            block_k = 32 if block_d <= 128 else 16
             rotate = cos is not None
             _sparse_attn_backward_kernel[(b * s, triton.cdiv(h, block_h))](
                 q.contiguous(), grad.contiguous(), out.contiguous(), lse, idx.contiguous(),
