@@ -4,6 +4,7 @@ interpreter (`tests/conftest.py` sets TRITON_INTERPRET=1 before triton is import
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -367,6 +368,22 @@ def test_routed_experts_covers_one_format_a_table():
     assert not experts.covers(x, [floats(), table[1]], [0, 1])  # one format
     assert not experts.covers(x, [table[0], floats()], [0, 1])
     assert not experts.covers(x, [floats(scale=torch.ones(1))], [0])  # a scaled float weight: not a format here
+
+    # the kernels load the weights as 16-byte aligned: a weight that is a view at another offset is the reference's
+    def off_by(t: torch.Tensor, elements: int) -> torch.Tensor:
+        store = torch.empty(t.numel() + elements, dtype=t.dtype, device=t.device)
+        view = store[elements:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    odd = dataclasses.replace(table[1], w1=off_by(table[1].w1, 1))
+    assert odd.w1.is_contiguous() and odd.w1.data_ptr() % 16 and torch.equal(odd.w1.float(), table[1].w1.float())
+    assert experts.covers(x, [table[0], table[1]], [0, 1])
+    assert not experts.covers(x, [table[0], odd], [0, 1])
+    assert not experts.covers(x, [table[0], dataclasses.replace(table[1], w2=off_by(table[1].w2, 8))], [0, 1])
+    assert experts.covers(x, [table[0], dataclasses.replace(table[1], w1=off_by(table[1].w1, 16))], [0, 1])
+    unaligned = floats()
+    assert not experts.covers(x, [dataclasses.replace(unaligned, w3=off_by(unaligned.w3, 2))], [0])
 
 
 def _float_table(n_experts: int, dim: int, inter: int, dtype: torch.dtype, seed: int) -> list:

@@ -124,9 +124,11 @@ def _rows_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, A, H, D, HALF, sxa, sxh, sca,
     if ROPE:
         i = tl.arange(0, HALFP)
         mask = h_ok[:, None] & (i < HALF)[None, :]
-        even = D - 2 * HALF + 2 * i[None, :]
-        av = tl.load(x_rows + even, mask=mask, other=0.0).to(tl.float32)
-        bv = tl.load(x_rows + even + 1, mask=mask, other=0.0).to(tl.float32)
+        # the (even, odd) pairs read and written as one contiguous [BLOCK_H, HALFP, 2] tile, so the loads are vectors
+        # (two stride-2 loads were one element a load)
+        pairs = (D - 2 * HALF + 2 * i)[None, :, None] + tl.arange(0, 2)[None, None, :]
+        mask2 = tl.broadcast_to(mask[:, :, None], (BLOCK_H, HALFP, 2))
+        av, bv = tl.split(tl.load(x_rows[:, :, None] + pairs, mask=mask2, other=0.0).to(tl.float32))
         if NORM:
             av = _as(av * r[:, None], DT)
             bv = _as(bv * r[:, None], DT)
@@ -135,8 +137,8 @@ def _rows_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, A, H, D, HALF, sxa, sxh, sca,
         s = tl.load(sin_ptr + trig, mask=mask, other=0.0).to(tl.float32)
         if INVERSE:
             s = -s
-        tl.store(out_rows + even, round_to(av * c - bv * s, DT), mask=mask)
-        tl.store(out_rows + even + 1, round_to(av * s + bv * c, DT), mask=mask)
+        tl.store(out_rows[:, :, None] + pairs, tl.join(round_to(av * c - bv * s, DT), round_to(av * s + bv * c, DT)),
+                 mask=mask2)
 
 
 @triton.jit
