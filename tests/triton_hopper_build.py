@@ -6,7 +6,8 @@ each kernel launch is recorded instead of run (the host code around it runs on C
 left uninitialised), then each recorded launch's signature, with the specialisations the launch would give it, is
 compiled to a cubin with Triton's bundled ptxas.
 Prints one line per distinct build and exits non-zero if any fails, or needs more shared memory than a Hopper block
-has (which only a launch would find). With `--resources` each line also carries ptxas's registers and spill bytes.
+has (which only a launch would find). With `--resources` each line also carries ptxas's registers and spill bytes
+and the PTX's count of one-element 8- or 16-bit global loads.
 Used by `tests/test_triton_compile.py`.
 """
 
@@ -220,6 +221,9 @@ class _Args:
 # Hopper's per-block limits that a build does not check but a launch does (Triton raises OutOfResources when it
 # loads the cubin): 227 KiB of shared memory a block, opted in (H100 and H200 alike).
 HOPPER_SHARED_BYTES = 227 * 1024
+# a global load of one 8- or 16-bit element (not a vector): what a tile of bytes or halves compiles to where the
+# compiler cannot prove its addresses contiguous and aligned (counted in the PTX: instructions, not executions)
+NARROW_LOAD = re.compile(r"\bld\.global(?:\.[a-z]+)*\.[bsu](?:8|16)\b")
 PTXAS_USAGE = re.compile(r"Used (\d+) registers")
 PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -268,7 +272,7 @@ def main() -> int:
             if resources:
                 registers, stores, loads = ptxas_usage(kernel.asm["ptx"], kernel.metadata.enable_fp_fusion)
                 usage = (f" [{kernel.metadata.num_warps} warps, {registers} registers, {shared} B shared, "
-                         f"spills {stores}/{loads} B]")
+                         f"spills {stores}/{loads} B, {len(NARROW_LOAD.findall(kernel.asm['ptx']))} narrow loads]")
             print(f"ok   {name} {named}{usage}", flush=True)
         except Exception:  # noqa: BLE001 - report every failing build, not only the first
             failures += 1
