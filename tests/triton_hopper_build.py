@@ -191,31 +191,36 @@ def run_calls() -> None:
             qg = torch.randn(2, 3, 8, width).to(dtype).requires_grad_()
             kvg = [torch.randn(2, 10, width).to(dtype).requires_grad_(), torch.randn(2, 5, width).to(dtype)]
             for trig in ((None, None), (torch.randn(2, 3, 16), torch.randn(2, 3, 16))):
-                out = attention_grad.sparse_attn(qg, kvg, idx.clamp(max=14), sink.requires_grad_(), 0.1, *trig)
+                out = attention_grad.sparse_attn(qg, kvg, idx.clamp(max=14), sink.clone().requires_grad_(), 0.1,
+                                                 *trig)
                 out.backward(torch.ones_like(out))
-        for fmt in ("model", "fp8"):
-            try:
-                codec = get_format(fmt).codec(_Args(), "kv", dtype)
-            except ValueError:
-                continue
-            rows = torch.randn(20, 64).to(dtype)
-            stored = rows if codec is None else codec.encode(rows)
-            pool = stored.reshape(5, 4, -1)
-            paged = PagedRows(pool, torch.tensor([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]), 20, codec, dtype)
-            if attention.covers(q, [window, paged], idx, sink):
-                tri.sparse_attn(q, [window, paged], idx, sink, 0.125)
+        # a decode step's paged runs: model rows or the production FP8 layout, at head dim 64 (16 rope dims) and at
+        # V4's 512 (64 rope dims) with its 64 heads
+        for args, heads in ((_Args(64, 16), 8), (_Args(512, 64), 64)):
+            d = args.head_dim
+            qp, ring = torch.randn(2, 1, heads, d).to(dtype), torch.randn(4, 10, d).to(dtype)
+            idx_p, sink_p = torch.randint(-1, 30, (2, 1, 70)), torch.randn(heads)
+            rot_p = torch.randn(2, 1, args.rope_head_dim // 2), torch.randn(2, 1, args.rope_head_dim // 2)
+            for fmt in ("model", "fp8"):
+                codec = get_format(fmt).codec(args, "kv", dtype)
+                rows = torch.randn(20, d).to(dtype)
+                stored = rows if codec is None else codec.encode(rows)
+                paged = PagedRows(stored.reshape(5, 4, -1), torch.tensor([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]), 20, codec,
+                                  dtype)
+                window_p = torch.randn(2, 10, d).to(dtype)
+                assert attention.covers(qp, [window_p, paged], idx_p, sink_p), (fmt, d, dtype)  # else nothing builds
+                tri.sparse_attn(qp, [window_p, paged], idx_p, sink_p, 0.125)
                 # the window rings of some cache slots, one page a batch row (an engine decode step's first run)
-                rings = PagedRows(torch.randn(4, 10, 64).to(dtype), torch.tensor([[2], [0]]), 10, None, dtype)
-                tri.sparse_attn(q, [rings, paged], idx, sink, 0.125)
-                tri.sparse_attn(q, [rings, paged], idx, sink, 0.125, *rot)
+                rings = PagedRows(ring, torch.tensor([[2], [0]]), 10, None, dtype)
+                tri.sparse_attn(qp, [rings, paged], idx_p, sink_p, 0.125)
+                tri.sparse_attn(qp, [rings, paged], idx_p, sink_p, 0.125, *rot_p)
 
 
 class _Args:
-    """The model arguments a KV codec reads (head dim 64 with 16 rope dims)."""
+    """The model arguments a KV codec reads."""
 
-    head_dim = 64
-    rope_head_dim = 16
-    index_head_dim = 64
+    def __init__(self, head_dim: int, rope_head_dim: int) -> None:
+        self.head_dim, self.rope_head_dim, self.index_head_dim = head_dim, rope_head_dim, 64
 
 
 # Hopper's per-block limits that a build does not check but a launch does (Triton raises OutOfResources when it
