@@ -32,12 +32,15 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 HOPPER = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(HOPPER)
 launches: dict[tuple, tuple] = {}
+recorded = 0  # launches seen, repeats included
 
 
 def record(self: JITFunction, *args, grid, warmup, **kwargs):
     """Stands in for JITFunction.run: the launch's signature, constexprs and the attributes Triton specialises on
     (a pointer's 16-byte alignment, an integer's divisibility by 16: what lets loads be vectorised), found as a
     launch finds them, keyed so each build happens once."""
+    global recorded
+    recorded += 1
     if not hasattr(self, "_hopper_binder"):
         self._hopper_binder = create_function_from_signature(self.signature, self.params, BACKEND)
     bound, specialization, options = self._hopper_binder(*args, **kwargs)
@@ -55,7 +58,7 @@ def run_calls() -> None:
     from dsv4.kv_formats import get_format
     from dsv4.quant import quantize_fp4_weight, quantize_fp8_weight
 
-    ref, tri = ReferenceBackend(), TritonBackend()
+    ref, tri = ReferenceBackend(), _Launching(TritonBackend())
     # the backend only launches on CUDA tensors or under the interpreter: let it launch on these CPU tensors
     import dsv4.kernels.triton as package
 
@@ -214,6 +217,25 @@ def run_calls() -> None:
                 rings = PagedRows(ring, torch.tensor([[2], [0]]), 10, None, dtype)
                 tri.sparse_attn(qp, [rings, paged], idx_p, sink_p, 0.125)
                 tri.sparse_attn(qp, [rings, paged], idx_p, sink_p, 0.125, *rot_p)
+
+
+class _Launching:
+    """The backend, each of whose calls must launch a kernel: one that falls back to the reference (a `covers` that
+    refuses what the call passes) would build nothing for it, and silently."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        method = getattr(self._backend, name)
+
+        def call(*args, **kwargs):
+            before = recorded
+            out = method(*args, **kwargs)
+            assert recorded > before, f"{name} launched no kernel: the backend took the reference's path"
+            return out
+
+        return call
 
 
 class _Args:
