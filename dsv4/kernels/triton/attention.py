@@ -154,8 +154,10 @@ def _sparse_attn_kernel(
                 if RUN1 == 1:
                     ptrs1 = r1_ptr + b * s1_0 + j1[:, None] * s1_1 + cols[None, :] * s1_2
                 else:
-                    page = tl.load(tab_ptr + b * st_b + (j1 // ROWS_PER_PAGE) * st_p, mask=in1,
-                                   other=0).to(tl.int64)
+                    # (unmasked, the slots of no page of this run reading the table's first: triton 3.6 fails to
+                    # build the masked load in the fp8 layout's kernel, its layout pass giving mask and pointers
+                    # different layouts)
+                    page = tl.load(tab_ptr + b * st_b + tl.where(in1, j1 // ROWS_PER_PAGE, 0) * st_p).to(tl.int64)
                     # (a hint of the entries' alignment, for vector loads: fp8 entries are 8-byte multiples, not 16)
                     entry = tl.multiple_of(page * s1_0 + (j1 % ROWS_PER_PAGE) * s1_1, ENTRY_ALIGN)
                     ptrs1 = r1_ptr + entry[:, None] + cols[None, :] * s1_2
