@@ -282,6 +282,7 @@ def main() -> int:
     from dsv4.kernels.triton import gemm
 
     resources = "--resources" in sys.argv[1:]
+    print(f"triton {triton.__version__} ({Path(triton.__file__).parent})", flush=True)
     JITFunction.run = record
     for processors in (1, 132):  # the tile widths of a lone program and of filling an H200's 132 SMs
         gemm._processors = lambda device, n=processors: n
