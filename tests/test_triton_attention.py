@@ -69,8 +69,58 @@ def _check_bf16(got, want):
     assert off <= 1 / 8, f"{off:.0%} of the rows differ"
 
 
+@pytest.fixture(params=["one program", "split"])
+def split(request, monkeypatch):
+    """Each query's slots in one program, or split across programs as on a GPU whose processors outnumber the
+    queries' programs (a decode step's: `attention.split_slots`), each program's state then merged by
+    `_split_combine_kernel`. Yields the merges launched (a list), so a test can check the split took place."""
+    from dsv4.kernels.triton import gemm
+
+    merges = []
+    if request.param == "split":
+        monkeypatch.setattr(gemm, "processors", lambda device: 64)
+        kernel = attention._split_combine_kernel
+
+        class Counting:
+            def __getitem__(self, grid):
+                merges.append(grid)
+                return kernel[grid]
+
+        monkeypatch.setattr(attention, "_split_combine_kernel", Counting())
+    yield merges if request.param == "split" else None
+
+
+def _check_split(merges, k):
+    """Where the slots were to be split (more than one 64-slot block), they were."""
+    if merges is not None:
+        assert bool(merges) == (k > attention.ATTN_BLOCK)
+
+
+def test_split_slots_fill_the_processors_with_whole_blocks():
+    """A decode step's few programs (V4-Flash at batch 1: 64 heads in 2 programs, 640 slots) split into whole
+    64-slot blocks, as many splits as fill the processors; enough programs, or one block, are not split."""
+    assert attention.split_slots(2, 640, torch.device("cpu")) == (640, 1)  # the interpreter: one processor
+    from dsv4.kernels.triton import gemm
+
+    real = gemm.processors
+    try:
+        gemm.processors = lambda device: 132
+        assert attention.split_slots(2, 640, torch.device("cpu")) == (64, 10)
+        assert attention.split_slots(16, 640, torch.device("cpu")) == (128, 5)  # 9 wanted: 5 of 2 blocks
+        assert attention.split_slots(40, 640, torch.device("cpu")) == (192, 4)  # 4 splits of 3 blocks, the last 1
+        assert attention.split_slots(128, 640, torch.device("cpu")) == (640, 1)  # batch 64: the programs fill it
+        assert attention.split_slots(2, 64, torch.device("cpu")) == (64, 1)
+        for programs in range(1, 70):
+            for k in (65, 129, 640, 1000):
+                chunk, splits = attention.split_slots(programs, k, torch.device("cpu"))
+                assert chunk % attention.ATTN_BLOCK == 0 or splits == 1
+                assert (splits - 1) * chunk < k <= splits * chunk  # every split has slots, every slot a split
+    finally:
+        gemm.processors = real
+
+
 @pytest.mark.parametrize("k, n_runs", [(5, 2), (64, 1), (150, 2)])
-def test_fp32_dense_runs_equal_the_reference(k, n_runs):
+def test_fp32_dense_runs_equal_the_reference(k, n_runs, split):
     """One or two dense runs, one slot block (whole or partial) or several, 20 heads (two head blocks), D = 40
     (padded to 64), a strided q, per batch row indices with scattered -1, a query with no used slot."""
     torch.manual_seed(k)
@@ -83,13 +133,14 @@ def test_fp32_dense_runs_equal_the_reference(k, n_runs):
     want = REF.sparse_attn(q, runs, idx, sink, d**-0.5)
     assert got.dtype == torch.float32 and got.shape == (b, s, h, d)
     _check_fp32(got, want)
+    _check_split(split, k)
     assert torch.equal(got[0, 1], torch.zeros_like(got[0, 1]))  # all slots unused: exactly 0
     # the second query's slots differ per batch row, so the batch rows' results must too
     assert not torch.allclose(got[0, 0], got[1, 0])
 
 
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
-def test_bf16_rows_equal_the_reference_within_a_bf16_step(q_dtype):
+def test_bf16_rows_equal_the_reference_within_a_bf16_step(q_dtype, split):
     """bf16 rows (the second run given in fp32 and cast to the first run's bf16, as `concat_rows` does), q bf16
     (tensor-core dots) or fp32 (fp32 logits, bf16 value product); the output in q's dtype."""
     torch.manual_seed(1)
@@ -101,12 +152,13 @@ def test_bf16_rows_equal_the_reference_within_a_bf16_step(q_dtype):
     want = REF.sparse_attn(q, [window, entries], idx, sink, d**-0.5)
     assert got.dtype == q_dtype
     _check_bf16(got, want)
+    _check_split(split, k)
     assert not got[0, 1].any()
 
 
 @pytest.mark.parametrize(("dtype", "d", "half"), [(torch.float32, 40, 8), (torch.bfloat16, 64, 16),
                                                   (torch.bfloat16, 32, 16)])
-def test_the_output_rotated_back_as_it_is_written(dtype, d, half):
+def test_the_output_rotated_back_as_it_is_written(dtype, d, half, split):
     """With cos / sin the kernel writes its output with the last 2*half dims rotated back: bit for bit the output
     then the Triton rope kernel's inverse rotation (D padded to the tile or not; every dim rotated), and the
     reference op (`rope_back` after its attention) within the attention's tolerance."""
@@ -125,12 +177,13 @@ def test_the_output_rotated_back_as_it_is_written(dtype, d, half):
     assert not torch.equal(got[..., -2 * half :], plain[..., -2 * half :])
     want = REF.sparse_attn(q, runs, idx, sink, d**-0.5, cos, sin)
     (_check_fp32 if dtype == torch.float32 else _check_bf16)(got, want)
+    _check_split(split, k)
     assert not attention.covers_rotation(q, cos[..., :1, :], sin[..., :1, :])  # a shape it does not take
     assert not attention.covers_rotation(q, cos, None)
 
 
 @pytest.mark.parametrize("store", ["none-fp32", "none-bf16", "cast", "cast-down", "fp8"])
-def test_paged_entries_equal_the_reference(store):
+def test_paged_entries_equal_the_reference(store, split):
     """A dense window run, then compressed entries left in shuffled pages of a pool: compute rows (codec None),
     bf16 rows of an fp32 model (`CastCodec`), or the production fp8 entries (`PackedCodec`, decoded in the kernel;
     D = 96 with 16 rope dims: 80 nope dims, one whole and one partial scale block). "cast-down" decodes fp32
@@ -157,6 +210,7 @@ def test_paged_entries_equal_the_reference(store):
     want = REF.sparse_attn(q, runs, idx, sink, d**-0.5)
     assert not want.isnan().any()
     (_check_fp32 if model == torch.float32 else _check_bf16)(got, want)
+    _check_split(split, k)
     assert not got[0, 1].any()
     # the slots reach the entries: zero entries would give another result
     zeros = torch.zeros(b, n1, d, dtype=model, device=DEVICE)
@@ -164,7 +218,7 @@ def test_paged_entries_equal_the_reference(store):
 
 
 @pytest.mark.parametrize("second", ["none", "dense", "paged", "fp8"])
-def test_window_rings_seen_by_rows_equal_the_reference(second):
+def test_window_rings_seen_by_rows_equal_the_reference(second, split):
     """The first run as the engine's decode steps give it: the window rings of some cache slots left in the cache's
     [slots, W, D] tensor, one page per batch row (`LayerCacheRows.window_rows`), alone or followed by entries (dense,
     paged, or fp8 in pages). The other slots' rings hold NaN: a read of a wrong row shows."""
@@ -188,6 +242,7 @@ def test_window_rings_seen_by_rows_equal_the_reference(second):
     want = REF.sparse_attn(q, runs, idx, sink, d**-0.5)
     assert not want.isnan().any()
     (_check_fp32 if dtype == torch.float32 else _check_bf16)(got, want)
+    _check_split(split, k)
     # each batch row reads its own slot's ring: swapping the slots changes the result
     swapped = PagedRows(rings, slots.flip(0).unsqueeze(1), w, None, dtype)
     assert not torch.allclose(got, REF.sparse_attn(q, [swapped, *runs[1:]], idx, sink, d**-0.5), atol=1e-3)

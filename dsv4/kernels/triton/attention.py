@@ -10,6 +10,12 @@ registers where the run is stored in another format, the block's logits come fro
 running sum), the *unnormalised* p cast to the rows' dtype before ``tl.dot(p, rows)`` into an fp32 accumulator,
 and at the end exp(sink - m) added to the denominator.
 
+Where a launch's programs would leave most of the GPU idle (a decode step: V4-Flash's 64 heads at batch 1 are two
+programs on 132 processors) and a query has several slot blocks, its blocks are split across programs
+(`split_slots`): a first pass writes each block's largest logit, a second walks each split's blocks from the running
+max the blocks before them leave (so every p is the reference's, rounded at the reference's max), and
+`_split_combine_kernel` merges the splits' sums and accumulators, then normalises, rotates and stores.
+
 Supported runs (`covers`): a first run, dense [B, n, D] or a `PagedRows` of one page per batch row holding compute
 rows (a cache's window rings seen through some of its rows: the engine's decode steps), optionally followed by one
 second run, either dense or a
@@ -43,6 +49,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..paged import KVRows, PagedRows
+from . import gemm
 from .numerics import TL_DTYPES, dot, exp, interpreting, libdevice_exp, round_to
 
 ATTN_BLOCK = 64  # slots per online-softmax step (the reference's ATTN_BLOCK; the rounding of p depends on it)
@@ -95,6 +102,8 @@ def _sparse_attn_kernel(
     tab_ptr, st_b, st_p,
     cos_ptr, sin_ptr, sc_b, sc_s, HALF,  # ROTATE: the output's last 2*HALF dims rotated back, per (b, s)
     lse_ptr,  # LSE: [B, S, H] fp32, each head's log of its softmax denominator (the sink's term included)
+    part_ptr, ml_ptr, CHUNK,  # SPLIT: [B*S, splits, H, D] fp32 accumulators, [B*S, splits, H, 2] max and sum
+    bmax_ptr, NB,  # SPLIT: [B*S, H, NB] fp32, each 64-slot block's largest logit (-inf: none used)
     S, H, K, scale,
     D: tl.constexpr,
     RUN0_PAGED: tl.constexpr,  # the first run is one page per batch row (a cache's window rings seen by rows)
@@ -113,6 +122,9 @@ def _sparse_attn_kernel(
     LIBDEVICE: tl.constexpr,  # libdevice's expf (torch's on CUDA), where it exists
     ROTATE: tl.constexpr,
     LSE: tl.constexpr,
+    # 0: all K slots. 1 or 2: the slots [CHUNK * program_id(2), + CHUNK), 1 writing each block's largest logit,
+    # 2 (after 1) walking them from the running max the blocks before them leave, writing its partial state
+    SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
@@ -136,8 +148,18 @@ def _sparse_attn_kernel(
         row0 = tl.load(tab0_ptr + b * st0_b).to(tl.int64)
     else:
         row0 = b
-    for lo in range(0, K, BLOCK_K):
+    if SPLIT > 0:
+        start = tl.program_id(2) * CHUNK
+        end = tl.minimum(start + CHUNK, K)
+    else:
+        start, end = 0, K
+    block_max = bmax_ptr + ((b * S + s) * H + heads) * NB  # [BLOCK_H]: this query's heads' block maxima
+    if SPLIT == 2:  # the reference reaches this split's first block with the running max of all before it
+        for t in range(0, start // BLOCK_K):
+            run_max = tl.maximum(run_max, tl.load(block_max + t, mask=head_ok, other=float("-inf")))
+    for lo in range(start, end, BLOCK_K):
         slots = lo + tl.arange(0, BLOCK_K)
+        largest = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         j = tl.load(idx_base + slots.to(tl.int64) * si_k, mask=slots < K, other=-1).to(tl.int64)
         # a block of unused slots changes nothing (rescale 1, or 0 before any used slot, and p = 0): skipped
         if tl.max(j, axis=0) >= 0:
@@ -173,15 +195,36 @@ def _sparse_attn_kernel(
 
             logits = dot(q, tl.trans(rows), WIDEN_DOTS) * scale
             logits = tl.where(valid[None, :], logits, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-            # a head that has seen no used slot yet keeps a finite shift, so its exp() terms are exactly 0
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            rescale = exp(run_max - shift, LIBDEVICE)
-            p = exp(logits - shift[:, None], LIBDEVICE)
-            denom = denom * rescale + tl.sum(p, axis=1)
-            acc = acc * rescale[:, None] + dot(round_to(p, row_dtype), rows, WIDEN_DOTS)
-            run_max = new_max
+            largest = tl.max(logits, axis=1)
+            if SPLIT != 1:
+                new_max = tl.maximum(run_max, largest)
+                # a head that has seen no used slot yet keeps a finite shift, so its exp() terms are exactly 0
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                rescale = exp(run_max - shift, LIBDEVICE)
+                p = exp(logits - shift[:, None], LIBDEVICE)
+                denom = denom * rescale + tl.sum(p, axis=1)
+                acc = acc * rescale[:, None] + dot(round_to(p, row_dtype), rows, WIDEN_DOTS)
+                run_max = new_max
+        if SPLIT == 1:
+            tl.store(block_max + lo // BLOCK_K, largest, mask=head_ok)
 
+    if SPLIT == 2:  # the split's running max, sum and accumulator, for `_split_combine_kernel`
+        part = ((b * S + s) * tl.num_programs(2) + tl.program_id(2)) * H + heads  # [BLOCK_H]
+        tl.store(ml_ptr + 2 * part, run_max, mask=head_ok)
+        tl.store(ml_ptr + 2 * part + 1, denom, mask=head_ok)
+        tl.store(part_ptr + part[:, None].to(tl.int64) * D + cols[None, :], acc,
+                 mask=head_ok[:, None] & col_ok[None, :])
+    elif SPLIT == 0:
+        _finish(acc, run_max, denom, sink_ptr, out_ptr, so_b, so_s, so_h, so_d, cos_ptr, sin_ptr, sc_b, sc_s, HALF,
+                lse_ptr, b, s, S, H, heads, head_ok, cols, col_ok, D, BLOCK_H, BLOCK_D, LIBDEVICE, ROTATE, LSE)
+
+
+@triton.jit
+def _finish(acc, run_max, denom, sink_ptr, out_ptr, so_b, so_s, so_h, so_d, cos_ptr, sin_ptr, sc_b, sc_s, HALF,
+            lse_ptr, b, s, S, H, heads, head_ok, cols, col_ok, D: tl.constexpr, BLOCK_H: tl.constexpr,
+            BLOCK_D: tl.constexpr, LIBDEVICE: tl.constexpr, ROTATE: tl.constexpr, LSE: tl.constexpr):
+    """The sink into the denominator, the output normalised, rounded, rotated back where asked, stored: acc
+    [BLOCK_H, BLOCK_D] and denom [BLOCK_H] are relative to run_max [BLOCK_H] (-inf: no used slot)."""
     sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
     shift = tl.where(run_max == float("-inf"), sink, run_max)
     denom = denom + exp(sink - shift, LIBDEVICE)
@@ -202,6 +245,40 @@ def _sparse_attn_kernel(
         out = round_to(tl.reshape(tl.join(ev2, od2), (BLOCK_H, BLOCK_D)), dt)
     o_ptrs = out_ptr + b * so_b + s * so_s + heads[:, None].to(tl.int64) * so_h + cols[None, :] * so_d
     tl.store(o_ptrs, out, mask=head_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _split_combine_kernel(
+    part_ptr, ml_ptr, n_split, sink_ptr,
+    out_ptr, so_b, so_s, so_h, so_d,
+    cos_ptr, sin_ptr, sc_b, sc_s, HALF,
+    S, H,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, LIBDEVICE: tl.constexpr, ROTATE: tl.constexpr,
+):
+    """A query's splits merged, then `_finish`: each split's sum and accumulator rescaled from its own running max
+    to the largest, as the online softmax rescales from one block to the next."""
+    pid = tl.program_id(0)
+    b = (pid // S).to(tl.int64)
+    s = (pid % S).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_D)
+    head_ok = heads < H
+    col_ok = cols < D
+    first = pid.to(tl.int64) * n_split * H + heads  # [BLOCK_H]: split 0's (query, head) partial
+    run_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    for i in range(0, n_split):
+        run_max = tl.maximum(run_max, tl.load(ml_ptr + 2 * (first + i * H), mask=head_ok, other=float("-inf")))
+    shift = tl.where(run_max == float("-inf"), 0.0, run_max)
+    denom = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for i in range(0, n_split):
+        part = first + i * H
+        rescale = exp(tl.load(ml_ptr + 2 * part, mask=head_ok, other=float("-inf")) - shift, LIBDEVICE)
+        denom += rescale * tl.load(ml_ptr + 2 * part + 1, mask=head_ok, other=0.0)
+        acc += rescale[:, None] * tl.load(part_ptr + part[:, None].to(tl.int64) * D + cols[None, :],
+                                          mask=head_ok[:, None] & col_ok[None, :], other=0.0)
+    _finish(acc, run_max, denom, sink_ptr, out_ptr, so_b, so_s, so_h, so_d, cos_ptr, sin_ptr, sc_b, sc_s, HALF,
+            sink_ptr, b, s, S, H, heads, head_ok, cols, col_ok, D, BLOCK_H, BLOCK_D, LIBDEVICE, ROTATE, False)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -379,26 +456,62 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
     block_h, block_d, num_warps, num_stages = _launch_config(h, d, qk_f32)
     grid = (b * s, triton.cdiv(h, block_h))
     rotate = cos is not None
-    _sparse_attn_kernel[grid](
-        q, *q.stride(),
-        idx, *idx.stride(),
-        sink.to(torch.float32).contiguous(),
-        out, *out.stride(),
-        first, *first.stride(), n0,
-        table0, table0.stride(0),
-        second, *second.stride(), n1,
-        second16,
-        table, t_b, t_p,
-        *((cos, sin, cos.stride(0), cos.stride(1), cos.shape[-1]) if rotate else (sink, sink, 0, 0, 0)),
-        lse if lse is not None else sink,
-        s, h, k, float(scale),
-        D=d, RUN0_PAGED=paged0, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=TL_DTYPES[mid],
-        NOPE=d - rope, ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), ROTATE=rotate, LSE=lse is not None, num_warps=num_warps,
-        num_stages=num_stages,
-        enable_fp_fusion=not rotate,
-    )
+    chunk, n_split = k, 1
+    if lse is None:
+        chunk, n_split = split_slots(grid[0] * grid[1], k, q.device)
+    split = n_split > 1
+    part = ml = block_max = sink  # (stand-ins, never read, unless split)
+    n_blocks = triton.cdiv(k, ATTN_BLOCK)
+    if split:
+        part = torch.empty(b * s, n_split, h, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b * s, n_split, h, 2, dtype=torch.float32, device=q.device)
+        block_max = torch.empty(b * s, h, n_blocks, dtype=torch.float32, device=q.device)
+    trig = (cos, sin, cos.stride(0), cos.stride(1), cos.shape[-1]) if rotate else (sink, sink, 0, 0, 0)
+    sink = sink.to(torch.float32).contiguous()
+    for phase in (1, 2) if split else (0,):
+        _sparse_attn_kernel[(*grid, n_split)](
+            q, *q.stride(),
+            idx, *idx.stride(),
+            sink,
+            out, *out.stride(),
+            first, *first.stride(), n0,
+            table0, table0.stride(0),
+            second, *second.stride(), n1,
+            second16,
+            table, t_b, t_p,
+            *trig,
+            lse if lse is not None else sink,
+            part, ml, chunk, block_max, n_blocks,
+            s, h, k, float(scale),
+            D=d, RUN0_PAGED=paged0, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=TL_DTYPES[mid],
+            NOPE=d - rope, ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h,
+            BLOCK_D=block_d, BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), ROTATE=rotate, LSE=lse is not None,
+            SPLIT=phase,
+            num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=not rotate,
+        )
+    if split:
+        _split_combine_kernel[grid](
+            part, ml, n_split, sink, out, *out.stride(), *trig, s, h,
+            D=d, BLOCK_H=block_h, BLOCK_D=block_d, LIBDEVICE=libdevice_exp(), ROTATE=rotate,
+            num_warps=4 if block_h * block_d <= 4096 else 8, enable_fp_fusion=not rotate,
+        )
     return out
+
+
+def split_slots(programs: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(slots a program walks, programs a query's heads take): all K slots in one program, unless the queries'
+    programs would leave most processors idle, as a decode step's few do (V4-Flash at batch 1: 2 programs for its
+    64 heads on 132 processors), and there are several 64-slot blocks. Then each of `splits` programs walks its
+    own whole blocks and leaves its running max, sum and accumulator, which `_split_combine_kernel` merges
+    ("flash-decoding"). To keep the reference's rounding, a first pass of the same programs writes each block's
+    largest logit, and the second starts each split from the running max the blocks before it leave: every block's
+    p is then taken against (and rounded at) the reference's max. Only the fp32 sums' order differs."""
+    blocks = triton.cdiv(k, ATTN_BLOCK)
+    available = gemm.processors(device)
+    if blocks < 2 or 2 * programs > available:
+        return k, 1
+    per_split = triton.cdiv(blocks, min(blocks, triton.cdiv(available, programs)))
+    return per_split * ATTN_BLOCK, triton.cdiv(blocks, per_split)
 
 
 __all__ = ["ATTN_BLOCK", "covers", "covers_rotation", "sparse_attn"]

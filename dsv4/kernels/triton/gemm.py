@@ -151,7 +151,7 @@ def block_m_for(m: int) -> int:
     return max(16, min(64, triton.next_power_of_2(m)))
 
 
-def _processors(device: torch.device) -> int:
+def processors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs programs one by one)."""
     if device.type != "cuda":
         return 1
@@ -162,9 +162,9 @@ def block_n_for(row_blocks: int, n: int, widest: int, device: torch.device) -> i
     """Output columns per program: the widest tile (fewest weight re-reads) that still gives every processor a
     program, else 32. A decode (one row block) reads each weight once and is bound by memory bandwidth, which
     takes every processor streaming: 4,096 columns in 128-wide tiles are 32 programs on a 132-SM H200."""
-    processors = _processors(device)
+    available = processors(device)
     block_n = widest
-    while block_n > 32 and row_blocks * triton.cdiv(n, block_n) < processors:
+    while block_n > 32 and row_blocks * triton.cdiv(n, block_n) < available:
         block_n //= 2
     return block_n
 
