@@ -84,7 +84,7 @@ def _probe(device: torch.device) -> bool:
     xq, xs = quant.act_quant(x)
     try:
         got = fp8_gemm(xq, xs, w, ws, torch.float32)
-    except (RuntimeError, NotImplementedError, ValueError) as error:
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:  # (TypeError: another signature)
         warnings.warn(f"torch's block-scaled FP8 GEMM is not usable here ({error}); the Triton kernel runs instead",
                       stacklevel=3)
         return False
