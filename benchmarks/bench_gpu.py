@@ -22,11 +22,12 @@ time-out still returns what ran):
   CUDA graphs, batch 1 and 32: decode tokens/s, the speed-up, identical greedy tokens, the capture cost;
 * `flash_layer`: one V4-Flash CSA layer (dim 4096, 256 experts, top 6) with its official FP8 / FP4 weights and
   exact numerics, streams only (no head): decode ms per step at batch 1 and 64, prefill of 4,096 tokens, each
-  against the memory-bound time (the weights a step reads at 4.8 TB/s) and the compute-bound time (989 bf16
-  TFLOP/s), as ratios, and the decode step captured in a CUDA graph; the same layer on the reference backend for
-  the before side;
+  against the memory-bound time (the weights a step reads at the card's bandwidth: 4.8 TB/s on an H200, 3.35 on
+  an H100) and the compute-bound time (989 bf16 TFLOP/s on either), as ratios, and the decode step captured in a
+  CUDA graph; the same layer on the reference backend for the before side;
 * `train_mfu`: a dim-2048 config trained with bf16 autocast (the loss as `dsv4 train` computes it): tokens/s and
-  MFU against 989 TFLOP/s (the model FLOPs `dsv4 train` counts), on the triton and the reference backends.
+  MFU against the card's bf16 peak (989 TFLOP/s; the model FLOPs `dsv4 train` counts), on the triton and the
+  reference backends.
 
 DEV=cpu runs every section on the CPU with tiny sizes and Triton's interpreter (set TRITON_INTERPRET=1), which is
 how this script is tested before a GPU is lent.
@@ -49,8 +50,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 DEV = os.environ.get("DEV", "cuda")
 SMALL = DEV != "cuda"  # the CPU smoke run: tiny shapes
 OUT = Path(os.environ.get("OUT", "."))
-HBM_BYTES_PER_S = 4.8e12  # H200
-BF16_FLOPS = 989e12  # H200 dense bf16 tensor cores
+# each GPU's memory bandwidth and dense bf16 tensor-core peak (the vendor's figures), by a piece of its name: the
+# device machine lends an H100 or an H200, whose bandwidths differ (the limits are taken for the card that ran)
+PEAKS = (("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
+         ("H100", 3.35e12, 989e12))
 results: dict = {}
 SECTIONS = []
 
@@ -58,6 +61,16 @@ SECTIONS = []
 def section(fn):
     SECTIONS.append(fn)
     return fn
+
+
+def peaks() -> tuple[float, float, str]:
+    """(bytes/s, bf16 FLOP/s, the card they are for): the GPU's (an H200's where it is none of PEAKS, or on the
+    CPU smoke run)."""
+    name = torch.cuda.get_device_name(0) if DEV == "cuda" else ""
+    for part, bandwidth, flops in PEAKS:
+        if part in name:
+            return bandwidth, flops, part
+    return 4.8e12, 989e12, "H200 (assumed)"
 
 
 def sync() -> None:
@@ -96,8 +109,10 @@ def configs(small: bool = SMALL) -> dict:
 @section
 def env():
     from dsv4 import kernels
+    bandwidth, flops, card = peaks()
     out = dict(torch=torch.__version__, device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
-               auto_backend=kernels.resolve_backend_name("auto", DEV))
+               auto_backend=kernels.resolve_backend_name("auto", DEV), limits_for=card,
+               hbm_TB_s=bandwidth / 1e12, bf16_TFLOP_s=flops / 1e12)
     try:
         import triton
         out["triton"] = triton.__version__
@@ -472,8 +487,9 @@ def flash_layer():
                     cache = model.new_cache(batch_size=batch, max_seq_len=plen + 400)
                     model.forward_streams(prompt, cache)
                     row[f"decode_b{batch}_graph_ms"] = _graph_step_ms(model, nxt, cache, 512 if not SMALL else 128)
-        memory_ms = active_bytes / HBM_BYTES_PER_S * 1e3
-        compute_ms = 2 * active_params * plen / BF16_FLOPS * 1e3
+        bandwidth, flops, _ = peaks()
+        memory_ms = active_bytes / bandwidth * 1e3
+        compute_ms = 2 * active_params * plen / flops * 1e3
         row["decode_b1_vs_memory_bound"] = round(row["decode_b1_ms"] / memory_ms, 1)
         if "decode_b1_graph_ms" in row:
             row["decode_b1_graph_vs_memory_bound"] = round(row["decode_b1_graph_ms"] / memory_ms, 1)
@@ -514,7 +530,7 @@ def train_mfu():
         with kernels.use_backend(backend):
             tok_s = batch * seq / timed(step, 3)
         out[f"{backend}_tok_s"] = round(tok_s)
-        out[f"{backend}_mfu_pct"] = round(flops * tok_s / BF16_FLOPS * 100, 2)
+        out[f"{backend}_mfu_pct"] = round(flops * tok_s / peaks()[1] * 100, 2)
     out["speedup"] = round(out["triton_tok_s"] / out["reference_tok_s"], 2)
     return out
 
