@@ -79,6 +79,7 @@ def split(request, monkeypatch):
     merges = []
     if request.param == "split":
         monkeypatch.setattr(gemm, "processors", lambda device: 64)
+        monkeypatch.setattr(attention, "MIN_SPLIT_WORK", 0)  # (these tests' walks are short)
         kernel = attention._split_combine_kernel
 
         class Counting:
@@ -97,22 +98,26 @@ def _check_split(merges, k):
 
 
 def test_split_slots_fill_the_processors_with_whole_blocks():
-    """A decode step's few programs (V4-Flash at batch 1: 64 heads in 2 programs, 640 slots) split into whole
-    64-slot blocks, as many splits as fill the processors; enough programs, or one block, are not split."""
-    assert attention.split_slots(2, 640, torch.device("cpu")) == (640, 1)  # the interpreter: one processor
+    """A decode step's few programs (V4-Flash at batch 1: 64 heads of 512 in 2 programs of 32, 640 slots) split
+    into whole 64-slot blocks, as many splits as fill the processors; enough programs, one block, or a short walk
+    (the small preset's 16 heads of 128 over 4 blocks) are not split."""
+    cpu, flash, small = torch.device("cpu"), 32 * 512, 16 * 128
+    assert attention.split_slots(2, 640, flash, cpu) == (640, 1)  # the interpreter: one processor
     from dsv4.kernels.triton import gemm
 
     real = gemm.processors
     try:
         gemm.processors = lambda device: 132
-        assert attention.split_slots(2, 640, torch.device("cpu")) == (64, 10)
-        assert attention.split_slots(16, 640, torch.device("cpu")) == (128, 5)  # 9 wanted: 5 of 2 blocks
-        assert attention.split_slots(40, 640, torch.device("cpu")) == (192, 4)  # 4 splits of 3 blocks, the last 1
-        assert attention.split_slots(128, 640, torch.device("cpu")) == (640, 1)  # batch 64: the programs fill it
-        assert attention.split_slots(2, 64, torch.device("cpu")) == (64, 1)
+        assert attention.split_slots(2, 640, flash, cpu) == (64, 10)
+        assert attention.split_slots(16, 640, flash, cpu) == (128, 5)  # 9 wanted: 5 of 2 blocks
+        assert attention.split_slots(40, 640, flash, cpu) == (192, 4)  # 4 splits of 3 blocks, the last 1
+        assert attention.split_slots(128, 640, flash, cpu) == (640, 1)  # batch 64: the programs fill it
+        assert attention.split_slots(2, 64, flash, cpu) == (64, 1)
+        assert attention.split_slots(1, 256, small, cpu) == (256, 1)
+        assert attention.split_slots(1, 4096, small, cpu) == (64, 64)  # a long context: its walk is long
         for programs in range(1, 70):
             for k in (65, 129, 640, 1000):
-                chunk, splits = attention.split_slots(programs, k, torch.device("cpu"))
+                chunk, splits = attention.split_slots(programs, k, 10**6, cpu)
                 assert chunk % attention.ATTN_BLOCK == 0 or splits == 1
                 assert (splits - 1) * chunk < k <= splits * chunk  # every split has slots, every slot a split
     finally:

@@ -458,7 +458,7 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
     rotate = cos is not None
     chunk, n_split = k, 1
     if lse is None:
-        chunk, n_split = split_slots(grid[0] * grid[1], k, q.device)
+        chunk, n_split = split_slots(grid[0] * grid[1], k, block_h * block_d, q.device)
     split = n_split > 1
     part = ml = block_max = sink  # (stand-ins, never read, unless split)
     n_blocks = triton.cdiv(k, ATTN_BLOCK)
@@ -498,17 +498,25 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
     return out
 
 
-def split_slots(programs: int, k: int, device: torch.device) -> tuple[int, int]:
+# the least work (slot blocks x heads x dims a program) worth splitting: four of V4-Flash's blocks (32 heads of 512).
+# A split costs two launches more (a pass of block maxima, a merge), which a short walk does not repay: the small
+# preset's decode (16 heads of 128, 4 blocks) stays whole, V4-Flash's (10 blocks of 32 x 512) splits.
+MIN_SPLIT_WORK = 4 * 32 * 512
+
+
+def split_slots(programs: int, k: int, block_work: int, device: torch.device) -> tuple[int, int]:
     """(slots a program walks, programs a query's heads take): all K slots in one program, unless the queries'
     programs would leave most processors idle, as a decode step's few do (V4-Flash at batch 1: 2 programs for its
-    64 heads on 132 processors), and there are several 64-slot blocks. Then each of `splits` programs walks its
+    64 heads on 132 processors), and a program's walk is long: several 64-slot blocks, and at least
+    `MIN_SPLIT_WORK` in all (`block_work`: BLOCK_H x BLOCK_D, a block's heads and dims). Then each of `splits`
+    programs walks its
     own whole blocks and leaves its running max, sum and accumulator, which `_split_combine_kernel` merges
     ("flash-decoding"). To keep the reference's rounding, a first pass of the same programs writes each block's
     largest logit, and the second starts each split from the running max the blocks before it leave: every block's
     p is then taken against (and rounded at) the reference's max. Only the fp32 sums' order differs."""
     blocks = triton.cdiv(k, ATTN_BLOCK)
     available = gemm.processors(device)
-    if blocks < 2 or 2 * programs > available:
+    if blocks < 2 or blocks * block_work < MIN_SPLIT_WORK or 2 * programs > available:
         return k, 1
     per_split = triton.cdiv(blocks, min(blocks, triton.cdiv(available, programs)))
     return per_split * ATTN_BLOCK, triton.cdiv(blocks, per_split)
