@@ -202,7 +202,7 @@ def run_calls() -> None:
         for args, heads in ((_Args(64, 16), 8), (_Args(512, 64), 64)):
             d = args.head_dim
             qp, ring = torch.randn(2, 1, heads, d).to(dtype), torch.randn(4, 10, d).to(dtype)
-            idx_p, sink_p = torch.randint(-1, 30, (2, 1, 70)), torch.randn(heads)
+            idx_p, sink_p = torch.randint(-1, 30, (2, 1, 300)), torch.randn(heads)  # (V4: five blocks, split)
             rot_p = torch.randn(2, 1, args.rope_head_dim // 2), torch.randn(2, 1, args.rope_head_dim // 2)
             for fmt in ("model", "fp8"):
                 codec = get_format(fmt).codec(args, "kv", dtype)
