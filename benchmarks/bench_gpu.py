@@ -8,9 +8,9 @@ Sections (all by default, in this order; each prints its result and writes $OUT/
 time-out still returns what ran):
 
 * `env`: versions, the GPU, the backend "auto" resolves to on CUDA;
-* `ops`: each Triton op against the reference op on CUDA tensors (max abs error, relative to the reference), and a
+* `ops`: each Triton op against the reference op on CUDA tensors (max abs error, relative to the reference), a
   prefill's FP8 GEMMs through torch's blockwise kernel against the Triton kernel (ms, error; whether its probe
-  passed);
+  passed), and a batch-1 decode's attention split across programs against one program (ms each, difference);
 * `demo`: the demo model's greedy answer (exact numerics) with the triton and the reference backends, on CUDA;
 * `small_logits`: small preset in exact bf16 with the official FP8/FP4 weights: logits of the triton backend
   against the reference backend, the largest difference in bf16 steps of each position's logits;
@@ -168,6 +168,7 @@ def ops():
     idx = torch.randint(-1, rows, (2, 3, slots), device=DEV, generator=g)
     sink = torch.randn(h, device=DEV, generator=g)
     out["sparse_attn"] = rel(tri.sparse_attn(q, kv, idx, sink, d**-0.5), ref.sparse_attn(q, kv, idx, sink, d**-0.5))
+    split_attn = _split_attention(q[:1, :1], kv[:1], idx[:1, :1], sink, d**-0.5)
     hi, di, n_entries = (64, 128, 1024) if not SMALL else (4, 32, 80)
     qi = torch.randn(2, 3, hi, di, device=DEV, generator=g, dtype=torch.bfloat16)
     keys = torch.randn(2, n_entries, di, device=DEV, generator=g, dtype=torch.bfloat16)
@@ -177,12 +178,35 @@ def ops():
     result = {name: f"{err:.2e}" for name, err in out.items()}
     result["rms_norm_quant_codes_equal"] = quant_equal
     result["fp8_gemm_prefill"] = _scaled_mm_against_triton()
+    result["sparse_attn_decode_b1"] = split_attn
     # the top-k's picks and order (the reference's stable-sort rule; V4's 512 of the entries), equal or not
     visible = torch.full(scores.shape[:2], n_entries, device=DEV)
     picks = tri.index_topk(scores.clone(), visible, 512 if not SMALL else 16)[0]
     result["index_topk_equal"] = bool(torch.equal(picks, ref.index_topk(scores.clone(), visible,
                                                                         512 if not SMALL else 16)[0]))
     return result
+
+
+def _split_attention(q, kv, idx, sink, scale) -> dict:
+    """A batch-1 decode's attention (V4-Flash: 64 heads of 512, 640 slots) with its slots split across programs
+    (`attention.split_slots`) and in one program: the splits, ms each way, and the largest difference."""
+    from dsv4.kernels.triton import attention
+
+    block_h, block_d = attention._launch_config(q.shape[2], q.shape[3], q.dtype == torch.float32)[:2]
+    programs = q.shape[0] * q.shape[1] * -(-q.shape[2] // block_h)
+    splits = attention.split_slots(programs, idx.shape[-1], block_h * block_d, q.device)[1]
+    split = attention.sparse_attn(q, kv, idx, sink, scale)
+    split_ms = timed(lambda: attention.sparse_attn(q, kv, idx, sink, scale), 20) * 1e3
+    least = attention.MIN_SPLIT_WORK
+    try:
+        attention.MIN_SPLIT_WORK = float("inf")
+        whole = attention.sparse_attn(q, kv, idx, sink, scale)
+        whole_ms = timed(lambda: attention.sparse_attn(q, kv, idx, sink, scale), 20) * 1e3
+    finally:
+        attention.MIN_SPLIT_WORK = least
+    diff = float((split.float() - whole.float()).abs().max() / whole.float().abs().max().clamp_min(1e-30))
+    return {"splits": splits, "split_ms": round(split_ms, 4), "one_program_ms": round(whole_ms, 4),
+            "max_rel_diff": f"{diff:.2e}"}
 
 
 def _scaled_mm_against_triton() -> dict:
