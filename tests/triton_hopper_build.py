@@ -74,6 +74,11 @@ def run_calls() -> None:
         w4, s4 = quantize_fp4_weight(torch.randn(192, 256))
         tri.fp8_gemm(xq, xs, w8, s8, dtype)
         tri.fp4_gemm(xq, xs, w4, s4, dtype)
+        # a prefill's many rows: 64-row tiles (a decode's are 16)
+        prefill = torch.randn(200, 256).to(dtype)
+        tri.fp8_gemm(*ref.act_quant(prefill), w8, s8, dtype)
+        tri.fp4_gemm(*ref.act_quant(prefill), w4, s4, dtype)
+        prefill_ids = torch.stack([torch.randperm(4)[:2] for _ in range(200)])
         # the head's cross-entropy: a V4-sized vocabulary's logits in this dtype, with and without gradients
         head = torch.randn(129280, 256).to(dtype)
         tri.head_cross_entropy(x, head, torch.randint(0, 129280, (5,)))
@@ -90,6 +95,8 @@ def run_calls() -> None:
             tri.swiglu(x[:3], table[0], 7.0, None, torch.randn(3, 256))  # the shared expert plus the routed sum
             # the rows' quantisation handed over (made with the norm)
             tri.routed_experts(x[:3], torch.rand(3, 2), ids, table, [0, 1, 2, 3], 7.0, ref.act_quant(x[:3]))
+            tri.routed_experts(prefill, torch.rand(200, 2), prefill_ids, table, [0, 1, 2, 3], 7.0)
+            tri.swiglu(prefill, table[0], 7.0, None, torch.randn(200, 256))
         # the schedule on the device: V4's 256 experts (and Pro's 384) at a decode's few routed rows
         from dsv4.kernels.triton import experts as triton_experts
         for n_experts in (8, 256, 384):
@@ -98,6 +105,7 @@ def run_calls() -> None:
         floats = [ExpertWeights(torch.randn(128, 256).to(dtype), None, torch.randn(128, 256).to(dtype), None,
                                 torch.randn(256, 128).to(dtype), None) for _ in range(4)]
         tri.routed_experts(x[:3], torch.rand(3, 2), ids, floats, [0, 1, 2, 3], 7.0)
+        tri.routed_experts(prefill, torch.rand(200, 2), prefill_ids, floats, [0, 1, 2, 3], 7.0)
         tri.hc_split_sinkhorn(torch.randn(7, 24), torch.rand(3), torch.randn(24), 4, 20, 1e-6)
         # a training step's: the backward kernel (h = 4, and a padded h = 3)
         for h in (4, 3):
