@@ -225,6 +225,10 @@ def run_calls() -> None:
                 rings = PagedRows(ring, torch.tensor([[2], [0]]), 10, None, dtype)
                 tri.sparse_attn(qp, [rings, paged], idx_p, sink_p, 0.125)
                 tri.sparse_attn(qp, [rings, paged], idx_p, sink_p, 0.125, *rot_p)
+                # a prefill chunk's queries (several a batch row) over its window and the paged entries
+                q_chunk, idx_chunk = torch.randn(2, 3, heads, d).to(dtype), torch.randint(-1, 30, (2, 3, 300))
+                trig_chunk = torch.randn(2, 3, args.rope_head_dim // 2), torch.randn(2, 3, args.rope_head_dim // 2)
+                tri.sparse_attn(q_chunk, [window_p, paged], idx_chunk, sink_p, 0.125, *trig_chunk)
 
 
 class _Launching:
