@@ -90,6 +90,16 @@ def _fp8_kv_rows(pool8_ptr, pool16_ptr, entry, valid, cols, D: tl.constexpr, NOP
 
 
 @triton.jit
+def query_tile(S, H, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's query and heads: program (b * S + s, head block) -> b, s (int64), its heads [BLOCK_H] and
+    columns [BLOCK_D], and which of them exist."""
+    pid = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_D)
+    return (pid // S).to(tl.int64), (pid % S).to(tl.int64), heads, cols, heads < H, cols < D
+
+
+@triton.jit
 def _sparse_attn_kernel(
     q_ptr, sq_b, sq_s, sq_h, sq_d,
     idx_ptr, si_b, si_s, si_k,
@@ -126,13 +136,7 @@ def _sparse_attn_kernel(
     # 2 (after 1) walking them from the running max the blocks before them leave, writing its partial state
     SPLIT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // S).to(tl.int64)
-    s = (pid % S).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_D)
-    head_ok = heads < H
-    col_ok = cols < D
+    b, s, heads, cols, head_ok, col_ok = query_tile(S, H, D, BLOCK_H, BLOCK_D)
     row_dtype = r0_ptr.dtype.element_ty
 
     q_ptrs = q_ptr + b * sq_b + s * sq_s + heads[:, None].to(tl.int64) * sq_h + cols[None, :] * sq_d
@@ -257,14 +261,8 @@ def _split_combine_kernel(
 ):
     """A query's splits merged, then `_finish`: each split's sum and accumulator rescaled from its own running max
     to the largest, as the online softmax rescales from one block to the next."""
-    pid = tl.program_id(0)
-    b = (pid // S).to(tl.int64)
-    s = (pid % S).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_D)
-    head_ok = heads < H
-    col_ok = cols < D
-    first = pid.to(tl.int64) * n_split * H + heads  # [BLOCK_H]: split 0's (query, head) partial
+    b, s, heads, cols, head_ok, col_ok = query_tile(S, H, D, BLOCK_H, BLOCK_D)
+    first = (b * S + s) * n_split * H + heads  # [BLOCK_H]: split 0's (query, head) partial
     run_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     for i in range(0, n_split):
         run_max = tl.maximum(run_max, tl.load(ml_ptr + 2 * (first + i * H), mask=head_ok, other=float("-inf")))

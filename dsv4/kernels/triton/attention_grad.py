@@ -54,13 +54,7 @@ def _sparse_attn_backward_kernel(
     """Contiguous q, dO, out [B, S, H, D] (any float dtype), lse [B, S, H] fp32, idx [B, S, K], runs [B, n0, D] and
     [B, n1, D] -> dq [B, S, H, D] fp32 (stored), dr0 / dr1 fp32 (atomically added), dsink [B, S, H] fp32 (each
     query's term, stored)."""
-    pid = tl.program_id(0)
-    b = (pid // S).to(tl.int64)
-    s = (pid % S).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_D)
-    head_ok = heads < H
-    col_ok = cols < D
+    b, s, heads, cols, head_ok, col_ok = attention.query_tile(S, H, D, BLOCK_H, BLOCK_D)
     hd = head_ok[:, None] & col_ok[None, :]
     at = ((b * S + s) * H + heads[:, None]) * D + cols[None, :]  # [BLOCK_H, BLOCK_D] offsets into q / dO / out
     q = tl.load(q_ptr + at, mask=hd, other=0.0).to(tl.float32)
