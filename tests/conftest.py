@@ -13,6 +13,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `tests/launch_record.py`: the interpreted Triton launches of this run, kept for a Hopper build of them
+if os.environ.get("DSV4_RECORD_LAUNCHES") and os.environ.get("TRITON_INTERPRET") == "1":
+    import launch_record
+
+    launch_record.install(os.environ["DSV4_RECORD_LAUNCHES"])
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 

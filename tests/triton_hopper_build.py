@@ -7,7 +7,8 @@ left uninitialised), then each recorded launch's signature, with the specialisat
 compiled to a cubin with Triton's bundled ptxas.
 Prints one line per distinct build and exits non-zero if any fails, or needs more shared memory than a Hopper block
 has (which only a launch would find). With `--resources` each line also carries ptxas's registers and spill bytes
-and the PTX's count of one-element 8- or 16-bit global loads.
+and the PTX's count of one-element 8- or 16-bit global loads. `--from FILE` builds the launches a run recorded
+(`tests/launch_record.py`) instead of this script's own calls.
 Used by `tests/test_triton_compile.py`.
 """
 
@@ -290,15 +291,31 @@ def ptxas_usage(ptx: str, fp_fusion: bool) -> tuple[int, int, int]:
     return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
+# constexprs the interpreter's launches set otherwise (`numerics.interpreting`, `libdevice_exp`)
+ON_THE_GPU = {"WIDEN_DOTS": False, "F32": False, "LIBDEVICE": True}
+
+
 def main() -> int:
     from dsv4.kernels.triton import gemm
 
     resources = "--resources" in sys.argv[1:]
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent})", flush=True)
-    JITFunction.run = record
-    for processors in (1, 132):  # the tile widths of a lone program and of filling an H200's 132 SMs
-        gemm.processors = lambda device, n=processors: n
-        run_calls()
+    if "--from" in sys.argv[1:]:  # the launches a run recorded (`launch_record.py`), not this script's calls
+        import importlib
+        import pickle
+
+        recorded_launches = pickle.loads(Path(sys.argv[sys.argv.index("--from") + 1]).read_bytes())
+        for (module, qualname, *rest), (options, signature, constexprs, attrs) in recorded_launches.items():
+            fn = getattr(importlib.import_module(module), qualname)
+            # the flags the interpreter is launched with, as a GPU launch sets them (tile sizes the host picks
+            # otherwise under the interpreter stay as recorded)
+            gpu = {path: ON_THE_GPU.get(fn.params[path[0]].name, value) for path, value in constexprs.items()}
+            launches[(qualname, module, *rest)] = (fn, options, signature, gpu, attrs)
+    else:
+        JITFunction.run = record
+        for processors in (1, 132):  # the tile widths of a lone program and of filling an H200's 132 SMs
+            gemm.processors = lambda device, n=processors: n
+            run_calls()
     failures = 0
     for (name, *_), (fn, options, signature, constexprs, attrs) in launches.items():
         named = {fn.params[path[0]].name: value for path, value in constexprs.items()}
