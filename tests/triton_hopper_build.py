@@ -189,6 +189,8 @@ def run_calls() -> None:
         idx = torch.randint(-1, 30, (2, 3, 70))
         sink = torch.randn(8)
         tri.sparse_attn(q, [window, torch.randn(2, 20, 64).to(dtype)], idx, sink, 0.125)
+        # fp32 queries over 16-bit rows (fp32 logits, a 16-bit value product: an fp32 model's bf16 cache)
+        tri.sparse_attn(q.float(), [window, torch.randn(2, 20, 64)], idx, sink, 0.125)
         # the output rotated back as it is written (what the model asks for), and V4's 512-wide rows at 64 heads
         rot = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
         tri.sparse_attn(q, [window, torch.randn(2, 20, 64).to(dtype)], idx, sink, 0.125, *rot)

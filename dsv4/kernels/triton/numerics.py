@@ -62,6 +62,10 @@ def exp(x, LIBDEVICE: tl.constexpr):
 def dot(a, b, F32: tl.constexpr):
     """a @ b with fp32 accumulation: fp32 operands as ieee fp32 (no TF32), 16-bit ones on the tensor cores, or
     widened to fp32 first where F32 says so (the interpreter: `interpreting()`)."""
+    # (an if / else, not an early return: the code after a static if's return is still built, and a tensor-core
+    # dot of an fp32 and a bf16 operand does not build)
     if F32 or a.dtype == tl.float32 or b.dtype == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
