@@ -97,7 +97,7 @@ def _check_split(merges, k):
         assert bool(merges) == (k > attention.ATTN_BLOCK)
 
 
-def test_split_slots_fill_the_processors_with_whole_blocks():
+def test_split_slots_fill_the_processors_with_whole_blocks(monkeypatch):
     """A decode step's few programs (V4-Flash at batch 1: 64 heads of 512 in 2 programs of 32, 640 slots) split
     into whole 64-slot blocks, as many splits as fill the processors; enough programs, one block, or a short walk
     (the small preset's 16 heads of 128 over 4 blocks) are not split."""
@@ -105,23 +105,19 @@ def test_split_slots_fill_the_processors_with_whole_blocks():
     assert attention.split_slots(2, 640, flash, cpu) == (640, 1)  # the interpreter: one processor
     from dsv4.kernels.triton import gemm
 
-    real = gemm.processors
-    try:
-        gemm.processors = lambda device: 132
-        assert attention.split_slots(2, 640, flash, cpu) == (64, 10)
-        assert attention.split_slots(16, 640, flash, cpu) == (128, 5)  # 9 wanted: 5 of 2 blocks
-        assert attention.split_slots(40, 640, flash, cpu) == (192, 4)  # 4 splits of 3 blocks, the last 1
-        assert attention.split_slots(128, 640, flash, cpu) == (640, 1)  # batch 64: the programs fill it
-        assert attention.split_slots(2, 64, flash, cpu) == (64, 1)
-        assert attention.split_slots(1, 256, small, cpu) == (256, 1)
-        assert attention.split_slots(1, 4096, small, cpu) == (64, 64)  # a long context: its walk is long
-        for programs in range(1, 70):
-            for k in (65, 129, 640, 1000):
-                chunk, splits = attention.split_slots(programs, k, 10**6, cpu)
-                assert chunk % attention.ATTN_BLOCK == 0 or splits == 1
-                assert (splits - 1) * chunk < k <= splits * chunk  # every split has slots, every slot a split
-    finally:
-        gemm.processors = real
+    monkeypatch.setattr(gemm, "processors", lambda device: 132)
+    assert attention.split_slots(2, 640, flash, cpu) == (64, 10)
+    assert attention.split_slots(16, 640, flash, cpu) == (128, 5)  # 9 wanted: 5 of 2 blocks
+    assert attention.split_slots(40, 640, flash, cpu) == (192, 4)  # 4 splits of 3 blocks, the last 1
+    assert attention.split_slots(128, 640, flash, cpu) == (640, 1)  # batch 64: the programs fill it
+    assert attention.split_slots(2, 64, flash, cpu) == (64, 1)
+    assert attention.split_slots(1, 256, small, cpu) == (256, 1)
+    assert attention.split_slots(1, 4096, small, cpu) == (64, 64)  # a long context: its walk is long
+    for programs in range(1, 70):
+        for k in (65, 129, 640, 1000):
+            chunk, splits = attention.split_slots(programs, k, 10**6, cpu)
+            assert chunk % attention.ATTN_BLOCK == 0 or splits == 1
+            assert (splits - 1) * chunk < k <= splits * chunk  # every split has slots, every slot a split
 
 
 @pytest.mark.parametrize("k, n_runs", [(5, 2), (64, 1), (150, 2)])
