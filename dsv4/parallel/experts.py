@@ -37,6 +37,10 @@ from torch import Tensor, nn
 from ..model.moe import MoE
 from .rules import local_experts
 
+# torch 2.13 names it all_gather_single (its all_gather_into_tensor is deprecated); torch 2.11, the GPU machine's,
+# has only the old name
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class ExpertParallel:
     """A strategy for the routed experts of `n_experts`-expert MoEs spread over `size` ranks; this rank (`rank`)
@@ -118,7 +122,7 @@ class AllToAllExperts(ExpertParallel):
         n_local, first = len(self.local), self.local.start
         # every EP peer's counts [P, E]: what each sends to whom
         table = counts.new_empty(self.size * self.n_experts)
-        dist.all_gather_single(table, counts, group=self.group)
+        _all_gather_single(table, counts, group=self.group)
         table = table.view(self.size, self.n_experts)
         received = table[:, first:first + n_local]  # [P, n_local] rows from each peer for each local expert
         active = received.sum(0)
