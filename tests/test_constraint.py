@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -186,3 +188,36 @@ def test_bad_grammars_and_params_are_refused(gtok):
         Grammar(gtok, "start: undefined_rule")
     with pytest.raises(ValueError, match="grammar"):
         SamplingParams(grammar="start: /a/")
+
+
+def test_the_engine_decodes_without_llguidance_and_a_grammar_says_what_it_needs():
+    """llguidance is imported where a grammar is built: where it is not installed (the offline GPU machine before
+    its wheel is carried) the engine still serves unconstrained requests, the same tokens; a grammar fails, naming
+    the package."""
+    script = """
+import sys
+sys.modules["llguidance"] = None  # as if not installed: importing it raises ModuleNotFoundError
+import torch
+from dsv4.config import preset
+from dsv4.engine import Engine, SamplingParams
+from dsv4.engine.constraint import GrammarTokenizer
+from dsv4.model import Transformer, init_weights
+model = init_weights(Transformer(preset("tiny").replace(vocab_size=2048)), seed=1).eval()
+engine = Engine(model, max_batch=2, max_seq_len=48, prefill_chunk=8)
+request = engine.add_request([5, 17, 9, 30, 2], SamplingParams(max_tokens=6, temperature=0.0))
+tokens = []
+while engine.has_unfinished():
+    tokens += [t for u in engine.step() for t in u.new_token_ids]
+print(tokens)
+try:
+    GrammarTokenizer("{}", 2048, [1])
+except ModuleNotFoundError as e:
+    print(e.name)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed_tokens, missing = done.stdout.strip().splitlines()
+    engine = Engine(init_weights(Transformer(preset("tiny").replace(vocab_size=2048)), seed=1).eval(), max_batch=2,
+                    max_seq_len=48, prefill_chunk=8)
+    assert printed_tokens == str(drain(engine, [([5, 17, 9, 30, 2], SamplingParams(max_tokens=6, temperature=0.0))])[0])
+    assert missing == "llguidance"

@@ -18,6 +18,8 @@ are computed in Rust without the GIL.
 
 The engine knows nothing of what a grammar means; it applies masks in `dsv4.engine.sampling.process_logits`
 (before penalties and temperature, as vLLM applies its grammar bitmask) and commits tokens in `Sampler.record`.
+llguidance is imported where a tokenizer or a grammar is built, not with the engine: unconstrained requests run
+where it is not installed (the offline GPU machine lacks it unless its wheel is carried; `benchmarks/gpu_run.sh`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-import llguidance
 import numpy as np
 import torch
 from torch import Tensor
@@ -46,6 +47,8 @@ class GrammarTokenizer:
             raise ValueError("a grammar tokenizer needs the EOS id(s)")
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
+        import llguidance
+
         self.ll = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=self.eos_ids)
 
 
@@ -71,6 +74,8 @@ class Grammar:
         self.closer = closer
         # plain data its maker rebuilds it from in another process (a model-parallel follower rank)
         self.spec = spec
+        import llguidance
+
         self._compiled = llguidance.LLMatcher.grammar_from_lark(lark)
         problem = llguidance.LLMatcher.validate_grammar(self._compiled, tokenizer.ll)
         if problem and not problem.startswith("WARNING"):
@@ -91,6 +96,8 @@ class GrammarState:
 
     def __init__(self, grammar: Grammar) -> None:
         self.grammar = grammar
+        import llguidance
+
         self.matcher = llguidance.LLMatcher(grammar.tokenizer.ll, grammar._compiled, log_level=0)
 
     def mask(self, vocab: int, device: torch.device | str, ahead: Sequence[int] = ()) -> Tensor:
