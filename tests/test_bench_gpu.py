@@ -1,7 +1,9 @@
 """The GPU benchmark's model configs (`benchmarks/bench_gpu.py`): its run on a lent GPU has minutes, so a config
 the model would refuse must fail here, on the CPU, where its CPU smoke run (tiny shapes) cannot see it."""
 
+import importlib.metadata
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,23 @@ def test_gpu_configs_are_the_issues(bench_gpu):
     train = configs["train"]
     assert train.dim >= 2048 and train.n_layers == 4
     assert train.compress_ratios[:train.n_layers] == (0, 4, 128, 4)
+
+
+def test_the_gpu_run_carries_every_dependency_the_gpu_machine_lacks():
+    """Each of dsv4's runtime dependencies is one the GPU machine has (what `../shared/device.md` says it has) or a
+    wheel `gpu_run.sh --fetch` downloads for it: llguidance was neither, and 4 of the run's 9 sections failed on it
+    in a rehearsal with only that machine's packages."""
+    root = _PATH.parents[1]
+    device_md = root.parent / "shared" / "device.md"
+    has = device_md.read_text().split("\n\n")[1]  # the paragraph of what the machine has
+    assert "torch 2.11" in has and "numpy" in has, has
+    wheels = re.search(r"WHEELS=\((.*?)\)", (root / "benchmarks" / "gpu_run.sh").read_text(), re.S).group(1)
+
+    def name(requirement: str) -> str:
+        return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
+
+    carried = {name(w) for w in wheels.split()}
+    present = {name(w) for w in re.findall(r"[A-Za-z][A-Za-z0-9_.-]*", has)}
+    needed = [name(r) for r in importlib.metadata.requires("dsv4") if "extra ==" not in r]
+    assert {"llguidance", "fastapi", "transformers"} <= carried
+    assert not [n for n in needed if n not in carried | present], (carried, present)
