@@ -187,23 +187,27 @@ def logit_records(pins: dict) -> list[tuple[dict, dict]]:
     return [(pins["machine"], pins["logits"])] + [(k["machine"], k["logits"]) for k in pins.get("more_kinds", ())]
 
 
+def _most_specific_match(pins: dict, ignore: tuple[str, ...] = ()) -> int | None:
+    """The most specific record whose kind, its `ignore` fields left out, is this machine's (an added kind with its
+    vendor before the first writer's), or None."""
+    here, records = machine(), logit_records(pins)
+    matching = [i for i, (kind, _) in enumerate(records)
+                if same_kind({key: value for key, value in kind.items() if key not in ignore}, here)]
+    return max(matching, key=lambda i: len(records[i][0]), default=None)
+
+
 def kind_of_this_machine(pins: dict) -> int | None:
-    """Which record's kind this machine is (the most specific that matches: an added kind with its vendor before
-    the first writer's), or None for a kind no record holds."""
-    here = machine()
-    matching = [i for i, (kind, _) in enumerate(logit_records(pins)) if same_kind(kind, here)]
-    return max(matching, key=lambda i: len(logit_records(pins)[i][0]), default=None)
+    """Which record's kind this machine is, or None for a kind no record holds."""
+    return _most_specific_match(pins)
 
 
 def nearest_kind(pins: dict) -> int:
-    """The record to hold this machine to on a kind no record holds (another torch build): the most specific whose
-    CPU fields (capability, vendor, features) are this machine's, as the same CPU runs the same kernels (on this
-    one torch 2.11's exact-model ops give 2.13's bits) while another vendor's summation order can flip a routing
-    choice of the exact model; else the first writer's."""
-    here, records = machine(), logit_records(pins)
-    matching = [i for i, (kind, _) in enumerate(records)
-                if all(here.get(key) == value for key, value in kind.items() if key != "torch")]
-    return max(matching, key=lambda i: len(records[i][0]), default=0)
+    """The record to hold this machine to on a kind no record holds (another torch build): the one of its CPU
+    (capability, vendor, features), as the same CPU runs the same kernels (on this one torch 2.11's exact-model ops
+    give 2.13's bits) while another vendor's summation order can flip a routing choice of the exact model; else
+    the first writer's."""
+    match = _most_specific_match(pins, ignore=("torch",))
+    return 0 if match is None else match
 
 
 # ---------------------------------------------------------------------------------------------- the tests
