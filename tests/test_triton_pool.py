@@ -14,7 +14,7 @@ from test_triton_rows import _on
 
 pytest.importorskip("triton")
 
-from dsv4.kernels.reference import ReferenceBackend  # noqa: E402
+from dsv4.kernels.reference import ReferenceBackend, ring_candidates  # noqa: E402
 from dsv4.kernels.triton import pool  # noqa: E402
 
 REF = ReferenceBackend()
@@ -54,9 +54,11 @@ def test_what_the_pooling_kernel_covers():
 
 
 def _ring_step(ratio: int, coff: int, c: int, storage: list[int], parent_rows: int, seed: int):
-    """A decode step's inputs: tokens of `len(storage)` batch rows, rings of `parent_rows` rows of R = coff * ratio
-    slots (the step's row i is ring row storage[i]), each row's slot and phase, and candidates into the rings as
-    rows of c (CSA: the previous block's first halves, -1 for entry 0's, then the block's second halves)."""
+    """A decode step's inputs: tokens of `len(storage)` batch rows at random positions (row 0 in entry 0, which has
+    no previous block), rings of `parent_rows` rows of R = coff * ratio slots (the step's row i is ring row
+    storage[i], starting at row storage[i] * R of the rings' slots), and, built here, what the op derives from the
+    positions: each token's slot and phase, and each entry's candidates into the rings as rows of c (CSA: the
+    previous block's first halves, -1 for entry 0's, then the block's second halves; HCA: the block's slots)."""
     g = torch.Generator().manual_seed(seed)
     b, ring, width = len(storage), coff * ratio, coff * c
     kv, score = torch.randn(b, width, generator=g), torch.randn(b, width, generator=g) * 3
@@ -65,17 +67,25 @@ def _ring_step(ratio: int, coff: int, c: int, storage: list[int], parent_rows: i
                                                                                          generator=g) * 3
     positions = torch.randint(0, 4 * ring, (b,), generator=g)
     positions[0] = ratio - 1  # (entry 0: no previous block)
-    rows = torch.tensor(storage)
-    at = rows * ring + positions % ring
-    j = torch.div(positions, ratio, rounding_mode="floor")
-    cur = (j * ratio).unsqueeze(1) + torch.arange(ratio)  # [B, r] the block's positions
-    base = (rows * ring).unsqueeze(1)
-    if coff == 2:
-        prev = (2 * (base + (cur + ratio) % ring)).masked_fill((j == 0).unsqueeze(1), -1)
-        candidates = torch.cat((prev, 2 * (base + cur % ring) + 1), dim=1)
-    else:
-        candidates = base + cur % ring
-    return kv, score, ape, positions % ratio, ring_kv, ring_score, at, candidates
+    base = torch.tensor(storage) * ring
+    at = base + positions % ring
+    candidates = []
+    for p, first_slot in zip(positions.tolist(), base.tolist(), strict=True):
+        block = [p // ratio * ratio + i for i in range(ratio)]  # the entry's positions, each in slot q % R
+        if coff == 2:
+            prev = [-1 if p < ratio else 2 * (first_slot + (q - ratio) % ring) for q in block]
+            candidates.append(prev + [2 * (first_slot + q % ring) + 1 for q in block])
+        else:
+            candidates.append([first_slot + q % ring for q in block])
+    return kv, score, ape, positions, ring_kv, ring_score, base, at, torch.tensor(candidates)
+
+
+def test_ring_candidates_name_the_entrys_blocks():
+    """The reference's candidates (`reference.ring_candidates`) against the list built position by position."""
+    for ratio, coff in ((4, 2), (16, 1), (8, 1)):
+        for seed in range(3):
+            *_, positions, _, _, base, _, candidates = (None, *_ring_step(ratio, coff, 8, [2, 0, 1, 4], 5, seed))
+            assert torch.equal(ring_candidates(positions, base, ratio, coff * ratio), candidates)
 
 
 @pytest.mark.parametrize(("ratio", "coff", "c"), [(4, 2, 64), (4, 2, 96), (16, 1, 128), (128, 1, 32)])
@@ -83,17 +93,19 @@ def _ring_step(ratio: int, coff: int, c: int, storage: list[int], parent_rows: i
 def test_ring_pool_writes_the_slots_then_pools_the_rings_in_place(ratio, coff, c, dtype):
     """The step's tokens land in their ring rows (score plus its phase's ape row) exactly as the reference writes
     them, the other ring rows untouched, and the entries are the kernel's own gated pool of the rings after the
-    writes (bit for bit) and the reference's to fp32 rounding; batch rows that are rows 3, 0 and 5 of the rings (a
-    cache view), CSA's and HCA's candidates, channel counts that are and are not a power of two."""
-    inputs = _ring_step(ratio, coff, c, [3, 0, 5], 6, seed=ratio + c)
-    kv, score, ape, phase, ring_kv, ring_score, at, candidates = inputs
+    writes over the candidates the positions name (bit for bit) and the reference's to fp32 rounding; batch rows
+    that are rows 3, 0 and 5 of the rings (a cache view), CSA's and HCA's candidates, channel counts that are and
+    are not a power of two."""
+    kv, score, ape, positions, ring_kv, ring_score, base, at, candidates = _ring_step(ratio, coff, c, [3, 0, 5], 6,
+                                                                                     seed=ratio + c)
     want_kv, want_score = ring_kv.clone(), ring_score.clone()
-    want = REF.ring_pool(kv, score, ape, phase, want_kv, want_score, at, candidates, dtype)
+    want = REF.ring_pool(kv, score, ape, positions, want_kv, want_score, base, True, dtype)
     got_kv, got_score = _on(ring_kv.clone()), _on(ring_score.clone())
-    got = pool.ring_pool(_on(kv), _on(score), _on(ape), _on(phase), got_kv, got_score, _on(at), _on(candidates),
-                         dtype)
+    got = pool.ring_pool(_on(kv), _on(score), _on(ape), _on(positions), got_kv, got_score, _on(base), True, dtype)
     assert torch.equal(got_kv.cpu(), want_kv) and torch.equal(got_score.cpu(), want_score)
     assert not torch.equal(want_kv, ring_kv) and torch.equal(want_kv[[1, 2, 4]], ring_kv[[1, 2, 4]])
+    assert torch.equal(want_kv.view(-1, coff * c)[at], kv)
+    assert torch.equal(want_score.view(-1, coff * c)[at], score + ape[positions % ratio])
     assert got.dtype == dtype and got.shape == (3, c)
     own = pool.gated_pool(got_kv.view(-1, c), got_score.view(-1, c), _on(candidates)).to(dtype).cpu()
     assert torch.equal(got.cpu(), own)
@@ -101,26 +113,27 @@ def test_ring_pool_writes_the_slots_then_pools_the_rings_in_place(ratio, coff, c
                                atol=(1e-2 if dtype == torch.bfloat16 else 2e-6) * float(ring_kv.abs().max()))
 
 
-def test_ring_pool_without_candidates_writes_the_slots_alone():
-    kv, score, ape, phase, ring_kv, ring_score, at, _ = _ring_step(4, 2, 64, [1, 2], 3, seed=7)
+def test_ring_pool_without_pooling_writes_the_slots_alone():
+    kv, score, ape, positions, ring_kv, ring_score, base, at, _ = _ring_step(4, 2, 64, [1, 2], 3, seed=7)
     want_kv, want_score = ring_kv.clone(), ring_score.clone()
-    assert REF.ring_pool(kv, score, ape, phase, want_kv, want_score, at, None, torch.float32) is None
+    assert REF.ring_pool(kv, score, ape, positions, want_kv, want_score, base, False, torch.float32) is None
     got_kv, got_score = _on(ring_kv.clone()), _on(ring_score.clone())
-    assert pool.ring_pool(_on(kv), _on(score), _on(ape), _on(phase), got_kv, got_score, _on(at), None,
+    assert pool.ring_pool(_on(kv), _on(score), _on(ape), _on(positions), got_kv, got_score, _on(base), False,
                           torch.float32) is None
     assert torch.equal(got_kv.cpu(), want_kv) and torch.equal(got_score.cpu(), want_score)
-    assert torch.equal(want_kv.view(-1, 128)[at], kv) and torch.equal(want_score.view(-1, 128)[at], score + ape[phase])
+    assert torch.equal(want_kv.view(-1, 128)[at], kv)
+    assert torch.equal(want_score.view(-1, 128)[at], score + ape[positions % 4])
 
 
 def test_what_the_ring_pool_kernel_covers():
-    kv, score, ape, phase, ring_kv, ring_score, at, candidates = _ring_step(4, 2, 64, [0, 1], 2, seed=3)
-    args = (kv, score, ape, phase, ring_kv, ring_score, at)
-    assert pool.covers_ring(*args, candidates, torch.bfloat16) and pool.covers_ring(*args, None, torch.float32)
-    assert not pool.covers_ring(*args, candidates, torch.float64)
-    assert not pool.covers_ring(kv.bfloat16(), *args[1:], candidates, torch.float32)
-    assert not pool.covers_ring(*args[:4], ring_kv.transpose(0, 1), *args[5:], candidates, torch.float32)
-    assert not pool.covers_ring(*args, candidates[:, :5], torch.float32)  # not coff * ratio candidates
-    assert not pool.covers_ring(*args, candidates[:1], torch.float32)  # not an entry a row
-    assert not pool.covers_ring(*args[:3], phase.float(), *args[4:], candidates, torch.float32)
+    kv, score, ape, positions, ring_kv, ring_score, base, _, _ = _ring_step(4, 2, 64, [0, 1], 2, seed=3)
+    args = (kv, score, ape, positions, ring_kv, ring_score, base)
+    assert pool.covers_ring(*args, torch.bfloat16) and pool.covers_ring(*args, torch.float32)
+    assert not pool.covers_ring(*args, torch.float64)
+    assert not pool.covers_ring(kv.bfloat16(), *args[1:], torch.float32)
+    assert not pool.covers_ring(*args[:4], ring_kv.transpose(0, 1), *args[5:], torch.float32)
+    assert not pool.covers_ring(*args[:4], ring_kv[:, :6], ring_score[:, :6], base, torch.float32)  # R not coff * r
+    assert not pool.covers_ring(*args[:3], positions.float(), *args[4:], torch.float32)
+    assert not pool.covers_ring(*args[:6], base[:1], torch.float32)  # not a ring start a row
     wants = kv.clone().requires_grad_()
-    assert not pool.covers_ring(wants, *args[1:], candidates, torch.float32)
+    assert not pool.covers_ring(wants, *args[1:], torch.float32)

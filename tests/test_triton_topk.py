@@ -45,17 +45,20 @@ def test_distinct_scores_and_strided_rows():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_index_topk_equals_the_reference(k, dtype, offset):
     """The seam op: picks (plus the offset at which the attention's rows hold entry 0), -1 where a query sees fewer
-    than k entries, and the picked scores, as the reference's (scores masked to -inf in place past each query's
-    visible entries, on both sides); k below, at and above the 70 entries (every entry picked)."""
+    than k entries, and the picked scores, as the reference's; k below, at and above the 70 entries (every entry
+    picked). The entries past each query's visible ones score highest unless masked: below k = 70 the scores are
+    masked to -inf in place (the k-th value needs it), as the reference masks them; from k = 70 on the kernel
+    ranks them as -inf as it reads them and leaves the scores unwritten."""
     g = torch.Generator().manual_seed(2)
     scores = (torch.randint(-2, 3, (2, 3, 70), generator=g).float() * torch.rand(2, 3, 1, generator=g)).to(dtype)
     visible = torch.tensor([[70, 30, 5], [0, 69, 41]], device=DEVICE)
+    scores = scores.masked_fill(torch.arange(70) >= visible.cpu().unsqueeze(-1), 1e4)
     fast_scores, slow_scores = scores.to(DEVICE), scores.clone()
     picks, picked = TritonBackend().index_topk(fast_scores, visible, k, offset)
     want_picks, want_picked = ReferenceBackend().index_topk(slow_scores, visible.cpu(), k, offset)
     assert picked.dtype == dtype and picks.shape == (2, 3, min(k, 70))
     assert torch.equal(picks.cpu(), want_picks) and torch.equal(picked.cpu(), want_picked)
-    assert torch.equal(fast_scores.cpu(), slow_scores)
+    assert torch.equal(fast_scores.cpu(), slow_scores if k < 70 else scores)
     assert (picks[0, 2] >= 0).sum() == 5 and (picks[1, 0] == -1).all()
     assert (picks[0, 2, :5] >= offset).all() and (picks[0, 2, :5] < offset + 5).all()
 

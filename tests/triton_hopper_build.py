@@ -161,11 +161,10 @@ def run_calls() -> None:
         # a decode step's compressors: the tokens into their ring slots, then the pooling from the rings in place
         for ratio, coff, c in ((4, 2, 512), (4, 2, 128), (128, 1, 512)):
             ring = torch.randn(5, coff * ratio, coff * c)
-            candidates = torch.randint(-1, 5 * coff * ratio * coff, (3, coff * ratio))
-            slots = torch.randint(0, 5 * coff * ratio, (3,))
-            for cands in (candidates, None):
+            for pools in (True, False):
                 tri.ring_pool(torch.randn(3, coff * c), torch.randn(3, coff * c), torch.randn(ratio, coff * c),
-                              torch.randint(0, ratio, (3,)), ring, ring.clone(), slots, cands, dtype)
+                              torch.randint(0, 1000, (3,)), ring, ring.clone(), torch.tensor([0, 2, 4]) * ring.shape[1],
+                              pools, dtype)
         # indexer scores: V4's 64 heads of 128 dims, a decode step (one query) and a prefill block
         for s in (1, 100):
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),

@@ -339,7 +339,8 @@ def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
 def index_topk(scores: torch.Tensor, visible: torch.Tensor, k: int, offset: int = 0,
                prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The indexer's picks [B, S, k] (ids by descending score, ties to the earlier entry, plus `offset`; -1 past a
-    query's `visible` entries; after `prefix` [B, S, W] where given) and their scores; masks `scores` in place."""
+    query's `visible` entries; after `prefix` [B, S, W] where given) and their scores (-inf at the -1s). It may mask
+    `scores` in place past `visible` (the reference does); nothing may rely on it either way."""
     if prefix is None:
         return active_backend().index_topk(scores, visible, k, offset)
     return active_backend().index_topk(scores, visible, k, offset, prefix)
@@ -351,12 +352,13 @@ def gated_pool(kv: torch.Tensor, score: torch.Tensor, candidates: torch.Tensor) 
     return active_backend().gated_pool(kv, score, candidates)
 
 
-def ring_pool(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, phase: torch.Tensor, ring_kv: torch.Tensor,
-              ring_score: torch.Tensor, ring_at: torch.Tensor, candidates: torch.Tensor | None,
+def ring_pool(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor,
+              ring_kv: torch.Tensor, ring_score: torch.Tensor, ring_base: torch.Tensor, pool: bool,
               dtype: torch.dtype) -> torch.Tensor | None:
-    """A decode step's compressor: each row's token into its ring slot (kv, score + its `ape` row), then `gated_pool`
-    over the rings in place with `candidates` ([E, c] in dtype; None: the write alone)."""
-    return active_backend().ring_pool(kv, score, ape, phase, ring_kv, ring_score, ring_at, candidates, dtype)
+    """A decode step's compressor: each row's token (at positions [B]) into its ring slot (kv, score + its `ape`
+    row), then, with `pool`, the entry it belongs to pooled from the rings in place ([B, c] in dtype; else None).
+    The slots and candidates follow from the positions and each row's ring start `ring_base` [B]."""
+    return active_backend().ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
 
 
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,

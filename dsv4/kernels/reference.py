@@ -114,6 +114,23 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor, score_func: str) -> tor
 QAT_ROUNDINGS = ("none", "fp8_nope", "hadamard", "hadamard_fp4")
 
 
+def ring_candidates(positions: torch.Tensor, ring_base: torch.Tensor, ratio: int, ring: int) -> torch.Tensor:
+    """The candidates [B, coff * ratio] that `ring_pool` pools for each row's entry j = p // ratio (positions [B]),
+    as rows of the rings viewed as rows of c ([rows * R * coff, c]), row b's ring starting at ring row ring_base[b]:
+    the token at position q sits in slot q % R (R = ring = coff * ratio).
+
+    * CSA (R = 2 * ratio, overlapping): the previous block's tokens (positions (j - 1) * ratio + i, slot (q + ratio)
+      % R) give their first halves, this block's their second halves; entry 0 has no previous block (-1).
+    * otherwise (R = ratio): the block's tokens, one slot each."""
+    j = torch.div(positions, ratio, rounding_mode="floor")
+    cur = (j * ratio).unsqueeze(1) + torch.arange(ratio, device=positions.device)  # [B, r] the block's positions
+    base = ring_base.unsqueeze(1)
+    if ring == ratio:
+        return base + cur % ring
+    prev = (2 * (base + (cur + ratio) % ring)).masked_fill((j == 0).unsqueeze(1), -1)
+    return torch.cat((prev, 2 * (base + cur % ring) + 1), dim=1)
+
+
 def plus_rounded(add: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """add (fp32) + out in fp32, rounded to out's dtype: `swiglu`'s `add`."""
     return (add + out.to(torch.float32)).to(out.dtype)
@@ -260,22 +277,26 @@ class ReferenceBackend:
         score = score.index_select(0, rows).view(e, n, c).masked_fill(missing, float("-inf"))
         return (kv * score.softmax(dim=1)).sum(dim=1)
 
-    def ring_pool(self, kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, phase: torch.Tensor,
-                  ring_kv: torch.Tensor, ring_score: torch.Tensor, ring_at: torch.Tensor,
-                  candidates: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """A decode step's compressor, one token a row: the token's projections kv and score [B, C] (C = coff * c,
-        fp32; score before its position's `ape` row) take their ring slots, ring row ring_at[b] of the rings
-        [rows, R, C] (fp32, contiguous) viewed as [rows * R, C], the score plus ape[phase[b]] (ape [ratio, C]); then
-        the entries are pooled from the rings in place: `gated_pool` over the rings viewed as rows of c with
-        `candidates` [E, n], returned [E, c] in `dtype`. With candidates None only the slots are written (a step that
-        finishes no entry), and None is returned. Not differentiable (a cache write)."""
-        width = kv.shape[-1]
+    def ring_pool(self, kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, positions: torch.Tensor,
+                  ring_kv: torch.Tensor, ring_score: torch.Tensor, ring_base: torch.Tensor, pool: bool,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+        """A decode step's compressor, one token a row at positions [B]: the token's projections kv and score [B, C]
+        (C = coff * c, fp32; score before its position's `ape` row) take their ring slots, slot p % R of the row's
+        ring, which starts at row ring_base[b] of the rings [rows, R, C] (fp32, contiguous) viewed as [rows * R, C];
+        the score plus ape[p % ratio] (ape [ratio, C]). Then, with `pool`, each row's entry j = p // ratio (finished
+        at p or not) is pooled from the rings in place: `gated_pool` over the rings viewed as rows of c with the
+        candidates `ring_candidates` names, returned [B, c] in `dtype`. Without `pool` only the slots are written
+        (a step that finishes no entry) and None is returned. R = coff * ratio gives coff. Not differentiable (a
+        cache write)."""
+        ratio, ring, width = ape.shape[0], ring_kv.shape[1], kv.shape[-1]
         flat_kv, flat_score = ring_kv.view(-1, width), ring_score.view(-1, width)
-        flat_kv[ring_at] = kv
-        flat_score[ring_at] = score + ape.index_select(0, phase)
-        if candidates is None:
+        at = ring_base + positions % ring
+        flat_kv[at] = kv
+        flat_score[at] = score + ape.index_select(0, positions % ratio)
+        if not pool:
             return None
-        c = width // (candidates.shape[1] // ape.shape[0])  # an entry's coff * ratio candidates: rows of c
+        c = width // (ring // ratio)  # an entry's coff * ratio candidates: rows of c
+        candidates = ring_candidates(positions, ring_base, ratio, ring)
         return self.gated_pool(ring_kv.view(-1, c), ring_score.view(-1, c), candidates).to(dtype)
 
     def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,
@@ -517,7 +538,8 @@ class ReferenceBackend:
     def index_topk(self, scores: torch.Tensor, visible: torch.Tensor, k: int, offset: int = 0,
                    prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The lightning indexer's selection. scores [B, S, N]: each query's index score of every entry (the
-        `index_scores` op's result), set to -inf in place where the query does not see the entry; visible [B, S]
+        `index_scores` op's result), set to -inf in place where the query does not see the entry (here; a backend may
+        leave them); visible [B, S]
         int64: how many entries (0 .. visible-1) each query sees. Returns the ids [B, S, k'] (k' = min(k, N)) of
         the best entries by descending score, ties to the earlier entry (the official top-k's order, which the
         attention's blocks of candidates follow), plus `offset` (where the attention finds entry 0 among its rows),

@@ -197,11 +197,10 @@ def _slot_logits(q: Tensor, rows: Tensor, idx: Tensor) -> Tensor:
 def _one_token_window(W: int, ctx: ForwardContext) -> Tensor:
     """A decode step's window read from the ring once the token is in it: its ring slots [B,1,W], oldest -> newest,
     then -1 for the slots before the sequence start (the order `_window_indices` gives, over the same rows)."""
-    device = ctx.start.device
     pos = ctx.start.unsqueeze(1)  # [B,1] the token's position
-    slot = torch.arange(W, device=device)
-    oldest = (pos - (W - 1)).clamp(min=0)
-    idx = torch.where(slot < (pos + 1).clamp(max=W), (oldest + slot) % W, -1).unsqueeze(1)  # [B,1,W]
+    # slot j names position q = max(pos - W + 1, 0) + j while j <= pos (q <= pos, the same test: q = j below W - 1)
+    q = (pos - (W - 1)).clamp_(min=0) + torch.arange(W, device=pos.device)  # [B,W]
+    idx = (q % W).masked_fill_(q > pos, -1).unsqueeze(1)  # [B,1,W]
     if W > 1 and ctx.fresh:
         idx = idx[..., :1]  # a one-token prefill has one window slot, as in `_window_indices`
     return idx

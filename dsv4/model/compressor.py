@@ -13,6 +13,7 @@ indexer keys). An entry appears at the block's last token and is visible to that
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +31,24 @@ from .rope import rope_cos_sin
 class _ChunkPlan:
     """What every compressor of one ratio and ring size computes alike for a chunk (built once per forward)."""
 
-    phase: Tensor  # [B, S] each token's place in its block (its `ape` row)
-    ring_slots: Tensor  # [B, S] each token's ring slot
+    positions: Tensor  # [B, S] the chunk's positions
+    ratio: int
+    ring: int
     first: Tensor  # [B] the first entry the chunk can finish
     n_max: int  # the most entries a row finishes
     n_entries: int  # the most entries a row holds afterwards
     host_new: tuple[int, ...]  # the entries each row pools: those it finishes (a static step: one a row)
+
+    @functools.cached_property
+    def phase(self) -> Tensor:
+        """[B, S] each token's place in its block (its `ape` row); asked for where a chunk is pooled in torch (a
+        decode step's `ring_pool` finds it from the positions itself)."""
+        return self.positions % self.ratio
+
+    @functools.cached_property
+    def ring_slots(self) -> Tensor:
+        """[B, S] each token's ring slot."""
+        return self.positions % self.ring
 
     @classmethod
     def build(cls, ctx: ForwardContext, ratio: int, ring: int) -> _ChunkPlan:
@@ -44,12 +57,11 @@ class _ChunkPlan:
             # one is masked from every read until the step that finishes it writes it again), and readers take
             # the entries of positions below the capacity
             host_new = (1,) * ctx.positions.shape[0]
-            return cls(ctx.positions % ratio, ctx.positions % ring, first, 1, ctx.capacity // ratio, host_new)
+            return cls(ctx.positions, ratio, ring, first, 1, ctx.capacity // ratio, host_new)
         # the same counts from the host's copy of the starts and lengths (no read of the device's)
         host_after = [(s + n) // ratio for s, n in zip(ctx.host_starts, ctx.host_lengths, strict=True)]
         host_new = tuple(a - s // ratio for s, a in zip(ctx.host_starts, host_after, strict=True))
-        return cls(ctx.positions % ratio, ctx.positions % ring, first, max(host_new, default=0),
-                   max(host_after, default=0), host_new)
+        return cls(ctx.positions, ratio, ring, first, max(host_new, default=0), max(host_after, default=0), host_new)
 
 
 @dataclass(frozen=True)
@@ -57,8 +69,9 @@ class _PoolPlan:
     """Where each entry a chunk finishes takes its candidates from in the extended sequence (the ring's tokens,
     then the chunk's), and where it goes: common to the compressors of one ratio (built once per forward)."""
 
-    candidates: Tensor  # [B*M, coff*r] rows of the extended sequence viewed as rows of c (see `Compressor._pool`),
-    # -1 for the candidates before position 0 (CSA's entry 0: its previous block)
+    candidates: Tensor | None  # [B*M, coff*r] rows of the extended sequence viewed as rows of c (see
+    # `Compressor._pool`), -1 for the candidates before position 0 (CSA's entry 0: its previous block); None for a
+    # decode step's, which `kernels.ring_pool` finds from the positions
     entry_ids: Tensor  # [B, M] the entries, j = first + 0 .. M-1
     rows: Tensor  # the (row, m) pairs that are finished entries (a row may finish fewer than M)
     cols: Tensor | None  # (None when `every`)
@@ -68,11 +81,19 @@ class _PoolPlan:
     sin: Tensor
 
     @classmethod
-    def build(cls, ctx: ForwardContext, chunk: _ChunkPlan, ratio: int, ring: int, freqs: Tensor,
-              ring_base: Tensor | None = None) -> _PoolPlan:
-        """The candidates index the extended sequence (`ring` ring tokens before the chunk), or, given `ring_base`
-        (a decode step whose token is in the ring already: every candidate of its entry is), the rings themselves,
-        [rows * R, coff*c] as rows of c, batch row i's ring starting at row ring_base[i] (`_ring_bases`)."""
+    def decode(cls, chunk: _ChunkPlan, ratio: int, freqs: Tensor) -> _PoolPlan:
+        """A decode step's: each row pools entry `first` (M = 1) from the rings, the candidates left to `ring_pool`;
+        the rows that finish it write it (a static step's every row)."""
+        j = chunk.first.unsqueeze(1)  # [B,1]
+        cos, sin = rope_cos_sin(freqs, j * ratio)
+        if sum(chunk.host_new) == j.shape[0]:
+            return cls(None, j, torch.arange(j.shape[0], device=j.device), None, chunk.first, True, cos, sin)
+        at, cols = _finished_pairs(chunk.host_new, 1, j.device)
+        return cls(None, j, at, cols, j[at, cols], False, cos, sin)
+
+    @classmethod
+    def build(cls, ctx: ForwardContext, chunk: _ChunkPlan, ratio: int, ring: int, freqs: Tensor) -> _PoolPlan:
+        """The candidates index the extended sequence (`ring` ring tokens before the chunk)."""
         r, m, device = ratio, chunk.n_max, ctx.start.device
         overlap = ratio == CSA_RATIO
         b, s = ctx.positions.shape
@@ -81,18 +102,13 @@ class _PoolPlan:
             j = j + torch.arange(m, device=device)
         first_pos = j * r  # [B,M] each entry's first position
         cur_pos = first_pos.unsqueeze(-1) + torch.arange(r, device=device)  # [B,M,r]
-        if ring_base is not None:  # position p in ring slot p % R (a later position of an unfinished entry: stale)
-            base = ring_base.view(-1, 1, 1)
-            cur = base + (cur_pos % ring if overlap else torch.arange(r, device=device))  # (HCA: R = r)
-            prev = base + (cur_pos + r) % ring if overlap else None  # p - r = p + r (mod 2r)
-        else:
-            offset = (ctx.start - ring).view(-1, 1, 1)  # position of ext row 0
-            last = ring + s - 1
-            base = (torch.arange(b, device=device) * (ring + s)).view(-1, 1, 1)  # each batch row's first ext row
-            cur = base + (cur_pos - offset).clamp(0, last)
-            prev = base + (cur_pos - r - offset).clamp(0, last) if overlap else None
+        offset = (ctx.start - ring).view(-1, 1, 1)  # position of ext row 0
+        last = ring + s - 1
+        base = (torch.arange(b, device=device) * (ring + s)).view(-1, 1, 1)  # each batch row's first ext row
+        cur = base + (cur_pos - offset).clamp(0, last)
         if overlap:  # the previous block's tokens give their first half, this block's their second; entry 0 has
             # no previous block
+            prev = base + (cur_pos - r - offset).clamp(0, last)
             prev = (2 * prev).masked_fill((j == 0).unsqueeze(-1), -1)
             rows = torch.cat((prev, 2 * cur + 1), dim=2)  # [B,M,2r] in rows of c
         else:
@@ -178,23 +194,17 @@ class Compressor(nn.Module):
                      ctx: ForwardContext) -> None:
         """A decode step (a token a row): the token takes its ring slot first, and then the ring holds every
         candidate of the entry it pools (the previous block and its own), which is pooled from the ring in place;
-        one `ring_pool` op for both."""
+        one `ring_pool` op for both, which finds the slots and candidates from the positions."""
         r, ring = self.ratio, state.ring
         ring_kv, ring_score, rows = state.ring_tensors()  # (a cache view's: its parent's rings and its rows there)
         # (the plans hold `rows`, so that no other tensor takes its id while they are kept)
         base = ctx.shared(("ring_base", ring, id(rows)),
                           lambda: (rows, _ring_bases(kv.shape[0], ring, rows, kv.device)))[1]  # [B]
-        at = ctx.shared(("ring_at", ring, id(rows)), lambda: (rows, base + plan.ring_slots[:, 0]))[1]  # token slots
-        pool = None
-        if plan.n_max > 0:
-            pool = ctx.shared(("ring_pool", r, ring, id(rows)), lambda: (rows, _PoolPlan.build(
-                ctx, plan, r, ring, freqs, ring_base=base)))[1]
         width = kv.shape[-1]
-        pooled = kernels.ring_pool(kv.reshape(-1, width), gate.reshape(-1, width), self.ape, plan.phase.view(-1),
-                                   ring_kv, ring_score, at, None if pool is None else pool.candidates,
-                                   state.entries.dtype)
-        if pool is not None:
-            self._store(pooled, pool, state, ctx)
+        pooled = kernels.ring_pool(kv.reshape(-1, width), gate.reshape(-1, width), self.ape, ctx.start, ring_kv,
+                                   ring_score, base, plan.n_max > 0, state.entries.dtype)
+        if pooled is not None:
+            self._store(pooled, ctx.shared(("ring_pool", r), lambda: _PoolPlan.decode(plan, r, freqs)), state, ctx)
 
     def _pool_and_keep(self, kv: Tensor, score: Tensor, plan: _ChunkPlan, state: CompressorState, freqs: Tensor,
                        ctx: ForwardContext, rewrite: bool) -> None:

@@ -42,7 +42,9 @@ def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
 
     Taken from torch.polar like the reference's table: its cos/sin round differently from
     torch.cos/torch.sin in the last bit, which can flip a bf16 rounding of the rotated vector."""
-    angles = positions.to(torch.float32).unsqueeze(-1) * freqs.to(positions.device)
+    # (an integer position times the fp32 frequency: the product promotes the position to fp32 first, as a cast
+    # would, in one kernel instead of two)
+    angles = positions.unsqueeze(-1) * freqs.to(positions.device)
     rotation = torch.polar(torch.ones_like(angles), angles)
     # [2, ..., rope/2] in one copy: both halves contiguous once, not in every rope that reads them
     cos_sin = torch.view_as_real(rotation).movedim(-1, 0).contiguous()

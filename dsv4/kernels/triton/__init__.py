@@ -46,7 +46,7 @@ Ops with a kernel:
   over all experts (differentiable by torch; no read of the device, where the reference reads it per expert).
 
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
-static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 334 after).
+static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 301 after).
 
 A training step (gradients wanted) runs the ops with a backward here (`grouped.py`, `sinkhorn.py`, `mhc_grad.py`,
 `rows_grad.py`, `attention_grad.py`, `head_loss.py`: the routed experts, mHC's mixes, Sinkhorn, collapse and
@@ -94,6 +94,8 @@ from . import (
     topk,
 )
 from .numerics import interpreting
+from .pool import covers_ring
+from .pool import ring_pool as _ring_pool  # (`pool` is also ring_pool's argument)
 
 _GROUPED = "grouped"  # a table's plan: torch's differentiable grouped GEMM (`grouped.py`), for training
 
@@ -224,12 +226,11 @@ class TritonBackend(ReferenceBackend):
             return pool.gated_pool(kv, score, candidates)
         return super().gated_pool(kv, score, candidates)
 
-    def ring_pool(self, kv: Tensor, score: Tensor, ape: Tensor, phase: Tensor, ring_kv: Tensor, ring_score: Tensor,
-                  ring_at: Tensor, candidates: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        if _runs_here(kv) and pool.covers_ring(kv, score, ape, phase, ring_kv, ring_score, ring_at, candidates,
-                                               dtype):
-            return pool.ring_pool(kv, score, ape, phase, ring_kv, ring_score, ring_at, candidates, dtype)
-        return super().ring_pool(kv, score, ape, phase, ring_kv, ring_score, ring_at, candidates, dtype)
+    def ring_pool(self, kv: Tensor, score: Tensor, ape: Tensor, positions: Tensor, ring_kv: Tensor,
+                  ring_score: Tensor, ring_base: Tensor, pool: bool, dtype: torch.dtype) -> Tensor | None:
+        if _runs_here(kv) and covers_ring(kv, score, ape, positions, ring_kv, ring_score, ring_base, dtype):
+            return _ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
+        return super().ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
 
     # ------------------------------------------------------------------------------------------ indexer
 
@@ -245,7 +246,6 @@ class TritonBackend(ReferenceBackend):
         if (_runs_here(scores) and topk.covers(scores, k)
                 and not (torch.is_grad_enabled() and scores.requires_grad)
                 and (prefix is None or tuple(prefix.shape[:-1]) == tuple(scores.shape[:-1]))):
-            topk.hide_unseen(scores, visible)  # (the reference's in-place mask)
             # the reference's picks in its order (plus the offset, after the prefix), and their scores
             return topk.index_picks(scores, visible, k, offset, prefix)
         return super().index_topk(scores, visible, k, offset, prefix)

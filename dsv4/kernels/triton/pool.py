@@ -21,11 +21,10 @@ _TILE = 4096
 
 
 @triton.jit
-def _pool_entry(kv_ptr, score_ptr, cand_ptr, out_ptr, entry, col, col_ok, n, s_kv, s_score, s_out,
-                NP: tl.constexpr, LIBDEVICE: tl.constexpr, DT: tl.constexpr):
-    """One entry's pooled block of channels `col` into out (rounded to DT)."""
-    j = tl.arange(0, NP)
-    cand = tl.load(cand_ptr + entry * n + j, mask=j < n, other=-1)
+def _pool_entry(kv_ptr, score_ptr, cand, out_ptr, entry, col, col_ok, s_kv, s_score, s_out,
+                LIBDEVICE: tl.constexpr, DT: tl.constexpr):
+    """One entry's pooled block of channels `col` into out (rounded to DT), from its candidate rows `cand` [NP]
+    (-1: none)."""
     have = cand >= 0
     rows = tl.maximum(cand, 0).to(tl.int64)
     mask = have[:, None] & col_ok[None, :]
@@ -44,22 +43,27 @@ def _gated_pool_kernel(kv_ptr, score_ptr, cand_ptr, out_ptr, n, C, s_kv, s_score
     """kv, score [rows, C] fp32, candidates [E, n] (-1: none) -> out [E, C]."""
     entry = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BC + tl.arange(0, BC)
-    _pool_entry(kv_ptr, score_ptr, cand_ptr, out_ptr, entry, col, col < C, n, s_kv, s_score, s_out, NP, LIBDEVICE,
-                tl.float32)
+    j = tl.arange(0, NP)
+    cand = tl.load(cand_ptr + entry * n + j, mask=j < n, other=-1)
+    _pool_entry(kv_ptr, score_ptr, cand, out_ptr, entry, col, col < C, s_kv, s_score, s_out, LIBDEVICE, tl.float32)
 
 
 @triton.jit
-def _ring_pool_kernel(kv_ptr, score_ptr, ape_ptr, phase_ptr, ring_kv_ptr, ring_score_ptr, at_ptr, cand_ptr, out_ptr,
-                      n, c, s_kv, s_score, s_out, COFF: tl.constexpr, POOL: tl.constexpr, NP: tl.constexpr,
-                      BC: tl.constexpr, LIBDEVICE: tl.constexpr, DT: tl.constexpr):
-    """Row b's token kv, score [B, COFF*c] (+ ape[phase[b]]) into ring row at[b] of the rings [rows*R, COFF*c], then
-    (POOL) entry b pooled from the rings seen as rows of c: program (b, block of c's channels) writes that block of
-    each of the COFF halves and pools the same channels of the row's own candidates (all in row b's ring)."""
+def _ring_pool_kernel(kv_ptr, score_ptr, ape_ptr, pos_ptr, ring_kv_ptr, ring_score_ptr, base_ptr, out_ptr,
+                      c, s_kv, s_score, s_out, RATIO: tl.constexpr, COFF: tl.constexpr, RING: tl.constexpr,
+                      POOL: tl.constexpr, BC: tl.constexpr, LIBDEVICE: tl.constexpr, DT: tl.constexpr):
+    """Row b's token at position p = pos[b]: kv, score [B, COFF*c] (+ ape[p % RATIO]) into slot p % R of its ring,
+    which starts at row base[b] of the rings [rows*R, COFF*c] (R = RING = COFF * RATIO); then (POOL) its entry
+    j = p // RATIO pooled from the rings seen as rows of c: program (b, block of c's channels) writes that block of
+    each of the COFF halves and pools the same channels of the entry's candidates (`reference.ring_candidates`,
+    derived here: all in row b's ring)."""
     b = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BC + tl.arange(0, BC)
     col_ok = col < c
-    at = tl.load(at_ptr + b).to(tl.int64)
-    ape_row = tl.load(phase_ptr + b).to(tl.int64)
+    p = tl.load(pos_ptr + b).to(tl.int64)
+    base = tl.load(base_ptr + b).to(tl.int64)
+    at = base + p % RING
+    ape_row = p % RATIO
     for h in tl.static_range(COFF):
         ch = h * c + col
         tl.store(ring_kv_ptr + at * (COFF * c) + ch, tl.load(kv_ptr + b * s_kv + ch, mask=col_ok), mask=col_ok)
@@ -68,8 +72,15 @@ def _ring_pool_kernel(kv_ptr, score_ptr, ape_ptr, phase_ptr, ring_kv_ptr, ring_s
         tl.store(ring_score_ptr + at * (COFF * c) + ch, score, mask=col_ok)
     if POOL:
         tl.debug_barrier()  # (the slot just written is a candidate: its stores before any thread's loads)
-        _pool_entry(ring_kv_ptr, ring_score_ptr, cand_ptr, out_ptr, b, col, col_ok, n, c, c, s_out, NP, LIBDEVICE,
-                    DT)
+        first = (p // RATIO) * RATIO  # the entry's first position
+        t = tl.arange(0, RING)  # candidate t: CSA's previous block's first halves (t < RATIO), then this block's
+        if COFF == 2:  # second halves; as rows of c, a slot's halves are rows 2 * slot and 2 * slot + 1
+            i = t % RATIO
+            prev = tl.where(first == 0, -1, 2 * (base + (first + i + RATIO) % RING))
+            cand = tl.where(t < RATIO, prev, 2 * (base + (first + i) % RING) + 1)
+        else:
+            cand = base + (first + t) % RING
+        _pool_entry(ring_kv_ptr, ring_score_ptr, cand, out_ptr, b, col, col_ok, c, c, s_out, LIBDEVICE, DT)
 
 
 def covers(kv: Tensor, score: Tensor, candidates: Tensor) -> bool:
@@ -102,11 +113,11 @@ def gated_pool(kv: Tensor, score: Tensor, candidates: Tensor) -> Tensor:
 
 
 
-def covers_ring(kv: Tensor, score: Tensor, ape: Tensor, phase: Tensor, ring_kv: Tensor, ring_score: Tensor,
-                ring_at: Tensor, candidates: Tensor | None, dtype: torch.dtype) -> bool:
-    """kv, score fp32 [B, C] (unit last strides), ape fp32 [ratio, C] contiguous, phase and ring_at integer [B], the
-    rings fp32 [rows, R, C] contiguous, candidates None or integer [B, coff * ratio] (<= 1,024) for C = coff * c, an
-    fp32 / bf16 / fp16 dtype; no gradient wanted."""
+def covers_ring(kv: Tensor, score: Tensor, ape: Tensor, positions: Tensor, ring_kv: Tensor, ring_score: Tensor,
+                ring_base: Tensor, dtype: torch.dtype) -> bool:
+    """kv, score fp32 [B, C] (unit last strides), ape fp32 [ratio, C] contiguous, positions and ring_base integer
+    [B], the rings fp32 [rows, R, C] contiguous with R = coff * ratio (coff 1 or 2, C a multiple of coff, R a power
+    of two up to 1,024: the candidates), an fp32 / bf16 / fp16 dtype; no gradient wanted."""
     if dtype not in TL_DTYPES or any(t.dtype != torch.float32 for t in (kv, score, ape, ring_kv, ring_score)):
         return False
     if kv.dim() != 2 or score.shape != kv.shape or kv.stride(-1) != 1 or score.stride(-1) != 1:
@@ -116,33 +127,30 @@ def covers_ring(kv: Tensor, score: Tensor, ape: Tensor, phase: Tensor, ring_kv: 
         return False
     if any(t.dim() != 3 or t.shape[-1] != width or not t.is_contiguous() for t in (ring_kv, ring_score)):
         return False
-    if ring_kv.shape != ring_score.shape or phase.shape != (b,) or ring_at.shape != (b,):
+    if ring_kv.shape != ring_score.shape or positions.shape != (b,) or ring_base.shape != (b,):
         return False
-    if phase.is_floating_point() or ring_at.is_floating_point():
+    if positions.is_floating_point() or ring_base.is_floating_point():
         return False
-    if candidates is not None:
-        n = candidates.shape[-1] if candidates.dim() == 2 else 0
-        if candidates.shape[0] != b or candidates.is_floating_point() or not 1 <= n <= _MAX_CANDIDATES:
-            return False
-        if n % ape.shape[0] or width % (n // ape.shape[0]):
-            return False
+    ratio, ring = ape.shape[0], ring_kv.shape[1]
+    if ring not in (ratio, 2 * ratio) or width % (ring // ratio) or ring > _MAX_CANDIDATES or ring & (ring - 1):
+        return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (kv, score, ape)))
 
 
-def ring_pool(kv: Tensor, score: Tensor, ape: Tensor, phase: Tensor, ring_kv: Tensor, ring_score: Tensor,
-              ring_at: Tensor, candidates: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``ReferenceBackend.ring_pool``: one launch for the slots' writes and the pooling."""
+def ring_pool(kv: Tensor, score: Tensor, ape: Tensor, positions: Tensor, ring_kv: Tensor, ring_score: Tensor,
+              ring_base: Tensor, pool: bool, dtype: torch.dtype) -> Tensor | None:
+    """``ReferenceBackend.ring_pool``: one launch for the slots' writes and the pooling, the slots and candidates
+    derived from the positions in the kernel."""
     b, width = kv.shape
-    coff = 1 if candidates is None else candidates.shape[1] // ape.shape[0]
+    ratio, ring = ape.shape[0], ring_kv.shape[1]
+    coff = ring // ratio
     c = width // coff
-    n = 1 if candidates is None else candidates.shape[1]
-    out = None if candidates is None else torch.empty((b, c), dtype=dtype, device=kv.device)
+    out = torch.empty((b, c), dtype=dtype, device=kv.device) if pool else None
     if b:
-        np_ = triton.next_power_of_2(n)
-        bc = max(16, min(triton.next_power_of_2(c), _TILE // np_))
+        bc = max(16, min(triton.next_power_of_2(c), _TILE // ring))
         _ring_pool_kernel[(b, triton.cdiv(c, bc))](
-            kv, score, ape, phase.contiguous(), ring_kv, ring_score, ring_at.contiguous(),
-            kv if candidates is None else candidates.contiguous(), kv if out is None else out, n, c, kv.stride(0),
-            score.stride(0), c if out is None else out.stride(0), COFF=coff, POOL=candidates is not None, NP=np_,
-            BC=bc, LIBDEVICE=libdevice_exp(), DT=TL_DTYPES[dtype], num_warps=4 if np_ * bc >= 2048 else 2)
+            kv, score, ape, positions.contiguous(), ring_kv, ring_score, ring_base.contiguous(),
+            kv if out is None else out, c, kv.stride(0), score.stride(0), c if out is None else out.stride(0),
+            RATIO=ratio, COFF=coff, RING=ring, POOL=pool, BC=bc, LIBDEVICE=libdevice_exp(), DT=TL_DTYPES[dtype],
+            num_warps=4 if ring * bc >= 2048 else 2)
     return out

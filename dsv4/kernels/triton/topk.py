@@ -47,7 +47,8 @@ def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, seen_pt
                        offset, prefix_ptr, stride_f, W, KP: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr,
                        FINAL: tl.constexpr, WP: tl.constexpr):
     """One row's picks; ALL: K == N, every entry (no k-th value); FINAL: the indexer's outputs, the picks plus
-    `offset`, -1 for those at or past the row's `seen` count, and each pick's score (as stored) at picked_ptr.
+    `offset`, -1 for those at or past the row's `seen` count, and each pick's score (as stored; -inf for those) at
+    picked_ptr, the entries at or past `seen` ranked as -inf (masked or not: with ALL the row is read unmasked).
     W > 0: the row's W prefix indices first in the output row (copied), the picks after them."""
     row = tl.program_id(0).to(tl.int64)
     base = scores_ptr + row * stride_r
@@ -87,13 +88,16 @@ def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, seen_pt
     # so no read or later gather leaves the row)
     picked = tl.where((picked >= 0) & (picked < N), picked, 0)
     values = tl.load(base + picked, mask=slots < K, other=0.0).to(tl.float32)
+    if FINAL:  # the entries at or past `seen` rank as -inf, whatever their scores hold (ALL: they are not masked)
+        seen = tl.load(seen_ptr + row)
+        values = tl.where(picked < seen, values, float("-inf"))
     key = tl.where(slots < K, _descending_key(values, picked), 9223372036854775807)  # padding sorts last
     key = tl.sort(key)
     tl.debug_barrier()  # (every thread read its picks before any is overwritten)
     top = (key & 0x7FFFFFFF).to(tl.int64)
     if FINAL:
-        seen = tl.load(seen_ptr + row)
-        tl.store(picked_ptr + row * stride_p + slots, tl.load(base + top, mask=slots < K), mask=slots < K)
+        score = tl.load(base + top, mask=slots < K)
+        tl.store(picked_ptr + row * stride_p + slots, tl.where(top < seen, score, float("-inf")), mask=slots < K)
         top = tl.where(top < seen, top + offset, -1)
     tl.store(out + slots, top, mask=slots < K)
 
@@ -166,9 +170,13 @@ def hide_unseen(scores: Tensor, visible: Tensor) -> None:
 
 def index_picks(scores: Tensor, visible: Tensor, k: int, offset: int = 0,
                 prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The tail of `ReferenceBackend.index_topk` on scores [..., N] already masked past `visible` [...]: the picks
-    [..., k] (plus `offset`; -1 at or past a row's visible count; after the row's `prefix` where given) and their
-    scores, from the kernel directly."""
+    """`ReferenceBackend.index_topk` on scores [..., N]: the picks [..., k] (plus `offset`; -1 at or past a row's
+    visible count; after the row's `prefix` where given) and their scores, from the kernel directly. The scores
+    past `visible` are masked in place first (`hide_unseen`) where the k-th value needs them masked (k < N); at
+    k = N (every entry picked: a context with no more entries than the top-k takes, every decode step's below
+    ~2K tokens at V4's k = 512) the kernel ranks them as -inf as it reads them, and `scores` is left as it is."""
+    if k < scores.shape[-1]:
+        hide_unseen(scores, visible)
     return _launch(scores, k, visible, offset, prefix)
 
 
