@@ -24,7 +24,8 @@ time-out still returns what ran):
   exact numerics, streams only (no head): decode ms per step at batch 1 and 64, prefill of 4,096 tokens, each
   against the memory-bound time (the weights a step reads at the card's bandwidth: 4.8 TB/s on an H200, 3.35 on
   an H100) and the compute-bound time (989 bf16 TFLOP/s on either), as ratios, and the decode step captured in a
-  CUDA graph; the same layer on the reference backend for the before side;
+  CUDA graph; the same layer on the reference backend for the before side; and a layer's share of the graphed
+  step (what a second layer adds: ms at batch 1 and 64, kernels), the one-layer step's fixed part left out;
 * `train_mfu`: a dim-2048 config trained with bf16 autocast (the loss as `dsv4 train` computes it): tokens/s and
   MFU against the card's bf16 peak (989 TFLOP/s; the model FLOPs `dsv4 train` counts), on the triton and the
   reference backends.
@@ -432,11 +433,14 @@ def _graphs_against_eager(model) -> dict:
     return out
 
 
-def _flash_layer():
+def _flash_layer(layers: int = 1):
+    """`layers` V4-Flash CSA layers (the `flash_layer` config; one by default) with random official-format weights."""
     from dsv4.formats import to_official_formats
     from dsv4.model import Transformer
 
     a = configs()["flash_layer"]
+    if layers != a.n_layers:
+        a = a.replace(n_layers=layers, compress_ratios=a.compress_ratios[:1] * layers)
     with torch.device(DEV):
         model = Transformer(a, dtype=torch.bfloat16, numerics="exact").eval()
     with torch.no_grad():
@@ -461,6 +465,17 @@ def _weight_bytes(model) -> tuple[float, float]:
         else:
             layer += nbytes
     return layer + experts * a.n_activated_experts / a.n_routed_experts, experts
+
+
+def _step_kernels(model, tokens, cache, capacity: int) -> int:
+    """The kernels one static decode step launches (`benchmarks/decode_launches.py`'s count: each dispatcher op
+    that writes memory, each Triton launch); the step runs once, eagerly."""
+    from decode_launches import Launches, triton_launches
+
+    counter = Launches([])
+    with counter, triton_launches(counter):
+        model.static_decode_streams(tokens, cache, capacity)
+    return sum(counter.counts.values())
 
 
 def _graph_step_ms(model, tokens, cache, capacity: int, repeat: int = 10) -> float:
@@ -523,6 +538,39 @@ def flash_layer():
         out["compute_bound_prefill_ms"] = round(compute_ms, 3)
         if SMALL:
             break
+    out["per_layer"] = _layer_share(model, big_b, plen, memory_ms)
+    return out
+
+
+def _layer_share(one, big_b: int, plen: int, memory_ms: float) -> dict:
+    """A layer's share of a graphed decode step: what a second CSA layer adds (its ms and kernels), against one
+    layer's memory-bound time. The one-layer step also pays the step's fixed part once (the embedding, the plans
+    every layer of a kind shares: RoPE rows, window and compressor indices), which a 43-layer V4-Flash pays once
+    for all of its layers."""
+    from dsv4 import kernels
+
+    capacity = 512 if not SMALL else 128
+    counts, steps = {}, {}
+    for layers in (1, 2):
+        model = one if layers == 1 else _flash_layer(2)
+        g = torch.Generator().manual_seed(0)
+        toks = torch.randint(0, model.args.vocab_size, (1, 257), generator=g).to(DEV)
+        with torch.inference_mode(), kernels.use_backend("triton"):
+            for batch in (1, big_b):
+                prompt, nxt = toks[:, :256].expand(batch, -1).contiguous(), toks[:, -1:].expand(batch, 1).contiguous()
+                cache = model.new_cache(batch_size=batch, max_seq_len=plen + 400)
+                model.forward_streams(prompt, cache)
+                if batch == 1:
+                    counts[layers] = _step_kernels(model, nxt, cache, capacity)
+                steps[(layers, batch)] = _graph_step_ms(model, nxt, cache, capacity)
+        del model
+    out = {"kernels_a_step_1_layer": counts[1], "kernels_a_step_2_layers": counts[2],
+           "kernels_a_layer": counts[2] - counts[1]}
+    for batch in (1, big_b):
+        out[f"decode_b{batch}_graph_ms_1_layer"] = round(steps[(1, batch)], 4)
+        out[f"decode_b{batch}_graph_ms_2_layers"] = round(steps[(2, batch)], 4)
+        out[f"decode_b{batch}_graph_ms_a_layer"] = round(steps[(2, batch)] - steps[(1, batch)], 4)
+    out["decode_b1_a_layer_vs_memory_bound"] = round(out["decode_b1_graph_ms_a_layer"] / memory_ms, 1)
     return out
 
 

@@ -1,7 +1,8 @@
 """How many device kernels one static decode step launches (what a CUDA graph of the step holds, and what a batch-1
 decode on a GPU pays per kernel: a few microseconds each however small), by the model part that launches them.
 
-    TRITON_INTERPRET=1 python benchmarks/decode_launches.py [--preset small] [--layers 4] [--backend triton]
+    TRITON_INTERPRET=1 python benchmarks/decode_launches.py [--preset small] [--layers 4 | --ratios 4]
+        [--backend triton]
 
 Counted on any device, without a GPU: every dispatcher op that writes memory is one kernel (views, allocations,
 and the interpreter's own copies inside a Triton launch are not), and every Triton launch is one. On the CPU that
@@ -97,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--layers", type=int, default=4, help="the first n layers (their ratios as the preset's)")
+    parser.add_argument("--ratios", type=int, nargs="+", help="the layers' compression ratios instead (0: sliding "
+                        "only), one a layer: `--ratios 4` is the GPU run's one-CSA-layer model (`flash_layer`)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=40)
     parser.add_argument("--numerics", choices=("exact", "plain"), default="exact")
@@ -105,9 +108,14 @@ def main() -> None:
     opts = parser.parse_args()
     torch.set_grad_enabled(False)
     base = preset(opts.preset)
-    layers = min(opts.layers, base.n_layers)
-    args = base.replace(n_layers=layers, compress_ratios=(*base.compress_ratios[:layers],
-                                                          *base.compress_ratios[base.n_layers:]), max_seq_len=256)
+    if opts.ratios:
+        layers = len(opts.ratios)
+        args = base.replace(n_layers=layers, n_hash_layers=min(base.n_hash_layers, layers), max_seq_len=256,
+                            compress_ratios=(*opts.ratios, *base.compress_ratios[base.n_layers:]))
+    else:
+        layers = min(opts.layers, base.n_layers)
+        args = base.replace(n_layers=layers, compress_ratios=(*base.compress_ratios[:layers],
+                                                              *base.compress_ratios[base.n_layers:]), max_seq_len=256)
     if opts.numerics == "plain":
         model = init_weights(Transformer(args, torch.float32, "plain"), seed=0).eval()
     else:
