@@ -95,9 +95,10 @@ def _earliest_k_kernel(scores_ptr, stride_r, kth_ptr, out_ptr, stride_o, seen_pt
     key = tl.sort(key)
     tl.debug_barrier()  # (every thread read its picks before any is overwritten)
     top = (key & 0x7FFFFFFF).to(tl.int64)
-    if FINAL:
-        score = tl.load(base + top, mask=slots < K)
-        tl.store(picked_ptr + row * stride_p + slots, tl.where(top < seen, score, float("-inf")), mask=slots < K)
+    if FINAL:  # (two masked stores, not a select: a 16-bit score is stored as it was read, -inf from fp32)
+        at = picked_ptr + row * stride_p + slots
+        tl.store(at, tl.load(base + top, mask=slots < K), mask=(slots < K) & (top < seen))
+        tl.store(at, tl.full((KP,), float("-inf"), tl.float32), mask=(slots < K) & (top >= seen))
         top = tl.where(top < seen, top + offset, -1)
     tl.store(out + slots, top, mask=slots < K)
 
