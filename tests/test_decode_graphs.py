@@ -162,12 +162,15 @@ def test_an_engine_with_decode_graphs_gives_the_eager_engines_tokens(kv_format):
 
 
 def test_decode_graphs_through_the_triton_backend():
-    """The same through the Triton backend's kernels (the one a capture on CUDA runs), under its interpreter."""
+    """The same through the Triton backend's kernels (the one a capture on CUDA runs), under its interpreter; the
+    fp8 rows written and read by its row kernels (a window ring read back just after its token is written) give
+    the tokens of rows kept in the model's dtype (the exact numerics' rows round-trip)."""
     model = _model("exact", max_seq_len=128)
-    common = dict(max_batch=2, max_seq_len=80, prefill_chunk=32, kv_format="fp8")
-    eager, _ = _generate(model, False, "triton", (6, 17), (5, 4), **common)
-    graphed, engine = _generate(model, True, "triton", (6, 17), (5, 4), **common)
-    assert graphed == eager and len(eager[0]) == 5
+    common = dict(max_batch=2, max_seq_len=80, prefill_chunk=32)
+    eager, _ = _generate(model, False, "triton", (6, 17), (5, 4), kv_format="fp8", **common)
+    graphed, engine = _generate(model, True, "triton", (6, 17), (5, 4), kv_format="fp8", **common)
+    model_rows, _ = _generate(model, True, "triton", (6, 17), (5, 4), kv_format="model", **common)
+    assert graphed == eager == model_rows and len(eager[0]) == 5
     assert set(engine.graphs.graphs) == {(1, 64), (2, 64)}
 
 

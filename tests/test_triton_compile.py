@@ -22,7 +22,7 @@ KERNELS = ("_block_quant_kernel", "_fp8_gemm_kernel", "_fp4_gemm_kernel", "_gate
            "_ring_pool_kernel", "_hide_kernel", "_sinkhorn_collapse_kernel", "_sinkhorn_backward_kernel",
            "_post_backward_kernel", "_collapse_backward_kernel", "_mixes_backward_kernel",
            "_rms_norm_backward_kernel", "_head_ce_rows_kernel",
-           "_sparse_attn_backward_kernel", "_split_combine_kernel")
+           "_sparse_attn_backward_kernel", "_split_combine_kernel", "_store_rows_kernel", "_load_rows_kernel")
 
 
 # What a thread may spill (bytes of spill stores, ptxas's count) before a build counts as a register-budget

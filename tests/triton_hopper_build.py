@@ -231,6 +231,22 @@ def run_calls() -> None:
                 q_chunk, idx_chunk = torch.randn(2, 3, heads, d).to(dtype), torch.randint(-1, 30, (2, 3, 300))
                 trig_chunk = torch.randn(2, 3, args.rope_head_dim // 2), torch.randn(2, 3, args.rope_head_dim // 2)
                 tri.sparse_attn(q_chunk, [window_p, paged], idx_chunk, sink_p, 0.125, *trig_chunk)
+                # the cache's rows (the fp8 layouts hold the exact numerics' bf16 rows): a decode step's tokens into
+                # their ring slots and entries into their pages, then rows read back decoded
+                if codec is None or dtype == torch.bfloat16:
+                    stored_rings = PagedRows(ring if codec is None else codec.encode(ring), torch.tensor([[2], [0]]),
+                                             10, codec, dtype)
+                    tri.store_rows(torch.randn(2, 1, d).to(dtype), stored_rings, None, torch.tensor([[3], [7]]))
+                    tri.store_rows(torch.randn(2, d).to(dtype), paged, torch.tensor([0, 1]), torch.tensor([5, 19]))
+                    tri.load_rows(stored_rings)
+                    tri.load_rows(paged)
+                    keys = get_format(fmt).codec(args, "index", dtype)
+                    key_rows = torch.randn(20, args.index_head_dim).to(dtype)
+                    key_pages = PagedRows((key_rows if keys is None else keys.encode(key_rows)).reshape(5, 4, -1),
+                                          paged.table, 20, keys, dtype)
+                    tri.store_rows(torch.randn(2, args.index_head_dim).to(dtype), key_pages, torch.tensor([0, 1]),
+                                   torch.tensor([5, 19]))
+                    tri.load_rows(key_pages)
 
 
 class _Launching:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..config import CSA_RATIO, ModelArgs
 from ..kernels import KVRows, PagedRows, RowCodec
 from ..kv_formats import get_format
@@ -89,17 +90,22 @@ class PagedEntries:
         return PagedRows(self.pool, self.table, count, self.codec, self.dtype)
 
     def read(self, count: int) -> Tensor:
-        return self.rows(count).dense()  # [B, count, width] decoded
+        return kernels.load_rows(self.rows(count))  # [B, count, width] decoded
 
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
-        values = values.detach()
-        stored = values if self.codec is None else self.codec.encode(values)
-        self.pool[self.table[rows, index // self.per_page], index % self.per_page] = stored.to(self.pool.dtype)
+        # (one op: the pages looked up, the rows encoded and stored, which a backend may do in one kernel)
+        kernels.store_rows(values, self.rows(self.table.shape[1] * self.per_page), rows, index)
 
-    def select(self, rows: Tensor) -> PagedEntries:
+    def select(self, rows: Tensor, shared: dict | None = None) -> PagedEntries:
         """The same pool under the block-table rows of batch rows `rows` (pages are allocated before a step, so
-        the copied table rows stay valid for it)."""
-        return PagedEntries(self.pool, self.table[rows], self.per_page, self.codec, self.dtype)
+        the copied table rows stay valid for it), gathered once for every store of a `Cache.select` (`shared`:
+        every layer's store holds the same table, one kernel a step instead of one a store)."""
+        if shared is None:
+            return PagedEntries(self.pool, self.table[rows], self.per_page, self.codec, self.dtype)
+        key = ("block_table", id(self.table))
+        if key not in shared:  # (the table itself is held with its rows, so no other tensor takes its id meanwhile)
+            shared[key] = (self.table, self.table[rows])
+        return PagedEntries(self.pool, shared[key][1], self.per_page, self.codec, self.dtype)
 
     @property
     def page_bytes(self) -> int:

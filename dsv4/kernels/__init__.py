@@ -73,6 +73,8 @@ OPS = (
     "hc_post",
     "gated_pool",
     "ring_pool",
+    "store_rows",
+    "load_rows",
     "moe_gate",
     "routes_on_device",
     "routed_experts",
@@ -179,7 +181,7 @@ class AutoBackend:
 
 def _auto_op(op: str) -> Callable[..., Any]:
     def run(self: AutoBackend, first: Any, *args: Any) -> Any:
-        tensor = first if isinstance(first, torch.Tensor) else args[0]
+        tensor = first if isinstance(first, torch.Tensor) else first.pool if isinstance(first, PagedRows) else args[0]
         return getattr(self.backend_for(tensor.device), op)(first, *args)
 
     run.__name__ = op
@@ -359,6 +361,19 @@ def ring_pool(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, position
     row), then, with `pool`, the entry it belongs to pooled from the rings in place ([B, c] in dtype; else None).
     The slots and candidates follow from the positions and each row's ring start `ring_base` [B]."""
     return active_backend().ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
+
+
+def store_rows(values: torch.Tensor, dest: PagedRows, rows: torch.Tensor | None, index: torch.Tensor) -> None:
+    """Write compute rows into a cache's stored rows in place, encoded by `dest.codec` (None: as the pool's dtype):
+    values [M, D] as row index[i] of batch row rows[i] of `dest`, or with rows None, values [B, S, D] as row
+    index[b, s] of batch row b (index [B, S]). `dest.count` is not checked: any row its table addresses."""
+    active_backend().store_rows(values, dest, rows, index)
+
+
+def load_rows(src: PagedRows) -> torch.Tensor:
+    """Every addressable row of `src`, gathered from its pages and decoded: [B, count, D] in `src.dtype` (what
+    `PagedRows.dense` computes)."""
+    return active_backend().load_rows(src)
 
 
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,

@@ -26,12 +26,18 @@ class RowCodec(Protocol):
 
     format: str
     kind: str
+    compute: torch.dtype  # the dtype `decode` gives
 
     def encode(self, rows: Tensor) -> Tensor:
         """[..., D] rows -> their stored form [..., W]."""
 
     def decode(self, stored: Tensor) -> Tensor:
         """The stored form [..., W] -> rows [..., D] in the compute dtype."""
+
+    def round_trips(self, dtype: torch.dtype, exact: bool) -> bool:
+        """Whether decode(encode(rows)) == rows for the rows a model of `dtype` caches (`exact`: in the official
+        numerics, which round what they cache): then a row may be read back from the cache as soon as it is
+        written."""
 
 
 @dataclass(frozen=True)

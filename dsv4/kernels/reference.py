@@ -48,7 +48,7 @@ from dsv4.quant import (
 
 from .cross_entropy import IGNORE_INDEX, summed_cross_entropy
 from .experts import ExpertWeights, chosen_experts
-from .paged import KVRows, concat_rows
+from .paged import KVRows, PagedRows, concat_rows
 
 ATTN_BLOCK = 64  # candidate slots per online-softmax step of the official sparse-attention kernel
 # hc_post sums the streams term by term from this many tokens on (fewer ops below it, less memory above)
@@ -298,6 +298,23 @@ class ReferenceBackend:
         c = width // (ring // ratio)  # an entry's coff * ratio candidates: rows of c
         candidates = ring_candidates(positions, ring_base, ratio, ring)
         return self.gated_pool(ring_kv.view(-1, c), ring_score.view(-1, c), candidates).to(dtype)
+
+    def store_rows(self, values: torch.Tensor, dest: PagedRows, rows: torch.Tensor | None,
+                   index: torch.Tensor) -> None:
+        """Compute rows written into a cache's stored rows in place: values [M, D] as row index[i] of batch row
+        rows[i] of `dest` (pool[table[rows[i], index[i] // rows_per_page], index[i] % rows_per_page]), or with rows
+        None values [B, S, D] as row index[b, s] of batch row b, each encoded by `dest.codec` (None: cast to the
+        pool's dtype). Not differentiable (a cache write)."""
+        if rows is None:  # batch row b for every index of row b
+            rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1).expand_as(index)
+        per_page = dest.rows_per_page
+        pages = dest.table[rows, torch.div(index, per_page, rounding_mode="floor")]
+        stored = values.detach() if dest.codec is None else dest.codec.encode(values.detach())
+        dest.pool[pages, index % per_page] = stored.to(dest.pool.dtype)
+
+    def load_rows(self, src: PagedRows) -> torch.Tensor:
+        """Every addressable row of `src` [B, count, D] in `src.dtype`: its pages gathered, then decoded."""
+        return src.dense()
 
     def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,
                  score_func: str, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -59,6 +59,9 @@ class CastCodec:
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
         return stored.to(self.compute)
 
+    def round_trips(self, dtype: torch.dtype, exact: bool) -> bool:
+        return dtype == self.stored
+
 
 class KVFormat:
     """A storage format of KV rows. `compute` is the dtype rows are computed in (the model's)."""

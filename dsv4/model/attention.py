@@ -129,18 +129,21 @@ class Attention(nn.Module):
         sequence start (the official order, which decides the attention kernel's blocks of candidates), and a
         ring write left for after the attention (slots, rows), or None.
 
-        A decode step whose ring holds its rows exactly writes the token first and runs on the ring alone
-        [B, W, D]. A verify step's few tokens (at most W, every row appending them) run on the ring as it is and
-        the chunk, [B, W, D] and [B, S, D], and take their slots once the ring has been read. Otherwise the
-        ring's rows in position order and the chunk are one run [B, W+S, D]."""
+        A decode step whose ring gives its rows back exactly (as they are, or through a lossless codec) writes the
+        token first and runs on the ring alone [B, W, D]. A verify step's few tokens (at most W, every row
+        appending them) run on the ring as it is (decoded, under a codec) and the chunk, [B, W, D] and [B, S, D],
+        and take their slots once the ring has been read. Otherwise the ring's rows in position order and the chunk
+        are one run [B, W+S, D]."""
         W = self.window
         slots = ctx.shared(("slots", W), lambda: ctx.positions % W)  # [B,S] each token's ring slot
         same_form = cache.codec is None and cache.window.dtype == kv.dtype
-        if ctx.appends == 1 and same_form:
+        # the ring gives back the token's row as written: it may be stored before the ring is read
+        lossless = same_form or (cache.codec is not None and cache.codec.round_trips(kv.dtype, ctx.exact))
+        if ctx.appends == 1 and lossless:
             cache.write_window_slots(slots, kv.detach())
             return [cache.window_rows()], ctx.shared(("window1", W), lambda: _one_token_window(W, ctx)), None
         in_place = 0 < ctx.appends <= W
-        if in_place and same_form:
+        if in_place and (same_form or cache.codec is not None):
             idx = ctx.shared(("window_ring", W), lambda: _ring_window_indices(W, kv.shape[1], ctx))
             return [cache.window_rows(), kv], idx, (slots, kv.detach())
         ring_slots, idx, keep = ctx.shared(("window", W),

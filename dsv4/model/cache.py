@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..config import CSA_RATIO, ModelArgs
 from ..kernels import KVRows, PagedRows, RowCodec
 
@@ -51,8 +52,10 @@ class EntryStore(Protocol):
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         """Store values [n, c] as entry index[i] of batch row rows[i]."""
 
-    def select(self, rows: Tensor) -> EntryStore:
-        """This store seen through batch rows `rows` (row i of the view is row rows[i] here)."""
+    def select(self, rows: Tensor, shared: dict | None = None) -> EntryStore:
+        """This store seen through batch rows `rows` (row i of the view is row rows[i] here). `shared`: what the
+        views that one `Cache.select` makes may share (a dict it passes to every store, e.g. the engine's stores'
+        common block table gathered once for all of them)."""
 
 
 class DenseEntries:
@@ -76,7 +79,7 @@ class DenseEntries:
         else:
             self.data.index_put_((rows, index), values.detach())
 
-    def select(self, rows: Tensor) -> EntryStore:
+    def select(self, rows: Tensor, shared: dict | None = None) -> EntryStore:
         return DenseEntryRows(self, rows)
 
 
@@ -95,7 +98,7 @@ class DenseEntryRows:
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         self.parent.write(self.batch_rows[rows], index, values)
 
-    def select(self, rows: Tensor) -> EntryStore:
+    def select(self, rows: Tensor, shared: dict | None = None) -> EntryStore:
         return DenseEntryRows(self.parent, self.batch_rows[rows])
 
 
@@ -338,7 +341,8 @@ class CacheRows:
         self.args, self.max_seq_len, self.dtype, self.has_mtp = parent.args, parent.max_seq_len, parent.dtype, \
             parent.has_mtp
         self.batch_size = rows.numel()
-        self.layers = [LayerCacheRows(layer, rows) for layer in parent.layers]
+        shared: dict = {}  # (what the layers' entry stores seen through these rows share)
+        self.layers = [LayerCacheRows(layer, rows, shared) for layer in parent.layers]
 
     @property
     def lengths(self) -> Tensor:
@@ -360,30 +364,33 @@ class CacheRows:
 class LayerCacheRows:
     """Batch rows of a `LayerCache` (see `CacheRows`)."""
 
-    def __init__(self, parent: LayerCache, rows: Tensor) -> None:
+    def __init__(self, parent: LayerCache, rows: Tensor, shared: dict | None = None) -> None:
         self.parent = parent
         self.rows = rows
-        self.compressor = None if parent.compressor is None else CompressorStateRows(parent.compressor, rows)
-        self.indexer = None if parent.indexer is None else CompressorStateRows(parent.indexer, rows)
+        self.compressor = None if parent.compressor is None else CompressorStateRows(parent.compressor, rows, shared)
+        self.indexer = None if parent.indexer is None else CompressorStateRows(parent.indexer, rows, shared)
 
     def read_window(self) -> Tensor:
-        stored = self.parent.window[self.rows]
-        return stored if self.parent.codec is None else self.parent.codec.decode(stored)
+        return kernels.load_rows(self._rings())
 
     def window_rows(self) -> KVRows:
-        """These rows' rings left in the parent's: each batch row's ring one page of W rows (no copy)."""
-        window = self.parent.window
-        if self.parent.codec is not None:
-            return self.read_window()
-        return PagedRows(window, self.rows.unsqueeze(1), window.shape[1], None, window.dtype)
+        """These rows' rings left in the parent's: each batch row's ring one page of W rows (no copy), or decoded
+        from a codec's stored form (one op)."""
+        rings = self._rings()
+        return rings if rings.codec is None else kernels.load_rows(rings)
+
+    def _rings(self) -> PagedRows:
+        """These rows' rings as they are stored in the parent's: each batch row's ring one page of W rows."""
+        window, codec = self.parent.window, self.parent.codec
+        return PagedRows(window, self.rows.unsqueeze(1), window.shape[1], codec,
+                         window.dtype if codec is None else codec.compute)
 
     def write_window(self, rows: Tensor) -> None:
         codec = self.parent.codec
         self.parent.window[self.rows] = rows if codec is None else codec.encode(rows)
 
     def write_window_slots(self, slots: Tensor, rows: Tensor) -> None:
-        codec = self.parent.codec
-        self.parent.window[self.rows.unsqueeze(1), slots] = rows if codec is None else codec.encode(rows)
+        kernels.store_rows(rows, self._rings(), None, slots)
 
     @property
     def codec(self) -> RowCodec | None:
@@ -397,10 +404,10 @@ class LayerCacheRows:
 class CompressorStateRows:
     """Batch rows of a `CompressorState` (see `CacheRows`)."""
 
-    def __init__(self, parent: CompressorState, rows: Tensor) -> None:
+    def __init__(self, parent: CompressorState, rows: Tensor, shared: dict | None = None) -> None:
         self.parent = parent
         self.rows = rows
-        self.entries = parent.entries.select(rows)
+        self.entries = parent.entries.select(rows, shared)
 
     @property
     def ring(self) -> int:

@@ -34,6 +34,8 @@ Ops with a kernel:
   same program; in a training step differentiable, `rows_grad.py`), the queries' `head_norm` with their
   rotation, `rope`, `hadamard` (its butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and
   indexer queries' norm, rotation and QAT rounding in one pass), one launch each.
+* **the cache's stored rows** (`kv_rows.py`): a row set written (its pages looked up, encoded in the production
+  "fp8" layouts or stored as it is) and a run of rows read and decoded, one launch each.
 * **the compressors' pooling** (`pool.py`): each entry's candidates read in place, the per-channel softmax and
   sum in one launch; a decode step's `ring_pool` writes the tokens into their ring slots first, in the same launch.
 * **the router's tail** (`route.py`): the top-k of scores + bias and the normalised weights, one launch after
@@ -72,7 +74,7 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
 from ..cross_entropy import IGNORE_INDEX
 from ..experts import ExpertWeights, chosen_experts
-from ..paged import KVRows
+from ..paged import KVRows, PagedRows
 from ..reference import ReferenceBackend, router_scores
 from . import (
     attention,
@@ -82,6 +84,7 @@ from . import (
     grouped,
     head_loss,
     indexer,
+    kv_rows,
     mhc,
     mhc_grad,
     pool,
@@ -231,6 +234,16 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(kv) and covers_ring(kv, score, ape, positions, ring_kv, ring_score, ring_base, dtype):
             return _ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
         return super().ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
+
+    def store_rows(self, values: Tensor, dest: PagedRows, rows: Tensor | None, index: Tensor) -> None:
+        if _runs_here(values) and kv_rows.covers_store(values, dest, rows, index):
+            return kv_rows.store_rows(values, dest, rows, index)
+        return super().store_rows(values, dest, rows, index)
+
+    def load_rows(self, src: PagedRows) -> Tensor:
+        if _runs_here(src.pool) and kv_rows.covers_load(src):
+            return kv_rows.load_rows(src)
+        return super().load_rows(src)
 
     # ------------------------------------------------------------------------------------------ indexer
 

@@ -62,7 +62,7 @@ _NO_RUN, _DENSE, _PAGED, _PAGED_FP8 = 0, 1, 2, 3
 
 
 @triton.jit
-def _fp8_kv_rows(pool8_ptr, pool16_ptr, entry, valid, cols, D: tl.constexpr, NOPE: tl.constexpr,
+def fp8_kv_rows(pool8_ptr, pool16_ptr, entry, valid, cols, D: tl.constexpr, NOPE: tl.constexpr,
                  ROPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Decode fp8 main-KV entries to bf16 [BLOCK_K, BLOCK_D]: `entry` [BLOCK_K] byte offsets of the entries in the
     pool (even), `valid` [BLOCK_K] which to read, `cols` [BLOCK_D]. The pool is read as bytes (pool8) and, for the
@@ -191,7 +191,7 @@ def _sparse_attn_kernel(
                     rows = tl.load(tl.where(in0[:, None], ptrs0, ptrs1), mask=mask0 | mask1, other=0.0)
                 else:
                     if RUN1 == 3:  # the fp8 codec decodes to bf16 rows, then to its compute dtype
-                        other = _fp8_kv_rows(r1_ptr, r1_16_ptr, entry, in1, cols, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
+                        other = fp8_kv_rows(r1_ptr, r1_16_ptr, entry, in1, cols, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
                     else:
                         other = tl.load(ptrs1, mask=mask1, other=0.0)
                     # rows of the first run where they are, the second's (cast as `concat_rows` does) elsewhere

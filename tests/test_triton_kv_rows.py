@@ -1,0 +1,153 @@
+"""The Triton cache-row kernels (`dsv4/kernels/triton/kv_rows.py`) against the reference `store_rows` / `load_rows`:
+the same bytes in the pool after a write (the fp8 format's codes, scales and pad bytes, or the rows as they are),
+and the same bits read back, through a shuffled block table.
+
+On a machine without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py)
+on CPU tensors; with one, on CUDA tensors against the reference on CPU copies.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_triton_rows import _on
+
+pytest.importorskip("triton")
+
+from dsv4.kernels.paged import PagedRows  # noqa: E402
+from dsv4.kernels.reference import ReferenceBackend  # noqa: E402
+from dsv4.kernels.triton import kv_rows  # noqa: E402
+from dsv4.kv_formats import CastCodec  # noqa: E402
+from dsv4.kv_formats.fp8 import PackedCodec, index_key_layout, kv_layout  # noqa: E402
+
+REF = ReferenceBackend()
+
+
+def _rows(n: int, d: int, seed: int) -> torch.Tensor:
+    """bf16 rows with what the encoders must get right: blocks of very different magnitudes, an all-zero block (the
+    amax floor), negative zeros, values past e4m3's and e2m1's range before scaling."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 3)
+    x[:, : min(d, 16)] *= 1000.0
+    x[0, :32] = 0.0
+    x[-1, 1::7] = -0.0
+    return x.bfloat16()
+
+
+def _pool(codec, pages: int, per_page: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A pool of `pages` pages of stale bytes (what a reused page holds)."""
+    if codec is None:
+        width = d
+    elif codec.kind == "kv":
+        width = kv_layout(d, codec.rope_dim)[3]
+    else:
+        width = index_key_layout(d)[2]
+    g = torch.Generator().manual_seed(seed)
+    if codec is not None:
+        return torch.randint(0, 256, (pages, per_page, width), generator=g, dtype=torch.uint8)
+    return torch.randn(pages, per_page, width, generator=g).to(dtype)
+
+
+def _codec(kind: str, d: int, rope: int):
+    return None if kind == "none" else PackedCodec(kind, d, rope, torch.bfloat16)
+
+
+CASES = [("kv", 512, 64), ("kv", 96, 32), ("kv", 160, 64), ("kv", 200, 8), ("index", 128, 0), ("index", 32, 0),
+         ("none", 64, 0)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize(("kind", "d", "rope"), CASES)
+def test_store_rows_writes_the_references_bytes(kind, d, rope):
+    """Rows written at scattered (batch row, row) places through a shuffled block table: every byte of the pool equal
+    to the reference's (codes, scales, the scale pad bytes zeroed, stale bytes elsewhere left alone)."""
+    codec, per_page, pages, batch = _codec(kind, d, rope), 4, 12, 3
+    pool = _pool(codec, pages, per_page, d, torch.bfloat16, d)
+    table = torch.randperm(pages, generator=torch.Generator().manual_seed(1)).view(batch, pages // batch)
+    rows = torch.tensor([0, 2, 1, 2, 0, 1, 2])
+    index = torch.tensor([0, 15, 5, 3, 9, 14, 7])
+    values = _rows(len(rows), d, d + 1)
+    dest = PagedRows(pool.clone(), table, per_page * table.shape[1], codec, torch.bfloat16)
+    assert kv_rows.covers_store(values, dest, rows, index)
+    want = pool.clone()
+    REF.store_rows(values, PagedRows(want, table, dest.count, codec, torch.bfloat16), rows, index)
+    got = _on(pool.clone())
+    kv_rows.store_rows(_on(values), PagedRows(got, _on(table), dest.count, codec, torch.bfloat16), _on(rows),
+                       _on(index))
+    assert not torch.equal(want, pool)  # (the rows were written somewhere)
+    assert torch.equal(_bits(got.cpu()), _bits(want))
+
+
+@pytest.mark.parametrize(("kind", "d", "rope"), [("kv", 512, 64), ("index", 64, 0), ("none", 96, 0)])
+def test_store_rows_by_batch_row_writes_window_slots(kind, d, rope):
+    """`rows=None`: values [B, S, D] at slots index [B, S] of each batch row, the rings one page a row (a cache seen
+    through some of its slots: the table is the slots [B, 1])."""
+    codec, ring, slots_total = _codec(kind, d, rope), 8, 5
+    pool = _pool(codec, slots_total, ring, d, torch.bfloat16, 3)
+    table = torch.tensor([[3], [0], [4]])
+    index = torch.tensor([[7, 1], [0, 2], [5, 6]])
+    values = _rows(6, d, 4).view(3, 2, d)
+    want = pool.clone()
+    REF.store_rows(values, PagedRows(want, table, ring, codec, torch.bfloat16), None, index)
+    got = _on(pool.clone())
+    dest = PagedRows(got, _on(table), ring, codec, torch.bfloat16)
+    assert kv_rows.covers_store(_on(values), dest, None, _on(index))
+    kv_rows.store_rows(_on(values), dest, None, _on(index))
+    assert torch.equal(_bits(got.cpu()), _bits(want))
+
+
+@pytest.mark.parametrize(("kind", "d", "rope"), CASES)
+@pytest.mark.parametrize("count", [1, 13, 24])
+def test_load_rows_decodes_the_references_rows(kind, d, rope, count):
+    """Every addressable row gathered from its page and decoded: the reference's bits (`PagedRows.dense`), for rows
+    the codec wrote (fp8) or any values (no codec), a count that ends inside a page."""
+    codec, per_page, pages, batch = _codec(kind, d, rope), 4, 18, 3
+    pool = _pool(codec, pages, per_page, d, torch.bfloat16, d + 2)
+    if codec is not None:  # valid encodings of rows (stale random bytes could hold e4m3 NaN codes)
+        pool = codec.encode(_rows(pages * per_page, d, d + 3)).view(pages, per_page, -1)
+    table = torch.randperm(pages, generator=torch.Generator().manual_seed(2)).view(batch, pages // batch)
+    src = PagedRows(pool, table, count, codec, torch.bfloat16)
+    assert kv_rows.covers_load(src)
+    want = REF.load_rows(src)
+    got = kv_rows.load_rows(PagedRows(_on(pool), _on(table), count, codec, torch.bfloat16)).cpu()
+    assert got.dtype == want.dtype and got.shape == (batch, count, d)
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def test_a_row_written_then_read_comes_back_as_written():
+    """What the decode step relies on to read the window ring just after writing its token: for rows the exact
+    numerics cached (nope dims already through the FP8 blocks) the fp8 codec round-trips."""
+    codec = PackedCodec("kv", 512, 64, torch.bfloat16)
+    rows = _rows(4, 512, 9)
+    rows[:, :448] = REF.fp8_simulate(rows[:, :448], 64)
+    pool = _on(torch.zeros(1, 4, kv_layout(512, 64)[3], dtype=torch.uint8))
+    dest = PagedRows(pool, _on(torch.zeros(1, 1, dtype=torch.long)), 4, codec, torch.bfloat16)
+    kv_rows.store_rows(_on(rows.unsqueeze(0)), dest, None, _on(torch.arange(4).unsqueeze(0)))
+    assert torch.equal(kv_rows.load_rows(dest).cpu()[0].view(torch.int16), rows.view(torch.int16))
+    assert codec.round_trips(torch.bfloat16, True) and not codec.round_trips(torch.bfloat16, False)
+
+
+def test_what_the_row_kernels_cover():
+    fp8 = PackedCodec("kv", 512, 64, torch.bfloat16)
+    pool = torch.zeros(4, 8, kv_layout(512, 64)[3], dtype=torch.uint8)
+    table = torch.zeros(2, 4, dtype=torch.long)
+    values, rows, index = torch.zeros(3, 512, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.long), \
+        torch.zeros(3, dtype=torch.long)
+    assert kv_rows.covers_store(values, PagedRows(pool, table, 32, fp8, torch.bfloat16), rows, index)
+    assert kv_rows.covers_load(PagedRows(pool, table, 32, fp8, torch.bfloat16))
+    # fp32 rows into the fp8 layout, an fp32 codec, a cast codec, a float index, a count past the table: the reference
+    assert not kv_rows.covers_store(values.float(), PagedRows(pool, table, 32, fp8, torch.bfloat16), rows, index)
+    fp32 = PackedCodec("kv", 512, 64, torch.float32)
+    assert not kv_rows.covers_load(PagedRows(pool, table, 32, fp32, torch.float32))
+    cast = CastCodec("bf16", "kv", torch.bfloat16, torch.float32)
+    plain = torch.zeros(4, 8, 512, dtype=torch.bfloat16)
+    assert not kv_rows.covers_store(values.float(), PagedRows(plain, table, 32, cast, torch.float32), rows, index)
+    assert not kv_rows.covers_load(PagedRows(plain, table, 32, cast, torch.float32))
+    assert not kv_rows.covers_store(values, PagedRows(pool, table, 32, fp8, torch.bfloat16), rows, index.float())
+    assert not kv_rows.covers_load(PagedRows(pool, table, 33, fp8, torch.bfloat16))
+    # rows of the pool's own dtype as they are
+    assert kv_rows.covers_store(values, PagedRows(plain, table, 32, None, torch.bfloat16), rows, index)
+    assert not kv_rows.covers_store(values.float(), PagedRows(plain, table, 32, None, torch.bfloat16), rows, index)
