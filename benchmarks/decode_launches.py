@@ -2,12 +2,15 @@
 decode on a GPU pays per kernel: a few microseconds each however small), by the model part that launches them.
 
     TRITON_INTERPRET=1 python benchmarks/decode_launches.py [--preset small] [--layers 4 | --ratios 4]
-        [--backend triton]
+        [--backend triton] [--engine model|bf16|fp8]
 
 Counted on any device, without a GPU: every dispatcher op that writes memory is one kernel (views, allocations,
 and the interpreter's own copies inside a Triton launch are not), and every Triton launch is one. On the CPU that
 is the kernel list a CUDA run of the same step would launch. The step is `Transformer.static_decode_streams` after
-a prefill, in exact numerics with official formats (FP8 linears, FP4 experts), or `--numerics plain`.
+a prefill, in exact numerics with official formats (FP8 linears, FP4 experts), or `--numerics plain`, over a
+dense cache; with `--engine FORMAT`, the step an engine's decode graph holds (`Engine(decode_graphs=True)`): the
+cache seen through the batch's slots, entries in pages of the paged cache, rows stored in that KV format
+(`dsv4.kv_formats`: "fp8" is the production layout).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv4 import kernels
 from dsv4.config import preset
+from dsv4.engine import Engine
+from dsv4.engine.sampling import SamplingParams
 from dsv4.formats import to_official_formats
 from dsv4.model import Transformer, init_weights
 
@@ -105,6 +110,8 @@ def main() -> None:
     parser.add_argument("--numerics", choices=("exact", "plain"), default="exact")
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--top", type=int, default=40, help="the most frequent (part, op) rows to print")
+    parser.add_argument("--engine", metavar="KV_FORMAT", help="count an engine's graphed decode step instead, its "
+                        "cache in this KV format (model, bf16, fp8)")
     opts = parser.parse_args()
     torch.set_grad_enabled(False)
     base = preset(opts.preset)
@@ -120,24 +127,63 @@ def main() -> None:
         model = init_weights(Transformer(args, torch.float32, "plain"), seed=0).eval()
     else:
         model = to_official_formats(init_weights(Transformer(args, torch.bfloat16, "exact"), seed=0)).eval()
-    cache = model.new_cache(opts.batch, 256)
     tokens = torch.randint(0, args.vocab_size, (opts.batch, opts.prompt), generator=torch.Generator().manual_seed(0))
-    with kernels.use_backend(opts.backend):
-        model.forward_streams(tokens, cache)
-        step = tokens[:, -1:]
-        model.static_decode_streams(step, cache, 128)  # (first uses: plans, tables)
-        parts: list[str] = []
-        handles = part_names(model, parts)
-        counter = Launches(parts)
+    counter = (engine_step_launches(model, tokens, opts.backend, opts.engine) if opts.engine
+               else static_step_launches(model, tokens, opts.backend))
+    total = sum(parts_of(counter).values())
+    step = f"an engine's graphed decode step ({opts.engine} KV rows)" if opts.engine else "a static decode step"
+    print(f"{opts.preset} preset, {layers} layers (ratios {list(args.compress_ratios[:layers])}), batch {opts.batch}, "
+          f"{opts.numerics} numerics, {opts.backend} backend: {total} kernels {step}, {total / layers:.0f} a layer")
+    print_breakdown(counter, layers, opts.top)
+
+
+def counted(model: Transformer, run) -> Launches:
+    """The kernels of `run()` by model part."""
+    parts: list[str] = []
+    handles = part_names(model, parts)
+    counter = Launches(parts)
+    try:
         with counter, triton_launches(counter):
-            model.static_decode_streams(step, cache, 128)
+            run()
+    finally:
         for handle in handles:
             handle.remove()
-    total = sum(parts_of(counter).values())
-    print(f"{opts.preset} preset, {layers} layers (ratios {list(args.compress_ratios[:layers])}), batch {opts.batch}, "
-          f"{opts.numerics} numerics, {opts.backend} backend: {total} kernels a static decode step, "
-          f"{total / layers:.0f} a layer")
-    print_breakdown(counter, layers, opts.top)
+    return counter
+
+
+def static_step_launches(model: Transformer, tokens: torch.Tensor, backend: str) -> Launches:
+    """A static decode step's kernels over a dense cache, after a prefill of `tokens` and one step (the first uses:
+    plans, tables)."""
+    cache = model.new_cache(tokens.shape[0], 256)
+    step = tokens[:, -1:]
+    with kernels.use_backend(backend):
+        model.forward_streams(tokens, cache)
+        model.static_decode_streams(step, cache, 128)
+        return counted(model, lambda: model.static_decode_streams(step, cache, 128))
+
+
+def engine_step_launches(model: Transformer, tokens: torch.Tensor, backend: str, kv_format: str) -> Launches:
+    """The kernels of an engine's graphed decode step (replayed eagerly off CUDA: the same kernels) for the batch's
+    rows of `tokens` as prompts, its third (the first ones build plans and tables)."""
+    engine = Engine(model, max_batch=tokens.shape[0], max_seq_len=256, kernel_backend=backend, kv_format=kv_format,
+                    decode_graphs=True)
+    for prompt in tokens.tolist():
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    while engine.graphs.steps < 2 and engine.has_unfinished():
+        engine.step()
+    replays: list[Launches] = []
+
+    def count(replay) -> None:
+        # (outside inference mode, which hides some ops from a dispatch mode: torch 2.13 shows it no `.to()` copy)
+        with torch.inference_mode(False), torch.no_grad():
+            replays.append(counted(model, replay))
+
+    for graph in engine.graphs.graphs.values():  # (each graph's replay counted, on this instance only)
+        graph.replay = lambda replay=graph.replay: count(replay)
+    engine.step()
+    if len(replays) != 1:
+        raise SystemExit(f"expected one graphed decode step, the engine ran {len(replays)}")
+    return replays[0]
 
 
 def parts_of(counter: Launches) -> collections.Counter:

@@ -14,8 +14,10 @@ pytest.importorskip("triton")
 from dsv4 import kernels  # noqa: E402
 from dsv4.config import preset  # noqa: E402
 from dsv4.formats import to_official_formats  # noqa: E402
+from dsv4.kernels.paged import PagedRows  # noqa: E402
 from dsv4.kernels.reference import ReferenceBackend  # noqa: E402
 from dsv4.kernels.triton import TritonBackend, indexer  # noqa: E402
+from dsv4.kv_formats.fp8 import PackedCodec  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 
 REF = ReferenceBackend()
@@ -113,6 +115,39 @@ def test_mixed_dtypes_and_strided_views_as_the_model_passes_them():
     assert got.dtype == want.dtype == torch.float32
     scale = _magnitude(q, keys, weights).max().item()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("fmt", ["model", "fp8"])
+def test_paged_keys_are_read_in_place(fmt):
+    """The engine's keys in their pages through a shuffled block table, bf16 rows or the fp8 format's FP4 layout
+    (decoded in the kernel): the scores of the same keys read dense, bit for bit, and the reference's over the pages
+    (it decodes them with `load_rows`) to its 16-bit rounding; a count that ends inside a page, visible counts that
+    skip tiles."""
+    b, s, h, d, n, per_page = 2, 3, 4, 128, 150, 16
+    q, keys, weights = _inputs(b, s, h, d, n, dtype=torch.bfloat16, seed=4)
+    pages = 2 * -(-n // per_page)
+    table = torch.randperm(pages, generator=torch.Generator().manual_seed(3)).view(b, -1).to(DEVICE)
+    codec = None if fmt == "model" else PackedCodec("index", d, 0, torch.bfloat16)
+    pool = torch.zeros(pages, per_page, d if codec is None else 68, dtype=torch.bfloat16 if codec is None
+                       else torch.uint8, device=DEVICE)
+    stored = keys if codec is None else codec.encode(keys)
+    for row in range(b):
+        for j in range(n):
+            pool[table[row, j // per_page], j % per_page] = stored[row, j]
+    paged = PagedRows(pool, table, n, codec, torch.bfloat16)
+    dense = REF.load_rows(paged)  # the keys as stored (FP4-rounded under the fp8 format)
+    visible = torch.tensor([[10, 70, 150], [1, 64, 65]], device=DEVICE)
+    assert indexer.covers(q, paged, weights, visible)
+    got = indexer.index_scores(q, paged, weights, visible)
+    seen = torch.arange(n, device=DEVICE) < visible.unsqueeze(-1)
+    assert torch.equal(got[seen], indexer.index_scores(q, dense, weights, visible)[seen])
+    want = REF.index_scores(q, paged, weights)
+    eps = 2.0**-7
+    bound = 2 * eps * _magnitude(q, dense, weights) + eps * want.double().abs()
+    assert ((got.double() - want.double()).abs() <= bound)[seen].all()
+    # fp32 queries over bf16 pages, or a table of other batch rows: the reference's
+    assert not indexer.covers(q.float(), paged, weights.float())
+    assert not indexer.covers(q[:1], paged, weights[:1])
 
 
 def test_covers_and_the_backend_falls_back_to_the_reference():

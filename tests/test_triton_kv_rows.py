@@ -82,18 +82,19 @@ def test_store_rows_writes_the_references_bytes(kind, d, rope):
 
 
 @pytest.mark.parametrize(("kind", "d", "rope"), [("kv", 512, 64), ("index", 64, 0), ("none", 96, 0)])
-def test_store_rows_by_batch_row_writes_window_slots(kind, d, rope):
-    """`rows=None`: values [B, S, D] at slots index [B, S] of each batch row, the rings one page a row (a cache seen
-    through some of its slots: the table is the slots [B, 1])."""
-    codec, ring, slots_total = _codec(kind, d, rope), 8, 5
+@pytest.mark.parametrize("pages_a_row", [1, 2])
+def test_store_rows_by_batch_row_writes_window_slots(kind, d, rope, pages_a_row):
+    """`rows=None`: values [B, S, D] at rows index [B, S] of each batch row; with one page a row the rings of a cache
+    seen through some of its slots (the table is the slots [B, 1]), else pages of a block table."""
+    codec, ring, slots_total = _codec(kind, d, rope), 8, 6
     pool = _pool(codec, slots_total, ring, d, torch.bfloat16, 3)
-    table = torch.tensor([[3], [0], [4]])
-    index = torch.tensor([[7, 1], [0, 2], [5, 6]])
+    table = torch.tensor([[3], [0], [4]]) if pages_a_row == 1 else torch.tensor([[3, 1], [0, 5], [4, 2]])
+    index = torch.tensor([[7, 1], [0, 2], [5, 6]]) + (torch.tensor([[8, 0], [0, 9], [3, 8]]) if pages_a_row == 2 else 0)
     values = _rows(6, d, 4).view(3, 2, d)
     want = pool.clone()
-    REF.store_rows(values, PagedRows(want, table, ring, codec, torch.bfloat16), None, index)
+    REF.store_rows(values, PagedRows(want, table, ring * pages_a_row, codec, torch.bfloat16), None, index)
     got = _on(pool.clone())
-    dest = PagedRows(got, _on(table), ring, codec, torch.bfloat16)
+    dest = PagedRows(got, _on(table), ring * pages_a_row, codec, torch.bfloat16)
     assert kv_rows.covers_store(_on(values), dest, None, _on(index))
     kv_rows.store_rows(_on(values), dest, None, _on(index))
     assert torch.equal(_bits(got.cpu()), _bits(want))

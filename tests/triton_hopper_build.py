@@ -173,6 +173,18 @@ def run_calls() -> None:
                              torch.randn(2, s, 64).to(dtype), torch.full((2, s), 150))  # tiles past visible skipped
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),
                              torch.randn(2, s, 64).to(dtype), torch.full((2, s), 150), 0.01)  # the weights scaled
+        # over the engine's paged keys (a decode step and a prefill block): bf16 rows, or the fp8 format's FP4 keys
+        # decoded in the kernel
+        if dtype == torch.bfloat16:
+            from dsv4.kv_formats.fp8 import PackedCodec
+
+            for codec in (None, PackedCodec("index", 128, 0, dtype)):
+                key_rows = torch.randn(40, 128).to(dtype)
+                stored = (key_rows if codec is None else codec.encode(key_rows)).reshape(10, 4, -1)
+                paged_keys = PagedRows(stored, torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]), 20, codec, dtype)
+                for s in (1, 100):
+                    tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), paged_keys, torch.randn(2, s, 64).to(dtype),
+                                     torch.full((2, s), 15))
         # the indexer's top-k: V4's 512 of a long row, and a decode's few
         # (the kernel itself: launches are recorded here, not run, so no gather may follow)
         for n, k in ((3000, 512), (40, 3)):

@@ -328,10 +328,11 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch
     return active_backend().sparse_attn(q, kv, idx, sink, scale, cos, sin)
 
 
-def index_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
+def index_scores(q: torch.Tensor, keys: KVRows, weights: torch.Tensor,
                  visible: torch.Tensor | None = None, weight_scale: float = 1.0) -> torch.Tensor:
     """The lightning indexer's scores [B, S, N]: sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n]), the weights
-    first times `weight_scale` in their dtype. With `visible` [B, S] (the entries each query sees) the scores of
+    first times `weight_scale` in their dtype; keys dense [B, N, D] or paged in a cache's pool (`PagedRows`), taken
+    in q's dtype. With `visible` [B, S] (the entries each query sees) the scores of
     later entries are left unspecified: a backend may skip them (their top-k masks them)."""
     if weight_scale == 1.0:
         return active_backend().index_scores(q, keys, weights, visible)

@@ -305,12 +305,15 @@ class ReferenceBackend:
         rows[i] of `dest` (pool[table[rows[i], index[i] // rows_per_page], index[i] % rows_per_page]), or with rows
         None values [B, S, D] as row index[b, s] of batch row b, each encoded by `dest.codec` (None: cast to the
         pool's dtype). Not differentiable (a cache write)."""
+        stored = (values.detach() if dest.codec is None else dest.codec.encode(values.detach())).to(dest.pool.dtype)
+        if rows is None and dest.table.shape[1] == 1:  # a ring a batch row (a cache's window slots): one index_put
+            dest.pool[dest.table, index] = stored
+            return
         if rows is None:  # batch row b for every index of row b
             rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1).expand_as(index)
         per_page = dest.rows_per_page
         pages = dest.table[rows, torch.div(index, per_page, rounding_mode="floor")]
-        stored = values.detach() if dest.codec is None else dest.codec.encode(values.detach())
-        dest.pool[pages, index % per_page] = stored.to(dest.pool.dtype)
+        dest.pool[pages, index % per_page] = stored
 
     def load_rows(self, src: PagedRows) -> torch.Tensor:
         """Every addressable row of `src` [B, count, D] in `src.dtype`: its pages gathered, then decoded."""
@@ -532,11 +535,11 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------------------------------ indexer
 
-    def index_scores(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
+    def index_scores(self, q: torch.Tensor, keys: KVRows, weights: torch.Tensor,
                      visible: torch.Tensor | None = None, weight_scale: float = 1.0) -> torch.Tensor:
-        """The lightning indexer's scores of queries q [B, S, Hi, D] against entries keys [B, N, D] (q's dtype)
-        with the per-head weights [B, S, Hi] (`visible` [B, S], the entries each query sees, lets a backend skip
-        the later ones; the reference scores them all):
+        """The lightning indexer's scores of queries q [B, S, Hi, D] against entries keys [B, N, D] (dense, or paged
+        rows `load_rows` decodes; computed in q's dtype) with the per-head weights [B, S, Hi] (`visible` [B, S], the
+        entries each query sees, lets a backend skip the later ones; the reference scores them all):
 
             ``I[b, s, n] = sum_h weights[b, s, h] * ReLU(q[b, s, h] . keys[b, n])``
 
@@ -547,6 +550,7 @@ class ReferenceBackend:
         """
         if weight_scale != 1.0:
             weights = weights * weight_scale
+        keys = (self.load_rows(keys) if isinstance(keys, PagedRows) else keys).to(q.dtype)
         scores = torch.einsum("bshd,bnd->bshn", q, keys).relu_()  # [B,S,Hi,N]
         weighted = scores * weights.unsqueeze(-1)
         # over one head the sum is a copy (and torch's reduction over a size-1 dim is slow)

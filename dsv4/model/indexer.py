@@ -56,7 +56,7 @@ class Indexer(nn.Module):
         """
         x, c_q = x.detach(), c_q.detach()
         n_entries = self.compressor(x if x_fp32 is None else x_fp32.detach(), ctx, state, freqs)
-        keys = state.entries.read(n_entries)  # [B,N,Di]: every visible key is scored
+        keys = state.entries.rows(n_entries)  # [B,N,Di] as stored (paged keys stay in their pages): all scored
         if n_entries == 0:
             empty = torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
             return (empty if prefix is None else prefix), empty.to(torch.float32)
@@ -66,7 +66,6 @@ class Indexer(nn.Module):
         q = kernels.norm_rope_qat(q, None, 0.0, cos.unsqueeze(2), sin.unsqueeze(2),
                                   "hadamard_fp4" if ctx.exact else "hadamard")
         weights = self.weights_proj(x)  # [B,S,Hi], times weight_scale in the scores' op
-        keys = keys.to(q.dtype)
         # [B,S] the entries each query sees, the same in every CSA layer of a forward
         n_visible = ctx.shared(("csa_visible",), lambda: torch.div(ctx.positions + 1, CSA_RATIO, rounding_mode="floor"))
         k = n_entries if dense else min(self.topk, n_entries)

@@ -21,7 +21,8 @@ Ops with a kernel:
   in a training step also its backward (`attention_grad.py`: the forward keeping each head's log-sum-exp, one
   backward launch adding the rows' gradients atomically).
 * **lightning indexer scores** (`indexer.py`): one program per (entries, queries, batch row) tile, the heads'
-  dots against one keys tile added up in head order.
+  dots against one keys tile added up in head order; the engine's paged keys read in place, the fp8 format's
+  FP4 keys decoded in the kernel.
 * **the indexer's top-k** (`topk.py`): after torch's k-th value, one program per query picks every entry above it
   and the earliest at it and sorts the picks in registers (the reference's order, in two passes over the scores
   instead of the read-free `stable_topk`'s seven).
@@ -247,7 +248,7 @@ class TritonBackend(ReferenceBackend):
 
     # ------------------------------------------------------------------------------------------ indexer
 
-    def index_scores(self, q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None,
+    def index_scores(self, q: Tensor, keys: KVRows, weights: Tensor, visible: Tensor | None = None,
                      weight_scale: float = 1.0) -> Tensor:
         if _runs_here(q) and indexer.covers(q, keys, weights, visible):
             return indexer.index_scores(q, keys, weights, visible, weight_scale)

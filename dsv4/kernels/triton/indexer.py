@@ -6,7 +6,10 @@ tile [BLOCK_S, D] times the keys via ``tl.dot`` with fp32 accumulation, ReLU, ti
 added into an fp32 accumulator [BLOCK_S, BLOCK_N] one head after the other (a sequential sum, like torch's over a
 16-bit head dim), stored once. Given each query's visible entry count, a program whose entries no query of its
 block sees returns at once (a static decode step reads up to twice the entries its rows hold; a batch's short rows
-read as many as its longest), leaving those scores unspecified: the top-k masks them.
+read as many as its longest), leaving those scores unspecified: the top-k masks them. The keys may be the engine's
+pages, read in place through the block table (`PagedRows`), in q's dtype or in the fp8 format's FP4 layout (68
+bytes a V4 key: packed e2m1 pairs and a ue8m0 scale per 32 dims, DeepGEMM's ``fp8_fp4_paged_mqa_logits`` input),
+decoded in registers to the bf16 keys the reference scores: no per-step copy of every key.
 
 Numerics against `ReferenceBackend.index_scores` (torch's einsum, ReLU, product, sum over heads): the output has
 the reference's dtype (q's, promoted with the weights'), and the kernel rounds where the reference does: with
@@ -28,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..paged import KVRows, PagedRows
+from .kv_rows import fp4_key_bits, fp4_keys
 from .numerics import TL_DTYPES, dot, interpreting, round_to
 
 MAX_DIM = 256  # one keys tile [BLOCK_N, D] per program (V4: index_head_dim 128)
@@ -39,12 +44,15 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 @triton.jit
 def _index_scores_kernel(
     q_ptr, q_sb, q_ss, q_sh, q_sd,
-    k_ptr, k_sb, k_sn, k_sd,
+    k_ptr, k_sb, k_sn, k_sd,  # dense keys [B, N, D]; paged: the pool [pages, rows_per_page, width] (k_sd unused)
+    tab_ptr, t_sb, t_sp,  # paged keys: the block table [B, pages]
     w_ptr, w_sb, w_ss, w_sh,
     out_ptr, o_sb, o_ss, o_sn,
     vis_ptr, v_sb, v_ss,  # the entries each query sees (HAS_VISIBLE): a tile past all its queries' is skipped
     S, N, weight_scale,
     HAS_VISIBLE: tl.constexpr,
+    KEYS: tl.constexpr,  # 0 dense, 1 paged rows of q's dtype, 2 paged fp4 keys (the fp8 format's, decoded here)
+    ROWS_PER_PAGE: tl.constexpr,
     HEADS: tl.constexpr, D: tl.constexpr, SCORE: tl.constexpr, OUT: tl.constexpr, WIDEN_DOTS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SCALED: tl.constexpr, W_DT: tl.constexpr,  # SCALED: the weights times weight_scale first, rounded to W_DT
@@ -64,8 +72,16 @@ def _index_scores_kernel(
             return
 
     # the keys tile [BLOCK_N, BLOCK_D], read once and used by every head (transposed for the dots)
-    keys = tl.load(k_ptr + b * k_sb + ents[:, None] * k_sn + dims[None, :] * k_sd,
-                   mask=ent_ok[:, None] & dim_ok[None, :], other=0.0)
+    if KEYS == 0:
+        keys = tl.load(k_ptr + b * k_sb + ents[:, None] * k_sn + dims[None, :] * k_sd,
+                       mask=ent_ok[:, None] & dim_ok[None, :], other=0.0)
+    else:  # entry j of batch row b: pool[table[b, j // rows_per_page], j % rows_per_page]
+        page = tl.load(tab_ptr + b * t_sb + (ents // ROWS_PER_PAGE) * t_sp, mask=ent_ok, other=0).to(tl.int64)
+        entry = page * k_sb + (ents % ROWS_PER_PAGE) * k_sn
+        if KEYS == 1:
+            keys = tl.load(k_ptr + entry[:, None] + dims[None, :], mask=ent_ok[:, None] & dim_ok[None, :], other=0.0)
+        else:
+            keys = fp4_key_bits(k_ptr, entry, ent_ok, dims, D).to(tl.bfloat16, bitcast=True)
     keys_t = tl.trans(keys)
     q_rows = q_ptr + b * q_sb + rows[:, None] * q_ss + dims[None, :] * q_sd  # the head's [BLOCK_S, BLOCK_D]
     q_mask = row_ok[:, None] & dim_ok[None, :]
@@ -92,32 +108,53 @@ def out_dtype(q: Tensor, weights: Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, weights.dtype)
 
 
-def covers(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None) -> bool:
-    """Whether the kernel takes these inputs: q [B, S, Hi, D] and keys [B, N, D] of one dtype, weights [B, S, Hi],
+def covers(q: Tensor, keys: KVRows, weights: Tensor, visible: Tensor | None = None) -> bool:
+    """Whether the kernel takes these inputs: q [B, S, Hi, D] and keys [B, N, D] of one dtype (or paged, see
+    `_keys_kind`), weights [B, S, Hi],
     all fp32 / bf16 / fp16 on one device, non-empty, D <= `MAX_DIM`, no gradient wanted (the reference is
     differentiable, the kernel is not), and `visible` None or integer [B, S] there. `_runs_here` is the backend's
     check, not this one."""
     if visible is not None and (not isinstance(visible, Tensor) or visible.dtype not in (torch.int32, torch.int64)
                                 or tuple(visible.shape) != tuple(q.shape[:2]) or visible.device != q.device):
         return False
-    if not all(isinstance(t, Tensor) for t in (q, keys, weights)):
-        return False
-    if q.dim() != 4 or keys.dim() != 3 or weights.dim() != 3:
+    if not all(isinstance(t, Tensor) for t in (q, weights)) or q.dim() != 4 or weights.dim() != 3:
         return False
     b, s, h, d = q.shape
-    n = keys.shape[1]
-    if keys.shape[0] != b or keys.shape[2] != d or tuple(weights.shape) != (b, s, h):
+    if _keys_kind(keys, q) is None:
+        return False
+    n = keys.count if isinstance(keys, PagedRows) else keys.shape[1]
+    if tuple(weights.shape) != (b, s, h):
         return False
     if min(b, s, h, d, n) == 0 or d > MAX_DIM:
         return False
-    if q.dtype not in _FLOATS or keys.dtype != q.dtype or weights.dtype not in _FLOATS:
+    if q.dtype not in _FLOATS or weights.dtype not in _FLOATS:
         return False
     block_s, block_n, _, _ = _launch_config(s, d, q.dtype == torch.float32)
     if b > _MAX_GRID_YZ or triton.cdiv(s, block_s) > _MAX_GRID_YZ or triton.cdiv(n, block_n) >= 2**31:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, weights)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, weights)):
         return False
-    return keys.device == q.device and weights.device == q.device
+    return weights.device == q.device
+
+
+def _keys_kind(keys: KVRows, q: Tensor) -> int | None:
+    """The kernel's KEYS for these keys and queries q [B, S, Hi, D], or None when it does not read them: dense [B, N,
+    D] keys of q's dtype (no gradient wanted), or paged keys (`PagedRows`, the engine's) of q's dtype or in the fp8
+    format's fp4 layout with bf16 queries, through a table of q's batch rows."""
+    b, d = q.shape[0], q.shape[-1]
+    if isinstance(keys, Tensor):
+        ok = (keys.dim() == 3 and keys.shape[0] == b and keys.shape[2] == d and keys.dtype == q.dtype
+              and keys.device == q.device and not (torch.is_grad_enabled() and keys.requires_grad))
+        return 0 if ok else None
+    if not isinstance(keys, PagedRows):
+        return None
+    pool, table = keys.pool, keys.table
+    if (pool.dim() != 3 or pool.device != q.device or table.dim() != 2 or table.shape[0] != b
+            or table.dtype not in (torch.int32, torch.int64) or keys.count > table.shape[1] * pool.shape[1]):
+        return None
+    if keys.codec is None:
+        return 1 if pool.dtype == q.dtype and pool.shape[-1] == d and pool.stride(2) == 1 else None
+    return 2 if q.dtype == torch.bfloat16 and fp4_keys(keys, d) else None
 
 
 def _launch_config(s: int, d: int, f32: bool) -> tuple[int, int, int, int]:
@@ -133,7 +170,7 @@ def _launch_config(s: int, d: int, f32: bool) -> tuple[int, int, int, int]:
     return block_s, 64, block_d, 4 if block_s == 16 and not f32 else 8
 
 
-def index_scores(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | None = None,
+def index_scores(q: Tensor, keys: KVRows, weights: Tensor, visible: Tensor | None = None,
                  weight_scale: float = 1.0) -> Tensor:
     """[B, S, N] like ReferenceBackend.index_scores: sum over heads h in order of weights[b, t, h] *
     ReLU(q[b, t, h] . keys[b, j]) (the weights times `weight_scale` first); with `visible` [B, S], the tiles of
@@ -142,19 +179,25 @@ def index_scores(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor | Non
     if not covers(q, keys, weights, visible):
         raise ValueError("triton index_scores does not cover these inputs (check `covers` first)")
     b, s, h, d = q.shape
-    n = keys.shape[1]
+    kind = _keys_kind(keys, q)
+    paged = kind != 0
+    n = keys.count if paged else keys.shape[1]
     dtype = out_dtype(q, weights)
     out = torch.empty(b, s, n, dtype=dtype, device=q.device)
     block_s, block_n, block_d, num_warps = _launch_config(s, d, q.dtype == torch.float32)
+    if kind == 2:  # (decoding FP4 keys takes registers: at 4 warps a decode step's tile spills, ptxas for sm_90)
+        num_warps = 8
     grid = (triton.cdiv(n, block_n), triton.cdiv(s, block_s), b)
     _index_scores_kernel[grid](
         q, *q.stride(),
-        keys, *keys.stride(),
+        *((keys.pool, keys.pool.stride(0), keys.pool.stride(1), 1) if paged else (keys, *keys.stride())),
+        *((keys.table, *keys.table.stride()) if paged else (q, 0, 0)),
         weights, *weights.stride(),
         out, *out.stride(),
         q if visible is None else visible, *((0, 0) if visible is None else visible.stride()),
         s, n, float(weight_scale),
-        HAS_VISIBLE=visible is not None, HEADS=h, D=d, SCORE=TL_DTYPES[q.dtype], OUT=TL_DTYPES[dtype],
+        HAS_VISIBLE=visible is not None, KEYS=kind, ROWS_PER_PAGE=keys.pool.shape[1] if paged else 1, HEADS=h, D=d,
+        SCORE=TL_DTYPES[q.dtype], OUT=TL_DTYPES[dtype],
         WIDEN_DOTS=interpreting(), BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_D=block_d,
         SCALED=weight_scale != 1.0, W_DT=TL_DTYPES[weights.dtype], num_warps=num_warps, num_stages=2,
     )

@@ -116,18 +116,26 @@ def _load_rows_kernel(
         rows = fp8_kv_rows(pool_ptr, pool16_ptr, entry, ok, cols, D, NOPE, D - NOPE, BLOCK_N, BLOCK_D)
         tl.store(out, rows.to(tl.int16, bitcast=True), mask=mask)
     else:
-        byte = tl.load(pool_ptr + entry[:, None] + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
-        code = tl.where((cols % 2 == 0)[None, :], byte & 0xF, byte >> 4)
-        m = code & 7  # e2m1 magnitudes 0, .5, 1, 1.5 (m / 2), then 2, 3, 4, 6 ((2 + m % 2) * 2**(m // 2 - 2))
-        mag = tl.where(m < 4, m.to(tl.float32) * 0.5, (2 + (m & 1)).to(tl.float32) * tl.where(m >= 6, 2.0, 1.0))
-        value = tl.where((code & 8) != 0, -mag, mag)
-        sbyte = tl.load(pool_ptr + entry[:, None] + (D // 2 + cols // 32)[None, :], mask=mask, other=127)
-        sbyte = sbyte.to(tl.int32)
-        # 2**(byte - 127) from its fp32 bits: byte 0 is the fp32 subnormal 2**-127, byte 255 NaN
-        scale = tl.where(sbyte == 0, 0x400000, tl.where(sbyte == 255, 0x7FC00000, sbyte << 23))
-        # a code times a power of two has at most 2 significant bits: exact in fp32, and its top half is its bf16
-        rows = value * scale.to(tl.float32, bitcast=True)
-        tl.store(out, (rows.to(tl.int32, bitcast=True) >> 16).to(tl.int16), mask=mask)
+        tl.store(out, fp4_key_bits(pool_ptr, entry, ok, cols, D), mask=mask)
+
+
+@triton.jit
+def fp4_key_bits(pool_ptr, entry, valid, cols, D: tl.constexpr):
+    """The bf16 bits (int16) of fp4 indexer keys [len(entry), len(cols)] at byte offsets `entry` of the pool (read
+    where `valid`): each e2m1 code times its 32-block's ue8m0 scale."""
+    mask = valid[:, None] & (cols < D)[None, :]
+    byte = tl.load(pool_ptr + entry[:, None] + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
+    code = tl.where((cols % 2 == 0)[None, :], byte & 0xF, byte >> 4)
+    m = code & 7  # e2m1 magnitudes 0, .5, 1, 1.5 (m / 2), then 2, 3, 4, 6 ((2 + m % 2) * 2**(m // 2 - 2))
+    mag = tl.where(m < 4, m.to(tl.float32) * 0.5, (2 + (m & 1)).to(tl.float32) * tl.where(m >= 6, 2.0, 1.0))
+    value = tl.where((code & 8) != 0, -mag, mag)
+    sbyte = tl.load(pool_ptr + entry[:, None] + (D // 2 + cols // 32)[None, :], mask=mask, other=127)
+    sbyte = sbyte.to(tl.int32)
+    # 2**(byte - 127) from its fp32 bits: byte 0 is the fp32 subnormal 2**-127, byte 255 NaN
+    scale = tl.where(sbyte == 0, 0x400000, tl.where(sbyte == 255, 0x7FC00000, sbyte << 23))
+    # a code times a power of two has at most 2 significant bits: exact in fp32, and its top half is its bf16
+    rows = value * scale.to(tl.float32, bitcast=True)
+    return (rows.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -155,6 +163,11 @@ def _kind(codec: RowCodec | None, pool: Tensor, d: int) -> int | None:
         ok = d % INDEXER_SIM_BLOCK == 0 and pool.shape[-1] == d // 2 + d // INDEXER_SIM_BLOCK
         return _FP4_INDEX if ok else None
     return None
+
+
+def fp4_keys(src: PagedRows, d: int) -> bool:
+    """Whether `src` holds the fp8 format's fp4 indexer keys of width d that `fp4_key_bits` decodes (in bf16)."""
+    return _kind(src.codec, src.pool, d) == _FP4_INDEX
 
 
 def _table_ok(table: Tensor, b: int) -> bool:
