@@ -128,7 +128,8 @@ def fp4_key_bits(pool_ptr, entry, valid, cols, D: tl.constexpr):
     code = tl.where((cols % 2 == 0)[None, :], byte & 0xF, byte >> 4)
     m = code & 7  # e2m1 magnitudes 0, .5, 1, 1.5 (m / 2), then 2, 3, 4, 6 ((2 + m % 2) * 2**(m // 2 - 2))
     mag = tl.where(m < 4, m.to(tl.float32) * 0.5, (2 + (m & 1)).to(tl.float32) * tl.where(m >= 6, 2.0, 1.0))
-    value = tl.where((code & 8) != 0, -mag, mag)
+    # the sign as the sign bit (a negation may be 0 - x, which turns -0.0 into +0.0: triton 3.6 does)
+    value = (mag.to(tl.int32, bitcast=True) | ((code & 8) << 28)).to(tl.float32, bitcast=True)
     sbyte = tl.load(pool_ptr + entry[:, None] + (D // 2 + cols // 32)[None, :], mask=mask, other=127)
     sbyte = sbyte.to(tl.int32)
     # 2**(byte - 127) from its fp32 bits: byte 0 is the fp32 subnormal 2**-127, byte 255 NaN
