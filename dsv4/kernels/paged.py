@@ -6,7 +6,9 @@ FP8 / FP4 byte layouts). The attention op takes such rows as they are, a `PagedR
 table, how many rows each sequence may address, and the codec that turns stored rows into compute rows), so
 a fast backend can read only the rows it attends to and decode them in its kernel, with no per-step copy of
 every page. The reference backend gathers and decodes them all (`PagedRows.dense`), which is what the
-attention computed before pages existed.
+attention computed before pages existed. The indexer's scores take its keys the same way, and the seam's
+`store_rows` / `load_rows` write rows into such pages (or a cache's window rings, one page a batch row) encoded,
+and read them back decoded.
 """
 
 from __future__ import annotations
