@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..paged import KVRows, PagedRows
+from ..paged import KVRows, PagedRows, RowCodec
 from . import gemm
 from .numerics import TL_DTYPES, dot, exp, interpreting, libdevice_exp, round_to
 
@@ -308,14 +308,19 @@ def _second_run_kind(run: KVRows, d: int) -> int | None:
         ok = stored == pool.dtype and pool.dtype in _FLOATS and compute in _FLOATS
         return _PAGED if ok and pool.shape[-1] == d else None
     if fmt == "fp8" and kind == "kv":
-        # the rope dims are read as int16: an even nope width and even byte strides keep them 2-byte aligned
-        rope = getattr(codec, "rope_dim", -1)
-        ok = (getattr(codec, "dim", None) == d and 0 <= rope <= d and (d - rope) % 2 == 0
-              and compute in _FLOATS and pool.dtype == torch.uint8
-              and pool.shape[-1] == fp8_entry_bytes(d, rope) and pool.stride(2) == 1
-              and pool.stride(0) % 2 == 0 and pool.stride(1) % 2 == 0 and pool.storage_offset() % 2 == 0)
-        return _PAGED_FP8 if ok else None
+        return _PAGED_FP8 if compute in _FLOATS and fp8_kv_pool(codec, pool, d) else None
     return None
+
+
+def fp8_kv_pool(codec: RowCodec, pool: Tensor, d: int) -> bool:
+    """Whether `pool` [pages, rows, bytes] holds the "fp8" main-KV rows of width d that `fp8_kv_rows` decodes (the
+    codec's format and kind checked by the caller)."""
+    # the rope dims are read as int16: an even nope width and even byte strides keep them 2-byte aligned
+    rope = getattr(codec, "rope_dim", -1)
+    return (getattr(codec, "dim", None) == d and 0 <= rope <= d and (d - rope) % 2 == 0
+            and pool.dtype == torch.uint8 and pool.dim() == 3
+            and pool.shape[-1] == fp8_entry_bytes(d, rope) and pool.stride(2) == 1
+            and pool.stride(0) % 2 == 0 and pool.stride(1) % 2 == 0 and pool.storage_offset() % 2 == 0)
 
 
 def fp8_entry_bytes(d: int, rope: int) -> int:

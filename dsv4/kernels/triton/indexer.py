@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..paged import KVRows, PagedRows
-from .kv_rows import fp4_key_bits, fp4_keys
+from .kv_rows import covers_load, fp4_key_bits, fp4_keys
 from .numerics import TL_DTYPES, dot, interpreting, round_to
 
 MAX_DIM = 256  # one keys tile [BLOCK_N, D] per program (V4: index_head_dim 128)
@@ -146,14 +146,11 @@ def _keys_kind(keys: KVRows, q: Tensor) -> int | None:
         ok = (keys.dim() == 3 and keys.shape[0] == b and keys.shape[2] == d and keys.dtype == q.dtype
               and keys.device == q.device and not (torch.is_grad_enabled() and keys.requires_grad))
         return 0 if ok else None
-    if not isinstance(keys, PagedRows):
-        return None
-    pool, table = keys.pool, keys.table
-    if (pool.dim() != 3 or pool.device != q.device or table.dim() != 2 or table.shape[0] != b
-            or table.dtype not in (torch.int32, torch.int64) or keys.count > table.shape[1] * pool.shape[1]):
+    # (the pages `kv_rows.load_rows` reads: a table that addresses the rows, a layout its kernel decodes)
+    if not covers_load(keys) or keys.table.shape[0] != b or keys.pool.device != q.device:
         return None
     if keys.codec is None:
-        return 1 if pool.dtype == q.dtype and pool.shape[-1] == d and pool.stride(2) == 1 else None
+        return 1 if keys.pool.dtype == q.dtype and keys.pool.shape[-1] == d else None
     return 2 if q.dtype == torch.bfloat16 and fp4_keys(keys, d) else None
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from dsv4.quant import ACT_AMAX_FLOOR, FP4_AMAX_FLOOR, FP4_MAX, FP8_MAX, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
 from ..paged import PagedRows, RowCodec
-from .attention import fp8_entry_bytes, fp8_kv_rows
+from .attention import fp8_kv_pool, fp8_kv_rows
 from .quant import pow2_scale_bits, quantize_rows
 
 # how a row is stored (constexpr KIND)
@@ -154,12 +154,8 @@ def _kind(codec: RowCodec | None, pool: Tensor, d: int) -> int | None:
     if pool.dtype != torch.uint8 or getattr(codec, "dim", None) != d:
         return None
     kind = getattr(codec, "kind", None)
-    if kind == "kv":
-        rope = getattr(codec, "rope_dim", -1)
-        # the rope dims move as int16: an even nope width and even byte offsets keep them 2-byte aligned
-        ok = (0 <= rope < d and (d - rope) % 2 == 0 and d >= 64 and pool.shape[-1] == fp8_entry_bytes(d, rope)
-              and pool.stride(0) % 2 == 0 and pool.stride(1) % 2 == 0 and pool.storage_offset() % 2 == 0)
-        return _FP8_KV if ok else None
+    if kind == "kv":  # (the attention kernel's layout, with a nope block to encode: 64 dims and more)
+        return _FP8_KV if d >= 64 and getattr(codec, "rope_dim", d) < d and fp8_kv_pool(codec, pool, d) else None
     if kind == "index":
         ok = d % INDEXER_SIM_BLOCK == 0 and pool.shape[-1] == d // 2 + d // INDEXER_SIM_BLOCK
         return _FP4_INDEX if ok else None
