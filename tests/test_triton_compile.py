@@ -22,7 +22,8 @@ KERNELS = ("_block_quant_kernel", "_fp8_gemm_kernel", "_fp4_gemm_kernel", "_gate
            "_ring_pool_kernel", "_hide_kernel", "_sinkhorn_collapse_kernel", "_sinkhorn_backward_kernel",
            "_post_backward_kernel", "_collapse_backward_kernel", "_mixes_backward_kernel",
            "_rms_norm_backward_kernel", "_head_ce_rows_kernel",
-           "_sparse_attn_backward_kernel", "_split_combine_kernel", "_store_rows_kernel", "_load_rows_kernel")
+           "_sparse_attn_backward_kernel", "_split_combine_kernel", "_store_rows_kernel", "_load_rows_kernel",
+           "_project_ring_pool_kernel")
 
 
 # What a thread may spill (bytes of spill stores, ptxas's count) before a build counts as a register-budget
@@ -35,7 +36,8 @@ BUILD = re.compile(r"^ok +(?P<name>\w+) (?P<constexprs>\{.*\}) \[(?P<warps>\d+) 
 # The kernels that stream weights (a decode's bulk of bytes): their tiles are loaded as 16-byte vectors, the only
 # one-element loads a few scale bytes. Weights read through a pointer table lost this once (16,384 byte loads for
 # an FP8 tile of 128 x 128) until the pointers were declared aligned.
-WEIGHT_STREAMING = ("_fp8_gemm_kernel", "_fp4_gemm_kernel", "_gate_up_kernel", "_down_kernel")
+WEIGHT_STREAMING = ("_fp8_gemm_kernel", "_fp4_gemm_kernel", "_gate_up_kernel", "_down_kernel",
+                    "_project_ring_pool_kernel")
 NARROW_LOADS = 32  # (an FP4 tile of 64 rows loads its per-32 scale bytes one by one: 16)
 
 

@@ -119,3 +119,56 @@ def test_what_the_mhc_kernels_cover():
     assert not mhc.covers_pre(wants, fn, scale, base, 4, 20) and not mhc.covers_post(out, wants, post, comb)
     with torch.no_grad():
         assert mhc.covers_pre(wants, fn, scale, base, 4, 20)
+
+
+def _head_map(h: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hc head's fn [h, h*d], scale [1], base [h]."""
+    return _rand(h, h * d, seed=seed, scale=0.02), _rand(1, seed=seed + 1).abs() + 0.5, _rand(h, seed=seed + 2) * 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("lead", "h", "d", "gpu_tiles"), [((1, 1), 4, 512, False), ((2, 5), 4, 300, False),
+                                                           ((1, 3), 3, 1100, False), ((2, 1), 4, 600, True)])
+def test_hc_head_matches_the_reference(dtype, lead, h, d, gpu_tiles, monkeypatch):
+    """The head's pre from the partial products (its h mixes, one scale) and the collapse, in `hc_pre`'s two
+    launches: the mixes sum in the dot's order, so the result is held to `hc_pre`'s tolerance of its collapsed
+    input; the same under a GPU's tiling (256 columns of one token a program, each computing its tokens' pre)."""
+    x = _rand(*lead, h, d, seed=d, dtype=dtype)
+    fn, scale, base = _head_map(h, d, seed=h)
+    want = REF.hc_head(x, fn, scale, base, 1e-6, 1e-6)
+    whole = mhc.hc_head(_on(x), _on(fn), _on(scale), _on(base), 1e-6, 1e-6).cpu()
+    launches = []
+    kernels = (mhc._mixes_partials_kernel, mhc._sinkhorn_collapse_kernel)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _k=kernel, **kw: (launches.append(_k),
+                                                                                         _run(*a, **kw))[1])
+    if gpu_tiles:
+        monkeypatch.setattr(mhc, "interpreting", lambda: False)
+    got = mhc.hc_head(_on(x), _on(fn), _on(scale), _on(base), 1e-6, 1e-6).cpu()
+    assert launches == list(kernels)
+    assert torch.equal(got, whole)  # (a token's pre does not depend on the tiling)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape == (*lead, d)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=5e-6)
+    else:
+        assert _steps(got, want) <= 1
+    # the reference is the formula: sigmoid(mixes * scale + base) + eps weighting the streams
+    pre = torch.sigmoid(REF.hc_mixes(x, fn, 1e-6) * scale + base) + 1e-6
+    assert torch.equal(want, (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(dtype))
+
+
+def test_what_the_hc_head_kernel_covers():
+    x = torch.randn(2, 3, 4, 64)
+    fn, scale, base = _head_map(4, 64, seed=0)
+    assert mhc.covers_head(x, fn, scale, base) and mhc.covers_head(x.bfloat16(), fn, scale, base)
+    assert not mhc.covers_head(x, fn[:, :128], scale, base)  # the map's width is not h*d
+    assert not mhc.covers_head(x, _map(4, 64, seed=0)[0], scale, base)  # a block's map, not the head's
+    assert not mhc.covers_head(x, fn, scale.expand(3), base)
+    assert not mhc.covers_head(x, fn, scale, base[:3])
+    assert not mhc.covers_head(x.double(), fn, scale, base)
+    assert not mhc.covers_head(x, fn.double(), scale, base)
+    assert not mhc.covers_head(x.transpose(-1, -2), fn, scale, base)
+    wants = fn.clone().requires_grad_()
+    assert not mhc.covers_head(x, wants, scale, base)
+    with torch.no_grad():
+        assert mhc.covers_head(x, wants, scale, base)

@@ -137,3 +137,72 @@ def test_what_the_ring_pool_kernel_covers():
     assert not pool.covers_ring(*args[:6], base[:1], torch.float32)  # not a ring start a row
     wants = kv.clone().requires_grad_()
     assert not pool.covers_ring(wants, *args[1:], torch.float32)
+
+
+@pytest.mark.parametrize(("ratio", "coff", "c", "k", "storage"), [
+    (4, 2, 64, 96, [3, 0, 5]),  # CSA, K not a multiple of the kernel's block
+    (4, 2, 96, 256, [1]),  # channels not a power of two, one row
+    (16, 1, 128, 64, list(range(10))),  # HCA, more rows than a program's block
+    (128, 1, 32, 128, [2, 0]),
+])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_project_ring_pool_is_ring_pool_of_the_projections(ratio, coff, c, k, storage, x_dtype):
+    """The fused op writes the slots with the projections of x (in fp32) and pools them: against the reference's
+    two fp32 GEMMs then `ring_pool`, the ring rows agree to fp32 rounding of the sums over K (the other rows
+    untouched), and the entries are the kernel's own gated pool of the rings it wrote (bit for bit) and the
+    reference's to fp32 rounding; bf16 tokens are upcast exactly as the reference's ``x.to(float32)``."""
+    g = torch.Generator().manual_seed(ratio + c + k)
+    *_, ape, positions, ring_kv, ring_score, base, at, candidates = _ring_step(ratio, coff, c, storage,
+                                                                             max(storage) + 2, seed=k)
+    x = torch.randn(len(storage), k, generator=g).to(x_dtype)
+    wkv, wgate = torch.randn(coff * c, k, generator=g) / k**0.5, torch.randn(coff * c, k, generator=g) / k**0.5 * 3
+    want_kv, want_score = ring_kv.clone(), ring_score.clone()
+    want = REF.project_ring_pool(x, wkv, wgate, ape, positions, want_kv, want_score, base, True, torch.bfloat16)
+    kv, score = x.float() @ wkv.T, x.float() @ wgate.T
+    assert torch.equal(want_kv.view(-1, coff * c)[at], kv)  # (the reference: the GEMMs, then `ring_pool`)
+    assert torch.equal(want_score.view(-1, coff * c)[at], score + ape[positions % ratio])
+    got_kv, got_score = _on(ring_kv.clone()), _on(ring_score.clone())
+    assert pool.covers_projection(x, wkv, wgate, ape, positions, ring_kv, ring_score, base, torch.bfloat16)
+    got = pool.project_ring_pool(_on(x), _on(wkv), _on(wgate), _on(ape), _on(positions), got_kv, got_score,
+                                 _on(base), True, torch.bfloat16)
+    got_kv, got_score = got_kv.cpu(), got_score.cpu()
+    untouched = torch.ones(ring_kv.shape[0] * ring_kv.shape[1], dtype=torch.bool)
+    untouched[at] = False
+    assert torch.equal(got_kv.view(-1, coff * c)[untouched], ring_kv.view(-1, coff * c)[untouched])
+    assert torch.equal(got_score.view(-1, coff * c)[untouched], ring_score.view(-1, coff * c)[untouched])
+    torch.testing.assert_close(got_kv, want_kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_score, want_score, rtol=1e-5, atol=1e-5)
+    own = pool.gated_pool(got_kv.view(-1, c), got_score.view(-1, c), candidates).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.cpu(), own)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_project_ring_pool_without_pooling_writes_the_slots_alone():
+    *_, ape, positions, ring_kv, ring_score, base, at, _ = _ring_step(4, 2, 64, [1, 2], 3, seed=7)
+    x, w = torch.randn(2, 32), torch.randn(128, 32)
+    got_kv, got_score = _on(ring_kv.clone()), _on(ring_score.clone())
+    assert pool.project_ring_pool(_on(x), _on(w), _on(-w), _on(ape), _on(positions), got_kv, got_score, _on(base),
+                                  False, torch.float32) is None
+    torch.testing.assert_close(got_kv.cpu().view(-1, 128)[at], x @ w.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_score.cpu().view(-1, 128)[at], -(x @ w.T) + ape[positions % 4], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_what_the_projecting_ring_pool_kernel_covers():
+    *_, ape, positions, ring_kv, ring_score, base, _, _ = _ring_step(4, 2, 64, [0, 1], 2, seed=3)
+    x, w = torch.randn(2, 32), torch.randn(128, 32)
+    rings = (ape, positions, ring_kv, ring_score, base)
+    assert pool.covers_projection(x, w, w, *rings, torch.bfloat16)
+    assert pool.covers_projection(x.bfloat16(), w, w, *rings, torch.float32)
+    assert not pool.covers_projection(x.double(), w, w, *rings, torch.float32)
+    assert not pool.covers_projection(x, w.bfloat16(), w, *rings, torch.float32)  # (the kernel reads fp32 weights)
+    assert not pool.covers_projection(x, w, w[:64], *rings, torch.float32)
+    assert not pool.covers_projection(x, w[:, :16], w[:, :16], *rings, torch.float32)  # K not x's
+    assert not pool.covers_projection(x.t(), w, w, *rings, torch.float32)
+    assert not pool.covers_projection(x, w.t().contiguous().t(), w, *rings, torch.float32)
+    assert not pool.covers_projection(x, w[:96], w[:96], *rings, torch.float32)  # C not the rings'
+    assert not pool.covers_projection(x[:1], w, w, *rings, torch.float32)  # not a position a row
+    wants = w.clone().requires_grad_()
+    assert not pool.covers_projection(x, wants, w, *rings, torch.float32)
+    with torch.no_grad():
+        assert pool.covers_projection(x, wants, w, *rings, torch.float32)

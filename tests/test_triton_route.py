@@ -1,6 +1,8 @@
-"""The Triton MoE routing (`dsv4/kernels/triton/route.py`, the tail of `moe_gate` after torch's scores) against the
-reference: the same experts in the same order, the same scores, the weights bit for bit where torch's CPU sum adds
-the k picks in order (k = 2, 3) and to fp32 rounding otherwise (k = 6); a hash layer's given ids kept.
+"""The Triton MoE routing (`dsv4/kernels/triton/route.py`, the tail of `moe_gate` after torch's product with the gate
+weight) against the reference: the same experts in the same order, the same scores (V4's sqrt(softplus), which the
+kernel computes, to fp32 rounding under the interpreter), the weights bit for bit where the scores are torch's and
+torch's CPU sum adds the k picks in order (k = 2, 3) and to fp32 rounding otherwise (k = 6); a hash layer's given
+ids kept.
 
 On a machine without a GPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py)
 on CPU tensors; with one, on CUDA tensors against the reference on CPU copies.
@@ -31,11 +33,29 @@ def test_the_router_picks_the_references_experts(score_func, tokens, experts, k)
         got = [t.cpu() for t in TRI.moe_gate(_on(x), _on(weight), _on(b), _on(ids), score_func, k, 1.5)]
         want = REF.moe_gate(x, weight, b, ids, score_func, k, 1.5)
         assert got[1].dtype == torch.int64 and torch.equal(got[1], want[1])
+        if score_func == "sqrtsoftplus":  # (made in the kernel: libdevice's functions on a GPU, numpy's here)
+            torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=0.0)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+            continue
         assert torch.equal(got[2], want[2])
         if k in (2, 3) or score_func == "softmax":
             assert torch.equal(got[0], want[0])
         else:
             torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+
+
+def test_the_kernels_sqrt_softplus_is_torchs_across_its_range():
+    """Logits from -110 (exp underflows: a score of 0) through the threshold of 20 (above it softplus is the logit
+    itself) to 1e4, and the small ones where log1p differs from log(1 + x): within two fp32 steps of torch's. (Below
+    a logit of about -87 exp(z) is subnormal: torch's CPU exp flushes it to 0, numpy's keeps it, a score < 1e-22.)"""
+    logits = torch.cat((torch.linspace(-110, 30, 4001), torch.tensor([19.999998, 20.0, 20.000002, 1e4, -1e-3, 0.0]),
+                        -torch.logspace(-8, 1.5, 200))).view(1, -1)
+    bias = torch.zeros(logits.shape[1])
+    weights, ids, scores = route.route_sqrt_softplus(_on(logits), _on(bias), None, 4, 1.0)
+    want = torch.nn.functional.softplus(logits).sqrt()
+    torch.testing.assert_close(scores.cpu(), want, rtol=2.5e-7, atol=1e-22)
+    assert scores.cpu()[0, 0] == 0.0 and scores.cpu()[0, 4001 + 3] == want[0, 4001 + 3] == 100.0
+    assert torch.equal(ids.cpu(), want.topk(4).indices)
 
 
 def test_ties_go_to_the_earlier_expert_and_nan_ranks_first():

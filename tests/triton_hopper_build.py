@@ -118,6 +118,7 @@ def run_calls() -> None:
             x = torch.randn(2, 3, h, d).to(dtype)
             tri.hc_pre(x, torch.randn((2 + h) * h, h * d), torch.rand(3), torch.randn((2 + h) * h), h, 20, 1e-6, 1e-6)
             tri.hc_collapse(x, torch.rand(2, 3, h))
+            tri.hc_head(x, torch.randn(h, h * d), torch.rand(1), torch.randn(h), 1e-6, 1e-6)
             tri.hc_post(torch.randn(2, 3, d).to(dtype), x, torch.rand(2, 3, h), torch.rand(2, 3, h, h))
             # a training step's: the write-back's and the collapse's backward kernels
             wants = x.clone().requires_grad_()
@@ -155,6 +156,8 @@ def run_calls() -> None:
                          2.5)
             tri.moe_gate(torch.randn(3, 64), torch.randn(n_experts, 64), None, torch.randint(0, n_experts, (3, 6)),
                          "sqrtsoftplus", 6, 2.5)
+            tri.moe_gate(torch.randn(3, 64), torch.randn(n_experts, 64), torch.rand(n_experts), None, "sigmoid", 6,
+                         2.5)  # (torch's scores; V4's sqrt(softplus) ones are made in the kernel)
         # the compressors' pooling: CSA's 2 x 4 candidates of 512 (128 for the indexer's keys), HCA's 128
         for n, c in ((8, 512), (8, 128), (128, 512)):
             tri.gated_pool(torch.randn(300, c), torch.randn(300, c), torch.randint(-1, 300, (3, n)))
@@ -165,6 +168,13 @@ def run_calls() -> None:
                 tri.ring_pool(torch.randn(3, coff * c), torch.randn(3, coff * c), torch.randn(ratio, coff * c),
                               torch.randint(0, 1000, (3,)), ring, ring.clone(), torch.tensor([0, 2, 4]) * ring.shape[1],
                               pools, dtype)
+                # with the projections (V4-Flash's dim 4096; one row and a batch of 64 rows)
+                for b in (1, 64):
+                    tri.project_ring_pool(torch.randn(b, 4096).to(dtype), torch.randn(coff * c, 4096),
+                                          torch.randn(coff * c, 4096), torch.randn(ratio, coff * c),
+                                          torch.randint(0, 1000, (b,)), torch.randn(b, coff * ratio, coff * c),
+                                          torch.randn(b, coff * ratio, coff * c), torch.arange(b) * ring.shape[1],
+                                          pools, dtype)
         # indexer scores: V4's 64 heads of 128 dims, a decode step (one query) and a prefill block
         for s in (1, 100):
             tri.index_scores(torch.randn(2, s, 64, 128).to(dtype), torch.randn(2, 300, 128).to(dtype),

@@ -69,10 +69,12 @@ OPS = (
     "hc_mixes",
     "hc_pre",
     "hc_collapse",
+    "hc_head",
     "hc_split_sinkhorn",
     "hc_post",
     "gated_pool",
     "ring_pool",
+    "project_ring_pool",
     "store_rows",
     "load_rows",
     "moe_gate",
@@ -364,6 +366,15 @@ def ring_pool(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, position
     return active_backend().ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
 
 
+def project_ring_pool(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
+                      positions: torch.Tensor, ring_kv: torch.Tensor, ring_score: torch.Tensor, ring_base: torch.Tensor,
+                      pool: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """`ring_pool` of the projections of the tokens x [B, K]: kv = linear(x in fp32, wkv), score = linear(x in
+    fp32, wgate) (float weights [C, K]), which a backend may compute without holding them."""
+    return active_backend().project_ring_pool(x, wkv, wgate, ape, positions, ring_kv, ring_score, ring_base, pool,
+                                              dtype)
+
+
 def store_rows(values: torch.Tensor, dest: PagedRows, rows: torch.Tensor | None, index: torch.Tensor) -> None:
     """Write compute rows into a cache's stored rows in place, encoded by `dest.codec` (None: as the pool's dtype):
     values [M, D] as row index[i] of batch row rows[i] of `dest`, or with rows None, values [B, S, D] as row
@@ -426,6 +437,13 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """mHC's sublayer input [B, S, d] (x.dtype) from the streams x [B, S, h, d]: sum_k pre_k * x_k."""
     return active_backend().hc_collapse(x, pre)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
+            norm_eps: float) -> torch.Tensor:
+    """mHC's last read of the streams x [B, S, h, d], before the output norm: [B, S, d] (x.dtype), the streams
+    weighted by sigmoid(mixes * scale + base) + eps."""
+    return active_backend().hc_head(x, fn, scale, base, eps, norm_eps)
 
 
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int, iters: int,

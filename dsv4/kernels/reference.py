@@ -99,10 +99,16 @@ def flatten_tokens(xq: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, to
     return xq.reshape(-1, xq.shape[-1]).float(), xs.reshape(-1, xs.shape[-1]).float()
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's logits [T, E]: x W^T for tokens x [T, d] and the gate weight [E, d], both taken in fp32 (the
+    product in autocast's dtype where autocast is on). Differentiable."""
+    return F.linear(x.to(torch.float32), weight.to(torch.float32))
+
+
 def router_scores(x: torch.Tensor, weight: torch.Tensor, score_func: str) -> torch.Tensor:
-    """The router's scores [T, E] fp32: f(x W^T) for tokens x [T, d] and the gate weight [E, d] (f: softmax, sigmoid
-    or sqrt(softplus)). Differentiable."""
-    logits = F.linear(x.to(torch.float32), weight.to(torch.float32))
+    """The router's scores [T, E] fp32: f(`router_logits`) (f: softmax, sigmoid or sqrt(softplus), torch's softplus:
+    the input itself above 20, else log1p(exp(z))). Differentiable."""
+    logits = router_logits(x, weight)
     if score_func == "softmax":
         return logits.softmax(dim=-1)
     if score_func == "sigmoid":
@@ -298,6 +304,17 @@ class ReferenceBackend:
         c = width // (ring // ratio)  # an entry's coff * ratio candidates: rows of c
         candidates = ring_candidates(positions, ring_base, ratio, ring)
         return self.gated_pool(ring_kv.view(-1, c), ring_score.view(-1, c), candidates).to(dtype)
+
+    def project_ring_pool(self, x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,
+                          positions: torch.Tensor, ring_kv: torch.Tensor, ring_score: torch.Tensor,
+                          ring_base: torch.Tensor, pool: bool, dtype: torch.dtype) -> torch.Tensor | None:
+        """`ring_pool` of the tokens' projections: kv = ``linear(x in fp32, wkv)`` and score = ``linear(x in fp32,
+        wgate)`` [B, C] for the tokens x [B, K] and float weights [C, K] (the compressor's, fp32 in the official
+        code); what the compressor's decode step computed module by module. A backend may fuse the projections
+        into the ring's writes (the Triton one: one launch for the step's compressor). Not differentiable."""
+        xf = x.to(torch.float32)
+        return self.ring_pool(self.linear(xf, wkv), self.linear(xf, wgate), ape, positions, ring_kv, ring_score,
+                              ring_base, pool, dtype)
 
     def store_rows(self, values: torch.Tensor, dest: PagedRows, rows: torch.Tensor | None,
                    index: torch.Tensor) -> None:
@@ -574,6 +591,14 @@ class ReferenceBackend:
         return ids if prefix is None else torch.cat((prefix, ids), dim=-1), scores.gather(-1, top)
 
     # ------------------------------------------------------------------------------------------ mHC
+
+    def hc_head(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
+                norm_eps: float) -> torch.Tensor:
+        """The hc head (after the last block, before the output norm): x [B,S,h,d], fn [h, h*d], scale [1], base
+        [h] -> `hc_collapse` with pre = sigmoid(`hc_mixes` * scale + base) + eps, [B,S,d] in x.dtype.
+        Differentiable."""
+        mixes = self.hc_mixes(x, fn, norm_eps)
+        return self.hc_collapse(x, torch.sigmoid(mixes * scale.to(torch.float32) + base.to(torch.float32)) + eps)
 
     def hc_collapse(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         """mHC's read of the streams into one sublayer input: x [B,S,h,d], pre [B,S,h] fp32 -> sum_k pre_k * x_k

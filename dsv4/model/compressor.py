@@ -23,7 +23,7 @@ from .. import kernels
 from ..config import CSA_RATIO, ModelArgs
 from ..kernels.paged import gather_rows
 from .cache import CompressorState, ForwardContext
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, float_weight
 from .rope import rope_cos_sin
 
 
@@ -174,13 +174,13 @@ class Compressor(nn.Module):
         r = self.ratio
         ring = state.ring  # R = coff * r most recent tokens
         plan = ctx.shared(("compress", r, ring), lambda: _ChunkPlan.build(ctx, r, ring))  # the layers' common part
+        if ctx.appends == 1 and not (torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            self._decode_step(x, plan, state, freqs, ctx)
+            return plan.n_entries
         xf = x.to(torch.float32)
         kv = self.wkv(xf)  # [B,S,coff*c]
         gate = self.wgate(xf)  # [B,S,coff*c], the scores before their position's ape row
-        if ctx.appends == 1 and not (torch.is_grad_enabled() and (kv.requires_grad or gate.requires_grad
-                                                                   or self.ape.requires_grad)):
-            self._decode_step(kv, gate, plan, state, freqs, ctx)
-            return plan.n_entries
         # the rows of ape by phase, gathered (its backward one index_add, where indexing's accumulates by index_put)
         score = gate + self.ape.index_select(0, plan.phase.flatten()).view(*plan.phase.shape, -1)
         in_place = 0 < ctx.appends <= ring  # verify steps: the tokens take their ring slots in place
@@ -190,19 +190,27 @@ class Compressor(nn.Module):
             state.write_slots(plan.ring_slots, kv.detach(), score.detach())
         return plan.n_entries
 
-    def _decode_step(self, kv: Tensor, gate: Tensor, plan: _ChunkPlan, state: CompressorState, freqs: Tensor,
+    def _decode_step(self, x: Tensor, plan: _ChunkPlan, state: CompressorState, freqs: Tensor,
                      ctx: ForwardContext) -> None:
-        """A decode step (a token a row): the token takes its ring slot first, and then the ring holds every
-        candidate of the entry it pools (the previous block and its own), which is pooled from the ring in place;
-        one `ring_pool` op for both, which finds the slots and candidates from the positions."""
+        """A decode step (a token a row, x [B,1,d]): the token takes its ring slot first, and then the ring holds
+        every candidate of the entry it pools (the previous block and its own), which is pooled from the ring in
+        place; one `project_ring_pool` op for the projections and both (`ring_pool` after the modules' own calls
+        where they are not plain linears), which finds the slots and candidates from the positions."""
         r, ring = self.ratio, state.ring
         ring_kv, ring_score, rows = state.ring_tensors()  # (a cache view's: its parent's rings and its rows there)
         # (the plans hold `rows`, so that no other tensor takes its id while they are kept)
         base = ctx.shared(("ring_base", ring, id(rows)),
-                          lambda: (rows, _ring_bases(kv.shape[0], ring, rows, kv.device)))[1]  # [B]
-        width = kv.shape[-1]
-        pooled = kernels.ring_pool(kv.reshape(-1, width), gate.reshape(-1, width), self.ape, ctx.start, ring_kv,
-                                   ring_score, base, plan.n_max > 0, state.entries.dtype)
+                          lambda: (rows, _ring_bases(x.shape[0], ring, rows, x.device)))[1]  # [B]
+        x = x.reshape(x.shape[0], -1)  # [B,d]
+        wkv, wgate = float_weight(self.wkv), float_weight(self.wgate)
+        pool, dtype = plan.n_max > 0, state.entries.dtype
+        if wkv is not None and wgate is not None:
+            pooled = kernels.project_ring_pool(x, wkv, wgate, self.ape, ctx.start, ring_kv, ring_score, base, pool,
+                                               dtype)
+        else:
+            xf = x.to(torch.float32)
+            pooled = kernels.ring_pool(self.wkv(xf), self.wgate(xf), self.ape, ctx.start, ring_kv, ring_score, base,
+                                       pool, dtype)
         if pooled is not None:
             self._store(pooled, ctx.shared(("ring_pool", r), lambda: _PoolPlan.decode(plan, r, freqs)), state, ctx)
 

@@ -43,6 +43,16 @@ def reads_quantized(*linears: nn.Module) -> bool:
                and m._buffers.get("scale") is not None for m in linears)
 
 
+def float_weight(linear: nn.Module) -> Tensor | None:
+    """The float weight a linear multiplies, where it is a plain `Linear` (its own forward, no scale): a kernel may
+    then compute ``linear(x)`` from the weight with what follows it. None for a quantised, wrapped or replaced one,
+    which is called as the module it is."""
+    if not (isinstance(linear, Linear) and type(linear).forward is Linear.forward and "forward" not in linear.__dict__):
+        return None
+    weight = linear.weight
+    return weight if weight.is_floating_point() and linear._buffers.get("scale") is None else None
+
+
 def project(linear: nn.Module, x: Tensor, quantized: tuple[Tensor, Tensor] | None) -> Tensor:
     """linear(x), given act_quant(x) where the caller has it (None: plainly linear(x)). A linear gets `quantized`
     only where `reads_quantized` says it takes it."""

@@ -62,8 +62,7 @@ def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm
     """Final collapse of the streams before the output norm: [B,S,h,d] -> [B,S,d]."""
     if mode == "residual":
         return x[:, :, 0]
-    pre = torch.sigmoid(kernels.hc_mixes(x, fn, norm_eps) * scale.to(torch.float32) + base.to(torch.float32)) + eps
-    return kernels.hc_collapse(x, pre)
+    return kernels.hc_head(x, fn, scale, base, eps, norm_eps)
 
 
 @torch.no_grad()

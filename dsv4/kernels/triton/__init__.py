@@ -29,8 +29,8 @@ Ops with a kernel:
 * **mHC** (`sinkhorn.py`, `mhc.py`): the Sinkhorn projection with every token's matrix in registers for all
   iterations (and, in a training step, its backward as one more launch); `hc_pre` as partial products with the
   mixing map, then one launch adding them up, splitting and projecting, and collapsing the streams (two
-  launches); `hc_post` and `hc_collapse` in one each (and in a training step their backward in one more each,
-  `mhc_grad.py`).
+  launches), and the hc head's pre and collapse the same way; `hc_post` and `hc_collapse` in one each (and in a
+  training step their backward in one more each, `mhc_grad.py`).
 * **row ops** (`rows.py`): `rms_norm` (with `rms_norm_quant`, its output's FP8 codes and scales written by the
   same program; in a training step differentiable, `rows_grad.py`), the queries' `head_norm` with their
   rotation, `rope`, `hadamard` (its butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and
@@ -38,9 +38,11 @@ Ops with a kernel:
 * **the cache's stored rows** (`kv_rows.py`): a row set written (its pages looked up, encoded in the production
   "fp8" layouts or stored as it is) and a run of rows read and decoded, one launch each.
 * **the compressors' pooling** (`pool.py`): each entry's candidates read in place, the per-channel softmax and
-  sum in one launch; a decode step's `ring_pool` writes the tokens into their ring slots first, in the same launch.
+  sum in one launch; a decode step's `ring_pool` writes the tokens into their ring slots first, in the same launch,
+  and `project_ring_pool` also computes the tokens' two projections there (the step's compressor in one launch).
 * **the router's tail** (`route.py`): the top-k of scores + bias and the normalised weights, one launch after
-  torch's scores.
+  torch's product with the gate weight (V4's sqrt(softplus) scores made in the same launch; other score functions'
+  scores torch's).
 * **the shared expert** (`swiglu`): the routed experts' grouped kernels over a table of one expert.
 * **the head's cross-entropy** (`head_loss.py`): the head's GEMM, the loss and its gradients a block of rows at a
   time, each block's logits turned into their gradient in place by one launch (never all the logits at once).
@@ -76,7 +78,7 @@ from dsv4.quant import FP8_BLOCK, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 from ..cross_entropy import IGNORE_INDEX
 from ..experts import ExpertWeights, chosen_experts
 from ..paged import KVRows, PagedRows
-from ..reference import ReferenceBackend, router_scores
+from ..reference import ReferenceBackend, router_logits, router_scores
 from . import (
     attention,
     attention_grad,
@@ -98,7 +100,8 @@ from . import (
     topk,
 )
 from .numerics import interpreting
-from .pool import covers_ring
+from .pool import covers_projection, covers_ring
+from .pool import project_ring_pool as _project_ring_pool
 from .pool import ring_pool as _ring_pool  # (`pool` is also ring_pool's argument)
 
 _GROUPED = "grouped"  # a table's plan: torch's differentiable grouped GEMM (`grouped.py`), for training
@@ -170,6 +173,8 @@ class TritonBackend(ReferenceBackend):
         # (under autocast torch's scores come in its dtype, not the fp32 the kernel ranks: the reference's tail)
         if (_runs_here(x) and x.dim() == 2 and not grad and not torch.is_autocast_enabled(x.device.type)
                 and route.covers(x.shape[0], weight.shape[0], bias, ids, topk)):
+            if score_func == "sqrtsoftplus":  # (V4's: the scores made in the routing launch)
+                return route.route_sqrt_softplus(router_logits(x, weight), bias, ids, topk, route_scale)
             scores = router_scores(x, weight, score_func)  # [T, E] fp32, the reference's
             weights, ids = route.route(scores, bias, ids, topk, score_func != "softmax", route_scale)
             return weights, ids, scores
@@ -235,6 +240,13 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(kv) and covers_ring(kv, score, ape, positions, ring_kv, ring_score, ring_base, dtype):
             return _ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
         return super().ring_pool(kv, score, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
+
+    def project_ring_pool(self, x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, positions: Tensor,
+                          ring_kv: Tensor, ring_score: Tensor, ring_base: Tensor, pool: bool,
+                          dtype: torch.dtype) -> Tensor | None:
+        if _runs_here(x) and covers_projection(x, wkv, wgate, ape, positions, ring_kv, ring_score, ring_base, dtype):
+            return _project_ring_pool(x, wkv, wgate, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
+        return super().project_ring_pool(x, wkv, wgate, ape, positions, ring_kv, ring_score, ring_base, pool, dtype)
 
     def store_rows(self, values: Tensor, dest: PagedRows, rows: Tensor | None, index: Tensor) -> None:
         if _runs_here(values) and kv_rows.covers_store(values, dest, rows, index):
@@ -326,6 +338,11 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(x) and mhc_grad.covers_collapse(x, pre):  # (training: the kernel both ways)
             return mhc_grad.hc_collapse(x, pre)
         return super().hc_collapse(x, pre)
+
+    def hc_head(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float) -> Tensor:
+        if _runs_here(x) and mhc.covers_head(x, fn, scale, base):
+            return mhc.hc_head(x, fn, scale, base, eps, norm_eps)
+        return super().hc_head(x, fn, scale, base, eps, norm_eps)
 
     def hc_post(self, out: Tensor, x: Tensor, post: Tensor, comb: Tensor, inplace: bool = False) -> Tensor:
         if _runs_here(x) and mhc.covers_post(out, x, post, comb):

@@ -89,20 +89,25 @@ def _collapse_kernel(x_ptr, pre_ptr, u_ptr, T, D, sxt, sxh, sut, H: tl.constexpr
 def _sinkhorn_collapse_kernel(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, x_ptr, u_ptr, T, D,
                               stride_t, iters, eps, splits, K, norm_eps, sxt, sxh, sut, H: tl.constexpr,
                               HP: tl.constexpr, BLOCK_T: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-                              LIBDEVICE: tl.constexpr):
+                              LIBDEVICE: tl.constexpr, HEAD: tl.constexpr):
     """`hc_pre`'s last two steps in one launch, a program per (block of tokens, block of columns): the tokens' pre
     from the partials (the Sinkhorn kernel's arithmetic), then `_collapse_kernel`'s sum over its columns. The
     programs of the first column block also finish the split and the Sinkhorn iterations and write pre, post and
     comb; the others compute pre alone (a few dozen operations a token), which the collapse needs before any store
-    could be read."""
+    could be read. HEAD: the hc head's collapse (`hc_head`), partials of its H mixes, pre alone in every program."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    if tl.program_id(1) == 0:
+    if HEAD:
         pre = sinkhorn.split_sinkhorn(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T,
-                                      stride_t, iters, eps, splits, K, norm_eps, H, HP, BLOCK_T, LIBDEVICE, True, True)
+                                      stride_t, iters, eps, splits, K, norm_eps, H, HP, BLOCK_T, LIBDEVICE, True,
+                                      False, H)
+    elif tl.program_id(1) == 0:
+        pre = sinkhorn.split_sinkhorn(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T,
+                                      stride_t, iters, eps, splits, K, norm_eps, H, HP, BLOCK_T, LIBDEVICE, True, True,
+                                      (2 + H) * H)
     else:
         pre = sinkhorn.split_sinkhorn(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T,
                                       stride_t, iters, eps, splits, K, norm_eps, H, HP, BLOCK_T, LIBDEVICE, True,
-                                      False)
+                                      False, (2 + H) * H)
     t = tok.to(tl.int64)
     k = tl.arange(0, HP)
     col = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -248,9 +253,39 @@ def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, ite
             base.to(device=dev, dtype=torch.float32).contiguous(), pre, post, comb, xv, u, t, d, splits * m, iters,
             float(eps), splits, k, float(norm_eps), xv.stride(0), xv.stride(1), u.stride(0), H=h,
             HP=triton.next_power_of_2(h), BLOCK_T=block_t, BD=bd, DT=TL_DTYPES[x.dtype], LIBDEVICE=libdevice_exp(),
-            num_warps=2, enable_fp_fusion=False)
+            HEAD=False, num_warps=2, enable_fp_fusion=False)
     lead = x.shape[:-2]
     return u.view(*lead, d), post.view(*lead, h), comb.view(*lead, h, h)
+
+
+def covers_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor) -> bool:
+    """x fp32/bf16/fp16 [..., h, d] (1 <= h <= 16), fn [h, h*d], scale [1] and base [h], none fp64, no gradient
+    wanted."""
+    if not (x.dtype in DTYPES and x.dim() >= 2 and 1 <= x.shape[-2] <= _MAX_H and x.numel() > 0):
+        return False
+    h = x.shape[-2]
+    if tuple(fn.shape) != (h, h * x.shape[-1]) or scale.numel() != 1 or tuple(base.shape) != (h,):
+        return False
+    if any(t.dtype == torch.float64 for t in (fn, scale, base)) or not _no_grad(x, fn, scale, base):
+        return False
+    return stream_rows(x) is not None
+
+
+def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float) -> Tensor:
+    """``ReferenceBackend.hc_head`` in two launches, `hc_pre`'s: the partial products with the head's map, then its
+    pre (``sigmoid(mixes * scale + base) + eps``, the Sinkhorn kernel's arithmetic for pre) and the collapse."""
+    xv = stream_rows(x)
+    t, h, d = xv.shape
+    part, ss = mixes_partials(xv.reshape(t, h * d), fn.to(torch.float32).contiguous())
+    u = torch.empty((t, d), dtype=x.dtype, device=x.device)
+    block_t, bd = _tiles(t, d)
+    _sinkhorn_collapse_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, bd))](
+        part, ss, scale.to(device=x.device, dtype=torch.float32).contiguous(),
+        base.to(device=x.device, dtype=torch.float32).contiguous(), part, part, part, xv, u, t, d, part.shape[1] * h,
+        0, float(eps), part.shape[1], h * d, float(norm_eps), xv.stride(0), xv.stride(1), u.stride(0), H=h,
+        HP=triton.next_power_of_2(h), BLOCK_T=block_t, BD=bd, DT=TL_DTYPES[x.dtype], LIBDEVICE=libdevice_exp(),
+        HEAD=True, num_warps=2, enable_fp_fusion=False)
+    return u.view(*x.shape[:-2], d)
 
 
 def hc_post(out: Tensor, x: Tensor, post: Tensor, comb: Tensor) -> Tensor:

@@ -10,7 +10,8 @@
   cores on a GPU.
 * **exp.** ``tl.exp`` lowers to the hardware's approximate ``ex2``; torch's CUDA ops call libdevice's ``expf``.
   `exp` calls libdevice's on a GPU, so a kernel's exponentials are torch's there. The interpreter has no
-  libdevice, so it takes ``tl.exp`` (numpy's exp), which the CPU tests hold to the reference's tolerance.
+  libdevice, so it takes ``tl.exp`` (numpy's exp), which the CPU tests hold to the reference's tolerance. `log1p`
+  likewise (the interpreter's from ``tl.log``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def exp(x, LIBDEVICE: tl.constexpr):
         return libdevice.exp(x)
     else:
         return tl.exp(x)
+
+
+@triton.jit
+def log1p(x, LIBDEVICE: tl.constexpr):
+    """fp32 log(1 + x): libdevice's log1pf (torch's on CUDA) when LIBDEVICE; else, for the interpreter, which has no
+    log1p, log(u) * x / (u - 1) with u = 1 + x (exact where u rounds to 1), within a few fp32 steps of it."""
+    if LIBDEVICE:
+        return libdevice.log1p(x)
+    else:
+        u = 1.0 + x
+        exact = u == 1.0
+        return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit

@@ -68,11 +68,13 @@ def _load_mixes(rows, cols, mask, splits, rms, WIDTH: tl.constexpr, PARTIALS: tl
 @triton.jit
 def split_sinkhorn(m_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T, stride_t, iters, eps,
                    splits, K, norm_eps, H: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr,
-                   LIBDEVICE: tl.constexpr, PARTIALS: tl.constexpr, STORE: tl.constexpr):
-    """Tokens `tok` [BLOCK_T] of mixes [T, (2+H)*H] (unit last stride): their pre [BLOCK_T, HP] (fp32, the padded
-    columns junk), returned; with STORE also pre [T, H], post [T, H] and comb [T, H, H] written (contiguous, fp32).
+                   LIBDEVICE: tl.constexpr, PARTIALS: tl.constexpr, STORE: tl.constexpr, M: tl.constexpr):
+    """Tokens `tok` [BLOCK_T] of mixes [T, M] (M = (2+H)*H; unit last stride): their pre [BLOCK_T, HP] (fp32, the
+    padded columns junk), returned; with STORE also pre [T, H], post [T, H] and comb [T, H, H] written (contiguous,
+    fp32). Without STORE the mixes may be the H of the hc head's map alone (M = H): pre is the same function of
+    the first H (its one scale and H biases).
 
-    PARTIALS: m_ptr holds [T, splits, (2+H)*H] partial products of the streams with the mixing map and ss_ptr
+    PARTIALS: m_ptr holds [T, splits, M] partial products of the streams with the mixing map and ss_ptr
     [T, splits] partial sums of squares over K values, whose sums make the mixes (`_load_mixes`)."""
     tok_ok = tok < T
     tok64 = tok.to(tl.int64)
@@ -90,14 +92,14 @@ def split_sinkhorn(m_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_p
     rows2 = m_ptr + tok64[:, None] * stride_t
     mask2 = tok_ok[:, None] & k_ok[None, :]
     out2 = tok64[:, None] * H + k[None, :]
-    m = _load_mixes(rows2, k[None, :], mask2, splits, rms[:, None], (2 + H) * H, PARTIALS)
+    m = _load_mixes(rows2, k[None, :], mask2, splits, rms[:, None], M, PARTIALS)
     b = tl.load(base_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
     pre = _sigmoid(m * s0 + b[None, :], LIBDEVICE) + eps
     if STORE:
         tl.store(pre_ptr + out2, pre, mask=mask2)
         s1 = tl.load(scale_ptr + 1).to(tl.float32)
         s2 = tl.load(scale_ptr + 2).to(tl.float32)
-        m = _load_mixes(rows2, H + k[None, :], mask2, splits, rms[:, None], (2 + H) * H, PARTIALS)
+        m = _load_mixes(rows2, H + k[None, :], mask2, splits, rms[:, None], M, PARTIALS)
         b = tl.load(base_ptr + H + k, mask=k_ok, other=0.0).to(tl.float32)
         post = 2.0 * _sigmoid(m * s1 + b[None, :], LIBDEVICE)
         tl.store(post_ptr + out2, post, mask=mask2)
@@ -109,7 +111,7 @@ def split_sinkhorn(m_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_p
         mask3 = tok_ok[:, None, None] & entry_ok
         entry = r3 * H + c3
         m = _load_mixes(m_ptr + tok64[:, None, None] * stride_t, 2 * H + entry, mask3, splits, rms[:, None, None],
-                        (2 + H) * H, PARTIALS)
+                        M, PARTIALS)
         b = tl.load(base_ptr + 2 * H + entry, mask=entry_ok, other=0.0).to(tl.float32)
         # padded columns (h not a power of two) get exp(-inf) = 0; padded rows are finite junk that no sum picks up
         logits = tl.where(c3 < H, m * s2 + b, float("-inf"))
@@ -131,7 +133,7 @@ def _sinkhorn_kernel(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T,
     partial products in its collapse launch instead)."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     split_sinkhorn(m_ptr, m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T, stride_t, iters, eps,
-                   1, 1, 0.0, H, HP, BLOCK_T, LIBDEVICE, False, True)
+                   1, 1, 0.0, H, HP, BLOCK_T, LIBDEVICE, False, True, (2 + H) * H)
 
 
 def covers(mixes: Tensor, hc_mult: int, iters: int, scale: Tensor | None = None, base: Tensor | None = None) -> bool:
