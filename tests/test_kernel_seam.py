@@ -198,3 +198,58 @@ def test_only_plain_quantised_linears_are_handed_a_quantisation():
     assert not reads_quantized(row_parallel) and not reads_quantized(plain, row_parallel)
     plain.forward = lambda x: x
     assert not reads_quantized(plain)
+
+
+def test_a_decode_steps_compressor_projects_in_the_op_only_for_plain_float_linears(monkeypatch):
+    """`float_weight` hands a plain float Linear's weight to `project_ring_pool` (which then makes the projections);
+    a Linear whose forward was replaced is called as the module it is, then `ring_pool`. Both decode the same
+    logits as the model's full forward, and a replaced forward is really run."""
+    from dsv4.model.compressor import Compressor
+    from dsv4.model.layers import float_weight
+
+    plain = Linear(64, 32, dtype=torch.float32)
+    assert float_weight(plain) is plain.weight
+    w, s = quantize_fp8_weight(torch.randn(32, 64))
+    quantised = Linear(64, 32)
+    quantised.weight = torch.nn.Parameter(w, requires_grad=False)
+    quantised.scale = s
+    assert float_weight(quantised) is None
+    replaced = Linear(64, 32, dtype=torch.float32)
+    replaced.forward = lambda x: x
+    assert float_weight(replaced) is None
+
+    base = preset("small")
+    args = base.replace(n_layers=2, n_hash_layers=0, max_seq_len=256,
+                        compress_ratios=(4, 128, *base.compress_ratios[base.n_layers:]))
+    model = init_weights(Transformer(args, torch.float32), seed=0).eval()
+    tokens = torch.randint(0, args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    calls = {"project_ring_pool": 0, "ring_pool": 0, "wrapped": 0}
+    reference = ReferenceBackend()
+
+    def counted(op):
+        real = getattr(reference, op)
+        return lambda *a: (calls.__setitem__(op, calls[op] + 1), real(*a))[1]
+
+    for op in ("project_ring_pool", "ring_pool"):
+        monkeypatch.setattr(reference, op, counted(op))
+
+    def decode_last(model):
+        with torch.no_grad(), kernels.use_backend(reference):
+            cache = model.new_cache(1, 256)
+            model(tokens[:, :8], cache)
+            return model(tokens[:, 8:], cache)[:, -1]
+
+    with torch.no_grad():
+        want = model(tokens)[:, -1]
+    plain_logits = decode_last(model)
+    assert calls["project_ring_pool"] == 3 and calls["ring_pool"] == 3  # CSA's two compressors, HCA's one
+    torch.testing.assert_close(plain_logits, want, rtol=1e-4, atol=1e-4)
+    for module in model.layers.modules():
+        if isinstance(module, Compressor):
+            wkv = module.wkv
+            wkv.forward = lambda x, _wkv=wkv: (calls.__setitem__("wrapped", calls["wrapped"] + 1),
+                                               Linear.forward(_wkv, x))[1]
+    calls.update(project_ring_pool=0, ring_pool=0)
+    wrapped_logits = decode_last(model)
+    assert calls["project_ring_pool"] == 0 and calls["ring_pool"] == 3 and calls["wrapped"] >= 3
+    assert torch.equal(wrapped_logits, plain_logits)

@@ -39,15 +39,20 @@ def reads_quantized(*linears: nn.Module) -> bool:
     """Whether each of these linears multiplies its input's FP8 quantisation (an FP8 or FP4 weight, the module's own
     forward), so that one `act_quant` of an input they share serves them all: `RMSNorm`'s `quantize` makes it with
     the norm, and `project` hands it over."""
-    return all(isinstance(m, Linear) and type(m).forward is Linear.forward and "forward" not in m.__dict__
-               and m._buffers.get("scale") is not None for m in linears)
+    return all(_plain(m) and m._buffers.get("scale") is not None for m in linears)
+
+
+def _plain(module: nn.Module) -> bool:
+    """A `Linear` that runs its own forward (not a subclass's, nor one patched onto the instance): what it computes is
+    `kernels.linear` of its weight, which a caller may then compute its own way."""
+    return isinstance(module, Linear) and type(module).forward is Linear.forward and "forward" not in module.__dict__
 
 
 def float_weight(linear: nn.Module) -> Tensor | None:
     """The float weight a linear multiplies, where it is a plain `Linear` (its own forward, no scale): a kernel may
     then compute ``linear(x)`` from the weight with what follows it. None for a quantised, wrapped or replaced one,
     which is called as the module it is."""
-    if not (isinstance(linear, Linear) and type(linear).forward is Linear.forward and "forward" not in linear.__dict__):
+    if not _plain(linear):
         return None
     weight = linear.weight
     return weight if weight.is_floating_point() and linear._buffers.get("scale") is None else None
