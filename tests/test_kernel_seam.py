@@ -97,8 +97,9 @@ def test_every_linear_of_a_forward_goes_through_the_seam(counting):
         counting.reset()
         with kernels.use_backend("counting"), torch.no_grad():
             out = model(tokens())
-        # the experts' Linear modules hold weights the swiglu op multiplies with (three linears per expert call)
-        expected = linears[0] + 3 * counting.calls["swiglu"]
+        # the experts' Linear modules hold weights the swiglu op multiplies with (three linears per expert call);
+        # two quantised linears of one input run as one `linears` op (two linears, no module call)
+        expected = linears[0] + 3 * counting.calls["swiglu"] + 2 * counting.calls["linears"]
         assert linears[0] > 0 and counting.calls["linear"] == expected, (numerics, counting.calls)
         assert counting.calls["routed_experts"] == model.args.n_layers
         with torch.no_grad(), kernels.use_backend("reference"):
@@ -109,8 +110,10 @@ def test_every_linear_of_a_forward_goes_through_the_seam(counting):
             assert counting.calls["rms_norm_quant"] == 3 * model.args.n_layers
             assert 0 < counting.calls["act_quant"] < counting.calls["fp8_gemm"] + counting.calls["fp4_gemm"]
             assert counting.calls["fp8_simulate"] > 0 and counting.calls["fp4_simulate"] > 0
+            csa = sum(model.args.layer_ratio(i) == 4 for i in range(model.args.n_layers))
+            assert counting.calls["linears"] == model.args.n_layers + csa  # (wq_a and wkv; wq_b and the indexer's)
         else:  # float weights: nothing to quantise
-            assert counting.calls["rms_norm_quant"] == counting.calls["act_quant"] == 0
+            assert counting.calls["rms_norm_quant"] == counting.calls["act_quant"] == counting.calls["linears"] == 0
         assert counting.calls["sparse_attn"] == model.args.n_layers
         assert counting.calls["hc_split_sinkhorn"] == 2 * model.args.n_layers  # attention and ffn of each block
         assert counting.calls["hadamard"] > 0
@@ -158,6 +161,52 @@ def test_the_engine_runs_its_backend_and_attention_reads_fp8_pages_in_place(coun
     assert {p.codec.kind for p in paged} == {"kv"}
     # a step computes the requests that have work, not every slot
     assert max(args[0].shape[0] for args in counting.arguments["sparse_attn"]) <= len(prompts)
+
+
+def test_a_decode_step_norms_its_cache_rows_straight_into_the_pages(counting):
+    """Over an engine's paged cache a decode step's new rows go into the pages as the op that makes them
+    (`norm_rope_store`): each layer's window row into its ring, and each compressor's finished entry into its pages
+    (a batch of one row finishes every entry it pools), so no other `store_rows` is left; the reference's attention asks
+    for the fp8 rings decoded (`attends_in_place`); each pair of projections of one input is one op (`linears`).
+    The tokens are the reference engine's, and the model's own decode over its dense cache (the fp8 codec
+    round-trips exact numerics' rows)."""
+    model = tiny(torch.bfloat16, "exact", seed=3)
+    prompt = tokens(1, 13, seed=4)[0].tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    engine = Engine(model, max_batch=1, max_seq_len=64, kv_format="fp8", kernel_backend="counting")
+    engine.add_request(prompt, params)
+    out, decode_steps = [], 0
+    csa_layers = sum(model.args.layer_ratio(i) == 4 for i in range(model.args.n_layers))
+    assert csa_layers
+    while engine.has_unfinished():
+        counting.reset()
+        for u in engine.step():
+            out += u.new_token_ids
+        if counting.calls["sparse_attn"] and all(a[0].shape[1] == 1 for a in counting.arguments["sparse_attn"]):
+            decode_steps += 1
+            rings = [a for a in counting.arguments["norm_rope_store"] if a[7] is None]  # (rows None: ring slots)
+            assert len(rings) == model.args.n_layers
+            # (the reference's norm_rope_store stores through store_rows, counted as a call of its own)
+            assert counting.calls["store_rows"] == counting.calls["norm_rope_store"]
+            assert counting.calls["attends_in_place"] == model.args.n_layers
+            finished = [a for a in counting.arguments["norm_rope_store"] if a[7] is not None]
+            assert all(a[6].pool.dtype == torch.uint8 for a in finished)
+            # two projections of one input as one op: every layer's wq_a and wkv, a CSA layer's two wq_b too
+            assert counting.calls["linears"] == model.args.n_layers + csa_layers
+    assert decode_steps >= 7
+    reference = Engine(model, max_batch=1, max_seq_len=64, kv_format="fp8", kernel_backend="reference")
+    reference.add_request(prompt, params)
+    want = []
+    while reference.has_unfinished():
+        want += [t for u in reference.step() for t in u.new_token_ids]
+    assert out == want
+    with torch.no_grad(), kernels.use_backend("reference"):  # the model's own cache: dense, written row by row
+        cache = model.new_cache(1, 64)
+        logits, own = model(torch.tensor([prompt]), cache)[:, -1], []
+        for _ in range(len(out)):
+            own.append(int(logits.argmax()))
+            logits = model(torch.tensor([[own[-1]]]), cache)[:, -1]
+    assert own == out
 
 
 def test_overriding_one_op_changes_every_op_built_on_it():

@@ -249,6 +249,52 @@ def test_window_rings_seen_by_rows_equal_the_reference(second, split):
     assert not torch.allclose(got, REF.sparse_attn(q, [swapped, *runs[1:]], idx, sink, d**-0.5), atol=1e-3)
 
 
+@pytest.mark.parametrize("second", ["none", "fp8"])
+def test_fp8_window_rings_are_decoded_in_the_kernel(second, split):
+    """Rings in the fp8 main-KV layout (an engine's "fp8" KV format), one page per batch row, read as the first run
+    and decoded in the kernel, alone or followed by fp8 entries in pages (each slot's row decoded from its own
+    pool): the same bits as the kernel over the rings decoded first (`load_rows`, what a step ran before), and the
+    reference's result within a bf16 step. The other slots' rings hold 0xFF bytes (NaN codes and scales)."""
+    from dsv4.kernels.triton import kv_rows
+
+    torch.manual_seed(6)
+    b, s, h, w, n1, k, d, rope = 2, 1, 8, 16, 40, 60, 96, 16
+    codec = PackedCodec("kv", d, rope, torch.bfloat16)
+    rows = _rand(b, w, d, dtype=torch.bfloat16)
+    stored = codec.encode(rows)
+    rings = torch.full((5, w, stored.shape[-1]), 0xFF, dtype=torch.uint8, device=DEVICE)
+    slots = torch.tensor([3, 1], device=DEVICE)
+    rings[slots] = stored
+    window = PagedRows(rings, slots.unsqueeze(1), w, codec, torch.bfloat16)
+    runs = [window]
+    if second == "fp8":
+        runs.append(_paged(_rand(b, n1, d, dtype=torch.bfloat16), 16, codec, 0xFF))
+    q, sink = _rand(b, s, h, d, dtype=torch.bfloat16), _rand(h)
+    idx = _slots(b, 2, k, w + (n1 if second == "fp8" else 0), unused=0.1)[:, :s]
+    assert attention.covers(q, runs, idx, sink)
+    got = attention.sparse_attn(q, runs, idx, sink, d**-0.5)
+    decoded = kv_rows.load_rows(window)
+    assert torch.equal(decoded, codec.decode(stored))
+    assert torch.equal(got, attention.sparse_attn(q, [decoded, *runs[1:]], idx, sink, d**-0.5))
+    want = REF.sparse_attn(q, runs, idx, sink, d**-0.5)
+    assert not want.isnan().any()
+    _check_bf16(got, want)
+    _check_split(split, k)
+    # a second run the kernel does not decode beside an fp8 first run (a verify step's chunk): not covered; the
+    # backend decodes the rings first and runs the kernel over both
+    from dsv4.kernels.triton import TritonBackend
+
+    backend, chunk = TritonBackend(), _rand(b, n1, d, dtype=torch.bfloat16)
+    assert not attention.covers(q, [window, chunk], idx, sink)
+    assert torch.equal(backend.sparse_attn(q, [window, chunk], idx, sink, d**-0.5),
+                       attention.sparse_attn(q, [decoded, chunk], idx, sink, d**-0.5))
+    # what a decode step asks before it hands the rings over as they are stored
+    assert backend.attends_in_place(window)
+    assert backend.attends_in_place(PagedRows(decoded, slots.unsqueeze(1), w, None, torch.bfloat16))
+    fp32 = PackedCodec("kv", d, rope, torch.float32)
+    assert not backend.attends_in_place(PagedRows(rings, slots.unsqueeze(1), w, fp32, torch.float32))
+
+
 def test_blocks_of_unused_slots_change_nothing():
     """The kernel skips a 64-slot block whose every slot is -1: the result is the same bits as without such blocks
     (at the end, as a static decode step pads its entries, and before the first used slot), for fp32 and bf16."""
@@ -314,7 +360,7 @@ def test_covers_what_the_kernel_reads_and_nothing_else():
         (q, [window, entries, entries], idx, sink),  # three runs
         (q, [paged, window], idx, sink),  # the first run over several pages
         (q, [PagedRows(window, torch.zeros(b, 1, dtype=torch.long, device=DEVICE), 8, fp8, torch.bfloat16)], idx,
-         sink),  # a first run of one page a row, decoded by a codec
+         sink),  # a first run of one page a row whose codec names a layout its float pool does not hold
         (q, [PagedRows(window, torch.zeros(b + 1, 1, dtype=torch.long, device=DEVICE), 8, None, torch.float32)],
          idx, sink),  # a table of other batch rows
         (q, [window, PagedRows(paged.pool, paged.table, paged.count, Halves(), torch.float32)], idx, sink),

@@ -51,6 +51,47 @@ def test_fp8_gemm_matches_the_reference_two_level_accumulation(m, n, k):
     assert bool(((got16 - want16).abs() <= _bf16_step(want16)).all())
 
 
+@pytest.mark.parametrize("m,n1,n2,k", [(1, 1024, 512, 256), (3, 200, 64, 300), (17, 96, 130, 128)])
+@pytest.mark.parametrize("processors", [1, 132], ids=["one_program_wide", "h200_wide"])
+def test_two_fp8_gemms_of_one_input_in_one_launch(m, n1, n2, k, processors, monkeypatch):
+    """`fp8_gemm_pair`: each weight's product equal to `fp8_gemm`'s bit for bit where the tiles are as wide (the
+    same tile, one launch), and to the reference's two-level accumulation; the linears op takes it for two FP8
+    weights handed act_quant(x), the wq_a and wkv of a decode step (V4's 1,024 and 512 columns first)."""
+    monkeypatch.setattr(gemm, "processors", lambda device: processors)  # (the tile widths a GPU picks)
+    xq, xs, w = _operands(m, n1 + n2, k, seed=m + n1 + k)
+    (w1, s1), (w2, s2) = ((t.to(ON_DEVICE) for t in quantize_fp8_weight(part)) for part in (w[:n1], w[n1:]))
+    launches = []
+    real = gemm._fp8_gemm_pair_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(gemm, "_fp8_gemm_pair_kernel", Counted())
+    y1, y2 = gemm.fp8_gemm_pair(xq, xs, w1, s1, w2, s2, torch.float32)
+    assert len(launches) == 1 and y1.shape == (m, n1) and y2.shape == (m, n2)
+    row_blocks = -(-m // gemm.block_m_for(m))
+    width = gemm.block_n_for(row_blocks, n1 + n2, 128, xq.device)
+    equal = 0
+    for got, (wq, ws), n in ((y1, (w1, s1), n1), (y2, (w2, s2), n2)):
+        want = REF.fp8_gemm(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu(), torch.float32)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        if gemm.block_n_for(row_blocks, n, 128, xq.device) == width:  # the one-weight kernel's own tiles
+            assert torch.equal(got, gemm.fp8_gemm(xq, xs, wq, ws, torch.float32))
+            equal += 1
+    assert equal or processors == 132
+    x = torch.randn(m, k).to(ON_DEVICE)
+    quantized = REF.act_quant(x.cpu())
+    quantized = tuple(t.to(ON_DEVICE) for t in quantized)
+    launches.clear()
+    pair = TritonBackend().linears(x, [(w1, s1), (w2, s2)], quantized)
+    assert len(launches) == 1
+    for got, want in zip(pair, REF.linears(x.cpu(), [(w1.cpu(), s1.cpu()), (w2.cpu(), s2.cpu())], quantized),
+                         strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 64, 128), (5, 96, 256), (33, 128, 64)])
 @pytest.mark.parametrize("packed_dtype", [torch.int8, torch.float4_e2m1fn_x2])
 def test_fp4_gemm_matches_the_reference_per_32_accumulation(m, n, k, packed_dtype):

@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("triton", reason="the Triton backend's tests need the triton package (the dev extra installs it)")
 
-KERNELS = ("_block_quant_kernel", "_fp8_gemm_kernel", "_fp4_gemm_kernel", "_gate_up_kernel", "_down_kernel",
-           "_sinkhorn_kernel", "_sparse_attn_kernel", "_index_scores_kernel", "_earliest_k_kernel",
+KERNELS = ("_block_quant_kernel", "_fp8_gemm_kernel", "_fp8_gemm_pair_kernel", "_fp4_gemm_kernel", "_gate_up_kernel",
+           "_down_kernel", "_sinkhorn_kernel", "_sparse_attn_kernel", "_index_scores_kernel", "_earliest_k_kernel",
            "_mixes_partials_kernel", "_collapse_kernel", "_post_kernel", "_rms_norm_kernel", "_rows_kernel",
            "_schedule_kernel", "_combine_kernel", "_hadamard_kernel",
            "_gated_pool_kernel", "_route_kernel", "_norm_rope_qat_kernel",
@@ -36,7 +36,7 @@ BUILD = re.compile(r"^ok +(?P<name>\w+) (?P<constexprs>\{.*\}) \[(?P<warps>\d+) 
 # The kernels that stream weights (a decode's bulk of bytes): their tiles are loaded as 16-byte vectors, the only
 # one-element loads a few scale bytes. Weights read through a pointer table lost this once (16,384 byte loads for
 # an FP8 tile of 128 x 128) until the pointers were declared aligned.
-WEIGHT_STREAMING = ("_fp8_gemm_kernel", "_fp4_gemm_kernel", "_gate_up_kernel", "_down_kernel",
+WEIGHT_STREAMING = ("_fp8_gemm_kernel", "_fp8_gemm_pair_kernel", "_fp4_gemm_kernel", "_gate_up_kernel", "_down_kernel",
                     "_project_ring_pool_kernel")
 NARROW_LOADS = 32  # (an FP4 tile of 64 rows loads its per-32 scale bytes one by one: 16)
 

@@ -152,3 +152,85 @@ def test_what_the_row_kernels_cover():
     # rows of the pool's own dtype as they are
     assert kv_rows.covers_store(values, PagedRows(plain, table, 32, None, torch.bfloat16), rows, index)
     assert not kv_rows.covers_store(values.float(), PagedRows(plain, table, 32, None, torch.bfloat16), rows, index)
+
+
+# (codec kind, width, rope dims, the rounding its rows take, the rows' dtype): the window's and the CSA compressor's
+# fp8 rows, the indexer keys' fp4 rows, plain bf16 and fp32 pools
+NORM_STORE_CASES = [("kv", 512, 64, "fp8_nope", torch.bfloat16), ("kv", 64, 16, "fp8_nope", torch.bfloat16),
+                    ("index", 128, 32, "hadamard_fp4", torch.bfloat16),
+                    ("index", 32, 8, "hadamard_fp4", torch.bfloat16), ("none", 64, 16, "none", torch.bfloat16),
+                    ("none", 128, 32, "fp8_nope", torch.float32)]
+
+
+@pytest.mark.parametrize(("kind", "d", "rope", "qat", "dtype"), NORM_STORE_CASES)
+@pytest.mark.parametrize("by_rows", [True, False], ids=["entries", "ring_slots"])
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interpreter_tiles", "gpu_tiles"])
+def test_norm_rope_store_is_norm_rope_qat_then_store_rows(kind, d, rope, qat, dtype, by_rows, gpu_tiles, monkeypatch):
+    """The fused op leaves the pool byte for byte as the two kernels it replaces (`norm_rope_qat`, then `store_rows`
+    of its rows), in both of the store's forms: entries at (batch row, index) pairs through a shuffled block table
+    (a compressor's), and [B, S] slots of rings one page a batch row (a decode step's window); stale bytes elsewhere
+    are left alone. And the reference op (norm_rope_qat, store_rows) writes the same rows, to the norm's rounding."""
+    from dsv4.kernels.triton import rows as row_kernels
+
+    if gpu_tiles:  # (a GPU's tiling: fewer rows a program)
+        monkeypatch.setattr(row_kernels, "interpreting", lambda: False)
+    codec, per_page = _codec(kind, d, rope), 4
+    g = torch.Generator().manual_seed(d + rope)
+    weight = torch.rand(d, generator=g) + 0.5
+    if by_rows:  # 7 entries: x [7, D], rows [7], index [7]
+        batch, pages = 3, 12
+        table = torch.randperm(pages, generator=g).view(batch, pages // batch)
+        rows, index = torch.tensor([0, 2, 1, 2, 0, 1, 2]), torch.tensor([0, 15, 5, 3, 9, 14, 7])
+        x = torch.randn(7, d, generator=g).to(dtype) * 3
+        cos_shape = (7, rope // 2)
+    else:  # ring slots: x [B, S, D], index [B, S], one page of `per_page` rows a batch row
+        batch, pages, per_page = 3, 5, 8
+        table = torch.tensor([[4], [0], [2]])
+        rows, index = None, torch.tensor([[3, 7], [0, 1], [6, 2]])
+        x = torch.randn(batch, 2, d, generator=g).to(dtype) * 3
+        cos_shape = (batch, 2, rope // 2)
+    angle = torch.rand(cos_shape, generator=g) * 6
+    cos, sin = angle.cos(), angle.sin()
+    pool = _pool(codec, pages, per_page, d, dtype, d + 3)
+    dest = PagedRows(pool, table, per_page * table.shape[1], codec, dtype)
+    assert row_kernels.covers_norm_rope_store(x, weight, cos, sin, qat, dest, rows, index)
+    on = [_on(t) for t in (x, weight, cos, sin)]
+    placed = PagedRows(_on(table), _on(table), dest.count, codec, dtype)
+
+    def paged(p):
+        return PagedRows(p, placed.table, dest.count, codec, dtype)
+
+    two = _on(pool.clone())
+    kv_rows.store_rows(row_kernels.norm_rope_qat(*on[:2], 1e-6, *on[2:], qat), paged(two), _on(rows), _on(index))
+    one = _on(pool.clone())
+    row_kernels.norm_rope_store(*on[:2], 1e-6, *on[2:], qat, paged(one), _on(rows), _on(index))
+    assert not torch.equal(two.cpu(), pool)  # (the rows were written)
+    assert torch.equal(_bits(one).cpu(), _bits(two).cpu())
+    want = pool.clone()
+    REF.norm_rope_store(x, weight, 1e-6, cos, sin, qat, PagedRows(want, table, dest.count, codec, dtype), rows, index)
+    at = (rows, index) if by_rows else (torch.arange(batch).unsqueeze(1), index)  # (the written rows alone)
+    read = REF.load_rows(PagedRows(one.cpu(), table, dest.count, codec, dtype))[at].float()
+    expected = REF.load_rows(PagedRows(want, table, dest.count, codec, dtype))[at].float()
+    # (the norm's sum in another order can move a row one bf16 step, and its FP8 / FP4 codes a block's step)
+    torch.testing.assert_close(read, expected, rtol=0.13, atol=0.13 * expected.abs().max().item())
+    assert (read == expected).float().mean() > 0.9
+
+
+def test_norm_rope_store_covers_what_both_kernels_cover():
+    from dsv4.kernels.triton import rows as row_kernels
+
+    fp8 = PackedCodec("kv", 512, 64, torch.bfloat16)
+    pool = torch.zeros(4, 8, kv_layout(512, 64)[3], dtype=torch.uint8)
+    table, rows, index = torch.zeros(2, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), \
+        torch.zeros(3, dtype=torch.long)
+    x, weight = torch.zeros(3, 512, dtype=torch.bfloat16), torch.ones(512)
+    cos = sin = torch.zeros(3, 32)
+    dest = PagedRows(pool, table, 32, fp8, torch.bfloat16)
+    assert row_kernels.covers_norm_rope_store(x, weight, cos, sin, "fp8_nope", dest, rows, index)
+    # fp32 rows into the fp8 layout (store_rows' limit), a width not a power of two (norm_rope_qat's), a bad rounding
+    assert not row_kernels.covers_norm_rope_store(x.float(), weight, cos, sin, "fp8_nope", dest, rows, index)
+    odd = PackedCodec("kv", 96, 32, torch.bfloat16)
+    odd_pool = torch.zeros(4, 8, kv_layout(96, 32)[3], dtype=torch.uint8)
+    assert not row_kernels.covers_norm_rope_store(x[:, :96], weight[:96], cos[:, :16], sin[:, :16], "fp8_nope",
+                                                  PagedRows(odd_pool, table, 32, odd, torch.bfloat16), rows, index)
+    assert not row_kernels.covers_norm_rope_store(x, weight, cos, sin, "fp9", dest, rows, index)

@@ -101,6 +101,61 @@ def test_hc_collapse_and_post_equal_the_reference_bit_for_bit(dtype, tokens, h, 
     assert got.dtype == dtype and torch.equal(got, REF.hc_post(out, x, post, comb))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "h", "d"), [(1, 4, 512), (5, 4, 384), (3, 3, 200), (2, 4, 4096)])
+@pytest.mark.parametrize("quantize", [True, False])
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interpreter_tiles", "gpu_tiles"])
+def test_hc_pre_norm_is_hc_pre_then_the_norm_in_its_two_launches(dtype, tokens, h, d, quantize, gpu_tiles,
+                                                                 monkeypatch):
+    """`hc_pre_norm`: the collapse's programs take whole rows and norm them (and quantise them) as they store them,
+    two launches in all; post and comb are `hc_pre`'s, the normed rows and their e4m3 codes and scales those of
+    `rms_norm_quant`'s kernel over `hc_pre`'s rows, bit for bit (the same row tiles, so the norm's sum is the
+    same). Widths not a power of two nor a multiple of the quantisation block; V4's 4,096."""
+    from dsv4.kernels.triton import rows
+
+    x = _rand(1, tokens, h, d, seed=d + h, dtype=dtype)
+    fn, scale, base = _map(h, d, seed=h + 1)
+    weight = _rand(d, seed=3).abs() + 0.5
+    args = (_on(x), _on(fn), _on(scale), _on(base), h, 20, 1e-6, 1e-6)
+    if gpu_tiles:
+        monkeypatch.setattr(mhc, "interpreting", lambda: False)
+        monkeypatch.setattr(rows, "interpreting", lambda: False)
+    u, post, comb = mhc.hc_pre(*args)
+    launches = []
+    kernels = (mhc._mixes_partials_kernel, mhc._sinkhorn_collapse_kernel)
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _k=kernel, **kw: (launches.append(_k),
+                                                                                         _run(*a, **kw))[1])
+    normed, quantized, post2, comb2 = mhc.hc_pre_norm(*args, _on(weight), 1e-5, quantize)
+    assert launches == list(kernels)
+    assert torch.equal(post2, post) and torch.equal(comb2, comb)
+    if quantize:
+        want, (codes, scales) = rows.rms_norm_quant(u, _on(weight), 1e-5)
+        assert torch.equal(quantized[0].view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(quantized[1], scales) and quantized[1].shape == (1, tokens, -(-d // 128))
+    else:
+        want = rows.rms_norm(u, _on(weight), 1e-5)
+        assert quantized is None
+    assert normed.dtype == dtype and torch.equal(normed, want)
+    ref_normed, ref_quantized, _, _ = REF.hc_pre_norm(x, fn, scale, base, h, 20, 1e-6, 1e-6, weight, 1e-5, quantize)
+    if dtype == torch.float32:  # (hc_pre's cancelling sums' absolute error, scaled by the norm)
+        torch.testing.assert_close(normed.cpu(), ref_normed, rtol=1e-5, atol=5e-5)
+    else:  # (u one bf16 step from the reference's, as `hc_pre`'s test allows, then the norm's own step)
+        assert _steps(normed.cpu(), ref_normed) <= 2
+    assert (ref_quantized is None) == (not quantize)
+
+
+def test_what_the_fused_norm_covers():
+    x = torch.zeros(1, 2, 4, 64)
+    fn, scale, base = _map(4, 64, seed=0)
+    assert mhc.covers_pre_norm(x, fn, scale, base, 4, 20, torch.ones(64))
+    assert not mhc.covers_pre_norm(x, fn, scale, base, 4, 20, torch.ones(64, dtype=torch.float64))
+    assert not mhc.covers_pre_norm(x, fn, scale, base, 4, 20, torch.ones(32))  # (not the rows' width)
+    assert not mhc.covers_pre_norm(x, fn, scale, base, 4, 20, torch.ones(64, requires_grad=True))
+    wide = torch.zeros(1, 1, 1, 32768)  # a row wider than a program norms whole
+    assert not mhc.covers_pre_norm(wide, *_map(1, 32768, seed=0), 1, 20, torch.ones(32768))
+
+
 def test_what_the_mhc_kernels_cover():
     x = torch.randn(2, 3, 4, 64)
     fn, scale, base = _map(4, 64, seed=0)

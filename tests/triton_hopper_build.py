@@ -75,6 +75,7 @@ def run_calls() -> None:
         w4, s4 = quantize_fp4_weight(torch.randn(192, 256))
         tri.fp8_gemm(xq, xs, w8, s8, dtype)
         tri.fp4_gemm(xq, xs, w4, s4, dtype)
+        tri.linears(x, [(w8, s8), quantize_fp8_weight(torch.randn(64, 256))], (xq, xs))  # two weights, one launch
         # a prefill's many rows: 64-row tiles (a decode's are 16)
         prefill = torch.randn(200, 256).to(dtype)
         tri.fp8_gemm(*ref.act_quant(prefill), w8, s8, dtype)
@@ -117,6 +118,9 @@ def run_calls() -> None:
         for h, d in ((4, 4096), (3, 100)):
             x = torch.randn(2, 3, h, d).to(dtype)
             tri.hc_pre(x, torch.randn((2 + h) * h, h * d), torch.rand(3), torch.randn((2 + h) * h), h, 20, 1e-6, 1e-6)
+            for quantize in (True, False):  # the sublayer's norm (and quantisation) in the collapse's programs
+                tri.hc_pre_norm(x, torch.randn((2 + h) * h, h * d), torch.rand(3), torch.randn((2 + h) * h), h, 20,
+                                1e-6, 1e-6, torch.rand(d), 1e-6, quantize)
             tri.hc_collapse(x, torch.rand(2, 3, h))
             tri.hc_head(x, torch.randn(h, h * d), torch.rand(1), torch.randn(h), 1e-6, 1e-6)
             tri.hc_post(torch.randn(2, 3, d).to(dtype), x, torch.rand(2, 3, h), torch.rand(2, 3, h, h))
@@ -269,6 +273,22 @@ def run_calls() -> None:
                     tri.store_rows(torch.randn(2, args.index_head_dim).to(dtype), key_pages, torch.tensor([0, 1]),
                                    torch.tensor([5, 19]))
                     tri.load_rows(key_pages)
+                    # a decode step's fused forms: its rows normed straight into their ring slots and pages, and
+                    # fp8 rings read by the attention as they are stored (alone, and beside fp8 entries)
+                    half = args.rope_head_dim // 2
+                    cos, sin = torch.rand(2, half), torch.rand(2, half)
+                    tri.norm_rope_store(torch.randn(2, 1, d).to(dtype), torch.rand(d), 1e-6, cos[:, None], sin[:, None],
+                                        "fp8_nope" if codec else "none", stored_rings, None, torch.tensor([[3], [7]]))
+                    tri.norm_rope_store(torch.randn(2, d).to(dtype), torch.rand(d), 1e-6, cos, sin,
+                                        "fp8_nope" if codec else "none", paged, torch.tensor([0, 1]),
+                                        torch.tensor([5, 19]))
+                    tri.norm_rope_store(torch.randn(2, args.index_head_dim).to(dtype), torch.rand(args.index_head_dim),
+                                        1e-6, cos[:, :8], sin[:, :8], "hadamard_fp4" if keys else "hadamard",
+                                        key_pages, torch.tensor([0, 1]), torch.tensor([5, 19]))
+                    if codec is not None:
+                        assert attention.covers(qp, [stored_rings, paged], idx_p, sink_p)
+                        tri.sparse_attn(qp, [stored_rings, paged], idx_p, sink_p, 0.125, *rot_p)
+                        tri.sparse_attn(qp, [stored_rings], idx_p.clamp(max=9), sink_p, 0.125, *rot_p)
 
 
 class _Launching:

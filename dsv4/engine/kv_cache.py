@@ -92,9 +92,12 @@ class PagedEntries:
     def read(self, count: int) -> Tensor:
         return kernels.load_rows(self.rows(count))  # [B, count, width] decoded
 
+    def destination(self) -> PagedRows:
+        return self.rows(self.table.shape[1] * self.per_page)
+
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         # (one op: the pages looked up, the rows encoded and stored, which a backend may do in one kernel)
-        kernels.store_rows(values, self.rows(self.table.shape[1] * self.per_page), rows, index)
+        kernels.store_rows(values, self.destination(), rows, index)
 
     def select(self, rows: Tensor, shared: dict | None = None) -> PagedEntries:
         """The same pool under the block-table rows of batch rows `rows` (pages are allocated before a step, so

@@ -55,6 +55,7 @@ OPS = (
     "fp8_gemm",
     "fp4_gemm",
     "linear",
+    "linears",
     "greedy_head",
     "head_cross_entropy",
     "hadamard",
@@ -63,11 +64,13 @@ OPS = (
     "head_norm",
     "rope",
     "norm_rope_qat",
+    "norm_rope_store",
     "sparse_attn",
     "index_scores",
     "index_topk",
     "hc_mixes",
     "hc_pre",
+    "hc_pre_norm",
     "hc_collapse",
     "hc_head",
     "hc_split_sinkhorn",
@@ -77,6 +80,7 @@ OPS = (
     "project_ring_pool",
     "store_rows",
     "load_rows",
+    "attends_in_place",
     "moe_gate",
     "routes_on_device",
     "routed_experts",
@@ -270,6 +274,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     return active_backend().linear(x, weight, scale, quantized)
 
 
+def linears(x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+            quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """`linear(x, weight, scale, quantized)` for each (weight, scale) of one input x, in order: one op, so that a
+    backend can run the GEMMs of several quantised weights over the same activations as one launch (a decode
+    step's wq_a and wkv)."""
+    return active_backend().linears(x, weights, quantized)
+
+
 def greedy_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The greedy token (first maximum) of each row of x @ weight^T, a float vocabulary projection: int64 [...]."""
     return active_backend().greedy_head(x, weight)
@@ -319,6 +331,14 @@ def norm_rope_qat(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos:
     """RMSNorm (weight None: none), the rotation of the last dims, then the QAT rounding `qat` ("none", "fp8_nope",
     "hadamard", "hadamard_fp4") of the rows a cache or the indexer stores: one op, a new tensor in x's dtype."""
     return active_backend().norm_rope_qat(x, weight, eps, cos, sin, qat)
+
+
+def norm_rope_store(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                    qat: str, dest: PagedRows, rows: torch.Tensor | None, index: torch.Tensor) -> None:
+    """`norm_rope_qat` of rows that go straight into a cache: the result stored as `store_rows(., dest, rows, index)`
+    stores it (x [M, D] with rows [M], or x [B, S, D] with rows None), and not returned. One op, so that a backend
+    can normalise, round, encode and store a decode step's window row or compressed entry in one pass."""
+    active_backend().norm_rope_store(x, weight, eps, cos, sin, qat, dest, rows, index)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor | Sequence[KVRows], idx: torch.Tensor, sink: torch.Tensor,
@@ -388,6 +408,12 @@ def load_rows(src: PagedRows) -> torch.Tensor:
     return active_backend().load_rows(src)
 
 
+def attends_in_place(rows: PagedRows) -> bool:
+    """Whether `sparse_attn` takes these stored rows (a cache's window rings) as its first run as they are, decoding
+    them as it reads them, rather than decoded by `load_rows` first: what a decode step hands it."""
+    return active_backend().attends_in_place(rows)
+
+
 def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,
              score_func: str, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MoE router: (weights [T, k], expert ids [T, k], scores [T, E]) for tokens x [T, d] (ids given by a hash
@@ -432,6 +458,15 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     """mHC's read of the streams x [B, S, h, d]: the sublayer input u [B, S, d], post [B, S, h] and comb [B, S, h, h]
     (`hc_mixes`, `hc_split_sinkhorn` and `hc_collapse` in turn)."""
     return active_backend().hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
+
+
+def hc_pre_norm(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
+                iters: int, eps: float, norm_eps: float, weight: torch.Tensor, rms_eps: float, quantize: bool
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor, torch.Tensor]:
+    """`hc_pre`, then the sublayer's RMSNorm of its input u (`rms_norm` with weight and rms_eps; with `quantize`,
+    `rms_norm_quant`): (normed [B, S, d], its FP8 quantisation or None, post, comb). One op, so that a backend can
+    norm the rows its collapse makes before it stores them."""
+    return active_backend().hc_pre_norm(x, fn, scale, base, hc_mult, iters, eps, norm_eps, weight, rms_eps, quantize)
 
 
 def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:

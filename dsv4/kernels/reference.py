@@ -253,6 +253,11 @@ class ReferenceBackend:
             return F.linear(x.to(weight.dtype), weight).to(x.dtype)
         raise TypeError(f"linear: unsupported weight dtype {weight.dtype}")
 
+    def linears(self, x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+                quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """`linear` of x for each (weight, scale), in order."""
+        return [self.linear(x, w, s, quantized) for w, s in weights]
+
     def greedy_head(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The greedy token of each row of x [..., K] against a float vocabulary projection weight [V, K]: the
         first maximum (lowest id among ties, a NaN counting as the maximum) of ``linear(x, weight)`` [..., V],
@@ -332,9 +337,21 @@ class ReferenceBackend:
         pages = dest.table[rows, torch.div(index, per_page, rounding_mode="floor")]
         dest.pool[pages, index % per_page] = stored
 
+    def norm_rope_store(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                        sin: torch.Tensor, qat: str, dest: PagedRows, rows: torch.Tensor | None,
+                        index: torch.Tensor) -> None:
+        """`norm_rope_qat` then `store_rows` of its result (a cache write: not differentiable)."""
+        with torch.no_grad():
+            self.store_rows(self.norm_rope_qat(x, weight, eps, cos, sin, qat), dest, rows, index)
+
     def load_rows(self, src: PagedRows) -> torch.Tensor:
         """Every addressable row of `src` [B, count, D] in `src.dtype`: its pages gathered, then decoded."""
         return src.dense()
+
+    def attends_in_place(self, rows: PagedRows) -> bool:
+        """Rows in the compute form (no codec) only: this backend's attention decodes every paged run whole, which
+        one `load_rows` before it does as well."""
+        return rows.codec is None
 
     def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | None,
                  score_func: str, topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -637,6 +654,17 @@ class ReferenceBackend:
         mixes = self.hc_mixes(x, fn, norm_eps)
         pre, post, comb = self.hc_split_sinkhorn(mixes, scale, base, hc_mult, iters, eps)
         return self.hc_collapse(x, pre), post, comb
+
+    def hc_pre_norm(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
+                    iters: int, eps: float, norm_eps: float, weight: torch.Tensor, rms_eps: float, quantize: bool
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor, torch.Tensor]:
+        """`hc_pre`, then `rms_norm` of u (with `quantize`, `rms_norm_quant`: inference): (normed, its FP8
+        quantisation or None, post, comb). Differentiable without `quantize`."""
+        u, post, comb = self.hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
+        if quantize:
+            normed, quantized = self.rms_norm_quant(u, weight, rms_eps)
+            return normed, quantized, post, comb
+        return self.rms_norm(u, weight, rms_eps), None, post, comb
 
     def hc_split_sinkhorn(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_mult: int,
                           iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

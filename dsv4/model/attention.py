@@ -20,7 +20,7 @@ from ..kernels.paged import KVRows, concat_rows, gather_rows
 from .cache import ForwardContext, LayerCache
 from .compressor import Compressor
 from .indexer import Indexer, indexer_kl_loss
-from .layers import Linear, RMSNorm, project, reads_quantized
+from .layers import Linear, RMSNorm, project, project_pair, reads_quantized
 from .rope import rope_cos_sin, rope_frequencies
 
 
@@ -65,22 +65,27 @@ class Attention(nn.Module):
         # [B,S,R/2], the same for every layer of this kind (one frequency table per kind)
         cos, sin = ctx.shared(("rope", self.ratio > 0), lambda: rope_cos_sin(self.freqs, ctx.positions))
 
-        # [B,S,q_lora]; with its FP8 quantisation (for wq_b and the indexer's wq_b) where quantised linears read it
-        c_q, c_q_quantized = project(self.wq_a, x, quantized), None
+        # [B,S,q_lora] and [B,S,D] (the KV before its norm and rotation), one op for both where it can
+        c_q, raw_kv = project_pair(self.wq_a, self.wkv, x, quantized)
+        c_q_quantized = None  # c_q's FP8 quantisation (for wq_b and the indexer's wq_b) where quantised linears read it
         if quantized is not None and reads_quantized(self.wq_b):
             c_q, c_q_quantized = self.q_norm(c_q, True)
         else:
             c_q = self.q_norm(c_q)
-        q = project(self.wq_b, c_q, c_q_quantized).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
+        if self.ratio == CSA_RATIO and c_q_quantized is not None:  # (inference) the indexer's queries come from c_q
+            # too: both projections in one op
+            q, index_q = project_pair(self.wq_b, self.indexer.wq_b, c_q, c_q_quantized)
+        else:
+            q, index_q = project(self.wq_b, c_q, c_q_quantized), None
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,H,D]
         # normalised, then RoPE; over wq_b's output (this call's own) where no gradient is wanted
         q = kernels.head_norm(q, self.eps, cos.unsqueeze(2), sin.unsqueeze(2), inplace=not torch.is_grad_enabled())
 
-        # [B,S,D] normed and rotated; the official inference rounds the non-rope dims of every cached KV to FP8
-        kv = kernels.norm_rope_qat(project(self.wkv, x, quantized), self.kv_norm.weight, self.kv_norm.eps, cos, sin,
-                                   "fp8_nope" if ctx.exact else "none")
-
+        # the KV's norm and rotation; the official inference rounds the non-rope dims of every cached KV to FP8 after
+        # them
+        kv_norm = (self.kv_norm.weight, self.kv_norm.eps, cos, sin, "fp8_nope" if ctx.exact else "none")
         # window candidates: the ring holds positions start-W .. start-1, the chunk start .. start+S-1
-        window_rows, window_idx, pending = self._window(kv, ctx, cache)
+        window_rows, window_idx, pending = self._window(raw_kv, kv_norm, ctx, cache)
         kv_rows, idx = list(window_rows), window_idx  # runs of KV rows, each query's indices into their concatenation
         if self.ratio:
             xf = x.to(torch.float32)  # [B,S,d] what the compressors' fp32 projections read (the indexer's too)
@@ -93,7 +98,7 @@ class Attention(nn.Module):
                 # offset + j) or -1
                 idx, index_scores = self.indexer(x, c_q, cos, sin, self.freqs, ctx, cache.indexer, dense=dense,
                                                  offset=offset, c_q_quantized=c_q_quantized, x_fp32=xf,
-                                                 prefix=window_idx)
+                                                 prefix=window_idx, q=index_q)
             else:  # every causally complete entry: the same for every layer of this ratio in a forward (and so
                 # is the whole index, for layers whose window indices are the same tensor, held with it)
                 key = ("hca_idx", self.ratio, n_entries, offset, id(window_idx))
@@ -122,26 +127,33 @@ class Attention(nn.Module):
         z = torch.bmm(o, wo_a.to(o.dtype).transpose(1, 2))  # [G, B*S, R]
         return self.wo_b(z.transpose(0, 1).reshape(bsz, seqlen, -1))
 
-    def _window(self, kv: Tensor, ctx: ForwardContext, cache: LayerCache
+    def _window(self, raw_kv: Tensor, kv_norm: tuple, ctx: ForwardContext, cache: LayerCache
                 ) -> tuple[list[KVRows], Tensor, tuple[Tensor, Tensor] | None]:
         """The window's runs of KV rows, each query's window indices into their concatenation [B, S, W'] (S < W
         slots for a prefill shorter than the window): oldest -> newest, then -1 for the slots before the
         sequence start (the official order, which decides the attention kernel's blocks of candidates), and a
-        ring write left for after the attention (slots, rows), or None.
+        ring write left for after the attention (slots, rows), or None. The chunk's rows are raw_kv [B, S, D]
+        through `kernels.norm_rope_qat(raw_kv, *kv_norm)`.
 
         A decode step whose ring gives its rows back exactly (as they are, or through a lossless codec) writes the
-        token first and runs on the ring alone [B, W, D]. A verify step's few tokens (at most W, every row
+        token first (normed straight into the ring where the ring is a store destination: one op) and runs on the
+        ring alone [B, W, D]. A verify step's few tokens (at most W, every row
         appending them) run on the ring as it is (decoded, under a codec) and the chunk, [B, W, D] and [B, S, D],
         and take their slots once the ring has been read. Otherwise the ring's rows in position order and the chunk
         are one run [B, W+S, D]."""
         W = self.window
         slots = ctx.shared(("slots", W), lambda: ctx.positions % W)  # [B,S] each token's ring slot
-        same_form = cache.codec is None and cache.window.dtype == kv.dtype
+        same_form = cache.codec is None and cache.window.dtype == raw_kv.dtype
         # the ring gives back the token's row as written: it may be stored before the ring is read
-        lossless = same_form or (cache.codec is not None and cache.codec.round_trips(kv.dtype, ctx.exact))
+        lossless = same_form or (cache.codec is not None and cache.codec.round_trips(raw_kv.dtype, ctx.exact))
         if ctx.appends == 1 and lossless:
-            cache.write_window_slots(slots, kv.detach())
+            dest = cache.window_destination()
+            if dest is not None:
+                kernels.norm_rope_store(raw_kv, *kv_norm, dest, None, slots)
+            else:
+                cache.write_window_slots(slots, kernels.norm_rope_qat(raw_kv, *kv_norm).detach())
             return [cache.window_rows()], ctx.shared(("window1", W), lambda: _one_token_window(W, ctx)), None
+        kv = kernels.norm_rope_qat(raw_kv, *kv_norm)
         in_place = 0 < ctx.appends <= W
         if in_place and (same_form or cache.codec is not None):
             idx = ctx.shared(("window_ring", W), lambda: _ring_window_indices(W, kv.shape[1], ctx))

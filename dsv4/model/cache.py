@@ -52,6 +52,10 @@ class EntryStore(Protocol):
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         """Store values [n, c] as entry index[i] of batch row rows[i]."""
 
+    def destination(self) -> PagedRows | None:
+        """Where `write` stores as a `kernels.store_rows` destination, for an op that stores the rows it makes
+        (`kernels.norm_rope_store`), or None: written through `write` only."""
+
     def select(self, rows: Tensor, shared: dict | None = None) -> EntryStore:
         """This store seen through batch rows `rows` (row i of the view is row rows[i] here). `shared`: what the
         views that one `Cache.select` makes may share (a dict it passes to every store, e.g. the engine's stores'
@@ -72,6 +76,9 @@ class DenseEntries:
 
     def rows(self, count: int) -> KVRows:
         return self.read(count)
+
+    def destination(self) -> PagedRows | None:
+        return None
 
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         if self.differentiable:
@@ -94,6 +101,9 @@ class DenseEntryRows:
 
     def rows(self, count: int) -> KVRows:
         return self.read(count)
+
+    def destination(self) -> PagedRows | None:
+        return None
 
     def write(self, rows: Tensor, index: Tensor, values: Tensor) -> None:
         self.parent.write(self.batch_rows[rows], index, values)
@@ -170,6 +180,11 @@ class LayerCache:
         scatter along the slots (an index_put would first build the batch rows' index, a kernel of its own)."""
         stored = rows if self.codec is None else self.codec.encode(rows)
         self.window.scatter_(1, slots.unsqueeze(-1).expand(-1, -1, stored.shape[-1]), stored)
+
+    def window_destination(self) -> PagedRows | None:
+        """The rings as a `kernels.store_rows` destination, for an op that stores the rows it makes
+        (`kernels.norm_rope_store`), or None: written through `write_window_slots` only (this dense ring)."""
+        return None
 
 
 class Cache:
@@ -374,10 +389,10 @@ class LayerCacheRows:
         return kernels.load_rows(self._rings())
 
     def window_rows(self) -> KVRows:
-        """These rows' rings left in the parent's: each batch row's ring one page of W rows (no copy), or decoded
-        from a codec's stored form (one op)."""
+        """These rows' rings left in the parent's: each batch row's ring one page of W rows (no copy), stored rows
+        where the attention decodes them itself (`kernels.attends_in_place`), else decoded (one op)."""
         rings = self._rings()
-        return rings if rings.codec is None else kernels.load_rows(rings)
+        return rings if kernels.attends_in_place(rings) else kernels.load_rows(rings)
 
     def _rings(self) -> PagedRows:
         """These rows' rings as they are stored in the parent's: each batch row's ring one page of W rows."""
@@ -391,6 +406,9 @@ class LayerCacheRows:
 
     def write_window_slots(self, slots: Tensor, rows: Tensor) -> None:
         kernels.store_rows(rows, self._rings(), None, slots)
+
+    def window_destination(self) -> PagedRows | None:
+        return self._rings()
 
     @property
     def codec(self) -> RowCodec | None:

@@ -249,8 +249,14 @@ class Compressor(nn.Module):
 
     def _store(self, pooled: Tensor, pool: _PoolPlan, state: CompressorState, ctx: ForwardContext) -> None:
         """The pooled entries [B*M, c] (in the entries' dtype) normed, rotated and rounded, and the finished ones
-        written."""
+        written: straight into the store in one op where every one is finished and the store is a destination
+        (the engine's pages)."""
         pooled = pooled.view(*pool.entry_ids.shape, self.head_dim)
+        dest = state.entries.destination() if pool.every else None
+        if dest is not None:
+            kernels.norm_rope_store(pooled.flatten(0, 1), self.norm.weight, self.norm.eps, pool.cos.flatten(0, 1),
+                                    pool.sin.flatten(0, 1), self._qat(ctx.exact), dest, pool.rows, pool.written)
+            return
         entry = kernels.norm_rope_qat(pooled, self.norm.weight, self.norm.eps, pool.cos, pool.sin,
                                       self._qat(ctx.exact))
         finished = entry.flatten(0, 1) if pool.every else entry[pool.rows, pool.cols]

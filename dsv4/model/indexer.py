@@ -43,13 +43,14 @@ class Indexer(nn.Module):
     def forward(self, x: Tensor, c_q: Tensor, cos: Tensor, sin: Tensor, freqs: Tensor, ctx: ForwardContext,
                 state: CompressorState, dense: bool = False, offset: int = 0,
                 c_q_quantized: tuple[Tensor, Tensor] | None = None, x_fp32: Tensor | None = None,
-                prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                prefix: Tensor | None = None, q: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x [B,S,d], c_q [B,S,q_lora] -> selected entry ids [B,S,k] (by descending index score, -1 =
         none, last), each plus `offset` (where the attention's rows hold entry 0), and their index scores [B,S,k].
         `dense` (the warm-up stage of training) selects every visible entry instead, in index order: ids and
         scores [B,S,N]. `c_q_quantized`: act_quant(c_q) where the caller has it, for wq_b; `x_fp32`: x in fp32
         where the caller has it, for the compressor; `prefix` [B,S,W]: ids put before the selected ones (the
-        attention's window slots: its whole index in one tensor).
+        attention's window slots: its whole index in one tensor); `q`: wq_b(c_q) [B,S,Hi*Di] where the caller made
+        it (an inference step's, with its own projection of c_q: `layers.project_pair`).
 
         The inputs are detached: selection is not differentiable, so the indexer learns only from its
         own KL loss against the attention (`indexer_kl_loss`), and that loss must not train the backbone.
@@ -60,9 +61,9 @@ class Indexer(nn.Module):
         if n_entries == 0:
             empty = torch.full((*x.shape[:2], 0), -1, dtype=torch.long, device=x.device)
             return (empty if prefix is None else prefix), empty.to(torch.float32)
-        if not reads_quantized(self.wq_b):
-            c_q_quantized = None
-        q = project(self.wq_b, c_q, c_q_quantized).unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
+        if q is None:
+            q = project(self.wq_b, c_q, c_q_quantized if reads_quantized(self.wq_b) else None)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))  # [B,S,Hi,Di]
         q = kernels.norm_rope_qat(q, None, 0.0, cos.unsqueeze(2), sin.unsqueeze(2),
                                   "hadamard_fp4" if ctx.exact else "hadamard")
         weights = self.weights_proj(x)  # [B,S,Hi], times weight_scale in the scores' op

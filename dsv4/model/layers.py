@@ -64,6 +64,17 @@ def project(linear: nn.Module, x: Tensor, quantized: tuple[Tensor, Tensor] | Non
     return linear(x) if quantized is None else linear(x, quantized)
 
 
+def project_pair(first: nn.Module, second: nn.Module, x: Tensor, quantized: tuple[Tensor, Tensor] | None
+                 ) -> tuple[Tensor, Tensor]:
+    """(first(x), second(x)) for two linears of one input, given act_quant(x) where the caller has it: one
+    `kernels.linears` op where both are plain quantised `Linear`s handed it (a backend may run both GEMMs as one
+    launch), else each as the module it is (`project`; the quantisation handed to those that read it)."""
+    if quantized is not None and reads_quantized(first, second):
+        a, b = kernels.linears(x, [(first.weight, first.scale), (second.weight, second.scale)], quantized)
+        return a, b
+    return tuple(project(m, x, quantized if reads_quantized(m) else None) for m in (first, second))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm in fp32 with an fp32 weight (the checkpoint stores bf16); output in the input dtype."""
 
@@ -79,6 +90,14 @@ class RMSNorm(nn.Module):
         if quantize:
             return kernels.rms_norm_quant(x, self.weight, self.eps)
         return kernels.rms_norm(x, self.weight, self.eps)
+
+
+def norm_weight(norm: nn.Module) -> Tensor | None:
+    """The weight of an `RMSNorm` that runs its own forward (not a subclass's, nor one patched onto the instance): a
+    kernel may then norm its rows as part of what makes them (`kernels.hc_pre_norm`). None otherwise: the module
+    is called as it is."""
+    plain = isinstance(norm, RMSNorm) and type(norm).forward is RMSNorm.forward and "forward" not in norm.__dict__
+    return norm.weight if plain else None
 
 
 class Embedding(nn.Module):

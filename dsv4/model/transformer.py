@@ -17,7 +17,7 @@ from ..config import ModelArgs
 from ..kernels.capture import without_host_reads
 from .attention import Attention
 from .cache import Cache, CacheRows, ForwardContext, ForwardTrace, LayerCache
-from .layers import Embedding, Linear, RMSNorm
+from .layers import Embedding, Linear, RMSNorm, norm_weight
 from .mhc import HC_MODES, hc_head, hc_post, hc_pre
 from .moe import MoE
 
@@ -46,33 +46,36 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(n_mix, dtype=torch.float32)))
             self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3, dtype=torch.float32)))
 
-    def _pre(self, site: str, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _pre(self, site: str, norm: RMSNorm, x: Tensor, ctx: ForwardContext, quantize: bool
+             ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None, Tensor | None]:
+        """The sublayer's input from the streams x, normed: (normed, its FP8 quantisation where `quantize` asks
+        (inference, quantised linears reading it; None where not, or where the backend's linears quantise for
+        themselves), post, comb). In mHC, with a norm that runs its own forward, one op (`kernels.hc_pre_norm`)."""
         a = self.args
-        u, post, comb = hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                               getattr(self, f"hc_{site}_base"), a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps,
-                               a.norm_eps, self.hc_mode)
+        fn, scale, base = (getattr(self, f"hc_{site}_{part}") for part in ("fn", "scale", "base"))
+        weight = norm_weight(norm)
+        if self.hc_mode == "mhc" and weight is not None:
+            normed, quantized, post, comb = kernels.hc_pre_norm(x, fn, scale, base, a.hc_mult, a.hc_sinkhorn_iters,
+                                                                a.hc_eps, a.norm_eps, weight, norm.eps, quantize)
+        else:
+            u, post, comb = hc_pre(x, fn, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps,
+                                   self.hc_mode)
+            normed, quantized = norm(u, True) if quantize else (norm(u), None)
         if ctx.trace is not None:
             ctx.trace.hc_maps.append(comb)
-        return u, post, comb
+        return normed, quantized, post, comb
 
     def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache, reuse_input: bool = False) -> Tensor:
         """x [B,S,hc,d] -> the new streams. `reuse_input`: the caller has no further use for x, whose storage may
         then hold the result. Without gradients the streams between the two sublayers, this call's own, are
         written over in place."""
         inplace = not torch.is_grad_enabled()
-        u, post, comb = self._pre("attn", x, ctx)
-        normed, quantized = _normed(self.attn_norm, u, inplace and self.attn.reads_quantized())
+        normed, quantized, post, comb = self._pre("attn", self.attn_norm, x, ctx,
+                                                  inplace and self.attn.reads_quantized())
         x = hc_post(self.attn(normed, ctx, cache, quantized), x, post, comb, inplace=inplace and reuse_input)
-        u, post, comb = self._pre("ffn", x, ctx)
         routing = ctx.trace.routing if ctx.trace is not None else None
-        normed, quantized = _normed(self.ffn_norm, u, inplace and self.ffn.reads_quantized())
+        normed, quantized, post, comb = self._pre("ffn", self.ffn_norm, x, ctx, inplace and self.ffn.reads_quantized())
         return hc_post(self.ffn(normed, ctx.tokens, routing, quantized), x, post, comb, inplace=inplace)
-
-
-def _normed(norm: RMSNorm, u: Tensor, quantize: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """A sublayer's normed input, and (`quantize`: inference, quantised linears reading it) its FP8 quantisation,
-    made once for all of them (None where not asked for, or where the backend's linears quantise for themselves)."""
-    return norm(u, True) if quantize else (norm(u), None)
 
 
 def _add_hc_head(module: nn.Module, args: ModelArgs) -> None:

@@ -8,7 +8,8 @@ Ops with a kernel:
 * **block-scaled GEMMs** (`fp8_gemm`, `fp4_gemm`, `gemm.py`): FP8 tensor-core dots per K block with the
   official two-level fp32 accumulation (an FP8 weight's GEMM over many rows through torch's own blockwise kernel
   on Hopper where a probe agrees, `scaled_mm.py`); `linear` and the experts reach them through the reference's
-  `act_quant` + GEMM composition, or over the quantisation `rms_norm_quant` handed over.
+  `act_quant` + GEMM composition, or over the quantisation `rms_norm_quant` handed over; `linears` runs two FP8
+  weights over one input's few rows (a decode step's wq_a and wkv, wq_b and the indexer's) as one launch.
 * **routed experts** (`experts.py`): the routed rows sorted by expert once and run as two grouped GEMM launches
   (gate + up with the SwiGLU fused, reading each token's row quantised once, then down, writing each output at
   its (token, slot) place) over tiles that find their expert's weights through a pointer table, FP8, FP4 or
@@ -17,9 +18,9 @@ Ops with a kernel:
   kernel for a decode's few rows).
 * **sparse attention** (`attention.py`): each query's window and selected compressed rows read in place (a cache
   view's window rings from the cache, paged entries from their pool, the production FP8 row layout decoded in the
-  kernel), the official 64-slot online softmax with the sink; the output's rope dims rotated back as it is written;
-  in a training step also its backward (`attention_grad.py`: the forward keeping each head's log-sum-exp, one
-  backward launch adding the rows' gradients atomically).
+  kernel, fp8 window rings too: `attends_in_place`), the official 64-slot online softmax with the sink; the
+  output's rope dims rotated back as it is written; in a training step also its backward (`attention_grad.py`:
+  the forward keeping each head's log-sum-exp, one backward launch adding the rows' gradients atomically).
 * **lightning indexer scores** (`indexer.py`): one program per (entries, queries, batch row) tile, the heads'
   dots against one keys tile added up in head order; the engine's paged keys read in place, the fp8 format's
   FP4 keys decoded in the kernel.
@@ -29,12 +30,14 @@ Ops with a kernel:
 * **mHC** (`sinkhorn.py`, `mhc.py`): the Sinkhorn projection with every token's matrix in registers for all
   iterations (and, in a training step, its backward as one more launch); `hc_pre` as partial products with the
   mixing map, then one launch adding them up, splitting and projecting, and collapsing the streams (two
-  launches), and the hc head's pre and collapse the same way; `hc_post` and `hc_collapse` in one each (and in a
-  training step their backward in one more each, `mhc_grad.py`).
+  launches; `hc_pre_norm`: the collapse's programs take whole rows and norm them, with their FP8 quantisation, as
+  `rms_norm_quant`'s kernel does), and the hc head's pre and collapse the same way; `hc_post` and `hc_collapse`
+  in one each (and in a training step their backward in one more each, `mhc_grad.py`).
 * **row ops** (`rows.py`): `rms_norm` (with `rms_norm_quant`, its output's FP8 codes and scales written by the
   same program; in a training step differentiable, `rows_grad.py`), the queries' `head_norm` with their
   rotation, `rope`, `hadamard` (its butterfly passes in registers), and `norm_rope_qat` (the keys', entries' and
-  indexer queries' norm, rotation and QAT rounding in one pass), one launch each.
+  indexer queries' norm, rotation and QAT rounding in one pass; `norm_rope_store`: the rows then encoded and stored
+  into a cache's pages as `kv_rows` stores them), one launch each.
 * **the cache's stored rows** (`kv_rows.py`): a row set written (its pages looked up, encoded in the production
   "fp8" layouts or stored as it is) and a run of rows read and decoded, one launch each.
 * **the compressors' pooling** (`pool.py`): each entry's candidates read in place, the per-channel softmax and
@@ -51,7 +54,7 @@ Ops with a kernel:
   over all experts (differentiable by torch; no read of the device, where the reference reads it per expert).
 
 At a batch-1 decode step a kernel's cost is its launch, not its bytes: `benchmarks/decode_launches.py` counts a
-static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 301 after).
+static decode step's kernels (small preset, exact numerics: 1,635 before these fusions, 252 after).
 
 A training step (gradients wanted) runs the ops with a backward here (`grouped.py`, `sinkhorn.py`, `mhc_grad.py`,
 `rows_grad.py`, `attention_grad.py`, `head_loss.py`: the routed experts, mHC's mixes, Sinkhorn, collapse and
@@ -153,6 +156,17 @@ class TritonBackend(ReferenceBackend):
             return gemm.fp8_gemm(xq, xs, w, ws, out_dtype)
         return super().fp8_gemm(xq, xs, w, ws, out_dtype)
 
+    def linears(self, x: Tensor, weights: Sequence[tuple[Tensor, Tensor | None]],
+                quantized: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
+        if (len(weights) == 2 and quantized is not None and _runs_here(x)
+                and all(w.dtype == torch.float8_e4m3fn and s is not None for w, s in weights)):
+            xq, xs = quantized
+            if all(gemm.covers(xq, xs, w, s, x.dtype) for w, s in weights) and not (
+                    xq.is_cuda and any(scaled_mm.takes(xq, xs, w, s, x.dtype) for w, s in weights)):
+                (w1, s1), (w2, s2) = weights  # a decode's few rows: both GEMMs in one launch
+                return list(gemm.fp8_gemm_pair(xq, xs, w1, s1, w2, s2, x.dtype))
+        return super().linears(x, weights, quantized)
+
     def fp4_gemm(self, xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor,
                  out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
         if _runs_here(xq) and w.dtype != torch.float8_e4m3fn and gemm.covers(xq, xs, w, ws, out_dtype):
@@ -222,6 +236,9 @@ class TritonBackend(ReferenceBackend):
     def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
                     scale: float, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
+        if (isinstance(runs[0], PagedRows) and runs[0].codec is not None and _runs_here(q)
+                and not attention.covers(q, runs, idx, sink)):  # rings the kernel does not decode beside these runs
+            runs[0] = self.load_rows(runs[0])
         if _runs_here(q) and attention.covers(q, runs, idx, sink):
             if attention.covers_rotation(q, cos, sin):
                 return attention.sparse_attn(q, runs, idx, sink, scale, cos, sin)
@@ -257,6 +274,11 @@ class TritonBackend(ReferenceBackend):
         if _runs_here(src.pool) and kv_rows.covers_load(src):
             return kv_rows.load_rows(src)
         return super().load_rows(src)
+
+    def attends_in_place(self, rows: PagedRows) -> bool:
+        if rows.codec is None:
+            return True
+        return _runs_here(rows.pool) and attention.fp8_first_run(rows, getattr(rows.codec, "dim", -1))
 
     # ------------------------------------------------------------------------------------------ indexer
 
@@ -307,6 +329,13 @@ class TritonBackend(ReferenceBackend):
             return rows.norm_rope_qat(x, weight, eps, cos, sin, qat)
         return super().norm_rope_qat(x, weight, eps, cos, sin, qat)
 
+    def norm_rope_store(self, x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor, qat: str,
+                        dest: PagedRows, batch_rows: Tensor | None, index: Tensor) -> None:
+        if _runs_here(x) and rows.covers_norm_rope_store(x, weight, cos, sin, qat, dest, batch_rows, index):
+            rows.norm_rope_store(x, weight, eps, cos, sin, qat, dest, batch_rows, index)
+        else:
+            super().norm_rope_store(x, weight, eps, cos, sin, qat, dest, batch_rows, index)
+
     def hadamard(self, x: Tensor) -> Tensor:
         if _runs_here(x) and rows.covers_hadamard(x):
             return rows.hadamard(x)
@@ -326,6 +355,13 @@ class TritonBackend(ReferenceBackend):
                 return mhc_grad.hc_collapse(x, pre, link), post, comb
             return self.hc_collapse(x, pre), post, comb
         return super().hc_pre(x, fn, scale, base, hc_mult, iters, eps, norm_eps)
+
+    def hc_pre_norm(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int, eps: float,
+                    norm_eps: float, weight: Tensor, rms_eps: float, quantize: bool
+                    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor, Tensor]:
+        if _runs_here(x) and mhc.covers_pre_norm(x, fn, scale, base, hc_mult, iters, weight):
+            return mhc.hc_pre_norm(x, fn, scale, base, hc_mult, iters, eps, norm_eps, weight, rms_eps, quantize)
+        return super().hc_pre_norm(x, fn, scale, base, hc_mult, iters, eps, norm_eps, weight, rms_eps, quantize)
 
     def hc_mixes(self, x: Tensor, fn: Tensor, norm_eps: float) -> Tensor:
         if _runs_here(x) and mhc_grad.covers_mixes(x, fn):  # (training: one pass over the streams each way)

@@ -17,8 +17,9 @@ max the blocks before them leave (so every p is the reference's, rounded at the 
 `_split_combine_kernel` merges the splits' sums and accumulators, then normalises, rotates and stores.
 
 Supported runs (`covers`): a first run, dense [B, n, D] or a `PagedRows` of one page per batch row holding compute
-rows (a cache's window rings seen through some of its rows: the engine's decode steps), optionally followed by one
-second run, either dense or a
+rows or the fp8 main-KV layout below (a cache's window rings seen through some of its rows: the engine's decode
+steps; fp8 rings are decoded in the kernel, and a second run must then be fp8 entries, each slot's row decoded
+from its own pool in one pass), optionally followed by one second run, either dense or a
 `PagedRows` whose pool holds compute rows (codec None), rows of another float dtype (a cast codec such as
 `kv_formats.CastCodec`: `stored` and `compute` dtypes) or the production "fp8" main-KV entries (format "fp8",
 kind "kv", as `kv_formats.fp8.PackedCodec` writes them: e4m3 nope bytes, raw bf16
@@ -63,18 +64,19 @@ _NO_RUN, _DENSE, _PAGED, _PAGED_FP8 = 0, 1, 2, 3
 
 @triton.jit
 def fp8_kv_rows(pool8_ptr, pool16_ptr, entry, valid, cols, D: tl.constexpr, NOPE: tl.constexpr,
-                 ROPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                ROPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Decode fp8 main-KV entries to bf16 [BLOCK_K, BLOCK_D]: `entry` [BLOCK_K] byte offsets of the entries in the
     pool (even), `valid` [BLOCK_K] which to read, `cols` [BLOCK_D]. The pool is read as bytes (pool8) and, for the
     rope dims' bf16 values, as int16 (pool16, the same memory)."""
+    at8, at16 = pool8_ptr + entry, pool16_ptr + entry // 2
     is_nope = cols < NOPE
     nope_mask = valid[:, None] & is_nope[None, :]
-    code = tl.load(pool8_ptr + entry[:, None] + cols[None, :], mask=nope_mask, other=0)
+    code = tl.load(at8[:, None] + cols[None, :], mask=nope_mask, other=0)
     # one ue8m0 scale per 64 nope dims (KV_SIM_BLOCK), read once per block and spread over its columns
     NBLK: tl.constexpr = BLOCK_D // 64 if BLOCK_D >= 64 else 1
     SUB: tl.constexpr = BLOCK_D // NBLK
     blk = tl.arange(0, NBLK)
-    sbyte = tl.load(pool8_ptr + entry[:, None] + (NOPE + 2 * ROPE) + blk[None, :],
+    sbyte = tl.load(at8[:, None] + (NOPE + 2 * ROPE) + blk[None, :],
                     mask=valid[:, None] & (blk[None, :] * 64 < NOPE), other=127).to(tl.int32)
     # 2**(byte - 127) from its fp32 bits: byte 0 is the fp32 subnormal 2**-127, byte 255 NaN
     sbits = tl.where(sbyte == 0, 0x400000, tl.where(sbyte == 255, 0x7FC00000, sbyte << 23))
@@ -84,7 +86,7 @@ def fp8_kv_rows(pool8_ptr, pool16_ptr, entry, valid, cols, D: tl.constexpr, NOPE
     nope = (code.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale).to(tl.bfloat16)
     rope_mask = valid[:, None] & (~is_nope & (cols < D))[None, :]
     # (cols - NOPE stays contiguous so the loads vectorise; the nope columns' addresses are masked off)
-    half = tl.load(pool16_ptr + ((entry + NOPE) // 2)[:, None] + (cols - NOPE)[None, :], mask=rope_mask, other=0)
+    half = tl.load(at16[:, None] + (NOPE // 2 + cols - NOPE)[None, :], mask=rope_mask, other=0)
     rope = half.to(tl.bfloat16, bitcast=True)
     return tl.where(is_nope[None, :], nope, rope)
 
@@ -106,7 +108,9 @@ def _sparse_attn_kernel(
     sink_ptr,
     out_ptr, so_b, so_s, so_h, so_d,
     r0_ptr, s0_b, s0_n, s0_d, n0,
-    tab0_ptr, st0_b,  # a paged first run (RUN0_PAGED): batch row b's rows are pool row table[b, 0]
+    r0_16_ptr,  # fp8 first run: its pool as int16
+    pools_apart,  # fp8 first and second runs: the second pool's address less the first's, in bytes
+    tab0_ptr, st0_b,  # a paged first run (RUN0 1 or 2): batch row b's rows are pool row table[b, 0]
     r1_ptr, s1_0, s1_1, s1_2, n1,  # dense: [B, n1, D] strides; paged: pool [pages, rows_per_page, width] strides
     r1_16_ptr,  # fp8 entries: the pool as int16 (the rope dims' bf16 values)
     tab_ptr, st_b, st_p,
@@ -116,10 +120,13 @@ def _sparse_attn_kernel(
     bmax_ptr, NB,  # SPLIT: [B*S, H, NB] fp32, each 64-slot block's largest logit (-inf: none used)
     S, H, K, scale,
     D: tl.constexpr,
-    RUN0_PAGED: tl.constexpr,  # the first run is one page per batch row (a cache's window rings seen by rows)
+    # the first run: 0 dense, 1 one page of compute rows per batch row (a cache's window rings seen by rows), 2 the
+    # same in the fp8 main-KV layout (the second run then none or fp8 entries too)
+    RUN0: tl.constexpr,
+    ROW_DT: tl.constexpr,  # the first run's (compute) dtype
     RUN1: tl.constexpr,  # 0 no second run, 1 dense, 2 paged rows, 3 paged fp8 main-KV entries
     ROWS_PER_PAGE: tl.constexpr,
-    ENTRY_ALIGN: tl.constexpr,  # a power of two dividing every entry's offset in a paged pool (elements)
+    ENTRY_ALIGN: tl.constexpr,  # a power of two dividing every entry offset in a paged pool (and pools_apart)
     MID: tl.constexpr,  # the dtype a decoded row of the second run passes through before the first run's dtype
     NOPE: tl.constexpr,
     ROPE: tl.constexpr,
@@ -137,7 +144,7 @@ def _sparse_attn_kernel(
     SPLIT: tl.constexpr,
 ):
     b, s, heads, cols, head_ok, col_ok = query_tile(S, H, D, BLOCK_H, BLOCK_D)
-    row_dtype = r0_ptr.dtype.element_ty
+    row_dtype = ROW_DT
 
     q_ptrs = q_ptr + b * sq_b + s * sq_s + heads[:, None].to(tl.int64) * sq_h + cols[None, :] * sq_d
     q = tl.load(q_ptrs, mask=head_ok[:, None] & col_ok[None, :], other=0.0)
@@ -148,7 +155,7 @@ def _sparse_attn_kernel(
     denom = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     idx_base = idx_ptr + b * si_b + s * si_s
-    if RUN0_PAGED:
+    if RUN0 > 0:
         row0 = tl.load(tab0_ptr + b * st0_b).to(tl.int64)
     else:
         row0 = b
@@ -171,7 +178,20 @@ def _sparse_attn_kernel(
             in0 = valid & (j < n0)
             ptrs0 = r0_ptr + row0 * s0_b + j[:, None] * s0_n + cols[None, :] * s0_d
             mask0 = in0[:, None] & col_ok[None, :]
-            if RUN1 == 0:
+            if RUN0 == 2:  # fp8 rows in both runs' pools, decoded in one pass from each slot's own entry
+                entry0 = tl.multiple_of(row0 * s0_b + tl.maximum(j, 0) * s0_n, ENTRY_ALIGN)
+                if RUN1 == 0:
+                    rows = fp8_kv_rows(r0_ptr, r0_16_ptr, entry0, in0, cols, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
+                else:
+                    j1 = tl.maximum(j - n0, 0)
+                    page = tl.load(tab_ptr + b * st_b + tl.where(valid & (j >= n0), j1 // ROWS_PER_PAGE, 0) * st_p)
+                    entry1 = tl.multiple_of(page.to(tl.int64) * s1_0 + (j1 % ROWS_PER_PAGE) * s1_1, ENTRY_ALIGN)
+                    # each slot's entry as a byte offset from the first pool (the second's by the pools' distance
+                    # `pools_apart`: offsets from one base keep the loads vectorised, where a choice between two
+                    # pointers does not)
+                    entry = tl.multiple_of(tl.where(in0, entry0, pools_apart + entry1), ENTRY_ALIGN)
+                    rows = fp8_kv_rows(r0_ptr, r0_16_ptr, entry, valid, cols, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
+            elif RUN1 == 0:
                 rows = tl.load(ptrs0, mask=mask0, other=0.0)
             else:
                 in1 = valid & (j >= n0)
@@ -331,15 +351,28 @@ def fp8_entry_bytes(d: int, rope: int) -> int:
     return nope + 2 * rope + triton.cdiv(scales, 8) * 8
 
 
-def _paged_first_run(run: KVRows, b: int, d: int) -> bool:
-    """Whether the first run is one the kernel reads as pages: a `PagedRows` of compute rows (codec None) whose batch
-    row i is the whole pool row table[i, 0] (a window ring per cache slot, `LayerCacheRows.window_rows`)."""
-    if not isinstance(run, PagedRows) or run.codec is not None:
-        return False
+def _first_run_kind(run: KVRows, b: int, d: int) -> int | None:
+    """What the kernel's RUN0 is for this first run (0 dense [B, n, D]; 1 a `PagedRows` of compute rows, 2 of the
+    fp8 main-KV layout decoding to bf16, either one whose batch row i is the whole pool row table[i, 0]: a window
+    ring per cache slot, `LayerCacheRows.window_rows`), or None when the kernel does not read it."""
+    if isinstance(run, Tensor):
+        return 0 if run.dim() == 3 and run.shape[0] == b and run.shape[2] == d and run.dtype in _FLOATS else None
+    if not isinstance(run, PagedRows):
+        return None
     pool, table = run.pool, run.table
-    return (pool.dim() == 3 and pool.dtype in _FLOATS and pool.shape[2] == d and run.count <= pool.shape[1]
-            and table.dim() == 2 and table.shape[0] == b and table.shape[1] >= 1
-            and table.dtype in (torch.int32, torch.int64))
+    if not (pool.dim() == 3 and run.count <= pool.shape[1] and table.dim() == 2 and table.shape[0] == b
+            and table.shape[1] >= 1 and table.dtype in (torch.int32, torch.int64)):
+        return None
+    if run.codec is None:
+        return 1 if pool.dtype in _FLOATS and pool.shape[2] == d else None
+    return 2 if fp8_first_run(run, d) else None
+
+
+def fp8_first_run(run: PagedRows, d: int) -> bool:
+    """Whether the kernel decodes `run`'s rows itself as a first run: the fp8 main-KV layout of width d in bf16."""
+    codec = run.codec
+    return (getattr(codec, "format", None) == "fp8" and getattr(codec, "kind", None) == "kv"
+            and getattr(codec, "compute", None) == torch.bfloat16 and fp8_kv_pool(codec, run.pool, d))
 
 
 def _tensors(run: KVRows) -> list[Tensor]:
@@ -376,16 +409,15 @@ def covers(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor) -> bool
         return False
     if idx.dtype not in (torch.int32, torch.int64) or tuple(idx.shape[:2]) != (b, s) or sink.shape[0] != h:
         return False
-    if isinstance(runs[0], Tensor):
-        if runs[0].dim() != 3 or runs[0].shape[0] != b or runs[0].shape[2] != d or runs[0].dtype not in _FLOATS:
-            return False
-    elif not _paged_first_run(runs[0], b, d):
+    first = _first_run_kind(runs[0], b, d)
+    if first is None:
         return False
     if q.dtype not in _FLOATS or sink.dtype not in _FLOATS:
         return False
     if len(runs) == 2:
         second = runs[1]
-        if _second_run_kind(second, d) is None:
+        kind = _second_run_kind(second, d)
+        if kind is None or (first == 2 and not (kind == _PAGED_FP8 and second.codec.compute == torch.bfloat16)):
             return False
         if isinstance(second, Tensor):
             if second.dim() != 3 or second.shape[0] != b or second.shape[2] != d:
@@ -434,13 +466,14 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
         if lse is not None:
             lse.copy_(sink.to(torch.float32).expand(b, s, h))
         return out.zero_()
-    paged0 = not isinstance(runs[0], Tensor)
-    first, n0 = (runs[0].pool, runs[0].count) if paged0 else (runs[0], runs[0].shape[1])
-    table0 = runs[0].table if paged0 else idx  # (a stand-in for a dense first run: never read)
+    run0 = _first_run_kind(runs[0], b, d)
+    first, n0 = (runs[0].pool, runs[0].count) if run0 else (runs[0], runs[0].shape[1])
+    table0 = runs[0].table if run0 else idx  # (a stand-in for a dense first run: never read)
+    row_dtype = runs[0].dtype  # (a paged run's compute dtype)
     if n0 == 0:  # an empty tensor may have no storage; the kernel never reads this stand-in
-        first, paged0 = torch.zeros(b, 1, d, dtype=first.dtype, device=first.device), False
+        first, run0 = torch.zeros(b, 1, d, dtype=row_dtype, device=first.device), 0
 
-    kind, n1, mid, rope, rows_per_page, align = _NO_RUN, 0, first.dtype, 0, 1, 1
+    kind, n1, mid, rope, rows_per_page, align = _NO_RUN, 0, row_dtype, 0, 1, 1
     second, table = first, idx  # stand-ins for the pointers of a missing second run (never read)
     if len(runs) == 2 and (runs[1].shape[1] if isinstance(runs[1], Tensor) else runs[1].count) > 0:
         run = runs[1]
@@ -452,10 +485,15 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
             mid = run.pool.dtype if run.codec is None else run.codec.compute
             rope = run.codec.rope_dim if kind == _PAGED_FP8 else 0
             align = math.gcd(16, *second.stride()[:2])
+    # fp8 rings beside fp8 entries: the kernel finds an entry of either as an offset from the rings' pool
+    pools_apart = second.data_ptr() - first.data_ptr() if run0 == 2 and kind == _PAGED_FP8 else 0
+    if run0 == 2:  # (the entries' alignment in both pools, and the pools' distance)
+        rope, align = runs[0].codec.rope_dim, math.gcd(align if kind else 16, *first.stride()[:2], pools_apart)
     second16 = second.view(torch.int16) if kind == _PAGED_FP8 else second
+    first16 = first.view(torch.int16) if run0 == 2 else first
     t_b, t_p = (table.stride(0), table.stride(1)) if kind in (_PAGED, _PAGED_FP8) else (0, 0)
-    same = kind in (_DENSE, _PAGED) and second.dtype == first.dtype and mid == first.dtype
-    qk_f32 = q.dtype != first.dtype or first.dtype == torch.float32
+    same = kind in (_DENSE, _PAGED) and second.dtype == row_dtype and mid == row_dtype
+    qk_f32 = q.dtype != row_dtype or row_dtype == torch.float32
     block_h, block_d, num_warps, num_stages = _launch_config(h, d, qk_f32)
     grid = (b * s, triton.cdiv(h, block_h))
     rotate = cos is not None
@@ -478,6 +516,7 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
             sink,
             out, *out.stride(),
             first, *first.stride(), n0,
+            first16, pools_apart,
             table0, table0.stride(0),
             second, *second.stride(), n1,
             second16,
@@ -486,7 +525,8 @@ def sparse_attn(q: Tensor, runs: Sequence[KVRows], idx: Tensor, sink: Tensor, sc
             lse if lse is not None else sink,
             part, ml, chunk, block_max, n_blocks,
             s, h, k, float(scale),
-            D=d, RUN0_PAGED=paged0, RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align, MID=TL_DTYPES[mid],
+            D=d, RUN0=run0, ROW_DT=TL_DTYPES[row_dtype], RUN1=kind, ROWS_PER_PAGE=rows_per_page, ENTRY_ALIGN=align,
+            MID=TL_DTYPES[mid],
             NOPE=d - rope, ROPE=rope, SAME=same, QK_F32=qk_f32, WIDEN_DOTS=interpreting(), BLOCK_H=block_h,
             BLOCK_D=block_d, BLOCK_K=ATTN_BLOCK, LIBDEVICE=libdevice_exp(), ROTATE=rotate, LSE=lse is not None,
             SPLIT=phase,

@@ -136,6 +136,28 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
 
 
 @triton.jit
+def _fp8_gemm_pair_kernel(x_ptr, xs_ptr, w1_ptr, ws1_ptr, y1_ptr, N1, w2_ptr, ws2_ptr, y2_ptr, N2, M, K,
+                          stride_xm, stride_xsm, stride_w1n, stride_ws1n, stride_y1m, stride_w2n, stride_ws2n,
+                          stride_y2m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_fp8_gemm_kernel` for two weights over the same activations: the first cdiv(N1, BLOCK_N) column programs
+    make y1 = x @ W1^T, the rest y2 = x @ W2^T, each tile as the one-weight kernel makes it."""
+    rows64, row_ok = span(tl.program_id(0), M, BLOCK_M)
+    first_tiles = tl.cdiv(N1, BLOCK_N)
+    pid = tl.program_id(1)
+    if pid < first_tiles:
+        cols64, col_ok = span(pid, N1, BLOCK_N)
+        acc = fp8_tile(x_ptr, xs_ptr, w1_ptr, ws1_ptr, rows64, row_ok, cols64, col_ok, pid * BLOCK_N // 128, K,
+                       stride_xm, stride_xsm, stride_w1n, stride_ws1n, BLOCK_M, BLOCK_N, BLOCK_K)
+        store_tile(y1_ptr, stride_y1m, rows64, row_ok, cols64, col_ok, acc)
+    else:
+        pid = pid - first_tiles
+        cols64, col_ok = span(pid, N2, BLOCK_N)
+        acc = fp8_tile(x_ptr, xs_ptr, w2_ptr, ws2_ptr, rows64, row_ok, cols64, col_ok, pid * BLOCK_N // 128, K,
+                       stride_xm, stride_xsm, stride_w2n, stride_ws2n, BLOCK_M, BLOCK_N, BLOCK_K)
+        store_tile(y2_ptr, stride_y2m, rows64, row_ok, cols64, col_ok, acc)
+
+
+@triton.jit
 def _fp4_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
                      stride_xm, stride_xsm, stride_wn, stride_wsn, stride_ym,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, SUBS_PER_SCALE: tl.constexpr):
@@ -211,6 +233,31 @@ def fp8_gemm(xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor, out_dtype: torch.dty
                                x.stride(0), s.stride(0), w.stride(0), scales.stride(0), y.stride(0),
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=FP8_BLOCK)
     return y.reshape(*xq.shape[:-1], n)
+
+
+def fp8_gemm_pair(xq: Tensor, xs: Tensor, w1: Tensor, ws1: Tensor, w2: Tensor, ws2: Tensor,
+                  out_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """(`fp8_gemm`(xq, xs, w1, ws1), `fp8_gemm`(xq, xs, w2, ws2)) in one launch (both weights e4m3 over the same K,
+    `covers` for each): what a decode step's two projections of one input cost as a launch each. Every tile is the
+    one-weight kernel's at the same tile width."""
+    x, s = _flat(xq, xs)
+    m, k = x.shape
+    weights = [(w if w.stride(-1) == 1 else w.contiguous(), ws.view(torch.uint8).contiguous()) for w, ws in
+               ((w1, ws1), (w2, ws2))]
+    (w1, s1), (w2, s2) = weights
+    n1, n2 = w1.shape[0], w2.shape[0]
+    y1 = torch.empty(m, n1, dtype=out_dtype, device=x.device)
+    y2 = torch.empty(m, n2, dtype=out_dtype, device=x.device)
+    if m:
+        block_m = block_m_for(m)
+        block_n = block_n_for(triton.cdiv(m, block_m), n1 + n2, 128, x.device)  # divides 128, as fp8_gemm's
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))
+        _fp8_gemm_pair_kernel[grid](x, s, w1, s1, y1, n1, w2, s2, y2, n2, m, k,
+                                    x.stride(0), s.stride(0), w1.stride(0), s1.stride(0), y1.stride(0),
+                                    w2.stride(0), s2.stride(0), y2.stride(0),
+                                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=FP8_BLOCK)
+    lead = xq.shape[:-1]
+    return y1.reshape(*lead, n1), y2.reshape(*lead, n2)
 
 
 def fp4_gemm(xq: Tensor, xs: Tensor, w: Tensor, ws: Tensor, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:

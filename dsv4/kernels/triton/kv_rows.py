@@ -21,6 +21,8 @@ reference's ops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +35,7 @@ from .attention import fp8_kv_pool, fp8_kv_rows
 from .quant import pow2_scale_bits, quantize_rows
 
 # how a row is stored (constexpr KIND)
-_COPY, _FP8_KV, _FP4_INDEX = 0, 1, 2
+COPY, FP8_KV, FP4_INDEX = 0, 1, 2
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a row's elements moved as their bits
 # the encoders' amax floors and inverse maxima, as `quant.act_quant` and `quant.fp4_quant` launch with them
 _FP8_FLOOR, _FP8_INV_MAX = tl.constexpr(ACT_AMAX_FLOOR), tl.constexpr(1.0 / FP8_MAX)
@@ -48,6 +50,58 @@ def _page_entry(tab_ptr, st_b, st_p, b, j, ok, sp_0, sp_1, ROWS_PER_PAGE: tl.con
 
 
 @triton.jit
+def store_encoded(bits, x, entry, ok, cols, pool_ptr, pool16_ptr, D: tl.constexpr, KIND: tl.constexpr,
+                  NOPE: tl.constexpr, NSCALE: tl.constexpr, SCALE_BYTES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                  R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [R, BLOCK_D] stored at element offsets `entry` [R] of the pool where `ok` [R], encoded as KIND says:
+    `bits` are the rows as the pool's elements (copy) or bf16 as int16 bits (the fp8 format), `x` the same bf16
+    values widened to fp32 (what the encoders quantise; not read for a copy). Columns from D on are padding."""
+    col_ok = cols < D
+    if KIND == 0:  # the pool holds compute rows: the bits as they are
+        tl.store(pool_ptr + entry[:, None] + cols[None, :], bits, mask=ok[:, None] & col_ok[None, :])
+    elif KIND == 1:  # e4m3 nope dims by 64-blocks, raw bf16 rope dims, the scales' bytes and zero pad bytes
+        x = tl.where((cols < NOPE)[None, :], x, 0.0)  # (a partial last block: the reference's zero padding)
+        blocks = tl.reshape(x, (R * (BLOCK_D // 64), 64))
+        scale_bits = pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), _FP8_FLOOR, _FP8_INV_MAX)
+        codes = tl.reshape(quantize_rows(blocks, scale_bits, False, False), (R, BLOCK_D))
+        tl.store(pool_ptr + entry[:, None] + cols[None, :], codes, mask=ok[:, None] & (cols < NOPE)[None, :])
+        tl.store(pool16_ptr + ((entry + NOPE) // 2)[:, None] + (cols - NOPE)[None, :], bits,
+                 mask=ok[:, None] & ((cols >= NOPE) & col_ok)[None, :])
+        blk = tl.arange(0, BLOCK_D // 64)
+        scale_at = pool_ptr + entry + (NOPE + 2 * (D - NOPE))  # [R]
+        scale_bytes = tl.reshape(((scale_bits >> 23) & 0xFF).to(tl.uint8), (R, BLOCK_D // 64))
+        tl.store(scale_at[:, None] + blk[None, :], scale_bytes, mask=ok[:, None] & (blk < NSCALE)[None, :])
+        pad = tl.arange(0, SCALE_BLOCK)
+        tl.store(scale_at[:, None] + pad[None, :], tl.zeros((R, SCALE_BLOCK), tl.uint8),
+                 mask=ok[:, None] & ((pad >= NSCALE) & (pad < SCALE_BYTES))[None, :])
+    else:  # e2m1 codes by 32-blocks, two a byte (low nibble the even element), then the scales' bytes
+        blocks = tl.reshape(x, (R * (BLOCK_D // 32), 32))
+        scale_bits = pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), _FP4_FLOOR, _FP4_INV_MAX)
+        codes = tl.reshape(quantize_rows(blocks, scale_bits, True, False), (R, BLOCK_D // 2, 2))
+        low, high = tl.split(codes)
+        half = tl.arange(0, BLOCK_D // 2)
+        tl.store(pool_ptr + entry[:, None] + half[None, :], low | (high << 4),
+                 mask=ok[:, None] & (half < D // 2)[None, :])
+        blk = tl.arange(0, BLOCK_D // 32)
+        scale_bytes = tl.reshape(((scale_bits >> 23) & 0xFF).to(tl.uint8), (R, BLOCK_D // 32))
+        tl.store(pool_ptr + entry[:, None] + D // 2 + blk[None, :], scale_bytes,
+                 mask=ok[:, None] & (blk < NSCALE)[None, :])
+
+
+@triton.jit
+def store_entries(i, ok, rows_ptr, idx_ptr, S, tab_ptr, st_b, st_p, sp_0, sp_1, HAS_ROWS: tl.constexpr,
+                  ROWS_PER_PAGE: tl.constexpr):
+    """Where rows i [R] (int64) of a `store_rows` go: element offsets [R] in the pool of row index[i] of batch row
+    rows[i] (without HAS_ROWS, batch row i // S)."""
+    j = tl.load(idx_ptr + i, mask=ok, other=0).to(tl.int64)
+    if HAS_ROWS:
+        b = tl.load(rows_ptr + i, mask=ok, other=0).to(tl.int64)
+    else:
+        b = i // S
+    return _page_entry(tab_ptr, st_b, st_p, b, j, ok & (j >= 0), sp_0, sp_1, ROWS_PER_PAGE)
+
+
+@triton.jit
 def _store_rows_kernel(
     val_ptr, sv_m,  # values [M, D] (unit column stride): bf16 as int16 bits, or the pool's elements as their bits
     rows_ptr, idx_ptr, S,  # rows [M] and index [M]; without ROWS, row i belongs to batch row i // S
@@ -57,41 +111,14 @@ def _store_rows_kernel(
     NOPE: tl.constexpr, NSCALE: tl.constexpr, SCALE_BYTES: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    j = tl.load(idx_ptr + i).to(tl.int64)
-    if HAS_ROWS:
-        b = tl.load(rows_ptr + i).to(tl.int64)
-    else:
-        b = i // S
-    entry = _page_entry(tab_ptr, st_b, st_p, b, j, j >= 0, sp_0, sp_1, ROWS_PER_PAGE)
+    i = tl.program_id(0).to(tl.int64) + tl.zeros((1,), tl.int64)  # [1]: this program's row
+    ok = i >= 0
+    entry = store_entries(i, ok, rows_ptr, idx_ptr, S, tab_ptr, st_b, st_p, sp_0, sp_1, HAS_ROWS, ROWS_PER_PAGE)
     cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    bits = tl.load(val_ptr + i * sv_m + cols, mask=col_ok, other=0)
-    if KIND == 0:  # the pool holds compute rows: the bits as they are
-        tl.store(pool_ptr + entry + cols, bits, mask=col_ok)
-    else:
-        x = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)  # bf16 widened exactly
-        if KIND == 1:  # e4m3 nope dims by 64-blocks, raw bf16 rope dims, the scales' bytes and zero pad bytes
-            x = tl.where(cols < NOPE, x, 0.0)  # (a partial last block: the reference's zero padding)
-            blocks = tl.reshape(x, (BLOCK_D // 64, 64))
-            scale_bits = pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), _FP8_FLOOR, _FP8_INV_MAX)
-            codes = tl.reshape(quantize_rows(blocks, scale_bits, False, False), (BLOCK_D,))
-            tl.store(pool_ptr + entry + cols, codes, mask=cols < NOPE)
-            tl.store(pool16_ptr + (entry + NOPE) // 2 + (cols - NOPE), bits, mask=(cols >= NOPE) & col_ok)
-            blk = tl.arange(0, BLOCK_D // 64)
-            scale_at = pool_ptr + entry + (NOPE + 2 * (D - NOPE))
-            tl.store(scale_at + blk, ((scale_bits >> 23) & 0xFF).to(tl.uint8), mask=blk < NSCALE)
-            pad = tl.arange(0, SCALE_BLOCK)
-            tl.store(scale_at + pad, tl.zeros((SCALE_BLOCK,), tl.uint8), mask=(pad >= NSCALE) & (pad < SCALE_BYTES))
-        else:  # e2m1 codes by 32-blocks, two a byte (low nibble the even element), then the scales' bytes
-            blocks = tl.reshape(x, (BLOCK_D // 32, 32))
-            scale_bits = pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), _FP4_FLOOR, _FP4_INV_MAX)
-            codes = tl.reshape(quantize_rows(blocks, scale_bits, True, False), (BLOCK_D // 2, 2))
-            low, high = tl.split(codes)
-            half = tl.arange(0, BLOCK_D // 2)
-            tl.store(pool_ptr + entry + half, low | (high << 4), mask=half < D // 2)
-            blk = tl.arange(0, BLOCK_D // 32)
-            tl.store(pool_ptr + entry + D // 2 + blk, ((scale_bits >> 23) & 0xFF).to(tl.uint8), mask=blk < NSCALE)
+    bits = tl.load(val_ptr + i[:, None] * sv_m + cols[None, :], mask=(cols < D)[None, :], other=0)
+    x = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)  # bf16 widened exactly (fp8 kinds)
+    store_encoded(bits, x, entry, ok, cols, pool_ptr, pool16_ptr, D, KIND, NOPE, NSCALE, SCALE_BYTES, SCALE_BLOCK,
+                  1, BLOCK_D)
 
 
 @triton.jit
@@ -147,7 +174,7 @@ def _kind(codec: RowCodec | None, pool: Tensor, d: int) -> int | None:
     if pool.dim() != 3 or pool.stride(2) != 1:
         return None
     if codec is None:
-        return _COPY if pool.shape[-1] == d and pool.element_size() in _BITS else None
+        return COPY if pool.shape[-1] == d and pool.element_size() in _BITS else None
     # codecs are recognised by the format they name, as the attention kernel does (`attention._second_run_kind`)
     if getattr(codec, "format", None) != "fp8" or getattr(codec, "compute", None) != torch.bfloat16:
         return None
@@ -155,16 +182,16 @@ def _kind(codec: RowCodec | None, pool: Tensor, d: int) -> int | None:
         return None
     kind = getattr(codec, "kind", None)
     if kind == "kv":  # (the attention kernel's layout, with a nope block to encode: 64 dims and more)
-        return _FP8_KV if d >= 64 and getattr(codec, "rope_dim", d) < d and fp8_kv_pool(codec, pool, d) else None
+        return FP8_KV if d >= 64 and getattr(codec, "rope_dim", d) < d and fp8_kv_pool(codec, pool, d) else None
     if kind == "index":
         ok = d % INDEXER_SIM_BLOCK == 0 and pool.shape[-1] == d // 2 + d // INDEXER_SIM_BLOCK
-        return _FP4_INDEX if ok else None
+        return FP4_INDEX if ok else None
     return None
 
 
 def fp4_keys(src: PagedRows, d: int) -> bool:
     """Whether `src` holds the fp8 format's fp4 indexer keys of width d that `fp4_key_bits` decodes (in bf16)."""
-    return _kind(src.codec, src.pool, d) == _FP4_INDEX
+    return _kind(src.codec, src.pool, d) == FP4_INDEX
 
 
 def _table_ok(table: Tensor, b: int) -> bool:
@@ -178,7 +205,7 @@ def covers_store(values: Tensor, dest: PagedRows, rows: Tensor | None, index: Te
         return False
     d = values.shape[-1]
     kind = _kind(dest.codec, dest.pool, d)
-    if kind is None or values.dtype != (dest.pool.dtype if kind == _COPY else torch.bfloat16):
+    if kind is None or values.dtype != (dest.pool.dtype if kind == COPY else torch.bfloat16):
         return False
     if rows is None:
         return index.dim() == 2 and tuple(values.shape) == (*index.shape, d) and _table_ok(dest.table, index.shape[0])
@@ -186,30 +213,54 @@ def covers_store(values: Tensor, dest: PagedRows, rows: Tensor | None, index: Te
             and tuple(values.shape) == (index.shape[0], d) and dest.table.dim() == 2)
 
 
+def store_kind(dest: PagedRows, d: int) -> int | None:
+    """How the kernels store rows of width d into `dest` (COPY, FP8_KV, FP4_INDEX), or None where they do not."""
+    return _kind(dest.codec, dest.pool, d)
+
+
+@dataclass(frozen=True)
+class StoreArgs:
+    """A store's launch arguments as the kernels that store rows take them (`store_entries`, `store_encoded`): the
+    tensors and integers in order (None: a pointer not read), then the constexprs by name."""
+
+    tensors: tuple = (None, None, 1, None, None, 0, 0, None, 0, 0)
+    constants: dict = field(default_factory=lambda: dict(KIND=COPY, HAS_ROWS=False, ROWS_PER_PAGE=1, NOPE=0,
+                                                           NSCALE=1, SCALE_BYTES=0, SCALE_BLOCK=1))
+
+
+NO_STORE = StoreArgs()
+
+
+def store_args(store: tuple[PagedRows, Tensor | None, Tensor], d: int) -> StoreArgs:
+    """The arguments of a `store_rows` (dest, rows, index) of rows of width d (`covers_store`)."""
+    dest, rows, index = store
+    kind = _kind(dest.codec, dest.pool, d)
+    pool = dest.pool
+    nope = d - getattr(dest.codec, "rope_dim", 0) if kind == FP8_KV else 0
+    nscale = triton.cdiv(nope, KV_SIM_BLOCK) if kind == FP8_KV else d // INDEXER_SIM_BLOCK
+    scale_bytes = pool.shape[-1] - nope - 2 * (d - nope) if kind == FP8_KV else 0  # (pad bytes included)
+    index_flat = index.reshape(-1).contiguous()
+    rows_flat = index_flat if rows is None else rows.reshape(-1).contiguous()
+    tensors = (rows_flat, index_flat, max(1, index.shape[-1]) if rows is None else 1,
+               pool.view(_BITS[pool.element_size()]) if kind == COPY else pool,
+               pool.view(torch.int16) if kind == FP8_KV else pool, pool.stride(0), pool.stride(1),
+               dest.table, dest.table.stride(0), dest.table.stride(1))
+    return StoreArgs(tensors, dict(KIND=kind, HAS_ROWS=rows is not None, ROWS_PER_PAGE=pool.shape[1], NOPE=nope,
+                                   NSCALE=nscale, SCALE_BYTES=scale_bytes,
+                                   SCALE_BLOCK=triton.next_power_of_2(max(1, scale_bytes))))
+
+
 def store_rows(values: Tensor, dest: PagedRows, rows: Tensor | None, index: Tensor) -> None:
     """`ReferenceBackend.store_rows` in one launch (see `covers_store`)."""
     d = values.shape[-1]
-    kind = _kind(dest.codec, dest.pool, d)
     flat = values.detach().reshape(-1, d)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    m = flat.shape[0]
-    if m == 0:
+    if flat.shape[0] == 0:
         return
-    pool = dest.pool
-    nope = d - getattr(dest.codec, "rope_dim", 0) if kind == _FP8_KV else 0
-    nscale = triton.cdiv(nope, KV_SIM_BLOCK) if kind == _FP8_KV else d // INDEXER_SIM_BLOCK
-    scale_bytes = pool.shape[-1] - nope - 2 * (d - nope) if kind == _FP8_KV else 0  # (pad bytes included)
-    index_flat = index.reshape(-1).contiguous()
-    rows_flat = index_flat if rows is None else rows.reshape(-1).contiguous()
-    _store_rows_kernel[(m,)](
-        flat.view(_BITS[flat.element_size()]), flat.stride(0),
-        rows_flat, index_flat, max(1, index.shape[-1]) if rows is None else 1,
-        pool.view(_BITS[pool.element_size()]) if kind == _COPY else pool,
-        pool.view(torch.int16) if kind == _FP8_KV else pool, pool.stride(0), pool.stride(1),
-        dest.table, dest.table.stride(0), dest.table.stride(1),
-        D=d, KIND=kind, HAS_ROWS=rows is not None, ROWS_PER_PAGE=pool.shape[1], NOPE=nope, NSCALE=nscale,
-        SCALE_BYTES=scale_bytes, SCALE_BLOCK=triton.next_power_of_2(max(1, scale_bytes)),
+    at = store_args((dest, rows, index), d)
+    _store_rows_kernel[(flat.shape[0],)](
+        flat.view(_BITS[flat.element_size()]), flat.stride(0), *at.tensors, D=d, **at.constants,
         BLOCK_D=triton.next_power_of_2(max(d, 64)), num_warps=1 if d <= 256 else 2)
 
 
@@ -229,14 +280,14 @@ def load_rows(src: PagedRows) -> Tensor:
     d = src.codec.dim if src.codec is not None else pool.shape[-1]
     kind = _kind(src.codec, pool, d)
     batch = table.shape[0]
-    out = torch.empty(batch, n, d, dtype=pool.dtype if kind == _COPY else torch.bfloat16, device=pool.device)
+    out = torch.empty(batch, n, d, dtype=pool.dtype if kind == COPY else torch.bfloat16, device=pool.device)
     if batch and n:
         block_d = triton.next_power_of_2(max(d, 64))
         block_n = max(1, min(triton.next_power_of_2(n), 4096 // block_d))
-        nope = d - src.codec.rope_dim if kind == _FP8_KV else 0
+        nope = d - src.codec.rope_dim if kind == FP8_KV else 0
         _load_rows_kernel[(triton.cdiv(n, block_n), batch)](
-            pool.view(_BITS[pool.element_size()]) if kind == _COPY else pool,
-            pool.view(torch.int16) if kind == _FP8_KV else pool, pool.stride(0), pool.stride(1),
+            pool.view(_BITS[pool.element_size()]) if kind == COPY else pool,
+            pool.view(torch.int16) if kind == FP8_KV else pool, pool.stride(0), pool.stride(1),
             table, table.stride(0), table.stride(1),
             out.view(_BITS[out.element_size()]), out.stride(0), out.stride(1), n,
             D=d, KIND=kind, ROWS_PER_PAGE=pool.shape[1], NOPE=nope, BLOCK_N=block_n, BLOCK_D=block_d,

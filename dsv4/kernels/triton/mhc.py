@@ -31,8 +31,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dsv4.quant import ACT_AMAX_FLOOR, FP8_BLOCK, FP8_MAX
+
 from . import sinkhorn
 from .numerics import TL_DTYPES, dot, interpreting, libdevice_exp, round_to
+from .rows import normed_rows, row_warps, store_act_quant, widen
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK = 1024  # h*d values per partial product (a multiple of _BK)
@@ -40,6 +43,7 @@ _BK = 64
 _BLOCK_T = 16  # tokens per partials program (a dot's smallest M)
 _BD = 256  # columns per collapse / write-back program
 _MAX_H = 16
+_MAX_NORM_D = 16384  # the widest row a collapse program norms whole
 
 
 @triton.jit
@@ -87,14 +91,19 @@ def _collapse_kernel(x_ptr, pre_ptr, u_ptr, T, D, sxt, sxh, sut, H: tl.constexpr
 
 @triton.jit
 def _sinkhorn_collapse_kernel(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, x_ptr, u_ptr, T, D,
-                              stride_t, iters, eps, splits, K, norm_eps, sxt, sxh, sut, H: tl.constexpr,
-                              HP: tl.constexpr, BLOCK_T: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-                              LIBDEVICE: tl.constexpr, HEAD: tl.constexpr):
+                              stride_t, iters, eps, splits, K, norm_eps, sxt, sxh, sut,
+                              w_ptr, q_ptr, s_ptr, NB, rms_eps,  # NORM
+                              H: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr, BD: tl.constexpr,
+                              DT: tl.constexpr, LIBDEVICE: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr,
+                              QUANT: tl.constexpr, QB: tl.constexpr, FLOOR: tl.constexpr, INV_MAX: tl.constexpr):
     """`hc_pre`'s last two steps in one launch, a program per (block of tokens, block of columns): the tokens' pre
     from the partials (the Sinkhorn kernel's arithmetic), then `_collapse_kernel`'s sum over its columns. The
     programs of the first column block also finish the split and the Sinkhorn iterations and write pre, post and
     comb; the others compute pre alone (a few dozen operations a token), which the collapse needs before any store
-    could be read. HEAD: the hc head's collapse (`hc_head`), partials of its H mixes, pre alone in every program."""
+    could be read. HEAD: the hc head's collapse (`hc_head`), partials of its H mixes, pre alone in every program.
+    NORM (whole rows a program, BD >= D): the collapsed rows, rounded to DT, through the sublayer's RMSNorm with
+    the weight at w_ptr (`rows.normed_rows`) before they are stored, and with QUANT their `act_quant` into q and s
+    (`rows.store_act_quant`): `hc_pre` then `rms_norm_quant`'s kernel, in one launch."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     if HEAD:
         pre = sinkhorn.split_sinkhorn(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, tok, T,
@@ -119,7 +128,12 @@ def _sinkhorn_collapse_kernel(part_ptr, ss_ptr, scale_ptr, base_ptr, pre_ptr, po
     for j in tl.static_range(1, H):
         pre_j = tl.sum(tl.where(k[None, :] == j, pre, 0.0), axis=1)
         u += pre_j[:, None] * tl.load(rows + j * sxh, mask=mask, other=0.0).to(tl.float32)
-    tl.store(u_ptr + t[:, None] * sut + col[None, :], round_to(u, DT), mask=mask)
+    u = round_to(u, DT)
+    if NORM:
+        u = normed_rows(tl.where(mask, widen(u, DT), 0.0), w_ptr, col, D, rms_eps, DT)
+        if QUANT:
+            store_act_quant(u, t, t < T, col, mask, q_ptr, s_ptr, D, NB, BD, BLOCK_T, QB, FLOOR, INV_MAX, DT)
+    tl.store(u_ptr + t[:, None] * sut + col[None, :], u, mask=mask)
 
 
 @triton.jit
@@ -235,6 +249,28 @@ def mixes_partials(flat: Tensor, fn: Tensor) -> tuple[Tensor, Tensor]:
 def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int, eps: float,
            norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``ReferenceBackend.hc_pre``: x [..., h, d] -> (u [..., d] in x.dtype, post [..., h], comb [..., h, h])."""
+    u, _, post, comb = _pre(x, fn, scale, base, iters, eps, norm_eps, None)
+    return u, post, comb
+
+
+def covers_pre_norm(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int,
+                    weight: Tensor) -> bool:
+    """`covers_pre`, and a norm weight [d] not fp64 wanting no gradient, d <= 16,384 (a row a program)."""
+    d = x.shape[-1] if x.dim() else 0
+    return (covers_pre(x, fn, scale, base, hc_mult, iters) and d <= _MAX_NORM_D and weight.dim() == 1
+            and weight.shape[0] == d and weight.dtype != torch.float64 and _no_grad(weight))
+
+
+def hc_pre_norm(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, iters: int, eps: float,
+                norm_eps: float, weight: Tensor, rms_eps: float, quantize: bool
+                ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor, Tensor]:
+    """``ReferenceBackend.hc_pre_norm`` in `hc_pre`'s two launches: the collapse's programs take whole rows and
+    norm them (and quantise them) before they store them, as `rows.rms_norm_quant`'s kernel does."""
+    return _pre(x, fn, scale, base, iters, eps, norm_eps, (weight, rms_eps, quantize))
+
+
+def _pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, norm_eps: float,
+         norm: tuple[Tensor, float, bool] | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor, Tensor]:
     xv = stream_rows(x)
     t, h, d = xv.shape
     k, m = h * d, fn.shape[0]
@@ -246,16 +282,30 @@ def hc_pre(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, hc_mult: int, ite
     post = torch.empty((t, h), dtype=torch.float32, device=dev)
     comb = torch.empty((t, h, h), dtype=torch.float32, device=dev)
     u = torch.empty((t, d), dtype=x.dtype, device=dev)
+    weight, rms_eps, quantize = norm if norm is not None else (u, 0.0, False)
+    nb = -(-d // FP8_BLOCK)
+    q = s = None
+    if quantize:
+        q = torch.empty((t, d), dtype=torch.uint8, device=dev)
+        s = torch.empty((t, nb), dtype=torch.float32, device=dev)
     if u.numel():
         block_t, bd = _tiles(t, d)
+        warps = 2
+        if norm is not None:  # whole rows (and quantisation blocks) a program, as `rows.rms_norm`'s programs take
+            bd = max(triton.next_power_of_2(d), FP8_BLOCK if quantize else 1)
+            block_t = max(1, min(triton.next_power_of_2(t), 16384 // bd)) if interpreting() else 1
+            warps = row_warps(block_t * bd)
         _sinkhorn_collapse_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, bd))](
             part, ss, scale.to(device=dev, dtype=torch.float32).contiguous(),
             base.to(device=dev, dtype=torch.float32).contiguous(), pre, post, comb, xv, u, t, d, splits * m, iters,
-            float(eps), splits, k, float(norm_eps), xv.stride(0), xv.stride(1), u.stride(0), H=h,
+            float(eps), splits, k, float(norm_eps), xv.stride(0), xv.stride(1), u.stride(0),
+            weight.contiguous(), u if q is None else q, u if s is None else s, nb, float(rms_eps), H=h,
             HP=triton.next_power_of_2(h), BLOCK_T=block_t, BD=bd, DT=TL_DTYPES[x.dtype], LIBDEVICE=libdevice_exp(),
-            HEAD=False, num_warps=2, enable_fp_fusion=False)
+            HEAD=False, NORM=norm is not None, QUANT=quantize, QB=FP8_BLOCK, FLOOR=ACT_AMAX_FLOOR,
+            INV_MAX=1.0 / FP8_MAX, num_warps=warps, enable_fp_fusion=False)
     lead = x.shape[:-2]
-    return u.view(*lead, d), post.view(*lead, h), comb.view(*lead, h, h)
+    quantized = None if q is None else (q.view(torch.float8_e4m3fn).view(*lead, d), s.view(*lead, nb))
+    return u.view(*lead, d), quantized, post.view(*lead, h), comb.view(*lead, h, h)
 
 
 def covers_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor) -> bool:
@@ -282,9 +332,10 @@ def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm
     _sinkhorn_collapse_kernel[(triton.cdiv(t, block_t), triton.cdiv(d, bd))](
         part, ss, scale.to(device=x.device, dtype=torch.float32).contiguous(),
         base.to(device=x.device, dtype=torch.float32).contiguous(), part, part, part, xv, u, t, d, part.shape[1] * h,
-        0, float(eps), part.shape[1], h * d, float(norm_eps), xv.stride(0), xv.stride(1), u.stride(0), H=h,
-        HP=triton.next_power_of_2(h), BLOCK_T=block_t, BD=bd, DT=TL_DTYPES[x.dtype], LIBDEVICE=libdevice_exp(),
-        HEAD=True, num_warps=2, enable_fp_fusion=False)
+        0, float(eps), part.shape[1], h * d, float(norm_eps), xv.stride(0), xv.stride(1), u.stride(0),
+        u, u, u, 1, 0.0, H=h, HP=triton.next_power_of_2(h), BLOCK_T=block_t, BD=bd, DT=TL_DTYPES[x.dtype],
+        LIBDEVICE=libdevice_exp(), HEAD=True, NORM=False, QUANT=False, QB=FP8_BLOCK, FLOOR=ACT_AMAX_FLOOR,
+        INV_MAX=1.0 / FP8_MAX, num_warps=2, enable_fp_fusion=False)
     return u.view(*x.shape[:-2], d)
 
 

@@ -36,6 +36,9 @@ from torch import Tensor
 
 from dsv4.quant import ACT_AMAX_FLOOR, FP4_AMAX_FLOOR, FP4_MAX, FP8_BLOCK, FP8_MAX, INDEXER_SIM_BLOCK, KV_SIM_BLOCK
 
+from ..paged import PagedRows
+from . import kv_rows
+from .kv_rows import store_encoded, store_entries
 from .numerics import TL_DTYPES, interpreting, round_to
 from .quant import pow2_scale_bits, quantize_rows
 
@@ -52,7 +55,7 @@ def _as(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _widen(y, DT: tl.constexpr):
+def widen(y, DT: tl.constexpr):
     """fp32 values of y (in DT): bf16 by its bits shifted into place (exact; the interpreter's conversion is not for
     subnormals)."""
     if DT == tl.bfloat16:
@@ -83,19 +86,34 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, q_ptr, s_ptr, A, H, D, NB, sxa, sxh,
     col = tl.arange(0, DP)
     mask = h_ok[:, None] & (col < D)[None, :]
     x = tl.load(x_ptr + (a * sxa + h * sxh)[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = normed_rows(x, w_ptr, col, D, eps, DT)
+    tl.store(out_ptr + (a * soa + h * soh)[:, None] + col[None, :], y, mask=mask)
+    if QUANT:
+        store_act_quant(y, (a * H + h).to(tl.int64), h_ok, col, mask, q_ptr, s_ptr, D, NB, DP, BLOCK_H, QB, FLOOR,
+                        INV_MAX, DT)
+
+
+@triton.jit
+def normed_rows(x, w_ptr, col, D, eps, DT: tl.constexpr):
+    """`rms_norm` of rows x [R, DP] fp32 (zeros past D) with the weight at w_ptr: ``w * (x * rsqrt(mean(x^2) +
+    eps))`` in fp32, rounded to DT."""
     w = tl.load(w_ptr + col, mask=col < D, other=0.0).to(tl.float32)
     r = _rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    y = round_to(w[None, :] * (x * r[:, None]), DT)
-    tl.store(out_ptr + (a * soa + h * soh)[:, None] + col[None, :], y, mask=mask)
-    if QUANT:  # the stored values (zeros past D), a block of QB columns to a row of `blocks`
-        blocks = tl.reshape(tl.where(mask, _widen(y, DT), 0.0), (BLOCK_H * (DP // QB), QB))
-        scale_bits = pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), FLOOR, INV_MAX)
-        codes = tl.reshape(quantize_rows(blocks, scale_bits, False, False), (BLOCK_H, DP))
-        row = (a * H + h).to(tl.int64)  # the rows of q and s, contiguous
-        tl.store(q_ptr + row[:, None] * D + col[None, :], codes, mask=mask)
-        nb = tl.arange(0, DP // QB)
-        scales = tl.reshape(scale_bits.to(tl.float32, bitcast=True), (BLOCK_H, DP // QB))
-        tl.store(s_ptr + row[:, None] * NB + nb[None, :], scales, mask=h_ok[:, None] & (nb < NB)[None, :])
+    return round_to(w[None, :] * (x * r[:, None]), DT)
+
+
+@triton.jit
+def store_act_quant(y, row, row_ok, col, mask, q_ptr, s_ptr, D, NB, DP: tl.constexpr, R: tl.constexpr,
+                    QB: tl.constexpr, FLOOR: tl.constexpr, INV_MAX: tl.constexpr, DT: tl.constexpr):
+    """`act_quant` of rows y [R, DP] in DT (masked past D: zeros) stored as e4m3 codes q [rows, D] (uint8) and fp32
+    scales s [rows, NB] of blocks of QB columns, at rows `row` [R] (int64) where `row_ok`."""
+    blocks = tl.reshape(tl.where(mask, widen(y, DT), 0.0), (R * (DP // QB), QB))  # a block a row of `blocks`
+    scale_bits = pow2_scale_bits(tl.max(tl.abs(blocks), axis=1), FLOOR, INV_MAX)
+    codes = tl.reshape(quantize_rows(blocks, scale_bits, False, False), (R, DP))
+    tl.store(q_ptr + row[:, None] * D + col[None, :], codes, mask=mask)
+    nb = tl.arange(0, DP // QB)
+    scales = tl.reshape(scale_bits.to(tl.float32, bitcast=True), (R, DP // QB))
+    tl.store(s_ptr + row[:, None] * NB + nb[None, :], scales, mask=row_ok[:, None] & (nb < NB)[None, :])
 
 
 @triton.jit
@@ -178,12 +196,19 @@ def _simulate_blocks(y, cols, width, BLOCK_H: tl.constexpr, DP: tl.constexpr, QB
 
 @triton.jit
 def _norm_rope_qat_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, A, H, HALF, sxa, sxh, sca, sch, soa, soh, eps,
-                          scale, NORM: tl.constexpr, QAT: tl.constexpr, DP: tl.constexpr, LOG_D: tl.constexpr,
+                          scale,
+                          rows_ptr, idx_ptr, S, pool_ptr, pool16_ptr, sp_0, sp_1, tab_ptr, st_b, st_p,  # STORE
+                          NORM: tl.constexpr, QAT: tl.constexpr, DP: tl.constexpr, LOG_D: tl.constexpr,
                           BLOCK_H: tl.constexpr, DT: tl.constexpr, FP8_QB: tl.constexpr, FP4_QB: tl.constexpr,
                           FP8_FLOOR: tl.constexpr, FP8_INV: tl.constexpr, FP4_FLOOR: tl.constexpr,
-                          FP4_INV: tl.constexpr):
+                          FP4_INV: tl.constexpr,
+                          STORE: tl.constexpr, KIND: tl.constexpr, HAS_ROWS: tl.constexpr,
+                          ROWS_PER_PAGE: tl.constexpr, NOPE: tl.constexpr, NSCALE: tl.constexpr,
+                          SCALE_BYTES: tl.constexpr, SCALE_BLOCK: tl.constexpr):
     """x rows [A, H, DP] -> out rows: RMSNorm with w (NORM), the rotation of the last 2*HALF dims, then QAT (0 none,
-    1 FP8 on the dims before them, 2 Hadamard, 3 Hadamard then FP4), each stage rounded to DT as its op rounds."""
+    1 FP8 on the dims before them, 2 Hadamard, 3 Hadamard then FP4), each stage rounded to DT as its op rounds.
+    With STORE the rows go into a cache's pool instead, as `kv_rows.store_rows` stores them (row a * H + h of the
+    grid is `store_rows`' row i; KIND and the rest are its kernel's)."""
     a, h, h_ok = _tile(tl.program_id(0), A, H, BLOCK_H)
     col = tl.arange(0, DP)
     mask = h_ok[:, None] & (col < DP)[None, :]
@@ -212,7 +237,19 @@ def _norm_rope_qat_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, A, H, HALF, s
         y = _as(y * scale, DT)
         if QAT == 3:
             y = _simulate_blocks(y, col, DP, BLOCK_H, DP, FP4_QB, FP4_FLOOR, FP4_INV, True)
-    tl.store(out_ptr + (a * soa + h * soh)[:, None] + col[None, :], round_to(y, DT), mask=mask)
+    if STORE:
+        i = a * H + h
+        entry = store_entries(i, h_ok, rows_ptr, idx_ptr, S, tab_ptr, st_b, st_p, sp_0, sp_1, HAS_ROWS,
+                              ROWS_PER_PAGE)
+        out = round_to(y, DT)
+        if DT == tl.float32:  # (the pool as its elements' bits: `kv_rows.store_args`)
+            bits = out.to(tl.int32, bitcast=True)
+        else:
+            bits = out.to(tl.int16, bitcast=True)
+        store_encoded(bits, widen(out, DT), entry, h_ok, col, pool_ptr, pool16_ptr, DP, KIND, NOPE, NSCALE,
+                      SCALE_BYTES, SCALE_BLOCK, BLOCK_H, DP)
+    else:
+        tl.store(out_ptr + (a * soa + h * soh)[:, None] + col[None, :], round_to(y, DT), mask=mask)
 
 
 def _grid_view(t: Tensor, lead: tuple[int, int]) -> Tensor | None:
@@ -269,7 +306,8 @@ def _block_h(rows: int, width: int) -> int:
     return max(1, min(triton.next_power_of_2(rows), tile // width))
 
 
-def _warps(elements: int) -> int:
+def row_warps(elements: int) -> int:
+    """Warps for a program of a row kernel's tile of `elements`."""
     return 8 if elements >= 8192 else 4 if elements >= 2048 else 1 if elements <= 256 else 2
 
 
@@ -305,7 +343,7 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float, quant: bool) -> tuple[Tenso
             xv, weight.contiguous(), ov, out if q is None else q, out if s is None else s, lead[0], lead[1], d, nb,
             xv.stride(0), xv.stride(1), ov.stride(0), ov.stride(1), float(eps), DP=dp, BLOCK_H=block_h,
             DT=TL_DTYPES[x.dtype], QUANT=quant, QB=FP8_BLOCK, FLOOR=ACT_AMAX_FLOOR, INV_MAX=1.0 / FP8_MAX,
-            num_warps=_warps(block_h * dp), enable_fp_fusion=False)
+            num_warps=row_warps(block_h * dp), enable_fp_fusion=False)
     return out, q, s
 
 
@@ -331,7 +369,7 @@ def _rows(x: Tensor, cos: Tensor | None, sin: Tensor | None, eps: float, norm: b
             ov.stride(0), ov.stride(1), float(eps), NORM=norm, ROPE=half > 0, INVERSE=inverse,
             WRITE_NOPE=not (inplace and not norm), DP=triton.next_power_of_2(d),
             HALFP=triton.next_power_of_2(max(half, 1)), BLOCK_H=block_h, DT=TL_DTYPES[x.dtype],
-            num_warps=_warps(block_h * width), enable_fp_fusion=False)
+            num_warps=row_warps(block_h * width), enable_fp_fusion=False)
     return out
 
 
@@ -364,7 +402,7 @@ def hadamard(x: Tensor) -> Tensor:
     if r:
         _hadamard_kernel[(triton.cdiv(r, block_r),)](
             rows2, out, r, rows2.stride(0), out.stride(0), 1.0 / math.sqrt(n), N=n, LOG_N=n.bit_length() - 1,
-            BLOCK_R=block_r, DT=TL_DTYPES[x.dtype], num_warps=_warps(block_r * n))
+            BLOCK_R=block_r, DT=TL_DTYPES[x.dtype], num_warps=row_warps(block_r * n))
     return out.view(x.shape)
 
 
@@ -383,20 +421,44 @@ def covers_norm_rope_qat(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Ten
 
 def norm_rope_qat(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor, qat: str) -> Tensor:
     """``ReferenceBackend.norm_rope_qat``: one launch, a new tensor in x's dtype and shape."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _norm_rope_qat(x, weight, eps, cos, sin, qat, out, None)
+    return out
+
+
+def covers_norm_rope_store(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, qat: str, dest: PagedRows,
+                           rows: Tensor | None, index: Tensor) -> bool:
+    """`covers_norm_rope_qat`, and `kv_rows.covers_store` for x's rows as the values (x [M, D] with rows, [B, S, D]
+    without; its rows in order of the [A, H] grid), into a pool whose rows fill a program's row width."""
+    if not (covers_norm_rope_qat(x, weight, cos, sin, qat) and kv_rows.covers_store(x, dest, rows, index)):
+        return False
+    kind = kv_rows.store_kind(dest, x.shape[-1])
+    return kind == kv_rows.COPY or x.shape[-1] >= (64 if kind == kv_rows.FP8_KV else 32)
+
+
+def norm_rope_store(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor, qat: str,
+                    dest: PagedRows, rows: Tensor | None, index: Tensor) -> None:
+    """``ReferenceBackend.norm_rope_store`` in one launch (see `covers_norm_rope_store`): `norm_rope_qat`'s kernel
+    encoding and storing its rows as `store_rows`' kernel does, bit for bit."""
+    _norm_rope_qat(x, weight, eps, cos, sin, qat, None, (dest, rows, index))
+
+
+def _norm_rope_qat(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor, sin: Tensor, qat: str,
+                   out: Tensor | None, store: tuple[PagedRows, Tensor | None, Tensor] | None) -> None:
     lead = _lead(x)
     xv = _grid_view(x, lead)
     d, half = x.shape[-1], cos.shape[-1]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    ov = out.view(*lead, d)
+    ov = xv if out is None else out.view(*lead, d)
     target = (*x.shape[:-1], half)
     cv, sv = (_grid_view(t.expand(target), lead) for t in (cos, sin))
     block_h = _block_h(lead[0] * lead[1], d)
+    at = kv_rows.store_args(store, d) if store is not None else kv_rows.NO_STORE
     if x.numel():
         _norm_rope_qat_kernel[(triton.cdiv(lead[0] * lead[1], block_h),)](
             xv, xv if weight is None else weight.contiguous(), cv, sv, ov, lead[0], lead[1], half, xv.stride(0),
             xv.stride(1), cv.stride(0), cv.stride(1), ov.stride(0), ov.stride(1), float(eps), 1.0 / math.sqrt(d),
+            *(xv if a is None else a for a in at.tensors),
             NORM=weight is not None, QAT=_QAT_CODES[qat], DP=d, LOG_D=d.bit_length() - 1, BLOCK_H=block_h,
             DT=TL_DTYPES[x.dtype], FP8_QB=min(KV_SIM_BLOCK, d), FP4_QB=min(INDEXER_SIM_BLOCK, d),
             FP8_FLOOR=ACT_AMAX_FLOOR, FP8_INV=1.0 / FP8_MAX, FP4_FLOOR=FP4_AMAX_FLOOR, FP4_INV=1.0 / FP4_MAX,
-            num_warps=_warps(block_h * d), enable_fp_fusion=False)
-    return out
+            STORE=store is not None, **at.constants, num_warps=row_warps(block_h * d), enable_fp_fusion=False)
