@@ -209,6 +209,33 @@ def test_a_decode_step_norms_its_cache_rows_straight_into_the_pages(counting):
     assert own == out
 
 
+def test_a_sublayer_norm_is_made_by_the_collapse_only_when_it_is_a_plain_rmsnorm(counting):
+    """`norm_weight` hands a plain RMSNorm's weight to `hc_pre_norm` (the norm in the collapse's op); a norm whose
+    forward was replaced is called as the module it is, after `hc_pre`, and what it returns is what the sublayer
+    reads."""
+    from dsv4.model.layers import RMSNorm, norm_weight
+
+    model = tiny()
+    block = model.layers[0]
+    assert norm_weight(block.attn_norm) is block.attn_norm.weight
+    counting.reset()
+    with kernels.use_backend("counting"), torch.no_grad():
+        want = model(tokens())
+    assert counting.calls["hc_pre_norm"] == 2 * model.args.n_layers
+    calls = []
+    block.attn_norm.forward = lambda u, quantize=False: (calls.append(u.shape), RMSNorm.forward(
+        block.attn_norm, u, quantize))[1]
+    assert norm_weight(block.attn_norm) is None
+    counting.reset()
+    with kernels.use_backend("counting"), torch.no_grad():
+        same = model(tokens())
+    assert calls and counting.calls["hc_pre_norm"] == 2 * model.args.n_layers - 1
+    assert torch.equal(same, want)
+    block.attn_norm.forward = lambda u, quantize=False: RMSNorm.forward(block.attn_norm, u) * 2.0  # (plain: no
+    with torch.no_grad():  # quantisation asked for)
+        assert not torch.allclose(model(tokens()), want)
+
+
 def test_overriding_one_op_changes_every_op_built_on_it():
     """A backend overriding `fp8_gemm` alone is used by the `linear` it inherits (the seam is real: rebinding
     an op changes what the model computes)."""

@@ -16,7 +16,9 @@ on a GPU, for a few hundred bytes. Here:
 
 Both equal the reference bit for bit (`tests/test_triton_kv_rows.py`). Taken (`covers_store`, `covers_load`): rows
 of the pool's own dtype (no codec), or the "fp8" format's rows in bf16; a cast codec and other dtypes run the
-reference's ops.
+reference's ops. Where a row is stored and how it is encoded are `@triton.jit` helpers over a tile of rows
+(`store_entries`, `store_encoded`), which `rows.norm_rope_store`'s kernel calls too: it stores the rows it makes
+as `store_rows` would, without writing them anywhere else first.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@
    arithmetic (`sinkhorn.split_sinkhorn` with ``PARTIALS``) adds each token's partials in order, times ``1/rms``
    (the reference's ``(x @ fn.T) * rsqrt(mean(x^2) + eps)``), and splits and projects (the first column block's
    programs; the others compute pre alone), then ``u = sum_k pre_k * x_k`` over the program's columns in fp32,
-   products rounded, the h terms added in order (`_collapse_kernel`'s arithmetic).
+   products rounded, the h terms added in order (`_collapse_kernel`'s arithmetic). `hc_pre_norm`: the programs
+   take whole rows (a token's 4,096 columns at batch 1, where `hc_pre`'s take 256) and norm them, with their FP8
+   quantisation, before they store them (`rows.normed_rows`, `rows.store_act_quant`: the sublayer's
+   `rms_norm_quant` in the same launch).
 
 `hc_post`: ``X'_k = post_k * out + sum_j comb[j, k] * X_j`` per (token, 256 columns), products rounded and the
 terms added in order (the reference's order; launched with ``enable_fp_fusion=False``), always a new tensor.

@@ -1,5 +1,6 @@
-"""Triton row-wise ops: `rms_norm` (and `rms_norm_quant`), `head_norm` (with the query's RoPE fused in), `rope` and
-`hadamard`; each is one launch and one pass over the rows, where the reference takes five to twenty kernels (casts,
+"""Triton row-wise ops: `rms_norm` (and `rms_norm_quant`), `head_norm` (with the query's RoPE fused in), `rope`,
+`hadamard` and `norm_rope_qat` (with `norm_rope_store`, its rows stored into a cache's pages by `kv_rows`'
+encoders); each is one launch and one pass over the rows, where the reference takes five to twenty kernels (casts,
 square, mean, rsqrt, products, the complex rotation, a concatenation; three a butterfly pass). At a batch-1 decode
 step that launch count, not the bytes, is their cost (`benchmarks/decode_launches.py`).
 
@@ -15,6 +16,9 @@ The arithmetic is the reference's op for op (products and sums unfused: launched
 * `hadamard`: the reference's log2(n) butterfly passes ``(a + b, a - b)`` over pairs at distances 1, 2, 4, ... in
   fp32, in registers (each pass a reshape that splits the pairs apart and joins the sums back), then times
   ``1/sqrt(n)``: bit for bit.
+
+The norm and the quantisation of `rms_norm_quant` are `@triton.jit` helpers (`normed_rows`, `store_act_quant`)
+that `mhc.hc_pre_norm`'s collapse calls too, over the same row tiles, so its normed rows are this kernel's.
 
 ``rsqrt`` is ``1 / sqrt`` with both correctly rounded (what torch's CPU rsqrt computes). The mean's sum is a
 reduction tree, where torch's CPU sum keeps several running sums: the two agree to fp32 rounding, not bit for bit,
