@@ -236,14 +236,16 @@ class TritonBackend(ReferenceBackend):
     def sparse_attn(self, q: Tensor, kv: Tensor | Sequence[KVRows], idx: Tensor, sink: Tensor,
                     scale: float, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
         runs = [kv] if isinstance(kv, Tensor) else list(kv)
-        if (isinstance(runs[0], PagedRows) and runs[0].codec is not None and _runs_here(q)
-                and not attention.covers(q, runs, idx, sink)):  # rings the kernel does not decode beside these runs
-            runs[0] = self.load_rows(runs[0])
-        if _runs_here(q) and attention.covers(q, runs, idx, sink):
+        here = _runs_here(q)
+        covered = here and attention.covers(q, runs, idx, sink)
+        if not covered and here and isinstance(runs[0], PagedRows) and runs[0].codec is not None:
+            runs[0] = self.load_rows(runs[0])  # rings the kernel does not decode beside these runs: decoded first
+            covered = attention.covers(q, runs, idx, sink)
+        if covered:
             if attention.covers_rotation(q, cos, sin):
                 return attention.sparse_attn(q, runs, idx, sink, scale, cos, sin)
             return self.rope_back(attention.sparse_attn(q, runs, idx, sink, scale), cos, sin)
-        if _runs_here(q) and attention_grad.covers(q, runs, idx, sink, cos, sin):  # (training: kernels both ways)
+        if here and attention_grad.covers(q, runs, idx, sink, cos, sin):  # (training: kernels both ways)
             return attention_grad.sparse_attn(q, runs, idx, sink, scale, cos, sin)
         return super().sparse_attn(q, kv, idx, sink, scale, cos, sin)
 
